@@ -1,0 +1,167 @@
+-- moonshard: fully sharded training on a C runtime. `local ms = require "moonshard"`.
+-- This module assembles the namespace: tensors and their methods, autograd, memory.
+local ffi = require "ffi"
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local autograd = require "moonshard.autograd"
+local random = require "moonshard.random"
+local scope = require "moonshard.scope"
+local raw = require "moonshard.ops.raw"
+local pointwise = require "moonshard.ops.pointwise"
+local shape_ops = require "moonshard.ops.shape"
+local reduce = require "moonshard.ops.reduce"
+local linalg = require "moonshard.ops.linalg"
+local nn_ops = require "moonshard.ops.nn"
+local inplace = require "moonshard.ops.inplace"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local ms = {}
+ms.Tensor = Tensor
+
+-- ---- tensor methods ----
+
+for _, family in ipairs({pointwise, shape_ops, reduce, linalg, inplace}) do
+  for name, fn in pairs(family) do
+    if type(fn) == "function" and Tensor[name] == nil then Tensor[name] = fn end
+  end
+end
+for _, name in ipairs({"softmax", "log_softmax", "dropout"}) do Tensor[name] = nn_ops[name] end
+
+Tensor.__add = pointwise.add
+Tensor.__sub = pointwise.sub
+Tensor.__mul = pointwise.mul
+Tensor.__div = pointwise.div
+Tensor.__pow = pointwise.pow
+Tensor.__unm = pointwise.neg
+
+function Tensor:backward(grad, opts)
+  if grad ~= nil and not Tensor.is_tensor(grad) and type(grad) == "table" and opts == nil then
+    opts, grad = grad, nil
+  end
+  autograd.backward({self}, {grad}, opts)
+end
+
+function Tensor:requires_grad_(flag)
+  if flag == nil then flag = true end
+  if not flag and self.grad_fn then
+    fail("requires_grad_", "cannot turn off requires_grad of a non-leaf tensor (use detach)")
+  end
+  self.requires_grad = flag or nil
+  return self
+end
+
+function Tensor:register_hook(fn) return autograd.register_hook(self, fn) end
+function Tensor:register_post_accumulate_grad_hook(fn)
+  return autograd.register_post_accumulate_grad_hook(self, fn)
+end
+
+function Tensor:retain_grad()
+  if self.grad_fn == nil then return self end
+  autograd.register_hook(self, function(g)
+    local copy = raw.copy(g)
+    self.grad = scope.keep(copy)
+  end)
+  return self
+end
+
+function Tensor:float() return self:to("f32") end
+function Tensor:double() return self:to("f64") end
+
+-- Release the tensor's storage reference now instead of at collection.
+function Tensor:free() self:_release() end
+
+-- ---- namespace ----
+
+for _, family in ipairs({pointwise, shape_ops, reduce, linalg}) do
+  for name, fn in pairs(family) do ms[name] = fn end
+end
+for _, name in ipairs({"empty", "zeros", "ones", "full", "arange"}) do ms[name] = Tensor[name] end
+ms.tensor = Tensor.from_table
+ms.is_tensor = Tensor.is_tensor
+ms.Size = Tensor.Size
+ms.set_default_dtype, ms.get_default_dtype = Tensor.set_default_dtype, Tensor.get_default_dtype
+
+local function like(name, maker)
+  return function(t, opts)
+    opts = opts or {}
+    return maker(t:shape(), {dtype = opts.dtype or t:dtype(), device = opts.device or t:device(),
+                             requires_grad = opts.requires_grad})
+  end
+end
+ms.zeros_like = like("zeros_like", Tensor.zeros)
+ms.ones_like = like("ones_like", Tensor.ones)
+ms.empty_like = like("empty_like", Tensor.empty)
+ms.rand_like = like("rand_like", random.rand)
+ms.randn_like = like("randn_like", random.randn)
+function ms.full_like(t, value, opts)
+  opts = opts or {}
+  return Tensor.full(t:shape(), value, {dtype = opts.dtype or t:dtype(), device = opts.device or t:device()})
+end
+
+ms.manual_seed = random.manual_seed
+ms.get_rng_state, ms.set_rng_state = random.get_rng_state, random.set_rng_state
+ms.rand, ms.randn, ms.randint = random.rand, random.randn, random.randint
+
+ms.no_grad = autograd.no_grad
+ms.enable_grad = autograd.enable_grad
+ms.is_grad_enabled = autograd.is_grad_enabled
+ms.set_grad_enabled = autograd.set_grad_enabled
+ms.autograd = autograd
+ms.keep = scope.keep
+
+local flag = ffi.new("int[1]")
+
+function ms.equal(a, b)
+  if not Tensor.is_tensor(a) or not Tensor.is_tensor(b) then fail("equal", "expected two tensors") end
+  check(lib.ms_equal(flag, a._c, b._c), "equal")
+  return flag[0] == 1
+end
+
+function ms.allclose(a, b, opts)
+  opts = opts or {}
+  if not Tensor.is_tensor(a) or not Tensor.is_tensor(b) then fail("allclose", "expected two tensors") end
+  check(lib.ms_allclose(flag, a._c, b._c, opts.rtol or 1e-5, opts.atol or 1e-8), "allclose")
+  return flag[0] == 1
+end
+
+-- ---- memory ----
+
+local stats = ffi.new("ms_memory_stats")
+
+function ms.memory_stats(device)
+  local pool = Tensor.pool_id(device or "cpu", "memory_stats")
+  check(lib.ms_pool_stats(pool, stats), "memory_stats")
+  return {allocated = tonumber(stats.allocated), peak = tonumber(stats.peak),
+          reserved = tonumber(stats.reserved), allocs = tonumber(stats.allocs),
+          frees = tonumber(stats.frees), active = tonumber(stats.active)}
+end
+
+function ms.reset_peak_memory_stats(device)
+  check(lib.ms_pool_reset_peak(Tensor.pool_id(device or "cpu", "reset_peak_memory_stats")),
+        "reset_peak_memory_stats")
+end
+
+function ms.empty_cache(device)
+  check(lib.ms_pool_empty_cache(Tensor.pool_id(device or "cpu", "empty_cache")), "empty_cache")
+end
+
+function ms.set_num_threads(n) check(lib.ms_set_num_threads(n), "set_num_threads") end
+function ms.get_num_threads() return lib.ms_get_num_threads() end
+
+-- ---- submodules, loaded on first use ----
+
+local submodules = {
+  nn = "moonshard.nn", optim = "moonshard.optim", dist = "moonshard.dist",
+  fsdp = "moonshard.fsdp", ac = "moonshard.ac", dcp = "moonshard.dcp",
+}
+setmetatable(ms, {__index = function(t, key)
+  local path = submodules[key]
+  if path then
+    local module = require(path)
+    rawset(t, key, module)
+    return module
+  end
+end})
+
+return ms

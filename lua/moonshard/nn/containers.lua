@@ -1,0 +1,67 @@
+-- Sequential and ModuleList: children named "0", "1", ... in order; Lua access is
+-- 1-based (seq[1] is child "0") and seq:len() gives the count.
+local C = require "moonshard.ffi"
+local Module = require "moonshard.nn.module"
+
+local fail = C.fail
+
+local M = {}
+
+local function add_all(container, modules, what)
+  for i, m in ipairs(modules) do
+    if not Module.is_module(m) then fail(what, "element %d is not a module", i) end
+    container:add_module(tostring(container:len()), m)
+  end
+end
+
+local function list_methods(class)
+  function class:len() return #self._module_order end
+  function class:get(i)
+    local m = self._modules[tostring(i - 1)]
+    if not m then fail(class.__name, "index %s out of range (1..%d)", tostring(i), self:len()) end
+    return m
+  end
+  function class:append(m)
+    add_all(self, {m}, class.__name)
+    return self
+  end
+  -- for i, m in seq:ipairs() do ... end
+  function class:ipairs()
+    local i = 0
+    return function()
+      i = i + 1
+      local m = self._modules[tostring(i - 1)]
+      if m then return i, m end
+    end
+  end
+end
+
+M.Sequential = Module:extend("Sequential")
+list_methods(M.Sequential)
+-- Sequential(m1, m2, ...) or Sequential({m1, m2, ...})
+function M.Sequential:__init(...)
+  local first = ...
+  local modules = (select("#", ...) == 1 and type(first) == "table" and not Module.is_module(first)) and first or {...}
+  add_all(self, modules, "Sequential")
+end
+function M.Sequential:forward(x, ...)
+  for _, m in self:ipairs() do x = m(x, ...) end
+  return x
+end
+
+M.ModuleList = Module:extend("ModuleList")
+list_methods(M.ModuleList)
+function M.ModuleList:__init(modules) add_all(self, modules or {}, "ModuleList") end
+function M.ModuleList:forward()
+  fail("ModuleList", "a ModuleList has no forward; iterate over it with :ipairs()")
+end
+
+M.ModuleDict = Module:extend("ModuleDict")
+function M.ModuleDict:__init(modules)
+  local names = {}
+  for name in pairs(modules or {}) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do self:add_module(name, modules[name]) end
+end
+
+return M

@@ -1,0 +1,387 @@
+-- nn.Module: PyTorch-style modules with ordered registration of parameters, buffers and
+-- children (names like "ffn.0.weight"), hooks, state dicts and train/eval.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local autograd = require "moonshard.autograd"
+local scope = require "moonshard.scope"
+
+local fail = C.fail
+
+local Module = {__name = "Module"}
+Module.__index = Module
+
+local function is_module(v)
+  return type(v) == "table" and rawget(v, "_modules") ~= nil
+end
+Module.is_module = is_module
+
+-- Mark t as a parameter: a leaf that requires grad and is never a scope temporary.
+local function Parameter(t, requires_grad)
+  if not Tensor.is_tensor(t) then fail("Parameter", "expected a tensor, got %s", type(t)) end
+  if t.grad_fn then t = t:detach() end
+  t._is_param = true
+  t.requires_grad = requires_grad ~= false or nil
+  return scope.keep(t)
+end
+Module.Parameter = Parameter
+
+local function ordered_set(registry, order, name, value)
+  if registry[name] == nil then order[#order + 1] = name end
+  registry[name] = value
+end
+
+local function ordered_remove(registry, order, name)
+  if registry[name] == nil then return end
+  registry[name] = nil
+  for i, n in ipairs(order) do
+    if n == name then table.remove(order, i) break end
+  end
+end
+
+-- Instances resolve parameters, buffers and children before methods.
+local function instance_index(self, key)
+  local params = rawget(self, "_parameters")
+  local v = params[key]
+  if v ~= nil then return v end
+  v = rawget(self, "_modules")[key]
+  if v ~= nil then return v end
+  v = rawget(self, "_buffers")[key]
+  if v ~= nil then return v end
+  return rawget(self, "_class")[key]
+end
+
+local function instance_newindex(self, key, value)
+  local params, modules, buffers = rawget(self, "_parameters"), rawget(self, "_modules"), rawget(self, "_buffers")
+  if is_module(value) then
+    ordered_remove(params, self._param_order, key)
+    ordered_set(modules, self._module_order, key, value)
+  elseif Tensor.is_tensor(value) and value._is_param then
+    ordered_remove(modules, self._module_order, key)
+    ordered_set(params, self._param_order, key, value)
+  elseif params[key] ~= nil and value == nil then
+    ordered_remove(params, self._param_order, key)
+  elseif modules[key] ~= nil and value == nil then
+    ordered_remove(modules, self._module_order, key)
+  elseif buffers[key] ~= nil then
+    if value == nil then ordered_remove(buffers, self._buffer_order, key)
+    else buffers[key] = scope.keep(value) end
+  else
+    if Tensor.is_tensor(value) then scope.keep(value) end
+    rawset(self, key, value)
+  end
+end
+
+local function instance_call(self, ...)
+  return self:_call(...)
+end
+
+local function instance_tostring(self) return self:_repr("") end
+
+-- Make a subclass: local Model = nn.Module:extend("Model").
+function Module:extend(name)
+  local class = setmetatable({__name = name or "Module", __parent = self}, {__index = self, __call = function(cls, ...)
+    return cls:new(...)
+  end})
+  class.__index = class
+  return class
+end
+
+-- Create an instance and run __init.
+function Module:new(...)
+  local instance = {
+    _class = self, _parameters = {}, _param_order = {}, _modules = {}, _module_order = {},
+    _buffers = {}, _buffer_order = {}, _non_persistent = {}, training = true,
+    _forward_pre_hooks = {}, _forward_hooks = {},
+  }
+  setmetatable(instance, {
+    __index = instance_index, __newindex = instance_newindex, __call = instance_call,
+    __tostring = instance_tostring, __module = true,
+  })
+  if self.__init then self.__init(instance, ...) end
+  return instance
+end
+
+function Module:forward()
+  fail(self.__name or "Module", "forward is not implemented")
+end
+
+local function run_call(self, ...)
+  local args = {...}
+  local nargs = select("#", ...)
+  for _, hook in ipairs(self._forward_pre_hooks) do
+    local replaced = hook(self, args)
+    if replaced ~= nil then args, nargs = replaced, table.maxn(replaced) end
+  end
+  local output = self:forward(unpack(args, 1, nargs))
+  for _, hook in ipairs(self._forward_hooks) do
+    local replaced = hook(self, args, output)
+    if replaced ~= nil then output = replaced end
+  end
+  return output
+end
+
+-- module(...) runs hooks and forward in a scope: temporaries of the call are released as
+-- soon as it returns (tensors saved for backward keep their own references).
+function Module:_call(...)
+  return scope.run(run_call, self, ...)
+end
+
+-- hook(module, args) -> nil or a replacement args array.
+function Module:register_forward_pre_hook(hook)
+  local hooks = self._forward_pre_hooks
+  hooks[#hooks + 1] = hook
+  return {remove = function() for i, h in ipairs(hooks) do if h == hook then table.remove(hooks, i) break end end end}
+end
+
+-- hook(module, args, output) -> nil or a replacement output.
+function Module:register_forward_hook(hook)
+  local hooks = self._forward_hooks
+  hooks[#hooks + 1] = hook
+  return {remove = function() for i, h in ipairs(hooks) do if h == hook then table.remove(hooks, i) break end end end}
+end
+
+function Module:register_parameter(name, t)
+  if t == nil then
+    ordered_set(self._parameters, self._param_order, name, nil)
+    return
+  end
+  self[name] = Parameter(t)
+end
+
+function Module:register_buffer(name, t, persistent)
+  if t ~= nil and not Tensor.is_tensor(t) then fail("register_buffer", "'%s' must be a tensor", name) end
+  ordered_set(self._buffers, self._buffer_order, name, t and scope.keep(t))
+  self._non_persistent[name] = persistent == false or nil
+end
+
+function Module:add_module(name, module)
+  if not is_module(module) then fail("add_module", "'%s' is not a module", tostring(name)) end
+  ordered_set(self._modules, self._module_order, name, module)
+end
+
+-- ---- traversal ----
+
+function Module:named_children()
+  local order, i = self._module_order, 0
+  return function()
+    i = i + 1
+    local name = order[i]
+    if name then return name, self._modules[name] end
+  end
+end
+
+function Module:children()
+  local next_child = self:named_children()
+  return function()
+    local _, m = next_child()
+    return m
+  end
+end
+
+local function collect_modules(module, prefix, out, seen)
+  if seen[module] then return end
+  seen[module] = true
+  out[#out + 1] = {prefix, module}
+  for _, name in ipairs(module._module_order) do
+    local child = module._modules[name]
+    collect_modules(child, prefix == "" and name or prefix .. "." .. name, out, seen)
+  end
+end
+
+local function iterate(list)
+  local i = 0
+  return function()
+    i = i + 1
+    local entry = list[i]
+    if entry then return entry[1], entry[2] end
+  end
+end
+
+function Module:named_modules()
+  local list = {}
+  collect_modules(self, "", list, {})
+  return iterate(list)
+end
+
+function Module:modules()
+  local iter = self:named_modules()
+  return function()
+    local _, m = iter()
+    return m
+  end
+end
+
+local function named_members(self, registry_name, order_name, recurse)
+  local list, seen = {}, {}
+  local modules = {}
+  if recurse == false then modules = {{"", self}} else collect_modules(self, "", modules, {}) end
+  for _, entry in ipairs(modules) do
+    local prefix, module = entry[1], entry[2]
+    local registry = module[registry_name]
+    for _, name in ipairs(module[order_name]) do
+      local value = registry[name]
+      if value and not seen[value] then
+        seen[value] = true
+        list[#list + 1] = {prefix == "" and name or prefix .. "." .. name, value}
+      end
+    end
+  end
+  return list
+end
+
+function Module:named_parameters(opts)
+  return iterate(named_members(self, "_parameters", "_param_order", opts and opts.recurse))
+end
+
+function Module:named_buffers(opts)
+  return iterate(named_members(self, "_buffers", "_buffer_order", opts and opts.recurse))
+end
+
+function Module:parameters(opts)
+  local out = {}
+  for _, entry in ipairs(named_members(self, "_parameters", "_param_order", opts and opts.recurse)) do
+    out[#out + 1] = entry[2]
+  end
+  return out
+end
+
+function Module:buffers()
+  local out = {}
+  for _, entry in ipairs(named_members(self, "_buffers", "_buffer_order")) do out[#out + 1] = entry[2] end
+  return out
+end
+
+-- fn(module) on every submodule (children first) and then on self.
+function Module:apply(fn)
+  for child in self:children() do child:apply(fn) end
+  fn(self)
+  return self
+end
+
+function Module:train(mode)
+  if mode == nil then mode = true end
+  self:apply(function(m) rawset(m, "training", mode) end)
+  return self
+end
+
+function Module:eval() return self:train(false) end
+
+-- Drop gradients (set_to_none, the default, releases them; false fills them with zeros).
+function Module:zero_grad(set_to_none)
+  for _, p in ipairs(self:parameters()) do
+    local grad = rawget(p, "grad")
+    if grad then
+      if set_to_none == false then
+        autograd.no_grad(function() grad:zero_() end)
+      else
+        p.grad = nil
+        if Tensor.is_tensor(grad) then grad:_release() elseif grad.release then grad:release() end
+      end
+    end
+  end
+end
+
+-- ---- state dicts ----
+
+function Module:state_dict(opts)
+  local out = {}
+  local prefix = opts and opts.prefix or ""
+  for name, p in self:named_parameters() do out[prefix .. name] = p:detach() end
+  for _, entry in ipairs(named_members(self, "_buffers", "_buffer_order")) do
+    local name, b = entry[1], entry[2]
+    local owner_name = name:match("([^.]+)$")
+    local owner = self
+    for part in name:gmatch("([^.]+)%.") do owner = owner._modules[part] end
+    if not owner._non_persistent[owner_name] then out[prefix .. name] = b:detach() end
+  end
+  return out
+end
+
+local function sorted_keys(set)
+  local keys = {}
+  for k in pairs(set) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
+-- Copy values of sd into parameters and buffers; strict (default) requires the same keys.
+function Module:load_state_dict(sd, opts)
+  if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
+  local strict = not (opts and opts.strict == false)
+  local targets = {}
+  for name, p in self:named_parameters() do targets[name] = p end
+  for name, b in self:named_buffers() do targets[name] = b end
+  local missing, unexpected = {}, {}
+  for name in pairs(targets) do if sd[name] == nil then missing[name] = true end end
+  for name in pairs(sd) do if targets[name] == nil then unexpected[name] = true end end
+  missing, unexpected = sorted_keys(missing), sorted_keys(unexpected)
+  if strict and (#missing > 0 or #unexpected > 0) then
+    local parts = {}
+    if #missing > 0 then parts[#parts + 1] = "missing keys: " .. table.concat(missing, ", ") end
+    if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. table.concat(unexpected, ", ") end
+    fail("load_state_dict", "%s", table.concat(parts, "; "))
+  end
+  autograd.no_grad(function()
+    for name, target in pairs(targets) do
+      local value = sd[name]
+      if value ~= nil then
+        if type(value) == "table" and value.full_tensor and not Tensor.is_tensor(value) then
+          value = value:full_tensor()
+        end
+        if not Tensor.is_tensor(value) then
+          fail("load_state_dict", "value for '%s' is %s, not a tensor", name, type(value))
+        end
+        local target_tensor = Tensor.is_tensor(target) and target or target:to_local()
+        if not (value:shape() == target_tensor:shape()) then
+          fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s",
+               name, tostring(value:shape()), tostring(target_tensor:shape()))
+        end
+        target_tensor:copy_(value)
+      end
+    end
+  end)
+  return {missing_keys = missing, unexpected_keys = unexpected}
+end
+
+-- ---- moving ----
+
+function Module:to(target)
+  local modules = {}
+  for _, m in self:named_modules() do modules[#modules + 1] = m end
+  autograd.no_grad(function()
+    for _, module in ipairs(modules) do
+      for _, name in ipairs(module._param_order) do
+        local p = module._parameters[name]
+        local moved = p:to(target)
+        if moved ~= p then
+          module._parameters[name] = Parameter(moved, p.requires_grad)
+        end
+      end
+      for _, name in ipairs(module._buffer_order) do
+        local b = module._buffers[name]
+        module._buffers[name] = scope.keep(b:to(target))
+      end
+    end
+  end)
+  return self
+end
+
+function Module:double() return self:to("f64") end
+function Module:float() return self:to("f32") end
+
+-- ---- printing ----
+
+function Module:extra_repr() return "" end
+
+function Module:_repr(indent)
+  local head = (self.__name or "Module") .. "(" .. self:extra_repr()
+  if #self._module_order == 0 then return head .. ")" end
+  local lines = {head}
+  for _, name in ipairs(self._module_order) do
+    lines[#lines + 1] = indent .. "  (" .. name .. "): " .. self._modules[name]:_repr(indent .. "  ")
+  end
+  lines[#lines + 1] = indent .. ")"
+  return table.concat(lines, "\n")
+end
+
+return Module

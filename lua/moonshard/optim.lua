@@ -1,0 +1,229 @@
+-- Optimizers with PyTorch's update formulas (SGD with momentum/nesterov, Adam, AdamW),
+-- param groups and state dicts; each step is one fused C loop per parameter.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local scope = require "moonshard.scope"
+local raw = require "moonshard.ops.raw"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local M = {}
+
+-- Sharded parameters (DTensors) are stepped through their local tensors.
+local function local_of(t)
+  if t == nil or Tensor.is_tensor(t) then return t end
+  return t:to_local()
+end
+
+local Optimizer = {}
+Optimizer.__index = Optimizer
+M.Optimizer = Optimizer
+
+local function new_optimizer(class, name, params, opts, defaults)
+  if type(params) ~= "table" or #params == 0 then
+    fail(name, "params must be a non-empty array of tensors or of param groups")
+  end
+  opts = opts or {}
+  for key, value in pairs(opts) do
+    if defaults[key] == nil then fail(name, "unknown option '%s'", tostring(key)) end
+    defaults[key] = value
+  end
+  local self = setmetatable({name = name, defaults = defaults, param_groups = {}, state = {}}, class)
+  local groups = (type(params[1]) == "table" and params[1].params) and params or {{params = params}}
+  for _, group in ipairs(groups) do self:add_param_group(group) end
+  return self
+end
+
+function Optimizer:add_param_group(group)
+  local entry = {params = {}}
+  for key, value in pairs(self.defaults) do entry[key] = value end
+  for key, value in pairs(group) do if key ~= "params" then entry[key] = value end end
+  if type(entry.lr) ~= "number" or entry.lr < 0 then
+    fail(self.name, "lr must be a non-negative number, got %s", tostring(entry.lr))
+  end
+  for i, p in ipairs(group.params) do
+    if type(p) ~= "table" or not (Tensor.is_tensor(p) or p.to_local) then
+      fail(self.name, "parameter %d is %s, not a tensor", i, type(p))
+    end
+    if rawget(p, "_released_param") then
+      fail(self.name, "parameter %d was replaced when its module was wrapped; build the optimizer " ..
+           "after wrapping (over model:parameters() of the wrapped model)", i)
+    end
+    entry.params[#entry.params + 1] = p
+  end
+  self.param_groups[#self.param_groups + 1] = entry
+end
+
+-- Drop the gradients of every parameter (set_to_none by default).
+function Optimizer:zero_grad(set_to_none)
+  for _, group in ipairs(self.param_groups) do
+    for _, p in ipairs(group.params) do
+      local grad = rawget(p, "grad")
+      if grad then
+        if set_to_none == false then
+          check(lib.ms_fill(local_of(grad)._c, 0), "zero_grad")
+        else
+          p.grad = nil
+          if Tensor.is_tensor(grad) then grad:_release() end
+        end
+      end
+    end
+  end
+end
+
+local function state_tensor(like)
+  local t = raw.zeros_like(like)
+  return scope.keep(t)
+end
+
+function Optimizer:step(closure)
+  local loss
+  if closure then loss = closure() end
+  for _, group in ipairs(self.param_groups) do
+    for _, p in ipairs(group.params) do
+      local grad = rawget(p, "grad")
+      if grad ~= nil then
+        local param_local = local_of(p)
+        if rawget(p, "_released_param") or rawget(param_local, "_c") == nil then
+          fail(self.name, "a parameter was released (its module was wrapped after this optimizer " ..
+               "was built); build the optimizer over the wrapped model's parameters")
+        end
+        local state = self.state[p]
+        if not state then
+          state = {step = 0}
+          self.state[p] = state
+        end
+        self:update(group, param_local, local_of(grad), state)
+        param_local:_bump_version()
+      end
+    end
+  end
+  return loss
+end
+
+-- Optimizer state in PyTorch's layout: state keyed by the parameter's index (0-based,
+-- across groups in order), param_groups with hyper-parameters and index lists.
+function Optimizer:state_dict()
+  local out = {state = {}, param_groups = {}}
+  local index = 0
+  for _, group in ipairs(self.param_groups) do
+    local entry = {params = {}}
+    for key, value in pairs(group) do if key ~= "params" then entry[key] = value end end
+    for _, p in ipairs(group.params) do
+      entry.params[#entry.params + 1] = index
+      local state = self.state[p]
+      if state then
+        local copy = {}
+        for key, value in pairs(state) do copy[key] = value end
+        out.state[index] = copy
+      end
+      index = index + 1
+    end
+    out.param_groups[#out.param_groups + 1] = entry
+  end
+  return out
+end
+
+function Optimizer:load_state_dict(sd)
+  if type(sd) ~= "table" or type(sd.param_groups) ~= "table" then
+    fail("load_state_dict", "expected an optimizer state dict with param_groups")
+  end
+  if #sd.param_groups ~= #self.param_groups then
+    fail("load_state_dict", "state dict has %d param groups, optimizer has %d", #sd.param_groups, #self.param_groups)
+  end
+  local params = {}
+  for g, group in ipairs(self.param_groups) do
+    local saved = sd.param_groups[g]
+    if #saved.params ~= #group.params then
+      fail("load_state_dict", "param group %d has %d params in the state dict, %d in the optimizer",
+           g - 1, #saved.params, #group.params)
+    end
+    for i, p in ipairs(group.params) do params[saved.params[i]] = p end
+    for key, value in pairs(saved) do if key ~= "params" then group[key] = value end end
+  end
+  self.state = {}
+  for index, state in pairs(sd.state or {}) do
+    local p = params[index]
+    if not p then fail("load_state_dict", "state for unknown parameter index %s", tostring(index)) end
+    local copy = {}
+    for key, value in pairs(state) do
+      if Tensor.is_tensor(value) or (type(value) == "table" and value.to_local) then
+        local target = state_tensor(local_of(p))
+        check(lib.ms_copy(target._c, local_of(value)._c), "load_state_dict")
+        copy[key] = target
+      else
+        copy[key] = value
+      end
+    end
+    self.state[p] = copy
+  end
+end
+
+-- ---- SGD ----
+
+local SGD = setmetatable({}, {__index = Optimizer})
+SGD.__index = SGD
+
+-- SGD(params, {lr, momentum = 0, dampening = 0, weight_decay = 0, nesterov = false, maximize = false})
+function M.SGD(params, opts)
+  if not opts or opts.lr == nil then fail("SGD", "lr is required") end
+  local self = new_optimizer(SGD, "SGD", params, opts,
+    {lr = 0, momentum = 0, dampening = 0, weight_decay = 0, nesterov = false, maximize = false})
+  for _, group in ipairs(self.param_groups) do
+    if group.nesterov and (group.momentum <= 0 or group.dampening ~= 0) then
+      fail("SGD", "nesterov momentum requires a momentum and zero dampening")
+    end
+  end
+  return self
+end
+
+function SGD:update(group, p, grad, state)
+  local buf = state.momentum_buffer
+  local first = buf == nil
+  if group.momentum ~= 0 and first then
+    buf = state_tensor(p)
+    state.momentum_buffer = buf
+  end
+  state.step = state.step + 1
+  check(lib.ms_sgd_step(p._c, buf and buf._c, grad._c, group.lr, group.momentum, group.dampening,
+                        group.weight_decay, group.nesterov and 1 or 0, first and 1 or 0,
+                        group.maximize and 1 or 0), "SGD.step")
+end
+
+-- ---- Adam and AdamW ----
+
+local Adam = setmetatable({}, {__index = Optimizer})
+Adam.__index = Adam
+
+local function adam(name, decoupled, default_decay)
+  return function(params, opts)
+    local self = new_optimizer(Adam, name, params, opts,
+      {lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = default_decay, amsgrad = false,
+       maximize = false})
+    for _, group in ipairs(self.param_groups) do
+      if group.amsgrad then fail(name, "amsgrad is not supported") end
+      local b1, b2 = group.betas[1], group.betas[2]
+      if not (b1 >= 0 and b1 < 1 and b2 >= 0 and b2 < 1) then
+        fail(name, "betas must be in [0, 1), got {%s, %s}", tostring(b1), tostring(b2))
+      end
+      if group.eps < 0 then fail(name, "eps must be non-negative") end
+    end
+    self.decoupled = decoupled
+    return self
+  end
+end
+
+M.Adam = adam("Adam", false, 0)
+M.AdamW = adam("AdamW", true, 1e-2)
+
+function Adam:update(group, p, grad, state)
+  if not state.exp_avg then
+    state.exp_avg, state.exp_avg_sq = state_tensor(p), state_tensor(p)
+  end
+  state.step = state.step + 1
+  check(lib.ms_adam_step(p._c, state.exp_avg._c, state.exp_avg_sq._c, grad._c, state.step,
+                         group.lr, group.betas[1], group.betas[2], group.eps, group.weight_decay,
+                         self.decoupled and 1 or 0, group.maximize and 1 or 0), self.name .. ".step")
+end
+
+return M

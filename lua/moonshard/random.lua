@@ -1,0 +1,88 @@
+-- The process's random number generator: a counter-based stream (seed, offset), so any
+-- draw can be replayed by restoring the state (dropout in recomputed regions).
+local ffi = require "ffi"
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local M = {}
+
+local state = {seed = 0, offset = 0}
+
+function M.manual_seed(seed)
+  if type(seed) ~= "number" or seed < 0 or seed % 1 ~= 0 then
+    fail("manual_seed", "seed must be a non-negative integer, got %s", tostring(seed))
+  end
+  state.seed, state.offset = seed, 0
+end
+
+function M.get_rng_state() return {seed = state.seed, offset = state.offset} end
+
+function M.set_rng_state(new_state)
+  if type(new_state) ~= "table" or type(new_state.seed) ~= "number" or type(new_state.offset) ~= "number" then
+    fail("set_rng_state", "expected a table {seed = n, offset = n} from get_rng_state()")
+  end
+  state.seed, state.offset = new_state.seed, new_state.offset
+end
+
+-- Reserve n counters of the stream; returns seed and the first counter. Offsets advance in
+-- multiples of 4 so draws never share a counter block.
+function M.take(n)
+  local seed, offset = state.seed, state.offset
+  state.offset = offset + math.ceil(n / 4) * 4
+  return seed, offset
+end
+
+function M.rand(...)
+  local shape, opts = Tensor.parse_shape("rand", ...)
+  local t = Tensor.create("rand", opts, shape)
+  local seed, offset = M.take(t:numel())
+  check(lib.ms_rand_uniform(t._c, 0, 1, seed, offset), "rand")
+  if opts.requires_grad then t.requires_grad = true end
+  return t
+end
+
+function M.randn(...)
+  local shape, opts = Tensor.parse_shape("randn", ...)
+  local t = Tensor.create("randn", opts, shape)
+  local seed, offset = M.take(t:numel())
+  check(lib.ms_rand_normal(t._c, 0, 1, seed, offset), "randn")
+  if opts.requires_grad then t.requires_grad = true end
+  return t
+end
+
+-- In-place draws for initialisers (no autograd).
+function M.uniform_(t, low, high)
+  local seed, offset = M.take(t:numel())
+  check(lib.ms_rand_uniform(t._c, low, high, seed, offset), "uniform_")
+  t:_bump_version()
+  return t
+end
+
+function M.normal_(t, mean, std)
+  local seed, offset = M.take(t:numel())
+  check(lib.ms_rand_normal(t._c, mean, std, seed, offset), "normal_")
+  t:_bump_version()
+  return t
+end
+
+-- ms.randint(low, high, shape[, opts]): integers in [low, high), i64 by default.
+function M.randint(low, high, shape, opts)
+  opts = opts or {}
+  if type(low) ~= "number" or type(high) ~= "number" or high <= low then
+    fail("randint", "need low < high, got %s and %s", tostring(low), tostring(high))
+  end
+  local parsed = Tensor.parse_shape("randint", shape)
+  local uniform = Tensor.empty_raw(parsed, 1, 0)
+  local seed, offset = M.take(uniform:numel())
+  check(lib.ms_rand_uniform(uniform._c, low, high, seed, offset), "randint")
+  local values = ffi.cast("double*", lib.ms_tensor_data(uniform._c))
+  for i = 0, uniform:numel() - 1 do values[i] = math.floor(values[i]) end
+  local out = Tensor.create("randint", {dtype = opts.dtype or "i64", device = opts.device}, parsed)
+  check(lib.ms_copy(out._c, uniform._c), "randint")
+  uniform:_release()
+  return out
+end
+
+return M

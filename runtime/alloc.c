@@ -1,0 +1,213 @@
+/* moonshard runtime: one caching allocator per memory pool, with exact statistics.
+ * Blocks are rounded to size classes (4 per power of two) and kept on per-class free lists. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "pool.h"
+
+enum { CLASS_COUNT = 4 * 64, MIN_BLOCK = 64 };
+
+typedef struct free_block {
+    struct free_block *next;
+} free_block;
+
+typedef struct pool {
+    const char *name;
+    pthread_mutex_t lock;
+    ms_memory_stats stats;
+    free_block *free_lists[CLASS_COUNT];
+    int64_t cached_bytes;
+} pool;
+
+static pool pools[MS_MAX_POOLS] = {
+    [MS_POOL_CPU] = {.name = "cpu", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_HOST] = {.name = "host", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 0] = {.name = "cuda:0", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 1] = {.name = "cuda:1", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 2] = {.name = "cuda:2", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 3] = {.name = "cuda:3", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 4] = {.name = "cuda:4", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 5] = {.name = "cuda:5", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 6] = {.name = "cuda:6", .lock = PTHREAD_MUTEX_INITIALIZER},
+    [MS_POOL_CUDA0 + 7] = {.name = "cuda:7", .lock = PTHREAD_MUTEX_INITIALIZER},
+};
+
+/* Size class of n bytes: classes split each power of two into four steps, so a block
+ * wastes at most a quarter of its size. */
+static int size_class(size_t n, size_t *rounded)
+{
+    if (n <= MIN_BLOCK) {
+        *rounded = MIN_BLOCK;
+        return 0;
+    }
+    int msb = 63 - __builtin_clzll((unsigned long long)(n - 1));
+    size_t step = (size_t)1 << (msb - 2 > 0 ? msb - 2 : 0);
+    size_t r = (n + step - 1) / step * step;
+    *rounded = r;
+    int sub = (int)((r - ((size_t)1 << msb)) / step);
+    if (sub > 3) { /* r reached the next power of two */
+        msb += 1;
+        sub = 0;
+    }
+    return msb * 4 + sub;
+}
+
+int ms_pool_find(const char *name, int *pool_id)
+{
+    if (!name || !pool_id)
+        return MS_FAIL(MS_ERR_INVALID, "pool: name and pool_id must not be NULL");
+    for (int i = 0; i < MS_MAX_POOLS; i++) {
+        if (pools[i].name && strcmp(pools[i].name, name) == 0) {
+            if (i >= MS_POOL_CUDA0 && !ms_device_pool_available(i - MS_POOL_CUDA0))
+                return MS_FAIL(MS_ERR_DEVICE, "pool: %s is not available (%s)", name,
+                               ms_device_unavailable_reason());
+            *pool_id = i;
+            return MS_OK;
+        }
+    }
+    return MS_FAIL(MS_ERR_NOT_FOUND, "pool: no pool named '%s' (expected cpu, host or cuda:N)",
+                   name);
+}
+
+const char *ms_pool_name(int pool_id)
+{
+    if (pool_id < 0 || pool_id >= MS_MAX_POOLS)
+        return NULL;
+    return pools[pool_id].name;
+}
+
+static int check_pool(const char *what, int pool_id)
+{
+    if (pool_id < 0 || pool_id >= MS_MAX_POOLS)
+        return MS_FAIL(MS_ERR_INVALID, "%s: pool id %d out of range", what, pool_id);
+    return MS_OK;
+}
+
+static void *raw_alloc(int pool_id, size_t rounded)
+{
+    if (pool_id >= MS_POOL_CUDA0)
+        return ms_device_raw_alloc(pool_id - MS_POOL_CUDA0, rounded);
+    void *p = NULL;
+    if (posix_memalign(&p, 64, rounded) != 0)
+        return NULL;
+    return p;
+}
+
+static void raw_free(int pool_id, void *p)
+{
+    if (pool_id >= MS_POOL_CUDA0)
+        ms_device_raw_free(pool_id - MS_POOL_CUDA0, p);
+    else
+        free(p);
+}
+
+static void release_cached(int pool_id, pool *pl)
+{
+    for (int c = 0; c < CLASS_COUNT; c++) {
+        while (pl->free_lists[c]) {
+            free_block *b = pl->free_lists[c];
+            pl->free_lists[c] = b->next;
+            raw_free(pool_id, b);
+        }
+    }
+    pl->stats.reserved -= pl->cached_bytes;
+    pl->cached_bytes = 0;
+}
+
+int ms_pool_alloc(int pool_id, size_t nbytes, void **ptr)
+{
+    MS_CHECK(check_pool("pool_alloc", pool_id));
+    if (!ptr)
+        return MS_FAIL(MS_ERR_INVALID, "pool_alloc: ptr must not be NULL");
+    pool *pl = &pools[pool_id];
+    size_t rounded;
+    int cls = size_class(nbytes, &rounded);
+    pthread_mutex_lock(&pl->lock);
+    void *p = NULL;
+    if (nbytes > 0) {
+        free_block *b = pl->free_lists[cls];
+        if (b && pool_id < MS_POOL_CUDA0) {
+            pl->free_lists[cls] = b->next;
+            pl->cached_bytes -= (int64_t)rounded;
+            p = b;
+        } else {
+            p = raw_alloc(pool_id, rounded);
+            if (!p && pl->cached_bytes > 0) {
+                release_cached(pool_id, pl);
+                p = raw_alloc(pool_id, rounded);
+            }
+            if (!p) {
+                pthread_mutex_unlock(&pl->lock);
+                return MS_FAIL(MS_ERR_OOM, "pool_alloc: %s could not allocate %zu bytes",
+                               pl->name, nbytes);
+            }
+            pl->stats.reserved += (int64_t)rounded;
+        }
+    }
+    pl->stats.allocated += (int64_t)nbytes;
+    pl->stats.allocs += 1;
+    pl->stats.active += 1;
+    if (pl->stats.allocated > pl->stats.peak)
+        pl->stats.peak = pl->stats.allocated;
+    pthread_mutex_unlock(&pl->lock);
+    *ptr = p;
+    return MS_OK;
+}
+
+int ms_pool_free(int pool_id, void *ptr, size_t nbytes)
+{
+    MS_CHECK(check_pool("pool_free", pool_id));
+    pool *pl = &pools[pool_id];
+    size_t rounded;
+    int cls = size_class(nbytes, &rounded);
+    pthread_mutex_lock(&pl->lock);
+    if (ptr) {
+        if (pool_id >= MS_POOL_CUDA0) {
+            /* device memory cannot hold a host-side list link; return it directly */
+            raw_free(pool_id, ptr);
+            pl->stats.reserved -= (int64_t)rounded;
+        } else {
+            free_block *b = ptr;
+            b->next = pl->free_lists[cls];
+            pl->free_lists[cls] = b;
+            pl->cached_bytes += (int64_t)rounded;
+        }
+    }
+    pl->stats.allocated -= (int64_t)nbytes;
+    pl->stats.frees += 1;
+    pl->stats.active -= 1;
+    pthread_mutex_unlock(&pl->lock);
+    return MS_OK;
+}
+
+int ms_pool_stats(int pool_id, ms_memory_stats *stats)
+{
+    MS_CHECK(check_pool("pool_stats", pool_id));
+    if (!stats)
+        return MS_FAIL(MS_ERR_INVALID, "pool_stats: stats must not be NULL");
+    pthread_mutex_lock(&pools[pool_id].lock);
+    *stats = pools[pool_id].stats;
+    pthread_mutex_unlock(&pools[pool_id].lock);
+    return MS_OK;
+}
+
+int ms_pool_reset_peak(int pool_id)
+{
+    MS_CHECK(check_pool("pool_reset_peak", pool_id));
+    pthread_mutex_lock(&pools[pool_id].lock);
+    pools[pool_id].stats.peak = pools[pool_id].stats.allocated;
+    pthread_mutex_unlock(&pools[pool_id].lock);
+    return MS_OK;
+}
+
+int ms_pool_empty_cache(int pool_id)
+{
+    MS_CHECK(check_pool("pool_empty_cache", pool_id));
+    pthread_mutex_lock(&pools[pool_id].lock);
+    release_cached(pool_id, &pools[pool_id]);
+    pthread_mutex_unlock(&pools[pool_id].lock);
+    return MS_OK;
+}

@@ -1,0 +1,32 @@
+/* moonshard runtime: helpers shared by the runtime's own .c files (not part of the FFI).
+ * Error recording and the check macros that carry __FILE__:__LINE__ upward. */
+#ifndef MS_INTERNAL_H
+#define MS_INTERNAL_H
+
+#include <stdarg.h>
+#include "ms.h"
+
+/* Record this thread's detailed message (printf format) with the failing site and return
+ * status unchanged, so a failure reads: return MS_FAIL(MS_ERR_SHAPE, "matmul: ..."). */
+int ms_fail_at(const char *file, int line, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+#define MS_FAIL(status, ...) ms_fail_at(__FILE__, __LINE__, (status), __VA_ARGS__)
+
+/* Propagate a non-zero status from a runtime call. */
+#define MS_CHECK(expr)                        \
+    do {                                      \
+        int ms_check_status_ = (expr);        \
+        if (ms_check_status_ != 0)            \
+            return ms_check_status_;          \
+    } while (0)
+
+/* "[2, 3]" into buf (for messages); returns buf. */
+const char *ms_shape_str(char *buf, size_t size, int ndim, const int64_t *shape);
+
+/* Element size and row-major strides (elements) of shape. */
+void ms_contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
+
+/* Validate a tensor pointer argument for op (non-NULL, known dtype): MS_ERR_INVALID. */
+int ms_check_tensor(const char *op, const char *name, const ms_tensor *t);
+
+#endif

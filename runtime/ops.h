@@ -1,0 +1,131 @@
+/* moonshard runtime: tensor operations (CPU backend in runtime/cpu/).
+ * Argument order is fixed: outputs first ([OUT]), then inputs, then scalars.
+ * Outputs are preallocated by the caller with the documented shape and dtype.
+ * Activation gradients assign (=); parameter gradients (dweight, dbias) accumulate (+=).
+ * Compute ops take f32 or f64 (MS_ERR_DTYPE otherwise, naming the op and dtype);
+ * ms_copy and ms_fill take every dtype. An output may alias an input only when both
+ * have the same geometry (element-wise in-place updates). */
+#ifndef MS_OPS_H
+#define MS_OPS_H
+
+#include <stdint.h>
+#include "ms.h"
+
+/* ffi-begin */
+/* ---- copy, fill, compare ---- */
+/* dst = src, broadcasting src to dst's shape, converting dtype, any strides. */
+int ms_copy(ms_tensor *dst, const ms_tensor *src);
+/* Every element of t = value (converted to t's dtype). */
+int ms_fill(ms_tensor *t, double value);
+/* t[i] = start + i * step over t's elements in row-major order. */
+int ms_arange(ms_tensor *t, double start, double step);
+/* [OUT] *equal = 1 when shapes, dtypes and every bit of every element match. */
+int ms_equal(int *equal, const ms_tensor *a, const ms_tensor *b);
+/* [OUT] *close = 1 when shapes match and |a-b| <= atol + rtol*|b| everywhere (NaN never). */
+int ms_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol, double atol);
+
+/* ---- element-wise ---- */
+typedef enum ms_binary_op {
+    MS_ADD = 0, MS_SUB = 1, MS_MUL = 2, MS_DIV = 3, MS_MAXIMUM = 4, MS_MINIMUM = 5,
+    MS_POW = 6, MS_EQ = 7, MS_NE = 8, MS_LT = 9, MS_LE = 10, MS_GT = 11, MS_GE = 12
+} ms_binary_op;
+/* out = a op b with numpy broadcasting of a and b to out's shape. Comparisons give 1 or 0
+ * in out's dtype. All three share one dtype. */
+int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op);
+/* out = a op s. With reverse != 0, out = s op a. */
+int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse);
+
+typedef enum ms_unary_op {
+    MS_NEG = 0, MS_EXP = 1, MS_LOG = 2, MS_SQRT = 3, MS_RSQRT = 4, MS_ABS = 5,
+    MS_TANH = 6, MS_SIGMOID = 7, MS_RELU = 8, MS_GELU = 9, MS_GELU_TANH = 10,
+    MS_SIN = 11, MS_COS = 12, MS_SIGN = 13, MS_RECIPROCAL = 14, MS_SQUARE = 15
+} ms_unary_op;
+/* out = f(a); same shape and dtype. */
+int ms_unary(ms_tensor *out, const ms_tensor *a, int op);
+/* dx = dy * f'(x) for MS_RELU, MS_GELU, MS_GELU_TANH, MS_TANH, MS_SIGMOID (x is the
+ * input of the forward op). Same shapes and dtype. */
+int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op);
+
+/* ---- reductions ---- */
+typedef enum ms_reduce_op {
+    MS_SUM = 0, MS_MEAN = 1, MS_MAX = 2, MS_MIN = 3, MS_SUMSQ = 4
+} ms_reduce_op;
+/* Reduce a over every dim d with bit d set in dims_mask. out has a's ndim with the
+ * reduced dims of size 1. Sums accumulate in double in a fixed order (deterministic). */
+int ms_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask);
+/* Maximum along dim: values and i64 indices have a's shape with dim of size 1. The first
+ * maximum wins on ties. */
+int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim);
+
+/* ---- matrix multiply (OpenBLAS) ----
+ * out = alpha * op(a) @ op(b) + beta * out, op = transpose when trans_* != 0 (the last two
+ * dims). 2-D, or batched: a, b and out with equal leading dims, or b 2-D and shared by every
+ * batch of a. Any strides: a matrix with a unit stride in either of its last two dims goes
+ * to BLAS directly, any other is copied first. */
+int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+              int trans_b, double alpha, double beta);
+
+/* ---- softmax family ---- */
+/* out = softmax(x) along dim (log_softmax when log != 0). */
+int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
+/* dx from the forward output y and dy: softmax dx = y*(dy - sum(dy*y));
+ * log_softmax dx = dy - exp(y)*sum(dy). */
+int ms_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
+                        int log);
+
+/* ---- layer norm over the last normalized_ndim dims ----
+ * mean and rstd are [OUT] f32/f64 tensors with numel = rows (x.numel / row size).
+ * weight and bias may be NULL (no affine). */
+int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
+                  const ms_tensor *weight, const ms_tensor *bias, int normalized_ndim,
+                  double eps);
+/* dx assigned; dweight and dbias (NULL to skip) accumulate. */
+int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                           const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
+                           const ms_tensor *rstd, const ms_tensor *weight,
+                           int normalized_ndim);
+
+/* ---- embedding ----
+ * out[..., :] = weight[indices[...], :]; indices i32 or i64; weight [num, dim];
+ * out has indices' shape + [dim]. An index outside [0, num) gives MS_ERR_INDEX. */
+int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices);
+/* dweight[indices[...], :] += dout[..., :] (sequential, deterministic). */
+int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices,
+                          const ms_tensor *dout);
+
+/* ---- negative log likelihood over log-probabilities ----
+ * logp [N, C]; target [N] (i32/i64). reduction 0: out [N]; 1 (mean over non-ignored
+ * targets) and 2 (sum): out is 0-dim. Targets equal to ignore_index contribute 0. A target
+ * outside [0, C) that is not ignore_index gives MS_ERR_INDEX. */
+int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
+                int64_t ignore_index, int reduction);
+/* dlogp assigned from dout (shape of the forward out). */
+int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
+                         int64_t ignore_index, int reduction);
+
+/* ---- counter-based random numbers ----
+ * Element i (row-major) of out uses the counter (seed, offset + i): the same seed and
+ * offset always give the same values, so a region can be replayed. */
+int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset);
+int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset);
+/* Inverted dropout: element i is kept with probability 1-p and scaled by 1/(1-p);
+ * the mask comes from the counter (seed, offset + i) and is regenerated in backward. */
+int ms_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint64_t offset);
+int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
+                        uint64_t offset);
+
+/* ---- fused optimizer steps (PyTorch's update formulas), in place on param ---- */
+/* SGD: g = grad (+ weight_decay * param); with momentum, buf = g on the first step, else
+ * buf = momentum*buf + (1-dampening)*g; g = nesterov ? g + momentum*buf : buf;
+ * param -= lr * g (maximize: +=). momentum_buf may be NULL when momentum == 0. */
+int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
+                double momentum, double dampening, double weight_decay, int nesterov,
+                int first_step, int maximize);
+/* Adam (decoupled == 0: weight decay added to the gradient) and AdamW (decoupled != 0:
+ * param *= 1 - lr*weight_decay). step is the 1-based step count after increment. */
+int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
+                 const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
+                 double eps, double weight_decay, int decoupled, int maximize);
+/* ffi-end */
+
+#endif

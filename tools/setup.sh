@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs moonshard's Debian packages (only the missing ones) and builds build/ (and, with
+# --sanitize, build-asan/). Safe to run any number of times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(build-essential cmake pkg-config luajit libluajit-5.1-dev lua-busted liblmdb-dev
+          lmdb-utils libopenblas-dev libopenmpi-dev openmpi-bin libxxhash-dev clang
+          libclang-rt-14-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDACXX=/usr/local/cuda/bin/nvcc
+fi
+jobs=$(nproc)
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j"$jobs" >/dev/null
+if [ "${1:-}" = "--sanitize" ]; then
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMS_SANITIZE=ON -DMS_WITH_CUDA=OFF >/dev/null
+  cmake --build build-asan -j"$jobs" >/dev/null
+fi
+echo "setup: built build/libmoonshard.so"

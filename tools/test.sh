@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Runs every test: the FFI declarations check, the C unit tests (CTest) and the busted
+# specs, on the release build and again under AddressSanitizer + UBSan. Ends with the line
+# "N passed, N failed". Installs and builds what it needs first (tools/setup.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh --sanitize || { echo "0 passed, 1 failed"; exit 1; }
+
+passed=0
+failed=0
+log_dir=$(mktemp -d)
+trap 'rm -rf "$log_dir"' EXIT
+
+count_ctest() { # log file
+  local total fails
+  total=$(grep -Eo 'tests failed out of [0-9]+' "$1" | grep -Eo '[0-9]+$' || echo 0)
+  fails=$(grep -Eo '[0-9]+ tests failed out of' "$1" | grep -Eo '^[0-9]+' || echo 0)
+  [ -z "$total" ] && total=0
+  [ -z "$fails" ] && fails=0
+  passed=$((passed + total - fails))
+  failed=$((failed + fails))
+}
+
+count_busted() { # log file, exit status
+  local line ok fail err
+  line=$(grep -E '[0-9]+ successes? / [0-9]+ failures? / [0-9]+ errors?' "$1" | tail -1)
+  if [ -z "$line" ]; then failed=$((failed + 1)); return; fi
+  ok=$(echo "$line" | grep -Eo '^[0-9]+')
+  fail=$(echo "$line" | grep -Eo '[0-9]+ failure' | grep -Eo '[0-9]+')
+  err=$(echo "$line" | grep -Eo '[0-9]+ error' | grep -Eo '[0-9]+')
+  passed=$((passed + ok))
+  failed=$((failed + fail + err))
+}
+
+step() { echo; echo "== $*"; }
+
+step "FFI declarations match runtime headers"
+if luajit tools/gen_cdef.lua --check; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+
+step "C unit tests (release)"
+(cd build && ctest --output-on-failure -j2) 2>&1 | tee "$log_dir/ctest.log"
+count_ctest "$log_dir/ctest.log"
+
+step "C unit tests (address + undefined sanitizers)"
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 ctest --output-on-failure -j2) 2>&1 | tee "$log_dir/ctest-asan.log"
+count_ctest "$log_dir/ctest-asan.log"
+
+step "specs (release)"
+luajit tools/busted.lua -o utfTerminal 2>&1 | tee "$log_dir/busted.log"
+count_busted "$log_dir/busted.log"
+
+step "specs (address + undefined sanitizers)"
+asan_runtime=$(gcc -print-file-name=libasan.so)
+MOONSHARD_LIB=build-asan/libmoonshard.so LD_PRELOAD="$asan_runtime" \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  luajit tools/busted.lua -o utfTerminal --exclude-tags=slow,gpu,noasan 2>&1 | tee "$log_dir/busted-asan.log"
+count_busted "$log_dir/busted-asan.log"
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
