@@ -99,6 +99,8 @@ typedef struct ms_storage {
     int32_t pool;        /* pool the block came from */
     int32_t refcount;    /* tensors viewing this storage */
     uint64_t version;    /* bumped by in-place writes made through the Lua layer */
+    int32_t released;    /* 1 while the data block is returned to the pool */
+    int32_t reserved_flags;
 } ms_storage;
 
 typedef struct ms_tensor {
@@ -130,6 +132,17 @@ void *ms_tensor_data(const ms_tensor *t);
 int ms_tensor_is_contiguous(const ms_tensor *t);
 /* Bytes of the view's elements (numel * element size). */
 size_t ms_tensor_nbytes(const ms_tensor *t);
+
+/* Return the storage's data block to its pool while keeping the storage and every view of
+ * it (FSDP frees unsharded parameters this way; autograd's saved views stay valid handles).
+ * Operations on a view of a released storage fail with MS_ERR_STATE. Releasing twice is
+ * a no-op. */
+int ms_storage_release(ms_storage *storage);
+/* Allocate a released storage's nbytes again from its pool (contents undefined). Restoring
+ * a storage that holds data is a no-op. */
+int ms_storage_restore(ms_storage *storage);
+/* 1 when the storage's data was released, else 0. */
+int ms_storage_is_released(const ms_storage *storage);
 
 /* ---- threads ---- */
 /* Threads used by BLAS and by the runtime's loops in this process (at least 1). */

@@ -3,8 +3,9 @@
  * Outputs are preallocated by the caller with the documented shape and dtype.
  * Activation gradients assign (=); parameter gradients (dweight, dbias) accumulate (+=).
  * Compute ops take f32 or f64 (MS_ERR_DTYPE otherwise, naming the op and dtype);
- * ms_copy and ms_fill take every dtype. An output may alias an input only when both
- * have the same geometry (element-wise in-place updates). */
+ * ms_copy, ms_fill, ms_arange and ms_equal take every dtype, ms_allclose any pair, and
+ * ms_binary(_scalar) also i32/i64 (all ops but div and pow). An output may alias an input
+ * only when both have the same geometry (element-wise in-place updates). */
 #ifndef MS_OPS_H
 #define MS_OPS_H
 
@@ -13,7 +14,8 @@
 
 /* ffi-begin */
 /* ---- copy, fill, compare ---- */
-/* dst = src, broadcasting src to dst's shape, converting dtype, any strides. */
+/* dst = src, broadcasting src to dst's shape, converting dtype, any strides. A src that
+ * does not broadcast but has dst's numel is copied in row-major order (a reshaping copy). */
 int ms_copy(ms_tensor *dst, const ms_tensor *src);
 /* Every element of t = value (converted to t's dtype). */
 int ms_fill(ms_tensor *t, double value);
@@ -115,14 +117,15 @@ int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t s
                         uint64_t offset);
 
 /* ---- fused optimizer steps (PyTorch's update formulas), in place on param ---- */
-/* SGD: g = grad (+ weight_decay * param); with momentum, buf = g on the first step, else
- * buf = momentum*buf + (1-dampening)*g; g = nesterov ? g + momentum*buf : buf;
- * param -= lr * g (maximize: +=). momentum_buf may be NULL when momentum == 0. */
+/* SGD: g = (maximize ? -grad : grad) + weight_decay * param; with momentum, buf = g on the
+ * first step, else buf = momentum*buf + (1-dampening)*g; g = nesterov ? g + momentum*buf : buf;
+ * param -= lr * g. momentum_buf may be NULL when momentum == 0. */
 int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
                 double momentum, double dampening, double weight_decay, int nesterov,
                 int first_step, int maximize);
 /* Adam (decoupled == 0: weight decay added to the gradient) and AdamW (decoupled != 0:
- * param *= 1 - lr*weight_decay). step is the 1-based step count after increment. */
+ * param *= 1 - lr*weight_decay); maximize negates grad first. step is the 1-based step
+ * count after increment. */
 int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize);

@@ -35,6 +35,11 @@ int ms_check_tensor(const char *op, const char *name, const ms_tensor *t)
         return MS_FAIL(MS_ERR_INVALID, "%s: %s must not be NULL", op, name);
     if (t->dtype < 0 || t->dtype >= MS_DTYPE_COUNT)
         return MS_FAIL(MS_ERR_DTYPE, "%s: %s has unknown dtype %d", op, name, t->dtype);
+    if (!t->storage)
+        return MS_FAIL(MS_ERR_INVALID, "%s: %s has no storage", op, name);
+    if (t->storage->released)
+        return MS_FAIL(MS_ERR_STATE, "%s: %s's storage is released (a resharded parameter or a "
+                       "freed buffer)", op, name);
     return MS_OK;
 }
 
@@ -167,9 +172,40 @@ void ms_tensor_free(ms_tensor *t)
     ms_storage *storage = t->storage;
     free(t);
     if (storage && __atomic_sub_fetch(&storage->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
-        ms_pool_free(storage->pool, storage->data, storage->nbytes);
+        if (!storage->released)
+            ms_pool_free(storage->pool, storage->data, storage->nbytes);
         free(storage);
     }
+}
+
+int ms_storage_release(ms_storage *storage)
+{
+    if (!storage)
+        return MS_FAIL(MS_ERR_INVALID, "storage_release: storage must not be NULL");
+    if (storage->released)
+        return MS_OK;
+    MS_CHECK(ms_pool_free(storage->pool, storage->data, storage->nbytes));
+    storage->data = NULL;
+    storage->released = 1;
+    return MS_OK;
+}
+
+int ms_storage_restore(ms_storage *storage)
+{
+    if (!storage)
+        return MS_FAIL(MS_ERR_INVALID, "storage_restore: storage must not be NULL");
+    if (!storage->released)
+        return MS_OK;
+    void *data = NULL;
+    MS_CHECK(ms_pool_alloc(storage->pool, storage->nbytes, &data));
+    storage->data = data;
+    storage->released = 0;
+    return MS_OK;
+}
+
+int ms_storage_is_released(const ms_storage *storage)
+{
+    return storage && storage->released ? 1 : 0;
 }
 
 void *ms_tensor_data(const ms_tensor *t)

@@ -19,12 +19,25 @@ local function ffi_sections(path)
   return table.concat(parts), text
 end
 
+local function normalize(path)
+  local parts = {}
+  for part in path:gmatch("[^/]+") do
+    if part == ".." and #parts > 0 and parts[#parts] ~= ".." then
+      parts[#parts] = nil
+    elseif part ~= "." then
+      parts[#parts + 1] = part
+    end
+  end
+  return (path:sub(1, 1) == "/" and "/" or "") .. table.concat(parts, "/")
+end
+
 local function collect(path, out, seen)
+  path = normalize(path)
   if seen[path] then return end
   seen[path] = true
   local body, text = ffi_sections(path)
   if body ~= "" then
-    out[#out + 1] = "/* " .. path:gsub("^" .. root:gsub("%p", "%%%0") .. "/", "") .. " */\n" .. body
+    out[#out + 1] = "/* " .. path:match("(runtime/.*)$") .. " */\n" .. body
   end
   local dir = path:match("^(.*)/[^/]*$")
   for include in text:gmatch('#include "([^"]+)"') do

@@ -137,6 +137,10 @@ function Node:release_saved()
   if not list then return end
   for i = 1, #list do
     local saved = list[i]
+    local packed = saved.packed
+    if type(packed) == "table" and not rawequal(packed, saved.owned) and packed._release then
+      packed:_release()
+    end
     if saved.owned then saved.owned:_release() end
     saved.owned, saved.packed = nil, nil
   end
@@ -323,7 +327,7 @@ local function run_node(task, node, grad)
     end
   end
   if node.is_accumulator then
-    if grad ~= nil then accumulate_grad(task, node, grad) end
+    if grad ~= nil and task.accumulate then accumulate_grad(task, node, grad) end
     return nil
   end
   if grad == nil then return nil end
@@ -371,8 +375,9 @@ local function execute(task, root_nodes, root_grads)
   end
 end
 
-local function new_task(retain_graph)
-  local task = {buffers = {}, refs = {}, foreign = {}, callbacks = {}, retain_graph = retain_graph}
+local function new_task(retain_graph, accumulate)
+  local task = {buffers = {}, refs = {}, foreign = {}, callbacks = {}, retain_graph = retain_graph,
+                accumulate = accumulate}
   function task.consider(t)
     if (task.refs[t] or 0) == 0 and not task.foreign[t] and not rawget(t, "_keep")
        and rawget(t, "_c") ~= nil then
@@ -395,8 +400,8 @@ local function run_callbacks(task)
 end
 
 -- Backpropagate from tensors (array) with gradients (array; nil entries mean ones for a
--- one-element tensor). Gradients accumulate into the .grad of leaves.
-function M.backward(tensors, grads, opts)
+-- one-element tensor). Gradients accumulate into the .grad of leaves when accumulate.
+local function run_backward(tensors, grads, opts, accumulate)
   opts = opts or {}
   grads = grads or {}
   local root_nodes, root_grads = {}, {}
@@ -422,7 +427,7 @@ function M.backward(tensors, grads, opts)
     root_nodes[#root_nodes + 1] = t.grad_fn or accumulator(t)
     root_grads[#root_grads + 1] = g
   end
-  local task = new_task(opts.retain_graph)
+  local task = new_task(opts.retain_graph, accumulate)
   tasks[#tasks + 1] = task
   local mark = scope.enter()
   local previous_mode = grad_enabled
@@ -434,6 +439,8 @@ function M.backward(tensors, grads, opts)
   scope.exit(mark, {}, 0)
   if not ok then error(err, 0) end
 end
+
+function M.backward(tensors, grads, opts) return run_backward(tensors, grads, opts, true) end
 
 -- Gradients of outputs with respect to inputs, returned instead of accumulated.
 function M.grad(outputs, inputs, grad_outputs, opts)
@@ -454,15 +461,8 @@ function M.grad(outputs, inputs, grad_outputs, opts)
       scope.keep(captured[i])
     end)
   end
-  local saved_grads = {}
-  for i, t in ipairs(inputs) do
-    if not t.grad_fn then saved_grads[i] = rawget(t, "grad") or false; t.grad = nil end
-  end
-  local ok, err = pcall(M.backward, outputs, grad_outputs, opts)
-  for i, t in ipairs(inputs) do
-    handles[i].remove()
-    if not t.grad_fn then t.grad = saved_grads[i] or nil end
-  end
+  local ok, err = pcall(run_backward, outputs, grad_outputs, opts, false)
+  for i = 1, #inputs do handles[i].remove() end
   if not ok then error(err, 0) end
   return captured
 end

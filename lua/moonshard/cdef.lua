@@ -79,6 +79,8 @@ typedef struct ms_storage {
     int32_t pool;        /* pool the block came from */
     int32_t refcount;    /* tensors viewing this storage */
     uint64_t version;    /* bumped by in-place writes made through the Lua layer */
+    int32_t released;    /* 1 while the data block is returned to the pool */
+    int32_t reserved_flags;
 } ms_storage;
 
 typedef struct ms_tensor {
@@ -111,6 +113,17 @@ int ms_tensor_is_contiguous(const ms_tensor *t);
 /* Bytes of the view's elements (numel * element size). */
 size_t ms_tensor_nbytes(const ms_tensor *t);
 
+/* Return the storage's data block to its pool while keeping the storage and every view of
+ * it (FSDP frees unsharded parameters this way; autograd's saved views stay valid handles).
+ * Operations on a view of a released storage fail with MS_ERR_STATE. Releasing twice is
+ * a no-op. */
+int ms_storage_release(ms_storage *storage);
+/* Allocate a released storage's nbytes again from its pool (contents undefined). Restoring
+ * a storage that holds data is a no-op. */
+int ms_storage_restore(ms_storage *storage);
+/* 1 when the storage's data was released, else 0. */
+int ms_storage_is_released(const ms_storage *storage);
+
 /* ---- threads ---- */
 /* Threads used by BLAS and by the runtime's loops in this process (at least 1). */
 int ms_set_num_threads(int n);
@@ -118,7 +131,8 @@ int ms_get_num_threads(void);
 
 /* runtime/ops.h */
 /* ---- copy, fill, compare ---- */
-/* dst = src, broadcasting src to dst's shape, converting dtype, any strides. */
+/* dst = src, broadcasting src to dst's shape, converting dtype, any strides. A src that
+ * does not broadcast but has dst's numel is copied in row-major order (a reshaping copy). */
 int ms_copy(ms_tensor *dst, const ms_tensor *src);
 /* Every element of t = value (converted to t's dtype). */
 int ms_fill(ms_tensor *t, double value);
@@ -220,15 +234,237 @@ int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t s
                         uint64_t offset);
 
 /* ---- fused optimizer steps (PyTorch's update formulas), in place on param ---- */
-/* SGD: g = grad (+ weight_decay * param); with momentum, buf = g on the first step, else
- * buf = momentum*buf + (1-dampening)*g; g = nesterov ? g + momentum*buf : buf;
- * param -= lr * g (maximize: +=). momentum_buf may be NULL when momentum == 0. */
+/* SGD: g = (maximize ? -grad : grad) + weight_decay * param; with momentum, buf = g on the
+ * first step, else buf = momentum*buf + (1-dampening)*g; g = nesterov ? g + momentum*buf : buf;
+ * param -= lr * g. momentum_buf may be NULL when momentum == 0. */
 int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
                 double momentum, double dampening, double weight_decay, int nesterov,
                 int first_step, int maximize);
 /* Adam (decoupled == 0: weight decay added to the gradient) and AdamW (decoupled != 0:
- * param *= 1 - lr*weight_decay). step is the 1-based step count after increment. */
+ * param *= 1 - lr*weight_decay); maximize negates grad first. step is the 1-based step
+ * count after increment. */
 int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize);
+
+/* runtime/comm/dist.h */
+/* ---- process groups and collectives ---- */
+typedef enum ms_dist_op {
+    MS_DIST_SUM = 0, MS_DIST_AVG = 1, MS_DIST_MAX = 2, MS_DIST_MIN = 3
+} ms_dist_op;
+
+/* A process group: the world, or a sub-group from ms_dist_new_group. Opaque. */
+typedef struct ms_group ms_group;
+
+/* [OUT] *world: this process's world group (owned by the runtime, valid until the process
+ * ends or ms_mpi_finalize). MS_ERR_STATE when no backend is initialised. */
+int ms_dist_world(ms_group **world);
+/* This process's index in g, or -1 when it is not a member (or g is invalid). */
+int ms_group_rank(const ms_group *g);
+/* Number of members of g (0 for NULL). */
+int ms_group_size(const ms_group *g);
+/* [OUT] world_ranks[0..size): the world rank of each member, in group order. */
+int ms_group_ranks(const ms_group *g, int *world_ranks);
+/* "local", "mpi"; "" for NULL. Static storage. */
+const char *ms_group_backend(const ms_group *g);
+/* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms). */
+int ms_group_set_timeout(ms_group *g, int64_t timeout_ms);
+
+/* A group of parent's members listed in ranks (indices in parent, any order, no repeats).
+ * Every member of parent calls it with the same list, in the same order (like PyTorch's
+ * new_group). A caller that is not listed gets a handle whose rank is -1; collectives on
+ * it fail with MS_ERR_STATE. parent NULL is the world. [OUT] *out, freed with
+ * ms_group_free. Members are ordered by their index in parent. */
+int ms_dist_new_group(ms_group **out, ms_group *parent, const int *ranks, int nranks);
+/* Release a handle from ms_dist_new_group. NULL and the world handle are ignored. */
+void ms_group_free(ms_group *g);
+
+/* In place: t = t op (every member's t). */
+int ms_dist_all_reduce(ms_group *g, ms_tensor *t, int op);
+/* out (size * in.numel elements) = every member's in, concatenated in rank order. in may
+ * be out's own block (in place); it must not overlap out otherwise. */
+int ms_dist_all_gather_into_tensor(ms_group *g, ms_tensor *out, const ms_tensor *in);
+/* out (in.numel / size elements) = op over members of their block number rank of in.
+ * out may be in's own block; it must not overlap in otherwise. */
+int ms_dist_reduce_scatter_tensor(ms_group *g, ms_tensor *out, const ms_tensor *in, int op);
+/* t on every member = t of member root (an index in g). */
+int ms_dist_broadcast(ms_group *g, ms_tensor *t, int root);
+int ms_dist_barrier(ms_group *g);
+
+/* ---- the local backend: ranks forked from this process ---- */
+/* What a spawned rank did, as its parent saw it. */
+typedef enum ms_rank_state {
+    MS_RANK_RUNNING = 0,  /* not reaped yet */
+    MS_RANK_RETURNED = 1, /* finished with ms_local_finish(0, ...) */
+    MS_RANK_FAILED = 2,   /* finished with ms_local_finish(1, ...): bytes is the error */
+    MS_RANK_EXITED = 3,   /* ended without ms_local_finish; code is its exit status */
+    MS_RANK_KILLED = 4    /* ended by a signal; code is the signal number */
+} ms_rank_state;
+
+typedef struct ms_rank_outcome {
+    int32_t state;       /* ms_rank_state */
+    int32_t code;        /* exit status or signal number */
+    int32_t pid;
+    int32_t reserved;
+    const char *bytes;   /* result or error text from ms_local_finish; owned by the job */
+    size_t nbytes;
+    const char *reason;  /* "returned", "died (signal 9)", ...; owned by the job */
+} ms_rank_outcome;
+
+/* The parent's handle on the ranks of one ms_local_spawn. Opaque. */
+typedef struct ms_spawn ms_spawn;
+
+/* Fork world_size ranks (1 to 64) that share one anonymous shared-memory segment, made
+ * before the fork so nothing is left in /dev/shm. Each rank dies with its parent and uses
+ * max(1, cores / world_size) compute threads. timeout_ms <= 0 means 60 s, the initial
+ * timeout of every group. Data moves through the segment in chunks of 512 KiB per rank
+ * (MOONSHARD_COMM_CHUNK_KB overrides), or directly between ranks when every buffer of a
+ * collective lies in the ranks' heaps (see ms_local_shared_alloc in comm/comm.h).
+ * In the parent: [OUT] *rank = -1 and *job, to be waited for and freed.
+ * In rank r: [OUT] *rank = r, *job = NULL, ms_dist_world gives the world group; the rank
+ * ends with ms_local_finish. Fails with MS_ERR_STATE inside a rank or under MPI. */
+int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank);
+/* In a rank: hand the outcome to the parent and end the process with _exit (stdio is
+ * flushed first). failed == 0: bytes is the result; else the error text. Returns only
+ * outside a spawned rank (MS_ERR_STATE) or when the parent is gone (errno). */
+int ms_local_finish(int failed, const void *bytes, size_t nbytes);
+/* Parent: wait until every rank has ended and reap it. A rank that ends without
+ * returning makes every other rank's collectives fail with MS_ERR_PEER_DIED. */
+int ms_spawn_wait(ms_spawn *job);
+/* Parent: [OUT] *outcome of rank (pointers stay valid until ms_spawn_free). */
+int ms_spawn_outcome(const ms_spawn *job, int rank, ms_rank_outcome *outcome);
+/* Parent: kill and reap ranks still running, unmap the segment, free the job. */
+void ms_spawn_free(ms_spawn *job);
+
+/* ---- the mpi backend ---- */
+/* 1 when this process was started by mpirun (OpenMPI, PMIx or PMI variables), else 0. */
+int ms_mpi_launched(void);
+/* Initialise MPI (once; later calls do nothing) and install MPI_COMM_WORLD as the world
+ * group. MS_ERR_UNSUPPORTED when the runtime was built without MPI. */
+int ms_mpi_init(void);
+/* Free the groups' communicators and finalise MPI; the world group is gone afterwards. */
+int ms_mpi_finalize(void);
+
+/* runtime/store/store.h */
+/* ---- checkpoint store ---- */
+typedef struct ms_store ms_store;
+
+enum { MS_STORE_READ_ONLY = 0, MS_STORE_READ_WRITE = 1 };
+enum { MS_STORE_FOREGROUND = 0, MS_STORE_BACKGROUND = 1 };
+enum { MS_STORE_TENSOR = 0, MS_STORE_BYTES = 1 };
+enum { MS_STORE_FORMAT_VERSION = 1 };
+
+/* One entry of a committed step. Pointers are owned by the store handle and stay valid
+ * until ms_store_close. */
+typedef struct ms_store_entry {
+    const char *fqn;     /* "model.net1.weight", NUL-terminated */
+    const void *bytes;   /* MS_STORE_BYTES: the value; NULL for tensors */
+    int64_t nbytes;      /* tensor bytes (numel * dtype size) or length of bytes */
+    int32_t kind;        /* MS_STORE_TENSOR or MS_STORE_BYTES */
+    int32_t dtype;       /* tensors: ms_dtype */
+    int32_t ndim;        /* tensors: dimensions of the global shape */
+    int32_t chunk_count; /* tensors: stored chunks (0 when the tensor is empty) */
+    int64_t shape[8];    /* tensors: global shape */
+} ms_store_entry;
+
+/* One stored chunk of a tensor entry: the region [offsets, offsets + sizes) of the global
+ * tensor, row-major, in shard-<rank>.mdb. */
+typedef struct ms_store_chunk {
+    int32_t rank;
+    int32_t ndim;
+    int64_t offsets[8];
+    int64_t sizes[8];
+    int64_t nbytes;
+    uint64_t checksum; /* XXH3-64 of the chunk's bytes */
+} ms_store_chunk;
+
+/* Open the store in directory path. MS_STORE_READ_ONLY: the directory must hold a store
+ * (MS_ERR_NOT_FOUND when path does not exist, MS_ERR_CORRUPT when it is not a store).
+ * MS_STORE_READ_WRITE: creates the directory (and its parents) and the index when
+ * missing. [OUT] *out, released with ms_store_close. */
+int ms_store_open(ms_store **out, const char *path, int mode);
+/* Close the handle: waits for a background save still in flight (its outcome is lost;
+ * the step stays invisible), aborts an unfinished save, releases the environments and
+ * everything the handle returned. NULL is accepted. */
+void ms_store_close(ms_store *s);
+
+/* ---- inspection and loading (any handle) ---- */
+/* Committed steps in ascending order: writes min(count, capacity) of them to steps
+ * (may be NULL when capacity is 0). [OUT] *count: how many are committed now. */
+int ms_store_steps(ms_store *s, int64_t *steps, int64_t capacity, int64_t *count);
+/* [OUT] *step: the newest committed step; MS_ERR_NOT_FOUND when there is none. */
+int ms_store_latest_step(ms_store *s, int64_t *step);
+/* [OUT] *count: number of entries of step (MS_ERR_NOT_FOUND when not committed). */
+int ms_store_entry_count(ms_store *s, int64_t step, int64_t *count);
+/* [OUT] *entry: entry number index of step, entries sorted by fqn (byte order). */
+int ms_store_entry_at(ms_store *s, int64_t step, int64_t index, ms_store_entry *entry);
+/* [OUT] *entry: the entry named fqn; MS_ERR_NOT_FOUND naming it when step has none. */
+int ms_store_entry_find(ms_store *s, int64_t step, const char *fqn, ms_store_entry *entry);
+/* [OUT] *chunk: stored chunk number index of tensor entry fqn. */
+int ms_store_chunk_at(ms_store *s, int64_t step, const char *fqn, int64_t index,
+                      ms_store_chunk *chunk);
+/* Fill dst, which holds the region [global_offsets, global_offsets + dst.shape) of entry
+ * fqn's global tensor (global_offsets has dst.ndim values; NULL means all zero). dst is a
+ * CPU or host tensor of the stored dtype, any strides. Copies only the overlapping bytes of
+ * each chunk. MS_ERR_NOT_FOUND (no such entry, or a chunk missing from its file),
+ * MS_ERR_DTYPE / MS_ERR_SHAPE naming both dtypes or shapes, MS_ERR_CORRUPT when a chunk
+ * fails its checksum (dst's contents are then unspecified). */
+int ms_store_read_tensor(ms_store *s, int64_t step, const char *fqn, ms_tensor *dst,
+                         const int64_t *global_offsets);
+/* Check every chunk of entry fqn against its checksum: MS_OK, MS_ERR_CORRUPT or
+ * MS_ERR_NOT_FOUND naming the chunk. Bytes entries are covered by the manifest's own
+ * checksum and always pass. */
+int ms_store_verify_entry(ms_store *s, int64_t step, const char *fqn);
+
+/* ---- saving (handles opened MS_STORE_READ_WRITE) ---- */
+/* Start writing step (>= 0, not yet committed) as rank (>= 0) into shard-<rank>.mdb.
+ * Reclaims the space of chunks whose step is not committed (see Concurrency above).
+ * mode: MS_STORE_FOREGROUND or MS_STORE_BACKGROUND. MS_ERR_STATE when a save is already
+ * in progress on this handle or step is committed (delete it first to overwrite). */
+int ms_store_begin(ms_store *s, int64_t step, int rank, int mode);
+/* Store chunk as the region [global_offsets, global_offsets + chunk.shape) of entry fqn,
+ * a tensor of global_shape (both chunk.ndim values; NULL for 0-dim) and chunk's dtype.
+ * chunk is a CPU or host tensor, any strides. Every put of one fqn (on any rank) must
+ * agree on dtype and global shape. An empty chunk stores nothing but declares the entry
+ * (needed once for a tensor with no elements). The bytes are copied before return in the
+ * foreground and at commit in the background (a reference is kept until ms_store_wait). */
+int ms_store_put_tensor(ms_store *s, const char *fqn, const ms_tensor *chunk,
+                        const int64_t *global_shape, const int64_t *global_offsets);
+/* Store a non-tensor value (the caller's serialisation, at most 1 GiB) under fqn, copied
+ * before return. It travels in the chunk table into the manifest. */
+int ms_store_put_bytes(ms_store *s, const char *fqn, const void *data, int64_t size);
+/* Largest stored chunk, in [64, 2^31] bytes; default 4 MiB. Larger puts are split into
+ * pieces along their outermost dims, so a read verifies and touches only the pieces it
+ * needs. Applies to puts made afterwards through this handle; ranks that put replicas of
+ * one chunk must use the same value. */
+int ms_store_set_max_chunk_bytes(ms_store *s, int64_t bytes);
+/* Commit this rank's chunks durably. In the background this starts the writer thread
+ * and returns; ms_store_wait gives the outcome. */
+int ms_store_commit_data(ms_store *s);
+/* Wait for the background writer and return its status (with its message); MS_OK at once
+ * when nothing is in flight. Releases the references put_tensor kept. */
+int ms_store_wait(ms_store *s);
+/* Abandon the save in progress on this handle (waits for a background writer first).
+ * Chunks already written stay invisible and are reclaimed by the next save. */
+int ms_store_abort(ms_store *s);
+/* [OUT] *table, *size: this rank's chunk table for the step whose data it committed.
+ * Owned by the handle; valid until the next ms_store_begin or ms_store_close. */
+int ms_store_chunk_table(ms_store *s, const void **table, int64_t *size);
+/* Add another rank's chunk table (from ms_store_chunk_table on that rank) to the manifest
+ * this handle builds for its current step. MS_ERR_CORRUPT / MS_ERR_VERSION for bad bytes,
+ * MS_ERR_MISMATCH when the table is for another step, its rank was merged already, or it
+ * disagrees with what is merged (dtype, global shape, differing replicas). */
+int ms_store_merge_chunk_table(ms_store *s, const void *table, int64_t size);
+/* Commit the step's manifest in one durable transaction, after checking that tables of
+ * ranks 0 .. world_size-1 were merged (this handle's own included), that the chunks of
+ * every tensor tile its global shape exactly, and that every chunk is present in its
+ * rank's file. The save is finished on this handle afterwards. */
+int ms_store_commit_manifest(ms_store *s, int world_size);
+
+/* ---- retention (handles opened MS_STORE_READ_WRITE, no save in progress) ---- */
+/* Remove committed step (MS_ERR_NOT_FOUND when it is not committed), then reclaim the
+ * space of its chunks and of any other uncommitted chunks in every shard file. */
+int ms_store_delete(ms_store *s, int64_t step);
+/* Remove all committed steps but the newest count (>= 0) the same way. */
+int ms_store_keep_last(ms_store *s, int64_t count);
 ]==]

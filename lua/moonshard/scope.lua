@@ -48,7 +48,7 @@ function M.exit(mark, results, nresults)
   for i = mark + 1, count do
     local t = tracked[i]
     tracked[i] = nil
-    if t._escaping then
+    if rawget(t, "_escaping") then
       if depth > 0 then
         survivors = survivors + 1
         tracked[survivors] = t

@@ -12,12 +12,18 @@ Tensor.__name = "Tensor"
 
 -- A released tensor raises on any use instead of touching freed memory.
 local Released = {__released = true}
+local function used_after_release()
+  error("moonshard: tensor: used after it was released (it was a temporary of a module call " ..
+        "or freed explicitly; return it from forward or call ms.keep(t) to keep it)", 0)
+end
 Released.__index = function(_, key)
   if key == "_c" or key == "requires_grad" or key == "grad_fn" or key == "_keep" then
     return nil
   end
-  error("moonshard: tensor: used after it was released (it was a temporary of a module call " ..
-        "or freed explicitly; return it from forward or call ms.keep(t) to keep it)", 2)
+  used_after_release()
+end
+for _, event in ipairs({"__add", "__sub", "__mul", "__div", "__pow", "__unm"}) do
+  Released[event] = used_after_release
 end
 Released.__tostring = function() return "tensor(<released>)" end
 
@@ -216,7 +222,8 @@ end
 -- ms.tensor{{1, 2}, {3, 4}}: nested Lua arrays of numbers (or booleans).
 function Tensor.from_table(data, opts)
   opts = opts or {}
-  if type(data) == "number" then data = {data}; opts.scalar = true end
+  local scalar = type(data) == "number"
+  if scalar then data = {data} end
   if type(data) ~= "table" then fail("tensor", "expected a number or a nested table, got %s", type(data)) end
   local shape = {}
   local level = data
@@ -224,7 +231,7 @@ function Tensor.from_table(data, opts)
     shape[#shape + 1] = #level
     level = level[1]
   end
-  if opts.scalar then shape = {} end
+  if scalar then shape = {} end
   local numel = 1
   for _, s in ipairs(shape) do numel = numel * s end
   local staging = empty(shape, 1, 0)
@@ -243,7 +250,7 @@ function Tensor.from_table(data, opts)
     end
     for i = 1, shape[dim] do fill(node[i], dim + 1) end
   end
-  if opts.scalar then values[0] = data[1]; index = 1 else fill(data, 1) end
+  if scalar then values[0] = data[1]; index = 1 else fill(data, 1) end
   local t = create("tensor", opts, shape)
   check(lib.ms_copy(t._c, staging._c), "tensor")
   staging:_release()

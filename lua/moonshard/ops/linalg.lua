@@ -34,7 +34,7 @@ local function mm_core(a, b)
   for d = 0, n - 2 do out_shape[d + 1] = tonumber(ac.shape[d]) end
   out_shape[n] = tonumber(bc.shape[n - 1])
   local out = gemm(a, b, 0, 0, out_shape, "matmul")
-  local node = record(out, "MmBackward", mm_backward, a, b)
+  local node = record(out, "MmBackward0", mm_backward, a, b)
   if node then
     node.a_shape, node.b_shape = a:shape(), b:shape()
     if node.edges[2] then node.a = node:save(a) end
@@ -170,7 +170,7 @@ function M.linear(x, weight, bias)
   x2:_release()
   local result = Tensor.view_raw(out, out_shape, nil, 0, "linear")
   out:_release()
-  local node = record(result, "LinearBackward", linear_backward, x, weight, bias)
+  local node = record(result, "LinearBackward0", linear_backward, x, weight, bias)
   if node then
     node.rows, node.in_features, node.out_features = rows, in_features, out_features
     node.x_shape = x:shape()

@@ -37,7 +37,7 @@ local function softmax_op(x, dim, log, what)
   dim = Tensor.normalize_dim(x, dim, what)
   local out = empty_like(x)
   check(lib.ms_softmax(out._c, x._c, dim, log), what)
-  local node = record(out, what, softmax_backward, x)
+  local node = record(out, what == "softmax" and "SoftmaxBackward0" or "LogSoftmaxBackward0", softmax_backward, x)
   if node then
     node.dim, node.log = dim, log
     node.y = node:save(out)
@@ -55,7 +55,7 @@ local function layer_norm_backward(node, g)
   local weight = node.weight and node:saved_tensor(node.weight)
   local dx = empty_like(x)
   local dweight = weight and raw.zeros_like(weight)
-  local dbias = node.has_bias and raw.zeros_like_shape(node.bias_shape, x)
+  local dbias = node.has_bias and raw.zeros_like_shape(node.bias_shape, x) or nil
   check(lib.ms_layer_norm_backward(dx._c, dweight and dweight._c, dbias and dbias._c,
                                    raw.contiguous(g)._c, x._c, node:saved_tensor(node.mean)._c,
                                    node:saved_tensor(node.rstd)._c, weight and weight._c,
@@ -85,7 +85,7 @@ function M.layer_norm(x, normalized_shape, weight, bias, eps)
   local rstd = empty({rows}, x._c.dtype, x._c.storage.pool)
   check(lib.ms_layer_norm(out._c, mean._c, rstd._c, dense._c, weight and weight._c, bias and bias._c,
                           n, eps or 1e-5), "layer_norm")
-  local node = record(out, "LayerNormBackward", layer_norm_backward, x, weight, bias)
+  local node = record(out, "LayerNormBackward0", layer_norm_backward, x, weight, bias)
   if node then
     node.normalized_ndim = n
     node.x, node.mean, node.rstd = node:save(dense), node:save(mean), node:save(rstd)
@@ -112,7 +112,7 @@ function M.embedding(indices, weight)
   shape[#shape + 1] = weight:size(1)
   local out = empty(shape, weight._c.dtype, weight._c.storage.pool)
   check(lib.ms_embedding(out._c, weight._c, indices._c), "embedding")
-  local node = record(out, "EmbeddingBackward", embedding_backward, nil, weight)
+  local node = record(out, "EmbeddingBackward0", embedding_backward, nil, weight)
   if node then
     node.weight_shape = weight:shape()
     node.indices = node:save(indices)
@@ -144,7 +144,7 @@ function M.nll_loss(logp, target, opts)
   local ignore_index = opts.ignore_index or -100
   local out = empty(reduction == 0 and {logp:size(0)} or {}, logp._c.dtype, logp._c.storage.pool)
   check(lib.ms_nll_loss(out._c, logp._c, target._c, ignore_index, reduction), "nll_loss")
-  local node = record(out, "NllLossBackward", nll_backward, logp)
+  local node = record(out, "NllLossBackward0", nll_backward, logp)
   if node then
     node.input_shape, node.ignore_index, node.reduction = logp:shape(), ignore_index, reduction
     node.target = node:save(target)
@@ -192,7 +192,7 @@ function M.dropout(x, p, training)
   local out = empty_like(dense)
   local seed, offset = random.take(dense:numel())
   check(lib.ms_dropout(out._c, dense._c, p, seed, offset), "dropout")
-  local node = record(out, "DropoutBackward", dropout_backward, x)
+  local node = record(out, "DropoutBackward0", dropout_backward, x)
   if node then node.p, node.seed, node.offset = p, seed, offset end
   return out
 end

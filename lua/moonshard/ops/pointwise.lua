@@ -12,6 +12,11 @@ local sum_to = raw.sum_to
 
 local M = {}
 
+-- PyTorch-style node names: "mul" -> "MulBackward0".
+local function node_name(op_name)
+  return op_name:gsub("^%l", string.upper):gsub("_(%l)", string.upper) .. "Backward0"
+end
+
 local function as_tensor(v, what)
   if is_tensor(v) then return v end
   fail(what, "expected a tensor or a number, got %s", type(v))
@@ -96,7 +101,7 @@ end
 
 local function scalar_op(a, s, op, reverse, what)
   local out = raw.scalar(a, s, op, reverse, what)
-  local node = record(out, what, scalar_backward, a)
+  local node = record(out, node_name(what), scalar_backward, a)
   if node then
     node.op, node.scalar, node.reverse = op, s, reverse
     if op == raw.POW or (op == raw.DIV and reverse) then node.a = node:save(a) end
@@ -114,7 +119,7 @@ local function binary_op(a, b, op)
   as_tensor(a, what)
   as_tensor(b, what)
   local out = raw.binary(a, b, op, what)
-  local node = record(out, what .. "Backward", binary_backward[op], a, b)
+  local node = record(out, node_name(what), binary_backward[op], a, b)
   if node then
     node.op = op
     node.a_shape, node.b_shape = a:shape(), b:shape()
@@ -162,12 +167,12 @@ end
 local function unary_backward(node, g)
   local op = node.op
   if op == raw.NEG then return raw.unary(g, raw.NEG, "neg") end
-  local x = node:saved_tensor(node.x)
   if op == raw.EXP then return raw.binary(g, node:saved_tensor(node.y), raw.MUL, "exp") end
-  if op == raw.LOG then return raw.binary(g, x, raw.DIV, "log") end
   if op == raw.SQRT then
     return raw.binary(g, raw.scalar(node:saved_tensor(node.y), 2, raw.MUL, false, "sqrt"), raw.DIV, "sqrt")
   end
+  local x = node:saved_tensor(node.x)
+  if op == raw.LOG then return raw.binary(g, x, raw.DIV, "log") end
   if op == raw.RSQRT then -- d x^-1/2 = -1/2 x^-3/2
     local d = raw.scalar(raw.scalar(x, -1.5, raw.POW, false, "rsqrt"), -0.5, raw.MUL, false, "rsqrt")
     return raw.binary(g, d, raw.MUL, "rsqrt")
@@ -189,7 +194,7 @@ local function unary_op(a, op, name)
   local out = raw.unary(a, op, name)
   local backward = unary_backward
   for _, act in pairs(activation_ops) do if act == op then backward = activation_backward end end
-  local node = record(out, name, backward, a)
+  local node = record(out, node_name(name), backward, a)
   if node then
     node.op = op
     if op == raw.EXP or op == raw.SQRT then node.y = node:save(out)

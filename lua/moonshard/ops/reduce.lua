@@ -66,7 +66,7 @@ local function reduce_op(t, dim, keepdim, op, what, backward)
   local reduced = raw.reduce_keepdim(t, op, dims, what)
   local keep_shape = reduced:shape()
   local out = finish(reduced, dims, keepdim)
-  local node = record(out, what, backward, t)
+  local node = record(out, what:gsub("^%l", string.upper) .. "Backward0", backward, t)
   if node then
     node.input_shape, node.keep_shape = t:shape(), keep_shape
     node.count = t:numel() / math.max(1, out:numel())
@@ -128,7 +128,7 @@ local function extremum(t, dim, keepdim, op, what)
   else
     out_values, out_indices = finish(values, {d}, keepdim), finish(indices, {d}, keepdim)
   end
-  local node = record(out_values, what, extremum_dim_backward, source)
+  local node = record(out_values, what:gsub("^%l", string.upper) .. "Backward0", extremum_dim_backward, source)
   if node then
     node.input_shape, node.keep_shape, node.dim, node.dtype = source:shape(), keep_shape, d, sc.dtype
     node.indices = saved_indices

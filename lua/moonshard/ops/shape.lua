@@ -63,14 +63,15 @@ function M.view(t, ...)
          tostring(t:shape()))
   end
   local out = view_raw(t, shape, nil, tonumber(t._c.offset), "view")
-  local node = record(out, "ViewBackward", reshape_backward, t)
+  local node = record(out, "ViewBackward0", reshape_backward, t)
   if node then node.input_shape = t:shape() end
   return out
 end
 
 function M.reshape(t, ...)
-  if t:is_contiguous() then return M.view(t, ...) end
-  return M.view(M.contiguous(t), ...)
+  local shape = resolve_shape("reshape", t:numel(), ...)
+  if t:is_contiguous() then return M.view(t, shape) end
+  return M.view(M.contiguous(t), shape)
 end
 
 function M.flatten(t, start_dim, end_dim)
@@ -105,7 +106,7 @@ function M.permute(t, ...)
     inverse[d + 1] = i - 1
   end
   local out = view_raw(t, new_shape, new_strides, offset, "permute")
-  local node = record(out, "PermuteBackward", permute_backward, t)
+  local node = record(out, "PermuteBackward0", permute_backward, t)
   if node then node.inverse = inverse end
   return out
 end
@@ -148,7 +149,7 @@ function M.narrow(t, dim, start, length)
   local shape, strides, offset = geometry(t)
   shape[dim + 1] = length
   local out = view_raw(t, shape, strides, offset + start * strides[dim + 1], "narrow")
-  local node = record(out, "NarrowBackward", narrow_backward, t)
+  local node = record(out, "NarrowBackward0", narrow_backward, t)
   if node then node.input_shape, node.dim, node.start = t:shape(), dim, start end
   return out
 end
@@ -186,7 +187,7 @@ function M.squeeze(t, dim)
     if not (shape_in[d] == 1 and (dim == nil or dim == d - 1)) then new_strides[#new_strides + 1] = strides[d] end
   end
   local out = view_raw(t, new, new_strides, offset, "squeeze")
-  local node = record(out, "SqueezeBackward", squeeze_backward, t)
+  local node = record(out, "SqueezeBackward0", squeeze_backward, t)
   if node then node.input_shape = t:shape() end
   return out
 end
@@ -216,7 +217,7 @@ function M.expand(t, ...)
     end
   end
   local out = view_raw(t, new_shape, new_strides, offset, "expand")
-  local node = record(out, "ExpandBackward", expand_backward, t)
+  local node = record(out, "ExpandBackward0", expand_backward, t)
   if node then node.input_shape = t:shape() end
   return out
 end
@@ -228,13 +229,13 @@ local function identity_backward(_, g) return g end
 function M.contiguous(t)
   if t:is_contiguous() then return t end
   local out = raw.copy(t)
-  record(out, "ContiguousBackward", identity_backward, t)
+  record(out, "ContiguousBackward0", identity_backward, t)
   return out
 end
 
 function M.clone(t)
   local out = raw.copy(t)
-  record(out, "CloneBackward", identity_backward, t)
+  record(out, "CloneBackward0", identity_backward, t)
   return out
 end
 
@@ -262,8 +263,8 @@ function M.to(t, target, opts)
   if dtype == t._c.dtype and device == t._c.storage.pool and not spec.copy then return t end
   local out = Tensor.empty_raw(t:shape(), dtype, device)
   check(lib.ms_copy(out._c, t._c), "to")
-  if dtype <= 1 or t._c.dtype > 1 then
-    local node = record(out, "ToBackward", to_backward, t)
+  if dtype <= 3 and t._c.dtype <= 3 then -- gradients flow between floating dtypes only
+    local node = record(out, "ToBackward0", to_backward, t)
     if node then node.source_dtype, node.source_pool = t._c.dtype, t._c.storage.pool end
   end
   return out
@@ -309,7 +310,7 @@ function M.cat(tensors, dim)
     region:_release()
     start = start + sizes[i]
   end
-  local node = record_list(out, "CatBackward", cat_backward, tensors)
+  local node = record_list(out, "CatBackward0", cat_backward, tensors)
   if node then node.sizes, node.dim = sizes, d end
   return out
 end

@@ -1,0 +1,210 @@
+-- Collective bandwidth and latency, local backend against OpenMPI in the same run, with a
+-- memcpy baseline. Prints JSON lines; algbw and busbw follow nccl-tests (doc/PERFORMANCE.md).
+-- Usage (repository root): luajit bench/collectives.lua [--ranks 2,4] [--max-bytes 268435456]
+--   [--ops all_reduce,all_gather,reduce_scatter,broadcast] [--rounds 1] [--no-mpi]
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local ffi = require "ffi"
+local ms = require "moonshard"
+local dist = ms.dist
+local lib = require("moonshard.ffi").lib
+
+if not pcall(function() return ffi.C.clock_gettime end) then
+  ffi.cdef [[
+    struct ms_bench_timespec { long seconds; long nanoseconds; };
+    int clock_gettime(int clock, struct ms_bench_timespec *now);
+  ]]
+end
+local now_buf = ffi.new("struct ms_bench_timespec")
+local function now()
+  ffi.C.clock_gettime(1, now_buf) -- CLOCK_MONOTONIC
+  return tonumber(now_buf.seconds) + tonumber(now_buf.nanoseconds) * 1e-9
+end
+
+local function parse_args(argv)
+  local opts = {ranks = {2, 4}, max_bytes = 256 * 2 ^ 20, rounds = 1, mpi = true,
+                ops = {"all_reduce", "all_gather", "reduce_scatter", "broadcast"}}
+  local i = 1
+  while i <= #argv do
+    local a, v = argv[i], argv[i + 1]
+    local function list(text, convert)
+      local out = {}
+      for item in text:gmatch("[^,]+") do out[#out + 1] = convert and convert(item) or item end
+      return out
+    end
+    if a == "--ranks" then opts.ranks, i = list(v, tonumber), i + 1
+    elseif a == "--max-bytes" then opts.max_bytes, i = tonumber(v), i + 1
+    elseif a == "--ops" then opts.ops, i = list(v), i + 1
+    elseif a == "--rounds" then opts.rounds, i = tonumber(v), i + 1
+    elseif a == "--no-mpi" then opts.mpi = false
+    elseif a == "--worker" then opts.worker, i = tonumber(v), i + 1
+    else error("collectives.lua: unknown argument " .. a) end
+    i = i + 1
+  end
+  return opts
+end
+
+-- nccl-tests: bytes is the larger buffer; busbw scales algbw to what each link carries.
+local BUS_FACTOR = {
+  all_reduce = function(n) return 2 * (n - 1) / n end,
+  all_gather = function(n) return (n - 1) / n end,
+  reduce_scatter = function(n) return (n - 1) / n end,
+  broadcast = function() return 1 end,
+}
+
+local function sizes(max_bytes)
+  local out, bytes = {}, 1024
+  while bytes <= max_bytes do
+    out[#out + 1] = bytes
+    bytes = bytes * 4
+  end
+  return out
+end
+
+-- The call for op on bytes (f32 sum), with its buffers.
+local function prepare(op, bytes, size)
+  local count = math.floor(bytes / 4 / size) * size
+  if op == "all_reduce" then
+    local t = ms.zeros(count)
+    return function() dist.all_reduce(t, "sum") end
+  elseif op == "broadcast" then
+    local t = ms.zeros(count)
+    return function() dist.broadcast(t, 0) end
+  elseif op == "all_gather" then
+    local out, input = ms.zeros(count), ms.zeros(count / size)
+    return function() dist.all_gather_into_tensor(out, input) end
+  end
+  local out, input = ms.zeros(count / size), ms.zeros(count)
+  return function() dist.reduce_scatter_tensor(out, input, "sum") end
+end
+
+-- Seconds per call, the slowest rank's.
+local function measure(call, bytes)
+  local iterations = math.max(5, math.min(2000, math.floor(2 ^ 29 / bytes)))
+  call()
+  call()
+  dist.barrier()
+  local start = now()
+  for _ = 1, iterations do call() end
+  local elapsed = ms.tensor({(now() - start) / iterations}, {dtype = "f64"})
+  dist.all_reduce(elapsed, "max")
+  return elapsed:item()
+end
+
+local function record(backend, size, op, bytes, seconds)
+  local algbw = bytes / seconds / 1e9
+  return {backend = backend, ranks = size, op = op, bytes = bytes, time_us = seconds * 1e6,
+          algbw = algbw, busbw = algbw * BUS_FACTOR[op](size)}
+end
+
+local function json(r)
+  return string.format('{"backend":"%s","ranks":%d,"op":"%s","bytes":%d,"time_us":%.2f,' ..
+                       '"algbw_gbps":%.3f,"busbw_gbps":%.3f}', r.backend, r.ranks, r.op, r.bytes,
+                       r.time_us, r.algbw, r.busbw)
+end
+
+-- Every rank measures every op and size; rank 0 returns the records.
+local function worker(rank, size, opts, backend)
+  local records = {}
+  for _, op in ipairs(opts.ops) do
+    for _, bytes in ipairs(sizes(opts.max_bytes)) do
+      local r = record(backend, size, op, bytes, ms.no_grad(function()
+        return measure(prepare(op, bytes, size), bytes)
+      end))
+      if rank == 0 then
+        records[#records + 1] = r
+        if backend == "mpi" then
+          io.write(json(r), "\n")
+          io.flush()
+        end
+      end
+      collectgarbage()
+    end
+  end
+  return records
+end
+
+local function run_local(opts, size)
+  local results = dist.spawn(size, worker, opts, "local")
+  for _, r in ipairs(results[1]) do print(json(r)) end
+  return results[1]
+end
+
+local function run_mpi(opts, size)
+  local command = string.format(
+    "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n %d " ..
+    "luajit bench/collectives.lua --worker %d --max-bytes %d --ops %s 2>&1", size, size,
+    opts.max_bytes, table.concat(opts.ops, ","))
+  local records, pipe = {}, io.popen(command)
+  for line in pipe:lines() do
+    local op, bytes, time_us = line:match('"op":"([%w_]+)","bytes":(%d+),"time_us":([%d.]+)')
+    if op then
+      local r = record("mpi", size, op, tonumber(bytes), tonumber(time_us) / 1e6)
+      records[#records + 1] = r
+      print(json(r))
+    else
+      io.stderr:write("mpirun: ", line, "\n")
+    end
+  end
+  pipe:close()
+  return records
+end
+
+local function memcpy_baseline(max_bytes)
+  for _, bytes in ipairs(sizes(max_bytes)) do
+    local src, dst = ffi.new("uint8_t[?]", bytes), ffi.new("uint8_t[?]", bytes)
+    ffi.fill(src, bytes, 1)
+    ffi.fill(dst, bytes, 2)
+    ffi.copy(dst, src, bytes)
+    local iterations = math.max(5, math.min(2000, math.floor(2 ^ 29 / bytes)))
+    local start = now()
+    for _ = 1, iterations do ffi.copy(dst, src, bytes) end
+    local seconds = (now() - start) / iterations
+    print(string.format('{"backend":"memcpy","op":"memcpy","bytes":%d,"time_us":%.2f,"gbps":%.3f}',
+                        bytes, seconds * 1e6, bytes / seconds / 1e9))
+  end
+end
+
+-- Best time per (backend, ranks, op, bytes) over the rounds.
+local function keep_best(best, records)
+  for _, r in ipairs(records) do
+    local key = r.backend .. r.ranks .. r.op .. r.bytes
+    if not best[key] or r.time_us < best[key].time_us then best[key] = r end
+  end
+end
+
+local function summary(best, size)
+  local target = 64 * 2 ^ 20
+  for _, op in ipairs({"reduce_scatter", "all_reduce", "all_gather"}) do
+    local l, m = best["local" .. size .. op .. target], best["mpi" .. size .. op .. target]
+    if l and m then
+      print(string.format('{"summary":"busbw local/mpi","ranks":%d,"op":"%s","bytes":%d,' ..
+                          '"local_busbw_gbps":%.3f,"mpi_busbw_gbps":%.3f,"ratio":%.2f}', size, op,
+                          target, l.busbw, m.busbw, l.busbw / m.busbw))
+    end
+  end
+  for _, op in ipairs({"all_reduce", "all_gather", "reduce_scatter", "broadcast"}) do
+    local l = best["local" .. size .. op .. 1024]
+    if l then
+      print(string.format('{"summary":"latency 1 KiB","ranks":%d,"op":"%s","local_us":%.2f%s}',
+                          size, op, l.time_us, best["mpi" .. size .. op .. 1024] and
+                          string.format(',"mpi_us":%.2f', best["mpi" .. size .. op .. 1024].time_us) or ""))
+    end
+  end
+end
+
+local opts = parse_args(arg)
+if opts.worker then
+  dist.spawn(opts.worker, worker, opts, "mpi")
+  return
+end
+memcpy_baseline(opts.max_bytes)
+local best = {}
+for _ = 1, opts.rounds do
+  for _, size in ipairs(opts.ranks) do
+    keep_best(best, run_local(opts, size))
+    if opts.mpi and lib.ms_mpi_launched() == 0 and os.execute("command -v mpirun >/dev/null") == 0 then
+      keep_best(best, run_mpi(opts, size))
+    end
+  end
+end
+for _, size in ipairs(opts.ranks) do summary(best, size) end

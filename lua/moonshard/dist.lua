@@ -1,0 +1,227 @@
+-- Process groups and collectives with PyTorch's names (torch.distributed): the world of
+-- dist.spawn or mpirun, sub-groups, and in-place collectives on tensors.
+local ffi = require "ffi"
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local M = {}
+
+M.ReduceOp = {SUM = "sum", AVG = "avg", MAX = "max", MIN = "min"}
+local op_ids = {sum = 0, avg = 1, max = 2, min = 3}
+
+-- ---- process groups ----
+
+local Group = {}
+Group.__index = Group
+Group.__name = "ProcessGroup"
+M.ProcessGroup = Group
+
+-- A Lua group around an ms_group handle; owned handles are freed with the group.
+local function wrap_group(handle, owned, what)
+  local size = lib.ms_group_size(handle)
+  local ranks_out = ffi.new("int[?]", size)
+  check(lib.ms_group_ranks(handle, ranks_out), what)
+  local ranks, index = {}, {}
+  for i = 0, size - 1 do
+    ranks[i + 1] = ranks_out[i]
+    index[ranks_out[i]] = i
+  end
+  return setmetatable({
+    _c = owned and ffi.gc(handle, lib.ms_group_free) or handle,
+    _rank = lib.ms_group_rank(handle), _size = size, _ranks = ranks, _index = index,
+    backend = ffi.string(lib.ms_group_backend(handle)),
+  }, Group)
+end
+M._wrap_group = wrap_group
+
+-- This process's index in the group, -1 when it is not a member.
+function Group:rank() return self._rank end
+function Group:size() return self._size end
+-- The members' global ranks, in group order.
+function Group:ranks()
+  local copy = {}
+  for i, r in ipairs(self._ranks) do copy[i] = r end
+  return copy
+end
+-- The group index of a global rank, or nil when it is not a member.
+function Group:group_rank(global_rank) return self._index[global_rank] end
+function Group:__tostring()
+  return string.format("ProcessGroup(%s, ranks {%s})", self.backend,
+                       table.concat(self._ranks, ", "))
+end
+
+-- ---- the world ----
+
+local world_out = ffi.new("ms_group*[1]")
+local state = {base = nil, override = nil}
+
+-- MPI is finalised when this module's state is collected (at exit at the latest; the
+-- runtime also finalises from atexit).
+local function finalize_mpi_later()
+  local registry = debug.getregistry()
+  if registry.moonshard_mpi_sentinel == nil then
+    registry.moonshard_mpi_sentinel = ffi.gc(ffi.new("char[1]"),
+                                             function() lib.ms_mpi_finalize() end)
+  end
+end
+
+local function base_world(what)
+  if lib.ms_dist_world(world_out) ~= 0 then
+    if lib.ms_mpi_launched() ~= 1 then
+      fail(what, "no process group: call it inside dist.spawn(n, fn) or run the script " ..
+                 "under mpirun")
+    end
+    check(lib.ms_mpi_init(), what)
+    finalize_mpi_later()
+    check(lib.ms_dist_world(world_out), what)
+  end
+  if state.base == nil or state.base._c ~= world_out[0] then
+    state.base = wrap_group(world_out[0], false, what)
+  end
+  return state.base
+end
+
+-- The group collectives use by default: the spawned world (or mpirun's).
+local function world(what) return state.override or base_world(what) end
+M._world = world
+
+-- Run fn with group as the default world (dist.spawn under mpirun with fewer ranks).
+function M._with_world(group, fn, ...)
+  local previous = state.override
+  state.override = group
+  local results = {pcall(fn, ...)}
+  state.override = previous
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2)
+end
+
+local function group_of(opts, what)
+  local g = opts and opts.group
+  if g == nil then return world(what) end
+  if getmetatable(g) ~= Group then
+    fail(what, "group must come from dist.new_group or a device mesh, got %s", tostring(g))
+  end
+  return g
+end
+
+function M.is_initialized()
+  return state.override ~= nil or lib.ms_dist_world(world_out) == 0 or lib.ms_mpi_launched() == 1
+end
+
+function M.get_rank(group)
+  if group ~= nil then return group_of({group = group}, "dist.get_rank"):rank() end
+  return world("dist.get_rank"):rank()
+end
+
+function M.get_world_size(group)
+  if group ~= nil then return group_of({group = group}, "dist.get_world_size"):size() end
+  return world("dist.get_world_size"):size()
+end
+
+function M.get_backend(group) return group_of({group = group}, "dist.get_backend").backend end
+
+function M.get_process_group_ranks(group)
+  return group_of({group = group}, "dist.get_process_group_ranks"):ranks()
+end
+
+-- Collectives wait this long for a missing rank before raising (local backend).
+function M.set_timeout(seconds, opts)
+  local what = "dist.set_timeout"
+  if type(seconds) ~= "number" or seconds <= 0 then fail(what, "timeout must be > 0 seconds") end
+  check(lib.ms_group_set_timeout(group_of(opts, what)._c, math.ceil(seconds * 1000)), what)
+end
+
+-- A group of the listed global ranks (all of them when nil). Every rank of the world
+-- calls it with the same list in the same order; ranks not listed get a group whose
+-- rank() is -1.
+function M.new_group(ranks, opts)
+  local what = "dist.new_group"
+  local parent = world(what)
+  ranks = ranks or parent._ranks
+  if type(ranks) ~= "table" or #ranks == 0 then fail(what, "ranks must be a non-empty array") end
+  local indices = ffi.new("int[?]", #ranks)
+  for i, r in ipairs(ranks) do
+    local index = parent:group_rank(r)
+    if index == nil then
+      fail(what, "rank %s is not in the world (%d ranks)", tostring(r), parent:size())
+    end
+    indices[i - 1] = index
+  end
+  local out = ffi.new("ms_group*[1]")
+  check(lib.ms_dist_new_group(out, parent._c, indices, #ranks), what)
+  local group = wrap_group(out[0], true, what)
+  if opts and opts.timeout then M.set_timeout(opts.timeout, {group = group}) end
+  return group
+end
+
+-- ---- collectives (in place, like PyTorch's synchronous forms) ----
+
+local function tensor_arg(t, what, name)
+  if not Tensor.is_tensor(t) then
+    fail(what, "%s must be a tensor, got %s", name, type(t) == "table" and "a table" or type(t))
+  end
+  return t._c
+end
+
+local function op_arg(op, what)
+  local id = op_ids[type(op) == "string" and op:lower() or op]
+  if id == nil then fail(what, "unknown op '%s' (expected sum, avg, max or min)", tostring(op)) end
+  return id
+end
+
+-- all_reduce(t, [op = "sum"], [{group = g}])
+function M.all_reduce(t, op, opts)
+  if type(op) == "table" then op, opts = nil, op end
+  local what = "dist.all_reduce"
+  local g = group_of(opts, what)
+  local op_id = op_arg(op or "sum", what)
+  check(lib.ms_dist_all_reduce(g._c, tensor_arg(t, what, "tensor"), op_id), what)
+  t:_bump_version()
+end
+
+-- out (world_size * t along dim 0) = every rank's t, in rank order.
+function M.all_gather_into_tensor(out, t, opts)
+  local what = "dist.all_gather_into_tensor"
+  local g = group_of(opts, what)
+  check(lib.ms_dist_all_gather_into_tensor(g._c, tensor_arg(out, what, "output"),
+                                           tensor_arg(t, what, "input")), what)
+  out:_bump_version()
+end
+
+-- out = op over ranks of their block number rank of t (t is world_size * out along dim 0).
+function M.reduce_scatter_tensor(out, t, op, opts)
+  if type(op) == "table" then op, opts = nil, op end
+  local what = "dist.reduce_scatter_tensor"
+  local g = group_of(opts, what)
+  local op_id = op_arg(op or "sum", what)
+  check(lib.ms_dist_reduce_scatter_tensor(g._c, tensor_arg(out, what, "output"),
+                                          tensor_arg(t, what, "input"), op_id), what)
+  out:_bump_version()
+end
+
+-- t on every rank = t of global rank src.
+function M.broadcast(t, src, opts)
+  local what = "dist.broadcast"
+  local g = group_of(opts, what)
+  local root = g:group_rank(src)
+  if root == nil then
+    fail(what, "src %s is not a member of %s", tostring(src), tostring(g))
+  end
+  check(lib.ms_dist_broadcast(g._c, tensor_arg(t, what, "tensor"), root), what)
+  t:_bump_version()
+end
+
+function M.barrier(opts)
+  local what = "dist.barrier"
+  check(lib.ms_dist_barrier(group_of(opts, what)._c), what)
+end
+
+-- ---- processes and meshes ----
+
+function M.spawn(...) return require("moonshard.spawn").spawn(...) end
+
+function M.init_device_mesh(...) return require("moonshard.mesh").init_device_mesh(...) end
+
+return M

@@ -1,0 +1,170 @@
+-- DTensor: a tensor distributed over a device mesh (a local tensor, the mesh, one placement
+-- per mesh dim, the global shape). Sharding is on dim 0 with ceil-sized row chunks.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local placement = require "moonshard.placement"
+local raw = require "moonshard.ops.raw"
+local scope = require "moonshard.scope"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local DTensor = {__name = "DTensor", __dtensor = true}
+DTensor.__index = DTensor
+
+local function dist() return require "moonshard.dist" end
+
+function DTensor.is_dtensor(v) return type(v) == "table" and getmetatable(v) == DTensor end
+
+-- The mesh dim that shards dim 0 (nil when every placement replicates).
+local function shard_mesh_dim(placements)
+  local found
+  for i, p in ipairs(placements) do
+    if p:is_shard() then
+      if p.dim ~= 0 then fail("DTensor", "only Shard(0) is supported, got %s", tostring(p)) end
+      if found then fail("DTensor", "a tensor can be sharded on one mesh dim only") end
+      found = i - 1
+    end
+  end
+  return found
+end
+
+-- Wrap local_tensor (this rank's rows) as a DTensor of global_shape.
+function DTensor.new(local_tensor, mesh, placements, global_shape)
+  if not Tensor.is_tensor(local_tensor) then fail("DTensor", "local tensor must be a tensor") end
+  if #placements ~= mesh:ndim() then
+    fail("DTensor", "%d placements for a %d-D mesh", #placements, mesh:ndim())
+  end
+  local self = setmetatable({
+    _local = scope.keep(local_tensor), device_mesh = mesh, placements = placements,
+    _global_shape = setmetatable(global_shape, Tensor.Size), _shard_dim = shard_mesh_dim(placements),
+  }, DTensor)
+  return self
+end
+
+-- DTensor.from_local(t, mesh, placements[, global_shape]) like PyTorch's; without a
+-- global shape every rank is assumed to hold the same number of rows.
+function DTensor.from_local(local_tensor, mesh, placements, global_shape)
+  if not global_shape then
+    global_shape = local_tensor:shape()
+    local mesh_dim = shard_mesh_dim(placements)
+    if mesh_dim then global_shape[1] = global_shape[1] * mesh:size(mesh_dim) end
+  end
+  return DTensor.new(local_tensor, mesh, placements, global_shape)
+end
+
+-- Shard or replicate a full tensor held by every rank.
+function DTensor.distribute(full, mesh, placements)
+  local mesh_dim = shard_mesh_dim(placements)
+  local local_tensor
+  if mesh_dim then
+    local n = full:size(0)
+    local start, length = placement.shard_range(n, mesh:size(mesh_dim), mesh:get_local_rank(mesh_dim))
+    local shape = full:shape()
+    shape[1] = length
+    local_tensor = Tensor.empty_raw(shape, full._c.dtype, full._c.storage.pool)
+    if length > 0 then
+      local rows = full:narrow(0, start, length)
+      check(lib.ms_copy(local_tensor._c, rows._c), "distribute_tensor")
+    end
+  else
+    local_tensor = raw.copy(full)
+  end
+  return DTensor.new(local_tensor, mesh, placements, full:shape())
+end
+
+function DTensor:to_local() return self._local end
+function DTensor:shape() return setmetatable({unpack(self._global_shape)}, Tensor.Size) end
+function DTensor:size(dim)
+  if dim == nil then return self:shape() end
+  if dim < 0 then dim = dim + #self._global_shape end
+  return self._global_shape[dim + 1]
+end
+function DTensor:dim() return #self._global_shape end
+function DTensor:numel()
+  local n = 1
+  for _, s in ipairs(self._global_shape) do n = n * s end
+  return n
+end
+function DTensor:dtype() return self._local:dtype() end
+function DTensor:device() return self._local:device() end
+
+function DTensor:__tostring()
+  local names = {}
+  for i, p in ipairs(self.placements) do names[i] = tostring(p) end
+  return string.format("DTensor(shape=%s, dtype=%s, placements={%s}, local=%s)", tostring(self:shape()),
+                       self:dtype(), table.concat(names, ", "), tostring(self._local:shape()))
+end
+
+-- All-gather rows of a dim-0 shard over group into a full tensor of n rows.
+local function gather_rows(local_tensor, n, group, group_size)
+  local shape = local_tensor:shape()
+  local rows = shape[1]
+  local chunk = math.ceil(n / group_size)
+  local padded_shape = {chunk}
+  for d = 2, #shape do padded_shape[d] = shape[d] end
+  local dtype, pool = local_tensor._c.dtype, local_tensor._c.storage.pool
+  local send = Tensor.empty_raw(padded_shape, dtype, pool)
+  check(lib.ms_fill(send._c, 0), "full_tensor")
+  if rows > 0 then
+    local head = Tensor.view_raw(send, shape, nil, 0, "full_tensor")
+    check(lib.ms_copy(head._c, local_tensor._c), "full_tensor")
+    head:_release()
+  end
+  local gathered_shape = {chunk * group_size}
+  for d = 2, #shape do gathered_shape[d] = shape[d] end
+  local gathered = Tensor.empty_raw(gathered_shape, dtype, pool)
+  dist().all_gather_into_tensor(gathered, send, {group = group})
+  send:_release()
+  if chunk * group_size == n then return gathered end
+  local full_shape = {n}
+  for d = 2, #shape do full_shape[d] = shape[d] end
+  local full = Tensor.empty_raw(full_shape, dtype, pool)
+  if n > 0 then
+    local head = Tensor.view_raw(gathered, full_shape, nil, 0, "full_tensor")
+    check(lib.ms_copy(full._c, head._c), "full_tensor")
+    head:_release()
+  end
+  gathered:_release()
+  return full
+end
+DTensor.gather_rows = gather_rows
+
+-- The whole tensor on every rank (a plain tensor).
+function DTensor:full_tensor()
+  local mesh_dim = self._shard_dim
+  if not mesh_dim then return raw.copy(self._local) end
+  local mesh = self.device_mesh
+  return gather_rows(self._local, self._global_shape[1], mesh:get_group(mesh_dim), mesh:size(mesh_dim))
+end
+
+-- The same values with other placements on mesh (which must equal this one's mesh).
+function DTensor:redistribute(mesh, placements)
+  mesh = mesh or self.device_mesh
+  if not (mesh == self.device_mesh) then
+    fail("redistribute", "moving between different meshes is not supported")
+  end
+  if #placements ~= mesh:ndim() then fail("redistribute", "%d placements for a %d-D mesh", #placements, mesh:ndim()) end
+  local target_dim = shard_mesh_dim(placements)
+  if target_dim == self._shard_dim then
+    return DTensor.new(raw.copy(self._local), mesh, placements, self:shape())
+  end
+  local full = self:full_tensor()
+  local out = DTensor.distribute(full, mesh, placements)
+  if rawget(full, "_c") then full:_release() end
+  return out
+end
+
+function DTensor:clone()
+  return DTensor.new(raw.copy(self._local), self.device_mesh, self.placements, self:shape())
+end
+
+function DTensor:detach()
+  return DTensor.new(self._local:detach(), self.device_mesh, self.placements, self:shape())
+end
+
+-- Release the local tensor now.
+function DTensor:release()
+  if rawget(self._local, "_c") then self._local:_release() end
+end
+
+return DTensor

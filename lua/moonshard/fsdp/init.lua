@@ -1,0 +1,325 @@
+-- moonshard.fsdp: fully sharded data parallelism. FSDP(module, opts) shards a module in
+-- place (names are unchanged) into units that gather parameters around their forward and
+-- backward and reduce-scatter gradients when a unit's backward is done.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local autograd = require "moonshard.autograd"
+local Module = require "moonshard.nn.module"
+local Unit = require "moonshard.fsdp.unit"
+local state_dict = require "moonshard.fsdp.state_dict"
+local reduce = require "moonshard.ops.reduce"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local fsdp = {}
+
+local function dist() return require "moonshard.dist" end
+
+local function unit_of(module) return rawget(module, "_fsdp_unit") end
+fsdp.unit_of = unit_of
+
+-- Units of the tree under root (root's own unit first), in registration order.
+local function units_under(root)
+  local units = {}
+  for _, m in root:named_modules() do
+    local unit = unit_of(m)
+    if unit then units[#units + 1] = unit end
+  end
+  return units
+end
+fsdp.units_under = units_under
+
+-- ---- hooks ----
+
+local function tensors_in(value, out)
+  if Tensor.is_tensor(value) then
+    out[#out + 1] = value
+  elseif type(value) == "table" and getmetatable(value) == nil then
+    for _, v in pairs(value) do tensors_in(v, out) end
+  end
+  return out
+end
+
+local function finish_backward(root_unit)
+  for _, unit in ipairs(root_unit.tree) do
+    if not unit.no_sync then unit:reduce_grads() end
+    unit:reshard()
+    unit:reset_iteration()
+  end
+  root_unit.callback_queued = false
+end
+
+local function pre_backward(unit)
+  return function()
+    if unit.is_root and not unit.callback_queued then
+      unit.callback_queued = true
+      autograd.queue_callback(function() finish_backward(unit) end)
+    end
+    unit:unshard()
+  end
+end
+
+local function pre_forward(unit)
+  return function()
+    if unit.is_root and not autograd.in_backward() then
+      for _, u in ipairs(unit.tree) do
+        u:reshard()
+        u:reset_iteration()
+      end
+    end
+    unit:unshard()
+    unit:expose(true)
+  end
+end
+
+-- After forward: hooks on the outputs gather the unit again for backward. Parameters stay
+-- whole when backward will need them soon (root, SHARD_GRAD_OP, recomputation inside
+-- backward); otherwise they are freed now.
+local function post_forward(unit)
+  return function(_, _, output)
+    local grad_on = autograd.is_grad_enabled()
+    if grad_on then
+      for _, t in ipairs(tensors_in(output, {})) do
+        if t.requires_grad then t:register_hook(pre_backward(unit)) end
+      end
+    end
+    local keep = autograd.in_backward() or
+                 (grad_on and (unit.is_root or not unit.strategy.reshard_after_forward))
+    if keep then
+      unit:expose(false)
+    else
+      unit:reshard()
+    end
+  end
+end
+
+-- ---- wrapping ----
+
+local function resolve_mesh(opts)
+  local d = dist()
+  local strategy = opts.sharding_strategy or "FULL_SHARD"
+  local hybrid = Unit.STRATEGIES[strategy].hybrid
+  local mesh = opts.device_mesh
+  if mesh == nil then
+    local world = d.get_world_size()
+    if hybrid then
+      fail("FSDP", "%s needs a 2-D device_mesh (replicate, shard), e.g. " ..
+           "dist.init_device_mesh({2, %d}, {mesh_dim_names = {'replicate', 'shard'}})", strategy,
+           math.max(1, math.floor(world / 2)))
+    end
+    mesh = d.init_device_mesh({world})
+  end
+  if hybrid and mesh:ndim() ~= 2 then
+    fail("FSDP", "%s needs a 2-D device_mesh (replicate, shard), got a %d-D mesh", strategy, mesh:ndim())
+  end
+  if not hybrid and mesh:ndim() ~= 1 then
+    fail("FSDP", "%s takes a 1-D device_mesh, got a %d-D mesh (use HYBRID_SHARD for 2-D)", strategy, mesh:ndim())
+  end
+  return mesh
+end
+
+local function check_options(opts)
+  local strategy = opts.sharding_strategy or "FULL_SHARD"
+  if not Unit.STRATEGIES[strategy] then
+    fail("FSDP", "unknown sharding_strategy '%s' (expected FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, " ..
+         "HYBRID_SHARD or _HYBRID_SHARD_ZERO2)", tostring(strategy))
+  end
+  local known = {sharding_strategy = true, device_mesh = true, cpu_offload = true, use_orig_params = true,
+                 auto_wrap_policy = true, sync_module_states = true, process_group = true}
+  for key in pairs(opts) do
+    if not known[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
+  end
+  if opts.auto_wrap_policy ~= nil and type(opts.auto_wrap_policy) ~= "function" then
+    fail("FSDP", "auto_wrap_policy must be a function(module) -> bool (see fsdp.wrap_policy)")
+  end
+  if opts.cpu_offload ~= nil and type(opts.cpu_offload) ~= "table" then
+    fail("FSDP", "cpu_offload must be a table such as {offload_params = true}")
+  end
+  return strategy
+end
+
+-- Parameters of module's subtree not owned by a unit below it, with their names.
+local function owned_params(module)
+  local owned = {}
+  local function visit(m, prefix)
+    for _, name in ipairs(m._param_order) do
+      local p = m._parameters[name]
+      if Tensor.is_tensor(p) then
+        owned[#owned + 1] = {module = m, name = name, fqn = prefix .. name, tensor = p}
+      end
+    end
+    for _, child_name in ipairs(m._module_order) do
+      local child = m._modules[child_name]
+      if not unit_of(child) then visit(child, prefix .. child_name .. ".") end
+    end
+  end
+  visit(module, "")
+  return owned
+end
+
+local function sync_states(module)
+  local d = dist()
+  autograd.no_grad(function()
+    for _, p in module:named_parameters() do
+      if Tensor.is_tensor(p) then d.broadcast(p, 0) end
+    end
+    for _, b in module:named_buffers() do d.broadcast(b, 0) end
+  end)
+end
+
+local function wrap_one(module, config)
+  if unit_of(module) then
+    fail("FSDP", "module %s is already wrapped by FSDP; wrap each module once", module.__name or "?")
+  end
+  local unit = Unit.new(module, owned_params(module), config)
+  rawset(module, "_fsdp_unit", unit)
+  module:register_forward_pre_hook(pre_forward(unit))
+  module:register_forward_hook(post_forward(unit))
+  state_dict.install(module, unit)
+  return unit
+end
+
+local function auto_wrap(module, policy, config, is_top)
+  for _, name in ipairs(module._module_order) do
+    auto_wrap(module._modules[name], policy, config, false)
+  end
+  if not is_top and not unit_of(module) and policy(module) then wrap_one(module, config) end
+end
+
+-- FSDP(module, {sharding_strategy, device_mesh, cpu_offload = {offload_params},
+--               use_orig_params, auto_wrap_policy, sync_module_states}) -> module
+function fsdp.FSDP(module, opts)
+  opts = opts or {}
+  if not Module.is_module(module) then fail("FSDP", "expected an nn.Module, got %s", type(module)) end
+  if unit_of(module) then
+    fail("FSDP", "module %s is already wrapped by FSDP; wrap each module once", module.__name or "?")
+  end
+  local strategy = check_options(opts)
+  local mesh = resolve_mesh(opts)
+  if opts.sync_module_states then sync_states(module) end
+  local config = {strategy = strategy, mesh = mesh,
+                  offload = opts.cpu_offload and opts.cpu_offload.offload_params or false}
+  autograd.no_grad(function()
+    if opts.auto_wrap_policy then auto_wrap(module, opts.auto_wrap_policy, config, true) end
+    wrap_one(module, config)
+  end)
+  local root = unit_of(module)
+  root.tree = units_under(module)
+  for _, unit in ipairs(root.tree) do
+    unit.is_root = unit == root
+    if unit ~= root then unit.tree = nil end
+  end
+  rawset(module, "no_sync", fsdp.no_sync)
+  return module
+end
+
+-- A policy wrapping every module that is an instance of one of the given classes.
+function fsdp.wrap_policy(classes)
+  if type(classes) ~= "table" then fail("wrap_policy", "expected an array of module classes") end
+  local set = {}
+  for _, class in ipairs(classes) do set[class] = true end
+  return function(module)
+    local class = rawget(module, "_class")
+    while class do
+      if set[class] then return true end
+      class = rawget(class, "__parent")
+    end
+    return false
+  end
+end
+
+-- Run fn with gradient reduction off: gradients accumulate unsharded until a backward
+-- outside no_sync reduces them all.
+function fsdp.no_sync(model, fn, ...)
+  local root = unit_of(model)
+  if not root or not root.tree then fail("no_sync", "expects the root FSDP module") end
+  for _, unit in ipairs(root.tree) do unit.no_sync = true end
+  local results = {pcall(fn, ...)}
+  for _, unit in ipairs(root.tree) do unit.no_sync = false end
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2, table.maxn(results))
+end
+
+-- Run fn with every unit's full parameters exposed; with writeback (default) changes made
+-- to them are copied back into the shards.
+function fsdp.summon_full_params(model, fn, opts)
+  local root = unit_of(model)
+  if not root or not root.tree then fail("summon_full_params", "expects the root FSDP module") end
+  local writeback = not (opts and opts.writeback == false)
+  for _, unit in ipairs(root.tree) do unit:unshard(); unit:expose(true) end
+  local results = {pcall(fn)}
+  if results[1] and writeback then
+    autograd.no_grad(function()
+      for _, unit in ipairs(root.tree) do
+        for _, p in ipairs(unit.params) do
+          if p.local_rows > 0 then
+            local rows = #p.shape > 0 and p.unsharded:narrow(0, p.local_start, p.local_rows) or p.unsharded
+            check(lib.ms_copy(p.sharded._local._c, rows._c), "summon_full_params")
+            p.sharded._local:_bump_version()
+          end
+        end
+      end
+    end)
+  end
+  for _, unit in ipairs(root.tree) do unit:reshard() end
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2, table.maxn(results))
+end
+
+-- Scale gradients so their global norm (over every shard and replica) is at most
+-- max_norm; returns the norm before clipping.
+function fsdp.clip_grad_norm_(model, max_norm, norm_type)
+  if type(max_norm) ~= "number" or max_norm < 0 then
+    fail("clip_grad_norm_", "max_norm must be a non-negative number, got %s", tostring(max_norm))
+  end
+  if norm_type ~= nil and norm_type ~= 2 then fail("clip_grad_norm_", "only norm_type 2 is supported") end
+  local root = unit_of(model)
+  if not root or not root.tree then fail("clip_grad_norm_", "expects the root FSDP module") end
+  local sharded_sq, replicated_sq = 0, 0
+  local grads = {}
+  for _, unit in ipairs(root.tree) do
+    for _, p in ipairs(unit.params) do
+      local grad = rawget(p.sharded, "grad")
+      if grad then
+        local g = grad._local
+        grads[#grads + 1] = g
+        if g:numel() > 0 then
+          local sq = reduce.sum_of_squares(g)
+          if unit.strategy.shard then sharded_sq = sharded_sq + sq else replicated_sq = replicated_sq + sq end
+        end
+      end
+    end
+  end
+  for _, m in model:named_modules() do
+    for _, name in ipairs(m._param_order) do
+      local p = m._parameters[name]
+      local g = Tensor.is_tensor(p) and rawget(p, "grad")
+      if g then
+        grads[#grads + 1] = g
+        replicated_sq = replicated_sq + reduce.sum_of_squares(g)
+      end
+    end
+  end
+  if root.strategy.shard then
+    local total = Tensor.empty_raw({1}, 1, 0)
+    check(lib.ms_fill(total._c, sharded_sq), "clip_grad_norm_")
+    dist().all_reduce(total, "sum", {group = root.shard_group})
+    sharded_sq = total:item()
+    total:_release()
+  end
+  local norm = math.sqrt(sharded_sq + replicated_sq)
+  local coef = max_norm / (norm + 1e-6)
+  if coef < 1 then
+    for _, g in ipairs(grads) do
+      check(lib.ms_binary_scalar(g._c, g._c, coef, 2, 0), "clip_grad_norm_")
+      g:_bump_version()
+    end
+  end
+  return norm
+end
+
+fsdp.set_state_dict_type = state_dict.set_state_dict_type
+fsdp.optim_state_dict = state_dict.optim_state_dict
+fsdp.optim_state_dict_to_load = state_dict.optim_state_dict_to_load
+
+return fsdp

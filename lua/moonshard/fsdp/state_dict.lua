@@ -1,0 +1,248 @@
+-- FSDP state dicts: SHARDED_STATE_DICT (DTensors sharing the shards' storage),
+-- FULL_STATE_DICT (gathered tensors; rank0_only optional) and LOCAL_STATE_DICT (local
+-- shards), for the model and for the optimizer, with the unwrapped model's keys.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local DTensor = require "moonshard.dtensor"
+local autograd = require "moonshard.autograd"
+local placement = require "moonshard.placement"
+
+local lib, check, fail = C.lib, C.check, C.fail
+
+local M = {}
+
+local TYPES = {SHARDED_STATE_DICT = true, FULL_STATE_DICT = true, LOCAL_STATE_DICT = true}
+
+local function dist() return require "moonshard.dist" end
+
+local function settings_of(module)
+  local unit = rawget(module, "_fsdp_unit")
+  return unit and unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
+end
+
+-- fsdp.set_state_dict_type(model, "FULL_STATE_DICT", {rank0_only = true})
+function M.set_state_dict_type(model, kind, opts)
+  if not TYPES[kind] then
+    fail("set_state_dict_type", "unknown state dict type '%s' (expected SHARDED_STATE_DICT, " ..
+         "FULL_STATE_DICT or LOCAL_STATE_DICT)", tostring(kind))
+  end
+  local unit = rawget(model, "_fsdp_unit")
+  if not unit or not unit.tree then fail("set_state_dict_type", "expects the root FSDP module") end
+  local settings = {type = kind, rank0_only = opts and opts.rank0_only or false}
+  for _, u in ipairs(unit.tree) do u.state_dict_settings = settings end
+end
+
+-- Every parameter and persistent buffer in registration order: {fqn, value, is_buffer}.
+local function entries(model)
+  local out, seen = {}, {}
+  for prefix, m in model:named_modules() do
+    local base = prefix == "" and "" or prefix .. "."
+    for _, name in ipairs(m._param_order) do
+      local p = m._parameters[name]
+      if p and not seen[p] then
+        seen[p] = true
+        out[#out + 1] = {base .. name, p}
+      end
+    end
+    for _, name in ipairs(m._buffer_order) do
+      local b = m._buffers[name]
+      if b and not seen[b] and not m._non_persistent[name] then
+        seen[b] = true
+        out[#out + 1] = {base .. name, b, true}
+      end
+    end
+  end
+  return out
+end
+
+local function is_rank0(value)
+  return value.device_mesh == nil or dist().get_rank() == 0
+end
+
+local function export(value, settings)
+  if not DTensor.is_dtensor(value) then return value:detach() end
+  if settings.type == "SHARDED_STATE_DICT" then return value:detach() end
+  if settings.type == "LOCAL_STATE_DICT" then return value:to_local():detach() end
+  return value:full_tensor()
+end
+
+local function model_state_dict(model)
+  local settings = settings_of(model)
+  local out = {}
+  for _, entry in ipairs(entries(model)) do
+    local fqn, value = entry[1], entry[2]
+    local exported = export(value, settings)
+    if not (settings.type == "FULL_STATE_DICT" and settings.rank0_only and not is_rank0(value)) then
+      out[fqn] = exported
+    end
+  end
+  return out
+end
+
+-- Copy source (a DTensor, a full tensor or a local tensor per the type) into a sharded
+-- parameter's local rows.
+local function import(fqn, target, source, settings)
+  if not DTensor.is_dtensor(target) then
+    local value = DTensor.is_dtensor(source) and source:full_tensor() or source
+    if not (value:shape() == target:shape()) then
+      fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s", fqn,
+           tostring(value:shape()), tostring(target:shape()))
+    end
+    check(lib.ms_copy(target._c, value._c), "load_state_dict")
+    return
+  end
+  local local_target = target:to_local()
+  local value
+  if DTensor.is_dtensor(source) then
+    if not (source:shape() == target:shape()) then
+      fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s", fqn,
+           tostring(source:shape()), tostring(target:shape()))
+    end
+    value = source:to_local()
+    if not (value:shape() == local_target:shape()) then
+      value = source:full_tensor()
+      source = value
+    end
+  else
+    value = source
+  end
+  if not Tensor.is_tensor(value) then fail("load_state_dict", "value for '%s' is not a tensor", fqn) end
+  if settings.type ~= "LOCAL_STATE_DICT" and value:shape() == target:shape() and
+     not (value:shape() == local_target:shape() and target:shape() == local_target:shape()) then
+    local start, length = placement.shard_range(target:size(0), target:size(0) == 0 and 1 or
+      (target._shard_dim and target.device_mesh:size(target._shard_dim) or 1),
+      target._shard_dim and target.device_mesh:get_local_rank(target._shard_dim) or 0)
+    value = length > 0 and value:narrow(0, start, length) or nil
+  elseif not (value:shape() == local_target:shape()) then
+    fail("load_state_dict", "size mismatch for '%s': got shape %s, the local shard is %s", fqn,
+         tostring(value:shape()), tostring(local_target:shape()))
+  end
+  if value then check(lib.ms_copy(local_target._c, value._c), "load_state_dict") end
+  local_target:_bump_version()
+end
+
+local function model_load_state_dict(model, sd, opts)
+  if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
+  local settings = settings_of(model)
+  local strict = not (opts and opts.strict == false)
+  local known, missing, unexpected = {}, {}, {}
+  local list = entries(model)
+  for _, entry in ipairs(list) do
+    known[entry[1]] = true
+    if sd[entry[1]] == nil then missing[#missing + 1] = entry[1] end
+  end
+  for key in pairs(sd) do if not known[key] then unexpected[#unexpected + 1] = key end end
+  table.sort(unexpected)
+  local rank0_only_receiver = settings.type == "FULL_STATE_DICT" and settings.rank0_only
+  if strict and not rank0_only_receiver and (#missing > 0 or #unexpected > 0) then
+    local parts = {}
+    if #missing > 0 then parts[#parts + 1] = "missing keys: " .. table.concat(missing, ", ") end
+    if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. table.concat(unexpected, ", ") end
+    fail("load_state_dict", "%s", table.concat(parts, "; "))
+  end
+  autograd.no_grad(function()
+    for _, entry in ipairs(list) do
+      local fqn, target = entry[1], entry[2]
+      local source = sd[fqn]
+      if rank0_only_receiver and DTensor.is_dtensor(target) then
+        -- rank 0 holds the full value; everyone else receives it by broadcast
+        local full = source or Tensor.empty_raw(target:shape(), target:to_local()._c.dtype, 0)
+        dist().broadcast(full, 0)
+        source = full
+      end
+      if source ~= nil then import(fqn, target, source, settings) end
+    end
+  end)
+  return {missing_keys = missing, unexpected_keys = unexpected}
+end
+
+function M.install(module, unit)
+  unit.state_dict_settings = unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
+  rawset(module, "state_dict", model_state_dict)
+  rawset(module, "load_state_dict", model_load_state_dict)
+end
+
+-- ---- optimizer state ----
+
+local function param_names(model)
+  local names = {}
+  for _, entry in ipairs(entries(model)) do
+    if not entry[3] then names[entry[2]] = entry[1] end
+  end
+  return names
+end
+
+-- The optimizer's state keyed by parameter names, tensors laid out like the parameters
+-- (DTensors for a sharded state dict, full tensors for a full one).
+function M.optim_state_dict(model, opt)
+  local settings = settings_of(model)
+  local names = param_names(model)
+  local out = {state = {}, param_groups = {}}
+  for _, group in ipairs(opt.param_groups) do
+    local entry = {params = {}}
+    for key, value in pairs(group) do if key ~= "params" then entry[key] = value end end
+    for _, p in ipairs(group.params) do
+      local fqn = names[p]
+      if not fqn then fail("optim_state_dict", "the optimizer holds a parameter the model does not have") end
+      entry.params[#entry.params + 1] = fqn
+      local state = opt.state[p]
+      if state then
+        local copy = {}
+        for key, value in pairs(state) do
+          if Tensor.is_tensor(value) and DTensor.is_dtensor(p) then
+            copy[key] = export(DTensor.new(value:detach(), p.device_mesh, p.placements, p:shape()), settings)
+          elseif Tensor.is_tensor(value) then
+            copy[key] = value:detach()
+          else
+            copy[key] = value
+          end
+        end
+        out.state[fqn] = copy
+      end
+    end
+    out.param_groups[#out.param_groups + 1] = entry
+  end
+  return out
+end
+
+-- Turn a state dict from optim_state_dict (possibly loaded from a checkpoint) into one
+-- opt:load_state_dict accepts.
+function M.optim_state_dict_to_load(model, opt, osd)
+  if type(osd) ~= "table" or type(osd.state) ~= "table" then
+    fail("optim_state_dict_to_load", "expected a table with state and param_groups")
+  end
+  local names = param_names(model)
+  local out = {state = {}, param_groups = {}}
+  local index = 0
+  for g, group in ipairs(opt.param_groups) do
+    local saved_group = osd.param_groups and osd.param_groups[g] or {}
+    local entry = {params = {}}
+    for key, value in pairs(saved_group) do if key ~= "params" then entry[key] = value end end
+    for key, value in pairs(group) do if entry[key] == nil and key ~= "params" then entry[key] = value end end
+    for _, p in ipairs(group.params) do
+      local fqn = names[p]
+      entry.params[#entry.params + 1] = index
+      local state = fqn and osd.state[fqn]
+      if state then
+        local copy = {}
+        for key, value in pairs(state) do
+          if DTensor.is_dtensor(value) or Tensor.is_tensor(value) then
+            local target = DTensor.is_dtensor(p) and DTensor.new(Tensor.empty_raw(p:to_local():shape(),
+              p:to_local()._c.dtype, p:to_local()._c.storage.pool), p.device_mesh, p.placements, p:shape()) or
+              Tensor.empty_raw(p:shape(), p._c.dtype, p._c.storage.pool)
+            import(fqn .. "." .. key, target, value, {type = DTensor.is_dtensor(value) and "SHARDED_STATE_DICT" or "FULL_STATE_DICT"})
+            copy[key] = DTensor.is_dtensor(target) and target:to_local() or target
+          else
+            copy[key] = value
+          end
+        end
+        out.state[index] = copy
+      end
+      index = index + 1
+    end
+    out.param_groups[#out.param_groups + 1] = entry
+  end
+  return out
+end
+
+return M

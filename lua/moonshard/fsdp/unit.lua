@@ -1,0 +1,276 @@
+-- One FSDP unit: the parameters a wrapped module owns, sharded on dim 0 over the shard
+-- group. Unshard = copy local rows into a flat buffer, one all-gather, copy out; reduce =
+-- copy gradients into a flat buffer, one reduce-scatter (plus an all-reduce across
+-- replicas for hybrid strategies), copy out the local rows.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local DTensor = require "moonshard.dtensor"
+local placement = require "moonshard.placement"
+local scope = require "moonshard.scope"
+local raw = require "moonshard.ops.raw"
+
+local lib, check, fail = C.lib, C.check, C.fail
+local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
+
+local Unit = {}
+Unit.__index = Unit
+
+local function dist() return require "moonshard.dist" end
+
+local STRATEGIES = {
+  FULL_SHARD = {shard = true, reshard_after_forward = true},
+  SHARD_GRAD_OP = {shard = true, reshard_after_forward = false},
+  NO_SHARD = {shard = false, reshard_after_forward = false},
+  HYBRID_SHARD = {shard = true, reshard_after_forward = true, hybrid = true},
+  _HYBRID_SHARD_ZERO2 = {shard = true, reshard_after_forward = false, hybrid = true},
+}
+Unit.STRATEGIES = STRATEGIES
+
+local function release_storage(t)
+  check(lib.ms_storage_release(t._c.storage), "fsdp: reshard")
+end
+
+local function restore_storage(t)
+  check(lib.ms_storage_restore(t._c.storage), "fsdp: unshard")
+end
+
+local function is_released(t) return t._c.storage.released ~= 0 end
+
+-- Build a unit for module over the given owned parameters: {module, name, fqn, tensor}.
+-- config: strategy name, mesh, offload (bool).
+function Unit.new(module, owned, config)
+  local strategy = STRATEGIES[config.strategy]
+  local mesh = config.mesh
+  local self = setmetatable({
+    module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
+    offload = config.offload, params = {}, per_rank_numel = 0, unsharded = false,
+    received = 0, needs_grad = 0, reduced = false,
+  }, Unit)
+  if strategy.shard then
+    local shard_dim = mesh:ndim() - 1
+    self.shard_group, self.shard_size = mesh:get_group(shard_dim), mesh:size(shard_dim)
+    self.shard_rank = mesh:get_local_rank(shard_dim)
+    if strategy.hybrid then self.replicate_group = mesh:get_group(0) end
+    self.placements = strategy.hybrid and {placement.Replicate(), placement.Shard(0)} or {placement.Shard(0)}
+  else
+    self.shard_size, self.shard_rank = 1, 0
+    self.replicate_group = mesh:get_group(0)
+    self.placements = {}
+    for d = 1, mesh:ndim() do self.placements[d] = placement.Replicate() end
+  end
+  local pool = config.offload and Tensor.pool_id("host", "FSDP") or nil
+  local dtype
+  for _, entry in ipairs(owned) do
+    local full = entry.tensor
+    dtype = dtype or full._c.dtype
+    if full._c.dtype ~= dtype then
+      fail("FSDP", "parameters of one unit must share a dtype ('%s' is %s, others %s)", entry.fqn,
+           full:dtype(), Tensor.dtype_names[dtype])
+    end
+    self:add_param(entry, pool or full._c.storage.pool)
+  end
+  return self
+end
+
+-- Shard one parameter: keep this rank's rows (as a DTensor leaf), make the unsharded
+-- tensor the module computes with (storage released until unshard), free the original.
+function Unit:add_param(entry, shard_pool)
+  local full = entry.tensor
+  local shape = full:shape()
+  local rows = #shape > 0 and shape[1] or 1
+  local row_numel = rows > 0 and full:numel() / rows or 0
+  local start, length, chunk = placement.shard_range(rows, self.shard_size, self.shard_rank)
+  local local_shape = {unpack(shape)}
+  if #local_shape > 0 then local_shape[1] = length end
+  local local_tensor = empty(local_shape, full._c.dtype, shard_pool)
+  if length > 0 then
+    local source = #shape > 0 and full:narrow(0, start, length) or full
+    check(lib.ms_copy(local_tensor._c, source._c), "FSDP")
+  end
+  local_tensor.requires_grad = full.requires_grad
+  local_tensor._is_param = true
+  local sharded = DTensor.new(local_tensor, self.mesh, self.placements, shape)
+  sharded._is_param, sharded.requires_grad = true, full.requires_grad
+  local shares_shard = not self.strategy.shard and not self.offload
+  local unsharded
+  if shares_shard then
+    unsharded = scope.keep(Tensor.alias_raw(local_tensor))
+  else
+    unsharded = scope.keep(empty(shape, full._c.dtype, full._c.storage.pool))
+    release_storage(unsharded)
+  end
+  unsharded.requires_grad = full.requires_grad
+  local param = {
+    module = entry.module, name = entry.name, fqn = entry.fqn, sharded = sharded,
+    unsharded = unsharded, rows = rows, row_numel = row_numel, chunk = chunk,
+    local_start = start, local_rows = length, flat_offset = self.per_rank_numel, shape = shape,
+  }
+  self.per_rank_numel = self.per_rank_numel + chunk * row_numel
+  self.params[#self.params + 1] = param
+  if full.requires_grad then
+    self.needs_grad = self.needs_grad + 1
+    unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready() end)
+  end
+  entry.module._parameters[entry.name] = sharded
+  full._released_param = true
+  release_storage(full)
+end
+
+-- The [ranks, chunk, row] view of param's slots in a flat buffer of ranks * per_rank_numel.
+local function rank_slots(flat, param, ranks, per_rank_numel)
+  return view_raw(flat, {ranks, param.chunk, param.row_numel}, {per_rank_numel, param.row_numel, 1},
+                  param.flat_offset, "fsdp")
+end
+
+-- Copy between a full [rows, ...] tensor and its rank slots (to_slots: full -> slots).
+local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
+  if param.rows == 0 or param.row_numel == 0 then return end
+  local whole_ranks = math.floor(param.rows / param.chunk)
+  local flat_full = view_raw(full, {param.rows, param.row_numel}, nil, tonumber(full._c.offset), "fsdp")
+  if whole_ranks > 0 then
+    local slots = rank_slots(flat, param, whole_ranks, per_rank_numel)
+    local rows = view_raw(flat_full, {whole_ranks, param.chunk, param.row_numel}, nil, tonumber(flat_full._c.offset), "fsdp")
+    if to_slots then check(lib.ms_copy(slots._c, rows._c), "fsdp") else check(lib.ms_copy(rows._c, slots._c), "fsdp") end
+    slots:_release()
+    rows:_release()
+  end
+  local remainder = param.rows - whole_ranks * param.chunk
+  if remainder > 0 and whole_ranks < size then
+    local slot = view_raw(flat, {remainder, param.row_numel}, nil,
+                          whole_ranks * per_rank_numel + param.flat_offset, "fsdp")
+    local rows = view_raw(flat_full, {remainder, param.row_numel}, nil,
+                          tonumber(flat_full._c.offset) + whole_ranks * param.chunk * param.row_numel, "fsdp")
+    if to_slots then check(lib.ms_copy(slot._c, rows._c), "fsdp") else check(lib.ms_copy(rows._c, slot._c), "fsdp") end
+    slot:_release()
+    rows:_release()
+  end
+  flat_full:_release()
+end
+
+-- Make every parameter of the unit whole: one all-gather through a flat buffer.
+function Unit:unshard()
+  if self.unsharded then return end
+  self.unsharded = true
+  if #self.params == 0 then return end
+  local first = self.params[1].unsharded
+  if not self.strategy.shard and not self.offload then return end
+  for _, p in ipairs(self.params) do restore_storage(p.unsharded) end
+  if not self.strategy.shard then
+    for _, p in ipairs(self.params) do
+      check(lib.ms_copy(p.unsharded._c, p.sharded._local._c), "fsdp: unshard")
+    end
+    return
+  end
+  local size, per_rank = self.shard_size, self.per_rank_numel
+  local dtype, pool = first._c.dtype, first._c.storage.pool
+  local send = empty({per_rank}, dtype, pool)
+  check(lib.ms_fill(send._c, 0), "fsdp: unshard")
+  for _, p in ipairs(self.params) do
+    if p.local_rows > 0 and p.row_numel > 0 then
+      local slot = view_raw(send, {p.local_rows, p.row_numel}, nil, p.flat_offset, "fsdp")
+      check(lib.ms_copy(slot._c, p.sharded._local._c), "fsdp: unshard")
+      slot:_release()
+    end
+  end
+  local gathered = empty({size * per_rank}, dtype, pool)
+  dist().all_gather_into_tensor(gathered, send, {group = self.shard_group})
+  send:_release()
+  for _, p in ipairs(self.params) do move_rows(p.unsharded, gathered, p, size, per_rank, false) end
+  gathered:_release()
+end
+
+-- Point the module's parameter slots at the unsharded tensors (forward) or back at the
+-- sharded DTensors (between iterations).
+function Unit:expose(unsharded)
+  for _, p in ipairs(self.params) do
+    p.module._parameters[p.name] = unsharded and p.unsharded or p.sharded
+  end
+end
+
+-- Free the unsharded parameters (their autograd views stay valid handles).
+function Unit:reshard()
+  if not self.unsharded then return end
+  self.unsharded = false
+  self:expose(false)
+  if not self.strategy.shard and not self.offload then return end -- the shards are whole
+  for _, p in ipairs(self.params) do
+    if not is_released(p.unsharded) then release_storage(p.unsharded) end
+  end
+end
+
+function Unit:on_grad_ready()
+  self.received = self.received + 1
+  if self.received >= self.needs_grad and not self.no_sync then
+    self:reduce_grads()
+    self:reshard()
+  end
+end
+
+-- Accumulate local gradient rows into the sharded parameter's grad (a DTensor).
+local function accumulate_local_grad(p, source)
+  local sharded = p.sharded
+  local grad = rawget(sharded, "grad")
+  local local_param = sharded._local
+  if grad == nil then
+    local g = scope.keep(empty(local_param:shape(), local_param._c.dtype, local_param._c.storage.pool))
+    check(lib.ms_copy(g._c, source._c), "fsdp: gradient")
+    sharded.grad = DTensor.new(g, sharded.device_mesh, sharded.placements, sharded:shape())
+  else
+    local g = grad._local
+    if g._c.storage.pool == source._c.storage.pool then
+      check(lib.ms_binary(g._c, g._c, source._c, raw.ADD), "fsdp: gradient")
+    else
+      local moved = empty(g:shape(), g._c.dtype, g._c.storage.pool)
+      check(lib.ms_copy(moved._c, source._c), "fsdp: gradient")
+      check(lib.ms_binary(g._c, g._c, moved._c, raw.ADD), "fsdp: gradient")
+      moved:_release()
+    end
+    g:_bump_version()
+  end
+end
+
+-- Reduce the unsharded gradients of this backward into the local shards' grads.
+function Unit:reduce_grads()
+  if self.reduced then return end
+  self.reduced = true
+  local with_grad = {}
+  for _, p in ipairs(self.params) do
+    if rawget(p.unsharded, "grad") then with_grad[#with_grad + 1] = p end
+  end
+  if #with_grad == 0 then return end
+  if not self.strategy.shard then
+    for _, p in ipairs(with_grad) do
+      local g = p.unsharded.grad
+      dist().all_reduce(g, "avg", {group = self.replicate_group})
+      accumulate_local_grad(p, g)
+    end
+  else
+    local size, per_rank = self.shard_size, self.per_rank_numel
+    local first = with_grad[1].unsharded.grad
+    local flat = empty({size * per_rank}, first._c.dtype, first._c.storage.pool)
+    check(lib.ms_fill(flat._c, 0), "fsdp: reduce")
+    for _, p in ipairs(with_grad) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
+    local shard = empty({per_rank}, first._c.dtype, first._c.storage.pool)
+    dist().reduce_scatter_tensor(shard, flat, "avg", {group = self.shard_group})
+    flat:_release()
+    if self.replicate_group then dist().all_reduce(shard, "avg", {group = self.replicate_group}) end
+    for _, p in ipairs(with_grad) do
+      local rows = view_raw(shard, p.sharded._local:shape(), nil, p.flat_offset, "fsdp")
+      accumulate_local_grad(p, rows)
+      rows:_release()
+    end
+    shard:_release()
+  end
+  for _, p in ipairs(with_grad) do
+    local g = p.unsharded.grad
+    p.unsharded.grad = nil
+    g:_release()
+  end
+end
+
+-- Start of an iteration's forward (outside backward).
+function Unit:reset_iteration()
+  self.received, self.reduced = 0, false
+end
+
+return Unit

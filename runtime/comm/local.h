@@ -1,0 +1,169 @@
+/* moonshard runtime: layout of the local backend's shared segment and its step protocol.
+ * The parent maps the segment before forking, so every rank sees it at the same address. */
+#ifndef MS_LOCAL_H
+#define MS_LOCAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "comm.h"
+
+enum {
+    LOCAL_MAX_RANKS = 64,
+    LOCAL_MAX_GROUPS = 256,
+    LOCAL_RING_DEPTH = 4,     /* buffers per member: steps in flight before reuse waits */
+    LOCAL_HEADER_BYTES = 64,  /* a step header, ahead of each buffer's data */
+    LOCAL_WAIT_SLICE_MS = 50, /* longest futex sleep between abort and deadline checks */
+};
+
+/* A futex word and the number of processes sleeping on it, alone on a cache line. */
+typedef struct local_counter {
+    _Atomic uint32_t value;
+    _Atomic uint32_t sleepers;
+    char pad[56];
+} local_counter;
+
+/* Progress of one member of a group, as step counts (wrapping, compared by difference). */
+typedef struct local_member {
+    local_counter posted;   /* steps whose buffer this member has filled */
+    local_counter consumed; /* steps whose peers' buffers this member has finished reading */
+} local_member;
+
+typedef enum local_kind {
+    LOCAL_ALL_GATHER = 1, LOCAL_REDUCE_SCATTER, LOCAL_ALL_REDUCE, LOCAL_BROADCAST,
+    LOCAL_BARRIER
+} local_kind;
+
+/* What a member posts with each step; peers compare it with their own, so members that
+ * called different collectives stop at the first step instead of misreading data. */
+typedef struct local_step_header {
+    uint32_t op_seq; /* collectives started on the group before this one */
+    uint32_t step;   /* the group's step number */
+    int32_t kind;
+    int32_t dtype;
+    int32_t op;
+    int32_t root;
+    int64_t count;
+    uint64_t in_address;  /* this member's buffers, for direct copies between heaps */
+    uint64_t out_address;
+    int32_t in_heap;      /* 1 when both buffers lie in the heaps */
+    char pad[LOCAL_HEADER_BYTES - 52];
+} local_step_header;
+_Static_assert(sizeof(local_step_header) == LOCAL_HEADER_BYTES, "one header per cache line");
+
+/* A group's area in the segment: members, then each member's ring of buffers. */
+typedef struct local_group_entry {
+    int32_t nmembers;
+    int32_t occurrence; /* how many groups with these members the ranks made before; -1: world */
+    int32_t members[LOCAL_MAX_RANKS];
+    uint64_t area_offset;
+} local_group_entry;
+
+/* Written by the parent when it reaps a rank. */
+typedef struct local_departure {
+    _Atomic int32_t gone;
+    char reason[96]; /* "died (signal 9)", completes "rank 2 ..." */
+} local_departure;
+
+typedef struct local_segment {
+    int32_t world_size;
+    int32_t spin_checks;   /* counter checks before sleeping: 0 when ranks outnumber cores */
+    uint64_t chunk_bytes;  /* data bytes of one buffer */
+    uint64_t total_bytes;
+    uint64_t arena_offset; /* group areas are carved from [arena_offset, heap_offset) */
+    uint64_t arena_used;
+    uint64_t heap_offset;  /* rank r's heap starts at heap_offset + r * heap_bytes_per_rank */
+    uint64_t heap_bytes_per_rank;
+    _Atomic int32_t abort_rank; /* -1, or the first rank that ended without returning */
+    _Atomic uint32_t group_count;
+    pthread_mutex_t registry_lock; /* process-shared and robust */
+    local_departure departed[LOCAL_MAX_RANKS];
+    local_group_entry groups[LOCAL_MAX_GROUPS];
+} local_segment;
+
+/* This process's view of a group (ms_group.impl). */
+typedef struct local_group {
+    local_segment *seg;
+    local_member *members;
+    uint8_t *ring;         /* member m's buffer b at ring + (m * depth + b) * buffer_stride */
+    size_t buffer_stride;
+    uint32_t next_step;
+    uint32_t op_seq;
+} local_group;
+
+/* This process's world rank: -1 outside spawned ranks. */
+extern int ms_local_world_rank;
+
+/* ---- segment and groups (local_group.c) ---- */
+/* Map and initialise a segment for world_size ranks, with the world group registered. */
+int local_segment_create(local_segment **out, int world_size);
+void local_segment_destroy(local_segment *seg);
+/* A world group handle on seg (rank -1 until a forked rank sets its own). */
+int local_world_group(ms_group **out, local_segment *seg, int64_t timeout_ms);
+/* Record that a rank ended (reason completes "rank N ..."), failing the segment when
+ * abort != 0, and wake every sleeper so it notices. */
+void local_mark_departed(local_segment *seg, int rank, const char *reason, int abort);
+/* The backend's new_group and group_free slots. */
+int local_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **out);
+void local_group_free(ms_group *g);
+extern const ms_comm_backend ms_local_backend;
+
+/* ---- the ranks' heaps in the segment (local_heap.c) ---- */
+/* Make rank's region this process's heap (in the forked rank). */
+void local_heap_attach(local_segment *seg, int rank);
+/* 1 when [p, p + nbytes) lies in the heaps of seg, where every rank can reach it. */
+int local_heap_holds(const local_segment *seg, const void *p, size_t nbytes);
+
+/* ---- the step protocol (local_step.c) ----
+ * A collective runs as numbered steps. In step s a member waits until its buffer for s is
+ * free, fills it, posts s, waits for every member's post of s (checking their headers),
+ * reads what it needs and marks s consumed. Failures break the group (ms_group_break). */
+typedef struct local_call {
+    const char *name;         /* for messages: "all_reduce" */
+    local_step_header header; /* kind, dtype, op, root, count; the rest is filled per step */
+} local_call;
+
+/* Buffer data of member m for step s. */
+static inline uint8_t *local_buffer(const local_group *lg, int member, uint32_t step)
+{
+    return lg->ring + ((size_t)member * LOCAL_RING_DEPTH + step % LOCAL_RING_DEPTH) *
+                          lg->buffer_stride + LOCAL_HEADER_BYTES;
+}
+
+/* Wait until every member consumed the step that last used step's buffers. */
+int local_wait_free(ms_group *g, const local_call *call, uint32_t step);
+/* Write this member's header for step and publish the post. */
+void local_post(ms_group *g, const local_call *call, uint32_t step);
+/* Wait for every member's post of step and compare headers: MS_ERR_MISMATCH when they
+ * differ (every member sees it at the same step, consumes it and the group stays usable). */
+int local_wait_posted(ms_group *g, const local_call *call, uint32_t step);
+/* Publish that this member finished reading step; the group's next step follows it. */
+void local_consume(ms_group *g, uint32_t step);
+/* One step without data: every member has reached this point. */
+int local_barrier_step(ms_group *g, const local_call *call);
+/* The first step of a collective that may copy directly between heaps: members post their
+ * buffers' addresses. [OUT] *direct = 1 when every member's buffers lie in the heaps; then
+ * in[m] and out[m] hold member m's addresses. Otherwise the collective goes on through the
+ * ring from the group's next step. */
+int local_handshake(ms_group *g, local_call *call, const void *in, size_t in_bytes,
+                    const void *out, size_t out_bytes, int *direct, uint8_t **in_addresses,
+                    uint8_t **out_addresses);
+
+/* ---- collectives copying directly between heaps (local_direct.c) ----
+ * Each runs after a handshake that found every buffer in the heaps, and ends with a
+ * barrier step so no member reuses a buffer a peer still reads or writes. */
+int local_direct_all_gather(ms_group *g, const local_call *call, uint8_t *const *outs,
+                            const void *in, size_t block_bytes);
+int local_direct_reduce_scatter(ms_group *g, const local_call *call, void *out,
+                                uint8_t *const *ins, int64_t count, int dtype, int op);
+int local_direct_all_reduce(ms_group *g, const local_call *call, uint8_t *const *datas,
+                            int64_t count, int dtype, int op);
+int local_direct_broadcast(ms_group *g, const local_call *call, void *data,
+                           const uint8_t *root_data, size_t bytes);
+/* Copy n bytes into a collective's destination of destination_bytes in all, bypassing the
+ * cache when that is too large to stay there. */
+void local_copy_out(void *dst, const void *src, size_t n, size_t destination_bytes);
+/* Wake every process sleeping on counter. */
+void local_wake_all(local_counter *counter);
+
+#endif

@@ -1,0 +1,243 @@
+/* moonshard runtime: the local backend's step protocol: futex waits with deadlines.
+ * A waiter sleeps in slices, checking the parent's abort flag and the peer's departure. */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "local.h"
+
+enum { YIELD_CHECKS = 20 };
+
+static int64_t monotonic_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Shared (not private) futexes: the words live in a MAP_SHARED segment. */
+static void futex_sleep(_Atomic uint32_t *word, uint32_t expected, int64_t ms)
+{
+    struct timespec span = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
+    syscall(SYS_futex, word, FUTEX_WAIT, expected, &span, NULL, 0);
+}
+
+void local_wake_all(local_counter *counter)
+{
+    syscall(SYS_futex, &counter->value, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+static void publish(local_counter *counter, uint32_t value)
+{
+    atomic_store(&counter->value, value);
+    if (atomic_load(&counter->sleepers))
+        local_wake_all(counter);
+}
+
+static inline int reached(uint32_t value, uint32_t target)
+{
+    return (int32_t)(value - target) >= 0;
+}
+
+/* Why the segment failed, or 0: a rank ended without returning. */
+static int check_abort(const char *name, local_segment *seg)
+{
+    int failed = atomic_load(&seg->abort_rank);
+    if (failed < 0)
+        return 0;
+    return MS_FAIL(MS_ERR_PEER_DIED, "%s: rank %d %s", name, failed,
+                   seg->departed[failed].reason);
+}
+
+/* Wait until counter (member's) reaches target. */
+static int wait_counter(ms_group *g, const char *name, local_counter *counter,
+                        uint32_t target, int member)
+{
+    local_group *lg = g->impl;
+    local_segment *seg = lg->seg;
+    if (reached(atomic_load(&counter->value), target))
+        return MS_OK;
+    for (int i = 0; i < seg->spin_checks; i++) {
+        cpu_relax();
+        if (reached(atomic_load_explicit(&counter->value, memory_order_acquire), target))
+            return MS_OK;
+    }
+    /* A peer that shares this core runs now; one on another core is often a few
+     * microseconds away, cheaper to wait for than a futex sleep and wake-up. */
+    for (int i = 0; i < YIELD_CHECKS; i++) {
+        sched_yield();
+        if (reached(atomic_load_explicit(&counter->value, memory_order_acquire), target))
+            return MS_OK;
+    }
+    int peer = g->world_ranks[member];
+    int64_t deadline = monotonic_ms() + g->timeout_ms;
+    for (;;) {
+        int status = check_abort(name, seg);
+        if (status)
+            return ms_group_break(g, status);
+        if (atomic_load(&seg->departed[peer].gone)) {
+            if (reached(atomic_load(&counter->value), target))
+                return MS_OK;
+            return ms_group_break(g, MS_FAIL(MS_ERR_PEER_DIED, "%s: rank %d %s", name, peer,
+                                             seg->departed[peer].reason));
+        }
+        int64_t left = deadline - monotonic_ms();
+        if (left <= 0)
+            return ms_group_break(g, MS_FAIL(MS_ERR_TIMEOUT, "%s: rank %d did not arrive "
+                                             "within %lld ms", name, peer,
+                                             (long long)g->timeout_ms));
+        atomic_fetch_add(&counter->sleepers, 1);
+        uint32_t seen = atomic_load(&counter->value);
+        if (!reached(seen, target))
+            futex_sleep(&counter->value, seen, left < LOCAL_WAIT_SLICE_MS ? left
+                                                                          : LOCAL_WAIT_SLICE_MS);
+        atomic_fetch_sub(&counter->sleepers, 1);
+        if (reached(atomic_load(&counter->value), target))
+            return MS_OK;
+    }
+}
+
+int local_wait_free(ms_group *g, const local_call *call, uint32_t step)
+{
+    local_group *lg = g->impl;
+    uint32_t target = step + 1 - LOCAL_RING_DEPTH;
+    for (int m = 0; m < g->size; m++)
+        MS_CHECK(wait_counter(g, call->name, &lg->members[m].consumed, target, m));
+    return MS_OK;
+}
+
+void local_post(ms_group *g, const local_call *call, uint32_t step)
+{
+    local_group *lg = g->impl;
+    local_step_header *header = (local_step_header *)(local_buffer(lg, g->rank, step) -
+                                                      LOCAL_HEADER_BYTES);
+    *header = call->header;
+    header->step = step;
+    publish(&lg->members[g->rank].posted, step + 1);
+}
+
+static const char *kind_name(int kind)
+{
+    switch (kind) {
+    case LOCAL_ALL_GATHER: return "all_gather_into_tensor";
+    case LOCAL_REDUCE_SCATTER: return "reduce_scatter_tensor";
+    case LOCAL_ALL_REDUCE: return "all_reduce";
+    case LOCAL_BROADCAST: return "broadcast";
+    case LOCAL_BARRIER: return "barrier";
+    default: return "an unknown collective";
+    }
+}
+
+/* "all_reduce(f32, 1024 elements, sum)" */
+static const char *describe(char *buf, size_t size, const local_step_header *h)
+{
+    const char *dtype = ms_dtype_name(h->dtype) ? ms_dtype_name(h->dtype) : "?";
+    switch (h->kind) {
+    case LOCAL_BARRIER:
+        snprintf(buf, size, "barrier()");
+        break;
+    case LOCAL_BROADCAST:
+        snprintf(buf, size, "broadcast(%s, %lld elements, root %d)", dtype,
+                 (long long)h->count, h->root);
+        break;
+    case LOCAL_ALL_GATHER:
+        snprintf(buf, size, "%s(%s, %lld elements)", kind_name(h->kind), dtype,
+                 (long long)h->count);
+        break;
+    default:
+        snprintf(buf, size, "%s(%s, %lld elements, %s)", kind_name(h->kind), dtype,
+                 (long long)h->count, ms_comm_op_name(h->op));
+        break;
+    }
+    return buf;
+}
+
+static int same_call(const local_step_header *a, const local_step_header *b)
+{
+    return a->op_seq == b->op_seq && a->step == b->step && a->kind == b->kind &&
+           a->dtype == b->dtype && a->op == b->op && a->root == b->root &&
+           a->count == b->count;
+}
+
+int local_wait_posted(ms_group *g, const local_call *call, uint32_t step)
+{
+    local_group *lg = g->impl;
+    for (int m = 0; m < g->size; m++)
+        MS_CHECK(wait_counter(g, call->name, &lg->members[m].posted, step + 1, m));
+    const local_step_header *mine =
+        (const local_step_header *)(local_buffer(lg, g->rank, step) - LOCAL_HEADER_BYTES);
+    for (int m = 0; m < g->size; m++) {
+        const local_step_header *theirs =
+            (const local_step_header *)(local_buffer(lg, m, step) - LOCAL_HEADER_BYTES);
+        if (m == g->rank || same_call(mine, theirs))
+            continue;
+        char my_call[96], their_call[96];
+        local_consume(g, step);
+        if (mine->op_seq != theirs->op_seq || mine->step != theirs->step)
+            return ms_group_break(g, MS_FAIL(MS_ERR_MISMATCH, "%s: out of step: rank %d is at "
+                                             "collective %u step %u, rank %d at collective %u "
+                                             "step %u", call->name, g->world_ranks[g->rank],
+                                             mine->op_seq, mine->step, g->world_ranks[m],
+                                             theirs->op_seq, theirs->step));
+        return MS_FAIL(MS_ERR_MISMATCH, "%s: ranks disagree: rank %d called %s, rank %d "
+                       "called %s", call->name, g->world_ranks[g->rank],
+                       describe(my_call, sizeof my_call, mine), g->world_ranks[m],
+                       describe(their_call, sizeof their_call, theirs));
+    }
+    return MS_OK;
+}
+
+void local_consume(ms_group *g, uint32_t step)
+{
+    local_group *lg = g->impl;
+    publish(&lg->members[g->rank].consumed, step + 1);
+    lg->next_step = step + 1;
+}
+
+int local_barrier_step(ms_group *g, const local_call *call)
+{
+    local_group *lg = g->impl;
+    uint32_t step = lg->next_step;
+    MS_CHECK(local_wait_free(g, call, step));
+    local_post(g, call, step);
+    MS_CHECK(local_wait_posted(g, call, step));
+    local_consume(g, step);
+    return MS_OK;
+}
+
+int local_handshake(ms_group *g, local_call *call, const void *in, size_t in_bytes,
+                    const void *out, size_t out_bytes, int *direct, uint8_t **in_addresses,
+                    uint8_t **out_addresses)
+{
+    local_group *lg = g->impl;
+    uint32_t step = lg->next_step;
+    call->header.in_address = (uintptr_t)in;
+    call->header.out_address = (uintptr_t)out;
+    call->header.in_heap = local_heap_holds(lg->seg, in, in_bytes) &&
+                           local_heap_holds(lg->seg, out, out_bytes);
+    MS_CHECK(local_wait_free(g, call, step));
+    local_post(g, call, step);
+    MS_CHECK(local_wait_posted(g, call, step));
+    *direct = 1;
+    for (int m = 0; m < g->size; m++) {
+        const local_step_header *h =
+            (const local_step_header *)(local_buffer(lg, m, step) - LOCAL_HEADER_BYTES);
+        *direct &= h->in_heap;
+        in_addresses[m] = (uint8_t *)(uintptr_t)h->in_address;
+        out_addresses[m] = (uint8_t *)(uintptr_t)h->out_address;
+    }
+    local_consume(g, step);
+    return MS_OK;
+}

@@ -1,0 +1,387 @@
+/* moonshard runtime: the mpi backend: collectives over OpenMPI communicators.
+ * Every collective first agrees on a description of the call, so mismatches are errors. */
+#include <dlfcn.h>
+#include <limits.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm.h"
+
+typedef struct mpi_group {
+    MPI_Comm comm; /* MPI_COMM_NULL for a non-member, and once MPI is finalised */
+    uint32_t op_seq;
+    ms_group *handle;
+    struct mpi_group *next_live;
+} mpi_group;
+
+typedef enum mpi_kind {
+    KIND_ALL_GATHER = 1, KIND_REDUCE_SCATTER, KIND_ALL_REDUCE, KIND_BROADCAST, KIND_BARRIER
+} mpi_kind;
+
+/* What every member says it is calling: op_seq, kind, dtype, op, root, count. */
+enum { SIGNATURE_FIELDS = 6 };
+
+static struct {
+    int initialised_here; /* this runtime called MPI_Init, so it finalises */
+    MPI_Datatype bf16, f16;
+    MPI_Op user_ops[MS_DIST_MIN + 1]; /* f16, bf16 and NaN-propagating float max/min */
+    mpi_group *live;                  /* group handles whose communicator is open */
+    ms_group *world;
+} mpi;
+
+static const ms_comm_backend mpi_backend;
+
+static int mpi_fail(const char *name, const char *call, int code)
+{
+    char text[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(code, text, &len);
+    return MS_FAIL(MS_ERR_PEER_DIED, "%s: %s failed: %.*s", name, call, len, text);
+}
+
+/* Run an MPI call; a failure breaks the group (members may be out of step). */
+#define MPI_CHECK(g, name, call)                                                   \
+    do {                                                                           \
+        int mpi_status_ = (call);                                                  \
+        if (mpi_status_ != MPI_SUCCESS)                                            \
+            return ms_group_break((g), mpi_fail((name), #call, mpi_status_));      \
+    } while (0)
+
+static int dtype_of(MPI_Datatype type)
+{
+    if (type == MPI_FLOAT) return MS_F32;
+    if (type == MPI_DOUBLE) return MS_F64;
+    if (type == mpi.bf16) return MS_BF16;
+    if (type == mpi.f16) return MS_F16;
+    if (type == MPI_INT32_T) return MS_I32;
+    if (type == MPI_INT64_T) return MS_I64;
+    return MS_U8;
+}
+
+static MPI_Datatype type_of(int dtype)
+{
+    switch (dtype) {
+    case MS_F32: return MPI_FLOAT;
+    case MS_F64: return MPI_DOUBLE;
+    case MS_BF16: return mpi.bf16;
+    case MS_F16: return mpi.f16;
+    case MS_I32: return MPI_INT32_T;
+    case MS_I64: return MPI_INT64_T;
+    default: return MPI_UINT8_T;
+    }
+}
+
+#define DEFINE_USER_OP(NAME, OP)                                                   \
+    static void NAME(void *in, void *inout, int *len, MPI_Datatype *type)         \
+    {                                                                              \
+        const void *srcs[2] = {in, inout};                                         \
+        ms_comm_reduce(inout, srcs, 2, (size_t)*len, dtype_of(*type), OP);         \
+    }
+DEFINE_USER_OP(user_sum, MS_DIST_SUM)
+DEFINE_USER_OP(user_max, MS_DIST_MAX)
+DEFINE_USER_OP(user_min, MS_DIST_MIN)
+
+/* MPI's built-in op where it computes what the local backend computes, else a user op. */
+static MPI_Op op_of(int op, int dtype)
+{
+    int half = dtype == MS_BF16 || dtype == MS_F16;
+    int floating = half || dtype == MS_F32 || dtype == MS_F64;
+    if (op == MS_DIST_SUM || op == MS_DIST_AVG)
+        return half ? mpi.user_ops[MS_DIST_SUM] : MPI_SUM;
+    if (floating)
+        return mpi.user_ops[op];
+    return op == MS_DIST_MAX ? MPI_MAX : MPI_MIN;
+}
+
+static const char *kind_name(int64_t kind)
+{
+    switch (kind) {
+    case KIND_ALL_GATHER: return "all_gather_into_tensor";
+    case KIND_REDUCE_SCATTER: return "reduce_scatter_tensor";
+    case KIND_ALL_REDUCE: return "all_reduce";
+    case KIND_BROADCAST: return "broadcast";
+    case KIND_BARRIER: return "barrier";
+    default: return "an unknown collective";
+    }
+}
+
+/* "all_reduce(f32, 1024 elements, sum)" */
+static const char *describe(char *buf, size_t size, const int64_t *s)
+{
+    const char *dtype = ms_dtype_name((int)s[2]) ? ms_dtype_name((int)s[2]) : "?";
+    if (s[1] == KIND_BARRIER)
+        snprintf(buf, size, "barrier()");
+    else if (s[1] == KIND_BROADCAST)
+        snprintf(buf, size, "broadcast(%s, %lld elements, root %lld)", dtype, (long long)s[5],
+                 (long long)s[4]);
+    else if (s[1] == KIND_ALL_GATHER)
+        snprintf(buf, size, "%s(%s, %lld elements)", kind_name(s[1]), dtype, (long long)s[5]);
+    else
+        snprintf(buf, size, "%s(%s, %lld elements, %s)", kind_name(s[1]), dtype,
+                 (long long)s[5], ms_comm_op_name((int)s[3]));
+    return buf;
+}
+
+/* Members compare their calls with one MPI_Allreduce (the minimum of each field and of its
+ * negation); when they differ, every member learns who called what and fails. */
+static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int root,
+                 int64_t count)
+{
+    mpi_group *mg = g->impl;
+    int64_t mine[SIGNATURE_FIELDS] = {mg->op_seq++, kind, dtype, op, root, count};
+    int64_t both[2 * SIGNATURE_FIELDS], lowest[2 * SIGNATURE_FIELDS];
+    for (int i = 0; i < SIGNATURE_FIELDS; i++) {
+        both[i] = mine[i];
+        both[SIGNATURE_FIELDS + i] = -mine[i];
+    }
+    MPI_CHECK(g, name, MPI_Allreduce(both, lowest, 2 * SIGNATURE_FIELDS, MPI_INT64_T, MPI_MIN,
+                                     mg->comm));
+    int same = 1;
+    for (int i = 0; i < SIGNATURE_FIELDS; i++)
+        same &= lowest[i] == -lowest[SIGNATURE_FIELDS + i];
+    if (same)
+        return MS_OK;
+    int64_t *all = malloc(sizeof *all * SIGNATURE_FIELDS * (size_t)g->size);
+    if (!all)
+        return ms_group_break(g, MS_FAIL(MS_ERR_OOM, "%s: ranks disagree about the call", name));
+    int status = MPI_Allgather(mine, SIGNATURE_FIELDS, MPI_INT64_T, all, SIGNATURE_FIELDS,
+                               MPI_INT64_T, mg->comm);
+    if (status != MPI_SUCCESS) {
+        free(all);
+        return ms_group_break(g, mpi_fail(name, "MPI_Allgather", status));
+    }
+    int other = 0;
+    while (other < g->size && !memcmp(all + other * SIGNATURE_FIELDS, mine, sizeof mine))
+        other++;
+    char my_call[96], their_call[96];
+    MS_FAIL(MS_ERR_MISMATCH, "%s: ranks disagree: rank %d called %s, rank %d called %s", name,
+            g->world_ranks[g->rank], describe(my_call, sizeof my_call, mine),
+            g->world_ranks[other], describe(their_call, sizeof their_call,
+                                            all + other * SIGNATURE_FIELDS));
+    free(all);
+    return MS_ERR_MISMATCH;
+}
+
+/* MPI counts are int: larger buffers go in pieces of at most this many elements. */
+enum { MAX_PIECE = 1 << 30 };
+
+static int mpi_all_reduce(ms_group *g, void *data, int64_t count, int dtype, int op)
+{
+    const char *name = "all_reduce";
+    mpi_group *mg = g->impl;
+    MS_CHECK(agree(g, name, KIND_ALL_REDUCE, dtype, op, 0, count));
+    size_t esize = ms_dtype_size(dtype);
+    for (int64_t start = 0; start < count; start += MAX_PIECE) {
+        int n = (int)(count - start < MAX_PIECE ? count - start : MAX_PIECE);
+        MPI_CHECK(g, name, MPI_Allreduce(MPI_IN_PLACE, (char *)data + (size_t)start * esize, n,
+                                         type_of(dtype), op_of(op, dtype), mg->comm));
+    }
+    if (op == MS_DIST_AVG)
+        ms_comm_divide(data, (size_t)count, dtype, g->size);
+    return MS_OK;
+}
+
+static int mpi_broadcast(ms_group *g, void *data, int64_t count, int dtype, int root)
+{
+    const char *name = "broadcast";
+    mpi_group *mg = g->impl;
+    MS_CHECK(agree(g, name, KIND_BROADCAST, dtype, 0, root, count));
+    size_t esize = ms_dtype_size(dtype);
+    for (int64_t start = 0; start < count; start += MAX_PIECE) {
+        int n = (int)(count - start < MAX_PIECE ? count - start : MAX_PIECE);
+        MPI_CHECK(g, name, MPI_Bcast((char *)data + (size_t)start * esize, n, type_of(dtype),
+                                     root, mg->comm));
+    }
+    return MS_OK;
+}
+
+static int mpi_all_gather(ms_group *g, void *out, const void *in, int64_t count, int dtype)
+{
+    const char *name = "all_gather_into_tensor";
+    mpi_group *mg = g->impl;
+    MS_CHECK(agree(g, name, KIND_ALL_GATHER, dtype, 0, 0, count));
+    if (count > INT_MAX)
+        return MS_FAIL(MS_ERR_UNSUPPORTED, "%s: %lld elements per rank (MPI takes at most %d)",
+                       name, (long long)count, INT_MAX);
+    size_t block = (size_t)count * ms_dtype_size(dtype);
+    const void *send = in == (char *)out + (size_t)g->rank * block ? MPI_IN_PLACE : in;
+    MPI_CHECK(g, name, MPI_Allgather(send, (int)count, type_of(dtype), out, (int)count,
+                                     type_of(dtype), mg->comm));
+    return MS_OK;
+}
+
+static int mpi_reduce_scatter(ms_group *g, void *out, const void *in, int64_t count, int dtype,
+                              int op)
+{
+    const char *name = "reduce_scatter_tensor";
+    mpi_group *mg = g->impl;
+    MS_CHECK(agree(g, name, KIND_REDUCE_SCATTER, dtype, op, 0, count));
+    if (count > INT_MAX)
+        return MS_FAIL(MS_ERR_UNSUPPORTED, "%s: %lld elements per rank (MPI takes at most %d)",
+                       name, (long long)count, INT_MAX);
+    size_t block = (size_t)count * ms_dtype_size(dtype);
+    /* MPI's in-place form wants the result at the start of the input, not at our block */
+    int aliased = block > 0 && out == (const char *)in + (size_t)g->rank * block;
+    void *result = aliased ? malloc(block) : out;
+    if (aliased && !result)
+        return MS_FAIL(MS_ERR_OOM, "%s: out of host memory for %zu bytes", name, block);
+    int status = MPI_Reduce_scatter_block(in, result, (int)count, type_of(dtype),
+                                          op_of(op, dtype), mg->comm);
+    if (aliased) {
+        memcpy(out, result, block);
+        free(result);
+    }
+    if (status != MPI_SUCCESS)
+        return ms_group_break(g, mpi_fail(name, "MPI_Reduce_scatter_block", status));
+    if (op == MS_DIST_AVG)
+        ms_comm_divide(out, (size_t)count, dtype, g->size);
+    return MS_OK;
+}
+
+static int mpi_barrier(ms_group *g) { return agree(g, "barrier", KIND_BARRIER, 0, 0, 0, 0); }
+
+/* A handle on comm (MPI_COMM_NULL for a non-member) listed among the live groups. */
+static int wrap_comm(ms_group **out, MPI_Comm comm, const int *world_ranks, int nranks)
+{
+    mpi_group *mg = calloc(1, sizeof *mg);
+    if (!mg)
+        return MS_FAIL(MS_ERR_OOM, "new_group: out of host memory for the handle");
+    int rank = -1;
+    if (comm != MPI_COMM_NULL) {
+        MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+        MPI_Comm_rank(comm, &rank);
+    }
+    int status = ms_group_alloc(out, &mpi_backend, rank, world_ranks, nranks, 0);
+    if (status != MS_OK) {
+        free(mg);
+        return status;
+    }
+    mg->comm = comm;
+    mg->handle = *out;
+    mg->next_live = mpi.live;
+    mpi.live = mg;
+    (*out)->impl = mg;
+    return MS_OK;
+}
+
+static int mpi_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **out)
+{
+    mpi_group *parent_mg = parent->impl;
+    int world_ranks[nranks], key = -1;
+    for (int i = 0; i < nranks; i++) {
+        world_ranks[i] = parent->world_ranks[ranks[i]];
+        if (ranks[i] == parent->rank)
+            key = i;
+    }
+    MPI_Comm comm;
+    int status = MPI_Comm_split(parent_mg->comm, key >= 0 ? 0 : MPI_UNDEFINED, key, &comm);
+    if (status != MPI_SUCCESS)
+        return mpi_fail("new_group", "MPI_Comm_split", status);
+    status = wrap_comm(out, comm, world_ranks, nranks);
+    if (status != MS_OK && comm != MPI_COMM_NULL)
+        MPI_Comm_free(&comm);
+    return status;
+}
+
+static void mpi_group_free(ms_group *g)
+{
+    mpi_group *mg = g->impl;
+    for (mpi_group **link = &mpi.live; *link; link = &(*link)->next_live) {
+        if (*link == mg) {
+            *link = mg->next_live;
+            break;
+        }
+    }
+    if (mg->comm != MPI_COMM_NULL)
+        MPI_Comm_free(&mg->comm);
+    free(mg);
+    ms_group_release(g);
+}
+
+static const ms_comm_backend mpi_backend = {
+    .name = "mpi",
+    .device_buffers = 0,
+    .all_gather = mpi_all_gather,
+    .reduce_scatter = mpi_reduce_scatter,
+    .all_reduce = mpi_all_reduce,
+    .broadcast = mpi_broadcast,
+    .barrier = mpi_barrier,
+    .new_group = mpi_new_group,
+    .group_free = mpi_group_free,
+};
+
+/* OpenMPI loads its components with dlopen and they look up libmpi's symbols globally;
+ * when libmoonshard itself was loaded with RTLD_LOCAL (LuaJIT's ffi.load), promote libmpi. */
+static void make_mpi_symbols_global(void)
+{
+    Dl_info info;
+    if (dladdr((void *)MPI_Init, &info) && info.dli_fname)
+        dlopen(info.dli_fname, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);
+}
+
+static void finalize_at_exit(void) { ms_mpi_finalize(); }
+
+int ms_mpi_init(void)
+{
+    ms_group *current = ms_dist_current_world();
+    if (current && current->backend == &mpi_backend)
+        return MS_OK;
+    if (current)
+        return MS_FAIL(MS_ERR_STATE, "mpi_init: this process already has a %s process group",
+                       current->backend->name);
+    int initialised = 0, finalised = 0;
+    MPI_Initialized(&initialised);
+    MPI_Finalized(&finalised);
+    if (finalised)
+        return MS_FAIL(MS_ERR_STATE, "mpi_init: MPI was finalised; it cannot start again");
+    if (!initialised) {
+        make_mpi_symbols_global();
+        int provided;
+        if (MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+            return MS_FAIL(MS_ERR_STATE, "mpi_init: MPI_Init failed");
+        mpi.initialised_here = 1;
+        atexit(finalize_at_exit);
+    }
+    MPI_Type_contiguous(2, MPI_BYTE, &mpi.bf16);
+    MPI_Type_commit(&mpi.bf16);
+    MPI_Type_contiguous(2, MPI_BYTE, &mpi.f16);
+    MPI_Type_commit(&mpi.f16);
+    MPI_Op_create(user_sum, 1, &mpi.user_ops[MS_DIST_SUM]);
+    MPI_Op_create(user_max, 1, &mpi.user_ops[MS_DIST_MAX]);
+    MPI_Op_create(user_min, 1, &mpi.user_ops[MS_DIST_MIN]);
+    MPI_Comm world;
+    MPI_Comm_dup(MPI_COMM_WORLD, &world);
+    int size;
+    MPI_Comm_size(world, &size);
+    MS_CHECK(wrap_comm(&mpi.world, world, NULL, size));
+    ms_dist_set_world(mpi.world);
+    return MS_OK;
+}
+
+int ms_mpi_finalize(void)
+{
+    if (!mpi.world)
+        return MS_OK;
+    ms_dist_set_world(NULL);
+    for (mpi_group *mg = mpi.live; mg; mg = mg->next_live) {
+        if (mg->comm != MPI_COMM_NULL)
+            MPI_Comm_free(&mg->comm);
+        if (mg->handle->rank >= 0)
+            ms_group_break(mg->handle, MS_FAIL(MS_ERR_STATE, "MPI was finalised"));
+    }
+    mpi_group_free(mpi.world);
+    mpi.world = NULL;
+    MPI_Op_free(&mpi.user_ops[MS_DIST_SUM]);
+    MPI_Op_free(&mpi.user_ops[MS_DIST_MAX]);
+    MPI_Op_free(&mpi.user_ops[MS_DIST_MIN]);
+    MPI_Type_free(&mpi.bf16);
+    MPI_Type_free(&mpi.f16);
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (mpi.initialised_here && !finalized)
+        MPI_Finalize();
+    mpi.initialised_here = 0;
+    return MS_OK;
+}

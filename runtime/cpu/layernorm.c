@@ -1,0 +1,323 @@
+/* moonshard CPU backend: layer norm over the last normalized_ndim dims, forward and backward.
+ * dx is assigned; dweight and dbias are parameter gradients and accumulate (+=). */
+#include <math.h>
+#include <stdlib.h>
+
+#include "cpu.h"
+#include "reduce.h"
+
+/* Row statistics in double over 8 interleaved lanes combined pairwise: a fixed order for a
+ * given row size, without serialising on one add. */
+enum { LANES = 8 };
+
+#define ROW_SUMS(SUF, T)                                                                  \
+    static double row_sum_##SUF(const T *x, int64_t n)                                    \
+    {                                                                                     \
+        double lanes[LANES] = {0};                                                        \
+        int64_t j = 0;                                                                    \
+        for (; j + LANES <= n; j += LANES)                                                \
+            for (int l = 0; l < LANES; l++)                                               \
+                lanes[l] += (double)x[j + l];                                             \
+        for (; j < n; j++)                                                                \
+            lanes[0] += (double)x[j];                                                     \
+        for (int width = LANES / 2; width > 0; width /= 2)                                \
+            for (int l = 0; l < width; l++)                                               \
+                lanes[l] += lanes[l + width];                                             \
+        return lanes[0];                                                                  \
+    }                                                                                     \
+    static double row_squared_deviation_##SUF(const T *x, int64_t n, double mean)         \
+    {                                                                                     \
+        double lanes[LANES] = {0};                                                        \
+        int64_t j = 0;                                                                    \
+        for (; j + LANES <= n; j += LANES)                                                \
+            for (int l = 0; l < LANES; l++) {                                             \
+                double d = (double)x[j + l] - mean;                                       \
+                lanes[l] += d * d;                                                        \
+            }                                                                             \
+        for (; j < n; j++) {                                                              \
+            double d = (double)x[j] - mean;                                               \
+            lanes[0] += d * d;                                                            \
+        }                                                                                 \
+        for (int width = LANES / 2; width > 0; width /= 2)                                \
+            for (int l = 0; l < width; l++)                                               \
+                lanes[l] += lanes[l + width];                                             \
+        return lanes[0];                                                                  \
+    }
+
+ROW_SUMS(f32, float)
+ROW_SUMS(f64, double)
+
+static void store_stat(void *stats, int dtype, int64_t i, double value)
+{
+    if (dtype == MS_F32)
+        ((float *)stats)[i] = (float)value;
+    else
+        ((double *)stats)[i] = value;
+}
+
+static double load_stat(const void *stats, int dtype, int64_t i)
+{
+    return dtype == MS_F32 ? (double)((const float *)stats)[i] : ((const double *)stats)[i];
+}
+
+typedef struct ln_args {
+    int64_t rows, size;
+    double eps;
+    void *out, *dx;
+    const void *x, *weight, *bias, *dy;
+    void *mean, *rstd;
+    int mean_dtype, rstd_dtype;
+    double *dweight_acc, *dbias_acc;
+} ln_args;
+
+#define LN_FORWARD(SUF, T)                                                                \
+    static void ln_forward_##SUF(const ln_args *a)                                        \
+    {                                                                                     \
+        const T *weight = a->weight, *bias = a->bias;                                     \
+        for (int64_t r = 0; r < a->rows; r++) {                                           \
+            const T *x = (const T *)a->x + r * a->size;                                   \
+            T *out = (T *)a->out + r * a->size;                                           \
+            double mean = row_sum_##SUF(x, a->size) / (double)a->size;                    \
+            double var = row_squared_deviation_##SUF(x, a->size, mean) / (double)a->size; \
+            double rstd = ms_k_rstd(var, a->eps);                                         \
+            store_stat(a->mean, a->mean_dtype, r, mean);                                  \
+            store_stat(a->rstd, a->rstd_dtype, r, rstd);                                  \
+            T m = (T)mean, s = (T)rstd;                                                   \
+            for (int64_t j = 0; j < a->size; j++) {                                       \
+                T y = (x[j] - m) * s;                                                     \
+                if (weight)                                                               \
+                    y *= weight[j];                                                       \
+                if (bias)                                                                 \
+                    y += bias[j];                                                         \
+                out[j] = y;                                                               \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+/* With xhat = (x - mean) * rstd and g = dy * w:
+ * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dweight += sum_rows dy * xhat;
+ * dbias += sum_rows dy. */
+#define LN_BACKWARD(SUF, T)                                                               \
+    static void ln_backward_##SUF(const ln_args *a)                                       \
+    {                                                                                     \
+        const T *weight = a->weight;                                                      \
+        int64_t size = a->size;                                                           \
+        for (int64_t r = 0; r < a->rows; r++) {                                           \
+            const T *x = (const T *)a->x + r * size;                                      \
+            const T *dy = (const T *)a->dy + r * size;                                    \
+            T *dx = (T *)a->dx + r * size;                                                \
+            T mean = (T)load_stat(a->mean, a->mean_dtype, r);                             \
+            T rstd = (T)load_stat(a->rstd, a->rstd_dtype, r);                             \
+            double sum_g = 0.0, sum_g_xhat = 0.0;                                         \
+            for (int64_t j = 0; j < size; j++) {                                          \
+                T xhat = (x[j] - mean) * rstd;                                            \
+                T g = weight ? dy[j] * weight[j] : dy[j];                                 \
+                sum_g += (double)g;                                                       \
+                sum_g_xhat += (double)g * (double)xhat;                                   \
+                if (a->dweight_acc)                                                       \
+                    a->dweight_acc[j] += (double)dy[j] * (double)xhat;                    \
+                if (a->dbias_acc)                                                         \
+                    a->dbias_acc[j] += (double)dy[j];                                     \
+            }                                                                             \
+            T mean_g = (T)(sum_g / (double)size);                                         \
+            T mean_g_xhat = (T)(sum_g_xhat / (double)size);                               \
+            for (int64_t j = 0; j < size; j++) {                                          \
+                T xhat = (x[j] - mean) * rstd;                                            \
+                T g = weight ? dy[j] * weight[j] : dy[j];                                 \
+                dx[j] = rstd * (g - mean_g - xhat * mean_g_xhat);                         \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+LN_FORWARD(f32, float)
+LN_FORWARD(f64, double)
+LN_BACKWARD(f32, float)
+LN_BACKWARD(f64, double)
+
+/* The dense staging of up to 8 tensors of one call, released together. */
+typedef struct staging {
+    int count, status;
+    const ms_tensor *tensors[8];
+    void *owned[8];
+    int is_output[8];
+} staging;
+
+/* Dense data of t (NULL for a NULL t or after an earlier failure); outputs are written back
+ * by unstage_all. */
+static void *stage(staging *st, const char *op, const ms_tensor *t, int is_output)
+{
+    if (!t || st->status != MS_OK)
+        return NULL;
+    void *data = NULL;
+    int i = st->count++;
+    st->tensors[i] = t;
+    st->is_output[i] = is_output;
+    st->status = ms_cpu_dense(op, t, !is_output, &data, &st->owned[i]);
+    return data;
+}
+
+static int unstage_all(staging *st)
+{
+    for (int i = 0; i < st->count; i++)
+        ms_cpu_dense_done(st->tensors[i], st->owned[i], st->is_output[i] && st->status == MS_OK);
+    return st->status;
+}
+
+/* Checks shared by forward and backward; [OUT] rows and size of the normalised rows. */
+static int check_layout(const char *op, const ms_tensor *x, const ms_tensor *mean,
+                        const ms_tensor *rstd, int normalized_ndim, int64_t *rows,
+                        int64_t *size)
+{
+    if (normalized_ndim < 1 || normalized_ndim > x->ndim)
+        return MS_FAIL(MS_ERR_INVALID, "%s: normalized_ndim %d outside [1, %d] for x with %d "
+                       "dims", op, normalized_ndim, x->ndim, x->ndim);
+    *rows = 1;
+    *size = 1;
+    for (int d = 0; d < x->ndim; d++) {
+        if (d < x->ndim - normalized_ndim)
+            *rows *= x->shape[d];
+        else
+            *size *= x->shape[d];
+    }
+    MS_CHECK(ms_cpu_float(op, "mean", mean));
+    MS_CHECK(ms_cpu_float(op, "rstd", rstd));
+    if (mean->numel != *rows || rstd->numel != *rows)
+        return MS_FAIL(MS_ERR_SHAPE, "%s: mean and rstd have %lld and %lld elements, expected "
+                       "one per row (%lld)", op, (long long)mean->numel,
+                       (long long)rstd->numel, (long long)*rows);
+    return MS_OK;
+}
+
+/* weight, bias, dweight and dbias have the normalised shape (x's last dims). */
+static int check_affine(const char *op, const char *name, const ms_tensor *t,
+                        const ms_tensor *x, int normalized_ndim)
+{
+    if (!t)
+        return MS_OK;
+    MS_CHECK(ms_cpu_input(op, name, t));
+    MS_CHECK(ms_cpu_same_dtype(op, name, t, "x", x));
+    return ms_cpu_shape_is(op, name, t, normalized_ndim,
+                           x->shape + (x->ndim - normalized_ndim));
+}
+
+int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
+                  const ms_tensor *weight, const ms_tensor *bias, int normalized_ndim,
+                  double eps)
+{
+    const char *op = "layer_norm";
+    MS_CHECK(ms_cpu_output(op, "out", out));
+    MS_CHECK(ms_cpu_output(op, "mean", mean));
+    MS_CHECK(ms_cpu_output(op, "rstd", rstd));
+    MS_CHECK(ms_cpu_input(op, "x", x));
+    MS_CHECK(ms_cpu_float(op, "x", x));
+    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "x", x));
+    MS_CHECK(ms_cpu_same_shape(op, "out", out, "x", x));
+    int64_t rows, size;
+    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, &rows, &size));
+    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
+    MS_CHECK(check_affine(op, "bias", bias, x, normalized_ndim));
+    if (!(eps >= 0.0))
+        return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
+    if (rows == 0)
+        return MS_OK;
+    if (size == 0) { /* statistics of empty rows are 0/0 */
+        MS_CHECK(ms_fill(mean, NAN));
+        return ms_fill(rstd, NAN);
+    }
+
+    ln_args a = {.rows = rows, .size = size, .eps = eps, .mean_dtype = mean->dtype,
+                 .rstd_dtype = rstd->dtype};
+    staging st = {0};
+    a.x = stage(&st, op, x, 0);
+    a.weight = stage(&st, op, weight, 0);
+    a.bias = stage(&st, op, bias, 0);
+    a.out = stage(&st, op, out, 1);
+    a.mean = stage(&st, op, mean, 1);
+    a.rstd = stage(&st, op, rstd, 1);
+    if (st.status == MS_OK) {
+        if (x->dtype == MS_F32)
+            ln_forward_f32(&a);
+        else
+            ln_forward_f64(&a);
+    }
+    return unstage_all(&st);
+}
+
+/* param_grad[j] += acc[j] through the parameter gradient's own strides. */
+static int accumulate_param_grad(const char *op, ms_tensor *grad, const double *acc)
+{
+    void *data, *owned;
+    MS_CHECK(ms_cpu_dense(op, grad, 1, &data, &owned));
+    for (int64_t j = 0; j < grad->numel; j++) {
+        if (grad->dtype == MS_F32)
+            ((float *)data)[j] = (float)((double)((float *)data)[j] + acc[j]);
+        else
+            ((double *)data)[j] += acc[j];
+    }
+    ms_cpu_dense_done(grad, owned, 1);
+    return MS_OK;
+}
+
+int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                           const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
+                           const ms_tensor *rstd, const ms_tensor *weight,
+                           int normalized_ndim)
+{
+    const char *op = "layer_norm_backward";
+    MS_CHECK(ms_cpu_output(op, "dx", dx));
+    MS_CHECK(ms_cpu_input(op, "dy", dy));
+    MS_CHECK(ms_cpu_input(op, "x", x));
+    MS_CHECK(ms_cpu_input(op, "mean", mean));
+    MS_CHECK(ms_cpu_input(op, "rstd", rstd));
+    MS_CHECK(ms_cpu_float(op, "x", x));
+    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "x", x));
+    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "x", x));
+    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "x", x));
+    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "x", x));
+    int64_t rows, size;
+    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, &rows, &size));
+    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
+    if (dweight)
+        MS_CHECK(ms_cpu_output(op, "dweight", dweight));
+    if (dbias)
+        MS_CHECK(ms_cpu_output(op, "dbias", dbias));
+    MS_CHECK(check_affine(op, "dweight", dweight, x, normalized_ndim));
+    MS_CHECK(check_affine(op, "dbias", dbias, x, normalized_ndim));
+    if (rows == 0 || size == 0)
+        return MS_OK;
+
+    ln_args a = {.rows = rows, .size = size, .mean_dtype = mean->dtype,
+                 .rstd_dtype = rstd->dtype};
+    int status = MS_OK;
+    if (dweight)
+        status = ms_cpu_alloc(op, (size_t)size * sizeof(double), (void **)&a.dweight_acc);
+    if (status == MS_OK && dbias)
+        status = ms_cpu_alloc(op, (size_t)size * sizeof(double), (void **)&a.dbias_acc);
+    for (int64_t j = 0; status == MS_OK && j < size; j++) {
+        if (a.dweight_acc)
+            a.dweight_acc[j] = 0.0;
+        if (a.dbias_acc)
+            a.dbias_acc[j] = 0.0;
+    }
+    staging st = {.status = status};
+    a.x = stage(&st, op, x, 0);
+    a.dy = stage(&st, op, dy, 0);
+    a.weight = stage(&st, op, weight, 0);
+    a.mean = stage(&st, op, mean, 0);
+    a.rstd = stage(&st, op, rstd, 0);
+    a.dx = stage(&st, op, dx, 1);
+    if (st.status == MS_OK) {
+        if (x->dtype == MS_F32)
+            ln_backward_f32(&a);
+        else
+            ln_backward_f64(&a);
+    }
+    status = unstage_all(&st);
+    if (status == MS_OK && dweight)
+        status = accumulate_param_grad(op, dweight, a.dweight_acc);
+    if (status == MS_OK && dbias)
+        status = accumulate_param_grad(op, dbias, a.dbias_acc);
+    free(a.dweight_acc);
+    free(a.dbias_acc);
+    return status;
+}

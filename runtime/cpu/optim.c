@@ -1,0 +1,118 @@
+/* moonshard CPU backend: fused SGD and Adam/AdamW steps, in place on the parameter.
+ * grad is read, never written; param and the optimizer state are updated element-wise. */
+#include <math.h>
+
+#include "cpu.h"
+#include "optim.h"
+
+/* Operands: param, then the state buffers, then grad last. */
+#define SGD_KERNEL(NAME, T, UPDATE, WITH_BUFFER)                                          \
+    static void NAME(void *ctx, int64_t n, char *const *p, const int64_t *s)              \
+    {                                                                                     \
+        const ms_k_sgd_coeffs *c = ctx;                                                   \
+        T *param = (T *)p[0];                                                             \
+        T *buf = WITH_BUFFER ? (T *)p[1] : NULL;                                          \
+        const T *grad = (const T *)p[WITH_BUFFER ? 2 : 1];                                \
+        int64_t sp = s[0], sb = WITH_BUFFER ? s[1] : 0, sg = s[WITH_BUFFER ? 2 : 1];      \
+        for (int64_t i = 0; i < n; i++)                                                   \
+            UPDATE(param + i * sp, WITH_BUFFER ? buf + i * sb : NULL, grad[i * sg], c);   \
+    }
+
+SGD_KERNEL(sgd_f32, float, ms_k_sgd_f32, 0)
+SGD_KERNEL(sgd_f64, double, ms_k_sgd_f64, 0)
+SGD_KERNEL(sgd_momentum_f32, float, ms_k_sgd_f32, 1)
+SGD_KERNEL(sgd_momentum_f64, double, ms_k_sgd_f64, 1)
+
+#define ADAM_KERNEL(NAME, T, UPDATE)                                                      \
+    static void NAME(void *ctx, int64_t n, char *const *p, const int64_t *s)              \
+    {                                                                                     \
+        const ms_k_adam_coeffs *c = ctx;                                                  \
+        T *param = (T *)p[0], *m = (T *)p[1], *v = (T *)p[2];                             \
+        const T *grad = (const T *)p[3];                                                  \
+        if (s[0] == 1 && s[1] == 1 && s[2] == 1 && s[3] == 1) {                           \
+            for (int64_t i = 0; i < n; i++)                                               \
+                UPDATE(param + i, m + i, v + i, grad[i], c);                              \
+        } else {                                                                          \
+            for (int64_t i = 0; i < n; i++)                                               \
+                UPDATE(param + i * s[0], m + i * s[1], v + i * s[2], grad[i * s[3]], c);  \
+        }                                                                                 \
+    }
+
+ADAM_KERNEL(adam_f32, float, ms_k_adam_f32)
+ADAM_KERNEL(adam_f64, double, ms_k_adam_f64)
+
+/* A state tensor (buffer or gradient) matching param in dtype and shape. */
+static int check_like_param(const char *op, const char *name, const ms_tensor *t,
+                            const ms_tensor *param, int written)
+{
+    MS_CHECK(written ? ms_cpu_output(op, name, t) : ms_cpu_input(op, name, t));
+    MS_CHECK(ms_cpu_same_dtype(op, name, t, "param", param));
+    return ms_cpu_same_shape(op, name, t, "param", param);
+}
+
+int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
+                double momentum, double dampening, double weight_decay, int nesterov,
+                int first_step, int maximize)
+{
+    const char *op = "sgd_step";
+    MS_CHECK(ms_cpu_output(op, "param", param));
+    MS_CHECK(ms_cpu_float(op, "param", param));
+    MS_CHECK(check_like_param(op, "grad", grad, param, 0));
+    if (!isfinite(lr) || !isfinite(momentum) || !isfinite(dampening) || !isfinite(weight_decay))
+        return MS_FAIL(MS_ERR_INVALID, "%s: lr %g, momentum %g, dampening %g and weight_decay "
+                       "%g must be finite", op, lr, momentum, dampening, weight_decay);
+    if (nesterov && (momentum <= 0.0 || dampening != 0.0))
+        return MS_FAIL(MS_ERR_INVALID, "%s: nesterov needs momentum > 0 and dampening 0 (got "
+                       "%g and %g)", op, momentum, dampening);
+    int with_buffer = momentum != 0.0;
+    if (with_buffer) {
+        if (!momentum_buf)
+            return MS_FAIL(MS_ERR_INVALID, "%s: momentum %g needs a momentum_buf", op, momentum);
+        MS_CHECK(check_like_param(op, "momentum_buf", momentum_buf, param, 1));
+    }
+    ms_k_sgd_coeffs c = {lr, momentum, dampening, weight_decay, nesterov != 0,
+                         first_step != 0, maximize != 0};
+    ms_iter it;
+    ms_iter_begin(&it, param->ndim, param->shape);
+    MS_CHECK(ms_iter_tensor(&it, op, "param", param));
+    if (with_buffer)
+        MS_CHECK(ms_iter_tensor(&it, op, "momentum_buf", momentum_buf));
+    MS_CHECK(ms_iter_tensor(&it, op, "grad", grad));
+    ms_iter_fn fn = param->dtype == MS_F32 ? (with_buffer ? sgd_momentum_f32 : sgd_f32)
+                                           : (with_buffer ? sgd_momentum_f64 : sgd_f64);
+    it.any_order = 1;
+    ms_iter_run(&it, fn, &c);
+    return MS_OK;
+}
+
+int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
+                 const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
+                 double eps, double weight_decay, int decoupled, int maximize)
+{
+    const char *op = decoupled ? "adamw_step" : "adam_step";
+    MS_CHECK(ms_cpu_output(op, "param", param));
+    MS_CHECK(ms_cpu_float(op, "param", param));
+    MS_CHECK(check_like_param(op, "exp_avg", exp_avg, param, 1));
+    MS_CHECK(check_like_param(op, "exp_avg_sq", exp_avg_sq, param, 1));
+    MS_CHECK(check_like_param(op, "grad", grad, param, 0));
+    if (step < 1)
+        return MS_FAIL(MS_ERR_INVALID, "%s: step %lld must be >= 1 (the count after the "
+                       "increment)", op, (long long)step);
+    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
+        return MS_FAIL(MS_ERR_INVALID, "%s: betas (%g, %g) must lie in [0, 1)", op, beta1,
+                       beta2);
+    if (!isfinite(lr) || !(eps >= 0.0) || !isfinite(weight_decay))
+        return MS_FAIL(MS_ERR_INVALID, "%s: lr %g and weight_decay %g must be finite and eps "
+                       "%g >= 0", op, lr, weight_decay, eps);
+    ms_k_adam_coeffs c = ms_k_adam_coeffs_make(step, lr, beta1, beta2, eps, weight_decay,
+                                               decoupled != 0, maximize != 0);
+    ms_iter it;
+    ms_iter_begin(&it, param->ndim, param->shape);
+    MS_CHECK(ms_iter_tensor(&it, op, "param", param));
+    MS_CHECK(ms_iter_tensor(&it, op, "exp_avg", exp_avg));
+    MS_CHECK(ms_iter_tensor(&it, op, "exp_avg_sq", exp_avg_sq));
+    MS_CHECK(ms_iter_tensor(&it, op, "grad", grad));
+    it.any_order = 1;
+    ms_iter_run(&it, param->dtype == MS_F32 ? adam_f32 : adam_f64, &c);
+    return MS_OK;
+}

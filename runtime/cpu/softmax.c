@@ -1,0 +1,136 @@
+/* moonshard CPU backend: softmax and log_softmax along one dim, forward and backward.
+ * dx is an activation gradient and is assigned. Row sums accumulate in double. */
+#include <math.h>
+
+#include "cpu.h"
+
+/* The iterator walks the row starts (the tensor's shape with dim set to 1); each kernel
+ * call then handles n rows of `length` elements, stepping by the operands' dim strides. */
+typedef struct row_ctx {
+    int64_t length;
+    int64_t stride[3]; /* stride along dim of each operand */
+    int log;
+} row_ctx;
+
+#define SOFTMAX_KERNEL(NAME, T, EXP)                                                      \
+    static void NAME(void *ctx, int64_t n, char *const *p, const int64_t *s)              \
+    {                                                                                     \
+        const row_ctx *c = ctx;                                                           \
+        int64_t so = c->stride[0], sx = c->stride[1], len = c->length;                    \
+        for (int64_t r = 0; r < n; r++) {                                                 \
+            T *out = (T *)p[0] + r * s[0];                                                \
+            const T *x = (const T *)p[1] + r * s[1];                                      \
+            T max = x[0];                                                                 \
+            for (int64_t k = 1; k < len; k++) { /* a NaN, once taken, stays */         \
+                T v = x[k * sx];                                                          \
+                if (v > max || v != v)                                                    \
+                    max = v;                                                              \
+            }                                                                             \
+            double sum = 0.0;                                                             \
+            if (c->log) {                                                                 \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    sum += (double)EXP(x[k * sx] - max);                                  \
+                T log_sum = (T)log(sum);                                                  \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    out[k * so] = (x[k * sx] - max) - log_sum;                            \
+            } else {                                                                      \
+                for (int64_t k = 0; k < len; k++) {                                       \
+                    T e = EXP(x[k * sx] - max);                                           \
+                    sum += (double)e;                                                     \
+                    out[k * so] = e;                                                      \
+                }                                                                         \
+                T inverse = (T)(1.0 / sum);                                               \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    out[k * so] *= inverse;                                               \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+SOFTMAX_KERNEL(softmax_f32, float, expf)
+SOFTMAX_KERNEL(softmax_f64, double, exp)
+
+/* softmax: dx = y * (dy - sum(dy * y)); log_softmax: dx = dy - exp(y) * sum(dy). */
+#define SOFTMAX_BACKWARD_KERNEL(NAME, T, EXP)                                             \
+    static void NAME(void *ctx, int64_t n, char *const *p, const int64_t *s)              \
+    {                                                                                     \
+        const row_ctx *c = ctx;                                                           \
+        int64_t sdx = c->stride[0], sy = c->stride[1], sdy = c->stride[2];                \
+        int64_t len = c->length;                                                          \
+        for (int64_t r = 0; r < n; r++) {                                                 \
+            T *dx = (T *)p[0] + r * s[0];                                                 \
+            const T *y = (const T *)p[1] + r * s[1];                                      \
+            const T *dy = (const T *)p[2] + r * s[2];                                     \
+            double sum = 0.0;                                                             \
+            if (c->log) {                                                                 \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    sum += (double)dy[k * sdy];                                           \
+                T total = (T)sum;                                                         \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    dx[k * sdx] = dy[k * sdy] - EXP(y[k * sy]) * total;                   \
+            } else {                                                                      \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    sum += (double)dy[k * sdy] * (double)y[k * sy];                       \
+                T total = (T)sum;                                                         \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    dx[k * sdx] = y[k * sy] * (dy[k * sdy] - total);                      \
+            }                                                                             \
+        }                                                                                 \
+    }
+
+SOFTMAX_BACKWARD_KERNEL(softmax_backward_f32, float, expf)
+SOFTMAX_BACKWARD_KERNEL(softmax_backward_f64, double, exp)
+
+/* Iterate the row starts of `count` same-shaped tensors along dim. */
+static void run_rows(const ms_tensor *const *tensors, int count, int dim, int log,
+                     ms_iter_fn kernel)
+{
+    const ms_tensor *first = tensors[0];
+    row_ctx c = {first->ndim ? first->shape[dim] : 1, {0, 0, 0}, log};
+    int64_t starts[MS_MAX_DIMS] = {0};
+    for (int d = 0; d < first->ndim; d++)
+        starts[d] = d == dim ? 1 : first->shape[d];
+    ms_iter it;
+    ms_iter_begin(&it, first->ndim, starts);
+    for (int i = 0; i < count; i++) {
+        const ms_tensor *t = tensors[i];
+        int64_t strides[MS_MAX_DIMS];
+        for (int d = 0; d < t->ndim; d++)
+            strides[d] = d == dim || t->shape[d] == 1 ? 0 : t->strides[d];
+        c.stride[i] = t->ndim ? t->strides[dim] : 0;
+        ms_iter_raw(&it, ms_tensor_data(t), ms_dtype_size(t->dtype), strides);
+    }
+    if (c.length > 0)
+        ms_iter_run(&it, kernel, &c);
+}
+
+int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
+{
+    MS_CHECK(ms_cpu_output("softmax", "out", out));
+    MS_CHECK(ms_cpu_input("softmax", "x", x));
+    MS_CHECK(ms_cpu_float("softmax", "x", x));
+    MS_CHECK(ms_cpu_same_dtype("softmax", "out", out, "x", x));
+    MS_CHECK(ms_cpu_same_shape("softmax", "out", out, "x", x));
+    MS_CHECK(ms_cpu_dim("softmax", x, dim));
+    const ms_tensor *tensors[2] = {out, x};
+    run_rows(tensors, 2, dim, log != 0,
+             x->dtype == MS_F32 ? softmax_f32 : softmax_f64);
+    return MS_OK;
+}
+
+int ms_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
+                        int log)
+{
+    MS_CHECK(ms_cpu_output("softmax_backward", "dx", dx));
+    MS_CHECK(ms_cpu_input("softmax_backward", "y", y));
+    MS_CHECK(ms_cpu_input("softmax_backward", "dy", dy));
+    MS_CHECK(ms_cpu_float("softmax_backward", "y", y));
+    MS_CHECK(ms_cpu_same_dtype("softmax_backward", "dx", dx, "y", y));
+    MS_CHECK(ms_cpu_same_dtype("softmax_backward", "dy", dy, "y", y));
+    MS_CHECK(ms_cpu_same_shape("softmax_backward", "dx", dx, "y", y));
+    MS_CHECK(ms_cpu_same_shape("softmax_backward", "dy", dy, "y", y));
+    MS_CHECK(ms_cpu_dim("softmax_backward", y, dim));
+    const ms_tensor *tensors[3] = {dx, y, dy};
+    run_rows(tensors, 3, dim, log != 0,
+             y->dtype == MS_F32 ? softmax_backward_f32 : softmax_backward_f64);
+    return MS_OK;
+}

@@ -1,0 +1,219 @@
+/* moonshard store: writing one rank's chunks into its shard file - values reserved with
+ * MDB_RESERVE in a MDB_WRITEMAP environment and filled straight from the tensor, the map
+ * grown ahead of need, the transaction committed durably. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "store_internal.h"
+
+enum {
+    COPY_BLOCK_BYTES = 256 << 10, /* hash, then copy while the block is in cache */
+    PWRITE_MIN_BYTES = 1 << 20,   /* values this large are written with pwrite */
+    DIRTY_PAGE_LIMIT = 60000,     /* LMDB allows 131071 dirty pages per transaction */
+    COMMIT_SLACK_PAGES = 256,     /* pages a commit may add (free list, meta) */
+    MAP_HEADROOM_BYTES = 64 << 20,
+};
+
+/* ---- transactions that know how much map they may need ---- */
+
+static int open_write_txn(ms_store *s)
+{
+    store_env *e = s->shards[s->save_rank];
+    MS_CHECK(env_write_begin(e, &s->txn));
+    MDB_envinfo info;
+    MDB_stat db_stat;
+    mdb_env_info(e->env, &info);
+    mdb_stat(s->txn, e->data_dbi, &db_stat);
+    s->tree_depth = db_stat.ms_depth;
+    s->map_bytes = info.me_mapsize;
+    s->txn_pages = info.me_last_pgno + 1 + COMMIT_SLACK_PAGES;
+    s->txn_dirty = 0;
+    return MS_OK;
+}
+
+int write_commit(ms_store *s)
+{
+    store_env *e = s->shards[s->save_rank];
+    int rc = mdb_txn_commit(s->txn);
+    s->txn = NULL;
+    return rc ? env_fail(e, rc, "committing chunks") : MS_OK;
+}
+
+/* Make room for one more value of value_bytes: commit and grow the map when the pages the
+ * transaction may reach would not fit, commit when it nears LMDB's dirty-page limit, then
+ * count the value's pages and the tree pages its insertion may copy or split.
+ * Intermediate commits are harmless: chunks count only once a manifest names them. */
+static int make_room(ms_store *s, uint64_t value_bytes)
+{
+    uint64_t page_bytes = s->shards[s->save_rank]->page_bytes;
+    uint64_t value_pages = (value_bytes + LMDB_PAGE_HEADER_BYTES + page_bytes - 1) / page_bytes;
+    uint64_t tree_pages = 2 * ((uint64_t)s->tree_depth + 2);
+    if (s->txn_dirty + 1 + tree_pages > DIRTY_PAGE_LIMIT) {
+        MS_CHECK(write_commit(s));
+        MS_CHECK(open_write_txn(s));
+    }
+    uint64_t need = (s->txn_pages + value_pages + tree_pages) * page_bytes;
+    if (need > s->map_bytes) {
+        MS_CHECK(write_commit(s));
+        uint64_t grown = 4 * (uint64_t)s->map_bytes;
+        if (grown < 2 * need)
+            grown = 2 * need;
+        MS_CHECK(env_grow(s->shards[s->save_rank], grown));
+        MS_CHECK(open_write_txn(s));
+    }
+    s->txn_pages += value_pages + tree_pages;
+    s->txn_dirty += 1 + tree_pages;
+    return MS_OK;
+}
+
+/* Reserve a value of size bytes under key. [OUT] *file_offset: where a large value's bytes
+ * start in the file, or -1 for a value LMDB keeps inside a page. */
+static int reserve_value(ms_store *s, const uint8_t *key_bytes, uint64_t size, uint8_t **data,
+                         off_t *file_offset)
+{
+    store_env *e = s->shards[s->save_rank];
+    MS_CHECK(make_room(s, size));
+    MDB_val key = {CHUNK_KEY_BYTES, (void *)key_bytes}, value = {size, NULL};
+    int rc = mdb_put(s->txn, e->data_dbi, &key, &value, MDB_RESERVE);
+    if (rc)
+        return env_fail(e, rc, "reserving a chunk");
+    *data = value.mv_data;
+    if (size < PWRITE_MIN_BYTES || !env_value_offset(e, *data, size, file_offset))
+        *file_offset = -1;
+    return MS_OK;
+}
+
+static int write_at(ms_store *s, int fd, const uint8_t *data, uint64_t n, off_t offset)
+{
+    while (n) {
+        ssize_t written = pwrite(fd, data, n, offset);
+        if (written < 0 && errno == EINTR)
+            continue;
+        if (written <= 0) {
+            int err = written < 0 ? errno : EIO;
+            return MS_FAIL(err, "%s: writing a chunk: %s", s->shards[s->save_rank]->path,
+                           strerror(err));
+        }
+        data += written;
+        offset += written;
+        n -= (uint64_t)written;
+    }
+    return MS_OK;
+}
+
+/* Copy t's row-major bytes (size of them) into a reserved value, hashing them block by
+ * block. Large values are written with pwrite at their file offset rather
+ * than through the map: a store into a map page that is not cached makes the kernel read it
+ * from disk first, while pwrite knows whole pages are overwritten (and reports a full disk
+ * as an error, not SIGBUS). Either way it is one copy from the tensor; strided tensors go
+ * through a reused block-sized buffer on the pwrite path. */
+static int copy_into_value(ms_store *s, uint8_t *value, off_t file_offset, const ms_tensor *t,
+                           bool contiguous, uint64_t size)
+{
+    size_t esize = ms_dtype_size(t->dtype);
+    const uint8_t *base = ms_tensor_data(t);
+    mdb_filehandle_t fd = -1;
+    if (file_offset >= 0)
+        mdb_env_get_fd(s->shards[s->save_rank]->env, &fd);
+    if (file_offset >= 0 && !contiguous)
+        MS_CHECK(buffer_reserve(&s->bounce, COPY_BLOCK_BYTES));
+    for (uint64_t done = 0; done < size; done += COPY_BLOCK_BYTES) {
+        uint64_t n = size - done < COPY_BLOCK_BYTES ? size - done : COPY_BLOCK_BYTES;
+        const uint8_t *block = base + done;
+        if (!contiguous) {
+            uint8_t *out = file_offset >= 0 ? s->bounce.data : value + done;
+            gather_elements(out, base, esize, t->ndim, t->shape, t->strides,
+                            (int64_t)(done / esize), (int64_t)(n / esize));
+            block = out;
+        }
+        checksum_update(s->hasher, block, n);
+        if (file_offset >= 0)
+            MS_CHECK(write_at(s, fd, block, n, file_offset + (off_t)done));
+        else if (contiguous)
+            memcpy(value + done, block, n);
+    }
+    if (file_offset >= 0)
+        sync_file_range(fd, file_offset, (off_t)size, SYNC_FILE_RANGE_WRITE);
+    return MS_OK;
+}
+
+/* Store one piece (at most max_chunk_bytes) as one value and record it in own_table. */
+static int write_piece(ms_store *s, store_entry *entry, const ms_tensor *t,
+                       const int64_t *global_offsets)
+{
+    store_chunk chunk = {.rank = (uint32_t)s->save_rank, .seq = s->next_seq++};
+    for (int d = 0; d < t->ndim; d++) {
+        chunk.offsets[d] = global_offsets[d];
+        chunk.sizes[d] = t->shape[d];
+    }
+    uint64_t nbytes = ms_tensor_nbytes(t);
+    uint8_t key[CHUNK_KEY_BYTES], *value = NULL;
+    off_t file_offset = -1;
+    chunk_key(key, s->save_step, chunk.seq);
+    MS_CHECK(reserve_value(s, key, nbytes, &value, &file_offset));
+    checksum_reset(s->hasher);
+    MS_CHECK(copy_into_value(s, value, file_offset, t, ms_tensor_is_contiguous(t), nbytes));
+    chunk.checksum = checksum_digest(s->hasher);
+    return entry_add_chunk(entry, &chunk);
+}
+
+/* Split t into pieces of at most max_chunk_bytes: blocks of whole slices along the outermost
+ * dim whose slices fit, one piece per index of the dims outside it. A read then verifies
+ * only the pieces it touches, and every piece fits one LMDB value. */
+int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t,
+                const int64_t *global_offsets)
+{
+    store_entry *entry = &s->own_table.entries[table_find(&s->own_table, fqn, fqn_len)];
+    int64_t esize = (int64_t)ms_dtype_size(t->dtype), limit = s->max_chunk_bytes;
+    if ((int64_t)ms_tensor_nbytes(t) <= limit)
+        return write_piece(s, entry, t, global_offsets);
+    int split = t->ndim - 1;
+    int64_t slice_bytes = esize;
+    while (split > 0 && slice_bytes * t->shape[split] <= limit)
+        slice_bytes *= t->shape[split--];
+    int64_t block = limit / slice_bytes;
+    int64_t outer[MS_MAX_DIMS] = {0};
+    for (;;) {
+        for (int64_t first = 0; first < t->shape[split]; first += block) {
+            ms_tensor piece = *t;
+            int64_t offsets[MS_MAX_DIMS];
+            for (int d = 0; d < t->ndim; d++) {
+                int64_t start = d < split ? outer[d] : d == split ? first : 0;
+                piece.offset += start * t->strides[d];
+                offsets[d] = global_offsets[d] + start;
+                if (d < split)
+                    piece.shape[d] = 1;
+            }
+            piece.shape[split] = t->shape[split] - first < block ? t->shape[split] - first : block;
+            piece.numel = 1;
+            for (int d = 0; d < t->ndim; d++)
+                piece.numel *= piece.shape[d];
+            MS_CHECK(write_piece(s, entry, &piece, offsets));
+        }
+        int d = split - 1;
+        while (d >= 0 && ++outer[d] == t->shape[d])
+            outer[d--] = 0;
+        if (d < 0)
+            return MS_OK;
+    }
+}
+
+/* Reclaim, then make sure the map has room for another copy of what the file holds before
+ * the transaction starts: growing inside it needs a commit, after which LMDB cannot hand
+ * the reclaimed pages to this save until the next one. */
+int write_start(ms_store *s)
+{
+    store_env *e = s->shards[s->save_rank];
+    MS_CHECK(reclaim_uncommitted(e, s->committed, s->committed_count));
+    MDB_envinfo info;
+    MDB_stat stat;
+    mdb_env_info(e->env, &info);
+    mdb_env_stat(e->env, &stat);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * stat.ms_psize;
+    if (info.me_mapsize < 2 * used + MAP_HEADROOM_BYTES / 2)
+        MS_CHECK(env_grow(e, 3 * used + MAP_HEADROOM_BYTES));
+    return open_write_txn(s);
+}

@@ -1,0 +1,136 @@
+-- Parity harness: trains the same small model unsharded in this process and sharded on
+-- forked ranks over one global batch, and returns both runs' losses, parameters and
+-- gradients as plain Lua arrays for comparison.
+local ms = require "moonshard"
+local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
+
+local M = {}
+
+M.VOCAB, M.DIM, M.HIDDEN, M.SEQ, M.GLOBAL_BATCH = 11, 6, 10, 3, 12
+
+-- Embedding -> LayerNorm -> Linear -> GELU -> Linear over tokens [B, T].
+local Block = nn.Module:extend("Block")
+function Block:__init(dim, hidden)
+  self.norm = nn.LayerNorm(dim)
+  self.fc1 = nn.Linear(dim, hidden)
+  self.act = nn.GELU()
+  self.fc2 = nn.Linear(hidden, dim)
+end
+function Block:forward(x) return x + self.fc2(self.act(self.fc1(self.norm(x)))) end
+M.Block = Block
+
+local Model = nn.Module:extend("ParityModel")
+function Model:__init()
+  self.embed = nn.Embedding(M.VOCAB, M.DIM)
+  self.blocks = nn.ModuleList({Block(M.DIM, M.HIDDEN), Block(M.DIM, M.HIDDEN)})
+  self.head = nn.Linear(M.DIM, M.VOCAB)
+end
+function Model:forward(tokens)
+  local x = self.embed(tokens)
+  for _, block in self.blocks:ipairs() do x = block(x) end
+  return self.head(x)
+end
+M.Model = Model
+
+-- Deterministic batch for a step: tokens and targets [GLOBAL_BATCH, SEQ].
+function M.batch(step)
+  local tokens, targets = {}, {}
+  for b = 1, M.GLOBAL_BATCH do
+    tokens[b], targets[b] = {}, {}
+    for t = 1, M.SEQ do
+      tokens[b][t] = (b * 7 + t * 3 + step * 5) % M.VOCAB
+      targets[b][t] = (b * 5 + t * 11 + step * 3) % M.VOCAB
+    end
+  end
+  return ms.tensor(tokens, {dtype = "i64"}), ms.tensor(targets, {dtype = "i64"})
+end
+
+local function loss_of(model, tokens, targets)
+  local logits = model(tokens)
+  return nn.F.cross_entropy(logits:view(-1, M.VOCAB), targets:reshape(-1))
+end
+
+local function flat(t) return t:reshape(-1):table() end
+
+-- Unsharded run: {losses = {...}, params = {fqn = {...}}, grads = {fqn = {...}}}.
+function M.reference(steps)
+  ms.set_default_dtype("f64")
+  ms.manual_seed(0)
+  local model = Model()
+  local opt = optim.Adam(model:parameters(), {lr = 0.01})
+  local losses = {}
+  for step = 1, steps do
+    local tokens, targets = M.batch(step)
+    opt:zero_grad()
+    local loss = loss_of(model, tokens, targets)
+    loss:backward()
+    losses[step] = loss:item()
+    if step < steps then opt:step() end
+  end
+  local params, grads = {}, {}
+  for name, p in model:named_parameters() do
+    params[name], grads[name] = flat(p), flat(p.grad)
+  end
+  ms.set_default_dtype("f32")
+  return {losses = losses, params = params, grads = grads}
+end
+
+-- Sharded run on world_size ranks. config: {strategy, wrap = "root"|"layer"|"nested",
+-- offload = bool, mesh_shape = {..}}.
+function M.sharded(steps, world_size, config)
+  local results = dist.spawn(world_size, function(rank, size)
+    ms.set_default_dtype("f64")
+    ms.manual_seed(0)
+    local model = Model()
+    local opts = {sharding_strategy = config.strategy, cpu_offload = {offload_params = config.offload}}
+    if config.mesh_shape then
+      opts.device_mesh = dist.init_device_mesh(config.mesh_shape, {mesh_dim_names = {"replicate", "shard"}})
+    end
+    if config.wrap == "layer" then
+      opts.auto_wrap_policy = fsdp.wrap_policy({Block})
+    elseif config.wrap == "nested" then
+      for _, block in model.blocks:ipairs() do
+        fsdp.FSDP(block.fc1, {sharding_strategy = config.strategy, device_mesh = opts.device_mesh,
+                              cpu_offload = opts.cpu_offload})
+        fsdp.FSDP(block, {sharding_strategy = config.strategy, device_mesh = opts.device_mesh,
+                          cpu_offload = opts.cpu_offload})
+      end
+    end
+    model = fsdp.FSDP(model, opts)
+    local opt = optim.Adam(model:parameters(), {lr = 0.01})
+    local per_rank = M.GLOBAL_BATCH / size
+    local losses = {}
+    for step = 1, steps do
+      local tokens, targets = M.batch(step)
+      local mine = tokens:narrow(0, rank * per_rank, per_rank)
+      local my_targets = targets:narrow(0, rank * per_rank, per_rank)
+      opt:zero_grad()
+      local loss = loss_of(model, mine, my_targets)
+      loss:backward()
+      local global = loss:detach():clone()
+      dist.all_reduce(global, "avg")
+      losses[step] = global:item()
+      if step < steps then opt:step() end
+    end
+    local params, grads = {}, {}
+    for name, p in model:named_parameters() do
+      params[name] = flat(p:full_tensor())
+      grads[name] = flat(p.grad:full_tensor())
+    end
+    return {losses = losses, params = params, grads = grads}
+  end)
+  return results
+end
+
+-- Largest relative difference between two arrays (relative to max(|b|, 1e-3)).
+function M.max_relative_error(a, b)
+  assert(#a == #b, "lengths differ: " .. #a .. " vs " .. #b)
+  local worst = 0
+  for i = 1, #a do
+    local scale = math.max(math.abs(b[i]), 1e-3)
+    worst = math.max(worst, math.abs(a[i] - b[i]) / scale)
+  end
+  return worst
+end
+
+return M

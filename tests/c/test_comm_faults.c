@@ -1,0 +1,307 @@
+/* C tests of the local backend's failure handling: crashed, exiting, failing and missing
+ * ranks, mismatched collectives, and that no process or /dev/shm entry is left behind. */
+#include <dirent.h>
+#include <errno.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "test_comm_cases.h"
+
+static int64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec t = {ms / 1000, (long)(ms % 1000) * 1000000};
+    while (nanosleep(&t, &t) != 0 && errno == EINTR) {
+    }
+}
+
+/* Rank r reports "<status> <elapsed ms> <message>" of its collective. */
+static void finish_with(int status, int64_t elapsed)
+{
+    char text[512];
+    int n = snprintf(text, sizeof text, "%d %lld %s", status, (long long)elapsed,
+                     ms_last_error());
+    ms_local_finish(0, text, (size_t)n);
+}
+
+typedef struct reported {
+    int status;
+    long long elapsed;
+    char message[400];
+} reported;
+
+static int read_report(ms_spawn *job, int rank, reported *out)
+{
+    ms_rank_outcome outcome;
+    if (ms_spawn_outcome(job, rank, &outcome) != MS_OK || outcome.state != MS_RANK_RETURNED)
+        return 0;
+    char text[512] = {0};
+    memcpy(text, outcome.bytes, outcome.nbytes < 511 ? outcome.nbytes : 511);
+    int used = 0;
+    if (sscanf(text, "%d %lld %n", &out->status, &out->elapsed, &used) != 2)
+        return 0;
+    snprintf(out->message, sizeof out->message, "%s", text + used);
+    return 1;
+}
+
+typedef enum fault { FAULT_SIGKILL, FAULT_SEGV, FAULT_EXIT, FAULT_ERROR, FAULT_RETURN } fault;
+
+static void commit_fault(fault how)
+{
+    sleep_ms(100); /* let the peers block in their collective first */
+    switch (how) {
+    case FAULT_SIGKILL: kill(getpid(), SIGKILL); break;
+    case FAULT_SEGV: {
+        setrlimit(RLIMIT_CORE, &(struct rlimit){0, 0});
+        volatile int *forbidden = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        *forbidden = 1;
+        break;
+    }
+    case FAULT_EXIT: _exit(3);
+    case FAULT_ERROR: ms_local_finish(1, "boom", 4); break;
+    case FAULT_RETURN: ms_local_finish(0, "0 0 gone", 8); break;
+    }
+}
+
+/* World of 3: rank 1 faults while ranks 0 and 2 wait in an all_reduce. */
+static void test_rank_fault(fault how, int state, int code, const char *reason)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 3, 30000, &rank));
+    if (rank == 1)
+        commit_fault(how);
+    if (rank >= 0) {
+        ms_tensor *t = new_tensor(MS_F32, 1000);
+        int64_t start = now_ms();
+        int status = ms_dist_all_reduce(NULL, t, MS_DIST_SUM);
+        int64_t elapsed = now_ms() - start;
+        if (status == MS_ERR_PEER_DIED) /* the group stays failed */
+            status = ms_dist_all_reduce(NULL, t, MS_DIST_SUM) == status ? status : -1;
+        finish_with(status, elapsed);
+    }
+    EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+    ms_rank_outcome outcome;
+    ms_spawn_outcome(job, 1, &outcome);
+#ifdef __SANITIZE_ADDRESS__
+    /* AddressSanitizer turns a segfault into its own report and exit status */
+    if (how == FAULT_SEGV) {
+        state = MS_RANK_EXITED;
+        code = 1;
+        reason = "exited with status 1";
+    }
+#endif
+    EXPECT(outcome.state == state);
+    if (state == MS_RANK_KILLED || state == MS_RANK_EXITED)
+        EXPECT(outcome.code == code);
+    if (state == MS_RANK_FAILED)
+        EXPECT(outcome.nbytes == 4 && memcmp(outcome.bytes, "boom", 4) == 0);
+    for (int r = 0; r <= 2; r += 2) {
+        reported report;
+        EXPECT(read_report(job, r, &report));
+        EXPECT(report.status == MS_ERR_PEER_DIED);
+        EXPECT(report.elapsed < 2000);
+        EXPECT(strstr(report.message, "all_reduce") && strstr(report.message, "rank 1") &&
+               strstr(report.message, reason));
+        if (failures)
+            fprintf(stderr, "  rank %d reported: %d %lld %s\n", r, report.status,
+                    report.elapsed, report.message);
+    }
+    ms_spawn_free(job);
+}
+
+/* A crash outside the collective a rank waits in still stops that collective. */
+static void test_unrelated_crash(void)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 3, 30000, &rank));
+    if (rank == 2)
+        commit_fault(FAULT_SIGKILL);
+    if (rank >= 0) {
+        ms_group *pair = NULL;
+        ms_dist_new_group(&pair, NULL, (int[]){0, 1}, 2);
+        ms_tensor *t = new_tensor(MS_F32, 1000);
+        int64_t start = now_ms();
+        int status = MS_OK;
+        while (status == MS_OK && now_ms() - start < 10000)
+            status = ms_dist_all_reduce(pair, t, MS_DIST_SUM);
+        finish_with(status, now_ms() - start);
+    }
+    EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+    for (int r = 0; r < 2; r++) {
+        reported report;
+        EXPECT(read_report(job, r, &report) && report.status == MS_ERR_PEER_DIED &&
+               strstr(report.message, "rank 2 died (signal 9)") && report.elapsed < 2100);
+    }
+    ms_spawn_free(job);
+}
+
+/* Rank 1 never calls the collective: rank 0 times out after the group's timeout. */
+static void test_missing_rank(void)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 30000, &rank));
+    if (rank == 1) {
+        sleep_ms(1500);
+        ms_local_finish(0, "0 0 late", 8);
+    }
+    if (rank == 0) {
+        EXPECT_STATUS(MS_ERR_INVALID, ms_group_set_timeout(NULL, 0));
+        EXPECT_STATUS(MS_OK, ms_group_set_timeout(NULL, 300));
+        ms_tensor *t = new_tensor(MS_I32, 10);
+        int64_t start = now_ms();
+        int status = ms_dist_broadcast(NULL, t, 1);
+        finish_with(status, now_ms() - start);
+    }
+    EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+    reported report;
+    EXPECT(read_report(job, 0, &report));
+    EXPECT(report.status == MS_ERR_TIMEOUT);
+    EXPECT(report.elapsed >= 280 && report.elapsed < 1400);
+    EXPECT(strstr(report.message, "broadcast: rank 1 did not arrive within 300 ms") != NULL);
+    ms_spawn_free(job);
+}
+
+static int mismatched_calls(int rank, int n, void *context)
+{
+    (void)rank;
+    (void)n;
+    (void)context;
+    mismatch_cases(NULL);
+    return 0;
+}
+
+/* Freeing a job whose ranks still run kills and reaps them. */
+static void test_free_running(void)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 0, &rank));
+    if (rank >= 0) {
+        sleep_ms(20000);
+        ms_local_finish(0, "", 0);
+    }
+    pid_t pids[2];
+    for (int r = 0; r < 2; r++) {
+        ms_rank_outcome outcome;
+        ms_spawn_outcome(job, r, &outcome);
+        EXPECT(outcome.state == MS_RANK_RUNNING);
+        pids[r] = outcome.pid;
+    }
+    int64_t start = now_ms();
+    ms_spawn_free(job);
+    EXPECT(now_ms() - start < 1000);
+    for (int r = 0; r < 2; r++)
+        EXPECT(kill(pids[r], 0) == -1 && errno == ESRCH);
+}
+
+/* 1 while pid is a live process (not a zombie waiting for init to reap it). */
+static int process_alive(pid_t pid)
+{
+    char path[64], stat[256] = {0};
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    size_t n = fread(stat, 1, sizeof stat - 1, f);
+    fclose(f);
+    const char *state = strrchr(stat, ')');
+    return n > 0 && state && state[2] != 'Z' && state[2] != 'X';
+}
+
+/* Ranks die with their parent. */
+static void test_parent_death(void)
+{
+    int fds[2];
+    EXPECT(pipe(fds) == 0);
+    pid_t middle = fork();
+    if (middle == 0) {
+        ms_spawn *job = NULL;
+        int rank = -1;
+        if (ms_local_spawn(&job, 2, 0, &rank) != MS_OK)
+            _exit(1);
+        if (rank >= 0) {
+            sleep_ms(20000);
+            _exit(0);
+        }
+        for (int r = 0; r < 2; r++) {
+            ms_rank_outcome outcome;
+            ms_spawn_outcome(job, r, &outcome);
+            if (write(fds[1], &outcome.pid, sizeof outcome.pid) != sizeof outcome.pid)
+                _exit(1);
+        }
+        sleep_ms(20000);
+        _exit(0);
+    }
+    close(fds[1]);
+    int32_t pids[2] = {0, 0};
+    EXPECT(read(fds[0], pids, sizeof pids) == sizeof pids);
+    close(fds[0]);
+    kill(middle, SIGKILL);
+    waitpid(middle, NULL, 0);
+    int64_t start = now_ms();
+    while ((process_alive(pids[0]) || process_alive(pids[1])) && now_ms() - start < 2000)
+        sleep_ms(10);
+    EXPECT(!process_alive(pids[0]) && !process_alive(pids[1]));
+}
+
+/* With SIGCHLD ignored the system reaps ranks itself; their finish records still count. */
+static int returns_rank(int rank, int n, void *context)
+{
+    (void)rank;
+    (void)n;
+    (void)context;
+    EXPECT_STATUS(MS_OK, ms_dist_barrier(NULL));
+    return 0;
+}
+
+static void test_sigchld_ignored(void)
+{
+    signal(SIGCHLD, SIG_IGN);
+    expect_clean_run(2, returns_rank, NULL, "sigchld_ignored");
+    signal(SIGCHLD, SIG_DFL);
+}
+
+static int count_dev_shm(void)
+{
+    DIR *dir = opendir("/dev/shm");
+    if (!dir)
+        return 0;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(dir));)
+        n += e->d_name[0] != '.';
+    closedir(dir);
+    return n;
+}
+
+int main(void)
+{
+    int shm_before = count_dev_shm();
+    test_rank_fault(FAULT_SIGKILL, MS_RANK_KILLED, SIGKILL, "died (signal 9)");
+    test_rank_fault(FAULT_SEGV, MS_RANK_KILLED, SIGSEGV, "died (signal 11)");
+    test_rank_fault(FAULT_EXIT, MS_RANK_EXITED, 3, "exited with status 3");
+    test_rank_fault(FAULT_ERROR, MS_RANK_FAILED, 0, "raised an error");
+    test_rank_fault(FAULT_RETURN, MS_RANK_RETURNED, 0, "returned without joining");
+    test_unrelated_crash();
+    test_missing_rank();
+    expect_clean_run(3, mismatched_calls, NULL, "mismatched_calls");
+    test_free_running();
+    test_parent_death();
+    test_sigchld_ignored();
+    EXPECT(count_dev_shm() == shm_before);
+    if (failures)
+        fprintf(stderr, "test_comm_faults: %d failures\n", failures);
+    return failures != 0;
+}

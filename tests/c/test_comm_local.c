@@ -1,0 +1,182 @@
+/* C tests of the local backend's collectives: every op and dtype, odd and empty sizes,
+ * sizes that span many segment chunks, world sizes 1 to 4, in-place use and sub-groups. */
+#include "test_comm_cases.h"
+
+static int every_collective(int rank, int n, void *context)
+{
+    (void)context;
+    ms_group *world = NULL;
+    EXPECT_STATUS(MS_OK, ms_dist_world(&world));
+    EXPECT(ms_group_rank(world) == rank && ms_group_size(world) == n);
+    EXPECT(strcmp(ms_group_backend(world), "local") == 0);
+    collective_cases(NULL);
+    return 0;
+}
+
+/* The same cases with every tensor in the ranks' heaps (direct copies between ranks),
+ * and with only rank 0's there (the ring, since not every member can be reached). */
+static int every_collective_in_heap(int rank, int world_size, void *context)
+{
+    (void)world_size;
+    int *heap_ranks = context;
+    cases_use_heap = rank < *heap_ranks;
+    collective_cases(NULL);
+    return 0;
+}
+
+/* Inexact f32 and bf16 sums come out bitwise identical on every rank. */
+static int report_all_reduce_hash(int rank, int n, void *context)
+{
+    (void)n;
+    int dtype = *(int *)context;
+    ms_tensor *t = new_tensor(dtype, 300001);
+    for (int64_t i = 0; i < t->numel; i++)
+        store_element(ms_tensor_data(t), dtype, i, sin((double)(i + 1) * (rank + 1.37)) * 1e3);
+    EXPECT_STATUS(MS_OK, ms_dist_all_reduce(NULL, t, MS_DIST_SUM));
+    uint64_t hash = fnv1a(ms_tensor_data(t), ms_tensor_nbytes(t));
+    ms_tensor_free(t);
+    char text[64];
+    int len = snprintf(text, sizeof text, "%llu", (unsigned long long)hash);
+    ms_local_finish(0, text, (size_t)len);
+    return 0;
+}
+
+static void test_identical_results(void)
+{
+    int kinds[] = {MS_F32, MS_BF16, MS_F16};
+    for (int k = 0; k < 3; k++) {
+        ms_spawn *job = NULL;
+        int rank = -1;
+        EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 3, 20000, &rank));
+        if (rank >= 0)
+            report_all_reduce_hash(rank, 3, &kinds[k]);
+        EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+        ms_rank_outcome first, other;
+        ms_spawn_outcome(job, 0, &first);
+        EXPECT(first.state == MS_RANK_RETURNED);
+        for (int r = 1; r < 3; r++) {
+            ms_spawn_outcome(job, r, &other);
+            EXPECT(other.state == MS_RANK_RETURNED && other.nbytes == first.nbytes &&
+                   memcmp(other.bytes, first.bytes, first.nbytes) == 0);
+        }
+        ms_spawn_free(job);
+    }
+}
+
+/* Sub-groups of a world of 4: {0, 2}, {1, 3} (a 2 x 2 mesh's columns), {1, 2, 3} and a
+ * group made twice with the same members, used alternately. */
+static int sub_groups(int rank, int n, void *context)
+{
+    (void)context;
+    ms_group *column[2], *triple, *again[2];
+    for (int c = 0; c < 2; c++)
+        EXPECT_STATUS(MS_OK, ms_dist_new_group(&column[c], NULL, (int[]){c, c + 2}, 2));
+    EXPECT_STATUS(MS_OK, ms_dist_new_group(&triple, NULL, (int[]){3, 1, 2}, 3));
+    for (int a = 0; a < 2; a++)
+        EXPECT_STATUS(MS_OK, ms_dist_new_group(&again[a], NULL, (int[]){0, 1, 2, 3}, n));
+    ms_group *mine = column[rank % 2];
+    EXPECT(ms_group_rank(mine) == rank / 2 && ms_group_size(mine) == 2);
+    EXPECT(ms_group_rank(column[1 - rank % 2]) == -1);
+    int ranks[2];
+    EXPECT_STATUS(MS_OK, ms_group_ranks(mine, ranks));
+    EXPECT(ranks[0] == rank % 2 && ranks[1] == rank % 2 + 2);
+    EXPECT(ms_group_rank(triple) == (rank == 0 ? -1 : rank - 1));
+
+    ms_tensor *t = new_tensor(MS_I64, 1001);
+    for (int round = 0; round < 3; round++) {
+        fill_pattern(t, rank, 0);
+        EXPECT_STATUS(MS_OK, ms_dist_all_reduce(mine, t, MS_DIST_SUM));
+        for (int64_t i = 0; i < t->numel; i++)
+            EXPECT(((int64_t *)ms_tensor_data(t))[i] ==
+                   (int64_t)(pattern(rank % 2, i) + pattern(rank % 2 + 2, i)));
+        if (rank != 0) {
+            fill_pattern(t, rank, 0);
+            EXPECT_STATUS(MS_OK, ms_dist_all_reduce(triple, t, MS_DIST_MAX));
+            for (int64_t i = 0; i < 5; i++)
+                EXPECT(((int64_t *)ms_tensor_data(t))[i] == (int64_t)pattern(3, i));
+        } else {
+            EXPECT_STATUS(MS_ERR_STATE, ms_dist_all_reduce(triple, t, MS_DIST_SUM));
+        }
+        for (int a = 0; a < 2; a++) {
+            fill_pattern(t, rank, 0);
+            EXPECT_STATUS(MS_OK, ms_dist_broadcast(again[a], t, a + 1));
+            EXPECT(((int64_t *)ms_tensor_data(t))[3] == (int64_t)pattern(a + 1, 3));
+        }
+    }
+    ms_tensor_free(t);
+    for (int c = 0; c < 2; c++)
+        ms_group_free(column[c]);
+    ms_group_free(triple);
+    for (int a = 0; a < 2; a++)
+        ms_group_free(again[a]);
+    return 0;
+}
+
+static int argument_checks(int rank, int n, void *context)
+{
+    (void)context;
+    (void)rank;
+    ms_tensor *a = new_tensor(MS_F32, 8), *b = new_tensor(MS_F64, 8 * n);
+    EXPECT_STATUS(MS_ERR_DTYPE, ms_dist_all_gather_into_tensor(NULL, b, a));
+    EXPECT(strstr(ms_last_error(), "f64") && strstr(ms_last_error(), "f32"));
+    ms_tensor *c = new_tensor(MS_F32, 8 * n + 1);
+    EXPECT_STATUS(MS_ERR_SHAPE, ms_dist_all_gather_into_tensor(NULL, c, a));
+    EXPECT_STATUS(MS_ERR_SHAPE, ms_dist_reduce_scatter_tensor(NULL, a, c, MS_DIST_SUM));
+    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_all_reduce(NULL, a, 7));
+    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_broadcast(NULL, a, n));
+    ms_tensor *strided = NULL;
+    int64_t shape = 4, stride = 2;
+    EXPECT_STATUS(MS_OK, ms_tensor_view(&strided, a, 1, &shape, &stride, 0));
+    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_all_reduce(NULL, strided, MS_DIST_SUM));
+    EXPECT(strstr(ms_last_error(), "contiguous") != NULL);
+    ms_tensor *overlap = NULL;
+    int64_t count = 8;
+    ms_tensor *out = new_tensor(MS_F32, 8 * n);
+    if (n > 1) {
+        EXPECT_STATUS(MS_OK, ms_tensor_view(&overlap, out, 1, &count, NULL, 4));
+        EXPECT_STATUS(MS_ERR_INVALID, ms_dist_all_gather_into_tensor(NULL, out, overlap));
+    }
+    ms_group *g = NULL;
+    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_new_group(&g, NULL, (int[]){0, 0}, 2));
+    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_new_group(&g, NULL, (int[]){n}, 1));
+    ms_spawn *job = NULL;
+    int inner = 0;
+    EXPECT_STATUS(MS_ERR_STATE, ms_local_spawn(&job, 2, 0, &inner));
+    /* the segment holds a bounded number of groups; running out is an error, not a crash */
+    ms_group *made[300];
+    int nmade = 0, status = MS_OK;
+    while (nmade < 300 && (status = ms_dist_new_group(&made[nmade], NULL, (int[]){0, 1}, 2)) == 0)
+        nmade++;
+    EXPECT_STATUS(MS_ERR_OOM, status);
+    EXPECT(strstr(ms_last_error(), "no room for another group") != NULL);
+    for (int i = 0; i < nmade; i++)
+        ms_group_free(made[i]);
+    /* the group still works after rejected calls */
+    EXPECT_STATUS(MS_OK, ms_dist_all_reduce(NULL, a, MS_DIST_SUM));
+    ms_tensor_free(overlap);
+    ms_tensor_free(strided);
+    ms_tensor_free(out);
+    ms_tensor_free(a);
+    ms_tensor_free(b);
+    ms_tensor_free(c);
+    return 0;
+}
+
+int main(void)
+{
+    for (int n = 1; n <= 4; n++) {
+        expect_clean_run(n, every_collective, NULL, "every_collective");
+        if (n > 1)
+            expect_clean_run(n, every_collective_in_heap, &n, "every_collective_in_heap");
+    }
+    int one = 1;
+    expect_clean_run(3, every_collective_in_heap, &one, "every_collective_rank_0_in_heap");
+    test_identical_results();
+    expect_clean_run(4, sub_groups, NULL, "sub_groups");
+    expect_clean_run(2, argument_checks, NULL, "argument_checks");
+    ms_group *world = NULL;
+    EXPECT_STATUS(MS_ERR_STATE, ms_dist_world(&world));
+    if (failures)
+        fprintf(stderr, "test_comm_local: %d failures\n", failures);
+    return failures != 0;
+}
