@@ -39,10 +39,12 @@ local Node = {}
 Node.__index = Node
 M.Node = Node
 
+-- A leaf's gradient sink. It runs as soon as its gradient is ready (highest priority), so
+-- post-accumulate hooks (FSDP's reduce-scatter) fire early and memory falls during backward.
 local function accumulator(t)
   local node = rawget(t, "_accumulator")
   if not node then
-    node = setmetatable({name = "AccumulateGrad", variable = t, edges = {}, seq = 0,
+    node = setmetatable({name = "AccumulateGrad", variable = t, edges = {}, seq = math.huge,
                          is_accumulator = true}, Node)
     t._accumulator = node
   end

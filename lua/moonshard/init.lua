@@ -149,6 +149,15 @@ end
 function ms.set_num_threads(n) check(lib.ms_set_num_threads(n), "set_num_threads") end
 function ms.get_num_threads() return lib.ms_get_num_threads() end
 
+-- ---- distributed tensors ----
+
+local placement = require "moonshard.placement"
+local DTensor = require "moonshard.dtensor"
+ms.Shard, ms.Replicate = placement.Shard, placement.Replicate
+ms.DTensor = DTensor
+ms.distribute_tensor = DTensor.distribute
+ms.is_dtensor = DTensor.is_dtensor
+
 -- ---- submodules, loaded on first use ----
 
 local submodules = {

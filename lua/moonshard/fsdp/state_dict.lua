@@ -79,45 +79,55 @@ local function model_state_dict(model)
   return out
 end
 
--- Copy source (a DTensor, a full tensor or a local tensor per the type) into a sharded
--- parameter's local rows.
+local function shape_mismatch(fqn, got, want)
+  fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s", fqn,
+       tostring(got), tostring(want))
+end
+
+-- This rank's rows of a full tensor laid out like the DTensor target (nil when it has none).
+local function local_rows_of(full, target)
+  local mesh_dim = target._shard_dim
+  if not mesh_dim then return full end
+  local start, length = placement.shard_range(target:size(0), target.device_mesh:size(mesh_dim),
+                                              target.device_mesh:get_local_rank(mesh_dim))
+  return length > 0 and full:narrow(0, start, length) or nil
+end
+
+-- Copy source (a DTensor, a full tensor, or for LOCAL_STATE_DICT a local tensor) into the
+-- target: a sharded parameter's local rows, or a plain tensor.
 local function import(fqn, target, source, settings)
+  if not (Tensor.is_tensor(source) or DTensor.is_dtensor(source)) then
+    fail("load_state_dict", "value for '%s' is a %s, not a tensor", fqn, type(source))
+  end
   if not DTensor.is_dtensor(target) then
     local value = DTensor.is_dtensor(source) and source:full_tensor() or source
-    if not (value:shape() == target:shape()) then
-      fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s", fqn,
-           tostring(value:shape()), tostring(target:shape()))
-    end
+    if not (value:shape() == target:shape()) then shape_mismatch(fqn, value:shape(), target:shape()) end
     check(lib.ms_copy(target._c, value._c), "load_state_dict")
     return
   end
   local local_target = target:to_local()
   local value
   if DTensor.is_dtensor(source) then
-    if not (source:shape() == target:shape()) then
-      fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s", fqn,
-           tostring(source:shape()), tostring(target:shape()))
+    if not (source:shape() == target:shape()) then shape_mismatch(fqn, source:shape(), target:shape()) end
+    local same_layout = source._shard_dim == target._shard_dim and source:to_local():shape() == local_target:shape()
+    value = same_layout and source:to_local() or local_rows_of(source:full_tensor(), target)
+  elseif settings.type == "LOCAL_STATE_DICT" then
+    if not (source:shape() == local_target:shape()) then
+      fail("load_state_dict", "size mismatch for '%s': got shape %s, the local shard is %s", fqn,
+           tostring(source:shape()), tostring(local_target:shape()))
     end
-    value = source:to_local()
-    if not (value:shape() == local_target:shape()) then
-      value = source:full_tensor()
-      source = value
-    end
-  else
     value = source
+  else
+    if not (source:shape() == target:shape()) then shape_mismatch(fqn, source:shape(), target:shape()) end
+    value = local_rows_of(source, target)
   end
-  if not Tensor.is_tensor(value) then fail("load_state_dict", "value for '%s' is not a tensor", fqn) end
-  if settings.type ~= "LOCAL_STATE_DICT" and value:shape() == target:shape() and
-     not (value:shape() == local_target:shape() and target:shape() == local_target:shape()) then
-    local start, length = placement.shard_range(target:size(0), target:size(0) == 0 and 1 or
-      (target._shard_dim and target.device_mesh:size(target._shard_dim) or 1),
-      target._shard_dim and target.device_mesh:get_local_rank(target._shard_dim) or 0)
-    value = length > 0 and value:narrow(0, start, length) or nil
-  elseif not (value:shape() == local_target:shape()) then
-    fail("load_state_dict", "size mismatch for '%s': got shape %s, the local shard is %s", fqn,
-         tostring(value:shape()), tostring(local_target:shape()))
+  if value then
+    if value:dtype() ~= local_target:dtype() then
+      fail("load_state_dict", "dtype mismatch for '%s': checkpoint has %s, model has %s", fqn, value:dtype(),
+           local_target:dtype())
+    end
+    check(lib.ms_copy(local_target._c, value._c), "load_state_dict")
   end
-  if value then check(lib.ms_copy(local_target._c, value._c), "load_state_dict") end
   local_target:_bump_version()
 end
 
