@@ -81,12 +81,16 @@ function Optimizer:step(closure)
   if closure then loss = closure() end
   for _, group in ipairs(self.param_groups) do
     for _, p in ipairs(group.params) do
+      if rawget(p, "_released_param") then
+        fail(self.name, "a parameter was released (its module was wrapped after this optimizer " ..
+             "was built); build the optimizer over the wrapped model's parameters")
+      end
       local grad = rawget(p, "grad")
       if grad ~= nil then
         local param_local = local_of(p)
-        if rawget(p, "_released_param") or rawget(param_local, "_c") == nil then
-          fail(self.name, "a parameter was released (its module was wrapped after this optimizer " ..
-               "was built); build the optimizer over the wrapped model's parameters")
+        if rawget(param_local, "_c") == nil then
+          fail(self.name, "a parameter's storage was released; build the optimizer over the wrapped " ..
+               "model's parameters")
         end
         local state = self.state[p]
         if not state then
