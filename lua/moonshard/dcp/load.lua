@@ -1,0 +1,115 @@
+-- Loading in place with resharding: each rank fills the tensors of its state dict (its own
+-- local shards, whatever mesh they are on) from every stored chunk that overlaps them, and
+-- sets the non-tensor values. Every key, type, dtype and shape is checked before any copy.
+local C = require "moonshard.ffi"
+local autograd = require "moonshard.autograd"
+local flatten = require "moonshard.dcp.flatten"
+local layout = require "moonshard.dcp.layout"
+local values = require "moonshard.dcp.values"
+local handle = require "moonshard.dcp.handle"
+local exchange = require "moonshard.dcp.exchange"
+
+local ffi = require "ffi"
+local lib, check, fail = C.lib, C.check, C.fail
+
+local M = {}
+
+local LISTED_KEYS = 10
+
+local function key_list(keys)
+  table.sort(keys)
+  local shown = {unpack(keys, 1, math.min(#keys, LISTED_KEYS))}
+  local text = table.concat(shown, ", ")
+  if #keys > LISTED_KEYS then text = text .. string.format(" and %d more", #keys - LISTED_KEYS) end
+  return text
+end
+
+local function check_options(opts, what)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
+  local step = opts.step
+  if step ~= nil and (type(step) ~= "number" or step < 0 or step % 1 ~= 0) then
+    fail(what, "step must be a non-negative integer, got %s", tostring(step))
+  end
+  return opts
+end
+
+local function value_kind(leaf)
+  return leaf.kind == "value" and type(leaf.value) or (leaf.kind == "dtensor" and "DTensor" or "tensor")
+end
+
+-- Raise for the first leaf the stored entry cannot fill.
+local function check_leaf(leaf, entry, where, what)
+  if (entry.kind == "tensor") ~= (leaf.kind ~= "value") then
+    local stored = entry.kind == "tensor" and "a tensor" or "a " .. values.kind(entry.bytes, entry.nbytes)
+    fail(what, "%s: '%s' is %s in the checkpoint but a %s in the state dict", where, leaf.fqn, stored,
+         value_kind(leaf))
+  end
+  if entry.kind ~= "tensor" then return end
+  local shape = leaf.value:shape()
+  if not (shape == entry.shape) then
+    fail(what, "%s: shape mismatch for '%s': the checkpoint has %s, the state dict has %s", where,
+         leaf.fqn, tostring(entry.shape), tostring(shape))
+  end
+  if leaf.value:dtype() ~= entry.dtype then
+    fail(what, "%s: dtype mismatch for '%s': the checkpoint has %s, the state dict has %s", where,
+         leaf.fqn, entry.dtype, leaf.value:dtype())
+  end
+end
+
+local offsets_buf = ffi.new("int64_t[8]")
+
+local function load_from(s, leaves, dir, opts, what)
+  local step = opts.step
+  if step == nil then
+    step = handle.latest(s, what)
+    if step == nil then fail(what, "%s has no committed step", dir) end
+  end
+  local where = string.format("%s: step %d", dir, step)
+  local _, stored = handle.entries(s, step, what)
+  local missing, unexpected, wanted = {}, {}, {}
+  for _, leaf in ipairs(leaves) do
+    wanted[leaf.fqn] = true
+    if not stored[leaf.fqn] then missing[#missing + 1] = leaf.fqn end
+  end
+  for fqn in pairs(stored) do
+    if not wanted[fqn] then unexpected[#unexpected + 1] = fqn end
+  end
+  if #missing > 0 then fail(what, "%s: missing keys (in the state dict, not in the checkpoint): %s",
+                            where, key_list(missing)) end
+  if opts.strict ~= false and #unexpected > 0 then
+    fail(what, "%s: unexpected keys (in the checkpoint, not in the state dict; pass strict = false " ..
+         "to ignore them): %s", where, key_list(unexpected))
+  end
+  for _, leaf in ipairs(leaves) do check_leaf(leaf, stored[leaf.fqn], where, what) end
+  local rank = exchange.world()
+  autograd.no_grad(function()
+    for _, leaf in ipairs(leaves) do
+      local entry = stored[leaf.fqn]
+      if leaf.kind == "value" then
+        leaf.parent[leaf.key] = values.decode(entry.bytes, entry.nbytes, leaf.fqn, what)
+      else
+        local place = layout.of(leaf, rank, what)
+        check(lib.ms_store_read_tensor(s, step, leaf.fqn, place.tensor._c,
+                                       layout.int64s(place.offsets, offsets_buf)), what)
+        place.tensor:_bump_version()
+      end
+    end
+  end)
+  table.sort(unexpected)
+  return {step = step, unexpected_keys = unexpected}
+end
+
+-- dcp.load(state_dict, dir, {step =, strict =}): returns {step =, unexpected_keys =}.
+function M.load(state_dict, dir, opts, what)
+  opts = check_options(opts, what)
+  local leaves = flatten.flatten(state_dict, what)
+  require("moonshard.dcp.save").wait_pending()
+  local s = handle.open(dir, handle.READ_ONLY, what)
+  local ok, result = pcall(load_from, s, leaves, dir, opts, what)
+  handle.close(s)
+  if not ok then error(result, 0) end
+  return result
+end
+
+return M

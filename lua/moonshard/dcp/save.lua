@@ -1,0 +1,183 @@
+-- Sharded saves: every rank writes the chunks it owns into its own shard file and commits
+-- them, then rank 0 merges every rank's chunk table and commits the step's manifest. An
+-- async save stages a copy of the rank's chunks and a C thread writes them.
+local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local scope = require "moonshard.scope"
+local flatten = require "moonshard.dcp.flatten"
+local layout = require "moonshard.dcp.layout"
+local values = require "moonshard.dcp.values"
+local handle = require "moonshard.dcp.handle"
+local exchange = require "moonshard.dcp.exchange"
+
+local ffi = require "ffi"
+local lib, check, fail = C.lib, C.check, C.fail
+
+local M = {}
+
+local HOST_POOL = 1
+
+-- The async save whose manifest is not committed yet; every later save or load waits for it.
+local pending = nil
+
+function M.wait_pending()
+  if pending then pending:wait() end
+end
+
+local function check_options(opts, what)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
+  local step = opts.step
+  if step ~= nil and (type(step) ~= "number" or step < 0 or step % 1 ~= 0 or step >= 2 ^ 53) then
+    fail(what, "step must be a non-negative integer, got %s", tostring(step))
+  end
+  local keep = opts.keep_last
+  if keep ~= nil and (type(keep) ~= "number" or keep < 1 or keep % 1 ~= 0) then
+    fail(what, "keep_last must be a positive integer, got %s", tostring(keep))
+  end
+  return opts
+end
+
+-- Staging buffers of async saves, by directory and fqn, reused by the next save of the
+-- same tensors (the previous save is always finished by then).
+local staging_buffers = {}
+
+local function same_layout(a, b)
+  return a._c.dtype == b._c.dtype and a:shape() == b:shape()
+end
+
+local function stage(dir, what)
+  local buffers = staging_buffers[dir] or {}
+  staging_buffers[dir] = buffers
+  return function(fqn, t)
+    local buffer = buffers[fqn]
+    if buffer and not (rawget(buffer, "_c") and same_layout(buffer, t)) then
+      if rawget(buffer, "_c") then buffer:_release() end
+      buffer = nil
+    end
+    if not buffer then
+      buffer = scope.keep(Tensor.empty_raw(t:shape(), t._c.dtype, HOST_POOL))
+      buffers[fqn] = buffer
+    end
+    check(lib.ms_copy(buffer._c, t._c), what)
+    return buffer
+  end
+end
+
+local global_shape_buf, offsets_buf = ffi.new("int64_t[8]"), ffi.new("int64_t[8]")
+
+-- Begin the step on this rank, put the chunks it owns, and commit them (in the background
+-- the commit only starts the writer). Returns the step.
+local function write_local(s, leaves, opts, rank, background, staging, what)
+  local step = opts.step
+  if step == nil then
+    local latest = handle.latest(s, what)
+    step = latest and latest + 1 or 0
+  end
+  check(lib.ms_store_begin(s, step, rank, background and lib.MS_STORE_BACKGROUND or
+                           lib.MS_STORE_FOREGROUND), what)
+  for _, leaf in ipairs(leaves) do
+    if leaf.kind == "value" then
+      if rank == 0 then
+        local bytes = values.encode(leaf.value)
+        check(lib.ms_store_put_bytes(s, leaf.fqn, bytes, #bytes), what)
+      end
+    else
+      local place = layout.of(leaf, rank, what)
+      if place.writer then
+        local t = staging and staging(leaf.fqn, place.tensor) or place.tensor
+        check(lib.ms_store_put_tensor(s, leaf.fqn, t._c, layout.int64s(place.global_shape, global_shape_buf),
+                                      layout.int64s(place.offsets, offsets_buf)), what)
+      end
+    end
+  end
+  check(lib.ms_store_commit_data(s), what)
+  return step
+end
+
+local table_ptr, table_size = ffi.new("const void*[1]"), ffi.new("int64_t[1]")
+
+local function own_chunk_table(s, what)
+  check(lib.ms_store_chunk_table(s, table_ptr, table_size), what)
+  return ffi.string(table_ptr[0], table_size[0])
+end
+
+local function commit_manifest(s, outcomes, world_size, opts, what)
+  for r = 2, world_size do
+    local bytes = outcomes[r].bytes
+    check(lib.ms_store_merge_chunk_table(s, bytes, #bytes), what)
+  end
+  check(lib.ms_store_commit_manifest(s, world_size), what)
+  if opts.keep_last then check(lib.ms_store_keep_last(s, opts.keep_last), what) end
+end
+
+-- The collective end of a save on every rank: exchange outcomes and chunk tables, commit
+-- the manifest on rank 0, agree on its outcome. Closes the handle; raises on any failure.
+local function finish(s, local_ok, local_error, opts, what)
+  local rank, world_size = exchange.world()
+  local ok, bytes = local_ok, local_error
+  if ok then ok, bytes = pcall(own_chunk_table, s, what) end
+  local outcomes = exchange.all_gather(ok, bytes or "")
+  local failure = exchange.failure(outcomes)
+  if failure then
+    lib.ms_store_abort(s)
+    handle.close(s)
+    fail(what, "%s", failure)
+  end
+  local committed, commit_error = true, ""
+  if rank == 0 then committed, commit_error = pcall(commit_manifest, s, outcomes, world_size, opts, what) end
+  failure = exchange.failure(exchange.all_gather(committed, commit_error or ""))
+  handle.close(s)
+  if failure then fail(what, "%s", failure) end
+end
+
+-- dcp.save(state_dict, dir, {step =, keep_last =}): returns the step written.
+function M.save(state_dict, dir, opts, what)
+  opts = check_options(opts, what)
+  local leaves = flatten.flatten(state_dict, what)
+  M.wait_pending()
+  local rank = exchange.world()
+  local s = handle.open(dir, handle.READ_WRITE, what)
+  local ok, step = pcall(write_local, s, leaves, opts, rank, false, nil, what)
+  finish(s, ok, not ok and step or nil, opts, what)
+  return step
+end
+
+local AsyncSave = {}
+AsyncSave.__index = AsyncSave
+
+-- Wait for the writer, then commit the step on every rank (a collective: every rank calls
+-- it). Returns the step; raises the save's error. Later calls return at once.
+function AsyncSave:wait()
+  if self.finished then
+    if self.error then error(self.error, 0) end
+    return self.step
+  end
+  self.finished = true
+  if pending == self then pending = nil end
+  local ok, err = self.local_ok, self.local_error
+  if ok then ok, err = pcall(check, lib.ms_store_wait(self.store), self.what) end
+  local done, failure = pcall(finish, self.store, ok, err, self.opts, self.what)
+  if not done then
+    self.error = failure
+    error(failure, 0)
+  end
+  return self.step
+end
+
+-- dcp.async_save(state_dict, dir, opts): stages this rank's chunks, starts the writer and
+-- returns a handle; h:wait() commits the step.
+function M.async_save(state_dict, dir, opts, what)
+  opts = check_options(opts, what)
+  local leaves = flatten.flatten(state_dict, what)
+  M.wait_pending()
+  local rank = exchange.world()
+  local s = handle.open(dir, handle.READ_WRITE, what)
+  local ok, step = pcall(write_local, s, leaves, opts, rank, true, stage(dir, what), what)
+  local h = setmetatable({store = s, opts = opts, what = what, local_ok = ok,
+                          local_error = not ok and step or nil, step = ok and step or nil}, AsyncSave)
+  pending = h
+  return h
+end
+
+return M
