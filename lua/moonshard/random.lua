@@ -10,8 +10,10 @@ local M = {}
 
 local state = {seed = 0, offset = 0}
 
+local function is_count(v) return type(v) == "number" and v >= 0 and v % 1 == 0 end
+
 function M.manual_seed(seed)
-  if type(seed) ~= "number" or seed < 0 or seed % 1 ~= 0 then
+  if not is_count(seed) then
     fail("manual_seed", "seed must be a non-negative integer, got %s", tostring(seed))
   end
   state.seed, state.offset = seed, 0
@@ -20,8 +22,10 @@ end
 function M.get_rng_state() return {seed = state.seed, offset = state.offset} end
 
 function M.set_rng_state(new_state)
-  if type(new_state) ~= "table" or type(new_state.seed) ~= "number" or type(new_state.offset) ~= "number" then
-    fail("set_rng_state", "expected a table {seed = n, offset = n} from get_rng_state()")
+  if type(new_state) ~= "table" or not is_count(new_state.seed) or not is_count(new_state.offset) then
+    fail("set_rng_state", "expected a table {seed = n, offset = n} of non-negative integers " ..
+         "from get_rng_state(), got seed %s and offset %s", type(new_state) == "table" and
+         tostring(new_state.seed) or "-", type(new_state) == "table" and tostring(new_state.offset) or "-")
   end
   state.seed, state.offset = new_state.seed, new_state.offset
 end
@@ -70,8 +74,8 @@ end
 -- ms.randint(low, high, shape[, opts]): integers in [low, high), i64 by default.
 function M.randint(low, high, shape, opts)
   opts = opts or {}
-  if type(low) ~= "number" or type(high) ~= "number" or high <= low then
-    fail("randint", "need low < high, got %s and %s", tostring(low), tostring(high))
+  if type(low) ~= "number" or type(high) ~= "number" or low % 1 ~= 0 or high % 1 ~= 0 or high <= low then
+    fail("randint", "need integers low < high, got %s and %s", tostring(low), tostring(high))
   end
   local parsed = Tensor.parse_shape("randint", shape)
   local uniform = Tensor.empty_raw(parsed, 1, 0)
