@@ -12,6 +12,7 @@ local M = {}
 local grad_enabled = true
 local sequence = 0
 local saved_hooks = {}    -- stack of {pack = fn, unpack = fn}
+local op_hooks = {}       -- stack of fn(op_name, compute, ...) around policy-visible ops
 local tasks = {}          -- stack of running backward tasks
 
 local function unpack_results(results) return unpack(results, 2, table.maxn(results)) end
@@ -208,6 +209,27 @@ function M.without_saved_tensors_hooks(fn, ...)
   return unpack_results(results)
 end
 
+-- ---- op hooks ----
+
+-- Ops whose outputs a selective-checkpoint policy may keep (the matrix products) compute
+-- through run_op: compute(...) returns the op's output before autograd records it. The
+-- innermost hook may return a stored output instead of computing.
+function M.run_op(name, compute, ...)
+  local hook = op_hooks[#op_hooks]
+  if hook == nil then return compute(...) end
+  return hook(name, compute, ...)
+end
+
+-- Run fn(...) with hook(op_name, compute, ...) seeing every run_op inside.
+function M.with_op_hook(hook, fn, ...)
+  op_hooks[#op_hooks + 1] = hook
+  local depth = #op_hooks
+  local results = {pcall(fn, ...)}
+  for i = #op_hooks, depth, -1 do op_hooks[i] = nil end
+  if not results[1] then error(results[2], 0) end
+  return unpack_results(results)
+end
+
 -- ---- engine ----
 
 -- Queue fn to run once when the innermost running backward pass ends.
@@ -218,6 +240,11 @@ function M.queue_callback(fn)
 end
 
 function M.in_backward() return #tasks > 0 end
+-- Whether the innermost running backward keeps the graph for another pass.
+function M.retaining_graph()
+  local task = tasks[#tasks]
+  return task ~= nil and task.retain_graph and true or false
+end
 function M.backward_depth() return #tasks end
 
 local function heap_push(heap, node)

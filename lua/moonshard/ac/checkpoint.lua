@@ -6,6 +6,7 @@ local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local random = require "moonshard.random"
 local scope = require "moonshard.scope"
+local selective = require "moonshard.ac.selective"
 local stats = require "moonshard.ac.stats"
 
 local fail = C.fail
@@ -13,21 +14,26 @@ local is_tensor = Tensor.is_tensor
 
 local M = {}
 
+local recompute_depth = 0
+
 local function pack_results(...) return {n = select("#", ...), ...} end
 
-local function first_tensor(results)
-  for i = 1, results.n do if is_tensor(results[i]) then return true end end
+local function has_tensor(results)
   for i = 1, results.n do
-    if type(results[i]) == "table" then
-      for _, v in pairs(results[i]) do if is_tensor(v) then return true end end
+    local r = results[i]
+    if is_tensor(r) then return true end
+    if type(r) == "table" and getmetatable(r) == nil then
+      for _, v in pairs(r) do if is_tensor(v) then return true end end
     end
   end
   return false
 end
 
+-- ---- frames: what a region keeps between its forward pass and its recomputation ----
+
 -- Inputs are kept as their own handles with their versions, so recomputation sees the
 -- same values and an in-place change between forward and backward is detected.
-local function capture_inputs(args)
+local function new_frame(fn, args, opts)
   local inputs = {n = args.n}
   for i = 1, args.n do
     local a = args[i]
@@ -39,18 +45,52 @@ local function capture_inputs(args)
       inputs[i] = {value = a}
     end
   end
-  return inputs
+  return {fn = fn, inputs = inputs, packed = 0, released = 0, shapes = {},
+          rng_state = opts.preserve_rng_state and random.get_rng_state() or nil,
+          store = opts.policy and selective.new_store(opts.policy) or nil}
 end
 
-local function check_versions(inputs)
-  for i = 1, inputs.n do
-    local entry = inputs[i]
+-- Free the inputs and kept op outputs once no recomputation can follow.
+local function release_sources(frame)
+  if frame.sources_released then return end
+  frame.sources_released = true
+  for i = 1, frame.inputs.n do
+    local entry = frame.inputs[i]
+    if entry.tensor then entry.tensor:_release() end
+  end
+  if frame.store then selective.release(frame.store) end
+end
+
+local function check_inputs(frame)
+  if frame.sources_released then
+    fail("checkpoint", "the region was already recomputed and its inputs freed; pass " ..
+         "{retain_graph = true} to the first backward to backward through it again")
+  end
+  for i = 1, frame.inputs.n do
+    local entry = frame.inputs[i]
     if entry.tensor and entry.tensor._c.storage.version ~= entry.version then
       fail("checkpoint", "input %d was modified in place after the forward pass and before " ..
            "recomputation (version %d, expected %d)", i, tonumber(entry.tensor._c.storage.version),
            tonumber(entry.version))
     end
   end
+end
+
+local function frame_args(frame, as_leaves)
+  local args = {}
+  for i = 1, frame.inputs.n do
+    local entry = frame.inputs[i]
+    if entry.tensor and as_leaves then
+      local leaf = entry.tensor:detach()
+      leaf.requires_grad = entry.tensor.requires_grad
+      args[i] = leaf
+    elseif entry.tensor then
+      args[i] = entry.tensor
+    else
+      args[i] = entry.value
+    end
+  end
+  return args
 end
 
 local function with_rng(state, fn, ...)
@@ -63,103 +103,198 @@ local function with_rng(state, fn, ...)
   return unpack(results, 2, results.n)
 end
 
+-- Run the region's function again as in the forward pass: same RNG state, kept op outputs
+-- handed back by the policy's store, saves going through the given hooks (if any). Every
+-- tensor it makes is freed on return except what after_run(results) returns or keeps.
+local function rerun(frame, args, hooks, after_run)
+  local function region()
+    return scope.run(function()
+      return after_run(pack_results(scope.run(frame.fn, unpack(args, 1, frame.inputs.n))))
+    end)
+  end
+  local run = region
+  if hooks then
+    run = function() return autograd.saved_tensors_hooks(hooks.pack, hooks.unpack, region) end
+  end
+  local finished
+  if frame.store then
+    local hook, inner
+    hook, finished = selective.replaying_hook(frame.store)
+    inner = run
+    run = function() return autograd.with_op_hook(hook, inner) end
+  end
+  local out = autograd.enable_grad(with_rng, frame.rng_state, run)
+  if finished then finished() end
+  stats.add_recomputed(1)
+  return out
+end
+
+-- Regions entered while grad is off save nothing, and regions entered while an enclosing
+-- region is being recomputed only need to produce values: both just run.
+local function discard_pack() return false end
+local function discard_unpack()
+  fail("checkpoint", "backward used a tensor saved while a region was being recomputed")
+end
+
+local function run_plainly(fn, args, opts)
+  if recompute_depth == 0 then return fn(unpack(args, 1, args.n)) end
+  local function run() return fn(unpack(args, 1, args.n)) end
+  if opts.policy then
+    local inner = run
+    run = function() return autograd.with_op_hook(selective.computing_hook, inner) end
+  end
+  return autograd.saved_tensors_hooks(discard_pack, discard_unpack, run)
+end
+
+-- fn(...) with saves discarded when an enclosing region is being recomputed.
+function M.unless_recomputing(wrapper, fn, ...)
+  if recompute_depth > 0 then return autograd.saved_tensors_hooks(discard_pack, discard_unpack, fn, ...) end
+  return wrapper(fn, ...)
+end
+
 -- ---- non-reentrant ----
 
 local function recompute(frame)
-  check_versions(frame.inputs)
+  check_inputs(frame)
   local captured = {}
-  local function pack(t)
-    local kept = scope.keep(Tensor.alias_raw(t))
-    captured[#captured + 1] = kept
-    return #captured
+  local hooks = {
+    pack = function(t)
+      captured[#captured + 1] = scope.keep(Tensor.alias_raw(t))
+      return #captured
+    end,
+    unpack = function() fail("checkpoint", "a tensor saved by a recomputation was used directly") end,
+  }
+  recompute_depth = recompute_depth + 1
+  local ok, err = pcall(rerun, frame, frame_args(frame, false), hooks, function() return nil end)
+  recompute_depth = recompute_depth - 1
+  if not ok then
+    for _, t in ipairs(captured) do t:_release() end
+    error(err, 0)
   end
-  local function unpack_captured(index) return captured[index] end
-  local args = {}
-  for i = 1, frame.inputs.n do
-    local entry = frame.inputs[i]
-    if entry.tensor then
-      -- the kept handle carries the input's requires_grad, so ops save what they saved before
-      args[i] = entry.tensor
-    else
-      args[i] = entry.value
-    end
-  end
-  autograd.enable_grad(function()
-    autograd.saved_tensors_hooks(pack, unpack_captured, function()
-      with_rng(frame.rng_state, function()
-        scope.run(frame.fn, unpack(args, 1, frame.inputs.n))
-      end)
-    end)
-  end)
+  return captured
+end
+
+local function check_recomputed(frame, captured)
   if #captured ~= frame.packed then
+    for _, t in ipairs(captured) do t:_release() end
     fail("checkpoint", "recomputation saved %d tensors, the forward pass saved %d (the region " ..
          "is not deterministic or its inputs changed)", #captured, frame.packed)
   end
-  frame.recomputed = captured
-  stats.add_recomputed(1)
+  for i, t in ipairs(captured) do
+    local shape = t:shape()
+    if not (shape == frame.shapes[i]) then
+      for _, c in ipairs(captured) do c:_release() end
+      fail("checkpoint", "recomputed tensor %d has shape %s, the forward pass saved shape %s " ..
+           "(the region is not deterministic or its inputs changed)", i, tostring(shape),
+           tostring(frame.shapes[i]))
+    end
+  end
 end
 
-function M.checkpoint_non_reentrant(fn, args, preserve_rng)
-  local frame = {fn = fn, inputs = capture_inputs(args), packed = 0,
-                 rng_state = preserve_rng and random.get_rng_state() or nil}
-  local function pack(t)
-    frame.packed = frame.packed + 1
-    return frame.packed
+local function release_placeholder(placeholder)
+  local frame, index = placeholder.frame, placeholder.index
+  local recomputed = frame.recomputed
+  if recomputed and recomputed[index] then
+    recomputed[index]:_release()
+    recomputed[index] = false
   end
-  -- Each recomputed tensor is handed out once and released with the node that used it;
-  -- asking again (retain_graph) recomputes the region again.
-  local function unpack_saved(index)
-    if not frame.recomputed or not frame.recomputed[index] then recompute(frame) end
-    local t = frame.recomputed[index]
-    frame.recomputed[index] = false
-    local handed_out = Tensor.alias_raw(t)
-    t:_release()
-    return handed_out
+  frame.released = frame.released + 1
+  if frame.released == frame.packed then release_sources(frame) end
+end
+
+-- The tensor a placeholder stands for: recomputes the region on the first request. Each
+-- recomputed tensor is handed out once; asking again (retain_graph) recomputes again.
+local function unpack_placeholder(placeholder)
+  local frame, index = placeholder.frame, placeholder.index
+  if not (frame.recomputed and frame.recomputed[index]) then
+    if frame.recomputed then
+      for _, t in ipairs(frame.recomputed) do if t then t:_release() end end
+    end
+    frame.recomputed = nil
+    local captured = recompute(frame)
+    check_recomputed(frame, captured)
+    frame.recomputed = captured
+    if not autograd.retaining_graph() then release_sources(frame) end
   end
-  local results = pack_results(autograd.saved_tensors_hooks(pack, unpack_saved, function()
-    return scope.run(fn, unpack(args, 1, args.n))
-  end))
-  if not first_tensor(results) then
-    fail("checkpoint", "the checkpointed function returned no tensor")
+  local t = frame.recomputed[index]
+  frame.recomputed[index] = false
+  local handed_out = Tensor.alias_raw(t)
+  t:_release()
+  return handed_out
+end
+
+local function placeholder_pack(frame)
+  return function(t)
+    local n = frame.packed + 1
+    frame.packed = n
+    frame.shapes[n] = t:shape()
+    return {frame = frame, index = n, _release = release_placeholder}
   end
+end
+
+function M.checkpoint_non_reentrant(fn, args, opts)
+  if not autograd.is_grad_enabled() or recompute_depth > 0 then return run_plainly(fn, args, opts) end
+  local frame = new_frame(fn, args, opts)
+  local function region() return scope.run(fn, unpack(args, 1, args.n)) end
+  local run = region
+  if frame.store then
+    run = function() return autograd.with_op_hook(selective.recording_hook(frame.store), region) end
+  end
+  local ok, results = pcall(function()
+    return pack_results(autograd.saved_tensors_hooks(placeholder_pack(frame), unpack_placeholder, run))
+  end)
+  if not ok then release_sources(frame); error(results, 0) end
+  if not has_tensor(results) then
+    release_sources(frame)
+    fail("checkpoint", "the checkpointed function returned no tensor (got %s)",
+         results.n == 0 and "nothing" or type(results[1]))
+  end
+  if frame.packed == 0 then release_sources(frame) end
   return unpack(results, 1, results.n)
 end
 
 -- ---- reentrant ----
 
+-- Input gradients leave the nested backward as ordinary temporaries, so the engine frees
+-- them once they are accumulated.
 local function reentrant_backward(node, grad)
   local frame = node.frame
-  check_versions(frame.inputs)
-  local args, leaves = {}, {}
-  for i = 1, frame.inputs.n do
-    local entry = frame.inputs[i]
-    if entry.tensor then
-      local leaf = entry.tensor:detach()
-      leaf.requires_grad = entry.tensor.requires_grad
-      args[i], leaves[i] = leaf, leaf
-    else
-      args[i] = entry.value
-    end
-  end
-  local output = autograd.enable_grad(function()
-    return with_rng(frame.rng_state, function()
-      return scope.run(frame.fn, unpack(args, 1, frame.inputs.n))
-    end)
-  end)
-  stats.add_recomputed(1)
+  check_inputs(frame)
+  local leaves = frame_args(frame, true)
+  local output = rerun(frame, leaves, nil, function(results) return results[1] end)
   if output.requires_grad then autograd.backward({output}, {grad}) end
   local grads = {}
   for i = 1, frame.inputs.n do
     local leaf = leaves[i]
-    grads[i] = leaf and rawget(leaf, "grad") or nil
+    local g = is_tensor(leaf) and rawget(leaf, "grad") or nil
+    if g then
+      leaf.grad = nil
+      g._keep = nil
+    end
+    grads[i] = g
   end
+  if not autograd.retaining_graph() then release_sources(frame) end
   return unpack(grads, 1, frame.inputs.n)
 end
 
-function M.checkpoint_reentrant(fn, args, preserve_rng)
-  local frame = {fn = fn, inputs = capture_inputs(args), rng_state = preserve_rng and random.get_rng_state() or nil}
-  local output = autograd.no_grad(function() return scope.run(fn, unpack(args, 1, args.n)) end)
+function M.checkpoint_reentrant(fn, args, opts)
+  if not autograd.is_grad_enabled() or recompute_depth > 0 then
+    local output = run_plainly(fn, args, opts)
+    if not is_tensor(output) then
+      fail("checkpoint", "with use_reentrant the function must return one tensor, got %s", type(output))
+    end
+    return output
+  end
+  local frame = new_frame(fn, args, opts)
+  local function region() return scope.run(fn, unpack(args, 1, args.n)) end
+  local run = region
+  if frame.store then
+    run = function() return autograd.with_op_hook(selective.recording_hook(frame.store), region) end
+  end
+  local ok, output = pcall(autograd.no_grad, run)
+  if not ok then release_sources(frame); error(output, 0) end
   if not is_tensor(output) then
+    release_sources(frame)
     fail("checkpoint", "with use_reentrant the function must return one tensor, got %s", type(output))
   end
   local inputs = {}
@@ -168,6 +303,8 @@ function M.checkpoint_reentrant(fn, args, preserve_rng)
   if node then
     node.frame = frame
     node.saved = {} -- marks the node freed once run, so a second backward is refused
+  else
+    release_sources(frame)
   end
   return output
 end

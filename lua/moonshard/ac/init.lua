@@ -1,43 +1,65 @@
--- moonshard.ac: activation checkpointing (checkpoint, checkpoint_wrapper,
--- apply_activation_checkpointing) and activation offload (offload_wrapper, save_on_cpu).
--- Wrappers work in place: names of parameters and state-dict keys do not change.
+-- moonshard.ac: activation checkpointing (checkpoint, checkpoint_wrapper, selective
+-- policies, apply_activation_checkpointing) and activation offload (offload_wrapper,
+-- save_on_cpu). Wrappers work in place: parameter and state-dict names do not change.
 local C = require "moonshard.ffi"
-local Tensor = require "moonshard.tensor"
-local autograd = require "moonshard.autograd"
 local Module = require "moonshard.nn.module"
-local scope = require "moonshard.scope"
 local checkpointing = require "moonshard.ac.checkpoint"
+local selective = require "moonshard.ac.selective"
+local offload = require "moonshard.ac.offload"
 local stats = require "moonshard.ac.stats"
 
-local lib, check, fail = C.lib, C.check, C.fail
+local fail = C.fail
 
 local ac = {}
 
--- ac.checkpoint(fn, arg1, ..., [{use_reentrant = false, preserve_rng_state = true}])
--- The options table is recognised as the last argument when it is a plain table holding
--- only these keys.
-local option_keys = {use_reentrant = true, preserve_rng_state = true}
+ac.default_policy = selective.default_policy
+ac.policy_ops = selective.OPS
+
+local option_keys = {use_reentrant = true, preserve_rng_state = true, policy = true}
+
+-- The options table is the last argument when it is a plain table holding option keys;
+-- a table mixing option keys with other keys is refused rather than passed on.
 local function split_options(...)
   local n = select("#", ...)
   local last = select(n, ...)
-  if n > 0 and type(last) == "table" and getmetatable(last) == nil then
-    local only_options = next(last) ~= nil
-    for key in pairs(last) do if not option_keys[key] then only_options = false end end
-    if only_options then return {n = n - 1, ...}, last end
+  if n == 0 or type(last) ~= "table" or getmetatable(last) ~= nil then return {n = n, ...}, {} end
+  local known, unknown = 0, nil
+  for key in pairs(last) do
+    if option_keys[key] then known = known + 1 else unknown = unknown or key end
   end
-  return {n = n, ...}, {}
+  if next(last) ~= nil and known == 0 then return {n = n, ...}, {} end
+  if unknown ~= nil then
+    fail("checkpoint", "unknown option '%s' (expected use_reentrant, preserve_rng_state, policy)", tostring(unknown))
+  end
+  return {n = n - 1, ...}, last
 end
 
+local function is_callable(fn)
+  return type(fn) == "function" or (type(fn) == "table" and getmetatable(fn) and getmetatable(fn).__call)
+end
+
+local function region_options(what, opts)
+  if opts.policy ~= nil and type(opts.policy) ~= "function" then
+    fail(what, "policy must be a function(op_name) -> 'save' | 'recompute', got %s", type(opts.policy))
+  end
+  return {preserve_rng_state = opts.preserve_rng_state ~= false, policy = opts.policy}
+end
+
+local function run_region(fn, args, reentrant, opts)
+  if reentrant then return checkpointing.checkpoint_reentrant(fn, args, opts) end
+  return checkpointing.checkpoint_non_reentrant(fn, args, opts)
+end
+
+-- ac.checkpoint(fn, arg1, ..., [{use_reentrant = false, preserve_rng_state = true, policy = fn}])
 function ac.checkpoint(fn, ...)
-  if type(fn) ~= "function" and not (type(fn) == "table" and getmetatable(fn) and getmetatable(fn).__call) then
+  if not is_callable(fn) then
     fail("checkpoint", "expected a function or a module to run, got %s", type(fn))
   end
   local args, opts = split_options(...)
-  local preserve = opts.preserve_rng_state ~= false
-  if opts.use_reentrant then return checkpointing.checkpoint_reentrant(fn, args, preserve) end
-  return checkpointing.checkpoint_non_reentrant(fn, args, preserve)
+  return run_region(fn, args, opts.use_reentrant, region_options("checkpoint", opts))
 end
 
+-- The module's call (its hooks and forward) runs inside around(call, ...).
 local function wrap_call(module, kind, around)
   if not Module.is_module(module) then fail(kind, "expected an nn.Module, got %s", type(module)) end
   if rawget(module, "_ac_wrapper") then
@@ -52,67 +74,48 @@ local function wrap_call(module, kind, around)
 end
 
 -- checkpoint_wrapper(module, {checkpoint_impl = "no_reentrant" | "reentrant",
---                             preserve_rng_state = true})
+--                             preserve_rng_state = true, policy = fn})
 function ac.checkpoint_wrapper(module, opts)
   opts = opts or {}
   local impl = opts.checkpoint_impl or "no_reentrant"
   if impl ~= "no_reentrant" and impl ~= "reentrant" then
     fail("checkpoint_wrapper", "checkpoint_impl must be 'reentrant' or 'no_reentrant', got '%s'", tostring(impl))
   end
-  local preserve = opts.preserve_rng_state ~= false
+  local region_opts = region_options("checkpoint_wrapper", opts)
+  local reentrant = impl == "reentrant"
   return wrap_call(module, "checkpoint_wrapper", function(call, ...)
-    local args = {n = select("#", ...), ...}
-    if impl == "reentrant" then return checkpointing.checkpoint_reentrant(call, args, preserve) end
-    return checkpointing.checkpoint_non_reentrant(call, args, preserve)
+    return run_region(call, {n = select("#", ...), ...}, reentrant, region_opts)
   end)
-end
-
--- Saved tensors go to the host pool when packed and come back when backward needs them.
-local host_pool = Tensor.pool_id("host", "save_on_cpu")
-
-local function release_packed(packed) packed.tensor:_release() end
-
-local function offload_pack(t)
-  local kept = scope.keep(Tensor.alias_raw(t))
-  if t._c.storage.pool == host_pool then return {tensor = kept, _release = release_packed} end
-  local copy = scope.keep(Tensor.empty_raw(t:shape(), t._c.dtype, host_pool))
-  check(lib.ms_copy(copy._c, t._c), "save_on_cpu")
-  kept:_release()
-  stats.add_offloaded(copy:nbytes())
-  return {tensor = copy, pool = t._c.storage.pool, _release = release_packed}
-end
-
-local function offload_unpack(packed)
-  local t = packed.tensor
-  if not packed.pool then return t end
-  local back = Tensor.empty_raw(t:shape(), t._c.dtype, packed.pool)
-  check(lib.ms_copy(back._c, t._c), "save_on_cpu")
-  return back
 end
 
 -- Run fn(...) with every tensor saved for backward kept in the host pool; returns fn's
 -- results. pin_memory is accepted (the host pool is pinned when CUDA is present).
 function ac.save_on_cpu(fn, ...)
+  if not is_callable(fn) then fail("save_on_cpu", "expected a function to run, got %s", type(fn)) end
   local args = {n = select("#", ...), ...}
   local last = args[args.n]
-  if type(last) == "table" and getmetatable(last) == nil and (last.pin_memory ~= nil) then
+  if type(last) == "table" and getmetatable(last) == nil and last.pin_memory ~= nil then
     args.n = args.n - 1
   end
-  return autograd.saved_tensors_hooks(offload_pack, offload_unpack, fn, unpack(args, 1, args.n))
+  return offload.run(fn, unpack(args, 1, args.n))
 end
 
 function ac.offload_wrapper(module)
-  return wrap_call(module, "offload_wrapper", function(call, ...)
-    return autograd.saved_tensors_hooks(offload_pack, offload_unpack, call, ...)
-  end)
+  return wrap_call(module, "offload_wrapper", offload.run)
 end
 
--- Wrap every submodule for which check_fn(module) is true (default: all children of the
--- root are left alone unless check_fn says so) with checkpoint_wrapper_fn.
+-- Wrap every submodule (not the root) for which check_fn(module) is true with
+-- checkpoint_wrapper_fn (default: checkpoint_wrapper, non-reentrant).
 function ac.apply_activation_checkpointing(model, opts)
   opts = opts or {}
+  if not Module.is_module(model) then
+    fail("apply_activation_checkpointing", "expected an nn.Module, got %s", type(model))
+  end
   local check_fn = opts.check_fn or function() return true end
   local wrapper = opts.checkpoint_wrapper_fn or ac.checkpoint_wrapper
+  if not is_callable(check_fn) or not is_callable(wrapper) then
+    fail("apply_activation_checkpointing", "check_fn and checkpoint_wrapper_fn must be functions")
+  end
   local targets = {}
   for name, m in model:named_modules() do
     if name ~= "" and not rawget(m, "_ac_wrapper") and check_fn(m) then targets[#targets + 1] = m end
@@ -121,6 +124,9 @@ function ac.apply_activation_checkpointing(model, opts)
   return model
 end
 
+-- {recomputed = regions recomputed, reused_outputs = op outputs a policy kept and handed
+--  back, offload_regions = regions run with activation offload, offloaded_bytes = bytes
+--  packed to the host pool}, cumulative.
 function ac.stats() return stats.snapshot() end
 function ac.reset_stats() stats.reset() end
 

@@ -33,7 +33,7 @@ local function mm_core(a, b)
   local out_shape = {}
   for d = 0, n - 2 do out_shape[d + 1] = tonumber(ac.shape[d]) end
   out_shape[n] = tonumber(bc.shape[n - 1])
-  local out = gemm(a, b, 0, 0, out_shape, "matmul")
+  local out = autograd.run_op("matmul", gemm, a, b, 0, 0, out_shape, "matmul")
   local node = record(out, "MmBackward0", mm_backward, a, b)
   if node then
     node.a_shape, node.b_shape = a:shape(), b:shape()
@@ -138,6 +138,18 @@ local function linear_backward(node, g)
   return gx, gw, gb
 end
 
+-- x2 [rows, in] times weight^T, plus bias: a new [rows, out_features] tensor.
+local function linear_product(x2, weight, bias, rows, out_features)
+  local out = empty({rows, out_features}, x2._c.dtype, x2._c.storage.pool)
+  local beta = 0
+  if bias ~= nil then
+    check(lib.ms_copy(out._c, bias._c), "linear")
+    beta = 1
+  end
+  check(lib.ms_matmul(out._c, x2._c, weight._c, 0, 1, 1, beta), "linear")
+  return out
+end
+
 function M.linear(x, weight, bias)
   if not Tensor.is_tensor(x) or not Tensor.is_tensor(weight) then
     fail("linear", "input and weight must be tensors")
@@ -160,13 +172,7 @@ function M.linear(x, weight, bias)
   local x2 = Tensor.view_raw(dense, {rows, in_features}, nil, tonumber(dense._c.offset), "linear")
   local out_shape = x:shape()
   out_shape[#out_shape] = out_features
-  local out = empty({rows, out_features}, x._c.dtype, x._c.storage.pool)
-  local beta = 0
-  if bias ~= nil then
-    check(lib.ms_copy(out._c, bias._c), "linear")
-    beta = 1
-  end
-  check(lib.ms_matmul(out._c, x2._c, weight._c, 0, 1, 1, beta), "linear")
+  local out = autograd.run_op("linear", linear_product, x2, weight, bias, rows, out_features)
   x2:_release()
   local result = Tensor.view_raw(out, out_shape, nil, 0, "linear")
   out:_release()
