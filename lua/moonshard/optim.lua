@@ -15,6 +15,12 @@ local function local_of(t)
   return t:to_local()
 end
 
+local function non_negative(name, group, key)
+  if type(group[key]) ~= "number" or group[key] < 0 then
+    fail(name, "%s must be a non-negative number, got %s", key, tostring(group[key]))
+  end
+end
+
 local Optimizer = {}
 Optimizer.__index = Optimizer
 M.Optimizer = Optimizer
@@ -28,19 +34,25 @@ local function new_optimizer(class, name, params, opts, defaults)
     if defaults[key] == nil then fail(name, "unknown option '%s'", tostring(key)) end
     defaults[key] = value
   end
-  local self = setmetatable({name = name, defaults = defaults, param_groups = {}, state = {}}, class)
+  local self = setmetatable({name = name, defaults = defaults, param_groups = {}, state = {},
+                             _grouped = {}}, class)
   local groups = (type(params[1]) == "table" and params[1].params) and params or {{params = params}}
   for _, group in ipairs(groups) do self:add_param_group(group) end
   return self
 end
 
 function Optimizer:add_param_group(group)
+  if type(group) ~= "table" then fail(self.name, "a param group must be a table, got %s", type(group)) end
   local entry = {params = {}}
   for key, value in pairs(self.defaults) do entry[key] = value end
   for key, value in pairs(group) do if key ~= "params" then entry[key] = value end end
   if type(entry.lr) ~= "number" or entry.lr < 0 then
     fail(self.name, "lr must be a non-negative number, got %s", tostring(entry.lr))
   end
+  if type(group.params) ~= "table" then
+    fail(self.name, "a param group's params must be an array of tensors, got %s", type(group.params))
+  end
+  self:check_group(entry)
   for i, p in ipairs(group.params) do
     if type(p) ~= "table" or not (Tensor.is_tensor(p) or p.to_local) then
       fail(self.name, "parameter %d is %s, not a tensor", i, type(p))
@@ -49,6 +61,8 @@ function Optimizer:add_param_group(group)
       fail(self.name, "parameter %d was replaced when its module was wrapped; build the optimizer " ..
            "after wrapping (over model:parameters() of the wrapped model)", i)
     end
+    if self._grouped[p] then fail(self.name, "parameter %d appears more than once in the param groups", i) end
+    self._grouped[p] = true
     entry.params[#entry.params + 1] = p
   end
   self.param_groups[#self.param_groups + 1] = entry
@@ -171,14 +185,15 @@ SGD.__index = SGD
 -- SGD(params, {lr, momentum = 0, dampening = 0, weight_decay = 0, nesterov = false, maximize = false})
 function M.SGD(params, opts)
   if not opts or opts.lr == nil then fail("SGD", "lr is required") end
-  local self = new_optimizer(SGD, "SGD", params, opts,
+  return new_optimizer(SGD, "SGD", params, opts,
     {lr = 0, momentum = 0, dampening = 0, weight_decay = 0, nesterov = false, maximize = false})
-  for _, group in ipairs(self.param_groups) do
-    if group.nesterov and (group.momentum <= 0 or group.dampening ~= 0) then
-      fail("SGD", "nesterov momentum requires a momentum and zero dampening")
-    end
+end
+
+function SGD:check_group(group)
+  for _, key in ipairs({"momentum", "dampening", "weight_decay"}) do non_negative("SGD", group, key) end
+  if group.nesterov and (group.momentum <= 0 or group.dampening ~= 0) then
+    fail("SGD", "nesterov momentum requires a momentum and zero dampening")
   end
-  return self
 end
 
 function SGD:update(group, p, grad, state)
@@ -204,17 +219,23 @@ local function adam(name, decoupled, default_decay)
     local self = new_optimizer(Adam, name, params, opts,
       {lr = 1e-3, betas = {0.9, 0.999}, eps = 1e-8, weight_decay = default_decay, amsgrad = false,
        maximize = false})
-    for _, group in ipairs(self.param_groups) do
-      if group.amsgrad then fail(name, "amsgrad is not supported") end
-      local b1, b2 = group.betas[1], group.betas[2]
-      if not (b1 >= 0 and b1 < 1 and b2 >= 0 and b2 < 1) then
-        fail(name, "betas must be in [0, 1), got {%s, %s}", tostring(b1), tostring(b2))
-      end
-      if group.eps < 0 then fail(name, "eps must be non-negative") end
-    end
     self.decoupled = decoupled
     return self
   end
+end
+
+function Adam:check_group(group)
+  local name = self.name
+  if group.amsgrad then fail(name, "amsgrad is not supported") end
+  if type(group.betas) ~= "table" then
+    fail(name, "betas must be a pair {beta1, beta2}, got %s", type(group.betas))
+  end
+  local b1, b2 = group.betas[1], group.betas[2]
+  if not (type(b1) == "number" and type(b2) == "number" and b1 >= 0 and b1 < 1 and b2 >= 0 and b2 < 1) then
+    fail(name, "betas must be in [0, 1), got {%s, %s}", tostring(b1), tostring(b2))
+  end
+  non_negative(name, group, "eps")
+  non_negative(name, group, "weight_decay")
 end
 
 M.Adam = adam("Adam", false, 0)
