@@ -15,6 +15,7 @@ local function add_all(container, modules, what)
 end
 
 local function list_methods(class)
+  class.__numbered_children = true
   function class:len() return #self._module_order end
   function class:get(i)
     local m = self._modules[tostring(i - 1)]

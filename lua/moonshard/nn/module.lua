@@ -38,8 +38,12 @@ local function ordered_remove(registry, order, name)
   end
 end
 
--- Instances resolve parameters, buffers and children before methods.
+-- Instances resolve parameters, buffers and children before methods; in list containers
+-- (Sequential, ModuleList) a number i is child "i-1".
 local function instance_index(self, key)
+  if type(key) == "number" then
+    return rawget(self, "_class").__numbered_children and rawget(self, "_modules")[tostring(key - 1)] or nil
+  end
   local params = rawget(self, "_parameters")
   local v = params[key]
   if v ~= nil then return v end
