@@ -1,0 +1,65 @@
+-- Saving and resuming the example's training state with ms.dcp (model, optimizer, step,
+-- RNG state and the model's configuration in one store), and the selective checkpointing
+-- hook-up for --ac selective.
+local ms = require "moonshard"
+local fsdp, ac = ms.fsdp, ms.ac
+local function dcp() return ms.dcp end -- loaded only when checkpoints are used
+
+local M = {}
+
+local function training_state(model, opt, step, config)
+  return {model = model:state_dict(), optim = fsdp.optim_state_dict(model, opt), step = step,
+          rng = ms.get_rng_state(), config = config}
+end
+
+function M.save(model, opt, dir, step, config)
+  dcp().save(training_state(model, opt, step, {vocab = config.vocab, seq = config.seq, layers = config.layers,
+                                             dim = config.dim, heads = config.heads}), dir, {step = step})
+end
+
+-- Optimizer state exists only after a first step; make it (zeros, step 0) so a load has
+-- tensors of the right layout to fill.
+local function materialise_optimizer_state(opt)
+  for _, group in ipairs(opt.param_groups) do
+    for _, p in ipairs(group.params) do
+      if not opt.state[p] then
+        local shard = p:to_local()
+        opt.state[p] = {step = 0, exp_avg = ms.keep(ms.zeros_like(shard)),
+                        exp_avg_sq = ms.keep(ms.zeros_like(shard))}
+      end
+    end
+  end
+end
+
+-- Load the latest step of the store into model and opt; returns that step.
+function M.resume(model, opt, dir)
+  local store = dcp().open(dir)
+  local steps = store:steps()
+  store:close()
+  if #steps == 0 then error("train: --resume: the store " .. dir .. " has no committed step", 0) end
+  local latest = steps[#steps]
+  materialise_optimizer_state(opt)
+  local state = training_state(model, opt, -1, {vocab = -1, seq = -1, layers = -1, dim = -1, heads = -1})
+  dcp().load(state, dir, {step = latest})
+  local config = model.config
+  for key, value in pairs(state.config) do
+    if config[key] ~= value then
+      error(("train: --resume: the store was trained with %s = %s, this run has %s"):format(
+        key, tostring(value), tostring(config[key])), 0)
+    end
+  end
+  opt:load_state_dict(fsdp.optim_state_dict_to_load(model, opt, state.optim))
+  ms.set_rng_state(state.rng)
+  return state.step
+end
+
+-- --ac selective: recompute everything but the matmul outputs inside each block.
+function M.selective(block)
+  if type(ac.selective_checkpoint_wrapper) ~= "function" then
+    error("train: --ac selective needs ms.ac.selective_checkpoint_wrapper, which this build of " ..
+          "moonshard does not have yet; use --ac full, offload or none", 0)
+  end
+  ac.selective_checkpoint_wrapper(block)
+end
+
+return M

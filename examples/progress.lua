@@ -1,0 +1,69 @@
+-- Rank 0's view of training: a progress bar redrawn in place on a terminal (a line every
+-- log_every steps otherwise) and a metrics file with one JSON object per step.
+local ffi = require "ffi"
+local ms = require "moonshard"
+
+pcall(ffi.cdef, "int isatty(int fd);")
+-- Wall-clock seconds with sub-second resolution (CLOCK_MONOTONIC).
+pcall(ffi.cdef, [[
+  typedef struct { long tv_sec; long tv_nsec; } moonshard_example_timespec;
+  int clock_gettime(int clock, moonshard_example_timespec *ts);
+]])
+
+local M = {}
+
+local Progress = {}
+Progress.__index = Progress
+
+local function mib(bytes) return bytes / (1024 * 1024) end
+
+-- M.new{total_steps, first_step, tokens_per_step, metrics_path, log_every, append}
+function M.new(opts)
+  local mode = opts.append and "a" or "w"
+  local metrics, err = io.open(opts.metrics_path, mode)
+  if not metrics then error("train: cannot write the metrics file: " .. tostring(err), 0) end
+  return setmetatable({
+    total = opts.total_steps, tokens_per_step = opts.tokens_per_step, metrics = metrics,
+    log_every = opts.log_every or 10, tty = ffi.C.isatty(1) == 1, last_time = M.now(),
+    first_step = opts.first_step,
+  }, Progress)
+end
+
+local ts = ffi.new("moonshard_example_timespec")
+function M.now()
+  ffi.C.clock_gettime(1, ts)
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+local function bar(done, total, width)
+  local filled = math.floor(width * done / total + 0.5)
+  return string.rep("#", filled) .. string.rep("-", width - filled)
+end
+
+-- Record one finished step: its loss, and the learning rate used.
+function Progress:step(step, loss, lr)
+  local now = M.now()
+  local seconds = now - self.last_time
+  self.last_time = now
+  local tokens_per_s = self.tokens_per_step / math.max(seconds, 1e-9)
+  local mem = ms.memory_stats("cpu")
+  self.metrics:write(string.format(
+    '{"step": %d, "loss": %.6f, "lr": %.6g, "tokens_per_s": %.1f, "step_seconds": %.4f, ' ..
+    '"memory_bytes": %d, "peak_memory_bytes": %d}\n',
+    step, loss, lr, tokens_per_s, seconds, mem.allocated, mem.peak))
+  self.metrics:flush()
+  local line = string.format("step %5d/%d [%s] loss %.4f  %7.0f tok/s  mem %.1f MiB (peak %.1f)",
+                             step, self.total, bar(step, self.total, 24), loss, tokens_per_s,
+                             mib(mem.allocated), mib(mem.peak))
+  local keep = step == self.first_step or step % self.log_every == 0 or step == self.total
+  if self.tty then
+    io.stdout:write("\r\27[K", line, keep and "\n" or "")
+  elseif keep then
+    io.stdout:write(line, "\n")
+  end
+  io.stdout:flush()
+end
+
+function Progress:close() self.metrics:close() end
+
+return M
