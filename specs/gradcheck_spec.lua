@@ -565,6 +565,16 @@ describe("gradcheck", function()
       passes(function(q, k, v) return F.scaled_dot_product_attention(q, k, v) end,
              {leaf({1, 2, 3, 2}, 1), leaf({1, 2, 3, 2}, 2), leaf({1, 2, 3, 2}, 3)})
     end)
+    it("matches finite differences with an explicit scale", function()
+      passes(function(q, k, v) return F.scaled_dot_product_attention(q, k, v, {scale = 0.3, is_causal = true}) end,
+             {leaf({2, 3, 2}, 4), leaf({2, 3, 2}, 5), leaf({2, 3, 2}, 6)})
+    end)
+    it("matches finite differences with dropout when the seed replays the mask", function()
+      passes(function(q, k, v)
+        ms.manual_seed(99)
+        return F.scaled_dot_product_attention(q, k, v, {is_causal = true, dropout_p = 0.3})
+      end, {leaf({2, 4, 2}, 7), leaf({2, 4, 2}, 8), leaf({2, 4, 2}, 9)})
+    end)
   end)
 
   describe("compositions", function()
