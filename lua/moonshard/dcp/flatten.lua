@@ -46,16 +46,16 @@ function M.flatten(state_dict, what)
     for key, value in pairs(node) do
       local fqn = prefix .. key_text(key, prefix, what)
       local kind = M.classify(value)
-      if kind == nil then
+      local mt = type(value) == "table" and getmetatable(value)
+      if mt and rawget(mt, "__released") then
+        fail(what, "'%s' is a tensor that was released", fqn)
+      elseif kind == nil then
         fail(what, "'%s' is a %s; a checkpoint holds tensors, DTensors, numbers, strings, " ..
              "booleans and tables of them", fqn, type(value))
       elseif kind == "table" then
         if visiting[value] then fail(what, "'%s' refers back to a table that contains it", fqn) end
         walk(value, fqn .. ".")
       else
-        if Tensor.is_tensor(value) and rawget(value, "_c") == nil then
-          fail(what, "'%s' is a tensor that was released", fqn)
-        end
         if by_fqn[fqn] then fail(what, "two values flatten to the same key '%s'", fqn) end
         local leaf = {fqn = fqn, value = value, kind = kind, parent = node, key = key}
         by_fqn[fqn] = leaf
