@@ -56,6 +56,8 @@ local function pre_backward(unit)
       autograd.queue_callback(function() finish_backward(unit) end)
     end
     unit:unshard()
+    -- checkpointed regions inside the unit's forward read the parameters when recomputed
+    unit:expose(true)
   end
 end
 
