@@ -1,0 +1,116 @@
+-- Resuming training from a distributed checkpoint: a run saved at step N and resumed in new
+-- processes gives bitwise the losses of the uninterrupted run on the same world size, and a
+-- resume on another world size starts from bitwise the same parameters and Adam state.
+local ms = require "moonshard"
+local parity = require "support.parity"
+local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
+
+local SAVE_AT, LAST = 3, 6
+
+local function fresh_dir()
+  local path = os.tmpname()
+  os.remove(path)
+  return path .. ".ckpt"
+end
+
+local function build(seed)
+  ms.set_default_dtype("f64")
+  ms.manual_seed(seed)
+  local model = fsdp.FSDP(parity.Model(), {auto_wrap_policy = fsdp.wrap_policy({parity.Block})})
+  return model, optim.Adam(model:parameters(), {lr = 0.01})
+end
+
+-- One step on this rank's slice of the global batch; returns the global mean loss.
+local function train_step(model, opt, rank, size, step)
+  local per_rank = parity.GLOBAL_BATCH / size
+  local tokens, targets = parity.batch(step)
+  opt:zero_grad()
+  local logits = model(tokens:narrow(0, rank * per_rank, per_rank))
+  local loss = nn.F.cross_entropy(logits:view(-1, parity.VOCAB),
+                                  targets:narrow(0, rank * per_rank, per_rank):reshape(-1))
+  loss:backward()
+  opt:step()
+  local total = loss:detach():clone()
+  dist.all_reduce(total, "avg")
+  return total:item()
+end
+
+local function checkpoint_of(model, opt, step)
+  return {model = model:state_dict(), optim = fsdp.optim_state_dict(model, opt), step = step,
+          rng = ms.get_rng_state()}
+end
+
+local function resume(model, opt, dir)
+  local sd = checkpoint_of(model, opt, 0)
+  dcp.load(sd, dir)
+  model:load_state_dict(sd.model)
+  opt:load_state_dict(fsdp.optim_state_dict_to_load(model, opt, sd.optim))
+  ms.set_rng_state(sd.rng)
+  return sd.step
+end
+
+local function full_state(model, opt)
+  local out = {}
+  for name, p in model:named_parameters() do out[name] = p:full_tensor():reshape(-1):table() end
+  for name, s in pairs(fsdp.optim_state_dict(model, opt).state) do
+    out[name .. ".exp_avg"] = s.exp_avg:full_tensor():reshape(-1):table()
+    out[name .. ".exp_avg_sq"] = s.exp_avg_sq:full_tensor():reshape(-1):table()
+    out[name .. ".step"] = s.step
+  end
+  return out
+end
+
+describe("dcp resume", function()
+  local dir
+  before_each(function() dir = fresh_dir() end)
+  after_each(function() os.execute("rm -rf '" .. dir .. "'") end)
+
+  it("gives bitwise the uninterrupted losses after resuming on the same world size", function()
+    local uninterrupted = dist.spawn(2, function(rank, size)
+      local model, opt = build(0)
+      local losses = {}
+      for step = 1, LAST do losses[step] = train_step(model, opt, rank, size, step) end
+      return losses
+    end)[1]
+    local first_part = dist.spawn(2, function(rank, size)
+      local model, opt = build(0)
+      local losses = {}
+      for step = 1, SAVE_AT do losses[step] = train_step(model, opt, rank, size, step) end
+      dcp.save(checkpoint_of(model, opt, SAVE_AT), dir, {step = SAVE_AT})
+      return losses
+    end)[1]
+    local second_part = dist.spawn(2, function(rank, size)
+      local model, opt = build(11)
+      train_step(model, opt, rank, size, 1)
+      local start = resume(model, opt, dir)
+      local losses = {}
+      for step = start + 1, LAST do losses[step] = train_step(model, opt, rank, size, step) end
+      return losses
+    end)[1]
+    for step = 1, SAVE_AT do assert.equal(uninterrupted[step], first_part[step], "step " .. step) end
+    for step = SAVE_AT + 1, LAST do assert.equal(uninterrupted[step], second_part[step], "step " .. step) end
+    assert.are_not.equal(uninterrupted[LAST], uninterrupted[SAVE_AT])
+  end)
+
+  it("resumes on 3 ranks from a 2-rank checkpoint with bitwise the same parameters and Adam state", function()
+    local saved = dist.spawn(2, function(rank, size)
+      local model, opt = build(0)
+      for step = 1, SAVE_AT do train_step(model, opt, rank, size, step) end
+      dcp.save(checkpoint_of(model, opt, SAVE_AT), dir)
+      return full_state(model, opt)
+    end)[1]
+    local results = dist.spawn(3, function(rank, size)
+      local model, opt = build(11)
+      train_step(model, opt, rank, size, 1)
+      local start = resume(model, opt, dir)
+      local state = full_state(model, opt)
+      local loss = train_step(model, opt, rank, size, start + 1)
+      return {start = start, state = state, loss = loss}
+    end)
+    for _, res in ipairs(results) do
+      assert.equal(SAVE_AT, res.start)
+      assert.same(saved, res.state)
+      assert.is_true(res.loss == res.loss and res.loss > 0)
+    end
+  end)
+end)
