@@ -7,25 +7,47 @@ local function dcp() return ms.dcp end -- loaded only when checkpoints are used
 
 local M = {}
 
+-- Release the tensor handles of a state dict (views of parameters and optimizer state, or
+-- copies made for loading) now rather than at collection.
+local function release_tensors(tree)
+  for _, value in pairs(tree) do
+    if ms.is_tensor(value) then
+      value:free()
+    elseif type(value) == "table" and getmetatable(value) == nil then
+      release_tensors(value)
+    elseif type(value) == "table" and value.release then
+      value:release()
+    end
+  end
+end
+
+-- fsdp.optim_state_dict makes intermediate views of the optimizer state that only the
+-- collector releases; a full collection after each save or load returns their memory.
+local function collect_dropped_views() collectgarbage("collect") end
+
 local function training_state(model, opt, step, config)
   return {model = model:state_dict(), optim = fsdp.optim_state_dict(model, opt), step = step,
           rng = ms.get_rng_state(), config = config}
 end
 
 function M.save(model, opt, dir, step, config)
-  dcp().save(training_state(model, opt, step, {vocab = config.vocab, seq = config.seq, layers = config.layers,
-                                             dim = config.dim, heads = config.heads}), dir, {step = step})
+  local state = training_state(model, opt, step, {vocab = config.vocab, seq = config.seq,
+                                                  layers = config.layers, dim = config.dim, heads = config.heads})
+  dcp().save(state, dir, {step = step})
+  release_tensors(state)
+  collect_dropped_views()
 end
 
 -- Optimizer state exists only after a first step; make it (zeros, step 0) so a load has
 -- tensors of the right layout to fill.
-local function materialise_optimizer_state(opt)
+local function materialise_optimizer_state(opt, placeholders)
   for _, group in ipairs(opt.param_groups) do
     for _, p in ipairs(group.params) do
       if not opt.state[p] then
         local shard = p:to_local()
         opt.state[p] = {step = 0, exp_avg = ms.keep(ms.zeros_like(shard)),
                         exp_avg_sq = ms.keep(ms.zeros_like(shard))}
+        placeholders[#placeholders + 1] = opt.state[p]
       end
     end
   end
@@ -38,7 +60,8 @@ function M.resume(model, opt, dir)
   store:close()
   if #steps == 0 then error("train: --resume: the store " .. dir .. " has no committed step", 0) end
   local latest = steps[#steps]
-  materialise_optimizer_state(opt)
+  local placeholders = {}
+  materialise_optimizer_state(opt, placeholders)
   local state = training_state(model, opt, -1, {vocab = -1, seq = -1, layers = -1, dim = -1, heads = -1})
   dcp().load(state, dir, {step = latest})
   local config = model.config
@@ -48,8 +71,13 @@ function M.resume(model, opt, dir)
         key, tostring(value), tostring(config[key])), 0)
     end
   end
-  opt:load_state_dict(fsdp.optim_state_dict_to_load(model, opt, state.optim))
+  local loadable = fsdp.optim_state_dict_to_load(model, opt, state.optim)
+  opt:load_state_dict(loadable)
   ms.set_rng_state(state.rng)
+  release_tensors(loadable)
+  release_tensors(state)
+  release_tensors(placeholders)
+  collect_dropped_views()
   return state.step
 end
 

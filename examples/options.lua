@@ -6,7 +6,8 @@ local SPEC = {
   {"nproc", "int", 4, "local ranks to fork (ignored under mpirun or moonshard run)"},
   {"strategy", "string", "FULL_SHARD", "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD | _HYBRID_SHARD_ZERO2"},
   {"ac", "string", "full", "activation checkpointing per block: none | full | selective | offload"},
-  {"steps", "int", 200, "last training step"},
+  {"steps", "int", 200, "training steps (the learning-rate schedule spans them)"},
+  {"stop-after", "int", nil, "end after this step, as if interrupted (continue with --resume)"},
   {"batch", "int", 32, "global batch (sequences per step, split evenly over the ranks)"},
   {"seq", "int", 64, "characters per sequence"},
   {"layers", "int", 2, "transformer blocks"},
@@ -85,6 +86,7 @@ function M.check(o)
   for _, key in ipairs({"nproc", "steps", "batch", "seq", "layers", "dim", "heads"}) do
     if o[key] < 1 then return bad("--%s must be at least 1, got %s", key, tostring(o[key])) end
   end
+  if o.stop_after and o.stop_after < 1 then return bad("--stop-after must be at least 1") end
   if o.lr <= 0 then return bad("--lr must be positive, got %s", tostring(o.lr)) end
   if o.save_every < 0 then return bad("--save-every must be >= 0") end
   if not STRATEGIES[o.strategy] then return bad("unknown --strategy '%s'", o.strategy) end

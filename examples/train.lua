@@ -95,14 +95,15 @@ local function train(rank, world)
     os.execute("mkdir -p '" .. opts.out .. "'")
     local params = 0
     for _, p in model:named_parameters() do params = params + p:numel() end
-    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters; %d ranks, %s, --ac %s"):format(
+    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters; world size %d, %s, --ac %s"):format(
       opts.layers, opts.dim, opts.heads, config.vocab, params, world, opts.strategy, opts.ac))
     meter = progress.new{total_steps = opts.steps, first_step = first_step, tokens_per_step = opts.batch * opts.seq,
                          metrics_path = opts.out .. "/metrics.jsonl", log_every = opts.log_every,
                          append = opts.resume}
   end
   local losses = {}
-  for step = first_step, opts.steps do
+  local last_step = opts.stop_after and math.min(opts.stop_after, opts.steps) or opts.steps
+  for step = first_step, last_step do
     local tokens, targets = corpus:batch{rows = rows, seq = opts.seq, seed = opts.seed, step = step,
                                          first_row = rank * rows}
     local lr = learning_rate(step)
@@ -116,7 +117,7 @@ local function train(rank, world)
     losses[step] = global_loss(loss)
     loss:free(); tokens:free(); targets:free()
     if meter then meter:step(step, losses[step], lr) end
-    local save_now = opts.ckpt and ((opts.save_every > 0 and step % opts.save_every == 0) or step == opts.steps)
+    local save_now = opts.ckpt and ((opts.save_every > 0 and step % opts.save_every == 0) or step == last_step)
     if save_now then checkpointing.save(model, opt, opts.ckpt, step, config) end
   end
   if meter then meter:close() end
