@@ -43,6 +43,15 @@ local function mm_core(a, b)
   return out
 end
 
+-- Intermediate views made inside matmul are released as soon as they are consumed, so
+-- their storage returns to the pool now rather than when the collector finds them
+-- (autograd keeps its own handles to what it saves).
+local function reshape_released(t, shape)
+  local out = shape_ops.reshape(t, shape)
+  t:_release()
+  return out
+end
+
 local function size_error(a, b)
   fail("matmul", "shapes %s and %s cannot be multiplied", tostring(a:shape()), tostring(b:shape()))
 end
@@ -68,14 +77,17 @@ function M.matmul(a, b)
     local out = M.matmul(shape_ops.reshape(a, 1, sa[1]), b)
     return shape_ops.squeeze(out, -2)
   end
+  if nb == 2 and na == 2 then return mm_core(a, b) end
   if nb == 2 then
     -- [..., M, K] x [K, N]: one GEMM over the flattened leading dims
     local rows = a:numel() / sa[na]
-    local out = mm_core(shape_ops.reshape(a, rows, sa[na]), b)
+    local flat_a = shape_ops.reshape(a, rows, sa[na])
+    local out = mm_core(flat_a, b)
+    flat_a:_release()
     local out_shape = {}
     for d = 1, na - 1 do out_shape[d] = sa[d] end
     out_shape[na] = sb[2]
-    return shape_ops.reshape(out, out_shape)
+    return reshape_released(out, out_shape)
   end
   -- batched: broadcast the batch dims, flatten them to one
   local batch_a, batch_b = {}, {}
@@ -97,11 +109,14 @@ function M.matmul(a, b)
     full[#full + 1], full[#full + 2] = rows, cols
     return shape_ops.reshape(shape_ops.expand(t, full), count, rows, cols)
   end
-  local out = mm_core(batched(a, sa[na - 1], sa[na]), batched(b, sb[nb - 1], sb[nb]))
+  local batch_a3, batch_b3 = batched(a, sa[na - 1], sa[na]), batched(b, sb[nb - 1], sb[nb])
+  local out = mm_core(batch_a3, batch_b3)
+  batch_a3:_release()
+  batch_b3:_release()
   local out_shape = {}
   for i, s in ipairs(batch) do out_shape[i] = s end
   out_shape[#out_shape + 1], out_shape[#out_shape + 2] = sa[na - 1], sb[nb]
-  return shape_ops.reshape(out, out_shape)
+  return reshape_released(out, out_shape)
 end
 
 function M.mm(a, b)

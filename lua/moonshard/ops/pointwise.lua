@@ -8,14 +8,24 @@ local raw = require "moonshard.ops.raw"
 local fail = C.fail
 local record = autograd.record
 local is_tensor = Tensor.is_tensor
-local sum_to = raw.sum_to
+
+-- An operand's gradient: the output gradient summed down to the operand's shape when the
+-- operand was broadcast (shape is nil when it has the output's shape).
+local function sum_to(g, shape)
+  if shape == nil then return g end
+  return raw.sum_to(g, shape)
+end
 
 local M = {}
 
--- PyTorch-style node names: "mul" -> "MulBackward0".
-local function node_name(op_name)
-  return op_name:gsub("^%l", string.upper):gsub("_(%l)", string.upper) .. "Backward0"
-end
+-- PyTorch-style node names: "mul" -> "MulBackward0" (made once per op: ops run per element
+-- of a training loop and string building would dominate small ones).
+local node_names = setmetatable({}, {__index = function(names, op_name)
+  local name = op_name:gsub("^%l", string.upper):gsub("_(%l)", string.upper) .. "Backward0"
+  names[op_name] = name
+  return name
+end})
+local function node_name(op_name) return node_names[op_name] end
 
 local function as_tensor(v, what)
   if is_tensor(v) then return v end
@@ -29,8 +39,8 @@ local function add_backward(node, g)
 end
 
 local function sub_backward(node, g)
-  local gb = node.b_shape and sum_to(g, node.b_shape)
-  return sum_to(g, node.a_shape), gb and raw.unary(gb, raw.NEG, "sub")
+  local gb = node.edges[2] and raw.unary(sum_to(g, node.b_shape), raw.NEG, "sub")
+  return sum_to(g, node.a_shape), gb or nil
 end
 
 local function mul_backward(node, g)
@@ -122,7 +132,7 @@ local function binary_op(a, b, op)
   local node = record(out, node_name(what), binary_backward[op], a, b)
   if node then
     node.op = op
-    node.a_shape, node.b_shape = a:shape(), b:shape()
+    if not raw.same_shape(a._c, b._c) then node.a_shape, node.b_shape = a:shape(), b:shape() end
     if op == raw.MUL then
       if node.edges[1] then node.b = node:save(b) end
       if node.edges[2] then node.a = node:save(a) end
