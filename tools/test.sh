@@ -56,6 +56,10 @@ MOONSHARD_LIB=build-asan/libmoonshard.so LD_PRELOAD="$asan_runtime" \
   luajit tools/busted.lua -o utfTerminal --exclude-tags=slow,gpu,noasan 2>&1 | tee "$log_dir/busted-asan.log"
 count_busted "$log_dir/busted-asan.log"
 
+step "fuzz the store decoders"
+# One test: the manifest and chunk-table decoders under libFuzzer for a bounded time.
+if bash fuzz/run.sh 20 2>&1 | tee "$log_dir/fuzz.log"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+
 echo
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
