@@ -56,8 +56,16 @@ function M.randn(...)
   return t
 end
 
+local function check_draw_arguments(t, what, a, b)
+  if not Tensor.is_tensor(t) then fail(what, "expected a tensor, got %s", type(t)) end
+  if type(a) ~= "number" or type(b) ~= "number" then
+    fail(what, "the distribution's parameters must be numbers, got %s and %s", type(a), type(b))
+  end
+end
+
 -- In-place draws for initialisers (no autograd).
 function M.uniform_(t, low, high)
+  check_draw_arguments(t, "uniform_", low, high)
   local seed, offset = M.take(t:numel())
   check(lib.ms_rand_uniform(t._c, low, high, seed, offset), "uniform_")
   t:_bump_version()
@@ -65,6 +73,7 @@ function M.uniform_(t, low, high)
 end
 
 function M.normal_(t, mean, std)
+  check_draw_arguments(t, "normal_", mean, std)
   local seed, offset = M.take(t:numel())
   check(lib.ms_rand_normal(t._c, mean, std, seed, offset), "normal_")
   t:_bump_version()

@@ -264,6 +264,7 @@ end
 
 function Module:train(mode)
   if mode == nil then mode = true end
+  if type(mode) ~= "boolean" then fail("train", "mode must be a boolean, got %s", type(mode)) end
   self:apply(function(m) rawset(m, "training", mode) end)
   return self
 end

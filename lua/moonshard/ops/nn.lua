@@ -78,6 +78,9 @@ function M.layer_norm(x, normalized_shape, weight, bias, eps)
     end
     row = row * normalized_shape[i]
   end
+  if eps ~= nil and (type(eps) ~= "number" or eps < 0) then
+    fail("layer_norm", "eps must be a non-negative number, got %s", tostring(eps))
+  end
   local rows = row > 0 and x:numel() / row or 0
   local dense = raw.contiguous(x)
   local out = empty_like(dense)
@@ -221,6 +224,8 @@ end
 function M.scaled_dot_product_attention(q, k, v, opts)
   opts = opts or {}
   need_tensor(q, "scaled_dot_product_attention", "query")
+  need_tensor(k, "scaled_dot_product_attention", "key")
+  need_tensor(v, "scaled_dot_product_attention", "value")
   local d = q:size(-1)
   local scores = pointwise.mul(linalg.matmul(q, shape_ops.transpose(k, -2, -1)), opts.scale or 1 / math.sqrt(d))
   if opts.is_causal then
