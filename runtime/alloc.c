@@ -1,5 +1,6 @@
 /* moonshard runtime: one caching allocator per memory pool, with exact statistics.
- * Blocks are rounded to size classes (4 per power of two) and kept on per-class free lists. */
+ * Blocks are rounded to size classes (4 per power of two) and kept on per-class free lists;
+ * a device block's list link lives in a host node, since the host cannot write into it. */
 #include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -12,6 +13,7 @@ enum { CLASS_COUNT = 4 * 64, MIN_BLOCK = 64 };
 
 typedef struct free_block {
     struct free_block *next;
+    void *device_block; /* cuda pools: the cached block this host node stands for */
 } free_block;
 
 typedef struct pool {
@@ -90,6 +92,8 @@ static void *raw_alloc(int pool_id, size_t rounded)
 {
     if (pool_id >= MS_POOL_CUDA0)
         return ms_device_raw_alloc(pool_id - MS_POOL_CUDA0, rounded);
+    if (pool_id == MS_POOL_HOST)
+        return ms_host_raw_alloc(rounded);
     void *p = NULL;
     if (posix_memalign(&p, 64, rounded) != 0)
         return NULL;
@@ -100,6 +104,8 @@ static void raw_free(int pool_id, void *p)
 {
     if (pool_id >= MS_POOL_CUDA0)
         ms_device_raw_free(pool_id - MS_POOL_CUDA0, p);
+    else if (pool_id == MS_POOL_HOST)
+        ms_host_raw_free(p);
     else
         free(p);
 }
@@ -110,7 +116,12 @@ static void release_cached(int pool_id, pool *pl)
         while (pl->free_lists[c]) {
             free_block *b = pl->free_lists[c];
             pl->free_lists[c] = b->next;
-            raw_free(pool_id, b);
+            if (pool_id >= MS_POOL_CUDA0) {
+                raw_free(pool_id, b->device_block);
+                free(b);
+            } else {
+                raw_free(pool_id, b);
+            }
         }
     }
     pl->stats.reserved -= pl->cached_bytes;
@@ -129,10 +140,14 @@ int ms_pool_alloc(int pool_id, size_t nbytes, void **ptr)
     void *p = NULL;
     if (nbytes > 0) {
         free_block *b = pl->free_lists[cls];
-        if (b && pool_id < MS_POOL_CUDA0) {
+        if (b) {
             pl->free_lists[cls] = b->next;
             pl->cached_bytes -= (int64_t)rounded;
             p = b;
+            if (pool_id >= MS_POOL_CUDA0) {
+                p = b->device_block;
+                free(b);
+            }
         } else {
             p = raw_alloc(pool_id, rounded);
             if (!p && pl->cached_bytes > 0) {
@@ -165,15 +180,16 @@ int ms_pool_free(int pool_id, void *ptr, size_t nbytes)
     int cls = size_class(nbytes, &rounded);
     pthread_mutex_lock(&pl->lock);
     if (ptr) {
-        if (pool_id >= MS_POOL_CUDA0) {
-            /* device memory cannot hold a host-side list link; return it directly */
-            raw_free(pool_id, ptr);
-            pl->stats.reserved -= (int64_t)rounded;
-        } else {
-            free_block *b = ptr;
+        free_block *b = pool_id >= MS_POOL_CUDA0 ? malloc(sizeof *b) : ptr;
+        if (b) {
+            if (pool_id >= MS_POOL_CUDA0)
+                b->device_block = ptr;
             b->next = pl->free_lists[cls];
             pl->free_lists[cls] = b;
             pl->cached_bytes += (int64_t)rounded;
+        } else { /* no host memory for the node: give the device block back instead */
+            raw_free(pool_id, ptr);
+            pl->stats.reserved -= (int64_t)rounded;
         }
     }
     pl->stats.allocated -= (int64_t)nbytes;

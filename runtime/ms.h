@@ -148,10 +148,15 @@ int ms_storage_is_released(const ms_storage *storage);
 /* Threads used by BLAS and by the runtime's loops in this process (at least 1). */
 int ms_set_num_threads(int n);
 int ms_get_num_threads(void);
+
+/* ---- clock ---- */
+/* Seconds on the monotonic clock (for timing; cannot fail). */
+double ms_clock_seconds(void);
 /* ffi-end */
 
 #include "ops.h"
 #include "comm/dist.h"
+#include "cuda/gpu.h"
 #include "store/store.h"
 
 #ifdef __cplusplus

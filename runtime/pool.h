@@ -1,4 +1,4 @@
-/* moonshard runtime: the raw device allocation behind the cuda:N pools.
+/* moonshard runtime: the raw allocation behind the cuda:N pools and the host pool.
  * runtime/cuda/ provides these with CUDA; device_none.c provides them without. */
 #ifndef MS_POOL_H
 #define MS_POOL_H
@@ -12,5 +12,9 @@ const char *ms_device_unavailable_reason(void);
 /* Device memory of rounded bytes, or NULL. */
 void *ms_device_raw_alloc(int device, size_t rounded);
 void ms_device_raw_free(int device, void *p);
+/* Memory of rounded bytes (64-byte aligned) for the host pool, or NULL: page-locked
+ * (cudaHostAlloc) once this process has initialised a CUDA device, ordinary otherwise. */
+void *ms_host_raw_alloc(size_t rounded);
+void ms_host_raw_free(void *p);
 
 #endif

@@ -103,6 +103,7 @@ static int copy_reshaped(ms_tensor *dst, const ms_tensor *src)
 
 int ms_copy(ms_tensor *dst, const ms_tensor *src)
 {
+    MS_CPU_ON_DEVICE2(dst, src, ms_cuda_copy(dst, src));
     MS_CHECK(ms_cpu_output("copy", "dst", dst));
     MS_CHECK(ms_cpu_input("copy", "src", src));
     if (!broadcasts(src, dst) && src->numel == dst->numel)
@@ -133,6 +134,7 @@ int ms_copy(ms_tensor *dst, const ms_tensor *src)
 
 int ms_fill(ms_tensor *t, double value)
 {
+    MS_CPU_ON_DEVICE(t, ms_cuda_fill(t, value));
     MS_CHECK(ms_cpu_output("fill", "t", t));
     uint64_t element = 0; /* the converted value, at most 8 bytes */
     ms_cpu_store_double(t->dtype, &element, value);
@@ -188,6 +190,7 @@ static int is_int64(double v)
 
 int ms_arange(ms_tensor *t, double start, double step)
 {
+    MS_CPU_ON_DEVICE(t, ms_cuda_arange(t, start, step));
     MS_CHECK(ms_cpu_output("arange", "t", t));
     arange_ctx c = {.dtype = t->dtype, .start = start, .step = step};
     c.exact_int = is_int64(start) && is_int64(step);
@@ -231,6 +234,7 @@ static void equal_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
 
 int ms_equal(int *equal, const ms_tensor *a, const ms_tensor *b)
 {
+    MS_CPU_ON_DEVICE(a, ms_cuda_equal(equal, a, b));
     if (!equal)
         return MS_FAIL(MS_ERR_INVALID, "equal: the result pointer must not be NULL");
     *equal = 0;
@@ -282,6 +286,7 @@ static void close_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
 
 int ms_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol, double atol)
 {
+    MS_CPU_ON_DEVICE(a, ms_cuda_allclose(close, a, b, rtol, atol));
     if (!close)
         return MS_FAIL(MS_ERR_INVALID, "allclose: the result pointer must not be NULL");
     *close = 0;

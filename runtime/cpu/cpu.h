@@ -8,6 +8,26 @@
 
 #include "internal.h"
 
+/* ---- the CUDA backend ----
+ * An op whose first tensor (for ms_copy: either tensor) lives in a cuda pool runs in
+ * runtime/cuda/ instead. Without CUDA no tensor can live there and the hooks are empty. */
+#ifdef MS_WITH_CUDA
+#include "cuda/dispatch.h"
+#define MS_CPU_ON_DEVICE(t, call)       \
+    do {                                \
+        if (ms_on_device(t))            \
+            return (call);              \
+    } while (0)
+#define MS_CPU_ON_DEVICE2(a, b, call)                 \
+    do {                                              \
+        if (ms_on_device(a) || ms_on_device(b))       \
+            return (call);                            \
+    } while (0)
+#else
+#define MS_CPU_ON_DEVICE(t, call) do { } while (0)
+#define MS_CPU_ON_DEVICE2(a, b, call) do { } while (0)
+#endif
+
 /* Everything declared below is private to the library, not part of its ABI. */
 #pragma GCC visibility push(hidden)
 

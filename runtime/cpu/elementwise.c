@@ -122,6 +122,7 @@ static int binary_fn(const char *opname, int dtype, int op, ms_iter_fn *fn)
 
 int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_binary(out, a, b, op));
     MS_CHECK(ms_cpu_output("binary", "out", out));
     MS_CHECK(ms_cpu_input("binary", "a", a));
     MS_CHECK(ms_cpu_input("binary", "b", b));
@@ -141,6 +142,7 @@ int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 
 int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_binary_scalar(out, a, s, op, reverse));
     MS_CHECK(ms_cpu_output("binary_scalar", "out", out));
     MS_CHECK(ms_cpu_input("binary_scalar", "a", a));
     MS_CHECK(ms_cpu_same_dtype("binary_scalar", "out", out, "a", a));
@@ -223,6 +225,7 @@ static const ms_iter_fn unary_f64[UNARY_OPS] = UNARY_TABLE(f64);
 
 int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_unary(out, a, op));
     MS_CHECK(ms_cpu_output("unary", "out", out));
     MS_CHECK(ms_cpu_input("unary", "a", a));
     MS_CHECK(ms_cpu_float("unary", "a", a));
@@ -283,6 +286,7 @@ static ms_iter_fn backward_fn(int dtype, int op)
 
 int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
 {
+    MS_CPU_ON_DEVICE(dx, ms_cuda_unary_backward(dx, x, dy, op));
     MS_CHECK(ms_cpu_output("unary_backward", "dx", dx));
     MS_CHECK(ms_cpu_input("unary_backward", "x", x));
     MS_CHECK(ms_cpu_input("unary_backward", "dy", dy));

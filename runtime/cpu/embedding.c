@@ -67,6 +67,7 @@ static int check_common(const char *op, const ms_tensor *table, const char *tabl
 
 int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_embedding(out, weight, indices));
     const char *op = "embedding";
     MS_CHECK(ms_cpu_output(op, "out", out));
     MS_CHECK(check_common(op, weight, "weight", indices));
@@ -109,6 +110,7 @@ int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indic
 
 int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices, const ms_tensor *dout)
 {
+    MS_CPU_ON_DEVICE(dweight, ms_cuda_embedding_backward(dweight, indices, dout));
     const char *op = "embedding_backward";
     MS_CHECK(ms_cpu_output(op, "dweight", dweight));
     MS_CHECK(check_common(op, dweight, "dweight", indices));

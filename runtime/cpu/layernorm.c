@@ -204,6 +204,8 @@ int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_ten
                   const ms_tensor *weight, const ms_tensor *bias, int normalized_ndim,
                   double eps)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_layer_norm(out, mean, rstd, x, weight, bias,
+                                                normalized_ndim, eps));
     const char *op = "layer_norm";
     MS_CHECK(ms_cpu_output(op, "out", out));
     MS_CHECK(ms_cpu_output(op, "mean", mean));
@@ -263,6 +265,8 @@ int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
                            const ms_tensor *rstd, const ms_tensor *weight,
                            int normalized_ndim)
 {
+    MS_CPU_ON_DEVICE(dx, ms_cuda_layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd,
+                                                         weight, normalized_ndim));
     const char *op = "layer_norm_backward";
     MS_CHECK(ms_cpu_output(op, "dx", dx));
     MS_CHECK(ms_cpu_input(op, "dy", dy));

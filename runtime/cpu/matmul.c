@@ -191,6 +191,7 @@ static int check_matmul_shapes(const ms_tensor *out, const ms_tensor *a, const m
 int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
               int trans_b, double alpha, double beta)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_matmul(out, a, b, trans_a, trans_b, alpha, beta));
     MS_CHECK(ms_cpu_output("matmul", "out", out));
     MS_CHECK(ms_cpu_input("matmul", "a", a));
     MS_CHECK(ms_cpu_input("matmul", "b", b));

@@ -71,6 +71,7 @@ static int check_nll(const char *op, const ms_tensor *logp, const char *logp_nam
 int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
                 int64_t ignore_index, int reduction)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_nll_loss(out, logp, target, ignore_index, reduction));
     const char *op = "nll_loss";
     MS_CHECK(ms_cpu_output(op, "out", out));
     MS_CHECK(ms_cpu_input(op, "logp", logp));
@@ -101,6 +102,8 @@ int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
 int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                          int64_t ignore_index, int reduction)
 {
+    MS_CPU_ON_DEVICE(dlogp, ms_cuda_nll_loss_backward(dlogp, dout, target, ignore_index,
+                                                             reduction));
     const char *op = "nll_loss_backward";
     MS_CHECK(ms_cpu_output(op, "dlogp", dlogp));
     MS_CHECK(ms_cpu_input(op, "dout", dout));

@@ -54,6 +54,8 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
                 double momentum, double dampening, double weight_decay, int nesterov,
                 int first_step, int maximize)
 {
+    MS_CPU_ON_DEVICE(param, ms_cuda_sgd_step(param, momentum_buf, grad, lr, momentum, dampening,
+                                               weight_decay, nesterov, first_step, maximize));
     const char *op = "sgd_step";
     MS_CHECK(ms_cpu_output(op, "param", param));
     MS_CHECK(ms_cpu_float(op, "param", param));
@@ -89,6 +91,8 @@ int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize)
 {
+    MS_CPU_ON_DEVICE(param, ms_cuda_adam_step(param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
+                                                beta2, eps, weight_decay, decoupled, maximize));
     const char *op = decoupled ? "adamw_step" : "adam_step";
     MS_CHECK(ms_cpu_output(op, "param", param));
     MS_CHECK(ms_cpu_float(op, "param", param));

@@ -113,6 +113,7 @@ static int draw(const char *op, ms_tensor *out, draw_ctx *c, ms_iter_fn f32, ms_
 
 int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_rand_uniform(out, low, high, seed, offset));
     if (!(isfinite(low) && isfinite(high) && low <= high))
         return MS_FAIL(MS_ERR_INVALID, "rand_uniform: need finite low <= high, got %g and %g",
                        low, high);
@@ -122,6 +123,7 @@ int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint
 
 int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_rand_normal(out, mean, std, seed, offset));
     if (!(isfinite(mean) && isfinite(std) && std >= 0.0))
         return MS_FAIL(MS_ERR_INVALID, "rand_normal: need finite mean and std >= 0, got %g "
                        "and %g", mean, std);
@@ -152,11 +154,13 @@ static int dropout_run(const char *op, ms_tensor *out, const char *out_name,
 
 int ms_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint64_t offset)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_dropout(out, x, p, seed, offset));
     return dropout_run("dropout", out, "out", x, "x", p, seed, offset);
 }
 
 int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
                         uint64_t offset)
 {
+    MS_CPU_ON_DEVICE(dx, ms_cuda_dropout_backward(dx, dy, p, seed, offset));
     return dropout_run("dropout_backward", dx, "dx", dy, "dy", p, seed, offset);
 }

@@ -142,6 +142,7 @@ static const char *const reduce_names[] = {"sum", "mean", "max", "min", "sumsq"}
 
 int ms_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_reduce(out, a, op, dims_mask));
     MS_CHECK(ms_cpu_output("reduce", "out", out));
     MS_CHECK(ms_cpu_input("reduce", "a", a));
     MS_CHECK(ms_cpu_float("reduce", "a", a));
@@ -245,6 +246,7 @@ ARGMAX_KERNEL(argmax_f64, double)
 
 int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim)
 {
+    MS_CPU_ON_DEVICE(values, ms_cuda_max_dim(values, indices, a, dim));
     MS_CHECK(ms_cpu_output("max_dim", "values", values));
     MS_CHECK(ms_cpu_output("max_dim", "indices", indices));
     MS_CHECK(ms_cpu_input("max_dim", "a", a));

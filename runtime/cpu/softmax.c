@@ -105,6 +105,7 @@ static void run_rows(const ms_tensor *const *tensors, int count, int dim, int lo
 
 int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 {
+    MS_CPU_ON_DEVICE(out, ms_cuda_softmax(out, x, dim, log));
     MS_CHECK(ms_cpu_output("softmax", "out", out));
     MS_CHECK(ms_cpu_input("softmax", "x", x));
     MS_CHECK(ms_cpu_float("softmax", "x", x));
@@ -120,6 +121,7 @@ int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 int ms_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
                         int log)
 {
+    MS_CPU_ON_DEVICE(dx, ms_cuda_softmax_backward(dx, y, dy, dim, log));
     MS_CHECK(ms_cpu_output("softmax_backward", "dx", dx));
     MS_CHECK(ms_cpu_input("softmax_backward", "y", y));
     MS_CHECK(ms_cpu_input("softmax_backward", "dy", dy));

@@ -1,0 +1,24 @@
+/* moonshard kernels: launchers of layer norm over dense rows, forward and backward. dx is
+ * assigned; dweight and dbias are parameter gradients and accumulate (+=). */
+#ifndef MS_KERNELS_LAYERNORM_CUH
+#define MS_KERNELS_LAYERNORM_CUH
+
+#include "launch.cuh"
+
+/* Dense row-major buffers of rows x size elements of dtype (f32 or f64); weight and bias
+ * (size) may be NULL; mean and rstd (rows) have their own dtypes (f32 or f64). */
+typedef struct ms_cu_layer_norm {
+    int64_t rows, size;
+    double eps;
+    int dtype, mean_dtype, rstd_dtype;
+    void *out, *dx, *dweight, *dbias, *mean, *rstd;
+    const void *x, *dy, *weight, *bias;
+} ms_cu_layer_norm;
+
+/* out = (x - mean) rstd * weight + bias; mean and rstd [OUT]. */
+MS_CU_API int ms_cu_layer_norm_forward(cudaStream_t stream, const ms_cu_layer_norm *args);
+/* dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy weight; dweight += sum over rows of
+ * dy xhat and dbias += sum of dy, each NULL to skip. */
+MS_CU_API int ms_cu_layer_norm_backward(cudaStream_t stream, const ms_cu_layer_norm *args);
+
+#endif

@@ -1,0 +1,363 @@
+/* moonshard runtime: the nccl backend: collectives on each device's communication stream.
+ * Members first agree on every call through the bootstrap group (local or mpi) they came
+ * from, so a mismatched call or a dead peer fails on the host instead of hanging the GPU. */
+#include <nccl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm.h"
+#include "cuda/cuda_internal.h"
+#include "cuda/gpu.h"
+
+typedef struct nccl_group {
+    ncclComm_t comm;     /* NULL for a non-member */
+    int device;
+    ms_group *bootstrap; /* the same members in the bootstrap backend */
+    uint32_t op_seq;
+} nccl_group;
+
+typedef enum nccl_kind {
+    KIND_INVALID = 0, /* this member's buffers failed a local check */
+    KIND_ALL_GATHER, KIND_REDUCE_SCATTER, KIND_ALL_REDUCE, KIND_BROADCAST, KIND_BARRIER
+} nccl_kind;
+
+/* What every member says it is calling: op_seq, kind, dtype, op, root, count. */
+enum { SIGNATURE_FIELDS = 6 };
+
+static struct {
+    ms_group *world;
+    ms_group *bootstrap_world; /* the world this process had before ms_nccl_init */
+} nccl;
+
+static const ms_comm_backend nccl_backend;
+
+static int nccl_fail(ms_group *g, const char *name, const char *call, ncclResult_t result)
+{
+    int status = result == ncclRemoteError || result == ncclSystemError ? MS_ERR_PEER_DIED
+                                                                        : MS_ERR_DEVICE;
+    return ms_group_break(g, MS_FAIL(status, "%s: %s failed: %s", name, call,
+                                     ncclGetErrorString(result)));
+}
+
+/* Run an NCCL call; a failure breaks the group (members may be out of step). */
+#define NCCL_CHECK(g, name, call)                                   \
+    do {                                                            \
+        ncclResult_t nccl_result_ = (call);                         \
+        if (nccl_result_ != ncclSuccess)                            \
+            return nccl_fail((g), (name), #call, nccl_result_);     \
+    } while (0)
+
+static ncclDataType_t type_of(int dtype)
+{
+    switch (dtype) {
+    case MS_F32: return ncclFloat32;
+    case MS_F64: return ncclFloat64;
+    case MS_BF16: return ncclBfloat16;
+    case MS_F16: return ncclFloat16;
+    case MS_I32: return ncclInt32;
+    case MS_I64: return ncclInt64;
+    default: return ncclUint8;
+    }
+}
+
+static ncclRedOp_t op_of(int op)
+{
+    switch (op) {
+    case MS_DIST_AVG: return ncclAvg;
+    case MS_DIST_MAX: return ncclMax;
+    case MS_DIST_MIN: return ncclMin;
+    default: return ncclSum;
+    }
+}
+
+static const char *kind_name(int64_t kind)
+{
+    switch (kind) {
+    case KIND_ALL_GATHER: return "all_gather_into_tensor";
+    case KIND_REDUCE_SCATTER: return "reduce_scatter_tensor";
+    case KIND_ALL_REDUCE: return "all_reduce";
+    case KIND_BROADCAST: return "broadcast";
+    case KIND_BARRIER: return "barrier";
+    default: return "a collective with invalid buffers";
+    }
+}
+
+static const char *describe(char *buf, size_t size, const int64_t *s)
+{
+    const char *dtype = ms_dtype_name((int)s[2]) ? ms_dtype_name((int)s[2]) : "?";
+    if (s[1] == KIND_BARRIER || s[1] == KIND_INVALID)
+        snprintf(buf, size, "%s", kind_name(s[1]));
+    else if (s[1] == KIND_BROADCAST)
+        snprintf(buf, size, "broadcast(%s, %lld elements, root %lld)", dtype, (long long)s[5],
+                 (long long)s[4]);
+    else
+        snprintf(buf, size, "%s(%s, %lld elements, %s)", kind_name(s[1]), dtype,
+                 (long long)s[5], s[1] == KIND_ALL_GATHER ? "-" : ms_comm_op_name((int)s[3]));
+    return buf;
+}
+
+/* Members compare their calls with one bootstrap all-reduce (the minimum of each field and
+ * of its negation); when they differ, every member learns who called what and fails. */
+static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int root,
+                 int64_t count)
+{
+    nccl_group *ng = g->impl;
+    ms_group *boot = ng->bootstrap;
+    int64_t mine[SIGNATURE_FIELDS] = {ng->op_seq++, kind, dtype, op, root, count};
+    int64_t both[2 * SIGNATURE_FIELDS];
+    for (int i = 0; i < SIGNATURE_FIELDS; i++) {
+        both[i] = mine[i];
+        both[SIGNATURE_FIELDS + i] = -mine[i];
+    }
+    int status = boot->backend->all_reduce(boot, both, 2 * SIGNATURE_FIELDS, MS_I64,
+                                           MS_DIST_MIN);
+    if (status != MS_OK)
+        return ms_group_break(g, MS_FAIL(status, "%s: %s", name, ms_last_error()));
+    int same = 1;
+    for (int i = 0; i < SIGNATURE_FIELDS; i++)
+        same &= both[i] == -both[SIGNATURE_FIELDS + i];
+    if (same)
+        return MS_OK;
+    int64_t *all = malloc(sizeof *all * SIGNATURE_FIELDS * (size_t)g->size);
+    if (!all)
+        return ms_group_break(g, MS_FAIL(MS_ERR_OOM, "%s: ranks disagree about the call", name));
+    status = boot->backend->all_gather(boot, all, mine, SIGNATURE_FIELDS, MS_I64);
+    if (status != MS_OK) {
+        free(all);
+        return ms_group_break(g, status);
+    }
+    int other = 0;
+    while (other < g->size && !memcmp(all + other * SIGNATURE_FIELDS, mine, sizeof mine))
+        other++;
+    char my_call[96], their_call[96];
+    MS_FAIL(MS_ERR_MISMATCH, "%s: ranks disagree: rank %d called %s, rank %d called %s", name,
+            g->world_ranks[g->rank], describe(my_call, sizeof my_call, mine),
+            g->world_ranks[other < g->size ? other : 0],
+            describe(their_call, sizeof their_call,
+                     all + (other < g->size ? other : 0) * SIGNATURE_FIELDS));
+    free(all);
+    return MS_ERR_MISMATCH;
+}
+
+/* Buffers must be memory of the group's device (group.c checked they are in a cuda pool). */
+static int check_buffer(const ms_group *g, const char *name, const void *data)
+{
+    const nccl_group *ng = g->impl;
+    struct cudaPointerAttributes attributes;
+    if (!data)
+        return MS_OK;
+    if (cudaPointerGetAttributes(&attributes, data) != cudaSuccess) {
+        cudaGetLastError();
+        return MS_FAIL(MS_ERR_DEVICE, "%s: a buffer is not CUDA memory", name);
+    }
+    if (attributes.type != cudaMemoryTypeDevice || attributes.device != ng->device)
+        return MS_FAIL(MS_ERR_DEVICE, "%s: a buffer lives on cuda:%d but this rank's "
+                       "communicator uses cuda:%d", name, attributes.device, ng->device);
+    return MS_OK;
+}
+
+/* Agree on the call (a member whose buffers failed makes every member fail), then order
+ * the communication stream after the compute stream. */
+static int begin(ms_group *g, const char *name, int kind, int dtype, int op, int root,
+                 int64_t count, const void *out, const void *in)
+{
+    nccl_group *ng = g->impl;
+    int local = ms_cuda_use_device(ng->device);
+    if (local == MS_OK)
+        local = check_buffer(g, name, out);
+    if (local == MS_OK)
+        local = check_buffer(g, name, in);
+    if (local != MS_OK) {
+        char message[256];
+        snprintf(message, sizeof message, "%s", ms_last_error());
+        agree(g, name, KIND_INVALID, 0, 0, 0, 0);
+        return MS_FAIL(local, "%s", message);
+    }
+    MS_CHECK(agree(g, name, kind, dtype, op, root, count));
+    return ms_cuda_comm_wait_compute(ng->device);
+}
+
+/* Later ops touching the buffers wait for the collective on the device. */
+static int finish(ms_group *g, const void *out, size_t out_bytes, const void *in,
+                  size_t in_bytes)
+{
+    nccl_group *ng = g->impl;
+    MS_CHECK(ms_cuda_mark_pending(ng->device, out, out_bytes));
+    if (in && in != out)
+        MS_CHECK(ms_cuda_mark_pending(ng->device, in, in_bytes));
+    return MS_OK;
+}
+
+static int nccl_all_gather(ms_group *g, void *out, const void *in, int64_t count, int dtype)
+{
+    const char *name = "all_gather_into_tensor";
+    nccl_group *ng = g->impl;
+    MS_CHECK(begin(g, name, KIND_ALL_GATHER, dtype, 0, 0, count, out, in));
+    NCCL_CHECK(g, name, ncclAllGather(in, out, (size_t)count, type_of(dtype), ng->comm,
+                                      ms_cuda_comm_stream(ng->device)));
+    size_t block = (size_t)count * ms_dtype_size(dtype);
+    return finish(g, out, block * (size_t)g->size, in, block);
+}
+
+static int nccl_reduce_scatter(ms_group *g, void *out, const void *in, int64_t count, int dtype,
+                               int op)
+{
+    const char *name = "reduce_scatter_tensor";
+    nccl_group *ng = g->impl;
+    MS_CHECK(begin(g, name, KIND_REDUCE_SCATTER, dtype, op, 0, count, out, in));
+    NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype), op_of(op),
+                                          ng->comm, ms_cuda_comm_stream(ng->device)));
+    size_t block = (size_t)count * ms_dtype_size(dtype);
+    return finish(g, out, block, in, block * (size_t)g->size);
+}
+
+static int nccl_all_reduce(ms_group *g, void *data, int64_t count, int dtype, int op)
+{
+    const char *name = "all_reduce";
+    nccl_group *ng = g->impl;
+    MS_CHECK(begin(g, name, KIND_ALL_REDUCE, dtype, op, 0, count, data, NULL));
+    NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype), op_of(op),
+                                      ng->comm, ms_cuda_comm_stream(ng->device)));
+    return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
+}
+
+static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int root)
+{
+    const char *name = "broadcast";
+    nccl_group *ng = g->impl;
+    MS_CHECK(begin(g, name, KIND_BROADCAST, dtype, 0, root, count, data, NULL));
+    NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root, ng->comm,
+                                      ms_cuda_comm_stream(ng->device)));
+    return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
+}
+
+/* Every member has arrived and this rank's device work queued so far has finished. */
+static int nccl_barrier(ms_group *g)
+{
+    nccl_group *ng = g->impl;
+    MS_CHECK(begin(g, "barrier", KIND_BARRIER, 0, 0, 0, 0, NULL, NULL));
+    return ms_cuda_synchronize(ng->device);
+}
+
+static int wrap(ms_group **out, ncclComm_t comm, int device, ms_group *bootstrap)
+{
+    nccl_group *ng = calloc(1, sizeof *ng);
+    if (!ng)
+        return MS_FAIL(MS_ERR_OOM, "nccl: out of host memory for the handle");
+    int status = ms_group_alloc(out, &nccl_backend, bootstrap->rank, bootstrap->world_ranks,
+                                bootstrap->size, bootstrap->timeout_ms);
+    if (status != MS_OK) {
+        free(ng);
+        return status;
+    }
+    *ng = (nccl_group){comm, device, bootstrap, 0};
+    (*out)->impl = ng;
+    return MS_OK;
+}
+
+static int nccl_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **out)
+{
+    nccl_group *parent_ng = parent->impl;
+    ms_group *boot_parent = parent_ng->bootstrap, *boot = NULL;
+    MS_CHECK(boot_parent->backend->new_group(boot_parent, ranks, nranks, &boot));
+    int key = -1;
+    for (int i = 0; i < nranks; i++)
+        if (ranks[i] == parent->rank)
+            key = i;
+    ncclComm_t comm = NULL;
+    ncclResult_t result = ncclCommSplit(parent_ng->comm, key >= 0 ? 0 : NCCL_SPLIT_NOCOLOR,
+                                        key >= 0 ? key : 0, &comm, NULL);
+    int status = result == ncclSuccess ? wrap(out, comm, parent_ng->device, boot)
+                                       : nccl_fail(parent, "new_group", "ncclCommSplit", result);
+    if (status != MS_OK) {
+        if (comm)
+            ncclCommDestroy(comm);
+        boot->backend->group_free(boot);
+    }
+    return status;
+}
+
+static void nccl_group_free(ms_group *g)
+{
+    nccl_group *ng = g->impl;
+    if (ng->comm)
+        ncclCommDestroy(ng->comm);
+    if (g != nccl.world)
+        ng->bootstrap->backend->group_free(ng->bootstrap);
+    free(ng);
+    ms_group_release(g);
+}
+
+static const ms_comm_backend nccl_backend = {
+    .name = "nccl",
+    .device_buffers = 1,
+    .all_gather = nccl_all_gather,
+    .reduce_scatter = nccl_reduce_scatter,
+    .all_reduce = nccl_all_reduce,
+    .broadcast = nccl_broadcast,
+    .barrier = nccl_barrier,
+    .new_group = nccl_new_group,
+    .group_free = nccl_group_free,
+};
+
+/* The rank's index among the ranks on its machine: the world rank for local ranks (one
+ * machine), OpenMPI's local rank under mpirun. */
+static int local_rank(const ms_group *world)
+{
+    const char *mpi_local = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    return mpi_local ? atoi(mpi_local) : world->rank;
+}
+
+int ms_nccl_init(void)
+{
+    ms_group *bootstrap = ms_dist_current_world();
+    if (bootstrap && bootstrap->backend == &nccl_backend)
+        return MS_OK;
+    if (!bootstrap)
+        return MS_FAIL(MS_ERR_STATE, "nccl_init: no process group to bootstrap from: run "
+                                     "inside dist.spawn or under mpirun");
+    int devices = 0;
+    MS_CHECK(ms_cuda_device_count(&devices));
+    if (devices == 0)
+        return MS_FAIL(MS_ERR_DEVICE, "nccl_init: %s", ms_cuda_unavailable_reason());
+    int device = local_rank(bootstrap) % devices;
+    MS_CHECK(ms_cuda_use_device(device));
+    ncclUniqueId id;
+    memset(&id, 0, sizeof id);
+    if (bootstrap->rank == 0) {
+        ncclResult_t result = ncclGetUniqueId(&id);
+        if (result != ncclSuccess)
+            memset(&id, 0, sizeof id); /* the others learn of it from the zero id */
+    }
+    MS_CHECK(bootstrap->backend->broadcast(bootstrap, &id, sizeof id, MS_U8, 0));
+    static const ncclUniqueId zero_id;
+    if (!memcmp(&id, &zero_id, sizeof id))
+        return MS_FAIL(MS_ERR_DEVICE, "nccl_init: rank 0 could not make an NCCL unique id");
+    ncclComm_t comm;
+    ncclResult_t result = ncclCommInitRank(&comm, bootstrap->size, id, bootstrap->rank);
+    if (result != ncclSuccess)
+        return MS_FAIL(MS_ERR_DEVICE, "nccl_init: ncclCommInitRank on cuda:%d failed: %s",
+                       device, ncclGetErrorString(result));
+    int status = wrap(&nccl.world, comm, device, bootstrap);
+    if (status != MS_OK) {
+        ncclCommDestroy(comm);
+        return status;
+    }
+    nccl.bootstrap_world = bootstrap;
+    ms_dist_set_world(nccl.world);
+    return MS_OK;
+}
+
+int ms_nccl_finalize(void)
+{
+    if (!nccl.world)
+        return MS_OK;
+    nccl_group *ng = nccl.world->impl;
+    int status = ms_cuda_synchronize(ng->device);
+    ms_dist_set_world(nccl.bootstrap_world);
+    nccl_group_free(nccl.world);
+    nccl.world = NULL;
+    nccl.bootstrap_world = NULL;
+    return status;
+}

@@ -1,0 +1,35 @@
+/* moonshard CUDA backend: the host pool's memory: page-locked (cudaHostAlloc) once CUDA has
+ * found a device in this process, so copies to and from the device run at full speed. */
+#include <stdlib.h>
+
+#include "cuda_internal.h"
+#include "pool.h"
+
+void *ms_host_raw_alloc(size_t rounded)
+{
+    void *p = NULL;
+    if (ms_cuda_started()) {
+        if (cudaHostAlloc(&p, rounded, cudaHostAllocPortable) == cudaSuccess)
+            return p;
+        cudaGetLastError();
+        return NULL;
+    }
+    if (posix_memalign(&p, 64, rounded) != 0)
+        return NULL;
+    return p;
+}
+
+/* Blocks made before CUDA started are ordinary memory; CUDA tells the two kinds apart. */
+void ms_host_raw_free(void *p)
+{
+    if (ms_cuda_started()) {
+        struct cudaPointerAttributes attributes;
+        if (cudaPointerGetAttributes(&attributes, p) == cudaSuccess &&
+            attributes.type == cudaMemoryTypeHost) {
+            cudaFreeHost(p);
+            return;
+        }
+        cudaGetLastError();
+    }
+    free(p);
+}
