@@ -110,6 +110,7 @@ describe("nn", function()
       local seq = nn.Sequential(a, b)
       assert.are.same({"0.weight", "0.bias", "1.bias"}, (collect(seq:named_parameters())))
       assert.are.equal(3, #seq:parameters())
+      assert.are.same({"0.bias", "0.weight", "1.bias", "1.weight"}, sorted_keys(seq:state_dict()))
     end)
 
     it("reassigning an attribute keeps its place in the order", function()

@@ -215,7 +215,9 @@ function Module:modules()
   end
 end
 
-local function named_members(self, registry_name, order_name, recurse)
+-- Members in registration order; a tensor reachable under several names is listed once
+-- unless keep_duplicates (state dicts list tied weights under every name, as PyTorch's do).
+local function named_members(self, registry_name, order_name, recurse, keep_duplicates)
   local list, seen = {}, {}
   local modules = {}
   if recurse == false then modules = {{"", self}} else collect_modules(self, "", modules, {}) end
@@ -224,7 +226,7 @@ local function named_members(self, registry_name, order_name, recurse)
     local registry = module[registry_name]
     for _, name in ipairs(module[order_name]) do
       local value = registry[name]
-      if value and not seen[value] then
+      if value and (keep_duplicates or not seen[value]) then
         seen[value] = true
         list[#list + 1] = {prefix == "" and name or prefix .. "." .. name, value}
       end
@@ -291,8 +293,10 @@ end
 function Module:state_dict(opts)
   local out = {}
   local prefix = opts and opts.prefix or ""
-  for name, p in self:named_parameters() do out[prefix .. name] = p:detach() end
-  for _, entry in ipairs(named_members(self, "_buffers", "_buffer_order")) do
+  for _, entry in ipairs(named_members(self, "_parameters", "_param_order", true, true)) do
+    out[prefix .. entry[1]] = entry[2]:detach()
+  end
+  for _, entry in ipairs(named_members(self, "_buffers", "_buffer_order", true, true)) do
     local name, b = entry[1], entry[2]
     local owner_name = name:match("([^.]+)$")
     local owner = self
@@ -314,8 +318,11 @@ function Module:load_state_dict(sd, opts)
   if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
   local strict = not (opts and opts.strict == false)
   local targets = {}
-  for name, p in self:named_parameters() do targets[name] = p end
-  for name, b in self:named_buffers() do targets[name] = b end
+  for _, registry in ipairs({{"_parameters", "_param_order"}, {"_buffers", "_buffer_order"}}) do
+    for _, entry in ipairs(named_members(self, registry[1], registry[2], true, true)) do
+      targets[entry[1]] = entry[2]
+    end
+  end
   local missing, unexpected = {}, {}
   for name in pairs(targets) do if sd[name] == nil then missing[name] = true end end
   for name in pairs(sd) do if targets[name] == nil then unexpected[name] = true end end
