@@ -157,7 +157,6 @@ double ms_clock_seconds(void);
 #include "ops.h"
 #include "comm/dist.h"
 #include "cuda/gpu.h"
-#include "cuda/gpu.h"
 #include "store/store.h"
 
 #ifdef __cplusplus

@@ -129,6 +129,10 @@ int ms_storage_is_released(const ms_storage *storage);
 int ms_set_num_threads(int n);
 int ms_get_num_threads(void);
 
+/* ---- clock ---- */
+/* Seconds on the monotonic clock (for timing; cannot fail). */
+double ms_clock_seconds(void);
+
 /* runtime/ops.h */
 /* ---- copy, fill, compare ---- */
 /* dst = src, broadcasting src to dst's shape, converting dtype, any strides. A src that
