@@ -161,8 +161,13 @@ local function parse_shape(what, ...)
 end
 Tensor.parse_shape = parse_shape
 
-local function apply_options(t, opts)
-  if opts.requires_grad then t.requires_grad = true end
+local function apply_options(t, opts, what)
+  if opts.requires_grad then
+    if t._c.dtype >= dtype_ids.i32 then
+      fail(what, "only floating-point tensors can require gradients, not %s", dtype_names[t._c.dtype])
+    end
+    t.requires_grad = true
+  end
   return t
 end
 
@@ -175,13 +180,13 @@ Tensor.create = create
 
 function Tensor.empty(...)
   local shape, opts = parse_shape("empty", ...)
-  return apply_options(create("empty", opts, shape), opts)
+  return apply_options(create("empty", opts, shape), opts, "empty")
 end
 
 function Tensor.full_with(what, value, shape, opts)
   local t = create(what, opts, shape)
   check(lib.ms_fill(t._c, value), what)
-  return apply_options(t, opts)
+  return apply_options(t, opts, what)
 end
 
 function Tensor.zeros(...)
@@ -216,7 +221,7 @@ function Tensor.arange(a, b, c, d)
   local n = math.max(0, math.ceil((stop - start) / step))
   local t = create("arange", opts, {n})
   check(lib.ms_arange(t._c, start, step), "arange")
-  return apply_options(t, opts)
+  return apply_options(t, opts, "arange")
 end
 
 -- ms.tensor{{1, 2}, {3, 4}}: nested Lua arrays of numbers (or booleans).
@@ -254,7 +259,7 @@ function Tensor.from_table(data, opts)
   local t = create("tensor", opts, shape)
   check(lib.ms_copy(t._c, staging._c), "tensor")
   staging:_release()
-  return apply_options(t, opts)
+  return apply_options(t, opts, "tensor")
 end
 
 -- ---- metadata ----

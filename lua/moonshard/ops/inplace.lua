@@ -63,6 +63,9 @@ M.div_ = binary_("div_", raw.DIV)
 
 function M.clamp_(t, low, high)
   writable(t, "clamp_")
+  if (low ~= nil and type(low) ~= "number") or (high ~= nil and type(high) ~= "number") then
+    fail("clamp_", "bounds must be numbers or nil, got %s and %s", type(low), type(high))
+  end
   if low then check(lib.ms_binary_scalar(t._c, t._c, low, raw.MAXIMUM, 0), "clamp_") end
   if high then check(lib.ms_binary_scalar(t._c, t._c, high, raw.MINIMUM, 0), "clamp_") end
   return done(t)

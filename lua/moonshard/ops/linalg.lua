@@ -120,11 +120,13 @@ function M.matmul(a, b)
 end
 
 function M.mm(a, b)
+  if not Tensor.is_tensor(a) or not Tensor.is_tensor(b) then fail("mm", "expected two tensors") end
   if a:dim() ~= 2 or b:dim() ~= 2 then fail("mm", "expects 2-D tensors, got %dD and %dD", a:dim(), b:dim()) end
   return M.matmul(a, b)
 end
 
 function M.bmm(a, b)
+  if not Tensor.is_tensor(a) or not Tensor.is_tensor(b) then fail("bmm", "expected two tensors") end
   if a:dim() ~= 3 or b:dim() ~= 3 then fail("bmm", "expects 3-D tensors, got %dD and %dD", a:dim(), b:dim()) end
   if a:size(0) ~= b:size(0) then fail("bmm", "batch sizes %d and %d differ", a:size(0), b:size(0)) end
   return M.matmul(a, b)

@@ -121,6 +121,9 @@ end
 
 local function binary_op(a, b, op)
   local what = binary_names[op]
+  if not is_tensor(a) and not is_tensor(b) then
+    fail(what, "expected a tensor and a tensor or a number, got %s and %s", type(a), type(b))
+  end
   if type(b) == "number" then return scalar_op(a, b, op, false, what) end
   if type(a) == "number" then
     if op == raw.ADD or op == raw.MUL then return scalar_op(b, a, op, false, what) end
@@ -232,13 +235,14 @@ function M.gelu(a, opts)
   return unary_op(a, raw.GELU, "gelu")
 end
 
-function M.sign(a) return raw.unary(a, raw.SIGN, "sign") end
+function M.sign(a) return raw.unary(as_tensor(a, "sign"), raw.SIGN, "sign") end
 
 -- ---- comparisons (no gradient) ----
 
 local comparisons = {eq = raw.EQ, ne = raw.NE, lt = raw.LT, le = raw.LE, gt = raw.GT, ge = raw.GE}
 for name, op in pairs(comparisons) do
   M[name] = function(a, b)
+    as_tensor(a, name)
     if type(b) == "number" then return raw.scalar(a, b, op, false, name) end
     return raw.binary(a, b, op, name)
   end

@@ -76,6 +76,7 @@ end
 
 function M.sum(t, dim, keepdim) return reduce_op(t, dim, keepdim, raw.SUM, "sum", sum_backward) end
 function M.mean(t, dim, keepdim)
+  if not Tensor.is_tensor(t) then fail("mean", "expected a tensor, got %s", type(t)) end
   if t:numel() == 0 then fail("mean", "mean of an empty tensor") end
   return reduce_op(t, dim, keepdim, raw.MEAN, "mean", mean_backward)
 end
@@ -147,6 +148,7 @@ end
 
 -- Sum of squares over every element, as a Lua number (gradient norms, clipping).
 function M.sum_of_squares(t)
+  if not Tensor.is_tensor(t) then fail("sum_of_squares", "expected a tensor, got %s", type(t)) end
   local ones, mask = {}, 0
   for d = 1, t:dim() do
     ones[d] = 1

@@ -12,6 +12,10 @@ local view_raw, normalize_dim = Tensor.view_raw, Tensor.normalize_dim
 
 local M = {}
 
+local function need_tensor(t, what)
+  if not Tensor.is_tensor(t) then fail(what, "expected a tensor, got %s", type(t)) end
+end
+
 local function geometry(t)
   local c = t._c
   local shape, strides = {}, {}
@@ -57,6 +61,7 @@ local function reshape_backward(node, g)
 end
 
 function M.view(t, ...)
+  need_tensor(t, "view")
   local shape = resolve_shape("view", t:numel(), ...)
   if not t:is_contiguous() then
     fail("view", "tensor of shape %s is not contiguous; use reshape (which copies) instead",
@@ -69,16 +74,19 @@ function M.view(t, ...)
 end
 
 function M.reshape(t, ...)
+  need_tensor(t, "reshape")
   local shape = resolve_shape("reshape", t:numel(), ...)
   if t:is_contiguous() then return M.view(t, shape) end
   return M.view(M.contiguous(t), shape)
 end
 
 function M.flatten(t, start_dim, end_dim)
+  need_tensor(t, "flatten")
   local ndim = t:dim()
   if ndim == 0 then return M.reshape(t, 1) end
   start_dim = normalize_dim(t, start_dim or 0, "flatten")
   end_dim = normalize_dim(t, end_dim or -1, "flatten")
+  if start_dim > end_dim then fail("flatten", "start_dim %d comes after end_dim %d", start_dim, end_dim) end
   local shape, new = t:shape(), {}
   for d = 1, start_dim do new[#new + 1] = shape[d] end
   local merged = 1
@@ -93,6 +101,7 @@ local function permute_backward(node, g)
 end
 
 function M.permute(t, ...)
+  need_tensor(t, "permute")
   local dims = type((...)) == "table" and (...) or {...}
   local ndim = t:dim()
   if #dims ~= ndim then fail("permute", "%d dims given for a tensor of %d dimensions", #dims, ndim) end
@@ -112,6 +121,7 @@ function M.permute(t, ...)
 end
 
 function M.transpose(t, d0, d1)
+  need_tensor(t, "transpose")
   local ndim = t:dim()
   d0, d1 = normalize_dim(t, d0, "transpose"), normalize_dim(t, d1, "transpose")
   local dims = {}
@@ -121,6 +131,7 @@ function M.transpose(t, d0, d1)
 end
 
 function M.t(t)
+  need_tensor(t, "t")
   if t:dim() > 2 then fail("t", "expects a tensor with <= 2 dimensions, got %d", t:dim()) end
   if t:dim() < 2 then return t end
   return M.transpose(t, 0, 1)
@@ -137,6 +148,7 @@ local function narrow_backward(node, g)
 end
 
 function M.narrow(t, dim, start, length)
+  need_tensor(t, "narrow")
   dim = normalize_dim(t, dim, "narrow")
   local size = t:size(dim)
   if type(start) ~= "number" or type(length) ~= "number" then
@@ -155,6 +167,7 @@ function M.narrow(t, dim, start, length)
 end
 
 function M.select(t, dim, index)
+  need_tensor(t, "select")
   dim = normalize_dim(t, dim, "select")
   local size = t:size(dim)
   if type(index) ~= "number" or index % 1 ~= 0 or index < -size or index >= size then
@@ -165,6 +178,7 @@ function M.select(t, dim, index)
 end
 
 function M.unsqueeze(t, dim)
+  need_tensor(t, "unsqueeze")
   dim = normalize_dim(t, dim, "unsqueeze", 1)
   local shape = t:shape()
   table.insert(shape, dim + 1, 1)
@@ -176,6 +190,7 @@ local function squeeze_backward(node, g)
 end
 
 function M.squeeze(t, dim)
+  need_tensor(t, "squeeze")
   local shape, new = t:shape(), {}
   if dim ~= nil then dim = normalize_dim(t, dim, "squeeze") end
   for d = 1, #shape do
@@ -195,6 +210,7 @@ end
 local function expand_backward(node, g) return raw.sum_to(g, node.input_shape) end
 
 function M.expand(t, ...)
+  need_tensor(t, "expand")
   local target = type((...)) == "table" and (...) or {...}
   local shape, strides, offset = geometry(t)
   local n, lead = #target, #target - #shape
@@ -222,11 +238,15 @@ function M.expand(t, ...)
   return out
 end
 
-function M.expand_as(t, other) return M.expand(t, other:shape()) end
+function M.expand_as(t, other)
+  need_tensor(other, "expand_as")
+  return M.expand(t, other:shape())
+end
 
 local function identity_backward(_, g) return g end
 
 function M.contiguous(t)
+  need_tensor(t, "contiguous")
   if t:is_contiguous() then return t end
   local out = raw.copy(t)
   record(out, "ContiguousBackward0", identity_backward, t)
@@ -234,6 +254,7 @@ function M.contiguous(t)
 end
 
 function M.clone(t)
+  need_tensor(t, "clone")
   local out = raw.copy(t)
   record(out, "CloneBackward0", identity_backward, t)
   return out
@@ -241,6 +262,7 @@ end
 
 -- A new tensor sharing t's storage, outside the graph.
 function M.detach(t)
+  need_tensor(t, "detach")
   return Tensor.alias_raw(t)
 end
 
@@ -252,7 +274,11 @@ end
 
 -- t:to("f64"), t:to("host"), t:to({dtype = "f64", device = "cpu"}).
 function M.to(t, target, opts)
+  need_tensor(t, "to")
   local dtype, device = t._c.dtype, t._c.storage.pool
+  if target ~= nil and type(target) ~= "string" and type(target) ~= "table" then
+    fail("to", "expected a dtype or device name or an options table, got %s", type(target))
+  end
   local spec = type(target) == "table" and target or opts or {}
   if type(target) == "string" then
     local ok_dtype, id = pcall(Tensor.dtype_id, target, "to")
@@ -317,12 +343,17 @@ end
 
 function M.stack(tensors, dim)
   dim = dim or 0
+  if type(tensors) ~= "table" or #tensors == 0 then fail("stack", "expected a non-empty array of tensors") end
+  for i, t in ipairs(tensors) do
+    if not Tensor.is_tensor(t) then fail("stack", "element %d is not a tensor", i) end
+  end
   local expanded = {}
   for i, t in ipairs(tensors) do expanded[i] = M.unsqueeze(t, dim) end
   return M.cat(expanded, dim)
 end
 
 function M.split(t, split_size, dim)
+  need_tensor(t, "split")
   dim = normalize_dim(t, dim or 0, "split")
   local size = t:size(dim)
   local parts, start = {}, 0
@@ -344,6 +375,10 @@ function M.split(t, split_size, dim)
 end
 
 function M.chunk(t, chunks, dim)
+  need_tensor(t, "chunk")
+  if type(chunks) ~= "number" or chunks < 1 or chunks % 1 ~= 0 then
+    fail("chunk", "chunks must be a positive integer, got %s", tostring(chunks))
+  end
   dim = normalize_dim(t, dim or 0, "chunk")
   return M.split(t, math.ceil(t:size(dim) / chunks), dim)
 end
