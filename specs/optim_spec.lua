@@ -186,6 +186,35 @@ describe("optim", function()
     end)
   end)
 
+  describe("non-contiguous parameters", function()
+    -- a [3, 2] parameter stored transposed: its elements in row-major order are initial's
+    local function transposed_param()
+      local stored = ms.tensor({{initial[1], initial[3], initial[5]}, {initial[2], initial[4], initial[6]}},
+                               {dtype = "f64"})
+      return stored:t():detach():requires_grad_(true)
+    end
+
+    for _, case in ipairs({
+      {"SGD with momentum", function(params) return optim.SGD(params, {lr = 0.05, momentum = 0.9}) end,
+       sgd_reference({lr = 0.05, momentum = 0.9})},
+      {"AdamW", function(params) return optim.AdamW(params, {lr = 0.05}) end, adam_reference({lr = 0.05}, true)},
+    }) do
+      it(case[1] .. " steps a transposed view element by element like a dense one", function()
+        local p = transposed_param()
+        assert.is_false(p:is_contiguous())
+        local opt = case[2]({p})
+        local expected = {unpack(initial)}
+        for _ = 1, 4 do
+          opt:zero_grad()
+          objective(p:reshape(6)):backward()
+          opt:step()
+          case[3](expected, reference_gradient(expected))
+        end
+        assert_close(expected, flat(p), 1e-10)
+      end)
+    end
+  end)
+
   describe("param groups", function()
     it("step each group with its own lr and momentum", function()
       local a, b = param({1.0, -2.0, 0.5}), param({0.3, 0.7})
