@@ -49,6 +49,12 @@ step "specs (release)"
 luajit tools/busted.lua -o utfTerminal 2>&1 | tee "$log_dir/busted.log"
 count_busted "$log_dir/busted.log"
 
+# ---- specs under mpirun -n 4 (tools/test_mpi.sh: the collective specs on the mpi backend) ----
+step "specs under mpirun -n 4"
+MOONSHARD_LIB=$PWD/build/libmoonshard.so bash tools/test_mpi.sh 2>&1 | tee "$log_dir/busted-mpi.log"
+count_busted "$log_dir/busted-mpi.log"
+# ---- end of the mpirun block ----
+
 step "specs (address + undefined sanitizers)"
 asan_runtime=$(gcc -print-file-name=libasan.so)
 MOONSHARD_LIB=build-asan/libmoonshard.so LD_PRELOAD="$asan_runtime" \

@@ -57,16 +57,7 @@ end
 local world_out = ffi.new("ms_group*[1]")
 local state = {base = nil, override = nil}
 
--- MPI is finalised when this module's state is collected (at exit at the latest; the
--- runtime also finalises from atexit).
-local function finalize_mpi_later()
-  local registry = debug.getregistry()
-  if registry.moonshard_mpi_sentinel == nil then
-    registry.moonshard_mpi_sentinel = ffi.gc(ffi.new("char[1]"),
-                                             function() lib.ms_mpi_finalize() end)
-  end
-end
-
+-- MPI is finalised by the runtime when the process exits (ms_mpi_init registers it).
 local function base_world(what)
   if lib.ms_dist_world(world_out) ~= 0 then
     if lib.ms_mpi_launched() ~= 1 then
@@ -74,7 +65,6 @@ local function base_world(what)
                  "under mpirun")
     end
     check(lib.ms_mpi_init(), what)
-    finalize_mpi_later()
     check(lib.ms_dist_world(world_out), what)
   end
   if state.base == nil or state.base._c ~= world_out[0] then

@@ -3,9 +3,12 @@
 #include <dlfcn.h>
 #include <limits.h>
 #include <mpi.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "comm.h"
 
@@ -321,7 +324,33 @@ static void make_mpi_symbols_global(void)
         dlopen(info.dli_fname, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);
 }
 
-static void finalize_at_exit(void) { ms_mpi_finalize(); }
+/* MPI_Finalize waits for every process; one that exits while its peers still wait in a
+ * collective would wait for ever. After the world's timeout it gives up with status 1,
+ * which makes mpirun end the whole job. */
+static void *finalize_watchdog(void *timeout)
+{
+    int64_t ms = *(const int64_t *)timeout;
+    struct timespec span = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
+    while (nanosleep(&span, &span) != 0) {
+    }
+    static const char message[] = "moonshard: mpi: the other processes did not finish within "
+                                  "the timeout; exiting with status 1\n";
+    ssize_t ignored = write(STDERR_FILENO, message, sizeof message - 1);
+    (void)ignored;
+    _exit(1);
+}
+
+static void finalize_at_exit(void)
+{
+    if (!mpi.world)
+        return;
+    static int64_t timeout;
+    timeout = mpi.world->timeout_ms;
+    pthread_t watchdog;
+    if (pthread_create(&watchdog, NULL, finalize_watchdog, &timeout) == 0)
+        pthread_detach(watchdog);
+    ms_mpi_finalize();
+}
 
 int ms_mpi_init(void)
 {
