@@ -9,7 +9,7 @@
 
 #include "store_internal.h"
 
-enum { PREFETCH_AHEAD_BYTES = 64 << 20, PREAD_BLOCK_BYTES = 128 << 10 };
+enum { PREFETCH_AHEAD_BYTES = 64 << 20, PREAD_BLOCK_BYTES = 512 << 10 };
 
 int store_fail_in_context(ms_store *s, int64_t step, int status)
 {
@@ -292,9 +292,10 @@ static uint64_t chunk_bytes(const store_entry *e, const store_chunk *c)
     return (uint64_t)chunk_numel(c, e->ndim) * ms_dtype_size(e->dtype);
 }
 
-/* A chunk not in the page cache that fills one contiguous range of the destination is read
- * with pread in blocks, each hashed while it is in cache: the kernel's sequential read-ahead
- * then keeps the disk busy, which faults on the map do not. */
+/* A chunk that fills one contiguous range of the destination is read with pread in blocks,
+ * each hashed while it is in cache: a cached chunk is copied without a page fault per page of
+ * the map, and for one on disk the kernel's sequential read-ahead keeps the disk busy, which
+ * faults on the map do not. */
 static bool read_by_pread(const store_entry *e, const store_chunk *c, const ms_tensor *dst,
                           const int64_t *box)
 {
@@ -333,7 +334,7 @@ static int pread_verified(ms_store *s, int64_t step, const store_entry *e, const
 /* Copy the overlap of chunk c and the destination region, verifying c on first touch.
  * [OUT] *copied: elements written. */
 static int read_chunk(ms_store *s, int64_t step, store_entry *e, store_chunk *c, ms_tensor *dst,
-                      const int64_t *offsets, bool cached, int64_t *copied)
+                      const int64_t *offsets, int64_t *copied)
 {
     int64_t box[MS_MAX_DIMS], chunk_strides[MS_MAX_DIMS], src_first, dst_first;
     overlap(e, c, dst, offsets, box, &src_first, &dst_first);
@@ -346,7 +347,7 @@ static int read_chunk(ms_store *s, int64_t step, store_entry *e, store_chunk *c,
     uint64_t digest = 0;
     off_t file_offset;
     store_env *shard = s->shards[c->rank];
-    if (!c->verified && !cached && read_by_pread(e, c, dst, box) &&
+    if (!c->verified && read_by_pread(e, c, dst, box) &&
         env_value_offset(shard, stored, nbytes, &file_offset)) {
         int fd;
         MS_CHECK(env_read_fd(shard, &fd));
@@ -365,40 +366,33 @@ static int read_chunk(ms_store *s, int64_t step, store_entry *e, store_chunk *c,
     return MS_OK;
 }
 
-/* Read the chunks that overlap dst in order. Whether each is cached is judged before any
- * read-ahead (afterwards pages being read count as cached); chunks read through the map
- * have the kernel read a window of them ahead. */
+/* Read the chunks that overlap dst in order; chunks read through the map (not cached, not
+ * read with pread) have the kernel read a window of them ahead. */
 static int read_overlapping(ms_store *s, int64_t step, store_entry *e, ms_tensor *dst,
                             const int64_t *offsets, int64_t *copied)
 {
-    typedef struct touched_chunk {
-        uint32_t index;
-        bool cached;
-    } touched_chunk;
-    MS_CHECK(buffer_reserve(&s->scratch, e->chunk_count * sizeof(touched_chunk)));
-    touched_chunk *touched = (touched_chunk *)s->scratch.data;
+    MS_CHECK(buffer_reserve(&s->scratch, e->chunk_count * sizeof(uint32_t)));
+    uint32_t *touched = (uint32_t *)s->scratch.data;
     uint32_t count = 0, ahead = 0;
     int64_t box[MS_MAX_DIMS], src_first, dst_first;
     for (uint32_t i = 0; i < e->chunk_count; i++)
         if (overlap(e, &e->chunks[i], dst, offsets, box, &src_first, &dst_first))
-            touched[count++] = (touched_chunk){.index = i};
+            touched[count++] = i;
     uint64_t ahead_bytes = 0;
     for (uint32_t k = 0; k < count; k++) {
         while (ahead < count && (ahead <= k || ahead_bytes < PREFETCH_AHEAD_BYTES)) {
-            touched_chunk *t = &touched[ahead++];
-            const store_chunk *c = &e->chunks[t->index];
+            const store_chunk *c = &e->chunks[touched[ahead++]];
             uint64_t nbytes = chunk_bytes(e, c);
             const uint8_t *stored;
             MS_CHECK(store_fetch_chunk(s, step, e, c, nbytes, &stored));
-            t->cached = chunk_cached(stored, nbytes);
             overlap(e, c, dst, offsets, box, &src_first, &dst_first);
-            if (!t->cached && !c->verified && !read_by_pread(e, c, dst, box))
+            if (!c->verified && !read_by_pread(e, c, dst, box))
                 prefetch_chunk(stored, nbytes);
             ahead_bytes += nbytes;
         }
-        store_chunk *c = &e->chunks[touched[k].index];
+        store_chunk *c = &e->chunks[touched[k]];
         ahead_bytes -= chunk_bytes(e, c);
-        MS_CHECK(read_chunk(s, step, e, c, dst, offsets, touched[k].cached, copied));
+        MS_CHECK(read_chunk(s, step, e, c, dst, offsets, copied));
     }
     return MS_OK;
 }
