@@ -133,6 +133,9 @@ int ms_pool_alloc(int pool_id, size_t nbytes, void **ptr)
     MS_CHECK(check_pool("pool_alloc", pool_id));
     if (!ptr)
         return MS_FAIL(MS_ERR_INVALID, "pool_alloc: ptr must not be NULL");
+    if (pool_id >= MS_POOL_CUDA0 && !ms_device_pool_available(pool_id - MS_POOL_CUDA0))
+        return MS_FAIL(MS_ERR_DEVICE, "pool_alloc: %s is not available (%s)",
+                       pools[pool_id].name, ms_device_unavailable_reason());
     pool *pl = &pools[pool_id];
     size_t rounded;
     int cls = size_class(nbytes, &rounded);

@@ -21,11 +21,15 @@ fi
 if [ -z "${CUDACXX:-}" ] && ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDACXX=/usr/local/cuda/bin/nvcc
 fi
+# With nvcc, build/ is the CUDA build (kernels for one architecture plus PTX, see
+# CMakeLists.txt); said explicitly so a build/ configured before CUDA existed switches too.
+cuda=OFF
+if [ -n "${CUDACXX:-}" ] || command -v nvcc >/dev/null; then cuda=ON; fi
 jobs=$(nproc)
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DMS_WITH_CUDA=$cuda >/dev/null
 cmake --build build -j"$jobs" >/dev/null
 if [ "${1:-}" = "--sanitize" ]; then
   cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMS_SANITIZE=ON -DMS_WITH_CUDA=OFF >/dev/null
   cmake --build build-asan -j"$jobs" >/dev/null
 fi
-echo "setup: built build/libmoonshard.so"
+echo "setup: built build/libmoonshard.so (CUDA $cuda)"

@@ -30,8 +30,8 @@ static void probe_devices(void)
     cudaError_t error = cudaGetDeviceCount(&count);
     if (error != cudaSuccess) {
         cudaGetLastError();
-        snprintf(cuda.reason, sizeof cuda.reason, "no CUDA device: %s",
-                 cudaGetErrorString(error));
+        snprintf(cuda.reason, sizeof cuda.reason,
+                 "no usable CUDA device (cudaGetDeviceCount: %s)", cudaGetErrorString(error));
         count = 0;
     } else if (count == 0) {
         snprintf(cuda.reason, sizeof cuda.reason, "no CUDA device on this machine");
