@@ -1,0 +1,226 @@
+-- Distributed checkpoint throughput through ms.dcp on forked ranks: durable save against
+-- write()+fsync and load against read() of the same bytes in the same run, a resharded load,
+-- and how long an async save blocks the caller. Prints JSON lines (medians and ranges).
+-- Usage (repository root): luajit bench/dcp.lua [--mib 1024] [--ranks 1,2,4] [--rounds 3]
+--   [--dir /tmp] [--cold]   (--cold evicts the files from the page cache before each read)
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local ffi = require "ffi"
+local ms = require "moonshard"
+local dist, dcp = ms.dist, ms.dcp
+local lib = require("moonshard.ffi").lib
+local placement = require "moonshard.placement"
+
+pcall(ffi.cdef, [[
+int open(const char *path, int flags, int mode);
+long write(int fd, const void *buf, size_t count);
+long read(int fd, void *buf, size_t count);
+int fsync(int fd);
+int close(int fd);
+int posix_fadvise(int fd, long offset, long len, int advice);
+]])
+
+local O_RDONLY, O_WRITE_NEW, POSIX_FADV_DONTNEED = 0, 1 + 64 + 512, 4
+local TENSORS, COLUMNS = 32, 4096
+
+local function parse_args(argv)
+  local opts = {mib = 1024, ranks = {1, 2, 4}, rounds = 3, dir = "/tmp", cold = false}
+  local i = 1
+  while i <= #argv do
+    local a, v = argv[i], argv[i + 1]
+    if a == "--mib" then opts.mib, i = tonumber(v), i + 1
+    elseif a == "--ranks" then
+      opts.ranks = {}
+      for r in v:gmatch("[^,]+") do opts.ranks[#opts.ranks + 1] = tonumber(r) end
+      i = i + 1
+    elseif a == "--rounds" then opts.rounds, i = tonumber(v), i + 1
+    elseif a == "--dir" then opts.dir, i = v, i + 1
+    elseif a == "--cold" then opts.cold = true
+    else error("dcp.lua: unknown argument " .. a) end
+    i = i + 1
+  end
+  return opts
+end
+
+local function io_loop(call, fd, ptr, n, what)
+  local bytes = ffi.cast("uint8_t *", ptr)
+  local done = 0
+  while done < n do
+    local got = tonumber(call(fd, bytes + done, n - done))
+    if got <= 0 then error("dcp.lua: " .. what .. " failed") end
+    done = done + got
+  end
+end
+
+-- The raw baseline: this rank's tensor bytes written in order with write(), then fsync.
+local function raw_write(path, tensors)
+  local fd = ffi.C.open(path, O_WRITE_NEW, 420)
+  for _, t in ipairs(tensors) do io_loop(ffi.C.write, fd, t:data_ptr(), t:nbytes(), "write") end
+  assert(ffi.C.fsync(fd) == 0)
+  ffi.C.close(fd)
+end
+
+local function raw_read(path, tensors)
+  local fd = ffi.C.open(path, O_RDONLY, 0)
+  for _, t in ipairs(tensors) do io_loop(ffi.C.read, fd, t:data_ptr(), t:nbytes(), "read") end
+  ffi.C.close(fd)
+end
+
+local function evict(path)
+  local fd = ffi.C.open(path, O_RDONLY, 0)
+  if fd >= 0 then
+    ffi.C.posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+    ffi.C.close(fd)
+  end
+end
+
+local function evict_store(dir, ranks)
+  evict(dir .. "/index.mdb")
+  for r = 0, ranks - 1 do evict(dir .. "/shard-" .. r .. ".mdb") end
+end
+
+-- TENSORS row-sharded DTensors of [rows, COLUMNS] f32, mib MiB in all.
+local function sharded_state(mib, rank)
+  local mesh = dist.init_device_mesh({dist.get_world_size()})
+  local rows = mib * 2 ^ 20 / (TENSORS * COLUMNS * 4)
+  local sd, locals = {}, {}
+  for i = 1, TENSORS do
+    local _, length = placement.shard_range(rows, mesh:size(0), rank)
+    local local_rows = ms.empty(length, COLUMNS)
+    local_rows:fill_(rank + i)
+    sd[string.format("layers.%02d.weight", i)] = ms.DTensor.new(local_rows, mesh, {ms.Shard(0)}, {rows, COLUMNS})
+    locals[#locals + 1] = local_rows
+  end
+  return {model = sd}, locals
+end
+
+-- Seconds op takes on the slowest rank (barriers on both sides).
+local function timed(op)
+  dist.barrier()
+  local start = lib.ms_clock_seconds()
+  op()
+  dist.barrier()
+  return lib.ms_clock_seconds() - start
+end
+
+local function slowest(seconds)
+  local t = ms.tensor({seconds}, {dtype = "f64"})
+  dist.all_reduce(t, "max")
+  return t:item()
+end
+
+local function run_world(opts, ranks, store_dir, reshard_from)
+  return dist.spawn(ranks, function(rank)
+    ms.set_num_threads(1)
+    local sd, locals = sharded_state(opts.mib, rank)
+    local raw_path = string.format("%s/raw-%d.bin", store_dir, rank)
+    local times = {raw_write = {}, save = {}, raw_read = {}, load = {}, async_block = {}, async_total = {},
+                   reshard_load = {}}
+    for round = 1, opts.rounds do
+      local function add(name, seconds) times[name][#times[name] + 1] = seconds end
+      add("raw_write", timed(function() raw_write(raw_path, locals) end))
+      add("save", timed(function() dcp.save(sd, store_dir, {step = round, keep_last = 2}) end))
+      if opts.cold then evict(raw_path) end
+      add("raw_read", timed(function() raw_read(raw_path, locals) end))
+      if opts.cold then evict_store(store_dir, ranks) end
+      add("load", timed(function() dcp.load(sd, store_dir, {step = round}) end))
+      if reshard_from then
+        if opts.cold then evict_store(reshard_from.dir, reshard_from.ranks) end
+        add("reshard_load", timed(function() dcp.load(sd, reshard_from.dir) end))
+      end
+      dist.barrier()
+      local h
+      local start = lib.ms_clock_seconds()
+      h = dcp.async_save(sd, store_dir, {step = opts.rounds + round, keep_last = 2})
+      local blocked = lib.ms_clock_seconds() - start
+      h:wait()
+      dist.barrier()
+      add("async_total", lib.ms_clock_seconds() - start)
+      add("async_block", slowest(blocked))
+    end
+    os.remove(raw_path)
+    return times
+  end)[1]
+end
+
+local function sorted(values)
+  local copy = {unpack(values)}
+  table.sort(copy)
+  return copy
+end
+
+local function median(values)
+  local s = sorted(values)
+  local n = #s
+  return n % 2 == 1 and s[(n + 1) / 2] or (s[n / 2] + s[n / 2 + 1]) / 2
+end
+
+local function gbps(bytes, seconds) return bytes / seconds / 1e9 end
+
+local function json_line(fields, order)
+  local parts = {}
+  for _, key in ipairs(order) do
+    local v = fields[key]
+    if v ~= nil then
+      local text
+      if type(v) == "string" then text = string.format("%q", v)
+      elseif type(v) == "table" then
+        local items = {}
+        for i, x in ipairs(v) do items[i] = string.format("%.4g", x) end
+        text = "[" .. table.concat(items, ", ") .. "]"
+      elseif type(v) == "boolean" then text = tostring(v)
+      else text = string.format("%.4g", v) end
+      parts[#parts + 1] = string.format("%q: %s", key, text)
+    end
+  end
+  print("{" .. table.concat(parts, ", ") .. "}")
+end
+
+local ORDER = {"bench", "op", "ranks", "from_ranks", "bytes", "gbps", "gbps_range", "baseline",
+               "baseline_gbps", "ratio", "first_ratio", "target", "meets_target", "seconds", "cold"}
+
+local function report(op, ranks, bytes, seconds, baseline_name, baseline_seconds, target, extra)
+  local value, base = gbps(bytes, median(seconds)), gbps(bytes, median(baseline_seconds))
+  local s = sorted(seconds)
+  local fields = {bench = "dcp", op = op, ranks = ranks, bytes = bytes, gbps = value,
+                  gbps_range = {gbps(bytes, s[#s]), gbps(bytes, s[1])}, baseline = baseline_name,
+                  baseline_gbps = base, ratio = value / base, target = target,
+                  meets_target = value / base >= target, seconds = seconds, cold = extra.cold,
+                  from_ranks = extra.from_ranks}
+  json_line(fields, ORDER)
+end
+
+local function main()
+  local opts = parse_args(arg)
+  local bytes = opts.mib * 2 ^ 20
+  local stores = {}
+  local runs = {}
+  for _, ranks in ipairs(opts.ranks) do
+    local dir = string.format("%s/ms-bench-dcp-%d-%d.ckpt", opts.dir, ranks, os.time())
+    os.execute("mkdir -p '" .. dir .. "'")
+    local previous = stores[#stores]
+    local times = run_world(opts, ranks, dir, previous)
+    stores[#stores + 1] = {dir = dir, ranks = ranks}
+    runs[#runs + 1] = {ranks = ranks, times = times, from = previous and previous.ranks}
+  end
+  for _, run in ipairs(runs) do
+    local t, extra = run.times, {cold = opts.cold}
+    report("save", run.ranks, bytes, t.save, "write+fsync", t.raw_write, 0.7, extra)
+    report("load", run.ranks, bytes, t.load, "read", t.raw_read, 0.9, extra)
+    if run.from then
+      report("reshard_load", run.ranks, bytes, t.reshard_load, "read", t.raw_read, 0.9,
+             {cold = opts.cold, from_ranks = run.from})
+    end
+    -- The first async save allocates its staging buffers; later ones reuse them.
+    local steady = {}
+    for i = 2, #t.async_block do steady[#steady + 1] = t.async_block[i] / median(t.save) end
+    local ratio = #steady > 0 and median(steady) or t.async_block[1] / median(t.save)
+    json_line({bench = "dcp", op = "async_save_block", ranks = run.ranks, bytes = bytes,
+               seconds = t.async_block, first_ratio = t.async_block[1] / median(t.save), ratio = ratio,
+               target = 0.1, meets_target = ratio < 0.1, baseline = "sync save"}, ORDER)
+    json_line({bench = "dcp", op = "async_save_total", ranks = run.ranks, bytes = bytes,
+               gbps = gbps(bytes, median(t.async_total)), seconds = t.async_total}, ORDER)
+  end
+  for _, s in ipairs(stores) do os.execute("rm -rf '" .. s.dir .. "'") end
+end
+
+main()
