@@ -80,6 +80,22 @@ describe("activation memory of a 16-layer model", function()
     assert.is_true(full.peak < wrapped.peak)
   end)
 
+  it("selective checkpointing frees a kept output that recomputation will not read", function()
+    ms.manual_seed(0)
+    local fc1, fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+    local x = ms.randn(4, 8, {requires_grad = true})
+    collectgarbage("collect")
+    collectgarbage("stop")
+    local base = ms.memory_stats().allocated
+    local out = ac.checkpoint(function(a) return fc2(fc1(a):tanh()) + a end, x, {policy = ac.default_policy})
+    -- the output and fc1's output stay; fc2's output is freed since recomputation stops at its saves
+    assert.equal(out:nbytes() + 4 * 32 * 4, ms.memory_stats().allocated - base)
+    ac.reset_stats()
+    out:sum():backward()
+    assert.equal(2, ac.stats().reused_outputs)
+    collectgarbage("restart")
+  end)
+
   it("offload_wrapper moves the saved activations from the compute pool into the host pool", function()
     ac.reset_stats()
     local offloaded = measure(ac.offload_wrapper)

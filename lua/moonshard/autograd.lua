@@ -91,13 +91,16 @@ function M.record_list(out, name, backward, inputs)
   return node
 end
 
+-- The sequence number the next recorded node will get.
+function M.next_sequence() return sequence + 1 end
+
 -- Keep t for backward. Without hooks the node owns its own handle to t's storage, so the
--- storage lives exactly until the node has run; with saved-tensor hooks, pack(t) decides.
+-- storage lives exactly until the node has run; with saved-tensor hooks, pack(t, node) decides.
 function Node:save(t)
   local saved = {version = t._c.storage.version, source = t}
   local hooks = saved_hooks[#saved_hooks]
   if hooks then
-    local packed = hooks.pack(t)
+    local packed = hooks.pack(t, self)
     if Tensor.is_tensor(packed) then
       packed = scope.keep(Tensor.alias_raw(packed))
       saved.owned = packed

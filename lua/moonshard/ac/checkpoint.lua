@@ -45,9 +45,11 @@ local function new_frame(fn, args, opts)
       inputs[i] = {value = a}
     end
   end
-  return {fn = fn, inputs = inputs, packed = 0, released = 0, shapes = {},
-          rng_state = opts.preserve_rng_state and random.get_rng_state() or nil,
-          store = opts.policy and selective.new_store(opts.policy) or nil}
+  local frame = {fn = fn, inputs = inputs, packed = 0, released = 0, shapes = {},
+                 save_node_seqs = {}, save_storages = {},
+                 rng_state = opts.preserve_rng_state and random.get_rng_state() or nil}
+  if opts.policy then frame.store = selective.new_store(opts.policy, function() return frame.packed end) end
+  return frame
 end
 
 -- Free the inputs and kept op outputs once no recomputation can follow.
@@ -103,9 +105,13 @@ local function with_rng(state, fn, ...)
   return unpack(results, 2, results.n)
 end
 
+-- Raised by a recomputation's last save: what follows in the region is not needed.
+local stop_recomputation = setmetatable({}, {__tostring = function() return "checkpoint: recomputation stopped" end})
+
 -- Run the region's function again as in the forward pass: same RNG state, kept op outputs
 -- handed back by the policy's store, saves going through the given hooks (if any). Every
 -- tensor it makes is freed on return except what after_run(results) returns or keeps.
+-- Returns whether the region ran to its end (it may stop early) and after_run's result.
 local function rerun(frame, args, hooks, after_run)
   local function region()
     return scope.run(function()
@@ -123,10 +129,11 @@ local function rerun(frame, args, hooks, after_run)
     inner = run
     run = function() return autograd.with_op_hook(hook, inner) end
   end
-  local out = autograd.enable_grad(with_rng, frame.rng_state, run)
-  if finished then finished() end
+  local ok, out = pcall(autograd.enable_grad, with_rng, frame.rng_state, run)
+  if not ok and out ~= stop_recomputation then error(out, 0) end
+  if finished then finished(ok) end
   stats.add_recomputed(1)
-  return out
+  return ok, out
 end
 
 -- Regions entered while grad is off save nothing, and regions entered while an enclosing
@@ -154,13 +161,16 @@ end
 
 -- ---- non-reentrant ----
 
+-- Saves are captured in order; the last one the forward pass made ends the recomputation.
 local function recompute(frame)
   check_inputs(frame)
   local captured = {}
   local hooks = {
     pack = function(t)
-      captured[#captured + 1] = scope.keep(Tensor.alias_raw(t))
-      return #captured
+      local n = #captured + 1
+      captured[n] = scope.keep(Tensor.alias_raw(t))
+      if n == frame.packed then error(stop_recomputation, 0) end
+      return n
     end,
     unpack = function() fail("checkpoint", "a tensor saved by a recomputation was used directly") end,
   }
@@ -224,10 +234,10 @@ local function unpack_placeholder(placeholder)
 end
 
 local function placeholder_pack(frame)
-  return function(t)
+  return function(t, node)
     local n = frame.packed + 1
     frame.packed = n
-    frame.shapes[n] = t:shape()
+    frame.shapes[n], frame.save_node_seqs[n], frame.save_storages[n] = t:shape(), node.seq, t._c.storage
     return {frame = frame, index = n, _release = release_placeholder}
   end
 end
@@ -249,7 +259,12 @@ function M.checkpoint_non_reentrant(fn, args, opts)
     fail("checkpoint", "the checkpointed function returned no tensor (got %s)",
          results.n == 0 and "nothing" or type(results[1]))
   end
-  if frame.packed == 0 then release_sources(frame) end
+  if frame.packed == 0 then
+    release_sources(frame)
+  elseif frame.store then
+    selective.drop_unneeded(frame.store, frame.save_node_seqs, frame.save_storages)
+  end
+  frame.save_node_seqs, frame.save_storages = nil, nil
   return unpack(results, 1, results.n)
 end
 
@@ -261,7 +276,7 @@ local function reentrant_backward(node, grad)
   local frame = node.frame
   check_inputs(frame)
   local leaves = frame_args(frame, true)
-  local output = rerun(frame, leaves, nil, function(results) return results[1] end)
+  local _, output = rerun(frame, leaves, nil, function(results) return results[1] end)
   if output.requires_grad then autograd.backward({output}, {grad}) end
   local grads = {}
   for i = 1, frame.inputs.n do

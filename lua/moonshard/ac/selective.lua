@@ -2,6 +2,7 @@
 -- the op's output from the forward pass ("save") or computes it again ("recompute").
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
+local autograd = require "moonshard.autograd"
 local scope = require "moonshard.scope"
 local stats = require "moonshard.ac.stats"
 
@@ -27,48 +28,70 @@ local function keeps(policy, op_name)
        tostring(choice), op_name)
 end
 
-function M.new_store(policy)
+-- saves_so_far() tells how many tensors the region has saved (for drop_unneeded).
+function M.new_store(policy, saves_so_far)
   if type(policy) ~= "function" then
     fail("checkpoint", "policy must be a function(op_name) -> 'save' | 'recompute', got %s", type(policy))
   end
-  return {policy = policy, outputs = {}, versions = {}, names = {}}
+  return {policy = policy, saves_so_far = saves_so_far, entries = {}}
 end
 
 -- Forward pass: compute every op, keep the outputs the policy saves.
 function M.recording_hook(store)
   return function(op_name, compute, ...)
+    local node_seq, saves_before = autograd.next_sequence(), store.saves_so_far()
     local out = compute(...)
     if keeps(store.policy, op_name) then
-      local n = #store.outputs + 1
-      store.outputs[n] = scope.keep(Tensor.alias_raw(out))
-      store.versions[n], store.names[n] = out._c.storage.version, op_name
+      store.entries[#store.entries + 1] = {
+        output = scope.keep(Tensor.alias_raw(out)), version = out._c.storage.version, name = op_name,
+        node_seq = node_seq, saves_before = saves_before,
+      }
     end
     return out
   end
 end
 
+-- Recomputation stops at the region's last save, so a kept output is never read when every
+-- save after its op came from the op's own node and none of them is the output itself:
+-- free it now and let recomputation hand out an uninitialised tensor of its shape instead.
+function M.drop_unneeded(store, save_node_seqs, save_storages)
+  for k = #store.entries, 1, -1 do
+    local entry = store.entries[k]
+    local storage = entry.output._c.storage
+    for j = entry.saves_before + 1, #save_node_seqs do
+      if save_node_seqs[j] ~= entry.node_seq or save_storages[j] == storage then return end
+    end
+    local out = entry.output
+    entry.shape, entry.dtype, entry.pool = out:shape(), out._c.dtype, out._c.storage.pool
+    out:_release()
+    entry.output = nil
+  end
+end
+
 -- Recomputation: hand out the kept outputs in forward order instead of computing them.
+-- finished(completed) checks that a recomputation that ran to the end used all of them.
 function M.replaying_hook(store)
   local replayed = 0
   local hook = function(op_name, compute, ...)
     if not keeps(store.policy, op_name) then return compute(...) end
     replayed = replayed + 1
-    local kept = store.outputs[replayed]
-    if kept == nil or store.names[replayed] ~= op_name then
+    local entry = store.entries[replayed]
+    if entry == nil or entry.name ~= op_name then
       fail("checkpoint", "recomputation ran op '%s' where the forward pass kept %s (the region " ..
-           "is not deterministic)", op_name, store.names[replayed] and "'" .. store.names[replayed] .. "'" or "nothing")
+           "is not deterministic)", op_name, entry and "'" .. entry.name .. "'" or "nothing")
     end
-    if kept._c.storage.version ~= store.versions[replayed] then
+    stats.add_reused_output()
+    if entry.output == nil then return Tensor.empty_raw(entry.shape, entry.dtype, entry.pool) end
+    if entry.output._c.storage.version ~= entry.version then
       fail("checkpoint", "the output of op '%s' kept by the policy was modified in place after " ..
            "the forward pass; recompute that op or avoid the in-place change", op_name)
     end
-    stats.add_reused_output()
-    return Tensor.alias_raw(kept)
+    return Tensor.alias_raw(entry.output)
   end
-  local function finished()
-    if replayed ~= #store.outputs then
+  local function finished(completed)
+    if completed and replayed ~= #store.entries then
       fail("checkpoint", "recomputation used %d of the %d op outputs the forward pass kept (the " ..
-           "region is not deterministic)", replayed, #store.outputs)
+           "region is not deterministic)", replayed, #store.entries)
     end
   end
   return hook, finished
@@ -79,8 +102,10 @@ end
 function M.computing_hook(_, compute, ...) return compute(...) end
 
 function M.release(store)
-  for _, t in ipairs(store.outputs) do t:_release() end
-  store.outputs, store.versions, store.names = {}, {}, {}
+  for _, entry in ipairs(store.entries) do
+    if entry.output then entry.output:_release() end
+  end
+  store.entries = {}
 end
 
 return M
