@@ -1,7 +1,8 @@
 -- What the GPU specs share: the device count, device/CPU comparisons of tensors, and the
 -- nccl backend started inside forked ranks. Every spec here carries the gpu tag.
--- MOONSHARD_SPEC_DEVICE=host runs the single-device specs against the host pool instead of
--- cuda:0: a dry run of the specs themselves on a machine without a GPU.
+-- MOONSHARD_SPEC_DEVICE=host runs the specs against the host pool instead of cuda:N and the
+-- collectives on the local backend instead of nccl: a dry run of the specs themselves on a
+-- machine without a GPU.
 local ms = require "moonshard"
 local ffi = require "ffi"
 local lib = require("moonshard.ffi").lib
@@ -16,13 +17,18 @@ M.device = os.getenv("MOONSHARD_SPEC_DEVICE") or "cuda:0"
 
 -- Why the specs needing n devices cannot run here, or nil when they can.
 function M.missing_devices(n)
-  if M.devices >= n or (n == 1 and M.device == "host") then return nil end
+  if M.devices >= n or M.device == "host" then return nil end
   return string.format("needs %d CUDA device(s), this machine has %d (%s)", n, M.devices,
                        ffi.string(lib.ms_cuda_unavailable_reason()))
 end
 
 function M.cpu(t) return t:to("cpu") end
 function M.gpu(t, device) return t:to(device or M.device) end
+-- The device of a forked rank: one GPU per rank.
+function M.rank_device(rank) return M.device == "host" and "host" or "cuda:" .. rank end
+-- Ranks the multi-GPU specs fork: one per device, 2 to 4 (2 in a dry run).
+function M.world_size() return M.device == "host" and 2 or math.min(M.devices, 4) end
+M.backend = M.device == "host" and "local" or "nccl"
 
 -- The device result (moved back) is close to the CPU result computed independently.
 function M.assert_close(device_result, cpu_result, rtol, atol, what)
@@ -42,6 +48,7 @@ end
 
 -- In a forked rank: turn the local group into NCCL communicators, run fn, tear them down.
 function M.with_nccl(fn)
+  if M.device == "host" then return fn() end
   local status = lib.ms_nccl_init()
   if status ~= 0 then error("moonshard: nccl_init: " .. ffi.string(lib.ms_last_error()), 0) end
   local ok, result = pcall(fn)
