@@ -8,6 +8,7 @@ local Module = require "moonshard.nn.module"
 local Unit = require "moonshard.fsdp.unit"
 local state_dict = require "moonshard.fsdp.state_dict"
 local reduce = require "moonshard.ops.reduce"
+local stats = require "moonshard.fsdp.stats"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -320,6 +321,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   return norm
 end
 
+fsdp.stats, fsdp.reset_stats = stats.snapshot, stats.reset
 fsdp.set_state_dict_type = state_dict.set_state_dict_type
 fsdp.optim_state_dict = state_dict.optim_state_dict
 fsdp.optim_state_dict_to_load = state_dict.optim_state_dict_to_load

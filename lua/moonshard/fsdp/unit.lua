@@ -8,6 +8,7 @@ local DTensor = require "moonshard.dtensor"
 local placement = require "moonshard.placement"
 local scope = require "moonshard.scope"
 local raw = require "moonshard.ops.raw"
+local stats = require "moonshard.fsdp.stats"
 
 local lib, check, fail = C.lib, C.check, C.fail
 local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
@@ -173,7 +174,8 @@ function Unit:unshard()
     end
   end
   local gathered = empty({size * per_rank}, dtype, pool)
-  dist().all_gather_into_tensor(gathered, send, {group = self.shard_group})
+  stats.timed("all_gathers", tonumber(lib.ms_tensor_nbytes(gathered._c)), dist().all_gather_into_tensor,
+              gathered, send, {group = self.shard_group})
   send:_release()
   for _, p in ipairs(self.params) do move_rows(p.unsharded, gathered, p, size, per_rank, false) end
   gathered:_release()
@@ -241,7 +243,8 @@ function Unit:reduce_grads()
   if not self.strategy.shard then
     for _, p in ipairs(with_grad) do
       local g = p.unsharded.grad
-      dist().all_reduce(g, "avg", {group = self.replicate_group})
+      stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(g._c)), dist().all_reduce, g, "avg",
+                  {group = self.replicate_group})
       accumulate_local_grad(p, g)
     end
   else
@@ -251,9 +254,13 @@ function Unit:reduce_grads()
     check(lib.ms_fill(flat._c, 0), "fsdp: reduce")
     for _, p in ipairs(with_grad) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
     local shard = empty({per_rank}, first._c.dtype, first._c.storage.pool)
-    dist().reduce_scatter_tensor(shard, flat, "avg", {group = self.shard_group})
+    stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().reduce_scatter_tensor,
+                shard, flat, "avg", {group = self.shard_group})
     flat:_release()
-    if self.replicate_group then dist().all_reduce(shard, "avg", {group = self.replicate_group}) end
+    if self.replicate_group then
+      stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(shard._c)), dist().all_reduce, shard, "avg",
+                  {group = self.replicate_group})
+    end
     for _, p in ipairs(with_grad) do
       local rows = view_raw(shard, p.sharded._local:shape(), nil, p.flat_offset, "fsdp")
       accumulate_local_grad(p, rows)

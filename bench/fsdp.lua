@@ -1,0 +1,214 @@
+-- Benchmarks FSDP training steps: step time, peak memory and communication vs compute per
+-- strategy and world size, for a ~25M-parameter transformer and a small MLP, next to the
+-- unsharded single-process run and the sgemm rate measured in the same invocation.
+-- JSON lines. Usage (repository root, after a build):
+--   luajit bench/fsdp.lua [--model transformer|mlp|all] [--steps N] [--quick]
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local ms = require "moonshard"
+local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
+local C = require "moonshard.ffi"
+
+local clock = C.lib.ms_clock_seconds
+
+local options = {model = "all", steps = 4, quick = false}
+do
+  local i = 1
+  while i <= #arg do
+    local key = arg[i]:match("^%-%-(.+)$")
+    if key == "quick" then
+      options.quick, i = true, i + 1
+    elseif key == "model" or key == "steps" then
+      options[key] = key == "steps" and tonumber(arg[i + 1]) or arg[i + 1]
+      i = i + 2
+    else
+      io.stderr:write("usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--steps N] [--quick]\n")
+      os.exit(2)
+    end
+  end
+end
+
+-- ---- models ----
+
+local Block = nn.Module:extend("Block")
+function Block:__init(dim, heads)
+  self.ln_1 = nn.LayerNorm(dim)
+  self.attn = nn.CausalSelfAttention(dim, heads)
+  self.ln_2 = nn.LayerNorm(dim)
+  self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+end
+function Block:forward(x)
+  x = x + self.attn(self.ln_1(x))
+  return x + self.mlp(self.ln_2(x))
+end
+
+local GPT = nn.Module:extend("GPT")
+function GPT:__init(cfg)
+  self.wte = nn.Embedding(cfg.vocab, cfg.dim)
+  self.wpe = nn.Embedding(cfg.seq, cfg.dim)
+  local blocks = {}
+  for i = 1, cfg.layers do blocks[i] = Block(cfg.dim, cfg.heads) end
+  self.h = nn.ModuleList(blocks)
+  self.ln_f = nn.LayerNorm(cfg.dim)
+  self.lm_head = nn.Linear(cfg.dim, cfg.vocab, {bias = false})
+  self.positions = ms.arange(cfg.seq, {dtype = "i64"})
+end
+function GPT:forward(tokens)
+  local x = self.wte(tokens) + self.wpe(self.positions)
+  for _, block in self.h:ipairs() do x = block(x) end
+  return self.lm_head(self.ln_f(x))
+end
+
+local MLP = nn.Module:extend("MLP")
+function MLP:__init(cfg)
+  local layers = {}
+  for i = 1, cfg.layers do
+    layers[#layers + 1] = nn.Linear(cfg.dim, cfg.dim)
+    layers[#layers + 1] = nn.GELU()
+  end
+  self.net = nn.Sequential(unpack(layers))
+end
+function MLP:forward(x) return self.net(x) end
+
+local MODELS = {
+  transformer = {
+    cfg = {vocab = 256, dim = 512, layers = 8, heads = 8, seq = 64, batch = 8},
+    build = function(cfg) return GPT(cfg) end,
+    wrap = function() return fsdp.wrap_policy({Block}) end,
+    batch = function(cfg, step)
+      ms.manual_seed(1000 + step)
+      local tokens = ms.randint(0, cfg.vocab, {cfg.batch, cfg.seq}, {dtype = "i64"})
+      local targets = ms.randint(0, cfg.vocab, {cfg.batch, cfg.seq}, {dtype = "i64"})
+      return tokens, targets
+    end,
+    loss = function(cfg, model, x, y)
+      return nn.F.cross_entropy(model(x):view(-1, cfg.vocab), y:reshape(-1))
+    end,
+    -- multiply-adds x 2 x 3 (forward + backward) per token, attention scores included
+    flops = function(cfg)
+      local d, t = cfg.dim, cfg.seq
+      local per_token = cfg.layers * (12 * d * d + 2 * t * d) + d * cfg.vocab
+      return 6 * per_token * cfg.batch * t
+    end,
+  },
+  mlp = {
+    cfg = {dim = 256, layers = 4, batch = 64},
+    build = function(cfg) return MLP(cfg) end,
+    wrap = function() return fsdp.wrap_policy({nn.Linear}) end,
+    batch = function(cfg, step)
+      ms.manual_seed(1000 + step)
+      return ms.randn(cfg.batch, cfg.dim), ms.randn(cfg.batch, cfg.dim)
+    end,
+    loss = function(_, model, x, y) return nn.F.mse_loss(model(x), y) end,
+    flops = function(cfg) return 6 * cfg.layers * cfg.dim * cfg.dim * cfg.batch end,
+  },
+}
+
+local function emit(fields, order)
+  local parts = {}
+  for _, key in ipairs(order) do
+    local v = fields[key]
+    if v ~= nil then
+      parts[#parts + 1] = string.format("%q:%s", key, type(v) == "string" and string.format("%q", v) or
+                                        string.format("%.6g", v))
+    end
+  end
+  print("{" .. table.concat(parts, ",") .. "}")
+  io.stdout:flush()
+end
+
+local function median(values)
+  local sorted = {unpack(values)}
+  table.sort(sorted)
+  return sorted[math.floor((#sorted + 1) / 2)]
+end
+
+-- One rank's timed steps; strategy nil trains the plain model.
+local function train(spec, strategy, rank, size, steps, mesh_shape)
+  local cfg = spec.cfg
+  ms.manual_seed(0)
+  local model = spec.build(cfg)
+  if strategy then
+    local opts = {sharding_strategy = strategy, auto_wrap_policy = spec.wrap()}
+    if mesh_shape then
+      opts.device_mesh = dist.init_device_mesh(mesh_shape, {mesh_dim_names = {"replicate", "shard"}})
+    end
+    model = fsdp.FSDP(model, opts)
+  end
+  local opt = optim.AdamW(model:parameters(), {lr = 1e-3})
+  local per_rank = cfg.batch / size
+  local times, comm = {}, {}
+  for step = 0, steps do
+    local x, y = spec.batch(cfg, step)
+    x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
+    if step == 1 then ms.reset_peak_memory_stats("cpu") end
+    fsdp.reset_stats()
+    local start = clock()
+    opt:zero_grad()
+    spec.loss(cfg, model, x, y):backward()
+    opt:step()
+    if step > 0 then -- step 0 warms the caches
+      times[#times + 1] = clock() - start
+      comm[#comm + 1] = fsdp.stats().comm_seconds
+    end
+  end
+  return {step = median(times), comm = median(comm), peak = ms.memory_stats("cpu").peak,
+          threads = ms.get_num_threads()}
+end
+
+-- sgemm GFLOP/s through ms.matmul at a shape like the transformer's MLP matmul.
+local function sgemm_rate(m, k, n)
+  local a, b = ms.randn(m, k), ms.randn(k, n)
+  ms.matmul(a, b):free()
+  local best = math.huge
+  for _ = 1, 5 do
+    local start = clock()
+    ms.matmul(a, b):free()
+    best = math.min(best, clock() - start)
+  end
+  return 2 * m * k * n / best / 1e9
+end
+
+local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "comm_ms", "compute_ms",
+               "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
+
+local function report(name, spec, strategy, size, result, params, gemm_gflops, mesh)
+  local gflops = spec.flops(spec.cfg) / result.step / 1e9
+  emit({bench = "fsdp", model = name, strategy = strategy or "unsharded", world_size = size, mesh = mesh,
+        params = params, step_ms = result.step * 1e3, comm_ms = result.comm * 1e3,
+        compute_ms = (result.step - result.comm) * 1e3, peak_mib = result.peak / 2 ^ 20, gflops = gflops,
+        flop_fraction = gflops / gemm_gflops, threads_per_rank = result.threads}, ORDER)
+end
+
+local function count_params(spec)
+  ms.manual_seed(0)
+  local n = 0
+  for _, p in spec.build(spec.cfg):named_parameters() do n = n + p:numel() end
+  return n
+end
+
+local cfg_t = MODELS.transformer.cfg
+local gemm_gflops = sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim)
+emit({bench = "sgemm", m = cfg_t.batch * cfg_t.seq, k = cfg_t.dim, n = 4 * cfg_t.dim, gflops = gemm_gflops,
+      threads = ms.get_num_threads()}, {"bench", "m", "k", "n", "gflops", "threads"})
+
+local names = options.model == "all" and {"transformer", "mlp"} or {options.model}
+local sizes = options.quick and {2} or {2, 4}
+for _, name in ipairs(names) do
+  local spec = MODELS[name]
+  if not spec then error("unknown model " .. name) end
+  local params = count_params(spec)
+  local steps = options.steps
+  report(name, spec, nil, 1, train(spec, nil, 0, 1, steps), params, gemm_gflops)
+  for _, size in ipairs(sizes) do
+    for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"}) do
+      local results = dist.spawn(size, function(rank, world) return train(spec, strategy, rank, world, steps) end)
+      report(name, spec, strategy, size, results[1], params, gemm_gflops)
+    end
+    if size == 4 then
+      local results = dist.spawn(size, function(rank, world)
+        return train(spec, "HYBRID_SHARD", rank, world, steps, {2, 2})
+      end)
+      report(name, spec, "HYBRID_SHARD", size, results[1], params, gemm_gflops, "2x2")
+    end
+  end
+end
