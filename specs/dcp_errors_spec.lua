@@ -209,4 +209,19 @@ describe("dcp errors", function()
     assert.matches("has no committed step", error_of(dcp.load, {w = ms.zeros(6, 3)}, other))
     os.execute("rm -rf '" .. other .. "'")
   end)
+
+  it("raises on every rank when the store cannot be opened on one of them", function()
+    local results = dist.spawn(2, function(rank)
+      local target = rank == 1 and dir .. "/index.mdb/inside" or dir
+      local ok, err = pcall(dcp.save, {x = ms.zeros(2)}, target, {step = 2})
+      return {ok = ok, err = tostring(err)}
+    end)
+    for _, res in ipairs(results) do
+      assert.is_false(res.ok)
+      assert.matches("^moonshard: dcp.save: rank 1: .*index.mdb", res.err)
+    end
+    local store = dcp.open(dir)
+    assert.same({1}, store:steps())
+    store:close()
+  end)
 end)

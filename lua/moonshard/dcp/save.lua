@@ -120,8 +120,10 @@ local function finish(s, local_ok, local_error, opts, what)
   local outcomes = exchange.all_gather(ok, bytes or "")
   local failure = exchange.failure(outcomes)
   if failure then
-    lib.ms_store_abort(s)
-    handle.close(s)
+    if s then
+      lib.ms_store_abort(s)
+      handle.close(s)
+    end
     fail(what, "%s", failure)
   end
   local committed, commit_error = true, ""
@@ -131,14 +133,22 @@ local function finish(s, local_ok, local_error, opts, what)
   if failure then fail(what, "%s", failure) end
 end
 
+-- Open the store and write this rank's part; returns ok, the handle (nil when it did not
+-- open) and the step or the error, so that every rank reaches the collectives.
+local function start(leaves, dir, opts, background, staging, what)
+  local rank = exchange.world()
+  local opened, s = pcall(handle.open, dir, handle.READ_WRITE, what)
+  if not opened then return false, nil, s end
+  local ok, step = pcall(write_local, s, leaves, opts, rank, background, staging, what)
+  return ok, s, step
+end
+
 -- dcp.save(state_dict, dir, {step =, keep_last =}): returns the step written.
 function M.save(state_dict, dir, opts, what)
   opts = check_options(opts, what)
   local leaves = flatten.flatten(state_dict, what)
   M.wait_pending()
-  local rank = exchange.world()
-  local s = handle.open(dir, handle.READ_WRITE, what)
-  local ok, step = pcall(write_local, s, leaves, opts, rank, false, nil, what)
+  local ok, s, step = start(leaves, dir, opts, false, nil, what)
   finish(s, ok, not ok and step or nil, opts, what)
   return step
 end
@@ -156,8 +166,9 @@ function AsyncSave:wait()
   self.finished = true
   if pending == self then pending = nil end
   local ok, err = self.local_ok, self.local_error
-  if ok then ok, err = pcall(check, lib.ms_store_wait(self.store), self.what) end
+  if ok then ok, err = pcall(function() check(lib.ms_store_wait(self.store), self.what) end) end
   local done, failure = pcall(finish, self.store, ok, err, self.opts, self.what)
+  self.store = nil
   if not done then
     self.error = failure
     error(failure, 0)
@@ -171,9 +182,7 @@ function M.async_save(state_dict, dir, opts, what)
   opts = check_options(opts, what)
   local leaves = flatten.flatten(state_dict, what)
   M.wait_pending()
-  local rank = exchange.world()
-  local s = handle.open(dir, handle.READ_WRITE, what)
-  local ok, step = pcall(write_local, s, leaves, opts, rank, true, stage(dir, what), what)
+  local ok, s, step = start(leaves, dir, opts, true, stage(dir, what), what)
   local h = setmetatable({store = s, opts = opts, what = what, local_ok = ok,
                           local_error = not ok and step or nil, step = ok and step or nil}, AsyncSave)
   pending = h
