@@ -1,7 +1,7 @@
 -- Crash safety of dcp.save on forked ranks: a rank killed with SIGKILL before writing
--- anything, in the middle of a chunk, or between its data commit and the manifest leaves the
--- previous step loadable and bit-identical and the partial step invisible; the next save
--- succeeds and reuses the abandoned space.
+-- anything, in the middle of a chunk, between its data commit and the manifest, or while its
+-- async save is written leaves the previous step loadable and bit-identical and the partial
+-- step invisible; the next save succeeds and reuses the abandoned space.
 local ffi = require "ffi"
 local ms = require "moonshard"
 local dist, dcp = ms.dist, ms.dcp
@@ -40,11 +40,13 @@ local function sharded_state(seed)
   return {a_first = shard(ms.arange(4)), model = {w = shard(full.w), b = shard(full.b)}, step = seed}
 end
 
--- The ways a rank dies during the save of a state dict sd.
+-- The ways a rank dies during the save of its state dict sd (async: while the writer
+-- thread of an async save is writing).
 local CRASHES = {
   ["before any write"] = function(sd)
     sd.a_first.to_local = die
   end,
+  ["while its async save is being written"] = "async",
   ["in the middle of a chunk"] = function(sd)
     -- The page in the middle of the local w is made unreadable: the save faults there, after
     -- writing the chunk's first half, and the fault handler kills the rank.
@@ -103,8 +105,14 @@ describe("dcp crash safety", function()
         local before_crash = disk_kib(dir)
         local ok, err = pcall(dist.spawn, WORLD, function(rank)
           local sd = sharded_state(2)
-          if rank == victim then crash(sd) end
-          dcp.save(sd, dir, {step = 2})
+          if crash == "async" then
+            local h = dcp.async_save(sd, dir, {step = 2})
+            if rank == victim then die() end
+            h:wait()
+          else
+            if rank == victim then crash(sd) end
+            dcp.save(sd, dir, {step = 2})
+          end
         end)
         assert.is_false(ok)
         assert.matches("rank " .. victim, tostring(err))
