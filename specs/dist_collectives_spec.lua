@@ -131,10 +131,13 @@ for size = 1, 4 do
       expect_no_differences(size, function(rank)
         local found = {}
         for _, dtype in ipairs(DTYPES) do
-          for src = 0, size - 1 do
-            local t = tensor_of(values(rank, 1001), dtype)
-            dist.broadcast(t, src)
-            append(found, differences(dtype .. " from " .. src, t:table(), values(src, 1001)))
+          for _, n in ipairs(sizes_for(dtype)) do
+            for src = 0, size - 1 do
+              local t = tensor_of(values(rank, n), dtype)
+              dist.broadcast(t, src)
+              append(found, differences(dtype .. " n=" .. n .. " from " .. src, t:table(),
+                                        values(src, n)))
+            end
           end
         end
         dist.barrier()
@@ -206,6 +209,57 @@ describe("sub-groups", function()
     end
   end)
 
+  it("run every collective on their members' data, in group order", function()
+    local results = dist.spawn(4, function(rank)
+      local found = {}
+      for _, members in ipairs({{0, 2}, {1, 3}, {1, 2, 3}, {3}}) do
+        local group = dist.new_group(members)
+        local me = group:rank()
+        if me >= 0 then
+          local opts, m = {group = group}, #members
+          for _, dtype in ipairs({"f32", "bf16", "i64"}) do
+            for _, n in ipairs({1, 7, LARGE[dtype] or 1001}) do
+              local label = table.concat(members, ",") .. " " .. dtype .. " n=" .. n
+              local function over_members(i, op)
+                local sum, most = 0, -math.huge
+                for _, r in ipairs(members) do
+                  sum = sum + value(r, i)
+                  most = math.max(most, value(r, i))
+                end
+                if op == "max" then return most end
+                if op == "avg" then return FLOATING[dtype] and sum / m or math.floor(sum / m) end
+                return sum
+              end
+              for _, op in ipairs({"sum", "avg", "max"}) do
+                local t = tensor_of(values(rank, n), dtype)
+                dist.all_reduce(t, op, opts)
+                local want = {}
+                for i = 1, n do want[i] = over_members(i - 1, op) end
+                append(found, differences(label .. " all_reduce " .. op, t:table(), want))
+              end
+              local gathered, want = ms.zeros(m * n, {dtype = dtype}), {}
+              dist.all_gather_into_tensor(gathered, tensor_of(values(rank, n), dtype), opts)
+              for _, r in ipairs(members) do append(want, values(r, n)) end
+              append(found, differences(label .. " all_gather", gathered:table(), want))
+              local scattered = ms.zeros(n, {dtype = dtype})
+              dist.reduce_scatter_tensor(scattered, tensor_of(values(rank, m * n), dtype), opts)
+              want = {}
+              for i = 1, n do want[i] = over_members(me * n + i - 1, "sum") end
+              append(found, differences(label .. " reduce_scatter", scattered:table(), want))
+              local src = members[m]
+              local t = tensor_of(values(rank, n), dtype)
+              dist.broadcast(t, src, opts)
+              append(found, differences(label .. " broadcast", t:table(), values(src, n)))
+            end
+          end
+          dist.barrier(opts)
+        end
+      end
+      return found
+    end)
+    for r = 1, 4 do assert.are.same({}, results[r], "rank " .. (r - 1)) end
+  end)
+
   it("refuse collectives from non-members and ranks outside the world", function()
     local results = dist.spawn(2, function(rank)
       local solo = dist.new_group({0})
@@ -235,6 +289,8 @@ describe("arguments", function()
       try(dist.reduce_scatter_tensor, ms.zeros(2), ms.zeros(4, {dtype = "f64"}), "sum")
       try(dist.broadcast, ms.zeros(2), 7)
       try(dist.all_reduce, {1, 2}, "sum")
+      try(dist.reduce_scatter_tensor, ms.zeros(2), ms.zeros(5), "sum")
+      try(dist.all_gather_into_tensor, ms.zeros(4, {dtype = "i32"}), ms.zeros(2))
       dist.barrier()
       return errors
     end)
@@ -245,5 +301,7 @@ describe("arguments", function()
     assert.matches("f32 but input is f64", errors[4])
     assert.matches("src 7 is not a member", errors[5])
     assert.matches("must be a tensor", errors[6])
+    assert.matches("input has 5 elements, expected 2 ranks %* 2", errors[7])
+    assert.matches("output is i32 but input is f32", errors[8])
   end)
 end)

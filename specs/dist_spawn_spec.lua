@@ -1,6 +1,7 @@
--- dist.spawn on forked ranks: what comes back to the parent, how failures are reported,
--- and the faults the local backend survives: crashes, exits, errors, missing ranks, and
--- no process or /dev/shm entry left behind. Local only: under mpirun mpirun owns faults.
+-- dist.spawn: what comes back from the ranks and how their errors are reported (forked
+-- ranks and under mpirun -n 4), and the faults forked ranks survive: crashes, exits, errors,
+-- missing and stuck ranks, with no process or /dev/shm entry left behind (local only:
+-- under mpirun, mpirun owns faults).
 local ffi = require "ffi"
 local ms = require "moonshard"
 local dist = ms.dist
@@ -17,6 +18,7 @@ declare("setrlimit", "struct rlimit { unsigned long rlim_cur, rlim_max; };" ..
                      "int setrlimit(int resource, const struct rlimit *limit);")
 
 local RLIMIT_CORE, ESRCH = 4, 3
+local under_mpi = lib.ms_mpi_launched() == 1
 local function sleep_ms(ms_) ffi.C.poll(nil, 0, ms_) end
 local function pid_alive(pid) return ffi.C.kill(pid, 0) == 0 or ffi.errno() ~= ESRCH end
 
@@ -28,18 +30,46 @@ local function dev_shm()
   return table.concat(names, "\n")
 end
 
+-- The pids of this process's children, zombies included.
+local function child_processes()
+  local me, children = ffi.C.getpid(), {}
+  local listing = io.popen("ls /proc")
+  local pids = {}
+  for name in listing:lines() do
+    if name:match("^%d+$") then pids[#pids + 1] = tonumber(name) end
+  end
+  listing:close()
+  for _, pid in ipairs(pids) do
+    local f = io.open("/proc/" .. pid .. "/stat")
+    local stat = f and f:read("*a")
+    if f then f:close() end
+    local parent = stat and stat:match("%) %a (%d+)")
+    if tonumber(parent) == me then children[#children + 1] = pid end
+  end
+  return children
+end
+
+-- Locally, every test also checks that nothing is left behind.
+local function expect_nothing_left_behind()
+  if under_mpi then return end
+  local shm_before
+  before_each(function() shm_before = dev_shm() end)
+  after_each(function()
+    assert.are.same({}, child_processes(), "child processes left behind")
+    assert.are.equal(shm_before, dev_shm())
+  end)
+end
+
 local function spawn_error(...)
   local ok, err = pcall(dist.spawn, ...)
   assert.is_false(ok, "dist.spawn should have raised")
   return err
 end
 
-local describe_local = lib.ms_mpi_launched() == 1 and pending or describe
+local describe_local = under_mpi and pending or describe
 
-describe_local("dist.spawn", function()
-  local shm_before
-  before_each(function() shm_before = dev_shm() end)
-  after_each(function() assert.are.equal(shm_before, dev_shm()) end)
+describe("dist.spawn", function()
+  expect_nothing_left_behind()
 
   describe("results", function()
     it("come back per rank: numbers, strings, booleans, nil and nested tables", function()
@@ -110,6 +140,13 @@ describe_local("dist.spawn", function()
       assert.is_nil(err:find("[rank 0]", 1, true))
     end)
 
+  end)
+end)
+
+describe_local("dist.spawn on forked ranks", function()
+  expect_nothing_left_behind()
+
+  describe("errors", function()
     it("stop the peers' collectives with the failed rank's name", function()
       local err = spawn_error(3, function(rank)
         if rank == 2 then error("gave up") end
@@ -186,13 +223,25 @@ describe_local("dist.spawn", function()
     it("a rank that never arrives times the others out", function()
       local err = spawn_error({nprocs = 2, timeout = 0.3}, function(rank)
         if rank == 1 then
-          sleep_ms(1500)
+          sleep_ms(5000)
           return "late"
         end
         dist.broadcast(ms.zeros(4), 1)
       end)
-      assert.matches("rank 0 of 2 failed", err)
-      assert.matches("broadcast: rank 1 did not arrive within 300 ms", err)
+      assert.matches("ranks 0, 1 of 2 failed", err)
+      assert.matches("%[rank 0%] [^\n]*broadcast: rank 1 did not arrive within 300 ms", err)
+      assert.matches("%[rank 1%] was stopped", err)
+    end)
+
+    it("a rank still running a timeout after a peer failed is stopped", function()
+      local err = spawn_error({nprocs = 3, timeout = 0.3}, function(rank)
+        if rank == 0 then error("early") end
+        if rank == 1 then sleep_ms(30000) end
+        return rank
+      end)
+      assert.matches("ranks 0, 1 of 3 failed", err)
+      assert.matches("%[rank 1%] was stopped %(signal 9%): still running 300 ms after rank 0 failed", err)
+      assert.is_nil(err:find("[rank 2]", 1, true))
     end)
 
     it("a group stays failed after a peer died", function()
@@ -224,6 +273,43 @@ describe_local("dist.spawn", function()
         assert.is_false(results[r].ok2)
         assert.matches("barrier%(%)", results[r].err2)
         assert.are.equal(6, results[r].sum)
+      end
+    end)
+
+    it("mismatched dtypes, ops, roots, kinds and sizes across the direct threshold raise", function()
+      local results = dist.spawn(2, function(rank)
+        local odd = rank == 1
+        local errors = {}
+        local function try(fn)
+          local ok, err = pcall(fn)
+          errors[#errors + 1] = ok and "no error" or err
+        end
+        try(function() dist.all_reduce(ms.zeros(8, {dtype = odd and "f64" or "f32"}), "sum") end)
+        try(function() dist.all_reduce(ms.zeros(8), odd and "max" or "min") end)
+        try(function() dist.broadcast(ms.zeros(8), odd and 1 or 0) end)
+        try(function() dist.all_reduce(ms.zeros(odd and 200000 or 10), "sum") end)
+        try(function()
+          if odd then dist.all_gather_into_tensor(ms.zeros(16), ms.zeros(8))
+          else dist.reduce_scatter_tensor(ms.zeros(8), ms.zeros(16), "sum") end
+        end)
+        local t = ms.full({200000}, rank + 1)
+        dist.all_reduce(t, "sum")
+        errors[#errors + 1] = t:max():item() == 3 and t:min():item() == 3
+        return errors
+      end)
+      for r = 1, 2 do
+        local e = results[r]
+        assert.matches("all_reduce%(f32, 8 elements, sum%)", e[1])
+        assert.matches("all_reduce%(f64, 8 elements, sum%)", e[1])
+        assert.matches("all_reduce%(f32, 8 elements, min%)", e[2])
+        assert.matches("all_reduce%(f32, 8 elements, max%)", e[2])
+        assert.matches("broadcast%(f32, 8 elements, root 0%)", e[3])
+        assert.matches("broadcast%(f32, 8 elements, root 1%)", e[3])
+        assert.matches("all_reduce%(f32, 200000 elements, sum%)", e[4])
+        assert.matches("all_reduce%(f32, 10 elements, sum%)", e[4])
+        assert.matches("all_gather_into_tensor%(f32, 8 elements%)", e[5])
+        assert.matches("reduce_scatter_tensor%(f32, 8 elements, sum%)", e[5])
+        assert.is_true(e[6])
       end
     end)
   end)

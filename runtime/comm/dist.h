@@ -97,7 +97,8 @@ int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank
  * outside a spawned rank (MS_ERR_STATE) or when the parent is gone (errno). */
 int ms_local_finish(int failed, const void *bytes, size_t nbytes);
 /* Parent: wait until every rank has ended and reap it. A rank that ends without
- * returning makes every other rank's collectives fail with MS_ERR_PEER_DIED. */
+ * returning makes every other rank's collectives fail with MS_ERR_PEER_DIED; ranks still
+ * running the spawn's timeout after that are killed (reason "was stopped ..."). */
 int ms_spawn_wait(ms_spawn *job);
 /* Parent: [OUT] *outcome of rank (pointers stay valid until ms_spawn_free). */
 int ms_spawn_outcome(const ms_spawn *job, int rank, ms_rank_outcome *outcome);

@@ -67,7 +67,6 @@ typedef struct local_departure {
 
 typedef struct local_segment {
     int32_t world_size;
-    int32_t spin_checks;   /* counter checks before sleeping: 0 when ranks outnumber cores */
     uint64_t chunk_bytes;  /* data bytes of one buffer */
     uint64_t total_bytes;
     uint64_t arena_offset; /* group areas are carved from [arena_offset, heap_offset) */

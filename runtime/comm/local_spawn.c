@@ -11,12 +11,12 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "local.h"
 
-/* Counter checks before a waiter sleeps, when every rank can have a core of its own. */
-enum { SPIN_CHECKS = 100, READ_PIECE = 64 * 1024 };
+enum { READ_PIECE = 64 * 1024 };
 
 static const uint32_t FINISH_MAGIC = 0x6d736669; /* "msfi" */
 static const int UNKNOWN_STATUS = -1; /* no wait status (never a real one: those are >= 0) */
@@ -43,10 +43,20 @@ struct ms_spawn {
     local_segment *seg;
     int world_size;
     int running;
+    int64_t timeout_ms;     /* the world's initial timeout: how long ranks outlive a failure */
+    int first_failed;       /* the first rank that ended without returning, or -1 */
+    int64_t failed_at_ms;   /* when the parent saw it */
     spawned_rank ranks[];
 };
 
 static int finish_fd = -1; /* in a rank: write end of its pipe */
+
+static int64_t monotonic_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
 
 static int usable_cores(void)
 {
@@ -121,6 +131,8 @@ int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank
     if (!made)
         return MS_FAIL(MS_ERR_OOM, "spawn: out of host memory");
     made->world_size = world_size;
+    made->timeout_ms = timeout_ms > 0 ? timeout_ms : MS_DIST_DEFAULT_TIMEOUT_MS;
+    made->first_failed = -1;
     for (int r = 0; r < world_size; r++)
         made->ranks[r].fd = -1;
     int status = local_segment_create(&made->seg, world_size);
@@ -128,7 +140,6 @@ int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank
         free(made);
         return status;
     }
-    made->seg->spin_checks = usable_cores() >= world_size ? SPIN_CHECKS : 0;
     ms_group *world = NULL;
     int write_fds[LOCAL_MAX_RANKS];
     int opened = 0;
@@ -275,6 +286,33 @@ static void settle(ms_spawn *job, int r, int wait_status)
     }
     local_mark_departed(job->seg, r, departure, rank->state != MS_RANK_RETURNED);
     job->running--;
+    if (rank->state != MS_RANK_RETURNED && job->first_failed < 0) {
+        job->first_failed = r;
+        job->failed_at_ms = monotonic_ms();
+    }
+}
+
+/* Ranks still running a timeout after a peer failed are not waiting for anything that can
+ * still come (their collectives would have failed): end them, so the parent can report. */
+static void stop_stragglers(ms_spawn *job)
+{
+    if (job->first_failed < 0 || monotonic_ms() - job->failed_at_ms < job->timeout_ms)
+        return;
+    for (int r = 0; r < job->world_size; r++) {
+        spawned_rank *rank = &job->ranks[r];
+        int wait_status;
+        if (rank->state != MS_RANK_RUNNING)
+            continue;
+        kill(rank->pid, SIGKILL);
+        pid_t reaped;
+        while ((reaped = waitpid(rank->pid, &wait_status, 0)) < 0 && errno == EINTR) {
+        }
+        settle(job, r, reaped > 0 ? wait_status : UNKNOWN_STATUS);
+        if (rank->state == MS_RANK_KILLED)
+            snprintf(rank->reason, sizeof rank->reason, "was stopped (signal %d): still "
+                     "running %lld ms after rank %d failed", SIGKILL,
+                     (long long)job->timeout_ms, job->first_failed);
+    }
 }
 
 int ms_spawn_wait(ms_spawn *job)
@@ -306,6 +344,7 @@ int ms_spawn_wait(ms_spawn *job)
             else if (reaped < 0 && errno == ECHILD) /* SIGCHLD ignored: reaped already */
                 settle(job, r, UNKNOWN_STATUS);
         }
+        stop_stragglers(job);
     }
     return MS_OK;
 }

@@ -4,27 +4,17 @@
 #include <limits.h>
 #include <stdio.h>
 #include <linux/futex.h>
-#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "local.h"
 
-enum { YIELD_CHECKS = 20 };
-
 static int64_t monotonic_ms(void)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
 }
 
 /* Shared (not private) futexes: the words live in a MAP_SHARED segment. */
@@ -61,7 +51,8 @@ static int check_abort(const char *name, local_segment *seg)
                    seg->departed[failed].reason);
 }
 
-/* Wait until counter (member's) reaches target. */
+/* Wait until counter (member's) reaches target, asleep on its futex: ranks may outnumber
+ * the cores, and a spinning waiter would take the time its peers need to arrive. */
 static int wait_counter(ms_group *g, const char *name, local_counter *counter,
                         uint32_t target, int member)
 {
@@ -69,18 +60,6 @@ static int wait_counter(ms_group *g, const char *name, local_counter *counter,
     local_segment *seg = lg->seg;
     if (reached(atomic_load(&counter->value), target))
         return MS_OK;
-    for (int i = 0; i < seg->spin_checks; i++) {
-        cpu_relax();
-        if (reached(atomic_load_explicit(&counter->value, memory_order_acquire), target))
-            return MS_OK;
-    }
-    /* A peer that shares this core runs now; one on another core is often a few
-     * microseconds away, cheaper to wait for than a futex sleep and wake-up. */
-    for (int i = 0; i < YIELD_CHECKS; i++) {
-        sched_yield();
-        if (reached(atomic_load_explicit(&counter->value, memory_order_acquire), target))
-            return MS_OK;
-    }
     int peer = g->world_ranks[member];
     int64_t deadline = monotonic_ms() + g->timeout_ms;
     for (;;) {

@@ -207,6 +207,32 @@ static void test_free_running(void)
         EXPECT(kill(pids[r], 0) == -1 && errno == ESRCH);
 }
 
+/* A rank that keeps running after a peer failed is stopped a timeout later. */
+static void test_straggler_stopped(void)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 300, &rank));
+    if (rank == 0)
+        ms_local_finish(1, "boom", 4);
+    if (rank == 1) {
+        sleep_ms(20000);
+        ms_local_finish(0, "", 0);
+    }
+    int64_t start = now_ms();
+    EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+    int64_t elapsed = now_ms() - start;
+    EXPECT(elapsed >= 250 && elapsed < 5000);
+    ms_rank_outcome outcome;
+    EXPECT_STATUS(MS_OK, ms_spawn_outcome(job, 1, &outcome));
+    EXPECT(outcome.state == MS_RANK_KILLED && outcome.code == SIGKILL);
+    EXPECT(strstr(outcome.reason, "was stopped (signal 9): still running 300 ms after rank 0 "
+                                  "failed") != NULL);
+    pid_t pid = outcome.pid;
+    ms_spawn_free(job);
+    EXPECT(kill(pid, 0) == -1 && errno == ESRCH);
+}
+
 /* 1 while pid is a live process (not a zombie waiting for init to reap it). */
 static int process_alive(pid_t pid)
 {
@@ -298,6 +324,7 @@ int main(void)
     test_missing_rank();
     expect_clean_run(3, mismatched_calls, NULL, "mismatched_calls");
     test_free_running();
+    test_straggler_stopped();
     test_parent_death();
     test_sigchld_ignored();
     EXPECT(count_dev_shm() == shm_before);
