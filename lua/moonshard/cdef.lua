@@ -271,7 +271,9 @@ int ms_group_size(const ms_group *g);
 int ms_group_ranks(const ms_group *g, int *world_ranks);
 /* "local", "mpi"; "" for NULL. Static storage. */
 const char *ms_group_backend(const ms_group *g);
-/* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms). */
+/* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms; local
+ * backend). For the mpi world it bounds how long MPI_Finalize at exit waits for the other
+ * processes before the process exits with status 1 (mpirun then ends the job). */
 int ms_group_set_timeout(ms_group *g, int64_t timeout_ms);
 
 /* A group of parent's members listed in ranks (indices in parent, any order, no repeats).

@@ -116,7 +116,8 @@ function M.get_process_group_ranks(group)
   return group_of({group = group}, "dist.get_process_group_ranks"):ranks()
 end
 
--- Collectives wait this long for a missing rank before raising (local backend).
+-- Collectives wait this long for a missing rank before raising (local backend); under
+-- mpirun it bounds how long an exiting process waits for the others to finish.
 function M.set_timeout(seconds, opts)
   local what = "dist.set_timeout"
   if type(seconds) ~= "number" or seconds <= 0 then fail(what, "timeout must be > 0 seconds") end
