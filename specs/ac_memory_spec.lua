@@ -47,6 +47,7 @@ local function measure(wrap)
   result.peak = ms.memory_stats().peak - base
   out:free()
   loss:free()
+  result.after_backward = ms.memory_stats().allocated - base
   result.host_after_backward = ms.memory_stats("host").allocated - host_base
   collectgarbage("restart")
   return result
@@ -55,6 +56,22 @@ end
 describe("activation memory of a 16-layer model", function()
   local unwrapped
   setup(function() unwrapped = measure(nil) end)
+
+  local every_variant = {
+    none = false, full = ac.checkpoint_wrapper, offload = ac.offload_wrapper,
+    reentrant = function(m) ac.checkpoint_wrapper(m, {checkpoint_impl = "reentrant"}) end,
+    selective = function(m) ac.checkpoint_wrapper(m, {policy = ac.default_policy}) end,
+    selective_reentrant = function(m)
+      ac.checkpoint_wrapper(m, {checkpoint_impl = "reentrant", policy = ac.default_policy})
+    end,
+  }
+  for name, wrap in pairs(every_variant) do
+    it(name .. ": a step leaves no byte behind in either pool", function()
+      local result = measure(wrap or nil)
+      assert.equal(0, result.after_backward)
+      assert.equal(0, result.host_after_backward)
+    end)
+  end
 
   it("the unwrapped model holds its saved activations between forward and backward", function()
     -- every layer saves at least its two hidden activations of ROWS x HIDDEN f32

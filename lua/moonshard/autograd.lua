@@ -436,7 +436,7 @@ end
 local function run_backward(tensors, grads, opts, accumulate)
   opts = opts or {}
   grads = grads or {}
-  local root_nodes, root_grads = {}, {}
+  local root_nodes, root_grads, implicit_grads = {}, {}, {}
   for i, t in ipairs(tensors) do
     if not Tensor.is_tensor(t) then fail("backward", "argument %d is not a tensor", i) end
     if not t.requires_grad then
@@ -450,6 +450,7 @@ local function run_backward(tensors, grads, opts, accumulate)
       end
       g = Tensor.empty_like_raw(t)
       check(lib.ms_fill(g._c, 1), "backward")
+      implicit_grads[#implicit_grads + 1] = g
     elseif not Tensor.is_tensor(g) then
       fail("backward", "gradient %d is not a tensor", i)
     elseif not (g:shape() == t:shape()) then
@@ -469,6 +470,11 @@ local function run_backward(tensors, grads, opts, accumulate)
   grad_enabled = previous_mode
   tasks[#tasks] = nil
   scope.exit(mark, {}, 0)
+  -- root gradients are never adopted as .grad (they are foreign to the task), so the ones
+  -- made here end with the pass
+  for _, g in ipairs(implicit_grads) do
+    if rawget(g, "_c") ~= nil then g:_release() end
+  end
   if not ok then error(err, 0) end
 end
 
