@@ -116,7 +116,8 @@ describe("nn", function()
     it("reassigning an attribute keeps its place in the order", function()
       local m = Block()
       m.proj = nn.Linear(4, 6, {bias = false})
-      assert.are.same({"proj.weight", "ffn.0.weight"}, {(collect(m:named_parameters()))[1], (collect(m:named_parameters()))[2]})
+      local names = collect(m:named_parameters())
+      assert.are.same({"proj.weight", "ffn.0.weight"}, {names[1], names[2]})
     end)
 
     it("keeps buffers out of the parameters but in the state dict unless not persistent", function()
@@ -357,7 +358,7 @@ describe("nn", function()
       local x = gradcheck.values(9, -3, 3, 11)
       local t = gradcheck.tensor({9}, x)
       local relu, gelu, gelu_tanh = flat(nn.ReLU()(t)), flat(nn.GELU()(t)), flat(nn.GELU({approximate = "tanh"})(t))
-      local function erf(v) -- Abramowitz-Stegun 7.1.26 is too coarse; integrate the series instead
+      local function erf(v) -- the Maclaurin series, summed until its terms vanish
         local sum, term, n = v, v, 0
         repeat
           n = n + 1
