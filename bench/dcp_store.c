@@ -8,7 +8,8 @@
  * Ranks are forked processes, each with 1/ranks of every tensor's rows; rank 0 merges the
  * chunk tables (sent through pipes) and commits the manifest. Reads are of data the run just
  * wrote (warm page cache) for both the store and the baseline; set COLD=1 to evict the files
- * from the page cache (posix_fadvise) before each read phase. */
+ * from the page cache (posix_fadvise) before each read phase. bench/dcp.lua measures the
+ * same phases end to end through ms.dcp; this one isolates the store from the Lua layer. */
 #include <fcntl.h>
 #include <stdbool.h>
 #include <stdio.h>
