@@ -5,13 +5,22 @@ local nn = ms.nn
 
 local M = {}
 
--- LayerNorm -> CausalSelfAttention and LayerNorm -> GELU MLP, each with a residual.
+-- Linear -> GELU -> Linear, four times wider in the middle.
+local MLP = nn.Module:extend("MLP")
+function MLP:__init(dim)
+  self.c_fc = nn.Linear(dim, 4 * dim)
+  self.gelu = nn.GELU()
+  self.c_proj = nn.Linear(4 * dim, dim)
+end
+function MLP:forward(x) return self.c_proj(self.gelu(self.c_fc(x))) end
+
+-- LayerNorm -> CausalSelfAttention and LayerNorm -> MLP, each with a residual.
 local Block = nn.Module:extend("Block")
 function Block:__init(dim, heads)
   self.ln_1 = nn.LayerNorm(dim)
   self.attn = nn.CausalSelfAttention(dim, heads)
   self.ln_2 = nn.LayerNorm(dim)
-  self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+  self.mlp = MLP(dim)
 end
 function Block:forward(x)
   x = x + self.attn(self.ln_1(x))
@@ -38,7 +47,8 @@ function GPT:__init(config)
   ms.no_grad(function()
     for name, p in self:named_parameters() do
       if name:match("weight$") and p:dim() == 2 then nn.init.normal_(p, 0, 0.02) end
-      if name:match("c_proj%.weight$") or name:match("mlp%.2%.weight$") then
+      if name:match("bias$") then nn.init.zeros_(p) end
+      if name:match("c_proj%.weight$") then
         nn.init.normal_(p, 0, 0.02 / math.sqrt(2 * config.layers))
       end
     end

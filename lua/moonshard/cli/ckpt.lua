@@ -1,0 +1,142 @@
+-- moonshard ckpt ls|show|verify|diff|export|import: inspect checkpoint stores written by
+-- ms.dcp, check their checksums, compare steps, and convert to and from safetensors.
+local args = require "moonshard.cli.args"
+local inspect = require "moonshard.cli.inspect"
+
+local M = {}
+
+M.usage = [[
+usage: moonshard ckpt <subcommand> ...
+
+  ls DIR                         committed steps with their entries, bytes and ranks
+  show DIR [FQN|PREFIX] [--step S]
+                                 entries of a step (the latest by default); one entry in
+                                 detail: rank layout, min/max/mean/norm, checksum state
+  verify DIR [--step S]          check every chunk against its checksum (exit 1 on damage)
+  diff DIR STEP_A STEP_B [--other DIR_B]
+                                 what changed between two steps (STEP_B of DIR_B with --other)
+  export DIR OUT.safetensors [--step S] [--prefix P]
+                                 tensors under prefix P (default "model.") as safetensors,
+                                 named without the prefix (PyTorch's state-dict keys)
+  import IN.safetensors DIR [--step S] [--prefix P]
+                                 the file's tensors into a new step (default: latest + 1,
+                                 or 0 in a new store), stored under prefix P
+  --help                         this text
+]]
+
+local function dcp() return require("moonshard").dcp end
+
+local function out(fmt, ...) io.stdout:write(fmt:format(...), "\n") end
+
+local function open(dir)
+  if not dir then args.usage_error("no store directory given") end
+  return dcp().open(dir)
+end
+
+local function step_of(store, wanted)
+  local steps = store:steps()
+  if #steps == 0 then error(store.dir .. " has no committed step", 0) end
+  if wanted == nil then return steps[#steps] end
+  for _, s in ipairs(steps) do if s == wanted then return s end end
+  error(("%s has no step %d (steps: %s)"):format(store.dir, wanted, table.concat(steps, ", ")), 0)
+end
+
+local commands = {}
+
+function commands.ls(argv)
+  local _, positional = args.parse(argv, {})
+  local store = open(positional[1])
+  local steps = store:steps()
+  out("%s: %d committed step%s", store.dir, #steps, #steps == 1 and "" or "s")
+  if #steps > 0 then out("  %8s %8s %8s %12s %6s", "step", "entries", "tensors", "tensor bytes", "ranks") end
+  for _, step in ipairs(steps) do
+    local entries = store:entries(step)
+    local tensors, bytes, ranks, rank_count = 0, 0, {}, 0
+    for _, e in ipairs(entries) do
+      if e.kind == "tensor" then
+        tensors, bytes = tensors + 1, bytes + e.nbytes
+        for _, c in ipairs(store:chunks(e.fqn, step)) do
+          if not ranks[c.rank] then ranks[c.rank], rank_count = true, rank_count + 1 end
+        end
+      end
+    end
+    out("  %8d %8d %8d %12s %6d", step, #entries, tensors, inspect.bytes(bytes), rank_count)
+  end
+  store:close()
+end
+
+function commands.show(argv)
+  local opts, positional = args.parse(argv, {["--step"] = "int"})
+  local store = open(positional[1])
+  local step = step_of(store, opts.step)
+  local pattern = positional[2]
+  local entries = inspect.entry_map(store, step)
+  if pattern and entries[pattern] then
+    for _, line in ipairs(inspect.show_stored(store, step, pattern)) do out("%s", line) end
+    store:close()
+    return
+  end
+  local shown = 0
+  for _, e in ipairs(store:entries(step)) do
+    if not pattern or e.fqn:sub(1, #pattern) == pattern then
+      out("%-52s %s", e.fqn, inspect.entry_summary(store, step, e))
+      shown = shown + 1
+    end
+  end
+  store:close()
+  if pattern and shown == 0 then error(("step %d has no entry named or starting with '%s'"):format(step, pattern), 0) end
+end
+
+function commands.verify(argv)
+  local opts, positional = args.parse(argv, {["--step"] = "int"})
+  local store = open(positional[1])
+  local steps = opts.step and {step_of(store, opts.step)} or store:steps()
+  local damaged = 0
+  for _, step in ipairs(steps) do
+    local chunks = 0
+    for _, e in ipairs(store:entries(step)) do chunks = chunks + (e.chunks or 0) end
+    local problems = store:verify(step)
+    if #problems == 0 then
+      out("step %d: ok (%d chunks)", step, chunks)
+    else
+      damaged = damaged + #problems
+      for _, p in ipairs(problems) do out("step %d: %s: %s", step, p.fqn, p.message) end
+    end
+  end
+  store:close()
+  if damaged > 0 then
+    io.stderr:write(("moonshard ckpt verify: %d damaged entr%s\n"):format(damaged, damaged == 1 and "y" or "ies"))
+    return 1
+  end
+end
+
+function commands.diff(argv)
+  local opts, positional = args.parse(argv, {["--other"] = "string"})
+  local store_a = open(positional[1])
+  local a, b = tonumber(positional[2]), tonumber(positional[3])
+  if not a or not b then args.usage_error("diff needs two step numbers") end
+  local store_b = opts.other and dcp().open(opts.other) or store_a
+  local rows = inspect.diff(store_a, step_of(store_a, a), store_b, step_of(store_b, b))
+  local same = 0
+  for _, row in ipairs(rows) do
+    if row.change == "same" then same = same + 1 else out("%-8s %-52s %s", row.change, row.fqn, row.detail or "") end
+  end
+  out("%d entries, %d unchanged, %d changed", #rows, same, #rows - same)
+  store_a:close()
+  if store_b ~= store_a then store_b:close() end
+end
+
+M.commands = commands
+
+function M.main(argv)
+  local name = argv[1]
+  if name == nil then args.usage_error("no subcommand given") end
+  if name == "--help" or name == "-h" then io.stdout:write(M.usage) return 0 end
+  local rest = {unpack(argv, 2)}
+  for _, a in ipairs(rest) do if a == "--help" or a == "-h" then io.stdout:write(M.usage) return 0 end end
+  local command = commands[name] or (name == "export" or name == "import") and require("moonshard.cli.convert")[name]
+  if not command then args.usage_error("unknown subcommand '%s'", name) end
+  return command(rest)
+end
+
+return M
