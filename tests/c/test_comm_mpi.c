@@ -1,34 +1,107 @@
-/* C tests of the mpi backend: the shared collective cases on groups of 1 to 4 processes
- * and mismatches. Run plainly, it starts itself under mpirun -n 4 (skipped without MPI). */
+/* C tests of the mpi backend: the shared collective cases on groups of 1 to 4 processes,
+ * mismatches, and a process that exits while its peers wait (the job must end, not hang).
+ * Run plainly, it starts itself under mpirun -n 4 (skipped without MPI). */
+#include <errno.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "test_comm_cases.h"
 
-static int run_under_mpirun(void)
+static const char EARLY_EXIT[] = "--early-exit";
+enum { NOT_BUILT = 77 }; /* exit status of a build without MPI (mpirun passes it on) */
+
+static int64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Run this program under mpirun -n 4 with argument (or none); [OUT] *elapsed_ms.
+ * Returns the wait status, or -1 when mpirun could not be started. mpirun is killed
+ * after limit_ms. */
+static int run_under_mpirun(const char *argument, int64_t limit_ms, int64_t *elapsed_ms)
 {
     char self[4096];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0)
-        return 1;
+        return -1;
     self[n] = '\0';
     setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
     setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
 #ifdef __SANITIZE_ADDRESS__
     setenv("ASAN_OPTIONS", "detect_leaks=0", 1); /* OpenMPI keeps memory until exit */
 #endif
-    execlp("mpirun", "mpirun", "--oversubscribe", "-n", "4", self, (char *)NULL);
-    printf("test_comm_mpi: skipped (mpirun not found)\n");
+    int64_t start = now_ms();
+    pid_t pid = fork();
+    if (pid == 0) {
+        execlp("mpirun", "mpirun", "--oversubscribe", "-n", "4", self, argument, (char *)NULL);
+        _exit(127);
+    }
+    if (pid < 0)
+        return -1;
+    int status = 0;
+    while (waitpid(pid, &status, WNOHANG) == 0) {
+        if (now_ms() - start > limit_ms) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            break;
+        }
+        struct timespec pause = {0, 20 * 1000000};
+        nanosleep(&pause, NULL);
+    }
+    *elapsed_ms = now_ms() - start;
+    return status;
+}
+
+/* Process 1 exits at once; the others wait in a barrier that cannot complete. Process 1's
+ * MPI_Finalize gives up after the world's timeout, so mpirun ends the job. */
+static int early_exit(void)
+{
+    ms_group *world = NULL;
+    if (ms_dist_world(&world) != MS_OK)
+        return 2;
+    ms_group_set_timeout(world, 500);
+    if (ms_group_rank(world) == 1)
+        exit(0);
+    ms_dist_barrier(world);
     return 0;
 }
 
-int main(void)
+static int run_from_outside(void)
 {
-    if (!ms_mpi_launched())
-        return run_under_mpirun();
-    if (ms_mpi_init() == MS_ERR_UNSUPPORTED) {
-        printf("test_comm_mpi: skipped (%s)\n", ms_last_error());
+    int64_t elapsed = 0;
+    int status = run_under_mpirun(NULL, 240000, &elapsed);
+    if (status == -1 || (WIFEXITED(status) && WEXITSTATUS(status) == 127)) {
+        printf("test_comm_mpi: skipped (mpirun not found)\n");
         return 0;
     }
+    if (WIFEXITED(status) && WEXITSTATUS(status) == NOT_BUILT)
+        return 0;
+    EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    status = run_under_mpirun(EARLY_EXIT, 60000, &elapsed);
+    EXPECT(WIFEXITED(status) && WEXITSTATUS(status) != 0);
+    EXPECT(elapsed < 30000);
+    if (failures)
+        fprintf(stderr, "test_comm_mpi: early exit: status %d after %lld ms\n", status,
+                (long long)elapsed);
+    return failures != 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (!ms_mpi_launched())
+        return run_from_outside();
+    int status = ms_mpi_init();
+    if (status == MS_ERR_UNSUPPORTED) {
+        printf("test_comm_mpi: skipped (%s)\n", ms_last_error());
+        return NOT_BUILT;
+    }
+    if (argc > 1 && strcmp(argv[1], EARLY_EXIT) == 0)
+        return early_exit();
+    EXPECT_STATUS(MS_OK, status);
     EXPECT_STATUS(MS_OK, ms_mpi_init()); /* once is enough; later calls do nothing */
     ms_group *world = NULL;
     EXPECT_STATUS(MS_OK, ms_dist_world(&world));
