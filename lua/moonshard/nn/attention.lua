@@ -5,6 +5,7 @@ local Module = require "moonshard.nn.module"
 local layers = require "moonshard.nn.layers"
 local nn_ops = require "moonshard.ops.nn"
 local shape_ops = require "moonshard.ops.shape"
+local raw = require "moonshard.ops.raw"
 
 local fail = C.fail
 
@@ -12,7 +13,7 @@ local CausalSelfAttention = Module:extend("CausalSelfAttention")
 
 -- CausalSelfAttention(n_embd, n_head, {dropout = 0, bias = true})
 function CausalSelfAttention:__init(n_embd, n_head, opts)
-  opts = opts or {}
+  opts = raw.options("CausalSelfAttention", opts, {dropout = true, bias = true, dtype = true, device = true})
   if type(n_embd) ~= "number" or type(n_head) ~= "number" or n_head < 1 or n_embd % n_head ~= 0 then
     fail("CausalSelfAttention", "n_embd (%s) must be divisible by n_head (%s)", tostring(n_embd), tostring(n_head))
   end

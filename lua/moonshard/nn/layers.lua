@@ -6,6 +6,7 @@ local init = require "moonshard.nn.init_fns"
 local nn_ops = require "moonshard.ops.nn"
 local linalg = require "moonshard.ops.linalg"
 local pointwise = require "moonshard.ops.pointwise"
+local raw = require "moonshard.ops.raw"
 
 local fail = C.fail
 local Parameter = Module.Parameter
@@ -21,7 +22,7 @@ end
 -- Linear(in_features, out_features, {bias = true, dtype = "f32", device = "cpu"})
 M.Linear = Module:extend("Linear")
 function M.Linear:__init(in_features, out_features, opts)
-  opts = opts or {}
+  opts = raw.options("Linear", opts, {bias = true, dtype = true, device = true})
   check_size("Linear", "in_features", in_features)
   check_size("Linear", "out_features", out_features)
   self.in_features, self.out_features = in_features, out_features
@@ -51,7 +52,9 @@ function M.ReLU:forward(x) return pointwise.relu(x) end
 
 -- GELU({approximate = "none" | "tanh"})
 M.GELU = Module:extend("GELU")
-function M.GELU:__init(opts) self.approximate = opts and opts.approximate or "none" end
+function M.GELU:__init(opts)
+  self.approximate = raw.options("GELU", opts, {approximate = true}).approximate or "none"
+end
 function M.GELU:forward(x) return pointwise.gelu(x, {approximate = self.approximate}) end
 function M.GELU:extra_repr() return "approximate='" .. self.approximate .. "'" end
 
@@ -70,7 +73,7 @@ function M.Dropout:extra_repr() return "p=" .. self.p end
 -- LayerNorm(normalized_shape, {eps = 1e-5, elementwise_affine = true, bias = true})
 M.LayerNorm = Module:extend("LayerNorm")
 function M.LayerNorm:__init(normalized_shape, opts)
-  opts = opts or {}
+  opts = raw.options("LayerNorm", opts, {eps = true, elementwise_affine = true, bias = true, dtype = true, device = true})
   if type(normalized_shape) == "number" then normalized_shape = {normalized_shape} end
   self.normalized_shape, self.eps = normalized_shape, opts.eps or 1e-5
   local options = {dtype = opts.dtype, device = opts.device}
@@ -89,7 +92,7 @@ end
 -- Embedding(num_embeddings, embedding_dim): weight ~ N(0, 1).
 M.Embedding = Module:extend("Embedding")
 function M.Embedding:__init(num_embeddings, embedding_dim, opts)
-  opts = opts or {}
+  opts = raw.options("Embedding", opts, {dtype = true, device = true})
   check_size("Embedding", "num_embeddings", num_embeddings)
   check_size("Embedding", "embedding_dim", embedding_dim)
   self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim

@@ -1,18 +1,21 @@
 -- Loss modules: MSELoss and CrossEntropyLoss ({reduction, ignore_index} like PyTorch).
 local Module = require "moonshard.nn.module"
 local nn_ops = require "moonshard.ops.nn"
+local raw = require "moonshard.ops.raw"
 
 local M = {}
 
 M.MSELoss = Module:extend("MSELoss")
-function M.MSELoss:__init(opts) self.reduction = opts and opts.reduction or "mean" end
+function M.MSELoss:__init(opts)
+  self.reduction = raw.options("MSELoss", opts, {reduction = true}).reduction or "mean"
+end
 function M.MSELoss:forward(input, target)
   return nn_ops.mse_loss(input, target, {reduction = self.reduction})
 end
 
 M.CrossEntropyLoss = Module:extend("CrossEntropyLoss")
 function M.CrossEntropyLoss:__init(opts)
-  opts = opts or {}
+  opts = raw.options("CrossEntropyLoss", opts, {reduction = true, ignore_index = true})
   self.reduction, self.ignore_index = opts.reduction or "mean", opts.ignore_index or -100
 end
 function M.CrossEntropyLoss:forward(input, target)

@@ -134,8 +134,10 @@ local function nll_backward(node, g)
   return dlogp
 end
 
+local loss_options = {reduction = true, ignore_index = true}
+
 function M.nll_loss(logp, target, opts)
-  opts = opts or {}
+  opts = raw.options("nll_loss", opts, loss_options)
   need_tensor(logp, "nll_loss", "input")
   need_tensor(target, "nll_loss", "target")
   local reduction = reductions[opts.reduction or "mean"]
@@ -156,6 +158,7 @@ function M.nll_loss(logp, target, opts)
 end
 
 function M.cross_entropy(logits, target, opts)
+  raw.options("cross_entropy", opts, loss_options)
   need_tensor(logits, "cross_entropy", "input")
   if logits:dim() ~= 2 then
     fail("cross_entropy", "expected input [N, C], got %s (flatten with view(-1, C))", tostring(logits:shape()))
@@ -164,7 +167,7 @@ function M.cross_entropy(logits, target, opts)
 end
 
 function M.mse_loss(input, target, opts)
-  opts = opts or {}
+  opts = raw.options("mse_loss", opts, {reduction = true})
   need_tensor(input, "mse_loss", "input")
   need_tensor(target, "mse_loss", "target")
   if not (input:shape() == target:shape()) then
@@ -222,7 +225,7 @@ end
 
 -- softmax(q k^T / sqrt(d) [+ causal mask]) v over [..., T, d] tensors.
 function M.scaled_dot_product_attention(q, k, v, opts)
-  opts = opts or {}
+  opts = raw.options("scaled_dot_product_attention", opts, {is_causal = true, dropout_p = true, scale = true})
   need_tensor(q, "scaled_dot_product_attention", "query")
   need_tensor(k, "scaled_dot_product_attention", "key")
   need_tensor(v, "scaled_dot_product_attention", "value")

@@ -119,6 +119,17 @@ function M.sum_to(grad, shape)
   return out
 end
 
+-- opts (nil or a table) with only the keys named in allowed (a set); a misspelt option
+-- raises instead of being ignored. Returns opts or an empty table.
+function M.options(what, opts, allowed)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
+  for key in pairs(opts) do
+    if not allowed[key] then fail(what, "unknown option '%s'", tostring(key)) end
+  end
+  return opts
+end
+
 function M.copy(src)
   local out = empty_like(src)
   check(lib.ms_copy(out._c, src._c), "clone")
