@@ -101,16 +101,20 @@ local function train(prepare, call)
   return record
 end
 
+local function free_all(tensors) for _, t in ipairs(tensors) do t:free() end end
+
 local function assert_bitwise(expected, got)
   assert.equal(#expected, #got)
   for i = 1, #expected do
     assert.is_true(ms.equal(expected[i], got[i]), "tensor " .. i .. " differs")
   end
+  free_all(got)
 end
 
 describe("activation checkpointing", function()
   local reference
   setup(function() reference = train() end)
+  teardown(function() free_all(reference) end)
 
   describe("bitwise parity with the model without checkpointing", function()
     for _, variant in ipairs(variants) do
