@@ -204,9 +204,15 @@ describe("random", function()
       for v = -2, 2 do assert.is_true(math.abs(counts[v] / 10000 - 0.2) < 0.02, tostring(v)) end
     end)
 
-    it("randint rejects bounds that are not integers", function()
+    it("randint rejects bounds that are not integers and options it does not have", function()
       raises("randint", function() ms.randint(0.5, 3, {4}) end)
       raises("randint", function() ms.randint(0, 2.5, {4}) end)
+      raises("randint", function() ms.randint(0, 2, {4}, {dtyp = "i32"}) end)
+    end)
+
+    it("rand and randn reject options they do not have", function()
+      raises("rand", function() ms.rand(3, {dtyp = "f64"}) end)
+      raises("randn", function() ms.randn(3, {device = "cpu", grad = true}) end)
     end)
 
     it("dropout keeps about 1 - p of the elements", function()

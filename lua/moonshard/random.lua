@@ -83,6 +83,10 @@ end
 -- ms.randint(low, high, shape[, opts]): integers in [low, high), i64 by default.
 function M.randint(low, high, shape, opts)
   opts = opts or {}
+  if type(opts) ~= "table" then fail("randint", "options must be a table, got %s", type(opts)) end
+  for key in pairs(opts) do
+    if key ~= "dtype" and key ~= "device" then fail("randint", "unknown option '%s' (expected dtype or device)", tostring(key)) end
+  end
   if type(low) ~= "number" or type(high) ~= "number" or low % 1 ~= 0 or high % 1 ~= 0 or high <= low then
     fail("randint", "need integers low < high, got %s and %s", tostring(low), tostring(high))
   end

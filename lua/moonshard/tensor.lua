@@ -171,7 +171,14 @@ local function apply_options(t, opts, what)
   return t
 end
 
+local creation_options = {dtype = true, device = true, requires_grad = true}
+
 local function create(what, opts, shape)
+  for key in pairs(opts) do
+    if not creation_options[key] then
+      fail(what, "unknown option '%s' (expected dtype, device or requires_grad)", tostring(key))
+    end
+  end
   local dtype = dtype_id(opts.dtype or default_dtype, what)
   local pool = pool_id(opts.device or "cpu", what)
   return empty(shape, dtype, pool)
