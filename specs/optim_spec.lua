@@ -257,6 +257,15 @@ describe("optim", function()
       assert.is_nil(p.grad)
     end)
 
+    it("zero_grad returns the gradients' memory to the pool at once", function()
+      local p = ms.zeros(1000, {dtype = "f64", requires_grad = true})
+      local opt = optim.SGD({p}, {lr = 0.1})
+      p:sum():backward()
+      local before = ms.memory_stats("cpu").allocated
+      opt:zero_grad()
+      assert.are.equal(before - 8000, ms.memory_stats("cpu").allocated)
+    end)
+
     it("zero_grad(false) keeps the gradients as zeros", function()
       local p = param(initial)
       local opt = optim.SGD({p}, {lr = 0.1})

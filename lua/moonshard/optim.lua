@@ -78,7 +78,7 @@ function Optimizer:zero_grad(set_to_none)
           check(lib.ms_fill(local_of(grad)._c, 0), "zero_grad")
         else
           p.grad = nil
-          if Tensor.is_tensor(grad) then grad:_release() end
+          if Tensor.is_tensor(grad) then grad:_release() elseif grad.release then grad:release() end
         end
       end
     end
