@@ -269,6 +269,24 @@ describe("nn", function()
       assert.is_true(low >= -0.25 and high <= 0.25 and high > 0.24)
     end)
 
+    it("kaiming_uniform_ takes PyTorch's mode and nonlinearity", function()
+      local function extent(t)
+        local high = 0
+        for _, v in ipairs(flat(t)) do high = math.max(high, math.abs(v)) end
+        return high
+      end
+      local w = ms.empty(200, 50)
+      nn.init.kaiming_uniform_(w, {mode = "fan_out", nonlinearity = "relu"})
+      local bound = math.sqrt(2) * math.sqrt(3 / 200)
+      assert.is_true(extent(w) <= bound and extent(w) > 0.99 * bound)
+      nn.init.kaiming_uniform_(w)
+      bound = math.sqrt(2) * math.sqrt(3 / 50) -- leaky_relu with a = 0
+      assert.is_true(extent(w) <= bound and extent(w) > 0.99 * bound)
+      raises("kaiming_uniform_", {"fan_avg"}, function() nn.init.kaiming_uniform_(w, {mode = "fan_avg"}) end)
+      raises("kaiming_uniform_", {"gain"}, function() nn.init.kaiming_uniform_(w, {gain = 2}) end)
+      raises("calculate_gain", {"selu"}, function() nn.init.kaiming_uniform_(w, {nonlinearity = "selu"}) end)
+    end)
+
     it("Linear without bias has only a weight", function()
       assert.are.same({"weight"}, (collect(nn.Linear(3, 2, {bias = false}):named_parameters())))
     end)

@@ -28,12 +28,36 @@ function M.zeros_(t) return autograd.no_grad(function() return t:zero_() end) en
 function M.ones_(t) return autograd.no_grad(function() return t:fill_(1) end) end
 function M.constant_(t, value) return autograd.no_grad(function() return t:fill_(value) end) end
 
--- kaiming_uniform_(t, {a = math.sqrt(5)}): gain sqrt(2 / (1 + a^2)), bound gain*sqrt(3/fan_in).
+-- The recommended gain of torch.nn.init.calculate_gain for the nonlinearities that have one.
+function M.calculate_gain(nonlinearity, param)
+  if nonlinearity == "linear" or nonlinearity == "sigmoid" then return 1 end
+  if nonlinearity == "tanh" then return 5 / 3 end
+  if nonlinearity == "relu" then return math.sqrt(2) end
+  if nonlinearity == "leaky_relu" then
+    local slope = param or 0.01
+    return math.sqrt(2 / (1 + slope * slope))
+  end
+  fail("calculate_gain", "unsupported nonlinearity '%s' (expected linear, sigmoid, tanh, relu or " ..
+       "leaky_relu)", tostring(nonlinearity))
+end
+
+-- kaiming_uniform_(t, {a = 0, mode = "fan_in", nonlinearity = "leaky_relu"}) like PyTorch's:
+-- U(-bound, bound) with bound = gain * sqrt(3 / fan); Linear uses a = sqrt(5).
 function M.kaiming_uniform_(t, opts)
-  local a = opts and opts.a or 0
-  local fan_in = M.calculate_fan_in_and_fan_out(t)
-  local gain = math.sqrt(2 / (1 + a * a))
-  local bound = gain * math.sqrt(3 / fan_in)
+  opts = opts or {}
+  for key in pairs(opts) do
+    if key ~= "a" and key ~= "mode" and key ~= "nonlinearity" then
+      fail("kaiming_uniform_", "unknown option '%s' (expected a, mode or nonlinearity)", tostring(key))
+    end
+  end
+  local mode = opts.mode or "fan_in"
+  if mode ~= "fan_in" and mode ~= "fan_out" then
+    fail("kaiming_uniform_", "mode must be 'fan_in' or 'fan_out', got '%s'", tostring(mode))
+  end
+  local fan_in, fan_out = M.calculate_fan_in_and_fan_out(t)
+  local fan = mode == "fan_in" and fan_in or fan_out
+  local gain = M.calculate_gain(opts.nonlinearity or "leaky_relu", opts.a or 0)
+  local bound = fan > 0 and gain * math.sqrt(3 / fan) or 0
   return M.uniform_(t, -bound, bound)
 end
 
