@@ -2,35 +2,13 @@
 -- units (wrapped before or after FSDP), a checkpoint around the whole FSDP model, and
 -- activation offload, each training bitwise like the same FSDP model without checkpointing.
 local ms = require "moonshard"
-local nn, ac, dist, fsdp, optim = ms.nn, ms.ac, ms.dist, ms.fsdp, ms.optim
+local ac, dist, fsdp, optim = ms.ac, ms.dist, ms.fsdp, ms.optim
 
-local DIM, HIDDEN, BATCH, STEPS = 6, 10, 8, 2
+local models = require "support.ac_models"
 
-local Block = nn.Module:extend("Block")
-function Block:__init()
-  self.norm = nn.LayerNorm(DIM)
-  self.fc1 = nn.Linear(DIM, HIDDEN)
-  self.act = nn.GELU()
-  self.drop = nn.Dropout(0.25)
-  self.fc2 = nn.Linear(HIDDEN, DIM)
-end
-function Block:forward(x) return x + self.fc2(self.drop(self.act(self.fc1(self.norm(x))))) end
+local DIM, BATCH, STEPS = models.DIM, 8, 2
+local Block, Model, each_block = models.Block, models.Model, models.each_block
 
-local Model = nn.Module:extend("Model")
-function Model:__init()
-  self.blocks = nn.ModuleList({Block(), Block(), Block()})
-  self.head = nn.Linear(DIM, 1)
-end
-function Model:forward(x)
-  for _, block in self.blocks:ipairs() do x = block(x) end
-  return self.head(x)
-end
-
-local function each_block(wrapper)
-  return function(model)
-    for _, block in model.blocks:ipairs() do wrapper(block) end
-  end
-end
 local function reentrant(m) return ac.checkpoint_wrapper(m, {checkpoint_impl = "reentrant"}) end
 local function selective(m) return ac.checkpoint_wrapper(m, {policy = ac.default_policy}) end
 

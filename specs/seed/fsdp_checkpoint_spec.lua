@@ -8,9 +8,19 @@ local nn, ac, dist, fsdp = ms.nn, ms.ac, ms.dist, ms.fsdp
 
 local function on_two_ranks(fn) return dist.spawn(2, fn) end
 
-local function label(cpu_offload, offload_activations, use_orig_params)
-  return ("cpu_offload=%s offload_activations=%s use_orig_params=%s"):format(
-    tostring(cpu_offload), tostring(offload_activations), tostring(use_orig_params))
+-- One spec per combination of cpu_offload x offload_activations x use_orig_params, each
+-- running body(cpu_offload, offload_activations, use_orig_params) on 2 ranks.
+local function for_each_parametrization(body)
+  for _, cpu_offload in ipairs({true, false}) do
+    for _, offload_activations in ipairs({true, false}) do
+      for _, use_orig_params in ipairs({false, true}) do
+        it(("cpu_offload=%s offload_activations=%s use_orig_params=%s"):format(
+             tostring(cpu_offload), tostring(offload_activations), tostring(use_orig_params)), function()
+          on_two_ranks(function() body(cpu_offload, offload_activations, use_orig_params) end)
+        end)
+      end
+    end
+  end
 end
 
 local function local_tensor(t) return ms.is_tensor(t) and t or t:to_local() end
@@ -69,94 +79,78 @@ end
 
 describe("test_fsdp_checkpoint", function()
   describe("test_checkpoint_fsdp_wrapping", function()
-    for _, cpu_offload in ipairs({true, false}) do
-      for _, offload_activations in ipairs({true, false}) do
-        for _, use_orig_params in ipairs({false, true}) do
-          it(label(cpu_offload, offload_activations, use_orig_params), function()
-            on_two_ranks(function()
-              local kwargs = fsdp_kwargs(cpu_offload, use_orig_params)
-              local wrapper = offload_activations and ac.offload_wrapper or ac.checkpoint_wrapper
-              -- checkpoint(FSDP(layer1), FSDP(layer2), ...)
-              local ckpt_sequential_wrapped_fsdp = wrapper(SequentialModule({wrap_fsdp = true, fsdp_kwargs = kwargs}))
-              -- FSDP(checkpoint(layer1)), FSDP(checkpoint(layer2)), ...
-              local inner_ckpt = SequentialModule({checkpoint_layer = true, offload_activations = offload_activations,
-                                                   wrap_fsdp = true, fsdp_kwargs = kwargs})
-              local baseline = SequentialModule({wrap_fsdp = true, fsdp_kwargs = kwargs})
-              -- reentrant checkpointing needs inputs that require grad
-              ms.manual_seed(1)
-              local inp = ms.randn(10, 3, {requires_grad = true})
-              local models = {ckpt_sequential_wrapped_fsdp, inner_ckpt, baseline}
-              for _ = 1, 2 do
-                local losses, outputs = {}, {}
-                for _, m in ipairs(models) do
-                  local out, offloaded, bytes = forward_counting_offload(function() return m(inp) end)
-                  local expect_offload = m ~= baseline and offload_activations
-                  assert.equal(expect_offload, offloaded)
-                  assert.equal(expect_offload, bytes > 0)
-                  local loss = out:sum()
-                  loss:backward()
-                  losses[#losses + 1] = ms.keep(loss)
-                  outputs[#outputs + 1] = ms.keep(out)
-                end
-                verify_parity(losses, outputs, models)
-              end
-              dist.barrier()
-            end)
-          end)
+    for_each_parametrization(function(cpu_offload, offload_activations, use_orig_params)
+      local kwargs = fsdp_kwargs(cpu_offload, use_orig_params)
+      local wrapper = offload_activations and ac.offload_wrapper or ac.checkpoint_wrapper
+      -- checkpoint(FSDP(layer1), FSDP(layer2), ...)
+      local ckpt_sequential_wrapped_fsdp = wrapper(SequentialModule({wrap_fsdp = true, fsdp_kwargs = kwargs}))
+      -- FSDP(checkpoint(layer1)), FSDP(checkpoint(layer2)), ...
+      local inner_ckpt = SequentialModule({checkpoint_layer = true, offload_activations = offload_activations,
+                                           wrap_fsdp = true, fsdp_kwargs = kwargs})
+      local baseline = SequentialModule({wrap_fsdp = true, fsdp_kwargs = kwargs})
+      -- reentrant checkpointing needs inputs that require grad
+      ms.manual_seed(1)
+      local inp = ms.randn(10, 3, {requires_grad = true})
+      local models = {ckpt_sequential_wrapped_fsdp, inner_ckpt, baseline}
+      for _ = 1, 2 do
+        local losses, outputs = {}, {}
+        for _, m in ipairs(models) do
+          local out, offloaded, bytes = forward_counting_offload(function() return m(inp) end)
+          local expect_offload = m ~= baseline and offload_activations
+          assert.equal(expect_offload, offloaded)
+          assert.equal(expect_offload, bytes > 0)
+          local loss = out:sum()
+          loss:backward()
+          losses[#losses + 1] = ms.keep(loss)
+          outputs[#outputs + 1] = ms.keep(out)
         end
+        verify_parity(losses, outputs, models)
       end
-    end
+      dist.barrier()
+    end)
   end)
 
   describe("test_basic_checkpoint_end_to_end", function()
-    for _, cpu_offload in ipairs({true, false}) do
-      for _, offload_activations in ipairs({true, false}) do
-        for _, use_orig_params in ipairs({false, true}) do
-          it(label(cpu_offload, offload_activations, use_orig_params), function()
-            on_two_ranks(function()
-              local kwargs = fsdp_kwargs(cpu_offload, use_orig_params)
-              local wrapper = offload_activations and ac.offload_wrapper or ac.checkpoint_wrapper
-              -- FSDP with no checkpointing
-              local fsdp_only_seq = fsdp.FSDP(SequentialModule(), kwargs)
-              -- checkpoint-wrapped FSDP
-              local checkpointed_fsdp = wrapper(fsdp.FSDP(SequentialModule(), kwargs))
-              -- FSDP-wrapped checkpointed module
-              local fsdp_wrapped_checkpoint = fsdp.FSDP(wrapper(SequentialModule()), kwargs)
-              -- FSDP with a manual reentrant checkpoint around the whole model
-              local fsdp_call_checkpoint = fsdp.FSDP(SequentialModule(), kwargs)
-              ms.manual_seed(1)
-              local inp = ms.randn(10, 3, {requires_grad = true})
-              local models = {fsdp_only_seq, checkpointed_fsdp, fsdp_wrapped_checkpoint, fsdp_call_checkpoint}
-              for _ = 1, 6 do
-                local losses, outputs = {}, {}
-                for _, m in ipairs(models) do
-                  local out, offloaded, bytes
-                  if m == fsdp_call_checkpoint then
-                    out, offloaded, bytes = forward_counting_offload(function()
-                      local function call() return ac.checkpoint(m, inp, {use_reentrant = true}) end
-                      if offload_activations then return ac.save_on_cpu(call, {pin_memory = true}) end
-                      return call()
-                    end)
-                    -- a reentrant region saves nothing in its forward pass, so nothing is offloaded
-                    assert.equal(0, bytes)
-                  else
-                    out, offloaded, bytes = forward_counting_offload(function() return m(inp) end)
-                    assert.equal(m ~= fsdp_only_seq and offload_activations, bytes > 0)
-                  end
-                  assert.equal(m ~= fsdp_only_seq and offload_activations, offloaded)
-                  local loss = out:sum()
-                  loss:backward()
-                  losses[#losses + 1] = ms.keep(loss)
-                  outputs[#outputs + 1] = ms.keep(out)
-                end
-                verify_parity(losses, outputs, models)
-              end
-              dist.barrier()
+    for_each_parametrization(function(cpu_offload, offload_activations, use_orig_params)
+      local kwargs = fsdp_kwargs(cpu_offload, use_orig_params)
+      local wrapper = offload_activations and ac.offload_wrapper or ac.checkpoint_wrapper
+      -- FSDP with no checkpointing
+      local fsdp_only_seq = fsdp.FSDP(SequentialModule(), kwargs)
+      -- checkpoint-wrapped FSDP
+      local checkpointed_fsdp = wrapper(fsdp.FSDP(SequentialModule(), kwargs))
+      -- FSDP-wrapped checkpointed module
+      local fsdp_wrapped_checkpoint = fsdp.FSDP(wrapper(SequentialModule()), kwargs)
+      -- FSDP with a manual reentrant checkpoint around the whole model
+      local fsdp_call_checkpoint = fsdp.FSDP(SequentialModule(), kwargs)
+      ms.manual_seed(1)
+      local inp = ms.randn(10, 3, {requires_grad = true})
+      local models = {fsdp_only_seq, checkpointed_fsdp, fsdp_wrapped_checkpoint, fsdp_call_checkpoint}
+      for _ = 1, 6 do
+        local losses, outputs = {}, {}
+        for _, m in ipairs(models) do
+          local out, offloaded, bytes
+          if m == fsdp_call_checkpoint then
+            out, offloaded, bytes = forward_counting_offload(function()
+              local function call() return ac.checkpoint(m, inp, {use_reentrant = true}) end
+              if offload_activations then return ac.save_on_cpu(call, {pin_memory = true}) end
+              return call()
             end)
-          end)
+            -- a reentrant region saves nothing in its forward pass, so nothing is offloaded
+            assert.equal(0, bytes)
+          else
+            out, offloaded, bytes = forward_counting_offload(function() return m(inp) end)
+            assert.equal(m ~= fsdp_only_seq and offload_activations, bytes > 0)
+          end
+          assert.equal(m ~= fsdp_only_seq and offload_activations, offloaded)
+          local loss = out:sum()
+          loss:backward()
+          losses[#losses + 1] = ms.keep(loss)
+          outputs[#outputs + 1] = ms.keep(out)
         end
+        verify_parity(losses, outputs, models)
       end
-    end
+      dist.barrier()
+    end)
   end)
 
   describe("test_checkpoint_submodule", function()
