@@ -36,11 +36,21 @@ end
 
 local function whole(t) return ms.is_dtensor(t) and t:full_tensor() or t end
 
--- Every parameter and Adam state value as plain arrays (a collective on sharded models).
+local function sorted_keys(t)
+  local keys = {}
+  for k in pairs(t) do keys[#keys + 1] = k end
+  table.sort(keys)
+  return keys
+end
+
+-- Every parameter and Adam state value as plain arrays (a collective on sharded models, so
+-- every rank gathers in the same order).
 local function snapshot(model, opt)
   local out = {params = {}, state = {}}
   for name, p in model:named_parameters() do out.params[name] = flat(whole(p)) end
-  for name, s in pairs(fsdp.optim_state_dict(model, opt).state) do
+  local state = fsdp.optim_state_dict(model, opt).state
+  for _, name in ipairs(sorted_keys(state)) do
+    local s = state[name]
     out.state[name] = {step = s.step, exp_avg = flat(whole(s.exp_avg)), exp_avg_sq = flat(whole(s.exp_avg_sq))}
   end
   return out

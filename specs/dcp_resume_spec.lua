@@ -49,10 +49,16 @@ local function resume(model, opt, dir)
   return sd.step
 end
 
+-- Parameters and Adam state gathered whole, in the same order on every rank.
 local function full_state(model, opt)
   local out = {}
   for name, p in model:named_parameters() do out[name] = p:full_tensor():reshape(-1):table() end
-  for name, s in pairs(fsdp.optim_state_dict(model, opt).state) do
+  local state = fsdp.optim_state_dict(model, opt).state
+  local names = {}
+  for name in pairs(state) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local s = state[name]
     out[name .. ".exp_avg"] = s.exp_avg:full_tensor():reshape(-1):table()
     out[name .. ".exp_avg_sq"] = s.exp_avg_sq:full_tensor():reshape(-1):table()
     out[name .. ".step"] = s.step
