@@ -273,7 +273,14 @@ static void test_parent_death(void)
     }
     close(fds[1]);
     int32_t pids[2] = {0, 0};
-    EXPECT(read(fds[0], pids, sizeof pids) == sizeof pids);
+    size_t received = 0; /* the middle writes one pid at a time */
+    while (received < sizeof pids) {
+        ssize_t n = read(fds[0], (char *)pids + received, sizeof pids - received);
+        if (n <= 0)
+            break;
+        received += (size_t)n;
+    }
+    EXPECT(received == sizeof pids);
     close(fds[0]);
     kill(middle, SIGKILL);
     waitpid(middle, NULL, 0);
