@@ -6,16 +6,26 @@ local store = require "moonshard.dcp.store"
 
 local dcp = {}
 
--- Every rank calls it with its state dict (nested tables of tensors, DTensors, numbers,
--- strings and booleans). The step exists once every rank returned. Returns the step.
+-- dcp.save(state_dict, dir, {step =, keep_last =}) on every rank (a collective). The state
+-- dict nests tables of tensors, DTensors, numbers, strings and booleans; keys flatten to
+-- "model.net1.weight". Each rank writes its own DTensor shards (replicas once); plain tensors
+-- and values count as replicated and rank 0's are written. step defaults to the latest + 1;
+-- keep_last = n then keeps the newest n steps. The step exists once save returns. Returns it.
 function dcp.save(state_dict, dir, opts) return save.save(state_dict, dir, opts, "dcp.save") end
 
--- Like save, but returns after a staging copy; h:wait() (every rank) commits the step.
+-- Like save, but returns after copying this rank's shards to staging buffers (kept for the
+-- next async save of the same directory); a thread writes them. h:wait() on every rank
+-- commits the step and returns it; any later save or load waits for it first.
 function dcp.async_save(state_dict, dir, opts) return save.async_save(state_dict, dir, opts, "dcp.async_save") end
 
--- Fill state_dict in place from step opts.step (the latest by default).
+-- dcp.load(state_dict, dir, {step =, strict = true}) fills state_dict in place from step (the
+-- latest by default), each tensor in its own layout (any mesh, any world size). Keys of the
+-- state dict missing from the checkpoint raise; keys only in the checkpoint raise unless
+-- strict = false. Not a collective. Returns {step =, unexpected_keys =}.
 function dcp.load(state_dict, dir, opts) return load.load(state_dict, dir, opts, "dcp.load") end
 
+-- dcp.open(dir): a read-only store with :steps(), :entries(step), :chunks(fqn, step),
+-- :read(fqn, step), :verify(step) and :close().
 dcp.open = store.open
 
 return dcp
