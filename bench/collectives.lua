@@ -2,6 +2,8 @@
 -- memcpy baseline. Prints JSON lines; algbw and busbw follow nccl-tests (doc/PERFORMANCE.md).
 -- Usage (repository root): luajit bench/collectives.lua [--ranks 2,4] [--max-bytes 268435456]
 --   [--ops all_reduce,all_gather,reduce_scatter,broadcast] [--rounds 1] [--no-mpi]
+-- The summary lines give, over the rounds, the range of the local/mpi busbw ratio at 64 MiB
+-- and of the 1 KiB latency.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
 local ms = require "moonshard"
@@ -164,30 +166,55 @@ local function memcpy_baseline(max_bytes)
   end
 end
 
--- Best time per (backend, ranks, op, bytes) over the rounds.
-local function keep_best(best, records)
-  for _, r in ipairs(records) do
-    local key = r.backend .. r.ranks .. r.op .. r.bytes
-    if not best[key] or r.time_us < best[key].time_us then best[key] = r end
-  end
+-- Each round's records by (backend, ranks, op, bytes).
+local function index_round(records)
+  local by_key = {}
+  for _, r in ipairs(records) do by_key[r.backend .. r.ranks .. r.op .. r.bytes] = r end
+  return by_key
 end
 
-local function summary(best, size)
+-- The smallest and largest of fn(round) over the rounds where it is not nil.
+local function range(rounds, fn)
+  local low, high
+  for _, round in ipairs(rounds) do
+    local v = fn(round)
+    if v then
+      low, high = math.min(low or v, v), math.max(high or v, v)
+    end
+  end
+  return low, high
+end
+
+-- Per op at 64 MiB: the local/mpi busbw ratio of each round; 1 KiB latencies. Ranges over
+-- the rounds (the machine is shared, so single runs are noisy).
+local function summary(rounds, size)
   local target = 64 * 2 ^ 20
   for _, op in ipairs({"reduce_scatter", "all_reduce", "all_gather"}) do
-    local l, m = best["local" .. size .. op .. target], best["mpi" .. size .. op .. target]
-    if l and m then
+    local l_key, m_key = "local" .. size .. op .. target, "mpi" .. size .. op .. target
+    local low, high = range(rounds, function(round)
+      local l, m = round[l_key], round[m_key]
+      return l and m and l.busbw / m.busbw
+    end)
+    if low then
+      local l_low, l_high = range(rounds, function(round) return round[l_key] and round[l_key].busbw end)
+      local m_low, m_high = range(rounds, function(round) return round[m_key] and round[m_key].busbw end)
       print(string.format('{"summary":"busbw local/mpi","ranks":%d,"op":"%s","bytes":%d,' ..
-                          '"local_busbw_gbps":%.3f,"mpi_busbw_gbps":%.3f,"ratio":%.2f}', size, op,
-                          target, l.busbw, m.busbw, l.busbw / m.busbw))
+                          '"local_busbw_gbps":[%.3f,%.3f],"mpi_busbw_gbps":[%.3f,%.3f],' ..
+                          '"ratio":[%.2f,%.2f],"rounds":%d}', size, op, target, l_low, l_high,
+                          m_low, m_high, low, high, #rounds))
     end
   end
   for _, op in ipairs({"all_reduce", "all_gather", "reduce_scatter", "broadcast"}) do
-    local l = best["local" .. size .. op .. 1024]
-    if l then
-      print(string.format('{"summary":"latency 1 KiB","ranks":%d,"op":"%s","local_us":%.2f%s}',
-                          size, op, l.time_us, best["mpi" .. size .. op .. 1024] and
-                          string.format(',"mpi_us":%.2f', best["mpi" .. size .. op .. 1024].time_us) or ""))
+    local l_low, l_high = range(rounds, function(round)
+      return round["local" .. size .. op .. 1024] and round["local" .. size .. op .. 1024].time_us
+    end)
+    local m_low, m_high = range(rounds, function(round)
+      return round["mpi" .. size .. op .. 1024] and round["mpi" .. size .. op .. 1024].time_us
+    end)
+    if l_low then
+      print(string.format('{"summary":"latency 1 KiB","ranks":%d,"op":"%s","local_us":[%.2f,%.2f]%s}',
+                          size, op, l_low, l_high, m_low and
+                          string.format(',"mpi_us":[%.2f,%.2f]', m_low, m_high) or ""))
     end
   end
 end
@@ -198,13 +225,16 @@ if opts.worker then
   return
 end
 memcpy_baseline(opts.max_bytes)
-local best = {}
-for _ = 1, opts.rounds do
+local rounds = {}
+local with_mpi = opts.mpi and lib.ms_mpi_launched() == 0 and os.execute("command -v mpirun >/dev/null") == 0
+for round = 1, opts.rounds do
+  local records = {}
   for _, size in ipairs(opts.ranks) do
-    keep_best(best, run_local(opts, size))
-    if opts.mpi and lib.ms_mpi_launched() == 0 and os.execute("command -v mpirun >/dev/null") == 0 then
-      keep_best(best, run_mpi(opts, size))
+    for _, r in ipairs(run_local(opts, size)) do records[#records + 1] = r end
+    if with_mpi then
+      for _, r in ipairs(run_mpi(opts, size)) do records[#records + 1] = r end
     end
   end
+  rounds[round] = index_round(records)
 end
-for _, size in ipairs(opts.ranks) do summary(best, size) end
+for _, size in ipairs(opts.ranks) do summary(rounds, size) end
