@@ -357,8 +357,9 @@ int ms_mpi_finalize(void);
  * Tensors in pool "cuda:N" run every op of ops.h on device N (ops with operands on different
  * devices fail with MS_ERR_DEVICE); ms_copy also moves data between cpu/host and cuda:N.
  * Each device has a compute stream, which runs ops and copies, and a communication stream,
- * which runs NCCL collectives; events order the two. CUDA starts in a process the first time
- * it looks up a cuda:N pool, so fork ranks (dist.spawn) before touching a device. */
+ * which runs NCCL collectives; events order the two. CUDA starts in a process when it first
+ * uses a device (counting devices happens in a short-lived child), and a process where it
+ * started cannot fork ranks that use CUDA: call dist.spawn before touching a device. */
 
 /* [OUT] *count: usable CUDA devices; 0 (and MS_OK) in a build without CUDA or on a machine
  * without a GPU or driver. */

@@ -19,7 +19,7 @@ int ms_cuda_status_at(const char *file, int line, cudaError_t error, const char 
 int ms_cublas_status_at(const char *file, int line, cublasStatus_t status, const char *what);
 #define MS_CUBLAS_CHECK(call, what) MS_CHECK(ms_cublas_status_at(__FILE__, __LINE__, (call), (what)))
 
-/* 1 once this process has counted its devices and found at least one. */
+/* 1 once this process has made a device current (CUDA has started here). */
 int ms_cuda_started(void);
 /* Make device current on this thread, creating its streams and cuBLAS handle on first use. */
 int ms_cuda_use_device(int device);

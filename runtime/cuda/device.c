@@ -1,7 +1,13 @@
 /* moonshard CUDA backend: device discovery, per-device streams and cuBLAS handles, and the
  * raw cudaMalloc behind the cuda:N pools (alloc.c caches the blocks and keeps statistics). */
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "cuda_internal.h"
 #include "gpu.h"
@@ -18,25 +24,70 @@ typedef struct device_state {
 static struct {
     pthread_once_t probe_once;
     int count;
+    int started; /* this process has made a device current */
     char reason[160];
     pthread_mutex_t lock;
     device_state devices[MAX_DEVICES];
 } cuda = {.probe_once = PTHREAD_ONCE_INIT, .lock = PTHREAD_MUTEX_INITIALIZER};
 
-/* Counting devices starts CUDA in this process, so it happens on the first request only. */
-static void probe_devices(void)
+/* Counting devices with the CUDA runtime starts CUDA in the calling process, and a process
+ * that started CUDA cannot fork ranks that use it (dist.spawn). So a short-lived child
+ * counts them; this process starts CUDA only when it first uses a device. */
+typedef struct probe_result {
+    int count;
+    char reason[160];
+} probe_result;
+
+static void count_with_cuda_runtime(probe_result *result)
 {
     int count = 0;
     cudaError_t error = cudaGetDeviceCount(&count);
     if (error != cudaSuccess) {
-        cudaGetLastError();
-        snprintf(cuda.reason, sizeof cuda.reason,
+        snprintf(result->reason, sizeof result->reason,
                  "no usable CUDA device (cudaGetDeviceCount: %s)", cudaGetErrorString(error));
         count = 0;
     } else if (count == 0) {
-        snprintf(cuda.reason, sizeof cuda.reason, "no CUDA device on this machine");
+        snprintf(result->reason, sizeof result->reason, "no CUDA device on this machine");
     }
-    cuda.count = count < MAX_DEVICES ? count : MAX_DEVICES;
+    result->count = count;
+}
+
+enum { PROBE_TIMEOUT_MS = 20000 };
+
+static void probe_devices(void)
+{
+    probe_result result = {0, ""};
+    int fds[2];
+    pid_t child = -1;
+    if (pipe(fds) == 0) {
+        child = fork();
+        if (child == 0) {
+            close(fds[0]);
+            count_with_cuda_runtime(&result);
+            ssize_t written = write(fds[1], &result, sizeof result);
+            _exit(written == (ssize_t)sizeof result ? 0 : 1);
+        }
+        close(fds[1]);
+    }
+    if (child < 0) {
+        snprintf(result.reason, sizeof result.reason, "no usable CUDA device (could not fork "
+                 "the device probe: %s)", strerror(errno));
+    } else {
+        struct pollfd ready = {.fd = fds[0], .events = POLLIN};
+        ssize_t got = poll(&ready, 1, PROBE_TIMEOUT_MS) == 1
+                          ? read(fds[0], &result, sizeof result) : -1;
+        if (got != (ssize_t)sizeof result) {
+            kill(child, SIGKILL);
+            result = (probe_result){0, "no usable CUDA device (the device probe did not "
+                                       "answer)"};
+        }
+        while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {
+        }
+        close(fds[0]);
+    }
+    result.reason[sizeof result.reason - 1] = '\0';
+    memcpy(cuda.reason, result.reason, sizeof cuda.reason);
+    cuda.count = result.count < MAX_DEVICES ? result.count : MAX_DEVICES;
 }
 
 static int device_count(void)
@@ -47,7 +98,7 @@ static int device_count(void)
 
 int ms_cuda_started(void)
 {
-    return __atomic_load_n(&cuda.count, __ATOMIC_ACQUIRE) > 0;
+    return __atomic_load_n(&cuda.started, __ATOMIC_ACQUIRE);
 }
 
 int ms_cuda_device_count(int *count)
@@ -115,6 +166,7 @@ int ms_cuda_use_device(int device)
         return MS_FAIL(MS_ERR_DEVICE, "cuda: device %d is not available (%s)", device,
                        ms_device_unavailable_reason());
     MS_CUDA_CHECK(cudaSetDevice(device), "cuda: cudaSetDevice");
+    __atomic_store_n(&cuda.started, 1, __ATOMIC_RELEASE);
     device_state *state = &cuda.devices[device];
     if (__atomic_load_n(&state->ready, __ATOMIC_ACQUIRE))
         return MS_OK;

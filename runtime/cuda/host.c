@@ -1,5 +1,5 @@
-/* moonshard CUDA backend: the host pool's memory: page-locked (cudaHostAlloc) once CUDA has
- * found a device in this process, so copies to and from the device run at full speed. */
+/* moonshard CUDA backend: the host pool's memory: page-locked (cudaHostAlloc) once this
+ * process uses a device, so copies to and from the device run at full speed. */
 #include <stdlib.h>
 
 #include "cuda_internal.h"
