@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
 # The main job: installs and builds what is needed (tools/setup.sh), then trains the
-# example model. Extra arguments go to examples/train.lua.
+# example character model on 4 local ranks with FULL_SHARD and per-block activation
+# checkpointing, saving checkpoints into build/run/ckpt, and finally lists the store and
+# plots the loss curve. Each run starts afresh in build/run. Extra arguments go to
+# examples/train.lua (e.g. --steps 50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-exec luajit examples/train.lua "$@"
+run=build/run
+rm -rf "$run"
+export LUA_PATH='lua/?.lua;lua/?/init.lua;;'
+luajit examples/train.lua --nproc 4 --strategy FULL_SHARD --ac full \
+  --ckpt "$run/ckpt" --save-every 100 --out "$run" "$@"
+echo
+bin/moonshard ckpt ls "$run/ckpt"
+bin/moonshard plot "$run/metrics.jsonl" -o "$run/loss.png"
+echo "metrics: $run/metrics.jsonl  sample: $run/sample.txt  loss curve: $run/loss.png"
