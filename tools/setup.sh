@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config luajit libluajit-5.1-dev lua-busted liblmdb-dev
           lmdb-utils libopenblas-dev libopenmpi-dev openmpi-bin libxxhash-dev clang
-          libclang-rt-14-dev)
+          libclang-rt-14-dev libreadline8 gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
