@@ -104,6 +104,7 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
 {
     nccl_group *ng = g->impl;
     ms_group *boot = ng->bootstrap;
+    boot->timeout_ms = g->timeout_ms; /* dist.set_timeout on this group bounds the wait */
     int64_t mine[SIGNATURE_FIELDS] = {ng->op_seq++, kind, dtype, op, root, count};
     int64_t both[2 * SIGNATURE_FIELDS];
     for (int i = 0; i < SIGNATURE_FIELDS; i++) {
