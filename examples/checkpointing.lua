@@ -1,6 +1,5 @@
 -- Saving and resuming the example's training state with ms.dcp (model, optimizer, step,
--- RNG state and the model's configuration in one store), and the selective checkpointing
--- hook-up for --ac selective.
+-- RNG state and the model's configuration in one store), and --ac selective's wrapping.
 local ms = require "moonshard"
 local fsdp, ac = ms.fsdp, ms.ac
 local function dcp() return ms.dcp end -- loaded only when checkpoints are used
@@ -81,13 +80,10 @@ function M.resume(model, opt, dir)
   return state.step
 end
 
--- --ac selective: recompute everything but the matmul outputs inside each block.
+-- --ac selective: matmul outputs are saved, the rest of each block is recomputed
+-- (ms.ac's default policy).
 function M.selective(block)
-  if type(ac.selective_checkpoint_wrapper) ~= "function" then
-    error("train: --ac selective needs ms.ac.selective_checkpoint_wrapper, which this build of " ..
-          "moonshard does not have yet; use --ac full, offload or none", 0)
-  end
-  ac.selective_checkpoint_wrapper(block)
+  ac.checkpoint_wrapper(block, {policy = ac.default_policy})
 end
 
 return M

@@ -1,0 +1,168 @@
+-- examples/train.lua end to end at tiny sizes, as separate processes on forked ranks:
+-- the loss starts at ln(vocab) and falls, the store holds the saved steps, an interrupted
+-- run resumed from its store ends bit-identical to an uninterrupted one, bad options fail.
+local ms = require "moonshard"
+
+local TINY = "--nproc 2 --batch 8 --seq 16 --layers 1 --dim 16 --heads 2 --lr 0.01 --log-every 100"
+
+local function run(args)
+  local pipe = io.popen("luajit examples/train.lua " .. args .. " 2>&1; echo \"exit=$?\"")
+  local output = pipe:read("*a")
+  pipe:close()
+  return tonumber(output:match("exit=(%d+)%s*$")), output
+end
+
+local function temp_dir()
+  local dir = os.tmpname()
+  os.remove(dir)
+  return dir
+end
+
+local function metrics(path)
+  local rows = {}
+  for line in io.lines(path) do
+    rows[#rows + 1] = {step = tonumber(line:match('"step": (%d+)')), loss = tonumber(line:match('"loss": ([%d.]+)'))}
+  end
+  return rows
+end
+
+-- The number of distinct characters of the corpus, counted here independently.
+local function corpus_vocab()
+  local file = assert(io.open("examples/data/shakespeare.txt", "rb"))
+  local text = file:read("*a")
+  file:close()
+  local seen, count = {}, 0
+  for i = 1, #text do
+    local b = text:byte(i)
+    if not seen[b] then seen[b], count = true, count + 1 end
+  end
+  return count, text
+end
+
+describe("examples/train.lua", function()
+  it("rejects unknown options and bad values with a message naming them", function()
+    local cases = {
+      {"--stepz 3", "unknown option '--stepz'"},
+      {"--steps three", "--steps needs an integer, got 'three'"},
+      {"--ac sometimes", "unknown --ac 'sometimes'"},
+      {"--strategy ZERO3", "unknown --strategy 'ZERO3'"},
+      {"--dim 30 --heads 4", "--heads 4 must divide --dim 30"},
+      {"--resume", "--resume needs --ckpt DIR"},
+    }
+    for _, case in ipairs(cases) do
+      local status, output = run(case[1])
+      assert.equal(2, status, case[1])
+      assert.truthy(output:find(case[2], 1, true), output)
+    end
+  end)
+
+  it("prints its options with --help", function()
+    local status, output = run("--help")
+    assert.equal(0, status)
+    for _, option in ipairs({"--nproc", "--strategy", "--ac", "--steps", "--batch", "--seq", "--layers", "--dim",
+                             "--lr", "--ckpt", "--save-every", "--resume", "--seed"}) do
+      assert.truthy(output:find(option, 1, true), option)
+    end
+  end)
+
+  it("fails clearly when the global batch does not split over the ranks", function()
+    local status, output = run(TINY .. " --batch 5 --steps 1 --sample 0 --out " .. temp_dir())
+    assert.equal(1, status)
+    assert.truthy(output:find("--batch 5 must be a multiple of the number of ranks (2)", 1, true), output)
+  end)
+
+  it("fails clearly when --resume finds no store", function()
+    local missing = temp_dir()
+    local status, output = run(TINY .. " --steps 2 --sample 0 --resume --ckpt " .. missing .. " --out " .. temp_dir())
+    assert.equal(1, status)
+    assert.truthy(output:find(missing .. ": no such checkpoint directory", 1, true), output)
+  end)
+
+  describe("training #slow", function()
+    local out, ckpt
+
+    setup(function()
+      out, ckpt = temp_dir(), temp_dir()
+    end)
+
+    teardown(function()
+      os.execute("rm -rf '" .. out .. "' '" .. ckpt .. "'")
+    end)
+
+    it("starts at the uniform-prediction loss, falls, saves the steps and samples text", function()
+      local status, output = run(TINY .. " --steps 12 --save-every 6 --sample 40 --ckpt " .. ckpt .. " --out " .. out)
+      assert.equal(0, status, output)
+      local rows = metrics(out .. "/metrics.jsonl")
+      assert.equal(12, #rows)
+      for i, row in ipairs(rows) do assert.equal(i, row.step) end
+      local vocab, text = corpus_vocab()
+      -- near-zero initial weights predict every character with probability 1/vocab
+      assert.is_true(math.abs(rows[1].loss - math.log(vocab)) < 0.05,
+                     ("first loss %.4f, ln(%d) = %.4f"):format(rows[1].loss, vocab, math.log(vocab)))
+      local first = (rows[1].loss + rows[2].loss + rows[3].loss) / 3
+      local last = (rows[10].loss + rows[11].loss + rows[12].loss) / 3
+      assert.is_true(last < first - 0.3, ("loss fell from %.4f to %.4f only"):format(first, last))
+      assert.truthy(output:find("step%s+12/12"), output)
+      assert.truthy(output:find("tok/s", 1, true))
+      assert.truthy(output:find("mem ", 1, true))
+
+      local store = ms.dcp.open(ckpt)
+      assert.same({6, 12}, store:steps())
+      assert.equal(12, store:read("step", 12))
+      local wte = store:read("model.transformer.wte.weight", 12)
+      assert.same({vocab, 16}, {wte:size(0), wte:size(1)})
+      assert.same({}, store:verify())
+      store:close()
+
+      local sample = assert(io.open(out .. "/sample.txt")):read("*a"):gsub("\n$", "")
+      assert.equal(40, #sample)
+      for i = 1, #sample do
+        assert.truthy(text:find(sample:sub(i, i), 1, true), "sampled a character not in the corpus")
+      end
+    end)
+
+    it("resumes an interrupted run to the same losses and the same weights", function()
+      local interrupted, interrupted_out = temp_dir(), temp_dir()
+      local args = TINY .. " --steps 12 --save-every 6 --sample 0 --ckpt " .. interrupted .. " --out " .. interrupted_out
+      local status, output = run(args .. " --stop-after 6")
+      assert.equal(0, status, output)
+      assert.same({6}, (function() local s = ms.dcp.open(interrupted); local st = s:steps(); s:close(); return st end)())
+      status, output = run(args .. " --resume")
+      assert.equal(0, status, output)
+      assert.truthy(output:find("step%s+7/12"), output)
+
+      local full_rows, resumed_rows = metrics(out .. "/metrics.jsonl"), metrics(interrupted_out .. "/metrics.jsonl")
+      assert.equal(12, #resumed_rows)
+      for i = 1, 12 do
+        assert.equal(full_rows[i].step, resumed_rows[i].step)
+        assert.equal(full_rows[i].loss, resumed_rows[i].loss, "loss of step " .. i)
+      end
+      local a, b = ms.dcp.open(ckpt), ms.dcp.open(interrupted)
+      local compared = 0
+      for _, e in ipairs(a:entries(12)) do
+        if e.kind == "tensor" then
+          local ta, tb = a:read(e.fqn, 12), b:read(e.fqn, 12)
+          assert.is_true(ms.equal(ta, tb), e.fqn .. " differs after resuming")
+          compared = compared + 1
+        end
+      end
+      assert.is_true(compared > 20)
+      a:close(); b:close()
+      os.execute("rm -rf '" .. interrupted .. "' '" .. interrupted_out .. "'")
+    end)
+
+    it("trains to the same losses with every --ac mode", function()
+      local losses = {}
+      for _, mode in ipairs({"none", "full", "selective", "offload"}) do
+        local dir = temp_dir()
+        local status, output = run(TINY .. " --steps 3 --sample 0 --ac " .. mode .. " --out " .. dir)
+        assert.equal(0, status, output)
+        losses[mode] = metrics(dir .. "/metrics.jsonl")
+        os.execute("rm -rf '" .. dir .. "'")
+      end
+      for _, mode in ipairs({"full", "selective", "offload"}) do
+        for step = 1, 3 do assert.equal(losses.none[step].loss, losses[mode][step].loss, mode .. " step " .. step) end
+      end
+    end)
+  end)
+end)
