@@ -7,7 +7,8 @@ local dist = ms.dist
 local DTYPES = {"f32", "f64", "bf16", "f16", "i32", "i64", "u8"}
 local OPS = {"sum", "avg", "max", "min"}
 local SIZES = {0, 1, 7, 1001}
--- Large enough to be split into per-rank pieces (and copied directly between heaps).
+-- Above 64 KiB, where all_reduce reduces per-rank pieces and every collective first asks
+-- whether the ranks' buffers can be copied directly.
 local LARGE = {f32 = 70001, bf16 = 70001}
 
 local function sizes_for(dtype)
@@ -160,6 +161,47 @@ for size = 1, 4 do
     end)
   end)
 end
+
+describe("small segment chunks", function()
+  it("carry every collective through many ring steps", function()
+    local ffi = require "ffi"
+    if not pcall(function() return ffi.C.setenv end) then
+      ffi.cdef "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);"
+    end
+    ffi.C.setenv("MOONSHARD_COMM_CHUNK_KB", "16", 1)
+    local ok, results = pcall(dist.spawn, 3, function(rank)
+      local found, size = {}, 3
+      for _, dtype in ipairs({"f32", "bf16", "i64"}) do
+        for _, n in ipairs({1001, 70001}) do
+          local label = dtype .. " n=" .. n
+          for _, op in ipairs({"sum", "max"}) do
+            local t = tensor_of(values(rank, n), dtype)
+            dist.all_reduce(t, op)
+            local want = {}
+            for i = 1, n do want[i] = reduced(op, size, dtype, i - 1) end
+            append(found, differences(label .. " all_reduce " .. op, t:table(), want))
+          end
+          local gathered, want = ms.zeros(size * n, {dtype = dtype}), {}
+          dist.all_gather_into_tensor(gathered, tensor_of(values(rank, n), dtype))
+          for r = 0, size - 1 do append(want, values(r, n)) end
+          append(found, differences(label .. " all_gather", gathered:table(), want))
+          local out = ms.zeros(n, {dtype = dtype})
+          dist.reduce_scatter_tensor(out, tensor_of(values(rank, size * n), dtype), "avg")
+          want = {}
+          for i = 1, n do want[i] = reduced("avg", size, dtype, rank * n + i - 1) end
+          append(found, differences(label .. " reduce_scatter", out:table(), want))
+          local t = tensor_of(values(rank, n), dtype)
+          dist.broadcast(t, 2)
+          append(found, differences(label .. " broadcast", t:table(), values(2, n)))
+        end
+      end
+      return found
+    end)
+    ffi.C.unsetenv("MOONSHARD_COMM_CHUNK_KB")
+    assert(ok, results)
+    for r = 1, 3 do assert.are.same({}, results[r], "rank " .. (r - 1)) end
+  end)
+end)
 
 describe("results", function()
   it("are bitwise identical on every rank for inexact float sums", function()
