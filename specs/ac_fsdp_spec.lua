@@ -34,7 +34,7 @@ local variants = {
 local function local_of(t) return ms.is_tensor(t) and t or t:to_local() end
 
 -- Train STEPS steps on this rank's part of the batch; returns every loss, output, local
--- gradient and local parameter shard.
+-- gradient and local parameter shard, and the sorted parameter and state-dict names.
 local function train(rank, strategy, variant)
   ms.manual_seed(0)
   local model = Model()
@@ -56,7 +56,11 @@ local function train(rank, strategy, variant)
     opt:step()
   end
   for _, p in ipairs(model:parameters()) do record[#record + 1] = ms.keep(local_of(p):clone()) end
-  return record
+  local names = {}
+  for name in model:named_parameters() do names[#names + 1] = name end
+  for key in pairs(model:state_dict()) do names[#names + 1] = "state_dict:" .. key end
+  table.sort(names)
+  return record, names
 end
 
 describe("activation checkpointing with FSDP on 2 ranks", function()
@@ -66,9 +70,10 @@ describe("activation checkpointing with FSDP on 2 ranks", function()
       local tag = strategy == "FULL_SHARD" and "" or " #slow"
       it(strategy .. ": " .. variant[1] .. tag, function()
         local results = dist.spawn(2, function(rank)
-          local expected = train(rank, strategy, nil)
+          local expected, expected_names = train(rank, strategy, nil)
           ac.reset_stats()
-          local got = train(rank, strategy, variant)
+          local got, names = train(rank, strategy, variant)
+          assert.same(expected_names, names)
           assert.equal(#expected, #got)
           for i = 1, #expected do
             assert.is_true(ms.equal(expected[i], got[i]), ("rank %d: tensor %d differs"):format(rank, i))
