@@ -147,40 +147,66 @@ static void unpack_matrix(ms_tensor *t, int64_t offset, const void *src)
     ms_cpu_copy_layout(dst, strides, src, dense, 2, shape, size);
 }
 
+/* The shapes of a failing matmul as text; made only for an error, since formatting them
+ * costs more than a small GEMM. */
+typedef struct matmul_shapes { char a[160], b[160], out[160]; } matmul_shapes;
+
+static matmul_shapes describe_shapes(const ms_tensor *out, const ms_tensor *a,
+                                     const ms_tensor *b)
+{
+    matmul_shapes s;
+    ms_shape_str(s.a, sizeof s.a, a->ndim, a->shape);
+    ms_shape_str(s.b, sizeof s.b, b->ndim, b->shape);
+    ms_shape_str(s.out, sizeof s.out, out->ndim, out->shape);
+    return s;
+}
+
 static int check_matmul_shapes(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b,
                                int trans_a, int trans_b, int64_t *m, int64_t *n, int64_t *k)
 {
-    char sa[160], sb[160], so[160];
-    ms_shape_str(sa, sizeof sa, a->ndim, a->shape);
-    ms_shape_str(sb, sizeof sb, b->ndim, b->shape);
-    ms_shape_str(so, sizeof so, out->ndim, out->shape);
     int nd = a->ndim;
-    if (nd < 2 || b->ndim < 2)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: a %s and b %s need at least 2 dims", sa, sb);
-    if (b->ndim != 2 && b->ndim != nd)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: b %s must be 2-D or have a's %d dims (a %s)", sb,
-                       nd, sa);
-    if (out->ndim != nd)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: out %s must have a's %d dims (a %s)", so, nd, sa);
+    if (nd < 2 || b->ndim < 2) {
+        matmul_shapes s = describe_shapes(out, a, b);
+        return MS_FAIL(MS_ERR_SHAPE, "matmul: a %s and b %s need at least 2 dims", s.a, s.b);
+    }
+    if (b->ndim != 2 && b->ndim != nd) {
+        matmul_shapes s = describe_shapes(out, a, b);
+        return MS_FAIL(MS_ERR_SHAPE, "matmul: b %s must be 2-D or have a's %d dims (a %s)", s.b,
+                       nd, s.a);
+    }
+    if (out->ndim != nd) {
+        matmul_shapes s = describe_shapes(out, a, b);
+        return MS_FAIL(MS_ERR_SHAPE, "matmul: out %s must have a's %d dims (a %s)", s.out, nd,
+                       s.a);
+    }
     for (int d = 0; d < nd - 2; d++) {
-        if (b->ndim == nd && b->shape[d] != a->shape[d])
-            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of a %s and b %s differ", sa, sb);
-        if (out->shape[d] != a->shape[d])
-            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of out %s and a %s differ", so, sa);
+        if (b->ndim == nd && b->shape[d] != a->shape[d]) {
+            matmul_shapes s = describe_shapes(out, a, b);
+            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of a %s and b %s differ", s.a, s.b);
+        }
+        if (out->shape[d] != a->shape[d]) {
+            matmul_shapes s = describe_shapes(out, a, b);
+            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of out %s and a %s differ", s.out,
+                           s.a);
+        }
     }
     int nb = b->ndim;
     *m = trans_a ? a->shape[nd - 1] : a->shape[nd - 2];
     *k = trans_a ? a->shape[nd - 2] : a->shape[nd - 1];
     int64_t kb = trans_b ? b->shape[nb - 1] : b->shape[nb - 2];
     *n = trans_b ? b->shape[nb - 2] : b->shape[nb - 1];
-    if (*k != kb)
+    if (*k != kb) {
+        matmul_shapes s = describe_shapes(out, a, b);
         return MS_FAIL(MS_ERR_SHAPE, "matmul: op(a) is [%lld, %lld] and op(b) is [%lld, %lld] "
                        "(a %s%s, b %s%s): inner dims differ", (long long)*m, (long long)*k,
-                       (long long)kb, (long long)*n, sa, trans_a ? " transposed" : "", sb,
+                       (long long)kb, (long long)*n, s.a, trans_a ? " transposed" : "", s.b,
                        trans_b ? " transposed" : "");
-    if (out->shape[nd - 2] != *m || out->shape[nd - 1] != *n)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: out is %s but op(a) @ op(b) is [%lld, %lld]", so,
-                       (long long)*m, (long long)*n);
+    }
+    if (out->shape[nd - 2] != *m || out->shape[nd - 1] != *n) {
+        matmul_shapes s = describe_shapes(out, a, b);
+        return MS_FAIL(MS_ERR_SHAPE, "matmul: out is %s but op(a) @ op(b) is [%lld, %lld]",
+                       s.out, (long long)*m, (long long)*n);
+    }
     if (*m > INT_MAX || *n > INT_MAX || *k > INT_MAX)
         return MS_FAIL(MS_ERR_UNSUPPORTED, "matmul: [%lld, %lld] @ [%lld, %lld] exceeds BLAS's "
                        "32-bit sizes", (long long)*m, (long long)*k, (long long)*k,
