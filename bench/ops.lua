@@ -63,7 +63,7 @@ for _, s in ipairs(shapes) do
   local a, b = ms.randn(m, k), ms.randn(k, n)
   local c = ms.empty(m, n)
   local flops = 2 * m * n * k
-  local reps = math.max(5, math.floor(3e10 / flops))
+  local reps = math.max(7, math.floor(6e10 / flops))
   local pa = ffi.cast("float*", a:data_ptr())
   local pb = ffi.cast("float*", b:data_ptr())
   local pc = ffi.cast("float*", c:data_ptr())
