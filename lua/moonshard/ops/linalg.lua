@@ -62,10 +62,12 @@ function M.matmul(a, b)
     fail("matmul", "expected two tensors, got %s and %s", type(a), type(b))
   end
   raw.check_dtypes(a, b, "matmul")
-  local na, nb = a:dim(), b:dim()
+  local ac, bc = a._c, b._c
+  local na, nb = ac.ndim, bc.ndim
   if na == 0 or nb == 0 then fail("matmul", "both arguments need at least 1 dimension") end
+  if ac.shape[na - 1] ~= bc.shape[nb == 1 and 0 or nb - 2] then size_error(a, b) end
+  if nb == 2 and na == 2 then return mm_core(a, b) end
   local sa, sb = a:shape(), b:shape()
-  if sa[na] ~= sb[nb == 1 and 1 or nb - 1] then size_error(a, b) end
   if na == 1 and nb == 1 then
     return shape_ops.reshape(mm_core(shape_ops.reshape(a, 1, sa[1]), shape_ops.reshape(b, sb[1], 1)), {})
   end
@@ -77,7 +79,6 @@ function M.matmul(a, b)
     local out = M.matmul(shape_ops.reshape(a, 1, sa[1]), b)
     return shape_ops.squeeze(out, -2)
   end
-  if nb == 2 and na == 2 then return mm_core(a, b) end
   if nb == 2 then
     -- [..., M, K] x [K, N]: one GEMM over the flattened leading dims
     local rows = a:numel() / sa[na]
