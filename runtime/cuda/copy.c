@@ -247,7 +247,7 @@ static int compare(const char *op, const ms_tensor *a, const ms_tensor *b, int d
     ms_cu_operand *operands[2] = {&in_a, &in_b};
     ms_cuda_coalesce(&shape, operands, 2);
     ms_tensor *flag = NULL;
-    MS_CHECK(ms_tensor_new(&flag, MS_I32, 0, NULL, a->storage->pool));
+    MS_CHECK(ms_cuda_tensor_new(&flag, MS_I32, 0, NULL, a->storage->pool));
     int32_t host_flag = 1;
     cudaStream_t stream = ms_cuda_compute_stream(device);
     int status = MS_CUDA_STATUS(cudaMemcpyAsync(ms_tensor_data(flag), &host_flag,

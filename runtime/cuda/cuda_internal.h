@@ -44,6 +44,10 @@ int ms_cuda_input(const char *op, const char *name, const ms_tensor *t, int *dev
 /* As ms_cuda_input, and t can be written (no zero strides over size > 1). */
 int ms_cuda_output(const char *op, const char *name, const ms_tensor *t, int *device);
 
+/* ms_tensor_new for scratch the runtime makes itself: a block reused from the pool cache
+ * is written only after collectives still using its bytes. */
+int ms_cuda_tensor_new(ms_tensor **out, int dtype, int ndim, const int64_t *shape, int pool);
+
 /* ---- launch geometry ---- */
 void ms_cuda_shape_of(ms_cu_shape *shape, int ndim, const int64_t *sizes);
 /* t broadcast (numpy rules, aligned right) over shape; MS_ERR_SHAPE when it does not fit. */

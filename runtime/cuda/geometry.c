@@ -104,13 +104,24 @@ void ms_cuda_coalesce(ms_cu_shape *shape, ms_cu_operand *const *operands, int co
     shape->ndim = ndim;
 }
 
+int ms_cuda_tensor_new(ms_tensor **out, int dtype, int ndim, const int64_t *shape, int pool)
+{
+    MS_CHECK(ms_tensor_new(out, dtype, ndim, shape, pool));
+    int status = ms_cuda_await(*out);
+    if (status != MS_OK) {
+        ms_tensor_free(*out);
+        *out = NULL;
+    }
+    return status;
+}
+
 int ms_cuda_dense(const char *op, const ms_tensor *t, int copy_in, ms_tensor **dense)
 {
     (void)op;
     *dense = (ms_tensor *)t;
     if (!t || ms_tensor_is_contiguous(t))
         return MS_OK;
-    MS_CHECK(ms_tensor_new(dense, t->dtype, t->ndim, t->shape, t->storage->pool));
+    MS_CHECK(ms_cuda_tensor_new(dense, t->dtype, t->ndim, t->shape, t->storage->pool));
     if (copy_in) {
         int status = ms_cuda_copy_device(*dense, t);
         if (status != MS_OK) {
@@ -134,7 +145,7 @@ int ms_cuda_dense_done(const ms_tensor *t, ms_tensor *dense, int write_back)
 int ms_cuda_scratch(ms_tensor **out, int pool, const int64_t *values, int count)
 {
     int64_t shape[1] = {count};
-    MS_CHECK(ms_tensor_new(out, MS_I64, 1, shape, pool));
+    MS_CHECK(ms_cuda_tensor_new(out, MS_I64, 1, shape, pool));
     int status = MS_CUDA_STATUS(cudaMemcpyAsync(ms_tensor_data(*out), values,
                                                 sizeof *values * (size_t)count,
                                                 cudaMemcpyHostToDevice,
