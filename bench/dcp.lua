@@ -17,6 +17,8 @@ long read(int fd, void *buf, size_t count);
 int fsync(int fd);
 int close(int fd);
 int posix_fadvise(int fd, long offset, long len, int advice);
+struct dcp_bench_rusage { long utime_s, utime_us, stime_s, stime_us; long other[14]; };
+int getrusage(int who, struct dcp_bench_rusage *usage);
 ]])
 
 local O_RDONLY, O_WRITE_NEW, POSIX_FADV_DONTNEED = 0, 1 + 64 + 512, 4
@@ -93,19 +95,28 @@ local function sharded_state(mib, rank)
   return {model = sd}, locals
 end
 
--- Seconds op takes on the slowest rank (barriers on both sides).
-local function timed(op)
-  dist.barrier()
-  local start = lib.ms_clock_seconds()
-  op()
-  dist.barrier()
-  return lib.ms_clock_seconds() - start
+local usage = ffi.new("struct dcp_bench_rusage")
+-- CPU seconds (user + system) of this process's threads so far.
+local function cpu_seconds()
+  ffi.C.getrusage(0, usage)
+  return tonumber(usage.utime_s + usage.stime_s) + tonumber(usage.utime_us + usage.stime_us) * 1e-6
 end
 
-local function slowest(seconds)
+local function reduced(seconds, op)
   local t = ms.tensor({seconds}, {dtype = "f64"})
-  dist.all_reduce(t, "max")
+  dist.all_reduce(t, op)
   return t:item()
+end
+
+-- Wall seconds op takes on the slowest rank (barriers on both sides) and the CPU seconds all
+-- ranks spent in it: on a shared machine the CPU time is the steadier comparison.
+local function timed(op)
+  dist.barrier()
+  local start, cpu = lib.ms_clock_seconds(), cpu_seconds()
+  op()
+  cpu = cpu_seconds() - cpu
+  dist.barrier()
+  return lib.ms_clock_seconds() - start, reduced(cpu, "sum")
 end
 
 local function run_world(opts, ranks, store_dir, reshard_from)
@@ -114,15 +125,22 @@ local function run_world(opts, ranks, store_dir, reshard_from)
     local sd, locals = sharded_state(opts.mib, rank)
     local raw_path = string.format("%s/raw-%d.bin", store_dir, rank)
     local times = {raw_write = {}, save = {}, raw_read = {}, load = {}, async_block = {}, async_total = {},
-                   reshard_load = {}}
+                   reshard_load = {}, cpu = {}}
     for round = 1, opts.rounds do
-      local function add(name, seconds) times[name][#times[name] + 1] = seconds end
+      local function add(name, seconds, cpu)
+        times[name][#times[name] + 1] = seconds
+        if cpu then
+          times.cpu[name] = times.cpu[name] or {}
+          table.insert(times.cpu[name], cpu)
+        end
+      end
       add("raw_write", timed(function() raw_write(raw_path, locals) end))
-      add("save", timed(function() dcp.save(sd, store_dir, {step = round, keep_last = 2}) end))
+      local step = 2 * round - 1
+      add("save", timed(function() dcp.save(sd, store_dir, {step = step, keep_last = 2}) end))
       if opts.cold then evict(raw_path) end
       add("raw_read", timed(function() raw_read(raw_path, locals) end))
       if opts.cold then evict_store(store_dir, ranks) end
-      add("load", timed(function() dcp.load(sd, store_dir, {step = round}) end))
+      add("load", timed(function() dcp.load(sd, store_dir, {step = step}) end))
       if reshard_from then
         if opts.cold then evict_store(reshard_from.dir, reshard_from.ranks) end
         add("reshard_load", timed(function() dcp.load(sd, reshard_from.dir) end))
@@ -130,12 +148,12 @@ local function run_world(opts, ranks, store_dir, reshard_from)
       dist.barrier()
       local h
       local start = lib.ms_clock_seconds()
-      h = dcp.async_save(sd, store_dir, {step = opts.rounds + round, keep_last = 2})
+      h = dcp.async_save(sd, store_dir, {step = step + 1, keep_last = 2})
       local blocked = lib.ms_clock_seconds() - start
       h:wait()
       dist.barrier()
       add("async_total", lib.ms_clock_seconds() - start)
-      add("async_block", slowest(blocked))
+      add("async_block", reduced(blocked, "max"))
     end
     os.remove(raw_path)
     return times
@@ -176,16 +194,21 @@ local function json_line(fields, order)
 end
 
 local ORDER = {"bench", "op", "ranks", "from_ranks", "bytes", "gbps", "gbps_range", "baseline",
-               "baseline_gbps", "ratio", "first_ratio", "target", "meets_target", "seconds", "cold"}
+               "baseline_gbps", "ratio", "first_ratio", "target", "meets_target", "cpu_ratio", "seconds",
+               "cpu_seconds", "baseline_cpu_seconds", "cold"}
 
-local function report(op, ranks, bytes, seconds, baseline_name, baseline_seconds, target, extra)
+-- ratio: median throughput against the baseline's; cpu_ratio: baseline CPU time over the op's.
+local function report(op, ranks, bytes, times, name, baseline, baseline_name, target, extra)
+  local seconds, baseline_seconds = times[name], times[baseline]
   local value, base = gbps(bytes, median(seconds)), gbps(bytes, median(baseline_seconds))
   local s = sorted(seconds)
+  local cpu, baseline_cpu = times.cpu[name], times.cpu[baseline]
   local fields = {bench = "dcp", op = op, ranks = ranks, bytes = bytes, gbps = value,
                   gbps_range = {gbps(bytes, s[#s]), gbps(bytes, s[1])}, baseline = baseline_name,
                   baseline_gbps = base, ratio = value / base, target = target,
                   meets_target = value / base >= target, seconds = seconds, cold = extra.cold,
-                  from_ranks = extra.from_ranks}
+                  from_ranks = extra.from_ranks, cpu_seconds = cpu, baseline_cpu_seconds = baseline_cpu,
+                  cpu_ratio = median(baseline_cpu) / median(cpu)}
   json_line(fields, ORDER)
 end
 
@@ -204,10 +227,10 @@ local function main()
   end
   for _, run in ipairs(runs) do
     local t, extra = run.times, {cold = opts.cold}
-    report("save", run.ranks, bytes, t.save, "write+fsync", t.raw_write, 0.7, extra)
-    report("load", run.ranks, bytes, t.load, "read", t.raw_read, 0.9, extra)
+    report("save", run.ranks, bytes, t, "save", "raw_write", "write+fsync", 0.7, extra)
+    report("load", run.ranks, bytes, t, "load", "raw_read", "read", 0.9, extra)
     if run.from then
-      report("reshard_load", run.ranks, bytes, t.reshard_load, "read", t.raw_read, 0.9,
+      report("reshard_load", run.ranks, bytes, t, "reshard_load", "raw_read", "read", 0.9,
              {cold = opts.cold, from_ranks = run.from})
     end
     -- The first async save allocates its staging buffers; later ones reuse them.
