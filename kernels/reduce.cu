@@ -1,5 +1,6 @@
-/* moonshard kernels: reductions on the device. One block per kept position: each thread
- * folds a fixed slice in double, then a fixed tree combines the threads (deterministic). */
+/* moonshard kernels: reductions on the device. A block folds a kept position (or a fixed
+ * chunk of a long one): each thread a fixed slice in double, then a fixed tree, then the
+ * chunks in order, so results never depend on scheduling. */
 #include "reduce.cuh"
 #include "reduce.h"
 
@@ -23,16 +24,24 @@ __device__ __forceinline__ double combine(int op, double acc, double x)
     return op == MAX ? ms_k_max_step(acc, x) : op == MIN ? ms_k_min_step(acc, x) : acc + x;
 }
 
+/* Block b folds chunk b % chunks of kept position b / chunks: each thread a fixed slice
+ * in double, then a fixed tree. With one chunk the block writes the result; with more it
+ * writes a partial that finish_kernel combines in chunk order. */
 template <typename T>
 __global__ void reduce_kernel(ms_cu_shape kept, ms_cu_operand out, ms_cu_operand a,
-                              ms_cu_shape reduced, ms_cu_operand a_reduced, int op)
+                              ms_cu_shape reduced, ms_cu_operand a_reduced, int op,
+                              int64_t chunks, double *partials)
 {
     __shared__ double partial[MS_CU_THREADS];
     double init = op == MAX ? -INFINITY : op == MIN ? INFINITY : 0.0;
-    for (int64_t o = blockIdx.x; o < kept.numel; o += gridDim.x) {
+    int64_t chunk_length = (reduced.numel + chunks - 1) / chunks;
+    for (int64_t b = blockIdx.x; b < kept.numel * chunks; b += gridDim.x) {
+        int64_t o = b / chunks, chunk = b % chunks;
+        int64_t first = chunk * chunk_length;
+        int64_t last = first + chunk_length < reduced.numel ? first + chunk_length : reduced.numel;
         const T *base = (const T *)a.data + ms_cu_offset(kept, a.strides, o);
         double acc = init;
-        for (int64_t r = threadIdx.x; r < reduced.numel; r += blockDim.x)
+        for (int64_t r = first + threadIdx.x; r < last; r += blockDim.x)
             acc = fold(op, acc, (double)base[ms_cu_offset(reduced, a_reduced.strides, r)]);
         partial[threadIdx.x] = acc;
         __syncthreads();
@@ -43,10 +52,29 @@ __global__ void reduce_kernel(ms_cu_shape kept, ms_cu_operand out, ms_cu_operand
             __syncthreads();
         }
         if (threadIdx.x == 0) {
-            double result = op == MEAN ? partial[0] / (double)reduced.numel : partial[0];
-            ((T *)out.data)[ms_cu_offset(kept, out.strides, o)] = (T)result;
+            if (chunks > 1) {
+                partials[b] = partial[0];
+            } else {
+                double result = op == MEAN ? partial[0] / (double)reduced.numel : partial[0];
+                ((T *)out.data)[ms_cu_offset(kept, out.strides, o)] = (T)result;
+            }
         }
         __syncthreads();
+    }
+}
+
+/* One thread per kept position combines its chunks' partials in order. */
+template <typename T>
+__global__ void finish_kernel(ms_cu_shape kept, ms_cu_operand out, int64_t count, int op,
+                              int64_t chunks, const double *partials)
+{
+    MS_CU_FOR(o, kept.numel)
+    {
+        double acc = partials[o * chunks];
+        for (int64_t c = 1; c < chunks; c++)
+            acc = combine(op, acc, partials[o * chunks + c]);
+        ((T *)out.data)[ms_cu_offset(kept, out.strides, o)] =
+            (T)(op == MEAN ? acc / (double)count : acc);
     }
 }
 
@@ -73,17 +101,39 @@ __global__ void max_dim_kernel(ms_cu_shape kept, ms_cu_operand values, ms_cu_ope
 
 /* ---- launchers ---- */
 
+int64_t ms_cu_reduce_chunks(int64_t kept, int64_t reduced)
+{
+    if (kept >= MS_CU_REDUCE_WIDE || reduced < 2 * MS_CU_REDUCE_CHUNK)
+        return 1;
+    int64_t chunks = reduced / MS_CU_REDUCE_CHUNK;
+    int64_t limit = MS_CU_REDUCE_WIDE / kept;
+    return chunks < limit ? chunks : limit;
+}
+
 int ms_cu_reduce(cudaStream_t stream, const ms_cu_shape *kept, ms_cu_operand out,
                  ms_cu_operand a, const ms_cu_shape *reduced, ms_cu_operand a_reduced,
-                 int dtype, int op)
+                 int dtype, int op, double *partials)
 {
+    int64_t chunks = ms_cu_reduce_chunks(kept->numel, reduced->numel);
     /* short reductions use one warp per position, long ones a full block */
-    unsigned threads = reduced->numel <= 1024 ? 32 : MS_CU_THREADS;
-    unsigned blocks = (unsigned)(kept->numel < 65535 ? kept->numel : 65535);
+    unsigned threads = reduced->numel / chunks <= 1024 ? 32 : MS_CU_THREADS;
+    int64_t work = kept->numel * chunks;
+    unsigned blocks = (unsigned)(work < 65535 ? work : 65535);
     if (dtype == F32)
-        reduce_kernel<float><<<blocks, threads, 0, stream>>>(*kept, out, a, *reduced, a_reduced, op);
+        reduce_kernel<float><<<blocks, threads, 0, stream>>>(*kept, out, a, *reduced, a_reduced,
+                                                             op, chunks, partials);
     else
-        reduce_kernel<double><<<blocks, threads, 0, stream>>>(*kept, out, a, *reduced, a_reduced, op);
+        reduce_kernel<double><<<blocks, threads, 0, stream>>>(*kept, out, a, *reduced, a_reduced,
+                                                              op, chunks, partials);
+    if (chunks == 1)
+        return ms_cu_last_error();
+    unsigned finish_blocks = ms_cu_blocks(kept->numel);
+    if (dtype == F32)
+        finish_kernel<float><<<finish_blocks, MS_CU_THREADS, 0, stream>>>(
+            *kept, out, reduced->numel, op, chunks, partials);
+    else
+        finish_kernel<double><<<finish_blocks, MS_CU_THREADS, 0, stream>>>(
+            *kept, out, reduced->numel, op, chunks, partials);
     return ms_cu_last_error();
 }
 

@@ -46,9 +46,19 @@ int ms_cuda_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mas
     if (count == 0 && (op == MS_MAX || op == MS_MIN))
         return MS_FAIL(MS_ERR_SHAPE, "reduce: %s over reduced dims with no elements (a has a "
                        "size-0 dim in dims_mask 0x%x)", reduce_names[op], dims_mask);
-    return ms_cuda_launched("reduce", ms_cu_reduce(ms_cuda_compute_stream(device), &kept,
-                                                   out_kept, a_kept, &reduced, a_reduced,
-                                                   a->dtype, op));
+    int64_t chunks = ms_cu_reduce_chunks(kept.numel, reduced.numel);
+    ms_tensor *partials = NULL;
+    if (chunks > 1) {
+        int64_t partials_shape[1] = {kept.numel * chunks};
+        MS_CHECK(ms_cuda_tensor_new(&partials, MS_F64, 1, partials_shape, a->storage->pool));
+    }
+    int status = ms_cuda_launched("reduce", ms_cu_reduce(ms_cuda_compute_stream(device), &kept,
+                                                         out_kept, a_kept, &reduced, a_reduced,
+                                                         a->dtype, op,
+                                                         partials ? ms_tensor_data(partials)
+                                                                  : NULL));
+    ms_tensor_free(partials);
+    return status;
 }
 
 int ms_cuda_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim)
