@@ -122,6 +122,10 @@ describe("CUDA kernels against the CPU backend #gpu", function()
       end
       parity("sum of everything", function(t) return t:sum() end, {ms.randn(300, 301)},
              {grad = true, rtol = 1e-4})
+      local long = ms.randn(3, 300000) -- long rows are split into chunks on the device
+      parity("chunked sum", function(t) return t:sum(1) end, {long}, {rtol = 1e-4, atol = 1e-3})
+      parity("chunked mean", function(t) return t:mean(1) end, {long}, {rtol = 1e-4, atol = 1e-6})
+      parity("chunked max", function(t) return t:max(1) end, {long})
     end)
   end)
 
