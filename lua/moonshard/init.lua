@@ -42,8 +42,13 @@ function Tensor:backward(grad, opts)
   autograd.backward({self}, {grad}, opts)
 end
 
+local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
+
 function Tensor:requires_grad_(flag)
   if flag == nil then flag = true end
+  if flag and not FLOATING[self:dtype()] then
+    fail("requires_grad_", "only floating-point tensors can require grad, this one is %s", self:dtype())
+  end
   if not flag and self.grad_fn then
     fail("requires_grad_", "cannot turn off requires_grad of a non-leaf tensor (use detach)")
   end
@@ -82,8 +87,14 @@ ms.is_tensor = Tensor.is_tensor
 ms.Size = Tensor.Size
 ms.set_default_dtype, ms.get_default_dtype = Tensor.set_default_dtype, Tensor.get_default_dtype
 
+local function check_like(name, t, opts)
+  if not Tensor.is_tensor(t) then fail(name, "expected a tensor, got %s", type(t)) end
+  if opts ~= nil and type(opts) ~= "table" then fail(name, "options must be a table, got %s", type(opts)) end
+end
+
 local function like(name, maker)
   return function(t, opts)
+    check_like(name, t, opts)
     opts = opts or {}
     return maker(t:shape(), {dtype = opts.dtype or t:dtype(), device = opts.device or t:device(),
                              requires_grad = opts.requires_grad})
@@ -95,6 +106,7 @@ ms.empty_like = like("empty_like", Tensor.empty)
 ms.rand_like = like("rand_like", random.rand)
 ms.randn_like = like("randn_like", random.randn)
 function ms.full_like(t, value, opts)
+  check_like("full_like", t, opts)
   opts = opts or {}
   return Tensor.full(t:shape(), value, {dtype = opts.dtype or t:dtype(), device = opts.device or t:device()})
 end
@@ -121,7 +133,11 @@ end
 function ms.allclose(a, b, opts)
   opts = opts or {}
   if not Tensor.is_tensor(a) or not Tensor.is_tensor(b) then fail("allclose", "expected two tensors") end
-  check(lib.ms_allclose(flag, a._c, b._c, opts.rtol or 1e-5, opts.atol or 1e-8), "allclose")
+  local rtol, atol = opts.rtol or 1e-5, opts.atol or 1e-8
+  if type(rtol) ~= "number" or type(atol) ~= "number" or rtol < 0 or atol < 0 then
+    fail("allclose", "rtol and atol must be non-negative numbers, got %s and %s", tostring(rtol), tostring(atol))
+  end
+  check(lib.ms_allclose(flag, a._c, b._c, rtol, atol), "allclose")
   return flag[0] == 1
 end
 
@@ -146,7 +162,10 @@ function ms.empty_cache(device)
   check(lib.ms_pool_empty_cache(Tensor.pool_id(device or "cpu", "empty_cache")), "empty_cache")
 end
 
-function ms.set_num_threads(n) check(lib.ms_set_num_threads(n), "set_num_threads") end
+function ms.set_num_threads(n)
+  if type(n) ~= "number" or n % 1 ~= 0 then fail("set_num_threads", "expected a whole number, got %s", tostring(n)) end
+  check(lib.ms_set_num_threads(n), "set_num_threads")
+end
 function ms.get_num_threads() return lib.ms_get_num_threads() end
 
 -- ---- distributed tensors ----
