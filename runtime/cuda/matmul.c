@@ -163,6 +163,11 @@ static int run(const gemm_call *c, ms_tensor *out, const ms_tensor *a, const ms_
     int ta = trans_a ^ la.transposed, tb = trans_b ^ lb.transposed;
     size_t size = ms_dtype_size(a->dtype);
     int64_t sa = batch_stride(a, nlead), sb = batch_stride(b, nlead), so = batch_stride(out, nlead);
+    /* Linear layers: row-major batches of a stacked as one tall matrix times a shared b */
+    if (b->ndim == 2 && batches > 1 && !ta && !lo.transposed && sa == m * la.ld &&
+        so == m * lo.ld && batches * m <= INT_MAX)
+        return gemm(c, 0, tb, batches * m, n, k, ms_tensor_data(a), la.ld, 0, ms_tensor_data(b),
+                    lb.ld, 0, ms_tensor_data(out), lo.ld, 0, 1);
     int strided = sa >= 0 && sb >= 0 && so >= 0 && batches <= INT_MAX;
     int64_t step = strided ? batches : 1;
     for (int64_t batch = 0; batch < batches; batch += step) {
