@@ -37,6 +37,18 @@ function M.save(model, opt, dir, step, config)
   collect_dropped_views()
 end
 
+-- A run without --resume must not mix its steps into a store that already holds some.
+function M.check_fresh(dir)
+  local ok, store = pcall(dcp().open, dir)
+  if not ok then return end
+  local steps = store:steps()
+  store:close()
+  if #steps > 0 then
+    error(("train: the store %s already holds steps %s; continue it with --resume or choose another --ckpt")
+          :format(dir, table.concat(steps, ", ")), 0)
+  end
+end
+
 -- Optimizer state exists only after a first step; make it (zeros, step 0) so a load has
 -- tensors of the right layout to fill.
 local function materialise_optimizer_state(opt, placeholders)

@@ -89,7 +89,11 @@ local function train(rank, world)
   local model, opt, config = build(corpus, world)
   local rows = opts.batch / world
   local first_step = 1
-  if opts.resume then first_step = checkpointing.resume(model, opt, opts.ckpt) + 1 end
+  if opts.resume then
+    first_step = checkpointing.resume(model, opt, opts.ckpt) + 1
+  elseif opts.ckpt then
+    checkpointing.check_fresh(opts.ckpt)
+  end
   local meter
   if rank == 0 then
     os.execute("mkdir -p '" .. opts.out .. "'")
@@ -131,12 +135,29 @@ local function train(rank, world)
   return {losses = losses, first_step = first_step}
 end
 
+-- The ranks' errors, without the tracebacks of those this script raised on purpose
+-- ("train: ..."), which describe bad input rather than a fault.
+local function readable(message)
+  local lines, skipping = {}, false
+  for line in (tostring(message) .. "\n"):gmatch("(.-)\n") do
+    if line == "stack traceback:" and skipping then
+      skipping = "traceback"
+    elseif skipping == "traceback" and line:sub(1, 1) == "\t" then
+      -- part of a traceback being dropped
+    else
+      skipping = line:match("^%[rank %d+%] train: ") ~= nil
+      lines[#lines + 1] = line
+    end
+  end
+  return table.concat(lines, "\n")
+end
+
 if dist.is_initialized() then
   train(dist.get_rank(), dist.get_world_size())
 else
   local ok, err = pcall(dist.spawn, opts.nproc, train)
   if not ok then
-    io.stderr:write(tostring(err), "\n")
+    io.stderr:write(readable(err), "\n")
     os.exit(1)
   end
 end

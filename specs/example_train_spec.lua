@@ -151,6 +151,13 @@ describe("examples/train.lua", function()
       os.execute("rm -rf '" .. interrupted .. "' '" .. interrupted_out .. "'")
     end)
 
+    it("refuses to write into a store that already holds steps unless resuming", function()
+      local status, output = run(TINY .. " --steps 12 --sample 0 --ckpt " .. ckpt .. " --out " .. temp_dir())
+      assert.equal(1, status)
+      assert.truthy(output:find("the store " .. ckpt .. " already holds steps 6, 12; continue it with --resume", 1, true), output)
+      assert.falsy(output:find("stack traceback", 1, true), output)
+    end)
+
     it("trains to the same losses with every --ac mode", function()
       local losses = {}
       for _, mode in ipairs({"none", "full", "selective", "offload"}) do
