@@ -113,8 +113,14 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
     }
     int status = boot->backend->all_reduce(boot, both, 2 * SIGNATURE_FIELDS, MS_I64,
                                            MS_DIST_MIN);
-    if (status != MS_OK)
-        return ms_group_break(g, MS_FAIL(status, "%s: %s", name, ms_last_error()));
+    if (status != MS_OK) { /* "all_reduce: rank 2 died ..." becomes "<name>: rank 2 died ..." */
+        char detail[512];
+        const char *message = ms_last_error();
+        const char *prefix = "all_reduce: ";
+        snprintf(detail, sizeof detail, "%s",
+                 strncmp(message, prefix, strlen(prefix)) ? message : message + strlen(prefix));
+        return ms_group_break(g, MS_FAIL(status, "%s: %s", name, detail));
+    }
     int same = 1;
     for (int i = 0; i < SIGNATURE_FIELDS; i++)
         same &= both[i] == -both[SIGNATURE_FIELDS + i];
