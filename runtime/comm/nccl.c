@@ -119,6 +119,11 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
         const char *prefix = "all_reduce: ";
         snprintf(detail, sizeof detail, "%s",
                  strncmp(message, prefix, strlen(prefix)) ? message : message + strlen(prefix));
+        /* a peer is gone: abort, so kernels of earlier collectives stop waiting for it */
+        if (ng->comm && (status == MS_ERR_PEER_DIED || status == MS_ERR_TIMEOUT)) {
+            ncclCommAbort(ng->comm);
+            ng->comm = NULL;
+        }
         return ms_group_break(g, MS_FAIL(status, "%s: %s", name, detail));
     }
     int same = 1;
