@@ -5,6 +5,31 @@
 
 #include "check.h"
 
+/* Forked ranks have a local group to bootstrap from; without a device ms_nccl_init fails
+ * cleanly on every rank and the local world stays installed. */
+static void check_nccl_without_device(void)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    CHECK_OK(ms_local_spawn(&job, 2, 20000, &rank));
+    if (rank >= 0) {
+        int status = ms_nccl_init();
+        ms_group *world = NULL;
+        int clean = (status == MS_ERR_DEVICE || status == MS_ERR_UNSUPPORTED) &&
+                    strstr(ms_last_error(), "nccl_init:") == ms_last_error() &&
+                    ms_dist_world(&world) == MS_OK && strcmp(ms_group_backend(world), "local") == 0;
+        ms_local_finish(clean ? 0 : 1, ms_last_error(), strlen(ms_last_error()));
+    }
+    CHECK_OK(ms_spawn_wait(job));
+    for (int r = 0; r < 2; r++) {
+        ms_rank_outcome outcome;
+        CHECK_OK(ms_spawn_outcome(job, r, &outcome));
+        CHECK_MSG(outcome.state == MS_RANK_RETURNED, "rank %d: %.*s", r, (int)outcome.nbytes,
+                  outcome.bytes ? outcome.bytes : "");
+    }
+    ms_spawn_free(job);
+}
+
 static void check_no_device(void)
 {
     int pool = -1;
@@ -18,6 +43,7 @@ static void check_no_device(void)
     /* without a process group there is nothing to bootstrap NCCL from */
     int status = ms_nccl_init();
     CHECK(status == MS_ERR_STATE || status == MS_ERR_UNSUPPORTED);
+    check_nccl_without_device();
     /* the host pool still serves ordinary memory */
     ms_memory_stats before, after;
     CHECK_OK(ms_pool_stats(MS_POOL_HOST, &before));
