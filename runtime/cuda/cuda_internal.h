@@ -69,6 +69,8 @@ int ms_cuda_download(int device, void *host, const void *device_data, size_t nby
 
 /* Device-to-device strided copy (and dtype conversion) of src into dst, same shape. */
 int ms_cuda_copy_device(ms_tensor *dst, const ms_tensor *src);
+/* ms_copy when one tensor is in a CPU pool or the two are on different devices. */
+int ms_cuda_copy_across(ms_tensor *dst, const ms_tensor *src);
 
 /* The status of the last launch on this thread, recorded for op. */
 int ms_cuda_launched(const char *op, int error);
