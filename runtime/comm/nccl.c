@@ -206,8 +206,9 @@ static int nccl_all_gather(ms_group *g, void *out, const void *in, int64_t count
     const char *name = "all_gather_into_tensor";
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_ALL_GATHER, dtype, 0, 0, count, out, in));
-    NCCL_CHECK(g, name, ncclAllGather(in, out, (size_t)count, type_of(dtype), ng->comm,
-                                      ms_cuda_comm_stream(ng->device)));
+    if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
+        NCCL_CHECK(g, name, ncclAllGather(in, out, (size_t)count, type_of(dtype), ng->comm,
+                                          ms_cuda_comm_stream(ng->device)));
     size_t block = (size_t)count * ms_dtype_size(dtype);
     return finish(g, out, block * (size_t)g->size, in, block);
 }
@@ -218,8 +219,9 @@ static int nccl_reduce_scatter(ms_group *g, void *out, const void *in, int64_t c
     const char *name = "reduce_scatter_tensor";
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_REDUCE_SCATTER, dtype, op, 0, count, out, in));
-    NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype), op_of(op),
-                                          ng->comm, ms_cuda_comm_stream(ng->device)));
+    if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
+        NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype), op_of(op),
+                                              ng->comm, ms_cuda_comm_stream(ng->device)));
     size_t block = (size_t)count * ms_dtype_size(dtype);
     return finish(g, out, block, in, block * (size_t)g->size);
 }
@@ -229,8 +231,9 @@ static int nccl_all_reduce(ms_group *g, void *data, int64_t count, int dtype, in
     const char *name = "all_reduce";
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_ALL_REDUCE, dtype, op, 0, count, data, NULL));
-    NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype), op_of(op),
-                                      ng->comm, ms_cuda_comm_stream(ng->device)));
+    if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
+        NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype), op_of(op),
+                                          ng->comm, ms_cuda_comm_stream(ng->device)));
     return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
 }
 
@@ -239,8 +242,9 @@ static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int
     const char *name = "broadcast";
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_BROADCAST, dtype, 0, root, count, data, NULL));
-    NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root, ng->comm,
-                                      ms_cuda_comm_stream(ng->device)));
+    if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
+        NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root, ng->comm,
+                                          ms_cuda_comm_stream(ng->device)));
     return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
 }
 
