@@ -22,6 +22,7 @@ local SPEC = {
   {"out", "string", "build/run", "directory for metrics.jsonl and sample.txt"},
   {"sample", "int", 300, "characters to generate after training (0: none)"},
   {"log-every", "int", 10, "keep a progress line every N steps"},
+  {"repl", "flag", false, "after training, open the REPL on rank 0 over the live sharded model"},
 }
 
 local STRATEGIES = {FULL_SHARD = true, SHARD_GRAD_OP = true, NO_SHARD = true, HYBRID_SHARD = true,

@@ -132,6 +132,7 @@ local function train(rank, world)
     file:write(text, "\n")
     file:close()
   end
+  if opts.repl then ms.repl{model = model, store = opts.ckpt} end
   return {losses = losses, first_step = first_step}
 end
 
