@@ -220,8 +220,9 @@ static int nccl_reduce_scatter(ms_group *g, void *out, const void *in, int64_t c
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_REDUCE_SCATTER, dtype, op, 0, count, out, in));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
-        NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype), op_of(op),
-                                              ng->comm, ms_cuda_comm_stream(ng->device)));
+        NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype),
+                                              op_of(op), ng->comm,
+                                              ms_cuda_comm_stream(ng->device)));
     size_t block = (size_t)count * ms_dtype_size(dtype);
     return finish(g, out, block, in, block * (size_t)g->size);
 }
@@ -232,8 +233,9 @@ static int nccl_all_reduce(ms_group *g, void *data, int64_t count, int dtype, in
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_ALL_REDUCE, dtype, op, 0, count, data, NULL));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
-        NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype), op_of(op),
-                                          ng->comm, ms_cuda_comm_stream(ng->device)));
+        NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype),
+                                          op_of(op), ng->comm,
+                                          ms_cuda_comm_stream(ng->device)));
     return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
 }
 
@@ -243,8 +245,8 @@ static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, name, KIND_BROADCAST, dtype, 0, root, count, data, NULL));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
-        NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root, ng->comm,
-                                          ms_cuda_comm_stream(ng->device)));
+        NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root,
+                                          ng->comm, ms_cuda_comm_stream(ng->device)));
     return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
 }
 
