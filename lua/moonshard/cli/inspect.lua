@@ -14,13 +14,6 @@ end
 
 function M.shape(shape) return "[" .. table.concat(shape, ", ") .. "]" end
 
-local function numel(shape)
-  local n = 1
-  for _, d in ipairs(shape) do n = n * d end
-  return n
-end
-M.numel = numel
-
 -- {min, max, mean, norm} of a plain tensor, computed in f64; nil when it is empty.
 function M.stats(t)
   if t:numel() == 0 then return nil end

@@ -99,10 +99,9 @@ function M.read(path)
   local data_start, data_size = 8 + header_size, size - 8 - header_size
   local metadata = header.__metadata__
   header.__metadata__ = nil
-  local names, spans = {}, {}
+  local spans = {}
   for name, info in pairs(header) do
     local dtype = check_entry(path, name, info, data_size)
-    names[#names + 1] = name
     spans[#spans + 1] = {name = name, dtype = dtype, info = info}
   end
   table.sort(spans, function(a, b) return a.info.data_offsets[1] < b.info.data_offsets[1] end)

@@ -1,5 +1,6 @@
 -- The REPL's helper functions over a checkpoint store and/or a live model: ls, steps,
 -- show, diff, load and help. They print what they find; load returns a tensor or value.
+local ms = require "moonshard"
 local inspect = require "moonshard.cli.inspect"
 
 local M = {}
@@ -38,8 +39,7 @@ function M.build(context)
     local p = live:parameter(fqn)
     local lines = {fqn .. "  (live)"}
     local shape = p:shape()
-    local dtensor = type(p) == "table" and getmetatable(p) and getmetatable(p).__dtensor
-    if dtensor then
+    if ms.is_dtensor(p) then
       local names = {}
       for i, pl in ipairs(p.placements) do names[i] = tostring(pl) end
       lines[#lines + 1] = ("  %s %s  placements {%s} on mesh %s"):format(p:dtype(), inspect.shape(shape),

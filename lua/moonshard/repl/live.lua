@@ -13,8 +13,6 @@ local SESSION_TIMEOUT, DEFAULT_TIMEOUT = 7 * 24 * 3600, 60
 local Live = {}
 Live.__index = Live
 
-local function is_dtensor(v) return type(v) == "table" and getmetatable(v) and getmetatable(v).__dtensor end
-
 function M.new(model)
   local self = setmetatable({model = model, names = {}, params = {}, index = {}}, Live)
   for name, p in model:named_parameters() do
@@ -37,7 +35,7 @@ local function request(op, index)
 end
 
 local function full_value(p)
-  if is_dtensor(p) then return p:full_tensor() end
+  if ms.is_dtensor(p) then return p:full_tensor() end
   return ms.no_grad(function() return p:detach():clone() end)
 end
 

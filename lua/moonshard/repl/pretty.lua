@@ -88,7 +88,6 @@ function M.dtensor(t)
             ms.dist.get_rank(), tostring(local_part:shape()), M.tensor(local_part):gsub("\n", "\n        "))
 end
 
-local function is_dtensor(v) return type(v) == "table" and getmetatable(v) and getmetatable(v).__dtensor end
 local function is_module(v) return type(v) == "table" and rawget(v, "_modules") ~= nil end
 
 local function key_text(k)
@@ -110,7 +109,7 @@ end
 
 local function value_text(v, depth, indent, seen)
   if ms.is_tensor(v) then return M.tensor(v):gsub("\n", "\n" .. indent) end
-  if is_dtensor(v) then return M.dtensor(v):gsub("\n", "\n" .. indent) end
+  if ms.is_dtensor(v) then return M.dtensor(v):gsub("\n", "\n" .. indent) end
   if is_module(v) then return tostring(v):gsub("\n", "\n" .. indent) end
   if type(v) == "string" then return ("%q"):format(v) end
   if type(v) ~= "table" then return tostring(v) end
