@@ -95,11 +95,19 @@ int ms_cu_copy(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_operand dst,
     }
     switch (dst_dtype) {
     case MS_CU_F64:
-    case MS_CU_I64: same_dtype_copy<uint64_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src); break;
+    case MS_CU_I64:
+        same_dtype_copy<uint64_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src);
+        break;
     case MS_CU_BF16:
-    case MS_CU_F16: same_dtype_copy<uint16_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src); break;
-    case MS_CU_U8: same_dtype_copy<uint8_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src); break;
-    default: same_dtype_copy<uint32_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src); break;
+    case MS_CU_F16:
+        same_dtype_copy<uint16_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src);
+        break;
+    case MS_CU_U8:
+        same_dtype_copy<uint8_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src);
+        break;
+    default:
+        same_dtype_copy<uint32_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, src);
+        break;
     }
     return ms_cu_last_error();
 }
@@ -109,9 +117,15 @@ int ms_cu_fill(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_operand dst,
 {
     unsigned blocks = ms_cu_blocks(shape->numel);
     switch (elem_size) {
-    case 1: fill_bits<uint8_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, (uint8_t)bits); break;
-    case 2: fill_bits<uint16_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, (uint16_t)bits); break;
-    case 4: fill_bits<uint32_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, (uint32_t)bits); break;
+    case 1:
+        fill_bits<uint8_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, (uint8_t)bits);
+        break;
+    case 2:
+        fill_bits<uint16_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, (uint16_t)bits);
+        break;
+    case 4:
+        fill_bits<uint32_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, (uint32_t)bits);
+        break;
     default: fill_bits<uint64_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, dst, bits); break;
     }
     return ms_cu_last_error();
@@ -130,10 +144,18 @@ int ms_cu_equal(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_operand a, 
 {
     unsigned blocks = ms_cu_blocks(shape->numel);
     switch (elem_size) {
-    case 1: equal_bits<uint8_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag); break;
-    case 2: equal_bits<uint16_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag); break;
-    case 4: equal_bits<uint32_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag); break;
-    default: equal_bits<uint64_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag); break;
+    case 1:
+        equal_bits<uint8_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag);
+        break;
+    case 2:
+        equal_bits<uint16_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag);
+        break;
+    case 4:
+        equal_bits<uint32_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag);
+        break;
+    default:
+        equal_bits<uint64_t><<<blocks, MS_CU_THREADS, 0, stream>>>(*shape, a, b, device_flag);
+        break;
     }
     return ms_cu_last_error();
 }

@@ -50,10 +50,22 @@ __device__ __forceinline__ T int_binary(int op, T x, T y)
     }
 }
 
-__device__ __forceinline__ float apply_binary(int op, float x, float y) { return float_binary(op, x, y); }
-__device__ __forceinline__ double apply_binary(int op, double x, double y) { return float_binary(op, x, y); }
-__device__ __forceinline__ int32_t apply_binary(int op, int32_t x, int32_t y) { return int_binary<int32_t, uint32_t>(op, x, y); }
-__device__ __forceinline__ int64_t apply_binary(int op, int64_t x, int64_t y) { return int_binary<int64_t, uint64_t>(op, x, y); }
+__device__ __forceinline__ float apply_binary(int op, float x, float y)
+{
+    return float_binary(op, x, y);
+}
+__device__ __forceinline__ double apply_binary(int op, double x, double y)
+{
+    return float_binary(op, x, y);
+}
+__device__ __forceinline__ int32_t apply_binary(int op, int32_t x, int32_t y)
+{
+    return int_binary<int32_t, uint32_t>(op, x, y);
+}
+__device__ __forceinline__ int64_t apply_binary(int op, int64_t x, int64_t y)
+{
+    return int_binary<int64_t, uint64_t>(op, x, y);
+}
 
 /* scalar_side: 0 both operands are tensors, 1 b is the scalar, 2 a is the scalar. */
 template <typename T>

@@ -63,7 +63,8 @@ __global__ void backward_dx_kernel(ms_cu_layer_norm a)
     for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
         const T *x = (const T *)a.x + r * a.size, *dy = (const T *)a.dy + r * a.size;
         T *dx = (T *)a.dx + r * a.size;
-        T mean = (T)load_stat(a.mean, a.mean_dtype, r), rstd = (T)load_stat(a.rstd, a.rstd_dtype, r);
+        T mean = (T)load_stat(a.mean, a.mean_dtype, r),
+          rstd = (T)load_stat(a.rstd, a.rstd_dtype, r);
         double local_g = 0.0, local_g_xhat = 0.0;
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x) {
             T xhat = (x[j] - mean) * rstd;

@@ -1,4 +1,4 @@
-/* moonshard kernels: the element math of the shared kernels/ headers under one name per function for
+/* moonshard kernels: the element math of the shared kernels/ headers under one name for
  * float and double, so templated kernels pick the precision by overloading. Device only. */
 #ifndef MS_KERNELS_MATH_CUH
 #define MS_KERNELS_MATH_CUH

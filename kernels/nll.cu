@@ -17,8 +17,9 @@ template <typename T>
 __device__ __forceinline__ double row_loss(const ms_cu_nll &a, int64_t i)
 {
     int64_t t = target_at(a, i);
-    return t == a.ignore_index ? 0.0
-                               : -(double)((const T *)a.logp)[i * a.row_stride + t * a.class_stride];
+    return t == a.ignore_index
+               ? 0.0
+               : -(double)((const T *)a.logp)[i * a.row_stride + t * a.class_stride];
 }
 
 /* ---- kernels ---- */
@@ -85,9 +86,11 @@ int ms_cu_nll_loss(cudaStream_t stream, const ms_cu_nll *args, void *out, int64_
 {
     unsigned blocks = ms_cu_blocks(args->rows);
     if (args->reduction == NONE && args->dtype == F32)
-        per_row_kernel<float><<<blocks, MS_CU_THREADS, 0, stream>>>(*args, (float *)out, out_stride);
+        per_row_kernel<float>
+            <<<blocks, MS_CU_THREADS, 0, stream>>>(*args, (float *)out, out_stride);
     else if (args->reduction == NONE)
-        per_row_kernel<double><<<blocks, MS_CU_THREADS, 0, stream>>>(*args, (double *)out, out_stride);
+        per_row_kernel<double>
+            <<<blocks, MS_CU_THREADS, 0, stream>>>(*args, (double *)out, out_stride);
     else if (args->dtype == F32)
         total_kernel<float><<<1, MS_CU_THREADS, 0, stream>>>(*args, (float *)out);
     else

@@ -143,8 +143,10 @@ int ms_cu_max_dim(cudaStream_t stream, const ms_cu_shape *kept, ms_cu_operand va
 {
     unsigned blocks = ms_cu_blocks(kept->numel);
     if (dtype == F32)
-        max_dim_kernel<float><<<blocks, MS_CU_THREADS, 0, stream>>>(*kept, values, indices, a, length, a_stride);
+        max_dim_kernel<float>
+            <<<blocks, MS_CU_THREADS, 0, stream>>>(*kept, values, indices, a, length, a_stride);
     else
-        max_dim_kernel<double><<<blocks, MS_CU_THREADS, 0, stream>>>(*kept, values, indices, a, length, a_stride);
+        max_dim_kernel<double>
+            <<<blocks, MS_CU_THREADS, 0, stream>>>(*kept, values, indices, a, length, a_stride);
     return ms_cu_last_error();
 }

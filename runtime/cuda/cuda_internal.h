@@ -17,7 +17,8 @@ int ms_cuda_status_at(const char *file, int line, cudaError_t error, const char 
 #define MS_CUDA_STATUS(error, what) ms_cuda_status_at(__FILE__, __LINE__, (error), (what))
 #define MS_CUDA_CHECK(call, what) MS_CHECK(MS_CUDA_STATUS((call), (what)))
 int ms_cublas_status_at(const char *file, int line, cublasStatus_t status, const char *what);
-#define MS_CUBLAS_CHECK(call, what) MS_CHECK(ms_cublas_status_at(__FILE__, __LINE__, (call), (what)))
+#define MS_CUBLAS_CHECK(call, what)                                                                \
+    MS_CHECK(ms_cublas_status_at(__FILE__, __LINE__, (call), (what)))
 
 /* 1 once this process has made a device current (CUDA has started here). */
 int ms_cuda_started(void);

@@ -171,8 +171,10 @@ static int run(const gemm_call *c, ms_tensor *out, const ms_tensor *a, const ms_
     int strided = sa >= 0 && sb >= 0 && so >= 0 && batches <= INT_MAX;
     int64_t step = strided ? batches : 1;
     for (int64_t batch = 0; batch < batches; batch += step) {
-        const char *pa = (const char *)ms_tensor_data(a) + batch_offset(a, nlead, batch) * (int64_t)size;
-        const char *pb = (const char *)ms_tensor_data(b) + batch_offset(b, nlead, batch) * (int64_t)size;
+        const char *pa =
+            (const char *)ms_tensor_data(a) + batch_offset(a, nlead, batch) * (int64_t)size;
+        const char *pb =
+            (const char *)ms_tensor_data(b) + batch_offset(b, nlead, batch) * (int64_t)size;
         char *po = (char *)ms_tensor_data(out) + batch_offset(out, nlead, batch) * (int64_t)size;
         if (lo.transposed) /* out^T = op(b)^T op(a)^T into the row-major view of out^T */
             MS_CHECK(gemm(c, !tb, !ta, n, m, k, pb, lb.ld, sb, pa, la.ld, sa, po, lo.ld, so, step));
