@@ -1,7 +1,7 @@
 -- Saving and resuming the example's training state with ms.dcp (model, optimizer, step,
--- RNG state and the model's configuration in one store), and --ac selective's wrapping.
+-- RNG state and the model's configuration in one store).
 local ms = require "moonshard"
-local fsdp, ac = ms.fsdp, ms.ac
+local fsdp = ms.fsdp
 local function dcp() return ms.dcp end -- loaded only when checkpoints are used
 
 local M = {}
@@ -90,12 +90,6 @@ function M.resume(model, opt, dir)
   release_tensors(placeholders)
   collect_dropped_views()
   return state.step
-end
-
--- --ac selective: matmul outputs are saved, the rest of each block is recomputed
--- (ms.ac's default policy).
-function M.selective(block)
-  ac.checkpoint_wrapper(block, {policy = ac.default_policy})
 end
 
 return M

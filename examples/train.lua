@@ -1,6 +1,6 @@
 -- Trains a GPT-style character model on the bundled Shakespeare text with FSDP and
 -- per-block activation checkpointing, on local ranks (forked) or under mpirun / moonshard run.
--- Usage (repository root): luajit examples/train.lua [--nproc 4] [--steps 200] ... (--help)
+-- Usage (repository root): luajit examples/train.lua [--nproc 4] [--steps 300] ... (--help)
 package.path = "lua/?.lua;lua/?/init.lua;examples/?.lua;" .. package.path
 local ms = require "moonshard"
 local options = require "options"
@@ -45,8 +45,8 @@ local function apply_checkpointing(model)
       ac.checkpoint_wrapper(block)
     elseif opts.ac == "offload" then
       ac.offload_wrapper(block)
-    else
-      checkpointing.selective(block)
+    else -- selective: matmul outputs are saved, the rest of the block is recomputed
+      ac.checkpoint_wrapper(block, {policy = ac.default_policy})
     end
   end
 end
