@@ -158,6 +158,35 @@ describe("examples/train.lua", function()
       assert.falsy(output:find("stack traceback", 1, true), output)
     end)
 
+    it("trains to the same losses with every sharding strategy", function()
+      local reference
+      for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"}) do
+        local dir = temp_dir()
+        local status, output = run(TINY:gsub("--nproc 2", "--nproc 4") .. " --steps 3 --sample 0 --strategy " .. strategy .. " --out " .. dir)
+        assert.equal(0, status, output)
+        local rows = metrics(dir .. "/metrics.jsonl")
+        reference = reference or rows
+        for step = 1, 3 do
+          assert.is_true(math.abs(reference[step].loss - rows[step].loss) < 1e-5, strategy .. " step " .. step)
+        end
+        os.execute("rm -rf '" .. dir .. "'")
+      end
+    end)
+
+    it("runs unchanged under mpirun, to the losses it reaches on forked ranks", function()
+      local dir = temp_dir()
+      local pipe = io.popen("OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 2 " ..
+                            "luajit examples/train.lua " .. TINY .. " --steps 12 --sample 0 --out " .. dir ..
+                            " 2>&1; echo \"exit=$?\"")
+      local output = pipe:read("*a")
+      pipe:close()
+      assert.truthy(output:find("exit=0", 1, true), output)
+      local under_mpi, forked = metrics(dir .. "/metrics.jsonl"), metrics(out .. "/metrics.jsonl")
+      assert.equal(12, #under_mpi)
+      for step = 1, 12 do assert.equal(forked[step].loss, under_mpi[step].loss, "step " .. step) end
+      os.execute("rm -rf '" .. dir .. "'")
+    end)
+
     it("trains to the same losses with every --ac mode", function()
       local losses = {}
       for _, mode in ipairs({"none", "full", "selective", "offload"}) do
