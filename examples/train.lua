@@ -105,7 +105,6 @@ local function train(rank, world)
                          metrics_path = opts.out .. "/metrics.jsonl", log_every = opts.log_every,
                          append = opts.resume}
   end
-  local losses = {}
   local last_step = opts.stop_after and math.min(opts.stop_after, opts.steps) or opts.steps
   for step = first_step, last_step do
     local tokens, targets = corpus:batch{rows = rows, seq = opts.seq, seed = opts.seed, step = step,
@@ -118,9 +117,9 @@ local function train(rank, world)
     loss:backward()
     fsdp.clip_grad_norm_(model, 1.0)
     opt:step()
-    losses[step] = global_loss(loss)
+    local mean_loss = global_loss(loss)
     loss:free(); tokens:free(); targets:free()
-    if meter then meter:step(step, losses[step], lr) end
+    if meter then meter:step(step, mean_loss, lr) end
     local save_now = opts.ckpt and ((opts.save_every > 0 and step % opts.save_every == 0) or step == last_step)
     if save_now then checkpointing.save(model, opt, opts.ckpt, step, config) end
   end
@@ -133,7 +132,6 @@ local function train(rank, world)
     file:close()
   end
   if opts.repl then ms.repl{model = model, store = opts.ckpt} end
-  return {losses = losses, first_step = first_step}
 end
 
 -- The ranks' errors, without the tracebacks of those this script raised on purpose
