@@ -140,16 +140,14 @@ int local_wait_posted(ms_group *g, const local_call *call, uint32_t step);
 void local_consume(ms_group *g, uint32_t step);
 /* One step without data: every member has reached this point. */
 int local_barrier_step(ms_group *g, const local_call *call);
-/* The first step of a collective that may copy directly between heaps: members post their
- * buffers' addresses. [OUT] *direct = 1 when every member's buffers lie in the heaps; then
- * in[m] and out[m] hold member m's addresses. Otherwise the collective goes on through the
- * ring from the group's next step. */
-int local_handshake(ms_group *g, local_call *call, const void *in, size_t in_bytes,
-                    const void *out, size_t out_bytes, int *direct, uint8_t **in_addresses,
-                    uint8_t **out_addresses);
+/* After local_wait_posted of a collective's first step: 1 when every member's header says
+ * its buffers lie in the heaps (the collective may then go on with direct copies); the
+ * members' buffer addresses from those headers go to in[m] and out[m]. */
+int local_peers_in_heap(const ms_group *g, uint32_t step, uint8_t **in_addresses,
+                        uint8_t **out_addresses);
 
 /* ---- collectives copying directly between heaps (local_direct.c) ----
- * Each runs after a handshake that found every buffer in the heaps, and ends with a
+ * Each runs after a first step that found every buffer in the heaps, and ends with a
  * barrier step so no member reuses a buffer a peer still reads or writes. */
 int local_direct_all_gather(ms_group *g, const local_call *call, uint8_t *const *outs,
                             const void *in, size_t block_bytes);

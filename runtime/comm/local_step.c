@@ -196,27 +196,17 @@ int local_barrier_step(ms_group *g, const local_call *call)
     return MS_OK;
 }
 
-int local_handshake(ms_group *g, local_call *call, const void *in, size_t in_bytes,
-                    const void *out, size_t out_bytes, int *direct, uint8_t **in_addresses,
-                    uint8_t **out_addresses)
+int local_peers_in_heap(const ms_group *g, uint32_t step, uint8_t **in_addresses,
+                       uint8_t **out_addresses)
 {
-    local_group *lg = g->impl;
-    uint32_t step = lg->next_step;
-    call->header.in_address = (uintptr_t)in;
-    call->header.out_address = (uintptr_t)out;
-    call->header.in_heap = local_heap_holds(lg->seg, in, in_bytes) &&
-                           local_heap_holds(lg->seg, out, out_bytes);
-    MS_CHECK(local_wait_free(g, call, step));
-    local_post(g, call, step);
-    MS_CHECK(local_wait_posted(g, call, step));
-    *direct = 1;
+    const local_group *lg = g->impl;
+    int direct = 1;
     for (int m = 0; m < g->size; m++) {
         const local_step_header *h =
             (const local_step_header *)(local_buffer(lg, m, step) - LOCAL_HEADER_BYTES);
-        *direct &= h->in_heap;
+        direct &= h->in_heap;
         in_addresses[m] = (uint8_t *)(uintptr_t)h->in_address;
         out_addresses[m] = (uint8_t *)(uintptr_t)h->out_address;
     }
-    local_consume(g, step);
-    return MS_OK;
+    return direct;
 }
