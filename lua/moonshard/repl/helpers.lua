@@ -6,7 +6,7 @@ local inspect = require "moonshard.cli.inspect"
 local M = {}
 
 local HELP = [[
-  ls([prefix])         names (live model first, else the store's latest step) with shapes
+  ls([prefix], [step]) names with shapes: the live model's, or the store's at step (latest)
   steps()              the store's committed steps
   show(fqn, [step])    which rank holds which rows, shape, dtype, min, max, mean, norm and
                        checksum state (a step, or a name the live model lacks, reads the store)
@@ -60,10 +60,10 @@ function M.build(context)
 
   function h.steps() return need_store("steps"):steps() end
 
-  function h.ls(prefix)
+  function h.ls(prefix, step)
     prefix = prefix or ""
     local shown = 0
-    if live then
+    if live and step == nil then
       for _, fqn in ipairs(live.names) do
         if fqn:sub(1, #prefix) == prefix then
           local p = live:parameter(fqn)
@@ -72,8 +72,8 @@ function M.build(context)
         end
       end
     else
-      local step = latest()
-      for _, e in ipairs(store:entries(step)) do
+      step = step or latest()
+      for _, e in ipairs(need_store("ls"):entries(step)) do
         if e.fqn:sub(1, #prefix) == prefix then
           io.stdout:write(("%-52s %s\n"):format(e.fqn, inspect.entry_summary(store, step, e)))
           shown = shown + 1
