@@ -158,6 +158,22 @@ describe("examples/train.lua", function()
       assert.falsy(output:find("stack traceback", 1, true), output)
     end)
 
+    it("feeds each rank its slice of the global batch: 1, 2 and 4 ranks reach the same losses", function()
+      local reference
+      for _, ranks in ipairs({1, 2, 4}) do
+        local dir = temp_dir()
+        local status, output = run(TINY:gsub("--nproc 2", "--nproc " .. ranks) .. " --steps 6 --sample 0 --out " .. dir)
+        assert.equal(0, status, output)
+        local rows = metrics(dir .. "/metrics.jsonl")
+        reference = reference or rows
+        for step = 1, 6 do
+          assert.is_true(math.abs(reference[step].loss - rows[step].loss) < 1e-5,
+                         ("%d ranks, step %d: %.6f vs %.6f on one rank"):format(ranks, step, rows[step].loss, reference[step].loss))
+        end
+        os.execute("rm -rf '" .. dir .. "'")
+      end
+    end)
+
     it("trains to the same losses with every sharding strategy", function()
       local reference
       for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"}) do
