@@ -4,6 +4,7 @@
 #define MS_KERNELS_ACTIVATION_H
 
 #include "common.h"
+#include "fastmath.h"
 
 /* relu keeps NaN (PyTorch's clamp_min propagates it). */
 MS_HD float ms_k_relu_f32(float x) { return (x > 0.0f || x != x) ? x : 0.0f; }
@@ -11,7 +12,7 @@ MS_HD double ms_k_relu_f64(double x) { return (x > 0.0 || x != x) ? x : 0.0; }
 MS_HD float ms_k_relu_backward_f32(float x, float dy) { return x > 0.0f ? dy : 0.0f; }
 MS_HD double ms_k_relu_backward_f64(double x, double dy) { return x > 0.0 ? dy : 0.0; }
 
-MS_HD float ms_k_sigmoid_f32(float x) { return 1.0f / (1.0f + expf(-x)); }
+MS_HD float ms_k_sigmoid_f32(float x) { return 1.0f / (1.0f + ms_k_expf(-x)); }
 MS_HD double ms_k_sigmoid_f64(double x) { return 1.0 / (1.0 + exp(-x)); }
 MS_HD float ms_k_sigmoid_backward_f32(float x, float dy)
 {
@@ -37,16 +38,14 @@ MS_HD double ms_k_tanh_backward_f64(double x, double dy)
     return dy * (1.0 - t * t);
 }
 
-/* gelu(x) = x * Phi(x) with the exact normal CDF. */
-MS_HD float ms_k_gelu_f32(float x)
-{
-    return 0.5f * x * (1.0f + erff(x * (float)MS_K_SQRT1_2));
-}
+/* gelu(x) = x * Phi(x) with the exact normal CDF (f32 through fastmath.h, so the loops
+ * vectorise; f64 through libm). */
+MS_HD float ms_k_gelu_f32(float x) { return x * ms_k_normal_cdf_f32(x); }
 MS_HD double ms_k_gelu_f64(double x) { return 0.5 * x * (1.0 + erf(x * MS_K_SQRT1_2)); }
 MS_HD float ms_k_gelu_backward_f32(float x, float dy)
 {
-    float cdf = 0.5f * (1.0f + erff(x * (float)MS_K_SQRT1_2));
-    float pdf = expf(-0.5f * x * x) * (float)MS_K_INV_SQRT_2PI;
+    float cdf = ms_k_normal_cdf_f32(x);
+    float pdf = ms_k_expf(-0.5f * x * x) * (float)MS_K_INV_SQRT_2PI;
     return dy * (cdf + x * pdf);
 }
 MS_HD double ms_k_gelu_backward_f64(double x, double dy)

@@ -212,7 +212,7 @@ int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int r
     UNARY_FN(reciprocal_##SUF, T, (T)1 / x)                                         \
     UNARY_FN(square_##SUF, T, x * x)
 
-FLOAT_UNARY(f32, float, expf, logf, sqrtf, fabsf, sinf, cosf)
+FLOAT_UNARY(f32, float, ms_k_expf, logf, sqrtf, fabsf, sinf, cosf)
 FLOAT_UNARY(f64, double, exp, log, sqrt, fabs, sin, cos)
 
 #define UNARY_TABLE(SUF)                                                                 \

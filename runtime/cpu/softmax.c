@@ -3,6 +3,7 @@
 #include <math.h>
 
 #include "cpu.h"
+#include "fastmath.h"
 
 /* The iterator walks the row starts (the tensor's shape with dim set to 1); each kernel
  * call then handles n rows of `length` elements, stepping by the operands' dim strides. */
@@ -33,12 +34,11 @@ typedef struct row_ctx {
                 T log_sum = (T)log(sum);                                                  \
                 for (int64_t k = 0; k < len; k++)                                         \
                     out[k * so] = (x[k * sx] - max) - log_sum;                            \
-            } else {                                                                      \
-                for (int64_t k = 0; k < len; k++) {                                       \
-                    T e = EXP(x[k * sx] - max);                                           \
-                    sum += (double)e;                                                     \
-                    out[k * so] = e;                                                      \
-                }                                                                         \
+            } else { /* exp in its own loop so it vectorises; the sum stays in order */  \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    out[k * so] = EXP(x[k * sx] - max);                                   \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    sum += (double)out[k * so];                                           \
                 T inverse = (T)(1.0 / sum);                                               \
                 for (int64_t k = 0; k < len; k++)                                         \
                     out[k * so] *= inverse;                                               \
@@ -46,7 +46,7 @@ typedef struct row_ctx {
         }                                                                                 \
     }
 
-SOFTMAX_KERNEL(softmax_f32, float, expf)
+SOFTMAX_KERNEL(softmax_f32, float, ms_k_expf)
 SOFTMAX_KERNEL(softmax_f64, double, exp)
 
 /* softmax: dx = y * (dy - sum(dy * y)); log_softmax: dx = dy - exp(y) * sum(dy). */
@@ -77,7 +77,7 @@ SOFTMAX_KERNEL(softmax_f64, double, exp)
         }                                                                                 \
     }
 
-SOFTMAX_BACKWARD_KERNEL(softmax_backward_f32, float, expf)
+SOFTMAX_BACKWARD_KERNEL(softmax_backward_f32, float, ms_k_expf)
 SOFTMAX_BACKWARD_KERNEL(softmax_backward_f64, double, exp)
 
 /* Iterate the row starts of `count` same-shaped tensors along dim. */

@@ -1,9 +1,11 @@
 /* C unit tests of the element math in kernels/ shared with CUDA: bf16/f16 conversions
- * against nearest-value references, activation values, RNG mappings and reduction steps. */
+ * against nearest-value references, the vectorisable f32 exp and normal CDF against libm in
+ * double, activation values, RNG mappings and reduction steps. */
 #include <float.h>
 
 #include "check.h"
 #include "activation.h"
+#include "fastmath.h"
 #include "optim.h"
 #include "reduce.h"
 #include "rng.h"
@@ -167,6 +169,34 @@ static void test_bf16(void)
     CHECK(ms_k_f32_to_bf16(f32_of(0xffc00000)) == 0xffc0);
 }
 
+/* Worst relative errors over a fine sweep, against double-precision libm. */
+static void test_fastmath(void)
+{
+    double worst_exp = 0, worst_cdf = 0, worst_cdf_tail = 0;
+    for (float x = -100.0f; x < 100.0f; x += 0.000731f) {
+        double want = exp((double)x);
+        if (want > 2e-38 && want < 3e38)
+            worst_exp = fmax(worst_exp, fabs(ms_k_expf(x) - want) / want);
+        double cdf = 0.5 * erfc(-(double)x / sqrt(2.0));
+        double err = cdf > 1e-37 ? fabs(ms_k_normal_cdf_f32(x) - cdf) / cdf : 0;
+        if (x > -3.0f)
+            worst_cdf = fmax(worst_cdf, err);
+        else if (x > -12.0f)
+            worst_cdf_tail = fmax(worst_cdf_tail, err);
+    }
+    CHECK_MSG(worst_exp < 2e-7, "ms_k_expf within 2e-7 relative of exp");
+    CHECK_MSG(worst_cdf < 2e-6, "ms_k_normal_cdf_f32 within 2e-6 relative above -3");
+    /* x * sqrt(1/2) rounds to 6e-8 relative; exp(-z^2) scales that by 2 z^2 <= 144 */
+    CHECK_MSG(worst_cdf_tail < 2e-5, "ms_k_normal_cdf_f32 within 2e-5 relative down to -12");
+    CHECK(ms_k_expf(88.7f) > 3.3e38f && isfinite(ms_k_expf(88.7f)));
+    CHECK(ms_k_expf(-100.0f) > 0.0f && ms_k_expf(-100.0f) < 1e-43f); /* subnormal */
+    CHECK(ms_k_expf(0.0f) == 1.0f);
+    CHECK(ms_k_expf(-105.0f) == 0.0f && ms_k_expf(-INFINITY) == 0.0f);
+    CHECK(isinf(ms_k_expf(100.0f)) && isinf(ms_k_expf(INFINITY)));
+    CHECK(isnan(ms_k_expf(NAN)) && isnan(ms_k_normal_cdf_f32(NAN)));
+    CHECK(ms_k_normal_cdf_f32(INFINITY) == 1.0f && ms_k_normal_cdf_f32(-INFINITY) == 0.0f);
+}
+
 static void test_activations(void)
 {
     /* values from the closed forms, computed independently with long double */
@@ -227,6 +257,7 @@ int main(void)
 {
     test_f16();
     test_bf16();
+    test_fastmath();
     test_activations();
     test_rng_mappings();
     test_optim_and_reduce_steps();
