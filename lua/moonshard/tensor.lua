@@ -336,11 +336,12 @@ end
 
 -- ---- element access ----
 
--- Contiguous f64 (or i64) copy of t's values as a flat Lua array.
+-- Contiguous f64 (or i64) copy of t's values as a flat Lua array, staged in the cpu pool
+-- (so device tensors are copied to the host before they are read).
 local function flat_values(t)
   local c = t._c
   local integer = c.dtype == 5
-  local staging = empty_like(t, integer and 5 or 1)
+  local staging = wrap(new_handle(integer and 5 or 1, c.shape, c.ndim, 0, "table"))
   check(lib.ms_copy(staging._c, c), "table")
   local ptr = ffi.cast(integer and "int64_t*" or "double*", lib.ms_tensor_data(staging._c))
   local n = tonumber(c.numel)
