@@ -24,6 +24,10 @@ function dcp.async_save(state_dict, dir, opts) return save.async_save(state_dict
 -- strict = false. Not a collective. Returns {step =, unexpected_keys =}.
 function dcp.load(state_dict, dir, opts) return load.load(state_dict, dir, opts, "dcp.load") end
 
+-- dcp.delete(dir, step): remove a committed step and reclaim its space, from one process
+-- while no save of the store is in flight.
+function dcp.delete(dir, step) return save.delete(dir, step, "dcp.delete") end
+
 -- dcp.open(dir): a read-only store with :steps(), :entries(step), :chunks(fqn, step),
 -- :read(fqn, step), :verify(step) and :close().
 dcp.open = store.open

@@ -153,6 +153,20 @@ function M.save(state_dict, dir, opts, what)
   return step
 end
 
+-- dcp.delete(dir, step): remove a committed step and reclaim its space (one process, while
+-- no save of the store is in flight).
+function M.delete(dir, step, what)
+  if type(step) ~= "number" or step < 0 or step % 1 ~= 0 then
+    fail(what, "step must be a non-negative integer, got %s", tostring(step))
+  end
+  M.wait_pending()
+  local s = handle.open(dir, handle.READ_WRITE, what)
+  local status = lib.ms_store_delete(s, step)
+  local ok, err = pcall(check, status, what)
+  handle.close(s)
+  if not ok then error(err, 0) end
+end
+
 local AsyncSave = {}
 AsyncSave.__index = AsyncSave
 
