@@ -224,6 +224,22 @@ describe("memory statistics", function()
     end)
   end)
 
+  describe("losses", function()
+    it("cross_entropy outside a module call leaves only the input's gradient after backward", function()
+      collectgarbage("stop")
+      local logits = ms.randn(16, 10, {requires_grad = true})
+      local target = ms.randint(0, 10, {16}, {dtype = "i64"})
+      local before = ms.memory_stats("cpu").allocated
+      local loss = ms.nn.F.cross_entropy(logits, target)
+      loss:backward()
+      loss:free()
+      local left = ms.memory_stats("cpu").allocated - before
+      collectgarbage("restart")
+      assert.equal(16 * 10 * 4, left)
+      logits.grad:free(); logits:free(); target:free()
+    end)
+  end)
+
   describe("backward", function()
     -- A chain of four layers h = tanh(h * w): parameters of n elements, activations of
     -- batch * n elements.

@@ -163,7 +163,10 @@ function M.cross_entropy(logits, target, opts)
   if logits:dim() ~= 2 then
     fail("cross_entropy", "expected input [N, C], got %s (flatten with view(-1, C))", tostring(logits:shape()))
   end
-  return M.nll_loss(M.log_softmax(logits, 1), target, opts)
+  local log_probs = M.log_softmax(logits, 1)
+  local loss = M.nll_loss(log_probs, target, opts)
+  log_probs:_release() -- backward holds its own handle; this one would wait for the collector
+  return loss
 end
 
 function M.mse_loss(input, target, opts)
