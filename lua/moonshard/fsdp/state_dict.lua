@@ -182,6 +182,16 @@ local function param_names(model)
   return names
 end
 
+-- One optimizer state tensor of sharded parameter p, laid out like p in the state dict
+-- (making only the view or the gathered tensor that is returned).
+local function export_state(value, p, settings)
+  if settings.type == "LOCAL_STATE_DICT" then return value:detach() end
+  if settings.type == "SHARDED_STATE_DICT" then
+    return DTensor.new(value:detach(), p.device_mesh, p.placements, p:shape())
+  end
+  return DTensor.new(value, p.device_mesh, p.placements, p:shape()):full_tensor()
+end
+
 -- The optimizer's state keyed by parameter names, tensors laid out like the parameters
 -- (DTensors for a sharded state dict, full tensors for a full one).
 function M.optim_state_dict(model, opt)
@@ -200,7 +210,7 @@ function M.optim_state_dict(model, opt)
         local copy = {}
         for key, value in pairs(state) do
           if Tensor.is_tensor(value) and DTensor.is_dtensor(p) then
-            copy[key] = export(DTensor.new(value:detach(), p.device_mesh, p.placements, p:shape()), settings)
+            copy[key] = export_state(value, p, settings)
           elseif Tensor.is_tensor(value) then
             copy[key] = value:detach()
           else
