@@ -344,12 +344,14 @@ static void finalize_at_exit(void)
 {
     if (!mpi.world)
         return;
-    static int64_t timeout;
-    timeout = mpi.world->timeout_ms;
+    int64_t timeout = mpi.world->timeout_ms;
     pthread_t watchdog;
-    if (pthread_create(&watchdog, NULL, finalize_watchdog, &timeout) == 0)
-        pthread_detach(watchdog);
+    int watching = pthread_create(&watchdog, NULL, finalize_watchdog, &timeout) == 0;
     ms_mpi_finalize();
+    if (watching) { /* gone before this library may be unloaded */
+        pthread_cancel(watchdog);
+        pthread_join(watchdog, NULL);
+    }
 }
 
 int ms_mpi_init(void)
