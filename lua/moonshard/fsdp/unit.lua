@@ -241,11 +241,25 @@ function Unit:reduce_grads()
   end
   if #with_grad == 0 then return end
   if not self.strategy.shard then
+    -- one all-reduce through a flat buffer holding every gradient of the unit
+    local first = with_grad[1].unsharded.grad
+    local total = 0
+    for _, p in ipairs(with_grad) do total = total + p.unsharded.grad:numel() end
+    local flat = empty({total}, first._c.dtype, first._c.storage.pool)
+    local offset = 0
     for _, p in ipairs(with_grad) do
       local g = p.unsharded.grad
-      stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(g._c)), dist().all_reduce, g, "avg",
-                  {group = self.replicate_group})
-      accumulate_local_grad(p, g)
+      local slot = view_raw(flat, g:shape(), nil, offset, "fsdp")
+      check(lib.ms_copy(slot._c, g._c), "fsdp: reduce")
+      p.flat_slot, offset = slot, offset + g:numel()
+    end
+    stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().all_reduce, flat, "avg",
+                {group = self.replicate_group})
+    flat:_release()
+    for _, p in ipairs(with_grad) do
+      accumulate_local_grad(p, p.flat_slot)
+      p.flat_slot:_release()
+      p.flat_slot = nil
     end
   else
     local size, per_rank = self.shard_size, self.per_rank_numel
