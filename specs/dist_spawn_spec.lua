@@ -22,11 +22,14 @@ local under_mpi = lib.ms_mpi_launched() == 1
 local function sleep_ms(ms_) ffi.C.poll(nil, 0, ms_) end
 local function pid_alive(pid) return ffi.C.kill(pid, 0) == 0 or ffi.errno() ~= ESRCH end
 
--- The entries of /dev/shm, except OpenMPI's (MPI jobs running beside the specs make them).
+-- The entries of /dev/shm, except those programs running beside the specs make: OpenMPI's
+-- segments and POSIX named semaphores.
 local function dev_shm()
   local names, listing = {}, io.popen("ls -A /dev/shm 2>/dev/null")
   for name in listing:lines() do
-    if not name:match("^vader_segment%.") then names[#names + 1] = name end
+    if not name:match("^vader_segment%.") and not name:match("^sem%.") then
+      names[#names + 1] = name
+    end
   end
   listing:close()
   table.sort(names)
