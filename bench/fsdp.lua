@@ -2,7 +2,9 @@
 -- strategy and world size, for a ~25M-parameter transformer and a small MLP, next to the
 -- unsharded single-process run and the sgemm rate measured in the same invocation.
 -- JSON lines. Usage (repository root, after a build):
---   luajit bench/fsdp.lua [--model transformer|mlp|all] [--steps N] [--quick]
+--   luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N]
+--                         [--steps N] [--quick]
+-- --strategy and --world-size keep only the matching sharded runs (for profiling).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
@@ -11,17 +13,20 @@ local C = require "moonshard.ffi"
 local clock = C.lib.ms_clock_seconds
 
 local options = {model = "all", steps = 4, quick = false}
+local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
+              "[--steps N] [--quick]\n"
 do
   local i = 1
   while i <= #arg do
     local key = arg[i]:match("^%-%-(.+)$")
     if key == "quick" then
       options.quick, i = true, i + 1
-    elseif key == "model" or key == "steps" then
-      options[key] = key == "steps" and tonumber(arg[i + 1]) or arg[i + 1]
-      i = i + 2
+    elseif key == "model" or key == "strategy" then
+      options[key], i = arg[i + 1], i + 2
+    elseif key == "steps" or key == "world-size" then
+      options[key], i = tonumber(arg[i + 1]), i + 2
     else
-      io.stderr:write("usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--steps N] [--quick]\n")
+      io.stderr:write(usage)
       os.exit(2)
     end
   end
@@ -192,19 +197,22 @@ emit({bench = "sgemm", m = cfg_t.batch * cfg_t.seq, k = cfg_t.dim, n = 4 * cfg_t
       threads = ms.get_num_threads()}, {"bench", "m", "k", "n", "gflops", "threads"})
 
 local names = options.model == "all" and {"transformer", "mlp"} or {options.model}
-local sizes = options.quick and {2} or {2, 4}
+local sizes = options["world-size"] and {options["world-size"]} or options.quick and {2} or {2, 4}
+local function wanted(strategy) return options.strategy == nil or options.strategy == strategy end
 for _, name in ipairs(names) do
   local spec = MODELS[name]
   if not spec then error("unknown model " .. name) end
   local params = count_params(spec)
   local steps = options.steps
-  report(name, spec, nil, 1, train(spec, nil, 0, 1, steps), params, gemm_gflops)
+  if wanted("unsharded") then report(name, spec, nil, 1, train(spec, nil, 0, 1, steps), params, gemm_gflops) end
   for _, size in ipairs(sizes) do
     for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"}) do
-      local results = dist.spawn(size, function(rank, world) return train(spec, strategy, rank, world, steps) end)
-      report(name, spec, strategy, size, results[1], params, gemm_gflops)
+      if wanted(strategy) then
+        local results = dist.spawn(size, function(rank, world) return train(spec, strategy, rank, world, steps) end)
+        report(name, spec, strategy, size, results[1], params, gemm_gflops)
+      end
     end
-    if size == 4 then
+    if size == 4 and wanted("HYBRID_SHARD") then
       local results = dist.spawn(size, function(rank, world)
         return train(spec, "HYBRID_SHARD", rank, world, steps, {2, 2})
       end)

@@ -125,7 +125,7 @@ def train(name, strategy, rank, size, steps, mesh_shape=None):
             from torch.distributed.device_mesh import init_device_mesh
             kwargs["device_mesh"] = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
         model = FSDP(model, sharding_strategy=STRATEGIES[strategy], auto_wrap_policy=ModuleWrapPolicy(spec["wrap"]),
-                     use_orig_params=True, **kwargs)
+                     use_orig_params=True, device_id=torch.device("cpu"), **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     per_rank = cfg["batch"] // size
     times = []

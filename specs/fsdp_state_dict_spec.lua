@@ -57,7 +57,8 @@ describe("FSDP state dicts", function()
       local model = wrapped_model()
       local sd = model:state_dict()
       local out = {keys = sorted_keys(sd), values = {}, rows = {}, placements = {}}
-      for name, value in pairs(sd) do
+      for _, name in ipairs(sorted_keys(sd)) do -- the same order on every rank: full_tensor gathers
+        local value = sd[name]
         out.values[name] = flat(value:full_tensor())
         out.rows[name] = value:to_local():size(0)
         out.placements[name] = tostring(value.placements[1])
@@ -226,7 +227,8 @@ describe("FSDP optimizer state dicts", function()
       train(model, opt, rank, size, 1, STEPS)
       local osd = fsdp.optim_state_dict(model, opt)
       local out = {}
-      for name, state in pairs(osd.state) do
+      for _, name in ipairs(sorted_keys(osd.state)) do
+        local state = osd.state[name]
         out[name] = {exp_avg = flat(state.exp_avg:full_tensor()), exp_avg_sq = flat(state.exp_avg_sq:full_tensor()),
                      step = state.step, placement = tostring(state.exp_avg.placements[1])}
       end

@@ -23,7 +23,7 @@ count_ctest() { # log file
 
 count_busted() { # log file, exit status
   local line ok fail err
-  line=$(grep -E '[0-9]+ successes? / [0-9]+ failures? / [0-9]+ errors?' "$1" | tail -1)
+  line=$(grep -E '[0-9]+ success(es)? / [0-9]+ failures? / [0-9]+ errors?' "$1" | tail -1)
   if [ -z "$line" ]; then failed=$((failed + 1)); return; fi
   ok=$(echo "$line" | grep -Eo '^[0-9]+')
   fail=$(echo "$line" | grep -Eo '[0-9]+ failure' | grep -Eo '[0-9]+')

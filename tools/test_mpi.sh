@@ -2,9 +2,9 @@
 # Runs the collective specs under `mpirun -n 4` (the mpi backend) and prints one line
 # "N successes / N failures / N errors / N pending" summed over the four processes.
 # Usage (repository root): bash tools/test_mpi.sh [spec files...]
-# Default: specs/dist_*_spec.lua and specs/fsdp_parity_spec.lua (FSDP against the
-# unsharded model, docs/DESIGN.md section 8) in full, plus the tests tagged #mpi in other
-# spec files.
+# Default: specs/dist_*_spec.lua, specs/fsdp_*_spec.lua (parity with the unsharded model,
+# docs/DESIGN.md section 8, state dicts, training features, memory) and specs/dtensor_spec.lua
+# in full, plus the tests tagged #mpi in other spec files.
 # The library is $MOONSHARD_LIB, else build/libmoonshard.so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,10 +80,10 @@ run_under_mpirun() { # label, busted arguments...
 if [ $# -gt 0 ]; then
   run_under_mpirun given "$@"
 else
-  run_under_mpirun specs specs/dist_*_spec.lua specs/fsdp_parity_spec.lua
+  run_under_mpirun specs specs/dist_*_spec.lua specs/fsdp_*_spec.lua specs/dtensor_spec.lua
   tagged=()
   for spec in specs/*_spec.lua; do
-    case "$spec" in specs/dist_* | specs/fsdp_parity_spec.lua) continue ;; esac
+    case "$spec" in specs/dist_* | specs/fsdp_* | specs/dtensor_spec.lua) continue ;; esac
     grep -q '#mpi' "$spec" && tagged+=("$spec")
   done
   if [ ${#tagged[@]} -gt 0 ]; then

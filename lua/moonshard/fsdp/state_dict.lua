@@ -245,7 +245,11 @@ function M.optim_state_dict_to_load(model, opt, osd)
       local state = fqn and osd.state[fqn]
       if state then
         local copy = {}
-        for key, value in pairs(state) do
+        local keys = {}
+        for key in pairs(state) do keys[#keys + 1] = key end
+        table.sort(keys) -- import may gather (a collective): the same order on every rank
+        for _, key in ipairs(keys) do
+          local value = state[key]
           if DTensor.is_dtensor(value) or Tensor.is_tensor(value) then
             local target = DTensor.is_dtensor(p) and DTensor.new(Tensor.empty_raw(p:to_local():shape(),
               p:to_local()._c.dtype, p:to_local()._c.storage.pool), p.device_mesh, p.placements, p:shape()) or
