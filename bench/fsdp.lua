@@ -127,9 +127,12 @@ local function median(values)
   return sorted[math.floor((#sorted + 1) / 2)]
 end
 
--- One rank's timed steps; strategy nil trains the plain model.
+-- One rank's timed steps; strategy nil trains the plain model. peak is the most this run
+-- held above what was allocated when it started.
 local function train(spec, strategy, rank, size, steps, mesh_shape)
   local cfg = spec.cfg
+  collectgarbage()
+  local base = ms.memory_stats("cpu").allocated -- what earlier runs (or the forked parent) hold
   ms.manual_seed(0)
   local model = spec.build(cfg)
   if strategy then
@@ -156,7 +159,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
       comm[#comm + 1] = fsdp.stats().comm_seconds
     end
   end
-  return {step = median(times), comm = median(comm), peak = ms.memory_stats("cpu").peak,
+  return {step = median(times), comm = median(comm), peak = ms.memory_stats("cpu").peak - base,
           threads = ms.get_num_threads()}
 end
 
