@@ -208,15 +208,21 @@ function Unit:on_grad_ready()
   end
 end
 
--- Accumulate local gradient rows into the sharded parameter's grad (a DTensor).
+-- Accumulate local gradient rows (a view into a reduction buffer, handed over to this
+-- function) into the sharded parameter's grad (a DTensor). The first gradient adopts the
+-- view itself when it lives in the parameter's pool, so no copy is made.
 local function accumulate_local_grad(p, source)
   local sharded = p.sharded
   local grad = rawget(sharded, "grad")
   local local_param = sharded._local
   if grad == nil then
-    local g = scope.keep(empty(local_param:shape(), local_param._c.dtype, local_param._c.storage.pool))
-    check(lib.ms_copy(g._c, source._c), "fsdp: gradient")
-    sharded.grad = DTensor.new(g, sharded.device_mesh, sharded.placements, sharded:shape())
+    local g = source
+    if source._c.storage.pool ~= local_param._c.storage.pool then
+      g = empty(local_param:shape(), local_param._c.dtype, local_param._c.storage.pool)
+      check(lib.ms_copy(g._c, source._c), "fsdp: gradient")
+      source:_release()
+    end
+    sharded.grad = DTensor.new(scope.keep(g), sharded.device_mesh, sharded.placements, sharded:shape())
   else
     local g = grad._local
     if g._c.storage.pool == source._c.storage.pool then
@@ -228,6 +234,7 @@ local function accumulate_local_grad(p, source)
       moved:_release()
     end
     g:_bump_version()
+    source:_release()
   end
 end
 
@@ -258,7 +265,6 @@ function Unit:reduce_grads()
     flat:_release()
     for _, p in ipairs(with_grad) do
       accumulate_local_grad(p, p.flat_slot)
-      p.flat_slot:_release()
       p.flat_slot = nil
     end
   else
@@ -278,7 +284,6 @@ function Unit:reduce_grads()
     for _, p in ipairs(with_grad) do
       local rows = view_raw(shard, p.sharded._local:shape(), nil, p.flat_offset, "fsdp")
       accumulate_local_grad(p, rows)
-      rows:_release()
     end
     shard:_release()
   end
