@@ -26,12 +26,15 @@ SGD_KERNEL(sgd_momentum_f64, double, ms_k_sgd_f64, 1)
 #define ADAM_KERNEL(NAME, T, UPDATE)                                                      \
     static void NAME(void *ctx, int64_t n, char *const *p, const int64_t *s)              \
     {                                                                                     \
-        const ms_k_adam_coeffs *c = ctx;                                                  \
+        const ms_k_adam_coeffs coeffs = *(const ms_k_adam_coeffs *)ctx, *c = &coeffs;     \
         T *param = (T *)p[0], *m = (T *)p[1], *v = (T *)p[2];                             \
         const T *grad = (const T *)p[3];                                                  \
         if (s[0] == 1 && s[1] == 1 && s[2] == 1 && s[3] == 1) {                           \
+            /* the operands never overlap: restrict lets the dense loop vectorise */       \
+            T *restrict dense_param = param, *restrict dense_m = m, *restrict dense_v = v;  \
+            const T *restrict dense_grad = grad;                                          \
             for (int64_t i = 0; i < n; i++)                                               \
-                UPDATE(param + i, m + i, v + i, grad[i], c);                              \
+                UPDATE(dense_param + i, dense_m + i, dense_v + i, dense_grad[i], c);      \
         } else {                                                                          \
             for (int64_t i = 0; i < n; i++)                                               \
                 UPDATE(param + i * s[0], m + i * s[1], v + i * s[2], grad[i * s[3]], c);  \
