@@ -24,10 +24,10 @@ luajit - "$ours" "$theirs" <<'LUA'
 local function read(path)
   local rows = {}
   for line in io.lines(path) do
-    local model = line:match('"model":"([^"]+)"')
-    local strategy = line:match('"strategy":"([^"]+)"')
-    local size = line:match('"world_size":(%d+)')
-    local ms = tonumber(line:match('"step_ms":([%d.e+-]+)'))
+    local model = line:match('"model":%s*"([^"]+)"')
+    local strategy = line:match('"strategy":%s*"([^"]+)"')
+    local size = line:match('"world_size":%s*(%d+)')
+    local ms = tonumber(line:match('"step_ms":%s*([%d.e+-]+)'))
     if model and ms then rows[model .. "/" .. strategy .. "/" .. size] = ms end
   end
   return rows
