@@ -82,3 +82,23 @@ int ms_cpu_dim(const char *op, const ms_tensor *t, int dim)
                        dim, t->ndim > 0 ? t->ndim : 1, t->ndim);
     return MS_OK;
 }
+
+int ms_place_input(ms_place *place, const char *op, const char *name, const ms_tensor *t)
+{
+#ifdef MS_WITH_CUDA
+    if (place->on_device)
+        return ms_cuda_input(op, name, t, &place->device);
+#endif
+    (void)place;
+    return ms_cpu_input(op, name, t);
+}
+
+int ms_place_output(ms_place *place, const char *op, const char *name, const ms_tensor *t)
+{
+#ifdef MS_WITH_CUDA
+    if (place->on_device)
+        return ms_cuda_output(op, name, t, &place->device);
+#endif
+    (void)place;
+    return ms_cpu_output(op, name, t);
+}

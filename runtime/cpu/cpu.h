@@ -50,6 +50,22 @@ int ms_cpu_shape_is(const char *op, const char *name, const ms_tensor *t, int nd
 /* dim in [0, t->ndim) (0 also accepted for a 0-dim tensor). */
 int ms_cpu_dim(const char *op, const ms_tensor *t, int dim);
 
+/* ---- where an op's tensors live ----
+ * The argument checks of an op are written once, in its runtime/cpu/ file, and run by both
+ * backends: the residency of each tensor is checked through the place the call runs on,
+ * the CPU pools (ms_cpu_input / ms_cpu_output) or one cuda device (ms_cuda_input /
+ * ms_cuda_output, which also make that device current). */
+typedef struct ms_place {
+    int on_device; /* 0: cpu and host pools; 1: cuda pools */
+    int device;    /* on a device: the operands' device once the first is checked, else -1 */
+} ms_place;
+
+#define MS_PLACE_CPU ((ms_place){0, -1})
+#define MS_PLACE_CUDA ((ms_place){1, -1})
+
+int ms_place_input(ms_place *place, const char *op, const char *name, const ms_tensor *t);
+int ms_place_output(ms_place *place, const char *op, const char *name, const ms_tensor *t);
+
 /* ---- the strided N-d iterator ----
  * Visits the elements of a shape in row-major order. Every operand has its own data,
  * element size and element strides over that shape (0 where it is broadcast). Dims of size
@@ -103,6 +119,48 @@ void ms_cpu_copy_layout(void *dst, const int64_t *dst_strides, const void *src,
 
 /* malloc that records MS_ERR_OOM for op on failure (size 0 gives a valid pointer). */
 int ms_cpu_alloc(const char *op, size_t nbytes, void **ptr);
+
+/* ---- the argument checks of each op, run by both backends on their place ----
+ * Each checks every argument of its ms_* entry point (ops.h) but the data-dependent ones
+ * (index and target values), and fills the sizes the kernels need. */
+
+/* [OUT] rows and size of the normalised rows. */
+int ms_cpu_check_layer_norm(ms_place *place, const ms_tensor *out, const ms_tensor *mean,
+                            const ms_tensor *rstd, const ms_tensor *x, const ms_tensor *weight,
+                            const ms_tensor *bias, int normalized_ndim, double eps,
+                            int64_t *rows, int64_t *size);
+int ms_cpu_check_layer_norm_backward(ms_place *place, const ms_tensor *dx,
+                                     const ms_tensor *dweight, const ms_tensor *dbias,
+                                     const ms_tensor *dy, const ms_tensor *x,
+                                     const ms_tensor *mean, const ms_tensor *rstd,
+                                     const ms_tensor *weight, int normalized_ndim,
+                                     int64_t *rows, int64_t *size);
+/* [OUT] kept_shape (a's shape with the reduced dims 1) and count, the elements reduced into
+ * each output. */
+int ms_cpu_check_reduce(ms_place *place, const ms_tensor *out, const ms_tensor *a, int op,
+                        uint32_t dims_mask, int64_t *kept_shape, int64_t *count);
+/* [OUT] kept_shape: a's shape with dim 1 (unless a is 0-dim). */
+int ms_cpu_check_max_dim(ms_place *place, const ms_tensor *values, const ms_tensor *indices,
+                         const ms_tensor *a, int dim, int64_t *kept_shape);
+/* Shapes and dtypes; the index values are checked by each backend before it writes. */
+int ms_cpu_check_embedding(ms_place *place, const ms_tensor *out, const ms_tensor *weight,
+                           const ms_tensor *indices);
+int ms_cpu_check_embedding_backward(ms_place *place, const ms_tensor *dweight,
+                                    const ms_tensor *indices, const ms_tensor *dout);
+/* Shapes and dtypes; the target values are checked by each backend before it writes. */
+int ms_cpu_check_nll_loss(ms_place *place, const ms_tensor *out, const ms_tensor *logp,
+                          const ms_tensor *target, int reduction);
+int ms_cpu_check_nll_loss_backward(ms_place *place, const ms_tensor *dlogp,
+                                   const ms_tensor *dout, const ms_tensor *target,
+                                   int reduction);
+/* momentum_buf is checked (and must be given) only when momentum != 0. */
+int ms_cpu_check_sgd_step(ms_place *place, const ms_tensor *param,
+                          const ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
+                          double momentum, double dampening, double weight_decay, int nesterov);
+int ms_cpu_check_adam_step(ms_place *place, const ms_tensor *param, const ms_tensor *exp_avg,
+                           const ms_tensor *exp_avg_sq, const ms_tensor *grad, int64_t step,
+                           double lr, double beta1, double beta2, double eps,
+                           double weight_decay, int decoupled);
 
 #pragma GCC visibility pop
 

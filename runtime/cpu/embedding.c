@@ -37,11 +37,11 @@ static int check_rows_shape(const char *op, const char *name, const ms_tensor *r
     return ms_cpu_shape_is(op, name, rows, indices->ndim + 1, shape);
 }
 
-static int check_common(const char *op, const ms_tensor *table, const char *table_name,
-                        const ms_tensor *indices)
+/* The table (weight or dweight) and indices, the table already checked on place. */
+static int check_table(ms_place *place, const char *op, const ms_tensor *table,
+                       const char *table_name, const ms_tensor *indices)
 {
-    MS_CHECK(ms_cpu_input(op, table_name, table));
-    MS_CHECK(ms_cpu_input(op, "indices", indices));
+    MS_CHECK(ms_place_input(place, op, "indices", indices));
     MS_CHECK(ms_cpu_float(op, table_name, table));
     if (table->ndim != 2) {
         char buf[160];
@@ -52,6 +52,28 @@ static int check_common(const char *op, const ms_tensor *table, const char *tabl
         return MS_FAIL(MS_ERR_DTYPE, "%s: indices has dtype %s; it must be i32 or i64", op,
                        ms_dtype_name(indices->dtype));
     return MS_OK;
+}
+
+int ms_cpu_check_embedding(ms_place *place, const ms_tensor *out, const ms_tensor *weight,
+                           const ms_tensor *indices)
+{
+    const char *op = "embedding";
+    MS_CHECK(ms_place_output(place, op, "out", out));
+    MS_CHECK(ms_place_input(place, op, "weight", weight));
+    MS_CHECK(check_table(place, op, weight, "weight", indices));
+    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "weight", weight));
+    return check_rows_shape(op, "out", out, indices, weight->shape[1]);
+}
+
+int ms_cpu_check_embedding_backward(ms_place *place, const ms_tensor *dweight,
+                                    const ms_tensor *indices, const ms_tensor *dout)
+{
+    const char *op = "embedding_backward";
+    MS_CHECK(ms_place_output(place, op, "dweight", dweight));
+    MS_CHECK(check_table(place, op, dweight, "dweight", indices));
+    MS_CHECK(ms_place_input(place, op, "dout", dout));
+    MS_CHECK(ms_cpu_same_dtype(op, "dout", dout, "dweight", dweight));
+    return check_rows_shape(op, "dout", dout, indices, dweight->shape[1]);
 }
 
 #define EMBEDDING_COPY(T)                                                           \
@@ -69,11 +91,9 @@ int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indic
 {
     MS_CPU_ON_DEVICE(out, ms_cuda_embedding(out, weight, indices));
     const char *op = "embedding";
-    MS_CHECK(ms_cpu_output(op, "out", out));
-    MS_CHECK(check_common(op, weight, "weight", indices));
-    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "weight", weight));
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_embedding(&place, out, weight, indices));
     int64_t num = weight->shape[0], dim = weight->shape[1];
-    MS_CHECK(check_rows_shape(op, "out", out, indices, dim));
     int64_t count = indices->numel;
     if (count == 0)
         return MS_OK;
@@ -112,12 +132,9 @@ int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices, const ms
 {
     MS_CPU_ON_DEVICE(dweight, ms_cuda_embedding_backward(dweight, indices, dout));
     const char *op = "embedding_backward";
-    MS_CHECK(ms_cpu_output(op, "dweight", dweight));
-    MS_CHECK(check_common(op, dweight, "dweight", indices));
-    MS_CHECK(ms_cpu_input(op, "dout", dout));
-    MS_CHECK(ms_cpu_same_dtype(op, "dout", dout, "dweight", dweight));
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_embedding_backward(&place, dweight, indices, dout));
     int64_t num = dweight->shape[0], dim = dweight->shape[1];
-    MS_CHECK(check_rows_shape(op, "dout", dout, indices, dim));
     int64_t count = indices->numel;
     if (count == 0)
         return MS_OK;

@@ -188,16 +188,63 @@ static int check_layout(const char *op, const ms_tensor *x, const ms_tensor *mea
     return MS_OK;
 }
 
-/* weight, bias, dweight and dbias have the normalised shape (x's last dims). */
-static int check_affine(const char *op, const char *name, const ms_tensor *t,
-                        const ms_tensor *x, int normalized_ndim)
+/* weight, bias, dweight and dbias (optional; written when is_output) have the normalised
+ * shape (x's last dims). */
+static int check_affine(ms_place *place, const char *op, const char *name, const ms_tensor *t,
+                        const ms_tensor *x, int normalized_ndim, int is_output)
 {
     if (!t)
         return MS_OK;
-    MS_CHECK(ms_cpu_input(op, name, t));
+    MS_CHECK(is_output ? ms_place_output(place, op, name, t)
+                       : ms_place_input(place, op, name, t));
     MS_CHECK(ms_cpu_same_dtype(op, name, t, "x", x));
     return ms_cpu_shape_is(op, name, t, normalized_ndim,
                            x->shape + (x->ndim - normalized_ndim));
+}
+
+int ms_cpu_check_layer_norm(ms_place *place, const ms_tensor *out, const ms_tensor *mean,
+                            const ms_tensor *rstd, const ms_tensor *x, const ms_tensor *weight,
+                            const ms_tensor *bias, int normalized_ndim, double eps,
+                            int64_t *rows, int64_t *size)
+{
+    const char *op = "layer_norm";
+    MS_CHECK(ms_place_output(place, op, "out", out));
+    MS_CHECK(ms_place_output(place, op, "mean", mean));
+    MS_CHECK(ms_place_output(place, op, "rstd", rstd));
+    MS_CHECK(ms_place_input(place, op, "x", x));
+    MS_CHECK(ms_cpu_float(op, "x", x));
+    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "x", x));
+    MS_CHECK(ms_cpu_same_shape(op, "out", out, "x", x));
+    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, rows, size));
+    MS_CHECK(check_affine(place, op, "weight", weight, x, normalized_ndim, 0));
+    MS_CHECK(check_affine(place, op, "bias", bias, x, normalized_ndim, 0));
+    if (!(eps >= 0.0))
+        return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
+    return MS_OK;
+}
+
+int ms_cpu_check_layer_norm_backward(ms_place *place, const ms_tensor *dx,
+                                     const ms_tensor *dweight, const ms_tensor *dbias,
+                                     const ms_tensor *dy, const ms_tensor *x,
+                                     const ms_tensor *mean, const ms_tensor *rstd,
+                                     const ms_tensor *weight, int normalized_ndim,
+                                     int64_t *rows, int64_t *size)
+{
+    const char *op = "layer_norm_backward";
+    MS_CHECK(ms_place_output(place, op, "dx", dx));
+    MS_CHECK(ms_place_input(place, op, "dy", dy));
+    MS_CHECK(ms_place_input(place, op, "x", x));
+    MS_CHECK(ms_place_input(place, op, "mean", mean));
+    MS_CHECK(ms_place_input(place, op, "rstd", rstd));
+    MS_CHECK(ms_cpu_float(op, "x", x));
+    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "x", x));
+    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "x", x));
+    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "x", x));
+    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "x", x));
+    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, rows, size));
+    MS_CHECK(check_affine(place, op, "weight", weight, x, normalized_ndim, 0));
+    MS_CHECK(check_affine(place, op, "dweight", dweight, x, normalized_ndim, 1));
+    return check_affine(place, op, "dbias", dbias, x, normalized_ndim, 1);
 }
 
 int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
@@ -207,19 +254,10 @@ int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_ten
     MS_CPU_ON_DEVICE(out, ms_cuda_layer_norm(out, mean, rstd, x, weight, bias,
                                                 normalized_ndim, eps));
     const char *op = "layer_norm";
-    MS_CHECK(ms_cpu_output(op, "out", out));
-    MS_CHECK(ms_cpu_output(op, "mean", mean));
-    MS_CHECK(ms_cpu_output(op, "rstd", rstd));
-    MS_CHECK(ms_cpu_input(op, "x", x));
-    MS_CHECK(ms_cpu_float(op, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "out", out, "x", x));
+    ms_place place = MS_PLACE_CPU;
     int64_t rows, size;
-    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, &rows, &size));
-    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
-    MS_CHECK(check_affine(op, "bias", bias, x, normalized_ndim));
-    if (!(eps >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
+    MS_CHECK(ms_cpu_check_layer_norm(&place, out, mean, rstd, x, weight, bias, normalized_ndim,
+                                     eps, &rows, &size));
     if (rows == 0)
         return MS_OK;
     if (size == 0) { /* statistics of empty rows are 0/0 */
@@ -268,25 +306,10 @@ int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
     MS_CPU_ON_DEVICE(dx, ms_cuda_layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd,
                                                          weight, normalized_ndim));
     const char *op = "layer_norm_backward";
-    MS_CHECK(ms_cpu_output(op, "dx", dx));
-    MS_CHECK(ms_cpu_input(op, "dy", dy));
-    MS_CHECK(ms_cpu_input(op, "x", x));
-    MS_CHECK(ms_cpu_input(op, "mean", mean));
-    MS_CHECK(ms_cpu_input(op, "rstd", rstd));
-    MS_CHECK(ms_cpu_float(op, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "x", x));
+    ms_place place = MS_PLACE_CPU;
     int64_t rows, size;
-    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, &rows, &size));
-    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
-    if (dweight)
-        MS_CHECK(ms_cpu_output(op, "dweight", dweight));
-    if (dbias)
-        MS_CHECK(ms_cpu_output(op, "dbias", dbias));
-    MS_CHECK(check_affine(op, "dweight", dweight, x, normalized_ndim));
-    MS_CHECK(check_affine(op, "dbias", dbias, x, normalized_ndim));
+    MS_CHECK(ms_cpu_check_layer_norm_backward(&place, dx, dweight, dbias, dy, x, mean, rstd,
+                                              weight, normalized_ndim, &rows, &size));
     if (rows == 0 || size == 0)
         return MS_OK;
 

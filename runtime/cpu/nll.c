@@ -27,13 +27,12 @@ static void store(const ms_tensor *t, char *base, int64_t offset, double value)
         ((double *)base)[offset] = value;
 }
 
-/* Shapes and targets; [OUT] the number of targets that are not ignore_index. */
-static int check_nll(const char *op, const ms_tensor *logp, const char *logp_name,
-                     const ms_tensor *target, const ms_tensor *per_row,
-                     const char *per_row_name, int64_t ignore_index, int reduction,
-                     int64_t *counted)
+/* target, dtypes, reduction and shapes; logp and per_row already checked on place. */
+static int check_nll(ms_place *place, const char *op, const ms_tensor *logp,
+                     const char *logp_name, const ms_tensor *target, const ms_tensor *per_row,
+                     const char *per_row_name, int reduction)
 {
-    MS_CHECK(ms_cpu_input(op, "target", target));
+    MS_CHECK(ms_place_input(place, op, "target", target));
     MS_CHECK(ms_cpu_float(op, logp_name, logp));
     MS_CHECK(ms_cpu_same_dtype(op, per_row_name, per_row, logp_name, logp));
     if (reduction < REDUCE_NONE || reduction > REDUCE_SUM)
@@ -48,11 +47,36 @@ static int check_nll(const char *op, const ms_tensor *logp, const char *logp_nam
                        logp_name, ms_shape_str(a, sizeof a, logp->ndim, logp->shape),
                        ms_shape_str(b, sizeof b, target->ndim, target->shape));
     }
-    int64_t rows = logp->shape[0], classes = logp->shape[1];
+    int64_t rows = logp->shape[0];
     if (reduction == REDUCE_NONE)
-        MS_CHECK(ms_cpu_shape_is(op, per_row_name, per_row, 1, &rows));
-    else
-        MS_CHECK(ms_cpu_shape_is(op, per_row_name, per_row, 0, NULL));
+        return ms_cpu_shape_is(op, per_row_name, per_row, 1, &rows);
+    return ms_cpu_shape_is(op, per_row_name, per_row, 0, NULL);
+}
+
+int ms_cpu_check_nll_loss(ms_place *place, const ms_tensor *out, const ms_tensor *logp,
+                          const ms_tensor *target, int reduction)
+{
+    const char *op = "nll_loss";
+    MS_CHECK(ms_place_output(place, op, "out", out));
+    MS_CHECK(ms_place_input(place, op, "logp", logp));
+    return check_nll(place, op, logp, "logp", target, out, "out", reduction);
+}
+
+int ms_cpu_check_nll_loss_backward(ms_place *place, const ms_tensor *dlogp,
+                                   const ms_tensor *dout, const ms_tensor *target,
+                                   int reduction)
+{
+    const char *op = "nll_loss_backward";
+    MS_CHECK(ms_place_output(place, op, "dlogp", dlogp));
+    MS_CHECK(ms_place_input(place, op, "dout", dout));
+    return check_nll(place, op, dlogp, "dlogp", target, dout, "dout", reduction);
+}
+
+/* Every target in [0, classes) or ignore_index; [OUT] the number that are not ignored. */
+static int count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+                         int64_t ignore_index, int64_t *counted)
+{
+    int64_t rows = logp->shape[0], classes = logp->shape[1];
     const char *targets = ms_tensor_data(target);
     *counted = 0;
     for (int64_t i = 0; i < rows; i++) {
@@ -72,12 +96,10 @@ int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
                 int64_t ignore_index, int reduction)
 {
     MS_CPU_ON_DEVICE(out, ms_cuda_nll_loss(out, logp, target, ignore_index, reduction));
-    const char *op = "nll_loss";
-    MS_CHECK(ms_cpu_output(op, "out", out));
-    MS_CHECK(ms_cpu_input(op, "logp", logp));
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_nll_loss(&place, out, logp, target, reduction));
     int64_t counted;
-    MS_CHECK(check_nll(op, logp, "logp", target, out, "out", ignore_index, reduction,
-                       &counted));
+    MS_CHECK(count_targets("nll_loss", logp, target, ignore_index, &counted));
     int64_t rows = logp->shape[0];
     const char *logps = ms_tensor_data(logp), *targets = ms_tensor_data(target);
     char *outs = ms_tensor_data(out);
@@ -104,12 +126,10 @@ int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tenso
 {
     MS_CPU_ON_DEVICE(dlogp, ms_cuda_nll_loss_backward(dlogp, dout, target, ignore_index,
                                                              reduction));
-    const char *op = "nll_loss_backward";
-    MS_CHECK(ms_cpu_output(op, "dlogp", dlogp));
-    MS_CHECK(ms_cpu_input(op, "dout", dout));
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_nll_loss_backward(&place, dlogp, dout, target, reduction));
     int64_t counted;
-    MS_CHECK(check_nll(op, dlogp, "dlogp", target, dout, "dout", ignore_index, reduction,
-                       &counted));
+    MS_CHECK(count_targets("nll_loss_backward", dlogp, target, ignore_index, &counted));
     MS_CHECK(ms_fill(dlogp, 0.0));
     int64_t rows = dlogp->shape[0];
     const char *douts = ms_tensor_data(dout), *targets = ms_tensor_data(target);

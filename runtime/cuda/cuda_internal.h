@@ -1,5 +1,5 @@
 /* moonshard CUDA backend: what the files of runtime/cuda/ share (not exported): device state,
- * streams, the status check, operand checks and launch geometry built from tensors. */
+ * streams, the status check and launch geometry built from tensors. */
 #ifndef MS_CUDA_INTERNAL_H
 #define MS_CUDA_INTERNAL_H
 
@@ -38,12 +38,6 @@ int ms_cuda_comm_wait_compute(int device);
 int ms_cuda_mark_pending(int device, const void *begin, size_t nbytes);
 /* Let the compute stream wait for every pending collective that touches t's storage. */
 int ms_cuda_await(const ms_tensor *t);
-
-/* ---- operand checks ("op: name ...") ---- */
-/* t lives on a cuda pool with live storage; *device (when >= 0 on entry) must match. */
-int ms_cuda_input(const char *op, const char *name, const ms_tensor *t, int *device);
-/* As ms_cuda_input, and t can be written (no zero strides over size > 1). */
-int ms_cuda_output(const char *op, const char *name, const ms_tensor *t, int *device);
 
 /* ms_tensor_new for scratch the runtime makes itself: a block reused from the pool cache
  * is written only after collectives still using its bytes. */

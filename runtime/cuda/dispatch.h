@@ -14,6 +14,14 @@ static inline int ms_on_device(const ms_tensor *t)
     return t && t->storage && t->storage->pool >= MS_POOL_CUDA0;
 }
 
+/* ---- operand checks ("op: name ...") ----
+ * t lives on a cuda pool with live storage; *device (when >= 0 on entry) must match, and
+ * the first operand makes its device current. The CPU backend's shared op checks reach
+ * these through ms_place_input / ms_place_output (cpu/cpu.h). */
+int ms_cuda_input(const char *op, const char *name, const ms_tensor *t, int *device);
+/* As ms_cuda_input, and t can be written (no zero strides over size > 1). */
+int ms_cuda_output(const char *op, const char *name, const ms_tensor *t, int *device);
+
 int ms_cuda_copy(ms_tensor *dst, const ms_tensor *src);
 int ms_cuda_fill(ms_tensor *t, double value);
 int ms_cuda_arange(ms_tensor *t, double start, double step);

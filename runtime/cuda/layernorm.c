@@ -1,6 +1,6 @@
 /* moonshard CUDA backend: ms_layer_norm and ms_layer_norm_backward on a device, over dense
- * copies of strided operands. Checks match the CPU backend's; dx is assigned, dweight and
- * dbias accumulate. */
+ * copies of strided operands, after the CPU backend's argument checks; dx is assigned,
+ * dweight and dbias accumulate. */
 #include <math.h>
 
 #include "cuda_internal.h"
@@ -38,59 +38,16 @@ static int unstage_all(staging *st)
     return st->status;
 }
 
-static int check_layout(const char *op, const ms_tensor *x, const ms_tensor *mean,
-                        const ms_tensor *rstd, int normalized_ndim, int64_t *rows,
-                        int64_t *size)
-{
-    if (normalized_ndim < 1 || normalized_ndim > x->ndim)
-        return MS_FAIL(MS_ERR_INVALID, "%s: normalized_ndim %d outside [1, %d] for x with %d "
-                       "dims", op, normalized_ndim, x->ndim, x->ndim);
-    *rows = 1;
-    *size = 1;
-    for (int d = 0; d < x->ndim; d++) {
-        if (d < x->ndim - normalized_ndim)
-            *rows *= x->shape[d];
-        else
-            *size *= x->shape[d];
-    }
-    MS_CHECK(ms_cpu_float(op, "mean", mean));
-    MS_CHECK(ms_cpu_float(op, "rstd", rstd));
-    if (mean->numel != *rows || rstd->numel != *rows)
-        return MS_FAIL(MS_ERR_SHAPE, "%s: mean and rstd have %lld and %lld elements, expected "
-                       "one per row (%lld)", op, (long long)mean->numel,
-                       (long long)rstd->numel, (long long)*rows);
-    return MS_OK;
-}
-
-static int check_affine(const char *op, const char *name, const ms_tensor *t,
-                        const ms_tensor *x, int normalized_ndim, int written, int *device)
-{
-    if (!t)
-        return MS_OK;
-    MS_CHECK(written ? ms_cuda_output(op, name, t, device) : ms_cuda_input(op, name, t, device));
-    MS_CHECK(ms_cpu_same_dtype(op, name, t, "x", x));
-    return ms_cpu_shape_is(op, name, t, normalized_ndim, x->shape + (x->ndim - normalized_ndim));
-}
-
 int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
                        const ms_tensor *weight, const ms_tensor *bias, int normalized_ndim,
                        double eps)
 {
     const char *op = "layer_norm";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "out", out, &device));
-    MS_CHECK(ms_cuda_output(op, "mean", mean, &device));
-    MS_CHECK(ms_cuda_output(op, "rstd", rstd, &device));
-    MS_CHECK(ms_cuda_input(op, "x", x, &device));
-    MS_CHECK(ms_cpu_float(op, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "out", out, "x", x));
+    ms_place place = MS_PLACE_CUDA;
     int64_t rows, size;
-    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, &rows, &size));
-    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim, 0, &device));
-    MS_CHECK(check_affine(op, "bias", bias, x, normalized_ndim, 0, &device));
-    if (!(eps >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
+    MS_CHECK(ms_cpu_check_layer_norm(&place, out, mean, rstd, x, weight, bias, normalized_ndim,
+                                     eps, &rows, &size));
+    int device = place.device;
     if (rows == 0)
         return MS_OK;
     if (size == 0) { /* statistics of empty rows are 0/0 */
@@ -118,22 +75,11 @@ int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *db
                                 int normalized_ndim)
 {
     const char *op = "layer_norm_backward";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "dx", dx, &device));
-    MS_CHECK(ms_cuda_input(op, "dy", dy, &device));
-    MS_CHECK(ms_cuda_input(op, "x", x, &device));
-    MS_CHECK(ms_cuda_input(op, "mean", mean, &device));
-    MS_CHECK(ms_cuda_input(op, "rstd", rstd, &device));
-    MS_CHECK(ms_cpu_float(op, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "x", x));
+    ms_place place = MS_PLACE_CUDA;
     int64_t rows, size;
-    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, &rows, &size));
-    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim, 0, &device));
-    MS_CHECK(check_affine(op, "dweight", dweight, x, normalized_ndim, 1, &device));
-    MS_CHECK(check_affine(op, "dbias", dbias, x, normalized_ndim, 1, &device));
+    MS_CHECK(ms_cpu_check_layer_norm_backward(&place, dx, dweight, dbias, dy, x, mean, rstd,
+                                              weight, normalized_ndim, &rows, &size));
+    int device = place.device;
     if (rows == 0 || size == 0)
         return MS_OK;
     ms_cu_layer_norm a = {.rows = rows, .size = size, .dtype = x->dtype,

@@ -1,38 +1,19 @@
-/* moonshard CUDA backend: ms_nll_loss and ms_nll_loss_backward on a device. Targets are
- * checked (and counted for the mean) before anything is written; outputs are assigned. */
+/* moonshard CUDA backend: ms_nll_loss and ms_nll_loss_backward on a device, after the CPU
+ * backend's argument checks. Targets are checked (and counted for the mean) before anything
+ * is written; outputs are assigned. */
 #include "cuda_internal.h"
 #include "dispatch.h"
 #include "nll.cuh"
 #include "cpu/cpu.h"
 
-enum { REDUCE_NONE = 0, REDUCE_SUM = 2 };
+enum { REDUCE_NONE = 0 };
 
-/* Shapes and targets; fills args, including the count of targets that are not ignored. */
-static int check_nll(const char *op, const ms_tensor *logp, const char *logp_name,
-                     const ms_tensor *target, const ms_tensor *per_row,
-                     const char *per_row_name, int64_t ignore_index, int reduction,
-                     int device, ms_cu_nll *args)
+/* Every target in [0, C) or ignore_index; fills args, including the count of targets that
+ * are not ignored. */
+static int check_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+                         int64_t ignore_index, int reduction, int device, ms_cu_nll *args)
 {
-    MS_CHECK(ms_cuda_input(op, "target", target, &device));
-    MS_CHECK(ms_cpu_float(op, logp_name, logp));
-    MS_CHECK(ms_cpu_same_dtype(op, per_row_name, per_row, logp_name, logp));
-    if (reduction < REDUCE_NONE || reduction > REDUCE_SUM)
-        return MS_FAIL(MS_ERR_INVALID, "%s: reduction %d is not 0 (none), 1 (mean) or 2 (sum)",
-                       op, reduction);
-    if (target->dtype != MS_I32 && target->dtype != MS_I64)
-        return MS_FAIL(MS_ERR_DTYPE, "%s: target has dtype %s; it must be i32 or i64", op,
-                       ms_dtype_name(target->dtype));
-    if (logp->ndim != 2 || target->ndim != 1 || target->shape[0] != logp->shape[0]) {
-        char a[160], b[160];
-        return MS_FAIL(MS_ERR_SHAPE, "%s: expected %s [N, C] and target [N], got %s and %s", op,
-                       logp_name, ms_shape_str(a, sizeof a, logp->ndim, logp->shape),
-                       ms_shape_str(b, sizeof b, target->ndim, target->shape));
-    }
     int64_t rows = logp->shape[0];
-    if (reduction == REDUCE_NONE)
-        MS_CHECK(ms_cpu_shape_is(op, per_row_name, per_row, 1, &rows));
-    else
-        MS_CHECK(ms_cpu_shape_is(op, per_row_name, per_row, 0, NULL));
     *args = (ms_cu_nll){ms_tensor_data(logp), rows, logp->shape[1], logp->strides[0],
                         logp->strides[1], logp->dtype, ms_tensor_data(target),
                         target->strides[0], target->dtype, ignore_index, reduction, 0};
@@ -67,12 +48,11 @@ int ms_cuda_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *tar
                      int64_t ignore_index, int reduction)
 {
     const char *op = "nll_loss";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "out", out, &device));
-    MS_CHECK(ms_cuda_input(op, "logp", logp, &device));
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_nll_loss(&place, out, logp, target, reduction));
+    int device = place.device;
     ms_cu_nll args;
-    MS_CHECK(check_nll(op, logp, "logp", target, out, "out", ignore_index, reduction, device,
-                       &args));
+    MS_CHECK(check_targets(op, logp, target, ignore_index, reduction, device, &args));
     if (args.rows == 0 && reduction == REDUCE_NONE)
         return MS_OK;
     return ms_cuda_launched(op, ms_cu_nll_loss(ms_cuda_compute_stream(device), &args,
@@ -84,12 +64,11 @@ int ms_cuda_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_
                               int64_t ignore_index, int reduction)
 {
     const char *op = "nll_loss_backward";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "dlogp", dlogp, &device));
-    MS_CHECK(ms_cuda_input(op, "dout", dout, &device));
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_nll_loss_backward(&place, dlogp, dout, target, reduction));
+    int device = place.device;
     ms_cu_nll args;
-    MS_CHECK(check_nll(op, dlogp, "dlogp", target, dout, "dout", ignore_index, reduction,
-                       device, &args));
+    MS_CHECK(check_targets(op, dlogp, target, ignore_index, reduction, device, &args));
     MS_CHECK(ms_cuda_fill(dlogp, 0.0));
     if (args.rows == 0)
         return MS_OK;

@@ -1,41 +1,20 @@
 /* moonshard CUDA backend: fused SGD and Adam/AdamW steps on a device, in place on the
- * parameter and its state. Checks match the CPU backend's. */
-#include <math.h>
-
+ * parameter and its state, after the CPU backend's argument checks. */
 #include "cuda_internal.h"
 #include "dispatch.h"
 #include "optim.cuh"
 #include "cpu/cpu.h"
-
-static int check_like_param(const char *op, const char *name, const ms_tensor *t,
-                            const ms_tensor *param, int written, int *device)
-{
-    MS_CHECK(written ? ms_cuda_output(op, name, t, device) : ms_cuda_input(op, name, t, device));
-    MS_CHECK(ms_cpu_same_dtype(op, name, t, "param", param));
-    return ms_cpu_same_shape(op, name, t, "param", param);
-}
 
 int ms_cuda_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad,
                      double lr, double momentum, double dampening, double weight_decay,
                      int nesterov, int first_step, int maximize)
 {
     const char *op = "sgd_step";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "param", param, &device));
-    MS_CHECK(ms_cpu_float(op, "param", param));
-    MS_CHECK(check_like_param(op, "grad", grad, param, 0, &device));
-    if (!isfinite(lr) || !isfinite(momentum) || !isfinite(dampening) || !isfinite(weight_decay))
-        return MS_FAIL(MS_ERR_INVALID, "%s: lr %g, momentum %g, dampening %g and weight_decay "
-                       "%g must be finite", op, lr, momentum, dampening, weight_decay);
-    if (nesterov && (momentum <= 0.0 || dampening != 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: nesterov needs momentum > 0 and dampening 0 (got "
-                       "%g and %g)", op, momentum, dampening);
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_sgd_step(&place, param, momentum_buf, grad, lr, momentum, dampening,
+                                   weight_decay, nesterov));
+    int device = place.device;
     int with_buffer = momentum != 0.0;
-    if (with_buffer) {
-        if (!momentum_buf)
-            return MS_FAIL(MS_ERR_INVALID, "%s: momentum %g needs a momentum_buf", op, momentum);
-        MS_CHECK(check_like_param(op, "momentum_buf", momentum_buf, param, 1, &device));
-    }
     if (param->numel == 0)
         return MS_OK;
     ms_k_sgd_coeffs c = {lr, momentum, dampening, weight_decay, nesterov != 0,
@@ -59,21 +38,10 @@ int ms_cuda_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_s
                       int maximize)
 {
     const char *op = decoupled ? "adamw_step" : "adam_step";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "param", param, &device));
-    MS_CHECK(ms_cpu_float(op, "param", param));
-    MS_CHECK(check_like_param(op, "exp_avg", exp_avg, param, 1, &device));
-    MS_CHECK(check_like_param(op, "exp_avg_sq", exp_avg_sq, param, 1, &device));
-    MS_CHECK(check_like_param(op, "grad", grad, param, 0, &device));
-    if (step < 1)
-        return MS_FAIL(MS_ERR_INVALID, "%s: step %lld must be >= 1 (the count after the "
-                       "increment)", op, (long long)step);
-    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: betas (%g, %g) must lie in [0, 1)", op, beta1,
-                       beta2);
-    if (!isfinite(lr) || !(eps >= 0.0) || !isfinite(weight_decay))
-        return MS_FAIL(MS_ERR_INVALID, "%s: lr %g and weight_decay %g must be finite and eps "
-                       "%g >= 0", op, lr, weight_decay, eps);
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_adam_step(&place, param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
+                                    beta2, eps, weight_decay, decoupled));
+    int device = place.device;
     if (param->numel == 0)
         return MS_OK;
     ms_k_adam_coeffs c = ms_k_adam_coeffs_make(step, lr, beta1, beta2, eps, weight_decay,
