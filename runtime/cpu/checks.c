@@ -60,13 +60,31 @@ int ms_cpu_shape_is(const char *op, const char *name, const ms_tensor *t, int nd
     return MS_OK;
 }
 
+int ms_cpu_shapes_match(const ms_tensor *a, const ms_tensor *b)
+{
+    if (a->ndim != b->ndim)
+        return 0;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d])
+            return 0;
+    return 1;
+}
+
+int ms_cpu_broadcasts(const ms_tensor *src, const ms_tensor *dst)
+{
+    int lead = dst->ndim - src->ndim;
+    if (lead < 0)
+        return 0;
+    for (int d = 0; d < src->ndim; d++)
+        if (src->shape[d] != 1 && src->shape[d] != dst->shape[lead + d])
+            return 0;
+    return 1;
+}
+
 int ms_cpu_same_shape(const char *op, const char *name_a, const ms_tensor *a,
                       const char *name_b, const ms_tensor *b)
 {
-    int same = a->ndim == b->ndim;
-    for (int d = 0; same && d < a->ndim; d++)
-        same = a->shape[d] == b->shape[d];
-    if (!same) {
+    if (!ms_cpu_shapes_match(a, b)) {
         char sa[160], sb[160];
         return MS_FAIL(MS_ERR_SHAPE, "%s: shapes %s (%s) and %s (%s) differ", op,
                        ms_shape_str(sa, sizeof sa, a->ndim, a->shape), name_a,

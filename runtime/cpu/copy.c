@@ -64,17 +64,6 @@ static int same_geometry(const ms_tensor *a, const ms_tensor *b)
     return 1;
 }
 
-static int broadcasts(const ms_tensor *src, const ms_tensor *dst)
-{
-    int lead = dst->ndim - src->ndim;
-    if (lead < 0)
-        return 0;
-    for (int d = 0; d < src->ndim; d++)
-        if (src->shape[d] != 1 && src->shape[d] != dst->shape[lead + d])
-            return 0;
-    return 1;
-}
-
 /* src does not broadcast to dst but has as many elements: copy in row-major order, reading
  * src as if it had dst's shape (through a dense staging block when src is strided). Shapes
  * that both broadcast and match in size differ only by leading 1s, so the two readings of
@@ -106,7 +95,7 @@ int ms_copy(ms_tensor *dst, const ms_tensor *src)
     MS_CPU_ON_DEVICE2(dst, src, ms_cuda_copy(dst, src));
     MS_CHECK(ms_cpu_output("copy", "dst", dst));
     MS_CHECK(ms_cpu_input("copy", "src", src));
-    if (!broadcasts(src, dst) && src->numel == dst->numel)
+    if (!ms_cpu_broadcasts(src, dst) && src->numel == dst->numel)
         return copy_reshaped(dst, src);
     ms_iter it;
     ms_iter_begin(&it, dst->ndim, dst->shape);
@@ -207,14 +196,27 @@ int ms_arange(ms_tensor *t, double start, double step)
 
 /* ---- comparisons ---- */
 
-static int same_shape(const ms_tensor *a, const ms_tensor *b)
+int ms_cpu_check_equal(ms_place *place, int *equal, const ms_tensor *a, const ms_tensor *b)
 {
-    if (a->ndim != b->ndim)
-        return 0;
-    for (int d = 0; d < a->ndim; d++)
-        if (a->shape[d] != b->shape[d])
-            return 0;
-    return 1;
+    if (!equal)
+        return MS_FAIL(MS_ERR_INVALID, "equal: the result pointer must not be NULL");
+    *equal = 0;
+    MS_CHECK(ms_place_input(place, "equal", "a", a));
+    return ms_place_input(place, "equal", "b", b);
+}
+
+int ms_cpu_check_allclose(ms_place *place, int *close, const ms_tensor *a, const ms_tensor *b,
+                          double rtol, double atol)
+{
+    if (!close)
+        return MS_FAIL(MS_ERR_INVALID, "allclose: the result pointer must not be NULL");
+    *close = 0;
+    MS_CHECK(ms_place_input(place, "allclose", "a", a));
+    MS_CHECK(ms_place_input(place, "allclose", "b", b));
+    if (!(rtol >= 0.0) || !(atol >= 0.0))
+        return MS_FAIL(MS_ERR_INVALID, "allclose: rtol %g and atol %g must be >= 0", rtol,
+                       atol);
+    return MS_OK;
 }
 
 typedef struct equal_ctx { size_t elem_size; int equal; } equal_ctx;
@@ -235,12 +237,9 @@ static void equal_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
 int ms_equal(int *equal, const ms_tensor *a, const ms_tensor *b)
 {
     MS_CPU_ON_DEVICE(a, ms_cuda_equal(equal, a, b));
-    if (!equal)
-        return MS_FAIL(MS_ERR_INVALID, "equal: the result pointer must not be NULL");
-    *equal = 0;
-    MS_CHECK(ms_cpu_input("equal", "a", a));
-    MS_CHECK(ms_cpu_input("equal", "b", b));
-    if (a->dtype != b->dtype || !same_shape(a, b))
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_equal(&place, equal, a, b));
+    if (a->dtype != b->dtype || !ms_cpu_shapes_match(a, b))
         return MS_OK;
     equal_ctx c = {ms_dtype_size(a->dtype), 1};
     if (ms_tensor_is_contiguous(a) && ms_tensor_is_contiguous(b)) {
@@ -287,15 +286,9 @@ static void close_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
 int ms_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol, double atol)
 {
     MS_CPU_ON_DEVICE(a, ms_cuda_allclose(close, a, b, rtol, atol));
-    if (!close)
-        return MS_FAIL(MS_ERR_INVALID, "allclose: the result pointer must not be NULL");
-    *close = 0;
-    MS_CHECK(ms_cpu_input("allclose", "a", a));
-    MS_CHECK(ms_cpu_input("allclose", "b", b));
-    if (!(rtol >= 0.0) || !(atol >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "allclose: rtol %g and atol %g must be >= 0", rtol,
-                       atol);
-    if (!same_shape(a, b))
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_allclose(&place, close, a, b, rtol, atol));
+    if (!ms_cpu_shapes_match(a, b))
         return MS_OK;
     close_ctx c = {a->dtype, b->dtype, rtol, atol, 1};
     ms_iter it;

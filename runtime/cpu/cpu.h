@@ -44,6 +44,10 @@ int ms_cpu_same_dtype(const char *op, const char *name_a, const ms_tensor *a,
                       const char *name_b, const ms_tensor *b);
 int ms_cpu_same_shape(const char *op, const char *name_a, const ms_tensor *a,
                       const char *name_b, const ms_tensor *b);
+/* 1 when a and b have the same shape (a predicate: records nothing). */
+int ms_cpu_shapes_match(const ms_tensor *a, const ms_tensor *b);
+/* 1 when src broadcasts to dst's shape (numpy rules, aligned right; records nothing). */
+int ms_cpu_broadcasts(const ms_tensor *src, const ms_tensor *dst);
 /* t has exactly the shape (ndim, shape). */
 int ms_cpu_shape_is(const char *op, const char *name, const ms_tensor *t, int ndim,
                     const int64_t *shape);
@@ -135,6 +139,24 @@ int ms_cpu_check_layer_norm_backward(ms_place *place, const ms_tensor *dx,
                                      const ms_tensor *mean, const ms_tensor *rstd,
                                      const ms_tensor *weight, int normalized_ndim,
                                      int64_t *rows, int64_t *size);
+/* The broadcast of a and b to out is checked where the kernel maps them. */
+int ms_cpu_check_binary(ms_place *place, const ms_tensor *out, const ms_tensor *a,
+                        const ms_tensor *b, int op);
+int ms_cpu_check_binary_scalar(ms_place *place, const ms_tensor *out, const ms_tensor *a,
+                               int op);
+int ms_cpu_check_unary(ms_place *place, const ms_tensor *out, const ms_tensor *a, int op);
+int ms_cpu_check_unary_backward(ms_place *place, const ms_tensor *dx, const ms_tensor *x,
+                                const ms_tensor *dy, int op);
+/* The result pointer, set to 0 before anything else is checked, and the operands. */
+int ms_cpu_check_equal(ms_place *place, int *equal, const ms_tensor *a, const ms_tensor *b);
+int ms_cpu_check_allclose(ms_place *place, int *close, const ms_tensor *a, const ms_tensor *b,
+                          double rtol, double atol);
+/* Residency and dtypes of out, a and b; the shapes are checked by each backend, against its
+ * BLAS's limits. */
+int ms_cpu_check_matmul_operands(ms_place *place, const ms_tensor *out, const ms_tensor *a,
+                                 const ms_tensor *b);
+/* out shares no bytes with a or b (GEMM cannot write its own input). */
+int ms_cpu_check_matmul_overlap(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b);
 /* [OUT] kept_shape (a's shape with the reduced dims 1) and count, the elements reduced into
  * each output. */
 int ms_cpu_check_reduce(ms_place *place, const ms_tensor *out, const ms_tensor *a, int op,
@@ -153,7 +175,15 @@ int ms_cpu_check_nll_loss(ms_place *place, const ms_tensor *out, const ms_tensor
 int ms_cpu_check_nll_loss_backward(ms_place *place, const ms_tensor *dlogp,
                                    const ms_tensor *dout, const ms_tensor *target,
                                    int reduction);
+int ms_cpu_check_rand_uniform(ms_place *place, const ms_tensor *out, double low, double high);
+int ms_cpu_check_rand_normal(ms_place *place, const ms_tensor *out, double mean, double std);
+/* op is dropout (out, x) or dropout_backward (dx, dy). */
+int ms_cpu_check_dropout(ms_place *place, const char *op, const ms_tensor *out,
+                         const char *out_name, const ms_tensor *x, const char *x_name, double p);
 /* momentum_buf is checked (and must be given) only when momentum != 0. */
+int ms_cpu_check_softmax(ms_place *place, const ms_tensor *out, const ms_tensor *x, int dim);
+int ms_cpu_check_softmax_backward(ms_place *place, const ms_tensor *dx, const ms_tensor *y,
+                                  const ms_tensor *dy, int dim);
 int ms_cpu_check_sgd_step(ms_place *place, const ms_tensor *param,
                           const ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
                           double momentum, double dampening, double weight_decay, int nesterov);

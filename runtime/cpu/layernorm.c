@@ -188,15 +188,22 @@ static int check_layout(const char *op, const ms_tensor *x, const ms_tensor *mea
     return MS_OK;
 }
 
-/* weight, bias, dweight and dbias (optional; written when is_output) have the normalised
- * shape (x's last dims). */
-static int check_affine(ms_place *place, const char *op, const char *name, const ms_tensor *t,
-                        const ms_tensor *x, int normalized_ndim, int is_output)
+/* An optional tensor on place, read or (is_output) written. */
+static int check_optional(ms_place *place, const char *op, const char *name,
+                          const ms_tensor *t, int is_output)
 {
     if (!t)
         return MS_OK;
-    MS_CHECK(is_output ? ms_place_output(place, op, name, t)
-                       : ms_place_input(place, op, name, t));
+    return is_output ? ms_place_output(place, op, name, t) : ms_place_input(place, op, name, t);
+}
+
+/* weight, bias, dweight and dbias (optional) have x's dtype and the normalised shape (x's
+ * last dims). */
+static int check_affine(const char *op, const char *name, const ms_tensor *t,
+                        const ms_tensor *x, int normalized_ndim)
+{
+    if (!t)
+        return MS_OK;
     MS_CHECK(ms_cpu_same_dtype(op, name, t, "x", x));
     return ms_cpu_shape_is(op, name, t, normalized_ndim,
                            x->shape + (x->ndim - normalized_ndim));
@@ -216,8 +223,10 @@ int ms_cpu_check_layer_norm(ms_place *place, const ms_tensor *out, const ms_tens
     MS_CHECK(ms_cpu_same_dtype(op, "out", out, "x", x));
     MS_CHECK(ms_cpu_same_shape(op, "out", out, "x", x));
     MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, rows, size));
-    MS_CHECK(check_affine(place, op, "weight", weight, x, normalized_ndim, 0));
-    MS_CHECK(check_affine(place, op, "bias", bias, x, normalized_ndim, 0));
+    MS_CHECK(check_optional(place, op, "weight", weight, 0));
+    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
+    MS_CHECK(check_optional(place, op, "bias", bias, 0));
+    MS_CHECK(check_affine(op, "bias", bias, x, normalized_ndim));
     if (!(eps >= 0.0))
         return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
     return MS_OK;
@@ -242,9 +251,12 @@ int ms_cpu_check_layer_norm_backward(ms_place *place, const ms_tensor *dx,
     MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "x", x));
     MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "x", x));
     MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, rows, size));
-    MS_CHECK(check_affine(place, op, "weight", weight, x, normalized_ndim, 0));
-    MS_CHECK(check_affine(place, op, "dweight", dweight, x, normalized_ndim, 1));
-    return check_affine(place, op, "dbias", dbias, x, normalized_ndim, 1);
+    MS_CHECK(check_optional(place, op, "weight", weight, 0));
+    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
+    MS_CHECK(check_optional(place, op, "dweight", dweight, 1));
+    MS_CHECK(check_optional(place, op, "dbias", dbias, 1));
+    MS_CHECK(check_affine(op, "dweight", dweight, x, normalized_ndim));
+    return check_affine(op, "dbias", dbias, x, normalized_ndim);
 }
 
 int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,

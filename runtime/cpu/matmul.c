@@ -107,6 +107,25 @@ static int overlaps(const ms_tensor *a, const ms_tensor *b)
     return a_low <= b_high && b_low <= a_high;
 }
 
+int ms_cpu_check_matmul_operands(ms_place *place, const ms_tensor *out, const ms_tensor *a,
+                                 const ms_tensor *b)
+{
+    MS_CHECK(ms_place_output(place, "matmul", "out", out));
+    MS_CHECK(ms_place_input(place, "matmul", "a", a));
+    MS_CHECK(ms_place_input(place, "matmul", "b", b));
+    MS_CHECK(ms_cpu_float("matmul", "a", a));
+    MS_CHECK(ms_cpu_same_dtype("matmul", "a", a, "b", b));
+    return ms_cpu_same_dtype("matmul", "out", out, "a", a);
+}
+
+int ms_cpu_check_matmul_overlap(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b)
+{
+    if (overlaps(out, a) || overlaps(out, b))
+        return MS_FAIL(MS_ERR_INVALID, "matmul: out shares memory with %s; GEMM cannot write "
+                       "its own input", overlaps(out, a) ? "a" : "b");
+    return MS_OK;
+}
+
 typedef struct scale_ctx { double beta; int dtype; } scale_ctx;
 
 static void scale_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
@@ -218,19 +237,13 @@ int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_
               int trans_b, double alpha, double beta)
 {
     MS_CPU_ON_DEVICE(out, ms_cuda_matmul(out, a, b, trans_a, trans_b, alpha, beta));
-    MS_CHECK(ms_cpu_output("matmul", "out", out));
-    MS_CHECK(ms_cpu_input("matmul", "a", a));
-    MS_CHECK(ms_cpu_input("matmul", "b", b));
-    MS_CHECK(ms_cpu_float("matmul", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("matmul", "a", a, "b", b));
-    MS_CHECK(ms_cpu_same_dtype("matmul", "out", out, "a", a));
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_matmul_operands(&place, out, a, b));
     trans_a = trans_a != 0;
     trans_b = trans_b != 0;
     int64_t m = 0, n = 0, k = 0;
     MS_CHECK(check_matmul_shapes(out, a, b, trans_a, trans_b, &m, &n, &k));
-    if (overlaps(out, a) || overlaps(out, b))
-        return MS_FAIL(MS_ERR_INVALID, "matmul: out shares memory with %s; GEMM cannot write "
-                       "its own input", overlaps(out, a) ? "a" : "b");
+    MS_CHECK(ms_cpu_check_matmul_overlap(out, a, b));
     if (out->numel == 0)
         return MS_OK;
     if (k == 0) {

@@ -100,10 +100,31 @@ NORMAL_KERNEL(normal_f64, double)
 DROPOUT_KERNEL(dropout_f32, float)
 DROPOUT_KERNEL(dropout_f64, double)
 
+/* out is a float tensor on place. */
+static int check_draw(ms_place *place, const char *op, const ms_tensor *out)
+{
+    MS_CHECK(ms_place_output(place, op, "out", out));
+    return ms_cpu_float(op, "out", out);
+}
+
+int ms_cpu_check_rand_uniform(ms_place *place, const ms_tensor *out, double low, double high)
+{
+    if (!(isfinite(low) && isfinite(high) && low <= high))
+        return MS_FAIL(MS_ERR_INVALID, "rand_uniform: need finite low <= high, got %g and %g",
+                       low, high);
+    return check_draw(place, "rand_uniform", out);
+}
+
+int ms_cpu_check_rand_normal(ms_place *place, const ms_tensor *out, double mean, double std)
+{
+    if (!(isfinite(mean) && isfinite(std) && std >= 0.0))
+        return MS_FAIL(MS_ERR_INVALID, "rand_normal: need finite mean and std >= 0, got %g "
+                       "and %g", mean, std);
+    return check_draw(place, "rand_normal", out);
+}
+
 static int draw(const char *op, ms_tensor *out, draw_ctx *c, ms_iter_fn f32, ms_iter_fn f64)
 {
-    MS_CHECK(ms_cpu_output(op, "out", out));
-    MS_CHECK(ms_cpu_float(op, "out", out));
     ms_iter it;
     ms_iter_begin(&it, out->ndim, out->shape);
     MS_CHECK(ms_iter_tensor(&it, op, "out", out));
@@ -114,9 +135,8 @@ static int draw(const char *op, ms_tensor *out, draw_ctx *c, ms_iter_fn f32, ms_
 int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
 {
     MS_CPU_ON_DEVICE(out, ms_cuda_rand_uniform(out, low, high, seed, offset));
-    if (!(isfinite(low) && isfinite(high) && low <= high))
-        return MS_FAIL(MS_ERR_INVALID, "rand_uniform: need finite low <= high, got %g and %g",
-                       low, high);
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_rand_uniform(&place, out, low, high));
     draw_ctx c = {.seed = seed, .next = offset, .low = low, .high = high};
     return draw("rand_uniform", out, &c, uniform_f32, uniform_f64);
 }
@@ -124,24 +144,31 @@ int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint
 int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset)
 {
     MS_CPU_ON_DEVICE(out, ms_cuda_rand_normal(out, mean, std, seed, offset));
-    if (!(isfinite(mean) && isfinite(std) && std >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "rand_normal: need finite mean and std >= 0, got %g "
-                       "and %g", mean, std);
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_rand_normal(&place, out, mean, std));
     draw_ctx c = {.seed = seed, .next = offset, .low = mean, .high = std};
     return draw("rand_normal", out, &c, normal_f32, normal_f64);
+}
+
+int ms_cpu_check_dropout(ms_place *place, const char *op, const ms_tensor *out,
+                         const char *out_name, const ms_tensor *x, const char *x_name, double p)
+{
+    MS_CHECK(ms_place_output(place, op, out_name, out));
+    MS_CHECK(ms_place_input(place, op, x_name, x));
+    MS_CHECK(ms_cpu_float(op, x_name, x));
+    MS_CHECK(ms_cpu_same_dtype(op, out_name, out, x_name, x));
+    MS_CHECK(ms_cpu_same_shape(op, out_name, out, x_name, x));
+    if (!(p >= 0.0 && p <= 1.0))
+        return MS_FAIL(MS_ERR_INVALID, "%s: p %g outside [0, 1]", op, p);
+    return MS_OK;
 }
 
 static int dropout_run(const char *op, ms_tensor *out, const char *out_name,
                        const ms_tensor *x, const char *x_name, double p, uint64_t seed,
                        uint64_t offset)
 {
-    MS_CHECK(ms_cpu_output(op, out_name, out));
-    MS_CHECK(ms_cpu_input(op, x_name, x));
-    MS_CHECK(ms_cpu_float(op, x_name, x));
-    MS_CHECK(ms_cpu_same_dtype(op, out_name, out, x_name, x));
-    MS_CHECK(ms_cpu_same_shape(op, out_name, out, x_name, x));
-    if (!(p >= 0.0 && p <= 1.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: p %g outside [0, 1]", op, p);
+    ms_place place = MS_PLACE_CPU;
+    MS_CHECK(ms_cpu_check_dropout(&place, op, out, out_name, x, x_name, p));
     /* p == 1 drops everything; the scale is never applied */
     draw_ctx c = {.seed = seed, .next = offset, .p = p, .scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0};
     ms_iter it;

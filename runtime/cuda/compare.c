@@ -1,18 +1,9 @@
-/* moonshard CUDA backend: ms_equal (bit for bit) and ms_allclose on a device; the kernels
- * clear a device flag that is read back once. */
+/* moonshard CUDA backend: ms_equal (bit for bit) and ms_allclose on a device, after the CPU
+ * backend's argument checks; the kernels clear a device flag that is read back once. */
 #include "cuda_internal.h"
 #include "dispatch.h"
 #include "copy.cuh"
-
-static int same_shape(const ms_tensor *a, const ms_tensor *b)
-{
-    if (a->ndim != b->ndim)
-        return 0;
-    for (int d = 0; d < a->ndim; d++)
-        if (a->shape[d] != b->shape[d])
-            return 0;
-    return 1;
-}
+#include "cpu/cpu.h"
 
 /* Run a comparison kernel into a device flag that starts at 1; [OUT] *result. */
 typedef int (*compare_launch)(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_operand a,
@@ -54,13 +45,10 @@ static int launch_equal(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_ope
 
 int ms_cuda_equal(int *equal, const ms_tensor *a, const ms_tensor *b)
 {
-    if (!equal)
-        return MS_FAIL(MS_ERR_INVALID, "equal: the result pointer must not be NULL");
-    *equal = 0;
-    int device = -1;
-    MS_CHECK(ms_cuda_input("equal", "a", a, &device));
-    MS_CHECK(ms_cuda_input("equal", "b", b, &device));
-    if (a->dtype != b->dtype || !same_shape(a, b))
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_equal(&place, equal, a, b));
+    int device = place.device;
+    if (a->dtype != b->dtype || !ms_cpu_shapes_match(a, b))
         return MS_OK;
     if (a->numel == 0) {
         *equal = 1;
@@ -85,16 +73,10 @@ static int launch_close(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_ope
 int ms_cuda_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol,
                      double atol)
 {
-    if (!close)
-        return MS_FAIL(MS_ERR_INVALID, "allclose: the result pointer must not be NULL");
-    *close = 0;
-    int device = -1;
-    MS_CHECK(ms_cuda_input("allclose", "a", a, &device));
-    MS_CHECK(ms_cuda_input("allclose", "b", b, &device));
-    if (!(rtol >= 0.0) || !(atol >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "allclose: rtol %g and atol %g must be >= 0", rtol,
-                       atol);
-    if (!same_shape(a, b))
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_allclose(&place, close, a, b, rtol, atol));
+    int device = place.device;
+    if (!ms_cpu_shapes_match(a, b))
         return MS_OK;
     if (a->numel == 0) {
         *close = 1;

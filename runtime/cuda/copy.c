@@ -3,18 +3,8 @@
 #include "cuda_internal.h"
 #include "dispatch.h"
 #include "copy.cuh"
+#include "cpu/cpu.h"
 #include "cpu/cast.h"
-
-static int broadcasts(const ms_tensor *src, const ms_tensor *dst)
-{
-    int lead = dst->ndim - src->ndim;
-    if (lead < 0)
-        return 0;
-    for (int d = 0; d < src->ndim; d++)
-        if (src->shape[d] != 1 && src->shape[d] != dst->shape[lead + d])
-            return 0;
-    return 1;
-}
 
 /* dst = src on one device; src broadcasts to dst, or has dst's numel and is read in
  * row-major order (a reshaping copy). */
@@ -27,7 +17,7 @@ static int copy_on_device(ms_tensor *dst, const ms_tensor *src, int device)
     ms_cu_operand out, in;
     MS_CHECK(ms_cuda_operand(&out, "copy", "dst", &shape, dst));
     ms_tensor *dense = NULL;
-    if (!broadcasts(src, dst) && src->numel == dst->numel) {
+    if (!ms_cpu_broadcasts(src, dst) && src->numel == dst->numel) {
         MS_CHECK(ms_cuda_dense("copy", src, 1, &dense));
         in.data = ms_tensor_data(dense);
         ms_contiguous_strides(dst->ndim, dst->shape, in.strides);
@@ -52,7 +42,7 @@ int ms_cuda_copy(ms_tensor *dst, const ms_tensor *src)
 {
     MS_CHECK(ms_check_tensor("copy", "dst", dst));
     MS_CHECK(ms_check_tensor("copy", "src", src));
-    if (!broadcasts(src, dst) && src->numel != dst->numel) {
+    if (!ms_cpu_broadcasts(src, dst) && src->numel != dst->numel) {
         char a[160], b[160];
         return MS_FAIL(MS_ERR_SHAPE, "copy: src of shape %s does not broadcast to dst %s and "
                        "has a different number of elements",

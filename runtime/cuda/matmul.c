@@ -1,6 +1,7 @@
 /* moonshard CUDA backend: ms_matmul through cuBLAS (cublasGemmEx for one matrix,
  * cublasGemmStridedBatchedEx when the batches are evenly spaced). out = alpha op(a) op(b) +
- * beta out: assigned, or accumulated with beta = 1. Checks match the CPU backend's. */
+ * beta out: assigned, or accumulated with beta = 1. Operands are checked by the CPU backend's
+ * checks, shapes here against cuBLAS's 32-bit sizes. */
 #include <limits.h>
 
 #include "cuda_internal.h"
@@ -61,25 +62,6 @@ static int64_t batch_offset(const ms_tensor *t, int nlead, int64_t batch)
         batch /= t->shape[d];
     }
     return offset;
-}
-
-static int overlaps(const ms_tensor *a, const ms_tensor *b)
-{
-    if (a->storage != b->storage || a->numel == 0 || b->numel == 0)
-        return 0;
-    int64_t low[2], high[2];
-    const ms_tensor *ts[2] = {a, b};
-    for (int i = 0; i < 2; i++) {
-        low[i] = high[i] = ts[i]->offset;
-        for (int d = 0; d < ts[i]->ndim; d++) {
-            int64_t reach = (ts[i]->shape[d] - 1) * ts[i]->strides[d];
-            if (reach < 0)
-                low[i] += reach;
-            else
-                high[i] += reach;
-        }
-    }
-    return low[0] <= high[1] && low[1] <= high[0];
 }
 
 static int check_shapes(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b,
@@ -187,20 +169,14 @@ static int run(const gemm_call *c, ms_tensor *out, const ms_tensor *a, const ms_
 int ms_cuda_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                    int trans_b, double alpha, double beta)
 {
-    int device = -1;
-    MS_CHECK(ms_cuda_output("matmul", "out", out, &device));
-    MS_CHECK(ms_cuda_input("matmul", "a", a, &device));
-    MS_CHECK(ms_cuda_input("matmul", "b", b, &device));
-    MS_CHECK(ms_cpu_float("matmul", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("matmul", "a", a, "b", b));
-    MS_CHECK(ms_cpu_same_dtype("matmul", "out", out, "a", a));
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_matmul_operands(&place, out, a, b));
+    int device = place.device;
     trans_a = trans_a != 0;
     trans_b = trans_b != 0;
     int64_t m = 0, n = 0, k = 0;
     MS_CHECK(check_shapes(out, a, b, trans_a, trans_b, &m, &n, &k));
-    if (overlaps(out, a) || overlaps(out, b))
-        return MS_FAIL(MS_ERR_INVALID, "matmul: out shares memory with %s; GEMM cannot write "
-                       "its own input", overlaps(out, a) ? "a" : "b");
+    MS_CHECK(ms_cpu_check_matmul_overlap(out, a, b));
     if (out->numel == 0)
         return MS_OK;
     if (k == 0)

@@ -1,7 +1,5 @@
 /* moonshard CUDA backend: ms_rand_uniform, ms_rand_normal, ms_dropout and
- * ms_dropout_backward on a device. Checks match the CPU backend's; dx is assigned. */
-#include <math.h>
-
+ * ms_dropout_backward on a device, after the CPU backend's argument checks; dx is assigned. */
 #include "cuda_internal.h"
 #include "dispatch.h"
 #include "random.cuh"
@@ -10,11 +8,8 @@
 typedef int (*draw_launch)(cudaStream_t, const ms_cu_shape *, ms_cu_operand,
                            const ms_cu_draw *);
 
-static int draw(const char *op, ms_tensor *out, ms_cu_draw *d, draw_launch launch)
+static int draw(const char *op, ms_tensor *out, int device, ms_cu_draw *d, draw_launch launch)
 {
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "out", out, &device));
-    MS_CHECK(ms_cpu_float(op, "out", out));
     if (out->numel == 0)
         return MS_OK;
     ms_cu_shape shape;
@@ -28,35 +23,28 @@ static int draw(const char *op, ms_tensor *out, ms_cu_draw *d, draw_launch launc
 int ms_cuda_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
                          uint64_t offset)
 {
-    if (!(isfinite(low) && isfinite(high) && low <= high))
-        return MS_FAIL(MS_ERR_INVALID, "rand_uniform: need finite low <= high, got %g and %g",
-                       low, high);
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_rand_uniform(&place, out, low, high));
     ms_cu_draw d = {seed, offset, low, high, 0};
-    return draw("rand_uniform", out, &d, ms_cu_rand_uniform);
+    return draw("rand_uniform", out, place.device, &d, ms_cu_rand_uniform);
 }
 
 int ms_cuda_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,
                         uint64_t offset)
 {
-    if (!(isfinite(mean) && isfinite(std) && std >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "rand_normal: need finite mean and std >= 0, got %g "
-                       "and %g", mean, std);
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_rand_normal(&place, out, mean, std));
     ms_cu_draw d = {seed, offset, mean, std, 0};
-    return draw("rand_normal", out, &d, ms_cu_rand_normal);
+    return draw("rand_normal", out, place.device, &d, ms_cu_rand_normal);
 }
 
 static int dropout_run(const char *op, ms_tensor *out, const char *out_name,
                        const ms_tensor *x, const char *x_name, double p, uint64_t seed,
                        uint64_t offset)
 {
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, out_name, out, &device));
-    MS_CHECK(ms_cuda_input(op, x_name, x, &device));
-    MS_CHECK(ms_cpu_float(op, x_name, x));
-    MS_CHECK(ms_cpu_same_dtype(op, out_name, out, x_name, x));
-    MS_CHECK(ms_cpu_same_shape(op, out_name, out, x_name, x));
-    if (!(p >= 0.0 && p <= 1.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: p %g outside [0, 1]", op, p);
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_dropout(&place, op, out, out_name, x, x_name, p));
+    int device = place.device;
     if (out->numel == 0)
         return MS_OK;
     /* p == 1 drops everything; the scale is never applied */

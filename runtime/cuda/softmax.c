@@ -1,5 +1,5 @@
 /* moonshard CUDA backend: ms_softmax and ms_softmax_backward on a device (softmax or
- * log_softmax along one dim). Checks match the CPU backend's; dx is assigned. */
+ * log_softmax along one dim), after the CPU backend's argument checks; dx is assigned. */
 #include "cuda_internal.h"
 #include "dispatch.h"
 #include "softmax.cuh"
@@ -25,13 +25,9 @@ static void row_geometry(ms_tensor *const *tensors, int count, int dim, ms_cu_sh
 
 int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 {
-    int device = -1;
-    MS_CHECK(ms_cuda_output("softmax", "out", out, &device));
-    MS_CHECK(ms_cuda_input("softmax", "x", x, &device));
-    MS_CHECK(ms_cpu_float("softmax", "x", x));
-    MS_CHECK(ms_cpu_same_dtype("softmax", "out", out, "x", x));
-    MS_CHECK(ms_cpu_same_shape("softmax", "out", out, "x", x));
-    MS_CHECK(ms_cpu_dim("softmax", x, dim));
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_softmax(&place, out, x, dim));
+    int device = place.device;
     ms_tensor *tensors[2] = {out, (ms_tensor *)x};
     ms_cu_shape rows;
     ms_cu_operand operands[2];
@@ -48,16 +44,9 @@ int ms_cuda_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor 
                              int log)
 {
     const char *op = "softmax_backward";
-    int device = -1;
-    MS_CHECK(ms_cuda_output(op, "dx", dx, &device));
-    MS_CHECK(ms_cuda_input(op, "y", y, &device));
-    MS_CHECK(ms_cuda_input(op, "dy", dy, &device));
-    MS_CHECK(ms_cpu_float(op, "y", y));
-    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "y", y));
-    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "y", y));
-    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "y", y));
-    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "y", y));
-    MS_CHECK(ms_cpu_dim(op, y, dim));
+    ms_place place = MS_PLACE_CUDA;
+    MS_CHECK(ms_cpu_check_softmax_backward(&place, dx, y, dy, dim));
+    int device = place.device;
     ms_tensor *tensors[3] = {dx, (ms_tensor *)y, (ms_tensor *)dy};
     ms_cu_shape rows;
     ms_cu_operand operands[3];
