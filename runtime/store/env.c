@@ -5,7 +5,11 @@
  * locks), so every handle of a process shares one MDB_env per file; entries opened by
  * another process (inherited over fork) are never used or closed. Shard files opened for
  * writing use MDB_WRITEMAP (writes go straight into the shared map, no staging buffer);
- * every writer of a shard file must, so that is the only way this code opens one. */
+ * every writer of a shard file must, so that is the only way this code opens one. Their
+ * map is MDB_NORDAHEAD (MADV_RANDOM): a fault on a page of the map would otherwise read a
+ * whole read-ahead window (8 MiB here) of the file's holes into the page cache as single
+ * pages, and the chunks pwritten over them afterwards would stay in single pages, which
+ * cost about twice the CPU of large folios to read back. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -208,7 +212,7 @@ static int open_env(store_env *e, bool writable)
         /* A writable map sets the file's size; keeping it keeps the room earlier saves
          * grew, which the meta page only records at the next commit. */
         struct stat st;
-        flags |= MDB_WRITEMAP;
+        flags |= MDB_WRITEMAP | MDB_NORDAHEAD;
         map_bytes = INITIAL_SHARD_MAP_BYTES;
         if (stat(e->path, &st) == 0 && (size_t)st.st_size > map_bytes)
             map_bytes = (size_t)st.st_size;

@@ -10,7 +10,8 @@
 #include "store_internal.h"
 
 enum {
-    COPY_BLOCK_BYTES = 256 << 10, /* hash, then copy while the block is in cache */
+    COPY_BLOCK_BYTES = 2 << 20, /* hash, then copy while the block is in cache; one
+                                   pwrite of an aligned block fills one large folio */
     PWRITE_MIN_BYTES = 1 << 20,   /* values this large are written with pwrite */
     DIRTY_PAGE_LIMIT = 60000,     /* LMDB allows 131071 dirty pages per transaction */
     COMMIT_SLACK_PAGES = 256,     /* pages a commit may add (free list, meta) */
@@ -120,8 +121,15 @@ static int copy_into_value(ms_store *s, uint8_t *value, off_t file_offset, const
         mdb_env_get_fd(s->shards[s->save_rank]->env, &fd);
     if (file_offset >= 0 && !contiguous)
         MS_CHECK(buffer_reserve(&s->bounce, COPY_BLOCK_BYTES));
-    for (uint64_t done = 0; done < size; done += COPY_BLOCK_BYTES) {
-        uint64_t n = size - done < COPY_BLOCK_BYTES ? size - done : COPY_BLOCK_BYTES;
+    /* pwrite blocks end on block-aligned file offsets, so the page cache holds whole
+     * aligned blocks as large folios (cheaper to read back than many small ones). */
+    uint64_t first_block = COPY_BLOCK_BYTES;
+    uint64_t to_boundary = COPY_BLOCK_BYTES - (uint64_t)file_offset % COPY_BLOCK_BYTES;
+    if (file_offset >= 0 && to_boundary % esize == 0)
+        first_block = to_boundary;
+    for (uint64_t done = 0, n; done < size; done += n) {
+        uint64_t limit = done == 0 ? first_block : COPY_BLOCK_BYTES;
+        n = size - done < limit ? size - done : limit;
         const uint8_t *block = base + done;
         if (!contiguous) {
             uint8_t *out = file_offset >= 0 ? s->bounce.data : value + done;
