@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "comm.h"
+#include "signature.h"
 
 typedef struct mpi_group {
     MPI_Comm comm; /* MPI_COMM_NULL for a non-member, and once MPI is finalised */
@@ -18,13 +19,6 @@ typedef struct mpi_group {
     ms_group *handle;
     struct mpi_group *next_live;
 } mpi_group;
-
-typedef enum mpi_kind {
-    KIND_ALL_GATHER = 1, KIND_REDUCE_SCATTER, KIND_ALL_REDUCE, KIND_BROADCAST, KIND_BARRIER
-} mpi_kind;
-
-/* What every member says it is calling: op_seq, kind, dtype, op, root, count. */
-enum { SIGNATURE_FIELDS = 6 };
 
 static struct {
     int initialised_here; /* this runtime called MPI_Init, so it finalises */
@@ -98,31 +92,20 @@ static MPI_Op op_of(int op, int dtype)
     return op == MS_DIST_MAX ? MPI_MAX : MPI_MIN;
 }
 
-static const char *kind_name(int64_t kind)
-{
-    switch (kind) {
-    case KIND_ALL_GATHER: return "all_gather_into_tensor";
-    case KIND_REDUCE_SCATTER: return "reduce_scatter_tensor";
-    case KIND_ALL_REDUCE: return "all_reduce";
-    case KIND_BROADCAST: return "broadcast";
-    case KIND_BARRIER: return "barrier";
-    default: return "an unknown collective";
-    }
-}
-
 /* "all_reduce(f32, 1024 elements, sum)" */
 static const char *describe(char *buf, size_t size, const int64_t *s)
 {
     const char *dtype = ms_dtype_name((int)s[2]) ? ms_dtype_name((int)s[2]) : "?";
-    if (s[1] == KIND_BARRIER)
+    if (s[1] == MS_CALL_BARRIER)
         snprintf(buf, size, "barrier()");
-    else if (s[1] == KIND_BROADCAST)
+    else if (s[1] == MS_CALL_BROADCAST)
         snprintf(buf, size, "broadcast(%s, %lld elements, root %lld)", dtype, (long long)s[5],
                  (long long)s[4]);
-    else if (s[1] == KIND_ALL_GATHER)
-        snprintf(buf, size, "%s(%s, %lld elements)", kind_name(s[1]), dtype, (long long)s[5]);
+    else if (s[1] == MS_CALL_ALL_GATHER)
+        snprintf(buf, size, "%s(%s, %lld elements)", ms_call_kind_name(s[1]), dtype,
+                 (long long)s[5]);
     else
-        snprintf(buf, size, "%s(%s, %lld elements, %s)", kind_name(s[1]), dtype,
+        snprintf(buf, size, "%s(%s, %lld elements, %s)", ms_call_kind_name(s[1]), dtype,
                  (long long)s[5], ms_comm_op_name((int)s[3]));
     return buf;
 }
@@ -133,38 +116,25 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
                  int64_t count)
 {
     mpi_group *mg = g->impl;
-    int64_t mine[SIGNATURE_FIELDS] = {mg->op_seq++, kind, dtype, op, root, count};
-    int64_t both[2 * SIGNATURE_FIELDS], lowest[2 * SIGNATURE_FIELDS];
-    for (int i = 0; i < SIGNATURE_FIELDS; i++) {
-        both[i] = mine[i];
-        both[SIGNATURE_FIELDS + i] = -mine[i];
-    }
-    MPI_CHECK(g, name, MPI_Allreduce(both, lowest, 2 * SIGNATURE_FIELDS, MPI_INT64_T, MPI_MIN,
-                                     mg->comm));
-    int same = 1;
-    for (int i = 0; i < SIGNATURE_FIELDS; i++)
-        same &= lowest[i] == -lowest[SIGNATURE_FIELDS + i];
-    if (same)
+    int64_t mine[MS_SIGNATURE_FIELDS] = {mg->op_seq++, kind, dtype, op, root, count};
+    int64_t both[2 * MS_SIGNATURE_FIELDS], lowest[2 * MS_SIGNATURE_FIELDS];
+    ms_signature_pack(both, mine);
+    MPI_CHECK(g, name, MPI_Allreduce(both, lowest, 2 * MS_SIGNATURE_FIELDS, MPI_INT64_T,
+                                     MPI_MIN, mg->comm));
+    if (ms_signature_agreed(lowest))
         return MS_OK;
-    int64_t *all = malloc(sizeof *all * SIGNATURE_FIELDS * (size_t)g->size);
+    int64_t *all = malloc(sizeof *all * MS_SIGNATURE_FIELDS * (size_t)g->size);
     if (!all)
         return ms_group_break(g, MS_FAIL(MS_ERR_OOM, "%s: ranks disagree about the call", name));
-    int status = MPI_Allgather(mine, SIGNATURE_FIELDS, MPI_INT64_T, all, SIGNATURE_FIELDS,
+    int status = MPI_Allgather(mine, MS_SIGNATURE_FIELDS, MPI_INT64_T, all, MS_SIGNATURE_FIELDS,
                                MPI_INT64_T, mg->comm);
     if (status != MPI_SUCCESS) {
         free(all);
         return ms_group_break(g, mpi_fail(name, "MPI_Allgather", status));
     }
-    int other = 0;
-    while (other < g->size && !memcmp(all + other * SIGNATURE_FIELDS, mine, sizeof mine))
-        other++;
-    char my_call[96], their_call[96];
-    MS_FAIL(MS_ERR_MISMATCH, "%s: ranks disagree: rank %d called %s, rank %d called %s", name,
-            g->world_ranks[g->rank], describe(my_call, sizeof my_call, mine),
-            g->world_ranks[other], describe(their_call, sizeof their_call,
-                                            all + other * SIGNATURE_FIELDS));
+    status = ms_signature_mismatch(g, name, mine, all, describe);
     free(all);
-    return MS_ERR_MISMATCH;
+    return status;
 }
 
 /* MPI counts are int: larger buffers go in pieces of at most this many elements. */
@@ -174,7 +144,7 @@ static int mpi_all_reduce(ms_group *g, void *data, int64_t count, int dtype, int
 {
     const char *name = "all_reduce";
     mpi_group *mg = g->impl;
-    MS_CHECK(agree(g, name, KIND_ALL_REDUCE, dtype, op, 0, count));
+    MS_CHECK(agree(g, name, MS_CALL_ALL_REDUCE, dtype, op, 0, count));
     size_t esize = ms_dtype_size(dtype);
     for (int64_t start = 0; start < count; start += MAX_PIECE) {
         int n = (int)(count - start < MAX_PIECE ? count - start : MAX_PIECE);
@@ -190,7 +160,7 @@ static int mpi_broadcast(ms_group *g, void *data, int64_t count, int dtype, int 
 {
     const char *name = "broadcast";
     mpi_group *mg = g->impl;
-    MS_CHECK(agree(g, name, KIND_BROADCAST, dtype, 0, root, count));
+    MS_CHECK(agree(g, name, MS_CALL_BROADCAST, dtype, 0, root, count));
     size_t esize = ms_dtype_size(dtype);
     for (int64_t start = 0; start < count; start += MAX_PIECE) {
         int n = (int)(count - start < MAX_PIECE ? count - start : MAX_PIECE);
@@ -204,7 +174,7 @@ static int mpi_all_gather(ms_group *g, void *out, const void *in, int64_t count,
 {
     const char *name = "all_gather_into_tensor";
     mpi_group *mg = g->impl;
-    MS_CHECK(agree(g, name, KIND_ALL_GATHER, dtype, 0, 0, count));
+    MS_CHECK(agree(g, name, MS_CALL_ALL_GATHER, dtype, 0, 0, count));
     if (count > INT_MAX)
         return MS_FAIL(MS_ERR_UNSUPPORTED, "%s: %lld elements per rank (MPI takes at most %d)",
                        name, (long long)count, INT_MAX);
@@ -220,7 +190,7 @@ static int mpi_reduce_scatter(ms_group *g, void *out, const void *in, int64_t co
 {
     const char *name = "reduce_scatter_tensor";
     mpi_group *mg = g->impl;
-    MS_CHECK(agree(g, name, KIND_REDUCE_SCATTER, dtype, op, 0, count));
+    MS_CHECK(agree(g, name, MS_CALL_REDUCE_SCATTER, dtype, op, 0, count));
     if (count > INT_MAX)
         return MS_FAIL(MS_ERR_UNSUPPORTED, "%s: %lld elements per rank (MPI takes at most %d)",
                        name, (long long)count, INT_MAX);
@@ -243,7 +213,7 @@ static int mpi_reduce_scatter(ms_group *g, void *out, const void *in, int64_t co
     return MS_OK;
 }
 
-static int mpi_barrier(ms_group *g) { return agree(g, "barrier", KIND_BARRIER, 0, 0, 0, 0); }
+static int mpi_barrier(ms_group *g) { return agree(g, "barrier", MS_CALL_BARRIER, 0, 0, 0, 0); }
 
 /* A handle on comm (MPI_COMM_NULL for a non-member) listed among the live groups. */
 static int wrap_comm(ms_group **out, MPI_Comm comm, const int *world_ranks, int nranks)

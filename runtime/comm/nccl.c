@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "comm.h"
+#include "signature.h"
 #include "cuda/cuda_internal.h"
 #include "cuda/gpu.h"
 
@@ -16,14 +17,6 @@ typedef struct nccl_group {
     ms_group *bootstrap; /* the same members in the bootstrap backend */
     uint32_t op_seq;
 } nccl_group;
-
-typedef enum nccl_kind {
-    KIND_INVALID = 0, /* this member's buffers failed a local check */
-    KIND_ALL_GATHER, KIND_REDUCE_SCATTER, KIND_ALL_REDUCE, KIND_BROADCAST, KIND_BARRIER
-} nccl_kind;
-
-/* What every member says it is calling: op_seq, kind, dtype, op, root, count. */
-enum { SIGNATURE_FIELDS = 6 };
 
 static struct {
     ms_group *world;
@@ -71,29 +64,18 @@ static ncclRedOp_t op_of(int op)
     }
 }
 
-static const char *kind_name(int64_t kind)
-{
-    switch (kind) {
-    case KIND_ALL_GATHER: return "all_gather_into_tensor";
-    case KIND_REDUCE_SCATTER: return "reduce_scatter_tensor";
-    case KIND_ALL_REDUCE: return "all_reduce";
-    case KIND_BROADCAST: return "broadcast";
-    case KIND_BARRIER: return "barrier";
-    default: return "a collective with invalid buffers";
-    }
-}
-
 static const char *describe(char *buf, size_t size, const int64_t *s)
 {
     const char *dtype = ms_dtype_name((int)s[2]) ? ms_dtype_name((int)s[2]) : "?";
-    if (s[1] == KIND_BARRIER || s[1] == KIND_INVALID)
-        snprintf(buf, size, "%s", kind_name(s[1]));
-    else if (s[1] == KIND_BROADCAST)
+    if (s[1] == MS_CALL_BARRIER || s[1] == MS_CALL_INVALID)
+        snprintf(buf, size, "%s", ms_call_kind_name(s[1]));
+    else if (s[1] == MS_CALL_BROADCAST)
         snprintf(buf, size, "broadcast(%s, %lld elements, root %lld)", dtype, (long long)s[5],
                  (long long)s[4]);
     else
-        snprintf(buf, size, "%s(%s, %lld elements, %s)", kind_name(s[1]), dtype,
-                 (long long)s[5], s[1] == KIND_ALL_GATHER ? "-" : ms_comm_op_name((int)s[3]));
+        snprintf(buf, size, "%s(%s, %lld elements, %s)", ms_call_kind_name(s[1]), dtype,
+                 (long long)s[5],
+                 s[1] == MS_CALL_ALL_GATHER ? "-" : ms_comm_op_name((int)s[3]));
     return buf;
 }
 
@@ -105,13 +87,10 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
     nccl_group *ng = g->impl;
     ms_group *boot = ng->bootstrap;
     boot->timeout_ms = g->timeout_ms; /* dist.set_timeout on this group bounds the wait */
-    int64_t mine[SIGNATURE_FIELDS] = {ng->op_seq++, kind, dtype, op, root, count};
-    int64_t both[2 * SIGNATURE_FIELDS];
-    for (int i = 0; i < SIGNATURE_FIELDS; i++) {
-        both[i] = mine[i];
-        both[SIGNATURE_FIELDS + i] = -mine[i];
-    }
-    int status = boot->backend->all_reduce(boot, both, 2 * SIGNATURE_FIELDS, MS_I64,
+    int64_t mine[MS_SIGNATURE_FIELDS] = {ng->op_seq++, kind, dtype, op, root, count};
+    int64_t both[2 * MS_SIGNATURE_FIELDS];
+    ms_signature_pack(both, mine);
+    int status = boot->backend->all_reduce(boot, both, 2 * MS_SIGNATURE_FIELDS, MS_I64,
                                            MS_DIST_MIN);
     if (status != MS_OK) { /* "all_reduce: rank 2 died ..." becomes "<name>: rank 2 died ..." */
         char detail[512];
@@ -126,30 +105,19 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
         }
         return ms_group_break(g, MS_FAIL(status, "%s: %s", name, detail));
     }
-    int same = 1;
-    for (int i = 0; i < SIGNATURE_FIELDS; i++)
-        same &= both[i] == -both[SIGNATURE_FIELDS + i];
-    if (same)
+    if (ms_signature_agreed(both))
         return MS_OK;
-    int64_t *all = malloc(sizeof *all * SIGNATURE_FIELDS * (size_t)g->size);
+    int64_t *all = malloc(sizeof *all * MS_SIGNATURE_FIELDS * (size_t)g->size);
     if (!all)
         return ms_group_break(g, MS_FAIL(MS_ERR_OOM, "%s: ranks disagree about the call", name));
-    status = boot->backend->all_gather(boot, all, mine, SIGNATURE_FIELDS, MS_I64);
+    status = boot->backend->all_gather(boot, all, mine, MS_SIGNATURE_FIELDS, MS_I64);
     if (status != MS_OK) {
         free(all);
         return ms_group_break(g, status);
     }
-    int other = 0;
-    while (other < g->size && !memcmp(all + other * SIGNATURE_FIELDS, mine, sizeof mine))
-        other++;
-    char my_call[96], their_call[96];
-    MS_FAIL(MS_ERR_MISMATCH, "%s: ranks disagree: rank %d called %s, rank %d called %s", name,
-            g->world_ranks[g->rank], describe(my_call, sizeof my_call, mine),
-            g->world_ranks[other < g->size ? other : 0],
-            describe(their_call, sizeof their_call,
-                     all + (other < g->size ? other : 0) * SIGNATURE_FIELDS));
+    status = ms_signature_mismatch(g, name, mine, all, describe);
     free(all);
-    return MS_ERR_MISMATCH;
+    return status;
 }
 
 /* Buffers must be memory of the group's device (group.c checked they are in a cuda pool). */
@@ -183,7 +151,7 @@ static int begin(ms_group *g, const char *name, int kind, int dtype, int op, int
     if (local != MS_OK) {
         char message[256];
         snprintf(message, sizeof message, "%s", ms_last_error());
-        agree(g, name, KIND_INVALID, 0, 0, 0, 0);
+        agree(g, name, MS_CALL_INVALID, 0, 0, 0, 0);
         return MS_FAIL(local, "%s", message);
     }
     MS_CHECK(agree(g, name, kind, dtype, op, root, count));
@@ -205,7 +173,7 @@ static int nccl_all_gather(ms_group *g, void *out, const void *in, int64_t count
 {
     const char *name = "all_gather_into_tensor";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, KIND_ALL_GATHER, dtype, 0, 0, count, out, in));
+    MS_CHECK(begin(g, name, MS_CALL_ALL_GATHER, dtype, 0, 0, count, out, in));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclAllGather(in, out, (size_t)count, type_of(dtype), ng->comm,
                                           ms_cuda_comm_stream(ng->device)));
@@ -218,7 +186,7 @@ static int nccl_reduce_scatter(ms_group *g, void *out, const void *in, int64_t c
 {
     const char *name = "reduce_scatter_tensor";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, KIND_REDUCE_SCATTER, dtype, op, 0, count, out, in));
+    MS_CHECK(begin(g, name, MS_CALL_REDUCE_SCATTER, dtype, op, 0, count, out, in));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype),
                                               op_of(op), ng->comm,
@@ -231,7 +199,7 @@ static int nccl_all_reduce(ms_group *g, void *data, int64_t count, int dtype, in
 {
     const char *name = "all_reduce";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, KIND_ALL_REDUCE, dtype, op, 0, count, data, NULL));
+    MS_CHECK(begin(g, name, MS_CALL_ALL_REDUCE, dtype, op, 0, count, data, NULL));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype),
                                           op_of(op), ng->comm,
@@ -243,7 +211,7 @@ static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int
 {
     const char *name = "broadcast";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, KIND_BROADCAST, dtype, 0, root, count, data, NULL));
+    MS_CHECK(begin(g, name, MS_CALL_BROADCAST, dtype, 0, root, count, data, NULL));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root,
                                           ng->comm, ms_cuda_comm_stream(ng->device)));
@@ -254,7 +222,7 @@ static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int
 static int nccl_barrier(ms_group *g)
 {
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, "barrier", KIND_BARRIER, 0, 0, 0, 0, NULL, NULL));
+    MS_CHECK(begin(g, "barrier", MS_CALL_BARRIER, 0, 0, 0, 0, NULL, NULL));
     return ms_cuda_synchronize(ng->device);
 }
 
