@@ -1,5 +1,6 @@
 /* moonshard CPU backend: helpers shared by the op files in runtime/cpu/ (not exported).
- * Argument checks with uniform messages, the strided N-d iterator and dense staging. */
+ * Argument checks with uniform messages (each op's also run by runtime/cuda/), the strided
+ * N-d iterator and dense staging. */
 #ifndef MS_CPU_H
 #define MS_CPU_H
 
@@ -180,10 +181,10 @@ int ms_cpu_check_rand_normal(ms_place *place, const ms_tensor *out, double mean,
 /* op is dropout (out, x) or dropout_backward (dx, dy). */
 int ms_cpu_check_dropout(ms_place *place, const char *op, const ms_tensor *out,
                          const char *out_name, const ms_tensor *x, const char *x_name, double p);
-/* momentum_buf is checked (and must be given) only when momentum != 0. */
 int ms_cpu_check_softmax(ms_place *place, const ms_tensor *out, const ms_tensor *x, int dim);
 int ms_cpu_check_softmax_backward(ms_place *place, const ms_tensor *dx, const ms_tensor *y,
                                   const ms_tensor *dy, int dim);
+/* momentum_buf is checked (and must be given) only when momentum != 0. */
 int ms_cpu_check_sgd_step(ms_place *place, const ms_tensor *param,
                           const ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
                           double momentum, double dampening, double weight_decay, int nesterov);
