@@ -156,12 +156,12 @@ describe("dcp errors", function()
   end)
 
   it("refuses a store written by a newer format version", function()
-    local record = "MSHDSTOR\1\0\0\0"
-    assert.is_true(patch_file(dir .. "/index.mdb", record, "MSHDSTOR\2\0\0\0") >= 1)
+    local record = "MSHDSTOR\2\0\0\0"
+    assert.is_true(patch_file(dir .. "/index.mdb", record, "MSHDSTOR\3\0\0\0") >= 1)
     local err = error_of(dcp.open, dir)
-    assert.matches("written by store format version 2; this build reads up to 1", err)
-    assert.matches("format version 2", error_of(dcp.load, shaped_like(), dir))
-    assert.matches("format version 2", error_of(dcp.save, sample(), dir, {step = 5}))
+    assert.matches("written by store format version 3; this build reads up to 2", err)
+    assert.matches("format version 3", error_of(dcp.load, shaped_like(), dir))
+    assert.matches("format version 3", error_of(dcp.save, sample(), dir, {step = 5}))
   end)
 
   it("names a step that is not committed", function()

@@ -149,7 +149,10 @@ static int decode_chunk(reader *r, const store_entry *e, const table_header *h, 
     uint64_t rank, seq, checksum;
     if (!take_u(r, 4, &rank) || !take_u(r, 4, &seq) || !take_u(r, 8, &checksum))
         return truncated(r);
-    *c = (store_chunk){.rank = (uint32_t)rank, .seq = (uint32_t)seq, .checksum = checksum};
+    *c = (store_chunk){.rank = (uint32_t)rank,
+                       .seq = (uint32_t)seq,
+                       .checksum = checksum,
+                       .data_offset = h->version >= 2 ? CHUNK_DATA_OFFSET : 0};
     bool rank_ok = h->kind == TABLE_MANIFEST ? rank < h->rank : rank == h->rank;
     if (!rank_ok)
         return MS_FAIL(MS_ERR_CORRUPT, "%s: '%s' has a chunk of rank %llu", r->what, e->fqn,
@@ -266,7 +269,8 @@ int table_decode(entry_table *t, table_header *h, int expected_kind, const void 
         return MS_FAIL(MS_ERR_CORRUPT, "%s failed its checksum", what);
     *h = (table_header){.kind = expected_kind,
                         .rank = (uint32_t)get_le(bytes + 12, 4),
-                        .step = (int64_t)get_le(bytes + 16, 8)};
+                        .step = (int64_t)get_le(bytes + 16, 8),
+                        .version = version};
     if (h->step < 0)
         return MS_FAIL(MS_ERR_CORRUPT, "%s has step %lld", what, (long long)h->step);
     if (expected_kind == TABLE_MANIFEST && (h->rank == 0 || h->rank > MAX_WORLD_SIZE))

@@ -205,13 +205,13 @@ int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const
                        e->name);
     if (rc)
         return env_fail(e, rc, "reading a chunk");
-    if (value.mv_size != nbytes)
+    if (value.mv_size != c->data_offset + nbytes)
         return MS_FAIL(MS_ERR_CORRUPT,
                        "%s: step %lld: '%s': chunk %s in %s has %zu bytes, not %llu", s->path,
                        (long long)step, entry->fqn,
                        region_str(region, sizeof region, entry->ndim, c->offsets, c->sizes),
-                       e->name, value.mv_size, (unsigned long long)nbytes);
-    *data = value.mv_data;
+                       e->name, value.mv_size, (unsigned long long)(c->data_offset + nbytes));
+    *data = (const uint8_t *)value.mv_data + c->data_offset;
     return MS_OK;
 }
 
@@ -348,8 +348,9 @@ static int read_chunk(ms_store *s, int64_t step, store_entry *e, store_chunk *c,
     off_t file_offset;
     store_env *shard = s->shards[c->rank];
     if (!c->verified && read_by_pread(e, c, dst, box) &&
-        env_value_offset(shard, stored, nbytes, &file_offset)) {
+        env_value_offset(shard, stored - c->data_offset, c->data_offset + nbytes, &file_offset)) {
         int fd;
+        file_offset += c->data_offset;
         MS_CHECK(env_read_fd(shard, &fd));
         MS_CHECK(pread_verified(s, step, e, c, fd, file_offset, dst_base, nbytes, &digest));
     } else {

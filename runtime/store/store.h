@@ -65,7 +65,8 @@ typedef struct ms_store ms_store;
 enum { MS_STORE_READ_ONLY = 0, MS_STORE_READ_WRITE = 1 };
 enum { MS_STORE_FOREGROUND = 0, MS_STORE_BACKGROUND = 1 };
 enum { MS_STORE_TENSOR = 0, MS_STORE_BYTES = 1 };
-enum { MS_STORE_FORMAT_VERSION = 1 };
+/* Version 2: a chunk's bytes start 64 bytes into its LMDB value (after 48 zero bytes). */
+enum { MS_STORE_FORMAT_VERSION = 2 };
 
 /* One entry of a committed step. Pointers are owned by the store handle and stay valid
  * until ms_store_close. */

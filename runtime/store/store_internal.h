@@ -35,6 +35,7 @@ typedef struct store_chunk {
     uint64_t checksum; /* XXH3-64 of all its bytes */
     uint32_t rank;     /* shard file */
     uint32_t seq;      /* chunk number within (rank, step) */
+    uint32_t data_offset; /* bytes in front of its data in the value (CHUNK_DATA_OFFSET or 0) */
     bool verified;     /* checksum already checked through this handle */
 } store_chunk;
 
@@ -92,6 +93,7 @@ typedef struct table_header {
     int kind; /* TABLE_CHUNKS or TABLE_MANIFEST */
     int64_t step;
     uint32_t rank; /* TABLE_CHUNKS: the writing rank; TABLE_MANIFEST: world size */
+    uint32_t version; /* the format version it was written by */
 } table_header;
 
 /* Encode t (manifests must be sorted) into out (replacing its contents). */
@@ -114,6 +116,11 @@ uint64_t checksum_bytes(const void *data, size_t n);
 /* ---- keys and on-disk records ---- */
 enum { CHUNK_KEY_BYTES = 12, STEP_KEY_BYTES = 8, FORMAT_RECORD_BYTES = 24 };
 enum { LMDB_PAGE_HEADER_BYTES = 16 }; /* in front of a value in overflow pages */
+/* Zero bytes in front of a chunk's bytes in its value (format version 2 on): they put the
+ * data of a value in overflow pages 64 bytes past a page boundary, so it is cache-line aligned
+ * like the tensors it is copied from and into (this CPU copies misaligned data at half the
+ * speed, in the kernel as in memcpy). */
+enum { CHUNK_DATA_OFFSET = 48 };
 enum { FILE_INDEX = 0, FILE_SHARD = 1 };
 
 void step_key(uint8_t key[STEP_KEY_BYTES], int64_t step);

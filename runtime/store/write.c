@@ -70,20 +70,25 @@ static int make_room(ms_store *s, uint64_t value_bytes)
     return MS_OK;
 }
 
-/* Reserve a value of size bytes under key. [OUT] *file_offset: where a large value's bytes
- * start in the file, or -1 for a value LMDB keeps inside a page. */
+/* Reserve a value for size bytes of chunk data under key and zero the CHUNK_DATA_OFFSET
+ * bytes in front of the data. [OUT] *data: where the data goes in the map; *file_offset:
+ * where a large value's data starts in the file, or -1 for a value LMDB keeps inside a page. */
 static int reserve_value(ms_store *s, const uint8_t *key_bytes, uint64_t size, uint8_t **data,
                          off_t *file_offset)
 {
     store_env *e = s->shards[s->save_rank];
-    MS_CHECK(make_room(s, size));
-    MDB_val key = {CHUNK_KEY_BYTES, (void *)key_bytes}, value = {size, NULL};
+    uint64_t value_bytes = CHUNK_DATA_OFFSET + size;
+    MS_CHECK(make_room(s, value_bytes));
+    MDB_val key = {CHUNK_KEY_BYTES, (void *)key_bytes}, value = {value_bytes, NULL};
     int rc = mdb_put(s->txn, e->data_dbi, &key, &value, MDB_RESERVE);
     if (rc)
         return env_fail(e, rc, "reserving a chunk");
-    *data = value.mv_data;
-    if (size < PWRITE_MIN_BYTES || !env_value_offset(e, *data, size, file_offset))
+    memset(value.mv_data, 0, CHUNK_DATA_OFFSET);
+    *data = (uint8_t *)value.mv_data + CHUNK_DATA_OFFSET;
+    if (size < PWRITE_MIN_BYTES || !env_value_offset(e, value.mv_data, value_bytes, file_offset))
         *file_offset = -1;
+    else
+        *file_offset += CHUNK_DATA_OFFSET;
     return MS_OK;
 }
 
@@ -152,7 +157,8 @@ static int copy_into_value(ms_store *s, uint8_t *value, off_t file_offset, const
 static int write_piece(ms_store *s, store_entry *entry, const ms_tensor *t,
                        const int64_t *global_offsets)
 {
-    store_chunk chunk = {.rank = (uint32_t)s->save_rank, .seq = s->next_seq++};
+    store_chunk chunk = {
+        .rank = (uint32_t)s->save_rank, .seq = s->next_seq++, .data_offset = CHUNK_DATA_OFFSET};
     for (int d = 0; d < t->ndim; d++) {
         chunk.offsets[d] = global_offsets[d];
         chunk.sizes[d] = t->shape[d];

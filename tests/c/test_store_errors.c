@@ -270,7 +270,7 @@ static void test_newer_version(void)
     save_two_entries(dir);
     snprintf(path, sizeof path, "%s/index.mdb", dir);
 
-    /* A manifest written by format version 2 in a version-1 store. */
+    /* A manifest written by format version 3 in a version-2 store. */
     MDB_env *env;
     MDB_txn *txn;
     MDB_dbi dbi;
@@ -284,7 +284,7 @@ static void test_newer_version(void)
     CHECK(mdb_get(txn, dbi, &k, &v) == 0);
     uint8_t *copy = malloc(v.mv_size);
     memcpy(copy, v.mv_data, v.mv_size);
-    copy[8] = 2;
+    copy[8] = 3;
     v.mv_data = copy;
     CHECK(mdb_put(txn, dbi, &k, &v, 0) == 0);
     CHECK(mdb_txn_commit(txn) == 0);
@@ -294,16 +294,16 @@ static void test_newer_version(void)
     int64_t count;
     CHECK_OK(ms_store_open(&s, dir, MS_STORE_READ_ONLY));
     CHECK_FAILS(ms_store_entry_count(s, 1, &count), MS_ERR_VERSION,
-                "manifest was written by format version 2; this build reads up to 1");
+                "manifest was written by format version 3; this build reads up to 2");
     ms_store_close(s);
 
-    /* A store stamped by format version 2. */
-    uint8_t record[24] = {'M', 'S', 'H', 'D', 'S',  'T',  'O',  'R',  2, 0, 0, 0,
+    /* A store stamped by format version 3. */
+    uint8_t record[24] = {'M', 'S', 'H', 'D', 'S',  'T',  'O',  'R',  3, 0, 0, 0,
                           0,   0,   0,   0,   0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0};
     put_raw_record(path, "meta", "format", record, sizeof record);
     CHECK_FAILS(ms_store_open(&s, dir, MS_STORE_READ_ONLY), MS_ERR_VERSION,
-                "written by store format version 2; this build reads up to 1");
-    CHECK_FAILS(ms_store_open(&s, dir, MS_STORE_READ_WRITE), MS_ERR_VERSION, "version 2");
+                "written by store format version 3; this build reads up to 2");
+    CHECK_FAILS(ms_store_open(&s, dir, MS_STORE_READ_WRITE), MS_ERR_VERSION, "version 3");
 }
 
 static void test_bad_calls(void)
