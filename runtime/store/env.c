@@ -5,11 +5,13 @@
  * locks), so every handle of a process shares one MDB_env per file; entries opened by
  * another process (inherited over fork) are never used or closed. Shard files opened for
  * writing use MDB_WRITEMAP (writes go straight into the shared map, no staging buffer);
- * every writer of a shard file must, so that is the only way this code opens one. Their
+ * every writer of a shard file must, so that is the only way this code opens one. Every
  * map is MDB_NORDAHEAD (MADV_RANDOM): a fault on a page of the map would otherwise read a
- * whole read-ahead window (8 MiB here) of the file's holes into the page cache as single
- * pages, and the chunks pwritten over them afterwards would stay in single pages, which
- * read back about 1.5x slower than large folios. */
+ * whole read-ahead window (8 MiB here) around it into the page cache as single pages - of
+ * the holes a writer is about to fill, where the chunks pwritten afterwards stay in single
+ * pages (read back about 1.5x slower than large folios), and of the chunks a reader is
+ * about to pread, whose own sequential read-ahead would fetch them in large folios. Reads
+ * through the map ask for read-ahead themselves (prefetch_chunk). */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -206,13 +208,13 @@ static int open_env(store_env *e, bool writable)
         return env_fail(e, rc, "creating an environment");
     mdb_env_set_maxdbs(e->env, 2);
     mdb_env_set_maxreaders(e->env, MAX_READERS);
-    unsigned flags = MDB_NOSUBDIR | MDB_NOTLS;
+    unsigned flags = MDB_NOSUBDIR | MDB_NOTLS | MDB_NORDAHEAD;
     size_t map_bytes = 0;
     if (writable && e->kind == FILE_SHARD) {
         /* A writable map sets the file's size; keeping it keeps the room earlier saves
          * grew, which the meta page only records at the next commit. */
         struct stat st;
-        flags |= MDB_WRITEMAP | MDB_NORDAHEAD;
+        flags |= MDB_WRITEMAP;
         map_bytes = INITIAL_SHARD_MAP_BYTES;
         if (stat(e->path, &st) == 0 && (size_t)st.st_size > map_bytes)
             map_bytes = (size_t)st.st_size;
