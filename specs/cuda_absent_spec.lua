@@ -45,6 +45,25 @@ describe("cuda devices on a machine without a GPU", function()
     assert.is_truthy(tostring(err):find("cuda:0 is not available", 1, true), tostring(err))
   end)
 
+  it("raises a clear error when a rank asks for the nccl backend", function()
+    local results = ms.dist.spawn(2, function()
+      local backend = ms.dist.get_backend()
+      ms.dist.init_process_group(backend) -- the world's own backend: nothing changes
+      local ok, err = pcall(ms.dist.init_process_group, "nccl")
+      local unknown_ok, unknown = pcall(ms.dist.init_process_group, "gloo")
+      return {ok = ok, err = tostring(err), unknown_ok = unknown_ok, unknown = tostring(unknown),
+              still = ms.dist.get_backend(), backend = backend}
+    end)
+    for _, res in ipairs(results) do
+      assert.is_false(res.ok)
+      assert.is_truthy(res.err:find("moonshard: dist.init_process_group: ", 1, true), res.err)
+      assert.is_truthy(res.err:find("nccl", 1, true) or res.err:find("cuda", 1, true), res.err)
+      assert.is_false(res.unknown_ok)
+      assert.is_truthy(res.unknown:find("unknown backend 'gloo'", 1, true), res.unknown)
+      assert.are.equal(res.backend, res.still)
+    end
+  end)
+
   it("keeps the host pool working with exact statistics", function()
     local before = ms.memory_stats("host").allocated
     local x = ms.keep(ms.ones(4, 4):to("host"))

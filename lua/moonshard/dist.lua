@@ -112,6 +112,28 @@ end
 
 function M.get_backend(group) return group_of({group = group}, "dist.get_backend").backend end
 
+-- dist.init_process_group(backend) inside a rank (dist.spawn or mpirun): "nccl" turns the
+-- world into NCCL communicators on this rank's GPU (collectives then take device tensors);
+-- the world's own backend ("local" or "mpi", or nil) keeps it as it is.
+function M.init_process_group(backend)
+  local what = "dist.init_process_group"
+  if type(backend) == "table" then backend = backend.backend end
+  local current = world(what).backend
+  if backend == nil or backend == current then return end
+  if backend ~= "nccl" then
+    fail(what, "unknown backend '%s' (expected nccl, or this world's own '%s')", tostring(backend), current)
+  end
+  if state.override ~= nil then
+    fail(what, "nccl needs the whole world (this rank runs a dist.spawn smaller than mpirun's)")
+  end
+  check(lib.ms_nccl_init(), what)
+end
+
+-- Undo init_process_group("nccl"): the world goes back to the group it was made from.
+function M.destroy_process_group()
+  check(lib.ms_nccl_finalize(), "dist.destroy_process_group")
+end
+
 function M.get_process_group_ranks(group)
   return group_of({group = group}, "dist.get_process_group_ranks"):ranks()
 end
