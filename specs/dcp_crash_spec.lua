@@ -18,11 +18,7 @@ local SIGKILL, SIGSEGV, PAGE = 9, 11, 4096
 local WORLD = 2
 local ROWS, COLS = 1024, 1024 -- 4 MiB of f32: one 2 MiB chunk per rank
 
-local function fresh_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  return path .. ".ckpt"
-end
+local store_dirs = require "support.store_dirs"
 
 local function die() ffi.C.kill(ffi.C.getpid(), SIGKILL) end
 
@@ -95,13 +91,8 @@ end
 
 describe("dcp crash safety", function()
   local dir
-  before_each(function() dir = fresh_dir() end)
-  after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
-    -- Free this spec's tensors now: ranks forked later inherit what this process holds.
-    collectgarbage()
-    collectgarbage()
-  end)
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
 
   for point, crash in pairs(CRASHES) do
     for _, victim in ipairs({0, 1}) do

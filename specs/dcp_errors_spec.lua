@@ -7,11 +7,8 @@ local dist, dcp = ms.dist, ms.dcp
 
 local function f32_bytes(value) return ffi.string(ffi.new("float[1]", value), 4) end
 
-local function fresh_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  return path .. ".ckpt"
-end
+local store_dirs = require "support.store_dirs"
+local fresh_dir = store_dirs.fresh
 
 local function read_file(path)
   local f = assert(io.open(path, "rb"))

@@ -7,11 +7,7 @@ local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
 
 local function flat(t) return t:reshape(-1):table() end
 
-local function fresh_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  return path .. ".ckpt"
-end
+local store_dirs = require "support.store_dirs"
 
 local function wrap(seed, strategy, mesh)
   ms.set_default_dtype("f64")
@@ -96,13 +92,8 @@ local function hsdp_mesh() return dist.init_device_mesh({2, 2}, {mesh_dim_names 
 
 describe("dcp resharding", function()
   local dir
-  before_each(function() dir = fresh_dir() end)
-  after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
-    -- Free this spec's tensors now: ranks forked later inherit what this process holds.
-    collectgarbage()
-    collectgarbage()
-  end)
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
 
   it("loads an HSDP (2x2) checkpoint into FSDP on 4 ranks and on 2 ranks", function()
     local saved = dist.spawn(4, function(rank, size)

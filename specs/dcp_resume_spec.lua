@@ -7,11 +7,7 @@ local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
 
 local SAVE_AT, LAST = 3, 6
 
-local function fresh_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  return path .. ".ckpt"
-end
+local store_dirs = require "support.store_dirs"
 
 local function build(seed)
   ms.set_default_dtype("f64")
@@ -68,13 +64,8 @@ end
 
 describe("dcp resume", function()
   local dir
-  before_each(function() dir = fresh_dir() end)
-  after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
-    -- Free this spec's tensors now: ranks forked later inherit what this process holds.
-    collectgarbage()
-    collectgarbage()
-  end)
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
 
   it("gives bitwise the uninterrupted losses after resuming on the same world size", function()
     local uninterrupted = dist.spawn(2, function(rank, size)

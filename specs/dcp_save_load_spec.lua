@@ -4,11 +4,7 @@
 local ms = require "moonshard"
 local dist, dcp = ms.dist, ms.dcp
 
-local function fresh_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  return path .. ".ckpt"
-end
+local store_dirs = require "support.store_dirs"
 
 local function nested(seed)
   ms.manual_seed(seed)
@@ -35,13 +31,8 @@ end
 
 describe("dcp save and load", function()
   local dir
-  before_each(function() dir = fresh_dir() end)
-  after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
-    -- Free this spec's tensors now: ranks forked later inherit what this process holds.
-    collectgarbage()
-    collectgarbage()
-  end)
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
 
   it("round-trips nested tensors, numbers, strings and booleans bit for bit", function()
     assert.equal(4, dcp.save(nested(4), dir, {step = 4}))

@@ -38,11 +38,7 @@ function SimpleModelUneven:get_input() return ms.rand(4, 5) end
 
 local MODELS = {{"SimpleModel", SimpleModel}, {"SimpleModelUneven", SimpleModelUneven}}
 
-local function fresh_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  return path .. ".ckpt"
-end
+local store_dirs = require "support.store_dirs"
 
 local function sorted_keys(t)
   local keys = {}
@@ -119,13 +115,8 @@ end
 
 describe("HSDP checkpoint", function()
   local dir
-  before_each(function() dir = fresh_dir() end)
-  after_each(function()
-    os.execute("rm -rf '" .. dir .. "'")
-    -- Free this spec's tensors now: ranks forked later inherit what this process holds.
-    collectgarbage()
-    collectgarbage()
-  end)
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
 
   for _, case in ipairs(MODELS) do
     local name, Model = case[1], case[2]
