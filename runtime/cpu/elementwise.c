@@ -146,20 +146,27 @@ int ms_cpu_check_binary_scalar(ms_place *place, const ms_tensor *out, const ms_t
     return check_binary_op("binary_scalar", out->dtype, op);
 }
 
+/* Run fn over out and its inputs (tensors[0] is out; all have its shape) in any order. */
+static int run_pointwise(const char *op, ms_iter_fn fn, int count, const char *const names[],
+                         const ms_tensor *const tensors[])
+{
+    ms_iter it;
+    ms_iter_begin(&it, tensors[0]->ndim, tensors[0]->shape);
+    for (int i = 0; i < count; i++)
+        MS_CHECK(ms_iter_tensor(&it, op, names[i], tensors[i]));
+    it.any_order = 1;
+    ms_iter_run(&it, fn, NULL);
+    return MS_OK;
+}
+
 int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 {
     MS_CPU_ON_DEVICE(out, ms_cuda_binary(out, a, b, op));
     ms_place place = MS_PLACE_CPU;
     MS_CHECK(ms_cpu_check_binary(&place, out, a, b, op));
-    ms_iter_fn fn = binary_fn(out->dtype, op);
-    ms_iter it;
-    ms_iter_begin(&it, out->ndim, out->shape);
-    MS_CHECK(ms_iter_tensor(&it, "binary", "out", out));
-    MS_CHECK(ms_iter_tensor(&it, "binary", "a", a));
-    MS_CHECK(ms_iter_tensor(&it, "binary", "b", b));
-    it.any_order = 1;
-    ms_iter_run(&it, fn, NULL);
-    return MS_OK;
+    static const char *const names[] = {"out", "a", "b"};
+    return run_pointwise("binary", binary_fn(out->dtype, op), 3, names,
+                         (const ms_tensor *const[]){out, a, b});
 }
 
 int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
@@ -260,13 +267,9 @@ int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
     MS_CPU_ON_DEVICE(out, ms_cuda_unary(out, a, op));
     ms_place place = MS_PLACE_CPU;
     MS_CHECK(ms_cpu_check_unary(&place, out, a, op));
-    ms_iter it;
-    ms_iter_begin(&it, out->ndim, out->shape);
-    MS_CHECK(ms_iter_tensor(&it, "unary", "out", out));
-    MS_CHECK(ms_iter_tensor(&it, "unary", "a", a));
-    it.any_order = 1;
-    ms_iter_run(&it, out->dtype == MS_F32 ? unary_f32[op] : unary_f64[op], NULL);
-    return MS_OK;
+    static const char *const names[] = {"out", "a"};
+    return run_pointwise("unary", out->dtype == MS_F32 ? unary_f32[op] : unary_f64[op], 2, names,
+                         (const ms_tensor *const[]){out, a});
 }
 
 /* ---- unary backward: dx = dy * f'(x) ---- */
@@ -334,13 +337,7 @@ int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, in
     MS_CPU_ON_DEVICE(dx, ms_cuda_unary_backward(dx, x, dy, op));
     ms_place place = MS_PLACE_CPU;
     MS_CHECK(ms_cpu_check_unary_backward(&place, dx, x, dy, op));
-    ms_iter_fn fn = backward_fn(dx->dtype, op);
-    ms_iter it;
-    ms_iter_begin(&it, dx->ndim, dx->shape);
-    MS_CHECK(ms_iter_tensor(&it, "unary_backward", "dx", dx));
-    MS_CHECK(ms_iter_tensor(&it, "unary_backward", "x", x));
-    MS_CHECK(ms_iter_tensor(&it, "unary_backward", "dy", dy));
-    it.any_order = 1;
-    ms_iter_run(&it, fn, NULL);
-    return MS_OK;
+    static const char *const names[] = {"dx", "x", "dy"};
+    return run_pointwise("unary_backward", backward_fn(dx->dtype, op), 3, names,
+                         (const ms_tensor *const[]){dx, x, dy});
 }
