@@ -269,8 +269,10 @@ int ms_group_rank(const ms_group *g);
 int ms_group_size(const ms_group *g);
 /* [OUT] world_ranks[0..size): the world rank of each member, in group order. */
 int ms_group_ranks(const ms_group *g, int *world_ranks);
-/* "local", "mpi"; "" for NULL. Static storage. */
+/* "local", "mpi", "nccl"; "" for NULL. Static storage. */
 const char *ms_group_backend(const ms_group *g);
+/* The CUDA device index the group's collectives run on, -1 for host backends or NULL. */
+int ms_group_device(const ms_group *g);
 /* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms; local
  * backend). For the mpi world it bounds how long MPI_Finalize at exit waits for the other
  * processes before the process exits with status 1 (mpirun then ends the job). */

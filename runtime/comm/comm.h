@@ -46,6 +46,9 @@ struct ms_comm_backend {
     int (*new_group)(ms_group *parent, const int *ranks, int nranks, ms_group **out);
     /* Release a handle made by new_group (or the world handle at shutdown). */
     void (*group_free)(ms_group *g);
+    /* OPTIONAL (NULL for backends on CPU buffers): the CUDA device index g's collectives
+     * run on. */
+    int (*device)(const ms_group *g);
 };
 
 /* A group handle with the common fields set: world_ranks copied from ranks (nranks

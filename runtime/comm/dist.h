@@ -1,15 +1,18 @@
 /* moonshard runtime: process groups and collectives (public part, included by ms.h).
- * Backends: local (fork + shared memory, ms_local_spawn), mpi (ms_mpi_init under mpirun).
+ * Backends: local (fork + shared memory, ms_local_spawn), mpi (ms_mpi_init under mpirun),
+ * nccl (ms_nccl_init in cuda/gpu.h, on top of either).
  *
- * Collectives take contiguous CPU tensors (MS_ERR_INVALID names the tensor otherwise) of
- * one dtype, every dtype of ms.h. Every member of the group must call the same collective
- * with the same dtype, element count, op and root, in the same order; when they do not,
- * every member gets MS_ERR_MISMATCH (never a corrupted buffer) and the group stays usable.
- * A member that dies or exits makes the others fail with MS_ERR_PEER_DIED naming it; one
- * that does not arrive within the group's timeout gives MS_ERR_TIMEOUT. After either the
- * group is unusable: later collectives on it return the same status and message.
- * Reductions combine members in rank order, so every member gets bitwise identical
- * results. g == NULL means the world group of this process. */
+ * Collectives take contiguous tensors (MS_ERR_INVALID names the tensor otherwise) of one
+ * dtype, every dtype of ms.h: CPU tensors on local and mpi, tensors on the group's device
+ * (ms_group_device) on nccl. Max and min propagate NaN on every backend. Every member of
+ * the group must call the same collective with the same dtype, element count, op and root,
+ * in the same order; when they do not, every member gets MS_ERR_MISMATCH (never a
+ * corrupted buffer) and the group stays usable. A member that dies or exits makes the
+ * others fail with MS_ERR_PEER_DIED naming it; one that does not arrive within the group's
+ * timeout gives MS_ERR_TIMEOUT. After either the group is unusable: later collectives on
+ * it return the same status and message. Reductions combine members in rank order, so
+ * every member gets bitwise identical results. g == NULL means the world group of this
+ * process. */
 #ifndef MS_DIST_H
 #define MS_DIST_H
 
@@ -33,8 +36,10 @@ int ms_group_rank(const ms_group *g);
 int ms_group_size(const ms_group *g);
 /* [OUT] world_ranks[0..size): the world rank of each member, in group order. */
 int ms_group_ranks(const ms_group *g, int *world_ranks);
-/* "local", "mpi"; "" for NULL. Static storage. */
+/* "local", "mpi", "nccl"; "" for NULL. Static storage. */
 const char *ms_group_backend(const ms_group *g);
+/* The CUDA device index the group's collectives run on, -1 for host backends or NULL. */
+int ms_group_device(const ms_group *g);
 /* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms; local
  * backend). For the mpi world it bounds how long MPI_Finalize at exit waits for the other
  * processes before the process exits with status 1 (mpirun then ends the job). */

@@ -67,6 +67,11 @@ int ms_group_size(const ms_group *g) { return g ? g->size : 0; }
 
 const char *ms_group_backend(const ms_group *g) { return g ? g->backend->name : ""; }
 
+int ms_group_device(const ms_group *g)
+{
+    return g && g->backend->device ? g->backend->device(g) : -1;
+}
+
 int ms_group_ranks(const ms_group *g, int *world_ranks)
 {
     if (!g || !world_ranks)

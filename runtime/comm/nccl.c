@@ -10,6 +10,7 @@
 #include "signature.h"
 #include "cuda/cuda_internal.h"
 #include "cuda/gpu.h"
+#include "order_keys.cuh"
 
 typedef struct nccl_group {
     ncclComm_t comm;     /* NULL for a non-member */
@@ -137,10 +138,28 @@ static int check_buffer(const ms_group *g, const char *name, const void *data)
     return MS_OK;
 }
 
-/* Agree on the call (a member whose buffers failed makes every member fail), then order
- * the communication stream after the compute stream. */
+/* ncclMax and ncclMin need not propagate NaN on floats, so float max and min reduce order
+ * keys (kernels/order_keys.h) as unsigned integers: 4 bytes a key, 8 for f64. */
+static int uses_order_keys(int dtype, int op)
+{
+    return (op == MS_DIST_MAX || op == MS_DIST_MIN) &&
+           (dtype == MS_F32 || dtype == MS_F64 || dtype == MS_F16 || dtype == MS_BF16);
+}
+
+static size_t order_key_size(int dtype) { return dtype == MS_F64 ? 8 : 4; }
+
+static ncclDataType_t order_key_type(int dtype)
+{
+    return dtype == MS_F64 ? ncclUint64 : ncclUint32;
+}
+
+/* Agree on the call (a member whose buffers or scratch failed makes every member fail), then
+ * order the communication stream after the compute stream. With key_count > 0, [OUT]
+ * *keys is scratch for that many order keys of dtype in the group's device pool, released
+ * with release_keys. */
 static int begin(ms_group *g, const char *name, int kind, int dtype, int op, int root,
-                 int64_t count, const void *out, const void *in)
+                 int64_t count, const void *out, const void *in, int64_t key_count,
+                 ms_tensor **keys)
 {
     nccl_group *ng = g->impl;
     int local = ms_cuda_use_device(ng->device);
@@ -148,14 +167,47 @@ static int begin(ms_group *g, const char *name, int kind, int dtype, int op, int
         local = check_buffer(g, name, out);
     if (local == MS_OK)
         local = check_buffer(g, name, in);
+    if (local == MS_OK && key_count > 0) {
+        local = ms_cuda_tensor_new(keys, dtype == MS_F64 ? MS_I64 : MS_I32, 1, &key_count,
+                                   MS_POOL_CUDA0 + ng->device);
+        if (local != MS_OK) {
+            char reason[256];
+            snprintf(reason, sizeof reason, "%s", ms_last_error());
+            MS_FAIL(local, "%s: no scratch for %lld order keys on cuda:%d: %s", name,
+                    (long long)key_count, ng->device, reason);
+        }
+    }
     if (local != MS_OK) {
         char message[256];
         snprintf(message, sizeof message, "%s", ms_last_error());
         agree(g, name, MS_CALL_INVALID, 0, 0, 0, 0);
         return MS_FAIL(local, "%s", message);
     }
-    MS_CHECK(agree(g, name, kind, dtype, op, root, count));
-    return ms_cuda_comm_wait_compute(ng->device);
+    int status = agree(g, name, kind, dtype, op, root, count);
+    if (status == MS_OK)
+        status = ms_cuda_comm_wait_compute(ng->device);
+    if (status != MS_OK && key_count > 0) {
+        ms_tensor_free(*keys);
+        *keys = NULL;
+    }
+    return status;
+}
+
+/* The scratch goes back to the pool; its next user waits for the collective on the device. */
+static int release_keys(ms_group *g, ms_tensor *keys)
+{
+    if (!keys)
+        return MS_OK;
+    nccl_group *ng = g->impl;
+    int status = ms_cuda_mark_pending(ng->device, ms_tensor_data(keys), ms_tensor_nbytes(keys));
+    ms_tensor_free(keys);
+    return status;
+}
+
+/* A failed launch after the members agreed leaves them out of step. */
+static int launched(ms_group *g, const char *name, int error)
+{
+    return error ? ms_group_break(g, ms_cuda_launched(name, error)) : MS_OK;
 }
 
 /* Later ops touching the buffers wait for the collective on the device. */
@@ -173,7 +225,7 @@ static int nccl_all_gather(ms_group *g, void *out, const void *in, int64_t count
 {
     const char *name = "all_gather_into_tensor";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, MS_CALL_ALL_GATHER, dtype, 0, 0, count, out, in));
+    MS_CHECK(begin(g, name, MS_CALL_ALL_GATHER, dtype, 0, 0, count, out, in, 0, NULL));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclAllGather(in, out, (size_t)count, type_of(dtype), ng->comm,
                                           ms_cuda_comm_stream(ng->device)));
@@ -181,29 +233,81 @@ static int nccl_all_gather(ms_group *g, void *out, const void *in, int64_t count
     return finish(g, out, block * (size_t)g->size, in, block);
 }
 
+/* Reduce-scatter of the order keys of in, in place in keys (size * count of them), whose
+ * block g->rank then decodes into out. */
+static int reduce_scatter_keys(ms_group *g, const char *name, void *out, const void *in,
+                               void *keys, int64_t count, int dtype, int op)
+{
+    nccl_group *ng = g->impl;
+    cudaStream_t stream = ms_cuda_comm_stream(ng->device);
+    void *own_keys = (char *)keys + (size_t)g->rank * (size_t)count * order_key_size(dtype);
+    MS_CHECK(launched(g, name, ms_cu_order_keys_encode(stream, keys, in, count * g->size, dtype,
+                                                       op == MS_DIST_MAX)));
+    NCCL_CHECK(g, name, ncclReduceScatter(keys, own_keys, (size_t)count, order_key_type(dtype),
+                                          op_of(op), ng->comm, stream));
+    return launched(g, name, ms_cu_order_keys_decode(stream, out, own_keys, count, dtype));
+}
+
 static int nccl_reduce_scatter(ms_group *g, void *out, const void *in, int64_t count, int dtype,
                                int op)
 {
     const char *name = "reduce_scatter_tensor";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, MS_CALL_REDUCE_SCATTER, dtype, op, 0, count, out, in));
-    if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
+    /* in stays as it was: its keys go to scratch */
+    int64_t key_count = count > 0 && uses_order_keys(dtype, op) ? count * g->size : 0;
+    ms_tensor *keys = NULL;
+    MS_CHECK(begin(g, name, MS_CALL_REDUCE_SCATTER, dtype, op, 0, count, out, in, key_count,
+                   &keys));
+    int status = MS_OK;
+    if (keys) {
+        status = reduce_scatter_keys(g, name, out, in, ms_tensor_data(keys), count, dtype, op);
+        int released = release_keys(g, keys);
+        status = status != MS_OK ? status : released;
+    } else if (count > 0) { /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclReduceScatter(in, out, (size_t)count, type_of(dtype),
                                               op_of(op), ng->comm,
                                               ms_cuda_comm_stream(ng->device)));
+    }
+    MS_CHECK(status);
     size_t block = (size_t)count * ms_dtype_size(dtype);
     return finish(g, out, block, in, block * (size_t)g->size);
+}
+
+/* All-reduce of data's order keys in keys (which may be data itself), decoded into data. */
+static int all_reduce_keys(ms_group *g, const char *name, void *data, void *keys,
+                           int64_t count, int dtype, int op)
+{
+    nccl_group *ng = g->impl;
+    cudaStream_t stream = ms_cuda_comm_stream(ng->device);
+    MS_CHECK(launched(g, name, ms_cu_order_keys_encode(stream, keys, data, count, dtype,
+                                                       op == MS_DIST_MAX)));
+    NCCL_CHECK(g, name, ncclAllReduce(keys, keys, (size_t)count, order_key_type(dtype),
+                                      op_of(op), ng->comm, stream));
+    return launched(g, name, ms_cu_order_keys_decode(stream, data, keys, count, dtype));
 }
 
 static int nccl_all_reduce(ms_group *g, void *data, int64_t count, int dtype, int op)
 {
     const char *name = "all_reduce";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, MS_CALL_ALL_REDUCE, dtype, op, 0, count, data, NULL));
-    if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
+    int keyed = count > 0 && uses_order_keys(dtype, op);
+    /* f32 and f64 keys have their values' width and replace them in place */
+    int64_t key_count = keyed && order_key_size(dtype) != ms_dtype_size(dtype) ? count : 0;
+    ms_tensor *keys = NULL;
+    MS_CHECK(begin(g, name, MS_CALL_ALL_REDUCE, dtype, op, 0, count, data, NULL, key_count,
+                   &keys));
+    int status = MS_OK;
+    if (keyed) {
+        status = all_reduce_keys(g, name, data, keys ? ms_tensor_data(keys) : data, count,
+                                 dtype, op);
+        int released = release_keys(g, keys);
+        status = status != MS_OK ? status : released;
+    } else if (count > 0) { /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclAllReduce(data, data, (size_t)count, type_of(dtype),
                                           op_of(op), ng->comm,
                                           ms_cuda_comm_stream(ng->device)));
+    }
+    MS_CHECK(status);
     return finish(g, data, (size_t)count * ms_dtype_size(dtype), NULL, 0);
 }
 
@@ -211,7 +315,7 @@ static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int
 {
     const char *name = "broadcast";
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, name, MS_CALL_BROADCAST, dtype, 0, root, count, data, NULL));
+    MS_CHECK(begin(g, name, MS_CALL_BROADCAST, dtype, 0, root, count, data, NULL, 0, NULL));
     if (count > 0) /* empty buffers may be NULL, which NCCL refuses */
         NCCL_CHECK(g, name, ncclBroadcast(data, data, (size_t)count, type_of(dtype), root,
                                           ng->comm, ms_cuda_comm_stream(ng->device)));
@@ -222,7 +326,7 @@ static int nccl_broadcast(ms_group *g, void *data, int64_t count, int dtype, int
 static int nccl_barrier(ms_group *g)
 {
     nccl_group *ng = g->impl;
-    MS_CHECK(begin(g, "barrier", MS_CALL_BARRIER, 0, 0, 0, 0, NULL, NULL));
+    MS_CHECK(begin(g, "barrier", MS_CALL_BARRIER, 0, 0, 0, 0, NULL, NULL, 0, NULL));
     return ms_cuda_synchronize(ng->device);
 }
 
@@ -275,6 +379,8 @@ static void nccl_group_free(ms_group *g)
     ms_group_release(g);
 }
 
+static int nccl_device(const ms_group *g) { return ((const nccl_group *)g->impl)->device; }
+
 static const ms_comm_backend nccl_backend = {
     .name = "nccl",
     .device_buffers = 1,
@@ -285,6 +391,7 @@ static const ms_comm_backend nccl_backend = {
     .barrier = nccl_barrier,
     .new_group = nccl_new_group,
     .group_free = nccl_group_free,
+    .device = nccl_device,
 };
 
 /* The rank's index among the ranks on its machine: the world rank for local ranks (one

@@ -9,6 +9,7 @@ static int every_collective(int rank, int n, void *context)
     EXPECT_STATUS(MS_OK, ms_dist_world(&world));
     EXPECT(ms_group_rank(world) == rank && ms_group_size(world) == n);
     EXPECT(strcmp(ms_group_backend(world), "local") == 0);
+    EXPECT(ms_group_device(world) == -1); /* a host backend: collectives on CPU tensors */
     collective_cases(NULL);
     return 0;
 }
@@ -176,6 +177,7 @@ int main(void)
     expect_clean_run(2, argument_checks, NULL, "argument_checks");
     ms_group *world = NULL;
     EXPECT_STATUS(MS_ERR_STATE, ms_dist_world(&world));
+    EXPECT(ms_group_device(NULL) == -1);
     if (failures)
         fprintf(stderr, "test_comm_local: %d failures\n", failures);
     return failures != 0;
