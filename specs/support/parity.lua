@@ -76,13 +76,14 @@ function M.reference(steps)
 end
 
 -- Sharded run on world_size ranks. config: {strategy, wrap = "root"|"layer"|"nested",
--- offload = bool, mesh_shape = {..}}.
+-- offload = bool, mesh_shape = {..}, forward_prefetch, backward_prefetch}.
 function M.sharded(steps, world_size, config)
   local results = dist.spawn(world_size, function(rank, size)
     ms.set_default_dtype("f64")
     ms.manual_seed(0)
     local model = Model()
-    local opts = {sharding_strategy = config.strategy, cpu_offload = {offload_params = config.offload}}
+    local opts = {sharding_strategy = config.strategy, cpu_offload = {offload_params = config.offload},
+                  forward_prefetch = config.forward_prefetch, backward_prefetch = config.backward_prefetch}
     if config.mesh_shape then
       opts.device_mesh = dist.init_device_mesh(config.mesh_shape, {mesh_dim_names = {"replicate", "shard"}})
     end

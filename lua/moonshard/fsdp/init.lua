@@ -9,6 +9,7 @@ local Unit = require "moonshard.fsdp.unit"
 local state_dict = require "moonshard.fsdp.state_dict"
 local reduce = require "moonshard.ops.reduce"
 local stats = require "moonshard.fsdp.stats"
+local prefetch = require "moonshard.fsdp.prefetch"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -57,6 +58,7 @@ local function pre_backward(unit)
       autograd.queue_callback(function() finish_backward(unit) end)
     end
     unit:unshard()
+    prefetch.on_backward(unit, "BACKWARD_PRE")
     -- checkpointed regions inside the unit's forward read the parameters when recomputed
     unit:expose(true)
   end
@@ -69,8 +71,10 @@ local function pre_forward(unit)
         u:reshard()
         u:reset_iteration()
       end
+      prefetch.begin_forward(unit)
     end
     unit:unshard()
+    prefetch.on_forward(unit)
     unit:expose(true)
   end
 end
@@ -93,6 +97,7 @@ local function post_forward(unit)
     else
       unit:reshard()
     end
+    if unit.is_root and not autograd.in_backward() then prefetch.end_forward(unit) end
   end
 end
 
@@ -128,7 +133,8 @@ local function check_options(opts)
          "HYBRID_SHARD or _HYBRID_SHARD_ZERO2)", tostring(strategy))
   end
   local known = {sharding_strategy = true, device_mesh = true, cpu_offload = true, use_orig_params = true,
-                 auto_wrap_policy = true, sync_module_states = true, process_group = true}
+                 auto_wrap_policy = true, sync_module_states = true, process_group = true,
+                 forward_prefetch = true, backward_prefetch = true}
   for key in pairs(opts) do
     if not known[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
   end
@@ -137,6 +143,14 @@ local function check_options(opts)
   end
   if opts.cpu_offload ~= nil and type(opts.cpu_offload) ~= "table" then
     fail("FSDP", "cpu_offload must be a table such as {offload_params = true}")
+  end
+  if opts.forward_prefetch ~= nil and type(opts.forward_prefetch) ~= "boolean" then
+    fail("FSDP", "forward_prefetch must be true or false, got %s", tostring(opts.forward_prefetch))
+  end
+  local backward = opts.backward_prefetch
+  if backward ~= nil and backward ~= false and not prefetch.BACKWARD[backward] then
+    fail("FSDP", "unknown backward_prefetch '%s' (expected BACKWARD_PRE, BACKWARD_POST or false)",
+         tostring(backward))
   end
   return strategy
 end
@@ -190,7 +204,8 @@ local function auto_wrap(module, policy, config, is_top)
 end
 
 -- FSDP(module, {sharding_strategy, device_mesh, cpu_offload = {offload_params},
---               use_orig_params, auto_wrap_policy, sync_module_states}) -> module
+--               use_orig_params, auto_wrap_policy, sync_module_states,
+--               forward_prefetch, backward_prefetch}) -> module
 function fsdp.FSDP(module, opts)
   opts = opts or {}
   if not Module.is_module(module) then fail("FSDP", "expected an nn.Module, got %s", type(module)) end
@@ -209,9 +224,12 @@ function fsdp.FSDP(module, opts)
   local root = unit_of(module)
   root.tree = units_under(module)
   for _, unit in ipairs(root.tree) do
-    unit.is_root = unit == root
+    unit.is_root, unit.root = unit == root, root
     if unit ~= root then unit.tree = nil end
   end
+  root.forward_prefetch = opts.forward_prefetch or false
+  root.backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch,
+                                                     mesh:get_group(mesh:ndim() - 1).backend)
   rawset(module, "no_sync", fsdp.no_sync)
   return module
 end
@@ -321,6 +339,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   return norm
 end
 
+fsdp.BackwardPrefetch = {BACKWARD_PRE = "BACKWARD_PRE", BACKWARD_POST = "BACKWARD_POST"}
 fsdp.stats, fsdp.reset_stats = stats.snapshot, stats.reset
 fsdp.set_state_dict_type = state_dict.set_state_dict_type
 fsdp.optim_state_dict = state_dict.optim_state_dict

@@ -1,7 +1,8 @@
 -- One FSDP unit: the parameters a wrapped module owns, sharded on dim 0 over the shard
--- group. Unshard = copy local rows into a flat buffer, one all-gather, copy out; reduce =
--- copy gradients into a flat buffer, one reduce-scatter (plus an all-reduce across
--- replicas for hybrid strategies), copy out the local rows.
+-- group. Unshard = copy local rows into a flat buffer and issue one all-gather
+-- (start_unshard, which a prefetch may run early), then copy out; reduce = copy gradients
+-- into a flat buffer, one reduce-scatter (plus an all-reduce across replicas for hybrid
+-- strategies), copy out the local rows.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local DTensor = require "moonshard.dtensor"
@@ -9,6 +10,7 @@ local placement = require "moonshard.placement"
 local scope = require "moonshard.scope"
 local raw = require "moonshard.ops.raw"
 local stats = require "moonshard.fsdp.stats"
+local prefetch = require "moonshard.fsdp.prefetch"
 
 local lib, check, fail = C.lib, C.check, C.fail
 local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
@@ -148,21 +150,13 @@ local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
   flat_full:_release()
 end
 
--- Make every parameter of the unit whole: one all-gather through a flat buffer.
-function Unit:unshard()
-  if self.unsharded then return end
-  self.unsharded = true
-  if #self.params == 0 then return end
-  local first = self.params[1].unsharded
-  if not self.strategy.shard and not self.offload then return end
-  for _, p in ipairs(self.params) do restore_storage(p.unsharded) end
-  if not self.strategy.shard then
-    for _, p in ipairs(self.params) do
-      check(lib.ms_copy(p.unsharded._c, p.sharded._local._c), "fsdp: unshard")
-    end
-    return
-  end
+-- Issue the unit's all-gather into a flat buffer (kept in self.gathering); the parameters
+-- become whole in unshard. Strategies without one make the parameters whole right away.
+function Unit:start_unshard()
+  if self.unsharded or self.gathering then return end
+  if not self.strategy.shard or #self.params == 0 then return self:unshard() end
   local size, per_rank = self.shard_size, self.per_rank_numel
+  local first = self.params[1].unsharded
   local dtype, pool = first._c.dtype, first._c.storage.pool
   local send = empty({per_rank}, dtype, pool)
   check(lib.ms_fill(send._c, 0), "fsdp: unshard")
@@ -173,11 +167,30 @@ function Unit:unshard()
       slot:_release()
     end
   end
-  local gathered = empty({size * per_rank}, dtype, pool)
+  local gathered = scope.keep(empty({size * per_rank}, dtype, pool)) -- may outlive this forward
   stats.timed("all_gathers", tonumber(lib.ms_tensor_nbytes(gathered._c)), dist().all_gather_into_tensor,
               gathered, send, {group = self.shard_group})
   send:_release()
-  for _, p in ipairs(self.params) do move_rows(p.unsharded, gathered, p, size, per_rank, false) end
+  self.gathering = gathered
+end
+
+-- Make every parameter of the unit whole: copy out of the all-gather buffer (issuing the
+-- all-gather first unless a prefetch did).
+function Unit:unshard()
+  if self.unsharded then return end
+  if self.strategy.shard and #self.params > 0 and not self.gathering then self:start_unshard() end
+  self.unsharded = true
+  if #self.params == 0 or (not self.strategy.shard and not self.offload) then return end
+  for _, p in ipairs(self.params) do restore_storage(p.unsharded) end
+  if not self.strategy.shard then
+    for _, p in ipairs(self.params) do
+      check(lib.ms_copy(p.unsharded._c, p.sharded._local._c), "fsdp: unshard")
+    end
+    return
+  end
+  local gathered = self.gathering
+  self.gathering = nil
+  for _, p in ipairs(self.params) do move_rows(p.unsharded, gathered, p, self.shard_size, self.per_rank_numel, false) end
   gathered:_release()
 end
 
@@ -191,6 +204,10 @@ end
 
 -- Free the unsharded parameters (their autograd views stay valid handles).
 function Unit:reshard()
+  if self.gathering then -- prefetched but not used
+    self.gathering:_release()
+    self.gathering = nil
+  end
   if not self.unsharded then return end
   self.unsharded = false
   self:expose(false)
@@ -200,9 +217,21 @@ function Unit:reshard()
   end
 end
 
+-- Every gradient of the unit is in: reduce them and free the parameters. BACKWARD_POST
+-- frees first and gathers the next unit, whose all-gather then runs beside the reduction.
 function Unit:on_grad_ready()
   self.received = self.received + 1
-  if self.received >= self.needs_grad and not self.no_sync then
+  if self.received < self.needs_grad then return end
+  local post = self.root.backward_prefetch == "BACKWARD_POST"
+  if self.no_sync then
+    if post then prefetch.on_backward(self, "BACKWARD_POST") end
+    return
+  end
+  if post then
+    self:reshard()
+    prefetch.on_backward(self, "BACKWARD_POST")
+    self:reduce_grads()
+  else
     self:reduce_grads()
     self:reshard()
   end
