@@ -3,8 +3,9 @@
 -- Prints JSON lines; on a machine without a GPU prints one line saying why and exits 0.
 -- Usage (repository root): luajit bench/gpu.lua [--only gemm,kernels,collectives]
 --   [--ranks N] [--max-bytes 268435456] [--repeats 20] [--quick]
--- --device host --quick runs the GEMM and kernel parts on the host pool: a dry run of the
--- script on a machine without a GPU (the figures are then CPU figures).
+-- --device host --quick runs every part on the host pool, the collectives on the local
+-- backend: a dry run of the script on a machine without a GPU (the figures are then CPU
+-- figures).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
 local ms = require "moonshard"
@@ -125,20 +126,26 @@ local BUS_FACTOR = {
   broadcast = function() return 1 end,
 }
 
+-- One rank per GPU on nccl; with --device host two ranks on the local backend (a dry run).
+-- Runs before anything else touches a device: ranks that use CUDA cannot be forked from a
+-- process where CUDA has started.
 local function bench_collectives(opts, devices)
-  local ranks = opts.ranks or devices
+  local dry_run = opts.device == "host"
+  local ranks = opts.ranks or (dry_run and 2 or devices)
   if ranks < 2 then
     json({{"bench", "collectives"}, {"skipped", "needs 2 GPUs, found " .. devices}})
     return
   end
+  local backend = dry_run and "local" or "nccl"
   local lines = dist.spawn(ranks, function(rank, size)
-    assert(lib.ms_nccl_init() == 0, ffi.string(lib.ms_last_error()))
-    local device, out = "cuda:" .. rank, {}
+    dist.init_process_group(backend) -- the world's own "local" keeps it as it is
+    local device, out = dry_run and "host" or "cuda:" .. rank, {}
     local bytes = 1024
     while bytes <= opts.max_bytes do
-      local count = bytes / 4
+      local part_count = math.floor(bytes / 4 / size)
+      local count = part_count * size
       local big = ms.keep(ms.zeros(count, {device = device}))
-      local part = ms.keep(ms.zeros(count / size, {device = device}))
+      local part = ms.keep(ms.zeros(part_count, {device = device}))
       local calls = {
         all_reduce = function() dist.all_reduce(big, "sum") end,
         all_gather = function() dist.all_gather_into_tensor(big, part) end,
@@ -146,19 +153,19 @@ local function bench_collectives(opts, devices)
         broadcast = function() dist.broadcast(big, 0) end,
       }
       for _, op in ipairs({"all_reduce", "all_gather", "reduce_scatter", "broadcast"}) do
-        local seconds = time_of(calls[op], opts.repeats, rank)
-        local algbw = bytes / seconds / 1e9
-        out[#out + 1] = {op, bytes, seconds, algbw, algbw * BUS_FACTOR[op](size)}
+        local seconds = time_of(calls[op], opts.repeats, device)
+        local algbw = count * 4 / seconds / 1e9
+        out[#out + 1] = {op, count * 4, seconds, algbw, algbw * BUS_FACTOR[op](size)}
       end
       big:_release()
       part:_release()
       bytes = bytes * 4
     end
-    lib.ms_nccl_finalize()
+    dist.destroy_process_group()
     return out
   end)
   for _, row in ipairs(lines[1]) do
-    json({{"bench", "collective"}, {"backend", "nccl"}, {"op", row[1]}, {"ranks", ranks},
+    json({{"bench", "collective"}, {"backend", backend}, {"op", row[1]}, {"ranks", ranks},
           {"bytes", row[2]}, {"seconds", row[3]}, {"algbw_gbps", row[4]},
           {"busbw_gbps", row[5]}})
   end
@@ -171,6 +178,6 @@ if count[0] == 0 and opts.device ~= "host" then
   json({{"bench", "gpu"}, {"skipped", ffi.string(lib.ms_cuda_unavailable_reason())}})
   return
 end
+if opts.only.collectives then bench_collectives(opts, count[0]) end
 if opts.only.gemm then bench_gemm(opts) end
 if opts.only.kernels then bench_kernels(opts) end
-if opts.only.collectives and opts.device ~= "host" then bench_collectives(opts, count[0]) end

@@ -46,14 +46,14 @@ function M.assert_equal(device_result, cpu_result, what)
   assert.is_true(ms.equal(device_result:to("cpu"), cpu_result), what)
 end
 
--- In a forked rank: turn the local group into NCCL communicators, run fn, tear them down.
+-- In a forked rank: make the world an nccl group, run fn, make it the local group again.
+-- In a dry run M.backend is "local", the world's own backend, which init_process_group keeps.
 function M.with_nccl(fn)
-  if M.device == "host" then return fn() end
-  local status = lib.ms_nccl_init()
-  if status ~= 0 then error("moonshard: nccl_init: " .. ffi.string(lib.ms_last_error()), 0) end
+  ms.dist.init_process_group(M.backend)
   local ok, result = pcall(fn)
-  lib.ms_nccl_finalize()
+  local destroyed, destroy_error = pcall(ms.dist.destroy_process_group)
   if not ok then error(result, 0) end
+  if not destroyed then error(destroy_error, 0) end
   return result
 end
 

@@ -1,6 +1,7 @@
 -- The nccl backend on forked ranks, one GPU each: every collective, dtype and op against
--- values worked out here, sub-groups through ncclCommSplit, mismatched calls, and a
--- collective overlapping compute on the communication stream.
+-- values worked out here, NaN through max and min, CPU tensors on the nccl world,
+-- sub-groups through ncclCommSplit, mismatched calls, and a collective overlapping compute
+-- on the communication stream.
 local ms = require "moonshard"
 local dist = ms.dist
 local gpu = require "gpu.helpers"
@@ -32,6 +33,38 @@ local function on_device(list, dtype, rank)
 end
 
 local function host_list(t) return t:to("cpu"):to("f64"):table() end
+
+local NAN = 0 / 0
+
+-- Rank r's element i for the NaN case: a NaN where i % 5 == r, an infinity (+ on even
+-- ranks, - on odd ones) where i % 7 == r, value(r, i) elsewhere.
+local function value_or_special(r, i)
+  if i % 5 == r then return NAN end
+  if i % 7 == r then return r % 2 == 0 and math.huge or -math.huge end
+  return value(r, i)
+end
+
+local function specials(r, n)
+  local out = {}
+  for i = 1, n do out[i] = value_or_special(r, i - 1) end
+  return out
+end
+
+-- max or min over ranks at element i; NaN when any rank has one.
+local function reduced_with_nan(op, size, i)
+  local acc = value_or_special(0, i)
+  for r = 1, size - 1 do
+    local v = value_or_special(r, i)
+    if acc ~= acc or v ~= v then return NAN end
+    acc = op == "max" and math.max(acc, v) or math.min(acc, v)
+  end
+  return acc
+end
+
+local function same_value(got, want)
+  if want ~= want then return got ~= got end
+  return got == want
+end
 
 describe("the nccl backend #gpu", function()
   local size = gpu.world_size()
@@ -69,6 +102,75 @@ describe("the nccl backend #gpu", function()
       return wrong
     end)
     for r = 1, size do assert.are.same({}, failures[r], "rank " .. (r - 1)) end
+  end)
+
+  it("propagates NaN through max and min and leaves a reduce-scatter's input as it was", function()
+    local failures = run(function(rank)
+      local wrong = {}
+      local n = 23
+      for _, dtype in ipairs({"f32", "f64", "bf16", "f16"}) do
+        for _, op in ipairs({"max", "min"}) do
+          local t = on_device(specials(rank, 101), dtype, rank)
+          dist.all_reduce(t, op)
+          for i, got in ipairs(host_list(t)) do
+            if not same_value(got, reduced_with_nan(op, size, i - 1)) then
+              wrong[#wrong + 1] = string.format("all_reduce %s %s element %d: %g", dtype, op,
+                                                i - 1, got)
+              break
+            end
+          end
+          local input = on_device(specials(rank, size * n), dtype, rank)
+          local out = ms.empty(n, {dtype = dtype, device = gpu.rank_device(rank)})
+          dist.reduce_scatter_tensor(out, input, op)
+          for i, got in ipairs(host_list(out)) do
+            if not same_value(got, reduced_with_nan(op, size, rank * n + i - 1)) then
+              wrong[#wrong + 1] = string.format("reduce_scatter %s %s element %d: %g", dtype,
+                                                op, i - 1, got)
+              break
+            end
+          end
+          for i, got in ipairs(host_list(input)) do
+            if not same_value(got, value_or_special(rank, i - 1)) then
+              wrong[#wrong + 1] = string.format("reduce_scatter %s %s changed input element %d",
+                                                dtype, op, i - 1)
+              break
+            end
+          end
+        end
+      end
+      return wrong
+    end)
+    for r = 1, size do assert.are.same({}, failures[r], "rank " .. (r - 1)) end
+  end)
+
+  -- The contract of dist.lua on an nccl world: CPU tensors go through the group's device
+  -- and come back, still CPU tensors, holding what the local backend computes.
+  it("takes CPU tensors and gives the local backend's results", function()
+    local function collectives(rank)
+      local summed = ms.tensor(values(rank, 101), {dtype = "f32"})
+      dist.all_reduce(summed, "sum")
+      local maxed = ms.tensor(specials(rank, 101), {dtype = "bf16"})
+      dist.all_reduce(maxed, "max")
+      local gathered = ms.empty(size * 37, {dtype = "i64"})
+      dist.all_gather_into_tensor(gathered, ms.tensor(values(rank, 37), {dtype = "i64"}))
+      local broadcast = ms.tensor(values(rank, 37), {dtype = "f64"})
+      dist.broadcast(broadcast, size - 1)
+      local results, devices = {}, {}
+      for _, t in ipairs({summed, maxed, gathered, broadcast}) do
+        devices[#devices + 1] = t:device()
+        -- NaN ~= NaN: compare NaNs by name
+        local list = host_list(t)
+        for i, v in ipairs(list) do if v ~= v then list[i] = "nan" end end
+        results[#results + 1] = list
+      end
+      return {results = results, devices = devices}
+    end
+    local on_nccl = run(collectives)
+    local on_local = dist.spawn(size, collectives)
+    for r = 1, size do
+      assert.are.same({"cpu", "cpu", "cpu", "cpu"}, on_nccl[r].devices, "rank " .. (r - 1))
+      assert.are.same(on_local[r].results, on_nccl[r].results, "rank " .. (r - 1))
+    end
   end)
 
   it("all-gathers, reduce-scatters and broadcasts", function()
