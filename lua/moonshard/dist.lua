@@ -170,12 +170,34 @@ function M.new_group(ranks, opts)
 end
 
 -- ---- collectives (in place, like PyTorch's synchronous forms) ----
+-- On nccl groups they also take host tensors (staged through the group's device).
 
 local function tensor_arg(t, what, name)
   if not Tensor.is_tensor(t) then
     fail(what, "%s must be a tensor, got %s", name, type(t) == "table" and "a table" or type(t))
   end
   return t._c
+end
+
+-- nccl groups move device memory: a host tensor goes through a buffer on the group's
+-- device (filled from it, and copied back into it when the collective writes). Other
+-- backends take tensors as they are.
+local function on_device(g, t, fill)
+  if g.backend ~= "nccl" or t._c.storage.pool >= lib.MS_POOL_CUDA0 then return t end
+  local device = lib.ms_group_device(g._c)
+  local staged = Tensor.empty_raw(t:shape(), t._c.dtype, lib.MS_POOL_CUDA0 + device)
+  if fill then check(lib.ms_copy(staged._c, t._c), "dist: staging a host tensor") end
+  return staged
+end
+
+local function back_to_host(t, staged)
+  if staged == t then return end
+  check(lib.ms_copy(t._c, staged._c), "dist: staging a host tensor")
+  staged:_release()
+end
+
+local function release_staged(t, staged)
+  if staged ~= t then staged:_release() end
 end
 
 local function op_arg(op, what)
@@ -190,7 +212,10 @@ function M.all_reduce(t, op, opts)
   local what = "dist.all_reduce"
   local g = group_of(opts, what)
   local op_id = op_arg(op or "sum", what)
-  check(lib.ms_dist_all_reduce(g._c, tensor_arg(t, what, "tensor"), op_id), what)
+  tensor_arg(t, what, "tensor")
+  local data = on_device(g, t, true)
+  check(lib.ms_dist_all_reduce(g._c, data._c, op_id), what)
+  back_to_host(t, data)
   t:_bump_version()
 end
 
@@ -198,8 +223,12 @@ end
 function M.all_gather_into_tensor(out, t, opts)
   local what = "dist.all_gather_into_tensor"
   local g = group_of(opts, what)
-  check(lib.ms_dist_all_gather_into_tensor(g._c, tensor_arg(out, what, "output"),
-                                           tensor_arg(t, what, "input")), what)
+  tensor_arg(out, what, "output")
+  tensor_arg(t, what, "input")
+  local staged_out, staged_in = on_device(g, out, false), on_device(g, t, true)
+  check(lib.ms_dist_all_gather_into_tensor(g._c, staged_out._c, staged_in._c), what)
+  release_staged(t, staged_in)
+  back_to_host(out, staged_out)
   out:_bump_version()
 end
 
@@ -209,8 +238,12 @@ function M.reduce_scatter_tensor(out, t, op, opts)
   local what = "dist.reduce_scatter_tensor"
   local g = group_of(opts, what)
   local op_id = op_arg(op or "sum", what)
-  check(lib.ms_dist_reduce_scatter_tensor(g._c, tensor_arg(out, what, "output"),
-                                          tensor_arg(t, what, "input"), op_id), what)
+  tensor_arg(out, what, "output")
+  tensor_arg(t, what, "input")
+  local staged_out, staged_in = on_device(g, out, false), on_device(g, t, true)
+  check(lib.ms_dist_reduce_scatter_tensor(g._c, staged_out._c, staged_in._c, op_id), what)
+  release_staged(t, staged_in)
+  back_to_host(out, staged_out)
   out:_bump_version()
 end
 
@@ -222,7 +255,10 @@ function M.broadcast(t, src, opts)
   if root == nil then
     fail(what, "src %s is not a member of %s", tostring(src), tostring(g))
   end
-  check(lib.ms_dist_broadcast(g._c, tensor_arg(t, what, "tensor"), root), what)
+  tensor_arg(t, what, "tensor")
+  local data = on_device(g, t, true)
+  check(lib.ms_dist_broadcast(g._c, data._c, root), what)
+  back_to_host(t, data)
   t:_bump_version()
 end
 
