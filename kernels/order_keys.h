@@ -57,18 +57,24 @@ MS_HD uint64_t ms_k_f64_order_key(uint64_t bits, int for_max)
     return ms_k_order_key64(bits);
 }
 
+/* f16 and bf16 differ only in where the exponent ends: infinity and quiet_nan are their
+ * positive patterns. */
+MS_HD uint32_t ms_k_order_key16_of(uint16_t bits, uint16_t infinity, uint16_t quiet_nan,
+                                   int for_max)
+{
+    if ((bits & 0x7fffu) > infinity)
+        bits = for_max ? quiet_nan : (uint16_t)(quiet_nan | 0x8000u);
+    return ms_k_order_key16(bits);
+}
+
 MS_HD uint32_t ms_k_f16_order_key(uint16_t bits, int for_max)
 {
-    if ((bits & 0x7fffu) > 0x7c00u)
-        bits = for_max ? 0x7e00u : 0xfe00u;
-    return ms_k_order_key16(bits);
+    return ms_k_order_key16_of(bits, 0x7c00u, 0x7e00u, for_max);
 }
 
 MS_HD uint32_t ms_k_bf16_order_key(uint16_t bits, int for_max)
 {
-    if ((bits & 0x7fffu) > 0x7f80u)
-        bits = for_max ? 0x7fc0u : 0xffc0u;
-    return ms_k_order_key16(bits);
+    return ms_k_order_key16_of(bits, 0x7f80u, 0x7fc0u, for_max);
 }
 
 #endif

@@ -61,9 +61,14 @@ local function reduced_with_nan(op, size, i)
   return acc
 end
 
-local function same_value(got, want)
-  if want ~= want then return got ~= got end
-  return got == want
+-- The first element of got (0-based) that is not want(i), NaN matching NaN; nil if none.
+local function first_difference(got, want)
+  for i, v in ipairs(got) do
+    local expected = want(i - 1)
+    if (expected ~= expected and v == v) or (expected == expected and v ~= expected) then
+      return i - 1
+    end
+  end
 end
 
 describe("the nccl backend #gpu", function()
@@ -110,32 +115,25 @@ describe("the nccl backend #gpu", function()
       local n = 23
       for _, dtype in ipairs({"f32", "f64", "bf16", "f16"}) do
         for _, op in ipairs({"max", "min"}) do
-          local t = on_device(specials(rank, 101), dtype, rank)
-          dist.all_reduce(t, op)
-          for i, got in ipairs(host_list(t)) do
-            if not same_value(got, reduced_with_nan(op, size, i - 1)) then
-              wrong[#wrong + 1] = string.format("all_reduce %s %s element %d: %g", dtype, op,
-                                                i - 1, got)
-              break
+          local function note(what, at)
+            if at then
+              wrong[#wrong + 1] = string.format("%s %s %s element %d", what, dtype, op, at)
             end
           end
+          local t = on_device(specials(rank, 101), dtype, rank)
+          dist.all_reduce(t, op)
+          note("all_reduce", first_difference(host_list(t), function(i)
+            return reduced_with_nan(op, size, i)
+          end))
           local input = on_device(specials(rank, size * n), dtype, rank)
           local out = ms.empty(n, {dtype = dtype, device = gpu.rank_device(rank)})
           dist.reduce_scatter_tensor(out, input, op)
-          for i, got in ipairs(host_list(out)) do
-            if not same_value(got, reduced_with_nan(op, size, rank * n + i - 1)) then
-              wrong[#wrong + 1] = string.format("reduce_scatter %s %s element %d: %g", dtype,
-                                                op, i - 1, got)
-              break
-            end
-          end
-          for i, got in ipairs(host_list(input)) do
-            if not same_value(got, value_or_special(rank, i - 1)) then
-              wrong[#wrong + 1] = string.format("reduce_scatter %s %s changed input element %d",
-                                                dtype, op, i - 1)
-              break
-            end
-          end
+          note("reduce_scatter", first_difference(host_list(out), function(i)
+            return reduced_with_nan(op, size, rank * n + i)
+          end))
+          note("reduce_scatter changed the input:", first_difference(host_list(input), function(i)
+            return value_or_special(rank, i)
+          end))
         end
       end
       return wrong

@@ -14,10 +14,19 @@ typedef struct format {
     double (*value)(uint64_t bits); /* decoded independently of the keys */
 } format;
 
-static uint64_t f32_key(uint64_t bits, int for_max) { return ms_k_f32_order_key((uint32_t)bits, for_max); }
+static uint64_t f32_key(uint64_t bits, int for_max)
+{
+    return ms_k_f32_order_key((uint32_t)bits, for_max);
+}
 static uint64_t f64_key(uint64_t bits, int for_max) { return ms_k_f64_order_key(bits, for_max); }
-static uint64_t f16_key(uint64_t bits, int for_max) { return ms_k_f16_order_key((uint16_t)bits, for_max); }
-static uint64_t bf16_key(uint64_t bits, int for_max) { return ms_k_bf16_order_key((uint16_t)bits, for_max); }
+static uint64_t f16_key(uint64_t bits, int for_max)
+{
+    return ms_k_f16_order_key((uint16_t)bits, for_max);
+}
+static uint64_t bf16_key(uint64_t bits, int for_max)
+{
+    return ms_k_bf16_order_key((uint16_t)bits, for_max);
+}
 static uint64_t from_key32(uint64_t key) { return ms_k_from_order_key32((uint32_t)key); }
 static uint64_t from_key64(uint64_t key) { return ms_k_from_order_key64(key); }
 static uint64_t from_key16(uint64_t key) { return ms_k_from_order_key16((uint32_t)key); }
