@@ -40,9 +40,11 @@ int ms_group_ranks(const ms_group *g, int *world_ranks);
 const char *ms_group_backend(const ms_group *g);
 /* The CUDA device index the group's collectives run on, -1 for host backends or NULL. */
 int ms_group_device(const ms_group *g);
-/* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms; local
- * backend). For the mpi world it bounds how long MPI_Finalize at exit waits for the other
- * processes before the process exits with status 1 (mpirun then ends the job). */
+/* How long a collective on g waits for a member before MS_ERR_TIMEOUT (> 0 ms). On the mpi
+ * backend a timeout leaves MPI unusable in the process (every later collective fails and
+ * MPI is not finalised, so mpirun ends the job); for the mpi world it also bounds how long
+ * MPI_Finalize at exit waits for the other processes before the process exits with
+ * status 1. */
 int ms_group_set_timeout(ms_group *g, int64_t timeout_ms);
 
 /* A group of parent's members listed in ranks (indices in parent, any order, no repeats).

@@ -4,6 +4,7 @@
 #include <limits.h>
 #include <mpi.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@ static struct {
     MPI_Op user_ops[MS_DIST_MIN + 1]; /* f16, bf16 and NaN-propagating float max/min */
     mpi_group *live;                  /* group handles whose communicator is open */
     ms_group *world;
+    char timed_out[256]; /* set by a collective that timed out: MPI is not used again */
 } mpi;
 
 static const ms_comm_backend mpi_backend;
@@ -38,12 +40,57 @@ static int mpi_fail(const char *name, const char *call, int code)
     return MS_FAIL(MS_ERR_PEER_DIED, "%s: %s failed: %.*s", name, call, len, text);
 }
 
-/* Run an MPI call; a failure breaks the group (members may be out of step). */
-#define MPI_CHECK(g, name, call)                                                   \
+static int64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Wait for the collective behind *request for at most g's timeout. MPI_Test drives
+ * progress; between tests the thread yields for a few microseconds, then sleeps 50 us
+ * doubling to 1 ms, so processes sharing cores leave them to the peers they wait for.
+ * MPI cannot cancel a collective, and a peer arriving late would still write into its
+ * buffers whenever MPI next makes progress; so after a timeout this process makes no MPI
+ * call again: every collective on every mpi group fails, and MPI is not finalised at exit
+ * (mpirun then ends the job), as PyTorch's watchdog takes a process down. */
+static int wait_for(ms_group *g, const char *name, const char *call, MPI_Request *request)
+{
+    int64_t deadline = now_ms() + g->timeout_ms;
+    long pause_ns = 50000;
+    for (int tests = 0;; tests++) {
+        int done = 0;
+        int status = MPI_Test(request, &done, MPI_STATUS_IGNORE);
+        if (status != MPI_SUCCESS)
+            return ms_group_break(g, mpi_fail(name, call, status));
+        if (done)
+            return MS_OK;
+        if (tests < 256) {
+            sched_yield();
+            continue;
+        }
+        if (now_ms() > deadline) {
+            int timeout = MS_FAIL(MS_ERR_TIMEOUT, "%s: not every member arrived within %lld "
+                                  "ms (%s); MPI is unusable in this process, which should end",
+                                  name, (long long)g->timeout_ms, call);
+            snprintf(mpi.timed_out, sizeof mpi.timed_out, "%s", ms_last_error());
+            return ms_group_break(g, timeout);
+        }
+        struct timespec pause = {0, pause_ns};
+        nanosleep(&pause, NULL);
+        if (pause_ns < 1000000)
+            pause_ns *= 2;
+    }
+}
+
+/* Start a nonblocking MPI collective and wait for it within the group's timeout; a
+ * failure breaks the group (members may be out of step). */
+#define MPI_RUN(g, name, call, request)                                            \
     do {                                                                           \
         int mpi_status_ = (call);                                                  \
         if (mpi_status_ != MPI_SUCCESS)                                            \
             return ms_group_break((g), mpi_fail((name), #call, mpi_status_));      \
+        MS_CHECK(wait_for((g), (name), #call, (request)));                         \
     } while (0)
 
 static int dtype_of(MPI_Datatype type)
@@ -116,23 +163,26 @@ static int agree(ms_group *g, const char *name, int kind, int dtype, int op, int
                  int64_t count)
 {
     mpi_group *mg = g->impl;
+    if (mpi.timed_out[0])
+        return ms_group_break(g, MS_FAIL(MS_ERR_TIMEOUT, "%s: an earlier collective timed "
+                                         "out: %s", name, mpi.timed_out));
     int64_t mine[MS_SIGNATURE_FIELDS] = {mg->op_seq++, kind, dtype, op, root, count};
     int64_t both[2 * MS_SIGNATURE_FIELDS], lowest[2 * MS_SIGNATURE_FIELDS];
     ms_signature_pack(both, mine);
-    MPI_CHECK(g, name, MPI_Allreduce(both, lowest, 2 * MS_SIGNATURE_FIELDS, MPI_INT64_T,
-                                     MPI_MIN, mg->comm));
+    MPI_Request request;
+    MPI_RUN(g, name, MPI_Iallreduce(both, lowest, 2 * MS_SIGNATURE_FIELDS, MPI_INT64_T, MPI_MIN,
+                                    mg->comm, &request), &request);
     if (ms_signature_agreed(lowest))
         return MS_OK;
     int64_t *all = malloc(sizeof *all * MS_SIGNATURE_FIELDS * (size_t)g->size);
     if (!all)
         return ms_group_break(g, MS_FAIL(MS_ERR_OOM, "%s: ranks disagree about the call", name));
-    int status = MPI_Allgather(mine, MS_SIGNATURE_FIELDS, MPI_INT64_T, all, MS_SIGNATURE_FIELDS,
-                               MPI_INT64_T, mg->comm);
-    if (status != MPI_SUCCESS) {
-        free(all);
-        return ms_group_break(g, mpi_fail(name, "MPI_Allgather", status));
-    }
-    status = ms_signature_mismatch(g, name, mine, all, describe);
+    int status = MPI_Iallgather(mine, MS_SIGNATURE_FIELDS, MPI_INT64_T, all,
+                                MS_SIGNATURE_FIELDS, MPI_INT64_T, mg->comm, &request);
+    status = status == MPI_SUCCESS ? wait_for(g, name, "MPI_Iallgather", &request)
+                                   : ms_group_break(g, mpi_fail(name, "MPI_Iallgather", status));
+    if (status == MS_OK)
+        status = ms_signature_mismatch(g, name, mine, all, describe);
     free(all);
     return status;
 }
@@ -148,8 +198,10 @@ static int mpi_all_reduce(ms_group *g, void *data, int64_t count, int dtype, int
     size_t esize = ms_dtype_size(dtype);
     for (int64_t start = 0; start < count; start += MAX_PIECE) {
         int n = (int)(count - start < MAX_PIECE ? count - start : MAX_PIECE);
-        MPI_CHECK(g, name, MPI_Allreduce(MPI_IN_PLACE, (char *)data + (size_t)start * esize, n,
-                                         type_of(dtype), op_of(op, dtype), mg->comm));
+        MPI_Request request;
+        MPI_RUN(g, name, MPI_Iallreduce(MPI_IN_PLACE, (char *)data + (size_t)start * esize, n,
+                                        type_of(dtype), op_of(op, dtype), mg->comm, &request),
+                &request);
     }
     if (op == MS_DIST_AVG)
         ms_comm_divide(data, (size_t)count, dtype, g->size);
@@ -164,8 +216,9 @@ static int mpi_broadcast(ms_group *g, void *data, int64_t count, int dtype, int 
     size_t esize = ms_dtype_size(dtype);
     for (int64_t start = 0; start < count; start += MAX_PIECE) {
         int n = (int)(count - start < MAX_PIECE ? count - start : MAX_PIECE);
-        MPI_CHECK(g, name, MPI_Bcast((char *)data + (size_t)start * esize, n, type_of(dtype),
-                                     root, mg->comm));
+        MPI_Request request;
+        MPI_RUN(g, name, MPI_Ibcast((char *)data + (size_t)start * esize, n, type_of(dtype),
+                                    root, mg->comm, &request), &request);
     }
     return MS_OK;
 }
@@ -180,8 +233,9 @@ static int mpi_all_gather(ms_group *g, void *out, const void *in, int64_t count,
                        name, (long long)count, INT_MAX);
     size_t block = (size_t)count * ms_dtype_size(dtype);
     const void *send = in == (char *)out + (size_t)g->rank * block ? MPI_IN_PLACE : in;
-    MPI_CHECK(g, name, MPI_Allgather(send, (int)count, type_of(dtype), out, (int)count,
-                                     type_of(dtype), mg->comm));
+    MPI_Request request;
+    MPI_RUN(g, name, MPI_Iallgather(send, (int)count, type_of(dtype), out, (int)count,
+                                    type_of(dtype), mg->comm, &request), &request);
     return MS_OK;
 }
 
@@ -200,14 +254,19 @@ static int mpi_reduce_scatter(ms_group *g, void *out, const void *in, int64_t co
     void *result = aliased ? malloc(block) : out;
     if (aliased && !result)
         return MS_FAIL(MS_ERR_OOM, "%s: out of host memory for %zu bytes", name, block);
-    int status = MPI_Reduce_scatter_block(in, result, (int)count, type_of(dtype),
-                                          op_of(op, dtype), mg->comm);
+    MPI_Request request;
+    int status = MPI_Ireduce_scatter_block(in, result, (int)count, type_of(dtype),
+                                           op_of(op, dtype), mg->comm, &request);
+    status = status == MPI_SUCCESS
+                 ? wait_for(g, name, "MPI_Ireduce_scatter_block", &request)
+                 : ms_group_break(g, mpi_fail(name, "MPI_Ireduce_scatter_block", status));
     if (aliased) {
-        memcpy(out, result, block);
+        if (status == MS_OK)
+            memcpy(out, result, block);
         free(result);
     }
-    if (status != MPI_SUCCESS)
-        return ms_group_break(g, mpi_fail(name, "MPI_Reduce_scatter_block", status));
+    if (status != MS_OK)
+        return status;
     if (op == MS_DIST_AVG)
         ms_comm_divide(out, (size_t)count, dtype, g->size);
     return MS_OK;
@@ -366,6 +425,11 @@ int ms_mpi_finalize(void)
     if (!mpi.world)
         return MS_OK;
     ms_dist_set_world(NULL);
+    if (mpi.timed_out[0]) { /* freeing or finalising would let late peers write */
+        mpi.world = NULL;
+        return MS_FAIL(MS_ERR_TIMEOUT, "mpi_finalize: not finalising MPI after a timeout: %s",
+                       mpi.timed_out);
+    }
     for (mpi_group *mg = mpi.live; mg; mg = mg->next_live) {
         if (mg->comm != MPI_COMM_NULL)
             MPI_Comm_free(&mg->comm);

@@ -1,5 +1,6 @@
 /* C tests of the mpi backend: the shared collective cases on groups of 1 to 4 processes,
- * mismatches, and a process that exits while its peers wait (the job must end, not hang).
+ * mismatches, a process that exits while its peers wait (the job must end, not hang), and
+ * one that never arrives (the others get MS_ERR_TIMEOUT).
  * Run plainly, it starts itself under mpirun -n 4 (skipped without MPI). */
 #include <errno.h>
 #include <signal.h>
@@ -9,8 +10,9 @@
 
 #include "test_comm_cases.h"
 
-static const char EARLY_EXIT[] = "--early-exit";
+static const char EARLY_EXIT[] = "--early-exit", STUCK_PEER[] = "--stuck-peer";
 enum { NOT_BUILT = 77 }; /* exit status of a build without MPI (mpirun passes it on) */
+enum { SAW_TIMEOUT = 3, MISSED_TIMEOUT = 4 }; /* exit statuses of the stuck-peer run */
 
 static int64_t now_ms(void)
 {
@@ -70,6 +72,29 @@ static int early_exit(void)
     return 0;
 }
 
+/* Process 1 sleeps far longer than the timeout; the others' all-reduce must fail with
+ * MS_ERR_TIMEOUT, and so must every later collective, on any group. */
+static int stuck_peer(void)
+{
+    ms_group *world = NULL;
+    if (ms_dist_world(&world) != MS_OK)
+        return 2;
+    ms_group_set_timeout(world, 500);
+    if (ms_group_rank(world) == 1) {
+        struct timespec pause = {30, 0};
+        nanosleep(&pause, NULL);
+        return 0;
+    }
+    int64_t one = 1;
+    ms_tensor *t = new_tensor(MS_F32, one);
+    int first = ms_dist_all_reduce(world, t, MS_DIST_SUM);
+    int named = strstr(ms_last_error(), "within 500 ms") != NULL;
+    int again = ms_dist_barrier(world);
+    ms_tensor_free(t);
+    _exit(first == MS_ERR_TIMEOUT && named && again == MS_ERR_TIMEOUT ? SAW_TIMEOUT
+                                                                      : MISSED_TIMEOUT);
+}
+
 static int run_from_outside(void)
 {
     int64_t elapsed = 0;
@@ -87,6 +112,13 @@ static int run_from_outside(void)
     if (failures)
         fprintf(stderr, "test_comm_mpi: early exit: status %d after %lld ms\n", status,
                 (long long)elapsed);
+    int before = failures;
+    status = run_under_mpirun(STUCK_PEER, 60000, &elapsed);
+    EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == SAW_TIMEOUT);
+    EXPECT(elapsed < 20000); /* the job ends long before the stuck process wakes */
+    if (failures != before)
+        fprintf(stderr, "test_comm_mpi: stuck peer: status %d after %lld ms\n", status,
+                (long long)elapsed);
     return failures != 0;
 }
 
@@ -101,6 +133,8 @@ int main(int argc, char **argv)
     }
     if (argc > 1 && strcmp(argv[1], EARLY_EXIT) == 0)
         return early_exit();
+    if (argc > 1 && strcmp(argv[1], STUCK_PEER) == 0)
+        return stuck_peer();
     EXPECT_STATUS(MS_OK, status);
     EXPECT_STATUS(MS_OK, ms_mpi_init()); /* once is enough; later calls do nothing */
     ms_group *world = NULL;
