@@ -1,11 +1,29 @@
 /* moonshard store: moving elements between strided tensors and a chunk's row-major bytes.
- * Reads hash the chunk block by block just ahead of the copy, so each stored byte is brought
- * into cache once. */
+ * Reads hash the chunk block by block next to the copy, so each stored byte is brought into
+ * cache once; long copies bypass the cache on the destination side. */
 #include <string.h>
 
 #include "store_internal.h"
+#include "stream.h"
 
-enum { HASH_BLOCK_BYTES = 128 << 10 };
+enum {
+    HASH_BLOCK_BYTES = 128 << 10,
+    /* Contiguous pieces at least this long are copied first and hashed afterwards, from cache. */
+    HASHED_AFTER_BYTES = 4 << 10,
+};
+
+void stream_copy(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    size_t head = (size_t)(-(uintptr_t)dst % STREAM_LINE_BYTES);
+    if (head > n)
+        head = n;
+    memcpy(dst, src, head);
+    size_t body = (n - head) / STREAM_LINE_BYTES * STREAM_LINE_BYTES;
+    for (size_t at = head; at < head + body; at += STREAM_LINE_BYTES)
+        stream_line(dst + at, src + at);
+    stream_fence();
+    memcpy(dst + head + body, src + head + body, n - head - body);
+}
 
 /* n elements of esize bytes from src to dst, each with its own stride in bytes. */
 static void copy_elements(uint8_t *dst, int64_t dst_step, const uint8_t *src, int64_t src_step,
@@ -76,16 +94,20 @@ typedef struct hash_cursor {
     uint64_t done;
 } hash_cursor;
 
-/* Hash the chunk up to at least byte end, in whole blocks. */
-static void hash_through(hash_cursor *h, uint64_t end)
+/* Hash the chunk up to byte end exactly. */
+static void hash_to(hash_cursor *h, uint64_t end)
 {
     if (!h->hasher || end <= h->done)
         return;
+    checksum_update(h->hasher, h->chunk + h->done, end - h->done);
+    h->done = end;
+}
+
+/* Hash the chunk up to at least byte end, in whole blocks. */
+static void hash_through(hash_cursor *h, uint64_t end)
+{
     uint64_t target = (end + HASH_BLOCK_BYTES - 1) / HASH_BLOCK_BYTES * HASH_BLOCK_BYTES;
-    if (target > h->nbytes)
-        target = h->nbytes;
-    checksum_update(h->hasher, h->chunk + h->done, target - h->done);
-    h->done = target;
+    hash_to(h, target < h->nbytes ? target : h->nbytes);
 }
 
 /* Drop dims of size 1 and merge dims that are contiguous in both layouts. */
@@ -112,11 +134,14 @@ static int coalesce(int ndim, const int64_t *shape, const int64_t *dst_strides,
     return k;
 }
 
-/* n elements from src (stride src_stride) to dst (stride dst_stride), strides in elements. */
+/* n elements from src (stride src_stride) to dst (stride dst_stride), strides in elements;
+ * streaming when the piece belongs to a long contiguous run. */
 static void copy_run(uint8_t *dst, int64_t dst_stride, const uint8_t *src, int64_t src_stride,
-                     int64_t n, size_t esize)
+                     int64_t n, size_t esize, bool streaming)
 {
-    if (src_stride == 1 && dst_stride == 1)
+    if (src_stride == 1 && dst_stride == 1 && streaming)
+        stream_copy(dst, src, (size_t)n * esize);
+    else if (src_stride == 1 && dst_stride == 1)
         memcpy(dst, src, (size_t)n * esize);
     else
         copy_elements(dst, dst_stride * (int64_t)esize, src, src_stride * (int64_t)esize, n, esize);
@@ -144,15 +169,27 @@ void copy_box_from_chunk(uint8_t *dst, const int64_t *dst_strides, const uint8_t
                 src_at += index[d] * ss[d];
                 dst_at += index[d] * ds[d];
             }
-            /* Long runs go in cache-sized pieces, each hashed just before it is copied. */
+            /* Long runs go in cache-sized pieces. A contiguous piece is hashed right after its
+             * copy brought it into cache (bytes the box skips before it are hashed first);
+             * short or strided ones are covered by whole blocks hashed ahead of the copy. */
             int64_t run = shape[inner];
+            bool contiguous = ss[inner] == 1 && ds[inner] == 1;
+            bool streaming = contiguous && (uint64_t)run * esize >= STREAM_MIN_BYTES;
             int64_t piece = ss[inner] == 1 ? HASH_BLOCK_BYTES / (int64_t)esize : run;
             for (int64_t done = 0; done < run; done += piece) {
                 int64_t n = run - done < piece ? run - done : piece;
                 int64_t first = src_at + done * ss[inner];
-                hash_through(&h, (uint64_t)(first + (n - 1) * ss[inner] + 1) * esize);
+                uint64_t begin = (uint64_t)first * esize;
+                uint64_t end = (uint64_t)(first + (n - 1) * ss[inner] + 1) * esize;
+                bool hashed_after = contiguous && end - begin >= HASHED_AFTER_BYTES;
+                if (hashed_after)
+                    hash_to(&h, begin);
+                else
+                    hash_through(&h, end);
                 copy_run(dst + (dst_at + done * ds[inner]) * (int64_t)esize, ds[inner],
-                         chunk + first * (int64_t)esize, ss[inner], n, esize);
+                         chunk + begin, ss[inner], n, esize, streaming);
+                if (hashed_after)
+                    hash_to(&h, end);
             }
             int d = inner - 1;
             while (d >= 0 && ++index[d] == shape[d])
@@ -162,7 +199,7 @@ void copy_box_from_chunk(uint8_t *dst, const int64_t *dst_strides, const uint8_t
         }
     }
     if (hasher) {
-        hash_through(&h, chunk_bytes);
+        hash_to(&h, chunk_bytes);
         *digest = checksum_digest(hasher);
     }
 }

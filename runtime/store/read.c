@@ -292,12 +292,9 @@ static uint64_t chunk_bytes(const store_entry *e, const store_chunk *c)
     return (uint64_t)chunk_numel(c, e->ndim) * ms_dtype_size(e->dtype);
 }
 
-/* A chunk that fills one contiguous range of the destination is read with pread in blocks,
- * each hashed while it is in cache: a cached chunk is copied without a page fault per page of
- * the map, and for one on disk the kernel's sequential read-ahead keeps the disk busy, which
- * faults on the map do not. */
-static bool read_by_pread(const store_entry *e, const store_chunk *c, const ms_tensor *dst,
-                          const int64_t *box)
+/* Whether chunk c fills one contiguous range of the destination (the overlap is all of it). */
+static bool fills_contiguous_range(const store_entry *e, const store_chunk *c, const ms_tensor *dst,
+                                   const int64_t *box)
 {
     int64_t expected = 1;
     for (int d = e->ndim - 1; d >= 0; d--) {
@@ -347,12 +344,18 @@ static int read_chunk(ms_store *s, int64_t step, store_entry *e, store_chunk *c,
     uint64_t digest = 0;
     off_t file_offset;
     store_env *shard = s->shards[c->rank];
-    if (!c->verified && read_by_pread(e, c, dst, box) &&
+    bool whole = !c->verified && fills_contiguous_range(e, c, dst, box);
+    /* A whole chunk on disk is read with pread in blocks, each hashed while it is in cache:
+     * the kernel's sequential read-ahead keeps the disk busy, which faults on the map do not.
+     * A cached one is copied from the map, hashed as it passes (checksum_copy). */
+    if (whole && !chunk_cached(stored, nbytes) &&
         env_value_offset(shard, stored - c->data_offset, c->data_offset + nbytes, &file_offset)) {
         int fd;
         file_offset += c->data_offset;
         MS_CHECK(env_read_fd(shard, &fd));
         MS_CHECK(pread_verified(s, step, e, c, fd, file_offset, dst_base, nbytes, &digest));
+    } else if (whole) {
+        digest = checksum_copy(dst_base, stored, nbytes, nbytes >= STREAM_MIN_BYTES);
     } else {
         copy_box_from_chunk(dst_base, dst->strides, stored, nbytes, src_first, chunk_strides, esize,
                             e->ndim, box, c->verified ? NULL : s->hasher, &digest);
@@ -387,7 +390,7 @@ static int read_overlapping(ms_store *s, int64_t step, store_entry *e, ms_tensor
             const uint8_t *stored;
             MS_CHECK(store_fetch_chunk(s, step, e, c, nbytes, &stored));
             overlap(e, c, dst, offsets, box, &src_first, &dst_first);
-            if (!c->verified && !read_by_pread(e, c, dst, box))
+            if (!c->verified && !fills_contiguous_range(e, c, dst, box))
                 prefetch_chunk(stored, nbytes);
             ahead_bytes += nbytes;
         }

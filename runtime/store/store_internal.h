@@ -112,6 +112,15 @@ void checksum_reset(checksum_state *st);
 void checksum_update(checksum_state *st, const void *data, size_t n);
 uint64_t checksum_digest(checksum_state *st);
 uint64_t checksum_bytes(const void *data, size_t n);
+/* Copy n bytes from src to dst and return their checksum (checksum_bytes(src, n)), hashing
+ * each 64-byte stripe while the copy has it in registers; streaming: see stream_copy. */
+uint64_t checksum_copy(uint8_t *dst, const uint8_t *src, size_t n, bool streaming);
+
+/* Copies of at least this many bytes go with streaming stores (stream.h): the destination is
+ * larger than this core's cache, so cached stores would read each of its lines first. */
+enum { STREAM_MIN_BYTES = 1 << 20 };
+/* Copy n bytes with streaming stores (whatever the alignment of dst). */
+void stream_copy(uint8_t *dst, const uint8_t *src, size_t n);
 
 /* ---- keys and on-disk records ---- */
 enum { CHUNK_KEY_BYTES = 12, STEP_KEY_BYTES = 8, FORMAT_RECORD_BYTES = 24 };

@@ -71,6 +71,11 @@ static void test_corruption(void)
     CHECK_FAILS(ms_store_read_tensor(s, 1, "model.big", window, NULL), MS_ERR_CORRUPT,
                 "step 1: 'model.big': chunk [0:256, 0:256] in shard-0.mdb failed its checksum");
     ms_tensor_free(window);
+    /* Whole cached chunks are hashed as they are copied out of the map (checksum_copy). */
+    ms_tensor *cached = new_tensor(MS_F32, 2, BIG_SHAPE);
+    CHECK_FAILS(ms_store_read_tensor(s, 1, "model.big", cached, NULL), MS_ERR_CORRUPT,
+                "'model.big': chunk [0:256, 0:256] in shard-0.mdb failed its checksum");
+    ms_tensor_free(cached);
     CHECK_FAILS(ms_store_verify_entry(s, 1, "model.big"), MS_ERR_CORRUPT, "'model.big'");
     CHECK_OK(ms_store_verify_entry(s, 1, "model.small"));
     CHECK_OK(ms_store_verify_entry(s, 1, "meta.note"));
