@@ -103,6 +103,33 @@ describe("dcp save and load", function()
     store:close()
   end)
 
+  it("keeps the values of the call when every tensor changes right after async_save returns", function()
+    ms.manual_seed(11)
+    -- 4 MiB tensors are staged copy-on-write, the small ones with a plain copy.
+    local sd = {model = {big = ms.randn(1024, 1024), wide = ms.randn(3, 700001), small = ms.randn(5, 7)},
+                optim = {state = {exp_avg = ms.randn(1024, 1024, {dtype = "f64"})}}}
+    local before = {big = sd.model.big:clone(), wide = sd.model.wide:clone(), small = sd.model.small:clone(),
+                    exp_avg = sd.optim.state.exp_avg:clone()}
+    local h = dcp.async_save(sd, dir, {step = 4})
+    ms.no_grad(function()
+      -- The ends first, before the writer thread can have copied them.
+      sd.model.big:narrow(0, 1023, 1):fill_(7)
+      sd.optim.state.exp_avg:narrow(0, 1023, 1):fill_(7)
+      sd.model.big:add_(1)
+      sd.model.wide:fill_(-2)
+      sd.model.small:mul_(3)
+      sd.optim.state.exp_avg:zero_()
+    end)
+    assert.equal(4, h:wait())
+    local target = {model = {big = ms.zeros(1024, 1024), wide = ms.zeros(3, 700001), small = ms.zeros(5, 7)},
+                    optim = {state = {exp_avg = ms.zeros(1024, 1024, {dtype = "f64"})}}}
+    dcp.load(target, dir)
+    assert.is_true(ms.equal(before.big, target.model.big))
+    assert.is_true(ms.equal(before.wide, target.model.wide))
+    assert.is_true(ms.equal(before.small, target.model.small))
+    assert.is_true(ms.equal(before.exp_avg, target.optim.state.exp_avg))
+  end)
+
   it("makes a later save wait for the earlier async save", function()
     local first = dcp.async_save(nested(1), dir, {step = 1})
     dcp.save(nested(2), dir, {step = 2})

@@ -473,6 +473,16 @@ int ms_store_begin(ms_store *s, int64_t step, int rank, int mode);
  * foreground and at commit in the background (a reference is kept until ms_store_wait). */
 int ms_store_put_tensor(ms_store *s, const char *fqn, const ms_tensor *chunk,
                         const int64_t *global_shape, const int64_t *global_offsets);
+/* Background saves: make dst (a CPU or host tensor of src's dtype and shape) hold src's
+ * values as they are now, for a put_tensor of dst; the caller may then write to src at once.
+ * Large contiguous sources are copied lazily: their whole pages turn read-only, the first
+ * write to one of them (any thread) copies the block around it to dst first (in a SIGSEGV
+ * handler, which passes other faults on to the handler installed before), and the writer
+ * thread copies the rest before it writes. Until ms_store_wait or ms_store_abort returns,
+ * src must stay allocated (not ms_storage_release'd) and system calls must not write into it
+ * (they fail with EFAULT); stores by ms ops or plain code may. Other sources (small, strided,
+ * on a device, overlapping one staged already) are copied before return. */
+int ms_store_stage(ms_store *s, ms_tensor *dst, const ms_tensor *src);
 /* Store a non-tensor value (the caller's serialisation, at most 1 GiB) under fqn, copied
  * before return. It travels in the chunk table into the manifest. */
 int ms_store_put_bytes(ms_store *s, const char *fqn, const void *data, int64_t size);

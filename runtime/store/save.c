@@ -20,6 +20,7 @@ static void release_pending(ms_store *s)
 
 void save_reset(ms_store *s)
 {
+    snapshot_finish(s, false);
     release_pending(s);
     s->txn = NULL;
     s->save_state = SAVE_IDLE;
@@ -229,7 +230,9 @@ static int finish_data_commit(ms_store *s)
 static void *writer_main(void *arg)
 {
     ms_store *s = arg;
-    int status = write_start(s);
+    int status = snapshot_finish(s, true);
+    if (!status)
+        status = write_start(s);
     for (size_t i = 0; i < s->pending_count && !status; i++) {
         pending_put *p = &s->pending[i];
         status = write_chunk(s, p->fqn, p->fqn_len, p->chunk, p->global_offsets);

@@ -187,6 +187,7 @@ void ms_store_close(ms_store *s)
     free(s->committed);
     free(s->merged_ranks);
     free(s->pending);
+    free(s->snapshots);
     free(s->path);
     free(s);
 }

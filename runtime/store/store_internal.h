@@ -203,6 +203,8 @@ typedef struct pending_put {
     int64_t global_offsets[MS_MAX_DIMS];
 } pending_put;
 
+typedef struct snapshot_region snapshot_region;
+
 typedef struct step_manifest {
     struct step_manifest *next;
     int64_t step;
@@ -249,6 +251,9 @@ struct ms_store {
     size_t pending_capacity;
     pthread_t writer;
     saved_error writer_error;
+    snapshot_region **snapshots; /* lazy staging copies not finished yet (snapshot.c) */
+    size_t snapshot_count;
+    size_t snapshot_capacity;
 };
 
 /* store.c */
@@ -284,6 +289,10 @@ int write_commit(ms_store *s);
 /* save.c */
 /* Forget the save in progress (its transaction must be ended or abandoned already). */
 void save_reset(ms_store *s);
+/* snapshot.c */
+/* Finish every lazy staging copy of the save (copy false: just make the sources writable
+ * again, for a save that is abandoned). */
+int snapshot_finish(ms_store *s, bool copy);
 /* retention.c */
 int reclaim_uncommitted(store_env *e, const int64_t *committed, size_t count);
 

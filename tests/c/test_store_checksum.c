@@ -36,8 +36,9 @@ static void check_copy(const uint8_t *src, uint8_t *area, size_t n, size_t dst_s
 
 static void test_copies_match_xxh3(void)
 {
-    uint8_t *source = aligned_alloc(64, MAX_BYTES + 128);
-    uint8_t *area = aligned_alloc(64, MAX_BYTES + 256 + 2 * GUARD);
+    size_t source_bytes = (MAX_BYTES + 128 + 63) / 64 * 64;
+    size_t area_bytes = (MAX_BYTES + 256 + 2 * GUARD + 63) / 64 * 64;
+    uint8_t *source = aligned_alloc(64, source_bytes), *area = aligned_alloc(64, area_bytes);
     uint64_t state = 0x9E3779B97F4A7C15u;
     for (size_t i = 0; i < MAX_BYTES + 128; i++) {
         state = state * 6364136223846793005u + 1442695040888963407u;

@@ -1,6 +1,6 @@
 -- Sharded saves: every rank writes the chunks it owns into its own shard file and commits
 -- them, then rank 0 merges every rank's chunk table and commits the step's manifest. An
--- async save stages a copy of the rank's chunks and a C thread writes them.
+-- async save stages a copy of the rank's chunks (copy-on-write) and a C thread writes them.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local scope = require "moonshard.scope"
@@ -39,7 +39,8 @@ local function check_options(opts, what)
 end
 
 -- Staging buffers of async saves, by directory and fqn, reused by the next save of the
--- same tensors (the previous save is always finished by then).
+-- same tensors (the previous save is always finished by then). ms_store_stage fills them
+-- lazily: the caller's tensors are copied as they are written to, or by the writer thread.
 local staging_buffers = {}
 
 local function same_layout(a, b)
@@ -49,7 +50,7 @@ end
 local function stage(dir, what)
   local buffers = staging_buffers[dir] or {}
   staging_buffers[dir] = buffers
-  return function(fqn, t)
+  return function(s, fqn, t)
     local buffer = buffers[fqn]
     if buffer and not (rawget(buffer, "_c") and same_layout(buffer, t)) then
       if rawget(buffer, "_c") then buffer:_release() end
@@ -59,7 +60,7 @@ local function stage(dir, what)
       buffer = scope.keep(Tensor.empty_raw(t:shape(), t._c.dtype, HOST_POOL))
       buffers[fqn] = buffer
     end
-    check(lib.ms_copy(buffer._c, t._c), what)
+    check(lib.ms_store_stage(s, buffer._c, t._c), what)
     return buffer
   end
 end
@@ -85,7 +86,7 @@ local function write_local(s, leaves, opts, rank, background, staging, what)
     else
       local place = layout.of(leaf, rank, what)
       if place.writer then
-        local t = staging and staging(leaf.fqn, place.tensor) or place.tensor
+        local t = staging and staging(s, leaf.fqn, place.tensor) or place.tensor
         check(lib.ms_store_put_tensor(s, leaf.fqn, t._c, layout.int64s(place.global_shape, global_shape_buf),
                                       layout.int64s(place.offsets, offsets_buf)), what)
       end
