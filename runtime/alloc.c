@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "internal.h"
 #include "pool.h"
@@ -94,9 +95,14 @@ static void *raw_alloc(int pool_id, size_t rounded)
         return ms_device_raw_alloc(pool_id - MS_POOL_CUDA0, rounded);
     if (pool_id == MS_POOL_HOST)
         return ms_host_raw_alloc(rounded);
+    /* Blocks of 2 MiB and more sit on huge pages where the kernel has them: an async save
+     * write-protects its sources (runtime/store/snapshot.c), one page-table entry per page. */
+    enum { HUGE_PAGE_BYTES = 2 << 20 };
     void *p = NULL;
-    if (posix_memalign(&p, 64, rounded) != 0)
+    if (posix_memalign(&p, rounded >= HUGE_PAGE_BYTES ? HUGE_PAGE_BYTES : 64, rounded) != 0)
         return NULL;
+    if (rounded >= HUGE_PAGE_BYTES)
+        madvise(p, rounded, MADV_HUGEPAGE);
     return p;
 }
 

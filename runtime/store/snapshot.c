@@ -19,7 +19,9 @@
 #include "store_internal.h"
 
 enum {
-    SNAPSHOT_BLOCK_BYTES = 512 << 10, /* copied per fault, and per step of the writer */
+    /* Blocks are copied per fault and per step of the writer, and lie at multiples of their
+     * size in memory: making one writable then never splits a huge page. */
+    SNAPSHOT_BLOCK_BYTES = 2 << 20,
     SNAPSHOT_MIN_BYTES = 1 << 20,     /* smaller sources are copied at once */
     MAX_ACTIVE_REGIONS = 4096,
 };
@@ -27,6 +29,7 @@ enum {
 enum { BLOCK_PROTECTED = 0, BLOCK_COPIED = -1, BLOCK_FAILED = -2 };
 
 struct snapshot_region {
+    uint8_t *blocks_start;       /* live rounded down to a block boundary */
     uint8_t *live;               /* first read-only byte (page aligned) */
     uint8_t *staging;            /* where the byte at live goes */
     size_t bytes;                /* read-only bytes, whole pages */
@@ -52,8 +55,10 @@ static int32_t thread_id(void)
 /* Copy block b of r (unless cancelling), make it writable, mark it copied. */
 static void release_block(snapshot_region *r, size_t b, bool copy)
 {
-    size_t at = b * SNAPSHOT_BLOCK_BYTES;
-    size_t n = r->bytes - at < SNAPSHOT_BLOCK_BYTES ? r->bytes - at : SNAPSHOT_BLOCK_BYTES;
+    uint8_t *begin = r->blocks_start + b * SNAPSHOT_BLOCK_BYTES, *end = begin + SNAPSHOT_BLOCK_BYTES;
+    begin = begin > r->live ? begin : r->live;
+    end = end < r->live + r->bytes ? end : r->live + r->bytes;
+    size_t at = (size_t)(begin - r->live), n = (size_t)(end - begin);
     if (copy)
         stream_copy(r->staging + at, r->live + at, n);
     int state = mprotect(r->live + at, n, PROT_READ | PROT_WRITE) ? BLOCK_FAILED : BLOCK_COPIED;
@@ -79,7 +84,7 @@ static bool copy_faulting_block(const uint8_t *addr)
         snapshot_region *r = atomic_load_explicit(&active[i], memory_order_acquire);
         if (!r || addr < r->live || addr >= r->live + r->bytes)
             continue;
-        size_t b = (size_t)(addr - r->live) / SNAPSHOT_BLOCK_BYTES;
+        size_t b = (size_t)(addr - r->blocks_start) / SNAPSHOT_BLOCK_BYTES;
         int32_t state = atomic_load_explicit(&r->blocks[b], memory_order_acquire);
         if (state == tid)
             return false;
@@ -201,7 +206,8 @@ static snapshot_region *new_region(uint8_t *dst, const ms_tensor *src)
     if (last <= first)
         return NULL;
     size_t bytes = last - first;
-    size_t block_count = (bytes + SNAPSHOT_BLOCK_BYTES - 1) / SNAPSHOT_BLOCK_BYTES;
+    uintptr_t blocks_start = first & ~((uintptr_t)SNAPSHOT_BLOCK_BYTES - 1);
+    size_t block_count = (last - blocks_start + SNAPSHOT_BLOCK_BYTES - 1) / SNAPSHOT_BLOCK_BYTES;
     snapshot_region *r = calloc(1, sizeof *r + block_count * sizeof r->blocks[0]);
     if (!r)
         return NULL;
@@ -210,6 +216,7 @@ static snapshot_region *new_region(uint8_t *dst, const ms_tensor *src)
         return NULL;
     }
     size_t head = first - (uintptr_t)begin;
+    r->blocks_start = (uint8_t *)blocks_start;
     r->live = (uint8_t *)first;
     r->staging = dst + head;
     r->bytes = bytes;
