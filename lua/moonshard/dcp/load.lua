@@ -1,6 +1,7 @@
 -- Loading in place with resharding: each rank fills the tensors of its state dict (its own
 -- local shards, whatever mesh they are on) from every stored chunk that overlaps them, and
 -- sets the non-tensor values. Every key, type, dtype and shape is checked before any copy.
+-- Device tensors are filled through a host buffer (dcp/host.lua).
 local C = require "moonshard.ffi"
 local autograd = require "moonshard.autograd"
 local flatten = require "moonshard.dcp.flatten"
@@ -8,6 +9,7 @@ local layout = require "moonshard.dcp.layout"
 local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
 local exchange = require "moonshard.dcp.exchange"
+local host = require "moonshard.dcp.host"
 
 local ffi = require "ffi"
 local lib, check, fail = C.lib, C.check, C.fail
@@ -90,8 +92,10 @@ local function load_from(s, leaves, dir, opts, what)
         leaf.parent[leaf.key] = values.decode(entry.bytes, entry.nbytes, leaf.fqn, what)
       else
         local place = layout.of(leaf, rank, what)
-        check(lib.ms_store_read_tensor(s, step, leaf.fqn, place.tensor._c,
-                                       layout.int64s(place.offsets, offsets_buf)), what)
+        host.read_into(place.tensor, function(target)
+          check(lib.ms_store_read_tensor(s, step, leaf.fqn, target._c,
+                                         layout.int64s(place.offsets, offsets_buf)), what)
+        end, what)
         place.tensor:_bump_version()
       end
     end

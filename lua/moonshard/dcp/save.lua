@@ -9,6 +9,7 @@ local layout = require "moonshard.dcp.layout"
 local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
 local exchange = require "moonshard.dcp.exchange"
+local host = require "moonshard.dcp.host"
 
 local ffi = require "ffi"
 local lib, check, fail = C.lib, C.check, C.fail
@@ -86,7 +87,7 @@ local function write_local(s, leaves, opts, rank, background, staging, what)
     else
       local place = layout.of(leaf, rank, what)
       if place.writer then
-        local t = staging and staging(s, leaf.fqn, place.tensor) or place.tensor
+        local t = staging and staging(s, leaf.fqn, place.tensor) or host.saved(place.tensor, what)
         check(lib.ms_store_put_tensor(s, leaf.fqn, t._c, layout.int64s(place.global_shape, global_shape_buf),
                                       layout.int64s(place.offsets, offsets_buf)), what)
       end
