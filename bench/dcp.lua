@@ -2,7 +2,12 @@
 -- write()+fsync and load against read() of the same bytes in the same run, a resharded load,
 -- and how long an async save blocks the caller. Prints JSON lines (medians and ranges).
 -- Usage (repository root): luajit bench/dcp.lua [--mib 1024] [--ranks 1,2,4] [--rounds 3]
---   [--dir /tmp] [--cold]   (--cold evicts the files from the page cache before each read)
+--   [--warmup 2] [--dir /tmp] [--cold]   (--cold evicts the files from the page cache before each read)
+-- Timed rounds follow warm-up rounds (a raw write, a save and an async save keeping the two
+-- newest steps), after which both the raw file and the store rewrite space they hold already
+-- (the store holds four steps' worth at most: two kept, one committed before retention runs,
+-- one being written). The first warm-up round, where both write new files, is reported as
+-- save_fresh.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
 local ms = require "moonshard"
@@ -25,7 +30,7 @@ local O_RDONLY, O_WRITE_NEW, POSIX_FADV_DONTNEED = 0, 1 + 64 + 512, 4
 local TENSORS, COLUMNS = 32, 4096
 
 local function parse_args(argv)
-  local opts = {mib = 1024, ranks = {1, 2, 4}, rounds = 3, dir = "/tmp", cold = false}
+  local opts = {mib = 1024, ranks = {1, 2, 4}, rounds = 3, warmup = 2, dir = "/tmp", cold = false}
   local i = 1
   while i <= #argv do
     local a, v = argv[i], argv[i + 1]
@@ -35,6 +40,7 @@ local function parse_args(argv)
       for r in v:gmatch("[^,]+") do opts.ranks[#opts.ranks + 1] = tonumber(r) end
       i = i + 1
     elseif a == "--rounds" then opts.rounds, i = tonumber(v), i + 1
+    elseif a == "--warmup" then opts.warmup, i = tonumber(v), i + 1
     elseif a == "--dir" then opts.dir, i = v, i + 1
     elseif a == "--cold" then opts.cold = true
     else error("dcp.lua: unknown argument " .. a) end
@@ -125,15 +131,25 @@ local function run_world(opts, ranks, store_dir, reshard_from)
     local sd, locals = sharded_state(opts.mib, rank)
     local raw_path = string.format("%s/raw-%d.bin", store_dir, rank)
     local times = {raw_write = {}, save = {}, raw_read = {}, load = {}, async_block = {}, async_total = {},
-                   reshard_load = {}, cpu = {}}
-    for round = 1, opts.rounds do
-      local function add(name, seconds, cpu)
-        times[name][#times[name] + 1] = seconds
-        if cpu then
-          times.cpu[name] = times.cpu[name] or {}
-          table.insert(times.cpu[name], cpu)
-        end
+                   reshard_load = {}, fresh_raw_write = {}, fresh_save = {}, cpu = {}}
+    local function add(name, seconds, cpu)
+      times[name][#times[name] + 1] = seconds
+      if cpu then
+        times.cpu[name] = times.cpu[name] or {}
+        table.insert(times.cpu[name], cpu)
       end
+    end
+    for round = 1, opts.warmup do
+      local step = 2 * round - 1
+      local raw_seconds, raw_cpu = timed(function() raw_write(raw_path, locals) end)
+      local save_seconds, save_cpu = timed(function() dcp.save(sd, store_dir, {step = step}) end)
+      if round == 1 then
+        add("fresh_raw_write", raw_seconds, raw_cpu)
+        add("fresh_save", save_seconds, save_cpu)
+      end
+      dcp.async_save(sd, store_dir, {step = step + 1, keep_last = 2}):wait()
+    end
+    for round = opts.warmup + 1, opts.warmup + opts.rounds do
       add("raw_write", timed(function() raw_write(raw_path, locals) end))
       local step = 2 * round - 1
       add("save", timed(function() dcp.save(sd, store_dir, {step = step}) end))
@@ -229,14 +245,18 @@ local function main()
   for _, run in ipairs(runs) do
     local t, extra = run.times, {cold = opts.cold}
     report("save", run.ranks, bytes, t, "save", "raw_write", "write+fsync", 0.7, extra)
+    if #t.fresh_save > 0 then
+      report("save_fresh", run.ranks, bytes, t, "fresh_save", "fresh_raw_write", "write+fsync", 0.7, extra)
+    end
     report("load", run.ranks, bytes, t, "load", "raw_read", "read", 0.9, extra)
     if run.from then
       report("reshard_load", run.ranks, bytes, t, "reshard_load", "raw_read", "read", 0.9,
              {cold = opts.cold, from_ranks = run.from})
     end
-    -- The first async save allocates its staging buffers; later ones reuse them.
+    -- The first async save allocates its staging buffers (in a warm-up round when there is
+    -- one); later ones reuse them.
     local steady = {}
-    for i = 2, #t.async_block do steady[#steady + 1] = t.async_block[i] / median(t.save) end
+    for i = opts.warmup > 0 and 1 or 2, #t.async_block do steady[#steady + 1] = t.async_block[i] / median(t.save) end
     local ratio = #steady > 0 and median(steady) or t.async_block[1] / median(t.save)
     json_line({bench = "dcp", op = "async_save_block", ranks = run.ranks, bytes = bytes,
                seconds = t.async_block, first_ratio = t.async_block[1] / median(t.save), ratio = ratio,
