@@ -29,7 +29,7 @@
  * reference to the tensor's storage instead of copying; ms_store_commit_data starts a
  * thread that writes and commits, and returns at once; ms_store_wait joins it and returns
  * the outcome. The caller must not modify or release (ms_storage_release) those tensors
- * (a staging copy) until then.
+ * until then: put staging copies, which ms_store_stage makes copy-on-write.
  *
  * Loading: ms_store_read_tensor copies into a destination tensor the region it holds of an
  * entry's global tensor, from every stored chunk that overlaps it, straight from LMDB's
