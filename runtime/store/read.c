@@ -347,8 +347,13 @@ static int read_chunk(ms_store *s, int64_t step, store_entry *e, store_chunk *c,
     bool whole = !c->verified && fills_contiguous_range(e, c, dst, box);
     /* A whole chunk on disk is read with pread in blocks, each hashed while it is in cache:
      * the kernel's sequential read-ahead keeps the disk busy, which faults on the map do not.
-     * A cached one is copied from the map, hashed as it passes (checksum_copy). */
-    if (whole && !chunk_cached(stored, nbytes) &&
+     * Once one was on disk, so are the ones after it: those the read-ahead has reached look
+     * cached, and copying them from the map would leave the read-ahead unrenewed (the disk
+     * idle until the next pread). A cached one is copied from the map, hashed as it passes
+     * (checksum_copy). */
+    if (whole && !s->reading_from_disk && !chunk_cached(stored, nbytes))
+        s->reading_from_disk = true;
+    if (whole && s->reading_from_disk &&
         env_value_offset(shard, stored - c->data_offset, c->data_offset + nbytes, &file_offset)) {
         int fd;
         file_offset += c->data_offset;

@@ -223,6 +223,7 @@ struct ms_store {
     step_manifest *manifests;
     checksum_state *hasher;
     byte_buffer scratch;
+    bool reading_from_disk; /* a whole chunk read through this handle was not cached */
 
     /* the save in progress */
     int save_state;
