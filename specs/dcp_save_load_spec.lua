@@ -16,6 +16,20 @@ local function nested(seed)
   }
 end
 
+-- Rank 0's directory on every rank (processes under mpirun each made their own).
+local function agreed_dir(path)
+  local codes = {}
+  for i = 1, 256 do codes[i] = i <= #path and path:byte(i) or 0 end
+  local bytes = ms.tensor(codes, {dtype = "u8"})
+  dist.broadcast(bytes, 0)
+  local chars = {}
+  for _, b in ipairs(bytes:table()) do
+    if b == 0 then break end
+    chars[#chars + 1] = string.char(b)
+  end
+  return table.concat(chars)
+end
+
 local function assert_same_state(expected, got)
   for k, v in pairs(expected) do
     if ms.is_tensor(v) then
@@ -128,6 +142,26 @@ describe("dcp save and load", function()
     assert.is_true(ms.equal(before.wide, target.model.wide))
     assert.is_true(ms.equal(before.small, target.model.small))
     assert.is_true(ms.equal(before.exp_avg, target.optim.state.exp_avg))
+  end)
+
+  it("keeps the values of the call when peer ranks write into the tensors right after async_save #mpi", function()
+    -- all_reduce on the local backend has peers write their pieces of the result straight
+    -- into this rank's tensor, where no write fault of this process sees them
+    local results = dist.spawn(2, function(rank)
+      local mesh = dist.init_device_mesh({2})
+      local dir = agreed_dir(dir)
+      ms.manual_seed(20 + rank)
+      local shard = ms.randn(4096, 4096)
+      local sd = {w = ms.DTensor.from_local(shard, mesh, {ms.Shard(0)})}
+      local before = shard:clone()
+      local h = dcp.async_save(sd, dir, {step = 1})
+      dist.all_reduce(shard)
+      h:wait()
+      local target = {w = ms.DTensor.from_local(ms.zeros(4096, 4096), mesh, {ms.Shard(0)})}
+      dcp.load(target, dir)
+      return ms.equal(before, target.w:to_local()) and not ms.equal(before, shard)
+    end)
+    assert.same({true, true}, results)
   end)
 
   it("makes a later save wait for the earlier async save", function()

@@ -3,8 +3,10 @@
  * stops in a SIGSEGV handler that copies the block around it to the staging buffer and makes
  * the block writable again, and the writer thread copies every other block before it writes.
  * The caller of an async save waits for no copy; the staging buffers hold the values at call
- * time. Sources that are small, strided, on a device or overlap another staged source are
- * copied at once. */
+ * time. Writes the handler cannot see (a peer rank through shared memory, the kernel) are
+ * announced with ms_snapshot_before_foreign_write, which copies the blocks first. Sources
+ * that are small, strided, outside the cpu pool (the host pool may be page-locked, which a
+ * device writes by DMA) or overlap another staged source are copied at once. */
 #include <errno.h>
 #include <sched.h>
 #include <signal.h>
@@ -110,6 +112,32 @@ static void on_fault(int signal, siginfo_t *info, void *context)
         previous_action.sa_handler(signal);
     else
         sigaction(SIGSEGV, &previous_action, NULL); /* the fault repeats, with the default */
+}
+
+void ms_snapshot_before_foreign_write(const void *p, size_t n)
+{
+    if (n == 0 || atomic_load(&active_end) == 0)
+        return;
+    const uint8_t *begin = p, *end = begin + n;
+    int32_t tid = thread_id();
+    atomic_fetch_add(&handlers_running, 1); /* snapshot_finish frees no region meanwhile */
+    size_t count = atomic_load(&active_end);
+    for (size_t i = 0; i < count; i++) {
+        snapshot_region *r = atomic_load(&active[i]);
+        if (!r || end <= r->live || begin >= r->live + r->bytes)
+            continue;
+        const uint8_t *low = begin > r->live ? begin : r->live;
+        const uint8_t *high = end < r->live + r->bytes ? end : r->live + r->bytes;
+        size_t first = (size_t)(low - r->blocks_start) / SNAPSHOT_BLOCK_BYTES;
+        size_t last = (size_t)(high - 1 - r->blocks_start) / SNAPSHOT_BLOCK_BYTES;
+        for (size_t b = first; b <= last; b++) {
+            if (claim_block(r, b, tid) == tid)
+                release_block(r, b, true);
+            while (atomic_load_explicit(&r->blocks[b], memory_order_acquire) > 0)
+                sched_yield();
+        }
+    }
+    atomic_fetch_sub(&handlers_running, 1);
 }
 
 /* Install on_fault unless it is the handler already (others may have replaced it since). */
@@ -233,7 +261,7 @@ static bool can_stage_lazily(const ms_tensor *dst, const ms_tensor *src)
     const uint8_t *d = ms_tensor_data(dst), *b = ms_tensor_data(src);
     size_t n = ms_tensor_nbytes(src);
     return n >= SNAPSHOT_MIN_BYTES && ms_tensor_is_contiguous(src) && ms_tensor_is_contiguous(dst) &&
-           src->storage->pool < MS_POOL_CUDA0 && dst->storage->pool < MS_POOL_CUDA0 &&
+           src->storage->pool == MS_POOL_CPU && dst->storage->pool < MS_POOL_CUDA0 &&
            (d + n <= b || b + n <= d);
 }
 

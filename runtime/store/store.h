@@ -151,8 +151,9 @@ int ms_store_put_tensor(ms_store *s, const char *fqn, const ms_tensor *chunk,
  * handler, which passes other faults on to the handler installed before), and the writer
  * thread copies the rest before it writes. Until ms_store_wait or ms_store_abort returns,
  * src must stay allocated (not ms_storage_release'd) and system calls must not write into it
- * (they fail with EFAULT); stores by ms ops or plain code may. Other sources (small, strided,
- * on a device, overlapping one staged already) are copied before return. */
+ * (they fail with EFAULT) unless announced with ms_snapshot_before_foreign_write, as the
+ * collectives do; stores by ms ops or plain code may. Other sources (small, strided, outside
+ * the cpu pool, overlapping one staged already) are copied before return. */
 int ms_store_stage(ms_store *s, ms_tensor *dst, const ms_tensor *src);
 /* Store a non-tensor value (the caller's serialisation, at most 1 GiB) under fqn, copied
  * before return. It travels in the chunk table into the manifest. */

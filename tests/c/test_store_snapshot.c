@@ -1,11 +1,14 @@
 /* moonshard store tests: ms_store_stage keeps the values a background save was given while
  * the caller overwrites its tensors at once - from this thread and from another one, on a
  * source that starts and ends inside a page, and on one staged twice - and an aborted save
- * leaves the sources writable. A fault that is not a staged write still kills the process. */
+ * leaves the sources writable. Writes announced with ms_snapshot_before_foreign_write (the
+ * kernel's here) reach the source but not the checkpoint. A fault that is not a staged
+ * write still kills the process. */
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 
+#include "internal.h"
 #include "test_store_util.h"
 
 static const int64_t BIG_SHAPE[2] = {1000, 1500}; /* 6 MB of f32: many 512 KiB blocks */
@@ -95,6 +98,40 @@ static void test_writes_after_stage_do_not_reach_the_checkpoint(void)
     ms_tensor_free(small);
 }
 
+/* Before commit_data no writer thread runs, so every staged page is still read-only: a
+ * read() into one fails with EFAULT unless the write was announced first. */
+static void test_announced_kernel_writes_keep_the_snapshot(void)
+{
+    char dir[512];
+    temp_store(dir, sizeof dir, "snapshot-foreign");
+    int64_t zero[2] = {0, 0};
+    ms_tensor *big = new_tensor(MS_F32, 2, BIG_SHAPE);
+    fill_region(big, BIG_SHAPE, zero, 6);
+    ms_store *s;
+    CHECK_OK(ms_store_open(&s, dir, MS_STORE_READ_WRITE));
+    CHECK_OK(ms_store_begin(s, 1, 0, MS_STORE_BACKGROUND));
+    ms_tensor *buffer = staged(s, "big", big);
+    enum { PIECE = 32768 };
+    uint8_t *target = (uint8_t *)ms_tensor_data(big) + ms_tensor_nbytes(big) / 2 + 100;
+    uint8_t incoming[PIECE];
+    memset(incoming, 0xAB, sizeof incoming);
+    int fds[2];
+    CHECK(pipe(fds) == 0);
+    CHECK(write(fds[1], incoming, sizeof incoming) == (ssize_t)sizeof incoming);
+    ms_snapshot_before_foreign_write(target, PIECE);
+    CHECK(read(fds[0], target, PIECE) == PIECE);
+    close(fds[0]);
+    close(fds[1]);
+    CHECK(target[0] == 0xAB && target[PIECE - 1] == 0xAB);
+    CHECK_OK(ms_store_commit_data(s));
+    CHECK_OK(ms_store_wait(s));
+    CHECK_OK(ms_store_commit_manifest(s, 1));
+    CHECK(stored_mismatches(s, 1, "big", 2, BIG_SHAPE, 6) == 0);
+    ms_store_close(s);
+    ms_tensor_free(buffer);
+    ms_tensor_free(big);
+}
+
 static void test_abort_leaves_sources_writable(void)
 {
     char dir[512];
@@ -164,6 +201,7 @@ static void test_other_faults_still_kill(void)
 int main(void)
 {
     test_writes_after_stage_do_not_reach_the_checkpoint();
+    test_announced_kernel_writes_keep_the_snapshot();
     test_abort_leaves_sources_writable();
     test_stage_needs_a_background_save();
     test_other_faults_still_kill();
