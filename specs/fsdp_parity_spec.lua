@@ -11,19 +11,7 @@ local reference
 
 local function expect_match(runs, world_size)
   assert.equal(world_size, #runs)
-  for rank, run in ipairs(runs) do
-    for step = 1, STEPS do
-      assert.is_true(parity.max_relative_error({run.losses[step]}, {reference.losses[step]}) < TOLERANCE,
-                     ("rank %d step %d loss %.10g vs %.10g"):format(rank - 1, step, run.losses[step], reference.losses[step]))
-    end
-    for name, values in pairs(reference.params) do
-      assert.is_not_nil(run.params[name], "missing parameter " .. name)
-      local err = parity.max_relative_error(run.params[name], values)
-      assert.is_true(err < TOLERANCE, ("rank %d parameter %s differs by %.3g"):format(rank - 1, name, err))
-      err = parity.max_relative_error(run.grads[name], reference.grads[name])
-      assert.is_true(err < TOLERANCE, ("rank %d gradient %s differs by %.3g"):format(rank - 1, name, err))
-    end
-  end
+  parity.expect_match(runs, reference, TOLERANCE)
 end
 
 describe("FSDP parity with the unsharded model", function()

@@ -10,21 +10,6 @@ local nn, dist, fsdp = ms.nn, ms.dist, ms.fsdp
 local STEPS = 3
 local TOLERANCE = 1e-5
 
-local function expect_runs_match(runs, reference)
-  for rank, run in ipairs(runs) do
-    for step = 1, STEPS do
-      assert.is_true(parity.max_relative_error({run.losses[step]}, {reference.losses[step]}) < TOLERANCE,
-                     ("rank %d step %d loss %.10g vs %.10g"):format(rank - 1, step, run.losses[step], reference.losses[step]))
-    end
-    for name, values in pairs(reference.params) do
-      assert.is_true(parity.max_relative_error(run.params[name], values) < TOLERANCE,
-                     ("rank %d parameter %s"):format(rank - 1, name))
-      assert.is_true(parity.max_relative_error(run.grads[name], reference.grads[name]) < TOLERANCE,
-                     ("rank %d gradient %s"):format(rank - 1, name))
-    end
-  end
-end
-
 describe("FSDP prefetching", function()
   local reference
   setup(function() reference = parity.reference(STEPS) end)
@@ -44,7 +29,7 @@ describe("FSDP prefetching", function()
         local plain = parity.sharded(STEPS, case.world, config)
         config.forward_prefetch, config.backward_prefetch = true, backward
         local prefetched = parity.sharded(STEPS, case.world, config)
-        expect_runs_match(prefetched, reference)
+        parity.expect_match(prefetched, reference, TOLERANCE)
         for rank, run in ipairs(prefetched) do
           assert.are.same(plain[rank].losses, run.losses, "rank " .. (rank - 1) .. " losses")
           assert.are.same(plain[rank].params, run.params, "rank " .. (rank - 1) .. " parameters")

@@ -2,6 +2,7 @@
 -- forked ranks over one global batch, and returns both runs' losses, parameters and
 -- gradients as plain Lua arrays for comparison.
 local ms = require "moonshard"
+local assert = require "luassert"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local M = {}
@@ -121,6 +122,24 @@ function M.sharded(steps, world_size, config)
     return {losses = losses, params = params, grads = grads}
   end)
   return results
+end
+
+-- Every rank's losses, parameters and gradients of a sharded run are within tolerance of
+-- the reference run's (relative error, see max_relative_error).
+function M.expect_match(runs, reference, tolerance)
+  for rank, run in ipairs(runs) do
+    for step = 1, #reference.losses do
+      assert.is_true(M.max_relative_error({run.losses[step]}, {reference.losses[step]}) < tolerance,
+                     ("rank %d step %d loss %.10g vs %.10g"):format(rank - 1, step, run.losses[step], reference.losses[step]))
+    end
+    for name, values in pairs(reference.params) do
+      assert.is_not_nil(run.params[name], "missing parameter " .. name)
+      local err = M.max_relative_error(run.params[name], values)
+      assert.is_true(err < tolerance, ("rank %d parameter %s differs by %.3g"):format(rank - 1, name, err))
+      err = M.max_relative_error(run.grads[name], reference.grads[name])
+      assert.is_true(err < tolerance, ("rank %d gradient %s differs by %.3g"):format(rank - 1, name, err))
+    end
+  end
 end
 
 -- Largest relative difference between two arrays (relative to max(|b|, 1e-3)).
