@@ -1,6 +1,7 @@
 -- Resuming training from a distributed checkpoint: a run saved at step N and resumed in new
 -- processes gives bitwise the losses of the uninterrupted run on the same world size, and a
--- resume on another world size starts from bitwise the same parameters and Adam state.
+-- resume on another world size starts from bitwise the same parameters and Adam state. An
+-- async save taken while training goes on changes no loss and holds the state of its call.
 local ms = require "moonshard"
 local parity = require "support.parity"
 local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
@@ -62,6 +63,50 @@ local function full_state(model, opt)
   return out
 end
 
+-- Two Linear(1024, 1024) layers in f64: each rank's shards and Adam states are 4 MiB, large
+-- enough for an async save to stage them copy-on-write.
+local WIDE = 1024
+local function build_wide()
+  ms.set_default_dtype("f64")
+  ms.manual_seed(5)
+  local model = fsdp.FSDP(nn.Sequential(nn.Linear(WIDE, WIDE), nn.GELU(), nn.Linear(WIDE, WIDE)),
+                          {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+  return model, optim.Adam(model:parameters(), {lr = 1e-3})
+end
+
+-- Every parameter and Adam state gathered whole, as its raw bytes (cheap to compare).
+local function wide_state_bytes(model, opt)
+  local ffi = require "ffi"
+  local out = {}
+  local function add(name, t)
+    local whole = t:full_tensor():contiguous()
+    out[name] = ffi.string(whole:data_ptr(), whole:numel() * 8)
+  end
+  for name, p in model:named_parameters() do add(name, p) end
+  local state = fsdp.optim_state_dict(model, opt).state
+  local names = {}
+  for name in pairs(state) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    add(name .. ".exp_avg", state[name].exp_avg)
+    add(name .. ".exp_avg_sq", state[name].exp_avg_sq)
+  end
+  return out
+end
+
+local function wide_step(model, opt, rank, step)
+  ms.manual_seed(100 + 10 * step + rank)
+  local x, y = ms.randn(4, WIDE), ms.randn(4, WIDE)
+  opt:zero_grad()
+  local diff = model(x) - y
+  local loss = (diff * diff):mean()
+  loss:backward()
+  opt:step()
+  local total = loss:detach():clone()
+  dist.all_reduce(total, "avg")
+  return total:item()
+end
+
 describe("dcp resume", function()
   local dir
   before_each(store_dirs.before(function(path) dir = path end))
@@ -92,6 +137,41 @@ describe("dcp resume", function()
     for step = 1, SAVE_AT do assert.equal(uninterrupted[step], first_part[step], "step " .. step) end
     for step = SAVE_AT + 1, LAST do assert.equal(uninterrupted[step], second_part[step], "step " .. step) end
     assert.are_not.equal(uninterrupted[LAST], uninterrupted[SAVE_AT])
+  end)
+
+  it("keeps training bitwise unchanged while an async save runs, and the save holds the state of its call", function()
+    local uninterrupted = dist.spawn(2, function(rank)
+      local model, opt = build_wide()
+      local losses, at_save = {}, nil
+      for step = 1, LAST do
+        losses[step] = wide_step(model, opt, rank, step)
+        if step == SAVE_AT then at_save = wide_state_bytes(model, opt) end
+      end
+      return {losses = losses, at_save = at_save}
+    end)[1]
+    local overlapped = dist.spawn(2, function(rank)
+      local model, opt = build_wide()
+      local losses = {}
+      for step = 1, SAVE_AT do losses[step] = wide_step(model, opt, rank, step) end
+      local h = dcp.async_save(checkpoint_of(model, opt, SAVE_AT), dir, {step = SAVE_AT})
+      for step = SAVE_AT + 1, LAST do losses[step] = wide_step(model, opt, rank, step) end
+      h:wait()
+      return losses
+    end)[1]
+    local loaded = dist.spawn(2, function(rank)
+      local model, opt = build_wide()
+      wide_step(model, opt, rank, 1)
+      assert.equal(SAVE_AT, resume(model, opt, dir))
+      return wide_state_bytes(model, opt)
+    end)[1]
+    assert.same(uninterrupted.losses, overlapped)
+    local names = 0
+    for name, bytes in pairs(uninterrupted.at_save) do
+      names = names + 1
+      assert.is_true(bytes == loaded[name], name .. " differs from the state at the call")
+    end
+    assert.equal(12, names) -- 2 weights and 2 biases, each with exp_avg and exp_avg_sq
+
   end)
 
   it("resumes on 3 ranks from a 2-rank checkpoint with bitwise the same parameters and Adam state", function()
