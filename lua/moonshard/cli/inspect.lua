@@ -121,9 +121,7 @@ end
 
 -- Checksum state of fqn at step: "ok (4 chunks)" or the problem.
 function M.checksum_state(store, step, fqn, chunk_count)
-  for _, problem in ipairs(store:verify(step)) do
-    if problem.fqn == fqn then return "FAILED: " .. problem.message end
-  end
+  for _, problem in ipairs(store:verify(step, fqn)) do return "FAILED: " .. problem.message end
   return ("ok (%d chunk%s verified)"):format(chunk_count, chunk_count == 1 and "" or "s")
 end
 

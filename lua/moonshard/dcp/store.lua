@@ -90,15 +90,26 @@ function Store:read(fqn, step)
   return out
 end
 
--- Check every chunk of step (every committed step by default) against its checksum.
--- Returns the problems found, {step =, fqn =, message =} each; empty when all is well.
-function Store:verify(step)
+-- Check every chunk of step (every committed step by default) against its checksum, or
+-- only those of entry fqn. Returns the problems found, {step =, fqn =, message =} each;
+-- empty when all is well.
+function Store:verify(step, fqn)
   local what = "store:verify"
   local s = live(self, what)
-  local steps = step ~= nil and {step_or_latest(self, step, what)} or handle.steps(s, what)
+  if fqn ~= nil and type(fqn) ~= "string" then fail(what, "fqn must be a string, got %s", type(fqn)) end
+  local steps = (step ~= nil or fqn ~= nil) and {step_or_latest(self, step, what)} or handle.steps(s, what)
   local problems = {}
   for _, st in ipairs(steps) do
-    for _, e in ipairs(handle.entries(s, st, what)) do
+    local entries = handle.entries(s, st, what)
+    if fqn ~= nil then
+      local found
+      for _, e in ipairs(entries) do
+        if e.fqn == fqn then found = e end
+      end
+      if not found then fail(what, "%s: step %d has no entry '%s'", self.dir, st, fqn) end
+      entries = {found}
+    end
+    for _, e in ipairs(entries) do
       if lib.ms_store_verify_entry(s, st, e.fqn) ~= 0 then
         problems[#problems + 1] = {step = st, fqn = e.fqn, message = ffi.string(lib.ms_last_error())}
       end
