@@ -29,10 +29,23 @@ local function training_state(model, opt, step, config)
           rng = ms.get_rng_state(), config = config}
 end
 
+local pending -- the save in flight
+
+-- Wait for the save in flight, if any: its step is committed when this returns.
+function M.finish()
+  if pending then
+    pending:wait()
+    pending = nil
+  end
+end
+
+-- Save the training state at step in the background: the call returns once the state is
+-- staged (copy-on-write, so training goes on at once); the next save or M.finish commits it.
 function M.save(model, opt, dir, step, config)
+  M.finish()
   local state = training_state(model, opt, step, {vocab = config.vocab, seq = config.seq,
                                                   layers = config.layers, dim = config.dim, heads = config.heads})
-  dcp().save(state, dir, {step = step})
+  pending = dcp().async_save(state, dir, {step = step})
   release_tensors(state)
   collect_dropped_views()
 end

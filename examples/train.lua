@@ -123,6 +123,7 @@ local function train(rank, world)
     local save_now = opts.ckpt and ((opts.save_every > 0 and step % opts.save_every == 0) or step == last_step)
     if save_now then checkpointing.save(model, opt, opts.ckpt, step, config) end
   end
+  checkpointing.finish()
   if meter then meter:close() end
   local text = sampling.generate_on_rank0(model, config, corpus, {length = opts.sample, seed = opts.seed})
   if rank == 0 and text then
