@@ -46,21 +46,35 @@ local function resume(model, opt, dir)
   return sd.step
 end
 
--- Parameters and Adam state gathered whole, in the same order on every rank.
-local function full_state(model, opt)
+-- Every parameter and Adam state gathered whole, in the same order on every rank, as
+-- convert(whole tensor); step counts as they are.
+local function gathered_state(model, opt, convert)
   local out = {}
-  for name, p in model:named_parameters() do out[name] = p:full_tensor():reshape(-1):table() end
+  for name, p in model:named_parameters() do out[name] = convert(p:full_tensor()) end
   local state = fsdp.optim_state_dict(model, opt).state
   local names = {}
   for name in pairs(state) do names[#names + 1] = name end
   table.sort(names)
   for _, name in ipairs(names) do
     local s = state[name]
-    out[name .. ".exp_avg"] = s.exp_avg:full_tensor():reshape(-1):table()
-    out[name .. ".exp_avg_sq"] = s.exp_avg_sq:full_tensor():reshape(-1):table()
+    out[name .. ".exp_avg"] = convert(s.exp_avg:full_tensor())
+    out[name .. ".exp_avg_sq"] = convert(s.exp_avg_sq:full_tensor())
     out[name .. ".step"] = s.step
   end
   return out
+end
+
+local function full_state(model, opt)
+  return gathered_state(model, opt, function(t) return t:reshape(-1):table() end)
+end
+
+-- The same as raw bytes (cheap to compare for large tensors).
+local function state_bytes(model, opt)
+  local ffi = require "ffi"
+  return gathered_state(model, opt, function(t)
+    local whole = t:contiguous()
+    return ffi.string(whole:data_ptr(), whole:numel() * 8)
+  end)
 end
 
 -- Two Linear(1024, 1024) layers in f64: each rank's shards and Adam states are 4 MiB, large
@@ -72,26 +86,6 @@ local function build_wide()
   local model = fsdp.FSDP(nn.Sequential(nn.Linear(WIDE, WIDE), nn.GELU(), nn.Linear(WIDE, WIDE)),
                           {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
   return model, optim.Adam(model:parameters(), {lr = 1e-3})
-end
-
--- Every parameter and Adam state gathered whole, as its raw bytes (cheap to compare).
-local function wide_state_bytes(model, opt)
-  local ffi = require "ffi"
-  local out = {}
-  local function add(name, t)
-    local whole = t:full_tensor():contiguous()
-    out[name] = ffi.string(whole:data_ptr(), whole:numel() * 8)
-  end
-  for name, p in model:named_parameters() do add(name, p) end
-  local state = fsdp.optim_state_dict(model, opt).state
-  local names = {}
-  for name in pairs(state) do names[#names + 1] = name end
-  table.sort(names)
-  for _, name in ipairs(names) do
-    add(name .. ".exp_avg", state[name].exp_avg)
-    add(name .. ".exp_avg_sq", state[name].exp_avg_sq)
-  end
-  return out
 end
 
 local function wide_step(model, opt, rank, step)
@@ -145,7 +139,7 @@ describe("dcp resume", function()
       local losses, at_save = {}, nil
       for step = 1, LAST do
         losses[step] = wide_step(model, opt, rank, step)
-        if step == SAVE_AT then at_save = wide_state_bytes(model, opt) end
+        if step == SAVE_AT then at_save = state_bytes(model, opt) end
       end
       return {losses = losses, at_save = at_save}
     end)[1]
@@ -162,15 +156,15 @@ describe("dcp resume", function()
       local model, opt = build_wide()
       wide_step(model, opt, rank, 1)
       assert.equal(SAVE_AT, resume(model, opt, dir))
-      return wide_state_bytes(model, opt)
+      return state_bytes(model, opt)
     end)[1]
     assert.same(uninterrupted.losses, overlapped)
     local names = 0
-    for name, bytes in pairs(uninterrupted.at_save) do
+    for name, value in pairs(uninterrupted.at_save) do
       names = names + 1
-      assert.is_true(bytes == loaded[name], name .. " differs from the state at the call")
+      assert.is_true(value == loaded[name], name .. " differs from the state at the call")
     end
-    assert.equal(12, names) -- 2 weights and 2 biases, each with exp_avg and exp_avg_sq
+    assert.equal(16, names) -- 2 weights and 2 biases, each with exp_avg, exp_avg_sq and step
 
   end)
 
