@@ -17,6 +17,15 @@ local function build(seed)
   return model, optim.Adam(model:parameters(), {lr = 0.01})
 end
 
+-- Backward and optimizer step for this rank's loss; returns the mean loss over ranks.
+local function finish_step(loss, opt)
+  loss:backward()
+  opt:step()
+  local total = loss:detach():clone()
+  dist.all_reduce(total, "avg")
+  return total:item()
+end
+
 -- One step on this rank's slice of the global batch; returns the global mean loss.
 local function train_step(model, opt, rank, size, step)
   local per_rank = parity.GLOBAL_BATCH / size
@@ -25,11 +34,7 @@ local function train_step(model, opt, rank, size, step)
   local logits = model(tokens:narrow(0, rank * per_rank, per_rank))
   local loss = nn.F.cross_entropy(logits:view(-1, parity.VOCAB),
                                   targets:narrow(0, rank * per_rank, per_rank):reshape(-1))
-  loss:backward()
-  opt:step()
-  local total = loss:detach():clone()
-  dist.all_reduce(total, "avg")
-  return total:item()
+  return finish_step(loss, opt)
 end
 
 local function checkpoint_of(model, opt, step)
@@ -93,12 +98,7 @@ local function wide_step(model, opt, rank, step)
   local x, y = ms.randn(4, WIDE), ms.randn(4, WIDE)
   opt:zero_grad()
   local diff = model(x) - y
-  local loss = (diff * diff):mean()
-  loss:backward()
-  opt:step()
-  local total = loss:detach():clone()
-  dist.all_reduce(total, "avg")
-  return total:item()
+  return finish_step((diff * diff):mean(), opt)
 end
 
 describe("dcp resume", function()
