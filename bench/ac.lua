@@ -2,7 +2,11 @@
 -- backward) and peak compute-pool activation memory for none / full / selective / offload
 -- at two batch sizes, with ratios to none. JSON lines.
 -- Times are wall clock and process CPU time; on a shared machine the CPU time with one BLAS
--- thread (the default here, --threads N to change) is the steadier figure.
+-- thread (the default here, --threads N to change) is the steadier figure. Each measurement
+-- runs in a process of its own (forked), as a training run would: sharing one process, the
+-- JIT traces of one variant's recomputation slowed the variants measured after it (selective
+-- measured 1.08x before full and 1.19x after it). Rounds interleave the variants so drifting
+-- machine load spreads over all of them.
 -- Usage (repository root, after a build):
 --   luajit bench/ac.lua [--quick] [--reps N] [--threads N] [--dim D] [--hidden H]
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
@@ -98,20 +102,31 @@ local function best_and_median(samples)
   return samples[1], samples[math.ceil(#samples / 2)]
 end
 
-for _, batch in ipairs(batches) do
-  local models, inputs = {}, {}
-  for i, variant in ipairs(variants) do
-    models[i] = build(variant[2])
+-- One variant in a forked process: warm-up steps create the gradients and compile the
+-- traces, then the fastest of a few timed steps.
+local WARMUP_STEPS, TIMED_STEPS = 3, 3
+local function measure(variant, batch)
+  return ms.dist.spawn(1, function()
+    ms.set_num_threads(threads)
+    local model = build(variant[2])
     ms.manual_seed(1)
-    inputs[i] = ms.randn(batch, DIM, {requires_grad = true})
-    step(models[i], inputs[i]) -- warm-up: creates the gradients
-  end
-  -- interleave the variants so drifting machine load spreads over all of them
+    local x = ms.randn(batch, DIM, {requires_grad = true})
+    for _ = 1, WARMUP_STEPS do step(model, x) end
+    local best
+    for _ = 1, TIMED_STEPS do
+      local seconds, cpu_seconds, peak = step(model, x)
+      if not best or seconds < best[1] then best = {seconds, cpu_seconds, peak} end
+    end
+    return best
+  end)[1]
+end
+
+for _, batch in ipairs(batches) do
   local times, cpu_times, peaks = {}, {}, {}
   for i = 1, #variants do times[i], cpu_times[i] = {}, {} end
   for _ = 1, reps do
-    for i = 1, #variants do
-      local seconds, cpu_seconds, peak = step(models[i], inputs[i])
+    for i, variant in ipairs(variants) do
+      local seconds, cpu_seconds, peak = unpack(measure(variant, batch))
       times[i][#times[i] + 1], cpu_times[i][#cpu_times[i] + 1] = seconds, cpu_seconds
       peaks[i] = peak
     end
