@@ -254,4 +254,6 @@ function Adam:update(group, p, grad, state)
                          self.decoupled and 1 or 0, group.maximize and 1 or 0), self.name .. ".step")
 end
 
+M.lr_scheduler = require "moonshard.lr_scheduler"
+
 return M
