@@ -10,7 +10,8 @@ local fail = C.fail
 local M = {}
 
 local function is_stateful(value)
-  if type(value) ~= "table" or getmetatable(value) == nil then return false end
+  local mt = getmetatable(value)
+  if type(value) ~= "table" or mt == nil or rawget(mt, "__released") then return false end
   if Tensor.is_tensor(value) or DTensor.is_dtensor(value) or getmetatable(value) == Tensor.Size then return false end
   return type(value.state_dict) == "function" and type(value.load_state_dict) == "function"
 end
