@@ -256,6 +256,9 @@ function Adam:check_group(group)
   end
   non_negative(name, group, "eps")
   non_negative(name, group, "weight_decay")
+  if type(group.amsgrad) ~= "boolean" then
+    fail(name, "amsgrad must be true or false, got %s", tostring(group.amsgrad))
+  end
 end
 
 M.Adam = adam("Adam", false, 0)
