@@ -455,24 +455,27 @@ describe("GradScaler state through dcp", function()
     return scaler:get_scale()
   end
 
+  -- one rank (under mpirun a plain dcp call would be a collective of the whole world)
   it("saves the scaler as a Stateful object and a fresh one continues the same sequence", function()
-    local opts = {init_scale = 3.3, growth_factor = 1.7, backoff_factor = 0.3, growth_interval = 3}
-    local a = amp.GradScaler(opts)
-    local pa = ms.zeros(4, {requires_grad = true})
-    local oa = optim.SGD({pa}, {lr = 0.1})
-    for _, inject in ipairs({false, true, false, false}) do iterate(a, pa, oa, inject) end
-    local saved = a:state_dict()
-    assert.equal(2, saved._growth_tracker)
-    dcp.save({scaler = a}, dir)
-    local b = amp.GradScaler()
-    dcp.load({scaler = b}, dir)
-    assert.same(saved, b:state_dict())
-    local pb = ms.zeros(4, {requires_grad = true})
-    local ob = optim.SGD({pb}, {lr = 0.1})
-    for i, inject in ipairs({false, false, true, false, false, false}) do
-      assert.equal(iterate(a, pa, oa, inject), iterate(b, pb, ob, inject), ("iteration %d"):format(i))
-    end
-    assert.same(a:state_dict(), b:state_dict())
+    dist.spawn(1, function()
+      local opts = {init_scale = 3.3, growth_factor = 1.7, backoff_factor = 0.3, growth_interval = 3}
+      local a = amp.GradScaler(opts)
+      local pa = ms.zeros(4, {requires_grad = true})
+      local oa = optim.SGD({pa}, {lr = 0.1})
+      for _, inject in ipairs({false, true, false, false}) do iterate(a, pa, oa, inject) end
+      local saved = a:state_dict()
+      assert.equal(2, saved._growth_tracker)
+      dcp.save({scaler = a}, dir)
+      local b = amp.GradScaler()
+      dcp.load({scaler = b}, dir)
+      assert.same(saved, b:state_dict())
+      local pb = ms.zeros(4, {requires_grad = true})
+      local ob = optim.SGD({pb}, {lr = 0.1})
+      for i, inject in ipairs({false, false, true, false, false, false}) do
+        assert.equal(iterate(a, pa, oa, inject), iterate(b, pb, ob, inject), ("iteration %d"):format(i))
+      end
+      assert.same(a:state_dict(), b:state_dict())
+    end)
   end)
 
   it("round-trips with an FSDP model and optimizer on 2 ranks", function()
@@ -519,11 +522,13 @@ describe("GradScaler state through dcp", function()
   end)
 
   it("saves a disabled scaler as an empty state and loads it as a no-op", function()
-    dcp.save({scaler = amp.GradScaler({enabled = false}), w = ms.ones(2)}, dir)
-    local target = {scaler = amp.GradScaler({enabled = false}), w = ms.zeros(2)}
-    dcp.load(target, dir)
-    assert.same({}, target.scaler:state_dict())
-    assert.same({1, 1}, target.w:table())
+    dist.spawn(1, function()
+      dcp.save({scaler = amp.GradScaler({enabled = false}), w = ms.ones(2)}, dir)
+      local target = {scaler = amp.GradScaler({enabled = false}), w = ms.zeros(2)}
+      dcp.load(target, dir)
+      assert.same({}, target.scaler:state_dict())
+      assert.same({1, 1}, target.w:table())
+    end)
   end)
 end)
 
