@@ -616,7 +616,8 @@ describe("GradScaler bad input", function()
     local hint = "This may indicate your script did not use scaler:scale(loss or outputs) earlier in the iteration."
     expect_error("moonshard: GradScaler.unscale_: Attempted unscale_ but _scale is None. " .. hint, scaler.unscale_,
                  scaler, opt)
-    expect_error("moonshard: GradScaler.step: Attempted step but _scale is None.", scaler.step, scaler, opt)
+    expect_error("moonshard: GradScaler.step: No inf checks were recorded for this optimizer: Attempted step but " ..
+                 "_scale is None. " .. hint, scaler.step, scaler, opt)
     expect_error("moonshard: GradScaler.update: Attempted update but _scale is None.", scaler.update, scaler)
     assert.same({0, 0, 0, 0}, p:table())
   end)
@@ -628,8 +629,9 @@ describe("GradScaler bad input", function()
     local before = snapshot(p)
     opt:zero_grad()
     ;(p * ms.tensor(W)):sum():backward()
-    expect_error("moonshard: GradScaler.unscale_: the gradients were not scaled: no scaler:scale(loss) since the " ..
-                 "last update()", scaler.step, scaler, opt)
+    expect_error("moonshard: GradScaler.step: No inf checks were recorded for this optimizer: the gradients were " ..
+                 "not scaled: no scaler:scale(loss) since the last update()", scaler.step, scaler, opt)
+    expect_error("moonshard: GradScaler.unscale_: the gradients were not scaled", scaler.unscale_, scaler, opt)
     assert.is_true(ms.equal(before, p))
   end)
 

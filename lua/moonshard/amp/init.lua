@@ -1,13 +1,12 @@
 -- Loss scaling for 16-bit training, as torch.amp.GradScaler: scale the loss, unscale and check the
 -- gradients, skip a step whose gradients hold inf/NaN on any rank, back off or grow the scale.
 local ffi = require "ffi"
-local bit = require "bit"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local DTensor = require "moonshard.dtensor"
-local raw = require "moonshard.ops.raw"
+local unscale = require "moonshard.amp.unscale"
 
-local lib, check, fail = C.lib, C.check, C.fail
+local fail = C.fail
 
 local M = {}
 
@@ -18,7 +17,6 @@ GradScaler.__name = "GradScaler"
 local READY, UNSCALED, STEPPED = "READY", "UNSCALED", "STEPPED"
 local DEFAULTS = {init_scale = 2.0 ^ 16, growth_factor = 2.0, backoff_factor = 0.5, growth_interval = 2000,
                   enabled = true, process_group = false}
-local F32, BF16, F16 = 0, 2, 3
 local NOT_SCALED = "This may indicate your script did not use scaler:scale(loss or outputs) earlier in " ..
                    "the iteration."
 
@@ -153,80 +151,29 @@ end
 
 -- ---- unscale_ ----
 
-local function local_of(t)
-  if DTensor.is_dtensor(t) then return t:to_local() end
-  return t
-end
-
--- Are all elements of t (f32 or f64, not empty) finite? Max and min reductions keep NaN.
-local function all_finite(t, what)
-  local c = t._c
-  local shape = {}
-  for d = 1, c.ndim do shape[d] = 1 end
-  local out = Tensor.empty_raw(shape, c.dtype, c.storage.pool)
-  local mask = bit.lshift(1, c.ndim) - 1
-  check(lib.ms_reduce(out._c, c, raw.MAX, mask), what)
-  local hi = out:item()
-  check(lib.ms_reduce(out._c, c, raw.MIN, mask), what)
-  local lo = out:item()
-  out:_release()
-  return is_finite(hi) and is_finite(lo)
-end
-
--- Check one gradient for inf/NaN (before unscaling, as PyTorch does) and multiply it by
--- inv_scale in place. 16-bit gradients go through an f32 copy: math in f32, one rounding.
--- Returns true when a non-finite value was found; checking stops once found is set.
-local function check_and_unscale(g, inv_scale, found, what)
-  local c = g._c
-  if c.numel == 0 then return found end
-  local sixteen = c.dtype == BF16 or c.dtype == F16
-  local work = g
-  if sixteen then
-    work = Tensor.empty_like_raw(g, F32)
-    check(lib.ms_copy(work._c, c), what)
-  end
-  if not found and not all_finite(work, what) then found = true end
-  if inv_scale ~= 1 then
-    check(lib.ms_binary_scalar(work._c, work._c, inv_scale, raw.MUL, 0), what)
-    if sixteen then check(lib.ms_copy(c, work._c), what) end
-  end
-  if sixteen then work:_release() end
-  g:_bump_version()
-  return found
-end
-
--- The groups found_inf is all-reduced over: the given process_group, else every mesh dim of
--- the distinct meshes of the optimizer's sharded or replicated (DTensor) parameters, in the
--- order the parameters come (the same on every rank).
-local function inf_check_groups(self, optimizer)
-  if self._process_group then return {self._process_group} end
-  local meshes, groups = {}, {}
-  for _, group in ipairs(optimizer.param_groups) do
-    for _, p in ipairs(group.params) do
-      if DTensor.is_dtensor(p) then
-        local seen = false
-        for _, m in ipairs(meshes) do
-          if m == p.device_mesh then seen = true break end
-        end
-        if not seen then
-          meshes[#meshes + 1] = p.device_mesh
-          for d = 0, p.device_mesh:ndim() - 1 do groups[#groups + 1] = p.device_mesh:get_group(d) end
-        end
-      end
-    end
-  end
-  return groups
-end
-
 local function check_optimizer(optimizer, what)
   if type(optimizer) ~= "table" or type(optimizer.param_groups) ~= "table" or type(optimizer.step) ~= "function" then
     fail(what, "expected an optimizer (with param_groups and step), got %s", type(optimizer))
   end
 end
 
+-- A step names the failed precondition after PyTorch's own step error.
+local function prefix(what)
+  return what == "GradScaler.step" and "No inf checks were recorded for this optimizer: " or ""
+end
+
 local function check_started(self, what)
-  local name = what:match("%.(.*)$")
-  if self._scale == nil then fail(what, "Attempted %s but _scale is None. %s", name, NOT_SCALED) end
+  if self._scale == nil then
+    fail(what, "%sAttempted %s but _scale is None. %s", prefix(what), what:match("%.(.*)$"), NOT_SCALED)
+  end
+end
+
+-- Unscaling gradients that scale() never multiplied would shrink them by the scale.
+local function check_scaled(self, what)
+  if not self._scaled then
+    fail(what, "%sthe gradients were not scaled: no scaler:scale(loss) since the last update(). %s",
+         prefix(what), NOT_SCALED)
+  end
 end
 
 local function optimizer_state(self, optimizer)
@@ -252,36 +199,8 @@ function GradScaler:unscale_(optimizer)
   elseif state.stage == STEPPED then
     fail(what, "unscale_() is being called after step().")
   end
-  if not self._scaled then
-    fail(what, "the gradients were not scaled: no scaler:scale(loss) since the last update(). %s", NOT_SCALED)
-  end
-  local grads = {}
-  for _, group in ipairs(optimizer.param_groups) do
-    for i, p in ipairs(group.params) do
-      local grad = rawget(p, "grad")
-      if grad ~= nil then
-        local g = local_of(grad)
-        if not FLOATING[g:dtype()] then
-          fail(what, "parameter %d has a %s gradient; only floating-point gradients can be unscaled", i, g:dtype())
-        end
-        grads[#grads + 1] = g
-      end
-    end
-  end
-  local inv_scale = to_f32(1 / self._scale)
-  local found, recorded = false, #grads > 0
-  for _, g in ipairs(grads) do found = check_and_unscale(g, inv_scale, found, what) end
-  local groups = inf_check_groups(self, optimizer)
-  if #groups > 0 then
-    local flags = Tensor.empty_raw({2}, F32, 0)
-    local ptr = ffi.cast("float*", lib.ms_tensor_data(flags._c))
-    ptr[0], ptr[1] = found and 1 or 0, recorded and 1 or 0
-    local dist = require "moonshard.dist"
-    for _, g in ipairs(groups) do dist.all_reduce(flags, "max", {group = g}) end
-    found, recorded = ptr[0] > 0, ptr[1] > 0
-    flags:_release()
-  end
-  state.found_inf = recorded and (found and 1 or 0) or nil
+  check_scaled(self, what)
+  state.found_inf = unscale.unscale_grads(optimizer, to_f32(1 / self._scale), self._process_group, what)
   state.stage = UNSCALED
 end
 
@@ -302,7 +221,10 @@ function GradScaler:step(optimizer, ...)
   check_started(self, what)
   local state = optimizer_state(self, optimizer)
   if state.stage == STEPPED then fail(what, "step() has already been called since the last update().") end
-  if state.stage == READY then self:unscale_(optimizer) end
+  if state.stage == READY then
+    check_scaled(self, what)
+    self:unscale_(optimizer)
+  end
   if state.found_inf == nil then
     fail(what, "No inf checks were recorded for this optimizer: none of its parameters has a " ..
                "gradient (run scaler:scale(loss):backward() first).")
