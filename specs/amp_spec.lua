@@ -236,7 +236,8 @@ describe("amp.GradScaler with FSDP", function()
   local function poisoned_step(size, config)
     return dist.spawn(size, function(rank)
       ms.manual_seed(0)
-      local opts = {sharding_strategy = config.strategy, auto_wrap_policy = fsdp.wrap_policy({parity.Block})}
+      local opts = {sharding_strategy = config.strategy, auto_wrap_policy = fsdp.wrap_policy({parity.Block}),
+                    cpu_offload = {offload_params = config.offload or false}}
       if config.mesh_shape then
         opts.device_mesh = dist.init_device_mesh(config.mesh_shape, {mesh_dim_names = {"replicate", "shard"}})
       end
@@ -295,6 +296,9 @@ describe("amp.GradScaler with FSDP", function()
     {name = "FULL_SHARD, inf on rank 1 of 2", size = 2, strategy = "FULL_SHARD", bad_rank = 1, value = "inf"},
     {name = "FULL_SHARD, NaN on rank 2 of 4", size = 4, strategy = "FULL_SHARD", bad_rank = 2, value = "nan"},
     {name = "FULL_SHARD, -inf on rank 0 of 4", size = 4, strategy = "FULL_SHARD", bad_rank = 0, value = "-inf"},
+    {name = "FULL_SHARD with CPU offload, inf on rank 0 of 2", size = 2, strategy = "FULL_SHARD", offload = true,
+     bad_rank = 0, value = "inf"},
+    {name = "NO_SHARD, NaN on rank 1 of 2", size = 2, strategy = "NO_SHARD", bad_rank = 1, value = "nan"},
     {name = "HYBRID_SHARD on a 2x2 mesh, inf on rank 3", size = 4, strategy = "HYBRID_SHARD", mesh_shape = {2, 2},
      bad_rank = 3, value = "inf"},
   }) do
@@ -411,13 +415,14 @@ describe("scaled training", function()
     compare(params_of(train(nil, skipped + 1, 8, 16)), model, true)
   end)
 
-  it("matches the unscaled FSDP run bitwise on 2 ranks", function()
+  it("matches the unscaled FSDP run bitwise on 2 ranks, with clip_grad_norm_ between unscale_ and step", function()
     local function run(scaled)
       return dist.spawn(2, function(rank, size)
         ms.manual_seed(0)
         local model = fsdp.FSDP(parity.Model(), {auto_wrap_policy = fsdp.wrap_policy({parity.Block})})
         local opt = optim.Adam(model:parameters(), {lr = 0.01})
         local scaler = fsdp.ShardedGradScaler({init_scale = 2 ^ 20, growth_interval = 2, enabled = scaled})
+        local norms = {}
         local per_rank = parity.GLOBAL_BATCH / size
         for step = 1, 4 do
           opt:zero_grad()
@@ -425,10 +430,12 @@ describe("scaled training", function()
           local loss = loss_of(model, tokens:narrow(0, rank * per_rank, per_rank),
                                targets:narrow(0, rank * per_rank, per_rank))
           scaler:scale(loss):backward()
+          scaler:unscale_(opt)
+          norms[step] = fsdp.clip_grad_norm_(model, 0.05)
           scaler:step(opt)
           scaler:update()
         end
-        local out = {scale = scaler:get_scale()}
+        local out = {scale = scaler:get_scale(), norms = norms}
         for name, p in model:named_parameters() do out[name] = p:full_tensor():reshape(-1):table() end
         return out
       end)
@@ -436,6 +443,7 @@ describe("scaled training", function()
     local plain, scaled = run(false), run(true)
     assert.equal(1, plain[1].scale)
     assert.equal(2 ^ 22, scaled[1].scale)
+    assert.is_true(plain[1].norms[1] > 0.05, "clipping did nothing")
     plain[1].scale, scaled[1].scale = nil, nil
     assert.same(plain[1], scaled[1])
   end)
