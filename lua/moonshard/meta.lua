@@ -27,20 +27,25 @@ local function no_data(op, t)
        "param_init_fn, or module:to_empty() and an initialiser)", describe(t))
 end
 
--- The op that tried to read the tensor's data: the outermost named function of
--- moonshard's ops in the calling stack (linear rather than the dtype check inside it).
+-- The public op that tried to read the tensor's data (linear rather than the dtype check
+-- inside it): the innermost function of the calling stack that moonshard's op modules export.
+local op_names
 local function caller_name()
-  local name
-  for level = 3, 30 do
-    local info = debug.getinfo(level, "nS")
-    if not info then break end
-    if info.short_src:find("moonshard/ops/", 1, true) or info.short_src:find("moonshard/dist", 1, true) then
-      name = info.name or name
-    elseif name then
-      break
+  if not op_names then
+    op_names = {}
+    for _, path in ipairs({"moonshard.ops.inplace", "moonshard.ops.reduce", "moonshard.ops.shape",
+                           "moonshard.ops.pointwise", "moonshard.ops.nn", "moonshard.ops.linalg", "moonshard.dist"}) do
+      for name, fn in pairs(require(path)) do
+        if type(fn) == "function" then op_names[fn] = name end
+      end
     end
   end
-  return name or "tensor op"
+  for level = 3, 40 do
+    local info = debug.getinfo(level, "f")
+    if not info then break end
+    if op_names[info.func] then return op_names[info.func] end
+  end
+  return "tensor op"
 end
 
 function methods.shape(t) return setmetatable({unpack(t._meta_shape)}, Tensor.Size) end
