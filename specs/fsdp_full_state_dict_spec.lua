@@ -2,7 +2,7 @@
 -- the compute pool never holds more than one unit at full size on any rank, rank 0 keeps
 -- the whole model in the host pool and the other ranks keep nothing (exact statistics).
 local ms = require "moonshard"
-local nn, dist, fsdp = ms.nn, ms.dist, ms.fsdp
+local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local WORLD, LAYERS, DIM, F32 = 4, 6, 256, 4
 local UNIT_BYTES = DIM * (DIM + 1) * F32            -- one Linear(DIM, DIM) at full size
@@ -63,5 +63,32 @@ describe("FULL_STATE_DICT with rank0_only and offload_to_cpu", function()
         assert.are.equal(0, r.host, label)
       end
     end
+  end)
+
+  it("also applies to the optimizer state dict through optim_state_dict_config", function()
+    local results = dist.spawn(WORLD, function()
+      ms.manual_seed(5)
+      local model = fsdp.FSDP(build(), {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+      local opt = optim.Adam(model:parameters(), {lr = 0.01})
+      model(ms.randn(2, DIM)):sum():backward()
+      opt:step()
+      fsdp.set_state_dict_type(model, "FULL_STATE_DICT", nil, {rank0_only = true, offload_to_cpu = true})
+      local osd = fsdp.optim_state_dict(model, opt)
+      local tensors, devices, shapes = 0, {}, {}
+      for fqn, state in pairs(osd.state) do
+        for key, value in pairs(state) do
+          if ms.is_tensor(value) then
+            tensors = tensors + 1
+            devices[value:device()] = true
+            shapes[fqn .. "." .. key] = tostring(value:shape())
+          end
+        end
+      end
+      return {tensors = tensors, devices = devices, shape = shapes["0.weight.exp_avg"]}
+    end)
+    assert.are.equal(2 * 2 * LAYERS, results[1].tensors) -- exp_avg and exp_avg_sq of each parameter
+    assert.are.same({host = true}, results[1].devices)
+    assert.are.equal(("[%d, %d]"):format(DIM, DIM), results[1].shape)
+    for rank = 2, WORLD do assert.are.equal(0, results[rank].tensors, "rank " .. (rank - 1)) end
   end)
 end)
