@@ -46,7 +46,7 @@ step "C unit tests (address + undefined sanitizers)"
 count_ctest "$log_dir/ctest-asan.log"
 
 step "specs (release)"
-luajit tools/busted.lua -o utfTerminal 2>&1 | tee "$log_dir/busted.log"
+busted -o utfTerminal 2>&1 | tee "$log_dir/busted.log"
 count_busted "$log_dir/busted.log"
 
 # ---- specs under mpirun -n 4 (tools/test_mpi.sh: the collective specs on the mpi backend) ----
@@ -59,7 +59,7 @@ step "specs (address + undefined sanitizers)"
 asan_runtime=$(gcc -print-file-name=libasan.so)
 MOONSHARD_LIB=build-asan/libmoonshard.so LD_PRELOAD="$asan_runtime" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  luajit tools/busted.lua -o utfTerminal --exclude-tags=slow,gpu,noasan 2>&1 | tee "$log_dir/busted-asan.log"
+  busted -o utfTerminal --exclude-tags=slow,gpu,noasan 2>&1 | tee "$log_dir/busted-asan.log"
 count_busted "$log_dir/busted-asan.log"
 
 step "fuzz the store decoders"
