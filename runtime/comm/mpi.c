@@ -153,13 +153,14 @@ static int wait_for(ms_group *g, const char *name, const char *call, MPI_Request
         if (now_ms() > deadline) {
             char missing[192];
             missing_members(g, missing, sizeof missing);
+            int call_len = (int)strcspn(call, "("); /* "MPI_Iallreduce" */
             int timeout = missing[0]
-                ? MS_FAIL(MS_ERR_TIMEOUT, "%s: %s did not arrive within %lld ms (%s); MPI is "
-                          "unusable in this process, which should end", name, missing,
-                          (long long)g->timeout_ms, call)
-                : MS_FAIL(MS_ERR_TIMEOUT, "%s: not every member arrived within %lld ms (%s); "
+                ? MS_FAIL(MS_ERR_TIMEOUT, "%s: %s did not arrive within %lld ms (%.*s); MPI "
+                          "is unusable in this process, which should end", name, missing,
+                          (long long)g->timeout_ms, call_len, call)
+                : MS_FAIL(MS_ERR_TIMEOUT, "%s: not every member arrived within %lld ms (%.*s); "
                           "MPI is unusable in this process, which should end", name,
-                          (long long)g->timeout_ms, call);
+                          (long long)g->timeout_ms, call_len, call);
             snprintf(mpi.timed_out, sizeof mpi.timed_out, "%s", ms_last_error());
             return ms_group_break(g, timeout);
         }
