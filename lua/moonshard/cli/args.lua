@@ -27,16 +27,13 @@ end
 local function key_of(name) return (name:gsub("^%-+", ""):gsub("-", "_")) end
 
 -- The argparse parser for a table of options: "--name" or "-n" mapped to a kind ("flag" |
--- "string" | "int" | "number") or to {kind, help, default}.
-function M.parser(name, options)
-  local parser = argparse(name):add_help(false):usage_max_width(90)
-  for flag, spec in pairs(options) do
-    local kind, help, default = spec, nil, nil
-    if type(spec) == "table" then kind, help, default = spec[1], spec[2], spec[3] end
-    local option = kind == "flag" and parser:flag(flag, help) or parser:option(flag, help, default)
+-- "string" | "int" | "number"); the positional arguments gathered in order.
+local function parser_for(name, options)
+  local parser = argparse(name):add_help(false)
+  for flag, kind in pairs(options) do
+    local option = kind == "flag" and parser:flag(flag) or parser:option(flag)
     option:target(key_of(flag))
     if kind == "int" or kind == "number" then option:convert(converter(flag, kind)) end
-    if kind ~= "flag" then option:argname(kind == "string" and "S" or "N") end
   end
   parser:argument("positional"):args("*")
   return parser
@@ -47,7 +44,6 @@ local function join_negative_values(argv, options)
   local out, i = {}, 1
   while i <= #argv do
     local a, kind = argv[i], options[argv[i]]
-    if type(kind) == "table" then kind = kind[1] end
     local nxt = argv[i + 1]
     if kind and kind ~= "flag" and nxt and nxt:sub(1, 1) == "-" and tonumber(nxt) then
       out[#out + 1] = a:sub(2, 2) == "-" and (a .. "=" .. nxt) or (a .. nxt)
@@ -69,7 +65,6 @@ local function stop_after_positional(argv, options, n)
     if a == "--" then return argv end
     local name = a:match("^(%-%-?[%w][%w%-]*)=") or a
     local kind = options[name]
-    if type(kind) == "table" then kind = kind[1] end
     if a:sub(1, 1) == "-" and #a > 1 and not tonumber(a) then
       if kind and kind ~= "flag" and not a:find("=", 1, true) and #name == #a then i = i + 1 end
     else
@@ -89,7 +84,7 @@ end
 -- parse(argv, options, {stop_at_positional = n}): returns (values keyed by the name without
 -- dashes, "-" read as "_", positional array); raises a usage error for bad arguments.
 function M.parse(argv, options, config)
-  local parser = M.parser("moonshard", options)
+  local parser = parser_for("moonshard", options)
   argv = join_negative_values(argv, options)
   if config and config.stop_at_positional then
     argv = stop_after_positional(argv, options, config.stop_at_positional)
