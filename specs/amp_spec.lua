@@ -5,7 +5,7 @@ local parity = require "support.parity"
 local store_dirs = require "support.store_dirs"
 local nn, optim, dist, fsdp, dcp, amp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp, ms.amp
 
--- Produced by PyTorch 2.15 (CPU wheel from PyPI, in a venv outside the repository) running each
+-- Produced by PyTorch 2.15.0 (from PyPI, in a venv outside the repository, on the CPU) running each
 -- scenario with torch.amp.GradScaler("cpu", **opts): one parameter p = zeros(4) (two for
 -- two_optimizers, each with its own SGD(lr=0.5)), loss = sum(p * W) with W = {0.1, -2.5, 3e-3, 7}
 -- ({0.1, -0.25, 3e-3, 0.5} for growth_past_max), scaler.scale(loss).backward(); `inject` then
@@ -13,8 +13,8 @@ local nn, optim, dist, fsdp, dcp, amp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dc
 -- (`grad`); then scaler.step for each optimizer (`stepped`: did p change), scaler.update(new_scale)
 -- and the recorded get_scale() (`scale`) and _get_growth_tracker() (`tracker`). `params` are the
 -- final parameters, `state_dict` the final scaler.state_dict().
--- TORCH_16BIT: torch._amp_foreach_non_finite_check_and_unscale_ (the kernel both scalers call) on
--- f16 and bf16 gradients `input` with inv_scale = float32(1 / float64(float32(scale))).
+-- TORCH_16BIT (below): torch._amp_foreach_non_finite_check_and_unscale_ (the kernel both scalers
+-- call) on f16 and bf16 gradients `input` with inv_scale = float32(1 / float64(float32(scale))).
 local TORCH = {
   powers_of_two = {
     scale_before_first_scale = 65536.0,
