@@ -189,6 +189,76 @@ describe("FSDP deferred initialisation", function()
   end)
 end)
 
+describe("FSDP deferred initialisation of tied parameters", function()
+  -- GPT-2's tie, made after construction: both layers drew, the tie keeps wte's tensor.
+  -- head_first registers the head before the embedding; bias gives the head an untied bias.
+  local TiedLM = nn.Module:extend("MetaTiedLM")
+  function TiedLM:__init(cfg)
+    if cfg.head_first then self.lm_head = nn.Linear(7, 11, {bias = cfg.bias}) end
+    self.wte = nn.Embedding(11, 7)
+    self.block = Block(7)
+    if not cfg.head_first then self.lm_head = nn.Linear(7, 11, {bias = cfg.bias}) end
+    self.lm_head.weight = self.wte.weight
+    if cfg.scheme then self:apply(cfg.scheme) end
+  end
+  -- GPT-2's scheme, applied after construction (both names of the tie draw once each)
+  local function gpt2_scheme(m)
+    if m.__name == "Linear" then
+      nn.init.normal_(m.weight, 0, 0.02)
+      if m.bias then nn.init.zeros_(m.bias) end
+    elseif m.__name == "Embedding" then
+      nn.init.normal_(m.weight, 0, 0.02)
+    end
+  end
+
+  -- Per rank: names whose shard differs from the full construction's, whether the RNG offset
+  -- after the meta build and the wrap equals the full construction's, and whether the tie holds.
+  local function compare(world, cfg, param_init_fn)
+    return dist.spawn(world, function()
+      ms.manual_seed(99)
+      local full = TiedLM(cfg)
+      local full_offset = ms.get_rng_state().offset
+      ms.manual_seed(99)
+      local model = ms.device("meta", function() return TiedLM(cfg) end)
+      fsdp.FSDP(model, {auto_wrap_policy = fsdp.wrap_policy({Block}), param_init_fn = param_init_fn})
+      local sd, bad = full:state_dict(), {}
+      for name, p in pairs(model:state_dict()) do
+        local want = ms.distribute_tensor(sd[name], p.device_mesh, p.placements):to_local()
+        if not ms.equal(want, p:to_local()) then bad[#bad + 1] = name end
+      end
+      table.sort(bad)
+      return {bad = bad, same_rng = full_offset == ms.get_rng_state().offset,
+              tied = model.wte.weight == model.lm_head.weight}
+    end)
+  end
+
+  for world = 1, 4 do
+    it(("gives the full construction's values and RNG state by default on %d rank(s)"):format(world), function()
+      for _, cfg in ipairs({{bias = false}, {bias = true}, {bias = true, head_first = true}}) do
+        for rank, r in ipairs(compare(world, cfg)) do
+          local what = ("rank %d, bias %s, head first %s"):format(rank - 1, tostring(cfg.bias), tostring(cfg.head_first))
+          assert.are.same({}, r.bad, what)
+          assert.is_true(r.same_rng, what)
+          assert.is_true(r.tied, what)
+        end
+      end
+    end)
+  end
+
+  it("replays a construction scheme applied after the tie through a param_init_fn making the same calls", function()
+    local function init(m)
+      if m.reset_parameters then m:reset_parameters() end
+      gpt2_scheme(m)
+    end
+    for _, cfg in ipairs({{bias = true, scheme = gpt2_scheme}, {bias = true, head_first = true, scheme = gpt2_scheme}}) do
+      for rank, r in ipairs(compare(2, cfg, init)) do
+        assert.are.same({}, r.bad, "rank " .. (rank - 1))
+        assert.is_true(r.same_rng, "rank " .. (rank - 1))
+      end
+    end
+  end)
+end)
+
 describe("FSDP deferred initialisation errors", function()
   local Raw = nn.Module:extend("RawParams")
   function Raw:__init()

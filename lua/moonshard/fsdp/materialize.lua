@@ -3,6 +3,7 @@
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local scope = require "moonshard.scope"
+local init_fns = require "moonshard.nn.init_fns"
 
 local fail = C.fail
 
@@ -58,7 +59,7 @@ function M.run(unit, modules, init_fn, pool)
       materialise_buffers(unit, m, pool)
     end
   end
-  for _, m in ipairs(targets) do init_fn(m) end
+  for _, m in ipairs(targets) do init_fns.run_init(m, init_fn) end
   for _, p in ipairs(unit.params) do
     if p.meta then
       rawset(p.sharded, "_init_draws", nil)
