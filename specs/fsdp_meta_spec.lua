@@ -63,6 +63,17 @@ describe("meta device", function()
     assert.are.equal("cpu", ms.zeros(2):device()) -- the default device comes back
   end)
 
+  it("runs any callable: a function, a Module class, a table with __call", function()
+    local block = ms.device("meta", Block, 7)
+    assert.are.equal("meta", block.fc1.weight:device())
+    local maker = setmetatable({}, {__call = function(_, n) return nn.Linear(n, 2) end})
+    assert.are.equal("meta", ms.device("meta", maker, 3).weight:device())
+    local ok, err = pcall(ms.device, "meta", {})
+    assert.is_false(ok)
+    assert.are.equal("moonshard: device: expected a function (or callable table) to run, got table", err)
+    assert.are.equal("cpu", ms.zeros(2):device())
+  end)
+
   it("advances the RNG like a full construction and to_empty + reset_parameters replays it", function()
     local rows, offset = expected_rows(1, 0)
     ms.manual_seed(1234)
@@ -137,6 +148,18 @@ describe("FSDP deferred initialisation", function()
       -- two blocks (LayerNorm, Linear, Linear) and the root's Embedding and Linear
       assert.are.same({"LayerNorm", "Linear", "Linear", "LayerNorm", "Linear", "Linear", "Embedding", "Linear"}, r.called)
     end
+  end)
+
+  it("takes any callable as param_init_fn and auto_wrap_policy", function()
+    local r = dist.spawn(1, function()
+      local calls = 0
+      local init = setmetatable({}, {__call = function(_, m) calls = calls + 1; m:reset_parameters() end})
+      local policy = setmetatable({}, {__call = function(_, m) return m.__name == "Linear" end})
+      local model = fsdp.FSDP(ms.device("meta", function() return nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)) end),
+                              {param_init_fn = init, auto_wrap_policy = policy})
+      return {calls = calls, device = model[1].weight:to_local():device(), unit = rawget(model[1], "_fsdp_unit") ~= nil}
+    end)[1]
+    assert.are.same({calls = 2, device = "cpu", unit = true}, r)
   end)
 
   it("peaks at the rank's share plus the largest unit while building and wrapping on 4 ranks", function()

@@ -9,11 +9,13 @@ local fail = C.fail
 
 local M = {}
 
+-- Stateful: any table (with a metatable or not) whose state_dict and load_state_dict are callable.
 local function is_stateful(value)
+  if type(value) ~= "table" then return false end
   local mt = getmetatable(value)
-  if type(value) ~= "table" or mt == nil or rawget(mt, "__released") then return false end
-  if Tensor.is_tensor(value) or DTensor.is_dtensor(value) or getmetatable(value) == Tensor.Size then return false end
-  return type(value.state_dict) == "function" and type(value.load_state_dict) == "function"
+  if type(mt) == "table" and rawget(mt, "__released") then return false end
+  if Tensor.is_tensor(value) or DTensor.is_dtensor(value) or mt == Tensor.Size then return false end
+  return C.is_callable(value.state_dict) and C.is_callable(value.load_state_dict)
 end
 
 local function key_path(prefix, key) return prefix .. tostring(key) end
