@@ -16,12 +16,18 @@ local LISTED_KEYS = 10
 local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
 local OPTION_KEYS = {full_state_dict = true, cpu_offload = true, strict = true}
 
+-- The options {full_state_dict = false, cpu_offload = false, strict = true}: booleans, no other key.
 local function options(opts, what)
   if opts == nil then return {strict = true} end
-  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
-  for key in pairs(opts) do
+  if type(opts) ~= "table" or getmetatable(opts) ~= nil then
+    fail(what, "options must be a table, got %s", type(opts) == "table" and "an object" or type(opts))
+  end
+  for key, value in pairs(opts) do
     if not OPTION_KEYS[key] then
       fail(what, "unknown option '%s' (expected full_state_dict, cpu_offload, strict)", tostring(key))
+    end
+    if type(value) ~= "boolean" then
+      fail(what, "option '%s' must be a boolean, got %s", key, type(value) == "string" and "'" .. value .. "'" or type(value))
     end
   end
   return {full_state_dict = opts.full_state_dict == true, cpu_offload = opts.cpu_offload == true,
@@ -110,16 +116,19 @@ local function local_of(t) return DTensor.is_dtensor(t) and t:to_local() or t en
 -- ---- getting ----
 
 -- get_model_state_dict(model, {full_state_dict, cpu_offload}): fqn -> tensor or DTensor.
-function M.get_model_state_dict(model, opts)
-  local what = "get_model_state_dict"
-  check_model(model, what)
-  opts = options(opts, what)
+local function get_model(model, opts)
   local out = {}
   for _, entry in ipairs(model_entries(model)) do
     local fqn, value = entry[1], entry[2]
     out[fqn] = export(local_of(value), value, opts)
   end
   return out
+end
+
+function M.get_model_state_dict(model, opts)
+  local what = "get_model_state_dict"
+  check_model(model, what)
+  return get_model(model, options(opts, what))
 end
 
 -- A Lua array as PyTorch's list: keys 0 .. n-1.
@@ -152,14 +161,11 @@ end
 -- get_optimizer_state_dict(model, optimizers, opts): {state = {fqn = {step =, exp_avg =, ...}},
 -- param_groups = {[0] = {lr =, betas = {[0] =, [1] =}, ..., params = {[0] = fqn, ...}}}}.
 -- Parameters without state get the state a first step would make (zeros, step 0).
-function M.get_optimizer_state_dict(model, optimizers, opts)
-  local what = "get_optimizer_state_dict"
-  check_model(model, what)
-  opts = options(opts, what)
+local function get_optimizers(model, optimizers, opts, what)
   local names = parameter_names(model)
   local out = {state = {}, param_groups = {}}
   local index = 0
-  for o, opt in ipairs(optimizer_list(optimizers, what)) do
+  for o, opt in ipairs(optimizers) do
     if opt._init_state then opt:_init_state() end
     for g, group in ipairs(opt.param_groups) do
       local entry = {}
@@ -191,12 +197,20 @@ function M.get_optimizer_state_dict(model, optimizers, opts)
   return out
 end
 
+function M.get_optimizer_state_dict(model, optimizers, opts)
+  local what = "get_optimizer_state_dict"
+  check_model(model, what)
+  opts = options(opts, what)
+  return get_optimizers(model, optimizer_list(optimizers, what), opts, what)
+end
+
 -- get_state_dict(model, optimizers, opts) -> model state dict, optimizer state dict.
 function M.get_state_dict(model, optimizers, opts)
   local what = "get_state_dict"
   check_model(model, what)
-  local osd = M.get_optimizer_state_dict(model, optimizer_list(optimizers, what), opts)
-  return M.get_model_state_dict(model, opts), osd
+  opts = options(opts, what)
+  local osd = get_optimizers(model, optimizer_list(optimizers, what), opts, what)
+  return get_model(model, opts), osd
 end
 
 -- ---- setting: every check first, then the copies ----
@@ -429,6 +443,11 @@ function M.set_state_dict(model, optimizers, state, opts)
   opts = options(opts, what)
   if type(state) ~= "table" or (state.model_state_dict == nil and state.optim_state_dict == nil) then
     fail(what, "expected {model_state_dict = ..., optim_state_dict = ...} as the third argument")
+  end
+  for key in pairs(state) do
+    if key ~= "model_state_dict" and key ~= "optim_state_dict" then
+      fail(what, "unknown key '%s' in the third argument (expected model_state_dict, optim_state_dict)", tostring(key))
+    end
   end
   local list = optimizer_list(optimizers, what)
   local copies, report = {}, {missing_keys = {}, unexpected_keys = {}}
