@@ -245,6 +245,19 @@ describe("dcp state-dict helpers", function()
                      select(2, pcall(dcp.set_state_dict, model, opt, dcp.get_model_state_dict(model))))
     end)
 
+    it("names the FQN of a meta tensor on either side, and offloads a meta model's entries as they are", function()
+      local meta = ms.device("meta", function() return ms.nn.Sequential(ms.nn.Linear(3, 2)) end)
+      local full = ms.nn.Sequential(ms.nn.Linear(3, 2))
+      local tail = " is a meta tensor ([2, 3] " .. meta[1].weight:dtype() .. ", no data); materialise it first (fsdp.FSDP with " ..
+                   "param_init_fn, or module:to_empty() and an initialiser)"
+      assert.are.equal("moonshard: set_model_state_dict: '0.weight' of the model" .. tail,
+                       select(2, pcall(dcp.set_model_state_dict, meta, full:state_dict())))
+      assert.are.equal("moonshard: set_model_state_dict: '0.weight' of the state dict" .. tail,
+                       select(2, pcall(dcp.set_model_state_dict, full, meta:state_dict())))
+      local sd = dcp.get_model_state_dict(meta, {cpu_offload = true})
+      assert.are.equal("meta", sd["0.weight"]:device())
+    end)
+
     it("checks every option of every helper, naming the function called", function()
       local model, opt = build({}, 0)
       local msd, osd = dcp.get_state_dict(model, opt)

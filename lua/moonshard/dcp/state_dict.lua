@@ -93,8 +93,8 @@ local function parameter_names(model)
   return names
 end
 
-local function offload(t)
-  if t._c.storage.pool == 0 then return t end
+local function offload(t) -- a meta tensor has no data to move: it stays as it is
+  if Tensor.is_meta(t) or t._c.storage.pool == 0 then return t end
   return t:to("cpu")
 end
 
@@ -217,10 +217,19 @@ end
 
 local function is_tensor_like(v) return Tensor.is_tensor(v) or DTensor.is_dtensor(v) end
 
+local function check_data(fqn, t, whose, what)
+  if Tensor.is_meta(t) then
+    fail(what, "'%s' of the %s is a meta tensor (%s %s, no data); materialise it first (fsdp.FSDP with " ..
+         "param_init_fn, or module:to_empty() and an initialiser)", fqn, whose, tostring(t:shape()), t:dtype())
+  end
+end
+
 local function check_value(fqn, target, source, what)
   if not is_tensor_like(source) then
     fail(what, "the value for '%s' is a %s, not a tensor", fqn, type(source))
   end
+  check_data(fqn, target, "model", what)
+  check_data(fqn, source, "state dict", what)
   local want, got = target:shape(), source:shape()
   if not (want == got) then
     fail(what, "shape mismatch for '%s': the state dict has %s, the model has %s", fqn, tostring(got), tostring(want))
