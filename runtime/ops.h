@@ -1,4 +1,4 @@
-/* moonshard runtime: tensor operations (CPU backend in runtime/cpu/).
+/* moonshard runtime: tensor operations (front door in runtime/ops/, kernels in cpu/, cuda/).
  * Argument order is fixed: outputs first ([OUT]), then inputs, then scalars.
  * Outputs are preallocated by the caller with the documented shape and dtype.
  * Activation gradients assign (=); parameter gradients (dweight, dbias) accumulate (+=).
