@@ -4,14 +4,17 @@ local ms = require "moonshard"
 local F = ms.nn.F
 local scope = require "moonshard.scope"
 
--- fn must raise a string starting with "moonshard: <name>:" that contains every one of the
--- plain substrings in needles (a string or an array of strings).
+-- fn must raise a string starting with "moonshard: <name>:" (naming the function once) that
+-- contains every one of the plain substrings in needles (a string or an array of strings).
 local function raises(name, needles, fn)
   local ok, err = pcall(fn)
   assert.is_false(ok, "expected moonshard: " .. name .. ": ... but nothing was raised")
   assert.are.equal("string", type(err), "the error is not a string: " .. tostring(err))
   local prefix = "moonshard: " .. name .. ":"
   assert.are.equal(prefix, err:sub(1, #prefix), err)
+  local short = name:match("([%w_]+)$") .. ":"
+  assert.are_not.equal(short, err:sub(#prefix + 2, #prefix + 1 + #short),
+                       "the error names its function twice: " .. err)
   if type(needles) == "string" then needles = {needles} end
   for _, needle in ipairs(needles or {}) do
     assert.is_truthy(err:find(needle, 1, true), "'" .. needle .. "' is not in: " .. err)

@@ -302,7 +302,7 @@ end
 
 local function add_grads(a, b)
   local out = Tensor.empty_like_raw(a)
-  check(lib.ms_binary(out._c, a._c, b._c, 0), "backward")
+  check(lib.ms_binary(out._c, a._c, b._c, lib.MS_ADD), "backward")
   return out
 end
 
@@ -337,7 +337,8 @@ local function accumulate_grad(task, node, grad)
       t.grad = scope.keep(copy)
     end
   else
-    check(lib.ms_binary(existing._c, existing._c, grad._c, 0), "backward: accumulating grad")
+    check(lib.ms_binary(existing._c, existing._c, grad._c, lib.MS_ADD),
+          "backward: accumulating grad")
     existing:_bump_version()
   end
   local hooks = node.post_hooks

@@ -149,7 +149,7 @@ local function decode(r)
     local dtype, ndim = r.byte(), r.byte()
     local shape = {}
     for d = 1, ndim do shape[d] = r.int() end
-    local t = Tensor.empty_raw(shape, dtype, 0)
+    local t = Tensor.empty_raw(shape, dtype, lib.MS_POOL_CPU)
     local nbytes = r.int()
     if nbytes ~= tonumber(lib.ms_tensor_nbytes(t._c)) then
       fail("unpack", "tensor data of %d bytes does not match its shape", nbytes)
