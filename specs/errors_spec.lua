@@ -2,7 +2,6 @@
 -- names what was wrong, and none of them crashes the process.
 local ms = require "moonshard"
 local F = ms.nn.F
-local scope = require "moonshard.scope"
 
 -- fn must raise a string starting with "moonshard: <name>:" (naming the function once) that
 -- contains every one of the plain substrings in needles (a string or an array of strings).
@@ -343,7 +342,7 @@ describe("bad input", function()
     end)
     it("include the temporaries of a scope that were not returned", function()
       local leaked
-      local result = scope.run(function()
+      local result = ms.scope(function()
         leaked = ms.ones(2)
         return leaked * 3
       end)
@@ -352,7 +351,7 @@ describe("bad input", function()
     end)
     it("exclude tensors marked with ms.keep", function()
       local kept
-      scope.run(function() kept = ms.keep(ms.ones(2)) end)
+      ms.scope(function() kept = ms.keep(ms.ones(2)) end)
       assert.are.same({1, 1}, kept:table())
     end)
   end)
