@@ -214,11 +214,6 @@ int ms_storage_restore(ms_storage *storage)
     return MS_OK;
 }
 
-int ms_storage_is_released(const ms_storage *storage)
-{
-    return storage && storage->released ? 1 : 0;
-}
-
 void *ms_tensor_data(const ms_tensor *t)
 {
     if (!t || !t->storage || !t->storage->data)

@@ -201,17 +201,6 @@ function M.saved_tensors_hooks(pack, unpack, fn, ...)
   return unpack_results(results)
 end
 
-
--- Run fn(...) with no saved-tensor hooks active (recomputation saves plainly).
-function M.without_saved_tensors_hooks(fn, ...)
-  local stashed = saved_hooks
-  saved_hooks = {}
-  local results = {pcall(fn, ...)}
-  saved_hooks = stashed
-  if not results[1] then error(results[2], 0) end
-  return unpack_results(results)
-end
-
 -- ---- op hooks ----
 
 -- Ops whose outputs a selective-checkpoint policy may keep (the matrix products) compute

@@ -121,8 +121,6 @@ int ms_storage_release(ms_storage *storage);
 /* Allocate a released storage's nbytes again from its pool (contents undefined). Restoring
  * a storage that holds data is a no-op. */
 int ms_storage_restore(ms_storage *storage);
-/* 1 when the storage's data was released, else 0. */
-int ms_storage_is_released(const ms_storage *storage);
 
 /* ---- threads ---- */
 /* Threads used by BLAS and by the runtime's loops in this process (at least 1). */
@@ -328,8 +326,7 @@ typedef struct ms_spawn ms_spawn;
  * before the fork so nothing is left in /dev/shm. Each rank dies with its parent and uses
  * max(1, cores / world_size) compute threads. timeout_ms <= 0 means 60 s, the initial
  * timeout of every group. Data moves through the segment in chunks of 512 KiB per rank
- * (MOONSHARD_COMM_CHUNK_KB overrides), or directly between ranks when every buffer of a
- * collective lies in the ranks' heaps (see ms_local_shared_alloc in comm/comm.h).
+ * (MOONSHARD_COMM_CHUNK_KB overrides).
  * In the parent: [OUT] *rank = -1 and *job, to be waited for and freed.
  * In rank r: [OUT] *rank = r, *job = NULL, ms_dist_world gives the world group; the rank
  * ends with ms_local_finish. Fails with MS_ERR_STATE inside a rank or under MPI. */

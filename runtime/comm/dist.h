@@ -95,8 +95,7 @@ typedef struct ms_spawn ms_spawn;
  * before the fork so nothing is left in /dev/shm. Each rank dies with its parent and uses
  * max(1, cores / world_size) compute threads. timeout_ms <= 0 means 60 s, the initial
  * timeout of every group. Data moves through the segment in chunks of 512 KiB per rank
- * (MOONSHARD_COMM_CHUNK_KB overrides), or directly between ranks when every buffer of a
- * collective lies in the ranks' heaps (see ms_local_shared_alloc in comm/comm.h).
+ * (MOONSHARD_COMM_CHUNK_KB overrides).
  * In the parent: [OUT] *rank = -1 and *job, to be waited for and freed.
  * In rank r: [OUT] *rank = r, *job = NULL, ms_dist_world gives the world group; the rank
  * ends with ms_local_finish. Fails with MS_ERR_STATE inside a rank or under MPI. */

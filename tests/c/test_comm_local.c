@@ -14,17 +14,6 @@ static int every_collective(int rank, int n, void *context)
     return 0;
 }
 
-/* The same cases with every tensor in the ranks' heaps (direct copies between ranks),
- * and with only rank 0's there (the ring, since not every member can be reached). */
-static int every_collective_in_heap(int rank, int world_size, void *context)
-{
-    (void)world_size;
-    int *heap_ranks = context;
-    cases_use_heap = rank < *heap_ranks;
-    collective_cases(NULL);
-    return 0;
-}
-
 /* Inexact f32 and bf16 sums come out bitwise identical on every rank. */
 static int report_all_reduce_hash(int rank, int n, void *context)
 {
@@ -165,13 +154,8 @@ static int argument_checks(int rank, int n, void *context)
 
 int main(void)
 {
-    for (int n = 1; n <= 4; n++) {
+    for (int n = 1; n <= 4; n++)
         expect_clean_run(n, every_collective, NULL, "every_collective");
-        if (n > 1)
-            expect_clean_run(n, every_collective_in_heap, &n, "every_collective_in_heap");
-    }
-    int one = 1;
-    expect_clean_run(3, every_collective_in_heap, &one, "every_collective_rank_0_in_heap");
     test_identical_results();
     expect_clean_run(4, sub_groups, NULL, "sub_groups");
     expect_clean_run(2, argument_checks, NULL, "argument_checks");
