@@ -201,6 +201,9 @@ function M.saved_tensors_hooks(pack, unpack, fn, ...)
   return unpack_results(results)
 end
 
+-- The innermost active saved-tensor hooks ({pack =, unpack =}), or nil.
+function M.current_saved_tensors_hooks() return saved_hooks[#saved_hooks] end
+
 -- ---- op hooks ----
 
 -- Ops whose outputs a selective-checkpoint policy may keep (the matrix products) compute

@@ -186,7 +186,7 @@ ms.is_dtensor = DTensor.is_dtensor
 local submodules = {
   nn = "moonshard.nn", optim = "moonshard.optim", dist = "moonshard.dist",
   fsdp = "moonshard.fsdp", ac = "moonshard.ac", dcp = "moonshard.dcp",
-  repl = "moonshard.repl",
+  repl = "moonshard.repl", data = "moonshard.data",
 }
 setmetatable(ms, {__index = function(t, key)
   local path = submodules[key]

@@ -7,7 +7,7 @@ local autograd = require "moonshard.autograd"
 local Module = require "moonshard.nn.module"
 local Unit = require "moonshard.fsdp.unit"
 local state_dict = require "moonshard.fsdp.state_dict"
-local reduce = require "moonshard.ops.reduce"
+local grad_norm = require "moonshard.nn.utils"
 local stats = require "moonshard.fsdp.stats"
 local prefetch = require "moonshard.fsdp.prefetch"
 
@@ -288,54 +288,51 @@ function fsdp.summon_full_params(model, fn, opts)
 end
 
 -- Scale gradients so their global norm (over every shard and replica) is at most
--- max_norm; returns the norm before clipping.
+-- max_norm; norm_type 2 (default), any p > 0, or math.huge for the largest magnitude.
+-- Returns the norm before clipping.
 function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   if type(max_norm) ~= "number" or max_norm < 0 then
     fail("clip_grad_norm_", "max_norm must be a non-negative number, got %s", tostring(max_norm))
   end
-  if norm_type ~= nil and norm_type ~= 2 then fail("clip_grad_norm_", "only norm_type 2 is supported") end
+  local p = grad_norm.norm_type(norm_type, "clip_grad_norm_")
   local root = unit_of(model)
   if not root or not root.tree then fail("clip_grad_norm_", "expects the root FSDP module") end
-  local sharded_sq, replicated_sq = 0, 0
+  local sharded, replicated = 0, 0
   local grads = {}
   for _, unit in ipairs(root.tree) do
-    for _, p in ipairs(unit.params) do
-      local grad = rawget(p.sharded, "grad")
+    for _, param in ipairs(unit.params) do
+      local grad = rawget(param.sharded, "grad")
       if grad then
         local g = grad._local
         grads[#grads + 1] = g
-        if g:numel() > 0 then
-          local sq = reduce.sum_of_squares(g)
-          if unit.strategy.shard then sharded_sq = sharded_sq + sq else replicated_sq = replicated_sq + sq end
+        local term = grad_norm.norm_term(g, p)
+        if unit.strategy.shard then
+          sharded = grad_norm.combine(sharded, term, p)
+        else
+          replicated = grad_norm.combine(replicated, term, p)
         end
       end
     end
   end
   for _, m in model:named_modules() do
     for _, name in ipairs(m._param_order) do
-      local p = m._parameters[name]
-      local g = Tensor.is_tensor(p) and rawget(p, "grad")
+      local param = m._parameters[name]
+      local g = Tensor.is_tensor(param) and rawget(param, "grad")
       if g then
         grads[#grads + 1] = g
-        replicated_sq = replicated_sq + reduce.sum_of_squares(g)
+        replicated = grad_norm.combine(replicated, grad_norm.norm_term(g, p), p)
       end
     end
   end
   if root.strategy.shard then
     local total = Tensor.empty_raw({1}, 1, 0)
-    check(lib.ms_fill(total._c, sharded_sq), "clip_grad_norm_")
-    dist().all_reduce(total, "sum", {group = root.shard_group})
-    sharded_sq = total:item()
+    check(lib.ms_fill(total._c, sharded), "clip_grad_norm_")
+    dist().all_reduce(total, p == math.huge and "max" or "sum", {group = root.shard_group})
+    sharded = total:item()
     total:_release()
   end
-  local norm = math.sqrt(sharded_sq + replicated_sq)
-  local coef = max_norm / (norm + 1e-6)
-  if coef < 1 then
-    for _, g in ipairs(grads) do
-      check(lib.ms_binary_scalar(g._c, g._c, coef, 2, 0), "clip_grad_norm_")
-      g:_bump_version()
-    end
-  end
+  local norm = grad_norm.finish(grad_norm.combine(sharded, replicated, p), p)
+  grad_norm.scale(grads, norm, max_norm)
   return norm
 end
 
