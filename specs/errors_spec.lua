@@ -92,8 +92,10 @@ describe("bad input", function()
     it("compute ops reject integer tensors", function()
       raises("exp", "i32", function() ms.ones(2, {dtype = "i32"}):exp() end)
     end)
-    it("compute ops reject bf16 tensors", function()
-      raises("add", "bf16", function() return ms.ones(2, {dtype = "bf16"}) + ms.ones(2, {dtype = "bf16"}) end)
+    it("float-only ops reject integer tensors, naming the float dtypes they take", function()
+      raises("matmul", {"i32", "f32, f64, bf16 or f16"},
+             function() return ms.matmul(ms.ones(2, 2, {dtype = "i32"}), ms.ones(2, 2, {dtype = "i32"})) end)
+      raises("add", {"u8", "bf16"}, function() return ms.ones(2, {dtype = "u8"}) + ms.ones(2, {dtype = "u8"}) end)
     end)
   end)
 

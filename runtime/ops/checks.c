@@ -55,9 +55,9 @@ int ms_check_optional(ms_place *place, const char *op, const char *name, const m
 
 int ms_check_float(const char *op, const char *name, const ms_tensor *t)
 {
-    if (t->dtype != MS_F32 && t->dtype != MS_F64)
-        return MS_FAIL(MS_ERR_DTYPE, "%s: %s has dtype %s; %s takes f32 or f64", op, name,
-                       ms_dtype_name(t->dtype), op);
+    if (t->dtype != MS_F32 && t->dtype != MS_F64 && t->dtype != MS_BF16 && t->dtype != MS_F16)
+        return MS_FAIL(MS_ERR_DTYPE, "%s: %s has dtype %s; %s takes f32, f64, bf16 or f16", op,
+                       name, ms_dtype_name(t->dtype), op);
     return MS_OK;
 }
 

@@ -39,7 +39,7 @@ int ms_check_output(ms_place *place, const char *op, const char *name, const ms_
 /* An optional (NULL allowed) tensor on place, read or (is_output) written. */
 int ms_check_optional(ms_place *place, const char *op, const char *name, const ms_tensor *t,
                       int is_output);
-/* t's dtype is f32 or f64. */
+/* t's dtype is a float: f32, f64, bf16 or f16. */
 int ms_check_float(const char *op, const char *name, const ms_tensor *t);
 int ms_check_same_dtype(const char *op, const char *name_a, const ms_tensor *a,
                         const char *name_b, const ms_tensor *b);

@@ -1,6 +1,6 @@
 /* moonshard runtime: ms_binary, ms_binary_scalar, ms_unary and ms_unary_backward: argument
  * checks, then the kernels of the first tensor's place. */
-#include "checks.h"
+#include "widen.h"
 
 enum { BINARY_OPS = MS_GE + 1, UNARY_OPS = MS_SQUARE + 1 };
 
@@ -13,12 +13,12 @@ static int check_binary_op(const char *opname, int dtype, int op)
     if (op < 0 || op >= BINARY_OPS)
         return MS_FAIL(MS_ERR_INVALID, "%s: unknown binary op %d (expected 0..%d)", opname, op,
                        BINARY_OPS - 1);
-    int is_float = dtype == MS_F32 || dtype == MS_F64;
+    int is_float = dtype == MS_F32 || dtype == MS_F64 || ms_is_half(dtype);
     int is_int = dtype == MS_I32 || dtype == MS_I64;
     if (!is_float && !(is_int && op != MS_DIV && op != MS_POW))
-        return MS_FAIL(MS_ERR_DTYPE, "%s: %s is not defined for dtype %s (f32 and f64 take "
-                       "every op; i32 and i64 all but div and pow)", opname, binary_names[op],
-                       ms_dtype_name(dtype));
+        return MS_FAIL(MS_ERR_DTYPE, "%s: %s is not defined for dtype %s (f32, f64, bf16 and "
+                       "f16 take every op; i32 and i64 all but div and pow)", opname,
+                       binary_names[op], ms_dtype_name(dtype));
     return MS_OK;
 }
 
@@ -31,7 +31,12 @@ int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
     MS_CHECK(ms_check_same_dtype("binary", "a", a, "b", b));
     MS_CHECK(ms_check_same_dtype("binary", "out", out, "a", a));
     MS_CHECK(check_binary_op("binary", out->dtype, op));
-    return place.backend->binary(out, a, b, op);
+    if (!ms_is_half(out->dtype))
+        return place.backend->binary(out, a, b, op);
+    ms_widened w = {0};
+    ms_tensor *f[3];
+    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){out, a, b}, "wrr", f));
+    return ms_widen_done(&w, &place, place.backend->binary(f[0], f[1], f[2], op));
 }
 
 int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
@@ -42,7 +47,12 @@ int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int r
     MS_CHECK(ms_check_same_dtype("binary_scalar", "out", out, "a", a));
     MS_CHECK(ms_check_same_shape("binary_scalar", "out", out, "a", a));
     MS_CHECK(check_binary_op("binary_scalar", out->dtype, op));
-    return place.backend->binary_scalar(out, a, s, op, reverse);
+    if (!ms_is_half(out->dtype))
+        return place.backend->binary_scalar(out, a, s, op, reverse);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    return ms_widen_done(&w, &place, place.backend->binary_scalar(f[0], f[1], s, op, reverse));
 }
 
 int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
@@ -56,7 +66,12 @@ int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
     if (op < 0 || op >= UNARY_OPS)
         return MS_FAIL(MS_ERR_INVALID, "unary: unknown unary op %d (expected 0..%d)", op,
                        UNARY_OPS - 1);
-    return place.backend->unary(out, a, op);
+    if (!ms_is_half(out->dtype))
+        return place.backend->unary(out, a, op);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    return ms_widen_done(&w, &place, place.backend->unary(f[0], f[1], op));
 }
 
 int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
@@ -75,5 +90,10 @@ int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, in
         op != MS_SIGMOID)
         return MS_FAIL(MS_ERR_INVALID, "%s: op %d has no backward here (relu, gelu, "
                        "gelu_tanh, tanh and sigmoid do)", name, op);
-    return place.backend->unary_backward(dx, x, dy, op);
+    if (!ms_is_half(dx->dtype))
+        return place.backend->unary_backward(dx, x, dy, op);
+    ms_widened w = {0};
+    ms_tensor *f[3];
+    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){dx, x, dy}, "wrr", f));
+    return ms_widen_done(&w, &place, place.backend->unary_backward(f[0], f[1], f[2], op));
 }

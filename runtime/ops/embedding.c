@@ -1,6 +1,6 @@
 /* moonshard runtime: ms_embedding and ms_embedding_backward: argument checks (the index
  * values are checked by the kernels before they write), then the first tensor's place. */
-#include "checks.h"
+#include "widen.h"
 
 /* out (or dout) has indices' shape + [dim]. */
 static int check_rows_shape(const char *op, const char *name, const ms_tensor *rows,
@@ -42,7 +42,12 @@ int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indic
     MS_CHECK(check_table(&place, op, weight, "weight", indices));
     MS_CHECK(ms_check_same_dtype(op, "out", out, "weight", weight));
     MS_CHECK(check_rows_shape(op, "out", out, indices, weight->shape[1]));
-    return place.backend->embedding(out, weight, indices);
+    if (!ms_is_half(weight->dtype))
+        return place.backend->embedding(out, weight, indices);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, weight}, "wr", f));
+    return ms_widen_done(&w, &place, place.backend->embedding(f[0], f[1], indices));
 }
 
 int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices, const ms_tensor *dout)
@@ -54,5 +59,10 @@ int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices, const ms
     MS_CHECK(ms_check_input(&place, op, "dout", dout));
     MS_CHECK(ms_check_same_dtype(op, "dout", dout, "dweight", dweight));
     MS_CHECK(check_rows_shape(op, "dout", dout, indices, dweight->shape[1]));
-    return place.backend->embedding_backward(dweight, indices, dout);
+    if (!ms_is_half(dweight->dtype))
+        return place.backend->embedding_backward(dweight, indices, dout);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){dweight, dout}, "br", f));
+    return ms_widen_done(&w, &place, place.backend->embedding_backward(f[0], indices, f[1]));
 }

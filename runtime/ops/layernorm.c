@@ -1,6 +1,6 @@
 /* moonshard runtime: ms_layer_norm and ms_layer_norm_backward over the last normalized_ndim
  * dims: argument checks and the row layout, then the kernels of the first tensor's place. */
-#include "checks.h"
+#include "widen.h"
 
 /* Checks shared by forward and backward; [OUT] rows and size of the normalised rows. */
 static int check_layout(const char *op, const ms_tensor *x, const ms_tensor *mean,
@@ -60,7 +60,14 @@ int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_ten
     MS_CHECK(check_affine(op, "bias", bias, x, normalized_ndim));
     if (!(eps >= 0.0))
         return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
-    return place.backend->layer_norm(out, mean, rstd, x, weight, bias, eps, rows, size);
+    if (!ms_is_half(x->dtype) && !ms_is_half(mean->dtype) && !ms_is_half(rstd->dtype))
+        return place.backend->layer_norm(out, mean, rstd, x, weight, bias, eps, rows, size);
+    ms_widened w = {0};
+    ms_tensor *f[6];
+    MS_CHECK(ms_widen_each(&w, &place, 6, (const ms_tensor *[]){out, mean, rstd, x, weight, bias},
+                           "wwwrrr", f));
+    return ms_widen_done(&w, &place, place.backend->layer_norm(f[0], f[1], f[2], f[3], f[4], f[5],
+                                                               eps, rows, size));
 }
 
 int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
@@ -88,6 +95,15 @@ int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
     MS_CHECK(ms_check_optional(&place, op, "dbias", dbias, 1));
     MS_CHECK(check_affine(op, "dweight", dweight, x, normalized_ndim));
     MS_CHECK(check_affine(op, "dbias", dbias, x, normalized_ndim));
-    return place.backend->layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd, weight,
-                                              rows, size);
+    if (!ms_is_half(x->dtype) && !ms_is_half(mean->dtype) && !ms_is_half(rstd->dtype))
+        return place.backend->layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd, weight,
+                                                  rows, size);
+    ms_widened w = {0};
+    ms_tensor *f[8];
+    MS_CHECK(ms_widen_each(&w, &place, 8,
+                           (const ms_tensor *[]){dx, dweight, dbias, dy, x, mean, rstd, weight},
+                           "wbbrrrrr", f));
+    return ms_widen_done(&w, &place,
+                         place.backend->layer_norm_backward(f[0], f[1], f[2], f[3], f[4], f[5],
+                                                            f[6], f[7], rows, size));
 }

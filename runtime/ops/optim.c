@@ -2,7 +2,7 @@
  * kernels of the parameter's place. */
 #include <math.h>
 
-#include "checks.h"
+#include "widen.h"
 
 /* A state tensor (buffer or gradient) matching param in dtype and shape. */
 static int check_like_param(ms_place *place, const char *op, const char *name,
@@ -33,9 +33,16 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
             return MS_FAIL(MS_ERR_INVALID, "%s: momentum %g needs a momentum_buf", op, momentum);
         MS_CHECK(check_like_param(&place, op, "momentum_buf", momentum_buf, param, 1));
     }
-    return place.backend->sgd_step(param, momentum != 0.0 ? momentum_buf : NULL, grad, lr,
-                                   momentum, dampening, weight_decay, nesterov, first_step,
-                                   maximize);
+    ms_tensor *buf = momentum != 0.0 ? momentum_buf : NULL;
+    if (!ms_is_half(param->dtype))
+        return place.backend->sgd_step(param, buf, grad, lr, momentum, dampening, weight_decay,
+                                       nesterov, first_step, maximize);
+    ms_widened w = {0};
+    ms_tensor *f[3];
+    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){param, buf, grad}, "bbr", f));
+    return ms_widen_done(&w, &place,
+                         place.backend->sgd_step(f[0], f[1], f[2], lr, momentum, dampening,
+                                                 weight_decay, nesterov, first_step, maximize));
 }
 
 int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
@@ -58,6 +65,14 @@ int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
     if (!isfinite(lr) || !(eps >= 0.0) || !isfinite(weight_decay))
         return MS_FAIL(MS_ERR_INVALID, "%s: lr %g and weight_decay %g must be finite and eps "
                        "%g >= 0", op, lr, weight_decay, eps);
-    return place.backend->adam_step(param, exp_avg, exp_avg_sq, grad, step, lr, beta1, beta2,
-                                    eps, weight_decay, decoupled, maximize);
+    if (!ms_is_half(param->dtype))
+        return place.backend->adam_step(param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
+                                        beta2, eps, weight_decay, decoupled, maximize);
+    ms_widened w = {0};
+    ms_tensor *f[4];
+    MS_CHECK(ms_widen_each(&w, &place, 4,
+                           (const ms_tensor *[]){param, exp_avg, exp_avg_sq, grad}, "bbbr", f));
+    return ms_widen_done(&w, &place,
+                         place.backend->adam_step(f[0], f[1], f[2], f[3], step, lr, beta1, beta2,
+                                                  eps, weight_decay, decoupled, maximize));
 }

@@ -2,7 +2,7 @@
  * argument checks, then the kernels of the first tensor's place. */
 #include <math.h>
 
-#include "checks.h"
+#include "widen.h"
 
 /* out is a float tensor on place. */
 static int check_draw(ms_place *place, const char *op, const ms_tensor *out)
@@ -18,7 +18,12 @@ int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint
         return MS_FAIL(MS_ERR_INVALID, "rand_uniform: need finite low <= high, got %g and %g",
                        low, high);
     MS_CHECK(check_draw(&place, "rand_uniform", out));
-    return place.backend->rand_uniform(out, low, high, seed, offset);
+    if (!ms_is_half(out->dtype))
+        return place.backend->rand_uniform(out, low, high, seed, offset);
+    ms_widened w = {0};
+    ms_tensor *f[1];
+    MS_CHECK(ms_widen_each(&w, &place, 1, (const ms_tensor *[]){out}, "w", f));
+    return ms_widen_done(&w, &place, place.backend->rand_uniform(f[0], low, high, seed, offset));
 }
 
 int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset)
@@ -28,7 +33,12 @@ int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint6
         return MS_FAIL(MS_ERR_INVALID, "rand_normal: need finite mean and std >= 0, got %g "
                        "and %g", mean, std);
     MS_CHECK(check_draw(&place, "rand_normal", out));
-    return place.backend->rand_normal(out, mean, std, seed, offset);
+    if (!ms_is_half(out->dtype))
+        return place.backend->rand_normal(out, mean, std, seed, offset);
+    ms_widened w = {0};
+    ms_tensor *f[1];
+    MS_CHECK(ms_widen_each(&w, &place, 1, (const ms_tensor *[]){out}, "w", f));
+    return ms_widen_done(&w, &place, place.backend->rand_normal(f[0], mean, std, seed, offset));
 }
 
 /* op is dropout (out, x) or dropout_backward (dx, dy). */
@@ -49,7 +59,12 @@ int ms_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint
 {
     ms_place place = ms_place_of(out);
     MS_CHECK(check_dropout(&place, "dropout", out, "out", x, "x", p));
-    return place.backend->dropout(out, x, p, seed, offset);
+    if (!ms_is_half(x->dtype))
+        return place.backend->dropout(out, x, p, seed, offset);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, x}, "wr", f));
+    return ms_widen_done(&w, &place, place.backend->dropout(f[0], f[1], p, seed, offset));
 }
 
 int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
@@ -57,5 +72,10 @@ int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t s
 {
     ms_place place = ms_place_of(dx);
     MS_CHECK(check_dropout(&place, "dropout_backward", dx, "dx", dy, "dy", p));
-    return place.backend->dropout_backward(dx, dy, p, seed, offset);
+    if (!ms_is_half(dy->dtype))
+        return place.backend->dropout_backward(dx, dy, p, seed, offset);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){dx, dy}, "wr", f));
+    return ms_widen_done(&w, &place, place.backend->dropout_backward(f[0], f[1], p, seed, offset));
 }

@@ -1,6 +1,6 @@
 /* moonshard runtime: ms_reduce and ms_max_dim: argument checks and the reduced shape, then
  * the kernels of the first tensor's place. */
-#include "checks.h"
+#include "widen.h"
 
 static const char *const reduce_names[] = {"sum", "mean", "max", "min", "sumsq"};
 
@@ -29,7 +29,13 @@ int ms_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask)
     if (out->numel > 0 && count == 0 && (op == MS_MAX || op == MS_MIN))
         return MS_FAIL(MS_ERR_SHAPE, "reduce: %s over reduced dims with no elements (a has a "
                        "size-0 dim in dims_mask 0x%x)", reduce_names[op], dims_mask);
-    return place.backend->reduce(out, a, op, dims_mask, kept_shape, count);
+    if (!ms_is_half(a->dtype))
+        return place.backend->reduce(out, a, op, dims_mask, kept_shape, count);
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    return ms_widen_done(&w, &place,
+                         place.backend->reduce(f[0], f[1], op, dims_mask, kept_shape, count));
 }
 
 int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim)
@@ -51,5 +57,10 @@ int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int di
     MS_CHECK(ms_check_shape_is("max_dim", "indices", indices, a->ndim, kept_shape));
     if (values->numel > 0 && a->ndim > 0 && a->shape[dim] == 0)
         return MS_FAIL(MS_ERR_SHAPE, "max_dim: dim %d of a has size 0", dim);
-    return place.backend->max_dim(values, indices, a, dim, kept_shape);
+    if (!ms_is_half(a->dtype))
+        return place.backend->max_dim(values, indices, a, dim, kept_shape);
+    ms_widened w = {0};
+    ms_tensor *f[3];
+    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){values, indices, a}, "wwr", f));
+    return ms_widen_done(&w, &place, place.backend->max_dim(f[0], f[1], f[2], dim, kept_shape));
 }
