@@ -2,23 +2,28 @@
  * the argument and what was wrong ("binary: a has dtype i32; binary takes f32 or f64"). */
 #include "checks.h"
 
-int ms_check_input(ms_place *place, const char *op, const char *name, const ms_tensor *t)
+static const char *pool_name(int pool)
+{
+    return ms_pool_name(pool) ? ms_pool_name(pool) : "an unknown pool";
+}
+
+int ms_check_input_full(ms_place *place, const char *op, const char *name,
+                        const ms_tensor *t)
 {
     MS_CHECK(ms_check_tensor(op, name, t));
     if (t->ndim < 0 || t->ndim > MS_MAX_DIMS)
         return MS_FAIL(MS_ERR_INVALID, "%s: %s has ndim %d outside [0, %d]", op, name, t->ndim,
                        MS_MAX_DIMS);
     int pool = t->storage->pool;
-    const char *pool_name = ms_pool_name(pool) ? ms_pool_name(pool) : "an unknown pool";
     int its_device = pool - MS_POOL_CUDA0;
-    if (!place->backend->device_tensors) {
+    if (!place->on_device) {
         if (pool >= MS_POOL_CUDA0)
             return MS_FAIL(MS_ERR_DEVICE, "%s: %s lives on %s; the CPU backend needs cpu or "
-                           "host tensors", op, name, pool_name);
+                           "host tensors", op, name, pool_name(pool));
     } else {
         if (pool < MS_POOL_CUDA0 || pool >= MS_MAX_POOLS)
             return MS_FAIL(MS_ERR_DEVICE, "%s: %s lives on %s but the other operands are on "
-                           "cuda:%d; move it with :to() first", op, name, pool_name,
+                           "cuda:%d; move it with :to() first", op, name, pool_name(pool),
                            place->device >= 0 ? place->device : 0);
         if (place->device >= 0 && its_device != place->device)
             return MS_FAIL(MS_ERR_DEVICE, "%s: %s lives on cuda:%d but the other operands are "
@@ -27,7 +32,7 @@ int ms_check_input(ms_place *place, const char *op, const char *name, const ms_t
     if (t->numel > 0 && !t->storage->data)
         return MS_FAIL(MS_ERR_INVALID, "%s: %s has %lld elements but no data", op, name,
                        (long long)t->numel);
-    if (!place->backend->device_tensors)
+    if (!place->on_device)
         return MS_OK;
     if (place->device < 0 && place->backend->use_device)
         MS_CHECK(place->backend->use_device(its_device));
@@ -35,9 +40,10 @@ int ms_check_input(ms_place *place, const char *op, const char *name, const ms_t
     return place->backend->await ? place->backend->await(t) : MS_OK;
 }
 
-int ms_check_output(ms_place *place, const char *op, const char *name, const ms_tensor *t)
+int ms_check_output_full(ms_place *place, const char *op, const char *name,
+                         const ms_tensor *t)
 {
-    MS_CHECK(ms_check_input(place, op, name, t));
+    MS_CHECK(ms_check_input_full(place, op, name, t));
     for (int d = 0; d < t->ndim; d++)
         if (t->shape[d] > 1 && t->strides[d] == 0)
             return MS_FAIL(MS_ERR_INVALID, "%s: %s is an expanded view (stride 0 in dim %d); "

@@ -22,6 +22,35 @@ static int check_binary_op(const char *opname, int dtype, int op)
     return MS_OK;
 }
 
+/* The 16-bit paths, out of line so that the f32 and f64 calls keep a small frame. */
+static __attribute__((noinline)) int binary_half(ms_place *place, ms_tensor *out,
+                                                 const ms_tensor *a, const ms_tensor *b, int op)
+{
+    ms_widened w = {0};
+    ms_tensor *f[3];
+    MS_CHECK(ms_widen_each(&w, place, 3, (const ms_tensor *[]){out, a, b}, "wrr", f));
+    return ms_widen_done(&w, place, place->backend->binary(f[0], f[1], f[2], op));
+}
+
+static __attribute__((noinline)) int binary_scalar_half(ms_place *place, ms_tensor *out,
+                                                        const ms_tensor *a, double s, int op,
+                                                        int reverse)
+{
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    return ms_widen_done(&w, place, place->backend->binary_scalar(f[0], f[1], s, op, reverse));
+}
+
+static __attribute__((noinline)) int unary_half(ms_place *place, ms_tensor *out,
+                                                const ms_tensor *a, int op)
+{
+    ms_widened w = {0};
+    ms_tensor *f[2];
+    MS_CHECK(ms_widen_each(&w, place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    return ms_widen_done(&w, place, place->backend->unary(f[0], f[1], op));
+}
+
 int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 {
     ms_place place = ms_place_of(out);
@@ -31,12 +60,9 @@ int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
     MS_CHECK(ms_check_same_dtype("binary", "a", a, "b", b));
     MS_CHECK(ms_check_same_dtype("binary", "out", out, "a", a));
     MS_CHECK(check_binary_op("binary", out->dtype, op));
-    if (!ms_is_half(out->dtype))
-        return place.backend->binary(out, a, b, op);
-    ms_widened w = {0};
-    ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){out, a, b}, "wrr", f));
-    return ms_widen_done(&w, &place, place.backend->binary(f[0], f[1], f[2], op));
+    if (ms_is_half(out->dtype))
+        return binary_half(&place, out, a, b, op);
+    return place.backend->binary(out, a, b, op);
 }
 
 int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
@@ -47,12 +73,9 @@ int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int r
     MS_CHECK(ms_check_same_dtype("binary_scalar", "out", out, "a", a));
     MS_CHECK(ms_check_same_shape("binary_scalar", "out", out, "a", a));
     MS_CHECK(check_binary_op("binary_scalar", out->dtype, op));
-    if (!ms_is_half(out->dtype))
-        return place.backend->binary_scalar(out, a, s, op, reverse);
-    ms_widened w = {0};
-    ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, a}, "wr", f));
-    return ms_widen_done(&w, &place, place.backend->binary_scalar(f[0], f[1], s, op, reverse));
+    if (ms_is_half(out->dtype))
+        return binary_scalar_half(&place, out, a, s, op, reverse);
+    return place.backend->binary_scalar(out, a, s, op, reverse);
 }
 
 int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
@@ -66,12 +89,9 @@ int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
     if (op < 0 || op >= UNARY_OPS)
         return MS_FAIL(MS_ERR_INVALID, "unary: unknown unary op %d (expected 0..%d)", op,
                        UNARY_OPS - 1);
-    if (!ms_is_half(out->dtype))
-        return place.backend->unary(out, a, op);
-    ms_widened w = {0};
-    ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, a}, "wr", f));
-    return ms_widen_done(&w, &place, place.backend->unary(f[0], f[1], op));
+    if (ms_is_half(out->dtype))
+        return unary_half(&place, out, a, op);
+    return place.backend->unary(out, a, op);
 }
 
 int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
