@@ -77,12 +77,13 @@ end
 
 local function build(corpus, world)
   ms.manual_seed(opts.seed)
-  local config = {vocab = corpus:vocab_size(), seq = opts.seq, layers = opts.layers, dim = opts.dim,
-                  heads = opts.heads}
-  local model = gpt.GPT(config)
+  local config = gpt.config(opts.model, {vocab = corpus:vocab_size(), seq = opts.seq, layers = opts.layers,
+                                         dim = opts.dim, heads = opts.heads})
+  -- built on the meta device: each rank materialises only its shards (bitwise a full build's)
+  local model = ms.device("meta", function() return gpt.GPT(config) end)
   apply_checkpointing(model)
   fsdp.FSDP(model, {sharding_strategy = opts.strategy, device_mesh = device_mesh(world),
-                    auto_wrap_policy = fsdp.wrap_policy{gpt.Block}})
+                    auto_wrap_policy = fsdp.wrap_policy{gpt.Block}, param_init_fn = gpt.init_module})
   local opt = optim.AdamW(model:parameters(), {lr = opts.lr, weight_decay = 0.01, betas = {0.9, 0.95}})
   return model, opt, lr_schedule(opt), config
 end
@@ -124,8 +125,9 @@ local function train(rank, world)
     os.execute("mkdir -p '" .. opts.out .. "'")
     local params = 0
     for _, p in model:named_parameters() do params = params + p:numel() end
-    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters; world size %d, %s, --ac %s"):format(
-      opts.layers, opts.dim, opts.heads, config.vocab, params, world, opts.strategy, opts.ac))
+    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters%s; world size %d, %s, --ac %s"):format(
+      config.layers, config.dim, config.heads, config.vocab, params, config.tie and " (tied embeddings)" or "",
+      world, opts.strategy, opts.ac))
     meter = progress.new{total_steps = opts.steps, first_step = first_step, tokens_per_step = opts.batch * opts.seq,
                          metrics_path = opts.out .. "/metrics.jsonl", log_every = opts.log_every,
                          append = opts.resume}
@@ -152,6 +154,7 @@ local function train(rank, world)
     end
   end
   checkpointing.finish()
+  progress.report_peaks(meter)
   if meter then meter:close() end
   local text = sampling.generate_on_rank0(model, config, corpus, {length = opts.sample, seed = opts.seed})
   if rank == 0 and text then
