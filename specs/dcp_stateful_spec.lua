@@ -100,6 +100,9 @@ describe("dcp Stateful values", function()
     assert.equal(6, bad.n)
     assert.equal(c, target.c)
     assert.equal(11, c.n)
+    local half = {state_dict = function() return {} end}
+    assert.are.equal("moonshard: dcp.save: 'x.half' has a callable state_dict but no load_state_dict; a Stateful " ..
+                     "needs both", select(2, pcall(dcp.save, {x = {half = half}}, dir)))
   end)
 
   it("refuse a Stateful whose state_dict() returns something other than a table", function()

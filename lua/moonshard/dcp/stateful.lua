@@ -38,6 +38,11 @@ local function swap_in(node, prefix, swaps, what, visiting)
       node[key] = sd
       swap_in(sd, fqn .. ".", swaps, what, visiting)
       swaps[#swaps + 1] = {parent = node, key = key, object = value, state = sd}
+    elseif type(value) == "table" and getmetatable(value) == nil and
+           C.is_callable(value.state_dict) ~= C.is_callable(value.load_state_dict) then
+      fail(what, "'%s' has a callable %s but no %s; a Stateful needs both", fqn,
+           C.is_callable(value.state_dict) and "state_dict" or "load_state_dict",
+           C.is_callable(value.state_dict) and "load_state_dict" or "state_dict")
     elseif type(value) == "table" and getmetatable(value) == nil and not visiting[value] then
       swap_in(value, fqn .. ".", swaps, what, visiting)
     end
