@@ -11,6 +11,7 @@ local grad_norm = require "moonshard.nn.utils"
 local stats = require "moonshard.fsdp.stats"
 local prefetch = require "moonshard.fsdp.prefetch"
 local materialize = require "moonshard.fsdp.materialize"
+local mixed_precision = require "moonshard.fsdp.mixed_precision"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -66,7 +67,7 @@ local function pre_backward(unit)
 end
 
 local function pre_forward(unit)
-  return function()
+  return function(_, args)
     if unit.is_root and not autograd.in_backward() then
       for _, u in ipairs(unit.tree) do
         u:reshard()
@@ -77,6 +78,10 @@ local function pre_forward(unit)
     unit:unshard()
     prefetch.on_forward(unit)
     unit:expose(true)
+    local mp = unit.mp
+    if mp and mp.param_dtype and (mp.cast_forward_inputs or (unit.is_root and mp.cast_root_forward_params)) then
+      return mixed_precision.cast_inputs(args, mp.param_dtype)
+    end
   end
 end
 
@@ -148,8 +153,8 @@ local KNOWN_OPTIONS = {
   sharding_strategy = true, device_mesh = true, process_group = true, cpu_offload = true, use_orig_params = true,
   auto_wrap_policy = true, sync_module_states = true, forward_prefetch = true, backward_prefetch = true,
   param_init_fn = true, ignored_modules = true, ignored_states = true, limit_all_gathers = true, device_id = true,
+  mixed_precision = true,
 }
-local NOT_IMPLEMENTED = {mixed_precision = true}
 
 local function check_options(opts)
   local strategy = opts.sharding_strategy or "FULL_SHARD"
@@ -158,7 +163,6 @@ local function check_options(opts)
          "HYBRID_SHARD or _HYBRID_SHARD_ZERO2)", tostring(strategy))
   end
   for key in pairs(opts) do
-    if NOT_IMPLEMENTED[key] then fail("FSDP", "option '%s' is not implemented", tostring(key)) end
     if not KNOWN_OPTIONS[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
   end
   if opts.auto_wrap_policy ~= nil and type(opts.auto_wrap_policy) ~= "function" then
@@ -298,11 +302,15 @@ local function wrap_one(module, owned, modules, config)
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
   state_dict.install(module, unit)
   materialize.run(unit, modules, config.param_init_fn, config.pool or 0)
+  if config.mp and config.mp.buffer_dtype then
+    unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
+  end
   return unit
 end
 
 local function unwrap(module, unit)
   unit:undo()
+  if unit.cast_buffers then mixed_precision.restore_buffers(unit.cast_buffers) end
   rawset(module, "_fsdp_unit", nil)
   state_dict.uninstall(module)
 end
@@ -310,7 +318,7 @@ end
 -- FSDP(module, {sharding_strategy, device_mesh | process_group, cpu_offload = {offload_params},
 --               use_orig_params, auto_wrap_policy, sync_module_states, forward_prefetch,
 --               backward_prefetch, limit_all_gathers, param_init_fn, ignored_modules |
---               ignored_states, device_id}) -> module
+--               ignored_states, device_id, mixed_precision}) -> module
 function fsdp.FSDP(module, opts)
   opts = opts or {}
   if not Module.is_module(module) then fail("FSDP", "expected an nn.Module, got %s", type(module)) end
@@ -325,7 +333,8 @@ function fsdp.FSDP(module, opts)
   local owned, modules = assign(module, to_wrap, ignored)
   local config = {strategy = strategy, mesh = mesh, pool = resolve_device(opts.device_id),
                   offload = opts.cpu_offload and opts.cpu_offload.offload_params or false,
-                  param_init_fn = opts.param_init_fn or materialize.default_init}
+                  param_init_fn = opts.param_init_fn or materialize.default_init,
+                  mp = mixed_precision.resolve(opts.mixed_precision)}
   if opts.sync_module_states then sync_states(module, mesh) end
   local built = {}
   local ok, err = pcall(autograd.no_grad, function()
@@ -384,20 +393,25 @@ function fsdp.no_sync(model, fn, ...)
   return unpack(results, 2, table.maxn(results))
 end
 
--- Run fn with every unit's full parameters exposed; with writeback (default) changes made
--- to them are copied back into the shards.
+-- Run fn with every unit's full parameters exposed (in full precision under mixed
+-- precision); with writeback (default) changes made to them are copied back into the shards.
 function fsdp.summon_full_params(model, fn, opts)
   local root = unit_of(model)
   if not root or not root.tree then fail("summon_full_params", "expects the root FSDP module") end
   local writeback = not (opts and opts.writeback == false)
-  for _, unit in ipairs(root.tree) do unit:unshard(); unit:expose(true) end
+  local full, fresh = {}, {}
+  for i, unit in ipairs(root.tree) do
+    full[i], fresh[i] = unit:full_params()
+    unit:expose(true, full[i])
+  end
   local results = {pcall(fn)}
   if results[1] and writeback then
     autograd.no_grad(function()
-      for _, unit in ipairs(root.tree) do
-        for _, p in ipairs(unit.params) do
+      for i, unit in ipairs(root.tree) do
+        for j, p in ipairs(unit.params) do
+          local whole = full[i][j]
           if p.local_rows > 0 then
-            local rows = #p.shape > 0 and p.unsharded:narrow(0, p.local_start, p.local_rows) or p.unsharded
+            local rows = #p.shape > 0 and whole:narrow(0, p.local_start, p.local_rows) or whole
             check(lib.ms_copy(p.sharded._local._c, rows._c), "summon_full_params")
             p.sharded._local:_bump_version()
           end
@@ -405,7 +419,11 @@ function fsdp.summon_full_params(model, fn, opts)
       end
     end)
   end
-  for _, unit in ipairs(root.tree) do unit:reshard() end
+  for i, unit in ipairs(root.tree) do
+    unit:expose(false)
+    unit:reshard()
+    if fresh[i] then for _, t in ipairs(full[i]) do t:_release() end end
+  end
   if not results[1] then error(results[2], 0) end
   return unpack(results, 2, table.maxn(results))
 end
@@ -459,6 +477,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   return norm
 end
 
+fsdp.MixedPrecision = function(policy) return mixed_precision.validate(policy) end
 fsdp.BackwardPrefetch = {BACKWARD_PRE = "BACKWARD_PRE", BACKWARD_POST = "BACKWARD_POST"}
 fsdp.stats, fsdp.reset_stats = stats.snapshot, stats.reset
 fsdp.set_state_dict_type = state_dict.set_state_dict_type

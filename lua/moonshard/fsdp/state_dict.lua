@@ -163,11 +163,31 @@ local function export(value, settings)
   return exported
 end
 
+-- Buffers that mixed precision cast to buffer_dtype -> their original dtype names.
+local function cast_buffer_dtypes(model)
+  local unit = rawget(model, "_fsdp_unit")
+  local out = {}
+  for _, u in ipairs(unit and (unit.tree or {unit}) or {}) do
+    for _, r in ipairs(u.cast_buffers or {}) do out[r.module._buffers[r.name]] = r.dtype end
+  end
+  return out
+end
+
+-- A full state dict holds a cast buffer in its original dtype (a copy, as PyTorch's).
+local function export_full_buffer(value, dtype, settings)
+  local pool = settings.offload_to_cpu and Tensor.pool_id("host", "state_dict") or value._c.storage.pool
+  local copy = Tensor.empty_raw(value:shape(), Tensor.dtype_id(dtype, "state_dict"), pool)
+  check(lib.ms_copy(copy._c, value._c), "state_dict")
+  return copy
+end
+
 local function model_state_dict(model)
   local settings = settings_of(model)
   local out, done = {}, {}
+  local cast = settings.type == "FULL_STATE_DICT" and cast_buffer_dtypes(model) or {}
   for _, entry in ipairs(entries(model)) do
     local fqn, value = entry[1], entry[2]
+    if done[value] == nil and cast[value] then done[value] = export_full_buffer(value, cast[value], settings) end
     if done[value] == nil then done[value] = export(value, settings) or false end
     if done[value] then out[fqn] = done[value] end
   end
