@@ -12,6 +12,7 @@ local stats = require "moonshard.fsdp.stats"
 local prefetch = require "moonshard.fsdp.prefetch"
 local materialize = require "moonshard.fsdp.materialize"
 local mixed_precision = require "moonshard.fsdp.mixed_precision"
+local Tree = require "moonshard.fsdp.tree"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -44,20 +45,21 @@ local function tensors_in(value, out)
   return out
 end
 
-local function finish_backward(root_unit)
-  for _, unit in ipairs(root_unit.tree) do
+local function finish_backward(tree)
+  for _, unit in ipairs(tree.units) do
     if not unit.no_sync then unit:reduce_grads() end
     unit:reshard()
     unit:reset_iteration()
   end
-  root_unit.callback_queued = false
+  tree.callback_queued = false
 end
 
 local function pre_backward(unit)
   return function()
-    if unit.is_root and not unit.callback_queued then
-      unit.callback_queued = true
-      autograd.queue_callback(function() finish_backward(unit) end)
+    local tree = unit.tree
+    if tree:is_root(unit) and not tree.callback_queued then
+      tree.callback_queued = true
+      autograd.queue_callback(function() finish_backward(tree) end)
     end
     unit:unshard()
     prefetch.on_backward(unit, "BACKWARD_PRE")
@@ -68,18 +70,19 @@ end
 
 local function pre_forward(unit)
   return function(_, args)
-    if unit.is_root and not autograd.in_backward() then
-      for _, u in ipairs(unit.tree) do
+    local tree = unit.tree
+    if tree:is_root(unit) and not autograd.in_backward() then
+      for _, u in ipairs(tree.units) do
         u:reshard()
         u:reset_iteration()
       end
-      prefetch.begin_forward(unit)
+      prefetch.begin_forward(tree)
     end
     unit:unshard()
     prefetch.on_forward(unit)
     unit:expose(true)
     local mp = unit.mp
-    if mp and mp.param_dtype and (mp.cast_forward_inputs or (unit.is_root and mp.cast_root_forward_params)) then
+    if mp and mp.param_dtype and (mp.cast_forward_inputs or (tree:is_root(unit) and mp.cast_root_forward_params)) then
       return mixed_precision.cast_inputs(args, mp.param_dtype)
     end
   end
@@ -90,6 +93,7 @@ end
 -- backward); otherwise they are freed now.
 local function post_forward(unit)
   return function(_, _, output)
+    local is_root = unit.tree:is_root(unit)
     local grad_on = autograd.is_grad_enabled()
     if grad_on then
       for _, t in ipairs(tensors_in(output, {})) do
@@ -97,13 +101,13 @@ local function post_forward(unit)
       end
     end
     local keep = autograd.in_backward() or
-                 (grad_on and (unit.is_root or not unit.strategy.reshard_after_forward))
+                 (grad_on and (is_root or not unit.strategy.reshard_after_forward))
     if keep then
       unit:expose(false)
     else
       unit:reshard()
     end
-    if unit.is_root and not autograd.in_backward() then prefetch.end_forward(unit) end
+    if is_root and not autograd.in_backward() then prefetch.end_forward(unit.tree) end
   end
 end
 
@@ -300,7 +304,7 @@ local function wrap_one(module, owned, modules, config)
   rawset(module, "_fsdp_unit", unit)
   unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
-  state_dict.install(module, unit)
+  state_dict.install(module)
   materialize.run(unit, modules, config.param_init_fn, config.pool or 0)
   if config.mp and config.mp.buffer_dtype then
     unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
@@ -352,16 +356,10 @@ function fsdp.FSDP(module, opts)
     error(err, 0)
   end
   for _, entry in ipairs(built) do entry[2]:commit() end
-  local root = unit_of(module)
-  root.tree = units_under(module)
-  for _, unit in ipairs(root.tree) do
-    unit.is_root, unit.root = unit == root, root
-    if unit ~= root then unit.tree = nil end
-  end
-  root.forward_prefetch = opts.forward_prefetch or false
-  root.limit_all_gathers = opts.limit_all_gathers ~= false
-  root.backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch,
-                                                     mesh:get_group(mesh:ndim() - 1).backend)
+  Tree.new(units_under(module), {
+    forward_prefetch = opts.forward_prefetch or false, limit_all_gathers = opts.limit_all_gathers ~= false,
+    backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch, mesh:get_group(mesh:ndim() - 1).backend),
+  })
   rawset(module, "no_sync", fsdp.no_sync)
   return module
 end
@@ -384,11 +382,11 @@ end
 -- Run fn with gradient reduction off: gradients accumulate unsharded until a backward
 -- outside no_sync reduces them all.
 function fsdp.no_sync(model, fn, ...)
-  local root = unit_of(model)
-  if not root or not root.tree then fail("no_sync", "expects the root FSDP module") end
-  for _, unit in ipairs(root.tree) do unit.no_sync = true end
+  local tree = Tree.rooted_at(unit_of(model))
+  if not tree then fail("no_sync", "expects the root FSDP module") end
+  for _, unit in ipairs(tree.units) do unit.no_sync = true end
   local results = {pcall(fn, ...)}
-  for _, unit in ipairs(root.tree) do unit.no_sync = false end
+  for _, unit in ipairs(tree.units) do unit.no_sync = false end
   if not results[1] then error(results[2], 0) end
   return unpack(results, 2, table.maxn(results))
 end
@@ -396,18 +394,18 @@ end
 -- Run fn with every unit's full parameters exposed (in full precision under mixed
 -- precision); with writeback (default) changes made to them are copied back into the shards.
 function fsdp.summon_full_params(model, fn, opts)
-  local root = unit_of(model)
-  if not root or not root.tree then fail("summon_full_params", "expects the root FSDP module") end
+  local tree = Tree.rooted_at(unit_of(model))
+  if not tree then fail("summon_full_params", "expects the root FSDP module") end
   local writeback = not (opts and opts.writeback == false)
   local full, fresh = {}, {}
-  for i, unit in ipairs(root.tree) do
+  for i, unit in ipairs(tree.units) do
     full[i], fresh[i] = unit:full_params()
     unit:expose(true, full[i])
   end
   local results = {pcall(fn)}
   if results[1] and writeback then
     autograd.no_grad(function()
-      for i, unit in ipairs(root.tree) do
+      for i, unit in ipairs(tree.units) do
         for j, p in ipairs(unit.params) do
           local whole = full[i][j]
           if p.local_rows > 0 then
@@ -419,7 +417,7 @@ function fsdp.summon_full_params(model, fn, opts)
       end
     end)
   end
-  for i, unit in ipairs(root.tree) do
+  for i, unit in ipairs(tree.units) do
     unit:expose(false)
     unit:reshard()
     if fresh[i] then for _, t in ipairs(full[i]) do t:_release() end end
@@ -436,11 +434,12 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
     fail("clip_grad_norm_", "max_norm must be a non-negative number, got %s", tostring(max_norm))
   end
   local p = grad_norm.norm_type(norm_type, "clip_grad_norm_")
-  local root = unit_of(model)
-  if not root or not root.tree then fail("clip_grad_norm_", "expects the root FSDP module") end
+  local tree = Tree.rooted_at(unit_of(model))
+  if not tree then fail("clip_grad_norm_", "expects the root FSDP module") end
+  local root = tree.root
   local sharded, replicated = 0, 0
   local grads = {}
-  for _, unit in ipairs(root.tree) do
+  for _, unit in ipairs(tree.units) do
     for _, param in ipairs(unit.params) do
       local grad = rawget(param.sharded, "grad")
       if grad then

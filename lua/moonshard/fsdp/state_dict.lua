@@ -6,6 +6,7 @@ local Tensor = require "moonshard.tensor"
 local DTensor = require "moonshard.dtensor"
 local autograd = require "moonshard.autograd"
 local placement = require "moonshard.placement"
+local Tree = require "moonshard.fsdp.tree"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -17,7 +18,7 @@ local function dist() return require "moonshard.dist" end
 
 local function settings_of(module)
   local unit = rawget(module, "_fsdp_unit")
-  return unit and unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
+  return unit and unit.tree and unit.tree.state_dict_settings or {type = "SHARDED_STATE_DICT"}
 end
 
 -- The settings a state-dict config table may hold, per type (as PyTorch's configs).
@@ -52,14 +53,14 @@ function M.set_state_dict_type(model, kind, config, optim_config)
     fail("set_state_dict_type", "unknown state dict type '%s' (expected SHARDED_STATE_DICT, " ..
          "FULL_STATE_DICT or LOCAL_STATE_DICT)", tostring(kind))
   end
-  local unit = rawget(model, "_fsdp_unit")
-  if not unit or not unit.tree then fail("set_state_dict_type", "expects the root FSDP module") end
+  local tree = Tree.rooted_at(rawget(model, "_fsdp_unit"))
+  if not tree then fail("set_state_dict_type", "expects the root FSDP module") end
   config = check_config(kind, config, "state_dict_config")
   optim_config = check_config(kind, optim_config, "optim_state_dict_config")
   local settings = {type = kind, rank0_only = config.rank0_only or false, offload_to_cpu = config.offload_to_cpu or false,
                     optim = {type = kind, rank0_only = optim_config.rank0_only or false,
                              offload_to_cpu = optim_config.offload_to_cpu or false}}
-  for _, u in ipairs(unit.tree) do u.state_dict_settings = settings end
+  tree.state_dict_settings = settings
 end
 
 -- Every parameter and persistent buffer in registration order: {fqn, value, is_buffer}; a
@@ -167,7 +168,7 @@ end
 local function cast_buffer_dtypes(model)
   local unit = rawget(model, "_fsdp_unit")
   local out = {}
-  for _, u in ipairs(unit and (unit.tree or {unit}) or {}) do
+  for _, u in ipairs(unit and unit.tree and unit.tree.units or {}) do
     for _, r in ipairs(u.cast_buffers or {}) do out[r.module._buffers[r.name]] = r.dtype end
   end
   return out
@@ -281,8 +282,7 @@ local function model_load_state_dict(model, sd, opts)
   return {missing_keys = missing, unexpected_keys = unexpected}
 end
 
-function M.install(module, unit)
-  unit.state_dict_settings = unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
+function M.install(module)
   rawset(module, "state_dict", model_state_dict)
   rawset(module, "load_state_dict", model_load_state_dict)
 end

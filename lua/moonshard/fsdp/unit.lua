@@ -297,7 +297,7 @@ end
 function Unit:on_grad_ready()
   self.received = self.received + 1
   if self.received < self.needs_grad then return end
-  local post = self.root.backward_prefetch == "BACKWARD_POST"
+  local post = self.tree.backward_prefetch == "BACKWARD_POST"
   if self.no_sync then
     if post then prefetch.on_backward(self, "BACKWARD_POST") end
     return
