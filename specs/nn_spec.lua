@@ -160,6 +160,15 @@ describe("nn", function()
       end)
     end)
 
+    it("lists keys sorted and cuts long lists short, as FSDP and dcp do", function()
+      local sd = {}
+      for i = 12, 1, -1 do sd[("extra%02d"):format(i)] = ms.zeros(1) end
+      local ok, err = pcall(function() nn.Linear(2, 2):load_state_dict(sd) end)
+      assert.is_false(ok)
+      assert.are.equal("moonshard: load_state_dict: missing keys: bias, weight; unexpected keys: extra01, extra02, " ..
+                       "extra03, extra04, extra05, extra06, extra07, extra08, extra09, extra10 and 2 more", err)
+    end)
+
     it("non-strict loading reports the missing and unexpected keys and loads the rest", function()
       local source, target = Block(), Block()
       local sd = source:state_dict()

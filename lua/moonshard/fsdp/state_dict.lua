@@ -7,6 +7,7 @@ local DTensor = require "moonshard.dtensor"
 local autograd = require "moonshard.autograd"
 local placement = require "moonshard.placement"
 local Tree = require "moonshard.fsdp.tree"
+local state_keys = require "moonshard.state_keys"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -251,20 +252,13 @@ local function model_load_state_dict(model, sd, opts)
   if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
   local settings = settings_of(model)
   local strict = not (opts and opts.strict == false)
-  local known, missing, unexpected = {}, {}, {}
   local list = entries(model)
-  for _, entry in ipairs(list) do
-    known[entry[1]] = true
-    if sd[entry[1]] == nil then missing[#missing + 1] = entry[1] end
-  end
-  for key in pairs(sd) do if not known[key] then unexpected[#unexpected + 1] = key end end
-  table.sort(unexpected)
+  local names = {}
+  for i, entry in ipairs(list) do names[i] = entry[1] end
+  local missing, unexpected = state_keys.compare(names, sd)
   local rank0_only_receiver = settings.type == "FULL_STATE_DICT" and settings.rank0_only
   if strict and not rank0_only_receiver and (#missing > 0 or #unexpected > 0) then
-    local parts = {}
-    if #missing > 0 then parts[#parts + 1] = "missing keys: " .. table.concat(missing, ", ") end
-    if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. table.concat(unexpected, ", ") end
-    fail("load_state_dict", "%s", table.concat(parts, "; "))
+    fail("load_state_dict", "%s", state_keys.describe(missing, unexpected))
   end
   autograd.no_grad(function()
     for _, entry in ipairs(list) do

@@ -4,6 +4,7 @@ local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local scope = require "moonshard.scope"
+local state_keys = require "moonshard.state_keys"
 
 local fail = C.fail
 
@@ -307,32 +308,21 @@ function Module:state_dict(opts)
   return out
 end
 
-local function sorted_keys(set)
-  local keys = {}
-  for k in pairs(set) do keys[#keys + 1] = k end
-  table.sort(keys)
-  return keys
-end
-
 -- Copy values of sd into parameters and buffers; strict (default) requires the same keys.
 function Module:load_state_dict(sd, opts)
   if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
   local strict = not (opts and opts.strict == false)
-  local targets = {}
+  local targets, names = {}, {}
   for _, registry in ipairs({{"_parameters", "_param_order"}, {"_buffers", "_buffer_order"}}) do
     for _, entry in ipairs(named_members(self, registry[1], registry[2], true, true)) do
+      if targets[entry[1]] == nil then names[#names + 1] = entry[1] end
       targets[entry[1]] = entry[2]
     end
   end
-  local missing, unexpected = {}, {}
-  for name in pairs(targets) do if sd[name] == nil then missing[name] = true end end
-  for name in pairs(sd) do if targets[name] == nil then unexpected[name] = true end end
-  missing, unexpected = sorted_keys(missing), sorted_keys(unexpected)
+  table.sort(names)
+  local missing, unexpected = state_keys.compare(names, sd)
   if strict and (#missing > 0 or #unexpected > 0) then
-    local parts = {}
-    if #missing > 0 then parts[#parts + 1] = "missing keys: " .. table.concat(missing, ", ") end
-    if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. table.concat(unexpected, ", ") end
-    fail("load_state_dict", "%s", table.concat(parts, "; "))
+    fail("load_state_dict", "%s", state_keys.describe(missing, unexpected))
   end
   autograd.no_grad(function()
     for name, target in pairs(targets) do
