@@ -13,6 +13,7 @@ local prefetch = require "moonshard.fsdp.prefetch"
 local materialize = require "moonshard.fsdp.materialize"
 local mixed_precision = require "moonshard.fsdp.mixed_precision"
 local Tree = require "moonshard.fsdp.tree"
+local finally = require "moonshard.finally"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -385,10 +386,7 @@ function fsdp.no_sync(model, fn, ...)
   local tree = Tree.rooted_at(unit_of(model))
   if not tree then fail("no_sync", "expects the root FSDP module") end
   for _, unit in ipairs(tree.units) do unit.no_sync = true end
-  local results = {pcall(fn, ...)}
-  for _, unit in ipairs(tree.units) do unit.no_sync = false end
-  if not results[1] then error(results[2], 0) end
-  return unpack(results, 2, table.maxn(results))
+  return finally(function() for _, unit in ipairs(tree.units) do unit.no_sync = false end end, fn, ...)
 end
 
 -- Run fn with every unit's full parameters exposed (in full precision under mixed
