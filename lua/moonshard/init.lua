@@ -18,6 +18,7 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local ms = {}
 ms.Tensor = Tensor
+ms.__version__ = require "moonshard.version"
 
 -- ---- tensor methods ----
 
