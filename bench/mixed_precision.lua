@@ -1,6 +1,8 @@
 -- Benchmarks FSDP mixed precision (bf16, f16) against f32 on bench/fsdp.lua's transformer
 -- configuration (examples/gpt.lua's GPT, ~25M parameters, FULL_SHARD per block) at world 2 and 4:
--- step time, collective bytes, peak memory per rank, and the ratios to f32. JSON lines.
+-- step time, collective bytes, peak memory per rank, and the ratios to f32. JSON lines. The
+-- f32 state (shards, their gradients, AdamW's moments) is alike in every run; peak_above_state
+-- is what the gathered parameters, their gradients and the activations took beyond it.
 -- Usage (repository root, after a build):
 --   luajit bench/mixed_precision.lua [--world-size N] [--dtype bf16|f16] [--steps N]
 package.path = "lua/?.lua;lua/?/init.lua;examples/?.lua;" .. package.path
@@ -96,27 +98,39 @@ local function train(dtype, rank, size, steps)
       gathered[#gathered + 1], scattered[#scattered + 1] = s.all_gather_bytes, s.reduce_scatter_bytes
     end
   end
-  local params = 0
-  for _, p in model:named_parameters() do params = params + p:numel() end
+  -- the f32 state every run keeps alike: local shards, their gradients, the optimizer's state
+  local params, state = 0, 0
+  for _, p in model:named_parameters() do
+    params = params + p:numel()
+    state = state + p:to_local():nbytes() + (p.grad and p.grad:to_local():nbytes() or 0)
+    for _, v in pairs(opt.state[p] or {}) do
+      if type(v) == "table" and v.nbytes then state = state + (v.to_local and v:to_local() or v):nbytes() end
+    end
+  end
   return {step = median(times), comm = median(comm), all_gather = median(gathered), reduce_scatter = median(scattered),
-          peak = ms.memory_stats("cpu").peak - base, params = params}
+          peak = ms.memory_stats("cpu").peak - base, state = state, params = params}
 end
 
 local ORDER = {"bench", "world_size", "dtype", "params", "step_ms", "comm_ms", "all_gather_mib", "reduce_scatter_mib",
-               "collective_mib", "peak_mib", "peak_mib_min", "skipped"}
+               "collective_mib", "peak_mib", "peak_mib_min", "state_mib", "peak_above_state_mib", "skipped"}
 local RATIO_ORDER = {"bench", "world_size", "dtype", "step_time_ratio", "all_gather_bytes_ratio",
-                     "reduce_scatter_bytes_ratio", "collective_bytes_ratio", "peak_memory_ratio"}
+                     "reduce_scatter_bytes_ratio", "collective_bytes_ratio", "peak_memory_ratio",
+                     "peak_above_state_ratio"}
 
 local function run(dtype, size)
   local ranks = dist.spawn(size, function(rank, world) return train(dtype, rank, world, options.steps) end)
   local r = ranks[1]
-  local peak, peak_min = 0, math.huge
-  for _, rank in ipairs(ranks) do peak, peak_min = math.max(peak, rank.peak), math.min(peak_min, rank.peak) end
+  local peak, peak_min, above = 0, math.huge, 0
+  for _, rank in ipairs(ranks) do
+    peak, peak_min = math.max(peak, rank.peak), math.min(peak_min, rank.peak)
+    above = math.max(above, rank.peak - rank.state)
+  end
   local out = {step = r.step, comm = r.comm, all_gather = r.all_gather, reduce_scatter = r.reduce_scatter,
-               collective = r.all_gather + r.reduce_scatter, peak = peak}
+               collective = r.all_gather + r.reduce_scatter, peak = peak, above = above}
   emit({bench = "mixed_precision", world_size = size, dtype = dtype, params = r.params, step_ms = r.step * 1e3,
         comm_ms = r.comm * 1e3, all_gather_mib = r.all_gather / 2 ^ 20, reduce_scatter_mib = r.reduce_scatter / 2 ^ 20,
-        collective_mib = out.collective / 2 ^ 20, peak_mib = peak / 2 ^ 20, peak_mib_min = peak_min / 2 ^ 20}, ORDER)
+        collective_mib = out.collective / 2 ^ 20, peak_mib = peak / 2 ^ 20, peak_mib_min = peak_min / 2 ^ 20,
+        state_mib = r.state / 2 ^ 20, peak_above_state_mib = above / 2 ^ 20}, ORDER)
   return out
 end
 
@@ -131,7 +145,8 @@ for _, size in ipairs(options["world-size"] and {options["world-size"]} or {2, 4
       emit({bench = "mixed_precision_ratio", world_size = size, dtype = dtype, step_time_ratio = half.step / f32.step,
             all_gather_bytes_ratio = half.all_gather / f32.all_gather,
             reduce_scatter_bytes_ratio = half.reduce_scatter / f32.reduce_scatter,
-            collective_bytes_ratio = half.collective / f32.collective, peak_memory_ratio = half.peak / f32.peak},
+            collective_bytes_ratio = half.collective / f32.collective, peak_memory_ratio = half.peak / f32.peak,
+            peak_above_state_ratio = half.above / f32.above},
            RATIO_ORDER)
     end
   end
