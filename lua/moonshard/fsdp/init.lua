@@ -236,7 +236,7 @@ local function plan_wrap(module, policy, ignored)
   local list = {}
   local function visit(m, is_top)
     if ignored.modules[m] then return end
-    for _, name in ipairs(m._module_order) do visit(m._modules[name], false) end
+    for _, child in m:named_children() do visit(child, false) end
     if is_top or (policy and not unit_of(m) and policy(m)) then list[#list + 1] = m end
   end
   visit(module, true)
@@ -260,8 +260,7 @@ local function assign(module, to_wrap, ignored)
     end
     local own_modules = modules[owner]
     own_modules[#own_modules + 1] = m
-    for _, name in ipairs(m._param_order) do
-      local p = m._parameters[name]
+    for name, p in m:named_parameters({recurse = false, remove_duplicate = false}) do
       if Tensor.is_tensor(p) and not ignored.params[p] then
         local use = first_use[p]
         if use == nil then
@@ -276,8 +275,8 @@ local function assign(module, to_wrap, ignored)
         end
       end
     end
-    for _, child_name in ipairs(m._module_order) do
-      visit(m._modules[child_name], prefix .. child_name .. ".", owner)
+    for child_name, child in m:named_children() do
+      visit(child, prefix .. child_name .. ".", owner)
     end
   end
   visit(module, "", module)
@@ -305,7 +304,6 @@ local function wrap_one(module, owned, modules, config)
   rawset(module, "_fsdp_unit", unit)
   unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
-  state_dict.install(module)
   materialize.run(unit, modules, config.param_init_fn, config.pool or 0)
   if config.mp and config.mp.buffer_dtype then
     unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
@@ -317,7 +315,6 @@ local function unwrap(module, unit)
   unit:undo()
   if unit.cast_buffers then mixed_precision.restore_buffers(unit.cast_buffers) end
   rawset(module, "_fsdp_unit", nil)
-  state_dict.uninstall(module)
 end
 
 -- FSDP(module, {sharding_strategy, device_mesh | process_group, cpu_offload = {offload_params},
@@ -357,10 +354,11 @@ function fsdp.FSDP(module, opts)
     error(err, 0)
   end
   for _, entry in ipairs(built) do entry[2]:commit() end
-  Tree.new(units_under(module), {
+  local tree = Tree.new(units_under(module), {
     forward_prefetch = opts.forward_prefetch or false, limit_all_gathers = opts.limit_all_gathers ~= false,
     backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch, mesh:get_group(mesh:ndim() - 1).backend),
   })
+  tree.hooks = state_dict.install(module)
   rawset(module, "no_sync", fsdp.no_sync)
   return module
 end
@@ -453,8 +451,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
     end
   end
   for _, m in model:named_modules() do
-    for _, name in ipairs(m._param_order) do
-      local param = m._parameters[name]
+    for _, param in m:named_parameters({recurse = false, remove_duplicate = false}) do
       local g = Tensor.is_tensor(param) and rawget(param, "grad")
       if g then
         grads[#grads + 1] = g

@@ -2,7 +2,6 @@
 -- unit's forward inputs to param_dtype and of its modules' floating buffers to buffer_dtype.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
-local scope = require "moonshard.scope"
 
 local fail = C.fail
 
@@ -84,12 +83,11 @@ end
 function M.cast_buffers(modules, dtype)
   local records = {}
   for _, m in ipairs(modules) do
-    for _, name in ipairs(m._buffer_order) do
-      local b = m._buffers[name]
+    for name, b in m:named_buffers({recurse = false, remove_duplicate = false}) do
       if Tensor.is_tensor(b) and not Tensor.is_meta(b) and FLOAT[b:dtype()] and b:dtype() ~= dtype then
         local cast = Tensor.empty_raw(b:shape(), Tensor.dtype_id(dtype, "FSDP"), b._c.storage.pool)
         C.check(C.lib.ms_copy(cast._c, b._c), "FSDP: buffer_dtype")
-        m._buffers[name] = scope.keep(cast)
+        m:set_buffer(name, cast)
         records[#records + 1] = {module = m, name = name, dtype = b:dtype()}
       end
     end
@@ -100,10 +98,10 @@ end
 -- Put the buffers cast by cast_buffers back in their original dtypes.
 function M.restore_buffers(records)
   for _, r in ipairs(records) do
-    local b = r.module._buffers[r.name]
+    local b = r.module[r.name]
     local back = Tensor.empty_raw(b:shape(), Tensor.dtype_id(r.dtype, "FSDP"), b._c.storage.pool)
     C.check(C.lib.ms_copy(back._c, b._c), "FSDP: buffer_dtype")
-    r.module._buffers[r.name] = scope.keep(back)
+    r.module:set_buffer(r.name, back)
     b:_release()
   end
 end

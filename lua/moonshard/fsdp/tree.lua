@@ -5,14 +5,19 @@ local Tree = {}
 Tree.__index = Tree
 
 -- units: the tree's units, root first; settings: {forward_prefetch, limit_all_gathers,
--- backward_prefetch} as resolved from FSDP's options.
+-- backward_prefetch} as resolved from FSDP's options. Trees rooted at the units (nested
+-- FSDP calls made first) end here: their hooks (tree.hooks, on the root module) are removed.
 function Tree.new(units, settings)
+  for _, unit in ipairs(units) do
+    local absorbed = Tree.rooted_at(unit)
+    for _, handle in ipairs(absorbed and absorbed.hooks or {}) do handle.remove() end
+  end
   local tree = setmetatable({
     root = units[1], units = units, callback_queued = false,
     forward_prefetch = settings.forward_prefetch, limit_all_gathers = settings.limit_all_gathers,
     backward_prefetch = settings.backward_prefetch,
     state_dict_settings = {type = "SHARDED_STATE_DICT"},
-    forward_order = nil, recording = nil, forward_cursor = nil,
+    forward_order = nil, recording = nil, forward_cursor = nil, hooks = {},
   }, Tree)
   for _, unit in ipairs(units) do unit.tree = tree end
   return tree

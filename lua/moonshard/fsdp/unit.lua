@@ -133,7 +133,7 @@ function Unit:add_param(entry, shard_pool, compute_pool)
     self.needs_grad = self.needs_grad + 1
     unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready() end)
   end
-  for _, slot in ipairs(slots) do slot.module._parameters[slot.name] = sharded end
+  for _, slot in ipairs(slots) do slot.module:set_parameter(slot.name, sharded) end
 end
 
 -- Wrapping succeeded: free the original full parameters.
@@ -151,13 +151,13 @@ end
 -- Wrapping failed: put the original parameters (and buffers) back and free what the unit made.
 function Unit:undo()
   for _, p in ipairs(self.params) do
-    for _, slot in ipairs(p.slots) do slot.module._parameters[slot.name] = p.original end
+    for _, slot in ipairs(p.slots) do slot.module:set_parameter(slot.name, p.original) end
     p.sharded:release()
     if rawget(p.unsharded, "_c") then p.unsharded:_release() end
   end
   for _, b in ipairs(self.materialised_buffers or {}) do
-    local current = b.module._buffers[b.name]
-    b.module._buffers[b.name] = b.original
+    local current = b.module[b.name]
+    b.module:set_buffer(b.name, b.original)
     if Tensor.is_tensor(current) and rawget(current, "_c") then current:_release() end
   end
   for _, handle in ipairs(self.hooks) do handle.remove() end
@@ -249,7 +249,7 @@ end
 function Unit:expose(unsharded, values)
   for i, p in ipairs(self.params) do
     local value = values and values[i] or unsharded and p.unsharded or p.sharded
-    for _, slot in ipairs(p.slots) do slot.module._parameters[slot.name] = value end
+    for _, slot in ipairs(p.slots) do slot.module:set_parameter(slot.name, value) end
   end
 end
 
