@@ -98,7 +98,7 @@ function Module:new(...)
     _class = self, _parameters = {}, _param_order = {}, _modules = {}, _module_order = {},
     _buffers = {}, _buffer_order = {}, _non_persistent = {}, training = true,
     _forward_pre_hooks = {}, _forward_hooks = {}, _state_dict_pre_hooks = {}, _state_dict_hooks = {},
-    _load_state_dict_pre_hooks = {}, _load_state_dict_post_hooks = {},
+    _load_state_dict_pre_hooks = {}, _load_state_dict_post_hooks = {}, _call_wrappers = {},
   }
   setmetatable(instance, {
     __index = instance_index, __newindex = instance_newindex, __call = instance_call,
@@ -127,10 +127,16 @@ local function run_call(self, ...)
   return output
 end
 
+-- The call through wrappers i, i - 1, ..., 1 (the last registered outermost).
+local function call_through(self, i, ...)
+  if i == 0 then return scope.run(run_call, self, ...) end
+  return self._call_wrappers[i](function(...) return call_through(self, i - 1, ...) end, ...)
+end
+
 -- module(...) runs hooks and forward in a scope: temporaries of the call are released as
 -- soon as it returns (tensors saved for backward keep their own references).
 function Module:_call(...)
-  return scope.run(run_call, self, ...)
+  return call_through(self, #self._call_wrappers, ...)
 end
 
 -- Add hook to a hook list; returns a handle whose remove() takes it out again.
@@ -138,6 +144,10 @@ local function add_hook(hooks, hook)
   hooks[#hooks + 1] = hook
   return {remove = function() for i, h in ipairs(hooks) do if h == hook then table.remove(hooks, i) break end end end}
 end
+
+-- around(call, ...) runs the module's whole call (its hooks and forward) as call(...), e.g.
+-- inside a checkpointed region; returns a handle with remove().
+function Module:register_call_wrapper(around) return add_hook(self._call_wrappers, around) end
 
 -- hook(module, args) -> nil or a replacement args array.
 function Module:register_forward_pre_hook(hook) return add_hook(self._forward_pre_hooks, hook) end
