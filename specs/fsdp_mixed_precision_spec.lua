@@ -210,9 +210,15 @@ describe("FSDP mixed precision (param_dtype f64 over f32 masters)", function()
     local config = {world = 4, strategy = "FULL_SHARD", wrap = "nested", reduce = "f32"}
     local runs = sharded(config, {param_dtype = "f64", reduce_dtype = "f32"})
     local r = ref(config)
+    -- four f32 gradients sum in the backend's order (mpi's differs from rank order): within
+    -- a few f32 roundings of the tensor's scale
     for _, run in ipairs(runs) do
       for name, values in pairs(r.grads) do
-        assert.is_true(parity.max_relative_error(run.grads[name], values) < 1e-6, name)
+        local scale, worst = 0, 0
+        for i, v in ipairs(values) do
+          scale, worst = math.max(scale, math.abs(v)), math.max(worst, math.abs(run.grads[name][i] - v))
+        end
+        assert.is_true(worst <= 8 * 2 ^ -24 * scale, ("%s: %.3g of %.3g"):format(name, worst, scale))
       end
     end
     config = {world = 2, strategy = "NO_SHARD", wrap = "layer", reduce = "f32"}
