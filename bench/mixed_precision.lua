@@ -8,10 +8,10 @@
 package.path = "lua/?.lua;lua/?/init.lua;examples/?.lua;" .. package.path
 local ms = require "moonshard"
 local gpt = require "gpt"
-local C = require "moonshard.ffi"
+local support = require "bench.support"
 local optim, dist, fsdp = ms.optim, ms.dist, ms.fsdp
 
-local clock = C.lib.ms_clock_seconds
+local clock, emit = support.now, support.emit
 
 local options = {steps = 3}
 local usage = "usage: luajit bench/mixed_precision.lua [--world-size N] [--dtype bf16|f16] [--steps N]\n"
@@ -31,19 +31,6 @@ do
 end
 
 local CFG = {vocab = 256, dim = 512, layers = 8, heads = 8, seq = 64, batch = 8}
-
-local function emit(fields, order)
-  local parts = {}
-  for _, key in ipairs(order) do
-    local v = fields[key]
-    if v ~= nil then
-      parts[#parts + 1] = string.format("%q:%s", key, type(v) == "string" and string.format("%q", v) or
-                                        string.format("%.6g", v))
-    end
-  end
-  print("{" .. table.concat(parts, ",") .. "}")
-  io.stdout:flush()
-end
 
 local function median(values)
   local sorted = {unpack(values)}

@@ -16,7 +16,6 @@ local saved_hooks = {}    -- stack of {pack = fn, unpack = fn}
 local op_hooks = {}       -- stack of fn(op_name, compute, ...) around policy-visible ops
 local tasks = {}          -- stack of running backward tasks
 
-local function unpack_results(results) return unpack(results, 2, table.maxn(results)) end
 
 -- ---- grad mode ----
 
