@@ -476,8 +476,10 @@ describe("FSDP mixed precision: 16-bit training end to end", function()
       local results = dist.spawn(2, function(rank, size)
         local function train(policy)
           ms.manual_seed(0)
-          local model = fsdp.FSDP(parity.Model(), {mixed_precision = policy,
-                                                   auto_wrap_policy = fsdp.wrap_policy({parity.Block})})
+          local model = parity.Model()
+          local seen = {}
+          model.blocks[1].fc1:register_forward_hook(function(m, _, out) seen[m.weight:dtype() .. "/" .. out:dtype()] = true end)
+          fsdp.FSDP(model, {mixed_precision = policy, auto_wrap_policy = fsdp.wrap_policy({parity.Block})})
           local opt = optim.Adam(model:parameters(), {lr = 0.01})
           local per_rank = parity.GLOBAL_BATCH / size
           local losses = {}
@@ -494,12 +496,14 @@ describe("FSDP mixed precision: 16-bit training end to end", function()
           end
           local dtypes = {}
           for _, p in model:named_parameters() do dtypes[p:to_local():dtype() .. "/" .. p.grad:to_local():dtype()] = true end
-          return {losses = losses, dtypes = dtypes, loss_dtype = model.blocks[1].fc1.weight:dtype()}
+          return {losses = losses, dtypes = dtypes, seen = seen}
         end
         return {f32 = train(nil), half = train({param_dtype = dtype, reduce_dtype = "f32"})}
       end)
       for _, r in ipairs(results) do
         assert.same({["f32/f32"] = true}, r.half.dtypes)
+        assert.same({[dtype .. "/" .. dtype] = true}, r.half.seen)
+        assert.same({["f32/f32"] = true}, r.f32.seen)
         for step, loss in ipairs(r.f32.losses) do
           -- the loss of a few rounded layers: within a few eps of the f32 run's
           assert.is_true(math.abs(r.half.losses[step] - loss) < 16 * eps * math.abs(loss),
