@@ -98,9 +98,11 @@ function M.constant_(t, value) return fill("constant_", t, value) end
 -- tie replay the calls its construction made on the tensor the tie dropped, and write
 -- nothing (the full construction's tied tensor keeps the other module's values).
 function M.run_init(module, init_fn)
-  for name, calls in pairs(rawget(module, "_init_replaced") or {}) do
-    local p = module._parameters[name]
-    if p ~= nil then replaced[p] = calls end
+  local calls = rawget(module, "_init_replaced")
+  if calls then
+    for name, p in module:named_parameters({recurse = false, remove_duplicate = false}) do
+      replaced[p] = calls[name]
+    end
   end
   local ok, err = pcall(init_fn, module)
   replaced = {}
