@@ -259,8 +259,8 @@ describe("activation checkpointing", function()
       local after = {}
       for name in model:named_parameters() do after[#after + 1] = name end
       assert.same(before, after)
-      assert.is_nil(rawget(model, "_ac_wrapper"))
-      assert.equal("checkpoint_wrapper", rawget(model.blocks:get(1).fc1, "_ac_wrapper"))
+      assert.is_nil(ac.wrapper_of(model))
+      assert.equal("checkpoint_wrapper", ac.wrapper_of(model.blocks:get(1).fc1))
     end)
   end)
 

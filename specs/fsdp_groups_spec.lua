@@ -88,7 +88,7 @@ describe("FSDP process_group", function()
       local group = dist.new_group({0, 1})
       local model = parity.Model()
       local ok, err = pcall(fsdp.FSDP, model, {process_group = group})
-      return {ok = ok, err = not ok and err or nil, wrapped = rawget(model, "_fsdp_unit") ~= nil}
+      return {ok = ok, err = not ok and err or nil, wrapped = fsdp.unit_of(model) ~= nil}
     end)
     assert.is_true(results[1].ok and results[2].ok)
     for rank = 3, 4 do

@@ -157,7 +157,7 @@ describe("FSDP deferred initialisation", function()
       local policy = setmetatable({}, {__call = function(_, m) return m.__name == "Linear" end})
       local model = fsdp.FSDP(ms.device("meta", function() return nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)) end),
                               {param_init_fn = init, auto_wrap_policy = policy})
-      return {calls = calls, device = model[1].weight:to_local():device(), unit = rawget(model[1], "_fsdp_unit") ~= nil}
+      return {calls = calls, device = model[1].weight:to_local():device(), unit = fsdp.unit_of(model[1]) ~= nil}
     end)[1]
     assert.are.same({calls = 2, device = "cpu", unit = true}, r)
   end)
@@ -296,7 +296,7 @@ describe("FSDP deferred initialisation errors", function()
       local before = ms.memory_stats("cpu").allocated
       local ok, err = pcall(fsdp.FSDP, model)
       local state = {ok = ok, err = err, leaked = ms.memory_stats("cpu").allocated - before,
-                     unit = rawget(model, "_fsdp_unit") ~= nil, scale = model.scale:device(),
+                     unit = fsdp.unit_of(model) ~= nil, scale = model.scale:device(),
                      weight = model.inner.weight:device()}
       -- a working init wraps the same module afterwards
       fsdp.FSDP(model, {param_init_fn = function(m)

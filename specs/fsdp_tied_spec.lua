@@ -119,7 +119,7 @@ describe("tied weights under FSDP", function()
       collectgarbage(); collectgarbage()
       local before = ms.memory_stats("cpu").allocated
       local ok, err = pcall(fsdp.FSDP, model, {auto_wrap_policy = fsdp.wrap_policy({nn.Embedding})})
-      return {ok = ok, err = err, unit = rawget(model.embed, "_fsdp_unit") ~= nil,
+      return {ok = ok, err = err, unit = fsdp.unit_of(model.embed) ~= nil,
               leaked = ms.memory_stats("cpu").allocated - before, plain = ms.is_tensor(model.head.weight)}
     end)[1]
     assert.is_false(r.ok)

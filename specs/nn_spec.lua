@@ -237,6 +237,29 @@ describe("nn", function()
     end)
   end)
 
+  describe("no_sync", function()
+    it("runs fn through the handler a wrapper registered and sets nothing else on the instance", function()
+      local m = nn.Linear(2, 2)
+      local keys_before = {}
+      for k in pairs(m) do keys_before[#keys_before + 1] = k end
+      raises("no_sync", {"Linear", "does not synchronise"}, function() m:no_sync(function() end) end)
+      local seen = {}
+      local handle = m:register_no_sync_handler(setmetatable({}, {__call = function(_, module, fn, ...)
+        seen[#seen + 1] = module
+        return fn(...)
+      end}))
+      assert.are.same({3, 4}, {m:no_sync(function(a, b) return a + 1, b + 1 end, 2, 3)})
+      assert.are.equal(m, seen[1])
+      handle.remove()
+      raises("no_sync", {"does not synchronise"}, function() m:no_sync(function() end) end)
+      local keys_after = {}
+      for k in pairs(m) do keys_after[#keys_after + 1] = k end
+      table.sort(keys_before); table.sort(keys_after)
+      assert.are.same(keys_before, keys_after)
+      raises("register_no_sync_handler", {"callable"}, function() m:register_no_sync_handler(42) end)
+    end)
+  end)
+
   describe("zero_grad, train, eval and apply", function()
     it("zero_grad drops every parameter's gradient", function()
       local m = Block()

@@ -52,7 +52,7 @@ end
 local function spawn_local(size, timeout_ms, fn, args)
   local what = "dist.spawn"
   local job_out, rank_out = ffi.new("ms_spawn*[1]"), ffi.new("int[1]")
-  check(lib.ms_local_spawn(job_out, size, timeout_ms, rank_out), what)
+  check(lib.ms_spawn_new(job_out, size, timeout_ms, rank_out), what)
   local rank = rank_out[0]
   if rank >= 0 then
     local ok, bytes = run(fn, rank, size, args)
@@ -96,17 +96,17 @@ end
 local function exchange(world, ok, bytes)
   local what = "dist.spawn"
   local size = world:size()
-  local mine = Tensor.empty_raw({2}, Tensor.dtype_ids.i64, 0)
+  local mine = Tensor.empty_raw({2}, Tensor.dtype_ids.i64, lib.MS_POOL_CPU)
   local header = ffi.cast("int64_t *", lib.ms_tensor_data(mine._c))
   header[0], header[1] = ok == nil and -1 or (ok and 1 or 0), #bytes
-  local headers = Tensor.empty_raw({2 * size}, Tensor.dtype_ids.i64, 0)
+  local headers = Tensor.empty_raw({2 * size}, Tensor.dtype_ids.i64, lib.MS_POOL_CPU)
   check(lib.ms_dist_all_gather_into_tensor(world._c, headers._c, mine._c), what)
   local all = ffi.cast("int64_t *", lib.ms_tensor_data(headers._c))
   local longest = 1
   for r = 0, size - 1 do longest = math.max(longest, tonumber(all[2 * r + 1])) end
-  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, 0)
+  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   ffi.copy(lib.ms_tensor_data(send._c), bytes, #bytes)
-  local received = Tensor.empty_raw({longest * size}, Tensor.dtype_ids.u8, 0)
+  local received = Tensor.empty_raw({longest * size}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   check(lib.ms_dist_all_gather_into_tensor(world._c, received._c, send._c), what)
   local data = ffi.cast("const char *", lib.ms_tensor_data(received._c))
   local entries = {}

@@ -1,5 +1,5 @@
 /* moonshard runtime: process groups and collectives (public part, included by ms.h).
- * Backends: local (fork + shared memory, ms_local_spawn), mpi (ms_mpi_init under mpirun),
+ * Backends: local (fork + shared memory, ms_spawn_new), mpi (ms_mpi_init under mpirun),
  * nccl (ms_nccl_init in cuda/gpu.h, on top of either).
  *
  * Collectives take contiguous tensors (MS_ERR_INVALID names the tensor otherwise) of one
@@ -88,7 +88,7 @@ typedef struct ms_rank_outcome {
     const char *reason;  /* "returned", "died (signal 9)", ...; owned by the job */
 } ms_rank_outcome;
 
-/* The parent's handle on the ranks of one ms_local_spawn. Opaque. */
+/* The parent's handle on the ranks of one ms_spawn_new. Opaque. */
 typedef struct ms_spawn ms_spawn;
 
 /* Fork world_size ranks (1 to 64) that share one anonymous shared-memory segment, made
@@ -99,7 +99,7 @@ typedef struct ms_spawn ms_spawn;
  * In the parent: [OUT] *rank = -1 and *job, to be waited for and freed.
  * In rank r: [OUT] *rank = r, *job = NULL, ms_dist_world gives the world group; the rank
  * ends with ms_local_finish. Fails with MS_ERR_STATE inside a rank or under MPI. */
-int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank);
+int ms_spawn_new(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank);
 /* In a rank: hand the outcome to the parent and end the process with _exit (stdio is
  * flushed first). failed == 0: bytes is the result; else the error text. Returns only
  * outside a spawned rank (MS_ERR_STATE) or when the parent is gone (errno). */

@@ -113,7 +113,7 @@ static void become_rank(ms_spawn *job, int r, const int *write_fds, pid_t parent
     free(job);
 }
 
-int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank)
+int ms_spawn_new(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank)
 {
     if (!job || !rank)
         return MS_FAIL(MS_ERR_INVALID, "spawn: job and rank must not be NULL");

@@ -78,7 +78,7 @@ static void test_rank_fault(fault how, int state, int code, const char *reason)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 3, 30000, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 3, 30000, &rank));
     if (rank == 1)
         commit_fault(how);
     if (rank >= 0) {
@@ -125,7 +125,7 @@ static void test_unrelated_crash(void)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 3, 30000, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 3, 30000, &rank));
     if (rank == 2)
         commit_fault(FAULT_SIGKILL);
     if (rank >= 0) {
@@ -152,7 +152,7 @@ static void test_missing_rank(void)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 30000, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 2, 30000, &rank));
     if (rank == 1) {
         sleep_ms(1500);
         ms_local_finish(0, "0 0 late", 8);
@@ -188,7 +188,7 @@ static void test_free_running(void)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 0, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 2, 0, &rank));
     if (rank >= 0) {
         sleep_ms(20000);
         ms_local_finish(0, "", 0);
@@ -212,7 +212,7 @@ static void test_straggler_stopped(void)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 300, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 2, 300, &rank));
     if (rank == 0)
         ms_local_finish(1, "boom", 4);
     if (rank == 1) {
@@ -256,7 +256,7 @@ static void test_parent_death(void)
     if (middle == 0) {
         ms_spawn *job = NULL;
         int rank = -1;
-        if (ms_local_spawn(&job, 2, 0, &rank) != MS_OK)
+        if (ms_spawn_new(&job, 2, 0, &rank) != MS_OK)
             _exit(1);
         if (rank >= 0) {
             sleep_ms(20000);

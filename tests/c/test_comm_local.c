@@ -37,7 +37,7 @@ static void test_identical_results(void)
     for (int k = 0; k < 3; k++) {
         ms_spawn *job = NULL;
         int rank = -1;
-        EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 3, 20000, &rank));
+        EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 3, 20000, &rank));
         if (rank >= 0)
             report_all_reduce_hash(rank, 3, &kinds[k]);
         EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
@@ -131,7 +131,7 @@ static int argument_checks(int rank, int n, void *context)
     EXPECT_STATUS(MS_ERR_INVALID, ms_group_new(&g, NULL, (int[]){n}, 1));
     ms_spawn *job = NULL;
     int inner = 0;
-    EXPECT_STATUS(MS_ERR_STATE, ms_local_spawn(&job, 2, 0, &inner));
+    EXPECT_STATUS(MS_ERR_STATE, ms_spawn_new(&job, 2, 0, &inner));
     /* the segment holds a bounded number of groups; running out is an error, not a crash */
     ms_group *made[300];
     int nmade = 0, status = MS_OK;

@@ -143,7 +143,7 @@ int main(int argc, char **argv)
     EXPECT(strcmp(ms_group_backend(world), "mpi") == 0);
     ms_spawn *job = NULL;
     int spawned = 0;
-    EXPECT_STATUS(MS_ERR_STATE, ms_local_spawn(&job, 2, 0, &spawned));
+    EXPECT_STATUS(MS_ERR_STATE, ms_spawn_new(&job, 2, 0, &spawned));
 
     collective_cases(NULL);
     for (int members = 1; members < size; members++) {

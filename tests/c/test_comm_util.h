@@ -41,7 +41,7 @@ static inline ms_spawn *run_ranks(int world_size, int64_t timeout_ms, rank_fn fn
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    if (ms_local_spawn(&job, world_size, timeout_ms, &rank) != MS_OK) {
+    if (ms_spawn_new(&job, world_size, timeout_ms, &rank) != MS_OK) {
         fprintf(stderr, "spawn failed: %s\n", ms_last_error());
         failures++;
         return NULL;

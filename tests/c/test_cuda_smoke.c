@@ -11,7 +11,7 @@ static void check_nccl_without_device(void)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    CHECK_OK(ms_local_spawn(&job, 2, 20000, &rank));
+    CHECK_OK(ms_spawn_new(&job, 2, 20000, &rank));
     if (rank >= 0) {
         int status = ms_nccl_init();
         ms_group *world = NULL;

@@ -57,13 +57,19 @@ function ac.checkpoint(fn, ...)
   return run_region(fn, args, opts.use_reentrant, region_options("checkpoint", opts))
 end
 
+-- The wrapper kind each wrapped module got (weak keys: the entry goes with the module).
+local wrapped = setmetatable({}, {__mode = "k"})
+
+-- "checkpoint_wrapper" or "offload_wrapper" for a module wrapped by one, else nil.
+function ac.wrapper_of(module) return wrapped[module] end
+
 -- The module's call (its hooks and forward) runs inside around(call, ...).
 local function wrap_call(module, kind, around)
   if not Module.is_module(module) then fail(kind, "expected an nn.Module, got %s", type(module)) end
-  if rawget(module, "_ac_wrapper") then
-    fail(kind, "module %s is already wrapped by %s", module.__name or "?", rawget(module, "_ac_wrapper"))
+  if wrapped[module] then
+    fail(kind, "module %s is already wrapped by %s", module.__name or "?", wrapped[module])
   end
-  rawset(module, "_ac_wrapper", kind)
+  wrapped[module] = kind
   module:register_call_wrapper(around)
   return module
 end
@@ -113,7 +119,7 @@ function ac.apply_activation_checkpointing(model, opts)
   end
   local targets = {}
   for name, m in model:named_modules() do
-    if name ~= "" and not rawget(m, "_ac_wrapper") and check_fn(m) then targets[#targets + 1] = m end
+    if name ~= "" and not wrapped[m] and check_fn(m) then targets[#targets + 1] = m end
   end
   for _, m in ipairs(targets) do wrapper(m) end
   return model

@@ -2,6 +2,7 @@
 -- table, or its error), so all ranks succeed or fail together instead of waiting forever.
 local ffi = require "ffi"
 local Tensor = require "moonshard.tensor"
+local lib = require("moonshard.ffi").lib
 
 local M = {}
 
@@ -20,17 +21,17 @@ function M.all_gather(ok, bytes)
   local _, world_size = M.world()
   if world_size == 1 then return {{ok = ok, bytes = bytes}} end
   local d = dist()
-  local header = Tensor.empty_raw({2}, Tensor.dtype_ids.i64, 0)
+  local header = Tensor.empty_raw({2}, Tensor.dtype_ids.i64, lib.MS_POOL_CPU)
   local fields = ffi.cast("int64_t *", header:data_ptr())
   fields[0], fields[1] = ok and 1 or 0, #bytes
-  local headers = Tensor.empty_raw({2 * world_size}, Tensor.dtype_ids.i64, 0)
+  local headers = Tensor.empty_raw({2 * world_size}, Tensor.dtype_ids.i64, lib.MS_POOL_CPU)
   d.all_gather_into_tensor(headers, header)
   local all = ffi.cast("int64_t *", headers:data_ptr())
   local longest = 1
   for r = 0, world_size - 1 do longest = math.max(longest, tonumber(all[2 * r + 1])) end
-  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, 0)
+  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   ffi.copy(send:data_ptr(), bytes, #bytes)
-  local received = Tensor.empty_raw({longest * world_size}, Tensor.dtype_ids.u8, 0)
+  local received = Tensor.empty_raw({longest * world_size}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   d.all_gather_into_tensor(received, send)
   local data = ffi.cast("const char *", received:data_ptr())
   local out = {}

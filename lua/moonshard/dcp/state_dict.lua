@@ -53,24 +53,6 @@ local function optimizer_list(optimizers, what)
   return optimizers
 end
 
--- Parameters and persistent buffers in registration order, each under every name it has
--- (as Module:state_dict lists them): {fqn, value}.
-local function model_entries(model)
-  local out = {}
-  for prefix, m in model:named_modules() do
-    local base = prefix == "" and "" or prefix .. "."
-    for _, name in ipairs(m._param_order) do
-      local p = m._parameters[name]
-      if p then out[#out + 1] = {base .. name, p} end
-    end
-    for _, name in ipairs(m._buffer_order) do
-      local b = m._buffers[name]
-      if b and not m._non_persistent[name] then out[#out + 1] = {base .. name, b} end
-    end
-  end
-  return out
-end
-
 -- Each parameter's first name.
 local function parameter_names(model)
   local names = {}
@@ -103,7 +85,7 @@ local function local_of(t) return DTensor.is_dtensor(t) and t:to_local() or t en
 -- get_model_state_dict(model, {full_state_dict, cpu_offload}): fqn -> tensor or DTensor.
 local function get_model(model, opts)
   local out = {}
-  for _, entry in ipairs(model_entries(model)) do
+  for _, entry in ipairs(model:state_dict_entries()) do
     local fqn, value = entry[1], entry[2]
     out[fqn] = export(local_of(value), value, opts)
   end
@@ -271,7 +253,7 @@ local function plan_model(model, msd, opts, what)
     fail(what, "the model state dict must be a table, got %s", type(msd))
   end
   local copies, known, missing, unexpected = {}, {}, {}, {}
-  for _, entry in ipairs(model_entries(model)) do
+  for _, entry in ipairs(model:state_dict_entries()) do
     local fqn, target = entry[1], entry[2]
     known[fqn] = true
     local source = msd[fqn]

@@ -85,7 +85,7 @@ function Store:read(fqn, step)
   local entry = by_fqn[fqn]
   if not entry then fail(what, "%s: step %d has no entry '%s'", self.dir, step, fqn) end
   if entry.kind ~= "tensor" then return values.decode(entry.bytes, entry.nbytes, fqn, what) end
-  local out = Tensor.empty_raw(entry.shape, entry.dtype_id, 0)
+  local out = Tensor.empty_raw(entry.shape, entry.dtype_id, lib.MS_POOL_CPU)
   check(lib.ms_store_read_tensor(s, step, fqn, out._c, nil), what)
   return out
 end

@@ -21,7 +21,7 @@ local fsdp = {}
 
 local function dist() return require "moonshard.dist" end
 
-local function unit_of(module) return rawget(module, "_fsdp_unit") end
+local unit_of = Unit.of
 fsdp.unit_of = unit_of
 
 -- Units of the tree under root (root's own unit first), in registration order.
@@ -301,10 +301,10 @@ end
 
 local function wrap_one(module, owned, modules, config)
   local unit = Unit.new(module, owned, config)
-  rawset(module, "_fsdp_unit", unit)
+  Unit.attach(module, unit)
   unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
-  materialize.run(unit, modules, config.param_init_fn, config.pool or 0)
+  materialize.run(unit, modules, config.param_init_fn, config.pool or lib.MS_POOL_CPU)
   if config.mp and config.mp.buffer_dtype then
     unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
   end
@@ -314,7 +314,7 @@ end
 local function unwrap(module, unit)
   unit:undo()
   if unit.cast_buffers then mixed_precision.restore_buffers(unit.cast_buffers) end
-  rawset(module, "_fsdp_unit", nil)
+  Unit.detach(module)
 end
 
 -- FSDP(module, {sharding_strategy, device_mesh | process_group, cpu_offload = {offload_params},
@@ -348,7 +348,7 @@ function fsdp.FSDP(module, opts)
   if not ok then
     for i = #built, 1, -1 do
       local m = built[i][1]
-      local unit = built[i][2] or rawget(m, "_fsdp_unit")
+      local unit = built[i][2] or unit_of(m)
       if unit then unwrap(m, unit) end
     end
     error(err, 0)
@@ -359,7 +359,7 @@ function fsdp.FSDP(module, opts)
     backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch, mesh:get_group(mesh:ndim() - 1).backend),
   })
   tree.hooks = state_dict.install(module)
-  rawset(module, "no_sync", fsdp.no_sync)
+  module:register_no_sync_handler(fsdp.no_sync)
   return module
 end
 
@@ -460,7 +460,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
     end
   end
   if root.strategy.shard then
-    local total = Tensor.empty_raw({1}, 1, 0)
+    local total = Tensor.empty_raw({1}, lib.MS_F64, lib.MS_POOL_CPU)
     check(lib.ms_fill(total._c, sharded), "clip_grad_norm_")
     dist().all_reduce(total, p == math.huge and "max" or "sum", {group = root.shard_group})
     sharded = total:item()

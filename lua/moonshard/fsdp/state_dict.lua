@@ -7,6 +7,7 @@ local DTensor = require "moonshard.dtensor"
 local autograd = require "moonshard.autograd"
 local placement = require "moonshard.placement"
 local Tree = require "moonshard.fsdp.tree"
+local Unit = require "moonshard.fsdp.unit"
 local state_keys = require "moonshard.state_keys"
 
 local lib, check, fail = C.lib, C.check, C.fail
@@ -18,7 +19,7 @@ local TYPES = {SHARDED_STATE_DICT = true, FULL_STATE_DICT = true, LOCAL_STATE_DI
 local function dist() return require "moonshard.dist" end
 
 local function settings_of(module)
-  local unit = rawget(module, "_fsdp_unit")
+  local unit = Unit.of(module)
   return unit and unit.tree and unit.tree.state_dict_settings or {type = "SHARDED_STATE_DICT"}
 end
 
@@ -54,7 +55,7 @@ function M.set_state_dict_type(model, kind, config, optim_config)
     fail("set_state_dict_type", "unknown state dict type '%s' (expected SHARDED_STATE_DICT, " ..
          "FULL_STATE_DICT or LOCAL_STATE_DICT)", tostring(kind))
   end
-  local tree = Tree.rooted_at(rawget(model, "_fsdp_unit"))
+  local tree = Tree.rooted_at(Unit.of(model))
   if not tree then fail("set_state_dict_type", "expects the root FSDP module") end
   config = check_config(kind, config, "state_dict_config")
   optim_config = check_config(kind, optim_config, "optim_state_dict_config")
@@ -160,7 +161,7 @@ end
 
 -- Buffers that mixed precision cast to buffer_dtype -> their original dtype names.
 local function cast_buffer_dtypes(model)
-  local unit = rawget(model, "_fsdp_unit")
+  local unit = Unit.of(model)
   local out = {}
   for _, u in ipairs(unit and unit.tree and unit.tree.units or {}) do
     for _, r in ipairs(u.cast_buffers or {}) do out[r.module[r.name]] = r.dtype end

@@ -18,6 +18,16 @@ local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
 local Unit = {}
 Unit.__index = Unit
 
+-- The unit wrapping each module. Weak both ways: a wrapped module's forward hooks hold its
+-- unit, so the entry lives exactly as long as the module (a unit holds its module, and
+-- LuaJIT's weak keys would never let go of a key its own value reaches).
+local by_module = setmetatable({}, {__mode = "kv"})
+
+-- The unit FSDP wrapped module into (nil when it is not wrapped).
+function Unit.of(module) return by_module[module] end
+function Unit.attach(module, unit) by_module[module] = unit end
+function Unit.detach(module) by_module[module] = nil end
+
 local function dist() return require "moonshard.dist" end
 
 local STRATEGIES = {

@@ -16,9 +16,13 @@ end
 
 local function list_methods(class)
   class.__numbered_children = true
-  function class:len() return #self._module_order end
+  function class:len()
+    local n = 0
+    for _ in self:named_children() do n = n + 1 end
+    return n
+  end
   function class:get(i)
-    local m = self._modules[tostring(i - 1)]
+    local m = type(i) == "number" and self[i] or nil
     if not m then fail(class.__name, "index %s out of range (1..%d)", tostring(i), self:len()) end
     return m
   end
@@ -31,7 +35,7 @@ local function list_methods(class)
     local i = 0
     return function()
       i = i + 1
-      local m = self._modules[tostring(i - 1)]
+      local m = self[i]
       if m then return i, m end
     end
   end

@@ -6,7 +6,7 @@ local autograd = require "moonshard.autograd"
 local scope = require "moonshard.scope"
 local state_keys = require "moonshard.state_keys"
 
-local fail = C.fail
+local fail, is_callable = C.fail, C.is_callable
 
 local Module = {__name = "Module"}
 Module.__index = Module
@@ -169,6 +169,25 @@ function Module:register_state_dict_pre_hook(hook) return add_hook(self._state_d
 function Module:register_state_dict_post_hook(hook) return add_hook(self._state_dict_hooks, hook) end
 function Module:register_load_state_dict_pre_hook(hook) return add_hook(self._load_state_dict_pre_hooks, hook) end
 function Module:register_load_state_dict_post_hook(hook) return add_hook(self._load_state_dict_post_hooks, hook) end
+
+-- A wrapper that synchronises gradients (FSDP) says how to pause it: handler(module, fn, ...)
+-- runs fn(...) without synchronising and returns its results. The last registered wins;
+-- returns a handle with remove().
+function Module:register_no_sync_handler(handler)
+  if not is_callable(handler) then fail("register_no_sync_handler", "handler must be callable, got %s", type(handler)) end
+  rawset(self, "_no_sync_handler", handler)
+  return {remove = function() if rawget(self, "_no_sync_handler") == handler then rawset(self, "_no_sync_handler", nil) end end}
+end
+
+-- module:no_sync(fn, ...) runs fn(...) with gradient synchronisation off (gradients
+-- accumulate locally), through the handler its wrapper registered; returns fn's results.
+function Module:no_sync(fn, ...)
+  local handler = rawget(self, "_no_sync_handler")
+  if not handler then
+    fail("no_sync", "%s does not synchronise gradients (wrap it with FSDP first)", self.__name or "Module")
+  end
+  return handler(self, fn, ...)
+end
 
 function Module:register_parameter(name, t)
   if t == nil then

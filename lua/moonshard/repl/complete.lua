@@ -1,6 +1,8 @@
 -- Tab completion for the REPL: global names, fields and methods along a dotted path
 -- (tables, modules, tensors; evaluated without calling anything), and parameter or
 -- store names inside strings.
+local Module = require "moonshard.nn.module"
+
 local M = {}
 
 local KEYWORDS = {"and", "break", "do", "else", "elseif", "end", "false", "for", "function", "if", "in",
@@ -23,9 +25,12 @@ local function members(value)
     return names
   end
   add_keys(names, value, seen_tables)
-  for _, registry in ipairs({"_modules", "_parameters", "_buffers"}) do
-    local r = rawget(value, registry)
-    if type(r) == "table" then add_keys(names, r, seen_tables) end
+  if Module.is_module(value) then
+    local own = {}
+    for name in value:named_children() do own[name] = true end
+    for name in value:named_parameters({recurse = false}) do own[name] = true end
+    for name in value:named_buffers({recurse = false}) do own[name] = true end
+    add_keys(names, own, seen_tables)
   end
   local class = rawget(value, "_class")
   while type(class) == "table" do

@@ -88,7 +88,7 @@ function M.dtensor(t)
             ms.dist.get_rank(), tostring(local_part:shape()), M.tensor(local_part):gsub("\n", "\n        "))
 end
 
-local function is_module(v) return type(v) == "table" and rawget(v, "_modules") ~= nil end
+local is_module = require("moonshard.nn.module").is_module
 
 local function key_text(k)
   if type(k) == "string" and k:match("^[%a_][%w_]*$") then return k end
