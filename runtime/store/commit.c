@@ -165,5 +165,6 @@ int ms_store_commit_manifest(ms_store *s, int world_size)
                        s->scratch.size);
     MS_CHECK(put_manifest(s, &s->scratch));
     s->save_state = SAVE_IDLE;
+    store_end_save_locks(s);
     return MS_OK;
 }

@@ -29,9 +29,13 @@ int store_manifest(ms_store *s, int64_t step, step_manifest **out)
     MDB_val key = {STEP_KEY_BYTES, key_bytes}, value;
     int rc = mdb_get(txn, s->index->data_dbi, &key, &value);
     int status = MS_OK;
+    bool seen = false;
+    for (step_manifest *m = s->manifests; m && !seen; m = m->next)
+        seen = m->step == step;
     if (rc == MDB_NOTFOUND)
-        status =
-            MS_FAIL(MS_ERR_NOT_FOUND, "%s: step %lld is not committed", s->path, (long long)step);
+        status = MS_FAIL(MS_ERR_NOT_FOUND,
+                         seen ? "%s: step %lld was deleted while reading" : "%s: step %lld is not committed",
+                         s->path, (long long)step);
     else if (rc)
         status = env_fail(s->index, rc, "reading a manifest");
     if (status) {
@@ -185,6 +189,20 @@ void prefetch_chunk(const void *data, size_t size)
     madvise((void *)start, (uintptr_t)data + size - start, MADV_WILLNEED);
 }
 
+/* Whether the index still holds step's manifest (true when that cannot be read). */
+static bool still_committed(ms_store *s, int64_t step)
+{
+    MDB_txn *txn;
+    if (env_read_begin(s->index, &txn))
+        return true;
+    uint8_t key_bytes[STEP_KEY_BYTES];
+    step_key(key_bytes, step);
+    MDB_val key = {STEP_KEY_BYTES, key_bytes}, value;
+    int rc = mdb_get(txn, s->index->data_dbi, &key, &value);
+    env_read_end(s->index, txn);
+    return rc != MDB_NOTFOUND;
+}
+
 int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const store_chunk *c,
                       uint64_t nbytes, const uint8_t **data)
 {
@@ -197,6 +215,9 @@ int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const
     MDB_val key = {CHUNK_KEY_BYTES, key_bytes}, value;
     int rc = mdb_get(s->read_txns[c->rank], e->data_dbi, &key, &value);
     char region[200];
+    if (rc == MDB_NOTFOUND && s->save_state == SAVE_IDLE && !still_committed(s, step))
+        return MS_FAIL(MS_ERR_NOT_FOUND, "%s: step %lld was deleted while reading", s->path,
+                       (long long)step);
     if (rc == MDB_NOTFOUND)
         return MS_FAIL(MS_ERR_NOT_FOUND,
                        "%s: step %lld: '%s': chunk %s is missing from %s (was the step deleted?)",

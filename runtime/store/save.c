@@ -22,6 +22,8 @@ void save_reset(ms_store *s)
 {
     snapshot_finish(s, false);
     release_pending(s);
+    if (s->pid == getpid())
+        store_end_save_locks(s);
     s->txn = NULL;
     s->save_state = SAVE_IDLE;
 }
@@ -65,18 +67,26 @@ int ms_store_begin(ms_store *s, int64_t step, int rank, int mode)
     s->merge_failed = false;
     free(s->committed);
     s->committed = NULL;
-    MS_CHECK(store_committed_steps(s, &s->committed, &s->committed_count));
-    if (steps_contain(s->committed, s->committed_count, step))
-        return MS_FAIL(MS_ERR_STATE, "%s: step %lld is already committed; delete it first", s->path,
-                       (long long)step);
+    MS_CHECK(store_lock_shard(s, rank, step));
+    int status = store_committed_steps(s, &s->committed, &s->committed_count);
+    if (!status && steps_contain(s->committed, s->committed_count, step))
+        status = MS_FAIL(MS_ERR_STATE, "%s: step %lld is already committed; delete it first",
+                         s->path, (long long)step);
     store_env *shard;
-    MS_CHECK(store_shard(s, rank, true, &shard));
+    if (!status)
+        status = store_shard(s, rank, true, &shard);
+    if (status) {
+        store_end_save_locks(s);
+        return status;
+    }
     s->save_step = step;
     s->save_rank = rank;
     s->background = mode == MS_STORE_BACKGROUND;
     s->next_seq = 0;
-    if (!s->background)
-        MS_CHECK(write_start(s));
+    if (!s->background && (status = write_start(s)) != MS_OK) {
+        store_end_save_locks(s);
+        return status;
+    }
     s->save_state = SAVE_WRITING;
     return MS_OK;
 }

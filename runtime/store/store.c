@@ -141,6 +141,8 @@ int ms_store_open(ms_store **out, const char *path, int mode)
     }
     s->pid = getpid();
     s->mode = mode;
+    s->writer_lock_fd = -1;
+    s->shard_lock_fd = -1;
     s->max_chunk_bytes = STORE_DEFAULT_CHUNK_BYTES;
     int status = checksum_new(&s->hasher);
     char *index = status ? NULL : store_file_path(path, "index.mdb");
@@ -162,10 +164,14 @@ void ms_store_close(ms_store *s)
 {
     if (!s)
         return;
-    if (s->pid == getpid())
+    if (s->pid == getpid()) {
         ms_store_abort(s);
-    else
+        store_unlock_writer(s);
+    } else {
         save_reset(s);
+        if (s->writer_lock_fd >= 0)
+            close(s->writer_lock_fd); /* the lock is the parent's: only this copy goes */
+    }
     for (size_t r = 0; r < s->shard_capacity; r++)
         env_release(s->shards[r]);
     env_release(s->index);

@@ -252,6 +252,9 @@ struct ms_store {
     size_t pending_capacity;
     pthread_t writer;
     saved_error writer_error;
+    int writer_lock_fd; /* writer.lock held by this handle (lock.c), or -1 */
+    bool writer_lock_for_save; /* taken by ms_store_begin, dropped when the save ends */
+    int shard_lock_fd;  /* shard-<rank>.mdb-writer held during this rank's writes, or -1 */
     snapshot_region **snapshots; /* lazy staging copies not finished yet (snapshot.c) */
     size_t snapshot_count;
     size_t snapshot_capacity;
@@ -294,6 +297,15 @@ void save_reset(ms_store *s);
 /* Finish every lazy staging copy of the save (copy false: just make the sources writable
  * again, for a save that is abandoned). */
 int snapshot_finish(ms_store *s, bool copy);
+/* lock.c: one writer at a time (EBUSY naming the other writer) */
+int store_lock_writer(ms_store *s, const char *what, int64_t step);
+void store_unlock_writer(ms_store *s);
+/* Rank 0 takes writer.lock (held already, or taken for this save); other ranks check that
+ * one is held. Then this rank's shard lock. */
+int store_lock_shard(ms_store *s, int rank, int64_t step);
+void store_unlock_shard(ms_store *s);
+/* The end of a save on this handle: drops the shard lock, and writer.lock when the save took it. */
+void store_end_save_locks(ms_store *s);
 /* retention.c */
 int reclaim_uncommitted(store_env *e, const int64_t *committed, size_t count);
 
