@@ -484,6 +484,11 @@ int ms_store_put_tensor(ms_store *s, const char *fqn, const ms_tensor *chunk,
  * collectives do; stores by ms ops or plain code may. Other sources (small, strided, outside
  * the cpu pool, overlapping one staged already) are copied before return. */
 int ms_store_stage(ms_store *s, ms_tensor *dst, const ms_tensor *src);
+/* Right after ms_store_begin, before any put: this rank will put about bytes of tensor
+ * chunks, so the shard file grows once for them instead of as they come (which costs a
+ * commit each time and lets small chunks split the free space large ones would reuse).
+ * Optional; background saves size themselves. */
+int ms_store_reserve(ms_store *s, int64_t bytes);
 /* Store a non-tensor value (the caller's serialisation, at most 1 GiB) under fqn, copied
  * before return. It travels in the chunk table into the manifest. */
 int ms_store_put_bytes(ms_store *s, const char *fqn, const void *data, int64_t size);

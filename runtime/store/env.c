@@ -28,7 +28,8 @@ static const char *const FILE_KIND_NAMES[] = {"index", "shard"};
 
 enum { MAX_READERS = 1024, READ_RETRIES = 8 };
 static const size_t INDEX_MAP_BYTES = (size_t)16 << 30;
-static const size_t INITIAL_SHARD_MAP_BYTES = (size_t)64 << 20;
+static const size_t INITIAL_SHARD_MAP_BYTES = (size_t)1 << 20;
+static const uint64_t SHARD_HEADROOM_BYTES = (uint64_t)1 << 20;
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static store_env *registry;
@@ -210,9 +211,18 @@ static int open_env(store_env *e, bool writable)
     mdb_env_set_maxreaders(e->env, MAX_READERS);
     unsigned flags = MDB_NOSUBDIR | MDB_NOTLS | MDB_NORDAHEAD;
     size_t map_bytes = 0;
+    int status = space_check_file(e);
+    if (!status)
+        status = space_reserve_lock_file(e);
+    if (status) {
+        mdb_env_close(e->env);
+        e->env = NULL;
+        return status;
+    }
     if (writable && e->kind == FILE_SHARD) {
         /* A writable map sets the file's size; keeping it keeps the room earlier saves
-         * grew, which the meta page only records at the next commit. */
+         * grew, which the meta page only records at the next commit. The map starts small
+         * and grows with the data (env_grow), each time over reserved file space. */
         struct stat st;
         flags |= MDB_WRITEMAP;
         map_bytes = INITIAL_SHARD_MAP_BYTES;
@@ -233,13 +243,23 @@ static int open_env(store_env *e, bool writable)
         mdb_env_set_maxdbs(e->env, 2);
         rc = mdb_env_open(e->env, e->path, flags | MDB_NOLOCK, 0644);
     }
-    int status = MS_OK;
+    if (rc)
+        status = space_short_file(e);
+    if (status)
+        rc = 0; /* named by space_short_file */
     if (rc == ENOENT)
         status = MS_FAIL(MS_ERR_NOT_FOUND, "%s does not exist", e->path);
     else if (rc == MDB_INVALID)
         status = not_a_store(e, "not an LMDB file");
     else if (rc)
         status = env_fail(e, rc, "opening");
+    if (!status && (flags & MDB_WRITEMAP)) {
+        /* Every page the map may write has its file space allocated, so a full disk is
+         * ENOSPC here, never SIGBUS on a store into the map. */
+        MDB_envinfo info;
+        mdb_env_info(e->env, &info);
+        status = space_reserve(e, info.me_mapsize);
+    }
     if (!status)
         status = open_databases(e, writable);
     if (status) {
@@ -392,8 +412,29 @@ int env_write_begin(store_env *e, MDB_txn **txn)
 {
     if (!e->env || !e->writable)
         return MS_FAIL(MS_ERR_STATE, "%s is not open for writing", e->path);
+    if (e->kind == FILE_SHARD) {
+        /* Room for the pages a transaction copies or adds besides its values (the tree,
+         * the free list), which callers do not count. */
+        MDB_envinfo info;
+        mdb_env_info(e->env, &info);
+        uint64_t used = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
+        uint64_t headroom = used / 16 > SHARD_HEADROOM_BYTES ? used / 16 : SHARD_HEADROOM_BYTES;
+        if (info.me_mapsize < used + headroom)
+            MS_CHECK(env_grow(e, (used + 2 * headroom) / SHARD_HEADROOM_BYTES * SHARD_HEADROOM_BYTES,
+                              used + headroom));
+    }
     for (int attempt = 0;; attempt++) {
         int rc = mdb_txn_begin(e->env, NULL, 0, txn);
+        if (!rc && e->kind == FILE_SHARD) {
+            /* The file may have been trimmed below the map (space_trim): every page this
+             * transaction can write gets its file space back first. */
+            MDB_envinfo info;
+            mdb_env_info(e->env, &info);
+            int status = space_reserve(e, info.me_mapsize);
+            if (status)
+                mdb_txn_abort(*txn);
+            return status;
+        }
         if (!rc)
             return MS_OK;
         if (rc != MDB_MAP_RESIZED || attempt == READ_RETRIES)
@@ -402,8 +443,16 @@ int env_write_begin(store_env *e, MDB_txn **txn)
     }
 }
 
-int env_grow(store_env *e, size_t bytes)
+int env_grow(store_env *e, size_t bytes, size_t at_least)
 {
+    if (e->kind == FILE_SHARD && e->writable) {
+        int status = space_reserve(e, bytes);
+        if (status == ENOSPC && at_least < bytes) {
+            bytes = at_least;
+            status = space_reserve(e, bytes);
+        }
+        MS_CHECK(status);
+    }
     pthread_rwlock_wrlock(&e->map_lock);
     int rc = mdb_env_set_mapsize(e->env, bytes);
     pthread_rwlock_unlock(&e->map_lock);

@@ -38,10 +38,12 @@ static void write_holder(int fd, int64_t step)
 {
     char host[128] = "?", line[HOLDER_BYTES];
     gethostname(host, sizeof host - 1);
-    int n = snprintf(line, sizeof line, "pid %d on host %s (step %lld)\n", (int)getpid(), host,
-                     (long long)step);
-    if (ftruncate(fd, 0) == 0 && pwrite(fd, line, (size_t)n, 0) == n)
-        return;
+    int n = step >= 0 ? snprintf(line, sizeof line, "pid %d on host %s, step %lld\n",
+                                 (int)getpid(), host, (long long)step)
+                      : snprintf(line, sizeof line, "pid %d on host %s\n", (int)getpid(), host);
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, line, (size_t)n, 0) != n) {
+        /* the lock holds without its line; another writer is then told "a process" holds it */
+    }
 }
 
 /* Take the exclusive lock on name without waiting: EBUSY naming the holder when another

@@ -84,7 +84,8 @@ int reclaim_uncommitted(store_env *e, const int64_t *committed, size_t count)
     rc = mdb_txn_commit(txn);
     if (rc)
         return env_fail(e, rc, "committing reclaimed chunks");
-    return deleted ? note_reclaimed(e, deleted) : MS_OK;
+    MS_CHECK(deleted ? note_reclaimed(e, deleted) : MS_OK);
+    return space_trim(e);
 }
 
 static int check_maintenance(ms_store *s, const char *op)

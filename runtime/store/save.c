@@ -83,7 +83,7 @@ int ms_store_begin(ms_store *s, int64_t step, int rank, int mode)
     s->save_rank = rank;
     s->background = mode == MS_STORE_BACKGROUND;
     s->next_seq = 0;
-    if (!s->background && (status = write_start(s)) != MS_OK) {
+    if (!s->background && (status = write_start(s, 0)) != MS_OK) {
         store_end_save_locks(s);
         return status;
     }
@@ -241,14 +241,17 @@ static void *writer_main(void *arg)
 {
     ms_store *s = arg;
     int status = snapshot_finish(s, true);
+    uint64_t expected = 0;
+    for (size_t i = 0; i < s->pending_count; i++)
+        expected += chunk_space(s, ms_tensor_nbytes(s->pending[i].chunk));
     if (!status)
-        status = write_start(s);
+        status = write_start(s, expected);
     for (size_t i = 0; i < s->pending_count && !status; i++) {
         pending_put *p = &s->pending[i];
         status = write_chunk(s, p->fqn, p->fqn_len, p->chunk, p->global_offsets);
     }
     if (!status)
-        status = write_commit(s);
+        status = write_finish(s);
     if (status && s->txn) {
         mdb_txn_abort(s->txn);
         s->txn = NULL;
@@ -273,9 +276,30 @@ int ms_store_commit_data(ms_store *s)
         }
         return MS_OK;
     }
-    int status = write_commit(s);
+    int status = write_finish(s);
     if (!status)
         status = finish_data_commit(s);
+    return status ? fail_save(s, status) : MS_OK;
+}
+
+uint64_t chunk_space(const ms_store *s, uint64_t tensor_bytes)
+{
+    uint64_t pieces = tensor_bytes / (uint64_t)s->max_chunk_bytes + 1, page = 4096;
+    if (s->shard_capacity > (size_t)s->save_rank && s->shards[s->save_rank])
+        page = s->shards[s->save_rank]->page_bytes;
+    return tensor_bytes + pieces * (CHUNK_DATA_OFFSET + LMDB_PAGE_HEADER_BYTES + 2 * page);
+}
+
+int ms_store_reserve(ms_store *s, int64_t bytes)
+{
+    MS_CHECK(check_writing(s, "store_reserve"));
+    if (bytes < 0)
+        return MS_FAIL(MS_ERR_INVALID, "store_reserve: %lld bytes", (long long)bytes);
+    if (s->next_seq > 0)
+        return MS_FAIL(MS_ERR_STATE, "store_reserve: %s: chunks were put already", s->path);
+    if (s->background || bytes == 0)
+        return MS_OK; /* the writer thread sizes the map from what was put */
+    int status = write_reserve(s, chunk_space(s, (uint64_t)bytes));
     return status ? fail_save(s, status) : MS_OK;
 }
 

@@ -60,6 +60,16 @@ local global_shape_buf, offsets_buf = ffi.new("int64_t[8]"), ffi.new("int64_t[8]
 local function write_local(s, leaves, step, rank, background, staging, what)
   check(lib.ms_store_begin(s, step, rank, background and lib.MS_STORE_BACKGROUND or
                            lib.MS_STORE_FOREGROUND), what)
+  if not background then
+    local bytes = 0
+    for _, leaf in ipairs(leaves) do
+      if leaf.kind ~= "value" then
+        local place = layout.of(leaf, rank, what)
+        if place.writer then bytes = bytes + place.tensor:nbytes() end
+      end
+    end
+    check(lib.ms_store_reserve(s, bytes), what)
+  end
   for _, leaf in ipairs(leaves) do
     if leaf.kind == "value" then
       if rank == 0 then
