@@ -30,6 +30,7 @@ enum { MAX_READERS = 1024, READ_RETRIES = 8 };
 static const size_t INDEX_MAP_BYTES = (size_t)16 << 30;
 static const size_t INITIAL_SHARD_MAP_BYTES = (size_t)1 << 20;
 static const uint64_t SHARD_HEADROOM_BYTES = (uint64_t)1 << 20;
+static const uint64_t SHARD_MIN_HEADROOM_BYTES = (uint64_t)256 << 10; /* on a full disk */
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static store_env *registry;
@@ -408,29 +409,44 @@ void env_read_end(store_env *e, MDB_txn *txn)
     pthread_rwlock_unlock(&e->map_lock);
 }
 
+/* Before a write transaction on a shard: a map with room for the pages a transaction copies
+ * or adds besides its values (the tree, the free list), which callers do not count, all of
+ * it over allocated file space (the file may have been trimmed below the map). On a disk
+ * without room for the whole map, the map shrinks to the used pages and a little more.
+ * [OUT] *reserved: the map size now backed. */
+static int prepare_shard_map(store_env *e, uint64_t *reserved)
+{
+    MDB_envinfo info;
+    mdb_env_info(e->env, &info);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
+    uint64_t headroom = used / 16 > SHARD_HEADROOM_BYTES ? used / 16 : SHARD_HEADROOM_BYTES;
+    uint64_t target = info.me_mapsize, least = used + SHARD_MIN_HEADROOM_BYTES;
+    if (target < least)
+        target = (used + 2 * headroom) / SHARD_HEADROOM_BYTES * SHARD_HEADROOM_BYTES;
+    int status = space_reserve(e, target);
+    if (status == ENOSPC && least < target) {
+        target = least;
+        status = space_reserve(e, target);
+    }
+    MS_CHECK(status);
+    *reserved = target;
+    return target == info.me_mapsize ? MS_OK : env_grow(e, target, target);
+}
+
 int env_write_begin(store_env *e, MDB_txn **txn)
 {
     if (!e->env || !e->writable)
         return MS_FAIL(MS_ERR_STATE, "%s is not open for writing", e->path);
-    if (e->kind == FILE_SHARD) {
-        /* Room for the pages a transaction copies or adds besides its values (the tree,
-         * the free list), which callers do not count. */
-        MDB_envinfo info;
-        mdb_env_info(e->env, &info);
-        uint64_t used = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
-        uint64_t headroom = used / 16 > SHARD_HEADROOM_BYTES ? used / 16 : SHARD_HEADROOM_BYTES;
-        if (info.me_mapsize < used + headroom)
-            MS_CHECK(env_grow(e, (used + 2 * headroom) / SHARD_HEADROOM_BYTES * SHARD_HEADROOM_BYTES,
-                              used + headroom));
-    }
+    uint64_t reserved = 0;
+    if (e->kind == FILE_SHARD)
+        MS_CHECK(prepare_shard_map(e, &reserved));
     for (int attempt = 0;; attempt++) {
         int rc = mdb_txn_begin(e->env, NULL, 0, txn);
         if (!rc && e->kind == FILE_SHARD) {
-            /* The file may have been trimmed below the map (space_trim): every page this
-             * transaction can write gets its file space back first. */
+            /* Another process may have grown the map meanwhile (adopted below). */
             MDB_envinfo info;
             mdb_env_info(e->env, &info);
-            int status = space_reserve(e, info.me_mapsize);
+            int status = info.me_mapsize > reserved ? space_reserve(e, info.me_mapsize) : MS_OK;
             if (status)
                 mdb_txn_abort(*txn);
             return status;

@@ -28,6 +28,14 @@ void save_reset(ms_store *s)
     s->save_state = SAVE_IDLE;
 }
 
+/* Give the file space an abandoned save took beyond the used pages back to the disk. */
+static void trim_shard(ms_store *s)
+{
+    if (s->save_state != SAVE_IDLE && (size_t)s->save_rank < s->shard_capacity &&
+        s->shards[s->save_rank] && s->shards[s->save_rank]->writable)
+        space_trim(s->shards[s->save_rank]);
+}
+
 /* A failed write leaves the transaction unusable: end the save, keep the message. */
 static int fail_save(ms_store *s, int status)
 {
@@ -35,6 +43,8 @@ static int fail_save(ms_store *s, int status)
     error_save(&saved, status);
     if (s->txn)
         mdb_txn_abort(s->txn);
+    s->txn = NULL;
+    trim_shard(s);
     save_reset(s);
     return error_restore(&saved);
 }
@@ -334,6 +344,8 @@ int ms_store_abort(ms_store *s)
         pthread_join(s->writer, NULL);
     if (s->txn)
         mdb_txn_abort(s->txn);
+    s->txn = NULL;
+    trim_shard(s);
     save_reset(s);
     return MS_OK;
 }

@@ -256,6 +256,7 @@ struct ms_store {
     uint64_t map_bytes;  /* its map size */
     uint64_t txn_pages;  /* upper bound of pages the txn may use (map high-water) */
     uint64_t txn_dirty;  /* upper bound of pages dirtied by the txn */
+    uint64_t txn_slack;  /* pages its commit may add */
     bool txn_pages_exact; /* LMDB's next page number of the txn is readable (write.c) */
     int64_t *committed;  /* committed steps when the save began, ascending */
     size_t committed_count;

@@ -16,7 +16,8 @@ enum {
                                      and loaded 0.86-0.92x of read(); 2 MiB: 0.94-1.07x) */
     PWRITE_MIN_BYTES = 1 << 20,   /* values this large are written with pwrite */
     DIRTY_PAGE_LIMIT = 60000,     /* LMDB allows 131071 dirty pages per transaction */
-    COMMIT_SLACK_PAGES = 256,     /* pages a commit may add (free list, meta) */
+    COMMIT_SLACK_PAGES = 64,      /* pages a commit may add (free list, meta), plus 1/256 of
+                                     the file's pages (the free list of a large file) */
     MAP_STEP_BYTES = 1 << 20,     /* maps (and so shard files) grow in whole MiB */
 };
 
@@ -53,7 +54,8 @@ static int open_write_txn(ms_store *s)
     mdb_stat(s->txn, e->data_dbi, &db_stat);
     s->tree_depth = db_stat.ms_depth;
     s->map_bytes = info.me_mapsize;
-    s->txn_pages = info.me_last_pgno + 1 + COMMIT_SLACK_PAGES;
+    s->txn_slack = COMMIT_SLACK_PAGES + ((uint64_t)info.me_last_pgno + 1) / 256;
+    s->txn_pages = info.me_last_pgno + 1 + s->txn_slack;
     s->txn_dirty = 0;
     s->txn_pages_exact = txn_next_page(s->txn) == (uint64_t)info.me_last_pgno + 1;
     return MS_OK;
@@ -88,7 +90,7 @@ static int make_room(ms_store *s, uint64_t value_bytes)
     }
     /* Values reuse free pages where LMDB finds them; only pages past the end grow the file. */
     uint64_t used =
-        s->txn_pages_exact ? txn_next_page(s->txn) + COMMIT_SLACK_PAGES : s->txn_pages;
+        s->txn_pages_exact ? txn_next_page(s->txn) + s->txn_slack : s->txn_pages;
     uint64_t need = (used + value_pages + tree_pages) * page_bytes;
     if (need > s->map_bytes) {
         MS_CHECK(write_commit(s));
@@ -272,7 +274,8 @@ int write_expect(ms_store *s, uint64_t expected_bytes)
     store_env *e = s->shards[s->save_rank];
     MDB_envinfo info;
     mdb_env_info(e->env, &info);
-    uint64_t want = ((uint64_t)info.me_last_pgno + 1 + COMMIT_SLACK_PAGES) * e->page_bytes +
+    uint64_t pages = (uint64_t)info.me_last_pgno + 1;
+    uint64_t want = (pages + COMMIT_SLACK_PAGES + pages / 256) * e->page_bytes +
                     expected_bytes;
     if (expected_bytes && info.me_mapsize < want)
         MS_CHECK(env_grow(e, grown_map_bytes(want), info.me_mapsize));
