@@ -11,7 +11,7 @@
 
 #include "store_internal.h"
 
-enum { HOLDER_BYTES = 256 };
+enum { HOLDER_BYTES = 256, HOLDER_RETRIES = 20 };
 
 static int open_lock_file(ms_store *s, const char *name, int *fd)
 {
@@ -52,10 +52,22 @@ static void write_holder(int fd, int64_t step)
 static int take(ms_store *s, const char *name, const char *what, int64_t step, int *fd)
 {
     MS_CHECK(open_lock_file(s, name, fd));
-    if (flock(*fd, LOCK_EX | LOCK_NB) != 0) {
-        int err = errno;
-        char holder[HOLDER_BYTES];
+    char holder[HOLDER_BYTES] = "";
+    int err = 0;
+    /* A holder writes its line just after locking and clears it just before unlocking:
+     * while the line is empty, look again shortly. */
+    for (int attempt = 0; attempt < HOLDER_RETRIES; attempt++) {
+        if (flock(*fd, LOCK_EX | LOCK_NB) == 0) {
+            err = 0;
+            break;
+        }
+        err = errno;
         read_holder(*fd, holder, sizeof holder);
+        if (err != EWOULDBLOCK || *holder)
+            break;
+        usleep(1000);
+    }
+    if (err) {
         close(*fd);
         *fd = -1;
         if (err == EWOULDBLOCK)

@@ -131,6 +131,9 @@ function M.load(state_dict, dir, opts, what)
   end
   local ok, result = pcall(load_from, s, leaves, dir, step, opts, what)
   handle.close(s)
+  if not ok and opts.step == nil and tostring(result):find(("step %d is not committed"):format(step), 1, true) then
+    fail(what, "%s: step %d was deleted while reading", dir, step)
+  end
   if not ok then error(result, 0) end
   return result
 end
