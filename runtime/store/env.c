@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "store_internal.h"
@@ -55,6 +56,32 @@ bool env_value_offset(const store_env *e, const void *value, uint64_t size, off_
         return false;
     *offset = (off_t)(page_number * e->page_bytes + LMDB_PAGE_HEADER_BYTES);
     return true;
+}
+
+/* Where LMDB mapped e's file in this process (lmdb.h tells only fixed addresses): the
+ * mapping of /proc/self/maps whose device and inode are the file's. */
+static void locate_map(store_env *e)
+{
+    e->map_begin = e->map_end = NULL;
+    mdb_filehandle_t fd;
+    struct stat st;
+    if (!e->env || mdb_env_get_fd(e->env, &fd) || fstat(fd, &st))
+        return;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (!maps)
+        return;
+    char line[4096];
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long begin, end, major, minor, inode;
+        if (sscanf(line, "%lx-%lx %*s %*s %lx:%lx %lu", &begin, &end, &major, &minor, &inode) == 5 &&
+            inode == (unsigned long)st.st_ino && makedev(major, minor) == st.st_dev &&
+            end - begin > 65536) { /* not the lock file's map */
+            e->map_begin = (const uint8_t *)begin;
+            e->map_end = (const uint8_t *)end;
+            break;
+        }
+    }
+    fclose(maps);
 }
 
 int env_read_fd(store_env *e, int *fd)
@@ -176,6 +203,7 @@ static int open_databases(store_env *e, bool writable)
     int rc = mdb_txn_begin(e->env, NULL, writable ? 0 : MDB_RDONLY, &txn);
     if (rc)
         return env_fail(e, rc, "beginning a transaction");
+    guard_note_txn(e, txn, false);
     MDB_dbi meta;
     int status = MS_OK;
     rc = mdb_dbi_open(txn, "meta", 0, &meta);
@@ -189,11 +217,15 @@ static int open_databases(store_env *e, bool writable)
     if (!status && (rc = mdb_get(txn, meta, &key, &value)))
         status = rc == MDB_NOTFOUND ? not_a_store(e, "no format record")
                                     : env_fail(e, rc, "reading the format record");
+    /* (a writer's new record is in its dirty pages, not in the map) */
+    if (!status && !writable && !space_value_in_file(e, &value))
+        status = not_a_store(e, "the format record lies outside the file");
     if (!status)
         status = check_format_record(e, &value);
     if (!status && (rc = mdb_dbi_open(txn, data_name, writable ? MDB_CREATE : 0, &e->data_dbi)))
         status = rc == MDB_NOTFOUND ? not_a_store(e, "no data database")
                                     : env_fail(e, rc, "opening the data database");
+    guard_forget_txn(txn);
     if (status) {
         mdb_txn_abort(txn);
         return status;
@@ -203,6 +235,17 @@ static int open_databases(store_env *e, bool writable)
     return rc ? env_fail(e, rc, "committing the format record") : MS_OK;
 }
 
+typedef struct open_args {
+    store_env *e;
+    bool writable;
+} open_args;
+
+static int open_databases_guarded(void *arg)
+{
+    open_args *a = arg;
+    return open_databases(a->e, a->writable);
+}
+
 static int open_env(store_env *e, bool writable)
 {
     int rc = mdb_env_create(&e->env);
@@ -210,6 +253,7 @@ static int open_env(store_env *e, bool writable)
         return env_fail(e, rc, "creating an environment");
     mdb_env_set_maxdbs(e->env, 2);
     mdb_env_set_maxreaders(e->env, MAX_READERS);
+    mdb_env_set_assert(e->env, guard_lmdb_assert);
     unsigned flags = MDB_NOSUBDIR | MDB_NOTLS | MDB_NORDAHEAD;
     size_t map_bytes = 0;
     int status = space_check_file(e);
@@ -261,8 +305,14 @@ static int open_env(store_env *e, bool writable)
         mdb_env_info(e->env, &info);
         status = space_reserve(e, info.me_mapsize);
     }
-    if (!status)
-        status = open_databases(e, writable);
+    if (!status) {
+        open_args a = {e, writable};
+        MDB_stat stat;
+        mdb_env_stat(e->env, &stat);
+        e->page_bytes = stat.ms_psize;
+        locate_map(e);
+        status = guard_run(open_databases_guarded, &a);
+    }
     if (status) {
         mdb_env_close(e->env);
         e->env = NULL;
@@ -272,6 +322,7 @@ static int open_env(store_env *e, bool writable)
     mdb_env_stat(e->env, &stat);
     e->page_bytes = stat.ms_psize;
     e->writable = writable;
+    locate_map(e);
     return MS_OK;
 }
 
@@ -383,6 +434,7 @@ static int adopt_map_size(store_env *e)
 {
     pthread_rwlock_wrlock(&e->map_lock);
     int rc = mdb_env_set_mapsize(e->env, 0);
+    locate_map(e);
     pthread_rwlock_unlock(&e->map_lock);
     return rc ? env_fail(e, rc, "adopting the map size another process set") : MS_OK;
 }
@@ -394,8 +446,10 @@ int env_read_begin(store_env *e, MDB_txn **txn)
     for (int attempt = 0;; attempt++) {
         pthread_rwlock_rdlock(&e->map_lock);
         int rc = mdb_txn_begin(e->env, NULL, MDB_RDONLY, txn);
-        if (!rc)
+        if (!rc) {
+            guard_note_txn(e, *txn, true);
             return MS_OK;
+        }
         pthread_rwlock_unlock(&e->map_lock);
         if (rc != MDB_MAP_RESIZED || attempt == READ_RETRIES)
             return env_fail(e, rc, "beginning a read transaction");
@@ -405,8 +459,26 @@ int env_read_begin(store_env *e, MDB_txn **txn)
 
 void env_read_end(store_env *e, MDB_txn *txn)
 {
+    guard_forget_txn(txn);
+    env_read_end_unguarded(e, txn);
+}
+
+void env_read_end_unguarded(store_env *e, MDB_txn *txn)
+{
     mdb_txn_abort(txn);
     pthread_rwlock_unlock(&e->map_lock);
+}
+
+const store_env *env_mapping(const void *address)
+{
+    const uint8_t *a = address;
+    for (const store_env *e = registry; e; e = e->next) {
+        if (e->pid != getpid())
+            continue;
+        if (e->map_begin && a >= e->map_begin && a < e->map_end)
+            return e;
+    }
+    return NULL;
 }
 
 /* Before a write transaction on a shard: a map with room for the pages a transaction copies
@@ -471,6 +543,7 @@ int env_grow(store_env *e, size_t bytes, size_t at_least)
     }
     pthread_rwlock_wrlock(&e->map_lock);
     int rc = mdb_env_set_mapsize(e->env, bytes);
+    locate_map(e);
     pthread_rwlock_unlock(&e->map_lock);
     return rc ? env_fail(e, rc, "growing the map") : MS_OK;
 }

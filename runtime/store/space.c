@@ -116,9 +116,12 @@ bool space_value_in_file(const store_env *e, const MDB_val *value)
 {
     MDB_envinfo info;
     mdb_env_info(e->env, &info);
-    const uint8_t *begin = info.me_mapaddr, *data = value->mv_data;
+    const uint8_t *data = value->mv_data;
     uint64_t end = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
-    return data >= begin && (uint64_t)(data - begin) <= end && value->mv_size <= end - (uint64_t)(data - begin);
+    if (!e->map_begin)
+        return true; /* the map was not found: nothing to check against */
+    return data >= e->map_begin && (uint64_t)(data - e->map_begin) <= end &&
+           value->mv_size <= end - (uint64_t)(data - e->map_begin);
 }
 
 int space_reserve(const store_env *e, uint64_t bytes)

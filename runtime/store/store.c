@@ -265,7 +265,7 @@ int store_shard(ms_store *s, int rank, bool writable, store_env **out)
     return MS_OK;
 }
 
-int store_committed_steps(ms_store *s, int64_t **steps, size_t *count)
+static int list_steps(ms_store *s, int64_t **steps, size_t *count)
 {
     MDB_txn *txn;
     MDB_cursor *cursor = NULL;
@@ -307,6 +307,24 @@ int store_committed_steps(ms_store *s, int64_t **steps, size_t *count)
     *steps = list;
     *count = n;
     return MS_OK;
+}
+
+typedef struct steps_args {
+    ms_store *s;
+    int64_t **steps;
+    size_t *count;
+} steps_args;
+
+static int list_steps_guarded(void *arg)
+{
+    steps_args *a = arg;
+    return list_steps(a->s, a->steps, a->count);
+}
+
+int store_committed_steps(ms_store *s, int64_t **steps, size_t *count)
+{
+    steps_args a = {s, steps, count};
+    return guard_run(list_steps_guarded, &a);
 }
 
 int ms_store_steps(ms_store *s, int64_t *steps, int64_t capacity, int64_t *count)

@@ -155,6 +155,7 @@ typedef struct store_env {
     MDB_env *env;
     uint64_t page_bytes;
     int read_fd;      /* the data file opened again for sequential preads, or -1 */
+    const uint8_t *map_begin, *map_end; /* LMDB's map of the file in this process */
     MDB_dbi meta_dbi; /* "meta": the format record, notes */
     MDB_dbi data_dbi; /* "manifests" or "chunks" */
     pthread_rwlock_t map_lock;
@@ -168,6 +169,10 @@ void env_release(store_env *e);
 /* Read transaction under map_lock; env_read_end aborts it and unlocks. */
 int env_read_begin(store_env *e, MDB_txn **txn);
 void env_read_end(store_env *e, MDB_txn *txn);
+/* Ending a read transaction that guard_run has forgotten already. */
+void env_read_end_unguarded(store_env *e, MDB_txn *txn);
+/* The environment of this process whose map holds address, or NULL (signal handlers). */
+const store_env *env_mapping(const void *address);
 /* Write transaction (the env must be writable). */
 int env_write_begin(store_env *e, MDB_txn **txn);
 /* Grow the map to bytes, or to at_least when the disk has no room for bytes (a shard's map
@@ -200,6 +205,19 @@ int space_reserve(const store_env *e, uint64_t bytes);
 int space_trim(const store_env *e);
 /* Create e's lock file with its space allocated (LMDB writes it through a map). */
 int space_reserve_lock_file(const store_env *e);
+
+/* ---- guarded reads (guard.c) ---- */
+/* Run fn(arg); a SIGBUS in a store's map or LMDB's abort on a damaged page during it ends the
+ * read transactions it opened and returns MS_ERR_CORRUPT naming the file. */
+int guard_run(int (*fn)(void *), void *arg);
+/* Transactions open on this thread, ended by guard_run after a signal (locked: begun by
+ * env_read_begin, under map_lock). env_read_begin / env_read_end keep the list. */
+void guard_note_txn(store_env *e, MDB_txn *txn, bool locked);
+void guard_forget_txn(MDB_txn *txn);
+/* LMDB's assertion callback: inside guard_run, the failed check ends the reads like abort. */
+void guard_lmdb_assert(MDB_env *env, const char *message);
+/* Whether the last guard_run of this thread ended its reads on a signal. */
+bool guard_ended_reads(void);
 
 /* ---- carrying an error's message across threads or calls ---- */
 typedef struct saved_error {
@@ -300,6 +318,8 @@ void prefetch_chunk(const void *data, size_t size);
 int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const store_chunk *c,
                       uint64_t nbytes, const uint8_t **data);
 void store_end_reads(ms_store *s);
+/* store_end_reads after a guard_run that returned status (its reads may be ended already). */
+void store_after_guarded_reads(ms_store *s, int status);
 /* MS_ERR_CORRUPT naming the entry, the chunk and both checksums. */
 int chunk_corrupt(ms_store *s, int64_t step, const store_entry *e, const store_chunk *c,
                   uint64_t digest);
