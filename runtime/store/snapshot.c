@@ -289,8 +289,19 @@ static snapshot_region *new_region(uint8_t *dst, const ms_tensor *src)
     return r;
 }
 
+/* MS_ASYNC_STAGING=copy copies every source at once: no read-only pages, no SIGSEGV
+ * handler (for programs whose system calls write into saved tensors, and to measure what
+ * lazy staging saves: bench/dcp.lua). */
+static bool lazy_staging_enabled(void)
+{
+    const char *mode = getenv("MS_ASYNC_STAGING");
+    return !mode || strcmp(mode, "copy") != 0;
+}
+
 static bool can_stage_lazily(const ms_tensor *dst, const ms_tensor *src)
 {
+    if (!lazy_staging_enabled())
+        return false;
     const uint8_t *d = ms_tensor_data(dst), *b = ms_tensor_data(src);
     size_t n = ms_tensor_nbytes(src);
     return n >= SNAPSHOT_MIN_BYTES && ms_tensor_is_contiguous(src) && ms_tensor_is_contiguous(dst) &&
