@@ -47,9 +47,14 @@
  * committing rank right after ms_store_commit_manifest, before that barrier.
  *
  * Files. Shard files are written through LMDB's writable map (large chunks with pwrite at
- * their place in the file) and are sparse: their apparent size (ls) is the map size, up to
- * about three times the data they hold; du shows the space they use. Space of deleted and
- * abandoned steps is reused by later saves.
+ * their place in the file) over file space allocated before the map grows, so a full disk
+ * is ENOSPC, never SIGBUS; after each data commit a file is cut back to its used pages. Space
+ * of deleted and abandoned steps is reused by later saves. Files are checked against their
+ * meta pages before they are mapped, and reads of a damaged file (truncated, overwritten)
+ * fail with MS_ERR_CORRUPT naming it.
+ *
+ * One writer at a time: ms_store_lock (or the begin of rank 0) takes writer.lock in the
+ * directory, each rank's begin its shard's lock; EBUSY names the process holding it.
  *
  * Errors name the store, the step and the entry ("ckpt: step 100: 'model.w': ...").
  * Sizes and counts are int64_t so Lua sees plain numbers. */
