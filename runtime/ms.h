@@ -154,6 +154,7 @@ int ms_get_num_threads(void);
 double ms_clock_seconds(void);
 /* ffi-end */
 
+#include "version.h"
 #include "ops.h"
 #include "comm/dist.h"
 #include "cuda/gpu.h"

@@ -33,9 +33,8 @@ local function finish()
   pcall(function() require("moonshard").dist.barrier() end)
   os.exit(0, true)
 end
-package.path = "lua/?.lua;lua/?/init.lua;specs/?.lua;" .. package.path
 require("busted.compatibility").exit = finish -- the runner's way out, taken when it loads
-pcall(dofile, "tools/busted.lua")
+pcall(require("busted.runner"), {standalone = false})
 finish()
 LUA
 
@@ -45,10 +44,10 @@ run_under_mpirun() { # label, busted arguments...
   local label=$1
   shift
   local dir="$output_dir/$label"
-  echo "-- $label: mpirun -n $processes luajit tools/busted.lua $*"
+  echo "-- $label: mpirun -n $processes busted $*"
   timeout --kill-after=10 600 \
     mpirun --allow-run-as-root --oversubscribe -n "$processes" --output-filename "$dir" \
-    luajit "$output_dir/busted_then_barrier.lua" -o plainTerminal "$@" >"$output_dir/$label.mpirun" 2>&1
+    luajit "$output_dir/busted_then_barrier.lua" --ignore-lua -o plainTerminal "$@" >"$output_dir/$label.mpirun" 2>&1
   local status=$? summaries=0 reported_bad=0 file line
   for file in "$dir"/1/rank.*/stdout; do
     [ -f "$file" ] || continue
