@@ -76,8 +76,9 @@ int write_finish(ms_store *s)
 }
 
 /* Make room for one more value of value_bytes: commit and grow the map when the pages the
- * transaction may take past the file's end would not fit, commit when it nears LMDB's dirty-page limit, then
- * count the value's pages and the tree pages its insertion may copy or split.
+ * transaction may take past the file's end would not fit, commit when it nears LMDB's
+ * dirty-page limit, then count the value's pages and the tree pages its insertion may copy
+ * or split.
  * Intermediate commits are harmless: chunks count only once a manifest names them. */
 static int make_room(ms_store *s, uint64_t value_bytes)
 {
