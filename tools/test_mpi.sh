@@ -3,7 +3,7 @@
 # "N successes / N failures / N errors / N pending" summed over the four processes.
 # Usage (repository root): bash tools/test_mpi.sh [spec files...]
 # Default: specs/dist_*_spec.lua, specs/fsdp_*_spec.lua (parity with the unsharded model,
-# docs/DESIGN.md section 8, state dicts, training features, memory) and specs/dtensor_spec.lua
+# docs/DESIGN.md section 8, state dicts, training features, memory), specs/dtensor_spec.lua and specs/amp_spec.lua
 # in full, plus the tests tagged #mpi in other spec files.
 # The library is $MOONSHARD_LIB, else build/libmoonshard.so.
 set -uo pipefail
@@ -79,7 +79,7 @@ run_under_mpirun() { # label, busted arguments...
 if [ $# -gt 0 ]; then
   run_under_mpirun given "$@"
 else
-  run_under_mpirun specs specs/dist_*_spec.lua specs/fsdp_*_spec.lua specs/dtensor_spec.lua
+  run_under_mpirun specs specs/dist_*_spec.lua specs/fsdp_*_spec.lua specs/dtensor_spec.lua specs/amp_spec.lua
   tagged=()
   for spec in specs/*_spec.lua; do
     case "$spec" in specs/dist_* | specs/fsdp_* | specs/dtensor_spec.lua) continue ;; esac

@@ -106,7 +106,6 @@ static void become_rank(ms_spawn *job, int r, const int *write_fds, pid_t parent
     }
     finish_fd = write_fds[r];
     ms_local_world_rank = r;
-    local_heap_attach(job->seg, r);
     world->rank = r;
     ms_dist_set_world(world);
     int threads = usable_cores() / job->world_size;
