@@ -78,4 +78,39 @@ describe("enums shared with the runtime", function()
     assert.are.equal(lib.MS_STORE_READ_ONLY, handle.READ_ONLY)
     assert.are.equal(lib.MS_STORE_READ_WRITE, handle.READ_WRITE)
   end)
+
+  it("no Lua source passes a number literal where a dtype or a pool goes", function()
+    -- top-level arguments of an argument list "(a, {b, c}, d)"
+    local function arguments(list)
+      local out, depth, start = {}, 0, 2
+      for i = 2, #list - 1 do
+        local ch = list:sub(i, i)
+        if ch == "(" or ch == "{" or ch == "[" then depth = depth + 1
+        elseif ch == ")" or ch == "}" or ch == "]" then depth = depth - 1
+        elseif ch == "," and depth == 0 then out[#out + 1] = list:sub(start, i - 1); start = i + 1 end
+      end
+      out[#out + 1] = list:sub(start, #list - 1)
+      return out
+    end
+    local offences, scanned = {}, 0
+    local files = io.popen("find lua/moonshard -name '*.lua' ! -name cdef.lua")
+    for path in files:lines() do
+      scanned = scanned + 1
+      local source = assert(io.open(path)):read("*a")
+      for list in source:gmatch("empty_raw(%b())") do
+        local args = arguments(list)
+        for i = 2, 3 do
+          if args[i] and args[i]:match("^%s*%d+%s*$") then offences[#offences + 1] = path .. ": empty_raw" .. list end
+        end
+      end
+      for line in source:gmatch("[^\n]+") do
+        if line:match("dtype%s*[=~]=%s*%d") or line:match("pool%s*[=~]=%s*%d") or line:match("pool or %d") then
+          offences[#offences + 1] = path .. ": " .. line
+        end
+      end
+    end
+    files:close()
+    assert.is_true(scanned > 50, "the scan found the sources")
+    assert.are.same({}, offences)
+  end)
 end)

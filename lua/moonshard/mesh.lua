@@ -219,10 +219,10 @@ end
 function M.from_groups(shard, replicate, what)
   local shard_mesh, replicate_mesh = M.from_group(shard, what), M.from_group(replicate, what)
   -- each replica's shard group, gathered over the replicate group, lays out every rank
-  local ranks = Tensor.empty_raw({shard:size()}, 1, 0)
+  local ranks = Tensor.empty_raw({shard:size()}, C.lib.MS_F64, C.lib.MS_POOL_CPU)
   local values = ffi.cast("double*", ranks:data_ptr())
   for i, r in ipairs(shard:ranks()) do values[i - 1] = r end
-  local all = Tensor.empty_raw({replicate:size() * shard:size()}, 1, 0)
+  local all = Tensor.empty_raw({replicate:size() * shard:size()}, C.lib.MS_F64, C.lib.MS_POOL_CPU)
   dist.all_gather_into_tensor(all, ranks, {group = replicate})
   local world_ranks = {}
   for i, r in ipairs(all:table()) do world_ranks[i] = r end

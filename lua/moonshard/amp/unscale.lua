@@ -11,7 +11,7 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-local F32, BF16, F16 = 0, 2, 3
+local F32, BF16, F16 = lib.MS_F32, lib.MS_BF16, lib.MS_F16
 local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
 
 local function is_finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
@@ -102,7 +102,7 @@ function M.unscale_grads(optimizer, inv_scale, process_group, what)
   for _, g in ipairs(grads) do found = check_and_unscale(g, inv_scale, found, what) end
   local groups = inf_check_groups(optimizer, process_group)
   if #groups > 0 then
-    local flags = Tensor.empty_raw({2}, F32, 0)
+    local flags = Tensor.empty_raw({2}, F32, lib.MS_POOL_CPU)
     local ptr = ffi.cast("float*", lib.ms_tensor_data(flags._c))
     ptr[0], ptr[1] = found and 1 or 0, recorded and 1 or 0
     local dist = require "moonshard.dist"

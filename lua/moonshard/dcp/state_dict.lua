@@ -61,7 +61,7 @@ local function parameter_names(model)
 end
 
 local function offload(t) -- a meta tensor has no data to move: it stays as it is
-  if Tensor.is_meta(t) or t._c.storage.pool == 0 then return t end
+  if Tensor.is_meta(t) or t._c.storage.pool == lib.MS_POOL_CPU then return t end
   return t:to("cpu")
 end
 

@@ -261,7 +261,7 @@ local function prepare_load(model, sd)
       local source = sd[fqn]
       if rank0_only_receiver and DTensor.is_dtensor(target) then
         -- rank 0 holds the full value; everyone else receives it by broadcast
-        local full = source or Tensor.empty_raw(target:shape(), target:to_local()._c.dtype, 0)
+        local full = source or Tensor.empty_raw(target:shape(), target:to_local()._c.dtype, lib.MS_POOL_CPU)
         dist().broadcast(full, 0)
         source = full
       end

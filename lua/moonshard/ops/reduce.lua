@@ -86,9 +86,9 @@ local function index_mask(node, indices)
   local shape = node.input_shape
   local positions_shape = {}
   for d = 1, #shape do positions_shape[d] = (d == node.dim + 1) and shape[d] or 1 end
-  local positions = Tensor.empty_raw(positions_shape, 5, indices._c.storage.pool)
+  local positions = Tensor.empty_raw(positions_shape, lib.MS_I64, indices._c.storage.pool)
   check(lib.ms_arange(positions._c, 0, 1), "max backward")
-  local hits = Tensor.empty_raw(shape, 5, indices._c.storage.pool)
+  local hits = Tensor.empty_raw(shape, lib.MS_I64, indices._c.storage.pool)
   check(lib.ms_binary(hits._c, Tensor.view_raw(indices, node.keep_shape, nil, tonumber(indices._c.offset))._c,
                       positions._c, raw.EQ), "max backward")
   local mask = Tensor.empty_raw(shape, node.dtype, indices._c.storage.pool)
@@ -116,7 +116,7 @@ local function extremum(t, dim, keepdim, op, what)
   local keep_shape = source:shape()
   keep_shape[d + 1] = 1
   local values = Tensor.empty_raw(keep_shape, sc.dtype, sc.storage.pool)
-  local indices = Tensor.empty_raw(keep_shape, 5, sc.storage.pool)
+  local indices = Tensor.empty_raw(keep_shape, lib.MS_I64, sc.storage.pool)
   local searched = source
   if op == raw.MIN then searched = raw.unary(source, raw.NEG, what) end
   check(lib.ms_max_dim(values._c, indices._c, searched._c, d), what)
