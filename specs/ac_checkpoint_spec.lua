@@ -5,6 +5,7 @@ local ms = require "moonshard"
 local nn, ac, optim = ms.nn, ms.ac, ms.optim
 
 local models = require "support.ac_models"
+local global_state = require "support.global_state"
 
 local DIM, BATCH = models.DIM, 5
 local Block, Model, each_block = models.Block, models.Model, models.each_block
@@ -93,6 +94,9 @@ local function assert_bitwise(expected, got)
   end
   free_all(got)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("activation checkpointing", function()
   local reference

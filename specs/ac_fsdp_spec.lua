@@ -5,6 +5,7 @@ local ms = require "moonshard"
 local ac, dist, fsdp, optim = ms.ac, ms.dist, ms.fsdp, ms.optim
 
 local models = require "support.ac_models"
+local global_state = require "support.global_state"
 
 local DIM, BATCH, STEPS = models.DIM, 8, 2
 local Block, Model, each_block = models.Block, models.Model, models.each_block
@@ -62,6 +63,9 @@ local function train(rank, strategy, variant)
   table.sort(names)
   return record, names
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("activation checkpointing with FSDP on 2 ranks", function()
   for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"}) do

@@ -2,6 +2,7 @@
 -- statistics: a 16-layer model's peak activation memory with per-layer checkpointing,
 -- selective checkpointing, and activation offload moving saved tensors to the host pool.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local nn, ac = ms.nn, ms.ac
 
 local DIM, HIDDEN, ROWS, LAYERS = 16, 64, 64, 16
@@ -52,6 +53,9 @@ local function measure(wrap)
   collectgarbage("restart")
   return result
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("activation memory of a 16-layer model", function()
   local unwrapped

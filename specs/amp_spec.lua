@@ -3,6 +3,7 @@
 local ms = require "moonshard"
 local parity = require "support.parity"
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp, dcp, amp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp, ms.amp
 
 -- Produced by PyTorch 2.15.0 (from PyPI, in a venv outside the repository, on the CPU) running each
@@ -165,6 +166,9 @@ local function run_scenario(case, opts, weights, n)
   for k = 1, n do assert_numbers(case.params[k], ps[k]:table(), "params") end
   assert.same(case.state_dict, scaler:state_dict())
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("amp.GradScaler against PyTorch", function()
   local scenarios = {

@@ -4,6 +4,7 @@
 local ms = require "moonshard"
 
 local function f64(values, requires_grad)
+local global_state = require "support.global_state"
   return ms.tensor(values, {dtype = "f64", requires_grad = requires_grad})
 end
 
@@ -12,6 +13,9 @@ local function errors_with(fn, pattern)
   assert.is_false(ok, "expected an error matching " .. pattern)
   assert.is_truthy(tostring(err):find(pattern), tostring(err))
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("autograd", function()
   describe("backward", function()

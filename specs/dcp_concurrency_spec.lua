@@ -7,6 +7,7 @@ local ms = require "moonshard"
 local dist, dcp = ms.dist, ms.dcp
 local processes = require "support.processes"
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 -- The values saved under tag (a number that names the writer and its save).
 local function values_of(tag)
@@ -38,6 +39,9 @@ local function save_when_free(dir, tag, step)
 end
 
 local function touch(path) io.open(path, "w"):close() end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp with several writers", function()
   local dir

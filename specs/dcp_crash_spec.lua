@@ -19,6 +19,7 @@ local WORLD = 2
 local ROWS, COLS = 1024, 1024 -- 4 MiB of f32: one 2 MiB chunk per rank
 
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 local function die() ffi.C.kill(ffi.C.getpid(), SIGKILL) end
 
@@ -94,6 +95,9 @@ local function load_latest(dir, seed)
             b = ms.equal(expected.b, sd.model.b:full_tensor())}
   end)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp crash safety", function()
   local dir

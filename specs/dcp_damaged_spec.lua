@@ -7,6 +7,7 @@ local ms = require "moonshard"
 local dcp = ms.dcp
 local processes = require "support.processes"
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 local PAGE = 4096
 
@@ -73,6 +74,9 @@ local function random_page()
   for i = 1, PAGE do bytes[i] = string.char(math.random(0, 255)) end
   return table.concat(bytes)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("a damaged store", function()
   local base, case

@@ -7,6 +7,7 @@ local dcp = ms.dcp
 local gpu = require "gpu.helpers"
 
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 local function state(seed, to)
   ms.manual_seed(seed)
@@ -15,6 +16,9 @@ end
 
 local function on_host(t) return t:to("host") end
 local function on_cpu(t) return t end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp on host-pool tensors", function()
   local dir

@@ -6,6 +6,7 @@ local ffi = require "ffi"
 local ms = require "moonshard"
 local dist, dcp = ms.dist, ms.dcp
 local processes = require "support.processes"
+local global_state = require "support.global_state"
 
 pcall(ffi.cdef, "unsigned int geteuid(void);")
 
@@ -64,6 +65,9 @@ local function assert_no_space(ok, err)
   assert.matches("^moonshard: dcp%.[a-z_]+: ", tostring(err))
   assert.matches("No space left on device", tostring(err))
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp on a full disk", function()
   local mount, reason = nil, nil

@@ -3,6 +3,7 @@
 local ms = require "moonshard"
 local parity = require "support.parity"
 local stores = require "support.store_dirs"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
 
 local function flat(t) return t:reshape(-1):table() end
@@ -10,6 +11,9 @@ local function flat(t) return t:reshape(-1):table() end
 local function loss_of(model, tokens, targets)
   return nn.F.cross_entropy(model(tokens):view(-1, parity.VOCAB), targets:reshape(-1))
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("DCP with FSDP mixed precision", function()
   local dir

@@ -8,6 +8,7 @@ local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
 local function flat(t) return t:reshape(-1):table() end
 
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 local function wrap(seed, strategy, mesh)
   ms.set_default_dtype("f64")
@@ -89,6 +90,9 @@ local function assert_loaded(saved, results)
 end
 
 local function hsdp_mesh() return dist.init_device_mesh({2, 2}, {mesh_dim_names = {"replicate", "shard"}}) end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp resharding", function()
   local dir

@@ -9,6 +9,7 @@ local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
 local SAVE_AT, LAST = 3, 6
 
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 local function build(seed)
   ms.set_default_dtype("f64")
@@ -100,6 +101,9 @@ local function wide_step(model, opt, rank, step)
   local diff = model(x) - y
   return finish_step((diff * diff):mean(), opt)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp resume", function()
   local dir

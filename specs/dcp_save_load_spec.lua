@@ -5,6 +5,7 @@ local ms = require "moonshard"
 local dist, dcp = ms.dist, ms.dcp
 
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 
 local function nested(seed)
   ms.manual_seed(seed)
@@ -42,6 +43,9 @@ local function assert_same_state(expected, got)
     end
   end
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp save and load", function()
   local dir

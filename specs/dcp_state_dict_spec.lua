@@ -6,6 +6,7 @@
 local ms = require "moonshard"
 local parity = require "support.parity"
 local store_dirs = require "support.store_dirs"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp, dcp = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.dcp
 
 local SAVE_AT, LAST = 3, 6
@@ -62,6 +63,9 @@ local function gathered(model, opt)
   end
   return out
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("dcp state-dict helpers", function()
   local dir
@@ -203,7 +207,6 @@ describe("dcp state-dict helpers", function()
       assert.matches("set_optimizer_state_dict: the optimizer state dict does not match the optimizers' " ..
                      "parameters %(nothing was loaded.*missing keys: blocks.0.fc1.bias.*unexpected keys: " ..
                      "proj.bias, proj.weight", err)
-      ms.set_default_dtype("f32")
     end)
 
     it("with strict = false loads the keys that match and reports the rest", function()
@@ -218,7 +221,6 @@ describe("dcp state-dict helpers", function()
       assert.equal("blocks.0.fc1.bias", report.missing_keys[1])
       assert.are.same(snapshot(other)["embed.weight"], snapshot(model)["embed.weight"])
       assert.are.same(before["head.weight"], snapshot(model)["head.weight"])
-      ms.set_default_dtype("f32")
     end)
 
     it("names a shape mismatch before copying anything", function()

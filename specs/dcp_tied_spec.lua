@@ -3,6 +3,7 @@
 local ms = require "moonshard"
 local parity = require "specs.support.parity"
 local store_dirs = require "specs.support.store_dirs"
+local global_state = require "support.global_state"
 local nn, dist, fsdp, dcp = ms.nn, ms.dist, ms.fsdp, ms.dcp
 
 local Tied = nn.Module:extend("TiedModel")
@@ -12,6 +13,9 @@ function Tied:__init()
   self.head = nn.Linear(parity.DIM, parity.VOCAB, {bias = false})
   self.head.weight = self.embed.weight
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("tied weights through a distributed checkpoint", function()
   local dir

@@ -2,6 +2,7 @@
 -- sub-groups, and bitwise identical results. Runs as is (forked ranks) and under
 -- mpirun -n 4, where dist.spawn(n) runs on the first n processes.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local dist = ms.dist
 
 local DTYPES = {"f32", "f64", "bf16", "f16", "i32", "i64", "u8"}
@@ -161,6 +162,9 @@ for size = 1, 4 do
     end)
   end)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("small segment chunks", function()
   it("carry every collective through many ring steps", function()

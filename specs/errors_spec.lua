@@ -1,6 +1,7 @@
 -- Bad input from Lua: every case raises a Lua error "moonshard: <function>: <problem>" that
 -- names what was wrong, and none of them crashes the process.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local F = ms.nn.F
 
 -- fn must raise a string starting with "moonshard: <name>:" (naming the function once) that
@@ -21,6 +22,9 @@ local function raises(name, needles, fn)
 end
 
 local function i64(values) return ms.tensor(values, {dtype = "i64"}) end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("bad input", function()
   describe("matmul", function()

@@ -7,6 +7,7 @@ local dist, fsdp, dcp = ms.dist, ms.fsdp, ms.dcp
 
 package.path = "examples/?.lua;" .. package.path
 local gpt = require "gpt"
+local global_state = require "support.global_state"
 
 local VOCAB, SEQ = 76, 64
 
@@ -16,6 +17,9 @@ local function run(args)
   pipe:close()
   return tonumber(output:match("exit=(%d+)%s*$")), output
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("the gpt2 preset", function()
   it("is GPT-2 small with tied embeddings, built on the meta device without storage", function()

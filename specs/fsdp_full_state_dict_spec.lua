@@ -2,6 +2,7 @@
 -- the compute pool never holds more than one unit at full size on any rank, rank 0 keeps
 -- the whole model in the host pool and the other ranks keep nothing (exact statistics).
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local WORLD, LAYERS, DIM, F32 = 4, 6, 256, 4
@@ -19,6 +20,9 @@ end
 -- Under mpirun the ranks are this process: collect what the tests left, so later spec
 -- files measure memory from a clean pool.
 after_each(function() collectgarbage(); collectgarbage() end)
+before_each(global_state.save)
+after_each(global_state.restore)
+
 describe("FULL_STATE_DICT with rank0_only and offload_to_cpu", function()
   it("stays within one unit of compute memory and puts the model in rank 0's host pool", function()
     local results = dist.spawn(WORLD, function(rank)

@@ -3,6 +3,7 @@
 -- HYBRID_SHARD; ignored modules and states stay whole and unreduced; options are checked.
 local ms = require "moonshard"
 local parity = require "specs.support.parity"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local STEPS, TOLERANCE = 3, 1e-9
@@ -42,6 +43,9 @@ end
 -- Under mpirun the ranks are this process: collect what the tests left, so later spec
 -- files measure memory from a clean pool.
 after_each(function() collectgarbage(); collectgarbage() end)
+before_each(global_state.save)
+after_each(global_state.restore)
+
 describe("FSDP process_group", function()
   local reference
   setup(function() reference = parity.reference(STEPS) end)

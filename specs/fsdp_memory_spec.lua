@@ -2,6 +2,7 @@
 -- parameters held at any time are the local shards, one unit's unsharded parameters and
 -- the flat all-gather buffers; SHARD_GRAD_OP keeps every unit whole until backward.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local nn, dist, fsdp = ms.nn, ms.dist, ms.fsdp
 
 local WORLD, LAYERS, DIM, F32 = 4, 8, 256, 4
@@ -33,6 +34,9 @@ local function measure(strategy)
             after = ms.memory_stats("cpu").allocated - base}
   end)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("FSDP memory", function()
   it("FULL_SHARD holds one unit unsharded at a time in forward and backward", function()

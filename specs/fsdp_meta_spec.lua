@@ -2,6 +2,7 @@
 -- materialises only each rank's shard, bitwise the rows a full construction with the same
 -- seed gives, on 1 to 4 ranks, within the rank's share plus one unit (pool statistics).
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local nn, dist, fsdp = ms.nn, ms.dist, ms.fsdp
 
 -- Uneven sizes (7, 13 rows) so that 3 and 4 ranks hold different row counts.
@@ -44,6 +45,9 @@ end
 -- Under mpirun the ranks are this process: collect what the tests left, so later spec
 -- files measure memory from a clean pool.
 after_each(function() collectgarbage(); collectgarbage() end)
+before_each(global_state.save)
+after_each(global_state.restore)
+
 describe("meta device", function()
   it("builds modules without allocating, says 'meta', and raises naming the op and tensor", function()
     local before = ms.memory_stats("cpu")

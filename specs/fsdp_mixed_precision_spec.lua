@@ -4,6 +4,7 @@
 -- 16-bit training end to end where the runtime computes in bf16 / f16.
 local ms = require "moonshard"
 local parity = require "support.parity"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp, ac = ms.nn, ms.optim, ms.dist, ms.fsdp, ms.ac
 
 local STEPS = 3
@@ -157,6 +158,9 @@ local function expect_same(runs, ref, rtol)
 end
 
 local F64 = {param_dtype = "f64"}
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("FSDP mixed precision (param_dtype f64 over f32 masters)", function()
   local refs = {}

@@ -3,6 +3,7 @@
 -- pool, and nested units own their parameters while the root owns the rest.
 local ms = require "moonshard"
 local parity = require "support.parity"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local function flat(t) return t:reshape(-1):table() end
@@ -10,6 +11,9 @@ local function flat(t) return t:reshape(-1):table() end
 local function loss_of(model, tokens, targets)
   return nn.F.cross_entropy(model(tokens):view(-1, parity.VOCAB), targets:reshape(-1))
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("FSDP options", function()
   it("sync_module_states makes every rank start from rank 0's parameters", function()

@@ -5,10 +5,14 @@
 -- ahead that the iteration does not use is freed by the end of backward.
 local ms = require "moonshard"
 local parity = require "support.parity"
+local global_state = require "support.global_state"
 local nn, dist, fsdp = ms.nn, ms.dist, ms.fsdp
 
 local STEPS = 3
 local TOLERANCE = 1e-5
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("FSDP prefetching", function()
   local reference

@@ -3,6 +3,7 @@
 -- values checked against the unwrapped model built from the same seed.
 local ms = require "moonshard"
 local parity = require "support.parity"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local function flat(t) return t:reshape(-1):table() end
@@ -46,6 +47,9 @@ local function full_values(model)
   for name, p in model:named_parameters() do out[name] = flat(p:full_tensor()) end
   return out
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("FSDP state dicts", function()
   local initial

@@ -4,6 +4,7 @@
 -- units (the DCP round trip is in dcp_tied_spec.lua).
 local ms = require "moonshard"
 local parity = require "specs.support.parity"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local STEPS, TOLERANCE = 4, 1e-9
@@ -49,6 +50,9 @@ end
 -- Under mpirun the ranks are this process: collect what the tests left, so later spec
 -- files measure memory from a clean pool.
 after_each(function() collectgarbage(); collectgarbage() end)
+before_each(global_state.save)
+after_each(global_state.restore)
+
 describe("tied weights without FSDP", function()
   it("are one parameter: listed once, under both names in the state dict", function()
     local model = Tied()
@@ -75,7 +79,7 @@ describe("tied weights under FSDP", function()
     local params = {}
     for name, p in model:named_parameters() do params[name] = flat(p) end
     reference = {losses = losses, params = params}
-    ms.set_default_dtype("f32")
+    global_state.restore()
   end)
 
   for _, world in ipairs({1, 2, 4}) do

@@ -3,6 +3,7 @@
 -- each against the unwrapped model on the same global batch.
 local ms = require "moonshard"
 local parity = require "support.parity"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local function flat(t) return t:reshape(-1):table() end
@@ -64,6 +65,9 @@ local function expect_close(expected, got, scale, tolerance)
     assert.is_true(err < tolerance, ("%s differs by %.3g"):format(name, err))
   end
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("fsdp.clip_grad_norm_", function()
   local grads, norm

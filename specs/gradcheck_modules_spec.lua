@@ -3,6 +3,7 @@
 local ms = require "moonshard"
 local nn = ms.nn
 local gradcheck = require "support.gradcheck"
+local global_state = require "support.global_state"
 
 -- The module and attribute that hold the parameter called name ("ffn.0.weight").
 local function owner_of(module, name)
@@ -65,6 +66,9 @@ local function f64(options)
 end
 
 local function reseeded(seed) return function() ms.manual_seed(seed) end end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("gradcheck of modules", function()
   describe("Linear", function()

@@ -3,6 +3,7 @@
 local ms = require "moonshard"
 local F = ms.nn.F
 local gradcheck = require "support.gradcheck"
+local global_state = require "support.global_state"
 
 -- An f64 leaf requiring grad; seed picks the values, opts narrows their range.
 local function leaf(shape, seed, opts)
@@ -19,6 +20,9 @@ local function passes(fn, inputs, opts)
 end
 
 local function targets(values) return ms.tensor(values, {dtype = "i64"}) end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("gradcheck", function()
   describe("the checker", function()

@@ -3,6 +3,7 @@
 -- relative) plus f32 accumulation over the reduction length n (n * 2^-24 of the magnitude
 -- summed). The references are computed here in Lua doubles from the same 16-bit values.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local F = ms.nn.F
 
 local EPS = {bf16 = 2 ^ -7, f16 = 2 ^ -10}
@@ -211,6 +212,9 @@ for _, dtype in ipairs({"bf16", "f16"}) do
     end)
   end)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("16-bit errors", function()
   it("integer tensors in float-only ops name the dtype", function()

@@ -1,10 +1,14 @@
 -- Exact allocator statistics seen from Lua: bytes and counts per tensor, views, the peak,
 -- the cache, the separate host pool, and memory falling during and after backward.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 
 local element_size = {f32 = 4, f64 = 8, bf16 = 2, f16 = 2, i32 = 4, i64 = 8, u8 = 1}
 
 local function stats(device) return ms.memory_stats(device or "cpu") end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("memory statistics", function()
   -- Tensors of earlier specs are collected first and the collector is held off, so the

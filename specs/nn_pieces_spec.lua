@@ -13,6 +13,7 @@
 local ms = require "moonshard"
 local gradcheck = require "support.gradcheck"
 local parity = require "support.parity"
+local global_state = require "support.global_state"
 local nn, F, optim, dist, fsdp = ms.nn, ms.nn.F, ms.optim, ms.dist, ms.fsdp
 
 local pytorch = {
@@ -94,6 +95,9 @@ local function check_grad(fn, inputs)
 end
 
 local targets = function() return ms.tensor({{0, 1, 3}, {2, -100, 1}}, {dtype = "i64"}) end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("cross_entropy", function()
   for _, reduction in ipairs({"mean", "sum", "none"}) do

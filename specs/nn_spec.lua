@@ -5,6 +5,7 @@ local ms = require "moonshard"
 local nn = ms.nn
 local F = nn.F
 local gradcheck = require "support.gradcheck"
+local global_state = require "support.global_state"
 
 local flat = gradcheck.flat
 
@@ -68,6 +69,9 @@ local block_parameters = {
   "proj.weight", "proj.bias", "ffn.0.weight", "ffn.0.bias", "ffn.2.weight", "ffn.2.bias",
   "norm.weight", "norm.bias",
 }
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("nn", function()
   describe("Module registration and names", function()

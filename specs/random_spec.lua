@@ -3,6 +3,7 @@
 local ffi = require "ffi"
 local ms = require "moonshard"
 local gradcheck = require "support.gradcheck"
+local global_state = require "support.global_state"
 
 local flat = gradcheck.flat
 local TWO32 = 4294967296
@@ -48,6 +49,9 @@ local function raises(name, fn)
   local prefix = "moonshard: " .. name .. ":"
   assert.are.equal(prefix, tostring(err):sub(1, #prefix), tostring(err))
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("random", function()
   describe("the Philox reference in this spec", function()

@@ -2,6 +2,7 @@
 -- them, views, element access and printing, comparisons, forward values and in-place ops.
 local ffi = require "ffi"
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 
 local dtypes = {"f32", "f64", "bf16", "f16", "i32", "i64", "u8"}
 local element_size = {f32 = 4, f64 = 8, bf16 = 2, f16 = 2, i32 = 4, i64 = 8, u8 = 1}
@@ -17,6 +18,9 @@ local function flat(t)
 end
 
 local function close(a, b, tol) return math.abs(a - b) <= (tol or 1e-6) end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("tensor", function()
   describe("constructors", function()
