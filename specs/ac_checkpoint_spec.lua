@@ -211,7 +211,7 @@ describe("activation checkpointing", function()
 
     it("refuses a policy that is not a function", function()
       assert.has_error(function() ac.checkpoint_wrapper(Block(), {policy = "matmul"}) end,
-        "moonshard: checkpoint_wrapper: policy must be a function(op_name) -> 'save' | 'recompute', got string")
+        "moonshard: checkpoint_wrapper: policy must be callable as policy(op_name) -> 'save' | 'recompute', got string")
     end)
 
     it("detects a kept output modified in place before recomputation", function()

@@ -120,7 +120,7 @@ describe("DataLoader", function()
     local function err(...) return select(2, pcall(data.DataLoader, ...)) end
     assert.matches("DataLoader: batch_size must be an integer >= 1, got 0", err({1, 2}, {batch_size = 0}))
     assert.matches("DataLoader: sampler must be an object with iter%(%)", err({1, 2}, {sampler = 3}))
-    assert.matches("DataLoader: collate_fn must be a function", err({1, 2}, {collate_fn = "stack"}))
+    assert.matches("DataLoader: collate_fn must be callable", err({1, 2}, {collate_fn = "stack"}))
     assert.matches("DataLoader: expected a dataset", err(7))
   end)
 

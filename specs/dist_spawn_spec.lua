@@ -165,7 +165,7 @@ describe_local("dist.spawn on forked ranks", function()
 
     it("are raised for bad arguments", function()
       assert.matches("positive integer", spawn_error(0, function() end))
-      assert.matches("fn must be a function", spawn_error(2, "nope"))
+      assert.matches("fn must be callable", spawn_error(2, "nope"))
       assert.matches("timeout must be", spawn_error({nprocs = 2, timeout = -1}, function() end))
       local err = spawn_error(1, function() dist.spawn(2, function() end) end)
       assert.matches("rank 0 cannot spawn ranks of its own", err)

@@ -240,7 +240,7 @@ function M.DataLoader(dataset, opts)
     fail(what, "shuffle and sampler are exclusive (the sampler decides the order)")
   end
   local collate = opts.collate_fn or M.default_collate
-  if type(collate) ~= "function" then fail(what, "collate_fn must be a function, got %s", type(collate)) end
+  if not C.is_callable(collate) then fail(what, "collate_fn must be callable, got %s", type(collate)) end
   return setmetatable({dataset = dataset, batch_size = batch_size, sampler = sampler, collate_fn = collate,
                        drop_last = opts.drop_last == true}, DataLoader)
 end

@@ -184,18 +184,18 @@ function M.LambdaLR(optimizer, ...)
   local a = arguments("LambdaLR", {{"lr_lambda", required}, {"last_epoch", -1}}, ...)
   local groups = is_optimizer(optimizer) and #optimizer.param_groups or 0
   local lambdas = {}
-  if type(a.lr_lambda) == "function" then
+  if C.is_callable(a.lr_lambda) then
     for i = 1, groups do lambdas[i] = a.lr_lambda end
   elseif type(a.lr_lambda) == "table" then
     if groups > 0 and #a.lr_lambda ~= groups then
       fail("LambdaLR", "expected %d lr_lambdas (one per param group), got %d", groups, #a.lr_lambda)
     end
     for i, fn in ipairs(a.lr_lambda) do
-      if type(fn) ~= "function" then fail("LambdaLR", "lr_lambda %d is a %s, not a function", i, type(fn)) end
+      if not C.is_callable(fn) then fail("LambdaLR", "lr_lambda %d is a %s, not callable", i, type(fn)) end
       lambdas[i] = fn
     end
   else
-    fail("LambdaLR", "lr_lambda must be a function or an array of functions, got %s", type(a.lr_lambda))
+    fail("LambdaLR", "lr_lambda must be callable or an array of callables, got %s", type(a.lr_lambda))
   end
   return new_scheduler(LambdaLR, "LambdaLR", optimizer, a.last_epoch, {lr_lambdas = lambdas})
 end

@@ -93,8 +93,8 @@ end
 
 function Optimizer:step(closure)
   local loss
-  if closure ~= nil and type(closure) ~= "function" then
-    fail(self.name, "step: the closure must be a function, got %s", type(closure))
+  if closure ~= nil and not C.is_callable(closure) then
+    fail(self.name, "step: the closure must be callable, got %s", type(closure))
   end
   if closure then loss = closure() end
   for _, group in ipairs(self.param_groups) do

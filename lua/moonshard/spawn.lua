@@ -162,7 +162,7 @@ end
 function M.spawn(n, fn, ...)
   local what = "dist.spawn"
   local size, timeout_ms = parse_options(n, what)
-  if type(fn) ~= "function" then fail(what, "fn must be a function, got %s", type(fn)) end
+  if not C.is_callable(fn) then fail(what, "fn must be callable, got %s", type(fn)) end
   local args = {n = select("#", ...), ...}
   if lib.ms_mpi_launched() == 1 then return spawn_mpi(size, timeout_ms, fn, args) end
   return spawn_local(size, timeout_ms, fn, args)

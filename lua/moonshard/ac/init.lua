@@ -37,8 +37,8 @@ end
 local is_callable = C.is_callable
 
 local function region_options(what, opts)
-  if opts.policy ~= nil and type(opts.policy) ~= "function" then
-    fail(what, "policy must be a function(op_name) -> 'save' | 'recompute', got %s", type(opts.policy))
+  if opts.policy ~= nil and not is_callable(opts.policy) then
+    fail(what, "policy must be callable as policy(op_name) -> 'save' | 'recompute', got %s", type(opts.policy))
   end
   return {preserve_rng_state = opts.preserve_rng_state ~= false, policy = opts.policy}
 end

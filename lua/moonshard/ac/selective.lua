@@ -30,8 +30,8 @@ end
 
 -- saves_so_far() tells how many tensors the region has saved (for drop_unneeded).
 function M.new_store(policy, saves_so_far)
-  if type(policy) ~= "function" then
-    fail("checkpoint", "policy must be a function(op_name) -> 'save' | 'recompute', got %s", type(policy))
+  if not C.is_callable(policy) then
+    fail("checkpoint", "policy must be callable as policy(op_name) -> 'save' | 'recompute', got %s", type(policy))
   end
   return {policy = policy, saves_so_far = saves_so_far, entries = {}}
 end
