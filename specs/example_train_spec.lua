@@ -229,4 +229,97 @@ describe("examples/train.lua", function()
       end
     end)
   end)
+
+  describe("--dtype", function()
+    local function losses_of(dir)
+      local out = {}
+      for i, row in ipairs(metrics(dir .. "/metrics.jsonl")) do out[i] = row.loss end
+      return out
+    end
+
+    -- finite throughout, and the last two steps' mean below the first two's
+    local function assert_finite_falling(losses, what)
+      for i, loss in ipairs(losses) do
+        assert.is_true(loss == loss and loss > 0 and loss < math.huge, what .. " step " .. i .. ": " .. tostring(loss))
+      end
+      local n = #losses
+      assert.is_true((losses[n] + losses[n - 1]) / 2 < (losses[1] + losses[2]) / 2 - 0.05,
+                     what .. " loss did not fall: " .. table.concat(losses, ", "))
+    end
+
+    -- every model tensor of step in the store is f32 (the masters), and how many there are
+    local function model_dtypes(store, step)
+      local count, others = 0, {}
+      for _, e in ipairs(store:entries(step)) do
+        if e.kind == "tensor" and e.fqn:match("^model%.") then
+          count = count + 1
+          if e.dtype ~= "f32" then others[#others + 1] = e.fqn .. " " .. tostring(e.dtype) end
+        end
+      end
+      return count, others
+    end
+
+    local function scaler_state(store, step)
+      local out = {}
+      for _, e in ipairs(store:entries(step)) do
+        if e.fqn:match("^scaler%.") then out[e.fqn] = store:read(e.fqn, step) end
+      end
+      return out
+    end
+
+    it("refuses an unknown dtype", function()
+      local status, output = run("--dtype f8")
+      assert.equal(2, status)
+      assert.truthy(output:find("unknown --dtype 'f8' (expected f32, bf16 or f16)", 1, true), output)
+    end)
+
+    it("bf16 trains to a finite falling loss and checkpoints f32 masters without a scaler", function()
+      local dir, ckpt = temp_dir(), temp_dir()
+      local status, output = run(TINY .. " --dtype bf16 --steps 6 --save-every 6 --sample 0 --ckpt " .. ckpt .. " --out " .. dir)
+      assert.equal(0, status, output)
+      local losses = losses_of(dir)
+      assert.equal(6, #losses)
+      assert_finite_falling(losses, "bf16")
+      local store = ms.dcp.open(ckpt)
+      local count, others = model_dtypes(store, 6)
+      assert.is_true(count > 10)
+      assert.same({}, others)
+      assert.same({}, scaler_state(store, 6))
+      store:close()
+      os.execute("rm -rf '" .. dir .. "' '" .. ckpt .. "'")
+    end)
+
+    it("f16 trains with the GradScaler, checkpoints its state and resumes it bitwise", function()
+      local full, full_ckpt, part, part_ckpt = temp_dir(), temp_dir(), temp_dir(), temp_dir()
+      local common = TINY .. " --dtype f16 --steps 6 --save-every 3 --sample 0"
+      local status, output = run(common .. " --ckpt " .. full_ckpt .. " --out " .. full)
+      assert.equal(0, status, output)
+      local losses = losses_of(full)
+      assert.equal(6, #losses)
+      assert_finite_falling(losses, "f16")
+      status, output = run(common .. " --ckpt " .. part_ckpt .. " --out " .. part .. " --stop-after 3")
+      assert.equal(0, status, output)
+      status, output = run(common .. " --ckpt " .. part_ckpt .. " --out " .. part .. " --resume")
+      assert.equal(0, status, output)
+      assert.same(losses, losses_of(part))
+
+      local a, b = ms.dcp.open(full_ckpt), ms.dcp.open(part_ckpt)
+      local count, others = model_dtypes(a, 6)
+      assert.is_true(count > 10)
+      assert.same({}, others)
+      local scaler = scaler_state(a, 6)
+      -- a GradScaler's state: its scale (a power of two) and the steps since it last changed,
+      -- which only a restored scaler carries on from 3 to 6 steps
+      assert.is_number(scaler["scaler.scale"])
+      assert.equal(0, math.log(scaler["scaler.scale"]) / math.log(2) % 1)
+      assert.is_number(scaler["scaler._growth_tracker"])
+      assert.is_true(scaler["scaler._growth_tracker"] > 3, "growth tracker " .. tostring(scaler["scaler._growth_tracker"]))
+      assert.same(scaler, scaler_state(b, 6))
+      for _, e in ipairs(a:entries(6)) do
+        if e.kind == "tensor" then assert.is_true(ms.equal(a:read(e.fqn, 6), b:read(e.fqn, 6)), e.fqn .. " differs after resuming") end
+      end
+      a:close(); b:close()
+      os.execute("rm -rf '" .. full .. "' '" .. full_ckpt .. "' '" .. part .. "' '" .. part_ckpt .. "'")
+    end)
+  end)
 end)
