@@ -366,13 +366,11 @@ end
 -- A policy wrapping every module that is an instance of one of the given classes.
 function fsdp.wrap_policy(classes)
   if type(classes) ~= "table" then fail("wrap_policy", "expected an array of module classes") end
-  local set = {}
-  for _, class in ipairs(classes) do set[class] = true end
+  local list = {}
+  for i, class in ipairs(classes) do list[i] = class end
   return function(module)
-    local class = rawget(module, "_class")
-    while class do
-      if set[class] then return true end
-      class = rawget(class, "__parent")
+    for _, class in ipairs(list) do
+      if module:is_instance_of(class) then return true end
     end
     return false
   end

@@ -114,6 +114,16 @@ function Module:new(...)
   return instance
 end
 
+-- True when the instance's class is class or derives from it (Python's isinstance).
+function Module:is_instance_of(class)
+  local c = rawget(self, "_class")
+  while c do
+    if c == class then return true end
+    c = rawget(c, "__parent")
+  end
+  return false
+end
+
 function Module:forward()
   fail(self.__name or "Module", "forward is not implemented")
 end
