@@ -21,6 +21,15 @@ end
 
 local saved = snapshot()
 
+-- fn(...)'s results, the settings restored afterwards (also when fn raises).
+function M.preserving(fn, ...)
+  local before = snapshot()
+  local results = {pcall(fn, ...)}
+  restore(before)
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2, table.maxn(results))
+end
+
 function M.save() saved = snapshot() end
 function M.restore() restore(saved) end
 

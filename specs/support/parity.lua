@@ -3,6 +3,7 @@
 -- gradients as plain Lua arrays for comparison.
 local ms = require "moonshard"
 local assert = require "luassert"
+local global_state = require "support.global_state"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
 
 local M = {}
@@ -53,8 +54,7 @@ end
 
 local function flat(t) return t:reshape(-1):table() end
 
--- Unsharded run: {losses = {...}, params = {fqn = {...}}, grads = {fqn = {...}}}.
-function M.reference(steps)
+local function reference(steps)
   ms.set_default_dtype("f64")
   ms.manual_seed(0)
   local model = Model()
@@ -72,9 +72,12 @@ function M.reference(steps)
   for name, p in model:named_parameters() do
     params[name], grads[name] = flat(p), flat(p.grad)
   end
-  ms.set_default_dtype("f32")
   return {losses = losses, params = params, grads = grads}
 end
+
+-- Unsharded run: {losses = {...}, params = {fqn = {...}}, grads = {fqn = {...}}}, in this
+-- process; the default dtype and random state are as before afterwards.
+function M.reference(steps) return global_state.preserving(reference, steps) end
 
 -- Sharded run on world_size ranks. config: {strategy, wrap = "root"|"layer"|"nested",
 -- offload = bool, mesh_shape = {..}, forward_prefetch, backward_prefetch}.
