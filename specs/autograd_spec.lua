@@ -2,9 +2,9 @@
 -- post-accumulate-grad hooks, saved-tensor hooks, queued callbacks, reentrant backward,
 -- autograd.grad and detection of in-place changes to saved tensors.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 
 local function f64(values, requires_grad)
-local global_state = require "support.global_state"
   return ms.tensor(values, {dtype = "f64", requires_grad = requires_grad})
 end
 
