@@ -38,7 +38,8 @@ enum {
     MS_ERR_UNSUPPORTED = -30989, /* valid request this build cannot serve */
     MS_ERR_VERSION = -30988,   /* data written by a newer format version */
     MS_ERR_MISMATCH = -30987,  /* ranks disagree about a collective */
-    MS_ERR_LAST = -30987
+    MS_ERR_INTERRUPTED = -30986, /* SIGINT or SIGTERM arrived (runtime/interrupt.h) */
+    MS_ERR_LAST = -30986
 };
 
 /* Static description of any status code. Never NULL. */
@@ -155,6 +156,7 @@ double ms_clock_seconds(void);
 /* ffi-end */
 
 #include "ops.h"
+#include "interrupt.h"
 #include "comm/dist.h"
 #include "cuda/gpu.h"
 #include "store/store.h"
