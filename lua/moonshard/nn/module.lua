@@ -124,10 +124,35 @@ local function run_call(self, ...)
   return output
 end
 
+-- An error keeps the traceback of the place that raised it (the scope re-raises it from
+-- the call); the innermost module call adds it once.
+local function with_traceback(err)
+  if type(err) == "string" and not err:find("\nstack traceback:\n", 1, true) then
+    return debug.traceback(err, 2)
+  end
+  return err
+end
+
+local function close_scope(mark, ok, ...)
+  if not ok then
+    scope.exit(mark, {}, 0)
+    error((...), 0)
+  end
+  scope.exit(mark, {...}, select("#", ...))
+  return ...
+end
+
+local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
+
 -- module(...) runs hooks and forward in a scope: temporaries of the call are released as
--- soon as it returns (tensors saved for backward keep their own references).
+-- soon as it returns (tensors saved for backward keep their own references). A pending
+-- SIGINT or SIGTERM (runtime/interrupt.h) stops it here, so compiled loops notice it.
 function Module:_call(...)
-  return scope.run(run_call, self, ...)
+  if C.lib.ms_interrupt_pending() ~= 0 then
+    local sig = C.lib.ms_interrupt_take()
+    fail(self.__name or "Module", "interrupted by %s", SIGNAL_NAMES[sig] or "a signal")
+  end
+  return close_scope(scope.enter(), xpcall(run_call, with_traceback, self, ...))
 end
 
 -- hook(module, args) -> nil or a replacement args array.
