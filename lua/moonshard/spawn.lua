@@ -24,22 +24,11 @@ local function run(fn, rank, size, args)
   return true, bytes
 end
 
--- "[rank 1] message" for each entry, one line for ranks that say the same thing (under a
--- launcher every rank re-raises the same failure).
+-- "[rank 1] message" for each entry.
 local function rank_lines(entries)
-  local order, ranks_of = {}, {}
-  for _, e in ipairs(entries) do
-    if not ranks_of[e.message] then
-      ranks_of[e.message] = {}
-      order[#order + 1] = e.message
-    end
-    table.insert(ranks_of[e.message], tostring(e.rank))
-  end
   local lines = {}
-  for _, message in ipairs(order) do
-    local ranks = ranks_of[message]
-    lines[#lines + 1] = string.format("[rank%s %s] %s", #ranks > 1 and "s" or "",
-                                      table.concat(ranks, ", "), message)
+  for _, e in ipairs(entries) do
+    lines[#lines + 1] = string.format("[rank %d] %s", e.rank, e.message)
   end
   return table.concat(lines, "\n")
 end

@@ -45,11 +45,12 @@ declare("free", "void free(void *p);")
 declare("strdup", "char *strdup(const char *s);")
 declare("isatty", "int isatty(int fd);")
 declare("read", "long read(int fd, void *buf, unsigned long n);")
+declare("ioctl", "int ioctl(int fd, unsigned long request, ...);")
 pcall(ffi.cdef, "struct moonshard_repl_pollfd { int fd; short events, revents; };")
 
 local HISTORY_LINES = 1000
 local POLL_SLICE_MS = 100 -- a signal taken by another thread is noticed this late at most
-local STDIN, POLLIN, EMACS_MODE = 0, 1, 1
+local STDIN, POLLIN, FIONREAD, EMACS_MODE = 0, 1, 0x541B, 1
 local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
 
 local loaded, rl = pcall(ffi.load, "readline.so.8")
@@ -97,8 +98,17 @@ local function install_callbacks()
   rl.rl_catch_signals = 0 -- SIGINT and SIGTERM stay moonshard's (runtime/interrupt.h)
 end
 
--- Wait until stdin has input (true) or a signal is pending (false, its name).
-local function wait_for_input()
+-- Bytes a read of stdin returns at once (0 when it would wait or is at its end).
+local function bytes_waiting()
+  local count = ffi.new("int[1]")
+  if ffi.C.ioctl(STDIN, FIONREAD, count) ~= 0 then return 0 end
+  return count[0]
+end
+
+-- Wait until stdin has input (true) or a signal is pending (false, its name). A terminal
+-- drops its typed input when it turns Ctrl-C into SIGINT, so "readable" is checked again
+-- by counting bytes (a read would wait otherwise), except at a hang-up or error.
+local function wait_for_input(counted)
   local fds = ffi.new("struct moonshard_repl_pollfd[1]")
   while true do
     local sig = lib.ms_interrupt_pending()
@@ -107,7 +117,10 @@ local function wait_for_input()
       return false, SIGNAL_NAMES[sig] or "a signal"
     end
     fds[0].fd, fds[0].events, fds[0].revents = STDIN, POLLIN, 0
-    if ffi.C.poll(fds, 1, POLL_SLICE_MS) > 0 then return true end
+    if ffi.C.poll(fds, 1, POLL_SLICE_MS) > 0 then
+      if not counted or fds[0].revents ~= POLLIN or bytes_waiting() > 0 then return true end
+      ffi.C.poll(nil, 0, 10) -- readable yet empty: a signal on its way
+    end
   end
 end
 
@@ -159,7 +172,7 @@ local function terminal_reader()
       configured = true
     end
     while not state.done do
-      local ready, sig = wait_for_input()
+      local ready, sig = wait_for_input(true)
       if not ready then
         rl.rl_free_line_state()
         rl.rl_callback_sigcleanup()
