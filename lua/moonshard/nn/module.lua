@@ -124,11 +124,29 @@ local function run_call(self, ...)
   return output
 end
 
+local MAX_FRAMES = 200
+
+-- debug.traceback's text without its elision of middle frames (deep models need them all).
+local function full_traceback(message, level)
+  local lines = {message, "stack traceback:"}
+  for l = level + 1, level + MAX_FRAMES do
+    local info = debug.getinfo(l, "Sln")
+    if not info then break end
+    local where = info.currentline > 0 and (info.short_src .. ":" .. info.currentline .. ":")
+                  or (info.short_src .. ":")
+    local what = info.name and ("in function '" .. info.name .. "'")
+                 or info.what == "main" and "in main chunk"
+                 or ("in function <" .. info.short_src .. ":" .. info.linedefined .. ">")
+    lines[#lines + 1] = "\t" .. where .. " " .. what
+  end
+  return table.concat(lines, "\n")
+end
+
 -- An error keeps the traceback of the place that raised it (the scope re-raises it from
 -- the call); the innermost module call adds it once.
 local function with_traceback(err)
   if type(err) == "string" and not err:find("\nstack traceback:\n", 1, true) then
-    return debug.traceback(err, 2)
+    return full_traceback(err, 2)
   end
   return err
 end
