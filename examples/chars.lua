@@ -1,7 +1,6 @@
--- The character corpus: reads a text file, maps its characters to token ids, and cuts
--- deterministic training batches whose rows depend only on (seed, step, row).
+-- The character corpus: reads a text file, maps its characters to token ids, and serves
+-- windows of it as a dataset for ms.data.DataLoader.
 local ffi = require "ffi"
-local bit = require "bit"
 local ms = require "moonshard"
 
 local M = {}
@@ -47,39 +46,30 @@ function Corpus:decode(ids)
   return table.concat(chars)
 end
 
--- A 32-bit integer hash (xorshift-multiply), so every rank and every resumed run draws
--- the same window for the same (seed, step, row).
-local function mix(x)
-  x = bit.bxor(x, bit.rshift(x, 16))
-  x = bit.tobit(x * 0x45d9f3b)
-  x = bit.bxor(x, bit.rshift(x, 16))
-  x = bit.tobit(x * 0x45d9f3b)
-  return bit.bxor(x, bit.rshift(x, 16))
+-- The corpus as a dataset for ms.data: item i is the start (i * seq) of the i-th window of
+-- seq + 1 characters; collate turns a batch of starts into tokens and targets.
+function Corpus:windows(seq)
+  local count = math.floor((self.length - 1) / seq)
+  if count < 1 then error(("train: the corpus (%d characters) is shorter than --seq %d"):format(self.length, seq), 0) end
+  return {len = function() return count end, get = function(_, i) return i * seq end}
 end
 
-local function window_start(seed, step, row, span)
-  local h = mix(bit.bxor(mix(bit.bxor(mix(seed), step)), row))
-  return (h % span + span) % span
-end
-
--- Rows [first_row, first_row + rows) of global batch step: tokens and next-character
--- targets, both i64 [rows, seq].
-function Corpus:batch(opts)
-  local rows, seq = opts.rows, opts.seq
-  local span = self.length - seq - 1
-  if span < 1 then error(("train: the corpus (%d characters) is shorter than --seq %d"):format(self.length, seq), 0) end
+-- {tokens =, targets =}: the windows starting at starts and their next characters, both
+-- i64 [#starts, seq].
+function Corpus:collate(starts, seq)
+  local rows = #starts
   local tokens = ms.empty(rows, seq, {dtype = "i64"})
   local targets = ms.empty(rows, seq, {dtype = "i64"})
   local tp = ffi.cast("int64_t *", tokens:data_ptr())
   local yp = ffi.cast("int64_t *", targets:data_ptr())
   for r = 0, rows - 1 do
-    local start = window_start(opts.seed, opts.step, opts.first_row + r, span)
+    local start = starts[r + 1]
     for t = 0, seq - 1 do
       tp[r * seq + t] = self.ids[start + t]
       yp[r * seq + t] = self.ids[start + t + 1]
     end
   end
-  return tokens, targets
+  return {tokens = tokens, targets = targets}
 end
 
 return M

@@ -1,7 +1,6 @@
--- Saving and resuming the example's training state with ms.dcp (model, optimizer, step,
--- RNG state and the model's configuration in one store).
+-- Saving and resuming the example's training state with ms.dcp (model, optimizer, schedule,
+-- data position, step, RNG state and the model's configuration in one store).
 local ms = require "moonshard"
-local fsdp = ms.fsdp
 local function dcp() return ms.dcp end -- loaded only when checkpoints are used
 
 local M = {}
@@ -20,13 +19,15 @@ local function release_tensors(tree)
   end
 end
 
--- fsdp.optim_state_dict makes intermediate views of the optimizer state that only the
--- collector releases; a full collection after each save or load returns their memory.
+-- The state dicts hold intermediate views of the optimizer state that only the collector
+-- releases; a full collection after each save or load returns their memory.
 local function collect_dropped_views() collectgarbage("collect") end
 
-local function training_state(model, opt, step, config)
-  return {model = model:state_dict(), optim = fsdp.optim_state_dict(model, opt), step = step,
-          rng = ms.get_rng_state(), config = config}
+-- stateful: {scheduler =, loader =}, saved through their state_dict() (dcp's Stateful).
+local function training_state(model, opt, stateful, step, config)
+  local model_sd, optim_sd = dcp().get_state_dict(model, opt)
+  return {model = model_sd, optim = optim_sd, scheduler = stateful.scheduler, loader = stateful.loader,
+          step = step, rng = ms.get_rng_state(), config = config}
 end
 
 local pending -- the save in flight
@@ -41,9 +42,9 @@ end
 
 -- Save the training state at step in the background: the call returns once the state is
 -- staged (copy-on-write, so training goes on at once); the next save or M.finish commits it.
-function M.save(model, opt, dir, step, config)
+function M.save(model, opt, stateful, dir, step, config)
   M.finish()
-  local state = training_state(model, opt, step, {vocab = config.vocab, seq = config.seq,
+  local state = training_state(model, opt, stateful, step, {vocab = config.vocab, seq = config.seq,
                                                   layers = config.layers, dim = config.dim, heads = config.heads})
   pending = dcp().async_save(state, dir, {step = step})
   release_tensors(state)
@@ -62,31 +63,15 @@ function M.check_fresh(dir)
   end
 end
 
--- Optimizer state exists only after a first step; make it (zeros, step 0) so a load has
--- tensors of the right layout to fill.
-local function materialise_optimizer_state(opt, placeholders)
-  for _, group in ipairs(opt.param_groups) do
-    for _, p in ipairs(group.params) do
-      if not opt.state[p] then
-        local shard = p:to_local()
-        opt.state[p] = {step = 0, exp_avg = ms.keep(ms.zeros_like(shard)),
-                        exp_avg_sq = ms.keep(ms.zeros_like(shard))}
-        placeholders[#placeholders + 1] = opt.state[p]
-      end
-    end
-  end
-end
-
--- Load the latest step of the store into model and opt; returns that step.
-function M.resume(model, opt, dir)
+-- Load the latest step of the store into model, opt, the scheduler and the loader; returns
+-- that step. A fresh optimizer loads directly (get_state_dict gives it its state).
+function M.resume(model, opt, stateful, dir)
   local store = dcp().open(dir)
   local steps = store:steps()
   store:close()
   if #steps == 0 then error("train: --resume: the store " .. dir .. " has no committed step", 0) end
   local latest = steps[#steps]
-  local placeholders = {}
-  materialise_optimizer_state(opt, placeholders)
-  local state = training_state(model, opt, -1, {vocab = -1, seq = -1, layers = -1, dim = -1, heads = -1})
+  local state = training_state(model, opt, stateful, -1, {vocab = -1, seq = -1, layers = -1, dim = -1, heads = -1})
   dcp().load(state, dir, {step = latest})
   local config = model.config
   for key, value in pairs(state.config) do
@@ -95,12 +80,9 @@ function M.resume(model, opt, dir)
         key, tostring(value), tostring(config[key])), 0)
     end
   end
-  local loadable = fsdp.optim_state_dict_to_load(model, opt, state.optim)
-  opt:load_state_dict(loadable)
+  dcp().set_state_dict(model, opt, {model_state_dict = state.model, optim_state_dict = state.optim})
   ms.set_rng_state(state.rng)
-  release_tensors(loadable)
   release_tensors(state)
-  release_tensors(placeholders)
   collect_dropped_views()
   return state.step
 end

@@ -10,6 +10,7 @@ local SPEC = {
   {"stop-after", "int", nil, "end after this step, as if interrupted (continue with --resume)"},
   {"batch", "int", 32, "global batch (sequences per step, split evenly over the ranks)"},
   {"seq", "int", 64, "characters per sequence"},
+  {"model", "string", nil, "size preset: gpt2 (12 layers, 768 wide, 12 heads, tied embeddings) or gpt2-tiny; replaces --layers/--dim/--heads"},
   {"layers", "int", 3, "transformer blocks"},
   {"dim", "int", 96, "embedding width"},
   {"heads", "int", 4, "attention heads (must divide --dim)"},

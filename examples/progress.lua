@@ -45,6 +45,8 @@ function Progress:step(step, loss, lr)
   local now = M.now()
   local seconds = now - self.last_time
   self.last_time = now
+  self.seconds = self.seconds or {}
+  self.seconds[#self.seconds + 1] = seconds
   local tokens_per_s = self.tokens_per_step / math.max(seconds, 1e-9)
   local mem = ms.memory_stats("cpu")
   self.metrics:write(string.format(
@@ -52,8 +54,8 @@ function Progress:step(step, loss, lr)
     '"memory_bytes": %d, "peak_memory_bytes": %d}\n',
     step, loss, lr, tokens_per_s, seconds, mem.allocated, mem.peak))
   self.metrics:flush()
-  local line = string.format("step %5d/%d [%s] loss %.4f  %7.0f tok/s  mem %.1f MiB (peak %.1f)",
-                             step, self.total, bar(step, self.total, 24), loss, tokens_per_s,
+  local line = string.format("step %5d/%d [%s] loss %.4f  %.2f s/step %7.0f tok/s  mem %.1f MiB (peak %.1f)",
+                             step, self.total, bar(step, self.total, 24), loss, seconds, tokens_per_s,
                              mib(mem.allocated), mib(mem.peak))
   local keep = step == self.first_step or step % self.log_every == 0 or step == self.total
   if self.tty then
@@ -65,5 +67,26 @@ function Progress:step(step, loss, lr)
 end
 
 function Progress:close() self.metrics:close() end
+
+-- Every rank calls it: rank 0 (the one with a meter) prints the mean s/step (the first
+-- step excluded when there are more) and each rank's peak compute memory.
+function M.report_peaks(meter)
+  local world = ms.dist.get_world_size()
+  local mine = ms.tensor({ms.memory_stats("cpu").peak}, {dtype = "f64"})
+  local all = ms.zeros(world, {dtype = "f64"})
+  ms.dist.all_gather_into_tensor(all, mine)
+  if meter and meter.seconds then
+    local times = meter.seconds
+    local first = #times > 1 and 2 or 1
+    local total = 0
+    for i = first, #times do total = total + times[i] end
+    local peaks = {}
+    for rank, bytes in ipairs(all:table()) do peaks[rank] = ("%.1f"):format(mib(bytes)) end
+    print(("%.3f s/step over %d step(s); peak memory per rank (MiB): %s"):format(
+      total / (#times - first + 1), #times - first + 1, table.concat(peaks, " ")))
+  end
+  mine:free()
+  all:free()
+end
 
 return M

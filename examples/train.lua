@@ -21,13 +21,37 @@ elseif not opts then
   os.exit(2)
 end
 
--- Learning rate at step (1-based): linear warm-up over the first 10%, then cosine decay
--- to a tenth of --lr at the last step.
-local function learning_rate(step)
+-- The learning-rate schedule: linear warm-up over the first 10% of the steps, then cosine
+-- decay to a tenth of --lr (stepped once per training step).
+local function lr_schedule(opt)
+  local S = optim.lr_scheduler
   local warmup = math.max(1, math.floor(opts.steps / 10))
-  if step <= warmup then return opts.lr * step / warmup end
-  local progress_ratio = (step - warmup) / math.max(1, opts.steps - warmup)
-  return opts.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress_ratio)))
+  return S.SequentialLR(opt, {S.LinearLR(opt, {start_factor = 1 / warmup, total_iters = warmup}),
+                              S.CosineAnnealingLR(opt, {T_max = math.max(1, opts.steps - warmup), eta_min = opts.lr / 10})},
+                        {warmup})
+end
+
+-- This rank's batches: windows of the corpus in a shuffled order split over the ranks
+-- (DistributedSampler), rows per rank at a time; a new epoch begins when one runs out.
+local function data_loader(corpus, rows)
+  local windows = corpus:windows(opts.seq)
+  local sampler = ms.data.DistributedSampler(windows, {seed = opts.seed})
+  local loader = ms.data.DataLoader(windows, {batch_size = rows, sampler = sampler, drop_last = true,
+                                              collate_fn = function(starts) return corpus:collate(starts, opts.seq) end})
+  return loader, sampler
+end
+
+local function batches_of(loader, sampler)
+  local batches = loader:iter()
+  return function()
+    local batch = batches()
+    if batch == nil then
+      sampler:set_epoch(sampler.epoch + 1)
+      batches = loader:iter()
+      batch = batches()
+    end
+    return batch
+  end
 end
 
 local function device_mesh(world)
@@ -53,14 +77,15 @@ end
 
 local function build(corpus, world)
   ms.manual_seed(opts.seed)
-  local config = {vocab = corpus:vocab_size(), seq = opts.seq, layers = opts.layers, dim = opts.dim,
-                  heads = opts.heads}
-  local model = gpt.GPT(config)
+  local config = gpt.config(opts.model, {vocab = corpus:vocab_size(), seq = opts.seq, layers = opts.layers,
+                                         dim = opts.dim, heads = opts.heads})
+  -- built on the meta device: each rank materialises only its shards (bitwise a full build's)
+  local model = ms.device("meta", function() return gpt.GPT(config) end)
   apply_checkpointing(model)
   fsdp.FSDP(model, {sharding_strategy = opts.strategy, device_mesh = device_mesh(world),
-                    auto_wrap_policy = fsdp.wrap_policy{gpt.Block}})
+                    auto_wrap_policy = fsdp.wrap_policy{gpt.Block}, param_init_fn = gpt.init_module})
   local opt = optim.AdamW(model:parameters(), {lr = opts.lr, weight_decay = 0.01, betas = {0.9, 0.95}})
-  return model, opt, config
+  return model, opt, lr_schedule(opt), config
 end
 
 -- Gradients are DTensors whose local shards the optimizer's zero_grad leaves to the
@@ -86,11 +111,12 @@ local function train(rank, world)
     error(("train: --batch %d must be a multiple of the number of ranks (%d)"):format(opts.batch, world), 0)
   end
   local corpus = chars.load(opts.data)
-  local model, opt, config = build(corpus, world)
+  local model, opt, scheduler, config = build(corpus, world)
   local rows = opts.batch / world
+  local loader, sampler = data_loader(corpus, rows)
   local first_step = 1
   if opts.resume then
-    first_step = checkpointing.resume(model, opt, opts.ckpt) + 1
+    first_step = checkpointing.resume(model, opt, {scheduler = scheduler, loader = loader}, opts.ckpt) + 1
   elseif opts.ckpt then
     checkpointing.check_fresh(opts.ckpt)
   end
@@ -99,31 +125,36 @@ local function train(rank, world)
     os.execute("mkdir -p '" .. opts.out .. "'")
     local params = 0
     for _, p in model:named_parameters() do params = params + p:numel() end
-    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters; world size %d, %s, --ac %s"):format(
-      opts.layers, opts.dim, opts.heads, config.vocab, params, world, opts.strategy, opts.ac))
+    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters%s; world size %d, %s, --ac %s"):format(
+      config.layers, config.dim, config.heads, config.vocab, params, config.tie and " (tied embeddings)" or "",
+      world, opts.strategy, opts.ac))
     meter = progress.new{total_steps = opts.steps, first_step = first_step, tokens_per_step = opts.batch * opts.seq,
                          metrics_path = opts.out .. "/metrics.jsonl", log_every = opts.log_every,
                          append = opts.resume}
   end
   local last_step = opts.stop_after and math.min(opts.stop_after, opts.steps) or opts.steps
+  local next_batch = batches_of(loader, sampler)
   for step = first_step, last_step do
-    local tokens, targets = corpus:batch{rows = rows, seq = opts.seq, seed = opts.seed, step = step,
-                                         first_row = rank * rows}
-    local lr = learning_rate(step)
-    for _, group in ipairs(opt.param_groups) do group.lr = lr end
+    local batch = next_batch()
+    local tokens, targets = batch.tokens, batch.targets
+    local lr = scheduler:get_last_lr()[1]
     release_grads(model)
     opt:zero_grad()
     local loss = model(tokens, targets)
     loss:backward()
     fsdp.clip_grad_norm_(model, 1.0)
     opt:step()
+    scheduler:step()
     local mean_loss = global_loss(loss)
     loss:free(); tokens:free(); targets:free()
     if meter then meter:step(step, mean_loss, lr) end
     local save_now = opts.ckpt and ((opts.save_every > 0 and step % opts.save_every == 0) or step == last_step)
-    if save_now then checkpointing.save(model, opt, opts.ckpt, step, config) end
+    if save_now then
+      checkpointing.save(model, opt, {scheduler = scheduler, loader = loader}, opts.ckpt, step, config)
+    end
   end
   checkpointing.finish()
+  progress.report_peaks(meter)
   if meter then meter:close() end
   local text = sampling.generate_on_rank0(model, config, corpus, {length = opts.sample, seed = opts.seed})
   if rank == 0 and text then

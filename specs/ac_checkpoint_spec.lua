@@ -50,6 +50,12 @@ local variants = {
   {"offload around checkpointed blocks", each_block(ac.checkpoint_wrapper), function(model, x)
     return ac.save_on_cpu(function() return model(x) end)
   end},
+  {"offload around reentrant checkpointed blocks", each_block(reentrant), function(model, x)
+    return ac.save_on_cpu(function() return model(x) end)
+  end},
+  {"save_on_cpu around a reentrant checkpoint of the whole model", nil, function(model, x)
+    return ac.save_on_cpu(function() return ac.checkpoint(model, x, {use_reentrant = true}) end)
+  end},
   {"checkpoint around offloaded blocks", each_block(ac.offload_wrapper), function(model, x)
     return ac.checkpoint(model, x)
   end},
@@ -279,6 +285,39 @@ describe("activation checkpointing", function()
                    offloaded_bytes = x:nbytes() + lin.weight:nbytes()}, ac.stats())
       y:backward()
       assert.equal(x:nbytes() + lin.weight:nbytes(), ac.stats().offloaded_bytes)
+    end)
+
+    it("count the inputs of a reentrant region offloaded by save_on_cpu, and move them to the host", function()
+      local lin = nn.Linear(4, 3)
+      local x = ms.randn(5, 4, {requires_grad = true})
+      local h = x * 2
+      local host_before = ms.memory_stats("host").allocated
+      ac.reset_stats()
+      local y = ac.save_on_cpu(function() return ac.checkpoint(lin, h, {use_reentrant = true}) end)
+      -- the region runs without grad: only its input is saved, as save_for_backward does
+      assert.same({recomputed = 0, reused_outputs = 0, offload_regions = 1, offloaded_bytes = h:nbytes()}, ac.stats())
+      assert.equal(host_before + h:nbytes(), ms.memory_stats("host").allocated)
+      y:sum():backward()
+      assert.equal(host_before, ms.memory_stats("host").allocated)
+      assert.equal(1, ac.stats().recomputed)
+      local plain = x * 2
+      local direct_x = x.grad:clone()
+      x.grad = nil
+      lin.weight.grad = nil
+      lin(plain):sum():backward()
+      assert.is_true(ms.equal(direct_x, x.grad))
+    end)
+
+    it("keep a reentrant region's inputs on the node under a user's saved-tensor hooks", function()
+      local lin = nn.Linear(4, 3)
+      local x = ms.randn(5, 4, {requires_grad = true})
+      local packed, unpacked = 0, 0
+      local y = ms.autograd.saved_tensors_hooks(function(t) packed = packed + 1; return t end,
+                                                function(t) unpacked = unpacked + 1; return t end,
+                                                function() return ac.checkpoint(lin, x, {use_reentrant = true}) end)
+      assert.equal(1, packed)
+      y:sum():backward()
+      assert.equal(1, unpacked)
     end)
 
     it("count nothing for a region run without grad", function()

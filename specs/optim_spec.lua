@@ -154,8 +154,8 @@ describe("optim", function()
               {dtype = "f32", rtol = 2e-5})
     end)
 
-    it("rejects amsgrad, which it does not implement", function()
-      raises("Adam", "amsgrad", function() optim.Adam({param(initial)}, {amsgrad = true}) end)
+    it("rejects an amsgrad that is not a boolean", function()
+      raises("Adam", "amsgrad must be true or false", function() optim.Adam({param(initial)}, {amsgrad = 1}) end)
     end)
   end)
 

@@ -201,6 +201,8 @@ function M.saved_tensors_hooks(pack, unpack, fn, ...)
   return unpack_results(results)
 end
 
+-- The innermost active saved-tensor hooks ({pack =, unpack =}), or nil.
+function M.current_saved_tensors_hooks() return saved_hooks[#saved_hooks] end
 
 -- Run fn(...) with no saved-tensor hooks active (recomputation saves plainly).
 function M.without_saved_tensors_hooks(fn, ...)

@@ -112,6 +112,7 @@ function ms.full_like(t, value, opts)
 end
 
 ms.manual_seed = random.manual_seed
+ms.device = Tensor.with_device -- ms.device("meta", function() return Model() end)
 ms.get_rng_state, ms.set_rng_state = random.get_rng_state, random.set_rng_state
 ms.rand, ms.randn, ms.randint = random.rand, random.randn, random.randint
 
@@ -182,7 +183,7 @@ ms.is_dtensor = DTensor.is_dtensor
 local submodules = {
   nn = "moonshard.nn", optim = "moonshard.optim", dist = "moonshard.dist",
   fsdp = "moonshard.fsdp", ac = "moonshard.ac", dcp = "moonshard.dcp",
-  repl = "moonshard.repl",
+  repl = "moonshard.repl", data = "moonshard.data",
 }
 setmetatable(ms, {__index = function(t, key)
   local path = submodules[key]

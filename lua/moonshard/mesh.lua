@@ -1,6 +1,8 @@
 -- DeviceMesh: the world's ranks laid out row-major in an n-D array, with one process group
 -- per mesh dim (the ranks that differ from this one only along that dim). Dims are 0-based.
+local ffi = require "ffi"
 local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
 local dist = require "moonshard.dist"
 
 local fail = C.fail
@@ -196,6 +198,44 @@ function M.init_device_mesh(device, shape, opts)
     end
   end
   return mesh
+end
+
+-- A 1-D mesh over the ranks of a process group (PyTorch's DeviceMesh.from_group); the
+-- caller must be a member.
+function M.from_group(group, what)
+  what = what or "DeviceMesh.from_group"
+  if getmetatable(group) ~= dist.ProcessGroup then
+    fail(what, "expected a process group from dist.new_group, got %s", type(group))
+  end
+  if group:rank() < 0 then
+    fail(what, "%s does not contain this rank (%d)", tostring(group), dist.get_rank())
+  end
+  return setmetatable({_shape = {group:size()}, _groups = {group}, _coordinate = {group:rank()},
+                       _rank = dist.get_rank(), _world_ranks = group:ranks()}, DeviceMesh)
+end
+
+-- A 2-D (replicate, shard) mesh from a shard group and a replicate group that cross at
+-- this rank (HYBRID_SHARD's process_group pair); every member of both calls it.
+function M.from_groups(shard, replicate, what)
+  local shard_mesh, replicate_mesh = M.from_group(shard, what), M.from_group(replicate, what)
+  -- each replica's shard group, gathered over the replicate group, lays out every rank
+  local ranks = Tensor.empty_raw({shard:size()}, 1, 0)
+  local values = ffi.cast("double*", ranks:data_ptr())
+  for i, r in ipairs(shard:ranks()) do values[i - 1] = r end
+  local all = Tensor.empty_raw({replicate:size() * shard:size()}, 1, 0)
+  dist.all_gather_into_tensor(all, ranks, {group = replicate})
+  local world_ranks = {}
+  for i, r in ipairs(all:table()) do world_ranks[i] = r end
+  ranks:_release()
+  all:_release()
+  if world_ranks[replicate:rank() * shard:size() + shard:rank() + 1] ~= dist.get_rank() then
+    fail(what, "the shard group %s and the replicate group %s do not cross at this rank", tostring(shard),
+         tostring(replicate))
+  end
+  return setmetatable({_shape = {replicate:size(), shard:size()}, _groups = {replicate, shard},
+                       _coordinate = {replicate_mesh._coordinate[1], shard_mesh._coordinate[1]},
+                       _rank = dist.get_rank(), _world_ranks = world_ranks,
+                       mesh_dim_names = {"replicate", "shard"}}, DeviceMesh)
 end
 
 return M

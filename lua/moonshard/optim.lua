@@ -122,6 +122,20 @@ function Optimizer:step(closure)
   return loss
 end
 
+-- Give every parameter without state the state a first step would make (zeros, step 0),
+-- so a checkpoint can be loaded into a fresh optimizer; training from it is unchanged.
+function Optimizer:_init_state()
+  for _, group in ipairs(self.param_groups) do
+    for _, p in ipairs(group.params) do
+      if not self.state[p] then
+        local state = {step = 0}
+        self:init_group_state(group, local_of(p), state)
+        self.state[p] = state
+      end
+    end
+  end
+end
+
 -- Optimizer state in PyTorch's layout: state keyed by the parameter's index (0-based,
 -- across groups in order), param_groups with hyper-parameters and index lists.
 function Optimizer:state_dict()
@@ -199,9 +213,13 @@ function SGD:check_group(group)
   end
 end
 
+function SGD:init_group_state(group, p, state)
+  if group.momentum ~= 0 then state.momentum_buffer = state_tensor(p) end
+end
+
 function SGD:update(group, p, grad, state)
   local buf = state.momentum_buffer
-  local first = buf == nil
+  local first = buf == nil or state.step == 0
   if group.momentum ~= 0 and first then
     buf = state_tensor(p)
     state.momentum_buffer = buf
@@ -229,7 +247,6 @@ end
 
 function Adam:check_group(group)
   local name = self.name
-  if group.amsgrad then fail(name, "amsgrad is not supported") end
   if type(group.betas) ~= "table" then
     fail(name, "betas must be a pair {beta1, beta2}, got %s", type(group.betas))
   end
@@ -239,19 +256,52 @@ function Adam:check_group(group)
   end
   non_negative(name, group, "eps")
   non_negative(name, group, "weight_decay")
+  if type(group.amsgrad) ~= "boolean" then
+    fail(name, "amsgrad must be true or false, got %s", tostring(group.amsgrad))
+  end
 end
 
 M.Adam = adam("Adam", false, 0)
 M.AdamW = adam("AdamW", true, 1e-2)
 
-function Adam:update(group, p, grad, state)
-  if not state.exp_avg then
-    state.exp_avg, state.exp_avg_sq = state_tensor(p), state_tensor(p)
+function Adam:init_group_state(group, p, state)
+  state.exp_avg, state.exp_avg_sq = state_tensor(p), state_tensor(p)
+  if group.amsgrad then state.max_exp_avg_sq = state_tensor(p) end
+end
+
+-- amsgrad: the moments step as in Adam (the fused step with lr 0 leaves the parameter as
+-- it is), then the parameter moves by exp_avg over the running maximum of exp_avg_sq:
+-- p -= lr / (1 - beta1^t) * exp_avg / (sqrt(max_exp_avg_sq) / sqrt(1 - beta2^t) + eps).
+local function amsgrad_step(self, group, p, grad, state)
+  local what = self.name .. ".step"
+  local b1, b2 = group.betas[1], group.betas[2]
+  check(lib.ms_adam_step(p._c, state.exp_avg._c, state.exp_avg_sq._c, grad._c, state.step, 0, b1, b2,
+                         group.eps, group.weight_decay, self.decoupled and 1 or 0, group.maximize and 1 or 0), what)
+  if self.decoupled and group.weight_decay ~= 0 then
+    check(lib.ms_binary_scalar(p._c, p._c, 1 - group.lr * group.weight_decay, raw.MUL, 0), what)
   end
+  local max_sq = state.max_exp_avg_sq
+  check(lib.ms_binary(max_sq._c, max_sq._c, state.exp_avg_sq._c, raw.MAXIMUM), what)
+  local update = Tensor.empty_like_raw(p)
+  check(lib.ms_unary(update._c, max_sq._c, raw.SQRT), what)
+  check(lib.ms_binary_scalar(update._c, update._c, math.sqrt(1 - b2 ^ state.step), raw.DIV, 0), what)
+  check(lib.ms_binary_scalar(update._c, update._c, group.eps, raw.ADD, 0), what)
+  check(lib.ms_binary(update._c, state.exp_avg._c, update._c, raw.DIV), what)
+  check(lib.ms_binary_scalar(update._c, update._c, group.lr / (1 - b1 ^ state.step), raw.MUL, 0), what)
+  check(lib.ms_binary(p._c, p._c, update._c, raw.SUB), what)
+  update:_release()
+end
+
+function Adam:update(group, p, grad, state)
+  if not state.exp_avg then self:init_group_state(group, p, state) end
+  if group.amsgrad and not state.max_exp_avg_sq then state.max_exp_avg_sq = state_tensor(p) end
   state.step = state.step + 1
+  if group.amsgrad then return amsgrad_step(self, group, p, grad, state) end
   check(lib.ms_adam_step(p._c, state.exp_avg._c, state.exp_avg_sq._c, grad._c, state.step,
                          group.lr, group.betas[1], group.betas[2], group.eps, group.weight_decay,
                          self.decoupled and 1 or 0, group.maximize and 1 or 0), self.name .. ".step")
 end
+
+M.lr_scheduler = require "moonshard.lr_scheduler"
 
 return M

@@ -42,7 +42,11 @@ function M.rand(...)
   local shape, opts = Tensor.parse_shape("rand", ...)
   local t = Tensor.create("rand", opts, shape)
   local seed, offset = M.take(t:numel())
-  check(lib.ms_rand_uniform(t._c, 0, 1, seed, offset), "rand")
+  if Tensor.is_meta(t) then -- the counters are kept so materialising draws the same values
+    t._init_draws = {{seed, offset}}
+  else
+    check(lib.ms_rand_uniform(t._c, 0, 1, seed, offset), "rand")
+  end
   if opts.requires_grad then t.requires_grad = true end
   return t
 end
@@ -51,7 +55,11 @@ function M.randn(...)
   local shape, opts = Tensor.parse_shape("randn", ...)
   local t = Tensor.create("randn", opts, shape)
   local seed, offset = M.take(t:numel())
-  check(lib.ms_rand_normal(t._c, 0, 1, seed, offset), "randn")
+  if Tensor.is_meta(t) then -- the counters are kept so materialising draws the same values
+    t._init_draws = {{seed, offset}}
+  else
+    check(lib.ms_rand_normal(t._c, 0, 1, seed, offset), "randn")
+  end
   if opts.requires_grad then t.requires_grad = true end
   return t
 end

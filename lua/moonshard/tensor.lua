@@ -10,6 +10,10 @@ local Tensor = {}
 Tensor.__index = Tensor
 Tensor.__name = "Tensor"
 
+-- Metatable of meta tensors (shape and dtype, no storage); filled in by moonshard.meta.
+local Meta = {__name = "MetaTensor"}
+Tensor.Meta = Meta
+
 -- A released tensor raises on any use instead of touching freed memory.
 local Released = {__released = true}
 local function used_after_release()
@@ -163,8 +167,8 @@ Tensor.parse_shape = parse_shape
 
 local function apply_options(t, opts, what)
   if opts.requires_grad then
-    if t._c.dtype >= dtype_ids.i32 then
-      fail(what, "only floating-point tensors can require gradients, not %s", dtype_names[t._c.dtype])
+    if dtype_ids[t:dtype()] >= dtype_ids.i32 then
+      fail(what, "only floating-point tensors can require gradients, not %s", t:dtype())
     end
     t.requires_grad = true
   end
@@ -173,6 +177,12 @@ end
 
 local creation_options = {dtype = true, device = true, requires_grad = true}
 
+-- The device factories use when no device is given (ms.device sets it for a function).
+local default_device = "cpu"
+
+local function is_meta(t) return getmetatable(t) == Meta end
+Tensor.is_meta = is_meta
+
 local function create(what, opts, shape)
   for key in pairs(opts) do
     if not creation_options[key] then
@@ -180,10 +190,24 @@ local function create(what, opts, shape)
     end
   end
   local dtype = dtype_id(opts.dtype or default_dtype, what)
-  local pool = pool_id(opts.device or "cpu", what)
-  return empty(shape, dtype, pool)
+  local device = opts.device or default_device
+  if device == "meta" then return require("moonshard.meta").new(shape, dtype) end
+  return empty(shape, dtype, pool_id(device, what))
 end
 Tensor.create = create
+
+-- ms.device(device, fn, ...): run fn with device as the factories' default ("meta": tensors
+-- without storage, for deferred initialisation).
+function Tensor.with_device(device, fn, ...)
+  if device ~= "meta" then pool_id(device, "device") end
+  if type(fn) ~= "function" then fail("device", "expected a function to run, got %s", type(fn)) end
+  local saved = default_device
+  default_device = device
+  local results = {pcall(fn, ...)}
+  default_device = saved
+  if not results[1] then error(results[2], 0) end
+  return unpack(results, 2, table.maxn(results))
+end
 
 function Tensor.empty(...)
   local shape, opts = parse_shape("empty", ...)
@@ -192,7 +216,7 @@ end
 
 function Tensor.full_with(what, value, shape, opts)
   local t = create(what, opts, shape)
-  check(lib.ms_fill(t._c, value), what)
+  if not is_meta(t) then check(lib.ms_fill(t._c, value), what) end
   return apply_options(t, opts, what)
 end
 
@@ -227,7 +251,7 @@ function Tensor.arange(a, b, c, d)
   if step == 0 then fail("arange", "step must not be zero") end
   local n = math.max(0, math.ceil((stop - start) / step))
   local t = create("arange", opts, {n})
-  check(lib.ms_arange(t._c, start, step), "arange")
+  if not is_meta(t) then check(lib.ms_arange(t._c, start, step), "arange") end
   return apply_options(t, opts, "arange")
 end
 
@@ -264,7 +288,7 @@ function Tensor.from_table(data, opts)
   end
   if scalar then values[0] = data[1]; index = 1 else fill(data, 1) end
   local t = create("tensor", opts, shape)
-  check(lib.ms_copy(t._c, staging._c), "tensor")
+  if not is_meta(t) then check(lib.ms_copy(t._c, staging._c), "tensor") end
   staging:_release()
   return apply_options(t, opts, "tensor")
 end
@@ -330,8 +354,10 @@ function Tensor:_bump_version()
   s.version = s.version + 1
 end
 
+-- True for tensors with storage and for meta tensors (which raise when an op reads them).
 function Tensor.is_tensor(v)
-  return type(v) == "table" and getmetatable(v) == Tensor
+  local mt = getmetatable(v)
+  return type(v) == "table" and (mt == Tensor or mt == Meta)
 end
 
 -- ---- element access ----

@@ -78,11 +78,17 @@ local function check_inputs(frame)
   end
 end
 
-local function frame_args(frame, as_leaves)
+-- The region's arguments: the kept inputs, or (as_leaves) detached leaves of them; inputs
+-- saved through the node's saved-tensor hooks come back through their unpack.
+local function frame_args(frame, as_leaves, node)
   local args = {}
   for i = 1, frame.inputs.n do
     local entry = frame.inputs[i]
-    if entry.tensor and as_leaves then
+    if entry.saved then
+      local leaf = node:saved_tensor(entry.saved):detach()
+      leaf.requires_grad = entry.requires_grad
+      args[i] = leaf
+    elseif entry.tensor and as_leaves then
       local leaf = entry.tensor:detach()
       leaf.requires_grad = entry.tensor.requires_grad
       args[i] = leaf
@@ -270,12 +276,29 @@ end
 
 -- ---- reentrant ----
 
+-- Like PyTorch's save_for_backward of the region's inputs: under saved-tensor hooks other
+-- than checkpointing's own (save_on_cpu, offload_wrapper, a user's), the inputs are saved
+-- on the node through them and the frame lets go of its handles, so offloading moves them.
+local function save_inputs_through_hooks(frame, node)
+  local hooks = autograd.current_saved_tensors_hooks()
+  if not hooks or hooks.unpack == unpack_placeholder or hooks.unpack == discard_unpack then return end
+  for i = 1, frame.inputs.n do
+    local entry = frame.inputs[i]
+    if entry.tensor then
+      entry.saved = node:save(entry.tensor)
+      entry.requires_grad = entry.tensor.requires_grad
+      entry.tensor:_release()
+      entry.tensor = nil
+    end
+  end
+end
+
 -- Input gradients leave the nested backward as ordinary temporaries, so the engine frees
 -- them once they are accumulated.
 local function reentrant_backward(node, grad)
   local frame = node.frame
   check_inputs(frame)
-  local leaves = frame_args(frame, true)
+  local leaves = frame_args(frame, true, node)
   local _, output = rerun(frame, leaves, nil, function(results) return results[1] end)
   if output.requires_grad then autograd.backward({output}, {grad}) end
   local grads = {}
@@ -318,6 +341,7 @@ function M.checkpoint_reentrant(fn, args, opts)
   if node then
     node.frame = frame
     node.saved = {} -- marks the node freed once run, so a second backward is refused
+    save_inputs_through_hooks(frame, node)
   else
     release_sources(frame)
   end

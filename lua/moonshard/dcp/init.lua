@@ -3,6 +3,7 @@
 local save = require "moonshard.dcp.save"
 local load = require "moonshard.dcp.load"
 local store = require "moonshard.dcp.store"
+local state_dict = require "moonshard.dcp.state_dict"
 
 local dcp = {}
 
@@ -27,6 +28,15 @@ function dcp.load(state_dict, dir, opts) return load.load(state_dict, dir, opts,
 -- dcp.delete(dir, step): remove a committed step and reclaim its space, from one process
 -- while no save of the store is in flight.
 function dcp.delete(dir, step) return save.delete(dir, step, "dcp.delete") end
+
+-- State dicts of a model and its optimizers (torch.distributed.checkpoint.state_dict):
+-- get_state_dict(model, optimizers, {full_state_dict, cpu_offload, strict}) -> model sd, optim sd;
+-- set_state_dict(model, optimizers, {model_state_dict =, optim_state_dict =}, opts); and the
+-- get_/set_model_state_dict, get_/set_optimizer_state_dict halves.
+for _, name in ipairs({"get_state_dict", "set_state_dict", "get_model_state_dict", "get_optimizer_state_dict",
+                       "set_model_state_dict", "set_optimizer_state_dict"}) do
+  dcp[name] = state_dict[name]
+end
 
 -- dcp.open(dir): a read-only store with :steps(), :entries(step), :chunks(fqn, step),
 -- :read(fqn, step), :verify(step) and :close().

@@ -4,7 +4,8 @@
 -- Device tensors are filled through a host buffer (dcp/host.lua).
 local C = require "moonshard.ffi"
 local autograd = require "moonshard.autograd"
-local flatten = require "moonshard.dcp.flatten"
+local stateful = require "moonshard.dcp.stateful"
+local Tensor = require "moonshard.tensor"
 local layout = require "moonshard.dcp.layout"
 local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
@@ -40,6 +41,8 @@ local function value_kind(leaf)
   return leaf.kind == "value" and type(leaf.value) or (leaf.kind == "dtensor" and "DTensor" or "tensor")
 end
 
+local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
+
 -- Raise for the first leaf the stored entry cannot fill.
 local function check_leaf(leaf, entry, where, what)
   if (entry.kind == "tensor") ~= (leaf.kind ~= "value") then
@@ -53,13 +56,30 @@ local function check_leaf(leaf, entry, where, what)
     fail(what, "%s: shape mismatch for '%s': the checkpoint has %s, the state dict has %s", where,
          leaf.fqn, tostring(entry.shape), tostring(shape))
   end
-  if leaf.value:dtype() ~= entry.dtype then
-    fail(what, "%s: dtype mismatch for '%s': the checkpoint has %s, the state dict has %s", where,
-         leaf.fqn, entry.dtype, leaf.value:dtype())
+  local dtype = leaf.value:dtype()
+  if dtype ~= entry.dtype and not (FLOATING[dtype] and FLOATING[entry.dtype]) then
+    fail(what, "%s: dtype mismatch for '%s': the checkpoint has %s, the state dict has %s (only " ..
+         "floating-point values cast on load)", where, leaf.fqn, entry.dtype, dtype)
   end
 end
 
 local offsets_buf = ffi.new("int64_t[8]")
+
+-- Read a stored chunk region into target; a stored float of another dtype is read into a
+-- buffer of its own dtype and cast by the copy, as PyTorch's copy_ does.
+local function read_cast(s, step, fqn, target, stored_dtype, offsets, what)
+  if target._c.dtype == stored_dtype then
+    check(lib.ms_store_read_tensor(s, step, fqn, target._c, offsets), what)
+    return
+  end
+  local buffer = Tensor.empty_raw(target:shape(), stored_dtype, target._c.storage.pool)
+  local ok, err = pcall(function()
+    check(lib.ms_store_read_tensor(s, step, fqn, buffer._c, offsets), what)
+    check(lib.ms_copy(target._c, buffer._c), what)
+  end)
+  buffer:_release()
+  if not ok then error(err, 0) end
+end
 
 local function load_from(s, leaves, dir, opts, what)
   local step = opts.step
@@ -93,8 +113,7 @@ local function load_from(s, leaves, dir, opts, what)
       else
         local place = layout.of(leaf, rank, what)
         host.read_into(place.tensor, function(target)
-          check(lib.ms_store_read_tensor(s, step, leaf.fqn, target._c,
-                                         layout.int64s(place.offsets, offsets_buf)), what)
+          read_cast(s, step, leaf.fqn, target, entry.dtype_id, layout.int64s(place.offsets, offsets_buf), what)
         end, what)
         place.tensor:_bump_version()
       end
@@ -107,12 +126,13 @@ end
 -- dcp.load(state_dict, dir, {step =, strict =}): returns {step =, unexpected_keys =}.
 function M.load(state_dict, dir, opts, what)
   opts = check_options(opts, what)
-  local leaves = flatten.flatten(state_dict, what)
+  local leaves, statefuls = stateful.flatten(state_dict, what)
   require("moonshard.dcp.save").wait_pending()
   local s = handle.open(dir, handle.READ_ONLY, what)
   local ok, result = pcall(load_from, s, leaves, dir, opts, what)
   handle.close(s)
   if not ok then error(result, 0) end
+  stateful.restore(statefuls)
   return result
 end
 

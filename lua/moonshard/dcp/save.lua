@@ -4,7 +4,7 @@
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local scope = require "moonshard.scope"
-local flatten = require "moonshard.dcp.flatten"
+local stateful = require "moonshard.dcp.stateful"
 local layout = require "moonshard.dcp.layout"
 local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
@@ -148,7 +148,7 @@ end
 -- dcp.save(state_dict, dir, {step =, keep_last =}): returns the step written.
 function M.save(state_dict, dir, opts, what)
   opts = check_options(opts, what)
-  local leaves = flatten.flatten(state_dict, what)
+  local leaves = stateful.flatten(state_dict, what)
   M.wait_pending()
   local ok, s, step = start(leaves, dir, opts, false, nil, what)
   finish(s, ok, not ok and step or nil, opts, what)
@@ -196,7 +196,7 @@ end
 -- returns a handle; h:wait() commits the step.
 function M.async_save(state_dict, dir, opts, what)
   opts = check_options(opts, what)
-  local leaves = flatten.flatten(state_dict, what)
+  local leaves = stateful.flatten(state_dict, what)
   M.wait_pending()
   local ok, s, step = start(leaves, dir, opts, true, stage(dir, what), what)
   local h = setmetatable({store = s, opts = opts, what = what, local_ok = ok,

@@ -7,9 +7,10 @@ local autograd = require "moonshard.autograd"
 local Module = require "moonshard.nn.module"
 local Unit = require "moonshard.fsdp.unit"
 local state_dict = require "moonshard.fsdp.state_dict"
-local reduce = require "moonshard.ops.reduce"
+local grad_norm = require "moonshard.nn.utils"
 local stats = require "moonshard.fsdp.stats"
 local prefetch = require "moonshard.fsdp.prefetch"
+local materialize = require "moonshard.fsdp.materialize"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -103,17 +104,34 @@ end
 
 -- ---- wrapping ----
 
-local function resolve_mesh(opts)
+-- The mesh sharding follows: device_mesh, process_group (a group, or a pair {shard group,
+-- replicate group} for the hybrid strategies), or the whole world.
+local function resolve_mesh(opts, strategy)
   local d = dist()
-  local strategy = opts.sharding_strategy or "FULL_SHARD"
   local hybrid = Unit.STRATEGIES[strategy].hybrid
-  local mesh = opts.device_mesh
+  local mesh, group = opts.device_mesh, opts.process_group
+  if mesh ~= nil and group ~= nil then fail("FSDP", "give either device_mesh or process_group, not both") end
+  if group ~= nil then
+    local mesh_mod = require "moonshard.mesh"
+    if getmetatable(group) == d.ProcessGroup then
+      if hybrid then
+        fail("FSDP", "%s takes process_group as a pair {shard_group, replicate_group}, got one group", strategy)
+      end
+      return mesh_mod.from_group(group, "FSDP: process_group")
+    end
+    if type(group) ~= "table" or #group ~= 2 or getmetatable(group[1]) ~= d.ProcessGroup or
+       getmetatable(group[2]) ~= d.ProcessGroup then
+      fail("FSDP", "process_group must be a group from dist.new_group or a pair {shard_group, replicate_group}")
+    end
+    if not hybrid then fail("FSDP", "a process_group pair is for HYBRID_SHARD or _HYBRID_SHARD_ZERO2, not %s", strategy) end
+    return mesh_mod.from_groups(group[1], group[2], "FSDP: process_group")
+  end
   if mesh == nil then
     local world = d.get_world_size()
     if hybrid then
       fail("FSDP", "%s needs a 2-D device_mesh (replicate, shard), e.g. " ..
-           "dist.init_device_mesh({2, %d}, {mesh_dim_names = {'replicate', 'shard'}})", strategy,
-           math.max(1, math.floor(world / 2)))
+           "dist.init_device_mesh({2, %d}, {mesh_dim_names = {'replicate', 'shard'}}), or a process_group pair",
+           strategy, math.max(1, math.floor(world / 2)))
     end
     mesh = d.init_device_mesh({world})
   end
@@ -126,26 +144,41 @@ local function resolve_mesh(opts)
   return mesh
 end
 
+local KNOWN_OPTIONS = {
+  sharding_strategy = true, device_mesh = true, process_group = true, cpu_offload = true, use_orig_params = true,
+  auto_wrap_policy = true, sync_module_states = true, forward_prefetch = true, backward_prefetch = true,
+  param_init_fn = true, ignored_modules = true, ignored_states = true, limit_all_gathers = true, device_id = true,
+}
+local NOT_IMPLEMENTED = {mixed_precision = true}
+
 local function check_options(opts)
   local strategy = opts.sharding_strategy or "FULL_SHARD"
   if not Unit.STRATEGIES[strategy] then
     fail("FSDP", "unknown sharding_strategy '%s' (expected FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, " ..
          "HYBRID_SHARD or _HYBRID_SHARD_ZERO2)", tostring(strategy))
   end
-  local known = {sharding_strategy = true, device_mesh = true, cpu_offload = true, use_orig_params = true,
-                 auto_wrap_policy = true, sync_module_states = true, process_group = true,
-                 forward_prefetch = true, backward_prefetch = true}
   for key in pairs(opts) do
-    if not known[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
+    if NOT_IMPLEMENTED[key] then fail("FSDP", "option '%s' is not implemented", tostring(key)) end
+    if not KNOWN_OPTIONS[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
   end
   if opts.auto_wrap_policy ~= nil and type(opts.auto_wrap_policy) ~= "function" then
     fail("FSDP", "auto_wrap_policy must be a function(module) -> bool (see fsdp.wrap_policy)")
   end
-  if opts.cpu_offload ~= nil and type(opts.cpu_offload) ~= "table" then
-    fail("FSDP", "cpu_offload must be a table such as {offload_params = true}")
+  if opts.param_init_fn ~= nil and type(opts.param_init_fn) ~= "function" then
+    fail("FSDP", "param_init_fn must be a function(module), got %s", type(opts.param_init_fn))
   end
-  if opts.forward_prefetch ~= nil and type(opts.forward_prefetch) ~= "boolean" then
-    fail("FSDP", "forward_prefetch must be true or false, got %s", tostring(opts.forward_prefetch))
+  if opts.cpu_offload ~= nil then
+    if type(opts.cpu_offload) ~= "table" then
+      fail("FSDP", "cpu_offload must be a table such as {offload_params = true}")
+    end
+    for key in pairs(opts.cpu_offload) do
+      if key ~= "offload_params" then fail("FSDP", "unknown cpu_offload option '%s' (expected offload_params)", tostring(key)) end
+    end
+  end
+  for _, key in ipairs({"forward_prefetch", "limit_all_gathers", "sync_module_states", "use_orig_params"}) do
+    if opts[key] ~= nil and type(opts[key]) ~= "boolean" then
+      fail("FSDP", "%s must be true or false, got %s", key, tostring(opts[key]))
+    end
   end
   local backward = opts.backward_prefetch
   if backward ~= nil and backward ~= false and not prefetch.BACKWARD[backward] then
@@ -155,72 +188,161 @@ local function check_options(opts)
   return strategy
 end
 
--- Parameters of module's subtree not owned by a unit below it, with their names.
-local function owned_params(module)
-  local owned = {}
-  local function visit(m, prefix)
+-- device_id: a device name ("cpu", "host", "cuda:N") or N for "cuda:N"; its pool id.
+local function resolve_device(device_id)
+  if device_id == nil then return nil end
+  if type(device_id) == "number" then device_id = "cuda:" .. device_id end
+  if type(device_id) ~= "string" then fail("FSDP", "device_id must be a device name or a number, got %s", type(device_id)) end
+  return Tensor.pool_id(device_id, "FSDP: device_id")
+end
+
+-- ignored_modules (modules: their subtrees stay unsharded) and ignored_states (parameters
+-- or modules) as sets.
+local function ignored_sets(module, opts)
+  local modules, params = {}, {}
+  local function add_module(m, key)
+    if not Module.is_module(m) then fail("FSDP", "%s must hold modules, got %s", key, type(m)) end
+    if m == module then fail("FSDP", "%s cannot hold the module being wrapped", key) end
+    modules[m] = true
+  end
+  for _, key in ipairs({"ignored_modules", "ignored_states"}) do
+    local list = opts[key]
+    if list ~= nil then
+      if type(list) ~= "table" or Module.is_module(list) or Tensor.is_tensor(list) then
+        fail("FSDP", "%s must be an array, got %s", key, type(list))
+      end
+      for _, v in ipairs(list) do
+        if key == "ignored_states" and Tensor.is_tensor(v) then params[v] = true else add_module(v, key) end
+      end
+    end
+  end
+  if opts.ignored_modules and opts.ignored_states then
+    fail("FSDP", "give either ignored_modules or ignored_states, not both")
+  end
+  return {modules = modules, params = params}
+end
+
+-- Modules to wrap, children before parents, the root last.
+local function plan_wrap(module, policy, ignored)
+  local list = {}
+  local function visit(m, is_top)
+    if ignored.modules[m] then return end
+    for _, name in ipairs(m._module_order) do visit(m._modules[name], false) end
+    if is_top or (policy and not unit_of(m) and policy(m)) then list[#list + 1] = m end
+  end
+  visit(module, true)
+  return list
+end
+
+-- The parameters each wrapped module's unit owns, and the modules whose buffers it
+-- materialises. A parameter reachable under several names (tied) is one entry with
+-- aliases; a tie across two units raises naming both names.
+local function assign(module, to_wrap, ignored)
+  local wrapping, owned, modules, unit_name = {}, {}, {}, {}
+  for _, m in ipairs(to_wrap) do
+    wrapping[m], owned[m], modules[m] = true, {}, {}
+  end
+  local first_use = {}
+  local function visit(m, prefix, owner)
+    if m ~= module and (unit_of(m) or ignored.modules[m]) then return end
+    if wrapping[m] then
+      owner = m
+      unit_name[m] = prefix == "" and "the root" or "'" .. prefix:sub(1, -2) .. "'"
+    end
+    local own_modules = modules[owner]
+    own_modules[#own_modules + 1] = m
     for _, name in ipairs(m._param_order) do
       local p = m._parameters[name]
-      if Tensor.is_tensor(p) then
-        owned[#owned + 1] = {module = m, name = name, fqn = prefix .. name, tensor = p}
+      if Tensor.is_tensor(p) and not ignored.params[p] then
+        local use = first_use[p]
+        if use == nil then
+          use = {module = m, name = name, fqn = prefix .. name, tensor = p, aliases = {}, owner = owner}
+          first_use[p] = use
+          owned[owner][#owned[owner] + 1] = use
+        elseif use.owner ~= owner then
+          fail("FSDP", "'%s' and '%s' are one tied parameter in two FSDP units (%s and %s); wrap the " ..
+               "modules that share it in one unit", use.fqn, prefix .. name, unit_name[use.owner], unit_name[owner])
+        else
+          use.aliases[#use.aliases + 1] = {module = m, name = name, fqn = prefix .. name}
+        end
       end
     end
     for _, child_name in ipairs(m._module_order) do
-      local child = m._modules[child_name]
-      if not unit_of(child) then visit(child, prefix .. child_name .. ".") end
+      visit(m._modules[child_name], prefix .. child_name .. ".", owner)
     end
   end
-  visit(module, "")
-  return owned
+  visit(module, "", module)
+  return owned, modules
 end
 
-local function sync_states(module)
+local function sync_states(module, mesh)
   local d = dist()
   autograd.no_grad(function()
-    for _, p in module:named_parameters() do
-      if Tensor.is_tensor(p) then d.broadcast(p, 0) end
+    for g = 1, mesh:ndim() do
+      local group = mesh:get_group(g - 1)
+      local src = group:ranks()[1]
+      for _, p in module:named_parameters() do
+        if Tensor.is_tensor(p) and not Tensor.is_meta(p) then d.broadcast(p, src, {group = group}) end
+      end
+      for _, b in module:named_buffers() do
+        if not Tensor.is_meta(b) then d.broadcast(b, src, {group = group}) end
+      end
     end
-    for _, b in module:named_buffers() do d.broadcast(b, 0) end
   end)
 end
 
-local function wrap_one(module, config)
-  if unit_of(module) then
-    fail("FSDP", "module %s is already wrapped by FSDP; wrap each module once", module.__name or "?")
-  end
-  local unit = Unit.new(module, owned_params(module), config)
+local function wrap_one(module, owned, modules, config)
+  local unit = Unit.new(module, owned, config)
   rawset(module, "_fsdp_unit", unit)
-  module:register_forward_pre_hook(pre_forward(unit))
-  module:register_forward_hook(post_forward(unit))
+  unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
+  unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
   state_dict.install(module, unit)
+  materialize.run(unit, modules, config.param_init_fn, config.pool or 0)
   return unit
 end
 
-local function auto_wrap(module, policy, config, is_top)
-  for _, name in ipairs(module._module_order) do
-    auto_wrap(module._modules[name], policy, config, false)
-  end
-  if not is_top and not unit_of(module) and policy(module) then wrap_one(module, config) end
+local function unwrap(module, unit)
+  unit:undo()
+  rawset(module, "_fsdp_unit", nil)
+  state_dict.uninstall(module)
 end
 
--- FSDP(module, {sharding_strategy, device_mesh, cpu_offload = {offload_params},
---               use_orig_params, auto_wrap_policy, sync_module_states,
---               forward_prefetch, backward_prefetch}) -> module
+-- FSDP(module, {sharding_strategy, device_mesh | process_group, cpu_offload = {offload_params},
+--               use_orig_params, auto_wrap_policy, sync_module_states, forward_prefetch,
+--               backward_prefetch, limit_all_gathers, param_init_fn, ignored_modules |
+--               ignored_states, device_id}) -> module
 function fsdp.FSDP(module, opts)
   opts = opts or {}
   if not Module.is_module(module) then fail("FSDP", "expected an nn.Module, got %s", type(module)) end
+  if type(opts) ~= "table" then fail("FSDP", "options must be a table, got %s", type(opts)) end
   if unit_of(module) then
     fail("FSDP", "module %s is already wrapped by FSDP; wrap each module once", module.__name or "?")
   end
   local strategy = check_options(opts)
-  local mesh = resolve_mesh(opts)
-  if opts.sync_module_states then sync_states(module) end
-  local config = {strategy = strategy, mesh = mesh,
-                  offload = opts.cpu_offload and opts.cpu_offload.offload_params or false}
-  autograd.no_grad(function()
-    if opts.auto_wrap_policy then auto_wrap(module, opts.auto_wrap_policy, config, true) end
-    wrap_one(module, config)
+  local mesh = resolve_mesh(opts, strategy)
+  local ignored = ignored_sets(module, opts)
+  local to_wrap = plan_wrap(module, opts.auto_wrap_policy, ignored)
+  local owned, modules = assign(module, to_wrap, ignored)
+  local config = {strategy = strategy, mesh = mesh, pool = resolve_device(opts.device_id),
+                  offload = opts.cpu_offload and opts.cpu_offload.offload_params or false,
+                  param_init_fn = opts.param_init_fn or materialize.default_init}
+  if opts.sync_module_states then sync_states(module, mesh) end
+  local built = {}
+  local ok, err = pcall(autograd.no_grad, function()
+    for _, m in ipairs(to_wrap) do
+      built[#built + 1] = {m, false}
+      built[#built][2] = wrap_one(m, owned[m], modules[m], config)
+    end
   end)
+  if not ok then
+    for i = #built, 1, -1 do
+      local m = built[i][1]
+      local unit = built[i][2] or rawget(m, "_fsdp_unit")
+      if unit then unwrap(m, unit) end
+    end
+    error(err, 0)
+  end
+  for _, entry in ipairs(built) do entry[2]:commit() end
   local root = unit_of(module)
   root.tree = units_under(module)
   for _, unit in ipairs(root.tree) do
@@ -228,6 +350,7 @@ function fsdp.FSDP(module, opts)
     if unit ~= root then unit.tree = nil end
   end
   root.forward_prefetch = opts.forward_prefetch or false
+  root.limit_all_gathers = opts.limit_all_gathers ~= false
   root.backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch,
                                                      mesh:get_group(mesh:ndim() - 1).backend)
   rawset(module, "no_sync", fsdp.no_sync)
@@ -288,54 +411,51 @@ function fsdp.summon_full_params(model, fn, opts)
 end
 
 -- Scale gradients so their global norm (over every shard and replica) is at most
--- max_norm; returns the norm before clipping.
+-- max_norm; norm_type 2 (default), any p > 0, or math.huge for the largest magnitude.
+-- Returns the norm before clipping.
 function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   if type(max_norm) ~= "number" or max_norm < 0 then
     fail("clip_grad_norm_", "max_norm must be a non-negative number, got %s", tostring(max_norm))
   end
-  if norm_type ~= nil and norm_type ~= 2 then fail("clip_grad_norm_", "only norm_type 2 is supported") end
+  local p = grad_norm.norm_type(norm_type, "clip_grad_norm_")
   local root = unit_of(model)
   if not root or not root.tree then fail("clip_grad_norm_", "expects the root FSDP module") end
-  local sharded_sq, replicated_sq = 0, 0
+  local sharded, replicated = 0, 0
   local grads = {}
   for _, unit in ipairs(root.tree) do
-    for _, p in ipairs(unit.params) do
-      local grad = rawget(p.sharded, "grad")
+    for _, param in ipairs(unit.params) do
+      local grad = rawget(param.sharded, "grad")
       if grad then
         local g = grad._local
         grads[#grads + 1] = g
-        if g:numel() > 0 then
-          local sq = reduce.sum_of_squares(g)
-          if unit.strategy.shard then sharded_sq = sharded_sq + sq else replicated_sq = replicated_sq + sq end
+        local term = grad_norm.norm_term(g, p)
+        if unit.strategy.shard then
+          sharded = grad_norm.combine(sharded, term, p)
+        else
+          replicated = grad_norm.combine(replicated, term, p)
         end
       end
     end
   end
   for _, m in model:named_modules() do
     for _, name in ipairs(m._param_order) do
-      local p = m._parameters[name]
-      local g = Tensor.is_tensor(p) and rawget(p, "grad")
+      local param = m._parameters[name]
+      local g = Tensor.is_tensor(param) and rawget(param, "grad")
       if g then
         grads[#grads + 1] = g
-        replicated_sq = replicated_sq + reduce.sum_of_squares(g)
+        replicated = grad_norm.combine(replicated, grad_norm.norm_term(g, p), p)
       end
     end
   end
   if root.strategy.shard then
     local total = Tensor.empty_raw({1}, 1, 0)
-    check(lib.ms_fill(total._c, sharded_sq), "clip_grad_norm_")
-    dist().all_reduce(total, "sum", {group = root.shard_group})
-    sharded_sq = total:item()
+    check(lib.ms_fill(total._c, sharded), "clip_grad_norm_")
+    dist().all_reduce(total, p == math.huge and "max" or "sum", {group = root.shard_group})
+    sharded = total:item()
     total:_release()
   end
-  local norm = math.sqrt(sharded_sq + replicated_sq)
-  local coef = max_norm / (norm + 1e-6)
-  if coef < 1 then
-    for _, g in ipairs(grads) do
-      check(lib.ms_binary_scalar(g._c, g._c, coef, 2, 0), "clip_grad_norm_")
-      g:_bump_version()
-    end
-  end
+  local norm = grad_norm.finish(grad_norm.combine(sharded, replicated, p), p)
+  grad_norm.scale(grads, norm, max_norm)
   return norm
 end
 

@@ -31,6 +31,19 @@ function M.end_forward(root)
   end
 end
 
+-- Issue unit's all-gather ahead of its use, unless limit_all_gathers holds it back: then
+-- at most one prefetched all-gather buffer is alive at a time (a unit gathered ahead and
+-- not yet run keeps the next one from starting).
+local function prefetch(unit)
+  local root = unit.root
+  if root.limit_all_gathers then
+    for _, u in ipairs(root.tree) do
+      if u.gathering and u ~= unit then return end
+    end
+  end
+  unit:start_unshard()
+end
+
 -- A unit starts its forward: record it (first forward) and gather the next unit.
 function M.on_forward(unit)
   local root = unit.root
@@ -44,7 +57,7 @@ function M.on_forward(unit)
   end
   if root.forward_prefetch then
     local next_unit = root.forward_order[root.forward_cursor + 1]
-    if next_unit and next_unit ~= unit then next_unit:start_unshard() end
+    if next_unit and next_unit ~= unit then prefetch(next_unit) end
   end
 end
 
@@ -59,7 +72,7 @@ end
 function M.on_backward(unit, mode)
   if unit.root.backward_prefetch ~= mode then return end
   local next_unit = M.backward_next(unit)
-  if next_unit then next_unit:start_unshard() end
+  if next_unit then prefetch(next_unit) end
 end
 
 return M

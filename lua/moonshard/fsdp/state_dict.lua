@@ -20,29 +20,57 @@ local function settings_of(module)
   return unit and unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
 end
 
--- fsdp.set_state_dict_type(model, "FULL_STATE_DICT", {rank0_only = true})
-function M.set_state_dict_type(model, kind, opts)
+-- The settings a state-dict config table may hold, per type (as PyTorch's configs).
+local CONFIG_KEYS = {
+  FULL_STATE_DICT = {rank0_only = true, offload_to_cpu = true},
+  SHARDED_STATE_DICT = {offload_to_cpu = true},
+  LOCAL_STATE_DICT = {offload_to_cpu = true},
+}
+
+local function check_config(kind, config, what)
+  if config == nil then return {} end
+  if type(config) ~= "table" then fail("set_state_dict_type", "%s must be a table, got %s", what, type(config)) end
+  for key, value in pairs(config) do
+    if not CONFIG_KEYS[kind][key] then
+      local names = {}
+      for name in pairs(CONFIG_KEYS[kind]) do names[#names + 1] = name end
+      table.sort(names)
+      fail("set_state_dict_type", "unknown %s option '%s' for %s (expected %s)", what, tostring(key), kind,
+           table.concat(names, " or "))
+    end
+    if type(value) ~= "boolean" then
+      fail("set_state_dict_type", "%s.%s must be true or false, got %s", what, key, tostring(value))
+    end
+  end
+  return config
+end
+
+-- fsdp.set_state_dict_type(model, "FULL_STATE_DICT", {rank0_only = true, offload_to_cpu = true}
+--                          [, optim_state_dict_config])
+function M.set_state_dict_type(model, kind, config, optim_config)
   if not TYPES[kind] then
     fail("set_state_dict_type", "unknown state dict type '%s' (expected SHARDED_STATE_DICT, " ..
          "FULL_STATE_DICT or LOCAL_STATE_DICT)", tostring(kind))
   end
   local unit = rawget(model, "_fsdp_unit")
   if not unit or not unit.tree then fail("set_state_dict_type", "expects the root FSDP module") end
-  local settings = {type = kind, rank0_only = opts and opts.rank0_only or false}
+  config = check_config(kind, config, "state_dict_config")
+  optim_config = check_config(kind, optim_config, "optim_state_dict_config")
+  local settings = {type = kind, rank0_only = config.rank0_only or false, offload_to_cpu = config.offload_to_cpu or false,
+                    optim = {type = kind, rank0_only = optim_config.rank0_only or false,
+                             offload_to_cpu = optim_config.offload_to_cpu or false}}
   for _, u in ipairs(unit.tree) do u.state_dict_settings = settings end
 end
 
--- Every parameter and persistent buffer in registration order: {fqn, value, is_buffer}.
+-- Every parameter and persistent buffer in registration order: {fqn, value, is_buffer}; a
+-- tied parameter appears under each of its names (the same value).
 local function entries(model)
   local out, seen = {}, {}
   for prefix, m in model:named_modules() do
     local base = prefix == "" and "" or prefix .. "."
     for _, name in ipairs(m._param_order) do
       local p = m._parameters[name]
-      if p and not seen[p] then
-        seen[p] = true
-        out[#out + 1] = {base .. name, p}
-      end
+      if p then out[#out + 1] = {base .. name, p} end
     end
     for _, name in ipairs(m._buffer_order) do
       local b = m._buffers[name]
@@ -55,26 +83,93 @@ local function entries(model)
   return out
 end
 
+-- Rank 0 of the value's mesh (every coordinate 0); plain values count as held by all.
 local function is_rank0(value)
-  return value.device_mesh == nil or dist().get_rank() == 0
+  local mesh = value.device_mesh
+  if mesh == nil then return true end
+  for _, c in ipairs(mesh:get_coordinate()) do if c ~= 0 then return false end end
+  return true
 end
 
+local function host_copy(t)
+  local copy = Tensor.empty_raw(t:shape(), t._c.dtype, Tensor.pool_id("host", "state_dict"))
+  check(lib.ms_copy(copy._c, t._c), "state_dict")
+  return copy
+end
+
+-- The full value of a sharded DTensor, gathered through one padded buffer (the only
+-- full-size compute tensor alive); kept only where settings ask (rank0_only), in the host
+-- pool with offload_to_cpu. Returns nil on ranks that keep nothing.
+local function gather_full(value, settings)
+  local mesh_dim = value._shard_dim
+  local keep = not settings.rank0_only or is_rank0(value)
+  if not mesh_dim then
+    if not keep then return nil end
+    return settings.offload_to_cpu and host_copy(value._local) or value._local:clone()
+  end
+  local mesh = value.device_mesh
+  local size, shape = mesh:size(mesh_dim), value:shape()
+  local rows = shape[1]
+  local chunk = math.ceil(rows / size)
+  local local_tensor = value._local
+  local padded = {chunk}
+  for d = 2, #shape do padded[d] = shape[d] end
+  local dtype, pool = local_tensor._c.dtype, local_tensor._c.storage.pool
+  local send = Tensor.empty_raw(padded, dtype, pool)
+  check(lib.ms_fill(send._c, 0), "state_dict")
+  if local_tensor:numel() > 0 then
+    local head = Tensor.view_raw(send, local_tensor:shape(), nil, 0, "state_dict")
+    check(lib.ms_copy(head._c, local_tensor._c), "state_dict")
+    head:_release()
+  end
+  padded[1] = chunk * size
+  local gathered = Tensor.empty_raw(padded, dtype, pool)
+  dist().all_gather_into_tensor(gathered, send, {group = mesh:get_group(mesh_dim)})
+  send:_release()
+  if not keep then
+    gathered:_release()
+    return nil
+  end
+  local out
+  if settings.offload_to_cpu or chunk * size ~= rows then
+    out = Tensor.empty_raw(shape, dtype, settings.offload_to_cpu and Tensor.pool_id("host", "state_dict") or pool)
+    if rows > 0 then
+      local head = Tensor.view_raw(gathered, shape, nil, 0, "state_dict")
+      check(lib.ms_copy(out._c, head._c), "state_dict")
+      head:_release()
+    end
+    gathered:_release()
+  else
+    out = gathered
+  end
+  return out
+end
+M.gather_full = gather_full
+
 local function export(value, settings)
-  if not DTensor.is_dtensor(value) then return value:detach() end
-  if settings.type == "SHARDED_STATE_DICT" then return value:detach() end
-  if settings.type == "LOCAL_STATE_DICT" then return value:to_local():detach() end
-  return value:full_tensor()
+  local exported
+  if not DTensor.is_dtensor(value) then
+    exported = value:detach()
+  elseif settings.type == "SHARDED_STATE_DICT" then
+    exported = value:detach()
+    if settings.offload_to_cpu then
+      exported = DTensor.new(host_copy(value._local), value.device_mesh, value.placements, value:shape())
+    end
+  elseif settings.type == "LOCAL_STATE_DICT" then
+    exported = settings.offload_to_cpu and host_copy(value._local) or value:to_local():detach()
+  else
+    return gather_full(value, settings)
+  end
+  return exported
 end
 
 local function model_state_dict(model)
   local settings = settings_of(model)
-  local out = {}
+  local out, done = {}, {}
   for _, entry in ipairs(entries(model)) do
     local fqn, value = entry[1], entry[2]
-    local exported = export(value, settings)
-    if not (settings.type == "FULL_STATE_DICT" and settings.rank0_only and not is_rank0(value)) then
-      out[fqn] = exported
-    end
+    if done[value] == nil then done[value] = export(value, settings) or false end
+    if done[value] then out[fqn] = done[value] end
   end
   return out
 end
@@ -172,12 +267,17 @@ function M.install(module, unit)
   rawset(module, "load_state_dict", model_load_state_dict)
 end
 
+function M.uninstall(module)
+  rawset(module, "state_dict", nil)
+  rawset(module, "load_state_dict", nil)
+end
+
 -- ---- optimizer state ----
 
 local function param_names(model)
   local names = {}
   for _, entry in ipairs(entries(model)) do
-    if not entry[3] then names[entry[2]] = entry[1] end
+    if not entry[3] and not names[entry[2]] then names[entry[2]] = entry[1] end
   end
   return names
 end
@@ -185,17 +285,16 @@ end
 -- One optimizer state tensor of sharded parameter p, laid out like p in the state dict
 -- (making only the view or the gathered tensor that is returned).
 local function export_state(value, p, settings)
-  if settings.type == "LOCAL_STATE_DICT" then return value:detach() end
-  if settings.type == "SHARDED_STATE_DICT" then
-    return DTensor.new(value:detach(), p.device_mesh, p.placements, p:shape())
+  if settings.type == "FULL_STATE_DICT" then
+    return gather_full(DTensor.new(value, p.device_mesh, p.placements, p:shape()), settings)
   end
-  return DTensor.new(value, p.device_mesh, p.placements, p:shape()):full_tensor()
+  return export(DTensor.new(value, p.device_mesh, p.placements, p:shape()), settings)
 end
 
 -- The optimizer's state keyed by parameter names, tensors laid out like the parameters
 -- (DTensors for a sharded state dict, full tensors for a full one).
 function M.optim_state_dict(model, opt)
-  local settings = settings_of(model)
+  local settings = settings_of(model).optim or {type = settings_of(model).type}
   local names = param_names(model)
   local out = {state = {}, param_groups = {}}
   for _, group in ipairs(opt.param_groups) do
@@ -208,7 +307,11 @@ function M.optim_state_dict(model, opt)
       local state = opt.state[p]
       if state then
         local copy = {}
-        for key, value in pairs(state) do
+        local keys = {}
+        for key in pairs(state) do keys[#keys + 1] = key end
+        table.sort(keys) -- a full export gathers (a collective): the same order on every rank
+        for _, key in ipairs(keys) do
+          local value = state[key]
           if Tensor.is_tensor(value) and DTensor.is_dtensor(p) then
             copy[key] = export_state(value, p, settings)
           elseif Tensor.is_tensor(value) then

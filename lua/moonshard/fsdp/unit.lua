@@ -39,15 +39,17 @@ end
 
 local function is_released(t) return t._c.storage.released ~= 0 end
 
--- Build a unit for module over the given owned parameters: {module, name, fqn, tensor}.
--- config: strategy name, mesh, offload (bool).
+-- Build a unit for module over the given owned parameters: {module, name, fqn, tensor,
+-- aliases = {{module, name, fqn}, ...}} (aliases: the other slots of a tied parameter).
+-- config: strategy name, mesh, offload (bool), pool (where shards of meta parameters go,
+-- and every shard when device_id was given). The originals stay until Unit:commit.
 function Unit.new(module, owned, config)
   local strategy = STRATEGIES[config.strategy]
   local mesh = config.mesh
   local self = setmetatable({
     module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
     offload = config.offload, params = {}, per_rank_numel = 0, unsharded = false,
-    received = 0, needs_grad = 0, reduced = false,
+    received = 0, needs_grad = 0, reduced = false, hooks = {},
   }, Unit)
   if strategy.shard then
     local shard_dim = mesh:ndim() - 1
@@ -61,32 +63,42 @@ function Unit.new(module, owned, config)
     self.placements = {}
     for d = 1, mesh:ndim() do self.placements[d] = placement.Replicate() end
   end
-  local pool = config.offload and Tensor.pool_id("host", "FSDP") or nil
-  local dtype
-  for _, entry in ipairs(owned) do
-    local full = entry.tensor
-    dtype = dtype or full._c.dtype
-    if full._c.dtype ~= dtype then
-      fail("FSDP", "parameters of one unit must share a dtype ('%s' is %s, others %s)", entry.fqn,
-           full:dtype(), Tensor.dtype_names[dtype])
+  local offload_pool = config.offload and Tensor.pool_id("host", "FSDP") or nil
+  local ok, err = pcall(function()
+    local dtype
+    for _, entry in ipairs(owned) do
+      local full = entry.tensor
+      dtype = dtype or full:dtype()
+      if full:dtype() ~= dtype then
+        fail("FSDP", "parameters of one unit must share a dtype ('%s' is %s, others %s)", entry.fqn,
+             full:dtype(), dtype)
+      end
+      local pool = config.pool or (Tensor.is_meta(full) and 0 or full._c.storage.pool)
+      self:add_param(entry, offload_pool or pool, pool)
     end
-    self:add_param(entry, pool or full._c.storage.pool)
+  end)
+  if not ok then
+    self:undo()
+    error(err, 0)
   end
   return self
 end
 
--- Shard one parameter: keep this rank's rows (as a DTensor leaf), make the unsharded
--- tensor the module computes with (storage released until unshard), free the original.
-function Unit:add_param(entry, shard_pool)
+-- Shard one parameter: this rank's rows (as a DTensor leaf; uninitialised for a meta
+-- parameter, which keeps its random counters for the initialiser) and the unsharded tensor
+-- the module computes with (storage released until unshard).
+function Unit:add_param(entry, shard_pool, compute_pool)
   local full = entry.tensor
+  local meta = Tensor.is_meta(full)
+  local dtype = Tensor.dtype_id(full:dtype(), "FSDP")
   local shape = full:shape()
   local rows = #shape > 0 and shape[1] or 1
   local row_numel = rows > 0 and full:numel() / rows or 0
   local start, length, chunk = placement.shard_range(rows, self.shard_size, self.shard_rank)
   local local_shape = {unpack(shape)}
   if #local_shape > 0 then local_shape[1] = length end
-  local local_tensor = empty(local_shape, full._c.dtype, shard_pool)
-  if length > 0 then
+  local local_tensor = empty(local_shape, dtype, shard_pool)
+  if length > 0 and not meta then
     local source = #shape > 0 and full:narrow(0, start, length) or full
     check(lib.ms_copy(local_tensor._c, source._c), "FSDP")
   end
@@ -94,18 +106,21 @@ function Unit:add_param(entry, shard_pool)
   local_tensor._is_param = true
   local sharded = DTensor.new(local_tensor, self.mesh, self.placements, shape)
   sharded._is_param, sharded.requires_grad = true, full.requires_grad
+  if meta then sharded._init_draws = rawget(full, "_init_draws") end
   local shares_shard = not self.strategy.shard and not self.offload
   local unsharded
   if shares_shard then
     unsharded = scope.keep(Tensor.alias_raw(local_tensor))
   else
-    unsharded = scope.keep(empty(shape, full._c.dtype, full._c.storage.pool))
+    unsharded = scope.keep(empty(shape, dtype, compute_pool))
     release_storage(unsharded)
   end
   unsharded.requires_grad = full.requires_grad
+  local slots = {{module = entry.module, name = entry.name, fqn = entry.fqn}}
+  for _, alias in ipairs(entry.aliases or {}) do slots[#slots + 1] = alias end
   local param = {
-    module = entry.module, name = entry.name, fqn = entry.fqn, sharded = sharded,
-    unsharded = unsharded, rows = rows, row_numel = row_numel, chunk = chunk,
+    module = entry.module, name = entry.name, fqn = entry.fqn, slots = slots, sharded = sharded,
+    unsharded = unsharded, rows = rows, row_numel = row_numel, chunk = chunk, original = full, meta = meta,
     local_start = start, local_rows = length, flat_offset = self.per_rank_numel, shape = shape,
   }
   self.per_rank_numel = self.per_rank_numel + chunk * row_numel
@@ -114,9 +129,35 @@ function Unit:add_param(entry, shard_pool)
     self.needs_grad = self.needs_grad + 1
     unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready() end)
   end
-  entry.module._parameters[entry.name] = sharded
-  full._released_param = true
-  release_storage(full)
+  for _, slot in ipairs(slots) do slot.module._parameters[slot.name] = sharded end
+end
+
+-- Wrapping succeeded: free the original full parameters.
+function Unit:commit()
+  for _, p in ipairs(self.params) do
+    local full = p.original
+    p.original = nil
+    if not p.meta then
+      full._released_param = true
+      release_storage(full)
+    end
+  end
+end
+
+-- Wrapping failed: put the original parameters (and buffers) back and free what the unit made.
+function Unit:undo()
+  for _, p in ipairs(self.params) do
+    for _, slot in ipairs(p.slots) do slot.module._parameters[slot.name] = p.original end
+    p.sharded:release()
+    if rawget(p.unsharded, "_c") then p.unsharded:_release() end
+  end
+  for _, b in ipairs(self.materialised_buffers or {}) do
+    local current = b.module._buffers[b.name]
+    b.module._buffers[b.name] = b.original
+    if Tensor.is_tensor(current) and rawget(current, "_c") then current:_release() end
+  end
+  for _, handle in ipairs(self.hooks) do handle.remove() end
+  self.params = {}
 end
 
 -- The [ranks, chunk, row] view of param's slots in a flat buffer of ranks * per_rank_numel.
@@ -198,7 +239,8 @@ end
 -- sharded DTensors (between iterations).
 function Unit:expose(unsharded)
   for _, p in ipairs(self.params) do
-    p.module._parameters[p.name] = unsharded and p.unsharded or p.sharded
+    local value = unsharded and p.unsharded or p.sharded
+    for _, slot in ipairs(p.slots) do slot.module._parameters[slot.name] = value end
   end
 end
 

@@ -12,6 +12,7 @@ local nn = {
   Parameter = Module.Parameter,
   CausalSelfAttention = require "moonshard.nn.attention",
   init = require "moonshard.nn.init_fns",
+  utils = require "moonshard.nn.utils",
 }
 for _, family in ipairs({layers, containers, losses}) do
   for name, class in pairs(family) do nn[name] = class end

@@ -1,11 +1,79 @@
--- nn.init: in-place parameter initialisers with PyTorch's distributions.
+-- nn.init: in-place parameter initialisers with PyTorch's distributions, on plain tensors,
+-- sharded parameters (DTensors: only the local rows' counters are drawn) and meta tensors.
 local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
+local DTensor = require "moonshard.dtensor"
+local placement = require "moonshard.placement"
 local random = require "moonshard.random"
 local autograd = require "moonshard.autograd"
 
-local fail = C.fail
+local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
+
+-- The counters a draw over numel elements of t uses. A meta tensor records them (so its
+-- materialisation replays them, draw by draw); a tensor materialised from one replays them.
+local function counters(t, numel)
+  if Tensor.is_meta(t) then
+    local seed, offset = random.take(numel)
+    local draws = rawget(t, "_init_draws") or {}
+    draws[#draws + 1] = {seed, offset}
+    rawset(t, "_init_draws", draws)
+    return seed, offset
+  end
+  local draws = rawget(t, "_init_draws")
+  if draws then
+    local i = (rawget(t, "_init_next") or 0) + 1
+    if draws[i] then
+      rawset(t, "_init_next", i)
+      return draws[i][1], draws[i][2]
+    end
+  end
+  return random.take(numel)
+end
+
+-- The tensor holding t's local values and the element index its first one has in t.
+local function local_part(t)
+  if not DTensor.is_dtensor(t) then return t, 0 end
+  local rows = t:size(0)
+  local mesh_dim = t._shard_dim
+  if not mesh_dim or rows == 0 then return t._local, 0 end
+  local start = placement.shard_range(rows, t.device_mesh:size(mesh_dim), t.device_mesh:get_local_rank(mesh_dim))
+  return t._local, start * (t:numel() / rows)
+end
+
+local function draw(what, t, c_draw, a, b)
+  if not (Tensor.is_tensor(t) or DTensor.is_dtensor(t)) then fail(what, "expected a tensor, got %s", type(t)) end
+  if type(a) ~= "number" or type(b) ~= "number" then
+    fail(what, "the distribution's parameters must be numbers, got %s and %s", type(a), type(b))
+  end
+  local seed, offset = counters(t, t:numel())
+  if Tensor.is_meta(t) then return t end
+  local target, first = local_part(t)
+  if target:numel() > 0 then check(c_draw(target._c, a, b, seed, offset + first), what) end
+  target:_bump_version()
+  return t
+end
+
+function M.uniform_(t, a, b)
+  return autograd.no_grad(draw, "uniform_", t, lib.ms_rand_uniform, a or 0, b or 1)
+end
+
+function M.normal_(t, mean, std)
+  return autograd.no_grad(draw, "normal_", t, lib.ms_rand_normal, mean or 0, std or 1)
+end
+
+local function fill(what, t, value)
+  if not (Tensor.is_tensor(t) or DTensor.is_dtensor(t)) then fail(what, "expected a tensor, got %s", type(t)) end
+  if type(value) ~= "number" then fail(what, "value must be a number, got %s", type(value)) end
+  if Tensor.is_meta(t) then return t end
+  autograd.no_grad(function() local_part(t):fill_(value) end)
+  return t
+end
+
+function M.zeros_(t) return fill("zeros_", t, 0) end
+function M.ones_(t) return fill("ones_", t, 1) end
+function M.constant_(t, value) return fill("constant_", t, value) end
 
 -- fan_in and fan_out of a weight shaped [out, in, ...] like torch.nn.init.
 function M.calculate_fan_in_and_fan_out(t)
@@ -15,18 +83,6 @@ function M.calculate_fan_in_and_fan_out(t)
   for d = 3, #shape do receptive = receptive * shape[d] end
   return shape[2] * receptive, shape[1] * receptive
 end
-
-function M.uniform_(t, a, b)
-  return autograd.no_grad(random.uniform_, t, a or 0, b or 1)
-end
-
-function M.normal_(t, mean, std)
-  return autograd.no_grad(random.normal_, t, mean or 0, std or 1)
-end
-
-function M.zeros_(t) return autograd.no_grad(function() return t:zero_() end) end
-function M.ones_(t) return autograd.no_grad(function() return t:fill_(1) end) end
-function M.constant_(t, value) return autograd.no_grad(function() return t:fill_(value) end) end
 
 -- The recommended gain of torch.nn.init.calculate_gain for the nonlinearities that have one.
 function M.calculate_gain(nonlinearity, param)

@@ -70,7 +70,7 @@ end
 function M.Dropout:forward(x) return nn_ops.dropout(x, self.p, self.training) end
 function M.Dropout:extra_repr() return "p=" .. self.p end
 
--- LayerNorm(normalized_shape, {eps = 1e-5, elementwise_affine = true, bias = true})
+-- LayerNorm(normalized_shape, {eps = 1e-5, elementwise_affine = true, bias = true, dtype, device})
 M.LayerNorm = Module:extend("LayerNorm")
 function M.LayerNorm:__init(normalized_shape, opts)
   opts = raw.options("LayerNorm", opts, {eps = true, elementwise_affine = true, bias = true, dtype = true, device = true})
@@ -78,9 +78,14 @@ function M.LayerNorm:__init(normalized_shape, opts)
   self.normalized_shape, self.eps = normalized_shape, opts.eps or 1e-5
   local options = {dtype = opts.dtype, device = opts.device}
   if opts.elementwise_affine ~= false then
-    self.weight = Parameter(Tensor.ones(normalized_shape, options))
-    if opts.bias ~= false then self.bias = Parameter(Tensor.zeros(normalized_shape, options)) end
+    self.weight = Parameter(Tensor.empty(normalized_shape, options))
+    if opts.bias ~= false then self.bias = Parameter(Tensor.empty(normalized_shape, options)) end
   end
+  self:reset_parameters()
+end
+function M.LayerNorm:reset_parameters()
+  if self.weight then init.ones_(self.weight) end
+  if self.bias then init.zeros_(self.bias) end
 end
 function M.LayerNorm:forward(x)
   return nn_ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -89,7 +94,7 @@ function M.LayerNorm:extra_repr()
   return "(" .. table.concat(self.normalized_shape, ", ") .. "), eps=" .. self.eps
 end
 
--- Embedding(num_embeddings, embedding_dim): weight ~ N(0, 1).
+-- Embedding(num_embeddings, embedding_dim, {dtype, device}): weight ~ N(0, 1).
 M.Embedding = Module:extend("Embedding")
 function M.Embedding:__init(num_embeddings, embedding_dim, opts)
   opts = raw.options("Embedding", opts, {dtype = true, device = true})
@@ -97,8 +102,9 @@ function M.Embedding:__init(num_embeddings, embedding_dim, opts)
   check_size("Embedding", "embedding_dim", embedding_dim)
   self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
   self.weight = Parameter(Tensor.empty(num_embeddings, embedding_dim, {dtype = opts.dtype, device = opts.device}))
-  init.normal_(self.weight, 0, 1)
+  self:reset_parameters()
 end
+function M.Embedding:reset_parameters() init.normal_(self.weight, 0, 1) end
 function M.Embedding:forward(indices) return nn_ops.embedding(indices, self.weight) end
 function M.Embedding:extra_repr() return self.num_embeddings .. ", " .. self.embedding_dim end
 

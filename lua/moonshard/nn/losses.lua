@@ -1,4 +1,5 @@
--- Loss modules: MSELoss and CrossEntropyLoss ({reduction, ignore_index} like PyTorch).
+-- Loss modules: MSELoss and CrossEntropyLoss ({reduction, ignore_index, label_smoothing}
+-- like PyTorch).
 local Module = require "moonshard.nn.module"
 local nn_ops = require "moonshard.ops.nn"
 local raw = require "moonshard.ops.raw"
@@ -15,11 +16,13 @@ end
 
 M.CrossEntropyLoss = Module:extend("CrossEntropyLoss")
 function M.CrossEntropyLoss:__init(opts)
-  opts = raw.options("CrossEntropyLoss", opts, {reduction = true, ignore_index = true})
+  opts = raw.options("CrossEntropyLoss", opts, {reduction = true, ignore_index = true, label_smoothing = true})
   self.reduction, self.ignore_index = opts.reduction or "mean", opts.ignore_index or -100
+  self.label_smoothing = opts.label_smoothing or 0
 end
 function M.CrossEntropyLoss:forward(input, target)
-  return nn_ops.cross_entropy(input, target, {reduction = self.reduction, ignore_index = self.ignore_index})
+  return nn_ops.cross_entropy(input, target, {reduction = self.reduction, ignore_index = self.ignore_index,
+                                              label_smoothing = self.label_smoothing})
 end
 
 return M

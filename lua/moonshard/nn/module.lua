@@ -60,6 +60,7 @@ local function instance_newindex(self, key, value)
     ordered_remove(params, self._param_order, key)
     ordered_set(modules, self._module_order, key, value)
   elseif Tensor.is_tensor(value) and value._is_param then
+    if Tensor.is_meta(value) and not rawget(value, "_meta_name") then rawset(value, "_meta_name", key) end
     ordered_remove(modules, self._module_order, key)
     ordered_set(params, self._param_order, key, value)
   elseif params[key] ~= nil and value == nil then
@@ -418,6 +419,33 @@ function Module:to(target)
       end
     end
   end)
+  return self
+end
+
+-- Give every meta parameter and buffer uninitialised storage on device ("cpu" by default);
+-- an initialiser then replays the random counters the meta tensor's initialisation drew.
+function Module:to_empty(opts)
+  local device = opts and opts.device or "cpu"
+  local pool = Tensor.pool_id(device, "to_empty")
+  local function materialise(t)
+    local fresh = Tensor.empty_raw(t:shape(), Tensor.dtype_id(t:dtype(), "to_empty"), pool)
+    rawset(fresh, "_init_draws", rawget(t, "_init_draws"))
+    return fresh
+  end
+  local done = {}
+  for _, module in self:named_modules() do
+    for _, name in ipairs(module._param_order) do
+      local p = module._parameters[name]
+      if Tensor.is_meta(p) then
+        done[p] = done[p] or Parameter(materialise(p), p.requires_grad)
+        module._parameters[name] = done[p]
+      end
+    end
+    for _, name in ipairs(module._buffer_order) do
+      local b = module._buffers[name]
+      if Tensor.is_meta(b) then module._buffers[name] = scope.keep(materialise(b)) end
+    end
+  end
   return self
 end
 

@@ -136,17 +136,37 @@ end
 
 local loss_options = {reduction = true, ignore_index = true}
 
-function M.nll_loss(logp, target, opts)
-  opts = raw.options("nll_loss", opts, loss_options)
-  need_tensor(logp, "nll_loss", "input")
-  need_tensor(target, "nll_loss", "target")
-  local reduction = reductions[opts.reduction or "mean"]
-  if not reduction then fail("nll_loss", "reduction must be 'none', 'mean' or 'sum', got '%s'", tostring(opts.reduction)) end
-  if logp:dim() ~= 2 or target:dim() ~= 1 or target:size(0) ~= logp:size(0) then
-    fail("nll_loss", "expected input [N, C] and target [N], got %s and %s (flatten with view(-1, C))",
-         tostring(logp:shape()), tostring(target:shape()))
+-- PyTorch's layouts: input [N, C] with target [N], [N, C, d1, ...] with target [N, d1, ...]
+-- (classes on dim 1) or [C] with a 0-dim target. Returns the input as [M, C] rows, the
+-- target as [M] and the shape a reduction = "none" result takes.
+local function class_rows(input, target, what)
+  local shape, target_shape = input:shape(), target:shape()
+  local ok = #shape >= 1 and #target_shape == #shape - 1
+  if ok and #shape >= 2 then
+    ok = target_shape[1] == shape[1]
+    for d = 3, #shape do ok = ok and target_shape[d - 1] == shape[d] end
   end
-  local ignore_index = opts.ignore_index or -100
+  if not ok then
+    fail(what, "expected input [N, C] with target [N], [N, C, d1, ...] with target [N, d1, ...], or [C] " ..
+         "with a 0-dim target; got %s and %s", tostring(shape), tostring(target_shape))
+  end
+  local classes = #shape == 1 and shape[1] or shape[2]
+  if #shape == 2 then return input, target, target_shape end
+  if #shape == 1 then return shape_ops.view(input, 1, classes), shape_ops.view(target, 1), target_shape end
+  local order = {0}
+  for d = 2, #shape - 1 do order[#order + 1] = d end
+  order[#order + 1] = 1
+  local rows = shape_ops.reshape(shape_ops.permute(input, unpack(order)), -1, classes)
+  return rows, shape_ops.reshape(target, -1), target_shape
+end
+
+local function reduction_of(opts, what)
+  local reduction = reductions[opts.reduction or "mean"]
+  if not reduction then fail(what, "reduction must be 'none', 'mean' or 'sum', got '%s'", tostring(opts.reduction)) end
+  return reduction
+end
+
+local function nll_rows(logp, target, reduction, ignore_index)
   local out = empty(reduction == 0 and {logp:size(0)} or {}, logp._c.dtype, logp._c.storage.pool)
   check(lib.ms_nll_loss(out._c, logp._c, target._c, ignore_index, reduction), "nll_loss")
   local node = record(out, "NllLossBackward0", nll_backward, logp)
@@ -157,16 +177,69 @@ function M.nll_loss(logp, target, opts)
   return out
 end
 
+local function unflatten_none(loss, reduction, shape)
+  if reduction ~= 0 then return loss end
+  return shape_ops.reshape(loss, shape)
+end
+
+function M.nll_loss(logp, target, opts)
+  opts = raw.options("nll_loss", opts, loss_options)
+  need_tensor(logp, "nll_loss", "input")
+  need_tensor(target, "nll_loss", "target")
+  local reduction = reduction_of(opts, "nll_loss")
+  local rows, flat_target, shape = class_rows(logp, target, "nll_loss")
+  return unflatten_none(nll_rows(rows, flat_target, reduction, opts.ignore_index or -100), reduction, shape)
+end
+
+-- 1 where target is not ignore_index, 0 where it is, in dtype (a constant: no gradient).
+local function kept_mask(target, ignore_index, dtype)
+  local hits = empty(target:shape(), target._c.dtype, target._c.storage.pool)
+  check(lib.ms_binary_scalar(hits._c, target._c, ignore_index, raw.NE, 0), "cross_entropy")
+  local mask = empty(target:shape(), dtype, target._c.storage.pool)
+  check(lib.ms_copy(mask._c, hits._c), "cross_entropy")
+  hits:_release()
+  return mask
+end
+
+-- With label_smoothing e, each row's loss is (1 - e) * nll + e * mean over classes of -log p
+-- (PyTorch's rule); ignored rows count in neither, and "mean" divides by the rows kept.
+local function smoothed(log_probs, target, reduction, ignore_index, smoothing)
+  local classes = log_probs:size(1)
+  local nll = nll_rows(log_probs, target, 0, ignore_index)
+  local mask = kept_mask(target, ignore_index, log_probs._c.dtype)
+  local uniform = pointwise.mul(pointwise.mul(reduce.sum(log_probs, 1), mask), -smoothing / classes)
+  local per_row = pointwise.add(pointwise.mul(nll, 1 - smoothing), uniform)
+  if reduction == 0 then return per_row end
+  local total = reduce.sum(per_row)
+  if reduction == 2 then return total end
+  local kept = reduce.sum_of_squares(mask) -- the mask holds 0 and 1: the number of rows kept
+  return pointwise.div(total, kept)
+end
+
+local cross_entropy_options = {reduction = true, ignore_index = true, label_smoothing = true}
+
+-- cross_entropy(input, target, {reduction = "mean", ignore_index = -100, label_smoothing = 0})
+-- over class indices, in PyTorch's layouts (see class_rows).
 function M.cross_entropy(logits, target, opts)
-  raw.options("cross_entropy", opts, loss_options)
+  opts = raw.options("cross_entropy", opts, cross_entropy_options)
   need_tensor(logits, "cross_entropy", "input")
-  if logits:dim() ~= 2 then
-    fail("cross_entropy", "expected input [N, C], got %s (flatten with view(-1, C))", tostring(logits:shape()))
+  need_tensor(target, "cross_entropy", "target")
+  local reduction = reduction_of(opts, "cross_entropy")
+  local smoothing = opts.label_smoothing or 0
+  if type(smoothing) ~= "number" or smoothing < 0 or smoothing > 1 then
+    fail("cross_entropy", "label_smoothing must be a number in [0, 1], got %s", tostring(smoothing))
   end
-  local log_probs = M.log_softmax(logits, 1)
-  local loss = M.nll_loss(log_probs, target, opts)
+  local ignore_index = opts.ignore_index or -100
+  local rows, flat_target, shape = class_rows(logits, target, "cross_entropy")
+  local log_probs = M.log_softmax(rows, 1)
+  local loss
+  if smoothing == 0 then
+    loss = nll_rows(log_probs, flat_target, reduction, ignore_index)
+  else
+    loss = smoothed(log_probs, flat_target, reduction, ignore_index, smoothing)
+  end
   log_probs:_release() -- backward holds its own handle; this one would wait for the collector
-  return loss
+  return unflatten_none(loss, reduction, shape)
 end
 
 function M.mse_loss(input, target, opts)
@@ -226,15 +299,53 @@ local function causal_mask(t, dtype, pool)
   return mask
 end
 
--- softmax(q k^T / sqrt(d) [+ causal mask]) v over [..., T, d] tensors.
+local INTEGER = {i32 = true, i64 = true, u8 = true}
+
+-- A boolean mask (an integer tensor: nonzero takes part in attention) as the additive one
+-- it stands for: log(1) = 0 where kept, log(0) = -inf where masked; a constant.
+local function additive_mask(mask, dtype)
+  local out = empty(mask:shape(), dtype, mask._c.storage.pool)
+  check(lib.ms_copy(out._c, mask._c), "scaled_dot_product_attention")
+  check(lib.ms_binary_scalar(out._c, out._c, 0, raw.NE, 0), "scaled_dot_product_attention")
+  check(lib.ms_unary(out._c, out._c, raw.LOG), "scaled_dot_product_attention")
+  return out
+end
+
+-- softmax(q k^T * scale + mask) v over [..., L, d] queries and [..., S, d] keys and values.
+-- attn_mask broadcasts to [..., L, S]: an integer (boolean) mask keeps the positions where it
+-- is nonzero (True), a float mask is added to the scores (and gets a gradient); is_causal
+-- masks keys after each query. scale defaults to 1 / sqrt(d).
 function M.scaled_dot_product_attention(q, k, v, opts)
-  opts = raw.options("scaled_dot_product_attention", opts, {is_causal = true, dropout_p = true, scale = true})
-  need_tensor(q, "scaled_dot_product_attention", "query")
-  need_tensor(k, "scaled_dot_product_attention", "key")
-  need_tensor(v, "scaled_dot_product_attention", "value")
+  local what = "scaled_dot_product_attention"
+  opts = raw.options(what, opts, {is_causal = true, dropout_p = true, scale = true, attn_mask = true})
+  need_tensor(q, what, "query")
+  need_tensor(k, what, "key")
+  need_tensor(v, what, "value")
+  local mask = opts.attn_mask
+  if mask ~= nil then
+    need_tensor(mask, what, "attn_mask")
+    if opts.is_causal then fail(what, "give attn_mask or is_causal, not both") end
+  end
   local d = q:size(-1)
   local scores = pointwise.mul(linalg.matmul(q, shape_ops.transpose(k, -2, -1)), opts.scale or 1 / math.sqrt(d))
-  if opts.is_causal then
+  if mask ~= nil then
+    local scores_shape = scores:shape()
+    local ok, shape = pcall(raw.broadcast_shape, scores, mask, what)
+    local fits = ok and #shape == #scores_shape
+    for i = 1, fits and #shape or 0 do fits = fits and shape[i] == scores_shape[i] end
+    if not fits then
+      fail(what, "attn_mask of shape %s does not broadcast to the attention scores %s", tostring(mask:shape()),
+           tostring(scores_shape))
+    end
+    if INTEGER[mask:dtype()] then
+      scores = pointwise.add(scores, additive_mask(mask, scores._c.dtype))
+    elseif mask:dtype() ~= scores:dtype() then
+      fail(what, "a float attn_mask must have the query's dtype %s, got %s (an integer mask is boolean)",
+           scores:dtype(), mask:dtype())
+    else
+      scores = pointwise.add(scores, mask)
+    end
+  elseif opts.is_causal then
     local t = q:size(-2)
     scores = pointwise.add(scores, causal_mask(t, scores._c.dtype, scores._c.storage.pool))
   end
