@@ -10,9 +10,7 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-local function traceback(err)
-  return debug.traceback(tostring(err), 2)
-end
+local traceback = require("moonshard.traceback").traceback
 
 -- Run fn as rank and return (ok, bytes): the packed result, or the error and traceback.
 local function run(fn, rank, size, args)

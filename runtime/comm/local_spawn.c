@@ -52,6 +52,8 @@ struct ms_spawn {
     int64_t failed_at_ms;   /* when the parent saw it */
     int interrupted;        /* the signal that interrupted the parent's wait, or 0 */
     int64_t interrupted_at_ms;
+    int handling_signals;   /* the parent handles SIGINT and SIGTERM until the wait ends */
+    struct sigaction saved[2];
     spawned_rank ranks[];
 };
 
@@ -164,6 +166,10 @@ int ms_local_spawn(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank
         write_fds[opened] = fds[1];
     }
     pid_t parent = getpid();
+    if (status == MS_OK) {
+        status = ms_interrupt_push(made->saved); /* from before the first rank exists */
+        made->handling_signals = status == MS_OK;
+    }
     fflush(NULL); /* or buffered output would be written once per rank */
     for (int r = 0; status == MS_OK && r < world_size; r++) {
         pid_t pid = fork();
@@ -325,6 +331,14 @@ static void stop_stragglers(ms_spawn *job)
     }
 }
 
+/* Parent: give SIGINT and SIGTERM back to what handled them before the spawn. */
+static void restore_signals(ms_spawn *job)
+{
+    if (job->handling_signals)
+        ms_interrupt_pop(job->saved);
+    job->handling_signals = 0;
+}
+
 static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
 
 /* Parent: an interrupt asks every running rank to stop (SIGTERM: its collectives and Lua
@@ -378,8 +392,6 @@ int ms_spawn_wait(ms_spawn *job)
 {
     if (!job)
         return MS_FAIL(MS_ERR_INVALID, "spawn_wait: job must not be NULL");
-    struct sigaction saved[2];
-    MS_CHECK(ms_interrupt_push(saved));
     while (job->running > 0) {
         notice_interrupt(job);
         struct pollfd fds[LOCAL_MAX_RANKS];
@@ -390,11 +402,8 @@ int ms_spawn_wait(ms_spawn *job)
                 owners[nfds++] = r;
             }
         }
-        if (poll(fds, (nfds_t)nfds, LOCAL_WAIT_SLICE_MS) < 0 && errno != EINTR) {
-            int error = errno;
-            ms_interrupt_pop(saved);
-            return MS_FAIL(error, "spawn_wait: poll failed: %s", strerror(error));
-        }
+        if (poll(fds, (nfds_t)nfds, LOCAL_WAIT_SLICE_MS) < 0 && errno != EINTR)
+            return MS_FAIL(errno, "spawn_wait: poll failed: %s", strerror(errno));
         for (int i = 0; i < nfds; i++)
             if (fds[i].revents)
                 drain(&job->ranks[owners[i]]);
@@ -412,7 +421,7 @@ int ms_spawn_wait(ms_spawn *job)
         stop_stragglers(job);
         stop_after_interrupt(job);
     }
-    ms_interrupt_pop(saved);
+    restore_signals(job);
     if (job->interrupted)
         return MS_FAIL(MS_ERR_INTERRUPTED, "interrupted by %s: every rank was stopped",
                        signal_name(job->interrupted));
@@ -445,6 +454,7 @@ void ms_spawn_free(ms_spawn *job)
     if (!job)
         return;
     kill_and_reap(job);
+    restore_signals(job);
     for (int r = 0; r < job->world_size; r++)
         free(job->ranks[r].received);
     local_segment_destroy(job->seg);

@@ -33,7 +33,7 @@ local function run_script(script, script_args)
   os.exit = function(code) error(setmetatable({code = code}, Exit), 0) end
   local ok, problem = xpcall(chunk, function(e)
     if getmetatable(e) == Exit then return e end
-    return debug.traceback(tostring(e), 2)
+    return require("moonshard.traceback").traceback(e, 2)
   end, unpack(script_args))
   os.exit = real_exit
   if ok then return end

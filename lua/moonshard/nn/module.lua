@@ -4,6 +4,7 @@ local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local scope = require "moonshard.scope"
+local traceback = require "moonshard.traceback"
 
 local fail = C.fail
 
@@ -125,33 +126,6 @@ local function run_call(self, ...)
   return output
 end
 
-local MAX_FRAMES = 200
-
--- debug.traceback's text without its elision of middle frames (deep models need them all).
-local function full_traceback(message, level)
-  local lines = {message, "stack traceback:"}
-  for l = level + 1, level + MAX_FRAMES do
-    local info = debug.getinfo(l, "Sln")
-    if not info then break end
-    local where = info.currentline > 0 and (info.short_src .. ":" .. info.currentline .. ":")
-                  or (info.short_src .. ":")
-    local what = info.name and ("in function '" .. info.name .. "'")
-                 or info.what == "main" and "in main chunk"
-                 or ("in function <" .. info.short_src .. ":" .. info.linedefined .. ">")
-    lines[#lines + 1] = "\t" .. where .. " " .. what
-  end
-  return table.concat(lines, "\n")
-end
-
--- An error keeps the traceback of the place that raised it (the scope re-raises it from
--- the call); the innermost module call adds it once.
-local function with_traceback(err)
-  if type(err) == "string" and not err:find("\nstack traceback:\n", 1, true) then
-    return full_traceback(err, 2)
-  end
-  return err
-end
-
 local function close_scope(mark, ok, ...)
   if not ok then
     scope.exit(mark, {}, 0)
@@ -164,14 +138,16 @@ end
 local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
 
 -- module(...) runs hooks and forward in a scope: temporaries of the call are released as
--- soon as it returns (tensors saved for backward keep their own references). A pending
+-- soon as it returns (tensors saved for backward keep their own references); an error
+-- leaves its traceback with moonshard.traceback (ms.traceback). A pending
 -- SIGINT or SIGTERM (runtime/interrupt.h) stops it here, so compiled loops notice it.
 function Module:_call(...)
   if C.lib.ms_interrupt_pending() ~= 0 then
     local sig = C.lib.ms_interrupt_take()
     fail(self.__name or "Module", "interrupted by %s", SIGNAL_NAMES[sig] or "a signal")
   end
-  return close_scope(scope.enter(), xpcall(run_call, with_traceback, self, ...))
+  if not scope.active() then traceback.forget() end
+  return close_scope(scope.enter(), xpcall(run_call, traceback.remember, self, ...))
 end
 
 -- hook(module, args) -> nil or a replacement args array.
