@@ -64,10 +64,14 @@ local function spawn_local(size, timeout_ms, fn, args)
     os.exit(1) -- ms_local_finish does not return in a rank
   end
   local job = job_out[0]
-  local collected, outcome, waited = {}, ffi.new("ms_rank_outcome"), nil
+  local collected, outcome, interruption = {}, ffi.new("ms_rank_outcome"), nil
   local ok, err = pcall(function()
-    waited = lib.ms_spawn_wait(job)
-    if waited ~= lib.MS_ERR_INTERRUPTED then check(waited, what) end
+    local waited = lib.ms_spawn_wait(job)
+    if waited == lib.MS_ERR_INTERRUPTED then
+      interruption = ffi.string(lib.ms_last_error())
+    else
+      check(waited, what)
+    end
     for r = 0, size - 1 do
       check(lib.ms_spawn_outcome(job, r, outcome), what)
       local entry = {rank = r, state = outcome.state, reason = ffi.string(outcome.reason)}
@@ -81,7 +85,6 @@ local function spawn_local(size, timeout_ms, fn, args)
       collected[r + 1] = entry
     end
   end)
-  local interruption = waited == lib.MS_ERR_INTERRUPTED and ffi.string(lib.ms_last_error())
   lib.ms_spawn_free(job)
   if not ok then error(err, 0) end
   if interruption then

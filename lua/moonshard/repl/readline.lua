@@ -189,9 +189,7 @@ local function terminal_reader()
   end
 end
 
-M.available = loaded
-
--- 1 when readline will edit the lines: it is installed and stdin and stdout are terminals.
+-- True when readline will edit the lines: it is installed and stdin and stdout are terminals.
 function M.interactive()
   return loaded and ffi.C.isatty(0) == 1 and ffi.C.isatty(1) == 1
 end
