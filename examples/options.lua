@@ -1,4 +1,7 @@
--- Command-line options of examples/train.lua: defaults, parsing and the usage text.
+-- Command-line options of examples/train.lua: defaults, parsing (lua-argparse) and the
+-- usage text.
+local argparse = require "argparse"
+
 local M = {}
 
 -- name, kind ("int" | "number" | "string" | "flag"), default, help
@@ -30,56 +33,54 @@ local STRATEGIES = {FULL_SHARD = true, SHARD_GRAD_OP = true, NO_SHARD = true, HY
                     _HYBRID_SHARD_ZERO2 = true}
 local AC_MODES = {none = true, full = true, selective = true, offload = true}
 
-function M.usage()
-  local lines = {"usage: luajit examples/train.lua [options]", "",
-                 "Trains a GPT-style character model with FSDP on local ranks (or under mpirun).", ""}
-  for _, s in ipairs(SPEC) do
-    local name = s[2] == "flag" and "--" .. s[1] or ("--%s %s"):format(s[1], s[2] == "string" and "S" or "N")
-    local default = s[3] ~= nil and s[2] ~= "flag" and (" (default %s)"):format(tostring(s[3])) or ""
-    lines[#lines + 1] = ("  %-20s %s%s"):format(name, s[4], default)
+local function key_of(name) return (name:gsub("-", "_")) end
+
+-- "--steps needs an integer, got 'three'"
+local function number_of(name, kind)
+  return function(text)
+    local n = tonumber(text)
+    if n and (kind == "number" or n % 1 == 0) then return n end
+    return nil, ("--%s needs %s, got '%s'"):format(name, kind == "int" and "an integer" or "a number", tostring(text))
   end
-  lines[#lines + 1] = "  --help               this text"
-  return table.concat(lines, "\n") .. "\n"
 end
 
-local function key_of(name) return (name:gsub("-", "_")) end
+local function parser()
+  local p = argparse("luajit examples/train.lua",
+                     "Trains a GPT-style character model with FSDP on local ranks (or under mpirun).")
+    :add_help(false)
+  for _, s in ipairs(SPEC) do
+    local name, kind, default, help = s[1], s[2], s[3], s[4]
+    if kind == "flag" then
+      p:flag("--" .. name, help):target(key_of(name))
+    else
+      local option = p:option("--" .. name, help):target(key_of(name)):argname(kind == "string" and "S" or "N")
+      if default ~= nil then option:default(tostring(default)) end
+      if kind ~= "string" then option:convert(number_of(name, kind)) end
+    end
+  end
+  p:flag("-h --help", "this text")
+  return p
+end
+
+function M.usage() return parser():get_help() .. "\n" end
 
 -- Parse argv (an array of strings). Returns options (keys with "_" for "-"), or nil and
 -- a message naming what was wrong; returns "help" for --help.
 function M.parse(argv)
-  local opts, by_name = {}, {}
-  for _, s in ipairs(SPEC) do
-    opts[key_of(s[1])] = s[3]
-    by_name[s[1]] = s
-  end
-  local i = 1
+  for _, a in ipairs(argv) do if a == "--help" or a == "-h" then return "help" end end
+  -- a negative number is a value ("--lr -1"), not an option
+  local joined, i = {}, 1
   while i <= #argv do
-    local a = argv[i]
-    if a == "--help" or a == "-h" then return "help" end
-    local name, inline = a:match("^%-%-([%w%-]+)=(.*)$")
-    name = name or a:match("^%-%-([%w%-]+)$")
-    local s = name and by_name[name]
-    if not s then return nil, ("unknown option '%s'"):format(a) end
-    if s[2] == "flag" then
-      opts[key_of(name)] = true
+    local a, nxt = argv[i], argv[i + 1]
+    if a:match("^%-%-[%w%-]+$") and nxt and nxt:match("^%-") and tonumber(nxt) then
+      joined[#joined + 1], i = a .. "=" .. nxt, i + 2
     else
-      local value = inline
-      if value == nil then
-        i = i + 1
-        value = argv[i]
-      end
-      if value == nil then return nil, ("--%s needs a value"):format(name) end
-      if s[2] ~= "string" then
-        local n = tonumber(value)
-        if not n or (s[2] == "int" and n % 1 ~= 0) then
-          return nil, ("--%s needs %s, got '%s'"):format(name, s[2] == "int" and "an integer" or "a number", value)
-        end
-        value = n
-      end
-      opts[key_of(name)] = value
+      joined[#joined + 1], i = a, i + 1
     end
-    i = i + 1
   end
+  local ok, opts = parser():pparse(joined)
+  if not ok then return nil, opts end
+  opts.help = nil
   return M.check(opts)
 end
 

@@ -1,6 +1,7 @@
 -- Rank 0's view of training: a progress bar redrawn in place on a terminal (a line every
 -- log_every steps otherwise) and a metrics file with one JSON object per step.
 local ffi = require "ffi"
+local json = require "dkjson"
 local ms = require "moonshard"
 
 pcall(ffi.cdef, "int isatty(int fd);")
@@ -49,11 +50,8 @@ function Progress:step(step, loss, lr)
   self.seconds[#self.seconds + 1] = seconds
   local tokens_per_s = self.tokens_per_step / math.max(seconds, 1e-9)
   local mem = ms.memory_stats("cpu")
-  self.metrics:write(string.format(
-    '{"step": %d, "loss": %.6f, "lr": %.6g, "tokens_per_s": %.1f, "step_seconds": %.4f, ' ..
-    '"memory_bytes": %d, "peak_memory_bytes": %d}\n',
-    step, loss, lr, tokens_per_s, seconds, mem.allocated, mem.peak))
-  self.metrics:flush()
+  self:record{step = step, loss = loss, lr = lr, tokens_per_s = tokens_per_s, step_seconds = seconds,
+              memory_bytes = mem.allocated, peak_memory_bytes = mem.peak}
   local line = string.format("step %5d/%d [%s] loss %.4f  %.2f s/step %7.0f tok/s  mem %.1f MiB (peak %.1f)",
                              step, self.total, bar(step, self.total, 24), loss, seconds, tokens_per_s,
                              mib(mem.allocated), mib(mem.peak))
@@ -64,6 +62,32 @@ function Progress:step(step, loss, lr)
     io.stdout:write(line, "\n")
   end
   io.stdout:flush()
+end
+
+local FIELDS = {"step", "loss", "lr", "tokens_per_s", "step_seconds", "memory_bytes",
+                "peak_memory_bytes", "nonfinite"}
+
+local function finite(x) return x == x and x ~= math.huge and x ~= -math.huge end
+
+-- One line of metrics.jsonl. JSON has no nan or inf: such a value is written as null and
+-- named in "nonfinite" ({"loss": "nan"}); the first one also prints a warning.
+function Progress:record(values)
+  local nonfinite
+  for _, key in ipairs(FIELDS) do
+    local v = values[key]
+    if type(v) == "number" and not finite(v) then
+      nonfinite = nonfinite or {}
+      nonfinite[key] = v ~= v and "nan" or (v > 0 and "inf" or "-inf")
+      if not self.warned then
+        self.warned = true
+        io.stderr:write(("train: warning: %s is %s at step %d (written as null in the metrics file; " ..
+                         "this warning is not repeated)\n"):format(key, nonfinite[key], values.step))
+      end
+    end
+  end
+  values.nonfinite = nonfinite
+  self.metrics:write(json.encode(values, {keyorder = FIELDS}), "\n")
+  self.metrics:flush()
 end
 
 function Progress:close() self.metrics:close() end

@@ -155,6 +155,7 @@ int ms_get_num_threads(void);
 double ms_clock_seconds(void);
 /* ffi-end */
 
+#include "version.h"
 #include "ops.h"
 #include "interrupt.h"
 #include "comm/dist.h"

@@ -21,7 +21,8 @@ end
 local function metrics(path)
   local rows = {}
   for line in io.lines(path) do
-    rows[#rows + 1] = {step = tonumber(line:match('"step": (%d+)')), loss = tonumber(line:match('"loss": ([%d.]+)'))}
+    local record = assert(require("dkjson").decode(line), line)
+    rows[#rows + 1] = {step = record.step, loss = record.loss}
   end
   return rows
 end

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: the FFI declarations check, the C unit tests (CTest) and the busted
-# specs, on the release build and again under AddressSanitizer + UBSan. Ends with the line
+# specs (plain `busted`; .busted runs them under LuaJIT), on the release build and again
+# under AddressSanitizer + UBSan, the specs under mpirun and the two-host run. Ends with the line
 # "N passed, N failed". Installs and builds what it needs first (tools/setup.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,14 @@ count_busted() { # log file, exit status
   failed=$((failed + fail + err))
 }
 
+count_plain() { # log file ending with "N passed, N failed"
+  local line
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$1" | tail -1)
+  if [ -z "$line" ]; then failed=$((failed + 1)); return; fi
+  passed=$((passed + $(echo "$line" | grep -Eo '^[0-9]+')))
+  failed=$((failed + $(echo "$line" | grep -Eo '[0-9]+ failed' | grep -Eo '[0-9]+')))
+}
+
 step() { echo; echo "== $*"; }
 
 step "FFI declarations match runtime headers"
@@ -46,7 +55,7 @@ step "C unit tests (address + undefined sanitizers)"
 count_ctest "$log_dir/ctest-asan.log"
 
 step "specs (release)"
-luajit tools/busted.lua -o utfTerminal 2>&1 | tee "$log_dir/busted.log"
+busted -o utfTerminal 2>&1 | tee "$log_dir/busted.log"
 count_busted "$log_dir/busted.log"
 
 # ---- specs under mpirun -n 4 (tools/test_mpi.sh: the collective specs on the mpi backend) ----
@@ -55,11 +64,15 @@ MOONSHARD_LIB=$PWD/build/libmoonshard.so bash tools/test_mpi.sh 2>&1 | tee "$log
 count_busted "$log_dir/busted-mpi.log"
 # ---- end of the mpirun block ----
 
+step "several hosts: network namespaces, OpenMPI over TCP (tools/test_multihost.sh)"
+bash tools/test_multihost.sh 2>&1 | tee "$log_dir/multihost.log"
+count_plain "$log_dir/multihost.log"
+
 step "specs (address + undefined sanitizers)"
 asan_runtime=$(gcc -print-file-name=libasan.so)
 MOONSHARD_LIB=build-asan/libmoonshard.so LD_PRELOAD="$asan_runtime" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  luajit tools/busted.lua -o utfTerminal --exclude-tags=slow,gpu,noasan 2>&1 | tee "$log_dir/busted-asan.log"
+  busted -o utfTerminal --exclude-tags=slow,gpu,noasan 2>&1 | tee "$log_dir/busted-asan.log"
 count_busted "$log_dir/busted-asan.log"
 
 step "fuzz the store decoders"

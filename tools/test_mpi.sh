@@ -3,7 +3,7 @@
 # "N successes / N failures / N errors / N pending" summed over the four processes.
 # Usage (repository root): bash tools/test_mpi.sh [spec files...]
 # Default: specs/dist_*_spec.lua, specs/fsdp_*_spec.lua (parity with the unsharded model,
-# docs/DESIGN.md section 8, state dicts, training features, memory) and specs/dtensor_spec.lua
+# docs/DESIGN.md section 8, state dicts, training features, memory), specs/dtensor_spec.lua and specs/amp_spec.lua
 # in full, plus the tests tagged #mpi in other spec files.
 # The library is $MOONSHARD_LIB, else build/libmoonshard.so.
 set -uo pipefail
@@ -35,9 +35,8 @@ local function finish()
   pcall(function() require("moonshard").dist.barrier() end)
   os.exit(0, true)
 end
-package.path = "lua/?.lua;lua/?/init.lua;specs/?.lua;" .. package.path
 require("busted.compatibility").exit = finish -- the runner's way out, taken when it loads
-pcall(dofile, "tools/busted.lua")
+pcall(require("busted.runner"), {standalone = false})
 finish()
 LUA
 
@@ -47,10 +46,10 @@ run_under_mpirun() { # label, busted arguments...
   local label=$1
   shift
   local dir="$output_dir/$label"
-  echo "-- $label: mpirun -n $processes luajit tools/busted.lua $*"
+  echo "-- $label: mpirun -n $processes busted $*"
   timeout --kill-after=10 600 \
     mpirun --allow-run-as-root --oversubscribe -n "$processes" --output-filename "$dir" \
-    luajit "$output_dir/busted_then_barrier.lua" -o plainTerminal "$@" >"$output_dir/$label.mpirun" 2>&1
+    luajit "$output_dir/busted_then_barrier.lua" --ignore-lua -o plainTerminal "$@" >"$output_dir/$label.mpirun" 2>&1
   local status=$? summaries=0 reported_bad=0 file line
   for file in "$dir"/1/rank.*/stdout; do
     [ -f "$file" ] || continue
@@ -82,7 +81,7 @@ run_under_mpirun() { # label, busted arguments...
 if [ $# -gt 0 ]; then
   run_under_mpirun given "$@"
 else
-  run_under_mpirun specs specs/dist_*_spec.lua specs/fsdp_*_spec.lua specs/dtensor_spec.lua
+  run_under_mpirun specs specs/dist_*_spec.lua specs/fsdp_*_spec.lua specs/dtensor_spec.lua specs/amp_spec.lua
   tagged=()
   for spec in specs/*_spec.lua; do
     case "$spec" in specs/dist_* | specs/fsdp_* | specs/dtensor_spec.lua) continue ;; esac

@@ -134,6 +134,13 @@ int ms_get_num_threads(void);
 /* Seconds on the monotonic clock (for timing; cannot fail). */
 double ms_clock_seconds(void);
 
+/* runtime/version.h */
+/* ---- version ---- */
+/* "MAJOR.MINOR.PATCH" of the loaded library (compare with MS_VERSION, the headers'). */
+const char *ms_version(void);
+/* The collective backends and devices compiled in, e.g. "local mpi nccl; cpu cuda". */
+const char *ms_build_config(void);
+
 /* runtime/ops.h */
 /* ---- copy, fill, compare ---- */
 /* dst = src, broadcasting src to dst's shape, converting dtype, any strides. A src that

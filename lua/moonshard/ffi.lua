@@ -19,19 +19,49 @@ local function file_exists(path)
   return f ~= nil
 end
 
-local function load_library()
+local VERSION = require "moonshard.version"
+
+-- The library's file: $MOONSHARD_LIB; a source checkout's build/; an installation's own
+-- (moonshard/installed.lua, written by cmake --install); a LuaRocks tree's (package.cpath);
+-- else the system's (ldconfig).
+local function library_path()
   local explicit = os.getenv("MOONSHARD_LIB")
-  if explicit and explicit ~= "" then return ffi.load(explicit) end
-  local beside = this_dir() .. "/../../build/libmoonshard.so"
-  if file_exists(beside) then return ffi.load(beside) end
-  return ffi.load("moonshard")
+  if explicit and explicit ~= "" then return explicit end
+  local dir = this_dir()
+  local beside = dir .. "/../../build/libmoonshard.so"
+  if file_exists(beside) then return beside end
+  if file_exists(dir .. "/installed.lua") then
+    return dir .. "/" .. dofile(dir .. "/installed.lua").library
+  end
+  return package.searchpath("libmoonshard", package.cpath) or "moonshard"
 end
 
--- One library handle per process, kept outside package.loaded so reloading this module
--- reuses it.
+-- Load the library and check it is the version of these modules.
+local function load_library(path)
+  local ok, lib = pcall(ffi.load, path)
+  if not ok then
+    error(("moonshard: cannot load the library %s: %s (build it with bash tools/setup.sh, " ..
+           "install it with cmake --install, or set MOONSHARD_LIB)"):format(path, tostring(lib)), 0)
+  end
+  local has_version, version = pcall(function() return ffi.string(lib.ms_version()) end)
+  version = has_version and version or "older than 0.1.0 (no ms_version)"
+  if version ~= VERSION then
+    error(("moonshard: the library %s is version %s but the Lua modules in %s are version %s; " ..
+           "install both from one build, or point MOONSHARD_LIB at the matching library")
+          :format(path, version, this_dir(), VERSION), 0)
+  end
+  return lib
+end
+
+-- One library handle per process (and the file it came from), kept outside package.loaded
+-- so reloading this module reuses it.
 local registry = debug.getregistry()
-registry.moonshard_lib = registry.moonshard_lib or load_library()
+if not registry.moonshard_lib then
+  registry.moonshard_lib_path = library_path()
+  registry.moonshard_lib = load_library(registry.moonshard_lib_path)
+end
 M.lib = registry.moonshard_lib
+M.library_path = registry.moonshard_lib_path
 local lib = M.lib
 
 -- Raise "moonshard: <what>: <detail>" for a failed status; return nothing on success.

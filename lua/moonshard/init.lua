@@ -18,6 +18,7 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local ms = {}
 ms.Tensor = Tensor
+ms.__version__ = require "moonshard.version"
 
 -- ---- tensor methods ----
 
@@ -185,6 +186,7 @@ local submodules = {
   nn = "moonshard.nn", optim = "moonshard.optim", dist = "moonshard.dist",
   fsdp = "moonshard.fsdp", ac = "moonshard.ac", dcp = "moonshard.dcp",
   repl = "moonshard.repl", data = "moonshard.data",
+  amp = "moonshard.amp",
 }
 setmetatable(ms, {__index = function(t, key)
   local path = submodules[key]

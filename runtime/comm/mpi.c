@@ -16,7 +16,7 @@
 
 typedef struct mpi_group {
     MPI_Comm comm; /* MPI_COMM_NULL for a non-member, and once MPI is finalised */
-    uint32_t op_seq;
+    uint32_t op_seq; /* collectives entered on comm */
     ms_group *handle;
     struct mpi_group *next_live;
 } mpi_group;
@@ -47,13 +47,93 @@ static int64_t now_ms(void)
     return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
+/* Who arrived: a member waiting in a collective answers a peer's question (tag ASK, on the
+ * group's communicator) with how many collectives it has entered on it (tag ANSWER). A
+ * member that timed out asks every other one; those that answer with its own count are in
+ * the same collective, the others did not arrive. Asked only after a timeout, answered
+ * only while waiting, so a collective that completes pays nothing. */
+enum { TAG_ASK = 32001, TAG_ANSWER = 32002, ANSWER_GRACE_MS = 2000 };
+
+static void answer_questions(mpi_group *mg)
+{
+    for (;;) {
+        int pending = 0;
+        MPI_Status status;
+        if (MPI_Iprobe(MPI_ANY_SOURCE, TAG_ASK, mg->comm, &pending, &status) != MPI_SUCCESS ||
+            !pending)
+            return;
+        int64_t question, entered = mg->op_seq;
+        MPI_Recv(&question, 1, MPI_INT64_T, status.MPI_SOURCE, TAG_ASK, mg->comm,
+                 MPI_STATUS_IGNORE);
+        MPI_Request request;
+        if (MPI_Isend(&entered, 1, MPI_INT64_T, status.MPI_SOURCE, TAG_ANSWER, mg->comm,
+                      &request) == MPI_SUCCESS)
+            MPI_Wait(&request, MPI_STATUS_IGNORE); /* one int64: sent eagerly */
+    }
+}
+
+/* "rank 3" or "ranks 2, 3" (world ranks) of the members that did not answer with our
+ * count of collectives within the grace period; "" when every member did. */
+static void missing_members(ms_group *g, char *out, size_t size)
+{
+    mpi_group *mg = g->impl;
+    int n = g->size, missing = 0;
+    int64_t asked = mg->op_seq, *answers = calloc((size_t)n, sizeof *answers);
+    MPI_Request *asks = calloc((size_t)n, sizeof *asks), *replies = calloc((size_t)n, sizeof *replies);
+    out[0] = '\0';
+    if (!answers || !asks || !replies) {
+        free(answers); free(asks); free(replies);
+        return;
+    }
+    for (int j = 0; j < n; j++) {
+        asks[j] = replies[j] = MPI_REQUEST_NULL;
+        answers[j] = -1;
+        if (j == g->rank)
+            continue;
+        MPI_Irecv(&answers[j], 1, MPI_INT64_T, j, TAG_ANSWER, mg->comm, &replies[j]);
+        MPI_Isend(&asked, 1, MPI_INT64_T, j, TAG_ASK, mg->comm, &asks[j]);
+    }
+    int64_t deadline = now_ms() + (g->timeout_ms < ANSWER_GRACE_MS ? g->timeout_ms : ANSWER_GRACE_MS);
+    int all = 0;
+    while (!all) {
+        answer_questions(mg);
+        all = 1;
+        for (int j = 0; j < n; j++) {
+            int done = replies[j] == MPI_REQUEST_NULL;
+            if (!done && MPI_Test(&replies[j], &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+                replies[j] = MPI_REQUEST_NULL; /* a failed peer: it stays unanswered */
+            all = all && (done || replies[j] == MPI_REQUEST_NULL);
+        }
+        if (!all && now_ms() > deadline)
+            break;
+        struct timespec pause = {0, 1000000};
+        nanosleep(&pause, NULL);
+    }
+    char ranks[160] = "";
+    size_t used = 0;
+    for (int j = 0; j < n && used < sizeof ranks; j++) {
+        if (j == g->rank || answers[j] == asked)
+            continue;
+        used += (size_t)snprintf(ranks + used, sizeof ranks - used, "%s%d", missing++ ? ", " : "",
+                                 g->world_ranks[j]);
+    }
+    if (missing)
+        snprintf(out, size, "%s %s", missing == 1 ? "rank" : "ranks", ranks);
+    if (!all) /* open requests keep their buffers: this process makes no MPI call again */
+        return;
+    free(answers);
+    free(asks);
+    free(replies);
+}
+
 /* Wait for the collective behind *request for at most g's timeout. MPI_Test drives
  * progress; between tests the thread yields for a few microseconds, then sleeps 50 us
- * doubling to 1 ms, so processes sharing cores leave them to the peers they wait for.
- * MPI cannot cancel a collective, and a peer arriving late would still write into its
- * buffers whenever MPI next makes progress; so after a timeout this process makes no MPI
- * call again: every collective on every mpi group fails, and MPI is not finalised at exit
- * (mpirun then ends the job), as PyTorch's watchdog takes a process down. */
+ * doubling to 1 ms (answering peers that ask who arrived), so processes sharing cores leave
+ * them to the peers they wait for. MPI cannot cancel a collective, and a peer arriving late
+ * would still write into its buffers whenever MPI next makes progress; so after a timeout
+ * this process makes no MPI call again: every collective on every mpi group fails, and MPI
+ * is not finalised at exit (mpirun then ends the job), as PyTorch's watchdog takes a
+ * process down. The timeout names the members that did not arrive. */
 static int wait_for(ms_group *g, const char *name, const char *call, MPI_Request *request)
 {
     int64_t deadline = now_ms() + g->timeout_ms;
@@ -69,10 +149,18 @@ static int wait_for(ms_group *g, const char *name, const char *call, MPI_Request
             sched_yield();
             continue;
         }
+        answer_questions(g->impl);
         if (now_ms() > deadline) {
-            int timeout = MS_FAIL(MS_ERR_TIMEOUT, "%s: not every member arrived within %lld "
-                                  "ms (%s); MPI is unusable in this process, which should end",
-                                  name, (long long)g->timeout_ms, call);
+            char missing[192];
+            missing_members(g, missing, sizeof missing);
+            int call_len = (int)strcspn(call, "("); /* "MPI_Iallreduce" */
+            int timeout = missing[0]
+                ? MS_FAIL(MS_ERR_TIMEOUT, "%s: %s did not arrive within %lld ms (%.*s); MPI "
+                          "is unusable in this process, which should end", name, missing,
+                          (long long)g->timeout_ms, call_len, call)
+                : MS_FAIL(MS_ERR_TIMEOUT, "%s: not every member arrived within %lld ms (%.*s); "
+                          "MPI is unusable in this process, which should end", name,
+                          (long long)g->timeout_ms, call_len, call);
             snprintf(mpi.timed_out, sizeof mpi.timed_out, "%s", ms_last_error());
             return ms_group_break(g, timeout);
         }

@@ -5,8 +5,10 @@
 
 int ms_mpi_init(void)
 {
-    return MS_FAIL(MS_ERR_UNSUPPORTED, "mpi_init: this build has no MPI support (install "
-                                       "libopenmpi-dev and rebuild)");
+    return MS_FAIL(MS_ERR_UNSUPPORTED, "mpi_init: this build has no MPI support (configured "
+                                       "with MS_WITH_MPI=OFF or without libopenmpi-dev): "
+                                       "install libopenmpi-dev and rebuild with bash "
+                                       "tools/setup.sh; moonshard --version lists the backends");
 }
 
 int ms_mpi_finalize(void) { return MS_OK; }

@@ -1,6 +1,6 @@
 -- Every CUDA kernel against the CPU backend on random inputs: each case runs the same Lua
 -- code on cpu tensors and on their copies on cuda:0 and compares results and gradients.
--- Run with: luajit tools/busted.lua --tags=gpu specs/gpu
+-- Run with: busted --exclude-tags=none --tags=gpu specs/gpu
 local ms = require "moonshard"
 local gpu = require "gpu.helpers"
 local F = ms.nn.F

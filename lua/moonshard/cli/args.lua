@@ -1,5 +1,7 @@
--- Argument parsing for the moonshard command: options declared per command, positional
--- arguments in order, and a usage error that names what was wrong.
+-- Argument parsing for the moonshard command and the examples, through lua-argparse: options
+-- declared per command, positional arguments in order, and a usage error naming what was wrong.
+local argparse = require "argparse"
+
 local M = {}
 
 -- A usage error: the command prints it with its usage text and exits with status 2.
@@ -13,52 +15,85 @@ end
 
 function M.is_usage_error(e) return getmetatable(e) == UsageError end
 
--- parse(argv, options, {stop_at_positional = n}): options maps "--name" or "-n" to
--- "flag" | "string" | "int" | "number"; returns (values keyed by the name without dashes,
--- positional array). With stop_at_positional = n, everything after the n-th positional
--- argument is positional (a script's own arguments).
-function M.parse(argv, options, config)
-  local values, positional = {}, {}
-  local stop_at = config and config.stop_at_positional
-  local i = 1
+-- Converters with the messages the commands have always given.
+local function converter(name, kind)
+  return function(text)
+    local n = tonumber(text)
+    if n and (kind == "number" or n % 1 == 0) then return n end
+    return nil, ("%s needs %s, got '%s'"):format(name, kind == "int" and "an integer" or "a number", text)
+  end
+end
+
+local function key_of(name) return (name:gsub("^%-+", ""):gsub("-", "_")) end
+
+-- The argparse parser for a table of options: "--name" or "-n" mapped to a kind ("flag" |
+-- "string" | "int" | "number"); the positional arguments gathered in order.
+local function parser_for(name, options)
+  local parser = argparse(name):add_help(false)
+  for flag, kind in pairs(options) do
+    local option = kind == "flag" and parser:flag(flag) or parser:option(flag)
+    option:target(key_of(flag))
+    if kind == "int" or kind == "number" then option:convert(converter(flag, kind)) end
+  end
+  parser:argument("positional"):args("*")
+  return parser
+end
+
+-- Numbers that start with '-' are values, not options: "--lr -1" reads as "--lr=-1".
+local function join_negative_values(argv, options)
+  local out, i = {}, 1
+  while i <= #argv do
+    local a, kind = argv[i], options[argv[i]]
+    local nxt = argv[i + 1]
+    if kind and kind ~= "flag" and nxt and nxt:sub(1, 1) == "-" and tonumber(nxt) then
+      out[#out + 1] = a:sub(2, 2) == "-" and (a .. "=" .. nxt) or (a .. nxt)
+      i = i + 2
+    else
+      out[#out + 1] = a
+      i = i + 1
+    end
+  end
+  return out
+end
+
+-- Everything from the n-th positional argument on is positional (a script's own
+-- arguments): a "--" goes before it.
+local function stop_after_positional(argv, options, n)
+  local seen, i = 0, 1
   while i <= #argv do
     local a = argv[i]
-    if stop_at and #positional >= stop_at then
-      positional[#positional + 1] = a
-    elseif a == "--" then
-      for j = i + 1, #argv do positional[#positional + 1] = argv[j] end
-      break
-    elseif a:sub(1, 1) == "-" and #a > 1 and not tonumber(a) then
-      local name, inline = a:match("^(%-%-?[%w][%w%-]*)=(.*)$")
-      name = name or a
-      local kind = options[name]
-      if not kind then M.usage_error("unknown option '%s'", a) end
-      local key = (name:gsub("^%-+", ""):gsub("-", "_"))
-      if kind == "flag" then
-        if inline then M.usage_error("%s takes no value", name) end
-        values[key] = true
-      else
-        local value = inline
-        if value == nil then
-          i = i + 1
-          value = argv[i]
-        end
-        if value == nil then M.usage_error("%s needs a value", name) end
-        if kind == "int" or kind == "number" then
-          local n = tonumber(value)
-          if not n or (kind == "int" and n % 1 ~= 0) then
-            M.usage_error("%s needs %s, got '%s'", name, kind == "int" and "an integer" or "a number", value)
-          end
-          value = n
-        end
-        values[key] = value
-      end
+    if a == "--" then return argv end
+    local name = a:match("^(%-%-?[%w][%w%-]*)=") or a
+    local kind = options[name]
+    if a:sub(1, 1) == "-" and #a > 1 and not tonumber(a) then
+      if kind and kind ~= "flag" and not a:find("=", 1, true) and #name == #a then i = i + 1 end
     else
-      positional[#positional + 1] = a
+      seen = seen + 1
+      if seen == n then
+        local out = {unpack(argv, 1, i - 1)}
+        out[#out + 1] = "--"
+        for j = i, #argv do out[#out + 1] = argv[j] end
+        return out
+      end
     end
     i = i + 1
   end
-  return values, positional
+  return argv
+end
+
+-- parse(argv, options, {stop_at_positional = n}): returns (values keyed by the name without
+-- dashes, "-" read as "_", positional array); raises a usage error for bad arguments.
+function M.parse(argv, options, config)
+  local parser = parser_for("moonshard", options)
+  argv = join_negative_values(argv, options)
+  if config and config.stop_at_positional then
+    argv = stop_after_positional(argv, options, config.stop_at_positional)
+  end
+  local ok, result = parser:pparse(argv)
+  if not ok then M.usage_error("%s", result) end
+  local positional = result.positional
+  result.positional = nil
+  return result, positional
 end
 
 return M

@@ -16,7 +16,8 @@ usage: moonshard <command> [arguments]
 
 commands:
 %s
-Run 'moonshard <command> --help' for a command's arguments.
+Run 'moonshard <command> --help' for a command's arguments, 'moonshard --version' for the
+versions of the modules and of the library they load.
 ]]
 
 local function usage()
@@ -48,8 +49,23 @@ function M.run_command(name, module_name, argv)
   return 1
 end
 
+-- "moonshard 0.1.0 (library 0.1.0 at PATH; backends local mpi; devices cpu)"
+local function version()
+  local ok, C = pcall(require, "moonshard.ffi")
+  if not ok then
+    io.stderr:write(message_of(C), "\n")
+    return 1
+  end
+  local ffi = require "ffi"
+  local backends, devices = ffi.string(C.lib.ms_build_config()):match("^(.-); (.*)$")
+  io.stdout:write(("moonshard %s (library %s at %s; backends %s; devices %s)\n"):format(
+    require "moonshard.version", ffi.string(C.lib.ms_version()), C.library_path, backends, devices))
+  return 0
+end
+
 function M.main(argv)
   local name = argv[1]
+  if name == "--version" then return version() end
   if name == nil or name == "--help" or name == "-h" or name == "help" then
     io.stdout:write(usage())
     return name == nil and 2 or 0

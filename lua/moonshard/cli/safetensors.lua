@@ -2,7 +2,7 @@
 -- each tensor's dtype, shape and byte range, then the raw little-endian data.
 local ffi = require "ffi"
 local ms = require "moonshard"
-local json = require "moonshard.cli.json"
+local json = require "dkjson"
 
 local M = {}
 
@@ -38,10 +38,15 @@ function M.write(path, tensors, metadata)
     if not dtype then fail("'%s' has dtype %s, which safetensors cannot hold", entry.name, t:dtype()) end
     if header[entry.name] then fail("the name '%s' appears twice", entry.name) end
     local nbytes = t:nbytes()
-    header[entry.name] = {dtype = dtype, shape = json.array({unpack(t:shape())}), data_offsets = {offset, offset + nbytes}}
+    header[entry.name] = {dtype = dtype, shape = {unpack(t:shape())}, data_offsets = {offset, offset + nbytes}}
     offset = offset + nbytes
   end
-  local text = json.encode(header)
+  -- every object's keys sorted, so the same tensors always give the same bytes
+  local keys = {"data_offsets", "dtype", "shape"}
+  for key in pairs(header) do keys[#keys + 1] = key end
+  for key in pairs(metadata or {}) do keys[#keys + 1] = key end
+  table.sort(keys)
+  local text = json.encode(setmetatable(header, {__jsontype = "object"}), {keyorder = keys})
   text = text .. string.rep(" ", (8 - #text % 8) % 8)
   local file, err = io.open(path, "wb")
   if not file then fail("cannot write %s: %s", path, tostring(err)) end
@@ -91,10 +96,14 @@ function M.read(path)
     file:close()
     fail("%s: header length %d does not fit the file (%d bytes)", path, header_size, size)
   end
-  local ok, header = pcall(json.decode, file:read(header_size))
-  if not ok or type(header) ~= "table" then
+  local text = file:read(header_size)
+  local header, stop, problem = json.decode(text)
+  if problem == nil and text:find("[^ \t\r\n]", stop) then
+    problem = ("trailing characters at byte %d"):format(text:find("[^ \t\r\n]", stop))
+  end
+  if problem or type(header) ~= "table" then
     file:close()
-    fail("%s: the header is not a JSON object (%s)", path, ok and type(header) or header)
+    fail("%s: the header is not a JSON object (%s)", path, problem or type(header))
   end
   local data_start, data_size = 8 + header_size, size - 8 - header_size
   local metadata = header.__metadata__

@@ -464,5 +464,6 @@ fsdp.stats, fsdp.reset_stats = stats.snapshot, stats.reset
 fsdp.set_state_dict_type = state_dict.set_state_dict_type
 fsdp.optim_state_dict = state_dict.optim_state_dict
 fsdp.optim_state_dict_to_load = state_dict.optim_state_dict_to_load
+fsdp.ShardedGradScaler = require("moonshard.amp").GradScaler
 
 return fsdp
