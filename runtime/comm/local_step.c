@@ -1,6 +1,6 @@
 /* moonshard runtime: the local backend's step protocol: futex waits with deadlines.
  * A waiter sleeps in slices, checking the parent's abort flag, the peer's departure and
- * interrupts (runtime/interrupt.h). */
+ * interrupts (ms_interrupt_*, ms.h). */
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>

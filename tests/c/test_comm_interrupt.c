@@ -1,4 +1,4 @@
-/* C tests of interrupts (runtime/interrupt.h) with real signals between forked ranks: a
+/* C tests of interrupts (ms_interrupt_*, ms.h) with real signals between forked ranks: a
  * wait stops at SIGINT, or finishes its collective when waits are not interruptible; the
  * parent stops every rank on SIGTERM; the same signal twice takes the default action. */
 #include <errno.h>

@@ -140,7 +140,7 @@ local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
 -- module(...) runs hooks and forward in a scope: temporaries of the call are released as
 -- soon as it returns (tensors saved for backward keep their own references); an error
 -- leaves its traceback with moonshard.traceback (ms.traceback). A pending
--- SIGINT or SIGTERM (runtime/interrupt.h) stops it here, so compiled loops notice it.
+-- SIGINT or SIGTERM (ms_interrupt_*, ms.h) stops it here, so compiled loops notice it.
 function Module:_call(...)
   if C.lib.ms_interrupt_pending() ~= 0 then
     local sig = C.lib.ms_interrupt_take()

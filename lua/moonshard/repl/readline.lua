@@ -95,7 +95,7 @@ local function install_callbacks()
   rl.rl_readline_name = READLINE_NAME
   rl.rl_basic_word_break_characters = WORD_BREAKS
   rl.rl_completer_quote_characters = QUOTES
-  rl.rl_catch_signals = 0 -- SIGINT and SIGTERM stay moonshard's (runtime/interrupt.h)
+  rl.rl_catch_signals = 0 -- SIGINT and SIGTERM stay moonshard's (ms_interrupt_*, ms.h)
 end
 
 -- Bytes a read of stdin returns at once (0 when it would wait or is at its end).

@@ -35,7 +35,7 @@ function M.compile(source)
 end
 
 -- Run fn (compiled from a line) in env. Collectives it starts run to their end, so the
--- ranks of a live session stay in step (runtime/interrupt.h); an interrupt stops the line
+-- ranks of a live session stay in step (ms_interrupt_*, ms.h); an interrupt stops the line
 -- at its next hook, module call or collective. Returns true and the results as a packed
 -- array, or false and the error text.
 function M.call(fn, env)
