@@ -10,7 +10,6 @@
 -- Usage (repository root, after a build):
 --   luajit bench/ac.lua [--quick] [--reps N] [--threads N] [--dim D] [--hidden H]
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-local ffi = require "ffi"
 local ms = require "moonshard"
 local nn, ac = ms.nn, ms.ac
 
@@ -25,12 +24,8 @@ for i = 1, #arg do
 end
 ms.set_num_threads(threads)
 
-ffi.cdef "int clock_gettime(int clock, void *ts);"
-local timespec = ffi.new("struct { long sec; long nsec; }")
-local function now()
-  ffi.C.clock_gettime(1, ffi.cast("void*", timespec))
-  return tonumber(timespec.sec) + tonumber(timespec.nsec) * 1e-9
-end
+local support = require "bench.support"
+local now = support.now
 
 local batches = quick and {32} or {128, 512}
 if quick then reps = math.min(reps, 2) end
@@ -83,16 +78,7 @@ local function step(model, x)
   return seconds, cpu_seconds, peak
 end
 
-local function emit(fields, order)
-  local parts = {}
-  for _, key in ipairs(order) do
-    local v = fields[key]
-    parts[#parts + 1] = string.format("%q:%s", key, type(v) == "string" and string.format("%q", v) or
-                                      string.format("%.6g", v))
-  end
-  print("{" .. table.concat(parts, ",") .. "}")
-  io.stdout:flush()
-end
+local emit = support.emit
 
 local order = {"bench", "variant", "layers", "dim", "hidden", "batch", "threads", "best_ms", "median_ms",
                "best_cpu_ms", "peak_bytes", "time_vs_none", "cpu_time_vs_none", "memory_vs_none"}

@@ -10,17 +10,7 @@ local ms = require "moonshard"
 local dist = ms.dist
 local lib = require("moonshard.ffi").lib
 
-if not pcall(function() return ffi.C.clock_gettime end) then
-  ffi.cdef [[
-    struct ms_bench_timespec { long seconds; long nanoseconds; };
-    int clock_gettime(int clock, struct ms_bench_timespec *now);
-  ]]
-end
-local now_buf = ffi.new("struct ms_bench_timespec")
-local function now()
-  ffi.C.clock_gettime(1, now_buf) -- CLOCK_MONOTONIC
-  return tonumber(now_buf.seconds) + tonumber(now_buf.nanoseconds) * 1e-9
-end
+local now = require("bench.support").now
 
 local function parse_args(argv)
   local opts = {ranks = {2, 4}, max_bytes = 256 * 2 ^ 20, rounds = 1, mpi = true,

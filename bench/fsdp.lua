@@ -8,9 +8,9 @@
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
-local C = require "moonshard.ffi"
+local support = require "bench.support"
 
-local clock = C.lib.ms_clock_seconds
+local clock = support.now
 
 local options = {model = "all", steps = 4, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
@@ -108,18 +108,7 @@ local MODELS = {
   },
 }
 
-local function emit(fields, order)
-  local parts = {}
-  for _, key in ipairs(order) do
-    local v = fields[key]
-    if v ~= nil then
-      parts[#parts + 1] = string.format("%q:%s", key, type(v) == "string" and string.format("%q", v) or
-                                        string.format("%.6g", v))
-    end
-  end
-  print("{" .. table.concat(parts, ",") .. "}")
-  io.stdout:flush()
-end
+local emit = support.emit
 
 local function median(values)
   local sorted = {unpack(values)}

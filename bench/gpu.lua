@@ -11,19 +11,8 @@ local ffi = require "ffi"
 local ms = require "moonshard"
 local dist = ms.dist
 local lib = require("moonshard.ffi").lib
-local scope = require "moonshard.scope"
 
-if not pcall(function() return ffi.C.clock_gettime end) then
-  ffi.cdef [[
-    struct ms_bench_timespec { long seconds; long nanoseconds; };
-    int clock_gettime(int clock, struct ms_bench_timespec *now);
-  ]]
-end
-local now_buf = ffi.new("struct ms_bench_timespec")
-local function now()
-  ffi.C.clock_gettime(1, now_buf) -- CLOCK_MONOTONIC
-  return tonumber(now_buf.seconds) + tonumber(now_buf.nanoseconds) * 1e-9
-end
+local now = require("bench.support").now
 
 local function parse_args(argv)
   local opts = {only = {gemm = true, kernels = true, collectives = true}, repeats = 20,
@@ -67,10 +56,10 @@ end
 
 -- Seconds per call of fn on device, after one warm-up call; fn's temporaries are released.
 local function time_of(fn, repeats, device)
-  scope.run(fn)
+  ms.scope(fn)
   sync(device)
   local start = now()
-  for _ = 1, repeats do scope.run(fn) end
+  for _ = 1, repeats do ms.scope(fn) end
   sync(device)
   return (now() - start) / repeats
 end

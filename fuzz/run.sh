@@ -11,16 +11,11 @@ if ! command -v clang >/dev/null; then
   echo "fuzz: clang is missing (apt-get install -y clang libclang-rt-14-dev)" >&2
   exit 1
 fi
-sanitize="-fsanitize=address,undefined -fno-sanitize-recover=undefined"
 # clang 14 has no _Float16 on x86; the runtime only stores halves in it, which __fp16 also does.
 cmake -S . -B "$build" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-  -DMS_WITH_CUDA=OFF -DMS_WITH_MPI=OFF -DMS_SANITIZE=ON \
+  -DMS_WITH_CUDA=OFF -DMS_WITH_MPI=OFF -DMS_SANITIZE=ON -DMS_FUZZ=ON \
   -DCMAKE_C_FLAGS="-fsanitize=fuzzer-no-link -D_Float16=__fp16" >/dev/null
-cmake --build "$build" --target moonshard -j2 >/dev/null
-link=(-Iruntime -Iruntime/store -L"$build" -lmoonshard -Wl,-rpath,"$PWD/$build")
-clang -g -O1 -D_GNU_SOURCE $sanitize -fsanitize=fuzzer fuzz/fuzz_store.c "${link[@]}" \
-  -o "$build/fuzz_store"
-clang -g -O1 -D_GNU_SOURCE $sanitize fuzz/seeds.c "${link[@]}" -o "$build/fuzz_seeds"
+cmake --build "$build" --target fuzz_store fuzz_seeds -j2 >/dev/null
 corpus="$build/fuzz-corpus"
 mkdir -p "$corpus"
 "$build/fuzz_seeds" "$corpus"

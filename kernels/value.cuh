@@ -1,5 +1,5 @@
 /* moonshard kernels: loading any dtype as double or int64 and storing back on the device,
- * with the CPU backend's conversion rules (runtime/cpu/cast.h): float to integer saturates
+ * with the CPU backend's conversion rules (runtime/cast.h): float to integer saturates
  * and sends NaN to 0, integer to narrower integer wraps. Device code only. */
 #ifndef MS_KERNELS_VALUE_CUH
 #define MS_KERNELS_VALUE_CUH

@@ -26,6 +26,11 @@ const char *ms_shape_str(char *buf, size_t size, int ndim, const int64_t *shape)
 /* Element size and row-major strides (elements) of shape. */
 void ms_contiguous_strides(int ndim, const int64_t *shape, int64_t *strides);
 
+/* 1 when a and b have the same shape. */
+int ms_shapes_match(const ms_tensor *a, const ms_tensor *b);
+/* 1 when src broadcasts to dst's shape (numpy rules, aligned right). */
+int ms_broadcasts(const ms_tensor *src, const ms_tensor *dst);
+
 /* Validate a tensor pointer argument for op (non-NULL, known dtype): MS_ERR_INVALID. */
 int ms_check_tensor(const char *op, const char *name, const ms_tensor *t);
 

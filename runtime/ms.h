@@ -142,8 +142,6 @@ int ms_storage_release(ms_storage *storage);
 /* Allocate a released storage's nbytes again from its pool (contents undefined). Restoring
  * a storage that holds data is a no-op. */
 int ms_storage_restore(ms_storage *storage);
-/* 1 when the storage's data was released, else 0. */
-int ms_storage_is_released(const ms_storage *storage);
 
 /* ---- threads ---- */
 /* Threads used by BLAS and by the runtime's loops in this process (at least 1). */

@@ -1,8 +1,9 @@
-/* moonshard runtime: tensor operations (CPU backend in runtime/cpu/).
+/* moonshard runtime: tensor operations (front door in runtime/ops/, kernels in cpu/, cuda/).
  * Argument order is fixed: outputs first ([OUT]), then inputs, then scalars.
  * Outputs are preallocated by the caller with the documented shape and dtype.
  * Activation gradients assign (=); parameter gradients (dweight, dbias) accumulate (+=).
- * Compute ops take f32 or f64 (MS_ERR_DTYPE otherwise, naming the op and dtype);
+ * Compute ops take f32, f64, bf16 or f16 (MS_ERR_DTYPE otherwise, naming the op and dtype);
+ * bf16 and f16 compute in f32 and each output is rounded once, when it is stored;
  * ms_copy, ms_fill, ms_arange and ms_equal take every dtype, ms_allclose any pair, and
  * ms_binary(_scalar) also i32/i64 (all ops but div and pow). An output may alias an input
  * only when both have the same geometry (element-wise in-place updates). */

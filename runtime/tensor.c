@@ -43,6 +43,27 @@ int ms_check_tensor(const char *op, const char *name, const ms_tensor *t)
     return MS_OK;
 }
 
+int ms_shapes_match(const ms_tensor *a, const ms_tensor *b)
+{
+    if (a->ndim != b->ndim)
+        return 0;
+    for (int d = 0; d < a->ndim; d++)
+        if (a->shape[d] != b->shape[d])
+            return 0;
+    return 1;
+}
+
+int ms_broadcasts(const ms_tensor *src, const ms_tensor *dst)
+{
+    int lead = dst->ndim - src->ndim;
+    if (lead < 0)
+        return 0;
+    for (int d = 0; d < src->ndim; d++)
+        if (src->shape[d] != 1 && src->shape[d] != dst->shape[lead + d])
+            return 0;
+    return 1;
+}
+
 static int check_geometry(const char *op, int ndim, const int64_t *shape, int64_t *numel)
 {
     if (ndim < 0 || ndim > MS_MAX_DIMS)
@@ -97,16 +118,6 @@ int ms_tensor_new(ms_tensor **out, int dtype, int ndim, const int64_t *shape, in
         t->shape[d] = shape[d];
     ms_contiguous_strides(ndim, t->shape, t->strides);
     *out = t;
-    return MS_OK;
-}
-
-int ms_tensor_zeros(ms_tensor **out, int dtype, int ndim, const int64_t *shape, int pool)
-{
-    MS_CHECK(ms_tensor_new(out, dtype, ndim, shape, pool));
-    if ((*out)->storage->nbytes && pool < MS_POOL_CUDA0)
-        memset((*out)->storage->data, 0, (*out)->storage->nbytes);
-    else if ((*out)->storage->nbytes)
-        return ms_fill(*out, 0.0);
     return MS_OK;
 }
 
@@ -201,11 +212,6 @@ int ms_storage_restore(ms_storage *storage)
     storage->data = data;
     storage->released = 0;
     return MS_OK;
-}
-
-int ms_storage_is_released(const ms_storage *storage)
-{
-    return storage && storage->released ? 1 : 0;
 }
 
 void *ms_tensor_data(const ms_tensor *t)

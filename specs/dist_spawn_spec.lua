@@ -159,7 +159,7 @@ describe_local("dist.spawn on forked ranks", function()
         dist.all_reduce(ms.zeros(10), "sum")
       end)
       assert.matches("ranks 0, 1, 2 of 3 failed", err)
-      assert.matches("%[rank 0%] moonshard: dist.all_reduce: all_reduce: rank 2 raised an error", err)
+      assert.matches("%[rank 0%] moonshard: dist.all_reduce: rank 2 raised an error", err)
       assert.matches("%[rank 2%] [^\n]*gave up", err)
     end)
 

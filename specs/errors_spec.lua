@@ -2,16 +2,18 @@
 -- names what was wrong, and none of them crashes the process.
 local ms = require "moonshard"
 local F = ms.nn.F
-local scope = require "moonshard.scope"
 
--- fn must raise a string starting with "moonshard: <name>:" that contains every one of the
--- plain substrings in needles (a string or an array of strings).
+-- fn must raise a string starting with "moonshard: <name>:" (naming the function once) that
+-- contains every one of the plain substrings in needles (a string or an array of strings).
 local function raises(name, needles, fn)
   local ok, err = pcall(fn)
   assert.is_false(ok, "expected moonshard: " .. name .. ": ... but nothing was raised")
   assert.are.equal("string", type(err), "the error is not a string: " .. tostring(err))
   local prefix = "moonshard: " .. name .. ":"
   assert.are.equal(prefix, err:sub(1, #prefix), err)
+  local short = name:match("([%w_]+)$") .. ":"
+  assert.are_not.equal(short, err:sub(#prefix + 2, #prefix + 1 + #short),
+                       "the error names its function twice: " .. err)
   if type(needles) == "string" then needles = {needles} end
   for _, needle in ipairs(needles or {}) do
     assert.is_truthy(err:find(needle, 1, true), "'" .. needle .. "' is not in: " .. err)
@@ -90,8 +92,10 @@ describe("bad input", function()
     it("compute ops reject integer tensors", function()
       raises("exp", "i32", function() ms.ones(2, {dtype = "i32"}):exp() end)
     end)
-    it("compute ops reject bf16 tensors", function()
-      raises("add", "bf16", function() return ms.ones(2, {dtype = "bf16"}) + ms.ones(2, {dtype = "bf16"}) end)
+    it("float-only ops reject integer tensors, naming the float dtypes they take", function()
+      raises("matmul", {"i32", "f32, f64, bf16 or f16"},
+             function() return ms.matmul(ms.ones(2, 2, {dtype = "i32"}), ms.ones(2, 2, {dtype = "i32"})) end)
+      raises("add", {"u8", "bf16"}, function() return ms.ones(2, {dtype = "u8"}) + ms.ones(2, {dtype = "u8"}) end)
     end)
   end)
 
@@ -340,7 +344,7 @@ describe("bad input", function()
     end)
     it("include the temporaries of a scope that were not returned", function()
       local leaked
-      local result = scope.run(function()
+      local result = ms.scope(function()
         leaked = ms.ones(2)
         return leaked * 3
       end)
@@ -349,7 +353,7 @@ describe("bad input", function()
     end)
     it("exclude tensors marked with ms.keep", function()
       local kept
-      scope.run(function() kept = ms.keep(ms.ones(2)) end)
+      ms.scope(function() kept = ms.keep(ms.ones(2)) end)
       assert.are.same({1, 1}, kept:table())
     end)
   end)

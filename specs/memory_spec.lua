@@ -1,7 +1,6 @@
 -- Exact allocator statistics seen from Lua: bytes and counts per tensor, views, the peak,
 -- the cache, the separate host pool, and memory falling during and after backward.
 local ms = require "moonshard"
-local scope = require "moonshard.scope"
 
 local element_size = {f32 = 4, f64 = 8, bf16 = 2, f16 = 2, i32 = 4, i64 = 8, u8 = 1}
 
@@ -277,11 +276,11 @@ describe("memory statistics", function()
       return h:sum()
     end
 
-    local function step() scope.run(function() forward():backward() end) end
+    local function step() ms.scope(function() forward():backward() end) end
 
     it("releases saved activations as it goes: mid-backward allocated is below the start", function()
       local during
-      local loss = scope.run(forward, function() during = stats().allocated end)
+      local loss = ms.scope(forward, function() during = stats().allocated end)
       local before = stats().allocated
       loss:backward()
       assert.is_not_nil(during)
@@ -294,7 +293,7 @@ describe("memory statistics", function()
     it("is below the start when the last parameter gradient is accumulated", function()
       local during
       weights[1]:register_post_accumulate_grad_hook(function() during = stats().allocated end)
-      local loss = scope.run(forward)
+      local loss = ms.scope(forward)
       local before = stats().allocated
       loss:backward()
       assert.is_not_nil(during)

@@ -46,6 +46,9 @@ step() { echo; echo "== $*"; }
 step "FFI declarations match runtime headers"
 if luajit tools/gen_cdef.lua --check; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
 
+step "runtime layers: no circles, leaves stay leaves (tools/layers.lua)"
+if luajit tools/layers.lua; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+
 step "C unit tests (release)"
 (cd build && ctest --output-on-failure -j2) 2>&1 | tee "$log_dir/ctest.log"
 count_ctest "$log_dir/ctest.log"

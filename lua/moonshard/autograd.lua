@@ -204,16 +204,6 @@ end
 -- The innermost active saved-tensor hooks ({pack =, unpack =}), or nil.
 function M.current_saved_tensors_hooks() return saved_hooks[#saved_hooks] end
 
--- Run fn(...) with no saved-tensor hooks active (recomputation saves plainly).
-function M.without_saved_tensors_hooks(fn, ...)
-  local stashed = saved_hooks
-  saved_hooks = {}
-  local results = {pcall(fn, ...)}
-  saved_hooks = stashed
-  if not results[1] then error(results[2], 0) end
-  return unpack_results(results)
-end
-
 -- ---- op hooks ----
 
 -- Ops whose outputs a selective-checkpoint policy may keep (the matrix products) compute
@@ -304,7 +294,7 @@ end
 
 local function add_grads(a, b)
   local out = Tensor.empty_like_raw(a)
-  check(lib.ms_binary(out._c, a._c, b._c, 0), "backward")
+  check(lib.ms_binary(out._c, a._c, b._c, lib.MS_ADD), "backward")
   return out
 end
 
@@ -339,7 +329,8 @@ local function accumulate_grad(task, node, grad)
       t.grad = scope.keep(copy)
     end
   else
-    check(lib.ms_binary(existing._c, existing._c, grad._c, 0), "backward: accumulating grad")
+    check(lib.ms_binary(existing._c, existing._c, grad._c, lib.MS_ADD),
+          "backward: accumulating grad")
     existing:_bump_version()
   end
   local hooks = node.post_hooks

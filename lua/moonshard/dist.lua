@@ -9,7 +9,8 @@ local lib, check, fail = C.lib, C.check, C.fail
 local M = {}
 
 M.ReduceOp = {SUM = "sum", AVG = "avg", MAX = "max", MIN = "min"}
-local op_ids = {sum = 0, avg = 1, max = 2, min = 3}
+local op_ids = {sum = lib.MS_DIST_SUM, avg = lib.MS_DIST_AVG, max = lib.MS_DIST_MAX,
+                min = lib.MS_DIST_MIN}
 
 -- ---- process groups ----
 
@@ -56,6 +57,12 @@ end
 
 local world_out = ffi.new("ms_group*[1]")
 local state = {base = nil, override = nil, alone = nil}
+
+-- The default world has one owner, this module: the runtime's installed world (dist.spawn's,
+-- or mpirun's started on first use), unless _with_world overrides it.
+local function world_reachable()
+  return lib.ms_dist_world(world_out) == 0 or lib.ms_mpi_launched() == 1
+end
 
 -- MPI is finalised by the runtime when the process exits (ms_mpi_init registers it).
 local function base_world(what)
@@ -113,7 +120,7 @@ local function collective_group(opts, what)
 end
 
 function M.is_initialized()
-  return state.override ~= nil or lib.ms_dist_world(world_out) == 0 or lib.ms_mpi_launched() == 1
+  return state.override ~= nil or world_reachable()
 end
 
 function M.get_rank(group)
@@ -180,7 +187,7 @@ function M.new_group(ranks, opts)
     indices[i - 1] = index
   end
   local out = ffi.new("ms_group*[1]")
-  check(lib.ms_dist_new_group(out, parent._c, indices, #ranks), what)
+  check(lib.ms_group_new(out, parent._c, indices, #ranks), what)
   local group = wrap_group(out[0], true, what)
   if opts and opts.timeout then M.set_timeout(opts.timeout, {group = group}) end
   return group

@@ -64,11 +64,15 @@ M.lib = registry.moonshard_lib
 M.library_path = registry.moonshard_lib_path
 local lib = M.lib
 
--- Raise "moonshard: <what>: <detail>" for a failed status; return nothing on success.
+-- Raise "moonshard: <what>: <detail>" for a failed status; return nothing on success. The
+-- runtime's detail starts with its own function's name, dropped when what already ends with
+-- it ("dist.all_reduce" and "all_reduce: ..."), so no error names its function twice.
 function M.check(status, what)
   if status ~= 0 then
     local detail = ffi.string(lib.ms_last_error())
     if detail == "" then detail = ffi.string(lib.ms_strerror(status)) end
+    local head, rest = detail:match("^([%w_]+): (.*)$")
+    if head and (what == head or what:sub(-#head - 1) == "." .. head) then detail = rest end
     error("moonshard: " .. what .. ": " .. detail, 0)
   end
 end

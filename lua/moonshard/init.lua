@@ -123,6 +123,10 @@ ms.is_grad_enabled = autograd.is_grad_enabled
 ms.set_grad_enabled = autograd.set_grad_enabled
 ms.autograd = autograd
 ms.keep = scope.keep
+-- ms.scope(fn, ...): fn's results escape, every other tensor it made is released on return.
+ms.scope = scope.run
+-- Seconds on the monotonic clock, for timing.
+function ms.clock() return lib.ms_clock_seconds() end
 
 local flag = ffi.new("int[1]")
 

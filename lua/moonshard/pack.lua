@@ -66,7 +66,7 @@ end
 local function inbound(value)
   if type(value) ~= "table" then return value end
   if getmetatable(value) == TENSOR then
-    local t = Tensor.empty_raw(value.shape, value.dtype, 0)
+    local t = Tensor.empty_raw(value.shape, value.dtype, lib.MS_POOL_CPU)
     local nbytes = tonumber(lib.ms_tensor_nbytes(t._c))
     if nbytes ~= #value.data then
       fail("unpack", "tensor data of %d bytes does not match its shape", #value.data)

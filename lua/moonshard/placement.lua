@@ -30,11 +30,6 @@ end
 local replicate = setmetatable({}, Replicate)
 function M.Replicate() return replicate end
 
-function M.is_placement(v)
-  local mt = getmetatable(v)
-  return mt == Shard or mt == Replicate
-end
-
 -- Rows [start, start + length) of n held by rank of size ranks: chunks of ceil(n / size);
 -- later ranks may hold fewer rows or none.
 function M.shard_range(n, size, rank)

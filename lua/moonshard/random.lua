@@ -99,7 +99,7 @@ function M.randint(low, high, shape, opts)
     fail("randint", "need integers low < high, got %s and %s", tostring(low), tostring(high))
   end
   local parsed = Tensor.parse_shape("randint", shape)
-  local uniform = Tensor.empty_raw(parsed, 1, 0)
+  local uniform = Tensor.empty_raw(parsed, lib.MS_F64, lib.MS_POOL_CPU)
   local seed, offset = M.take(uniform:numel())
   check(lib.ms_rand_uniform(uniform._c, low, high, seed, offset), "randint")
   local values = ffi.cast("double*", lib.ms_tensor_data(uniform._c))

@@ -31,13 +31,17 @@ for _, event in ipairs({"__add", "__sub", "__mul", "__div", "__pow", "__unm"}) d
 end
 Released.__tostring = function() return "tensor(<released>)" end
 
-local dtype_ids = {f32 = 0, f64 = 1, bf16 = 2, f16 = 3, i32 = 4, i64 = 5, u8 = 6}
+-- The dtypes and their names come from the runtime (ms_dtype, ms_dtype_name).
+local dtype_ids, dtype_names = {}, {}
+for id = 0, lib.MS_DTYPE_COUNT - 1 do
+  local name = ffi.string(lib.ms_dtype_name(id))
+  dtype_ids[name], dtype_names[id] = id, name
+end
 local dtype_aliases = {
   float32 = "f32", float = "f32", float64 = "f64", double = "f64", bfloat16 = "bf16",
   float16 = "f16", half = "f16", int32 = "i32", int = "i32", int64 = "i64", long = "i64",
   uint8 = "u8", bool = "u8",
 }
-local dtype_names = {[0] = "f32", "f64", "bf16", "f16", "i32", "i64", "u8"}
 Tensor.dtype_ids, Tensor.dtype_names = dtype_ids, dtype_names
 
 local default_dtype = "f32"
@@ -52,7 +56,7 @@ local function dtype_id(name, what)
 end
 Tensor.dtype_id = dtype_id
 
-local pool_ids = {cpu = 0, host = 1}
+local pool_ids = {cpu = lib.MS_POOL_CPU, host = lib.MS_POOL_HOST}
 local pool_id_out = ffi.new("int[1]")
 local function pool_id(device, what)
   local id = pool_ids[device]
@@ -97,7 +101,7 @@ end
 local function empty(shape, dtype, pool)
   local n = #shape
   for i = 1, n do shape_buf[i - 1] = shape[i] end
-  return wrap(new_handle(dtype or 0, shape_buf, n, pool or 0, "empty"))
+  return wrap(new_handle(dtype or lib.MS_F32, shape_buf, n, pool or lib.MS_POOL_CPU, "empty"))
 end
 Tensor.empty_raw = empty
 
@@ -270,7 +274,7 @@ function Tensor.from_table(data, opts)
   if scalar then shape = {} end
   local numel = 1
   for _, s in ipairs(shape) do numel = numel * s end
-  local staging = empty(shape, 1, 0)
+  local staging = empty(shape, lib.MS_F64, lib.MS_POOL_CPU)
   local values = ffi.cast("double*", lib.ms_tensor_data(staging._c))
   local index = 0
   local function fill(node, dim)
@@ -366,8 +370,9 @@ end
 -- (so device tensors are copied to the host before they are read).
 local function flat_values(t)
   local c = t._c
-  local integer = c.dtype == 5
-  local staging = wrap(new_handle(integer and 5 or 1, c.shape, c.ndim, 0, "table"))
+  local integer = c.dtype == lib.MS_I64
+  local staging = wrap(new_handle(integer and lib.MS_I64 or lib.MS_F64, c.shape, c.ndim,
+                                  lib.MS_POOL_CPU, "table"))
   check(lib.ms_copy(staging._c, c), "table")
   local ptr = ffi.cast(integer and "int64_t*" or "double*", lib.ms_tensor_data(staging._c))
   local n = tonumber(c.numel)
@@ -414,7 +419,7 @@ end
 
 function Tensor:__tostring()
   local shape = self:shape()
-  local integer = self._c.dtype >= 4
+  local integer = self._c.dtype >= lib.MS_I32
   local values = self:numel() <= 1000 and flat_values(self) or nil
   local body
   if not values then

@@ -69,16 +69,6 @@ ms_group *ms_dist_current_world(void);
 
 enum { MS_DIST_DEFAULT_TIMEOUT_MS = 60000 };
 
-/* ---- memory the local backend's peers can reach (local_heap.c) ----
- * In a rank forked by ms_local_spawn, CPU pools may take their blocks from here: collectives
- * whose buffers all lie in these heaps copy straight between ranks instead of through the
- * segment's ring. Blocks are 64-byte aligned (4096 from 64 KiB up). */
-
-/* nbytes of this rank's heap, or NULL outside a local rank or when the heap is full. */
-void *ms_local_shared_alloc(size_t nbytes);
-/* Return p to the heap and 1 when it came from ms_local_shared_alloc; else 0 (untouched). */
-int ms_local_shared_free(void *p);
-
 /* ---- element reductions shared by the backends (reduce.c) ---- */
 
 /* dst[i] = srcs[0][i] op srcs[1][i] op ... op srcs[nsrc-1][i], combined in source order so

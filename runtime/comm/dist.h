@@ -24,7 +24,7 @@ typedef enum ms_dist_op {
     MS_DIST_SUM = 0, MS_DIST_AVG = 1, MS_DIST_MAX = 2, MS_DIST_MIN = 3
 } ms_dist_op;
 
-/* A process group: the world, or a sub-group from ms_dist_new_group. Opaque. */
+/* A process group: the world, or a sub-group from ms_group_new. Opaque. */
 typedef struct ms_group ms_group;
 
 /* [OUT] *world: this process's world group (owned by the runtime, valid until the process
@@ -52,8 +52,8 @@ int ms_group_set_timeout(ms_group *g, int64_t timeout_ms);
  * new_group). A caller that is not listed gets a handle whose rank is -1; collectives on
  * it fail with MS_ERR_STATE. parent NULL is the world. [OUT] *out, freed with
  * ms_group_free. Members are ordered by their index in parent. */
-int ms_dist_new_group(ms_group **out, ms_group *parent, const int *ranks, int nranks);
-/* Release a handle from ms_dist_new_group. NULL and the world handle are ignored. */
+int ms_group_new(ms_group **out, ms_group *parent, const int *ranks, int nranks);
+/* Release a handle from ms_group_new. NULL and the world handle are ignored. */
 void ms_group_free(ms_group *g);
 
 /* In place: t = t op (every member's t). */
@@ -95,8 +95,7 @@ typedef struct ms_spawn ms_spawn;
  * before the fork so nothing is left in /dev/shm. Each rank dies with its parent and uses
  * max(1, cores / world_size) compute threads. timeout_ms <= 0 means 60 s, the initial
  * timeout of every group. Data moves through the segment in chunks of 512 KiB per rank
- * (MOONSHARD_COMM_CHUNK_KB overrides), or directly between ranks when every buffer of a
- * collective lies in the ranks' heaps (see ms_local_shared_alloc in comm/comm.h).
+ * (MOONSHARD_COMM_CHUNK_KB overrides).
  * In the parent: [OUT] *rank = -1 and *job, to be waited for and freed.
  * In rank r: [OUT] *rank = r, *job = NULL, ms_dist_world gives the world group; the rank
  * ends with ms_local_finish. Fails with MS_ERR_STATE inside a rank or under MPI. */

@@ -97,7 +97,7 @@ static int compare_ints(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-int ms_dist_new_group(ms_group **out, ms_group *parent, const int *ranks, int nranks)
+int ms_group_new(ms_group **out, ms_group *parent, const int *ranks, int nranks)
 {
     if (!out)
         return MS_FAIL(MS_ERR_INVALID, "new_group: out must not be NULL");

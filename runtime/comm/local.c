@@ -1,5 +1,5 @@
-/* moonshard runtime: the local backend's collectives. Buffers in the ranks' heaps are copied
- * directly (local_direct.c); others go through the segment's ring in bounded steps. */
+/* moonshard runtime: the local backend's collectives, through the segment's ring of buffers
+ * in bounded steps. */
 #include <string.h>
 
 #include "local.h"
@@ -8,10 +8,6 @@
  * of it (one synchronisation per step); above, members reduce one piece each and then
  * exchange the reduced pieces (half the copying and arithmetic per member). */
 enum { ALL_REDUCE_WHOLE_MAX = 64 * 1024 };
-
-/* From this many bytes (the larger buffer) a collective's first step also tells whether
- * every member's buffers lie in the heaps; then the rest copies directly between them. */
-enum { DIRECT_MIN = 64 * 1024 };
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -44,28 +40,12 @@ static local_call begin_call(ms_group *g, const char *name, int kind, int dtype,
     return call;
 }
 
-/* Put this member's buffers in the call's header, flagged when a large collective could
- * copy directly between them and its peers' (see local_peers_in_heap). */
-static void describe_buffers(ms_group *g, local_call *call, const void *in, size_t in_bytes,
-                             const void *out, size_t out_bytes)
-{
-    local_group *lg = g->impl;
-    size_t larger = in_bytes > out_bytes ? in_bytes : out_bytes;
-    call->header.in_address = (uintptr_t)in;
-    call->header.out_address = (uintptr_t)out;
-    call->header.in_heap = g->size > 1 && larger >= DIRECT_MIN &&
-                           local_heap_holds(lg->seg, in, in_bytes) &&
-                           local_heap_holds(lg->seg, out, out_bytes);
-}
-
 static int local_all_gather(ms_group *g, void *out, const void *in, int64_t count, int dtype)
 {
     local_group *lg = g->impl;
     local_call call = begin_call(g, "all_gather_into_tensor", LOCAL_ALL_GATHER, dtype, 0, 0,
                                  count);
     int64_t bytes = count * (int64_t)ms_dtype_size(dtype);
-    uint8_t *ins[LOCAL_MAX_RANKS], *outs[LOCAL_MAX_RANKS];
-    describe_buffers(g, &call, in, (size_t)bytes, out, (size_t)(bytes * g->size));
     int64_t chunk = (int64_t)lg->seg->chunk_bytes;
     int64_t nsteps = steps_for(bytes, chunk);
     uint8_t *own_block = (uint8_t *)out + (size_t)g->rank * (size_t)bytes;
@@ -81,10 +61,6 @@ static int local_all_gather(ms_group *g, void *out, const void *in, int64_t coun
             local_copy_out(own_block + offset, (const uint8_t *)in + offset, (size_t)len,
                            (size_t)(bytes * g->size));
         MS_CHECK(local_wait_posted(g, &call, step));
-        if (t == 0 && local_peers_in_heap(g, step, ins, outs)) {
-            local_consume(g, step);
-            return local_direct_all_gather(g, &call, outs, in, (size_t)bytes);
-        }
         for (int m = 0; m < g->size && len > 0; m++)
             if (m != g->rank)
                 local_copy_out((uint8_t *)out + (size_t)m * (size_t)bytes + offset,
@@ -101,9 +77,6 @@ static int local_reduce_scatter(ms_group *g, void *out, const void *in, int64_t 
     local_call call = begin_call(g, "reduce_scatter_tensor", LOCAL_REDUCE_SCATTER, dtype, op,
                                  0, count);
     size_t esize = ms_dtype_size(dtype);
-    size_t block = (size_t)count * esize;
-    uint8_t *ins[LOCAL_MAX_RANKS], *outs[LOCAL_MAX_RANKS];
-    describe_buffers(g, &call, in, block * (size_t)g->size, out, block);
     int64_t piece = piece_elements(g, esize);
     int64_t nsteps = steps_for(count, piece);
     const void *srcs[LOCAL_MAX_RANKS];
@@ -120,10 +93,6 @@ static int local_reduce_scatter(ms_group *g, void *out, const void *in, int64_t 
                        (size_t)len * esize);
         local_post(g, &call, step);
         MS_CHECK(local_wait_posted(g, &call, step));
-        if (t == 0 && local_peers_in_heap(g, step, ins, outs)) {
-            local_consume(g, step);
-            return local_direct_reduce_scatter(g, &call, out, ins, count, dtype, op);
-        }
         for (int k = 0; k < g->size; k++)
             srcs[k] = k == g->rank
                           ? (const uint8_t *)in + (size_t)(k * count + start) * esize
@@ -169,7 +138,6 @@ static int all_reduce_whole(ms_group *g, const local_call *call, void *data, int
 static int all_reduce_pieces(ms_group *g, const local_call *call, void *data, int64_t count,
                              int dtype, int op)
 {
-    uint8_t *datas[LOCAL_MAX_RANKS], *same[LOCAL_MAX_RANKS];
     local_group *lg = g->impl;
     size_t esize = ms_dtype_size(dtype);
     int64_t piece = piece_elements(g, esize), per_chunk = piece * g->size;
@@ -191,10 +159,6 @@ static int all_reduce_pieces(ms_group *g, const local_call *call, void *data, in
         }
         local_post(g, call, scatter);
         MS_CHECK(local_wait_posted(g, call, scatter));
-        if (t == 0 && local_peers_in_heap(g, scatter, datas, same)) {
-            local_consume(g, scatter);
-            return local_direct_all_reduce(g, call, datas, count, dtype, op);
-        }
         MS_CHECK(local_wait_free(g, call, gather));
         int64_t my_len = min64(piece, chunk_len - g->rank * piece);
         size_t my_offset = (size_t)(g->rank * piece) * esize;
@@ -223,7 +187,6 @@ static int local_all_reduce(ms_group *g, void *data, int64_t count, int dtype, i
 {
     local_call call = begin_call(g, "all_reduce", LOCAL_ALL_REDUCE, dtype, op, 0, count);
     size_t bytes = (size_t)count * ms_dtype_size(dtype);
-    describe_buffers(g, &call, data, bytes, data, bytes);
     if (bytes <= ALL_REDUCE_WHOLE_MAX || g->size == 1)
         return all_reduce_whole(g, &call, data, count, dtype, op);
     return all_reduce_pieces(g, &call, data, count, dtype, op);
@@ -234,8 +197,6 @@ static int local_broadcast(ms_group *g, void *data, int64_t count, int dtype, in
     local_group *lg = g->impl;
     local_call call = begin_call(g, "broadcast", LOCAL_BROADCAST, dtype, 0, root, count);
     int64_t bytes = count * (int64_t)ms_dtype_size(dtype);
-    uint8_t *datas[LOCAL_MAX_RANKS], *same[LOCAL_MAX_RANKS];
-    describe_buffers(g, &call, data, (size_t)bytes, data, (size_t)bytes);
     int64_t chunk = (int64_t)lg->seg->chunk_bytes;
     int64_t nsteps = steps_for(bytes, chunk);
     uint32_t first = lg->next_step;
@@ -247,10 +208,6 @@ static int local_broadcast(ms_group *g, void *data, int64_t count, int dtype, in
             memcpy(local_buffer(lg, root, step), (uint8_t *)data + offset, (size_t)len);
         local_post(g, &call, step);
         MS_CHECK(local_wait_posted(g, &call, step));
-        if (t == 0 && local_peers_in_heap(g, step, datas, same)) {
-            local_consume(g, step);
-            return local_direct_broadcast(g, &call, data, datas[root], (size_t)bytes);
-        }
         if (g->rank != root && len > 0)
             local_copy_out((uint8_t *)data + offset, local_buffer(lg, root, step), (size_t)len,
                            (size_t)bytes);

@@ -44,10 +44,7 @@ typedef struct local_step_header {
     int32_t op;
     int32_t root;
     int64_t count;
-    uint64_t in_address;  /* this member's buffers, for direct copies between heaps */
-    uint64_t out_address;
-    int32_t in_heap;      /* 1 when both buffers lie in the heaps */
-    char pad[LOCAL_HEADER_BYTES - 52];
+    char pad[LOCAL_HEADER_BYTES - 32];
 } local_step_header;
 _Static_assert(sizeof(local_step_header) == LOCAL_HEADER_BYTES, "one header per cache line");
 
@@ -69,10 +66,8 @@ typedef struct local_segment {
     int32_t world_size;
     uint64_t chunk_bytes;  /* data bytes of one buffer */
     uint64_t total_bytes;
-    uint64_t arena_offset; /* group areas are carved from [arena_offset, heap_offset) */
+    uint64_t arena_offset; /* group areas are carved from [arena_offset, total_bytes) */
     uint64_t arena_used;
-    uint64_t heap_offset;  /* rank r's heap starts at heap_offset + r * heap_bytes_per_rank */
-    uint64_t heap_bytes_per_rank;
     _Atomic int32_t abort_rank; /* -1, or the first rank that ended without returning */
     _Atomic uint32_t group_count;
     _Atomic int32_t consoles; /* ranks whose REPL reads the terminal: SIGINT is theirs */
@@ -108,11 +103,6 @@ int local_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **o
 void local_group_free(ms_group *g);
 extern const ms_comm_backend ms_local_backend;
 
-/* ---- the ranks' heaps in the segment (local_heap.c) ---- */
-/* Make rank's region this process's heap (in the forked rank). */
-void local_heap_attach(local_segment *seg, int rank);
-/* 1 when [p, p + nbytes) lies in the heaps of seg, where every rank can reach it. */
-int local_heap_holds(const local_segment *seg, const void *p, size_t nbytes);
 
 /* ---- the step protocol (local_step.c) ----
  * A collective runs as numbered steps. In step s a member waits until its buffer for s is
@@ -141,25 +131,8 @@ int local_wait_posted(ms_group *g, const local_call *call, uint32_t step);
 void local_consume(ms_group *g, uint32_t step);
 /* One step without data: every member has reached this point. */
 int local_barrier_step(ms_group *g, const local_call *call);
-/* After local_wait_posted of a collective's first step: 1 when every member's header says
- * its buffers lie in the heaps (the collective may then go on with direct copies); the
- * members' buffer addresses from those headers go to in[m] and out[m]. */
-int local_peers_in_heap(const ms_group *g, uint32_t step, uint8_t **in_addresses,
-                        uint8_t **out_addresses);
-
-/* ---- collectives copying directly between heaps (local_direct.c) ----
- * Each runs after a first step that found every buffer in the heaps, and ends with a
- * barrier step so no member reuses a buffer a peer still reads or writes. */
-int local_direct_all_gather(ms_group *g, const local_call *call, uint8_t *const *outs,
-                            const void *in, size_t block_bytes);
-int local_direct_reduce_scatter(ms_group *g, const local_call *call, void *out,
-                                uint8_t *const *ins, int64_t count, int dtype, int op);
-int local_direct_all_reduce(ms_group *g, const local_call *call, uint8_t *const *datas,
-                            int64_t count, int dtype, int op);
-int local_direct_broadcast(ms_group *g, const local_call *call, void *data,
-                           const uint8_t *root_data, size_t bytes);
 /* Copy n bytes into a collective's destination of destination_bytes in all, bypassing the
- * cache when that is too large to stay there. */
+ * cache when that is too large to stay there (local_copy.c). */
 void local_copy_out(void *dst, const void *src, size_t n, size_t destination_bytes);
 /* Wake every process sleeping on counter. */
 void local_wake_all(local_counter *counter);

@@ -10,7 +10,9 @@
 #include "local.h"
 
 enum { PAGE = 4096, DEFAULT_CHUNK_BYTES = 512 * 1024, ARENA_WORLDS = 64 };
-static const size_t HEAP_ALIGN = (size_t)1 << 30;
+/* The segment reserves address space in whole GiB (MAP_NORESERVE: pages exist once touched),
+ * which leaves room for many more group areas than the worlds' reserve. */
+static const size_t SEGMENT_ALIGN = (size_t)1 << 30;
 
 int ms_local_world_rank = -1;
 
@@ -62,7 +64,7 @@ static int register_group(local_segment *seg, const int *members, int nmembers,
         }
     }
     size_t bytes = area_bytes(seg, nmembers);
-    if (count == LOCAL_MAX_GROUPS || seg->arena_used + bytes > seg->heap_offset - seg->arena_offset)
+    if (count == LOCAL_MAX_GROUPS || seg->arena_used + bytes > seg->total_bytes - seg->arena_offset)
         return MS_FAIL(MS_ERR_OOM, "new_group: the local segment has no room for another group "
                                    "(%u groups made)", count);
     local_group_entry *e = &seg->groups[count];
@@ -84,23 +86,12 @@ static size_t chunk_bytes_setting(void)
     return kb >= 16 && kb <= 65536 ? (size_t)kb * 1024 : DEFAULT_CHUNK_BYTES;
 }
 
-/* Each rank may put all of its CPU tensors in its heap: reserve the machine's memory for
- * each (address space only; pages exist once touched). */
-static size_t heap_bytes_per_rank(void)
-{
-    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    size_t physical = pages > 0 && page > 0 ? (size_t)pages * (size_t)page : (size_t)1 << 34;
-    return round_up(physical, HEAP_ALIGN);
-}
-
 int local_segment_create(local_segment **out, int world_size)
 {
     size_t header = round_up(sizeof(local_segment), PAGE);
     local_segment probe = {.chunk_bytes = chunk_bytes_setting()};
     size_t world_area = area_bytes(&probe, world_size);
-    size_t heap_offset = round_up(header + world_area * ARENA_WORLDS, HEAP_ALIGN);
-    size_t heap_bytes = heap_bytes_per_rank();
-    size_t total = heap_offset + heap_bytes * (size_t)world_size;
+    size_t total = round_up(header + world_area * ARENA_WORLDS, SEGMENT_ALIGN);
     local_segment *seg = mmap(NULL, total, PROT_READ | PROT_WRITE,
                               MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (seg == MAP_FAILED)
@@ -110,8 +101,6 @@ int local_segment_create(local_segment **out, int world_size)
     seg->chunk_bytes = probe.chunk_bytes;
     seg->total_bytes = total;
     seg->arena_offset = header;
-    seg->heap_offset = heap_offset;
-    seg->heap_bytes_per_rank = heap_bytes;
     atomic_store(&seg->abort_rank, -1);
     int status = init_registry_lock(&seg->registry_lock);
     if (status) {

@@ -118,7 +118,6 @@ static void become_rank(ms_spawn *job, int r, const int *write_fds, pid_t parent
     ms_local_world_rank = r;
     ms_interrupt_install();
     ms_interrupt_take(); /* a signal the parent had pending is the parent's */
-    local_heap_attach(job->seg, r);
     world->rank = r;
     ms_dist_set_world(world);
     int threads = usable_cores() / job->world_size;

@@ -198,18 +198,3 @@ int local_barrier_step(ms_group *g, const local_call *call)
     local_consume(g, step);
     return MS_OK;
 }
-
-int local_peers_in_heap(const ms_group *g, uint32_t step, uint8_t **in_addresses,
-                       uint8_t **out_addresses)
-{
-    const local_group *lg = g->impl;
-    int direct = 1;
-    for (int m = 0; m < g->size; m++) {
-        const local_step_header *h =
-            (const local_step_header *)(local_buffer(lg, m, step) - LOCAL_HEADER_BYTES);
-        direct &= h->in_heap;
-        in_addresses[m] = (uint8_t *)(uintptr_t)h->in_address;
-        out_addresses[m] = (uint8_t *)(uintptr_t)h->out_address;
-    }
-    return direct;
-}

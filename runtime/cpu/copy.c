@@ -29,21 +29,21 @@
     }
 
 #define CONVERT_TO(DN, DT, STORE)                                     \
-    CONVERT_FN(DN, DT, STORE, f32, float, MS_CPU_LOAD_F32)            \
-    CONVERT_FN(DN, DT, STORE, f64, double, MS_CPU_LOAD_F64)           \
-    CONVERT_FN(DN, DT, STORE, bf16, uint16_t, MS_CPU_LOAD_BF16)       \
-    CONVERT_FN(DN, DT, STORE, f16, uint16_t, MS_CPU_LOAD_F16)         \
-    CONVERT_FN(DN, DT, STORE, i32, int32_t, MS_CPU_LOAD_I32)          \
-    CONVERT_FN(DN, DT, STORE, i64, int64_t, MS_CPU_LOAD_I64)          \
-    CONVERT_FN(DN, DT, STORE, u8, uint8_t, MS_CPU_LOAD_U8)
+    CONVERT_FN(DN, DT, STORE, f32, float, MS_CAST_LOAD_F32)            \
+    CONVERT_FN(DN, DT, STORE, f64, double, MS_CAST_LOAD_F64)           \
+    CONVERT_FN(DN, DT, STORE, bf16, uint16_t, MS_CAST_LOAD_BF16)       \
+    CONVERT_FN(DN, DT, STORE, f16, uint16_t, MS_CAST_LOAD_F16)         \
+    CONVERT_FN(DN, DT, STORE, i32, int32_t, MS_CAST_LOAD_I32)          \
+    CONVERT_FN(DN, DT, STORE, i64, int64_t, MS_CAST_LOAD_I64)          \
+    CONVERT_FN(DN, DT, STORE, u8, uint8_t, MS_CAST_LOAD_U8)
 
-CONVERT_TO(f32, float, MS_CPU_STORE_F32)
-CONVERT_TO(f64, double, MS_CPU_STORE_F64)
-CONVERT_TO(bf16, uint16_t, MS_CPU_STORE_BF16)
-CONVERT_TO(f16, uint16_t, MS_CPU_STORE_F16)
-CONVERT_TO(i32, int32_t, MS_CPU_STORE_I32)
-CONVERT_TO(i64, int64_t, MS_CPU_STORE_I64)
-CONVERT_TO(u8, uint8_t, MS_CPU_STORE_U8)
+CONVERT_TO(f32, float, MS_CAST_STORE_F32)
+CONVERT_TO(f64, double, MS_CAST_STORE_F64)
+CONVERT_TO(bf16, uint16_t, MS_CAST_STORE_BF16)
+CONVERT_TO(f16, uint16_t, MS_CAST_STORE_F16)
+CONVERT_TO(i32, int32_t, MS_CAST_STORE_I32)
+CONVERT_TO(i64, int64_t, MS_CAST_STORE_I64)
+CONVERT_TO(u8, uint8_t, MS_CAST_STORE_U8)
 
 #define CONVERT_ROW(DN)                                                                \
     {convert_##DN##_f32, convert_##DN##_f64, convert_##DN##_bf16, convert_##DN##_f16,  \
@@ -90,12 +90,9 @@ static int copy_reshaped(ms_tensor *dst, const ms_tensor *src)
     return status;
 }
 
-int ms_copy(ms_tensor *dst, const ms_tensor *src)
+int ms_cpu_copy(ms_tensor *dst, const ms_tensor *src)
 {
-    MS_CPU_ON_DEVICE2(dst, src, ms_cuda_copy(dst, src));
-    MS_CHECK(ms_cpu_output("copy", "dst", dst));
-    MS_CHECK(ms_cpu_input("copy", "src", src));
-    if (!ms_cpu_broadcasts(src, dst) && src->numel == dst->numel)
+    if (!ms_broadcasts(src, dst) && src->numel == dst->numel)
         return copy_reshaped(dst, src);
     ms_iter it;
     ms_iter_begin(&it, dst->ndim, dst->shape);
@@ -121,12 +118,10 @@ int ms_copy(ms_tensor *dst, const ms_tensor *src)
     return MS_OK;
 }
 
-int ms_fill(ms_tensor *t, double value)
+int ms_cpu_fill(ms_tensor *t, double value)
 {
-    MS_CPU_ON_DEVICE(t, ms_cuda_fill(t, value));
-    MS_CHECK(ms_cpu_output("fill", "t", t));
     uint64_t element = 0; /* the converted value, at most 8 bytes */
-    ms_cpu_store_double(t->dtype, &element, value);
+    ms_store_double(t->dtype, &element, value);
     size_t elem_size = ms_dtype_size(t->dtype);
     ms_iter it;
     ms_iter_begin(&it, t->ndim, t->shape);
@@ -162,11 +157,11 @@ static void arange_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
         for (int64_t i = 0; i < n; i++) {
             char *dst = p[0] + i * s[0] * (int64_t)elem_size;
             if (c->exact_int) /* unsigned arithmetic: wraps instead of overflowing */
-                ms_cpu_store_int(c->dtype, dst,
+                ms_store_int(c->dtype, dst,
                                  (int64_t)((uint64_t)c->start_int +
                                            (uint64_t)(c->next + i) * (uint64_t)c->step_int));
             else
-                ms_cpu_store_double(c->dtype, dst, c->start + (double)(c->next + i) * c->step);
+                ms_store_double(c->dtype, dst, c->start + (double)(c->next + i) * c->step);
         }
     }
     c->next += n;
@@ -177,10 +172,8 @@ static int is_int64(double v)
     return v == v && v >= -9.2e18 && v <= 9.2e18 && v == (double)(int64_t)v;
 }
 
-int ms_arange(ms_tensor *t, double start, double step)
+int ms_cpu_arange(ms_tensor *t, double start, double step)
 {
-    MS_CPU_ON_DEVICE(t, ms_cuda_arange(t, start, step));
-    MS_CHECK(ms_cpu_output("arange", "t", t));
     arange_ctx c = {.dtype = t->dtype, .start = start, .step = step};
     c.exact_int = is_int64(start) && is_int64(step);
     if (c.exact_int) {
@@ -195,29 +188,6 @@ int ms_arange(ms_tensor *t, double start, double step)
 }
 
 /* ---- comparisons ---- */
-
-int ms_cpu_check_equal(ms_place *place, int *equal, const ms_tensor *a, const ms_tensor *b)
-{
-    if (!equal)
-        return MS_FAIL(MS_ERR_INVALID, "equal: the result pointer must not be NULL");
-    *equal = 0;
-    MS_CHECK(ms_place_input(place, "equal", "a", a));
-    return ms_place_input(place, "equal", "b", b);
-}
-
-int ms_cpu_check_allclose(ms_place *place, int *close, const ms_tensor *a, const ms_tensor *b,
-                          double rtol, double atol)
-{
-    if (!close)
-        return MS_FAIL(MS_ERR_INVALID, "allclose: the result pointer must not be NULL");
-    *close = 0;
-    MS_CHECK(ms_place_input(place, "allclose", "a", a));
-    MS_CHECK(ms_place_input(place, "allclose", "b", b));
-    if (!(rtol >= 0.0) || !(atol >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "allclose: rtol %g and atol %g must be >= 0", rtol,
-                       atol);
-    return MS_OK;
-}
 
 typedef struct equal_ctx { size_t elem_size; int equal; } equal_ctx;
 
@@ -234,13 +204,8 @@ static void equal_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
         }
 }
 
-int ms_equal(int *equal, const ms_tensor *a, const ms_tensor *b)
+int ms_cpu_equal(int *equal, const ms_tensor *a, const ms_tensor *b)
 {
-    MS_CPU_ON_DEVICE(a, ms_cuda_equal(equal, a, b));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_equal(&place, equal, a, b));
-    if (a->dtype != b->dtype || !ms_cpu_shapes_match(a, b))
-        return MS_OK;
     equal_ctx c = {ms_dtype_size(a->dtype), 1};
     if (ms_tensor_is_contiguous(a) && ms_tensor_is_contiguous(b)) {
         c.equal = a->numel == 0 ||
@@ -270,8 +235,8 @@ static void close_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
     int64_t step_a = s[0] * (int64_t)ms_dtype_size(c->dtype_a);
     int64_t step_b = s[1] * (int64_t)ms_dtype_size(c->dtype_b);
     for (int64_t i = 0; i < n; i++) {
-        double x = ms_cpu_load_double(c->dtype_a, p[0] + i * step_a);
-        double y = ms_cpu_load_double(c->dtype_b, p[1] + i * step_b);
+        double x = ms_load_double(c->dtype_a, p[0] + i * step_a);
+        double y = ms_load_double(c->dtype_b, p[1] + i * step_b);
         /* Equal values (infinities included) are close; otherwise the tolerance decides,
          * and every comparison with NaN is false. */
         if (x == y)
@@ -283,13 +248,9 @@ static void close_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
     }
 }
 
-int ms_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol, double atol)
+int ms_cpu_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol,
+                    double atol)
 {
-    MS_CPU_ON_DEVICE(a, ms_cuda_allclose(close, a, b, rtol, atol));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_allclose(&place, close, a, b, rtol, atol));
-    if (!ms_cpu_shapes_match(a, b))
-        return MS_OK;
     close_ctx c = {a->dtype, b->dtype, rtol, atol, 1};
     ms_iter it;
     ms_iter_begin(&it, a->ndim, a->shape);

@@ -95,26 +95,7 @@ static const ms_iter_fn binary_f64[BINARY_OPS] = FLOAT_BINARY_TABLE(f64);
 static const ms_iter_fn binary_i32[BINARY_OPS] = INT_BINARY_TABLE(i32);
 static const ms_iter_fn binary_i64[BINARY_OPS] = INT_BINARY_TABLE(i64);
 
-static const char *const binary_names[BINARY_OPS] = {
-    "add", "sub", "mul", "div", "maximum", "minimum", "pow",
-    "eq",  "ne",  "lt",  "le",  "gt",      "ge"};
-
-/* op names a binary op defined for dtype. */
-static int check_binary_op(const char *opname, int dtype, int op)
-{
-    if (op < 0 || op >= BINARY_OPS)
-        return MS_FAIL(MS_ERR_INVALID, "%s: unknown binary op %d (expected 0..%d)", opname, op,
-                       BINARY_OPS - 1);
-    int is_float = dtype == MS_F32 || dtype == MS_F64;
-    int is_int = dtype == MS_I32 || dtype == MS_I64;
-    if (!is_float && !(is_int && op != MS_DIV && op != MS_POW))
-        return MS_FAIL(MS_ERR_DTYPE, "%s: %s is not defined for dtype %s (f32 and f64 take "
-                       "every op; i32 and i64 all but div and pow)", opname, binary_names[op],
-                       ms_dtype_name(dtype));
-    return MS_OK;
-}
-
-/* The loop for a (dtype, op) that check_binary_op accepted. */
+/* The loop for a (dtype, op) that ms_binary accepted. */
 static ms_iter_fn binary_fn(int dtype, int op)
 {
     switch (dtype) {
@@ -123,27 +104,6 @@ static ms_iter_fn binary_fn(int dtype, int op)
     case MS_I32: return binary_i32[op];
     default: return binary_i64[op];
     }
-}
-
-int ms_cpu_check_binary(ms_place *place, const ms_tensor *out, const ms_tensor *a,
-                        const ms_tensor *b, int op)
-{
-    MS_CHECK(ms_place_output(place, "binary", "out", out));
-    MS_CHECK(ms_place_input(place, "binary", "a", a));
-    MS_CHECK(ms_place_input(place, "binary", "b", b));
-    MS_CHECK(ms_cpu_same_dtype("binary", "a", a, "b", b));
-    MS_CHECK(ms_cpu_same_dtype("binary", "out", out, "a", a));
-    return check_binary_op("binary", out->dtype, op);
-}
-
-int ms_cpu_check_binary_scalar(ms_place *place, const ms_tensor *out, const ms_tensor *a,
-                               int op)
-{
-    MS_CHECK(ms_place_output(place, "binary_scalar", "out", out));
-    MS_CHECK(ms_place_input(place, "binary_scalar", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("binary_scalar", "out", out, "a", a));
-    MS_CHECK(ms_cpu_same_shape("binary_scalar", "out", out, "a", a));
-    return check_binary_op("binary_scalar", out->dtype, op);
 }
 
 /* Run fn over out and its inputs (tensors[0] is out; all have its shape) in any order. */
@@ -159,28 +119,22 @@ static int run_pointwise(const char *op, ms_iter_fn fn, int count, const char *c
     return MS_OK;
 }
 
-int ms_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
+int ms_cpu_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_binary(out, a, b, op));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_binary(&place, out, a, b, op));
     static const char *const names[] = {"out", "a", "b"};
     return run_pointwise("binary", binary_fn(out->dtype, op), 3, names,
                          (const ms_tensor *const[]){out, a, b});
 }
 
-int ms_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
+int ms_cpu_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_binary_scalar(out, a, s, op, reverse));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_binary_scalar(&place, out, a, op));
     ms_iter_fn fn = binary_fn(out->dtype, op);
     union { float f32; double f64; int32_t i32; int64_t i64; } scalar;
     switch (out->dtype) {
     case MS_F32: scalar.f32 = (float)s; break;
     case MS_F64: scalar.f64 = s; break;
-    case MS_I32: scalar.i32 = ms_cpu_sat_i32(s); break;
-    default: scalar.i64 = ms_cpu_sat_i64(s); break;
+    case MS_I32: scalar.i32 = ms_sat_i32(s); break;
+    default: scalar.i64 = ms_sat_i64(s); break;
     }
     ms_iter it;
     ms_iter_begin(&it, out->ndim, out->shape);
@@ -249,24 +203,8 @@ FLOAT_UNARY(f64, double, exp, log, sqrt, fabs, sin, cos)
 static const ms_iter_fn unary_f32[UNARY_OPS] = UNARY_TABLE(f32);
 static const ms_iter_fn unary_f64[UNARY_OPS] = UNARY_TABLE(f64);
 
-int ms_cpu_check_unary(ms_place *place, const ms_tensor *out, const ms_tensor *a, int op)
+int ms_cpu_unary(ms_tensor *out, const ms_tensor *a, int op)
 {
-    MS_CHECK(ms_place_output(place, "unary", "out", out));
-    MS_CHECK(ms_place_input(place, "unary", "a", a));
-    MS_CHECK(ms_cpu_float("unary", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("unary", "out", out, "a", a));
-    MS_CHECK(ms_cpu_same_shape("unary", "out", out, "a", a));
-    if (op < 0 || op >= UNARY_OPS)
-        return MS_FAIL(MS_ERR_INVALID, "unary: unknown unary op %d (expected 0..%d)", op,
-                       UNARY_OPS - 1);
-    return MS_OK;
-}
-
-int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
-{
-    MS_CPU_ON_DEVICE(out, ms_cuda_unary(out, a, op));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_unary(&place, out, a, op));
     static const char *const names[] = {"out", "a"};
     return run_pointwise("unary", out->dtype == MS_F32 ? unary_f32[op] : unary_f64[op], 2, names,
                          (const ms_tensor *const[]){out, a});
@@ -300,7 +238,7 @@ int ms_unary(ms_tensor *out, const ms_tensor *a, int op)
 FLOAT_BACKWARD(f32, float)
 FLOAT_BACKWARD(f64, double)
 
-/* The loop for an op that ms_cpu_check_unary_backward accepted. */
+/* The loop for an op that ms_unary_backward accepted. */
 static ms_iter_fn backward_fn(int dtype, int op)
 {
     int f32 = dtype == MS_F32;
@@ -313,30 +251,8 @@ static ms_iter_fn backward_fn(int dtype, int op)
     }
 }
 
-int ms_cpu_check_unary_backward(ms_place *place, const ms_tensor *dx, const ms_tensor *x,
-                                const ms_tensor *dy, int op)
+int ms_cpu_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
 {
-    const char *name = "unary_backward";
-    MS_CHECK(ms_place_output(place, name, "dx", dx));
-    MS_CHECK(ms_place_input(place, name, "x", x));
-    MS_CHECK(ms_place_input(place, name, "dy", dy));
-    MS_CHECK(ms_cpu_float(name, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(name, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(name, "dy", dy, "x", x));
-    MS_CHECK(ms_cpu_same_shape(name, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_shape(name, "dy", dy, "x", x));
-    if (op != MS_RELU && op != MS_GELU && op != MS_GELU_TANH && op != MS_TANH &&
-        op != MS_SIGMOID)
-        return MS_FAIL(MS_ERR_INVALID, "%s: op %d has no backward here (relu, gelu, "
-                       "gelu_tanh, tanh and sigmoid do)", name, op);
-    return MS_OK;
-}
-
-int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
-{
-    MS_CPU_ON_DEVICE(dx, ms_cuda_unary_backward(dx, x, dy, op));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_unary_backward(&place, dx, x, dy, op));
     static const char *const names[] = {"dx", "x", "dy"};
     return run_pointwise("unary_backward", backward_fn(dx->dtype, op), 3, names,
                          (const ms_tensor *const[]){dx, x, dy});

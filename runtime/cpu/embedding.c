@@ -23,59 +23,6 @@ static int check_indices(const char *op, const void *indices, int dtype, int64_t
     return MS_OK;
 }
 
-/* out (or dout) has indices' shape + [dim]. */
-static int check_rows_shape(const char *op, const char *name, const ms_tensor *rows,
-                            const ms_tensor *indices, int64_t dim)
-{
-    if (indices->ndim >= MS_MAX_DIMS)
-        return MS_FAIL(MS_ERR_SHAPE, "%s: indices has %d dims; at most %d leave room for the "
-                       "embedding dim", op, indices->ndim, MS_MAX_DIMS - 1);
-    int64_t shape[MS_MAX_DIMS];
-    for (int d = 0; d < indices->ndim; d++)
-        shape[d] = indices->shape[d];
-    shape[indices->ndim] = dim;
-    return ms_cpu_shape_is(op, name, rows, indices->ndim + 1, shape);
-}
-
-/* The table (weight or dweight) and indices, the table already checked on place. */
-static int check_table(ms_place *place, const char *op, const ms_tensor *table,
-                       const char *table_name, const ms_tensor *indices)
-{
-    MS_CHECK(ms_place_input(place, op, "indices", indices));
-    MS_CHECK(ms_cpu_float(op, table_name, table));
-    if (table->ndim != 2) {
-        char buf[160];
-        return MS_FAIL(MS_ERR_SHAPE, "%s: %s must be 2-D [num, dim], got %s", op, table_name,
-                       ms_shape_str(buf, sizeof buf, table->ndim, table->shape));
-    }
-    if (indices->dtype != MS_I32 && indices->dtype != MS_I64)
-        return MS_FAIL(MS_ERR_DTYPE, "%s: indices has dtype %s; it must be i32 or i64", op,
-                       ms_dtype_name(indices->dtype));
-    return MS_OK;
-}
-
-int ms_cpu_check_embedding(ms_place *place, const ms_tensor *out, const ms_tensor *weight,
-                           const ms_tensor *indices)
-{
-    const char *op = "embedding";
-    MS_CHECK(ms_place_output(place, op, "out", out));
-    MS_CHECK(ms_place_input(place, op, "weight", weight));
-    MS_CHECK(check_table(place, op, weight, "weight", indices));
-    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "weight", weight));
-    return check_rows_shape(op, "out", out, indices, weight->shape[1]);
-}
-
-int ms_cpu_check_embedding_backward(ms_place *place, const ms_tensor *dweight,
-                                    const ms_tensor *indices, const ms_tensor *dout)
-{
-    const char *op = "embedding_backward";
-    MS_CHECK(ms_place_output(place, op, "dweight", dweight));
-    MS_CHECK(check_table(place, op, dweight, "dweight", indices));
-    MS_CHECK(ms_place_input(place, op, "dout", dout));
-    MS_CHECK(ms_cpu_same_dtype(op, "dout", dout, "dweight", dweight));
-    return check_rows_shape(op, "dout", dout, indices, dweight->shape[1]);
-}
-
 #define EMBEDDING_COPY(T)                                                           \
     for (int64_t i = 0; i < count; i++) {                                           \
         const T *row = (const T *)weight_data + index_at(idx, indices->dtype, i) * s0; \
@@ -87,12 +34,9 @@ int ms_cpu_check_embedding_backward(ms_place *place, const ms_tensor *dweight,
                 dst[j] = row[j * s1];                                               \
     }
 
-int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)
+int ms_cpu_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_embedding(out, weight, indices));
     const char *op = "embedding";
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_embedding(&place, out, weight, indices));
     int64_t num = weight->shape[0], dim = weight->shape[1];
     int64_t count = indices->numel;
     if (count == 0)
@@ -128,12 +72,10 @@ int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indic
                 row[j * s1] += src[j];                                              \
     }
 
-int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices, const ms_tensor *dout)
+int ms_cpu_embedding_backward(ms_tensor *dweight, const ms_tensor *indices,
+                              const ms_tensor *dout)
 {
-    MS_CPU_ON_DEVICE(dweight, ms_cuda_embedding_backward(dweight, indices, dout));
     const char *op = "embedding_backward";
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_embedding_backward(&place, dweight, indices, dout));
     int64_t num = dweight->shape[0], dim = dweight->shape[1];
     int64_t count = indices->numel;
     if (count == 0)

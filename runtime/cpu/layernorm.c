@@ -163,118 +163,16 @@ static int unstage_all(staging *st)
     return st->status;
 }
 
-/* Checks shared by forward and backward; [OUT] rows and size of the normalised rows. */
-static int check_layout(const char *op, const ms_tensor *x, const ms_tensor *mean,
-                        const ms_tensor *rstd, int normalized_ndim, int64_t *rows,
-                        int64_t *size)
-{
-    if (normalized_ndim < 1 || normalized_ndim > x->ndim)
-        return MS_FAIL(MS_ERR_INVALID, "%s: normalized_ndim %d outside [1, %d] for x with %d "
-                       "dims", op, normalized_ndim, x->ndim, x->ndim);
-    *rows = 1;
-    *size = 1;
-    for (int d = 0; d < x->ndim; d++) {
-        if (d < x->ndim - normalized_ndim)
-            *rows *= x->shape[d];
-        else
-            *size *= x->shape[d];
-    }
-    MS_CHECK(ms_cpu_float(op, "mean", mean));
-    MS_CHECK(ms_cpu_float(op, "rstd", rstd));
-    if (mean->numel != *rows || rstd->numel != *rows)
-        return MS_FAIL(MS_ERR_SHAPE, "%s: mean and rstd have %lld and %lld elements, expected "
-                       "one per row (%lld)", op, (long long)mean->numel,
-                       (long long)rstd->numel, (long long)*rows);
-    return MS_OK;
-}
-
-/* An optional tensor on place, read or (is_output) written. */
-static int check_optional(ms_place *place, const char *op, const char *name,
-                          const ms_tensor *t, int is_output)
-{
-    if (!t)
-        return MS_OK;
-    return is_output ? ms_place_output(place, op, name, t) : ms_place_input(place, op, name, t);
-}
-
-/* weight, bias, dweight and dbias (optional) have x's dtype and the normalised shape (x's
- * last dims). */
-static int check_affine(const char *op, const char *name, const ms_tensor *t,
-                        const ms_tensor *x, int normalized_ndim)
-{
-    if (!t)
-        return MS_OK;
-    MS_CHECK(ms_cpu_same_dtype(op, name, t, "x", x));
-    return ms_cpu_shape_is(op, name, t, normalized_ndim,
-                           x->shape + (x->ndim - normalized_ndim));
-}
-
-int ms_cpu_check_layer_norm(ms_place *place, const ms_tensor *out, const ms_tensor *mean,
-                            const ms_tensor *rstd, const ms_tensor *x, const ms_tensor *weight,
-                            const ms_tensor *bias, int normalized_ndim, double eps,
-                            int64_t *rows, int64_t *size)
+int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
+                      const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
+                      int64_t size)
 {
     const char *op = "layer_norm";
-    MS_CHECK(ms_place_output(place, op, "out", out));
-    MS_CHECK(ms_place_output(place, op, "mean", mean));
-    MS_CHECK(ms_place_output(place, op, "rstd", rstd));
-    MS_CHECK(ms_place_input(place, op, "x", x));
-    MS_CHECK(ms_cpu_float(op, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "out", out, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "out", out, "x", x));
-    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, rows, size));
-    MS_CHECK(check_optional(place, op, "weight", weight, 0));
-    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
-    MS_CHECK(check_optional(place, op, "bias", bias, 0));
-    MS_CHECK(check_affine(op, "bias", bias, x, normalized_ndim));
-    if (!(eps >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: eps %g must be >= 0", op, eps);
-    return MS_OK;
-}
-
-int ms_cpu_check_layer_norm_backward(ms_place *place, const ms_tensor *dx,
-                                     const ms_tensor *dweight, const ms_tensor *dbias,
-                                     const ms_tensor *dy, const ms_tensor *x,
-                                     const ms_tensor *mean, const ms_tensor *rstd,
-                                     const ms_tensor *weight, int normalized_ndim,
-                                     int64_t *rows, int64_t *size)
-{
-    const char *op = "layer_norm_backward";
-    MS_CHECK(ms_place_output(place, op, "dx", dx));
-    MS_CHECK(ms_place_input(place, op, "dy", dy));
-    MS_CHECK(ms_place_input(place, op, "x", x));
-    MS_CHECK(ms_place_input(place, op, "mean", mean));
-    MS_CHECK(ms_place_input(place, op, "rstd", rstd));
-    MS_CHECK(ms_cpu_float(op, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "x", x));
-    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "x", x));
-    MS_CHECK(check_layout(op, x, mean, rstd, normalized_ndim, rows, size));
-    MS_CHECK(check_optional(place, op, "weight", weight, 0));
-    MS_CHECK(check_affine(op, "weight", weight, x, normalized_ndim));
-    MS_CHECK(check_optional(place, op, "dweight", dweight, 1));
-    MS_CHECK(check_optional(place, op, "dbias", dbias, 1));
-    MS_CHECK(check_affine(op, "dweight", dweight, x, normalized_ndim));
-    return check_affine(op, "dbias", dbias, x, normalized_ndim);
-}
-
-int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
-                  const ms_tensor *weight, const ms_tensor *bias, int normalized_ndim,
-                  double eps)
-{
-    MS_CPU_ON_DEVICE(out, ms_cuda_layer_norm(out, mean, rstd, x, weight, bias,
-                                                normalized_ndim, eps));
-    const char *op = "layer_norm";
-    ms_place place = MS_PLACE_CPU;
-    int64_t rows, size;
-    MS_CHECK(ms_cpu_check_layer_norm(&place, out, mean, rstd, x, weight, bias, normalized_ndim,
-                                     eps, &rows, &size));
     if (rows == 0)
         return MS_OK;
     if (size == 0) { /* statistics of empty rows are 0/0 */
-        MS_CHECK(ms_fill(mean, NAN));
-        return ms_fill(rstd, NAN);
+        MS_CHECK(ms_cpu_fill(mean, NAN));
+        return ms_cpu_fill(rstd, NAN);
     }
 
     ln_args a = {.rows = rows, .size = size, .eps = eps, .mean_dtype = mean->dtype,
@@ -310,18 +208,12 @@ static int accumulate_param_grad(const char *op, ms_tensor *grad, const double *
     return MS_OK;
 }
 
-int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
-                           const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
-                           const ms_tensor *rstd, const ms_tensor *weight,
-                           int normalized_ndim)
+int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                               const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
+                               const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
+                               int64_t size)
 {
-    MS_CPU_ON_DEVICE(dx, ms_cuda_layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd,
-                                                         weight, normalized_ndim));
     const char *op = "layer_norm_backward";
-    ms_place place = MS_PLACE_CPU;
-    int64_t rows, size;
-    MS_CHECK(ms_cpu_check_layer_norm_backward(&place, dx, dweight, dbias, dy, x, mean, rstd,
-                                              weight, normalized_ndim, &rows, &size));
     if (rows == 0 || size == 0)
         return MS_OK;
 

@@ -81,51 +81,6 @@ static int batches_stack(const ms_tensor *t, int64_t ld)
     return 1;
 }
 
-/* Extent [lowest, highest] of a view's elements in bytes from its storage's start. */
-static void byte_extent(const ms_tensor *t, int64_t *lowest, int64_t *highest)
-{
-    int64_t size = (int64_t)ms_dtype_size(t->dtype);
-    int64_t low = t->offset, high = t->offset;
-    for (int d = 0; d < t->ndim; d++) {
-        int64_t reach = (t->shape[d] - 1) * t->strides[d];
-        if (reach < 0)
-            low += reach;
-        else
-            high += reach;
-    }
-    *lowest = low * size;
-    *highest = high * size + size - 1;
-}
-
-static int overlaps(const ms_tensor *a, const ms_tensor *b)
-{
-    if (a->storage != b->storage || a->numel == 0 || b->numel == 0)
-        return 0;
-    int64_t a_low, a_high, b_low, b_high;
-    byte_extent(a, &a_low, &a_high);
-    byte_extent(b, &b_low, &b_high);
-    return a_low <= b_high && b_low <= a_high;
-}
-
-int ms_cpu_check_matmul_operands(ms_place *place, const ms_tensor *out, const ms_tensor *a,
-                                 const ms_tensor *b)
-{
-    MS_CHECK(ms_place_output(place, "matmul", "out", out));
-    MS_CHECK(ms_place_input(place, "matmul", "a", a));
-    MS_CHECK(ms_place_input(place, "matmul", "b", b));
-    MS_CHECK(ms_cpu_float("matmul", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("matmul", "a", a, "b", b));
-    return ms_cpu_same_dtype("matmul", "out", out, "a", a);
-}
-
-int ms_cpu_check_matmul_overlap(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b)
-{
-    if (overlaps(out, a) || overlaps(out, b))
-        return MS_FAIL(MS_ERR_INVALID, "matmul: out shares memory with %s; GEMM cannot write "
-                       "its own input", overlaps(out, a) ? "a" : "b");
-    return MS_OK;
-}
-
 typedef struct scale_ctx { double beta; int dtype; } scale_ctx;
 
 static void scale_run(void *ctx, int64_t n, char *const *p, const int64_t *s)
@@ -166,84 +121,9 @@ static void unpack_matrix(ms_tensor *t, int64_t offset, const void *src)
     ms_cpu_copy_layout(dst, strides, src, dense, 2, shape, size);
 }
 
-/* The shapes of a failing matmul as text; made only for an error, since formatting them
- * costs more than a small GEMM. */
-typedef struct matmul_shapes { char a[160], b[160], out[160]; } matmul_shapes;
-
-static matmul_shapes describe_shapes(const ms_tensor *out, const ms_tensor *a,
-                                     const ms_tensor *b)
+int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                  int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k)
 {
-    matmul_shapes s;
-    ms_shape_str(s.a, sizeof s.a, a->ndim, a->shape);
-    ms_shape_str(s.b, sizeof s.b, b->ndim, b->shape);
-    ms_shape_str(s.out, sizeof s.out, out->ndim, out->shape);
-    return s;
-}
-
-static int check_matmul_shapes(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b,
-                               int trans_a, int trans_b, int64_t *m, int64_t *n, int64_t *k)
-{
-    int nd = a->ndim;
-    if (nd < 2 || b->ndim < 2) {
-        matmul_shapes s = describe_shapes(out, a, b);
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: a %s and b %s need at least 2 dims", s.a, s.b);
-    }
-    if (b->ndim != 2 && b->ndim != nd) {
-        matmul_shapes s = describe_shapes(out, a, b);
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: b %s must be 2-D or have a's %d dims (a %s)", s.b,
-                       nd, s.a);
-    }
-    if (out->ndim != nd) {
-        matmul_shapes s = describe_shapes(out, a, b);
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: out %s must have a's %d dims (a %s)", s.out, nd,
-                       s.a);
-    }
-    for (int d = 0; d < nd - 2; d++) {
-        if (b->ndim == nd && b->shape[d] != a->shape[d]) {
-            matmul_shapes s = describe_shapes(out, a, b);
-            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of a %s and b %s differ", s.a, s.b);
-        }
-        if (out->shape[d] != a->shape[d]) {
-            matmul_shapes s = describe_shapes(out, a, b);
-            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of out %s and a %s differ", s.out,
-                           s.a);
-        }
-    }
-    int nb = b->ndim;
-    *m = trans_a ? a->shape[nd - 1] : a->shape[nd - 2];
-    *k = trans_a ? a->shape[nd - 2] : a->shape[nd - 1];
-    int64_t kb = trans_b ? b->shape[nb - 1] : b->shape[nb - 2];
-    *n = trans_b ? b->shape[nb - 2] : b->shape[nb - 1];
-    if (*k != kb) {
-        matmul_shapes s = describe_shapes(out, a, b);
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: op(a) is [%lld, %lld] and op(b) is [%lld, %lld] "
-                       "(a %s%s, b %s%s): inner dims differ", (long long)*m, (long long)*k,
-                       (long long)kb, (long long)*n, s.a, trans_a ? " transposed" : "", s.b,
-                       trans_b ? " transposed" : "");
-    }
-    if (out->shape[nd - 2] != *m || out->shape[nd - 1] != *n) {
-        matmul_shapes s = describe_shapes(out, a, b);
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: out is %s but op(a) @ op(b) is [%lld, %lld]",
-                       s.out, (long long)*m, (long long)*n);
-    }
-    if (*m > INT_MAX || *n > INT_MAX || *k > INT_MAX)
-        return MS_FAIL(MS_ERR_UNSUPPORTED, "matmul: [%lld, %lld] @ [%lld, %lld] exceeds BLAS's "
-                       "32-bit sizes", (long long)*m, (long long)*k, (long long)*k,
-                       (long long)*n);
-    return MS_OK;
-}
-
-int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
-              int trans_b, double alpha, double beta)
-{
-    MS_CPU_ON_DEVICE(out, ms_cuda_matmul(out, a, b, trans_a, trans_b, alpha, beta));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_matmul_operands(&place, out, a, b));
-    trans_a = trans_a != 0;
-    trans_b = trans_b != 0;
-    int64_t m = 0, n = 0, k = 0;
-    MS_CHECK(check_matmul_shapes(out, a, b, trans_a, trans_b, &m, &n, &k));
-    MS_CHECK(ms_cpu_check_matmul_overlap(out, a, b));
     if (out->numel == 0)
         return MS_OK;
     if (k == 0) {

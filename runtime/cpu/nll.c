@@ -27,51 +27,6 @@ static void store(const ms_tensor *t, char *base, int64_t offset, double value)
         ((double *)base)[offset] = value;
 }
 
-/* target, dtypes, reduction and shapes; logp and per_row already checked on place. */
-static int check_nll(ms_place *place, const char *op, const ms_tensor *logp,
-                     const char *logp_name, const ms_tensor *target, const ms_tensor *per_row,
-                     const char *per_row_name, int reduction)
-{
-    MS_CHECK(ms_place_input(place, op, "target", target));
-    MS_CHECK(ms_cpu_float(op, logp_name, logp));
-    MS_CHECK(ms_cpu_same_dtype(op, per_row_name, per_row, logp_name, logp));
-    if (reduction < REDUCE_NONE || reduction > REDUCE_SUM)
-        return MS_FAIL(MS_ERR_INVALID, "%s: reduction %d is not 0 (none), 1 (mean) or 2 (sum)",
-                       op, reduction);
-    if (target->dtype != MS_I32 && target->dtype != MS_I64)
-        return MS_FAIL(MS_ERR_DTYPE, "%s: target has dtype %s; it must be i32 or i64", op,
-                       ms_dtype_name(target->dtype));
-    if (logp->ndim != 2 || target->ndim != 1 || target->shape[0] != logp->shape[0]) {
-        char a[160], b[160];
-        return MS_FAIL(MS_ERR_SHAPE, "%s: expected %s [N, C] and target [N], got %s and %s", op,
-                       logp_name, ms_shape_str(a, sizeof a, logp->ndim, logp->shape),
-                       ms_shape_str(b, sizeof b, target->ndim, target->shape));
-    }
-    int64_t rows = logp->shape[0];
-    if (reduction == REDUCE_NONE)
-        return ms_cpu_shape_is(op, per_row_name, per_row, 1, &rows);
-    return ms_cpu_shape_is(op, per_row_name, per_row, 0, NULL);
-}
-
-int ms_cpu_check_nll_loss(ms_place *place, const ms_tensor *out, const ms_tensor *logp,
-                          const ms_tensor *target, int reduction)
-{
-    const char *op = "nll_loss";
-    MS_CHECK(ms_place_output(place, op, "out", out));
-    MS_CHECK(ms_place_input(place, op, "logp", logp));
-    return check_nll(place, op, logp, "logp", target, out, "out", reduction);
-}
-
-int ms_cpu_check_nll_loss_backward(ms_place *place, const ms_tensor *dlogp,
-                                   const ms_tensor *dout, const ms_tensor *target,
-                                   int reduction)
-{
-    const char *op = "nll_loss_backward";
-    MS_CHECK(ms_place_output(place, op, "dlogp", dlogp));
-    MS_CHECK(ms_place_input(place, op, "dout", dout));
-    return check_nll(place, op, dlogp, "dlogp", target, dout, "dout", reduction);
-}
-
 /* Every target in [0, classes) or ignore_index; [OUT] the number that are not ignored. */
 static int count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
                          int64_t ignore_index, int64_t *counted)
@@ -92,12 +47,9 @@ static int count_targets(const char *op, const ms_tensor *logp, const ms_tensor 
     return MS_OK;
 }
 
-int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
+int ms_cpu_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
                 int64_t ignore_index, int reduction)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_nll_loss(out, logp, target, ignore_index, reduction));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_nll_loss(&place, out, logp, target, reduction));
     int64_t counted;
     MS_CHECK(count_targets("nll_loss", logp, target, ignore_index, &counted));
     int64_t rows = logp->shape[0];
@@ -121,16 +73,12 @@ int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
     return MS_OK;
 }
 
-int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
+int ms_cpu_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                          int64_t ignore_index, int reduction)
 {
-    MS_CPU_ON_DEVICE(dlogp, ms_cuda_nll_loss_backward(dlogp, dout, target, ignore_index,
-                                                             reduction));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_nll_loss_backward(&place, dlogp, dout, target, reduction));
     int64_t counted;
     MS_CHECK(count_targets("nll_loss_backward", dlogp, target, ignore_index, &counted));
-    MS_CHECK(ms_fill(dlogp, 0.0));
+    MS_CHECK(ms_cpu_fill(dlogp, 0.0));
     int64_t rows = dlogp->shape[0];
     const char *douts = ms_tensor_data(dout), *targets = ms_tensor_data(target);
     char *grads = ms_tensor_data(dlogp);

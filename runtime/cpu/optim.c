@@ -44,69 +44,11 @@ SGD_KERNEL(sgd_momentum_f64, double, ms_k_sgd_f64, 1)
 ADAM_KERNEL(adam_f32, float, ms_k_adam_f32)
 ADAM_KERNEL(adam_f64, double, ms_k_adam_f64)
 
-/* A state tensor (buffer or gradient) matching param in dtype and shape. */
-static int check_like_param(ms_place *place, const char *op, const char *name,
-                            const ms_tensor *t, const ms_tensor *param, int written)
-{
-    MS_CHECK(written ? ms_place_output(place, op, name, t) : ms_place_input(place, op, name, t));
-    MS_CHECK(ms_cpu_same_dtype(op, name, t, "param", param));
-    return ms_cpu_same_shape(op, name, t, "param", param);
-}
-
-int ms_cpu_check_sgd_step(ms_place *place, const ms_tensor *param,
-                          const ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
-                          double momentum, double dampening, double weight_decay, int nesterov)
-{
-    const char *op = "sgd_step";
-    MS_CHECK(ms_place_output(place, op, "param", param));
-    MS_CHECK(ms_cpu_float(op, "param", param));
-    MS_CHECK(check_like_param(place, op, "grad", grad, param, 0));
-    if (!isfinite(lr) || !isfinite(momentum) || !isfinite(dampening) || !isfinite(weight_decay))
-        return MS_FAIL(MS_ERR_INVALID, "%s: lr %g, momentum %g, dampening %g and weight_decay "
-                       "%g must be finite", op, lr, momentum, dampening, weight_decay);
-    if (nesterov && (momentum <= 0.0 || dampening != 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: nesterov needs momentum > 0 and dampening 0 (got "
-                       "%g and %g)", op, momentum, dampening);
-    if (momentum == 0.0)
-        return MS_OK;
-    if (!momentum_buf)
-        return MS_FAIL(MS_ERR_INVALID, "%s: momentum %g needs a momentum_buf", op, momentum);
-    return check_like_param(place, op, "momentum_buf", momentum_buf, param, 1);
-}
-
-int ms_cpu_check_adam_step(ms_place *place, const ms_tensor *param, const ms_tensor *exp_avg,
-                           const ms_tensor *exp_avg_sq, const ms_tensor *grad, int64_t step,
-                           double lr, double beta1, double beta2, double eps,
-                           double weight_decay, int decoupled)
-{
-    const char *op = decoupled ? "adamw_step" : "adam_step";
-    MS_CHECK(ms_place_output(place, op, "param", param));
-    MS_CHECK(ms_cpu_float(op, "param", param));
-    MS_CHECK(check_like_param(place, op, "exp_avg", exp_avg, param, 1));
-    MS_CHECK(check_like_param(place, op, "exp_avg_sq", exp_avg_sq, param, 1));
-    MS_CHECK(check_like_param(place, op, "grad", grad, param, 0));
-    if (step < 1)
-        return MS_FAIL(MS_ERR_INVALID, "%s: step %lld must be >= 1 (the count after the "
-                       "increment)", op, (long long)step);
-    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: betas (%g, %g) must lie in [0, 1)", op, beta1,
-                       beta2);
-    if (!isfinite(lr) || !(eps >= 0.0) || !isfinite(weight_decay))
-        return MS_FAIL(MS_ERR_INVALID, "%s: lr %g and weight_decay %g must be finite and eps "
-                       "%g >= 0", op, lr, weight_decay, eps);
-    return MS_OK;
-}
-
-int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
+int ms_cpu_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
                 double momentum, double dampening, double weight_decay, int nesterov,
                 int first_step, int maximize)
 {
-    MS_CPU_ON_DEVICE(param, ms_cuda_sgd_step(param, momentum_buf, grad, lr, momentum, dampening,
-                                               weight_decay, nesterov, first_step, maximize));
     const char *op = "sgd_step";
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_sgd_step(&place, param, momentum_buf, grad, lr, momentum, dampening,
-                                   weight_decay, nesterov));
     int with_buffer = momentum != 0.0;
     ms_k_sgd_coeffs c = {lr, momentum, dampening, weight_decay, nesterov != 0,
                          first_step != 0, maximize != 0};
@@ -123,16 +65,11 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
     return MS_OK;
 }
 
-int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
+int ms_cpu_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize)
 {
-    MS_CPU_ON_DEVICE(param, ms_cuda_adam_step(param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
-                                                beta2, eps, weight_decay, decoupled, maximize));
     const char *op = decoupled ? "adamw_step" : "adam_step";
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_adam_step(&place, param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
-                                    beta2, eps, weight_decay, decoupled));
     ms_k_adam_coeffs c = ms_k_adam_coeffs_make(step, lr, beta1, beta2, eps, weight_decay,
                                                decoupled != 0, maximize != 0);
     ms_iter it;

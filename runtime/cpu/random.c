@@ -100,29 +100,6 @@ NORMAL_KERNEL(normal_f64, double)
 DROPOUT_KERNEL(dropout_f32, float)
 DROPOUT_KERNEL(dropout_f64, double)
 
-/* out is a float tensor on place. */
-static int check_draw(ms_place *place, const char *op, const ms_tensor *out)
-{
-    MS_CHECK(ms_place_output(place, op, "out", out));
-    return ms_cpu_float(op, "out", out);
-}
-
-int ms_cpu_check_rand_uniform(ms_place *place, const ms_tensor *out, double low, double high)
-{
-    if (!(isfinite(low) && isfinite(high) && low <= high))
-        return MS_FAIL(MS_ERR_INVALID, "rand_uniform: need finite low <= high, got %g and %g",
-                       low, high);
-    return check_draw(place, "rand_uniform", out);
-}
-
-int ms_cpu_check_rand_normal(ms_place *place, const ms_tensor *out, double mean, double std)
-{
-    if (!(isfinite(mean) && isfinite(std) && std >= 0.0))
-        return MS_FAIL(MS_ERR_INVALID, "rand_normal: need finite mean and std >= 0, got %g "
-                       "and %g", mean, std);
-    return check_draw(place, "rand_normal", out);
-}
-
 static int draw(const char *op, ms_tensor *out, draw_ctx *c, ms_iter_fn f32, ms_iter_fn f64)
 {
     ms_iter it;
@@ -132,43 +109,22 @@ static int draw(const char *op, ms_tensor *out, draw_ctx *c, ms_iter_fn f32, ms_
     return MS_OK;
 }
 
-int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
+int ms_cpu_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_rand_uniform(out, low, high, seed, offset));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_rand_uniform(&place, out, low, high));
     draw_ctx c = {.seed = seed, .next = offset, .low = low, .high = high};
     return draw("rand_uniform", out, &c, uniform_f32, uniform_f64);
 }
 
-int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset)
+int ms_cpu_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_rand_normal(out, mean, std, seed, offset));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_rand_normal(&place, out, mean, std));
     draw_ctx c = {.seed = seed, .next = offset, .low = mean, .high = std};
     return draw("rand_normal", out, &c, normal_f32, normal_f64);
-}
-
-int ms_cpu_check_dropout(ms_place *place, const char *op, const ms_tensor *out,
-                         const char *out_name, const ms_tensor *x, const char *x_name, double p)
-{
-    MS_CHECK(ms_place_output(place, op, out_name, out));
-    MS_CHECK(ms_place_input(place, op, x_name, x));
-    MS_CHECK(ms_cpu_float(op, x_name, x));
-    MS_CHECK(ms_cpu_same_dtype(op, out_name, out, x_name, x));
-    MS_CHECK(ms_cpu_same_shape(op, out_name, out, x_name, x));
-    if (!(p >= 0.0 && p <= 1.0))
-        return MS_FAIL(MS_ERR_INVALID, "%s: p %g outside [0, 1]", op, p);
-    return MS_OK;
 }
 
 static int dropout_run(const char *op, ms_tensor *out, const char *out_name,
                        const ms_tensor *x, const char *x_name, double p, uint64_t seed,
                        uint64_t offset)
 {
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_dropout(&place, op, out, out_name, x, x_name, p));
     /* p == 1 drops everything; the scale is never applied */
     draw_ctx c = {.seed = seed, .next = offset, .p = p, .scale = p < 1.0 ? 1.0 / (1.0 - p) : 0.0};
     ms_iter it;
@@ -179,15 +135,13 @@ static int dropout_run(const char *op, ms_tensor *out, const char *out_name,
     return MS_OK;
 }
 
-int ms_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint64_t offset)
+int ms_cpu_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint64_t offset)
 {
-    MS_CPU_ON_DEVICE(out, ms_cuda_dropout(out, x, p, seed, offset));
     return dropout_run("dropout", out, "out", x, "x", p, seed, offset);
 }
 
-int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
+int ms_cpu_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
                         uint64_t offset)
 {
-    MS_CPU_ON_DEVICE(dx, ms_cuda_dropout_backward(dx, dy, p, seed, offset));
     return dropout_run("dropout_backward", dx, "dx", dy, "dy", p, seed, offset);
 }

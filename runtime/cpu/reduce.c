@@ -138,42 +138,9 @@ typedef struct finish_ctx { double divisor; } finish_ctx;
 FINISH_KERNEL(finish_f32, float)
 FINISH_KERNEL(finish_f64, double)
 
-static const char *const reduce_names[] = {"sum", "mean", "max", "min", "sumsq"};
-
-int ms_cpu_check_reduce(ms_place *place, const ms_tensor *out, const ms_tensor *a, int op,
-                        uint32_t dims_mask, int64_t *kept_shape, int64_t *count)
+int ms_cpu_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask,
+                  const int64_t *kept_shape, int64_t count)
 {
-    MS_CHECK(ms_place_output(place, "reduce", "out", out));
-    MS_CHECK(ms_place_input(place, "reduce", "a", a));
-    MS_CHECK(ms_cpu_float("reduce", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("reduce", "out", out, "a", a));
-    if (op < MS_SUM || op > MS_SUMSQ)
-        return MS_FAIL(MS_ERR_INVALID, "reduce: unknown reduce op %d (expected 0..%d)", op,
-                       MS_SUMSQ);
-    if (a->ndim < 32 && (dims_mask >> a->ndim) != 0)
-        return MS_FAIL(MS_ERR_INVALID, "reduce: dims_mask 0x%x names dims beyond the %d dims "
-                       "of a", dims_mask, a->ndim);
-    *count = 1;
-    for (int d = 0; d < a->ndim; d++) {
-        int reduced = (dims_mask >> d) & 1u;
-        kept_shape[d] = reduced ? 1 : a->shape[d];
-        if (reduced)
-            *count *= a->shape[d];
-    }
-    MS_CHECK(ms_cpu_shape_is("reduce", "out", out, a->ndim, kept_shape));
-    if (out->numel > 0 && *count == 0 && (op == MS_MAX || op == MS_MIN))
-        return MS_FAIL(MS_ERR_SHAPE, "reduce: %s over reduced dims with no elements (a has a "
-                       "size-0 dim in dims_mask 0x%x)", reduce_names[op], dims_mask);
-    return MS_OK;
-}
-
-int ms_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask)
-{
-    MS_CPU_ON_DEVICE(out, ms_cuda_reduce(out, a, op, dims_mask));
-    ms_place place = MS_PLACE_CPU;
-    int64_t kept_shape[MS_MAX_DIMS];
-    int64_t count;
-    MS_CHECK(ms_cpu_check_reduce(&place, out, a, op, dims_mask, kept_shape, &count));
     if (out->numel == 0)
         return MS_OK;
 
@@ -253,33 +220,9 @@ typedef struct argmax_ctx {
 ARGMAX_KERNEL(argmax_f32, float)
 ARGMAX_KERNEL(argmax_f64, double)
 
-int ms_cpu_check_max_dim(ms_place *place, const ms_tensor *values, const ms_tensor *indices,
-                         const ms_tensor *a, int dim, int64_t *kept_shape)
+int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim,
+                   const int64_t *kept_shape)
 {
-    MS_CHECK(ms_place_output(place, "max_dim", "values", values));
-    MS_CHECK(ms_place_output(place, "max_dim", "indices", indices));
-    MS_CHECK(ms_place_input(place, "max_dim", "a", a));
-    MS_CHECK(ms_cpu_float("max_dim", "a", a));
-    MS_CHECK(ms_cpu_same_dtype("max_dim", "values", values, "a", a));
-    if (indices->dtype != MS_I64)
-        return MS_FAIL(MS_ERR_DTYPE, "max_dim: indices has dtype %s; it must be i64",
-                       ms_dtype_name(indices->dtype));
-    MS_CHECK(ms_cpu_dim("max_dim", a, dim));
-    for (int d = 0; d < a->ndim; d++)
-        kept_shape[d] = d == dim ? 1 : a->shape[d];
-    MS_CHECK(ms_cpu_shape_is("max_dim", "values", values, a->ndim, kept_shape));
-    MS_CHECK(ms_cpu_shape_is("max_dim", "indices", indices, a->ndim, kept_shape));
-    if (values->numel > 0 && a->ndim > 0 && a->shape[dim] == 0)
-        return MS_FAIL(MS_ERR_SHAPE, "max_dim: dim %d of a has size 0", dim);
-    return MS_OK;
-}
-
-int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim)
-{
-    MS_CPU_ON_DEVICE(values, ms_cuda_max_dim(values, indices, a, dim));
-    ms_place place = MS_PLACE_CPU;
-    int64_t kept_shape[MS_MAX_DIMS];
-    MS_CHECK(ms_cpu_check_max_dim(&place, values, indices, a, dim, kept_shape));
     if (values->numel == 0)
         return MS_OK;
     argmax_ctx c = {a->ndim ? a->shape[dim] : 1, a->ndim ? a->strides[dim] : 0};

@@ -103,48 +103,17 @@ static void run_rows(const ms_tensor *const *tensors, int count, int dim, int lo
         ms_iter_run(&it, kernel, &c);
 }
 
-int ms_cpu_check_softmax(ms_place *place, const ms_tensor *out, const ms_tensor *x, int dim)
+int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 {
-    MS_CHECK(ms_place_output(place, "softmax", "out", out));
-    MS_CHECK(ms_place_input(place, "softmax", "x", x));
-    MS_CHECK(ms_cpu_float("softmax", "x", x));
-    MS_CHECK(ms_cpu_same_dtype("softmax", "out", out, "x", x));
-    MS_CHECK(ms_cpu_same_shape("softmax", "out", out, "x", x));
-    return ms_cpu_dim("softmax", x, dim);
-}
-
-int ms_cpu_check_softmax_backward(ms_place *place, const ms_tensor *dx, const ms_tensor *y,
-                                  const ms_tensor *dy, int dim)
-{
-    const char *op = "softmax_backward";
-    MS_CHECK(ms_place_output(place, op, "dx", dx));
-    MS_CHECK(ms_place_input(place, op, "y", y));
-    MS_CHECK(ms_place_input(place, op, "dy", dy));
-    MS_CHECK(ms_cpu_float(op, "y", y));
-    MS_CHECK(ms_cpu_same_dtype(op, "dx", dx, "y", y));
-    MS_CHECK(ms_cpu_same_dtype(op, "dy", dy, "y", y));
-    MS_CHECK(ms_cpu_same_shape(op, "dx", dx, "y", y));
-    MS_CHECK(ms_cpu_same_shape(op, "dy", dy, "y", y));
-    return ms_cpu_dim(op, y, dim);
-}
-
-int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
-{
-    MS_CPU_ON_DEVICE(out, ms_cuda_softmax(out, x, dim, log));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_softmax(&place, out, x, dim));
     const ms_tensor *tensors[2] = {out, x};
     run_rows(tensors, 2, dim, log != 0,
              x->dtype == MS_F32 ? softmax_f32 : softmax_f64);
     return MS_OK;
 }
 
-int ms_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
-                        int log)
+int ms_cpu_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
+                            int log)
 {
-    MS_CPU_ON_DEVICE(dx, ms_cuda_softmax_backward(dx, y, dy, dim, log));
-    ms_place place = MS_PLACE_CPU;
-    MS_CHECK(ms_cpu_check_softmax_backward(&place, dx, y, dy, dim));
     const ms_tensor *tensors[3] = {dx, y, dy};
     run_rows(tensors, 3, dim, log != 0,
              y->dtype == MS_F32 ? softmax_backward_f32 : softmax_backward_f64);

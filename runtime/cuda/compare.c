@@ -1,9 +1,7 @@
-/* moonshard CUDA backend: ms_equal (bit for bit) and ms_allclose on a device, after the CPU
- * backend's argument checks; the kernels clear a device flag that is read back once. */
+/* moonshard CUDA backend: ms_equal (bit for bit) and ms_allclose on a device, after
+ * the checks of runtime/ops/; the kernels clear a device flag that is read back once. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "copy.cuh"
-#include "cpu/cpu.h"
 
 /* Run a comparison kernel into a device flag that starts at 1; [OUT] *result. */
 typedef int (*compare_launch)(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_operand a,
@@ -45,11 +43,7 @@ static int launch_equal(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_ope
 
 int ms_cuda_equal(int *equal, const ms_tensor *a, const ms_tensor *b)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_equal(&place, equal, a, b));
-    int device = place.device;
-    if (a->dtype != b->dtype || !ms_cpu_shapes_match(a, b))
-        return MS_OK;
+    int device = ms_cuda_device_of(a);
     if (a->numel == 0) {
         *equal = 1;
         return MS_OK;
@@ -73,11 +67,7 @@ static int launch_close(cudaStream_t stream, const ms_cu_shape *shape, ms_cu_ope
 int ms_cuda_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol,
                      double atol)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_allclose(&place, close, a, b, rtol, atol));
-    int device = place.device;
-    if (!ms_cpu_shapes_match(a, b))
-        return MS_OK;
+    int device = ms_cuda_device_of(a);
     if (a->numel == 0) {
         *close = 1;
         return MS_OK;

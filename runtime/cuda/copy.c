@@ -1,10 +1,8 @@
-/* moonshard CUDA backend: ms_copy (on one device here; to and from cpu/host and between
- * devices in transfer.c), ms_fill and ms_arange. Every output is assigned. */
+/* moonshard CUDA backend: copy on one device (any strides, every dtype pair), fill, arange,
+ * and dense staging for the kernels that want contiguous operands. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "copy.cuh"
-#include "cpu/cpu.h"
-#include "cpu/cast.h"
+#include "cast.h"
 
 /* dst = src on one device; src broadcasts to dst, or has dst's numel and is read in
  * row-major order (a reshaping copy). */
@@ -17,7 +15,7 @@ static int copy_on_device(ms_tensor *dst, const ms_tensor *src, int device)
     ms_cu_operand out, in;
     MS_CHECK(ms_cuda_operand(&out, "copy", "dst", &shape, dst));
     ms_tensor *dense = NULL;
-    if (!ms_cpu_broadcasts(src, dst) && src->numel == dst->numel) {
+    if (!ms_broadcasts(src, dst) && src->numel == dst->numel) {
         MS_CHECK(ms_cuda_dense("copy", src, 1, &dense));
         in.data = ms_tensor_data(dense);
         ms_contiguous_strides(dst->ndim, dst->shape, in.strides);
@@ -38,33 +36,13 @@ int ms_cuda_copy_device(ms_tensor *dst, const ms_tensor *src)
     return copy_on_device(dst, src, dst->storage->pool - MS_POOL_CUDA0);
 }
 
-int ms_cuda_copy(ms_tensor *dst, const ms_tensor *src)
-{
-    MS_CHECK(ms_check_tensor("copy", "dst", dst));
-    MS_CHECK(ms_check_tensor("copy", "src", src));
-    if (!ms_cpu_broadcasts(src, dst) && src->numel != dst->numel) {
-        char a[160], b[160];
-        return MS_FAIL(MS_ERR_SHAPE, "copy: src of shape %s does not broadcast to dst %s and "
-                       "has a different number of elements",
-                       ms_shape_str(a, sizeof a, src->ndim, src->shape),
-                       ms_shape_str(b, sizeof b, dst->ndim, dst->shape));
-    }
-    if (!ms_on_device(src) || !ms_on_device(dst) || dst->storage->pool != src->storage->pool)
-        return ms_cuda_copy_across(dst, src);
-    int device = -1;
-    MS_CHECK(ms_cuda_output("copy", "dst", dst, &device));
-    MS_CHECK(ms_cuda_input("copy", "src", src, &device));
-    return copy_on_device(dst, src, device);
-}
-
 int ms_cuda_fill(ms_tensor *t, double value)
 {
-    int device = -1;
-    MS_CHECK(ms_cuda_output("fill", "t", t, &device));
+    int device = ms_cuda_device_of(t);
     if (t->numel == 0)
         return MS_OK;
     uint64_t element = 0;
-    ms_cpu_store_double(t->dtype, &element, value);
+    ms_store_double(t->dtype, &element, value);
     ms_cu_shape shape;
     ms_cu_operand out;
     ms_cuda_shape_of(&shape, t->ndim, t->shape);
@@ -82,8 +60,7 @@ static int is_int64(double v)
 
 int ms_cuda_arange(ms_tensor *t, double start, double step)
 {
-    int device = -1;
-    MS_CHECK(ms_cuda_output("arange", "t", t, &device));
+    int device = ms_cuda_device_of(t);
     if (t->numel == 0)
         return MS_OK;
     int exact_int = is_int64(start) && is_int64(step);
@@ -95,4 +72,31 @@ int ms_cuda_arange(ms_tensor *t, double start, double step)
                                                    t->dtype, start, step, exact_int,
                                                    exact_int ? (int64_t)start : 0,
                                                    exact_int ? (int64_t)step : 0));
+}
+
+int ms_cuda_dense(const char *op, const ms_tensor *t, int copy_in, ms_tensor **dense)
+{
+    (void)op;
+    *dense = (ms_tensor *)t;
+    if (!t || ms_tensor_is_contiguous(t))
+        return MS_OK;
+    MS_CHECK(ms_cuda_tensor_new(dense, t->dtype, t->ndim, t->shape, t->storage->pool));
+    if (copy_in) {
+        int status = ms_cuda_copy_device(*dense, t);
+        if (status != MS_OK) {
+            ms_tensor_free(*dense);
+            *dense = NULL;
+            return status;
+        }
+    }
+    return MS_OK;
+}
+
+int ms_cuda_dense_done(const ms_tensor *t, ms_tensor *dense, int write_back)
+{
+    if (!dense || dense == t)
+        return MS_OK;
+    int status = write_back ? ms_cuda_copy_device((ms_tensor *)t, dense) : MS_OK;
+    ms_tensor_free(dense);
+    return status;
 }

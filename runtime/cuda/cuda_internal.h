@@ -6,7 +6,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
-#include "internal.h"
+#include "ops/backend.h"
 #include "launch.cuh"
 
 #pragma GCC visibility push(hidden)
@@ -19,6 +19,12 @@ int ms_cuda_status_at(const char *file, int line, cudaError_t error, const char 
 int ms_cublas_status_at(const char *file, int line, cublasStatus_t status, const char *what);
 #define MS_CUBLAS_CHECK(call, what)                                                                \
     MS_CHECK(ms_cublas_status_at(__FILE__, __LINE__, (call), (what)))
+
+/* The device of a tensor in a cuda:N pool. */
+static inline int ms_cuda_device_of(const ms_tensor *t)
+{
+    return t->storage->pool - MS_POOL_CUDA0;
+}
 
 /* 1 once this process has made a device current (CUDA has started here). */
 int ms_cuda_started(void);
@@ -62,13 +68,66 @@ int ms_cuda_scratch(ms_tensor **out, int pool, const int64_t *values, int count)
 /* nbytes from device memory into host, after the compute stream's earlier work. */
 int ms_cuda_download(int device, void *host, const void *device_data, size_t nbytes);
 
-/* Device-to-device strided copy (and dtype conversion) of src into dst, same shape. */
+/* Strided copy (and dtype conversion) of src into dst on one device; src broadcasts to dst
+ * or has its numel (read in row-major order). */
 int ms_cuda_copy_device(ms_tensor *dst, const ms_tensor *src);
-/* ms_copy when one tensor is in a CPU pool or the two are on different devices. */
-int ms_cuda_copy_across(ms_tensor *dst, const ms_tensor *src);
 
 /* The status of the last launch on this thread, recorded for op. */
 int ms_cuda_launched(const char *op, int error);
+
+/* ---- the kernels of runtime/cuda/backend.c's table (ms_cuda_ops; see ops/backend.h) ---- */
+int ms_cuda_fill(ms_tensor *t, double value);
+int ms_cuda_arange(ms_tensor *t, double start, double step);
+int ms_cuda_equal(int *equal, const ms_tensor *a, const ms_tensor *b);
+int ms_cuda_allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol,
+                     double atol);
+int ms_cuda_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op);
+int ms_cuda_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse);
+int ms_cuda_unary(ms_tensor *out, const ms_tensor *a, int op);
+int ms_cuda_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op);
+int ms_cuda_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask,
+                   const int64_t *kept_shape, int64_t count);
+int ms_cuda_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim,
+                    const int64_t *kept_shape);
+int ms_cuda_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
+int ms_cuda_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
+                             int log);
+int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
+                       const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
+                       int64_t size);
+int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                                const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
+                                const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
+                                int64_t size);
+int ms_cuda_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices);
+int ms_cuda_embedding_backward(ms_tensor *dweight, const ms_tensor *indices,
+                               const ms_tensor *dout);
+int ms_cuda_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
+                     int64_t ignore_index, int reduction);
+int ms_cuda_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
+                              int64_t ignore_index, int reduction);
+int ms_cuda_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
+                         uint64_t offset);
+int ms_cuda_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,
+                        uint64_t offset);
+int ms_cuda_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed,
+                    uint64_t offset);
+int ms_cuda_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
+                             uint64_t offset);
+int ms_cuda_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad,
+                     double lr, double momentum, double dampening, double weight_decay,
+                     int nesterov, int first_step, int maximize);
+int ms_cuda_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
+                      const ms_tensor *grad, int64_t step, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, int decoupled,
+                      int maximize);
+/* Bytes between host and device memory, and between devices (transfer.c). */
+int ms_cuda_to_device(int device, void *dst, const void *src, size_t nbytes);
+int ms_cuda_to_host(int device, void *dst, const void *src, size_t nbytes);
+int ms_cuda_between_devices(void *dst, int dst_device, const void *src, int src_device,
+                            size_t nbytes);
 
 #pragma GCC visibility pop
 

@@ -1,16 +1,12 @@
 /* moonshard CUDA backend: ms_binary, ms_binary_scalar, ms_unary and ms_unary_backward on a
- * device, after the CPU backend's argument checks; outputs are assigned. */
+ * device, after the checks of runtime/ops/; outputs are assigned. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "elementwise.cuh"
-#include "cpu/cpu.h"
-#include "cpu/cast.h"
+#include "cast.h"
 
 int ms_cuda_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_binary(&place, out, a, b, op));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     ms_cu_shape shape;
     ms_cu_operand o, x, y;
     ms_cuda_shape_of(&shape, out->ndim, out->shape);
@@ -27,9 +23,7 @@ int ms_cuda_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int o
 
 int ms_cuda_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_binary_scalar(&place, out, a, op));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     ms_cu_shape shape;
     ms_cu_operand o, x;
     ms_cuda_shape_of(&shape, out->ndim, out->shape);
@@ -39,7 +33,7 @@ int ms_cuda_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, 
         return MS_OK;
     ms_cu_operand *operands[2] = {&o, &x};
     ms_cuda_coalesce(&shape, operands, 2);
-    int64_t scalar_i = out->dtype == MS_I32 ? ms_cpu_sat_i32(s) : ms_cpu_sat_i64(s);
+    int64_t scalar_i = out->dtype == MS_I32 ? ms_sat_i32(s) : ms_sat_i64(s);
     return ms_cuda_launched("binary_scalar",
                             ms_cu_binary_scalar(ms_cuda_compute_stream(device), &shape, o, x,
                                                 out->dtype, op, s, scalar_i, reverse != 0));
@@ -47,9 +41,7 @@ int ms_cuda_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, 
 
 int ms_cuda_unary(ms_tensor *out, const ms_tensor *a, int op)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_unary(&place, out, a, op));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     ms_cu_shape shape;
     ms_cu_operand o, x;
     ms_cuda_shape_of(&shape, out->ndim, out->shape);
@@ -66,9 +58,7 @@ int ms_cuda_unary(ms_tensor *out, const ms_tensor *a, int op)
 int ms_cuda_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
 {
     const char *name = "unary_backward";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_unary_backward(&place, dx, x, dy, op));
-    int device = place.device;
+    int device = ms_cuda_device_of(dx);
     ms_cu_shape shape;
     ms_cu_operand g, in, grad_out;
     ms_cuda_shape_of(&shape, dx->ndim, dx->shape);

@@ -1,10 +1,8 @@
-/* moonshard CUDA backend: ms_embedding and ms_embedding_backward on a device, after the CPU
- * backend's argument checks. Every index is checked before anything is written, as on the
+/* moonshard CUDA backend: ms_embedding and ms_embedding_backward on a device, after
+ * the checks of runtime/ops/. Every index is checked before anything is written, as on the
  * CPU; out is assigned, dweight accumulates. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "embedding.cuh"
-#include "cpu/cpu.h"
 
 /* Every index of the dense indices in [0, num), or MS_ERR_INDEX naming the first bad one. */
 static int check_indices(const char *op, const ms_tensor *indices, int device, int64_t num)
@@ -40,9 +38,7 @@ static ms_cu_table table_of(const ms_tensor *t)
 int ms_cuda_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)
 {
     const char *op = "embedding";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_embedding(&place, out, weight, indices));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     if (indices->numel == 0)
         return MS_OK;
     ms_tensor *dense_indices = NULL, *dense_out = NULL;
@@ -68,9 +64,7 @@ int ms_cuda_embedding_backward(ms_tensor *dweight, const ms_tensor *indices,
                                const ms_tensor *dout)
 {
     const char *op = "embedding_backward";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_embedding_backward(&place, dweight, indices, dout));
-    int device = place.device;
+    int device = ms_cuda_device_of(dweight);
     if (indices->numel == 0)
         return MS_OK;
     ms_tensor *dense_indices = NULL, *dense_dout = NULL;

@@ -1,47 +1,6 @@
-/* moonshard CUDA backend: operand checks with messages naming the op and argument, the
- * launch geometry built from tensor views, and dense staging for row-wise kernels. */
+/* moonshard CUDA backend: the launch geometry built from tensor views, scratch tensors and
+ * reading small results back. */
 #include "cuda_internal.h"
-
-static int check_device_tensor(const char *op, const char *name, const ms_tensor *t,
-                               int *device)
-{
-    MS_CHECK(ms_check_tensor(op, name, t));
-    if (t->ndim < 0 || t->ndim > MS_MAX_DIMS)
-        return MS_FAIL(MS_ERR_INVALID, "%s: %s has ndim %d outside [0, %d]", op, name, t->ndim,
-                       MS_MAX_DIMS);
-    int pool = t->storage->pool;
-    if (pool < MS_POOL_CUDA0 || pool >= MS_MAX_POOLS)
-        return MS_FAIL(MS_ERR_DEVICE, "%s: %s lives on %s but the other operands are on "
-                       "cuda:%d; move it with :to() first", op, name,
-                       ms_pool_name(pool) ? ms_pool_name(pool) : "an unknown pool",
-                       *device >= 0 ? *device : 0);
-    int its_device = pool - MS_POOL_CUDA0;
-    if (*device >= 0 && its_device != *device)
-        return MS_FAIL(MS_ERR_DEVICE, "%s: %s lives on cuda:%d but the other operands are on "
-                       "cuda:%d", op, name, its_device, *device);
-    if (t->numel > 0 && !t->storage->data)
-        return MS_FAIL(MS_ERR_INVALID, "%s: %s has %lld elements but no data", op, name,
-                       (long long)t->numel);
-    if (*device < 0)
-        MS_CHECK(ms_cuda_use_device(its_device));
-    *device = its_device;
-    return ms_cuda_await(t);
-}
-
-int ms_cuda_input(const char *op, const char *name, const ms_tensor *t, int *device)
-{
-    return check_device_tensor(op, name, t, device);
-}
-
-int ms_cuda_output(const char *op, const char *name, const ms_tensor *t, int *device)
-{
-    MS_CHECK(check_device_tensor(op, name, t, device));
-    for (int d = 0; d < t->ndim; d++)
-        if (t->shape[d] > 1 && t->strides[d] == 0)
-            return MS_FAIL(MS_ERR_INVALID, "%s: %s is an expanded view (stride 0 in dim %d); "
-                           "its elements share memory and cannot be written", op, name, d);
-    return MS_OK;
-}
 
 void ms_cuda_shape_of(ms_cu_shape *shape, int ndim, const int64_t *sizes)
 {
@@ -112,33 +71,6 @@ int ms_cuda_tensor_new(ms_tensor **out, int dtype, int ndim, const int64_t *shap
         ms_tensor_free(*out);
         *out = NULL;
     }
-    return status;
-}
-
-int ms_cuda_dense(const char *op, const ms_tensor *t, int copy_in, ms_tensor **dense)
-{
-    (void)op;
-    *dense = (ms_tensor *)t;
-    if (!t || ms_tensor_is_contiguous(t))
-        return MS_OK;
-    MS_CHECK(ms_cuda_tensor_new(dense, t->dtype, t->ndim, t->shape, t->storage->pool));
-    if (copy_in) {
-        int status = ms_cuda_copy_device(*dense, t);
-        if (status != MS_OK) {
-            ms_tensor_free(*dense);
-            *dense = NULL;
-            return status;
-        }
-    }
-    return MS_OK;
-}
-
-int ms_cuda_dense_done(const ms_tensor *t, ms_tensor *dense, int write_back)
-{
-    if (!dense || dense == t)
-        return MS_OK;
-    int status = write_back ? ms_cuda_copy_device((ms_tensor *)t, dense) : MS_OK;
-    ms_tensor_free(dense);
     return status;
 }
 

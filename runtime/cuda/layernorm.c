@@ -1,12 +1,10 @@
 /* moonshard CUDA backend: ms_layer_norm and ms_layer_norm_backward on a device, over dense
- * copies of strided operands, after the CPU backend's argument checks; dx is assigned,
+ * copies of strided operands, after the checks of runtime/ops/; dx is assigned,
  * dweight and dbias accumulate. */
 #include <math.h>
 
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "layernorm.cuh"
-#include "cpu/cpu.h"
 
 /* Dense copies of up to 8 operands of one call, released together. */
 typedef struct staging {
@@ -39,15 +37,11 @@ static int unstage_all(staging *st)
 }
 
 int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
-                       const ms_tensor *weight, const ms_tensor *bias, int normalized_ndim,
-                       double eps)
+                       const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
+                       int64_t size)
 {
     const char *op = "layer_norm";
-    ms_place place = MS_PLACE_CUDA;
-    int64_t rows, size;
-    MS_CHECK(ms_cpu_check_layer_norm(&place, out, mean, rstd, x, weight, bias, normalized_ndim,
-                                     eps, &rows, &size));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     if (rows == 0)
         return MS_OK;
     if (size == 0) { /* statistics of empty rows are 0/0 */
@@ -71,15 +65,11 @@ int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const m
 
 int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
                                 const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
-                                const ms_tensor *rstd, const ms_tensor *weight,
-                                int normalized_ndim)
+                                const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
+                                int64_t size)
 {
     const char *op = "layer_norm_backward";
-    ms_place place = MS_PLACE_CUDA;
-    int64_t rows, size;
-    MS_CHECK(ms_cpu_check_layer_norm_backward(&place, dx, dweight, dbias, dy, x, mean, rstd,
-                                              weight, normalized_ndim, &rows, &size));
-    int device = place.device;
+    int device = ms_cuda_device_of(dx);
     if (rows == 0 || size == 0)
         return MS_OK;
     ms_cu_layer_norm a = {.rows = rows, .size = size, .dtype = x->dtype,

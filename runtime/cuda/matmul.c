@@ -1,12 +1,10 @@
 /* moonshard CUDA backend: ms_matmul through cuBLAS (cublasGemmEx for one matrix,
  * cublasGemmStridedBatchedEx when the batches are evenly spaced). out = alpha op(a) op(b) +
- * beta out: assigned, or accumulated with beta = 1. Operands are checked by the CPU backend's
- * checks, shapes here against cuBLAS's 32-bit sizes. */
+ * beta out: assigned, or accumulated with beta = 1. Operands and shapes are checked by
+ * runtime/ops/matmul.c. */
 #include <limits.h>
 
 #include "cuda_internal.h"
-#include "dispatch.h"
-#include "cpu/cpu.h"
 
 /* How cuBLAS reads one stored matrix of a view: row-major with a unit column stride as is,
  * a unit row stride (a transposed view) as the transpose with the flag flipped. */
@@ -62,44 +60,6 @@ static int64_t batch_offset(const ms_tensor *t, int nlead, int64_t batch)
         batch /= t->shape[d];
     }
     return offset;
-}
-
-static int check_shapes(const ms_tensor *out, const ms_tensor *a, const ms_tensor *b,
-                        int trans_a, int trans_b, int64_t *m, int64_t *n, int64_t *k)
-{
-    char sa[160], sb[160], so[160];
-    ms_shape_str(sa, sizeof sa, a->ndim, a->shape);
-    ms_shape_str(sb, sizeof sb, b->ndim, b->shape);
-    ms_shape_str(so, sizeof so, out->ndim, out->shape);
-    int nd = a->ndim, nb = b->ndim;
-    if (nd < 2 || nb < 2)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: a %s and b %s need at least 2 dims", sa, sb);
-    if (nb != 2 && nb != nd)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: b %s must be 2-D or have a's %d dims (a %s)", sb,
-                       nd, sa);
-    if (out->ndim != nd)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: out %s must have a's %d dims (a %s)", so, nd, sa);
-    for (int d = 0; d < nd - 2; d++)
-        if ((nb == nd && b->shape[d] != a->shape[d]) || out->shape[d] != a->shape[d])
-            return MS_FAIL(MS_ERR_SHAPE, "matmul: batch dims of a %s, b %s and out %s differ",
-                           sa, sb, so);
-    *m = trans_a ? a->shape[nd - 1] : a->shape[nd - 2];
-    *k = trans_a ? a->shape[nd - 2] : a->shape[nd - 1];
-    int64_t kb = trans_b ? b->shape[nb - 1] : b->shape[nb - 2];
-    *n = trans_b ? b->shape[nb - 2] : b->shape[nb - 1];
-    if (*k != kb)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: op(a) is [%lld, %lld] and op(b) is [%lld, %lld] "
-                       "(a %s%s, b %s%s): inner dims differ", (long long)*m, (long long)*k,
-                       (long long)kb, (long long)*n, sa, trans_a ? " transposed" : "", sb,
-                       trans_b ? " transposed" : "");
-    if (out->shape[nd - 2] != *m || out->shape[nd - 1] != *n)
-        return MS_FAIL(MS_ERR_SHAPE, "matmul: out is %s but op(a) @ op(b) is [%lld, %lld]", so,
-                       (long long)*m, (long long)*n);
-    if (*m > INT_MAX || *n > INT_MAX || *k > INT_MAX)
-        return MS_FAIL(MS_ERR_UNSUPPORTED, "matmul: [%lld, %lld] @ [%lld, %lld] exceeds cuBLAS's "
-                       "32-bit sizes", (long long)*m, (long long)*k, (long long)*k,
-                       (long long)*n);
-    return MS_OK;
 }
 
 typedef struct gemm_call {
@@ -167,16 +127,9 @@ static int run(const gemm_call *c, ms_tensor *out, const ms_tensor *a, const ms_
 }
 
 int ms_cuda_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
-                   int trans_b, double alpha, double beta)
+                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_matmul_operands(&place, out, a, b));
-    int device = place.device;
-    trans_a = trans_a != 0;
-    trans_b = trans_b != 0;
-    int64_t m = 0, n = 0, k = 0;
-    MS_CHECK(check_shapes(out, a, b, trans_a, trans_b, &m, &n, &k));
-    MS_CHECK(ms_cpu_check_matmul_overlap(out, a, b));
+    int device = ms_cuda_device_of(out);
     if (out->numel == 0)
         return MS_OK;
     if (k == 0)

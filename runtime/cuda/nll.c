@@ -1,10 +1,8 @@
-/* moonshard CUDA backend: ms_nll_loss and ms_nll_loss_backward on a device, after the CPU
- * backend's argument checks. Targets are checked (and counted for the mean) before anything
+/* moonshard CUDA backend: ms_nll_loss and ms_nll_loss_backward on a device, after
+ * the checks of runtime/ops/. Targets are checked (and counted for the mean) before anything
  * is written; outputs are assigned. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "nll.cuh"
-#include "cpu/cpu.h"
 
 enum { REDUCE_NONE = 0 };
 
@@ -48,9 +46,7 @@ int ms_cuda_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *tar
                      int64_t ignore_index, int reduction)
 {
     const char *op = "nll_loss";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_nll_loss(&place, out, logp, target, reduction));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     ms_cu_nll args;
     MS_CHECK(check_targets(op, logp, target, ignore_index, reduction, device, &args));
     if (args.rows == 0 && reduction == REDUCE_NONE)
@@ -64,9 +60,7 @@ int ms_cuda_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_
                               int64_t ignore_index, int reduction)
 {
     const char *op = "nll_loss_backward";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_nll_loss_backward(&place, dlogp, dout, target, reduction));
-    int device = place.device;
+    int device = ms_cuda_device_of(dlogp);
     ms_cu_nll args;
     MS_CHECK(check_targets(op, dlogp, target, ignore_index, reduction, device, &args));
     MS_CHECK(ms_cuda_fill(dlogp, 0.0));

@@ -1,19 +1,14 @@
 /* moonshard CUDA backend: fused SGD and Adam/AdamW steps on a device, in place on the
- * parameter and its state, after the CPU backend's argument checks. */
+ * parameter and its state, after the checks of runtime/ops/. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "optim.cuh"
-#include "cpu/cpu.h"
 
 int ms_cuda_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad,
                      double lr, double momentum, double dampening, double weight_decay,
                      int nesterov, int first_step, int maximize)
 {
     const char *op = "sgd_step";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_sgd_step(&place, param, momentum_buf, grad, lr, momentum, dampening,
-                                   weight_decay, nesterov));
-    int device = place.device;
+    int device = ms_cuda_device_of(param);
     int with_buffer = momentum != 0.0;
     if (param->numel == 0)
         return MS_OK;
@@ -38,10 +33,7 @@ int ms_cuda_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_s
                       int maximize)
 {
     const char *op = decoupled ? "adamw_step" : "adam_step";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_adam_step(&place, param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
-                                    beta2, eps, weight_decay, decoupled));
-    int device = place.device;
+    int device = ms_cuda_device_of(param);
     if (param->numel == 0)
         return MS_OK;
     ms_k_adam_coeffs c = ms_k_adam_coeffs_make(step, lr, beta1, beta2, eps, weight_decay,

@@ -1,9 +1,7 @@
 /* moonshard CUDA backend: ms_rand_uniform, ms_rand_normal, ms_dropout and
- * ms_dropout_backward on a device, after the CPU backend's argument checks; dx is assigned. */
+ * ms_dropout_backward on a device, after the checks of runtime/ops/; dx is assigned. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "random.cuh"
-#include "cpu/cpu.h"
 
 typedef int (*draw_launch)(cudaStream_t, const ms_cu_shape *, ms_cu_operand,
                            const ms_cu_draw *);
@@ -23,28 +21,22 @@ static int draw(const char *op, ms_tensor *out, int device, ms_cu_draw *d, draw_
 int ms_cuda_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
                          uint64_t offset)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_rand_uniform(&place, out, low, high));
     ms_cu_draw d = {seed, offset, low, high, 0};
-    return draw("rand_uniform", out, place.device, &d, ms_cu_rand_uniform);
+    return draw("rand_uniform", out, ms_cuda_device_of(out), &d, ms_cu_rand_uniform);
 }
 
 int ms_cuda_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,
                         uint64_t offset)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_rand_normal(&place, out, mean, std));
     ms_cu_draw d = {seed, offset, mean, std, 0};
-    return draw("rand_normal", out, place.device, &d, ms_cu_rand_normal);
+    return draw("rand_normal", out, ms_cuda_device_of(out), &d, ms_cu_rand_normal);
 }
 
 static int dropout_run(const char *op, ms_tensor *out, const char *out_name,
                        const ms_tensor *x, const char *x_name, double p, uint64_t seed,
                        uint64_t offset)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_dropout(&place, op, out, out_name, x, x_name, p));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     if (out->numel == 0)
         return MS_OK;
     /* p == 1 drops everything; the scale is never applied */

@@ -1,19 +1,16 @@
-/* moonshard CUDA backend: ms_reduce and ms_max_dim on a device, after the CPU
- * backend's argument checks; outputs are assigned. */
+/* moonshard CUDA backend: ms_reduce and ms_max_dim on a device, after
+ * the checks of runtime/ops/; outputs are assigned. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "reduce.cuh"
-#include "cpu/cpu.h"
 
-int ms_cuda_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask)
+int ms_cuda_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask,
+                   const int64_t *kept_shape, int64_t count)
 {
-    ms_place place = MS_PLACE_CUDA;
-    int64_t kept_shape[MS_MAX_DIMS];
-    int64_t count;
-    MS_CHECK(ms_cpu_check_reduce(&place, out, a, op, dims_mask, kept_shape, &count));
+    (void)kept_shape;
+    (void)count;
     if (out->numel == 0)
         return MS_OK;
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     ms_cu_shape kept = {0, 1, {0}}, reduced = {0, 1, {0}};
     ms_cu_operand out_kept = {ms_tensor_data(out), {0}}, a_kept = {ms_tensor_data(a), {0}};
     ms_cu_operand a_reduced = {ms_tensor_data(a), {0}};
@@ -44,14 +41,12 @@ int ms_cuda_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mas
     return status;
 }
 
-int ms_cuda_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim)
+int ms_cuda_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim,
+                    const int64_t *kept_shape)
 {
-    ms_place place = MS_PLACE_CUDA;
-    int64_t kept_shape[MS_MAX_DIMS];
-    MS_CHECK(ms_cpu_check_max_dim(&place, values, indices, a, dim, kept_shape));
     if (values->numel == 0)
         return MS_OK;
-    int device = place.device;
+    int device = ms_cuda_device_of(values);
     int64_t length = a->ndim ? a->shape[dim] : 1, stride = a->ndim ? a->strides[dim] : 0;
     ms_cu_shape kept;
     ms_cu_operand v, idx, in;

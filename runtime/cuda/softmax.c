@@ -1,9 +1,7 @@
 /* moonshard CUDA backend: ms_softmax and ms_softmax_backward on a device (softmax or
- * log_softmax along one dim), after the CPU backend's argument checks; dx is assigned. */
+ * log_softmax along one dim), after the checks of runtime/ops/; dx is assigned. */
 #include "cuda_internal.h"
-#include "dispatch.h"
 #include "softmax.cuh"
-#include "cpu/cpu.h"
 
 /* The row starts of count same-shaped tensors along dim, and each one's step along dim. */
 static void row_geometry(ms_tensor *const *tensors, int count, int dim, ms_cu_shape *rows,
@@ -25,9 +23,7 @@ static void row_geometry(ms_tensor *const *tensors, int count, int dim, ms_cu_sh
 
 int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 {
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_softmax(&place, out, x, dim));
-    int device = place.device;
+    int device = ms_cuda_device_of(out);
     ms_tensor *tensors[2] = {out, (ms_tensor *)x};
     ms_cu_shape rows;
     ms_cu_operand operands[2];
@@ -44,9 +40,7 @@ int ms_cuda_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor 
                              int log)
 {
     const char *op = "softmax_backward";
-    ms_place place = MS_PLACE_CUDA;
-    MS_CHECK(ms_cpu_check_softmax_backward(&place, dx, y, dy, dim));
-    int device = place.device;
+    int device = ms_cuda_device_of(dx);
     ms_tensor *tensors[3] = {dx, (ms_tensor *)y, (ms_tensor *)dy};
     ms_cu_shape rows;
     ms_cu_operand operands[3];

@@ -1,7 +1,6 @@
 -- Finite-difference gradient checker in f64: central differences of a fixed random
 -- projection of an op's output, compared element by element with what backward computes.
 local ms = require "moonshard"
-local scope = require "moonshard.scope"
 
 local M = {}
 
@@ -62,7 +61,7 @@ M.flatten = flatten
 function M.flat(t) return flatten(t:table()) end
 
 local function projection_value(fn, args, weights)
-  return scope.run(function()
+  return ms.scope(function()
     return ms.no_grad(function()
       local out = fn(unpack(args, 1, table.maxn(args)))
       local values = flatten(out:table())

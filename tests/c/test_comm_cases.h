@@ -5,47 +5,14 @@
 
 #include "test_comm_util.h"
 
-#include "comm/comm.h"
+static inline ms_tensor *case_tensor(int dtype, int64_t numel) { return new_tensor(dtype, numel); }
 
-/* Where the cases put their tensors: the CPU pool (collectives go through the segment's
- * ring) or this rank's heap in the segment (collectives copy directly between ranks). */
-static int cases_use_heap;
-
-static inline ms_tensor *case_tensor(int dtype, int64_t numel)
-{
-    if (!cases_use_heap)
-        return new_tensor(dtype, numel);
-    ms_tensor *t = calloc(1, sizeof *t);
-    ms_storage *storage = calloc(1, sizeof *storage);
-    size_t nbytes = (size_t)numel * ms_dtype_size(dtype);
-    void *data = nbytes ? ms_local_shared_alloc(nbytes) : NULL;
-    if (!t || !storage || (nbytes && !data)) {
-        fprintf(stderr, "case_tensor: no room for %zu bytes in the heap\n", nbytes);
-        exit(2);
-    }
-    *storage = (ms_storage){.data = data, .nbytes = nbytes, .pool = MS_POOL_CPU, .refcount = 1};
-    *t = (ms_tensor){.storage = storage, .dtype = dtype, .ndim = 1, .numel = numel};
-    t->shape[0] = numel;
-    t->strides[0] = 1;
-    return t;
-}
-
-static inline void case_tensor_free(ms_tensor *t)
-{
-    if (!cases_use_heap) {
-        ms_tensor_free(t);
-        return;
-    }
-    if (t->storage->data)
-        EXPECT(ms_local_shared_free(t->storage->data) == 1);
-    free(t->storage);
-    free(t);
-}
+static inline void case_tensor_free(ms_tensor *t) { ms_tensor_free(t); }
 
 static const int dtypes[] = {MS_F32, MS_F64, MS_BF16, MS_F16, MS_I32, MS_I64, MS_U8};
 enum { NDTYPES = sizeof dtypes / sizeof *dtypes };
-/* 0, 1, odd, above the 64 KiB where direct copies start (every dtype), and for f32 more
- * 512 KiB chunks than the ring of 4 holds. */
+/* 0, 1, odd, above 64 KiB (every dtype), and for f32 more 512 KiB chunks than the ring of
+ * 4 holds. */
 static const int64_t sizes[] = {0, 1, 7, 1001, 70001, 700001};
 enum { NSIZES = sizeof sizes / sizeof *sizes };
 

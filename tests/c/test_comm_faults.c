@@ -130,7 +130,7 @@ static void test_unrelated_crash(void)
         commit_fault(FAULT_SIGKILL);
     if (rank >= 0) {
         ms_group *pair = NULL;
-        ms_dist_new_group(&pair, NULL, (int[]){0, 1}, 2);
+        ms_group_new(&pair, NULL, (int[]){0, 1}, 2);
         ms_tensor *t = new_tensor(MS_F32, 1000);
         int64_t start = now_ms();
         int status = MS_OK;

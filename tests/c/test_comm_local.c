@@ -14,17 +14,6 @@ static int every_collective(int rank, int n, void *context)
     return 0;
 }
 
-/* The same cases with every tensor in the ranks' heaps (direct copies between ranks),
- * and with only rank 0's there (the ring, since not every member can be reached). */
-static int every_collective_in_heap(int rank, int world_size, void *context)
-{
-    (void)world_size;
-    int *heap_ranks = context;
-    cases_use_heap = rank < *heap_ranks;
-    collective_cases(NULL);
-    return 0;
-}
-
 /* Inexact f32 and bf16 sums come out bitwise identical on every rank. */
 static int report_all_reduce_hash(int rank, int n, void *context)
 {
@@ -71,10 +60,10 @@ static int sub_groups(int rank, int n, void *context)
     (void)context;
     ms_group *column[2], *triple, *again[2];
     for (int c = 0; c < 2; c++)
-        EXPECT_STATUS(MS_OK, ms_dist_new_group(&column[c], NULL, (int[]){c, c + 2}, 2));
-    EXPECT_STATUS(MS_OK, ms_dist_new_group(&triple, NULL, (int[]){3, 1, 2}, 3));
+        EXPECT_STATUS(MS_OK, ms_group_new(&column[c], NULL, (int[]){c, c + 2}, 2));
+    EXPECT_STATUS(MS_OK, ms_group_new(&triple, NULL, (int[]){3, 1, 2}, 3));
     for (int a = 0; a < 2; a++)
-        EXPECT_STATUS(MS_OK, ms_dist_new_group(&again[a], NULL, (int[]){0, 1, 2, 3}, n));
+        EXPECT_STATUS(MS_OK, ms_group_new(&again[a], NULL, (int[]){0, 1, 2, 3}, n));
     ms_group *mine = column[rank % 2];
     EXPECT(ms_group_rank(mine) == rank / 2 && ms_group_size(mine) == 2);
     EXPECT(ms_group_rank(column[1 - rank % 2]) == -1);
@@ -138,15 +127,15 @@ static int argument_checks(int rank, int n, void *context)
         EXPECT_STATUS(MS_ERR_INVALID, ms_dist_all_gather_into_tensor(NULL, out, overlap));
     }
     ms_group *g = NULL;
-    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_new_group(&g, NULL, (int[]){0, 0}, 2));
-    EXPECT_STATUS(MS_ERR_INVALID, ms_dist_new_group(&g, NULL, (int[]){n}, 1));
+    EXPECT_STATUS(MS_ERR_INVALID, ms_group_new(&g, NULL, (int[]){0, 0}, 2));
+    EXPECT_STATUS(MS_ERR_INVALID, ms_group_new(&g, NULL, (int[]){n}, 1));
     ms_spawn *job = NULL;
     int inner = 0;
     EXPECT_STATUS(MS_ERR_STATE, ms_local_spawn(&job, 2, 0, &inner));
     /* the segment holds a bounded number of groups; running out is an error, not a crash */
     ms_group *made[300];
     int nmade = 0, status = MS_OK;
-    while (nmade < 300 && (status = ms_dist_new_group(&made[nmade], NULL, (int[]){0, 1}, 2)) == 0)
+    while (nmade < 300 && (status = ms_group_new(&made[nmade], NULL, (int[]){0, 1}, 2)) == 0)
         nmade++;
     EXPECT_STATUS(MS_ERR_OOM, status);
     EXPECT(strstr(ms_last_error(), "no room for another group") != NULL);
@@ -165,13 +154,8 @@ static int argument_checks(int rank, int n, void *context)
 
 int main(void)
 {
-    for (int n = 1; n <= 4; n++) {
+    for (int n = 1; n <= 4; n++)
         expect_clean_run(n, every_collective, NULL, "every_collective");
-        if (n > 1)
-            expect_clean_run(n, every_collective_in_heap, &n, "every_collective_in_heap");
-    }
-    int one = 1;
-    expect_clean_run(3, every_collective_in_heap, &one, "every_collective_rank_0_in_heap");
     test_identical_results();
     expect_clean_run(4, sub_groups, NULL, "sub_groups");
     expect_clean_run(2, argument_checks, NULL, "argument_checks");

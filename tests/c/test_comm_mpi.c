@@ -149,7 +149,7 @@ int main(int argc, char **argv)
     for (int members = 1; members < size; members++) {
         int ranks[4] = {0, 1, 2, 3};
         ms_group *first = NULL;
-        EXPECT_STATUS(MS_OK, ms_dist_new_group(&first, NULL, ranks, members));
+        EXPECT_STATUS(MS_OK, ms_group_new(&first, NULL, ranks, members));
         EXPECT(ms_group_rank(first) == (rank < members ? rank : -1));
         if (rank < members)
             collective_cases(first);

@@ -164,17 +164,49 @@ static void test_dropout(void)
         ms_tensor_free(list[i]);
 }
 
+/* 16-bit draws are the f32 draws of the same counters, rounded once. */
+static void test_half_draws(void)
+{
+    const int halves[2] = {MS_BF16, MS_F16};
+    ms_tensor *ref = make(MS_F32, 1, SHAPE(257)), *ref_drop = make(MS_F32, 1, SHAPE(257));
+    ms_tensor *ones = make(MS_F32, 1, SHAPE(257));
+    CHECK_OK(ms_fill(ones, 1.5));
+    CHECK_OK(ms_rand_normal(ref, 0.5, 2.0, 7, 11));
+    CHECK_OK(ms_dropout(ref_drop, ones, 0.3, 7, 11));
+    for (int k = 0; k < 2; k++) {
+        ms_tensor *h = make(halves[k], 1, SHAPE(257)), *drop = make(halves[k], 1, SHAPE(257));
+        ms_tensor *x = make(halves[k], 1, SHAPE(257));
+        CHECK_OK(ms_fill(x, 1.5));
+        CHECK_OK(ms_rand_normal(h, 0.5, 2.0, 7, 11));
+        CHECK_OK(ms_dropout(drop, x, 0.3, 7, 11));
+        int same = 1;
+        for (int64_t i = 0; i < 257; i++) {
+            float r = (float)get(ref, i), d = (float)get(ref_drop, i);
+            uint16_t want = halves[k] == MS_BF16 ? ms_k_f32_to_bf16(r) : ms_k_f32_to_f16(r);
+            uint16_t want_d = halves[k] == MS_BF16 ? ms_k_f32_to_bf16(d) : ms_k_f32_to_f16(d);
+            same &= *(uint16_t *)elem_ptr(h, i) == want && *(uint16_t *)elem_ptr(drop, i) == want_d;
+        }
+        CHECK(same);
+        ms_tensor_free(h);
+        ms_tensor_free(drop);
+        ms_tensor_free(x);
+    }
+    ms_tensor_free(ref);
+    ms_tensor_free(ref_drop);
+    ms_tensor_free(ones);
+}
+
 static void test_errors(void)
 {
     ms_tensor *t = make(MS_F32, 1, SHAPE(4)), *u = make(MS_F32, 1, SHAPE(5));
-    ms_tensor *i = make(MS_I64, 1, SHAPE(4)), *h = make(MS_BF16, 1, SHAPE(4));
+    ms_tensor *i = make(MS_I64, 1, SHAPE(4)), *h = make(MS_U8, 1, SHAPE(4));
     CHECK_ERR(ms_rand_uniform(i, 0, 1, 0, 0), MS_ERR_DTYPE);
-    CHECK_ERR(ms_rand_uniform(h, 0, 1, 0, 0), MS_ERR_DTYPE);
     CHECK_ERR(ms_rand_uniform(t, 1, 0, 0, 0), MS_ERR_INVALID);
     CHECK_ERR(ms_rand_uniform(t, 0, INFINITY, 0, 0), MS_ERR_INVALID);
     CHECK_ERR(ms_rand_uniform(NULL, 0, 1, 0, 0), MS_ERR_INVALID);
     CHECK_ERR(ms_rand_normal(t, 0, -1, 0, 0), MS_ERR_INVALID);
     CHECK_ERR(ms_rand_normal(i, 0, 1, 0, 0), MS_ERR_DTYPE);
+    CHECK_ERR(ms_rand_uniform(h, 0, 1, 0, 0), MS_ERR_DTYPE);
     CHECK_ERR(ms_dropout(t, t, 1.5, 0, 0), MS_ERR_INVALID);
     CHECK_ERR(ms_dropout(t, t, NAN, 0, 0), MS_ERR_INVALID);
     CHECK_ERR(ms_dropout(t, u, 0.5, 0, 0), MS_ERR_SHAPE);
@@ -192,6 +224,7 @@ int main(void)
     test_rand_uniform();
     test_normal();
     test_dropout();
+    test_half_draws();
     test_errors();
     return check_summary("test_ops_random");
 }

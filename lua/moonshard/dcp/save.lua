@@ -16,8 +16,6 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-local HOST_POOL = 1
-
 -- The async save whose manifest is not committed yet; every later save or load waits for it.
 local pending = nil
 
@@ -58,7 +56,7 @@ local function stage(dir, what)
       buffer = nil
     end
     if not buffer then
-      buffer = scope.keep(Tensor.empty_raw(t:shape(), t._c.dtype, HOST_POOL))
+      buffer = scope.keep(Tensor.empty_raw(t:shape(), t._c.dtype, lib.MS_POOL_HOST))
       buffers[fqn] = buffer
     end
     check(lib.ms_store_stage(s, buffer._c, t._c), what)

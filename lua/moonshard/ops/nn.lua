@@ -288,7 +288,7 @@ local function causal_mask(t, dtype, pool)
   local mask = causal_masks[key]
   if mask and rawget(mask, "_c") then return mask end
   mask = scope.keep(empty({t, t}, dtype, pool))
-  local staging = empty({t, t}, 1, 0)
+  local staging = empty({t, t}, lib.MS_F64, lib.MS_POOL_CPU)
   local values = require("ffi").cast("double*", lib.ms_tensor_data(staging._c))
   for i = 0, t - 1 do
     for j = 0, t - 1 do values[i * t + j] = j > i and -math.huge or 0 end

@@ -9,11 +9,13 @@ local bit = require "bit"
 
 local M = {}
 
-M.ADD, M.SUB, M.MUL, M.DIV, M.MAXIMUM, M.MINIMUM, M.POW = 0, 1, 2, 3, 4, 5, 6
-M.EQ, M.NE, M.LT, M.LE, M.GT, M.GE = 7, 8, 9, 10, 11, 12
-M.NEG, M.EXP, M.LOG, M.SQRT, M.RSQRT, M.ABS, M.TANH, M.SIGMOID = 0, 1, 2, 3, 4, 5, 6, 7
-M.RELU, M.GELU, M.GELU_TANH, M.SIN, M.COS, M.SIGN, M.RECIPROCAL, M.SQUARE = 8, 9, 10, 11, 12, 13, 14, 15
-M.SUM, M.MEAN, M.MAX, M.MIN, M.SUMSQ = 0, 1, 2, 3, 4
+-- The op codes of ops.h (ms_binary_op, ms_unary_op, ms_reduce_op), by their C names.
+for _, name in ipairs({"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "POW", "EQ", "NE", "LT",
+                       "LE", "GT", "GE", "NEG", "EXP", "LOG", "SQRT", "RSQRT", "ABS", "TANH",
+                       "SIGMOID", "RELU", "GELU", "GELU_TANH", "SIN", "COS", "SIGN", "RECIPROCAL",
+                       "SQUARE", "SUM", "MEAN", "MAX", "MIN", "SUMSQ"}) do
+  M[name] = lib["MS_" .. name]
+end
 
 local function same_shape(ac, bc)
   if ac.ndim ~= bc.ndim then return false end

@@ -1,0 +1,50 @@
+/* moonshard runtime: copying a collective's data out of the local segment into its
+ * destination, with streaming stores once the destination is too large to stay in cache. */
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "local.h"
+
+/* Streaming stores write whole lines without reading them first; worth it once the
+ * destination will not be in cache anyway. */
+enum { STREAM_MIN = 2 * 1024 * 1024 };
+
+/* Copy n bytes, with streaming stores when stream != 0 (no fence). */
+static void copy_lines(uint8_t *d, const uint8_t *s, size_t n, int stream)
+{
+#if defined(__AVX512F__) || defined(__SSE2__)
+    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+    if (!stream || n < head + 64) {
+        memcpy(d, s, n);
+        return;
+    }
+    memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    for (; n >= 64; d += 64, s += 64, n -= 64) {
+#if defined(__AVX512F__)
+        _mm512_stream_si512((void *)d, _mm512_loadu_si512(s));
+#else
+        for (int i = 0; i < 64; i += 16)
+            _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
+#endif
+    }
+#else
+    (void)stream;
+#endif
+    memcpy(d, s, n);
+}
+
+static void fence_streams(void)
+{
+#if defined(__AVX512F__) || defined(__SSE2__)
+    _mm_sfence(); /* streamed lines reach memory before the step that publishes them */
+#endif
+}
+
+void local_copy_out(void *dst, const void *src, size_t n, size_t destination_bytes)
+{
+    copy_lines(dst, src, n, destination_bytes >= STREAM_MIN);
+    fence_streams();
+}

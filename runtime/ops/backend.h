@@ -1,0 +1,109 @@
+/* moonshard runtime: the op backend interface (not part of the FFI). A backend is one table
+ * of kernels per place (cpu, cuda); runtime/ops/ checks every argument and then calls it. */
+#ifndef MS_OPS_BACKEND_H
+#define MS_OPS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "internal.h"
+
+/* The kernels of one place. Each has the contract of its ms_* entry point in ops.h, called
+ * with arguments already checked there: every tensor lives on this place (one device), with
+ * the dtypes and shapes the entry point documents; values computed by the checks come as
+ * extra arguments. Only data-dependent checks (index and target values) remain to the
+ * kernel. Each returns an int status recorded with MS_FAIL. Slots marked OPTIONAL may be
+ * NULL. */
+typedef struct ms_ops_backend {
+    const char *name;   /* "cpu", "cuda" */
+    int device_tensors; /* 1: tensors live in cuda:N pools; 0: in the cpu and host pools */
+
+    /* OPTIONAL: make device current on this thread (before an op's first operand). */
+    int (*use_device)(int device);
+    /* OPTIONAL: order the op after pending work that writes t's bytes (collectives). */
+    int (*await)(const ms_tensor *t);
+
+    /* src broadcasts to dst, or has dst's numel and is read in row-major order. */
+    int (*copy)(ms_tensor *dst, const ms_tensor *src);
+    int (*fill)(ms_tensor *t, double value);
+    int (*arange)(ms_tensor *t, double start, double step);
+    /* a and b have the same dtype and shape. */
+    int (*equal)(int *equal, const ms_tensor *a, const ms_tensor *b);
+    /* a and b have the same shape. */
+    int (*allclose)(int *close, const ms_tensor *a, const ms_tensor *b, double rtol,
+                    double atol);
+
+    /* The broadcast of a and b to out is checked by the kernel where it maps them. */
+    int (*binary)(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op);
+    int (*binary_scalar)(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse);
+    int (*unary)(ms_tensor *out, const ms_tensor *a, int op);
+    int (*unary_backward)(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op);
+
+    /* kept_shape: a's shape with the reduced dims 1; count: elements reduced into each. */
+    int (*reduce)(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask,
+                  const int64_t *kept_shape, int64_t count);
+    /* kept_shape: a's shape with dim 1. */
+    int (*max_dim)(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim,
+                   const int64_t *kept_shape);
+
+    /* op(a) is [m, k], op(b) [k, n] (m, n, k fit an int); trans_* are 0 or 1; out shares
+     * no bytes with a or b. */
+    int (*matmul)(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                  int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+
+    int (*softmax)(ms_tensor *out, const ms_tensor *x, int dim, int log);
+    int (*softmax_backward)(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
+                            int log);
+
+    /* rows and size of the normalised rows. */
+    int (*layer_norm)(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
+                      const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
+                      int64_t size);
+    int (*layer_norm_backward)(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                               const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
+                               const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
+                               int64_t size);
+
+    int (*embedding)(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices);
+    int (*embedding_backward)(ms_tensor *dweight, const ms_tensor *indices,
+                              const ms_tensor *dout);
+    int (*nll_loss)(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
+                    int64_t ignore_index, int reduction);
+    int (*nll_loss_backward)(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
+                             int64_t ignore_index, int reduction);
+
+    int (*rand_uniform)(ms_tensor *out, double low, double high, uint64_t seed,
+                        uint64_t offset);
+    int (*rand_normal)(ms_tensor *out, double mean, double std, uint64_t seed,
+                       uint64_t offset);
+    int (*dropout)(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed,
+                   uint64_t offset);
+    int (*dropout_backward)(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
+                            uint64_t offset);
+
+    /* momentum_buf is NULL when momentum == 0. */
+    int (*sgd_step)(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad,
+                    double lr, double momentum, double dampening, double weight_decay,
+                    int nesterov, int first_step, int maximize);
+    int (*adam_step)(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
+                     const ms_tensor *grad, int64_t step, double lr, double beta1,
+                     double beta2, double eps, double weight_decay, int decoupled,
+                     int maximize);
+
+    /* OPTIONAL (NULL on the CPU): nbytes between host memory and device memory, and between
+     * two devices, finished before returning. */
+    int (*to_device)(int device, void *dst, const void *src, size_t nbytes);
+    int (*to_host)(int device, void *dst, const void *src, size_t nbytes);
+    int (*between_devices)(void *dst, int dst_device, const void *src, int src_device,
+                           size_t nbytes);
+} ms_ops_backend;
+
+#pragma GCC visibility push(hidden)
+
+/* The places' tables: runtime/cpu/backend.c, and runtime/cuda/backend.c in a CUDA build. */
+extern const ms_ops_backend ms_cpu_ops;
+extern const ms_ops_backend ms_cuda_ops;
+
+#pragma GCC visibility pop
+
+#endif
