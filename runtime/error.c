@@ -26,6 +26,7 @@ const char *ms_strerror(int status)
     case MS_ERR_UNSUPPORTED: return "not supported by this build";
     case MS_ERR_VERSION: return "written by a newer format version";
     case MS_ERR_MISMATCH: return "ranks disagree about a collective";
+    case MS_ERR_INTERRUPTED: return "interrupted by a signal";
     default: break;
     }
     if (status > 0)

@@ -34,4 +34,15 @@ int ms_broadcasts(const ms_tensor *src, const ms_tensor *dst);
 /* Validate a tensor pointer argument for op (non-NULL, known dtype): MS_ERR_INVALID. */
 int ms_check_tensor(const char *op, const char *name, const ms_tensor *t);
 
+/* ---- interrupts (interrupt.c) ---- */
+/* When a signal is pending, take it and fail with MS_ERR_INTERRUPTED
+ * ("<what>: interrupted by SIGINT"); in_wait says the caller is inside a started
+ * collective, which polls only while waits are interruptible. Else 0. */
+int ms_interrupt_check(const char *what, int in_wait);
+/* Handle SIGINT and SIGTERM until ms_interrupt_pop puts back the
+ * dispositions saved[0] (SIGINT) and saved[1] (SIGTERM) held before. */
+struct sigaction;
+int ms_interrupt_push(struct sigaction *saved);
+void ms_interrupt_pop(const struct sigaction *saved);
+
 #endif

@@ -38,7 +38,8 @@ enum {
     MS_ERR_UNSUPPORTED = -30989, /* valid request this build cannot serve */
     MS_ERR_VERSION = -30988,   /* data written by a newer format version */
     MS_ERR_MISMATCH = -30987,  /* ranks disagree about a collective */
-    MS_ERR_LAST = -30987
+    MS_ERR_INTERRUPTED = -30986, /* SIGINT or SIGTERM arrived (see ms_interrupt_install) */
+    MS_ERR_LAST = -30986
 };
 
 /* Static description of any status code. Never NULL. */
@@ -150,6 +151,26 @@ int ms_get_num_threads(void);
 /* ---- clock ---- */
 /* Seconds on the monotonic clock (for timing; cannot fail). */
 double ms_clock_seconds(void);
+
+/* ---- interrupts ---- */
+/* Install moonshard's SIGINT and SIGTERM handlers (once; later calls do nothing). A signal
+ * only records itself as pending; the runtime fails with MS_ERR_INTERRUPTED where it polls
+ * (the start of every collective, waits inside collectives, dist.spawn's parent). The same
+ * signal arriving again while the first is still pending ends the process as the default
+ * action would, so a loop that polls nothing can still be stopped. */
+int ms_interrupt_install(void);
+/* The pending signal number (SIGINT or SIGTERM), or 0. */
+int ms_interrupt_pending(void);
+/* Clear the pending signal; returns it (0 when none was pending). */
+int ms_interrupt_take(void);
+/* Whether waits inside a collective stop at an interrupt (1, the default: the collective
+ * fails and its group is unusable, as after a timeout) or run to the collective's end
+ * (0: only a collective's start polls, so the group stays usable; the REPL's lines use
+ * it). Returns the previous setting. */
+int ms_interrupt_set_waits(int interruptible);
+/* 1: SIGINT is ignored and a pending SIGINT is dropped (a rank idle under the REPL);
+ * 0: SIGINT is handled again. Installs the handlers first when needed. */
+int ms_interrupt_ignore_sigint(int ignore);
 /* ffi-end */
 
 #include "version.h"

@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 processes=4
 export MOONSHARD_LIB=${MOONSHARD_LIB:-$PWD/build/libmoonshard.so}
 export LUA_PATH='lua/?.lua;lua/?/init.lua;specs/?.lua;;'
+# The specs spawn 1 to 4 ranks: let dist.spawn(n < 4) run on the first n processes.
+export MOONSHARD_SPAWN_SUBGROUPS=1
 
 if ! command -v mpirun >/dev/null; then
   echo "test_mpi: mpirun not found (install openmpi-bin)" >&2

@@ -18,7 +18,8 @@ enum {
     MS_ERR_UNSUPPORTED = -30989, /* valid request this build cannot serve */
     MS_ERR_VERSION = -30988,   /* data written by a newer format version */
     MS_ERR_MISMATCH = -30987,  /* ranks disagree about a collective */
-    MS_ERR_LAST = -30987
+    MS_ERR_INTERRUPTED = -30986, /* SIGINT or SIGTERM arrived (see ms_interrupt_install) */
+    MS_ERR_LAST = -30986
 };
 
 /* Static description of any status code. Never NULL. */
@@ -130,6 +131,26 @@ int ms_get_num_threads(void);
 /* ---- clock ---- */
 /* Seconds on the monotonic clock (for timing; cannot fail). */
 double ms_clock_seconds(void);
+
+/* ---- interrupts ---- */
+/* Install moonshard's SIGINT and SIGTERM handlers (once; later calls do nothing). A signal
+ * only records itself as pending; the runtime fails with MS_ERR_INTERRUPTED where it polls
+ * (the start of every collective, waits inside collectives, dist.spawn's parent). The same
+ * signal arriving again while the first is still pending ends the process as the default
+ * action would, so a loop that polls nothing can still be stopped. */
+int ms_interrupt_install(void);
+/* The pending signal number (SIGINT or SIGTERM), or 0. */
+int ms_interrupt_pending(void);
+/* Clear the pending signal; returns it (0 when none was pending). */
+int ms_interrupt_take(void);
+/* Whether waits inside a collective stop at an interrupt (1, the default: the collective
+ * fails and its group is unusable, as after a timeout) or run to the collective's end
+ * (0: only a collective's start polls, so the group stays usable; the REPL's lines use
+ * it). Returns the previous setting. */
+int ms_interrupt_set_waits(int interruptible);
+/* 1: SIGINT is ignored and a pending SIGINT is dropped (a rank idle under the REPL);
+ * 0: SIGINT is handled again. Installs the handlers first when needed. */
+int ms_interrupt_ignore_sigint(int ignore);
 
 /* runtime/version.h */
 /* ---- version ---- */
@@ -344,8 +365,15 @@ int ms_spawn_new(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank);
 int ms_local_finish(int failed, const void *bytes, size_t nbytes);
 /* Parent: wait until every rank has ended and reap it. A rank that ends without
  * returning makes every other rank's collectives fail with MS_ERR_PEER_DIED; ranks still
- * running the spawn's timeout after that are killed (reason "was stopped ..."). */
+ * running the spawn's timeout after that are killed (reason "was stopped ..."). SIGINT or
+ * SIGTERM to the parent while it waits sends SIGTERM to every running rank and kills
+ * those still running 500 ms later; the call then returns MS_ERR_INTERRUPTED once every
+ * rank is reaped (outcomes stay readable). While a rank holds the console
+ * (ms_local_hold_console), SIGINT is left to that rank. */
 int ms_spawn_wait(ms_spawn *job);
+/* In a rank: held != 0 says this rank's REPL reads the terminal, whose Ctrl-C reaches every
+ * process of the job: the parent then ignores SIGINT; 0 gives it back. */
+int ms_local_hold_console(int held);
 /* Parent: [OUT] *outcome of rank (pointers stay valid until ms_spawn_free). */
 int ms_spawn_outcome(const ms_spawn *job, int rank, ms_rank_outcome *outcome);
 /* Parent: kill and reap ranks still running, unmap the segment, free the job. */

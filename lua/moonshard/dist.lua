@@ -57,7 +57,7 @@ end
 -- ---- the world ----
 
 local world_out = ffi.new("ms_group*[1]")
-local state = {base = nil, override = nil}
+local state = {base = nil, override = nil, alone = nil}
 
 -- The default world has one owner, this module: the runtime's installed world (dist.spawn's,
 -- or mpirun's started on first use), unless _with_world overrides it.
@@ -98,6 +98,22 @@ local function group_of(opts, what)
   if getmetatable(g) ~= Group then
     fail(what, "group must come from dist.new_group or a device mesh, got %s", tostring(g))
   end
+  return g
+end
+
+-- While the REPL runs a line on rank 0 alone, collectives over several ranks fail at once
+-- with this message (the other ranks wait for the REPL, not in the collective). Returns
+-- the previous message; nil lifts it.
+function M._set_alone(message)
+  local previous = state.alone
+  state.alone = message
+  return previous
+end
+
+-- The group of a collective: as group_of, refused at once while this rank runs alone.
+local function collective_group(opts, what)
+  local g = group_of(opts, what)
+  if state.alone and g:size() > 1 then fail(what, "%s", state.alone) end
   return g
 end
 
@@ -157,6 +173,7 @@ end
 function M.new_group(ranks, opts)
   local what = "dist.new_group"
   local parent = world(what)
+  if state.alone and parent:size() > 1 then fail(what, "%s", state.alone) end
   ranks = ranks or parent._ranks
   if type(ranks) ~= "table" or #ranks == 0 then fail(what, "ranks must be a non-empty array") end
   local indices = ffi.new("int[?]", #ranks)
@@ -218,7 +235,7 @@ end
 function M.all_reduce(t, op, opts)
   if type(op) == "table" then op, opts = nil, op end
   local what = "dist.all_reduce"
-  local g = group_of(opts, what)
+  local g = collective_group(opts, what)
   local op_id = op_arg(op or "sum", what)
   tensor_arg(t, what, "tensor")
   local data = on_device(g, t, true)
@@ -230,7 +247,7 @@ end
 -- out (world_size * t along dim 0) = every rank's t, in rank order.
 function M.all_gather_into_tensor(out, t, opts)
   local what = "dist.all_gather_into_tensor"
-  local g = group_of(opts, what)
+  local g = collective_group(opts, what)
   tensor_arg(out, what, "output")
   tensor_arg(t, what, "input")
   local staged_out, staged_in = on_device(g, out, false), on_device(g, t, true)
@@ -244,7 +261,7 @@ end
 function M.reduce_scatter_tensor(out, t, op, opts)
   if type(op) == "table" then op, opts = nil, op end
   local what = "dist.reduce_scatter_tensor"
-  local g = group_of(opts, what)
+  local g = collective_group(opts, what)
   local op_id = op_arg(op or "sum", what)
   tensor_arg(out, what, "output")
   tensor_arg(t, what, "input")
@@ -258,7 +275,7 @@ end
 -- t on every rank = t of global rank src.
 function M.broadcast(t, src, opts)
   local what = "dist.broadcast"
-  local g = group_of(opts, what)
+  local g = collective_group(opts, what)
   local root = g:group_rank(src)
   if root == nil then
     fail(what, "src %s is not a member of %s", tostring(src), tostring(g))
@@ -272,7 +289,7 @@ end
 
 function M.barrier(opts)
   local what = "dist.barrier"
-  check(lib.ms_dist_barrier(group_of(opts, what)._c), what)
+  check(lib.ms_dist_barrier(collective_group(opts, what)._c), what)
 end
 
 -- ---- processes and meshes ----

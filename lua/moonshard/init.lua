@@ -182,6 +182,7 @@ ms.Shard, ms.Replicate = placement.Shard, placement.Replicate
 ms.DTensor = DTensor
 ms.distribute_tensor = DTensor.distribute
 ms.is_dtensor = DTensor.is_dtensor
+ms.traceback = require("moonshard.traceback").traceback
 
 -- ---- submodules, loaded on first use ----
 

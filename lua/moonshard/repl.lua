@@ -1,15 +1,20 @@
 -- ms.repl{model =, store =, history =}: an interactive LuaJIT prompt with moonshard loaded,
 -- line editing and history (GNU readline), tab completion, pretty printing and helpers
 -- over a checkpoint store and a live model. Every rank calls it; rank 0 reads the input
--- and the others serve the gathers it asks for until the session ends.
+-- and the others serve its requests (gathers, lines run on every rank) until it ends.
+-- Ctrl-C cancels the typed or running line and keeps the session; SIGTERM ends it.
 local ms = require "moonshard"
-local pretty = require "moonshard.repl.pretty"
+local lib = require("moonshard.ffi").lib
 local readline = require "moonshard.repl.readline"
 local complete = require "moonshard.repl.complete"
 local helpers = require "moonshard.repl.helpers"
 local live_model = require "moonshard.repl.live"
+local run = require "moonshard.repl.run"
 
 local M = {}
+
+-- A line starting with this runs on every rank of a live session.
+local ALL_RANKS = "%all"
 
 local function history_path(opts)
   if opts.history ~= nil then return opts.history or nil end
@@ -20,7 +25,7 @@ local function history_path(opts)
 end
 
 local function banner(store, live)
-  local parts = {"moonshard REPL (LuaJIT" .. (readline.available and ", readline" or "") .. ")"}
+  local parts = {"moonshard REPL (LuaJIT" .. (readline.interactive() and ", readline" or "") .. ")"}
   if store then
     local steps = store:steps()
     parts[#parts + 1] = ("store %s: %d step%s%s"):format(store.dir, #steps, #steps == 1 and "" or "s",
@@ -29,54 +34,75 @@ local function banner(store, live)
   if live then
     local world = ms.dist.is_initialized() and ms.dist.get_world_size() or 1
     parts[#parts + 1] = ("live model: %d parameters on %d rank%s"):format(#live.names, world, world == 1 and "" or "s")
+    if live.distributed then
+      parts[#parts + 1] = ALL_RANKS .. " <line> runs a line on every rank (forwards, collectives)"
+    end
   end
-  parts[#parts + 1] = "help() lists the helpers; Ctrl-D leaves"
+  parts[#parts + 1] = "help() lists the helpers; Ctrl-C cancels a line; Ctrl-D leaves"
   return table.concat(parts, "\n") .. "\n"
 end
 
-local function print_results(results, n)
-  local texts = {}
-  for i = 1, n do texts[i] = pretty.format(results[i]) end
-  if n > 0 then io.stdout:write(table.concat(texts, "\n"), "\n") end
+local function say(text)
+  if text ~= "" then io.stdout:write(text, "\n") end
 end
 
--- Compile a statement or an expression; "incomplete" when more lines are needed.
-local function compile(source)
-  local fn = load("return " .. source, "=repl")
-  if fn then return fn end
-  local err
-  fn, err = load(source, "=repl")
-  if fn then return fn end
-  if err:match("<eof>'?$") then return nil, "incomplete" end
-  return nil, err
+-- "[rank 0] 3" per rank (a multi-line text below its rank).
+local function per_rank(texts)
+  local lines = {}
+  for r, text in ipairs(texts) do
+    if text ~= "" then
+      lines[#lines + 1] = ("[rank %d]%s%s"):format(r - 1, text:find("\n", 1, true) and "\n" or " ", text)
+    end
+  end
+  return table.concat(lines, "\n")
 end
 
-local function message_of(err)
-  return (tostring(err):gsub("^moonshard: ", ""))
+local function ended_by_sigterm(text) return text:find("interrupted by SIGTERM", 1, true) ~= nil end
+
+-- Run one complete line; returns the text it leaves.
+local function execute(env, live, source, everywhere)
+  if everywhere then
+    if not (live and live.distributed) then
+      return run.run_source(source, env)
+    end
+    local texts = live:run_everywhere(source, function(s) return run.run_source(s, env) end)
+    return per_rank(texts)
+  end
+  local previous = ms.dist._set_alone(live and live.distributed and live_model.ALONE or nil)
+  local text = run.run_source(source, env)
+  ms.dist._set_alone(previous)
+  if text:find(live_model.ALONE, 1, true) then text = text:match("^[^\n]*") end
+  return text
 end
 
-local function loop(env, reader)
-  local pending = nil
+local function loop(env, reader, live)
+  local pending, everywhere = nil, false
   while not env._quit do
-    local line = reader.read(pending and ">> " or "moonshard> ")
-    if line == nil then io.stdout:write("\n") break end
-    if not pending and line:sub(1, 1) == "=" then line = "return " .. line:sub(2) end
-    local source = pending and (pending .. "\n" .. line) or line
-    local fn, err = compile(source)
-    if err == "incomplete" then
-      pending = source
+    local line, signal = reader.read(pending and ">> " or "moonshard> ")
+    if signal == "SIGTERM" then error("moonshard: repl: ended by SIGTERM", 0) end
+    if signal then
+      pending, everywhere = nil, false
+    elseif line == nil then
+      io.stdout:write("\n")
+      break
     else
-      pending = nil
-      if not fn then
-        io.stdout:write("syntax error: ", err, "\n")
-      elseif source:match("%S") then
-        setfenv(fn, env)
-        local results = {pcall(fn)}
-        if results[1] then
-          print_results({unpack(results, 2, table.maxn(results))}, table.maxn(results) - 1)
-        else
-          io.stdout:write("error: ", message_of(results[2]), "\n")
+      if not pending and line:sub(1, #ALL_RANKS) == ALL_RANKS and line:sub(#ALL_RANKS + 1, #ALL_RANKS + 1):match("^%s?$") then
+        everywhere, line = true, line:sub(#ALL_RANKS + 2)
+      end
+      if not pending and line:sub(1, 1) == "=" then line = "return " .. line:sub(2) end
+      local source = pending and (pending .. "\n" .. line) or line
+      local _, err = run.compile(source)
+      if err == "incomplete" then
+        pending = source
+      else
+        pending = nil
+        if source:match("%S") then
+          local text = execute(env, live, source, everywhere)
+          if reader.editing and text:find("interrupted by SIGINT", 1, true) then io.stdout:write("\n") end
+          say(text)
+          if ended_by_sigterm(text) then error("moonshard: repl: ended by SIGTERM", 0) end
         end
+        everywhere = false
       end
     end
     io.stdout:flush()
@@ -95,25 +121,38 @@ local function session(opts, live)
     return complete.candidates(env, word, h._names())
   end}
   io.stdout:write(banner(store, live))
-  local ok, err = pcall(loop, env, reader)
+  local ok, err = pcall(loop, env, reader, live)
   reader.close()
   if store then store:close() end
   if not ok then error(err, 0) end
 end
 
+-- The environment lines run in on the serving ranks.
+local function serving_env(opts)
+  return setmetatable({ms = ms, model = opts.model}, {__index = _G})
+end
+
 -- ms.repl{model = model, store = dir, history = path | false}
 function M.open(opts)
   opts = opts or {}
+  lib.ms_interrupt_install()
+  local waits = lib.ms_interrupt_set_waits(0) -- keep the ranks in step through interrupts
   local live = opts.model and live_model.new(opts.model)
   if live then live:begin_session() end
-  if live and ms.dist.is_initialized() and ms.dist.get_rank() ~= 0 then
-    local ok, err = pcall(live.serve, live)
-    live:end_session()
-    if not ok then error(err, 0) end
-    return
+  local ok, err
+  if live and live.distributed and ms.dist.get_rank() ~= 0 then
+    local env = serving_env(opts)
+    ok, err = pcall(live.serve, live, function(source) return run.run_source(source, env) end)
+  else
+    local console = live and live.distributed and lib.ms_local_hold_console(1) == 0
+    ok, err = pcall(session, opts, live)
+    if console then lib.ms_local_hold_console(0) end
   end
-  local ok, err = pcall(session, opts, live)
-  if live then live:end_session() end
+  if live then
+    local ended, problem = pcall(live.end_session, live)
+    if ok and not ended then ok, err = false, problem end
+  end
+  lib.ms_interrupt_set_waits(waits)
   if not ok then error(err, 0) end
 end
 

@@ -1,5 +1,5 @@
 -- dist.spawn: run a function on n ranks and collect what each returned. Locally the ranks
--- are forked processes; under mpirun the function runs once per MPI process.
+-- are forked processes; under a launcher (mpirun, moonshard run) fn runs once per process.
 local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
@@ -10,9 +10,7 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-local function traceback(err)
-  return debug.traceback(tostring(err), 2)
-end
+local traceback = require("moonshard.traceback").traceback
 
 -- Run fn as rank and return (ok, bytes): the packed result, or the error and traceback.
 local function run(fn, rank, size, args)
@@ -24,15 +22,21 @@ local function run(fn, rank, size, args)
   return true, bytes
 end
 
+-- "[rank 1] message" for each entry.
+local function rank_lines(entries)
+  local lines = {}
+  for _, e in ipairs(entries) do
+    lines[#lines + 1] = string.format("[rank %d] %s", e.rank, e.message)
+  end
+  return table.concat(lines, "\n")
+end
+
 -- "dist.spawn: ranks 1, 2 of 4 failed" followed by each failed rank's error.
 local function raise_failures(failures, size)
-  local ranks, lines = {}, {}
-  for _, f in ipairs(failures) do
-    ranks[#ranks + 1] = tostring(f.rank)
-    lines[#lines + 1] = string.format("[rank %d] %s", f.rank, f.message)
-  end
+  local ranks = {}
+  for _, f in ipairs(failures) do ranks[#ranks + 1] = tostring(f.rank) end
   fail("dist.spawn", "rank%s %s of %d failed:\n%s", #ranks > 1 and "s" or "",
-       table.concat(ranks, ", "), size, table.concat(lines, "\n"))
+       table.concat(ranks, ", "), size, rank_lines(failures))
 end
 
 local function parse_options(n, what)
@@ -60,12 +64,17 @@ local function spawn_local(size, timeout_ms, fn, args)
     os.exit(1) -- ms_local_finish does not return in a rank
   end
   local job = job_out[0]
-  local collected, outcome = {}, ffi.new("ms_rank_outcome")
+  local collected, outcome, interruption = {}, ffi.new("ms_rank_outcome"), nil
   local ok, err = pcall(function()
-    check(lib.ms_spawn_wait(job), what)
+    local waited = lib.ms_spawn_wait(job)
+    if waited == lib.MS_ERR_INTERRUPTED then
+      interruption = ffi.string(lib.ms_last_error())
+    else
+      check(waited, what)
+    end
     for r = 0, size - 1 do
       check(lib.ms_spawn_outcome(job, r, outcome), what)
-      local entry = {state = outcome.state, reason = ffi.string(outcome.reason)}
+      local entry = {rank = r, state = outcome.state, reason = ffi.string(outcome.reason)}
       if outcome.state == lib.MS_RANK_RETURNED then
         entry.value = pack.decode(outcome.bytes, tonumber(outcome.nbytes))
       elseif outcome.state == lib.MS_RANK_FAILED then
@@ -78,6 +87,10 @@ local function spawn_local(size, timeout_ms, fn, args)
   end)
   lib.ms_spawn_free(job)
   if not ok then error(err, 0) end
+  if interruption then
+    for _, entry in ipairs(collected) do entry.message = entry.message or entry.reason end
+    fail(what, "%s:\n%s", interruption, rank_lines(collected))
+  end
   local results, failures = {}, {}
   for r = 1, size do
     if collected[r].message then
@@ -90,7 +103,7 @@ local function spawn_local(size, timeout_ms, fn, args)
   return results
 end
 
--- ---- MPI processes ----
+-- ---- processes a launcher started (mpirun, moonshard run) ----
 
 -- Every process gets every process's (ok, bytes); returns an array indexed by rank + 1.
 local function exchange(world, ok, bytes)
@@ -128,11 +141,16 @@ local function resynchronise(group)
   fail("dist.spawn", "the ranks could not agree to finish")
 end
 
-local function spawn_mpi(size, timeout_ms, fn, args)
+-- Specs written for several world sizes run under one mpirun -n 4 (tools/test_mpi.sh):
+-- there dist.spawn(n < 4) runs on the first n processes.
+local function subgroups_allowed() return os.getenv("MOONSHARD_SPAWN_SUBGROUPS") == "1" end
+
+local function spawn_launched(launcher, size, timeout_ms, fn, args)
   local what = "dist.spawn"
   local world = dist._world(what)
-  if size > world:size() then
-    fail(what, "%d ranks requested but mpirun started %d processes", size, world:size())
+  if size ~= world:size() and not (size < world:size() and subgroups_allowed()) then
+    fail(what, "%d ranks requested but %s started %d; call dist.spawn(%d, fn) or launch %d",
+         size, launcher, world:size(), world:size(), size)
   end
   local members = {}
   for r = 0, size - 1 do members[r + 1] = r end
@@ -164,8 +182,16 @@ function M.spawn(n, fn, ...)
   local size, timeout_ms = parse_options(n, what)
   if not C.is_callable(fn) then fail(what, "fn must be callable, got %s", type(fn)) end
   local args = {n = select("#", ...), ...}
-  if lib.ms_mpi_launched() == 1 then return spawn_mpi(size, timeout_ms, fn, args) end
+  if lib.ms_mpi_launched() == 1 then
+    return spawn_launched("mpirun", size, timeout_ms, fn, args)
+  elseif M._launcher then
+    return spawn_launched(M._launcher, size, timeout_ms, fn, args)
+  end
   return spawn_local(size, timeout_ms, fn, args)
 end
+
+-- Set in each rank by a launcher that runs a whole script per rank ("moonshard run"):
+-- dist.spawn inside the script then runs fn in this process, as under mpirun.
+M._launcher = nil
 
 return M

@@ -106,8 +106,15 @@ int ms_spawn_new(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank);
 int ms_local_finish(int failed, const void *bytes, size_t nbytes);
 /* Parent: wait until every rank has ended and reap it. A rank that ends without
  * returning makes every other rank's collectives fail with MS_ERR_PEER_DIED; ranks still
- * running the spawn's timeout after that are killed (reason "was stopped ..."). */
+ * running the spawn's timeout after that are killed (reason "was stopped ..."). SIGINT or
+ * SIGTERM to the parent while it waits sends SIGTERM to every running rank and kills
+ * those still running 500 ms later; the call then returns MS_ERR_INTERRUPTED once every
+ * rank is reaped (outcomes stay readable). While a rank holds the console
+ * (ms_local_hold_console), SIGINT is left to that rank. */
 int ms_spawn_wait(ms_spawn *job);
+/* In a rank: held != 0 says this rank's REPL reads the terminal, whose Ctrl-C reaches every
+ * process of the job: the parent then ignores SIGINT; 0 gives it back. */
+int ms_local_hold_console(int held);
 /* Parent: [OUT] *outcome of rank (pointers stay valid until ms_spawn_free). */
 int ms_spawn_outcome(const ms_spawn *job, int rank, ms_rank_outcome *outcome);
 /* Parent: kill and reap ranks still running, unmap the segment, free the job. */

@@ -150,7 +150,7 @@ static int resolve_group(const char *op, ms_group **g)
     if ((*g)->broken_status)
         return MS_FAIL((*g)->broken_status, "%s: the group is unusable after an earlier "
                                             "failure: %s", op, (*g)->broken_message);
-    return MS_OK;
+    return ms_interrupt_check(op, 0);
 }
 
 static int check_buffer(const char *op, const char *name, const ms_group *g,

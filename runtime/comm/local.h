@@ -70,6 +70,7 @@ typedef struct local_segment {
     uint64_t arena_used;
     _Atomic int32_t abort_rank; /* -1, or the first rank that ended without returning */
     _Atomic uint32_t group_count;
+    _Atomic int32_t consoles; /* ranks whose REPL reads the terminal: SIGINT is theirs */
     pthread_mutex_t registry_lock; /* process-shared and robust */
     local_departure departed[LOCAL_MAX_RANKS];
     local_group_entry groups[LOCAL_MAX_GROUPS];

@@ -1,6 +1,7 @@
 /* moonshard runtime: the local backend's processes: fork, finish, wait and outcomes.
  * Each rank reports through its own pipe; the parent reaps ranks and fails the segment
- * when one ends without returning, so its peers stop waiting for it. */
+ * when one ends without returning, so its peers stop waiting for it, and stops them all
+ * when it is interrupted. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -16,7 +17,10 @@
 
 #include "local.h"
 
-enum { READ_PIECE = 64 * 1024 };
+enum {
+    READ_PIECE = 64 * 1024,
+    INTERRUPT_GRACE_MS = 500, /* how long ranks may take to stop after an interrupt */
+};
 
 static const uint32_t FINISH_MAGIC = 0x6d736669; /* "msfi" */
 static const int UNKNOWN_STATUS = -1; /* no wait status (never a real one: those are >= 0) */
@@ -46,10 +50,15 @@ struct ms_spawn {
     int64_t timeout_ms;     /* the world's initial timeout: how long ranks outlive a failure */
     int first_failed;       /* the first rank that ended without returning, or -1 */
     int64_t failed_at_ms;   /* when the parent saw it */
+    int interrupted;        /* the signal that interrupted the parent's wait, or 0 */
+    int64_t interrupted_at_ms;
+    int handling_signals;   /* the parent handles SIGINT and SIGTERM until the wait ends */
+    struct sigaction saved[2];
     spawned_rank ranks[];
 };
 
-static int finish_fd = -1; /* in a rank: write end of its pipe */
+static int finish_fd = -1;                /* in a rank: write end of its pipe */
+static local_segment *rank_segment = NULL; /* in a rank: its job's segment */
 
 static int64_t monotonic_ms(void)
 {
@@ -105,7 +114,10 @@ static void become_rank(ms_spawn *job, int r, const int *write_fds, pid_t parent
             close(write_fds[i]);
     }
     finish_fd = write_fds[r];
+    rank_segment = job->seg;
     ms_local_world_rank = r;
+    ms_interrupt_install();
+    ms_interrupt_take(); /* a signal the parent had pending is the parent's */
     world->rank = r;
     ms_dist_set_world(world);
     int threads = usable_cores() / job->world_size;
@@ -153,6 +165,10 @@ int ms_spawn_new(ms_spawn **job, int world_size, int64_t timeout_ms, int *rank)
         write_fds[opened] = fds[1];
     }
     pid_t parent = getpid();
+    if (status == MS_OK) {
+        status = ms_interrupt_push(made->saved); /* from before the first rank exists */
+        made->handling_signals = status == MS_OK;
+    }
     fflush(NULL); /* or buffered output would be written once per rank */
     for (int r = 0; status == MS_OK && r < world_size; r++) {
         pid_t pid = fork();
@@ -314,11 +330,69 @@ static void stop_stragglers(ms_spawn *job)
     }
 }
 
+/* Parent: give SIGINT and SIGTERM back to what handled them before the spawn. */
+static void restore_signals(ms_spawn *job)
+{
+    if (job->handling_signals)
+        ms_interrupt_pop(job->saved);
+    job->handling_signals = 0;
+}
+
+static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
+
+/* Parent: an interrupt asks every running rank to stop (SIGTERM: its collectives and Lua
+ * code raise where they are), unless it is a SIGINT a rank's REPL owns. */
+static void notice_interrupt(ms_spawn *job)
+{
+    int sig = ms_interrupt_pending();
+    if (!sig || job->interrupted)
+        return;
+    ms_interrupt_take();
+    if (sig == SIGINT && atomic_load(&job->seg->consoles) > 0)
+        return;
+    job->interrupted = sig;
+    job->interrupted_at_ms = monotonic_ms();
+    for (int r = 0; r < job->world_size; r++)
+        if (job->ranks[r].state == MS_RANK_RUNNING)
+            kill(job->ranks[r].pid, SIGTERM);
+}
+
+/* Parent: ranks still running INTERRUPT_GRACE_MS after the interrupt are killed. */
+static void stop_after_interrupt(ms_spawn *job)
+{
+    if (!job->interrupted || monotonic_ms() - job->interrupted_at_ms < INTERRUPT_GRACE_MS)
+        return;
+    for (int r = 0; r < job->world_size; r++) {
+        spawned_rank *rank = &job->ranks[r];
+        int wait_status;
+        if (rank->state != MS_RANK_RUNNING)
+            continue;
+        kill(rank->pid, SIGKILL);
+        pid_t reaped;
+        while ((reaped = waitpid(rank->pid, &wait_status, 0)) < 0 && errno == EINTR) {
+        }
+        settle(job, r, reaped > 0 ? wait_status : UNKNOWN_STATUS);
+        if (rank->state == MS_RANK_KILLED)
+            snprintf(rank->reason, sizeof rank->reason, "was stopped (signal %d): still "
+                     "running %d ms after %s", SIGKILL, INTERRUPT_GRACE_MS,
+                     signal_name(job->interrupted));
+    }
+}
+
+int ms_local_hold_console(int held)
+{
+    if (!rank_segment)
+        return MS_FAIL(MS_ERR_STATE, "local_hold_console: this process is not a spawned rank");
+    atomic_fetch_add(&rank_segment->consoles, held ? 1 : -1);
+    return MS_OK;
+}
+
 int ms_spawn_wait(ms_spawn *job)
 {
     if (!job)
         return MS_FAIL(MS_ERR_INVALID, "spawn_wait: job must not be NULL");
     while (job->running > 0) {
+        notice_interrupt(job);
         struct pollfd fds[LOCAL_MAX_RANKS];
         int owners[LOCAL_MAX_RANKS], nfds = 0;
         for (int r = 0; r < job->world_size; r++) {
@@ -344,7 +418,12 @@ int ms_spawn_wait(ms_spawn *job)
                 settle(job, r, UNKNOWN_STATUS);
         }
         stop_stragglers(job);
+        stop_after_interrupt(job);
     }
+    restore_signals(job);
+    if (job->interrupted)
+        return MS_FAIL(MS_ERR_INTERRUPTED, "interrupted by %s: every rank was stopped",
+                       signal_name(job->interrupted));
     return MS_OK;
 }
 
@@ -374,6 +453,7 @@ void ms_spawn_free(ms_spawn *job)
     if (!job)
         return;
     kill_and_reap(job);
+    restore_signals(job);
     for (int r = 0; r < job->world_size; r++)
         free(job->ranks[r].received);
     local_segment_destroy(job->seg);

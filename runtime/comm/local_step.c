@@ -1,5 +1,6 @@
 /* moonshard runtime: the local backend's step protocol: futex waits with deadlines.
- * A waiter sleeps in slices, checking the parent's abort flag and the peer's departure. */
+ * A waiter sleeps in slices, checking the parent's abort flag, the peer's departure and
+ * interrupts (ms_interrupt_*, ms.h). */
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -64,6 +65,8 @@ static int wait_counter(ms_group *g, const char *name, local_counter *counter,
     int64_t deadline = monotonic_ms() + g->timeout_ms;
     for (;;) {
         int status = check_abort(name, seg);
+        if (!status)
+            status = ms_interrupt_check(name, 1);
         if (status)
             return ms_group_break(g, status);
         if (atomic_load(&seg->departed[peer].gone)) {

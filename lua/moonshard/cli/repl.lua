@@ -10,7 +10,9 @@ An interactive LuaJIT prompt with moonshard loaded as `ms`: line editing and his
 (GNU readline; the history lives in $MOONSHARD_HISTORY or ~/.moonshard_history), tab
 completion of names, pretty-printed tensors, DTensors and tables, and helpers over the
 store: ls(), steps(), show(fqn), diff(step_a, step_b), load(fqn); help() lists them.
-Inside a training script, ms.repl{model = model} opens it on rank 0 over the live model.
+Inside a training script, ms.repl{model = model} opens it on rank 0 over the live model;
+there `%all <line>` runs a line on every rank. Ctrl-C cancels the typed or running line;
+SIGTERM ends the session. Input that is not a terminal is read without readline.
 
   --no-history   neither read nor write a history file
   --help         this text

@@ -9,8 +9,13 @@ usage: moonshard run -n N [--timeout SECONDS] script.lua [script arguments]
 
 Runs script.lua on N local ranks (forked processes sharing memory for the collectives).
 Inside the script ms.dist.get_rank() and get_world_size() give the rank and N, and
-collectives run over the local backend. The same script runs under
-mpirun -n N luajit script.lua. Exits 0 when every rank finished, 1 when any failed.
+collectives run over the local backend; ms.dist.spawn(N, fn) in the script runs fn once in
+each rank (N must equal -n), so a script written for plain luajit runs unchanged. The same
+script runs under mpirun -n N luajit script.lua. Exits 0 when every rank finished, 1 when
+any failed. Ctrl-C (SIGINT) or SIGTERM stops every rank within a second.
+
+Several hosts: use mpirun, e.g. 2 hosts with 4 ranks each:
+  mpirun -n 8 --host a:4,b:4 luajit script.lua
 
   -n N               number of ranks (1 to 64)
   --timeout SECONDS  how long a collective waits for a missing rank (default 60)
@@ -28,7 +33,7 @@ local function run_script(script, script_args)
   os.exit = function(code) error(setmetatable({code = code}, Exit), 0) end
   local ok, problem = xpcall(chunk, function(e)
     if getmetatable(e) == Exit then return e end
-    return debug.traceback(tostring(e), 2)
+    return require("moonshard.traceback").traceback(e, 2)
   end, unpack(script_args))
   os.exit = real_exit
   if ok then return end
@@ -52,7 +57,10 @@ function M.main(argv)
   file:close()
   local script_args = {unpack(positional, 2)}
   local dist = require("moonshard").dist
-  dist.spawn({nprocs = opts.n, timeout = opts.timeout}, function() run_script(script, script_args) end)
+  dist.spawn({nprocs = opts.n, timeout = opts.timeout}, function()
+    require("moonshard.spawn")._launcher = "moonshard run"
+    run_script(script, script_args)
+  end)
   return 0
 end
 

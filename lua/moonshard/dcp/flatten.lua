@@ -43,7 +43,16 @@ function M.flatten(state_dict, what)
   local leaves, by_fqn, visiting = {}, {}, {}
   local function walk(node, prefix)
     visiting[node] = true
-    for key, value in pairs(node) do
+    -- Keys in a fixed order, so a state dict with several faults always names the same one.
+    local keys = {}
+    for key in pairs(node) do keys[#keys + 1] = key end
+    table.sort(keys, function(a, b)
+      if type(a) ~= type(b) then return type(a) < type(b) end
+      if type(a) == "number" or type(a) == "string" then return a < b end
+      return tostring(a) < tostring(b)
+    end)
+    for _, key in ipairs(keys) do
+      local value = node[key]
       local fqn = prefix .. key_text(key, prefix, what)
       local kind = M.classify(value)
       local mt = type(value) == "table" and getmetatable(value)

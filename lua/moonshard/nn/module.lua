@@ -4,6 +4,7 @@ local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local scope = require "moonshard.scope"
+local traceback = require "moonshard.traceback"
 local state_keys = require "moonshard.state_keys"
 
 local fail, is_callable = C.fail, C.is_callable
@@ -143,15 +144,38 @@ local function run_call(self, ...)
   return output
 end
 
+local function close_scope(mark, ok, ...)
+  if not ok then
+    scope.exit(mark, {}, 0)
+    error((...), 0)
+  end
+  scope.exit(mark, {...}, select("#", ...))
+  return ...
+end
+
+-- The call in its scope; an error leaves its traceback with moonshard.traceback.
+local function scoped_call(self, ...)
+  return close_scope(scope.enter(), xpcall(run_call, traceback.remember, self, ...))
+end
+
 -- The call through wrappers i, i - 1, ..., 1 (the last registered outermost).
 local function call_through(self, i, ...)
-  if i == 0 then return scope.run(run_call, self, ...) end
+  if i == 0 then return scoped_call(self, ...) end
   return self._call_wrappers[i](function(...) return call_through(self, i - 1, ...) end, ...)
 end
 
+local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
+
 -- module(...) runs hooks and forward in a scope: temporaries of the call are released as
--- soon as it returns (tensors saved for backward keep their own references).
+-- soon as it returns (tensors saved for backward keep their own references); an error
+-- leaves its traceback with moonshard.traceback (ms.traceback). A pending
+-- SIGINT or SIGTERM (ms_interrupt_*, ms.h) stops it here, so compiled loops notice it.
 function Module:_call(...)
+  if C.lib.ms_interrupt_pending() ~= 0 then
+    local sig = C.lib.ms_interrupt_take()
+    fail(self.__name or "Module", "interrupted by %s", SIGNAL_NAMES[sig] or "a signal")
+  end
+  if not scope.active() then traceback.forget() end
   return call_through(self, #self._call_wrappers, ...)
 end
 
