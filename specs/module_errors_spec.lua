@@ -3,6 +3,7 @@
 -- xpcall handler, in dist.spawn's report from a rank and in moonshard run's; the error
 -- message itself stays what was raised.
 local ms = require "moonshard"
+local global_state = require "support.global_state"
 local nn = ms.nn
 
 local SPEC = "specs/module_errors_spec.lua"
@@ -58,6 +59,9 @@ local function assert_down_to(err, raising_line)
   assert.truthy(middle and outer, "a calling level is missing:\n" .. err)
   assert.is_true(raise < middle and middle < outer, "frames out of order:\n" .. err)
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("an error inside a module's forward", function()
   local model, x

@@ -70,7 +70,7 @@ static void test_wait_interrupted(int interruptible)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 20000, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 2, 20000, &rank));
     if (rank >= 0) {
         failures = 0;
         int wrong = waits_for_late_peer(rank, 2, &interruptible) + failures;
@@ -95,7 +95,7 @@ static void test_parent_interrupted(void)
 {
     ms_spawn *job = NULL;
     int rank = -1;
-    EXPECT_STATUS(MS_OK, ms_local_spawn(&job, 2, 20000, &rank));
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 2, 20000, &rank));
     if (rank == 0) {
         kill(getppid(), SIGTERM);
         ms_tensor *t = ones(10);

@@ -70,7 +70,7 @@ function Live:parameter(fqn) return self.params[self.index[fqn]] end
 
 -- Bytes of rank 0's text on every rank (its length already known to all).
 local function broadcast_text(text, length)
-  local bytes = Tensor.empty_raw({math.max(length, 1)}, Tensor.dtype_ids.u8, 0)
+  local bytes = Tensor.empty_raw({math.max(length, 1)}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   if text then ffi.copy(lib.ms_tensor_data(bytes._c), text, length) end
   ms.dist.broadcast(bytes, 0)
   local received = ffi.string(lib.ms_tensor_data(bytes._c), length)
@@ -86,9 +86,9 @@ local function all_texts(text)
   ms.dist.all_gather_into_tensor(lengths, mine)
   local sizes = lengths:table()
   local longest = math.max(1, unpack(sizes))
-  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, 0)
+  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   ffi.copy(lib.ms_tensor_data(send._c), text, #text)
-  local received = Tensor.empty_raw({longest * world}, Tensor.dtype_ids.u8, 0)
+  local received = Tensor.empty_raw({longest * world}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
   ms.dist.all_gather_into_tensor(received, send)
   local data = ffi.cast("const char *", lib.ms_tensor_data(received._c))
   local texts = {}
