@@ -4,6 +4,7 @@
 -- (a setup block that changes them ends with global_state.restore(): it runs before the
 -- first save).
 local ms = require "moonshard"
+local finally = require "moonshard.finally"
 
 local M = {}
 
@@ -24,10 +25,7 @@ local saved = snapshot()
 -- fn(...)'s results, the settings restored afterwards (also when fn raises).
 function M.preserving(fn, ...)
   local before = snapshot()
-  local results = {pcall(fn, ...)}
-  restore(before)
-  if not results[1] then error(results[2], 0) end
-  return unpack(results, 2, table.maxn(results))
+  return finally(function() restore(before) end, fn, ...)
 end
 
 function M.save() saved = snapshot() end
