@@ -82,6 +82,9 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
                    const int64_t *kept_shape);
 int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+/* ms_cpu_matmul of bf16 and f16 tensors (matmul_half.c). */
+int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                       int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
 int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
 int ms_cpu_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
                             int log);
