@@ -159,6 +159,26 @@ for _, dtype in ipairs({"bf16", "f16"}) do
       assert.are.equal(before + c:nbytes(), stats.peak)
     end)
 
+    it("element-wise ops on large operands allocate only their outputs", function()
+      -- the CPU loops convert blocks of 256 elements on the stack, not whole operands
+      local a, b = ms.randn(256, 1024, {dtype = dtype}), ms.randn(1024, {dtype = dtype})
+      collectgarbage()
+      collectgarbage()
+      local before = ms.memory_stats().allocated
+      for _, op in ipairs({function() return a + b end, function() return a:exp() end,
+                           function() return a * 3 end, function() return F.gelu(a) end}) do
+        ms.reset_peak_memory_stats()
+        local c = op()
+        assert.are.equal(256 * 1024 * 2, c:nbytes())
+        assert.are.equal(before + c:nbytes(), ms.memory_stats().peak)
+        c:free()
+      end
+      local av, bv = flat(a), flat(b)
+      expect_close(dtype, a + b, map(av, function(v, i) return v + bv[(i - 1) % 1024 + 1] end),
+                   1, nil, "broadcast add")
+      expect_close(dtype, 3 - a, map(av, function(v) return 3 - v end), 1, nil, "reversed scalar")
+    end)
+
     it("softmax, log_softmax and layer_norm over rows", function()
       local rows, len = 4, 64
       local x = ms.randn(rows, len, {dtype = dtype}) * 2

@@ -96,12 +96,21 @@ static void store_block(uint16_t *out, int64_t rs, int64_t cs, const float *src,
     for (int64_t i = 0; i < rows; i++) {
         uint16_t *row = out + i * rs;
         const float *values = src + i * ld;
-        if (dtype == MS_BF16)
-            for (int64_t j = 0; j < cols; j++)
+        int64_t j = 0;
+        if (dtype == MS_BF16) {
+            for (; j < cols; j++)
                 row[j * cs] = ms_k_f32_to_bf16(values[j]);
-        else
-            for (int64_t j = 0; j < cols; j++)
-                row[j * cs] = ms_k_f32_to_f16(values[j]);
+            continue;
+        }
+#if defined(__F16C__)
+        if (cs == 1) /* the instruction rounds to nearest even as ms_k_f32_to_f16 does */
+            for (; j + 8 <= cols; j += 8)
+                _mm_storeu_si128((__m128i *)(row + j),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(values + j),
+                                                 _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; j < cols; j++)
+            row[j * cs] = ms_k_f32_to_f16(values[j]);
     }
 }
 
