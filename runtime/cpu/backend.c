@@ -5,6 +5,7 @@
 const ms_ops_backend ms_cpu_ops = {
     .name = "cpu",
     .device_tensors = 0,
+    .half_native = MS_HALF_ELEMENTWISE,
     .copy = ms_cpu_copy,
     .fill = ms_cpu_fill,
     .arange = ms_cpu_arange,

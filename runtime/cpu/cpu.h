@@ -45,6 +45,18 @@ int ms_iter_tensor(ms_iter *it, const char *op, const char *name, const ms_tenso
 void ms_iter_raw(ms_iter *it, void *data, size_t elem_size, const int64_t *strides);
 void ms_iter_run(ms_iter *it, ms_iter_fn fn, void *ctx);
 
+/* An ms_iter_fn for runs of bf16 or f16 operands (half_run.c; ctx an ms_half_run): blocks of
+ * each input converted to f32 on the stack go through the f32 loop, and operand 0, the
+ * output, is rounded back once. Operands whose bit is in f32_operands are single f32 values
+ * (a scalar), passed as they are. */
+typedef struct ms_half_run {
+    ms_iter_fn f32;
+    void *ctx;
+    int dtype, count;
+    unsigned f32_operands;
+} ms_half_run;
+void ms_cpu_half_run(void *ctx, int64_t n, char *const *ptrs, const int64_t *strides);
+
 /* ---- dense staging for ops whose loops want row-major contiguous data ----
  * ms_cpu_dense points *data at t's own elements when t is contiguous; otherwise it
  * mallocs a row-major block, fills it from t when copy_in is set, and returns the block in
@@ -82,6 +94,9 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
                    const int64_t *kept_shape);
 int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+/* ms_cpu_matmul of bf16 and f16 tensors (matmul_half.c). */
+int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                       int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
 int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
 int ms_cpu_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
                             int log);

@@ -5,6 +5,8 @@
 const ms_ops_backend ms_cuda_ops = {
     .name = "cuda",
     .device_tensors = 1,
+    .half_native = MS_HALF_ELEMENTWISE | MS_HALF_REDUCE | MS_HALF_SOFTMAX | MS_HALF_LAYER_NORM |
+                   MS_HALF_NLL | MS_HALF_RANDOM | MS_HALF_OPTIM,
     .use_device = ms_cuda_use_device,
     .await = ms_cuda_await,
     .copy = ms_cuda_copy_device,

@@ -26,6 +26,21 @@ static inline int ms_cuda_device_of(const ms_tensor *t)
     return t->storage->pool - MS_POOL_CUDA0;
 }
 
+/* ---- the device side's part of the tables of ops/backend.h (backend.c: ms_cuda_backend) ----
+ * The functions of cuda/gpu.h and pool.h that runtime/device.c forwards here. */
+int ms_cuda_count_devices(int *count);
+const char *ms_cuda_probe_reason(void);
+int ms_cuda_pool_available(int device);
+const char *ms_cuda_pool_reason(void);
+int ms_cuda_sync_streams(int device);
+void *ms_cuda_raw_alloc(int device, size_t rounded);
+void ms_cuda_raw_free(int device, void *p);
+void *ms_cuda_host_alloc(size_t rounded);
+void ms_cuda_host_free(void *p);
+/* comm/nccl.c, in a build with NCCL: ms_nccl_init and ms_nccl_finalize of cuda/gpu.h. */
+int ms_nccl_open(void);
+int ms_nccl_close(void);
+
 /* 1 once this process has made a device current (CUDA has started here). */
 int ms_cuda_started(void);
 /* Make device current on this thread, creating its streams and cuBLAS handle on first use. */
