@@ -40,4 +40,9 @@ int ms_check_tensor(const char *op, const char *name, const ms_tensor *t);
  * the values it was called with (runtime/store/snapshot.c). */
 void ms_snapshot_before_foreign_write(const void *p, size_t n);
 
+/* Set this process's thread count to its share of the usable cores when local_ranks
+ * processes share them (at least 1), or to MOONSHARD_NUM_THREADS when that is set
+ * (runtime/threads.c). Local ranks call it right after fork. */
+void ms_threads_share_cores(int local_ranks);
+
 #endif

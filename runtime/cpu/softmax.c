@@ -99,6 +99,8 @@ static void run_rows(const ms_tensor *const *tensors, int count, int dim, int lo
         c.stride[i] = t->ndim ? t->strides[dim] : 0;
         ms_iter_raw(&it, ms_tensor_data(t), ms_dtype_size(t->dtype), strides);
     }
+    it.split_outputs = 1; /* rows are independent */
+    it.cost = 3 * c.length;
     if (c.length > 0)
         ms_iter_run(&it, kernel, &c);
 }
