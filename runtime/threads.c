@@ -55,6 +55,9 @@ int ms_set_num_threads(int n)
     return MS_OK;
 }
 
+/* Decided when the library loads, so BLAS calls made before any other op use it too. */
+__attribute__((constructor)) static void decide_at_load(void) { ms_get_num_threads(); }
+
 int ms_get_num_threads(void)
 {
     if (num_threads == 0) { /* processes started by mpirun share the node's cores too */

@@ -45,6 +45,40 @@ describe("threads", function()
     ms.set_num_threads(saved)
   end)
 
+  -- A fresh process's thread count (and its ranks') under an environment.
+  local function count_in_fresh_process(env, code)
+    local lib = os.getenv("MOONSHARD_LIB")
+    local command = string.format("%s %sLUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit -e %q 2>&1",
+                                  env, lib and ("MOONSHARD_LIB=" .. lib .. " ") or "",
+                                  "local ms = require 'moonshard' " .. code)
+    local pipe = io.popen(command)
+    local text = pipe:read("*a")
+    pipe:close()
+    return text
+  end
+
+  local function cores()
+    local pipe = io.popen("nproc")
+    local n = tonumber(pipe:read("*l"))
+    pipe:close()
+    return n
+  end
+
+  it("defaults to the usable cores, shared by local ranks; MOONSHARD_NUM_THREADS overrides", function()
+    local n = cores()
+    assert.are.equal(tostring(n), count_in_fresh_process("env -u MOONSHARD_NUM_THREADS",
+                                                         "io.write(ms.get_num_threads())"))
+    assert.are.equal("3", count_in_fresh_process("MOONSHARD_NUM_THREADS=3", "io.write(ms.get_num_threads())"))
+    local per_rank = "local r = ms.dist.spawn(2, function() return ms.get_num_threads() end) " ..
+                     "io.write(r[1], ',', r[2])"
+    local share = math.max(1, math.floor(n / 2))
+    assert.are.equal(share .. "," .. share, count_in_fresh_process("env -u MOONSHARD_NUM_THREADS", per_rank))
+    assert.are.equal("5,5", count_in_fresh_process("MOONSHARD_NUM_THREADS=5", per_rank))
+    -- not a whole number >= 1: ignored
+    assert.are.equal(tostring(n), count_in_fresh_process("MOONSHARD_NUM_THREADS=zero",
+                                                         "io.write(ms.get_num_threads())"))
+  end)
+
   it("split element-wise results match the element-by-element values", function()
     ms.set_num_threads(2)
     local a, b = ms.randn(300, 700), ms.randn(700)
