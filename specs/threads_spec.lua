@@ -1,5 +1,5 @@
 -- Results do not depend on the thread count: each op family, at sizes large enough to split
--- across the CPU worker pool, gives bitwise the same values with 1 and 2 threads; a forked
+-- across the CPU worker pool (at least twice runtime/cpu's grain of element operations), gives bitwise the same values with 1 and 2 threads; a forked
 -- rank makes its own workers; split element-wise results match an independent computation.
 local ms = require "moonshard"
 local F, optim, dist = ms.nn.F, ms.optim, ms.dist
@@ -81,12 +81,12 @@ describe("threads", function()
 
   it("split element-wise results match the element-by-element values", function()
     ms.set_num_threads(2)
-    local a, b = ms.randn(300, 700), ms.randn(700)
+    local a, b = ms.randn(1024, 1100), ms.randn(1100)
     local out = (a + b):table()
     local ta, tb = a:table(), b:table()
     ms.set_num_threads(1)
-    for i = 1, 300, 37 do
-      for j = 1, 700, 13 do
+    for i = 1, 1024, 37 do
+      for j = 1, 1100, 13 do
         -- f32 sum of two f32 values, rounded once: the same as rounding the double sum
         local expect = ms.tensor({ta[i][j] + tb[j]}):item()
         assert.are.equal(expect, out[i][j])
@@ -96,7 +96,7 @@ describe("threads", function()
 
   it("element-wise ops, broadcasts and transposed reads", function()
     same_with_threads(7, function()
-      local a, b, c = data(256, 512), data(512), data(512, 256)
+      local a, b, c = data(1024, 1024), data(1024), data(1024, 1024)
       return {a + b, a * c:transpose(0, 1), F.gelu(a), a:exp(), (a - 2):relu(), a / 3,
               c:transpose(0, 1):contiguous()}
     end)
@@ -104,9 +104,9 @@ describe("threads", function()
 
   it("activation backward", function()
     same_with_threads(2, function()
-      local x = data(256, 512, {requires_grad = true})
+      local x = data(512, 512, {requires_grad = true})
       F.gelu(x):sum():backward()
-      local y = data(256, 512, {requires_grad = true})
+      local y = data(512, 512, {requires_grad = true})
       y:tanh():sum():backward()
       return {x.grad, y.grad}
     end)
@@ -114,7 +114,7 @@ describe("threads", function()
 
   it("reductions over each dim, all dims, max along a dim", function()
     same_with_threads(8, function()
-      local a = data(512, 640)
+      local a = data(1024, 1024)
       local values, indices = a:max(1)
       return {a:sum(0), a:sum(1), a:mean(0), a:sum(), ms.tensor({a:sum():item()}), values, indices,
               a:transpose(0, 1):sum(1)}
@@ -123,8 +123,8 @@ describe("threads", function()
 
   it("softmax and log_softmax, forward and backward", function()
     same_with_threads(3, function()
-      local x = data(64, 8, 128, {requires_grad = true})
-      local w = data(64, 8, 128)
+      local x = data(64, 16, 128, {requires_grad = true})
+      local w = data(64, 16, 128)
       local y = F.softmax(x, -1)
       local z = F.log_softmax(x, 1)
       local loss = (y * w):sum() + (z * w):sum()
@@ -135,11 +135,11 @@ describe("threads", function()
 
   it("layer norm with weight and bias gradients", function()
     same_with_threads(4, function()
-      local x = data(512, 384, {requires_grad = true})
-      local w = data(384, {requires_grad = true})
-      local b = data(384, {requires_grad = true})
-      local y = F.layer_norm(x, {384}, w, b)
-      local loss = (y * data(512, 384)):sum()
+      local x = data(2048, 512, {requires_grad = true})
+      local w = data(512, {requires_grad = true})
+      local b = data(512, {requires_grad = true})
+      local y = F.layer_norm(x, {512}, w, b)
+      local loss = (y * data(2048, 512)):sum()
       loss:backward()
       return {y, x.grad, w.grad, b.grad}
     end)
@@ -148,9 +148,9 @@ describe("threads", function()
   it("embedding with repeated indices, forward and backward", function()
     same_with_threads(2, function()
       local weight = data(50, 512, {requires_grad = true})
-      local indices = ms.randint(0, 50, {8, 128}, {dtype = "i64"})
+      local indices = ms.randint(0, 50, {16, 128}, {dtype = "i64"})
       local out = F.embedding(indices, weight)
-      local loss = (out * data(8, 128, 512)):sum()
+      local loss = (out * data(16, 128, 512)):sum()
       loss:backward()
       return {out, weight.grad}
     end)
@@ -158,7 +158,7 @@ describe("threads", function()
 
   it("optimizer steps", function()
     same_with_threads(2, function()
-      local p1, p2 = data(300, 400, {requires_grad = true}), data(300, 400, {requires_grad = true})
+      local p1, p2 = data(400, 400, {requires_grad = true}), data(800, 800, {requires_grad = true})
       local adam = optim.AdamW({p1}, {lr = 0.01, weight_decay = 0.1})
       local sgd = optim.SGD({p2}, {lr = 0.01, momentum = 0.9})
       for _ = 1, 2 do
@@ -173,15 +173,15 @@ describe("threads", function()
 
   it("copies, dtype conversions and fills", function()
     same_with_threads(5, function()
-      local a = data(512, 512)
-      return {a:clone(), a:to("f64"), ms.full({512, 300}, 2.5),
-              a:to("bf16"), a:narrow(1, 3, 400):contiguous()}
+      local a = data(1024, 1024)
+      return {a:clone(), a:to("f64"), ms.full({1024, 1024}, 2.5),
+              a:to("bf16"), a:narrow(1, 3, 1000):contiguous()}
     end)
   end)
 
   it("a forked rank makes its own workers after the parent used them", function()
     ms.set_num_threads(2)
-    local a = data(512, 512)
+    local a = data(1024, 1024)
     local expect = (a:exp() + 1):sum(1) -- the parent's workers run this
     local results = dist.spawn(1, function()
       ms.set_num_threads(2)
