@@ -34,9 +34,7 @@ local function split_options(...)
   return {n = n - 1, ...}, last
 end
 
-local function is_callable(fn)
-  return type(fn) == "function" or (type(fn) == "table" and getmetatable(fn) and getmetatable(fn).__call)
-end
+local is_callable = C.is_callable
 
 local function region_options(what, opts)
   if opts.policy ~= nil and type(opts.policy) ~= "function" then
@@ -65,11 +63,8 @@ local function wrap_call(module, kind, around)
   if rawget(module, "_ac_wrapper") then
     fail(kind, "module %s is already wrapped by %s", module.__name or "?", rawget(module, "_ac_wrapper"))
   end
-  local inner_call = module._call
   rawset(module, "_ac_wrapper", kind)
-  rawset(module, "_call", function(self, ...)
-    return around(function(...) return inner_call(self, ...) end, ...)
-  end)
+  module:register_call_wrapper(around)
   return module
 end
 
