@@ -3,8 +3,10 @@
 -- unsharded single-process run and the sgemm rate measured in the same invocation.
 -- JSON lines. Usage (repository root, after a build):
 --   luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N]
---                         [--steps N] [--quick]
--- --strategy and --world-size keep only the matching sharded runs (for profiling).
+--                         [--steps N] [--threads N] [--quick]
+-- --strategy and --world-size keep only the matching sharded runs ("unsharded" keeps only the
+-- world-1 run); --threads sets this process's thread count (ms.set_num_threads) before the
+-- world-1 run and the sgemm reference (spawned ranks share the cores as always).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
@@ -14,7 +16,7 @@ local clock = support.now
 
 local options = {model = "all", steps = 4, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
-              "[--steps N] [--quick]\n"
+              "[--steps N] [--threads N] [--quick]\n"
 do
   local i = 1
   while i <= #arg do
@@ -23,7 +25,7 @@ do
       options.quick, i = true, i + 1
     elseif key == "model" or key == "strategy" then
       options[key], i = arg[i + 1], i + 2
-    elseif key == "steps" or key == "world-size" then
+    elseif key == "steps" or key == "world-size" or key == "threads" then
       options[key], i = tonumber(arg[i + 1]), i + 2
     else
       io.stderr:write(usage)
@@ -183,6 +185,7 @@ local function count_params(spec)
   return n
 end
 
+if options.threads then ms.set_num_threads(options.threads) end
 local cfg_t = MODELS.transformer.cfg
 local gemm_gflops = sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim)
 emit({bench = "sgemm", m = cfg_t.batch * cfg_t.seq, k = cfg_t.dim, n = 4 * cfg_t.dim, gflops = gemm_gflops,

@@ -11,6 +11,20 @@
 /* Everything declared below is private to the library, not part of its ABI. */
 #pragma GCC visibility push(hidden)
 
+/* ---- the worker pool (parallel.c) ----
+ * ms_parallel_for runs fn over [0, n) split into `ranges` contiguous ranges
+ * [n * i / ranges, n * (i + 1) / ranges), one per thread, the caller taking the first, and
+ * returns when all are done; ranges < 2 (or a call from inside a job, or while another
+ * thread's job runs) calls fn(ctx, 0, n). fn must write disjoint outputs per range, so
+ * results never depend on the split. ms_parallel_ranges picks the count for n units of
+ * about `work` element operations in all (an add of one f32 element is 1): 1 below
+ * MS_PARALLEL_GRAIN per range. The grain is the measured break-even of a split: waking a
+ * worker costs some microseconds, and memory-bound loops gain little from a second thread. */
+enum { MS_PARALLEL_GRAIN = 524288 };
+typedef void (*ms_parallel_fn)(void *ctx, int64_t begin, int64_t end);
+int ms_parallel_ranges(int64_t n, double work);
+void ms_parallel_for(int64_t n, int ranges, ms_parallel_fn fn, void *ctx);
+
 /* ---- the strided N-d iterator ----
  * Visits the elements of a shape in row-major order. Every operand has its own data,
  * element size and element strides over that shape (0 where it is broadcast). Dims of size
@@ -27,6 +41,13 @@ typedef struct ms_iter {
      * iterator may then walk 2-D tiles when an input's unit stride is not in the last dim
      * (a transposed read), so both sides stay in cache. */
     int any_order;
+    /* Set by callers whose kernel writes each element of operand 0 from the elements that
+     * map to it alone (reductions into an accumulator, row kernels): the iterator may then
+     * split the work across threads along dims where operand 0 moves, which keeps every
+     * output's visiting order. any_order implies it. */
+    int split_outputs;
+    /* Element operations per visited element (a row kernel's row length); 1 when 0. */
+    int64_t cost;
     int64_t numel;
     int64_t shape[MS_MAX_DIMS];
     int64_t strides[MS_ITER_MAX_OPS][MS_MAX_DIMS];
