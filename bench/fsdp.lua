@@ -3,8 +3,12 @@
 -- unsharded single-process run and the sgemm rate measured in the same invocation.
 -- JSON lines. Usage (repository root, after a build):
 --   luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N]
---                         [--steps N] [--quick]
--- --strategy and --world-size keep only the matching sharded runs (for profiling).
+--                         [--steps N] [--quick] [--profile]
+-- --strategy and --world-size keep only the matching runs (unsharded is a strategy here).
+-- --profile prints, per timed step of each run (rank 0), the milliseconds of each category of
+-- ms.profiler (GEMM, attention, layer norm, element-wise, softmax/loss, optimizer, allocator,
+-- collectives, autograd, ...) and the FLOP rate against the rank's sgemm rate at its thread
+-- count, measured before and after its steps.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
@@ -14,13 +18,13 @@ local clock = support.now
 
 local options = {model = "all", steps = 4, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
-              "[--steps N] [--quick]\n"
+              "[--steps N] [--quick] [--profile]\n"
 do
   local i = 1
   while i <= #arg do
     local key = arg[i]:match("^%-%-(.+)$")
-    if key == "quick" then
-      options.quick, i = true, i + 1
+    if key == "quick" or key == "profile" then
+      options[key], i = true, i + 1
     elseif key == "model" or key == "strategy" then
       options[key], i = arg[i + 1], i + 2
     elseif key == "steps" or key == "world-size" then
@@ -110,12 +114,54 @@ local MODELS = {
   },
 }
 
+for name, spec in pairs(MODELS) do spec.name = name end
+
 local emit = support.emit
 
 local function median(values)
   local sorted = {unpack(values)}
   table.sort(sorted)
   return sorted[math.floor((#sorted + 1) / 2)]
+end
+
+-- sgemm GFLOP/s through ms.matmul at a shape like the transformer's MLP matmul, at this
+-- process's thread count (all the cores: the reference for the ranks together).
+local function sgemm_rate(m, k, n)
+  local a, b = ms.randn(m, k), ms.randn(k, n)
+  ms.matmul(a, b):free()
+  local best = math.huge
+  for _ = 1, 5 do
+    local start = clock()
+    ms.matmul(a, b):free()
+    best = math.min(best, clock() - start)
+  end
+  return 2 * m * k * n / best / 1e9
+end
+
+-- The sgemm rate of the transformer's MLP shape at this process's thread count.
+local function gemm_rate()
+  local cfg_t = MODELS.transformer.cfg
+  return sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim)
+end
+
+local PROFILE_ORDER = {"bench", "model", "strategy", "world_size", "step", "step_ms"}
+for _, key in ipairs({"gemm", "attention", "layer_norm", "elementwise", "softmax_loss", "optimizer", "embedding",
+                      "reduce", "copy", "random", "allocator", "collectives", "autograd", "lua"}) do
+  PROFILE_ORDER[#PROFILE_ORDER + 1] = key .. "_ms"
+end
+for _, key in ipairs({"gflops", "sgemm_gflops", "flop_fraction", "threads"}) do
+  PROFILE_ORDER[#PROFILE_ORDER + 1] = key
+end
+
+-- One profiled step of rank 0: ms per category; the FLOP rate is the whole step's (all ranks'
+-- work over the step time) against size ranks at this rank's sgemm rate.
+local function report_profile(spec, strategy, size, step, profile, gemm)
+  local row = {bench = "profile", model = spec.name, strategy = strategy or "unsharded", world_size = size,
+               step = step, step_ms = profile.total_ms, sgemm_gflops = gemm, threads = ms.get_num_threads()}
+  for _, r in ipairs(profile.rows) do row[r.key .. "_ms"] = r.self_ms end
+  row.gflops = spec.flops(spec.cfg) / (profile.total_ms * 1e-3) / 1e9
+  row.flop_fraction = row.gflops / (size * gemm)
+  emit(row, PROFILE_ORDER)
 end
 
 -- One rank's timed steps; strategy nil trains the plain model. peak is the most this run
@@ -135,37 +181,35 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
   end
   local opt = optim.AdamW(model:parameters(), {lr = 1e-3})
   local per_rank = cfg.batch / size
-  local times, comm = {}, {}
+  local times, comm, profiles = {}, {}, {}
+  local function step_body(x, y)
+    opt:zero_grad()
+    spec.loss(cfg, model, x, y):backward()
+    opt:step()
+  end
+  local gemm = options.profile and rank == 0 and gemm_rate() or nil
   for step = 0, steps do
     local x, y = spec.batch(cfg, step)
     x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
     if step == 1 then ms.reset_peak_memory_stats("cpu") end
     fsdp.reset_stats()
     local start = clock()
-    opt:zero_grad()
-    spec.loss(cfg, model, x, y):backward()
-    opt:step()
+    if options.profile then
+      profiles[step] = ms.profiler.profile(step_body, x, y)
+    else
+      step_body(x, y)
+    end
     if step > 0 then -- step 0 warms the caches
       times[#times + 1] = clock() - start
       comm[#comm + 1] = fsdp.stats().comm_seconds
     end
   end
+  if gemm then
+    gemm = math.max(gemm, gemm_rate())
+    for step = 1, steps do report_profile(spec, strategy, size, step, profiles[step], gemm) end
+  end
   return {step = median(times), comm = median(comm), peak = ms.memory_stats("cpu").peak - base,
           threads = ms.get_num_threads()}
-end
-
--- sgemm GFLOP/s through ms.matmul at a shape like the transformer's MLP matmul, at this
--- process's thread count (all the cores: the reference for the ranks together).
-local function sgemm_rate(m, k, n)
-  local a, b = ms.randn(m, k), ms.randn(k, n)
-  ms.matmul(a, b):free()
-  local best = math.huge
-  for _ = 1, 5 do
-    local start = clock()
-    ms.matmul(a, b):free()
-    best = math.min(best, clock() - start)
-  end
-  return 2 * m * k * n / best / 1e9
 end
 
 local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "comm_ms", "compute_ms",

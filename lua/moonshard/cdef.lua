@@ -255,6 +255,31 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
 int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize);
+/* ---- op profiler ----
+ * While enabled, every op of the CPU place and every allocation adds its self time (its time
+ * less that of the ops and allocations inside it) and one call to a category: by op kind, or
+ * to the scope a caller set. Off, an op pays one branch. Device ops are not timed. */
+typedef enum ms_profile_category {
+    MS_PROF_GEMM = 0,        /* matmul with a 2-D right operand (linear layers) */
+    MS_PROF_ATTENTION = 1,   /* batched matmul (both operands batched), softmax (not log) */
+    MS_PROF_LAYER_NORM = 2,
+    MS_PROF_ELEMENTWISE = 3, /* binary, unary (activations) and their backward */
+    MS_PROF_SOFTMAX_LOSS = 4, /* log_softmax, nll_loss, cross_entropy */
+    MS_PROF_OPTIMIZER = 5,
+    MS_PROF_EMBEDDING = 6,
+    MS_PROF_REDUCE = 7,
+    MS_PROF_COPY = 8,        /* copy, fill, arange, equal, allclose */
+    MS_PROF_RANDOM = 9,      /* rand_uniform, rand_normal, dropout */
+    MS_PROF_ALLOCATOR = 10,  /* ms_pool_alloc and ms_pool_free */
+    MS_PROF_CATEGORIES = 11
+} ms_profile_category;
+/* on != 0 zeroes the counters, clears the scope and starts charging; 0 stops. */
+int ms_profile_enable(int on);
+/* Charge ops (not allocations) to category from now on (-1: each to its kind); returns the
+ * previous scope. */
+int ms_profile_scope(int category);
+/* [OUT] ns[c], count[c] for the first n categories. */
+int ms_profile_read(uint64_t *ns, uint64_t *count, int n);
 
 /* runtime/comm/dist.h */
 /* ---- process groups and collectives ---- */

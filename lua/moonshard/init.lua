@@ -189,7 +189,7 @@ local submodules = {
   nn = "moonshard.nn", optim = "moonshard.optim", dist = "moonshard.dist",
   fsdp = "moonshard.fsdp", ac = "moonshard.ac", dcp = "moonshard.dcp",
   repl = "moonshard.repl", data = "moonshard.data",
-  amp = "moonshard.amp",
+  amp = "moonshard.amp", profiler = "moonshard.profiler",
 }
 setmetatable(ms, {__index = function(t, key)
   local path = submodules[key]

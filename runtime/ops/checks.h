@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "profile.h"
 
 #pragma GCC visibility push(hidden)
 
@@ -21,6 +22,8 @@ typedef struct ms_place {
  * then name a tensor on a device that this build cannot reach). */
 static inline ms_place ms_place_of(const ms_tensor *t)
 {
+    if (__builtin_expect(ms_profile_on, 0) && !(t && t->storage && t->storage->pool >= MS_POOL_CUDA0))
+        return (ms_place){&ms_profiled_cpu_ops, 0, -1};
 #ifdef MS_WITH_CUDA
     if (t && t->storage && t->storage->pool >= MS_POOL_CUDA0)
         return (ms_place){&ms_cuda_ops, 1, -1};

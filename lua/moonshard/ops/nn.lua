@@ -10,6 +10,7 @@ local pointwise = require "moonshard.ops.pointwise"
 local shape_ops = require "moonshard.ops.shape"
 local reduce = require "moonshard.ops.reduce"
 local linalg = require "moonshard.ops.linalg"
+local profiler = require "moonshard.profiler"
 
 local lib, check, fail = C.lib, C.check, C.fail
 local record = autograd.record
@@ -315,7 +316,7 @@ end
 -- attn_mask broadcasts to [..., L, S]: an integer (boolean) mask keeps the positions where it
 -- is nonzero (True), a float mask is added to the scores (and gets a gradient); is_causal
 -- masks keys after each query. scale defaults to 1 / sqrt(d).
-function M.scaled_dot_product_attention(q, k, v, opts)
+local function attention(q, k, v, opts)
   local what = "scaled_dot_product_attention"
   opts = raw.options(what, opts, {is_causal = true, dropout_p = true, scale = true, attn_mask = true})
   need_tensor(q, what, "query")
@@ -352,6 +353,11 @@ function M.scaled_dot_product_attention(q, k, v, opts)
   local weights = M.softmax(scores, -1)
   if opts.dropout_p and opts.dropout_p > 0 then weights = M.dropout(weights, opts.dropout_p, true) end
   return linalg.matmul(weights, v)
+end
+
+function M.scaled_dot_product_attention(q, k, v, opts)
+  if profiler.active then return profiler.within("attention", attention, q, k, v, opts) end
+  return attention(q, k, v, opts)
 end
 
 return M

@@ -1,0 +1,202 @@
+/* moonshard runtime: the CPU place's kernels timed for the op profiler: while profiling is on,
+ * ms_place_of hands out this table, whose every slot charges its kernel's self time. */
+#include "checks.h"
+#include "profile.h"
+
+#define TIMED(category, call)                    \
+    do {                                         \
+        ms_profile_frame frame_;                 \
+        ms_profile_begin(&frame_);               \
+        int status_ = (call);                    \
+        ms_profile_end(&frame_, (category));     \
+        return status_;                          \
+    } while (0)
+
+static const ms_ops_backend *const cpu = &ms_cpu_ops;
+
+static int copy(ms_tensor *dst, const ms_tensor *src)
+{
+    TIMED(MS_PROF_COPY, cpu->copy(dst, src));
+}
+
+static int fill(ms_tensor *t, double value)
+{
+    TIMED(MS_PROF_COPY, cpu->fill(t, value));
+}
+
+static int arange(ms_tensor *t, double start, double step)
+{
+    TIMED(MS_PROF_COPY, cpu->arange(t, start, step));
+}
+
+static int equal(int *equal, const ms_tensor *a, const ms_tensor *b)
+{
+    TIMED(MS_PROF_COPY, cpu->equal(equal, a, b));
+}
+
+static int allclose(int *close, const ms_tensor *a, const ms_tensor *b, double rtol, double atol)
+{
+    TIMED(MS_PROF_COPY, cpu->allclose(close, a, b, rtol, atol));
+}
+
+static int binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
+{
+    TIMED(MS_PROF_ELEMENTWISE, cpu->binary(out, a, b, op));
+}
+
+static int binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, int reverse)
+{
+    TIMED(MS_PROF_ELEMENTWISE, cpu->binary_scalar(out, a, s, op, reverse));
+}
+
+static int unary(ms_tensor *out, const ms_tensor *a, int op)
+{
+    TIMED(MS_PROF_ELEMENTWISE, cpu->unary(out, a, op));
+}
+
+static int unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
+{
+    TIMED(MS_PROF_ELEMENTWISE, cpu->unary_backward(dx, x, dy, op));
+}
+
+static int reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask,
+                  const int64_t *kept_shape, int64_t count)
+{
+    TIMED(MS_PROF_REDUCE, cpu->reduce(out, a, op, dims_mask, kept_shape, count));
+}
+
+static int max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim,
+                   const int64_t *kept_shape)
+{
+    TIMED(MS_PROF_REDUCE, cpu->max_dim(values, indices, a, dim, kept_shape));
+}
+
+/* A right operand with batches of its own is attention's (scores, weighted values); a 2-D
+ * one is a linear layer's weight or its gradient. */
+static int matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                  int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k)
+{
+    TIMED(b->ndim > 2 ? MS_PROF_ATTENTION : MS_PROF_GEMM,
+          cpu->matmul(out, a, b, trans_a, trans_b, alpha, beta, m, n, k));
+}
+
+/* log_softmax belongs to the loss, softmax to attention. */
+static int softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
+{
+    TIMED(log ? MS_PROF_SOFTMAX_LOSS : MS_PROF_ATTENTION, cpu->softmax(out, x, dim, log));
+}
+
+static int softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
+                            int log)
+{
+    TIMED(log ? MS_PROF_SOFTMAX_LOSS : MS_PROF_ATTENTION,
+          cpu->softmax_backward(dx, y, dy, dim, log));
+}
+
+static int layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
+                      const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
+                      int64_t size)
+{
+    TIMED(MS_PROF_LAYER_NORM, cpu->layer_norm(out, mean, rstd, x, weight, bias, eps, rows, size));
+}
+
+static int layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                               const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
+                               const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
+                               int64_t size)
+{
+    TIMED(MS_PROF_LAYER_NORM, cpu->layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd,
+                                                       weight, rows, size));
+}
+
+static int embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)
+{
+    TIMED(MS_PROF_EMBEDDING, cpu->embedding(out, weight, indices));
+}
+
+static int embedding_backward(ms_tensor *dweight, const ms_tensor *indices,
+                              const ms_tensor *dout)
+{
+    TIMED(MS_PROF_EMBEDDING, cpu->embedding_backward(dweight, indices, dout));
+}
+
+static int nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
+                    int64_t ignore_index, int reduction)
+{
+    TIMED(MS_PROF_SOFTMAX_LOSS, cpu->nll_loss(out, logp, target, ignore_index, reduction));
+}
+
+static int nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
+                             int64_t ignore_index, int reduction)
+{
+    TIMED(MS_PROF_SOFTMAX_LOSS,
+          cpu->nll_loss_backward(dlogp, dout, target, ignore_index, reduction));
+}
+
+static int rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
+{
+    TIMED(MS_PROF_RANDOM, cpu->rand_uniform(out, low, high, seed, offset));
+}
+
+static int rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint64_t offset)
+{
+    TIMED(MS_PROF_RANDOM, cpu->rand_normal(out, mean, std, seed, offset));
+}
+
+static int dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint64_t offset)
+{
+    TIMED(MS_PROF_RANDOM, cpu->dropout(out, x, p, seed, offset));
+}
+
+static int dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t seed,
+                            uint64_t offset)
+{
+    TIMED(MS_PROF_RANDOM, cpu->dropout_backward(dx, dy, p, seed, offset));
+}
+
+static int sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad, double lr,
+                    double momentum, double dampening, double weight_decay, int nesterov,
+                    int first_step, int maximize)
+{
+    TIMED(MS_PROF_OPTIMIZER, cpu->sgd_step(param, momentum_buf, grad, lr, momentum, dampening,
+                                           weight_decay, nesterov, first_step, maximize));
+}
+
+static int adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
+                     const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
+                     double eps, double weight_decay, int decoupled, int maximize)
+{
+    TIMED(MS_PROF_OPTIMIZER, cpu->adam_step(param, exp_avg, exp_avg_sq, grad, step, lr, beta1,
+                                            beta2, eps, weight_decay, decoupled, maximize));
+}
+
+const ms_ops_backend ms_profiled_cpu_ops = {
+    .name = "cpu",
+    .device_tensors = 0,
+    .copy = copy,
+    .fill = fill,
+    .arange = arange,
+    .equal = equal,
+    .allclose = allclose,
+    .binary = binary,
+    .binary_scalar = binary_scalar,
+    .unary = unary,
+    .unary_backward = unary_backward,
+    .reduce = reduce,
+    .max_dim = max_dim,
+    .matmul = matmul,
+    .softmax = softmax,
+    .softmax_backward = softmax_backward,
+    .layer_norm = layer_norm,
+    .layer_norm_backward = layer_norm_backward,
+    .embedding = embedding,
+    .embedding_backward = embedding_backward,
+    .nll_loss = nll_loss,
+    .nll_loss_backward = nll_loss_backward,
+    .rand_uniform = rand_uniform,
+    .rand_normal = rand_normal,
+    .dropout = dropout,
+    .dropout_backward = dropout_backward,
+    .sgd_step = sgd_step,
+    .adam_step = adam_step,
+};
