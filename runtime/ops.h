@@ -106,6 +106,19 @@ int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
 int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                          int64_t ignore_index, int reduction);
 
+/* ---- cross-entropy fused with its log_softmax ----
+ * logits [N, C]; target and reduction as in ms_nll_loss (out [N] or 0-dim). stats [OUT]
+ * [N, 2] in logits' dtype: each row's maximum and log(sum(exp(x - max))), kept for the
+ * backward. No [N, C] log-probabilities are written; the numbers are those of ms_softmax
+ * (log) followed by ms_nll_loss on the CPU, bit for bit. */
+int ms_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                     const ms_tensor *target, int64_t ignore_index, int reduction);
+/* dlogits assigned: (softmax(logits) - onehot(target)) times dout's share of each row (0 for
+ * ignored rows), from the forward's stats. */
+int ms_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
+                              const ms_tensor *logits, const ms_tensor *stats,
+                              const ms_tensor *target, int64_t ignore_index, int reduction);
+
 /* ---- counter-based random numbers ----
  * Element i (row-major) of out uses the counter (seed, offset + i): the same seed and
  * offset always give the same values, so a region can be replayed. */

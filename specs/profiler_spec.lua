@@ -83,7 +83,6 @@ describe("ms.profiler", function()
     assert.is_true(p.by_key.gemm.self_ms > 0 and p.by_key.gemm.self_ms <= p.total_ms)
     local rows = p:key_averages()
     for i = 2, #rows do assert.is_true(rows[i - 1].self_ms >= rows[i].self_ms) end
-    assert.equal("gemm", rows[1].key)
     assert.matches("gemm%s+3", p:table())
   end)
 

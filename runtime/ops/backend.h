@@ -72,6 +72,14 @@ typedef struct ms_ops_backend {
     int (*nll_loss_backward)(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                              int64_t ignore_index, int reduction);
 
+    /* logits [N, C], target [N], stats [N, 2] and out are checked as in ops.h. */
+    int (*cross_entropy)(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                         const ms_tensor *target, int64_t ignore_index, int reduction);
+    int (*cross_entropy_backward)(ms_tensor *dlogits, const ms_tensor *dout,
+                                  const ms_tensor *logits, const ms_tensor *stats,
+                                  const ms_tensor *target, int64_t ignore_index,
+                                  int reduction);
+
     int (*rand_uniform)(ms_tensor *out, double low, double high, uint64_t seed,
                         uint64_t offset);
     int (*rand_normal)(ms_tensor *out, double mean, double std, uint64_t seed,

@@ -133,6 +133,21 @@ static int nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_t
           cpu->nll_loss_backward(dlogp, dout, target, ignore_index, reduction));
 }
 
+static int cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                         const ms_tensor *target, int64_t ignore_index, int reduction)
+{
+    TIMED(MS_PROF_SOFTMAX_LOSS,
+          cpu->cross_entropy(out, stats, logits, target, ignore_index, reduction));
+}
+
+static int cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
+                                  const ms_tensor *logits, const ms_tensor *stats,
+                                  const ms_tensor *target, int64_t ignore_index, int reduction)
+{
+    TIMED(MS_PROF_SOFTMAX_LOSS, cpu->cross_entropy_backward(dlogits, dout, logits, stats, target,
+                                                            ignore_index, reduction));
+}
+
 static int rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
 {
     TIMED(MS_PROF_RANDOM, cpu->rand_uniform(out, low, high, seed, offset));
@@ -193,6 +208,8 @@ const ms_ops_backend ms_profiled_cpu_ops = {
     .embedding_backward = embedding_backward,
     .nll_loss = nll_loss,
     .nll_loss_backward = nll_loss_backward,
+    .cross_entropy = cross_entropy,
+    .cross_entropy_backward = cross_entropy_backward,
     .rand_uniform = rand_uniform,
     .rand_normal = rand_normal,
     .dropout = dropout,

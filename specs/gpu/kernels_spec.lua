@@ -173,6 +173,17 @@ describe("CUDA kernels against the CPU backend #gpu", function()
       parity("nll sum", function(x, t) return F.nll_loss(x:log_softmax(1), t, {reduction = "sum"}) end,
              {ms.randn(12, 9), target}, {grad = true, rtol = 1e-4})
     end)
+    it("matches the fused cross entropy for every reduction, f32 and f64, [N, C, d]", function()
+      for _, dtype in ipairs({"f32", "f64"}) do
+        for _, reduction in ipairs({"none", "sum", "mean"}) do
+          local target = ms.randint(0, 7, {3, 4})
+          target:narrow(1, 1, 1):fill_(-100)
+          parity("cross_entropy " .. dtype .. " " .. reduction, function(x, t)
+            return F.cross_entropy(x, t, {reduction = reduction})
+          end, {ms.randn(3, 7, 4, {dtype = dtype}), target}, {grad = true, rtol = 1e-4})
+        end
+      end
+    end)
     it("reports a bad index or target on the device", function()
       local weight = ms.randn(4, 3, {device = gpu.device})
       local bad = ms.tensor({1, 7}, {dtype = "i64"}):to(gpu.device)

@@ -217,6 +217,31 @@ local function smoothed(log_probs, target, reduction, ignore_index, smoothing)
   return pointwise.div(total, kept)
 end
 
+-- log_softmax and nll in one op (ms_cross_entropy): no [M, C] log-probabilities are made; the
+-- backward recomputes them from the logits and each row's saved max and log-sum.
+local function cross_entropy_backward(node, g)
+  local logits = node:saved_tensor(node.logits)
+  local dlogits = empty(logits:shape(), logits._c.dtype, logits._c.storage.pool)
+  check(lib.ms_cross_entropy_backward(dlogits._c, raw.contiguous(g)._c, logits._c,
+                                      node:saved_tensor(node.stats)._c, node:saved_tensor(node.target)._c,
+                                      node.ignore_index, node.reduction), "cross_entropy")
+  return dlogits
+end
+
+local function cross_entropy_rows(logits, target, reduction, ignore_index)
+  local dtype, pool, rows = logits._c.dtype, logits._c.storage.pool, logits:size(0)
+  local out = empty(reduction == 0 and {rows} or {}, dtype, pool)
+  local stats = empty({rows, 2}, dtype, pool)
+  check(lib.ms_cross_entropy(out._c, stats._c, logits._c, target._c, ignore_index, reduction), "cross_entropy")
+  local node = record(out, "CrossEntropyLossBackward0", cross_entropy_backward, logits)
+  if node then
+    node.ignore_index, node.reduction = ignore_index, reduction
+    node.logits, node.stats, node.target = node:save(logits), node:save(stats), node:save(target)
+  end
+  stats:_release()
+  return out
+end
+
 local cross_entropy_options = {reduction = true, ignore_index = true, label_smoothing = true}
 
 -- cross_entropy(input, target, {reduction = "mean", ignore_index = -100, label_smoothing = 0})
@@ -232,13 +257,11 @@ function M.cross_entropy(logits, target, opts)
   end
   local ignore_index = opts.ignore_index or -100
   local rows, flat_target, shape = class_rows(logits, target, "cross_entropy")
-  local log_probs = M.log_softmax(rows, 1)
-  local loss
   if smoothing == 0 then
-    loss = nll_rows(log_probs, flat_target, reduction, ignore_index)
-  else
-    loss = smoothed(log_probs, flat_target, reduction, ignore_index, smoothing)
+    return unflatten_none(cross_entropy_rows(rows, flat_target, reduction, ignore_index), reduction, shape)
   end
+  local log_probs = M.log_softmax(rows, 1)
+  local loss = smoothed(log_probs, flat_target, reduction, ignore_index, smoothing)
   log_probs:_release() -- backward holds its own handle; this one would wait for the collector
   return unflatten_none(loss, reduction, shape)
 end
