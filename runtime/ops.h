@@ -119,6 +119,23 @@ int ms_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
                               const ms_tensor *logits, const ms_tensor *stats,
                               const ms_tensor *target, int64_t ignore_index, int reduction);
 
+/* ---- attention, flash-style ----
+ * out = softmax(scale * q k^T + mask) v, a query row at a time over tiles of keys with a
+ * running max and sum: the [L, S] scores are never held. q [..., L, D], k [..., S, D],
+ * v [..., S, Dv], out [..., L, Dv] with 0 to 2 equal leading dims, each with a unit stride in
+ * its last dim; mask NULL or [..., L, S] (any strides, 0 to broadcast) of q's dtype, added
+ * to the scores; causal != 0 leaves out keys j > i. lse [OUT] [..., L] (q's dtype, unit
+ * last stride): each row's log-sum-exp of the scores, for the backward. A row whose keys are
+ * all masked gives NaN, as softmax does. */
+int ms_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+                 const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+/* dq, dk, dv assigned (shapes of q, k, v; unit last strides) from dout and the forward's out
+ * and lse; the scores are recomputed tile by tile. The mask gets no gradient. */
+int ms_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+                          const ms_tensor *q, const ms_tensor *k, const ms_tensor *v,
+                          const ms_tensor *mask, const ms_tensor *out, const ms_tensor *lse,
+                          double scale, int causal);
+
 /* ---- counter-based random numbers ----
  * Element i (row-major) of out uses the counter (seed, offset + i): the same seed and
  * offset always give the same values, so a region can be replayed. */

@@ -88,13 +88,17 @@ describe("ms.profiler", function()
 
   it("puts every op of scaled_dot_product_attention in attention", function()
     local q = ms.randn(2, 3, 4, 5)
-    local p = profiler.profile(function()
+    local flash = charged(profiler.profile(function()
       ms.no_grad(function() F.scaled_dot_product_attention(q, q, q, {is_causal = true}) end)
-    end)
-    local got = charged(p)
-    assert.is_true(got.attention >= 4) -- scores, scale, mask, softmax, weighted values
-    got.attention = nil
-    assert.same({}, got)
+    end))
+    assert.same({attention = 1}, flash)
+    -- the composition dropout takes: scores, scale, mask, softmax, dropout, weighted values
+    local composed = charged(profiler.profile(function()
+      ms.no_grad(function() F.scaled_dot_product_attention(q, q, q, {is_causal = true, dropout_p = 0.1}) end)
+    end))
+    assert.is_true(composed.attention >= 6)
+    composed.attention = nil
+    assert.same({}, composed)
   end)
 
   it("charges nothing once the profile ends, also after an error", function()

@@ -120,6 +120,11 @@ int ms_cuda_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *log
 int ms_cuda_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
                                   const ms_tensor *logits, const ms_tensor *stats,
                                   const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cuda_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+        const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+int ms_cuda_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+        const ms_tensor *q, const ms_tensor *k, const ms_tensor *v, const ms_tensor *mask,
+        const ms_tensor *out, const ms_tensor *lse, double scale, int causal);
 int ms_cuda_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
                          uint64_t offset);
 int ms_cuda_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,

@@ -80,6 +80,14 @@ typedef struct ms_ops_backend {
                                   const ms_tensor *target, int64_t ignore_index,
                                   int reduction);
 
+    /* Shapes, dtypes and strides checked as in ops.h; mask may be NULL. */
+    int (*attention)(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+                     const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+    int (*attention_backward)(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv,
+                              const ms_tensor *dout, const ms_tensor *q, const ms_tensor *k,
+                              const ms_tensor *v, const ms_tensor *mask, const ms_tensor *out,
+                              const ms_tensor *lse, double scale, int causal);
+
     int (*rand_uniform)(ms_tensor *out, double low, double high, uint64_t seed,
                         uint64_t offset);
     int (*rand_normal)(ms_tensor *out, double mean, double std, uint64_t seed,

@@ -148,6 +148,21 @@ static int cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
                                                             ignore_index, reduction));
 }
 
+static int attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+                     const ms_tensor *v, const ms_tensor *mask, double scale, int causal)
+{
+    TIMED(MS_PROF_ATTENTION, cpu->attention(out, lse, q, k, v, mask, scale, causal));
+}
+
+static int attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+                              const ms_tensor *q, const ms_tensor *k, const ms_tensor *v,
+                              const ms_tensor *mask, const ms_tensor *out, const ms_tensor *lse,
+                              double scale, int causal)
+{
+    TIMED(MS_PROF_ATTENTION, cpu->attention_backward(dq, dk, dv, dout, q, k, v, mask, out, lse,
+                                                     scale, causal));
+}
+
 static int rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint64_t offset)
 {
     TIMED(MS_PROF_RANDOM, cpu->rand_uniform(out, low, high, seed, offset));
@@ -210,6 +225,8 @@ const ms_ops_backend ms_profiled_cpu_ops = {
     .nll_loss_backward = nll_loss_backward,
     .cross_entropy = cross_entropy,
     .cross_entropy_backward = cross_entropy_backward,
+    .attention = attention,
+    .attention_backward = attention_backward,
     .rand_uniform = rand_uniform,
     .rand_normal = rand_normal,
     .dropout = dropout,

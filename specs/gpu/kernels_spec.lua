@@ -184,6 +184,20 @@ describe("CUDA kernels against the CPU backend #gpu", function()
         end
       end
     end)
+    it("matches flash-style attention, causal and with a boolean mask", function()
+      for _, dtype in ipairs({"f32", "f64"}) do
+        parity("attention causal " .. dtype, function(q, k, v)
+          return F.scaled_dot_product_attention(q, k, v, {is_causal = true})
+        end, {ms.randn(2, 3, 40, 8, {dtype = dtype}), ms.randn(2, 3, 40, 8, {dtype = dtype}),
+              ms.randn(2, 3, 40, 6, {dtype = dtype})}, {grad = true, rtol = 1e-4, atol = 1e-5})
+        local keep = ms.randint(0, 2, {7, 9})
+        keep:narrow(1, 0, 1):fill_(1)
+        parity("attention mask " .. dtype, function(q, k, v, m)
+          return F.scaled_dot_product_attention(q, k, v, {attn_mask = m})
+        end, {ms.randn(3, 7, 4, {dtype = dtype}), ms.randn(3, 9, 4, {dtype = dtype}),
+              ms.randn(3, 9, 5, {dtype = dtype}), keep}, {grad = true, rtol = 1e-4, atol = 1e-5})
+      end
+    end)
     it("reports a bad index or target on the device", function()
       local weight = ms.randn(4, 3, {device = gpu.device})
       local bad = ms.tensor({1, 7}, {dtype = "i64"}):to(gpu.device)

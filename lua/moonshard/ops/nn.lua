@@ -335,6 +335,72 @@ local function additive_mask(mask, dtype)
   return out
 end
 
+-- ---- flash-style attention (ms_attention): no [L, S] scores are made ----
+
+local function unit_last_stride(t)
+  local c = t._c
+  return c.ndim > 0 and (c.shape[c.ndim - 1] <= 1 or c.strides[c.ndim - 1] == 1) and t or raw.contiguous(t)
+end
+
+local function flash_backward(node, g)
+  local q, k, v = node:saved_tensor(node.q), node:saved_tensor(node.k), node:saved_tensor(node.v)
+  local mask = node.mask and node:saved_tensor(node.mask)
+  local dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
+  check(lib.ms_attention_backward(dq._c, dk._c, dv._c, raw.contiguous(g)._c, q._c, k._c, v._c, mask and mask._c,
+                                  node:saved_tensor(node.out)._c, node:saved_tensor(node.lse)._c, node.scale,
+                                  node.causal), "scaled_dot_product_attention")
+  return dq, dk, dv
+end
+
+-- mask: nil or an additive mask of q's dtype with the scores' shape (no gradient).
+local function flash_attention(q, k, v, mask, scale, causal)
+  q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+  local shape = q:shape()
+  local out_shape, lse_shape = {}, {}
+  for i = 1, #shape - 1 do out_shape[i], lse_shape[i] = shape[i], shape[i] end
+  out_shape[#shape] = v:size(-1)
+  local out = empty(out_shape, q._c.dtype, q._c.storage.pool)
+  local lse = empty(lse_shape, q._c.dtype, q._c.storage.pool)
+  check(lib.ms_attention(out._c, lse._c, q._c, k._c, v._c, mask and mask._c, scale, causal and 1 or 0),
+        "scaled_dot_product_attention")
+  local node = record(out, "ScaledDotProductFlashAttentionBackward0", flash_backward, q, k, v)
+  if node then
+    node.scale, node.causal = scale, causal and 1 or 0
+    node.q, node.k, node.v, node.out, node.lse = node:save(q), node:save(k), node:save(v), node:save(out), node:save(lse)
+    if mask then node.mask = node:save(mask) end
+  end
+  lse:_release()
+  return out
+end
+
+-- The mask as flash_attention takes it: additive, of q's dtype, expanded to the scores'
+-- [..., L, S]; nil when it cannot be (the composition then names the problem).
+local function flash_mask(q, k, mask)
+  if mask:dim() > q:dim() then return nil end
+  local additive = mask
+  if INTEGER[mask:dtype()] then
+    additive = additive_mask(mask, q._c.dtype)
+  elseif mask:dtype() ~= q:dtype() then
+    return nil
+  end
+  local shape = q:shape()
+  shape[#shape] = k:size(-2)
+  local ok, expanded = pcall(shape_ops.expand, additive, unpack(shape))
+  return ok and expanded or nil
+end
+
+-- torch.backends.cuda.enable_flash_sdp's switch (on by default), for every place.
+local flash_enabled = true
+function M.enable_flash_sdp(enabled) flash_enabled = enabled and true or false end
+function M.flash_sdp_enabled() return flash_enabled end
+
+local function same_leading_dims(q, t)
+  for i = 0, q:dim() - 3 do
+    if t:size(i) ~= q:size(i) then return false end
+  end
+  return true
+end
+
 -- softmax(q k^T * scale + mask) v over [..., L, d] queries and [..., S, d] keys and values.
 -- attn_mask broadcasts to [..., L, S]: an integer (boolean) mask keeps the positions where it
 -- is nonzero (True), a float mask is added to the scores (and gets a gradient); is_causal
@@ -351,6 +417,17 @@ local function attention(q, k, v, opts)
     if opts.is_causal then fail(what, "give attn_mask or is_causal, not both") end
   end
   local d = q:size(-1)
+  -- flash-style unless dropout is on, a float mask needs its gradient, or the operands'
+  -- leading dims broadcast
+  local flash = flash_enabled and not (opts.dropout_p and opts.dropout_p > 0) and q:dim() >= 2 and q:dim() <= 4
+                and k:dim() == q:dim() and v:dim() == q:dim() and same_leading_dims(q, k)
+                and same_leading_dims(q, v) and not (mask ~= nil and mask.requires_grad)
+  if flash then
+    local additive = mask ~= nil and flash_mask(q, k, mask) or nil
+    if mask == nil or additive ~= nil then
+      return flash_attention(q, k, v, additive, opts.scale or 1 / math.sqrt(d), opts.is_causal)
+    end
+  end
   local scores = pointwise.mul(linalg.matmul(q, shape_ops.transpose(k, -2, -1)), opts.scale or 1 / math.sqrt(d))
   if mask ~= nil then
     local scores_shape = scores:shape()
