@@ -9,9 +9,28 @@
 
 #define MS_K_ATTN_TILE 32
 
+#define MS_K_ATTN_LANES 8
+
 /* One row's operands: q (or dout) rows are contiguous vectors; k and v rows are row_stride
  * apart; mask (NULL: none) holds the row's additive mask, mask_col apart per key. */
 #define MS_K_ATTENTION(SUFFIX, T, EXP, LOG)                                                 \
+    /* a . b in MS_K_ATTN_LANES partial sums (so the loop vectorises without reassociating    \
+     * one sum), added pairwise at the end. */                                              \
+    MS_HD T ms_k_attn_dot_##SUFFIX(const T *a, const T *b, int64_t n)                       \
+    {                                                                                       \
+        T lane[MS_K_ATTN_LANES] = {0};                                                      \
+        int64_t c = 0;                                                                      \
+        for (; c + MS_K_ATTN_LANES <= n; c += MS_K_ATTN_LANES)                              \
+            for (int l = 0; l < MS_K_ATTN_LANES; l++)                                       \
+                lane[l] += a[c + l] * b[c + l];                                             \
+        for (int l = 0; c < n; c++, l++)                                                    \
+            lane[l] += a[c] * b[c];                                                         \
+        for (int width = MS_K_ATTN_LANES / 2; width > 0; width /= 2)                        \
+            for (int l = 0; l < width; l++)                                                 \
+                lane[l] += lane[l + width];                                                 \
+        return lane[0];                                                                     \
+    }                                                                                       \
+                                                                                            \
     /* out[0..dv) = softmax over keys 0..keys) of scale q.k_j + mask_j, times v_j;         \
      * *lse = the row's log-sum-exp of the scores. */                                      \
     MS_HD void ms_k_attn_row_##SUFFIX(const T *q, const T *k, int64_t k_row, const T *v,   \
@@ -27,11 +46,7 @@
             int64_t n = keys - start < MS_K_ATTN_TILE ? keys - start : MS_K_ATTN_TILE;      \
             T tile_max = -INFINITY;                                                         \
             for (int64_t j = 0; j < n; j++) {                                               \
-                const T *kj = k + (start + j) * k_row;                                      \
-                T s = 0;                                                                    \
-                for (int64_t c = 0; c < d; c++)                                             \
-                    s += q[c] * kj[c];                                                      \
-                s *= scale;                                                                 \
+                T s = ms_k_attn_dot_##SUFFIX(q, k + (start + j) * k_row, d) * scale;        \
                 if (mask)                                                                   \
                     s += mask[(start + j) * mask_col];                                      \
                 scores[j] = s;                                                              \
@@ -64,18 +79,7 @@
     MS_HD T ms_k_attn_p_##SUFFIX(const T *q, const T *kj, T mask, int64_t d, T scale,       \
                                  T lse)                                                     \
     {                                                                                       \
-        T s = 0;                                                                            \
-        for (int64_t c = 0; c < d; c++)                                                     \
-            s += q[c] * kj[c];                                                              \
-        return EXP(s * scale + mask - lse);                                                 \
-    }                                                                                       \
-                                                                                            \
-    MS_HD T ms_k_attn_dot_##SUFFIX(const T *a, const T *b, int64_t n)                       \
-    {                                                                                       \
-        T s = 0;                                                                            \
-        for (int64_t c = 0; c < n; c++)                                                     \
-            s += a[c] * b[c];                                                               \
-        return s;                                                                           \
+        return EXP(ms_k_attn_dot_##SUFFIX(q, kj, d) * scale + mask - lse);                  \
     }                                                                                       \
                                                                                             \
     /* dq of one query row: sum over keys of scale p (dout.v_j - delta) k_j, where delta =  \

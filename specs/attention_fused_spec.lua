@@ -46,6 +46,9 @@ local function tril(l, s)
 end
 
 describe("flash-style scaled_dot_product_attention", function()
+  setup(function() ms.backends.enable_cpu_flash_sdp(true) end)
+  teardown(function() ms.backends.enable_cpu_flash_sdp(false) end)
+
   for _, keys in ipairs({1, 31, 32, 33, 70}) do
     it("equals the composition in f64 with " .. keys .. " keys, causal or not", function()
       local q, k, v = leaf({2, 3, keys, 8}, "f64", 1), leaf({2, 3, keys, 8}, "f64", 2), leaf({2, 3, keys, 5}, "f64", 3)
@@ -107,7 +110,7 @@ describe("flash-style scaled_dot_product_attention", function()
     assert.is_true(whole >= l * l * 4)
   end)
 
-  it("is switched off by ms.backends.enable_flash_sdp(false)", function()
+  it("is switched off by ms.backends.enable_flash_sdp(false), and on the CPU by default", function()
     local q = ms.randn(1, 8, 4)
     local function attention_ops()
       local p = ms.profiler.profile(function()
@@ -121,6 +124,10 @@ describe("flash-style scaled_dot_product_attention", function()
     local off = attention_ops()
     ms.backends.enable_flash_sdp(true)
     assert.is_true(off >= 4)
+    ms.backends.enable_cpu_flash_sdp(false)
+    local cpu_default = attention_ops()
+    ms.backends.enable_cpu_flash_sdp(true)
+    assert.is_true(cpu_default >= 4)
   end)
 
   it("ms_attention names a k of the wrong shape and a strided last dim", function()

@@ -174,8 +174,9 @@ function ms.set_num_threads(n)
 end
 function ms.get_num_threads() return lib.ms_get_num_threads() end
 
--- torch.backends.cuda's switch of the flash-style attention kernel (CPU and CUDA alike).
-ms.backends = {enable_flash_sdp = nn_ops.enable_flash_sdp, flash_sdp_enabled = nn_ops.flash_sdp_enabled}
+-- torch.backends.cuda's switch of the flash-style attention kernel, and its CPU opt-in.
+ms.backends = {enable_flash_sdp = nn_ops.enable_flash_sdp, flash_sdp_enabled = nn_ops.flash_sdp_enabled,
+               enable_cpu_flash_sdp = nn_ops.enable_cpu_flash_sdp, cpu_flash_sdp_enabled = nn_ops.cpu_flash_sdp_enabled}
 
 -- ---- distributed tensors ----
 

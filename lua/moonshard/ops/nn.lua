@@ -389,10 +389,19 @@ local function flash_mask(q, k, mask)
   return ok and expanded or nil
 end
 
--- torch.backends.cuda.enable_flash_sdp's switch (on by default), for every place.
-local flash_enabled = true
+-- torch.backends.cuda.enable_flash_sdp's switch (on by default) for device tensors; CPU
+-- tensors take the flash kernel only when enable_cpu_flash_sdp(true) is also given (off by
+-- default: its one thread per call is slower than the composition's BLAS at the sizes
+-- bench/fsdp.lua trains, though it holds no [L, S] scores).
+local flash_enabled, cpu_flash_enabled = true, false
 function M.enable_flash_sdp(enabled) flash_enabled = enabled and true or false end
 function M.flash_sdp_enabled() return flash_enabled end
+function M.enable_cpu_flash_sdp(enabled) cpu_flash_enabled = enabled and true or false end
+function M.cpu_flash_sdp_enabled() return cpu_flash_enabled end
+
+local function flash_allowed(q)
+  return flash_enabled and (cpu_flash_enabled or q._c.storage.pool >= lib.MS_POOL_CUDA0)
+end
 
 local function same_leading_dims(q, t)
   for i = 0, q:dim() - 3 do
@@ -419,7 +428,7 @@ local function attention(q, k, v, opts)
   local d = q:size(-1)
   -- flash-style unless dropout is on, a float mask needs its gradient, or the operands'
   -- leading dims broadcast
-  local flash = flash_enabled and not (opts.dropout_p and opts.dropout_p > 0) and q:dim() >= 2 and q:dim() <= 4
+  local flash = flash_allowed(q) and not (opts.dropout_p and opts.dropout_p > 0) and q:dim() >= 2 and q:dim() <= 4
                 and k:dim() == q:dim() and v:dim() == q:dim() and same_leading_dims(q, k)
                 and same_leading_dims(q, v) and not (mask ~= nil and mask.requires_grad)
   if flash then
