@@ -23,10 +23,11 @@ end
 -- releases; a full collection after each save or load returns their memory.
 local function collect_dropped_views() collectgarbage("collect") end
 
--- stateful: {scheduler =, loader =}, saved through their state_dict() (dcp's Stateful).
+-- stateful: {scheduler =, loader =, scaler =}, saved through their state_dict() (dcp's Stateful).
 local function training_state(model, opt, stateful, step, config)
   local model_sd, optim_sd = dcp().get_state_dict(model, opt)
   return {model = model_sd, optim = optim_sd, scheduler = stateful.scheduler, loader = stateful.loader,
+          scaler = stateful.scaler,
           step = step, rng = ms.get_rng_state(), config = config}
 end
 

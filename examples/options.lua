@@ -9,6 +9,7 @@ local SPEC = {
   {"nproc", "int", 4, "local ranks to fork (ignored under mpirun or moonshard run)"},
   {"strategy", "string", "FULL_SHARD", "FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD | _HYBRID_SHARD_ZERO2"},
   {"ac", "string", "full", "activation checkpointing per block: none | full | selective | offload"},
+  {"dtype", "string", "f32", "compute dtype: f32, or bf16 | f16 mixed precision over f32 masters (f16 with loss scaling)"},
   {"steps", "int", 300, "training steps (the learning-rate schedule spans them)"},
   {"stop-after", "int", nil, "end after this step, as if interrupted (continue with --resume)"},
   {"batch", "int", 32, "global batch (sequences per step, split evenly over the ranks)"},
@@ -32,6 +33,7 @@ local SPEC = {
 local STRATEGIES = {FULL_SHARD = true, SHARD_GRAD_OP = true, NO_SHARD = true, HYBRID_SHARD = true,
                     _HYBRID_SHARD_ZERO2 = true}
 local AC_MODES = {none = true, full = true, selective = true, offload = true}
+local DTYPES = {f32 = true, bf16 = true, f16 = true}
 
 local function key_of(name) return (name:gsub("-", "_")) end
 
@@ -93,6 +95,7 @@ function M.check(o)
   if o.lr <= 0 then return bad("--lr must be positive, got %s", tostring(o.lr)) end
   if o.save_every < 0 then return bad("--save-every must be >= 0") end
   if not STRATEGIES[o.strategy] then return bad("unknown --strategy '%s'", o.strategy) end
+  if not DTYPES[o.dtype] then return bad("unknown --dtype '%s' (expected f32, bf16 or f16)", o.dtype) end
   if not AC_MODES[o.ac] then return bad("unknown --ac '%s' (expected none, full, selective or offload)", o.ac) end
   if o.dim % o.heads ~= 0 then return bad("--heads %d must divide --dim %d", o.heads, o.dim) end
   if o.resume and not o.ckpt then return bad("--resume needs --ckpt DIR") end

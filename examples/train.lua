@@ -82,10 +82,24 @@ local function build(corpus, world)
   -- built on the meta device: each rank materialises only its shards (bitwise a full build's)
   local model = ms.device("meta", function() return gpt.GPT(config) end)
   apply_checkpointing(model)
+  -- --dtype bf16 | f16: gathered, computed and reduced in 16 bits; shards and optimizer state f32
+  local mixed_precision = opts.dtype ~= "f32" and {param_dtype = opts.dtype, buffer_dtype = opts.dtype} or nil
   fsdp.FSDP(model, {sharding_strategy = opts.strategy, device_mesh = device_mesh(world),
-                    auto_wrap_policy = fsdp.wrap_policy{gpt.Block}, param_init_fn = gpt.init_module})
+                    auto_wrap_policy = fsdp.wrap_policy{gpt.Block}, param_init_fn = gpt.init_module,
+                    mixed_precision = mixed_precision})
   local opt = optim.AdamW(model:parameters(), {lr = opts.lr, weight_decay = 0.01, betas = {0.9, 0.95}})
   return model, opt, lr_schedule(opt), config
+end
+
+-- f16 gradients need loss scaling (ms.amp.GradScaler); nil for the other dtypes.
+local function grad_scaler()
+  if opts.dtype ~= "f16" then return nil end
+  local amp = ms.amp
+  if not (amp and amp.GradScaler) then
+    error("train: --dtype f16 needs amp.GradScaler (loss scaling), which this moonshard does not have; " ..
+          "use --dtype bf16", 0)
+  end
+  return amp.GradScaler()
 end
 
 -- Gradients are DTensors whose local shards the optimizer's zero_grad leaves to the
@@ -112,11 +126,13 @@ local function train(rank, world)
   end
   local corpus = chars.load(opts.data)
   local model, opt, scheduler, config = build(corpus, world)
+  local scaler = grad_scaler()
   local rows = opts.batch / world
   local loader, sampler = data_loader(corpus, rows)
+  local stateful = {scheduler = scheduler, loader = loader, scaler = scaler}
   local first_step = 1
   if opts.resume then
-    first_step = checkpointing.resume(model, opt, {scheduler = scheduler, loader = loader}, opts.ckpt) + 1
+    first_step = checkpointing.resume(model, opt, stateful, opts.ckpt) + 1
   elseif opts.ckpt then
     checkpointing.check_fresh(opts.ckpt)
   end
@@ -125,9 +141,9 @@ local function train(rank, world)
     os.execute("mkdir -p '" .. opts.out .. "'")
     local params = 0
     for _, p in model:named_parameters() do params = params + p:numel() end
-    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters%s; world size %d, %s, --ac %s"):format(
+    print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters%s; world size %d, %s, --ac %s, --dtype %s"):format(
       config.layers, config.dim, config.heads, config.vocab, params, config.tie and " (tied embeddings)" or "",
-      world, opts.strategy, opts.ac))
+      world, opts.strategy, opts.ac, opts.dtype))
     meter = progress.new{total_steps = opts.steps, first_step = first_step, tokens_per_step = opts.batch * opts.seq,
                          metrics_path = opts.out .. "/metrics.jsonl", log_every = opts.log_every,
                          append = opts.resume}
@@ -141,16 +157,26 @@ local function train(rank, world)
     release_grads(model)
     opt:zero_grad()
     local loss = model(tokens, targets)
-    loss:backward()
+    if scaler then
+      scaler:scale(loss):backward()
+      scaler:unscale_(opt)
+    else
+      loss:backward()
+    end
     fsdp.clip_grad_norm_(model, 1.0)
-    opt:step()
+    if scaler then
+      scaler:step(opt)
+      scaler:update()
+    else
+      opt:step()
+    end
     scheduler:step()
     local mean_loss = global_loss(loss)
     loss:free(); tokens:free(); targets:free()
     if meter then meter:step(step, mean_loss, lr) end
     local save_now = opts.ckpt and ((opts.save_every > 0 and step % opts.save_every == 0) or step == last_step)
     if save_now then
-      checkpointing.save(model, opt, {scheduler = scheduler, loader = loader}, opts.ckpt, step, config)
+      checkpointing.save(model, opt, stateful, opts.ckpt, step, config)
     end
   end
   checkpointing.finish()

@@ -149,7 +149,7 @@ describe("FSDP options", function()
     local errors = dist.spawn(1, function()
       local out = {}
       local function try(fn, ...) local ok, err = pcall(fn, ...); out[#out + 1] = not ok and err or "no error" end
-      try(fsdp.FSDP, parity.Model(), {mixed_precision = {param_dtype = "bf16"}})
+      try(fsdp.FSDP, parity.Model(), {mixed_precision = {param_dtype = "bf16", keep_low_precision_grads = true}})
       try(fsdp.FSDP, parity.Model(), {cpu_offload = {offload_params = true, pin_memory = true}})
       try(fsdp.FSDP, parity.Model(), {process_group = dist.new_group({0}), device_mesh = dist.init_device_mesh({1})})
       local model = fsdp.FSDP(parity.Model())
@@ -159,7 +159,8 @@ describe("FSDP options", function()
       return out
     end)[1]
     assert.are.same({
-      "moonshard: FSDP: option 'mixed_precision' is not implemented",
+      "moonshard: FSDP: mixed_precision.keep_low_precision_grads = true is not supported: gradients land on " ..
+        "the full-precision shards the optimizer steps",
       "moonshard: FSDP: unknown cpu_offload option 'pin_memory' (expected offload_params)",
       "moonshard: FSDP: give either device_mesh or process_group, not both",
       "moonshard: set_state_dict_type: unknown state_dict_config option 'rank0_only' for SHARDED_STATE_DICT " ..

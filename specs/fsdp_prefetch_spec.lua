@@ -153,10 +153,10 @@ describe("FSDP prefetching", function()
   it("is off by default on host backends and rejects unknown settings", function()
     dist.spawn(2, function()
       local model = fsdp.FSDP(nn.Linear(4, 4))
-      assert.is_false(fsdp.unit_of(model).backward_prefetch)
-      assert.is_false(fsdp.unit_of(model).forward_prefetch)
+      assert.is_false(fsdp.unit_of(model).tree.backward_prefetch)
+      assert.is_false(fsdp.unit_of(model).tree.forward_prefetch)
       local chosen = fsdp.FSDP(nn.Linear(4, 4), {backward_prefetch = fsdp.BackwardPrefetch.BACKWARD_POST})
-      assert.are.equal("BACKWARD_POST", fsdp.unit_of(chosen).backward_prefetch)
+      assert.are.equal("BACKWARD_POST", fsdp.unit_of(chosen).tree.backward_prefetch)
       assert.has_error(function() fsdp.FSDP(nn.Linear(4, 4), {backward_prefetch = "BACKWARD_SOON"}) end,
                        "moonshard: FSDP: unknown backward_prefetch 'BACKWARD_SOON' (expected BACKWARD_PRE, BACKWARD_POST or false)")
       assert.has_error(function() fsdp.FSDP(nn.Linear(4, 4), {forward_prefetch = "yes"}) end,

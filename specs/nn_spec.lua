@@ -160,6 +160,57 @@ describe("nn", function()
       end)
     end)
 
+    it("runs state-dict hooks around state_dict and load_state_dict, as PyTorch's", function()
+      local m = nn.Linear(2, 2)
+      local calls = {}
+      local pre = m:register_state_dict_pre_hook(function(_, prefix) calls[#calls + 1] = "pre " .. prefix end)
+      local post = m:register_state_dict_post_hook(function(_, sd, prefix)
+        calls[#calls + 1] = "post " .. prefix
+        sd[prefix .. "extra"] = ms.zeros(1)
+      end)
+      local sd = m:state_dict({prefix = "p."})
+      assert.are.same({"pre p.", "post p."}, calls)
+      assert.is_not_nil(sd["p.extra"])
+      assert.is_not_nil(sd["p.weight"])
+      post.remove()
+      pre.remove()
+      local replace = m:register_state_dict_post_hook(function() return {only = ms.zeros(1)} end)
+      local keys = {}
+      for k in pairs(m:state_dict()) do keys[#keys + 1] = k end
+      assert.are.same({"only"}, keys)
+      replace.remove()
+      assert.is_nil(m:state_dict().only)
+      m:register_load_state_dict_pre_hook(function(_, incoming, strict)
+        assert.is_true(strict)
+        local out = {}
+        for k, v in pairs(incoming) do out[(k:gsub("^old%.", ""))] = v end
+        return out
+      end)
+      local seen
+      m:register_load_state_dict_post_hook(function(_, result) seen = result end)
+      local result = m:load_state_dict({["old.weight"] = ms.ones(2, 2), ["old.bias"] = ms.ones(2)})
+      assert.are.equal(result, seen)
+      assert.are.same({missing_keys = {}, unexpected_keys = {}}, seen)
+      assert.are.same({1, 1, 1, 1}, flat(m.weight))
+    end)
+
+    it("leaves non-persistent buffers out of loading as out of state_dict", function()
+      local m = nn.Linear(2, 2)
+      m:register_buffer("scratch", ms.zeros(3), false)
+      local sd = m:state_dict()
+      assert.is_nil(sd.scratch)
+      assert.are.same({missing_keys = {}, unexpected_keys = {}}, m:load_state_dict(sd))
+    end)
+
+    it("lists keys sorted and cuts long lists short, as FSDP and dcp do", function()
+      local sd = {}
+      for i = 12, 1, -1 do sd[("extra%02d"):format(i)] = ms.zeros(1) end
+      local ok, err = pcall(function() nn.Linear(2, 2):load_state_dict(sd) end)
+      assert.is_false(ok)
+      assert.are.equal("moonshard: load_state_dict: missing keys: bias, weight; unexpected keys: extra01, extra02, " ..
+                       "extra03, extra04, extra05, extra06, extra07, extra08, extra09, extra10 and 2 more", err)
+    end)
+
     it("non-strict loading reports the missing and unexpected keys and loads the rest", function()
       local source, target = Block(), Block()
       local sd = source:state_dict()

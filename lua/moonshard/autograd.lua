@@ -3,6 +3,7 @@
 -- Engine state lives in a per-call task, so backward may run inside a node's backward.
 local C = require "moonshard.ffi"
 local scope = require "moonshard.scope"
+local finally = require "moonshard.finally"
 local Tensor = require "moonshard.tensor"
 
 local lib, check, fail = C.lib, C.check, C.fail
@@ -15,7 +16,6 @@ local saved_hooks = {}    -- stack of {pack = fn, unpack = fn}
 local op_hooks = {}       -- stack of fn(op_name, compute, ...) around policy-visible ops
 local tasks = {}          -- stack of running backward tasks
 
-local function unpack_results(results) return unpack(results, 2, table.maxn(results)) end
 
 -- ---- grad mode ----
 
@@ -24,10 +24,7 @@ function M.is_grad_enabled() return grad_enabled end
 local function with_grad_mode(mode, fn, ...)
   local previous = grad_enabled
   grad_enabled = mode
-  local results = {pcall(fn, ...)}
-  grad_enabled = previous
-  if not results[1] then error(results[2], 0) end
-  return unpack_results(results)
+  return finally(function() grad_enabled = previous end, fn, ...)
 end
 
 function M.no_grad(fn, ...) return with_grad_mode(false, fn, ...) end
@@ -195,10 +192,7 @@ function M.saved_tensors_hooks(pack, unpack, fn, ...)
   end
   saved_hooks[#saved_hooks + 1] = {pack = pack, unpack = unpack}
   local depth = #saved_hooks
-  local results = {pcall(fn, ...)}
-  for i = #saved_hooks, depth, -1 do saved_hooks[i] = nil end
-  if not results[1] then error(results[2], 0) end
-  return unpack_results(results)
+  return finally(function() for i = #saved_hooks, depth, -1 do saved_hooks[i] = nil end end, fn, ...)
 end
 
 -- The innermost active saved-tensor hooks ({pack =, unpack =}), or nil.
@@ -219,10 +213,7 @@ end
 function M.with_op_hook(hook, fn, ...)
   op_hooks[#op_hooks + 1] = hook
   local depth = #op_hooks
-  local results = {pcall(fn, ...)}
-  for i = #op_hooks, depth, -1 do op_hooks[i] = nil end
-  if not results[1] then error(results[2], 0) end
-  return unpack_results(results)
+  return finally(function() for i = #op_hooks, depth, -1 do op_hooks[i] = nil end end, fn, ...)
 end
 
 -- ---- engine ----

@@ -3,6 +3,7 @@
 local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
+local finally = require "moonshard.finally"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -88,10 +89,7 @@ M._world = world
 function M._with_world(group, fn, ...)
   local previous = state.override
   state.override = group
-  local results = {pcall(fn, ...)}
-  state.override = previous
-  if not results[1] then error(results[2], 0) end
-  return unpack(results, 2)
+  return finally(function() state.override = previous end, fn, ...)
 end
 
 local function group_of(opts, what)

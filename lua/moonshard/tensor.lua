@@ -3,6 +3,7 @@
 local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local scope = require "moonshard.scope"
+local finally = require "moonshard.finally"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -207,10 +208,7 @@ function Tensor.with_device(device, fn, ...)
   if type(fn) ~= "function" then fail("device", "expected a function to run, got %s", type(fn)) end
   local saved = default_device
   default_device = device
-  local results = {pcall(fn, ...)}
-  default_device = saved
-  if not results[1] then error(results[2], 0) end
-  return unpack(results, 2, table.maxn(results))
+  return finally(function() default_device = saved end, fn, ...)
 end
 
 function Tensor.empty(...)

@@ -6,6 +6,7 @@ local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local random = require "moonshard.random"
 local scope = require "moonshard.scope"
+local finally = require "moonshard.finally"
 local selective = require "moonshard.ac.selective"
 local stats = require "moonshard.ac.stats"
 
@@ -105,10 +106,7 @@ local function with_rng(state, fn, ...)
   if not state then return fn(...) end
   local outer = random.get_rng_state()
   random.set_rng_state(state)
-  local results = pack_results(pcall(fn, ...))
-  random.set_rng_state(outer)
-  if not results[1] then error(results[2], 0) end
-  return unpack(results, 2, results.n)
+  return finally(function() random.set_rng_state(outer) end, fn, ...)
 end
 
 -- Raised by a recomputation's last save: what follows in the region is not needed.

@@ -65,11 +65,8 @@ local function wrap_call(module, kind, around)
   if rawget(module, "_ac_wrapper") then
     fail(kind, "module %s is already wrapped by %s", module.__name or "?", rawget(module, "_ac_wrapper"))
   end
-  local inner_call = module._call
   rawset(module, "_ac_wrapper", kind)
-  rawset(module, "_call", function(self, ...)
-    return around(function(...) return inner_call(self, ...) end, ...)
-  end)
+  module:register_call_wrapper(around)
   return module
 end
 

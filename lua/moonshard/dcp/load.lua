@@ -11,21 +11,13 @@ local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
 local exchange = require "moonshard.dcp.exchange"
 local host = require "moonshard.dcp.host"
+local state_keys = require "moonshard.state_keys"
 
 local ffi = require "ffi"
 local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-local LISTED_KEYS = 10
-
-local function key_list(keys)
-  table.sort(keys)
-  local shown = {unpack(keys, 1, math.min(#keys, LISTED_KEYS))}
-  local text = table.concat(shown, ", ")
-  if #keys > LISTED_KEYS then text = text .. string.format(" and %d more", #keys - LISTED_KEYS) end
-  return text
-end
 
 local function check_options(opts, what)
   if opts == nil then return {} end
@@ -89,19 +81,15 @@ local function load_from(s, leaves, dir, opts, what)
   end
   local where = string.format("%s: step %d", dir, step)
   local _, stored = handle.entries(s, step, what)
-  local missing, unexpected, wanted = {}, {}, {}
-  for _, leaf in ipairs(leaves) do
-    wanted[leaf.fqn] = true
-    if not stored[leaf.fqn] then missing[#missing + 1] = leaf.fqn end
+  local wanted = {}
+  for i, leaf in ipairs(leaves) do wanted[i] = leaf.fqn end
+  local missing, unexpected = state_keys.compare(wanted, stored)
+  if #missing > 0 then
+    fail(what, "%s: %s", where, state_keys.describe(missing, nil, {missing = "(in the state dict, not in the checkpoint)"}))
   end
-  for fqn in pairs(stored) do
-    if not wanted[fqn] then unexpected[#unexpected + 1] = fqn end
-  end
-  if #missing > 0 then fail(what, "%s: missing keys (in the state dict, not in the checkpoint): %s",
-                            where, key_list(missing)) end
   if opts.strict ~= false and #unexpected > 0 then
-    fail(what, "%s: unexpected keys (in the checkpoint, not in the state dict; pass strict = false " ..
-         "to ignore them): %s", where, key_list(unexpected))
+    fail(what, "%s: %s", where, state_keys.describe(nil, unexpected, {
+      unexpected = "(in the checkpoint, not in the state dict; pass strict = false to ignore them)"}))
   end
   for _, leaf in ipairs(leaves) do check_leaf(leaf, stored[leaf.fqn], where, what) end
   local rank = exchange.world()

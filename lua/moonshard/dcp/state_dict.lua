@@ -7,12 +7,12 @@ local autograd = require "moonshard.autograd"
 local placement = require "moonshard.placement"
 local scope = require "moonshard.scope"
 local Module = require "moonshard.nn.module"
+local state_keys = require "moonshard.state_keys"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-local LISTED_KEYS = 10
 local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
 local OPTION_KEYS = {full_state_dict = true, cpu_offload = true, strict = true}
 
@@ -45,21 +45,6 @@ local function optimizer_list(optimizers, what)
     if not is_optimizer(opt) then fail(what, "optimizer %d is a %s, not an optimizer", i, type(opt)) end
   end
   return optimizers
-end
-
-local function key_list(keys)
-  local shown = {unpack(keys, 1, math.min(#keys, LISTED_KEYS))}
-  local text = table.concat(shown, ", ")
-  if #keys > LISTED_KEYS then text = text .. string.format(" and %d more", #keys - LISTED_KEYS) end
-  return text
-end
-
--- "missing keys: ...; unexpected keys: ..." for the non-empty lists.
-local function mismatch(missing, unexpected)
-  local parts = {}
-  if #missing > 0 then parts[#parts + 1] = "missing keys: " .. key_list(missing) end
-  if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. key_list(unexpected) end
-  return table.concat(parts, "; ")
 end
 
 -- Parameters and persistent buffers in registration order, each under every name it has
@@ -280,7 +265,7 @@ local function plan_model(model, msd, opts, what)
   table.sort(unexpected)
   if opts.strict and (#missing > 0 or #unexpected > 0) then
     fail(what, "the model state dict does not match the model (nothing was loaded; strict = false loads " ..
-         "the keys that match): %s", mismatch(missing, unexpected))
+         "the keys that match): %s", state_keys.describe(missing, unexpected))
   end
   for _, c in ipairs(copies) do check_value(c.fqn, c.target, c.source, what) end
   return copies, {missing_keys = missing, unexpected_keys = unexpected}
@@ -330,7 +315,7 @@ local function plan_optimizers(model, optimizers, osd, opts, what)
   table.sort(unexpected)
   if opts.strict and (#missing > 0 or #unexpected > 0) then
     fail(what, "the optimizer state dict does not match the optimizers' parameters (nothing was loaded; " ..
-         "strict = false loads the keys that match): %s", mismatch(missing, unexpected))
+         "strict = false loads the keys that match): %s", state_keys.describe(missing, unexpected))
   end
   local hyper = {}
   for g, saved in ipairs(saved_groups) do

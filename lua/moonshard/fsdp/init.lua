@@ -11,6 +11,9 @@ local grad_norm = require "moonshard.nn.utils"
 local stats = require "moonshard.fsdp.stats"
 local prefetch = require "moonshard.fsdp.prefetch"
 local materialize = require "moonshard.fsdp.materialize"
+local mixed_precision = require "moonshard.fsdp.mixed_precision"
+local Tree = require "moonshard.fsdp.tree"
+local finally = require "moonshard.finally"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -43,20 +46,21 @@ local function tensors_in(value, out)
   return out
 end
 
-local function finish_backward(root_unit)
-  for _, unit in ipairs(root_unit.tree) do
+local function finish_backward(tree)
+  for _, unit in ipairs(tree.units) do
     if not unit.no_sync then unit:reduce_grads() end
     unit:reshard()
     unit:reset_iteration()
   end
-  root_unit.callback_queued = false
+  tree.callback_queued = false
 end
 
 local function pre_backward(unit)
   return function()
-    if unit.is_root and not unit.callback_queued then
-      unit.callback_queued = true
-      autograd.queue_callback(function() finish_backward(unit) end)
+    local tree = unit.tree
+    if tree:is_root(unit) and not tree.callback_queued then
+      tree.callback_queued = true
+      autograd.queue_callback(function() finish_backward(tree) end)
     end
     unit:unshard()
     prefetch.on_backward(unit, "BACKWARD_PRE")
@@ -66,17 +70,22 @@ local function pre_backward(unit)
 end
 
 local function pre_forward(unit)
-  return function()
-    if unit.is_root and not autograd.in_backward() then
-      for _, u in ipairs(unit.tree) do
+  return function(_, args)
+    local tree = unit.tree
+    if tree:is_root(unit) and not autograd.in_backward() then
+      for _, u in ipairs(tree.units) do
         u:reshard()
         u:reset_iteration()
       end
-      prefetch.begin_forward(unit)
+      prefetch.begin_forward(tree)
     end
     unit:unshard()
     prefetch.on_forward(unit)
     unit:expose(true)
+    local mp = unit.mp
+    if mp and mp.param_dtype and (mp.cast_forward_inputs or (tree:is_root(unit) and mp.cast_root_forward_params)) then
+      return mixed_precision.cast_inputs(args, mp.param_dtype)
+    end
   end
 end
 
@@ -85,6 +94,7 @@ end
 -- backward); otherwise they are freed now.
 local function post_forward(unit)
   return function(_, _, output)
+    local is_root = unit.tree:is_root(unit)
     local grad_on = autograd.is_grad_enabled()
     if grad_on then
       for _, t in ipairs(tensors_in(output, {})) do
@@ -92,13 +102,13 @@ local function post_forward(unit)
       end
     end
     local keep = autograd.in_backward() or
-                 (grad_on and (unit.is_root or not unit.strategy.reshard_after_forward))
+                 (grad_on and (is_root or not unit.strategy.reshard_after_forward))
     if keep then
       unit:expose(false)
     else
       unit:reshard()
     end
-    if unit.is_root and not autograd.in_backward() then prefetch.end_forward(unit) end
+    if is_root and not autograd.in_backward() then prefetch.end_forward(unit.tree) end
   end
 end
 
@@ -148,8 +158,8 @@ local KNOWN_OPTIONS = {
   sharding_strategy = true, device_mesh = true, process_group = true, cpu_offload = true, use_orig_params = true,
   auto_wrap_policy = true, sync_module_states = true, forward_prefetch = true, backward_prefetch = true,
   param_init_fn = true, ignored_modules = true, ignored_states = true, limit_all_gathers = true, device_id = true,
+  mixed_precision = true,
 }
-local NOT_IMPLEMENTED = {mixed_precision = true}
 
 local function check_options(opts)
   local strategy = opts.sharding_strategy or "FULL_SHARD"
@@ -158,7 +168,6 @@ local function check_options(opts)
          "HYBRID_SHARD or _HYBRID_SHARD_ZERO2)", tostring(strategy))
   end
   for key in pairs(opts) do
-    if NOT_IMPLEMENTED[key] then fail("FSDP", "option '%s' is not implemented", tostring(key)) end
     if not KNOWN_OPTIONS[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
   end
   if opts.auto_wrap_policy ~= nil and type(opts.auto_wrap_policy) ~= "function" then
@@ -227,7 +236,7 @@ local function plan_wrap(module, policy, ignored)
   local list = {}
   local function visit(m, is_top)
     if ignored.modules[m] then return end
-    for _, name in ipairs(m._module_order) do visit(m._modules[name], false) end
+    for _, child in m:named_children() do visit(child, false) end
     if is_top or (policy and not unit_of(m) and policy(m)) then list[#list + 1] = m end
   end
   visit(module, true)
@@ -251,8 +260,7 @@ local function assign(module, to_wrap, ignored)
     end
     local own_modules = modules[owner]
     own_modules[#own_modules + 1] = m
-    for _, name in ipairs(m._param_order) do
-      local p = m._parameters[name]
+    for name, p in m:named_parameters({recurse = false, remove_duplicate = false}) do
       if Tensor.is_tensor(p) and not ignored.params[p] then
         local use = first_use[p]
         if use == nil then
@@ -267,8 +275,8 @@ local function assign(module, to_wrap, ignored)
         end
       end
     end
-    for _, child_name in ipairs(m._module_order) do
-      visit(m._modules[child_name], prefix .. child_name .. ".", owner)
+    for child_name, child in m:named_children() do
+      visit(child, prefix .. child_name .. ".", owner)
     end
   end
   visit(module, "", module)
@@ -296,21 +304,23 @@ local function wrap_one(module, owned, modules, config)
   rawset(module, "_fsdp_unit", unit)
   unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
-  state_dict.install(module, unit)
   materialize.run(unit, modules, config.param_init_fn, config.pool or 0)
+  if config.mp and config.mp.buffer_dtype then
+    unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
+  end
   return unit
 end
 
 local function unwrap(module, unit)
   unit:undo()
+  if unit.cast_buffers then mixed_precision.restore_buffers(unit.cast_buffers) end
   rawset(module, "_fsdp_unit", nil)
-  state_dict.uninstall(module)
 end
 
 -- FSDP(module, {sharding_strategy, device_mesh | process_group, cpu_offload = {offload_params},
 --               use_orig_params, auto_wrap_policy, sync_module_states, forward_prefetch,
 --               backward_prefetch, limit_all_gathers, param_init_fn, ignored_modules |
---               ignored_states, device_id}) -> module
+--               ignored_states, device_id, mixed_precision}) -> module
 function fsdp.FSDP(module, opts)
   opts = opts or {}
   if not Module.is_module(module) then fail("FSDP", "expected an nn.Module, got %s", type(module)) end
@@ -325,7 +335,8 @@ function fsdp.FSDP(module, opts)
   local owned, modules = assign(module, to_wrap, ignored)
   local config = {strategy = strategy, mesh = mesh, pool = resolve_device(opts.device_id),
                   offload = opts.cpu_offload and opts.cpu_offload.offload_params or false,
-                  param_init_fn = opts.param_init_fn or materialize.default_init}
+                  param_init_fn = opts.param_init_fn or materialize.default_init,
+                  mp = mixed_precision.resolve(opts.mixed_precision)}
   if opts.sync_module_states then sync_states(module, mesh) end
   local built = {}
   local ok, err = pcall(autograd.no_grad, function()
@@ -343,16 +354,11 @@ function fsdp.FSDP(module, opts)
     error(err, 0)
   end
   for _, entry in ipairs(built) do entry[2]:commit() end
-  local root = unit_of(module)
-  root.tree = units_under(module)
-  for _, unit in ipairs(root.tree) do
-    unit.is_root, unit.root = unit == root, root
-    if unit ~= root then unit.tree = nil end
-  end
-  root.forward_prefetch = opts.forward_prefetch or false
-  root.limit_all_gathers = opts.limit_all_gathers ~= false
-  root.backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch,
-                                                     mesh:get_group(mesh:ndim() - 1).backend)
+  local tree = Tree.new(units_under(module), {
+    forward_prefetch = opts.forward_prefetch or false, limit_all_gathers = opts.limit_all_gathers ~= false,
+    backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch, mesh:get_group(mesh:ndim() - 1).backend),
+  })
+  tree.hooks = state_dict.install(module)
   rawset(module, "no_sync", fsdp.no_sync)
   return module
 end
@@ -375,29 +381,31 @@ end
 -- Run fn with gradient reduction off: gradients accumulate unsharded until a backward
 -- outside no_sync reduces them all.
 function fsdp.no_sync(model, fn, ...)
-  local root = unit_of(model)
-  if not root or not root.tree then fail("no_sync", "expects the root FSDP module") end
-  for _, unit in ipairs(root.tree) do unit.no_sync = true end
-  local results = {pcall(fn, ...)}
-  for _, unit in ipairs(root.tree) do unit.no_sync = false end
-  if not results[1] then error(results[2], 0) end
-  return unpack(results, 2, table.maxn(results))
+  local tree = Tree.rooted_at(unit_of(model))
+  if not tree then fail("no_sync", "expects the root FSDP module") end
+  for _, unit in ipairs(tree.units) do unit.no_sync = true end
+  return finally(function() for _, unit in ipairs(tree.units) do unit.no_sync = false end end, fn, ...)
 end
 
--- Run fn with every unit's full parameters exposed; with writeback (default) changes made
--- to them are copied back into the shards.
+-- Run fn with every unit's full parameters exposed (in full precision under mixed
+-- precision); with writeback (default) changes made to them are copied back into the shards.
 function fsdp.summon_full_params(model, fn, opts)
-  local root = unit_of(model)
-  if not root or not root.tree then fail("summon_full_params", "expects the root FSDP module") end
+  local tree = Tree.rooted_at(unit_of(model))
+  if not tree then fail("summon_full_params", "expects the root FSDP module") end
   local writeback = not (opts and opts.writeback == false)
-  for _, unit in ipairs(root.tree) do unit:unshard(); unit:expose(true) end
+  local full, fresh = {}, {}
+  for i, unit in ipairs(tree.units) do
+    full[i], fresh[i] = unit:full_params()
+    unit:expose(true, full[i])
+  end
   local results = {pcall(fn)}
   if results[1] and writeback then
     autograd.no_grad(function()
-      for _, unit in ipairs(root.tree) do
-        for _, p in ipairs(unit.params) do
+      for i, unit in ipairs(tree.units) do
+        for j, p in ipairs(unit.params) do
+          local whole = full[i][j]
           if p.local_rows > 0 then
-            local rows = #p.shape > 0 and p.unsharded:narrow(0, p.local_start, p.local_rows) or p.unsharded
+            local rows = #p.shape > 0 and whole:narrow(0, p.local_start, p.local_rows) or whole
             check(lib.ms_copy(p.sharded._local._c, rows._c), "summon_full_params")
             p.sharded._local:_bump_version()
           end
@@ -405,7 +413,11 @@ function fsdp.summon_full_params(model, fn, opts)
       end
     end)
   end
-  for _, unit in ipairs(root.tree) do unit:reshard() end
+  for i, unit in ipairs(tree.units) do
+    unit:expose(false)
+    unit:reshard()
+    if fresh[i] then for _, t in ipairs(full[i]) do t:_release() end end
+  end
   if not results[1] then error(results[2], 0) end
   return unpack(results, 2, table.maxn(results))
 end
@@ -418,11 +430,12 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
     fail("clip_grad_norm_", "max_norm must be a non-negative number, got %s", tostring(max_norm))
   end
   local p = grad_norm.norm_type(norm_type, "clip_grad_norm_")
-  local root = unit_of(model)
-  if not root or not root.tree then fail("clip_grad_norm_", "expects the root FSDP module") end
+  local tree = Tree.rooted_at(unit_of(model))
+  if not tree then fail("clip_grad_norm_", "expects the root FSDP module") end
+  local root = tree.root
   local sharded, replicated = 0, 0
   local grads = {}
-  for _, unit in ipairs(root.tree) do
+  for _, unit in ipairs(tree.units) do
     for _, param in ipairs(unit.params) do
       local grad = rawget(param.sharded, "grad")
       if grad then
@@ -438,8 +451,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
     end
   end
   for _, m in model:named_modules() do
-    for _, name in ipairs(m._param_order) do
-      local param = m._parameters[name]
+    for _, param in m:named_parameters({recurse = false, remove_duplicate = false}) do
       local g = Tensor.is_tensor(param) and rawget(param, "grad")
       if g then
         grads[#grads + 1] = g
@@ -459,6 +471,7 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   return norm
 end
 
+fsdp.MixedPrecision = function(policy) return mixed_precision.validate(policy) end
 fsdp.BackwardPrefetch = {BACKWARD_PRE = "BACKWARD_PRE", BACKWARD_POST = "BACKWARD_POST"}
 fsdp.stats, fsdp.reset_stats = stats.snapshot, stats.reset
 fsdp.set_state_dict_type = state_dict.set_state_dict_type

@@ -2,7 +2,6 @@
 -- device gets only its local shards, which param_init_fn (default: reset_parameters) fills.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
-local scope = require "moonshard.scope"
 
 local fail = C.fail
 
@@ -15,12 +14,11 @@ end
 
 -- Give the meta buffers of module uninitialised storage in pool (kept for undo).
 local function materialise_buffers(unit, module, pool)
-  for _, name in ipairs(module._buffer_order) do
-    local b = module._buffers[name]
+  for name, b in module:named_buffers({recurse = false, remove_duplicate = false}) do
     if Tensor.is_meta(b) then
       local fresh = Tensor.empty_raw(b:shape(), Tensor.dtype_id(b:dtype(), "FSDP"), pool)
       rawset(fresh, "_init_draws", rawget(b, "_init_draws"))
-      module._buffers[name] = scope.keep(fresh)
+      module:set_buffer(name, fresh)
       unit.materialised_buffers[#unit.materialised_buffers + 1] =
         {module = module, name = name, original = b, fresh = fresh, version = fresh:_version()}
     end
@@ -28,8 +26,8 @@ local function materialise_buffers(unit, module, pool)
 end
 
 local function has_meta_buffer(module)
-  for _, name in ipairs(module._buffer_order) do
-    if Tensor.is_meta(module._buffers[name]) then return true end
+  for _, b in module:named_buffers({recurse = false, remove_duplicate = false}) do
+    if Tensor.is_meta(b) then return true end
   end
   return false
 end

@@ -17,17 +17,17 @@ function M.resolve_backward(option, backend)
   return option
 end
 
--- Root's pre-forward outside backward: the first forward records the order, later ones
--- walk it.
-function M.begin_forward(root)
-  root.forward_cursor = 0
-  if not root.forward_order then root.recording = {} end
+-- The tree's root starts a forward outside backward: the first forward records the order,
+-- later ones walk it.
+function M.begin_forward(tree)
+  tree.forward_cursor = 0
+  if not tree.forward_order then tree.recording = {} end
 end
 
--- Root's post-forward: the recorded order is fixed from now on.
-function M.end_forward(root)
-  if root.recording then
-    root.forward_order, root.recording = root.recording, nil
+-- The root's post-forward: the recorded order is fixed from now on.
+function M.end_forward(tree)
+  if tree.recording then
+    tree.forward_order, tree.recording = tree.recording, nil
   end
 end
 
@@ -35,9 +35,9 @@ end
 -- at most one prefetched all-gather buffer is alive at a time (a unit gathered ahead and
 -- not yet run keeps the next one from starting).
 local function prefetch(unit)
-  local root = unit.root
-  if root.limit_all_gathers then
-    for _, u in ipairs(root.tree) do
+  local tree = unit.tree
+  if tree.limit_all_gathers then
+    for _, u in ipairs(tree.units) do
       if u.gathering and u ~= unit then return end
     end
   end
@@ -46,31 +46,31 @@ end
 
 -- A unit starts its forward: record it (first forward) and gather the next unit.
 function M.on_forward(unit)
-  local root = unit.root
-  if autograd.in_backward() or not root.forward_cursor then return end
-  root.forward_cursor = root.forward_cursor + 1
-  if root.recording then
-    local order = root.recording
+  local tree = unit.tree
+  if autograd.in_backward() or not tree.forward_cursor then return end
+  tree.forward_cursor = tree.forward_cursor + 1
+  if tree.recording then
+    local order = tree.recording
     order[#order + 1] = unit
     if not unit.forward_index then unit.forward_index = #order end
     return
   end
-  if root.forward_prefetch then
-    local next_unit = root.forward_order[root.forward_cursor + 1]
+  if tree.forward_prefetch then
+    local next_unit = tree.forward_order[tree.forward_cursor + 1]
     if next_unit and next_unit ~= unit then prefetch(next_unit) end
   end
 end
 
 -- The unit backward reaches after this one: the one that ran before it in forward.
 function M.backward_next(unit)
-  local order = unit.root.forward_order
+  local order = unit.tree.forward_order
   local index = unit.forward_index
   return order and index and order[index - 1] or nil
 end
 
 -- A unit starts its backward (mode BACKWARD_PRE) or has all its gradients (BACKWARD_POST).
 function M.on_backward(unit, mode)
-  if unit.root.backward_prefetch ~= mode then return end
+  if unit.tree.backward_prefetch ~= mode then return end
   local next_unit = M.backward_next(unit)
   if next_unit then prefetch(next_unit) end
 end

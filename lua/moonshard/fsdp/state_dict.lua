@@ -6,6 +6,8 @@ local Tensor = require "moonshard.tensor"
 local DTensor = require "moonshard.dtensor"
 local autograd = require "moonshard.autograd"
 local placement = require "moonshard.placement"
+local Tree = require "moonshard.fsdp.tree"
+local state_keys = require "moonshard.state_keys"
 
 local lib, check, fail = C.lib, C.check, C.fail
 
@@ -17,7 +19,7 @@ local function dist() return require "moonshard.dist" end
 
 local function settings_of(module)
   local unit = rawget(module, "_fsdp_unit")
-  return unit and unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
+  return unit and unit.tree and unit.tree.state_dict_settings or {type = "SHARDED_STATE_DICT"}
 end
 
 -- The settings a state-dict config table may hold, per type (as PyTorch's configs).
@@ -52,32 +54,25 @@ function M.set_state_dict_type(model, kind, config, optim_config)
     fail("set_state_dict_type", "unknown state dict type '%s' (expected SHARDED_STATE_DICT, " ..
          "FULL_STATE_DICT or LOCAL_STATE_DICT)", tostring(kind))
   end
-  local unit = rawget(model, "_fsdp_unit")
-  if not unit or not unit.tree then fail("set_state_dict_type", "expects the root FSDP module") end
+  local tree = Tree.rooted_at(rawget(model, "_fsdp_unit"))
+  if not tree then fail("set_state_dict_type", "expects the root FSDP module") end
   config = check_config(kind, config, "state_dict_config")
   optim_config = check_config(kind, optim_config, "optim_state_dict_config")
   local settings = {type = kind, rank0_only = config.rank0_only or false, offload_to_cpu = config.offload_to_cpu or false,
                     optim = {type = kind, rank0_only = optim_config.rank0_only or false,
                              offload_to_cpu = optim_config.offload_to_cpu or false}}
-  for _, u in ipairs(unit.tree) do u.state_dict_settings = settings end
+  tree.state_dict_settings = settings
 end
 
 -- Every parameter and persistent buffer in registration order: {fqn, value, is_buffer}; a
--- tied parameter appears under each of its names (the same value).
+-- tied parameter appears under each of its names (the same value), a shared buffer once.
 local function entries(model)
   local out, seen = {}, {}
-  for prefix, m in model:named_modules() do
-    local base = prefix == "" and "" or prefix .. "."
-    for _, name in ipairs(m._param_order) do
-      local p = m._parameters[name]
-      if p then out[#out + 1] = {base .. name, p} end
-    end
-    for _, name in ipairs(m._buffer_order) do
-      local b = m._buffers[name]
-      if b and not seen[b] and not m._non_persistent[name] then
-        seen[b] = true
-        out[#out + 1] = {base .. name, b, true}
-      end
+  for _, entry in ipairs(model:state_dict_entries()) do
+    local value = entry[2]
+    if not entry[3] or not seen[value] then
+      seen[value] = true
+      out[#out + 1] = entry
     end
   end
   return out
@@ -163,13 +158,34 @@ local function export(value, settings)
   return exported
 end
 
-local function model_state_dict(model)
+-- Buffers that mixed precision cast to buffer_dtype -> their original dtype names.
+local function cast_buffer_dtypes(model)
+  local unit = rawget(model, "_fsdp_unit")
+  local out = {}
+  for _, u in ipairs(unit and unit.tree and unit.tree.units or {}) do
+    for _, r in ipairs(u.cast_buffers or {}) do out[r.module[r.name]] = r.dtype end
+  end
+  return out
+end
+
+-- A full state dict holds a cast buffer in its original dtype (a copy, as PyTorch's).
+local function export_full_buffer(value, dtype, settings)
+  local pool = settings.offload_to_cpu and Tensor.pool_id("host", "state_dict") or value._c.storage.pool
+  local copy = Tensor.empty_raw(value:shape(), Tensor.dtype_id(dtype, "state_dict"), pool)
+  check(lib.ms_copy(copy._c, value._c), "state_dict")
+  return copy
+end
+
+-- The root's state-dict post hook: the values laid out as the tree's settings ask.
+local function model_state_dict(model, _, prefix)
   local settings = settings_of(model)
   local out, done = {}, {}
+  local cast = settings.type == "FULL_STATE_DICT" and cast_buffer_dtypes(model) or {}
   for _, entry in ipairs(entries(model)) do
     local fqn, value = entry[1], entry[2]
+    if done[value] == nil and cast[value] then done[value] = export_full_buffer(value, cast[value], settings) end
     if done[value] == nil then done[value] = export(value, settings) or false end
-    if done[value] then out[fqn] = done[value] end
+    if done[value] then out[prefix .. fqn] = done[value] end
   end
   return out
 end
@@ -188,17 +204,17 @@ local function local_rows_of(full, target)
   return length > 0 and full:narrow(0, start, length) or nil
 end
 
--- Copy source (a DTensor, a full tensor, or for LOCAL_STATE_DICT a local tensor) into the
--- target: a sharded parameter's local rows, or a plain tensor.
-local function import(fqn, target, source, settings)
+-- What source (a DTensor, a full tensor, or for LOCAL_STATE_DICT a local tensor) gives the
+-- target: a plain tensor of the target's shape, or for a sharded parameter its local rows
+-- (an empty tensor where this rank holds none).
+local function local_value(fqn, target, source, settings)
   if not (Tensor.is_tensor(source) or DTensor.is_dtensor(source)) then
     fail("load_state_dict", "value for '%s' is a %s, not a tensor", fqn, type(source))
   end
   if not DTensor.is_dtensor(target) then
     local value = DTensor.is_dtensor(source) and source:full_tensor() or source
     if not (value:shape() == target:shape()) then shape_mismatch(fqn, value:shape(), target:shape()) end
-    check(lib.ms_copy(target._c, value._c), "load_state_dict")
-    return
+    return value
   end
   local local_target = target:to_local()
   local value
@@ -216,37 +232,30 @@ local function import(fqn, target, source, settings)
     if not (source:shape() == target:shape()) then shape_mismatch(fqn, source:shape(), target:shape()) end
     value = local_rows_of(source, target)
   end
-  if value then
-    if value:dtype() ~= local_target:dtype() then
-      fail("load_state_dict", "dtype mismatch for '%s': checkpoint has %s, model has %s", fqn, value:dtype(),
-           local_target:dtype())
-    end
-    check(lib.ms_copy(local_target._c, value._c), "load_state_dict")
+  if value and value:dtype() ~= local_target:dtype() then
+    fail("load_state_dict", "dtype mismatch for '%s': checkpoint has %s, model has %s", fqn, value:dtype(),
+         local_target:dtype())
   end
-  local_target:_bump_version()
+  return value or Tensor.empty_raw(local_target:shape(), local_target._c.dtype, local_target._c.storage.pool)
 end
 
-local function model_load_state_dict(model, sd, opts)
-  if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
+-- Copy source into target (a plain tensor or a DTensor's local shard).
+local function import(fqn, target, source, settings)
+  local value = local_value(fqn, target, source, settings)
+  local dst = DTensor.is_dtensor(target) and target:to_local() or target
+  check(lib.ms_copy(dst._c, value._c), "load_state_dict")
+  dst:_bump_version()
+end
+
+-- The root's load pre hook: a state dict nn.Module's loading copies from, each sharded
+-- parameter's value turned into this rank's rows (rank0_only: broadcast from rank 0 first),
+-- in registration order (loading may gather: every rank the same order).
+local function prepare_load(model, sd)
   local settings = settings_of(model)
-  local strict = not (opts and opts.strict == false)
-  local known, missing, unexpected = {}, {}, {}
-  local list = entries(model)
-  for _, entry in ipairs(list) do
-    known[entry[1]] = true
-    if sd[entry[1]] == nil then missing[#missing + 1] = entry[1] end
-  end
-  for key in pairs(sd) do if not known[key] then unexpected[#unexpected + 1] = key end end
-  table.sort(unexpected)
   local rank0_only_receiver = settings.type == "FULL_STATE_DICT" and settings.rank0_only
-  if strict and not rank0_only_receiver and (#missing > 0 or #unexpected > 0) then
-    local parts = {}
-    if #missing > 0 then parts[#parts + 1] = "missing keys: " .. table.concat(missing, ", ") end
-    if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. table.concat(unexpected, ", ") end
-    fail("load_state_dict", "%s", table.concat(parts, "; "))
-  end
+  local prepared = {}
   autograd.no_grad(function()
-    for _, entry in ipairs(list) do
+    for _, entry in ipairs(entries(model)) do
       local fqn, target = entry[1], entry[2]
       local source = sd[fqn]
       if rank0_only_receiver and DTensor.is_dtensor(target) then
@@ -255,21 +264,26 @@ local function model_load_state_dict(model, sd, opts)
         dist().broadcast(full, 0)
         source = full
       end
-      if source ~= nil then import(fqn, target, source, settings) end
+      if source ~= nil then
+        prepared[fqn] = local_value(fqn, target, source, settings)
+      elseif rank0_only_receiver then
+        prepared[fqn] = DTensor.is_dtensor(target) and target:to_local() or target -- left as it is
+      end
     end
   end)
-  return {missing_keys = missing, unexpected_keys = unexpected}
+  if not rank0_only_receiver then
+    local known = {}
+    for _, entry in ipairs(model:state_dict_entries()) do known[entry[1]] = true end
+    for key, value in pairs(sd) do if not known[key] then prepared[key] = value end end
+  end
+  return prepared
 end
 
-function M.install(module, unit)
-  unit.state_dict_settings = unit.state_dict_settings or {type = "SHARDED_STATE_DICT"}
-  rawset(module, "state_dict", model_state_dict)
-  rawset(module, "load_state_dict", model_load_state_dict)
-end
-
-function M.uninstall(module)
-  rawset(module, "state_dict", nil)
-  rawset(module, "load_state_dict", nil)
+-- Handles of the hooks that make the tree rooted at module give and take state dicts as
+-- its settings say.
+function M.install(module)
+  return {module:register_state_dict_post_hook(model_state_dict),
+          module:register_load_state_dict_pre_hook(prepare_load)}
 end
 
 -- ---- optimizer state ----

@@ -42,13 +42,15 @@ local function is_released(t) return t._c.storage.released ~= 0 end
 -- Build a unit for module over the given owned parameters: {module, name, fqn, tensor,
 -- aliases = {{module, name, fqn}, ...}} (aliases: the other slots of a tied parameter).
 -- config: strategy name, mesh, offload (bool), pool (where shards of meta parameters go,
--- and every shard when device_id was given). The originals stay until Unit:commit.
+-- and every shard when device_id was given), mp (a resolved mixed-precision policy or nil:
+-- the unsharded parameters are param_dtype, gradients reduce in reduce_dtype and land on
+-- the shards in their own dtype). The originals stay until Unit:commit.
 function Unit.new(module, owned, config)
   local strategy = STRATEGIES[config.strategy]
   local mesh = config.mesh
   local self = setmetatable({
     module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
-    offload = config.offload, params = {}, per_rank_numel = 0, unsharded = false,
+    offload = config.offload, mp = config.mp, params = {}, per_rank_numel = 0, unsharded = false,
     received = 0, needs_grad = 0, reduced = false, hooks = {},
   }, Unit)
   if strategy.shard then
@@ -107,12 +109,14 @@ function Unit:add_param(entry, shard_pool, compute_pool)
   local sharded = DTensor.new(local_tensor, self.mesh, self.placements, shape)
   sharded._is_param, sharded.requires_grad = true, full.requires_grad
   if meta then sharded._init_draws = rawget(full, "_init_draws") end
-  local shares_shard = not self.strategy.shard and not self.offload
+  local compute_dtype = self.mp and self.mp.param_dtype and Tensor.dtype_id(self.mp.param_dtype, "FSDP") or dtype
+  -- NO_SHARD without offload or a cast computes on the shards themselves
+  self.aliased = not self.strategy.shard and not self.offload and compute_dtype == dtype
   local unsharded
-  if shares_shard then
+  if self.aliased then
     unsharded = scope.keep(Tensor.alias_raw(local_tensor))
   else
-    unsharded = scope.keep(empty(shape, dtype, compute_pool))
+    unsharded = scope.keep(empty(shape, compute_dtype, compute_pool))
     release_storage(unsharded)
   end
   unsharded.requires_grad = full.requires_grad
@@ -129,7 +133,7 @@ function Unit:add_param(entry, shard_pool, compute_pool)
     self.needs_grad = self.needs_grad + 1
     unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready() end)
   end
-  for _, slot in ipairs(slots) do slot.module._parameters[slot.name] = sharded end
+  for _, slot in ipairs(slots) do slot.module:set_parameter(slot.name, sharded) end
 end
 
 -- Wrapping succeeded: free the original full parameters.
@@ -147,13 +151,13 @@ end
 -- Wrapping failed: put the original parameters (and buffers) back and free what the unit made.
 function Unit:undo()
   for _, p in ipairs(self.params) do
-    for _, slot in ipairs(p.slots) do slot.module._parameters[slot.name] = p.original end
+    for _, slot in ipairs(p.slots) do slot.module:set_parameter(slot.name, p.original) end
     p.sharded:release()
     if rawget(p.unsharded, "_c") then p.unsharded:_release() end
   end
   for _, b in ipairs(self.materialised_buffers or {}) do
-    local current = b.module._buffers[b.name]
-    b.module._buffers[b.name] = b.original
+    local current = b.module[b.name]
+    b.module:set_buffer(b.name, b.original)
     if Tensor.is_tensor(current) and rawget(current, "_c") then current:_release() end
   end
   for _, handle in ipairs(self.hooks) do handle.remove() end
@@ -196,9 +200,14 @@ end
 function Unit:start_unshard()
   if self.unsharded or self.gathering then return end
   if not self.strategy.shard or #self.params == 0 then return self:unshard() end
-  local size, per_rank = self.shard_size, self.per_rank_numel
   local first = self.params[1].unsharded
-  local dtype, pool = first._c.dtype, first._c.storage.pool
+  self.gathering = self:all_gather(first._c.dtype, first._c.storage.pool)
+end
+
+-- Every rank's shards cast to dtype, gathered into one flat buffer in pool (counted in
+-- fsdp.stats: the bytes of dtype).
+function Unit:all_gather(dtype, pool)
+  local size, per_rank = self.shard_size, self.per_rank_numel
   local send = empty({per_rank}, dtype, pool)
   check(lib.ms_fill(send._c, 0), "fsdp: unshard")
   for _, p in ipairs(self.params) do
@@ -212,7 +221,7 @@ function Unit:start_unshard()
   stats.timed("all_gathers", tonumber(lib.ms_tensor_nbytes(gathered._c)), dist().all_gather_into_tensor,
               gathered, send, {group = self.shard_group})
   send:_release()
-  self.gathering = gathered
+  return gathered
 end
 
 -- Make every parameter of the unit whole: copy out of the all-gather buffer (issuing the
@@ -221,7 +230,7 @@ function Unit:unshard()
   if self.unsharded then return end
   if self.strategy.shard and #self.params > 0 and not self.gathering then self:start_unshard() end
   self.unsharded = true
-  if #self.params == 0 or (not self.strategy.shard and not self.offload) then return end
+  if #self.params == 0 or self.aliased then return end
   for _, p in ipairs(self.params) do restore_storage(p.unsharded) end
   if not self.strategy.shard then
     for _, p in ipairs(self.params) do
@@ -235,13 +244,37 @@ function Unit:unshard()
   gathered:_release()
 end
 
--- Point the module's parameter slots at the unsharded tensors (forward) or back at the
--- sharded DTensors (between iterations).
-function Unit:expose(unsharded)
-  for _, p in ipairs(self.params) do
-    local value = unsharded and p.unsharded or p.sharded
-    for _, slot in ipairs(p.slots) do slot.module._parameters[slot.name] = value end
+-- Point the module's parameter slots at the unsharded tensors (forward), at values[i] for
+-- param i (summon_full_params) or back at the sharded DTensors (between iterations).
+function Unit:expose(unsharded, values)
+  for i, p in ipairs(self.params) do
+    local value = values and values[i] or unsharded and p.unsharded or p.sharded
+    for _, slot in ipairs(p.slots) do slot.module:set_parameter(slot.name, value) end
   end
+end
+
+-- The parameters whole in their own dtype, one tensor per param: the unsharded ones, or
+-- under a mixed-precision cast a separate full-precision gather (fresh: the caller frees
+-- them). Returns the tensors and whether they are fresh.
+function Unit:full_params()
+  local params = self.params
+  if #params == 0 or params[1].unsharded._c.dtype == params[1].sharded._local._c.dtype then
+    self:unshard()
+    local out = {}
+    for i, p in ipairs(params) do out[i] = p.unsharded end
+    return out, false
+  end
+  local dtype, pool = params[1].sharded._local._c.dtype, params[1].unsharded._c.storage.pool
+  local out = {}
+  for i, p in ipairs(params) do out[i] = scope.keep(empty(p.shape, dtype, pool)) end
+  if self.strategy.shard then
+    local gathered = self:all_gather(dtype, pool)
+    for i, p in ipairs(params) do move_rows(out[i], gathered, p, self.shard_size, self.per_rank_numel, false) end
+    gathered:_release()
+  else
+    for i, p in ipairs(params) do check(lib.ms_copy(out[i]._c, p.sharded._local._c), "summon_full_params") end
+  end
+  return out, true
 end
 
 -- Free the unsharded parameters (their autograd views stay valid handles).
@@ -253,7 +286,7 @@ function Unit:reshard()
   if not self.unsharded then return end
   self.unsharded = false
   self:expose(false)
-  if not self.strategy.shard and not self.offload then return end -- the shards are whole
+  if self.aliased then return end -- the shards are whole
   for _, p in ipairs(self.params) do
     if not is_released(p.unsharded) then release_storage(p.unsharded) end
   end
@@ -264,7 +297,7 @@ end
 function Unit:on_grad_ready()
   self.received = self.received + 1
   if self.received < self.needs_grad then return end
-  local post = self.root.backward_prefetch == "BACKWARD_POST"
+  local post = self.tree.backward_prefetch == "BACKWARD_POST"
   if self.no_sync then
     if post then prefetch.on_backward(self, "BACKWARD_POST") end
     return
@@ -281,14 +314,14 @@ end
 
 -- Accumulate local gradient rows (a view into a reduction buffer, handed over to this
 -- function) into the sharded parameter's grad (a DTensor). The first gradient adopts the
--- view itself when it lives in the parameter's pool, so no copy is made.
+-- view itself when it has the parameter's pool and dtype, so no copy is made.
 local function accumulate_local_grad(p, source)
   local sharded = p.sharded
   local grad = rawget(sharded, "grad")
   local local_param = sharded._local
   if grad == nil then
     local g = source
-    if source._c.storage.pool ~= local_param._c.storage.pool then
+    if source._c.storage.pool ~= local_param._c.storage.pool or source._c.dtype ~= local_param._c.dtype then
       g = empty(local_param:shape(), local_param._c.dtype, local_param._c.storage.pool)
       check(lib.ms_copy(g._c, source._c), "fsdp: gradient")
       source:_release()
@@ -296,7 +329,7 @@ local function accumulate_local_grad(p, source)
     sharded.grad = DTensor.new(scope.keep(g), sharded.device_mesh, sharded.placements, sharded:shape())
   else
     local g = grad._local
-    if g._c.storage.pool == source._c.storage.pool then
+    if g._c.storage.pool == source._c.storage.pool and g._c.dtype == source._c.dtype then
       check(lib.ms_binary(g._c, g._c, source._c, raw.ADD), "fsdp: gradient")
     else
       local moved = empty(g:shape(), g._c.dtype, g._c.storage.pool)
@@ -307,6 +340,12 @@ local function accumulate_local_grad(p, source)
     g:_bump_version()
     source:_release()
   end
+end
+
+-- The dtype gradients are reduced in: the policy's reduce_dtype, else the gradients' own.
+function Unit:reduce_dtype(grad)
+  local name = self.mp and self.mp.reduce_dtype
+  return name and Tensor.dtype_id(name, "FSDP") or grad._c.dtype
 end
 
 -- Reduce the unsharded gradients of this backward into the local shards' grads.
@@ -323,7 +362,7 @@ function Unit:reduce_grads()
     local first = with_grad[1].unsharded.grad
     local total = 0
     for _, p in ipairs(with_grad) do total = total + p.unsharded.grad:numel() end
-    local flat = empty({total}, first._c.dtype, first._c.storage.pool)
+    local flat = empty({total}, self:reduce_dtype(first), first._c.storage.pool)
     local offset = 0
     for _, p in ipairs(with_grad) do
       local g = p.unsharded.grad
@@ -341,10 +380,11 @@ function Unit:reduce_grads()
   else
     local size, per_rank = self.shard_size, self.per_rank_numel
     local first = with_grad[1].unsharded.grad
-    local flat = empty({size * per_rank}, first._c.dtype, first._c.storage.pool)
+    local dtype = self:reduce_dtype(first)
+    local flat = empty({size * per_rank}, dtype, first._c.storage.pool)
     check(lib.ms_fill(flat._c, 0), "fsdp: reduce")
     for _, p in ipairs(with_grad) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
-    local shard = empty({per_rank}, first._c.dtype, first._c.storage.pool)
+    local shard = empty({per_rank}, dtype, first._c.storage.pool)
     stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().reduce_scatter_tensor,
                 shard, flat, "avg", {group = self.shard_group})
     flat:_release()

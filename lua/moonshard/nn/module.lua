@@ -4,6 +4,7 @@ local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local scope = require "moonshard.scope"
+local state_keys = require "moonshard.state_keys"
 
 local fail = C.fail
 
@@ -96,7 +97,8 @@ function Module:new(...)
   local instance = {
     _class = self, _parameters = {}, _param_order = {}, _modules = {}, _module_order = {},
     _buffers = {}, _buffer_order = {}, _non_persistent = {}, training = true,
-    _forward_pre_hooks = {}, _forward_hooks = {},
+    _forward_pre_hooks = {}, _forward_hooks = {}, _state_dict_pre_hooks = {}, _state_dict_hooks = {},
+    _load_state_dict_pre_hooks = {}, _load_state_dict_post_hooks = {}, _call_wrappers = {},
   }
   setmetatable(instance, {
     __index = instance_index, __newindex = instance_newindex, __call = instance_call,
@@ -125,25 +127,42 @@ local function run_call(self, ...)
   return output
 end
 
+-- The call through wrappers i, i - 1, ..., 1 (the last registered outermost).
+local function call_through(self, i, ...)
+  if i == 0 then return scope.run(run_call, self, ...) end
+  return self._call_wrappers[i](function(...) return call_through(self, i - 1, ...) end, ...)
+end
+
 -- module(...) runs hooks and forward in a scope: temporaries of the call are released as
 -- soon as it returns (tensors saved for backward keep their own references).
 function Module:_call(...)
-  return scope.run(run_call, self, ...)
+  return call_through(self, #self._call_wrappers, ...)
 end
+
+-- Add hook to a hook list; returns a handle whose remove() takes it out again.
+local function add_hook(hooks, hook)
+  hooks[#hooks + 1] = hook
+  return {remove = function() for i, h in ipairs(hooks) do if h == hook then table.remove(hooks, i) break end end end}
+end
+
+-- around(call, ...) runs the module's whole call (its hooks and forward) as call(...), e.g.
+-- inside a checkpointed region; returns a handle with remove().
+function Module:register_call_wrapper(around) return add_hook(self._call_wrappers, around) end
 
 -- hook(module, args) -> nil or a replacement args array.
-function Module:register_forward_pre_hook(hook)
-  local hooks = self._forward_pre_hooks
-  hooks[#hooks + 1] = hook
-  return {remove = function() for i, h in ipairs(hooks) do if h == hook then table.remove(hooks, i) break end end end}
-end
+function Module:register_forward_pre_hook(hook) return add_hook(self._forward_pre_hooks, hook) end
 
 -- hook(module, args, output) -> nil or a replacement output.
-function Module:register_forward_hook(hook)
-  local hooks = self._forward_hooks
-  hooks[#hooks + 1] = hook
-  return {remove = function() for i, h in ipairs(hooks) do if h == hook then table.remove(hooks, i) break end end end}
-end
+function Module:register_forward_hook(hook) return add_hook(self._forward_hooks, hook) end
+
+-- State-dict hooks, as PyTorch's, run for the module state_dict / load_state_dict is called
+-- on: hook(module, prefix) before state_dict; hook(module, state_dict, prefix) -> nil or a
+-- replacement table after it; hook(module, state_dict, strict) -> nil or a replacement table
+-- before load_state_dict copies; hook(module, {missing_keys, unexpected_keys}) after it.
+function Module:register_state_dict_pre_hook(hook) return add_hook(self._state_dict_pre_hooks, hook) end
+function Module:register_state_dict_post_hook(hook) return add_hook(self._state_dict_hooks, hook) end
+function Module:register_load_state_dict_pre_hook(hook) return add_hook(self._load_state_dict_pre_hooks, hook) end
+function Module:register_load_state_dict_post_hook(hook) return add_hook(self._load_state_dict_post_hooks, hook) end
 
 function Module:register_parameter(name, t)
   if t == nil then
@@ -151,6 +170,19 @@ function Module:register_parameter(name, t)
     return
   end
   self[name] = Parameter(t)
+end
+
+-- Replace the value registered as parameter name (a tensor or a DTensor) in its place; no
+-- Parameter wrapping (FSDP swaps sharded and unsharded values this way).
+function Module:set_parameter(name, value)
+  if self._parameters[name] == nil then fail("set_parameter", "%s has no parameter '%s'", self.__name or "Module", tostring(name)) end
+  self._parameters[name] = value
+end
+
+-- Replace the value of buffer name in its place.
+function Module:set_buffer(name, t)
+  if self._buffers[name] == nil then fail("set_buffer", "%s has no buffer '%s'", self.__name or "Module", tostring(name)) end
+  self._buffers[name] = t and scope.keep(t)
 end
 
 function Module:register_buffer(name, t, persistent)
@@ -217,7 +249,8 @@ function Module:modules()
 end
 
 -- Members in registration order; a tensor reachable under several names is listed once
--- unless keep_duplicates (state dicts list tied weights under every name, as PyTorch's do).
+-- unless keep_duplicates (state dicts list tied weights under every name, as PyTorch's do;
+-- named_parameters / named_buffers take {remove_duplicate = false} for it).
 local function named_members(self, registry_name, order_name, recurse, keep_duplicates)
   local list, seen = {}, {}
   local modules = {}
@@ -237,11 +270,13 @@ local function named_members(self, registry_name, order_name, recurse, keep_dupl
 end
 
 function Module:named_parameters(opts)
-  return iterate(named_members(self, "_parameters", "_param_order", opts and opts.recurse))
+  return iterate(named_members(self, "_parameters", "_param_order", opts and opts.recurse,
+                               opts and opts.remove_duplicate == false))
 end
 
 function Module:named_buffers(opts)
-  return iterate(named_members(self, "_buffers", "_buffer_order", opts and opts.recurse))
+  return iterate(named_members(self, "_buffers", "_buffer_order", opts and opts.recurse,
+                               opts and opts.remove_duplicate == false))
 end
 
 function Module:parameters(opts)
@@ -291,48 +326,48 @@ end
 
 -- ---- state dicts ----
 
-function Module:state_dict(opts)
+-- What a state dict holds, in registration order: {name, value, is_buffer} for every
+-- parameter and persistent buffer, under each of its names (tied tensors appear under all).
+function Module:state_dict_entries()
   local out = {}
-  local prefix = opts and opts.prefix or ""
   for _, entry in ipairs(named_members(self, "_parameters", "_param_order", true, true)) do
-    out[prefix .. entry[1]] = entry[2]:detach()
+    out[#out + 1] = {entry[1], entry[2], false}
   end
-  for _, entry in ipairs(named_members(self, "_buffers", "_buffer_order", true, true)) do
-    local name, b = entry[1], entry[2]
-    local owner_name = name:match("([^.]+)$")
-    local owner = self
-    for part in name:gmatch("([^.]+)%.") do owner = owner._modules[part] end
-    if not owner._non_persistent[owner_name] then out[prefix .. name] = b:detach() end
+  local modules = {}
+  collect_modules(self, "", modules, {})
+  for _, entry in ipairs(modules) do
+    local prefix, m = entry[1], entry[2]
+    for _, name in ipairs(m._buffer_order) do
+      local b = m._buffers[name]
+      if b and not m._non_persistent[name] then out[#out + 1] = {prefix == "" and name or prefix .. "." .. name, b, true} end
+    end
   end
   return out
 end
 
-local function sorted_keys(set)
-  local keys = {}
-  for k in pairs(set) do keys[#keys + 1] = k end
-  table.sort(keys)
-  return keys
+function Module:state_dict(opts)
+  local out = {}
+  local prefix = opts and opts.prefix or ""
+  for _, hook in ipairs(self._state_dict_pre_hooks) do hook(self, prefix) end
+  for _, entry in ipairs(self:state_dict_entries()) do out[prefix .. entry[1]] = entry[2]:detach() end
+  for _, hook in ipairs(self._state_dict_hooks) do out = hook(self, out, prefix) or out end
+  return out
 end
 
 -- Copy values of sd into parameters and buffers; strict (default) requires the same keys.
 function Module:load_state_dict(sd, opts)
   if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
   local strict = not (opts and opts.strict == false)
-  local targets = {}
-  for _, registry in ipairs({{"_parameters", "_param_order"}, {"_buffers", "_buffer_order"}}) do
-    for _, entry in ipairs(named_members(self, registry[1], registry[2], true, true)) do
-      targets[entry[1]] = entry[2]
-    end
+  for _, hook in ipairs(self._load_state_dict_pre_hooks) do sd = hook(self, sd, strict) or sd end
+  local targets, names = {}, {}
+  for _, entry in ipairs(self:state_dict_entries()) do
+    if targets[entry[1]] == nil then names[#names + 1] = entry[1] end
+    targets[entry[1]] = entry[2]
   end
-  local missing, unexpected = {}, {}
-  for name in pairs(targets) do if sd[name] == nil then missing[name] = true end end
-  for name in pairs(sd) do if targets[name] == nil then unexpected[name] = true end end
-  missing, unexpected = sorted_keys(missing), sorted_keys(unexpected)
+  table.sort(names)
+  local missing, unexpected = state_keys.compare(names, sd)
   if strict and (#missing > 0 or #unexpected > 0) then
-    local parts = {}
-    if #missing > 0 then parts[#parts + 1] = "missing keys: " .. table.concat(missing, ", ") end
-    if #unexpected > 0 then parts[#parts + 1] = "unexpected keys: " .. table.concat(unexpected, ", ") end
-    fail("load_state_dict", "%s", table.concat(parts, "; "))
+    fail("load_state_dict", "%s", state_keys.describe(missing, unexpected))
   end
   autograd.no_grad(function()
     for name, target in pairs(targets) do
@@ -353,7 +388,9 @@ function Module:load_state_dict(sd, opts)
       end
     end
   end)
-  return {missing_keys = missing, unexpected_keys = unexpected}
+  local result = {missing_keys = missing, unexpected_keys = unexpected}
+  for _, hook in ipairs(self._load_state_dict_post_hooks) do hook(self, result) end
+  return result
 end
 
 -- ---- moving ----
