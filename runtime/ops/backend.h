@@ -119,8 +119,9 @@ typedef struct ms_ops_backend {
 /* The places' tables: runtime/cpu/backend.c, and runtime/cuda/backend.c in a CUDA build. */
 extern const ms_ops_backend ms_cpu_ops;
 extern const ms_ops_backend ms_cuda_ops;
-/* The CPU table with every kernel timed (runtime/ops/profile.c), used while profiling. */
-extern const ms_ops_backend ms_profiled_cpu_ops;
+/* The CPU table with its kernels timed (runtime/ops/profile.c, built at load), used while
+ * profiling. */
+extern ms_ops_backend ms_profiled_cpu_ops;
 
 #pragma GCC visibility pop
 

@@ -1,5 +1,5 @@
 /* moonshard runtime: the CPU place's kernels timed for the op profiler: while profiling is on,
- * ms_place_of hands out this table, whose every slot charges its kernel's self time. */
+ * ms_place_of hands out this table, whose slots charge their kernel's self time. */
 #include "checks.h"
 #include "profile.h"
 
@@ -200,37 +200,41 @@ static int adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq
                                             beta2, eps, weight_decay, decoupled, maximize));
 }
 
-const ms_ops_backend ms_profiled_cpu_ops = {
-    .name = "cpu",
-    .device_tensors = 0,
-    .copy = copy,
-    .fill = fill,
-    .arange = arange,
-    .equal = equal,
-    .allclose = allclose,
-    .binary = binary,
-    .binary_scalar = binary_scalar,
-    .unary = unary,
-    .unary_backward = unary_backward,
-    .reduce = reduce,
-    .max_dim = max_dim,
-    .matmul = matmul,
-    .softmax = softmax,
-    .softmax_backward = softmax_backward,
-    .layer_norm = layer_norm,
-    .layer_norm_backward = layer_norm_backward,
-    .embedding = embedding,
-    .embedding_backward = embedding_backward,
-    .nll_loss = nll_loss,
-    .nll_loss_backward = nll_loss_backward,
-    .cross_entropy = cross_entropy,
-    .cross_entropy_backward = cross_entropy_backward,
-    .attention = attention,
-    .attention_backward = attention_backward,
-    .rand_uniform = rand_uniform,
-    .rand_normal = rand_normal,
-    .dropout = dropout,
-    .dropout_backward = dropout_backward,
-    .sgd_step = sgd_step,
-    .adam_step = adam_step,
-};
+ms_ops_backend ms_profiled_cpu_ops;
+
+/* The CPU table with each kernel above in place of the CPU's own; a slot without a timed
+ * kernel here keeps the CPU's (untimed, never NULL). */
+__attribute__((constructor)) static void build_table(void)
+{
+    ms_profiled_cpu_ops = ms_cpu_ops;
+    ms_profiled_cpu_ops.copy = copy;
+    ms_profiled_cpu_ops.fill = fill;
+    ms_profiled_cpu_ops.arange = arange;
+    ms_profiled_cpu_ops.equal = equal;
+    ms_profiled_cpu_ops.allclose = allclose;
+    ms_profiled_cpu_ops.binary = binary;
+    ms_profiled_cpu_ops.binary_scalar = binary_scalar;
+    ms_profiled_cpu_ops.unary = unary;
+    ms_profiled_cpu_ops.unary_backward = unary_backward;
+    ms_profiled_cpu_ops.reduce = reduce;
+    ms_profiled_cpu_ops.max_dim = max_dim;
+    ms_profiled_cpu_ops.matmul = matmul;
+    ms_profiled_cpu_ops.softmax = softmax;
+    ms_profiled_cpu_ops.softmax_backward = softmax_backward;
+    ms_profiled_cpu_ops.layer_norm = layer_norm;
+    ms_profiled_cpu_ops.layer_norm_backward = layer_norm_backward;
+    ms_profiled_cpu_ops.embedding = embedding;
+    ms_profiled_cpu_ops.embedding_backward = embedding_backward;
+    ms_profiled_cpu_ops.nll_loss = nll_loss;
+    ms_profiled_cpu_ops.nll_loss_backward = nll_loss_backward;
+    ms_profiled_cpu_ops.cross_entropy = cross_entropy;
+    ms_profiled_cpu_ops.cross_entropy_backward = cross_entropy_backward;
+    ms_profiled_cpu_ops.attention = attention;
+    ms_profiled_cpu_ops.attention_backward = attention_backward;
+    ms_profiled_cpu_ops.rand_uniform = rand_uniform;
+    ms_profiled_cpu_ops.rand_normal = rand_normal;
+    ms_profiled_cpu_ops.dropout = dropout;
+    ms_profiled_cpu_ops.dropout_backward = dropout_backward;
+    ms_profiled_cpu_ops.sgd_step = sgd_step;
+    ms_profiled_cpu_ops.adam_step = adam_step;
+}
