@@ -400,7 +400,8 @@ function M.enable_cpu_flash_sdp(enabled) cpu_flash_enabled = enabled and true or
 function M.cpu_flash_sdp_enabled() return cpu_flash_enabled end
 
 local function flash_allowed(q)
-  return flash_enabled and (cpu_flash_enabled or q._c.storage.pool >= lib.MS_POOL_CUDA0)
+  local storage = q._c.storage
+  return flash_enabled and storage ~= nil and (cpu_flash_enabled or storage.pool >= lib.MS_POOL_CUDA0)
 end
 
 local function same_leading_dims(q, t)
