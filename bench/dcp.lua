@@ -5,7 +5,11 @@
 -- writes wait for copy-on-write copies and the writer thread competes for memory bandwidth.
 -- Prints JSON lines (medians and ranges).
 -- Usage (repository root): luajit bench/dcp.lua [--mib 1024] [--ranks 1,2,4] [--rounds 3]
---   [--warmup 2] [--dir /tmp] [--cold]   (--cold evicts the files from the page cache before each read)
+--   [--warmup 2] [--dir /tmp] [--cold] [--export-only]
+--   (--cold evicts the files from the page cache before each read). MS_ASYNC_STAGING=copy in
+--   the environment measures async saves that copy every tensor at the call instead of
+--   staging it copy-on-write. The export lines read every entry of a step of 1000 and of
+--   16000 small tensors, as `moonshard ckpt export` does: linear when the time per entry holds.
 -- Timed rounds follow warm-up rounds (a raw write, a save and an async save keeping the two
 -- newest steps), after which both the raw file and the store rewrite space they hold already
 -- (the store holds four steps' worth at most: two kept, one committed before retention runs,
@@ -33,7 +37,8 @@ local O_RDONLY, O_WRITE_CREATE, POSIX_FADV_DONTNEED = 0, 1 + 64, 4
 local TENSORS, COLUMNS = 32, 4096
 
 local function parse_args(argv)
-  local opts = {mib = 1024, ranks = {1, 2, 4}, rounds = 3, warmup = 2, dir = "/tmp", cold = false}
+  local opts = {mib = 1024, ranks = {1, 2, 4}, rounds = 3, warmup = 2, dir = "/tmp", cold = false,
+                export_only = false}
   local i = 1
   while i <= #argv do
     local a, v = argv[i], argv[i + 1]
@@ -46,6 +51,7 @@ local function parse_args(argv)
     elseif a == "--warmup" then opts.warmup, i = tonumber(v), i + 1
     elseif a == "--dir" then opts.dir, i = v, i + 1
     elseif a == "--cold" then opts.cold = true
+    elseif a == "--export-only" then opts.export_only = true
     else error("dcp.lua: unknown argument " .. a) end
     i = i + 1
   end
@@ -250,7 +256,7 @@ end
 local ORDER = {"bench", "op", "ranks", "from_ranks", "bytes", "gbps", "gbps_range", "baseline",
                "baseline_gbps", "ratio", "first_ratio", "target", "meets_target", "cpu_ratio", "seconds",
                "cpu_seconds", "baseline_cpu_seconds", "cold", "pass_seconds",
-               "after_save_pass_seconds"}
+               "after_save_pass_seconds", "staging", "entries", "us_per_entry"}
 
 -- ratio: median throughput against the baseline's; cpu_ratio: baseline CPU time over the op's.
 local function report(op, ranks, bytes, times, name, baseline, baseline_name, target, extra)
@@ -267,8 +273,27 @@ local function report(op, ranks, bytes, times, name, baseline, baseline_name, ta
   json_line(fields, ORDER)
 end
 
+-- Every entry of a step of n small tensors read once through store:read (ckpt export's loop).
+local function export_reads(opts)
+  for _, n in ipairs({1000, 16000}) do
+    local dir = string.format("%s/ms-bench-dcp-export-%d-%d.ckpt", opts.dir, n, os.time())
+    local sd = {}
+    for i = 1, n do sd[string.format("model.t%05d", i)] = ms.full({4, 4}, i) end
+    dcp.save(sd, dir, {step = 1})
+    local store = dcp.open(dir)
+    local start = lib.ms_clock_seconds()
+    for _, e in ipairs(store:entries(1)) do store:read(e.fqn, 1):free() end
+    local seconds = lib.ms_clock_seconds() - start
+    store:close()
+    os.execute("rm -rf '" .. dir .. "'")
+    json_line({bench = "dcp", op = "export_reads", entries = n, seconds = seconds,
+               us_per_entry = seconds / n * 1e6}, ORDER)
+  end
+end
+
 local function main()
   local opts = parse_args(arg)
+  if opts.export_only then return export_reads(opts) end
   local bytes = opts.mib * 2 ^ 20
   local stores = {}
   local runs = {}
@@ -297,6 +322,7 @@ local function main()
     for i = opts.warmup > 0 and 1 or 2, #t.async_block do steady[#steady + 1] = t.async_block[i] / median(t.save) end
     local ratio = #steady > 0 and median(steady) or t.async_block[1] / median(t.save)
     json_line({bench = "dcp", op = "async_save_block", ranks = run.ranks, bytes = bytes,
+               staging = os.getenv("MS_ASYNC_STAGING") or "cow",
                seconds = t.async_block, first_ratio = t.async_block[1] / median(t.save), ratio = ratio,
                target = 0.1, meets_target = ratio < 0.1, baseline = "sync save"}, ORDER)
     -- Blocking that includes how much slower the work after the call ran.
@@ -307,6 +333,7 @@ local function main()
         with_work[i] = (t.async_block[i] + extra) / median(t.save)
       end
       json_line({bench = "dcp", op = "async_save_block_then_" .. name, ranks = run.ranks, bytes = bytes,
+                 staging = os.getenv("MS_ASYNC_STAGING") or "cow",
                  pass_seconds = t[name .. "_pass"], after_save_pass_seconds = t["async_" .. name .. "_pass"],
                  ratio = median(with_work), baseline = "sync save"}, ORDER)
     end
@@ -314,6 +341,7 @@ local function main()
                gbps = gbps(bytes, median(t.async_total)), seconds = t.async_total}, ORDER)
   end
   for _, s in ipairs(stores) do os.execute("rm -rf '" .. s.dir .. "'") end
+  export_reads(opts)
 end
 
 main()

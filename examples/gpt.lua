@@ -79,9 +79,9 @@ end
 
 -- FSDP's param_init_fn for a model built on the meta device: the same calls a full
 -- construction makes on the module's parameters (the layer's reset_parameters, then
--- GPT-2's scheme), so the shards are bitwise those of a full construction.
+-- GPT-2's scheme), so the shards are bitwise those of a full construction (tie included).
 function M.init_module(m)
-  if m.reset_parameters and not rawget(m, "tied") then m:reset_parameters() end
+  if m.reset_parameters then m:reset_parameters() end
   init_weights(m)
 end
 
@@ -92,10 +92,7 @@ function GPT:__init(config)
   self.config = config
   self.transformer = Transformer(config)
   self.lm_head = nn.Linear(config.dim, config.vocab, {bias = false})
-  if config.tie then
-    self.lm_head.weight = self.transformer.wte.weight
-    self.lm_head.tied = true
-  end
+  if config.tie then self.lm_head.weight = self.transformer.wte.weight end
   self:apply(init_weights)
 end
 

@@ -9,6 +9,20 @@ local gpt = require "gpt"
 local progress = require "progress"
 local sampling = require "sampling"
 local checkpointing = require "checkpointing"
+local ffi = require "ffi"
+
+pcall(ffi.cdef, "int mkdir(const char *path, unsigned int mode);")
+
+-- mkdir -p without a shell: every prefix of path, any characters in it.
+local function make_directories(path)
+  for i = 2, #path + 1 do
+    local c = path:sub(i, i)
+    if c == "/" or c == "" then ffi.C.mkdir(path:sub(1, i - 1), tonumber("755", 8)) end
+  end
+  local f = io.open(path .. "/.", "r")
+  if not f then error(("train: cannot create the directory %s"):format(path), 0) end
+  f:close()
+end
 
 local optim, dist, fsdp, ac = ms.optim, ms.dist, ms.fsdp, ms.ac
 
@@ -138,7 +152,7 @@ local function train(rank, world)
   end
   local meter
   if rank == 0 then
-    os.execute("mkdir -p '" .. opts.out .. "'")
+    make_directories(opts.out)
     local params = 0
     for _, p in model:named_parameters() do params = params + p:numel() end
     print(("model: %d layers, dim %d, %d heads, vocab %d, %d parameters%s; world size %d, %s, --ac %s, --dtype %s"):format(

@@ -34,10 +34,4 @@ int ms_broadcasts(const ms_tensor *src, const ms_tensor *dst);
 /* Validate a tensor pointer argument for op (non-NULL, known dtype): MS_ERR_INVALID. */
 int ms_check_tensor(const char *op, const char *name, const ms_tensor *t);
 
-/* Something other than this process's own stores (a peer rank through shared memory, the
- * kernel, MPI's single-copy transfers) is about to write [p, p + n): blocks of it that a
- * background save staged copy-on-write are copied now and made writable, so the save keeps
- * the values it was called with (runtime/store/snapshot.c). */
-void ms_snapshot_before_foreign_write(const void *p, size_t n);
-
 #endif

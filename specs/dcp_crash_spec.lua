@@ -54,8 +54,14 @@ local CRASHES = {
     assert(ffi.C.mprotect(ffi.cast("void *", page), PAGE, 0) == 0)
   end,
   ["between the data commit and the manifest"] = function()
-    -- The first collective of a save follows the rank's data commit.
-    dist.all_gather_into_tensor = die
+    -- A save's agreement on the step takes two collectives (lengths, then bytes); the third
+    -- follows the rank's data commit.
+    local gather, calls = dist.all_gather_into_tensor, 0
+    dist.all_gather_into_tensor = function(...)
+      calls = calls + 1
+      if calls == 3 then die() end
+      return gather(...)
+    end
   end,
 }
 

@@ -116,6 +116,23 @@ describe("dcp errors", function()
     assert.matches("'model.w' is a tensor in the checkpoint but a number in the state dict", error_of(dcp.load, sd, dir))
   end)
 
+  it("names the key of a meta tensor, on save and on load, and writes nothing", function()
+    local meta = ms.device("meta", function() return ms.nn.Linear(64, 5) end)
+    local sd = shaped_like()
+    sd.model.b = meta.bias
+    local err = error_of(dcp.load, sd, dir)
+    local dtype = meta.bias:dtype()
+    assert.are.equal("moonshard: dcp.load: 'model.b' is a meta tensor ([5] " .. dtype .. ", no data); materialise it " ..
+                     "first (fsdp.FSDP with param_init_fn, or module:to_empty() and an initialiser)", err)
+    assert.is_true(ms.equal(ms.zeros(64, 64), sd.model.w))
+    local other = fresh_dir()
+    err = error_of(dcp.save, {model = meta:state_dict()}, other)
+    assert.are.equal("moonshard: dcp.save: 'model.bias' is a meta tensor ([5] " .. dtype .. ", no data); materialise it " ..
+                     "first (fsdp.FSDP with param_init_fn, or module:to_empty() and an initialiser)", err)
+    assert.is_nil(io.open(other .. "/data.mdb"))
+    os.execute("rm -rf '" .. other .. "'")
+  end)
+
   it("fails a load naming the key of a corrupted chunk, and store:verify() lists it", function()
     dcp.save(sample(), dir, {step = 2})
     local pattern = string.rep(f32_bytes(1234.5), 16)

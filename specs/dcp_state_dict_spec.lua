@@ -244,5 +244,46 @@ describe("dcp state-dict helpers", function()
       assert.matches("set_state_dict: expected {model_state_dict = ..., optim_state_dict = ...}",
                      select(2, pcall(dcp.set_state_dict, model, opt, dcp.get_model_state_dict(model))))
     end)
+
+    it("names the FQN of a meta tensor on either side, and offloads a meta model's entries as they are", function()
+      local meta = ms.device("meta", function() return ms.nn.Sequential(ms.nn.Linear(3, 2)) end)
+      local full = ms.nn.Sequential(ms.nn.Linear(3, 2))
+      local tail = " is a meta tensor ([2, 3] " .. meta[1].weight:dtype() .. ", no data); materialise it first (fsdp.FSDP with " ..
+                   "param_init_fn, or module:to_empty() and an initialiser)"
+      assert.are.equal("moonshard: set_model_state_dict: '0.weight' of the model" .. tail,
+                       select(2, pcall(dcp.set_model_state_dict, meta, full:state_dict())))
+      assert.are.equal("moonshard: set_model_state_dict: '0.weight' of the state dict" .. tail,
+                       select(2, pcall(dcp.set_model_state_dict, full, meta:state_dict())))
+      local sd = dcp.get_model_state_dict(meta, {cpu_offload = true})
+      assert.are.equal("meta", sd["0.weight"]:device())
+    end)
+
+    it("checks every option of every helper, naming the function called", function()
+      local model, opt = build({}, 0)
+      local msd, osd = dcp.get_state_dict(model, opt)
+      local calls = {
+        get_state_dict = function(o) return dcp.get_state_dict(model, opt, o) end,
+        get_model_state_dict = function(o) return dcp.get_model_state_dict(model, o) end,
+        get_optimizer_state_dict = function(o) return dcp.get_optimizer_state_dict(model, opt, o) end,
+        set_state_dict = function(o) return dcp.set_state_dict(model, opt, {model_state_dict = msd, optim_state_dict = osd}, o) end,
+        set_model_state_dict = function(o) return dcp.set_model_state_dict(model, msd, o) end,
+        set_optimizer_state_dict = function(o) return dcp.set_optimizer_state_dict(model, opt, osd, o) end,
+      }
+      for name, call in pairs(calls) do
+        local function err(o) return select(2, pcall(call, o)) end
+        assert.are.equal("moonshard: " .. name .. ": unknown option 'fooo' (expected full_state_dict, cpu_offload, strict)",
+                         err({fooo = 1}))
+        assert.are.equal("moonshard: " .. name .. ": option 'full_state_dict' must be a boolean, got 'yes'",
+                         err({full_state_dict = "yes"}))
+        assert.are.equal("moonshard: " .. name .. ": option 'cpu_offload' must be a boolean, got number",
+                         err({cpu_offload = 1}))
+        assert.are.equal("moonshard: " .. name .. ": option 'strict' must be a boolean, got number", err({strict = 0}))
+        assert.are.equal("moonshard: " .. name .. ": options must be a table, got string", err("full"))
+        assert.is_true((pcall(call, {full_state_dict = false, cpu_offload = false, strict = true})), name)
+      end
+      assert.are.equal("moonshard: set_state_dict: unknown key 'optim' in the third argument (expected " ..
+                       "model_state_dict, optim_state_dict)",
+                       select(2, pcall(dcp.set_state_dict, model, opt, {model_state_dict = msd, optim = osd})))
+    end)
   end)
 end)

@@ -82,6 +82,29 @@ describe("dcp Stateful values", function()
     assert.are.same({"outer"}, order)
   end)
 
+  it("recognise any table with callable state_dict and load_state_dict, metatable or not", function()
+    local function plain(n)
+      local obj = {n = n}
+      obj.state_dict = function() return {n = obj.n} end
+      obj.load_state_dict = function(_, sd) obj.n = sd.n end
+      return obj
+    end
+    local Call = setmetatable({}, {__call = function(_, self) return {n = self.n} end})
+    local Load = setmetatable({}, {__call = function(_, self, sd) self.n = sd.n end})
+    local callable = {n = 11, state_dict = Call, load_state_dict = Load}
+    dcp.save({bad = plain(6), c = callable}, dir)
+    local target = {bad = plain(0), c = {n = 0, state_dict = Call, load_state_dict = Load}}
+    local bad, c = target.bad, target.c
+    dcp.load(target, dir)
+    assert.equal(bad, target.bad)
+    assert.equal(6, bad.n)
+    assert.equal(c, target.c)
+    assert.equal(11, c.n)
+    local half = {state_dict = function() return {} end}
+    assert.are.equal("moonshard: dcp.save: 'x.half' has a callable state_dict but no load_state_dict; a Stateful " ..
+                     "needs both", select(2, pcall(dcp.save, {x = {half = half}}, dir)))
+  end)
+
   it("refuse a Stateful whose state_dict() returns something other than a table", function()
     local bad = setmetatable({}, {__index = {state_dict = function() return 7 end, load_state_dict = function() end}})
     local ok, err = pcall(dcp.save, {train = {thing = bad}}, dir)

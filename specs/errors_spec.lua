@@ -337,6 +337,15 @@ describe("bad input", function()
       raises("matmul", nil, function() return ms.matmul(ms.zeros(2), t) end)
       raises("equal", nil, function() return ms.equal(ms.zeros(2), t) end)
     end)
+    it("name the release when a collective is given one", function()
+      local t = ms.zeros(2)
+      t:free()
+      local message = ms.dist.spawn(1, function()
+        local ok, err = pcall(ms.dist.all_reduce, t)
+        return ok and "no error" or err
+      end)[1]
+      raises("dist.all_reduce", "tensor was used after it was released", function() error(message, 0) end)
+    end)
     it("print as released", function()
       local t = ms.zeros(2)
       t:free()
@@ -355,6 +364,21 @@ describe("bad input", function()
       local kept
       ms.scope(function() kept = ms.keep(ms.ones(2)) end)
       assert.are.same({1, 1}, kept:table())
+    end)
+  end)
+
+  describe("optimizer hyperparameters", function()
+    local nan, inf = 0 / 0, math.huge
+    it("refuse a learning rate that is NaN or infinite", function()
+      raises("SGD", "lr must be a finite non-negative number, got nan", function() ms.optim.SGD({ms.zeros(2)}, {lr = nan}) end)
+      raises("Adam", "lr must be a finite non-negative number, got inf", function() ms.optim.Adam({ms.zeros(2)}, {lr = inf}) end)
+    end)
+    it("refuse a weight decay, momentum or eps that is NaN or infinite", function()
+      raises("AdamW", "weight_decay must be a finite non-negative number, got nan",
+             function() ms.optim.AdamW({ms.zeros(2)}, {weight_decay = nan}) end)
+      raises("SGD", "momentum must be a finite non-negative number, got inf",
+             function() ms.optim.SGD({ms.zeros(2)}, {lr = 0.1, momentum = inf}) end)
+      raises("Adam", "eps must be a finite non-negative number, got nan", function() ms.optim.Adam({ms.zeros(2)}, {eps = nan}) end)
     end)
   end)
 

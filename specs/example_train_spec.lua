@@ -79,6 +79,17 @@ describe("examples/train.lua", function()
     assert.truthy(output:find(missing .. ": no such checkpoint directory", 1, true), output)
   end)
 
+  it("makes its --out directory whatever characters the path holds", function()
+    local parent = temp_dir()
+    local out = parent .. "/it's a \"run\"; touch " .. parent .. "/escaped"
+    local quoted = "'" .. out:gsub("'", "'\\''") .. "'"
+    local status, output = run(TINY .. " --steps 1 --sample 0 --out " .. quoted)
+    assert.equal(0, status, output)
+    assert.is_truthy(io.open(out .. "/metrics.jsonl"), "no metrics in " .. out)
+    assert.is_nil(io.open(parent .. "/escaped"), "a shell ran a command from the path")
+    os.execute("rm -rf '" .. parent .. "'")
+  end)
+
   describe("training #slow", function()
     local out, ckpt
 

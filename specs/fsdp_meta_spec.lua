@@ -63,6 +63,17 @@ describe("meta device", function()
     assert.are.equal("cpu", ms.zeros(2):device()) -- the default device comes back
   end)
 
+  it("runs any callable: a function, a Module class, a table with __call", function()
+    local block = ms.device("meta", Block, 7)
+    assert.are.equal("meta", block.fc1.weight:device())
+    local maker = setmetatable({}, {__call = function(_, n) return nn.Linear(n, 2) end})
+    assert.are.equal("meta", ms.device("meta", maker, 3).weight:device())
+    local ok, err = pcall(ms.device, "meta", {})
+    assert.is_false(ok)
+    assert.are.equal("moonshard: device: expected a function (or callable table) to run, got table", err)
+    assert.are.equal("cpu", ms.zeros(2):device())
+  end)
+
   it("advances the RNG like a full construction and to_empty + reset_parameters replays it", function()
     local rows, offset = expected_rows(1, 0)
     ms.manual_seed(1234)
@@ -139,6 +150,18 @@ describe("FSDP deferred initialisation", function()
     end
   end)
 
+  it("takes any callable as param_init_fn and auto_wrap_policy", function()
+    local r = dist.spawn(1, function()
+      local calls = 0
+      local init = setmetatable({}, {__call = function(_, m) calls = calls + 1; m:reset_parameters() end})
+      local policy = setmetatable({}, {__call = function(_, m) return m.__name == "Linear" end})
+      local model = fsdp.FSDP(ms.device("meta", function() return nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2)) end),
+                              {param_init_fn = init, auto_wrap_policy = policy})
+      return {calls = calls, device = model[1].weight:to_local():device(), unit = rawget(model[1], "_fsdp_unit") ~= nil}
+    end)[1]
+    assert.are.same({calls = 2, device = "cpu", unit = true}, r)
+  end)
+
   it("peaks at the rank's share plus the largest unit while building and wrapping on 4 ranks", function()
     local DIM, LAYERS = 256, 6
     local function build()
@@ -186,6 +209,76 @@ describe("FSDP deferred initialisation", function()
       return ms.equal(want, p:to_local()) and (bias:numel() == 0 or ms.equal(bias, ms.full(bias:shape(), 0.5)))
     end)
     assert.are.same({true, true, true}, results)
+  end)
+end)
+
+describe("FSDP deferred initialisation of tied parameters", function()
+  -- GPT-2's tie, made after construction: both layers drew, the tie keeps wte's tensor.
+  -- head_first registers the head before the embedding; bias gives the head an untied bias.
+  local TiedLM = nn.Module:extend("MetaTiedLM")
+  function TiedLM:__init(cfg)
+    if cfg.head_first then self.lm_head = nn.Linear(7, 11, {bias = cfg.bias}) end
+    self.wte = nn.Embedding(11, 7)
+    self.block = Block(7)
+    if not cfg.head_first then self.lm_head = nn.Linear(7, 11, {bias = cfg.bias}) end
+    self.lm_head.weight = self.wte.weight
+    if cfg.scheme then self:apply(cfg.scheme) end
+  end
+  -- GPT-2's scheme, applied after construction (both names of the tie draw once each)
+  local function gpt2_scheme(m)
+    if m.__name == "Linear" then
+      nn.init.normal_(m.weight, 0, 0.02)
+      if m.bias then nn.init.zeros_(m.bias) end
+    elseif m.__name == "Embedding" then
+      nn.init.normal_(m.weight, 0, 0.02)
+    end
+  end
+
+  -- Per rank: names whose shard differs from the full construction's, whether the RNG offset
+  -- after the meta build and the wrap equals the full construction's, and whether the tie holds.
+  local function compare(world, cfg, param_init_fn)
+    return dist.spawn(world, function()
+      ms.manual_seed(99)
+      local full = TiedLM(cfg)
+      local full_offset = ms.get_rng_state().offset
+      ms.manual_seed(99)
+      local model = ms.device("meta", function() return TiedLM(cfg) end)
+      fsdp.FSDP(model, {auto_wrap_policy = fsdp.wrap_policy({Block}), param_init_fn = param_init_fn})
+      local sd, bad = full:state_dict(), {}
+      for name, p in pairs(model:state_dict()) do
+        local want = ms.distribute_tensor(sd[name], p.device_mesh, p.placements):to_local()
+        if not ms.equal(want, p:to_local()) then bad[#bad + 1] = name end
+      end
+      table.sort(bad)
+      return {bad = bad, same_rng = full_offset == ms.get_rng_state().offset,
+              tied = model.wte.weight == model.lm_head.weight}
+    end)
+  end
+
+  for world = 1, 4 do
+    it(("gives the full construction's values and RNG state by default on %d rank(s)"):format(world), function()
+      for _, cfg in ipairs({{bias = false}, {bias = true}, {bias = true, head_first = true}}) do
+        for rank, r in ipairs(compare(world, cfg)) do
+          local what = ("rank %d, bias %s, head first %s"):format(rank - 1, tostring(cfg.bias), tostring(cfg.head_first))
+          assert.are.same({}, r.bad, what)
+          assert.is_true(r.same_rng, what)
+          assert.is_true(r.tied, what)
+        end
+      end
+    end)
+  end
+
+  it("replays a construction scheme applied after the tie through a param_init_fn making the same calls", function()
+    local function init(m)
+      if m.reset_parameters then m:reset_parameters() end
+      gpt2_scheme(m)
+    end
+    for _, cfg in ipairs({{bias = true, scheme = gpt2_scheme}, {bias = true, head_first = true, scheme = gpt2_scheme}}) do
+      for rank, r in ipairs(compare(2, cfg, init)) do
+        assert.are.same({}, r.bad, "rank " .. (rank - 1))
+        assert.is_true(r.same_rng, "rank " .. (rank - 1))
+      end
+    end
   end)
 end)
 

@@ -98,6 +98,19 @@ describe("an installation #noasan", function()
     assert.equal(ms.__version__ .. "\n", version)
   end)
 
+  it("builds a C program with the README's pkg-config command, the prefix's space included", function()
+    local readme = assert(io.open(repo .. "/README.md")):read("*a")
+    local command = readme:match("\n([^\n#]-pkg%-config %-%-cflags %-%-libs moonshard[^\n#]-)%s*#")
+    assert.truthy(command, "README.md has no pkg-config command line")
+    local dir = base .. "/readme"
+    sh("mkdir -p " .. q(dir))
+    write_file(dir .. "/prog.c", C_PROGRAM)
+    local status, output = sh("cd " .. q(dir) .. " && export PKG_CONFIG_PATH=" .. q(prefix .. "/lib/pkgconfig") ..
+                              " && " .. command .. " && cd / && " .. q(dir .. "/a.out"))
+    assert.equal(0, status, command .. "\n" .. output)
+    assert.equal(("sum 15 headers %s library %s\n"):format(ms.__version__, ms.__version__), output)
+  end)
+
   it("builds and runs a C program with find_package(moonshard)", function()
     local project = base .. "/consumer"
     sh("mkdir -p " .. q(project))
@@ -166,9 +179,19 @@ describe("the rockspec #noasan", function()
     end
     local tree = os.tmpname()
     os.remove(tree)
-    local status, output = sh("luarocks --lua-version=5.1 --tree=" .. q(tree) ..
-                              " make --deps-mode=none moonshard-" .. ms.__version__ .. "-1.rockspec")
+    -- The shipped rockspec built CUDA-less and unoptimised (nvcc and -O3 are 6/7 of a cold
+    -- build's CPU time): the same CMake build and install, from the repository root as
+    -- `luarocks make` builds, on both cores.
+    local name = "moonshard-" .. ms.__version__ .. "-1.rockspec"
+    local rockspec, changed = assert(io.open(repo .. "/" .. name)):read("*a"):gsub(
+      '(\n%s*)CMAKE_BUILD_TYPE = "Release",', '%1CMAKE_BUILD_TYPE = "Debug",%1MS_WITH_CUDA = "OFF",')
+    assert.equal(1, changed, "the rockspec's build.variables has no CMAKE_BUILD_TYPE = \"Release\" line")
+    sh("mkdir -p " .. q(tree))
+    write_file(tree .. "/" .. name, rockspec)
+    local status, output = sh("CMAKE_BUILD_PARALLEL_LEVEL=2 luarocks --lua-version=5.1 --tree=" .. q(tree) ..
+                              " make --deps-mode=none " .. q(tree .. "/" .. name))
     assert.equal(0, status, output)
+    assert.truthy(output:find("devices cpu (MS_WITH_MPI=", 1, true), output) -- CMake's summary: CUDA-less
     local script = tree .. "/script.lua"
     write_file(script, LUA_SCRIPT)
     status, output = sh("cd / && eval \"$(luarocks --lua-version=5.1 --tree=" .. q(tree) .. " path)\" && " ..

@@ -179,6 +179,9 @@ end
 
 local function tensor_arg(t, what, name)
   if not Tensor.is_tensor(t) then
+    if type(t) == "table" and rawget(getmetatable(t) or {}, "__released") then
+      fail(what, "%s was used after it was released (return it from forward or call ms.keep(t) to keep it)", name)
+    end
     fail(what, "%s must be a tensor, got %s", name, type(t) == "table" and "a table" or type(t))
   end
   return t._c

@@ -77,6 +77,13 @@ function M.check(status, what)
   end
 end
 
+-- True for a function or anything whose metatable has __call (a Module class, say).
+function M.is_callable(value)
+  if type(value) == "function" then return true end
+  local mt = getmetatable(value)
+  return type(mt) == "table" and mt.__call ~= nil
+end
+
 -- Raise a moonshard error for bad input detected in Lua.
 function M.fail(what, message, ...)
   error("moonshard: " .. what .. ": " .. string.format(message, ...), 0)

@@ -16,8 +16,9 @@ local function local_of(t)
 end
 
 local function non_negative(name, group, key)
-  if type(group[key]) ~= "number" or group[key] < 0 then
-    fail(name, "%s must be a non-negative number, got %s", key, tostring(group[key]))
+  local v = group[key]
+  if type(v) ~= "number" or not (v >= 0 and v < math.huge) then
+    fail(name, "%s must be a finite non-negative number, got %s", key, tostring(v))
   end
 end
 
@@ -46,8 +47,8 @@ function Optimizer:add_param_group(group)
   local entry = {params = {}}
   for key, value in pairs(self.defaults) do entry[key] = value end
   for key, value in pairs(group) do if key ~= "params" then entry[key] = value end end
-  if type(entry.lr) ~= "number" or entry.lr < 0 then
-    fail(self.name, "lr must be a non-negative number, got %s", tostring(entry.lr))
+  if type(entry.lr) ~= "number" or not (entry.lr >= 0 and entry.lr < math.huge) then
+    fail(self.name, "lr must be a finite non-negative number, got %s", tostring(entry.lr))
   end
   if type(group.params) ~= "table" then
     fail(self.name, "a param group's params must be an array of tensors, got %s", type(group.params))

@@ -205,7 +205,7 @@ Tensor.create = create
 -- without storage, for deferred initialisation).
 function Tensor.with_device(device, fn, ...)
   if device ~= "meta" then pool_id(device, "device") end
-  if type(fn) ~= "function" then fail("device", "expected a function to run, got %s", type(fn)) end
+  if not C.is_callable(fn) then fail("device", "expected a function (or callable table) to run, got %s", type(fn)) end
   local saved = default_device
   default_device = device
   return finally(function() default_device = saved end, fn, ...)

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "comm.h"
+#include "../fence.h"
 
 static ms_group *world_group;
 
@@ -203,7 +204,7 @@ int ms_dist_all_reduce(ms_group *g, ms_tensor *t, int op)
     MS_CHECK(resolve_group(name, &g));
     MS_CHECK(check_buffer(name, "tensor", g, t));
     MS_CHECK(check_op(name, op));
-    ms_snapshot_before_foreign_write(ms_tensor_data(t), ms_tensor_nbytes(t));
+    ms_fence_before_foreign_write(ms_tensor_data(t), ms_tensor_nbytes(t));
     return g->backend->all_reduce(g, ms_tensor_data(t), t->numel, t->dtype, op);
 }
 
@@ -218,7 +219,7 @@ int ms_dist_all_gather_into_tensor(ms_group *g, ms_tensor *out, const ms_tensor 
         return MS_FAIL(MS_ERR_SHAPE, "%s: output has %lld elements, expected %d ranks * %lld",
                        name, (long long)out->numel, g->size, (long long)in->numel);
     MS_CHECK(check_block_alias(name, out, in, g->rank));
-    ms_snapshot_before_foreign_write(ms_tensor_data(out), ms_tensor_nbytes(out));
+    ms_fence_before_foreign_write(ms_tensor_data(out), ms_tensor_nbytes(out));
     return g->backend->all_gather(g, ms_tensor_data(out), ms_tensor_data(in), in->numel,
                                   in->dtype);
 }
@@ -235,7 +236,7 @@ int ms_dist_reduce_scatter_tensor(ms_group *g, ms_tensor *out, const ms_tensor *
         return MS_FAIL(MS_ERR_SHAPE, "%s: input has %lld elements, expected %d ranks * %lld",
                        name, (long long)in->numel, g->size, (long long)out->numel);
     MS_CHECK(check_block_alias(name, in, out, g->rank));
-    ms_snapshot_before_foreign_write(ms_tensor_data(out), ms_tensor_nbytes(out));
+    ms_fence_before_foreign_write(ms_tensor_data(out), ms_tensor_nbytes(out));
     return g->backend->reduce_scatter(g, ms_tensor_data(out), ms_tensor_data(in), out->numel,
                                       out->dtype, op);
 }
@@ -248,7 +249,7 @@ int ms_dist_broadcast(ms_group *g, ms_tensor *t, int root)
     if (root < 0 || root >= g->size)
         return MS_FAIL(MS_ERR_INVALID, "%s: root %d outside the group of %d", name, root,
                        g->size);
-    ms_snapshot_before_foreign_write(ms_tensor_data(t), ms_tensor_nbytes(t));
+    ms_fence_before_foreign_write(ms_tensor_data(t), ms_tensor_nbytes(t));
     return g->backend->broadcast(g, ms_tensor_data(t), t->numel, t->dtype, root);
 }
 

@@ -141,7 +141,7 @@ static int put_manifest(ms_store *s, const byte_buffer *manifest)
             return env_fail(s->index, rc, "committing a manifest");
         MDB_envinfo info;
         mdb_env_info(s->index->env, &info);
-        MS_CHECK(env_grow(s->index, 2 * info.me_mapsize));
+        MS_CHECK(env_grow(s->index, 2 * info.me_mapsize, 2 * info.me_mapsize));
     }
 }
 
@@ -165,5 +165,6 @@ int ms_store_commit_manifest(ms_store *s, int world_size)
                        s->scratch.size);
     MS_CHECK(put_manifest(s, &s->scratch));
     s->save_state = SAVE_IDLE;
+    store_end_save_locks(s);
     return MS_OK;
 }

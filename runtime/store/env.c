@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include "store_internal.h"
@@ -28,7 +29,9 @@ static const char *const FILE_KIND_NAMES[] = {"index", "shard"};
 
 enum { MAX_READERS = 1024, READ_RETRIES = 8 };
 static const size_t INDEX_MAP_BYTES = (size_t)16 << 30;
-static const size_t INITIAL_SHARD_MAP_BYTES = (size_t)64 << 20;
+static const size_t INITIAL_SHARD_MAP_BYTES = (size_t)1 << 20;
+static const uint64_t SHARD_HEADROOM_BYTES = (uint64_t)1 << 20;
+static const uint64_t SHARD_MIN_HEADROOM_BYTES = (uint64_t)256 << 10; /* on a full disk */
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static store_env *registry;
@@ -53,6 +56,32 @@ bool env_value_offset(const store_env *e, const void *value, uint64_t size, off_
         return false;
     *offset = (off_t)(page_number * e->page_bytes + LMDB_PAGE_HEADER_BYTES);
     return true;
+}
+
+/* Where LMDB mapped e's file in this process (lmdb.h tells only fixed addresses): the
+ * mapping of /proc/self/maps whose device and inode are the file's. */
+static void locate_map(store_env *e)
+{
+    e->map_begin = e->map_end = NULL;
+    mdb_filehandle_t fd;
+    struct stat st;
+    if (!e->env || mdb_env_get_fd(e->env, &fd) || fstat(fd, &st))
+        return;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (!maps)
+        return;
+    char line[4096];
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long begin, end, major, minor, inode;
+        if (sscanf(line, "%lx-%lx %*s %*s %lx:%lx %lu", &begin, &end, &major, &minor, &inode) == 5 &&
+            inode == (unsigned long)st.st_ino && makedev(major, minor) == st.st_dev &&
+            end - begin > 65536) { /* not the lock file's map */
+            e->map_begin = (const uint8_t *)begin;
+            e->map_end = (const uint8_t *)end;
+            break;
+        }
+    }
+    fclose(maps);
 }
 
 int env_read_fd(store_env *e, int *fd)
@@ -174,6 +203,7 @@ static int open_databases(store_env *e, bool writable)
     int rc = mdb_txn_begin(e->env, NULL, writable ? 0 : MDB_RDONLY, &txn);
     if (rc)
         return env_fail(e, rc, "beginning a transaction");
+    guard_note_txn(e, txn, false);
     MDB_dbi meta;
     int status = MS_OK;
     rc = mdb_dbi_open(txn, "meta", 0, &meta);
@@ -187,11 +217,15 @@ static int open_databases(store_env *e, bool writable)
     if (!status && (rc = mdb_get(txn, meta, &key, &value)))
         status = rc == MDB_NOTFOUND ? not_a_store(e, "no format record")
                                     : env_fail(e, rc, "reading the format record");
+    /* (a writer's new record is in its dirty pages, not in the map) */
+    if (!status && !writable && !space_value_in_file(e, &value))
+        status = not_a_store(e, "the format record lies outside the file");
     if (!status)
         status = check_format_record(e, &value);
     if (!status && (rc = mdb_dbi_open(txn, data_name, writable ? MDB_CREATE : 0, &e->data_dbi)))
         status = rc == MDB_NOTFOUND ? not_a_store(e, "no data database")
                                     : env_fail(e, rc, "opening the data database");
+    guard_forget_txn(txn);
     if (status) {
         mdb_txn_abort(txn);
         return status;
@@ -201,6 +235,17 @@ static int open_databases(store_env *e, bool writable)
     return rc ? env_fail(e, rc, "committing the format record") : MS_OK;
 }
 
+typedef struct open_args {
+    store_env *e;
+    bool writable;
+} open_args;
+
+static int open_databases_guarded(void *arg)
+{
+    open_args *a = arg;
+    return open_databases(a->e, a->writable);
+}
+
 static int open_env(store_env *e, bool writable)
 {
     int rc = mdb_env_create(&e->env);
@@ -208,11 +253,21 @@ static int open_env(store_env *e, bool writable)
         return env_fail(e, rc, "creating an environment");
     mdb_env_set_maxdbs(e->env, 2);
     mdb_env_set_maxreaders(e->env, MAX_READERS);
+    mdb_env_set_assert(e->env, guard_lmdb_assert);
     unsigned flags = MDB_NOSUBDIR | MDB_NOTLS | MDB_NORDAHEAD;
     size_t map_bytes = 0;
+    int status = space_check_file(e);
+    if (!status)
+        status = space_reserve_lock_file(e);
+    if (status) {
+        mdb_env_close(e->env);
+        e->env = NULL;
+        return status;
+    }
     if (writable && e->kind == FILE_SHARD) {
         /* A writable map sets the file's size; keeping it keeps the room earlier saves
-         * grew, which the meta page only records at the next commit. */
+         * grew, which the meta page only records at the next commit. The map starts small
+         * and grows with the data (env_grow), each time over reserved file space. */
         struct stat st;
         flags |= MDB_WRITEMAP;
         map_bytes = INITIAL_SHARD_MAP_BYTES;
@@ -233,15 +288,31 @@ static int open_env(store_env *e, bool writable)
         mdb_env_set_maxdbs(e->env, 2);
         rc = mdb_env_open(e->env, e->path, flags | MDB_NOLOCK, 0644);
     }
-    int status = MS_OK;
+    if (rc)
+        status = space_short_file(e);
+    if (status)
+        rc = 0; /* named by space_short_file */
     if (rc == ENOENT)
         status = MS_FAIL(MS_ERR_NOT_FOUND, "%s does not exist", e->path);
     else if (rc == MDB_INVALID)
         status = not_a_store(e, "not an LMDB file");
     else if (rc)
         status = env_fail(e, rc, "opening");
-    if (!status)
-        status = open_databases(e, writable);
+    if (!status && (flags & MDB_WRITEMAP)) {
+        /* Every page the map may write has its file space allocated, so a full disk is
+         * ENOSPC here, never SIGBUS on a store into the map. */
+        MDB_envinfo info;
+        mdb_env_info(e->env, &info);
+        status = space_reserve(e, info.me_mapsize);
+    }
+    if (!status) {
+        open_args a = {e, writable};
+        MDB_stat stat;
+        mdb_env_stat(e->env, &stat);
+        e->page_bytes = stat.ms_psize;
+        locate_map(e);
+        status = guard_run(open_databases_guarded, &a);
+    }
     if (status) {
         mdb_env_close(e->env);
         e->env = NULL;
@@ -251,6 +322,7 @@ static int open_env(store_env *e, bool writable)
     mdb_env_stat(e->env, &stat);
     e->page_bytes = stat.ms_psize;
     e->writable = writable;
+    locate_map(e);
     return MS_OK;
 }
 
@@ -362,6 +434,7 @@ static int adopt_map_size(store_env *e)
 {
     pthread_rwlock_wrlock(&e->map_lock);
     int rc = mdb_env_set_mapsize(e->env, 0);
+    locate_map(e);
     pthread_rwlock_unlock(&e->map_lock);
     return rc ? env_fail(e, rc, "adopting the map size another process set") : MS_OK;
 }
@@ -373,8 +446,10 @@ int env_read_begin(store_env *e, MDB_txn **txn)
     for (int attempt = 0;; attempt++) {
         pthread_rwlock_rdlock(&e->map_lock);
         int rc = mdb_txn_begin(e->env, NULL, MDB_RDONLY, txn);
-        if (!rc)
+        if (!rc) {
+            guard_note_txn(e, *txn, true);
             return MS_OK;
+        }
         pthread_rwlock_unlock(&e->map_lock);
         if (rc != MDB_MAP_RESIZED || attempt == READ_RETRIES)
             return env_fail(e, rc, "beginning a read transaction");
@@ -384,16 +459,70 @@ int env_read_begin(store_env *e, MDB_txn **txn)
 
 void env_read_end(store_env *e, MDB_txn *txn)
 {
+    guard_forget_txn(txn);
+    env_read_end_unguarded(e, txn);
+}
+
+void env_read_end_unguarded(store_env *e, MDB_txn *txn)
+{
     mdb_txn_abort(txn);
     pthread_rwlock_unlock(&e->map_lock);
+}
+
+const store_env *env_mapping(const void *address)
+{
+    const uint8_t *a = address;
+    for (const store_env *e = registry; e; e = e->next) {
+        if (e->pid != getpid())
+            continue;
+        if (e->map_begin && a >= e->map_begin && a < e->map_end)
+            return e;
+    }
+    return NULL;
+}
+
+/* Before a write transaction on a shard: a map with room for the pages a transaction copies
+ * or adds besides its values (the tree, the free list), which callers do not count, all of
+ * it over allocated file space (the file may have been trimmed below the map). On a disk
+ * without room for the whole map, the map shrinks to the used pages and a little more.
+ * [OUT] *reserved: the map size now backed. */
+static int prepare_shard_map(store_env *e, uint64_t *reserved)
+{
+    MDB_envinfo info;
+    mdb_env_info(e->env, &info);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
+    uint64_t headroom = used / 16 > SHARD_HEADROOM_BYTES ? used / 16 : SHARD_HEADROOM_BYTES;
+    uint64_t target = info.me_mapsize, least = used + SHARD_MIN_HEADROOM_BYTES;
+    if (target < least)
+        target = (used + 2 * headroom) / SHARD_HEADROOM_BYTES * SHARD_HEADROOM_BYTES;
+    int status = space_reserve(e, target);
+    if (status == ENOSPC && least < target) {
+        target = least;
+        status = space_reserve(e, target);
+    }
+    MS_CHECK(status);
+    *reserved = target;
+    return target == info.me_mapsize ? MS_OK : env_grow(e, target, target);
 }
 
 int env_write_begin(store_env *e, MDB_txn **txn)
 {
     if (!e->env || !e->writable)
         return MS_FAIL(MS_ERR_STATE, "%s is not open for writing", e->path);
+    uint64_t reserved = 0;
+    if (e->kind == FILE_SHARD)
+        MS_CHECK(prepare_shard_map(e, &reserved));
     for (int attempt = 0;; attempt++) {
         int rc = mdb_txn_begin(e->env, NULL, 0, txn);
+        if (!rc && e->kind == FILE_SHARD) {
+            /* Another process may have grown the map meanwhile (adopted below). */
+            MDB_envinfo info;
+            mdb_env_info(e->env, &info);
+            int status = info.me_mapsize > reserved ? space_reserve(e, info.me_mapsize) : MS_OK;
+            if (status)
+                mdb_txn_abort(*txn);
+            return status;
+        }
         if (!rc)
             return MS_OK;
         if (rc != MDB_MAP_RESIZED || attempt == READ_RETRIES)
@@ -402,10 +531,19 @@ int env_write_begin(store_env *e, MDB_txn **txn)
     }
 }
 
-int env_grow(store_env *e, size_t bytes)
+int env_grow(store_env *e, size_t bytes, size_t at_least)
 {
+    if (e->kind == FILE_SHARD && e->writable) {
+        int status = space_reserve(e, bytes);
+        if (status == ENOSPC && at_least < bytes) {
+            bytes = at_least;
+            status = space_reserve(e, bytes);
+        }
+        MS_CHECK(status);
+    }
     pthread_rwlock_wrlock(&e->map_lock);
     int rc = mdb_env_set_mapsize(e->env, bytes);
+    locate_map(e);
     pthread_rwlock_unlock(&e->map_lock);
     return rc ? env_fail(e, rc, "growing the map") : MS_OK;
 }

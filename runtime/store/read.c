@@ -18,7 +18,7 @@ int store_fail_in_context(ms_store *s, int64_t step, int status)
     return MS_FAIL(status, "%s: step %lld: %s", s->path, (long long)step, message);
 }
 
-int store_manifest(ms_store *s, int64_t step, step_manifest **out)
+static int read_manifest(ms_store *s, int64_t step, step_manifest **out)
 {
     if (step < 0)
         return MS_FAIL(MS_ERR_INVALID, "%s: step %lld is negative", s->path, (long long)step);
@@ -29,11 +29,18 @@ int store_manifest(ms_store *s, int64_t step, step_manifest **out)
     MDB_val key = {STEP_KEY_BYTES, key_bytes}, value;
     int rc = mdb_get(txn, s->index->data_dbi, &key, &value);
     int status = MS_OK;
+    bool seen = false;
+    for (step_manifest *m = s->manifests; m && !seen; m = m->next)
+        seen = m->step == step;
     if (rc == MDB_NOTFOUND)
-        status =
-            MS_FAIL(MS_ERR_NOT_FOUND, "%s: step %lld is not committed", s->path, (long long)step);
+        status = MS_FAIL(MS_ERR_NOT_FOUND,
+                         seen ? "%s: step %lld was deleted while reading" : "%s: step %lld is not committed",
+                         s->path, (long long)step);
     else if (rc)
         status = env_fail(s->index, rc, "reading a manifest");
+    else if (!space_value_in_file(s->index, &value))
+        status = MS_FAIL(MS_ERR_CORRUPT, "%s is damaged (the manifest of step %lld lies outside it)",
+                         s->index->path, (long long)step);
     if (status) {
         env_read_end(s->index, txn);
         return status;
@@ -68,6 +75,24 @@ int store_manifest(ms_store *s, int64_t step, step_manifest **out)
     s->manifests = m;
     *out = m;
     return MS_OK;
+}
+
+typedef struct manifest_args {
+    ms_store *s;
+    int64_t step;
+    step_manifest **out;
+} manifest_args;
+
+static int read_manifest_guarded(void *arg)
+{
+    manifest_args *a = arg;
+    return read_manifest(a->s, a->step, a->out);
+}
+
+int store_manifest(ms_store *s, int64_t step, step_manifest **out)
+{
+    manifest_args a = {s, step, out};
+    return guard_run(read_manifest_guarded, &a);
 }
 
 int store_find_entry(ms_store *s, int64_t step, const char *fqn, step_manifest **m, store_entry **e)
@@ -185,6 +210,20 @@ void prefetch_chunk(const void *data, size_t size)
     madvise((void *)start, (uintptr_t)data + size - start, MADV_WILLNEED);
 }
 
+/* Whether the index still holds step's manifest (true when that cannot be read). */
+static bool still_committed(ms_store *s, int64_t step)
+{
+    MDB_txn *txn;
+    if (env_read_begin(s->index, &txn))
+        return true;
+    uint8_t key_bytes[STEP_KEY_BYTES];
+    step_key(key_bytes, step);
+    MDB_val key = {STEP_KEY_BYTES, key_bytes}, value;
+    int rc = mdb_get(txn, s->index->data_dbi, &key, &value);
+    env_read_end(s->index, txn);
+    return rc != MDB_NOTFOUND;
+}
+
 int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const store_chunk *c,
                       uint64_t nbytes, const uint8_t **data)
 {
@@ -197,6 +236,9 @@ int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const
     MDB_val key = {CHUNK_KEY_BYTES, key_bytes}, value;
     int rc = mdb_get(s->read_txns[c->rank], e->data_dbi, &key, &value);
     char region[200];
+    if (rc == MDB_NOTFOUND && s->save_state == SAVE_IDLE && !still_committed(s, step))
+        return MS_FAIL(MS_ERR_NOT_FOUND, "%s: step %lld was deleted while reading", s->path,
+                       (long long)step);
     if (rc == MDB_NOTFOUND)
         return MS_FAIL(MS_ERR_NOT_FOUND,
                        "%s: step %lld: '%s': chunk %s is missing from %s (was the step deleted?)",
@@ -205,6 +247,10 @@ int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const
                        e->name);
     if (rc)
         return env_fail(e, rc, "reading a chunk");
+    if (!space_value_in_file(e, &value))
+        return MS_FAIL(MS_ERR_CORRUPT, "%s is damaged (chunk %s of '%s', step %lld, lies outside it)",
+                       e->path, region_str(region, sizeof region, entry->ndim, c->offsets, c->sizes),
+                       entry->fqn, (long long)step);
     if (value.mv_size != c->data_offset + nbytes)
         return MS_FAIL(MS_ERR_CORRUPT,
                        "%s: step %lld: '%s': chunk %s in %s has %zu bytes, not %llu", s->path,
@@ -213,6 +259,14 @@ int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const
                        e->name, value.mv_size, (unsigned long long)(c->data_offset + nbytes));
     *data = (const uint8_t *)value.mv_data + c->data_offset;
     return MS_OK;
+}
+
+void store_after_guarded_reads(ms_store *s, int status)
+{
+    if (status == MS_ERR_CORRUPT && guard_ended_reads())
+        for (size_t r = 0; r < s->shard_capacity; r++)
+            s->read_txns[r] = NULL; /* ended by the guard */
+    store_end_reads(s);
 }
 
 void store_end_reads(ms_store *s)
@@ -406,6 +460,21 @@ static int read_overlapping(ms_store *s, int64_t step, store_entry *e, ms_tensor
     return MS_OK;
 }
 
+typedef struct read_args {
+    ms_store *s;
+    int64_t step;
+    store_entry *e;
+    ms_tensor *dst;
+    const int64_t *offsets;
+    int64_t *copied;
+} read_args;
+
+static int read_overlapping_guarded(void *arg)
+{
+    read_args *a = arg;
+    return read_overlapping(a->s, a->step, a->e, a->dst, a->offsets, a->copied);
+}
+
 int ms_store_read_tensor(ms_store *s, int64_t step, const char *fqn, ms_tensor *dst,
                          const int64_t *global_offsets)
 {
@@ -425,8 +494,9 @@ int ms_store_read_tensor(ms_store *s, int64_t step, const char *fqn, ms_tensor *
     if (!ms_tensor_data(dst))
         return MS_FAIL(MS_ERR_INVALID, "store_read_tensor: '%s': dst has no storage", fqn);
     int64_t copied = 0;
-    int status = read_overlapping(s, step, e, dst, offsets, &copied);
-    store_end_reads(s);
+    read_args a = {s, step, e, dst, offsets, &copied};
+    int status = guard_run(read_overlapping_guarded, &a);
+    store_after_guarded_reads(s, status);
     if (!status && copied != dst->numel)
         status = MS_FAIL(MS_ERR_CORRUPT,
                          "%s: step %lld: '%s': the stored chunks fill %lld of the %lld elements "

@@ -84,7 +84,8 @@ int reclaim_uncommitted(store_env *e, const int64_t *committed, size_t count)
     rc = mdb_txn_commit(txn);
     if (rc)
         return env_fail(e, rc, "committing reclaimed chunks");
-    return deleted ? note_reclaimed(e, deleted) : MS_OK;
+    MS_CHECK(deleted ? note_reclaimed(e, deleted) : MS_OK);
+    return space_trim(e);
 }
 
 static int check_maintenance(ms_store *s, const char *op)
@@ -155,18 +156,32 @@ static int remove_manifests(ms_store *s, const int64_t *steps, size_t count)
     return rc ? env_fail(s->index, rc, "committing deleted manifests") : MS_OK;
 }
 
-int ms_store_delete(ms_store *s, int64_t step)
+/* Run a maintenance step under writer.lock (held already, or taken for this call). */
+static int locked(ms_store *s, int (*op)(ms_store *, int64_t), int64_t arg)
 {
-    MS_CHECK(check_maintenance(s, "store_delete"));
+    bool held = s->writer_lock_fd >= 0;
+    if (!held)
+        MS_CHECK(store_lock_writer(s, "retention", -1));
+    int status = op(s, arg);
+    if (!held)
+        store_unlock_writer(s);
+    return status;
+}
+
+static int delete_step(ms_store *s, int64_t step)
+{
     MS_CHECK(remove_manifests(s, &step, 1));
     return sweep_shards(s);
 }
 
-int ms_store_keep_last(ms_store *s, int64_t count)
+int ms_store_delete(ms_store *s, int64_t step)
 {
-    MS_CHECK(check_maintenance(s, "store_keep_last"));
-    if (count < 0)
-        return MS_FAIL(MS_ERR_INVALID, "store_keep_last: count %lld is negative", (long long)count);
+    MS_CHECK(check_maintenance(s, "store_delete"));
+    return locked(s, delete_step, step);
+}
+
+static int keep_last(ms_store *s, int64_t count)
+{
     int64_t *committed;
     size_t total;
     MS_CHECK(store_committed_steps(s, &committed, &total));
@@ -176,4 +191,12 @@ int ms_store_keep_last(ms_store *s, int64_t count)
     free(committed);
     MS_CHECK(status);
     return sweep_shards(s);
+}
+
+int ms_store_keep_last(ms_store *s, int64_t count)
+{
+    MS_CHECK(check_maintenance(s, "store_keep_last"));
+    if (count < 0)
+        return MS_FAIL(MS_ERR_INVALID, "store_keep_last: count %lld is negative", (long long)count);
+    return locked(s, keep_last, count);
 }

@@ -22,8 +22,18 @@ void save_reset(ms_store *s)
 {
     snapshot_finish(s, false);
     release_pending(s);
+    if (s->pid == getpid())
+        store_end_save_locks(s);
     s->txn = NULL;
     s->save_state = SAVE_IDLE;
+}
+
+/* Give the file space an abandoned save took beyond the used pages back to the disk. */
+static void trim_shard(ms_store *s)
+{
+    if (s->save_state != SAVE_IDLE && (size_t)s->save_rank < s->shard_capacity &&
+        s->shards[s->save_rank] && s->shards[s->save_rank]->writable)
+        space_trim(s->shards[s->save_rank]);
 }
 
 /* A failed write leaves the transaction unusable: end the save, keep the message. */
@@ -33,6 +43,8 @@ static int fail_save(ms_store *s, int status)
     error_save(&saved, status);
     if (s->txn)
         mdb_txn_abort(s->txn);
+    s->txn = NULL;
+    trim_shard(s);
     save_reset(s);
     return error_restore(&saved);
 }
@@ -65,18 +77,26 @@ int ms_store_begin(ms_store *s, int64_t step, int rank, int mode)
     s->merge_failed = false;
     free(s->committed);
     s->committed = NULL;
-    MS_CHECK(store_committed_steps(s, &s->committed, &s->committed_count));
-    if (steps_contain(s->committed, s->committed_count, step))
-        return MS_FAIL(MS_ERR_STATE, "%s: step %lld is already committed; delete it first", s->path,
-                       (long long)step);
+    MS_CHECK(store_lock_shard(s, rank, step));
+    int status = store_committed_steps(s, &s->committed, &s->committed_count);
+    if (!status && steps_contain(s->committed, s->committed_count, step))
+        status = MS_FAIL(MS_ERR_STATE, "%s: step %lld is already committed; delete it first",
+                         s->path, (long long)step);
     store_env *shard;
-    MS_CHECK(store_shard(s, rank, true, &shard));
+    if (!status)
+        status = store_shard(s, rank, true, &shard);
+    if (status) {
+        store_end_save_locks(s);
+        return status;
+    }
     s->save_step = step;
     s->save_rank = rank;
     s->background = mode == MS_STORE_BACKGROUND;
     s->next_seq = 0;
-    if (!s->background)
-        MS_CHECK(write_start(s));
+    if (!s->background && (status = write_start(s, 0)) != MS_OK) {
+        store_end_save_locks(s);
+        return status;
+    }
     s->save_state = SAVE_WRITING;
     return MS_OK;
 }
@@ -231,14 +251,17 @@ static void *writer_main(void *arg)
 {
     ms_store *s = arg;
     int status = snapshot_finish(s, true);
+    uint64_t expected = 0;
+    for (size_t i = 0; i < s->pending_count; i++)
+        expected += chunk_space(s, ms_tensor_nbytes(s->pending[i].chunk));
     if (!status)
-        status = write_start(s);
+        status = write_start(s, expected);
     for (size_t i = 0; i < s->pending_count && !status; i++) {
         pending_put *p = &s->pending[i];
         status = write_chunk(s, p->fqn, p->fqn_len, p->chunk, p->global_offsets);
     }
     if (!status)
-        status = write_commit(s);
+        status = write_finish(s);
     if (status && s->txn) {
         mdb_txn_abort(s->txn);
         s->txn = NULL;
@@ -263,9 +286,30 @@ int ms_store_commit_data(ms_store *s)
         }
         return MS_OK;
     }
-    int status = write_commit(s);
+    int status = write_finish(s);
     if (!status)
         status = finish_data_commit(s);
+    return status ? fail_save(s, status) : MS_OK;
+}
+
+uint64_t chunk_space(const ms_store *s, uint64_t tensor_bytes)
+{
+    uint64_t pieces = tensor_bytes / (uint64_t)s->max_chunk_bytes + 1, page = 4096;
+    if (s->shard_capacity > (size_t)s->save_rank && s->shards[s->save_rank])
+        page = s->shards[s->save_rank]->page_bytes;
+    return tensor_bytes + pieces * (CHUNK_DATA_OFFSET + LMDB_PAGE_HEADER_BYTES + 2 * page);
+}
+
+int ms_store_reserve(ms_store *s, int64_t bytes)
+{
+    MS_CHECK(check_writing(s, "store_reserve"));
+    if (bytes < 0)
+        return MS_FAIL(MS_ERR_INVALID, "store_reserve: %lld bytes", (long long)bytes);
+    if (s->next_seq > 0)
+        return MS_FAIL(MS_ERR_STATE, "store_reserve: %s: chunks were put already", s->path);
+    if (s->background || bytes == 0)
+        return MS_OK; /* the writer thread sizes the map from what was put */
+    int status = write_reserve(s, chunk_space(s, (uint64_t)bytes));
     return status ? fail_save(s, status) : MS_OK;
 }
 
@@ -300,6 +344,8 @@ int ms_store_abort(ms_store *s)
         pthread_join(s->writer, NULL);
     if (s->txn)
         mdb_txn_abort(s->txn);
+    s->txn = NULL;
+    trim_shard(s);
     save_reset(s);
     return MS_OK;
 }

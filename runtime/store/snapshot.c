@@ -4,7 +4,7 @@
  * the block writable again, and the writer thread copies every other block before it writes.
  * The caller of an async save waits for no copy; the staging buffers hold the values at call
  * time. Writes the handler cannot see (a peer rank through shared memory, the kernel) are
- * announced with ms_snapshot_before_foreign_write, which copies the blocks first. Sources
+ * announced through the fence (runtime/fence.h), whose watcher copies the blocks first. Sources
  * that are small, strided, outside the cpu pool (the host pool may be page-locked, which a
  * device writes by DMA) or overlap another staged source are copied at once. */
 #include <errno.h>
@@ -17,6 +17,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "../fence.h"
 #include "../ops.h"
 #include "store_internal.h"
 
@@ -26,6 +27,7 @@ enum {
     SNAPSHOT_BLOCK_BYTES = 2 << 20,
     SNAPSHOT_MIN_BYTES = 1 << 20,     /* smaller sources are copied at once */
     MAX_ACTIVE_REGIONS = 4096,
+    RETRY_SLOTS = 256,                /* threads remembered by the handler's retry rule */
 };
 /* Block states; any other value is the id of the thread copying the block. */
 enum { BLOCK_PROTECTED = 0, BLOCK_COPIED = -1, BLOCK_FAILED = -2 };
@@ -48,6 +50,19 @@ static atomic_size_t active_end; /* slots in use lie below it */
 static atomic_int handlers_running;
 static pthread_mutex_t active_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sigaction previous_action;
+/* Counts regions taken out of active[] (their pages writable again). A write that faulted
+ * on a staged page can reach the handler after the writer thread has copied and unpublished
+ * that page's region (the faulting thread was descheduled in between); the handler then
+ * finds no region, and the write must simply run again. */
+static atomic_uint_fast64_t unpublished;
+/* Per thread (hashed by id): the last address the handler let run again without finding a
+ * region, and the count of unpublished regions then. The same address faulting again with no
+ * region unpublished meanwhile is a real fault, passed on. */
+static struct {
+    _Atomic int32_t tid;
+    _Atomic uintptr_t addr;
+    _Atomic uint_fast64_t unpublished;
+} retries[RETRY_SLOTS];
 
 static int32_t thread_id(void)
 {
@@ -76,6 +91,21 @@ static int32_t claim_block(snapshot_region *r, size_t b, int32_t tid)
     return state;
 }
 
+/* A write fault at addr that no published region covers: true when it should run again
+ * (a region may have been unpublished since the fault), false when it is a real fault. */
+static bool retry_unclaimed_fault(const uint8_t *addr, int32_t tid)
+{
+    uint_fast64_t now = atomic_load(&unpublished);
+    size_t slot = (size_t)tid % RETRY_SLOTS;
+    if (atomic_load(&retries[slot].tid) == tid && atomic_load(&retries[slot].addr) == (uintptr_t)addr &&
+        atomic_load(&retries[slot].unpublished) == now)
+        return false;
+    atomic_store(&retries[slot].tid, tid);
+    atomic_store(&retries[slot].addr, (uintptr_t)addr);
+    atomic_store(&retries[slot].unpublished, now);
+    return now > 0;
+}
+
 /* The write fault at addr is on a staged source: copy its block (or wait for the thread
  * copying it). False when addr is not ours, or the fault came from our own copy. */
 static bool copy_faulting_block(const uint8_t *addr)
@@ -96,7 +126,7 @@ static bool copy_faulting_block(const uint8_t *addr)
             sched_yield();
         return state == BLOCK_COPIED;
     }
-    return false;
+    return retry_unclaimed_fault(addr, tid);
 }
 
 static void on_fault(int signal, siginfo_t *info, void *context)
@@ -114,7 +144,8 @@ static void on_fault(int signal, siginfo_t *info, void *context)
         sigaction(SIGSEGV, &previous_action, NULL); /* the fault repeats, with the default */
 }
 
-void ms_snapshot_before_foreign_write(const void *p, size_t n)
+/* The fence's watcher: blocks of [p, p + n) still protected are copied now. */
+static void copy_before_foreign_write(const void *p, size_t n)
 {
     if (n == 0 || atomic_load(&active_end) == 0)
         return;
@@ -145,6 +176,7 @@ static int install_handler(void)
 {
     struct sigaction current;
     sigaction(SIGSEGV, NULL, &current);
+    ms_fence_register(copy_before_foreign_write);
     if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_fault)
         return MS_OK;
     struct sigaction ours;
@@ -199,6 +231,7 @@ static void unpublish(snapshot_region *r)
     for (size_t i = 0; i < end; i++)
         if (atomic_load(&active[i]) == r)
             atomic_store(&active[i], NULL);
+    atomic_fetch_add(&unpublished, 1);
     pthread_mutex_unlock(&active_lock);
 }
 
@@ -256,8 +289,19 @@ static snapshot_region *new_region(uint8_t *dst, const ms_tensor *src)
     return r;
 }
 
+/* MS_ASYNC_STAGING=copy copies every source at once: no read-only pages, no SIGSEGV
+ * handler (for programs whose system calls write into saved tensors, and to measure what
+ * lazy staging saves: bench/dcp.lua). */
+static bool lazy_staging_enabled(void)
+{
+    const char *mode = getenv("MS_ASYNC_STAGING");
+    return !mode || strcmp(mode, "copy") != 0;
+}
+
 static bool can_stage_lazily(const ms_tensor *dst, const ms_tensor *src)
 {
+    if (!lazy_staging_enabled())
+        return false;
     const uint8_t *d = ms_tensor_data(dst), *b = ms_tensor_data(src);
     size_t n = ms_tensor_nbytes(src);
     return n >= SNAPSHOT_MIN_BYTES && ms_tensor_is_contiguous(src) && ms_tensor_is_contiguous(dst) &&

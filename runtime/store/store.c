@@ -141,6 +141,8 @@ int ms_store_open(ms_store **out, const char *path, int mode)
     }
     s->pid = getpid();
     s->mode = mode;
+    s->writer_lock_fd = -1;
+    s->shard_lock_fd = -1;
     s->max_chunk_bytes = STORE_DEFAULT_CHUNK_BYTES;
     int status = checksum_new(&s->hasher);
     char *index = status ? NULL : store_file_path(path, "index.mdb");
@@ -162,10 +164,14 @@ void ms_store_close(ms_store *s)
 {
     if (!s)
         return;
-    if (s->pid == getpid())
+    if (s->pid == getpid()) {
         ms_store_abort(s);
-    else
+        store_unlock_writer(s);
+    } else {
         save_reset(s);
+        if (s->writer_lock_fd >= 0)
+            close(s->writer_lock_fd); /* the lock is the parent's: only this copy goes */
+    }
     for (size_t r = 0; r < s->shard_capacity; r++)
         env_release(s->shards[r]);
     env_release(s->index);
@@ -259,7 +265,7 @@ int store_shard(ms_store *s, int rank, bool writable, store_env **out)
     return MS_OK;
 }
 
-int store_committed_steps(ms_store *s, int64_t **steps, size_t *count)
+static int list_steps(ms_store *s, int64_t **steps, size_t *count)
 {
     MDB_txn *txn;
     MDB_cursor *cursor = NULL;
@@ -301,6 +307,24 @@ int store_committed_steps(ms_store *s, int64_t **steps, size_t *count)
     *steps = list;
     *count = n;
     return MS_OK;
+}
+
+typedef struct steps_args {
+    ms_store *s;
+    int64_t **steps;
+    size_t *count;
+} steps_args;
+
+static int list_steps_guarded(void *arg)
+{
+    steps_args *a = arg;
+    return list_steps(a->s, a->steps, a->count);
+}
+
+int store_committed_steps(ms_store *s, int64_t **steps, size_t *count)
+{
+    steps_args a = {s, steps, count};
+    return guard_run(list_steps_guarded, &a);
 }
 
 int ms_store_steps(ms_store *s, int64_t *steps, int64_t capacity, int64_t *count)

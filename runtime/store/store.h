@@ -47,9 +47,14 @@
  * committing rank right after ms_store_commit_manifest, before that barrier.
  *
  * Files. Shard files are written through LMDB's writable map (large chunks with pwrite at
- * their place in the file) and are sparse: their apparent size (ls) is the map size, up to
- * about three times the data they hold; du shows the space they use. Space of deleted and
- * abandoned steps is reused by later saves.
+ * their place in the file) over file space allocated before the map grows, so a full disk
+ * is ENOSPC, never SIGBUS; after each data commit a file is cut back to its used pages. Space
+ * of deleted and abandoned steps is reused by later saves. Files are checked against their
+ * meta pages before they are mapped, and reads of a damaged file (truncated, overwritten)
+ * fail with MS_ERR_CORRUPT naming it.
+ *
+ * One writer at a time: ms_store_lock (or the begin of rank 0) takes writer.lock in the
+ * directory, each rank's begin its shard's lock; EBUSY names the process holding it.
  *
  * Errors name the store, the step and the entry ("ckpt: step 100: 'model.w': ...").
  * Sizes and counts are int64_t so Lua sees plain numbers. */
@@ -151,10 +156,15 @@ int ms_store_put_tensor(ms_store *s, const char *fqn, const ms_tensor *chunk,
  * handler, which passes other faults on to the handler installed before), and the writer
  * thread copies the rest before it writes. Until ms_store_wait or ms_store_abort returns,
  * src must stay allocated (not ms_storage_release'd) and system calls must not write into it
- * (they fail with EFAULT) unless announced with ms_snapshot_before_foreign_write, as the
+ * (they fail with EFAULT) unless announced with ms_fence_before_foreign_write (fence.h), as the
  * collectives do; stores by ms ops or plain code may. Other sources (small, strided, outside
  * the cpu pool, overlapping one staged already) are copied before return. */
 int ms_store_stage(ms_store *s, ms_tensor *dst, const ms_tensor *src);
+/* Right after ms_store_begin, before any put: this rank will put about bytes of tensor
+ * chunks, so the shard file grows once for them instead of as they come (which costs a
+ * commit each time and lets small chunks split the free space large ones would reuse).
+ * Optional; background saves size themselves. */
+int ms_store_reserve(ms_store *s, int64_t bytes);
 /* Store a non-tensor value (the caller's serialisation, at most 1 GiB) under fqn, copied
  * before return. It travels in the chunk table into the manifest. */
 int ms_store_put_bytes(ms_store *s, const char *fqn, const void *data, int64_t size);
@@ -185,6 +195,12 @@ int ms_store_merge_chunk_table(ms_store *s, const void *table, int64_t size);
  * every tensor tile its global shape exactly, and that every chunk is present in its
  * rank's file. The save is finished on this handle afterwards. */
 int ms_store_commit_manifest(ms_store *s, int world_size);
+
+/* Take the store's writer lock (writer.lock in the directory) until ms_store_close: EBUSY
+ * naming the holder (pid, host) when another process writes the store. A lock whose holder
+ * died is taken over. The job's rank 0 locks before any rank begins; without this call,
+ * ms_store_begin on rank 0 locks for that save only, as delete and keep_last do. */
+int ms_store_lock(ms_store *s);
 
 /* ---- retention (handles opened MS_STORE_READ_WRITE, no save in progress) ---- */
 /* Remove committed step (MS_ERR_NOT_FOUND when it is not committed), then reclaim the

@@ -155,6 +155,7 @@ typedef struct store_env {
     MDB_env *env;
     uint64_t page_bytes;
     int read_fd;      /* the data file opened again for sequential preads, or -1 */
+    const uint8_t *map_begin, *map_end; /* LMDB's map of the file in this process */
     MDB_dbi meta_dbi; /* "meta": the format record, notes */
     MDB_dbi data_dbi; /* "manifests" or "chunks" */
     pthread_rwlock_t map_lock;
@@ -168,11 +169,16 @@ void env_release(store_env *e);
 /* Read transaction under map_lock; env_read_end aborts it and unlocks. */
 int env_read_begin(store_env *e, MDB_txn **txn);
 void env_read_end(store_env *e, MDB_txn *txn);
+/* Ending a read transaction that guard_run has forgotten already. */
+void env_read_end_unguarded(store_env *e, MDB_txn *txn);
+/* The environment of this process whose map holds address, or NULL (signal handlers). */
+const store_env *env_mapping(const void *address);
 /* Write transaction (the env must be writable). */
 int env_write_begin(store_env *e, MDB_txn **txn);
-/* Grow the map to at least bytes; no transaction of this env may be open in the process
+/* Grow the map to bytes, or to at_least when the disk has no room for bytes (a shard's map
+ * is backed by allocated file space); no transaction of this env may be open in the process
  * except readers of other threads, which it waits for. */
-int env_grow(store_env *e, size_t bytes);
+int env_grow(store_env *e, size_t bytes, size_t at_least);
 /* File offset of a value LMDB keeps in overflow pages, read from the page header in front
  * of it (LMDB's on-disk format); false when it is not one (small values live in a page). */
 bool env_value_offset(const store_env *e, const void *value, uint64_t size, off_t *offset);
@@ -181,6 +187,37 @@ bool env_value_offset(const store_env *e, const void *value, uint64_t size, off_
 int env_read_fd(store_env *e, int *fd);
 /* Turn an LMDB status into a moonshard one with a message naming the file. */
 int env_fail(const store_env *e, int rc, const char *doing);
+
+/* ---- file space (space.c) ---- */
+/* Before LMDB maps an existing file: its size and meta pages agree with the pages LMDB will
+ * touch (MS_ERR_CORRUPT naming the file: empty, truncated, bad meta page). */
+int space_check_file(const store_env *e);
+/* After LMDB failed to open e: MS_ERR_CORRUPT when the file is empty or shorter than its
+ * meta pages, else MS_OK (LMDB's own error then stands). */
+int space_short_file(const store_env *e);
+/* Whether a value LMDB returned lies inside the file's used pages (a damaged page can name
+ * any address and size). */
+bool space_value_in_file(const store_env *e, const MDB_val *value);
+/* Allocate the file's space up to bytes (a writable map's size): ENOSPC as a status. */
+int space_reserve(const store_env *e, uint64_t bytes);
+/* Cut a shard file (opened for writing, no write transaction open) back to its used pages,
+ * below the map: the next write transaction reserves the space again (env_write_begin). */
+int space_trim(const store_env *e);
+/* Create e's lock file with its space allocated (LMDB writes it through a map). */
+int space_reserve_lock_file(const store_env *e);
+
+/* ---- guarded reads (guard.c) ---- */
+/* Run fn(arg); a SIGBUS in a store's map or LMDB's abort on a damaged page during it ends the
+ * read transactions it opened and returns MS_ERR_CORRUPT naming the file. */
+int guard_run(int (*fn)(void *), void *arg);
+/* Transactions open on this thread, ended by guard_run after a signal (locked: begun by
+ * env_read_begin, under map_lock). env_read_begin / env_read_end keep the list. */
+void guard_note_txn(store_env *e, MDB_txn *txn, bool locked);
+void guard_forget_txn(MDB_txn *txn);
+/* LMDB's assertion callback: inside guard_run, the failed check ends the reads like abort. */
+void guard_lmdb_assert(MDB_env *env, const char *message);
+/* Whether the last guard_run of this thread ended its reads on a signal. */
+bool guard_ended_reads(void);
 
 /* ---- carrying an error's message across threads or calls ---- */
 typedef struct saved_error {
@@ -237,6 +274,8 @@ struct ms_store {
     uint64_t map_bytes;  /* its map size */
     uint64_t txn_pages;  /* upper bound of pages the txn may use (map high-water) */
     uint64_t txn_dirty;  /* upper bound of pages dirtied by the txn */
+    uint64_t txn_slack;  /* pages its commit may add */
+    bool txn_pages_exact; /* LMDB's next page number of the txn is readable (write.c) */
     int64_t *committed;  /* committed steps when the save began, ascending */
     size_t committed_count;
     entry_table own_table;
@@ -252,6 +291,9 @@ struct ms_store {
     size_t pending_capacity;
     pthread_t writer;
     saved_error writer_error;
+    int writer_lock_fd; /* writer.lock held by this handle (lock.c), or -1 */
+    bool writer_lock_for_save; /* taken by ms_store_begin, dropped when the save ends */
+    int shard_lock_fd;  /* shard-<rank>.mdb-writer held during this rank's writes, or -1 */
     snapshot_region **snapshots; /* lazy staging copies not finished yet (snapshot.c) */
     size_t snapshot_count;
     size_t snapshot_capacity;
@@ -276,17 +318,28 @@ void prefetch_chunk(const void *data, size_t size);
 int store_fetch_chunk(ms_store *s, int64_t step, const store_entry *entry, const store_chunk *c,
                       uint64_t nbytes, const uint8_t **data);
 void store_end_reads(ms_store *s);
+/* store_end_reads after a guard_run that returned status (its reads may be ended already). */
+void store_after_guarded_reads(ms_store *s, int status);
 /* MS_ERR_CORRUPT naming the entry, the chunk and both checksums. */
 int chunk_corrupt(ms_store *s, int64_t step, const store_entry *e, const store_chunk *c,
                   uint64_t digest);
 /* write.c: the shard file's side of a save */
-/* Reclaim uncommitted chunks, make room, open the write transaction. */
-int write_start(ms_store *s);
+/* Reclaim uncommitted chunks, make room for expected_bytes of chunks (0: unknown), open the
+ * write transaction. */
+int write_start(ms_store *s, uint64_t expected_bytes);
+/* Grow the map (no transaction open) for expected_bytes more of chunks. */
+int write_expect(ms_store *s, uint64_t expected_bytes);
+/* The same for a foreground save whose transaction is open and empty (reopened after). */
+int write_reserve(ms_store *s, uint64_t expected_bytes);
+/* Bytes a shard's map needs for chunks of these tensor bytes, split at max_chunk_bytes. */
+uint64_t chunk_space(const ms_store *s, uint64_t tensor_bytes);
 /* Write chunk t of entry fqn (declared in own_table) and record it there. */
 int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t,
                 const int64_t *global_offsets);
 /* Commit the write transaction durably (also used for intermediate commits). */
 int write_commit(ms_store *s);
+/* The last commit of this rank's data: commit, then cut the file back to its used pages. */
+int write_finish(ms_store *s);
 /* save.c */
 /* Forget the save in progress (its transaction must be ended or abandoned already). */
 void save_reset(ms_store *s);
@@ -294,6 +347,15 @@ void save_reset(ms_store *s);
 /* Finish every lazy staging copy of the save (copy false: just make the sources writable
  * again, for a save that is abandoned). */
 int snapshot_finish(ms_store *s, bool copy);
+/* lock.c: one writer at a time (EBUSY naming the other writer) */
+int store_lock_writer(ms_store *s, const char *what, int64_t step);
+void store_unlock_writer(ms_store *s);
+/* Rank 0 takes writer.lock (held already, or taken for this save); other ranks check that
+ * one is held. Then this rank's shard lock. */
+int store_lock_shard(ms_store *s, int rank, int64_t step);
+void store_unlock_shard(ms_store *s);
+/* The end of a save on this handle: drops the shard lock, and writer.lock when the save took it. */
+void store_end_save_locks(ms_store *s);
 /* retention.c */
 int reclaim_uncommitted(store_env *e, const int64_t *committed, size_t count);
 

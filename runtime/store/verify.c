@@ -15,6 +15,19 @@ static int verify_chunk(ms_store *s, int64_t step, const store_entry *e, store_c
     return MS_OK;
 }
 
+typedef struct verify_args {
+    ms_store *s;
+    int64_t step;
+    const store_entry *e;
+    store_chunk *c;
+} verify_args;
+
+static int verify_chunk_guarded(void *arg)
+{
+    verify_args *a = arg;
+    return verify_chunk(a->s, a->step, a->e, a->c);
+}
+
 int ms_store_verify_entry(ms_store *s, int64_t step, const char *fqn)
 {
     MS_CHECK(store_check(s, "store_verify_entry"));
@@ -23,8 +36,9 @@ int ms_store_verify_entry(ms_store *s, int64_t step, const char *fqn)
     MS_CHECK(store_find_entry(s, step, fqn, &m, &e));
     int status = MS_OK;
     for (uint32_t i = 0; i < e->chunk_count && !status; i++) {
-        status = verify_chunk(s, step, e, &e->chunks[i]);
-        store_end_reads(s);
+        verify_args a = {s, step, e, &e->chunks[i]};
+        status = guard_run(verify_chunk_guarded, &a);
+        store_after_guarded_reads(s, status);
     }
     return status;
 }

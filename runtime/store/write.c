@@ -16,11 +16,33 @@ enum {
                                      and loaded 0.86-0.92x of read(); 2 MiB: 0.94-1.07x) */
     PWRITE_MIN_BYTES = 1 << 20,   /* values this large are written with pwrite */
     DIRTY_PAGE_LIMIT = 60000,     /* LMDB allows 131071 dirty pages per transaction */
-    COMMIT_SLACK_PAGES = 256,     /* pages a commit may add (free list, meta) */
-    MAP_HEADROOM_BYTES = 64 << 20,
+    COMMIT_SLACK_PAGES = 64,      /* pages a commit may add (free list, meta), plus 1/256 of
+                                     the file's pages (the free list of a large file) */
+    MAP_STEP_BYTES = 1 << 20,     /* maps (and so shard files) grow in whole MiB */
 };
 
+/* The map size to grow to when need bytes do not fit: a quarter more (at least 1 MiB), so
+ * growing costs few commits while the file stays near the size of what it holds. */
+static uint64_t grown_map_bytes(uint64_t need)
+{
+    uint64_t extra = need / 4 > MAP_STEP_BYTES ? need / 4 : MAP_STEP_BYTES;
+    return (need + extra + MAP_STEP_BYTES - 1) / MAP_STEP_BYTES * MAP_STEP_BYTES;
+}
+
 /* ---- transactions that know how much map they may need ---- */
+
+/* LMDB's MDB_txn starts with its parent, its child and the next page number it would take
+ * from the end of the file (so since 0.9.0). Read only while it agrees with the meta page when
+ * the transaction begins; otherwise every page is counted as if it extended the file. */
+typedef struct lmdb_txn_head {
+    void *parent, *child;
+    size_t next_page;
+} lmdb_txn_head;
+
+static uint64_t txn_next_page(MDB_txn *txn)
+{
+    return ((const lmdb_txn_head *)(const void *)txn)->next_page;
+}
 
 static int open_write_txn(ms_store *s)
 {
@@ -32,8 +54,10 @@ static int open_write_txn(ms_store *s)
     mdb_stat(s->txn, e->data_dbi, &db_stat);
     s->tree_depth = db_stat.ms_depth;
     s->map_bytes = info.me_mapsize;
-    s->txn_pages = info.me_last_pgno + 1 + COMMIT_SLACK_PAGES;
+    s->txn_slack = COMMIT_SLACK_PAGES + ((uint64_t)info.me_last_pgno + 1) / 256;
+    s->txn_pages = info.me_last_pgno + 1 + s->txn_slack;
     s->txn_dirty = 0;
+    s->txn_pages_exact = txn_next_page(s->txn) == (uint64_t)info.me_last_pgno + 1;
     return MS_OK;
 }
 
@@ -45,9 +69,16 @@ int write_commit(ms_store *s)
     return rc ? env_fail(e, rc, "committing chunks") : MS_OK;
 }
 
+int write_finish(ms_store *s)
+{
+    MS_CHECK(write_commit(s));
+    return space_trim(s->shards[s->save_rank]);
+}
+
 /* Make room for one more value of value_bytes: commit and grow the map when the pages the
- * transaction may reach would not fit, commit when it nears LMDB's dirty-page limit, then
- * count the value's pages and the tree pages its insertion may copy or split.
+ * transaction may take past the file's end would not fit, commit when it nears LMDB's
+ * dirty-page limit, then count the value's pages and the tree pages its insertion may copy
+ * or split.
  * Intermediate commits are harmless: chunks count only once a manifest names them. */
 static int make_room(ms_store *s, uint64_t value_bytes)
 {
@@ -58,13 +89,13 @@ static int make_room(ms_store *s, uint64_t value_bytes)
         MS_CHECK(write_commit(s));
         MS_CHECK(open_write_txn(s));
     }
-    uint64_t need = (s->txn_pages + value_pages + tree_pages) * page_bytes;
+    /* Values reuse free pages where LMDB finds them; only pages past the end grow the file. */
+    uint64_t used =
+        s->txn_pages_exact ? txn_next_page(s->txn) + s->txn_slack : s->txn_pages;
+    uint64_t need = (used + value_pages + tree_pages) * page_bytes;
     if (need > s->map_bytes) {
         MS_CHECK(write_commit(s));
-        uint64_t grown = 4 * (uint64_t)s->map_bytes;
-        if (grown < 2 * need)
-            grown = 2 * need;
-        MS_CHECK(env_grow(s->shards[s->save_rank], grown));
+        MS_CHECK(env_grow(s->shards[s->save_rank], grown_map_bytes(need), need));
         MS_CHECK(open_write_txn(s));
     }
     s->txn_pages += value_pages + tree_pages;
@@ -217,19 +248,37 @@ int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t
     }
 }
 
-/* Reclaim, then make sure the map has room for another copy of what the file holds before
- * the transaction starts: growing inside it needs a commit, after which LMDB cannot hand
- * the reclaimed pages to this save until the next one. */
-int write_start(ms_store *s)
+/* Reclaim, then open the write transaction with a map that holds expected_bytes more (the
+ * chunks of the save when they are known), as if none of them reused free pages: growing
+ * inside the transaction needs a commit, and small chunks committed apart from large ones
+ * take pieces of the free runs the large ones would reuse. The room is file space only for
+ * the save's duration (write_finish trims the file); on a disk without it, or when the bytes
+ * are not known, the map grows as the chunks come. */
+int write_start(ms_store *s, uint64_t expected_bytes)
 {
     store_env *e = s->shards[s->save_rank];
     MS_CHECK(reclaim_uncommitted(e, s->committed, s->committed_count));
-    MDB_envinfo info;
-    MDB_stat stat;
-    mdb_env_info(e->env, &info);
-    mdb_env_stat(e->env, &stat);
-    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * stat.ms_psize;
-    if (info.me_mapsize < 2 * used + MAP_HEADROOM_BYTES / 2)
-        MS_CHECK(env_grow(e, 3 * used + MAP_HEADROOM_BYTES));
+    MS_CHECK(write_expect(s, expected_bytes));
     return open_write_txn(s);
+}
+
+int write_reserve(ms_store *s, uint64_t expected_bytes)
+{
+    mdb_txn_abort(s->txn); /* nothing is in it yet: begin committed the reclaimed space */
+    s->txn = NULL;
+    MS_CHECK(write_expect(s, expected_bytes));
+    return open_write_txn(s);
+}
+
+int write_expect(ms_store *s, uint64_t expected_bytes)
+{
+    store_env *e = s->shards[s->save_rank];
+    MDB_envinfo info;
+    mdb_env_info(e->env, &info);
+    uint64_t pages = (uint64_t)info.me_last_pgno + 1;
+    uint64_t want = (pages + COMMIT_SLACK_PAGES + pages / 256) * e->page_bytes +
+                    expected_bytes;
+    if (expected_bytes && info.me_mapsize < want)
+        MS_CHECK(env_grow(e, grown_map_bytes(want), info.me_mapsize));
+    return MS_OK;
 }

@@ -1,13 +1,14 @@
 /* moonshard store tests: ms_store_stage keeps the values a background save was given while
  * the caller overwrites its tensors at once - from this thread and from another one, on a
  * source that starts and ends inside a page, and on one staged twice - and an aborted save
- * leaves the sources writable. Writes announced with ms_snapshot_before_foreign_write (the
+ * leaves the sources writable. Writes announced with ms_fence_before_foreign_write (the
  * kernel's here) reach the source but not the checkpoint. A fault that is not a staged
  * write still kills the process. */
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 
+#include "fence.h"
 #include "internal.h"
 #include "test_store_util.h"
 
@@ -118,7 +119,7 @@ static void test_announced_kernel_writes_keep_the_snapshot(void)
     int fds[2];
     CHECK(pipe(fds) == 0);
     CHECK(write(fds[1], incoming, sizeof incoming) == (ssize_t)sizeof incoming);
-    ms_snapshot_before_foreign_write(target, PIECE);
+    ms_fence_before_foreign_write(target, PIECE);
     CHECK(read(fds[0], target, PIECE) == PIECE);
     close(fds[0]);
     close(fds[1]);

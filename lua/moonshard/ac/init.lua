@@ -34,9 +34,7 @@ local function split_options(...)
   return {n = n - 1, ...}, last
 end
 
-local function is_callable(fn)
-  return type(fn) == "function" or (type(fn) == "table" and getmetatable(fn) and getmetatable(fn).__call)
-end
+local is_callable = C.is_callable
 
 local function region_options(what, opts)
   if opts.policy ~= nil and type(opts.policy) ~= "function" then

@@ -1,5 +1,5 @@
--- moonshard ckpt ls|show|verify|diff|export|import: inspect checkpoint stores written by
--- ms.dcp, check their checksums, compare steps, and convert to and from safetensors.
+-- moonshard ckpt ls|show|verify|diff|rm|export|import: inspect checkpoint stores written by
+-- ms.dcp, check their checksums, compare steps, delete steps, convert to and from safetensors.
 local args = require "moonshard.cli.args"
 local inspect = require "moonshard.cli.inspect"
 
@@ -15,12 +15,14 @@ usage: moonshard ckpt <subcommand> ...
   verify DIR [--step S]          check every chunk against its checksum (exit 1 on damage)
   diff DIR STEP_A STEP_B [--other DIR_B]
                                  what changed between two steps (STEP_B of DIR_B with --other)
+  rm DIR STEP                    delete a step and reclaim its space (fails while a job
+                                 writes the store)
   export DIR OUT.safetensors [--step S] [--prefix P]
                                  tensors under prefix P (default "model.") as safetensors,
                                  named without the prefix (PyTorch's state-dict keys)
   import IN.safetensors DIR [--step S] [--prefix P]
-                                 the file's tensors into a new step (default: latest + 1,
-                                 or 0 in a new store), stored under prefix P
+                                 the file's tensors into a new step, stored under prefix
+                                 P (step 0 in a new store; a store with steps needs --step)
   --help                         this text
 ]]
 
@@ -93,10 +95,17 @@ function commands.verify(argv)
   local steps = opts.step and {step_of(store, opts.step)} or store:steps()
   local damaged = 0
   for _, step in ipairs(steps) do
-    local chunks = 0
-    for _, e in ipairs(store:entries(step)) do chunks = chunks + (e.chunks or 0) end
-    local problems = store:verify(step)
-    if #problems == 0 then
+    local chunks, problems, deleted = 0, {}, {}
+    local listed, err = pcall(function()
+      for _, e in ipairs(store:entries(step)) do chunks = chunks + (e.chunks or 0) end
+      problems, deleted = store:verify(step)
+    end)
+    local gone = not listed and not opts.step and not tostring(err):find("is damaged", 1, true) and
+                 (tostring(err):find("was deleted while reading", 1, true) or tostring(err):find("is not committed", 1, true))
+    if not listed and not gone then error(err, 0) end
+    if gone or #deleted > 0 then
+      out("step %d: deleted while reading (retention by a running job)", step)
+    elseif #problems == 0 then
       out("step %d: ok (%d chunks)", step, chunks)
     else
       damaged = damaged + #problems
@@ -108,6 +117,18 @@ function commands.verify(argv)
     io.stderr:write(("moonshard ckpt verify: %d damaged entr%s\n"):format(damaged, damaged == 1 and "y" or "ies"))
     return 1
   end
+end
+
+function commands.rm(argv)
+  local _, positional = args.parse(argv, {})
+  local dir, step = positional[1], tonumber(positional[2])
+  if not dir then args.usage_error("no store directory given") end
+  if not step or step < 0 or step % 1 ~= 0 then args.usage_error("rm needs a step number") end
+  local store = open(dir)
+  step_of(store, step)
+  store:close()
+  dcp().delete(dir, step)
+  out("deleted step %d of %s", step, dir)
 end
 
 function commands.diff(argv)

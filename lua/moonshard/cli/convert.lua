@@ -40,6 +40,11 @@ function M.import(argv)
   local path, dir = positional[1], positional[2]
   if not path or not dir then args.usage_error("import needs a safetensors file and a store directory") end
   if opts.step and opts.step < 0 then args.usage_error("--step must be >= 0") end
+  local probe = io.open(path .. "/.")
+  if probe then
+    probe:close()
+    error(("%s is a directory, not a safetensors file"):format(path), 0)
+  end
   local tensors = safetensors.read(path)
   local prefix = prefix_of(opts)
   local values = {}
@@ -51,8 +56,12 @@ function M.import(argv)
     local ok, store = pcall(dcp().open, dir)
     if ok then
       local steps = store:steps()
-      if #steps > 0 then step = steps[#steps] + 1 end
       store:close()
+      if #steps > 0 then
+        -- Training resumes from the newest step: an import must not become it unasked.
+        error(("%s holds steps up to %d; the import would become the newest step, which training " ..
+               "resumes from: choose its step with --step N"):format(dir, steps[#steps]), 0)
+      end
     end
   end
   dcp().save(state, dir, {step = step})

@@ -52,6 +52,9 @@ function M.flatten(state_dict, what)
       elseif kind == nil then
         fail(what, "'%s' is a %s; a checkpoint holds tensors, DTensors, numbers, strings, " ..
              "booleans and tables of them", fqn, type(value))
+      elseif kind == "tensor" and Tensor.is_meta(value) then
+        fail(what, "'%s' is a meta tensor (%s %s, no data); materialise it first (fsdp.FSDP with " ..
+             "param_init_fn, or module:to_empty() and an initialiser)", fqn, tostring(value:shape()), value:dtype())
       elseif kind == "table" then
         if visiting[value] then fail(what, "'%s' refers back to a table that contains it", fqn) end
         walk(value, fqn .. ".")

@@ -64,6 +64,16 @@ local function record(entry)
   return r
 end
 
+-- The entry fqn of step (a keyed look-up), or nil when step has none.
+function M.entry(s, step, fqn, what)
+  local status = lib.ms_store_entry_find(s, step, fqn, entry_out)
+  if status == lib.MS_ERR_NOT_FOUND and ffi.string(lib.ms_last_error()):find("has no entry", 1, true) then
+    return nil
+  end
+  check(status, what)
+  return record(entry_out)
+end
+
 -- Every entry of step, sorted by fqn, and a table of them by fqn.
 function M.entries(s, step, what)
   check(lib.ms_store_entry_count(s, step, count_out), what)

@@ -22,11 +22,12 @@ function dcp.async_save(state_dict, dir, opts) return save.async_save(state_dict
 -- dcp.load(state_dict, dir, {step =, strict = true}) fills state_dict in place from step (the
 -- latest by default), each tensor in its own layout (any mesh, any world size). Keys of the
 -- state dict missing from the checkpoint raise; keys only in the checkpoint raise unless
--- strict = false. Not a collective. Returns {step =, unexpected_keys =}.
+-- strict = false. Without a step it is a collective: rank 0 picks the latest step and every
+-- rank loads that one. Returns {step =, unexpected_keys =}.
 function dcp.load(state_dict, dir, opts) return load.load(state_dict, dir, opts, "dcp.load") end
 
--- dcp.delete(dir, step): remove a committed step and reclaim its space, from one process
--- while no save of the store is in flight.
+-- dcp.delete(dir, step): remove a committed step and reclaim its space, from one process;
+-- it takes the store's writer lock, so it fails while another job writes the store.
 function dcp.delete(dir, step) return save.delete(dir, step, "dcp.delete") end
 
 -- State dicts of a model and its optimizers (torch.distributed.checkpoint.state_dict):

@@ -12,22 +12,13 @@ local handle = require "moonshard.dcp.handle"
 local exchange = require "moonshard.dcp.exchange"
 local host = require "moonshard.dcp.host"
 local state_keys = require "moonshard.state_keys"
+local options = require "moonshard.dcp.options"
 
 local ffi = require "ffi"
 local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
-
-local function check_options(opts, what)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
-  local step = opts.step
-  if step ~= nil and (type(step) ~= "number" or step < 0 or step % 1 ~= 0) then
-    fail(what, "step must be a non-negative integer, got %s", tostring(step))
-  end
-  return opts
-end
 
 local function value_kind(leaf)
   return leaf.kind == "value" and type(leaf.value) or (leaf.kind == "dtensor" and "DTensor" or "tensor")
@@ -73,12 +64,7 @@ local function read_cast(s, step, fqn, target, stored_dtype, offsets, what)
   if not ok then error(err, 0) end
 end
 
-local function load_from(s, leaves, dir, opts, what)
-  local step = opts.step
-  if step == nil then
-    step = handle.latest(s, what)
-    if step == nil then fail(what, "%s has no committed step", dir) end
-  end
+local function load_from(s, leaves, dir, step, opts, what)
   local where = string.format("%s: step %d", dir, step)
   local _, stored = handle.entries(s, step, what)
   local wanted = {}
@@ -111,14 +97,50 @@ local function load_from(s, leaves, dir, opts, what)
   return {step = step, unexpected_keys = unexpected}
 end
 
+-- The newest step, chosen by rank 0 and agreed by every rank (a collective when the world
+-- has several ranks), so a job committing meanwhile cannot make ranks load different steps.
+local function agreed_latest(s, open_error, dir, what)
+  local rank, world_size = exchange.world()
+  local ok, text = s ~= nil, open_error
+  if ok and rank == 0 then
+    ok, text = pcall(function()
+      local step = handle.latest(s, what)
+      if step == nil then fail(what, "%s has no committed step", dir) end
+      return string.format("%d", step)
+    end)
+  end
+  if world_size == 1 then
+    if not ok then error(text, 0) end
+    return tonumber(text)
+  end
+  local outcomes = exchange.all_gather(ok, ok and (text or "") or tostring(text))
+  local failure = exchange.failure(outcomes)
+  if failure then fail(what, "%s", failure) end
+  return tonumber(outcomes[1].bytes)
+end
+
 -- dcp.load(state_dict, dir, {step =, strict =}): returns {step =, unexpected_keys =}.
 function M.load(state_dict, dir, opts, what)
-  opts = check_options(opts, what)
+  opts = options.check(opts, options.LOAD, what)
   local leaves, statefuls = stateful.flatten(state_dict, what)
   require("moonshard.dcp.save").wait_pending()
-  local s = handle.open(dir, handle.READ_ONLY, what)
-  local ok, result = pcall(load_from, s, leaves, dir, opts, what)
+  local opened, s = pcall(handle.open, dir, handle.READ_ONLY, what)
+  local step = opts.step
+  if step == nil then
+    local agreed, chosen = pcall(agreed_latest, opened and s or nil, not opened and s or nil, dir, what)
+    if not agreed then
+      if opened then handle.close(s) end
+      error(chosen, 0)
+    end
+    step = chosen
+  elseif not opened then
+    error(s, 0)
+  end
+  local ok, result = pcall(load_from, s, leaves, dir, step, opts, what)
   handle.close(s)
+  if not ok and opts.step == nil and tostring(result):find(("step %d is not committed"):format(step), 1, true) then
+    fail(what, "%s: step %d was deleted while reading", dir, step)
+  end
   if not ok then error(result, 0) end
   stateful.restore(statefuls)
   return result

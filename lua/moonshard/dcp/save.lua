@@ -10,6 +10,7 @@ local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
 local exchange = require "moonshard.dcp.exchange"
 local host = require "moonshard.dcp.host"
+local options = require "moonshard.dcp.options"
 
 local ffi = require "ffi"
 local lib, check, fail = C.lib, C.check, C.fail
@@ -21,20 +22,6 @@ local pending = nil
 
 function M.wait_pending()
   if pending then pending:wait() end
-end
-
-local function check_options(opts, what)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
-  local step = opts.step
-  if step ~= nil and (type(step) ~= "number" or step < 0 or step % 1 ~= 0 or step >= 2 ^ 53) then
-    fail(what, "step must be a non-negative integer, got %s", tostring(step))
-  end
-  local keep = opts.keep_last
-  if keep ~= nil and (type(keep) ~= "number" or keep < 1 or keep % 1 ~= 0) then
-    fail(what, "keep_last must be a positive integer, got %s", tostring(keep))
-  end
-  return opts
 end
 
 -- Staging buffers of async saves, by directory and fqn, reused by the next save of the
@@ -66,16 +53,21 @@ end
 
 local global_shape_buf, offsets_buf = ffi.new("int64_t[8]"), ffi.new("int64_t[8]")
 
--- Begin the step on this rank, put the chunks it owns, and commit them (in the background
--- the commit only starts the writer). Returns the step.
-local function write_local(s, leaves, opts, rank, background, staging, what)
-  local step = opts.step
-  if step == nil then
-    local latest = handle.latest(s, what)
-    step = latest and latest + 1 or 0
-  end
+-- Begin step on this rank, put the chunks it owns, and commit them (in the background the
+-- commit only starts the writer).
+local function write_local(s, leaves, step, rank, background, staging, what)
   check(lib.ms_store_begin(s, step, rank, background and lib.MS_STORE_BACKGROUND or
                            lib.MS_STORE_FOREGROUND), what)
+  if not background then
+    local bytes = 0
+    for _, leaf in ipairs(leaves) do
+      if leaf.kind ~= "value" then
+        local place = layout.of(leaf, rank, what)
+        if place.writer then bytes = bytes + place.tensor:nbytes() end
+      end
+    end
+    check(lib.ms_store_reserve(s, bytes), what)
+  end
   for _, leaf in ipairs(leaves) do
     if leaf.kind == "value" then
       if rank == 0 then
@@ -92,7 +84,31 @@ local function write_local(s, leaves, opts, rank, background, staging, what)
     end
   end
   check(lib.ms_store_commit_data(s), what)
-  return step
+end
+
+-- Rank 0 takes the store's writer lock (one writing job at a time) and chooses the step:
+-- opts.step, or the latest + 1 under the lock. Every rank learns it, or every rank raises.
+local function lock_and_agree(s, open_error, opts, what)
+  local rank = exchange.world()
+  local ok, text = s ~= nil, open_error
+  if ok and rank == 0 then
+    ok, text = pcall(function()
+      check(lib.ms_store_lock(s), what)
+      local step = opts.step
+      if step == nil then
+        local latest = handle.latest(s, what)
+        step = latest and latest + 1 or 0
+      end
+      return string.format("%d", step)
+    end)
+  end
+  local outcomes = exchange.all_gather(ok, ok and (text or "") or tostring(text))
+  local failure = exchange.failure(outcomes)
+  if failure then
+    if s then handle.close(s) end
+    fail(what, "%s", failure)
+  end
+  return tonumber(outcomes[1].bytes)
 end
 
 local table_ptr, table_size = ffi.new("const void*[1]"), ffi.new("int64_t[1]")
@@ -133,19 +149,20 @@ local function finish(s, local_ok, local_error, opts, what)
   if failure then fail(what, "%s", failure) end
 end
 
--- Open the store and write this rank's part; returns ok, the handle (nil when it did not
--- open) and the step or the error, so that every rank reaches the collectives.
+-- Open the store, agree on the step under rank 0's writer lock, and write this rank's
+-- part; returns ok, the handle and the step or the error, so that every rank reaches the
+-- collectives of finish.
 local function start(leaves, dir, opts, background, staging, what)
   local rank = exchange.world()
   local opened, s = pcall(handle.open, dir, handle.READ_WRITE, what)
-  if not opened then return false, nil, s end
-  local ok, step = pcall(write_local, s, leaves, opts, rank, background, staging, what)
-  return ok, s, step
+  local step = lock_and_agree(opened and s or nil, not opened and s or nil, opts, what)
+  local ok, err = pcall(write_local, s, leaves, step, rank, background, staging, what)
+  return ok, s, ok and step or err
 end
 
 -- dcp.save(state_dict, dir, {step =, keep_last =}): returns the step written.
 function M.save(state_dict, dir, opts, what)
-  opts = check_options(opts, what)
+  opts = options.check(opts, options.SAVE, what)
   local leaves = stateful.flatten(state_dict, what)
   M.wait_pending()
   local ok, s, step = start(leaves, dir, opts, false, nil, what)
@@ -193,7 +210,7 @@ end
 -- dcp.async_save(state_dict, dir, opts): stages this rank's chunks, starts the writer and
 -- returns a handle; h:wait() commits the step.
 function M.async_save(state_dict, dir, opts, what)
-  opts = check_options(opts, what)
+  opts = options.check(opts, options.SAVE, what)
   local leaves = stateful.flatten(state_dict, what)
   M.wait_pending()
   local ok, s, step = start(leaves, dir, opts, true, stage(dir, what), what)

@@ -16,12 +16,18 @@ local M = {}
 local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
 local OPTION_KEYS = {full_state_dict = true, cpu_offload = true, strict = true}
 
+-- The options {full_state_dict = false, cpu_offload = false, strict = true}: booleans, no other key.
 local function options(opts, what)
   if opts == nil then return {strict = true} end
-  if type(opts) ~= "table" then fail(what, "options must be a table, got %s", type(opts)) end
-  for key in pairs(opts) do
+  if type(opts) ~= "table" or getmetatable(opts) ~= nil then
+    fail(what, "options must be a table, got %s", type(opts) == "table" and "an object" or type(opts))
+  end
+  for key, value in pairs(opts) do
     if not OPTION_KEYS[key] then
       fail(what, "unknown option '%s' (expected full_state_dict, cpu_offload, strict)", tostring(key))
+    end
+    if type(value) ~= "boolean" then
+      fail(what, "option '%s' must be a boolean, got %s", key, type(value) == "string" and "'" .. value .. "'" or type(value))
     end
   end
   return {full_state_dict = opts.full_state_dict == true, cpu_offload = opts.cpu_offload == true,
@@ -72,8 +78,8 @@ local function parameter_names(model)
   return names
 end
 
-local function offload(t)
-  if t._c.storage.pool == 0 then return t end
+local function offload(t) -- a meta tensor has no data to move: it stays as it is
+  if Tensor.is_meta(t) or t._c.storage.pool == 0 then return t end
   return t:to("cpu")
 end
 
@@ -95,16 +101,19 @@ local function local_of(t) return DTensor.is_dtensor(t) and t:to_local() or t en
 -- ---- getting ----
 
 -- get_model_state_dict(model, {full_state_dict, cpu_offload}): fqn -> tensor or DTensor.
-function M.get_model_state_dict(model, opts)
-  local what = "get_model_state_dict"
-  check_model(model, what)
-  opts = options(opts, what)
+local function get_model(model, opts)
   local out = {}
   for _, entry in ipairs(model_entries(model)) do
     local fqn, value = entry[1], entry[2]
     out[fqn] = export(local_of(value), value, opts)
   end
   return out
+end
+
+function M.get_model_state_dict(model, opts)
+  local what = "get_model_state_dict"
+  check_model(model, what)
+  return get_model(model, options(opts, what))
 end
 
 -- A Lua array as PyTorch's list: keys 0 .. n-1.
@@ -137,14 +146,11 @@ end
 -- get_optimizer_state_dict(model, optimizers, opts): {state = {fqn = {step =, exp_avg =, ...}},
 -- param_groups = {[0] = {lr =, betas = {[0] =, [1] =}, ..., params = {[0] = fqn, ...}}}}.
 -- Parameters without state get the state a first step would make (zeros, step 0).
-function M.get_optimizer_state_dict(model, optimizers, opts)
-  local what = "get_optimizer_state_dict"
-  check_model(model, what)
-  opts = options(opts, what)
+local function get_optimizers(model, optimizers, opts, what)
   local names = parameter_names(model)
   local out = {state = {}, param_groups = {}}
   local index = 0
-  for o, opt in ipairs(optimizer_list(optimizers, what)) do
+  for o, opt in ipairs(optimizers) do
     if opt._init_state then opt:_init_state() end
     for g, group in ipairs(opt.param_groups) do
       local entry = {}
@@ -176,22 +182,39 @@ function M.get_optimizer_state_dict(model, optimizers, opts)
   return out
 end
 
+function M.get_optimizer_state_dict(model, optimizers, opts)
+  local what = "get_optimizer_state_dict"
+  check_model(model, what)
+  opts = options(opts, what)
+  return get_optimizers(model, optimizer_list(optimizers, what), opts, what)
+end
+
 -- get_state_dict(model, optimizers, opts) -> model state dict, optimizer state dict.
 function M.get_state_dict(model, optimizers, opts)
   local what = "get_state_dict"
   check_model(model, what)
-  local osd = M.get_optimizer_state_dict(model, optimizer_list(optimizers, what), opts)
-  return M.get_model_state_dict(model, opts), osd
+  opts = options(opts, what)
+  local osd = get_optimizers(model, optimizer_list(optimizers, what), opts, what)
+  return get_model(model, opts), osd
 end
 
 -- ---- setting: every check first, then the copies ----
 
 local function is_tensor_like(v) return Tensor.is_tensor(v) or DTensor.is_dtensor(v) end
 
+local function check_data(fqn, t, whose, what)
+  if Tensor.is_meta(t) then
+    fail(what, "'%s' of the %s is a meta tensor (%s %s, no data); materialise it first (fsdp.FSDP with " ..
+         "param_init_fn, or module:to_empty() and an initialiser)", fqn, whose, tostring(t:shape()), t:dtype())
+  end
+end
+
 local function check_value(fqn, target, source, what)
   if not is_tensor_like(source) then
     fail(what, "the value for '%s' is a %s, not a tensor", fqn, type(source))
   end
+  check_data(fqn, target, "model", what)
+  check_data(fqn, source, "state dict", what)
   local want, got = target:shape(), source:shape()
   if not (want == got) then
     fail(what, "shape mismatch for '%s': the state dict has %s, the model has %s", fqn, tostring(got), tostring(want))
@@ -414,6 +437,11 @@ function M.set_state_dict(model, optimizers, state, opts)
   opts = options(opts, what)
   if type(state) ~= "table" or (state.model_state_dict == nil and state.optim_state_dict == nil) then
     fail(what, "expected {model_state_dict = ..., optim_state_dict = ...} as the third argument")
+  end
+  for key in pairs(state) do
+    if key ~= "model_state_dict" and key ~= "optim_state_dict" then
+      fail(what, "unknown key '%s' in the third argument (expected model_state_dict, optim_state_dict)", tostring(key))
+    end
   end
   local list = optimizer_list(optimizers, what)
   local copies, report = {}, {missing_keys = {}, unexpected_keys = {}}

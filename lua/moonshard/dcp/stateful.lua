@@ -9,11 +9,13 @@ local fail = C.fail
 
 local M = {}
 
+-- Stateful: any table (with a metatable or not) whose state_dict and load_state_dict are callable.
 local function is_stateful(value)
+  if type(value) ~= "table" then return false end
   local mt = getmetatable(value)
-  if type(value) ~= "table" or mt == nil or rawget(mt, "__released") then return false end
-  if Tensor.is_tensor(value) or DTensor.is_dtensor(value) or getmetatable(value) == Tensor.Size then return false end
-  return type(value.state_dict) == "function" and type(value.load_state_dict) == "function"
+  if type(mt) == "table" and rawget(mt, "__released") then return false end
+  if Tensor.is_tensor(value) or DTensor.is_dtensor(value) or mt == Tensor.Size then return false end
+  return C.is_callable(value.state_dict) and C.is_callable(value.load_state_dict)
 end
 
 local function key_path(prefix, key) return prefix .. tostring(key) end
@@ -36,6 +38,11 @@ local function swap_in(node, prefix, swaps, what, visiting)
       node[key] = sd
       swap_in(sd, fqn .. ".", swaps, what, visiting)
       swaps[#swaps + 1] = {parent = node, key = key, object = value, state = sd}
+    elseif type(value) == "table" and getmetatable(value) == nil and
+           C.is_callable(value.state_dict) ~= C.is_callable(value.load_state_dict) then
+      fail(what, "'%s' has a callable %s but no %s; a Stateful needs both", fqn,
+           C.is_callable(value.state_dict) and "state_dict" or "load_state_dict",
+           C.is_callable(value.state_dict) and "load_state_dict" or "state_dict")
     elseif type(value) == "table" and getmetatable(value) == nil and not visiting[value] then
       swap_in(value, fqn .. ".", swaps, what, visiting)
     end

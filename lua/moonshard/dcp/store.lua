@@ -58,8 +58,7 @@ function Store:chunks(fqn, step)
   local what = "store:chunks"
   local s = live(self, what)
   step = step_or_latest(self, step, what)
-  local _, by_fqn = handle.entries(s, step, what)
-  local entry = by_fqn[fqn]
+  local entry = type(fqn) == "string" and handle.entry(s, step, fqn, what) or nil
   if not entry or entry.kind ~= "tensor" then
     fail(what, "%s: step %d has no tensor '%s'", self.dir, step, tostring(fqn))
   end
@@ -81,8 +80,7 @@ function Store:read(fqn, step)
   local s = live(self, what)
   step = step_or_latest(self, step, what)
   if type(fqn) ~= "string" then fail(what, "fqn must be a string, got %s", type(fqn)) end
-  local _, by_fqn = handle.entries(s, step, what)
-  local entry = by_fqn[fqn]
+  local entry = handle.entry(s, step, fqn, what)
   if not entry then fail(what, "%s: step %d has no entry '%s'", self.dir, step, fqn) end
   if entry.kind ~= "tensor" then return values.decode(entry.bytes, entry.nbytes, fqn, what) end
   local out = Tensor.empty_raw(entry.shape, entry.dtype_id, 0)
@@ -90,18 +88,35 @@ function Store:read(fqn, step)
   return out
 end
 
+local function deleted_meanwhile(message)
+  return tostring(message):find("was deleted while reading", 1, true) ~= nil
+end
+
 -- Check every chunk of step (every committed step by default) against its checksum, or
--- only those of entry fqn. Returns the problems found, {step =, fqn =, message =} each;
--- empty when all is well.
+-- only those of entry fqn. Returns the problems found, {step =, fqn =, message =} each
+-- (empty when all is well), and the steps deleted while they were checked (another process
+-- ran retention meanwhile: not damage).
 function Store:verify(step, fqn)
   local what = "store:verify"
   local s = live(self, what)
   if fqn ~= nil and type(fqn) ~= "string" then fail(what, "fqn must be a string, got %s", type(fqn)) end
   local steps = (step ~= nil or fqn ~= nil) and {step_or_latest(self, step, what)} or handle.steps(s, what)
-  local problems = {}
+  local problems, deleted = {}, {}
   for _, st in ipairs(steps) do
-    local entries = handle.entries(s, st, what)
-    if fqn ~= nil then
+    local listed, entries = pcall(handle.entries, s, st, what)
+    if not listed then
+      if step == nil and fqn == nil and not deleted_meanwhile(entries) then
+        local now = handle.steps(s, what)
+        local still = false
+        for _, other in ipairs(now) do still = still or other == st end
+        if still then error(entries, 0) end
+      elseif not deleted_meanwhile(entries) then
+        error(entries, 0)
+      end
+      deleted[#deleted + 1] = st
+      entries = {}
+    end
+    if fqn ~= nil and listed then
       local found
       for _, e in ipairs(entries) do
         if e.fqn == fqn then found = e end
@@ -111,11 +126,16 @@ function Store:verify(step, fqn)
     end
     for _, e in ipairs(entries) do
       if lib.ms_store_verify_entry(s, st, e.fqn) ~= 0 then
-        problems[#problems + 1] = {step = st, fqn = e.fqn, message = ffi.string(lib.ms_last_error())}
+        local message = ffi.string(lib.ms_last_error())
+        if deleted_meanwhile(message) then
+          deleted[#deleted + 1] = st
+          break
+        end
+        problems[#problems + 1] = {step = st, fqn = e.fqn, message = message}
       end
     end
   end
-  return problems
+  return problems, deleted
 end
 
 function Store:close()

@@ -170,10 +170,10 @@ local function check_options(opts)
   for key in pairs(opts) do
     if not KNOWN_OPTIONS[key] then fail("FSDP", "unknown option '%s'", tostring(key)) end
   end
-  if opts.auto_wrap_policy ~= nil and type(opts.auto_wrap_policy) ~= "function" then
+  if opts.auto_wrap_policy ~= nil and not C.is_callable(opts.auto_wrap_policy) then
     fail("FSDP", "auto_wrap_policy must be a function(module) -> bool (see fsdp.wrap_policy)")
   end
-  if opts.param_init_fn ~= nil and type(opts.param_init_fn) ~= "function" then
+  if opts.param_init_fn ~= nil and not C.is_callable(opts.param_init_fn) then
     fail("FSDP", "param_init_fn must be a function(module), got %s", type(opts.param_init_fn))
   end
   if opts.cpu_offload ~= nil then

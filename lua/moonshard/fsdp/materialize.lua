@@ -2,6 +2,7 @@
 -- device gets only its local shards, which param_init_fn (default: reset_parameters) fills.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
+local init_fns = require "moonshard.nn.init_fns"
 
 local fail = C.fail
 
@@ -56,7 +57,7 @@ function M.run(unit, modules, init_fn, pool)
       materialise_buffers(unit, m, pool)
     end
   end
-  for _, m in ipairs(targets) do init_fn(m) end
+  for _, m in ipairs(targets) do init_fns.run_init(m, init_fn) end
   for _, p in ipairs(unit.params) do
     if p.meta then
       rawset(p.sharded, "_init_draws", nil)

@@ -11,6 +11,24 @@ local lib, check, fail = C.lib, C.check, C.fail
 
 local M = {}
 
+-- Calls a meta build made through a module's parameter slot on a tensor that a tie later
+-- replaced (lm_head.weight = wte.weight): tensor -> calls still to skip, while materialisation
+-- runs one module's init (see run_init).
+local replaced = {}
+
+-- Count an initialiser call on a meta tensor (a module slot that drops it in a tie keeps the
+-- count: Module's __newindex), or consume one skipped call of a replaced tensor: true then.
+local function skipped(t)
+  if Tensor.is_meta(t) then
+    rawset(t, "_init_calls", (rawget(t, "_init_calls") or 0) + 1)
+    return false
+  end
+  local left = replaced[t]
+  if not left then return false end
+  replaced[t] = left > 1 and left - 1 or nil
+  return true
+end
+
 -- The counters a draw over numel elements of t uses. A meta tensor records them (so its
 -- materialisation replays them, draw by draw); a tensor materialised from one replays them.
 local function counters(t, numel)
@@ -47,6 +65,7 @@ local function draw(what, t, c_draw, a, b)
   if type(a) ~= "number" or type(b) ~= "number" then
     fail(what, "the distribution's parameters must be numbers, got %s and %s", type(a), type(b))
   end
+  if skipped(t) then return t end
   local seed, offset = counters(t, t:numel())
   if Tensor.is_meta(t) then return t end
   local target, first = local_part(t)
@@ -66,7 +85,7 @@ end
 local function fill(what, t, value)
   if not (Tensor.is_tensor(t) or DTensor.is_dtensor(t)) then fail(what, "expected a tensor, got %s", type(t)) end
   if type(value) ~= "number" then fail(what, "value must be a number, got %s", type(value)) end
-  if Tensor.is_meta(t) then return t end
+  if skipped(t) or Tensor.is_meta(t) then return t end
   autograd.no_grad(function() local_part(t):fill_(value) end)
   return t
 end
@@ -74,6 +93,21 @@ end
 function M.zeros_(t) return fill("zeros_", t, 0) end
 function M.ones_(t) return fill("ones_", t, 1) end
 function M.constant_(t, value) return fill("constant_", t, value) end
+
+-- init_fn(module) for materialisation: the module's first calls on a parameter it took in a
+-- tie replay the calls its construction made on the tensor the tie dropped, and write
+-- nothing (the full construction's tied tensor keeps the other module's values).
+function M.run_init(module, init_fn)
+  local calls = rawget(module, "_init_replaced")
+  if calls then
+    for name, p in module:named_parameters({recurse = false, remove_duplicate = false}) do
+      replaced[p] = calls[name]
+    end
+  end
+  local ok, err = pcall(init_fn, module)
+  replaced = {}
+  if not ok then error(err, 0) end
+end
 
 -- fan_in and fan_out of a weight shaped [out, in, ...] like torch.nn.init.
 function M.calculate_fan_in_and_fan_out(t)

@@ -62,6 +62,12 @@ local function instance_newindex(self, key, value)
     ordered_set(modules, self._module_order, key, value)
   elseif Tensor.is_tensor(value) and value._is_param then
     if Tensor.is_meta(value) and not rawget(value, "_meta_name") then rawset(value, "_meta_name", key) end
+    local old = params[key]
+    if old ~= nil and old ~= value and rawget(old, "_init_calls") then -- a tie on a meta build
+      local replaced = rawget(self, "_init_replaced") or {}
+      replaced[key] = (replaced[key] or 0) + old._init_calls
+      rawset(self, "_init_replaced", replaced)
+    end
     ordered_remove(modules, self._module_order, key)
     ordered_set(params, self._param_order, key, value)
   elseif params[key] ~= nil and value == nil then
