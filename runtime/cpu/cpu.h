@@ -98,6 +98,11 @@ void ms_cpu_copy_layout(void *dst, const int64_t *dst_strides, const void *src,
 /* malloc that records MS_ERR_OOM for op on failure (size 0 gives a valid pointer). */
 int ms_cpu_alloc(const char *op, size_t nbytes, void **ptr);
 
+/* Every target of rows [N, C] (logp, logits) in [0, C) or ignore_index (MS_ERR_INDEX naming
+ * op otherwise); [OUT] the number that are not ignored (runtime/cpu/nll.c). */
+int ms_cpu_count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+                         int64_t ignore_index, int64_t *counted);
+
 /* ---- the kernels of runtime/cpu/backend.c's table (ms_cpu_ops; see ops/backend.h) ---- */
 int ms_cpu_copy(ms_tensor *dst, const ms_tensor *src);
 int ms_cpu_fill(ms_tensor *t, double value);
@@ -135,6 +140,16 @@ int ms_cpu_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *targ
                     int64_t ignore_index, int reduction);
 int ms_cpu_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                              int64_t ignore_index, int reduction);
+int ms_cpu_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                        const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cpu_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
+                                 const ms_tensor *logits, const ms_tensor *stats,
+                                 const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cpu_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+        const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+int ms_cpu_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+        const ms_tensor *q, const ms_tensor *k, const ms_tensor *v, const ms_tensor *mask,
+        const ms_tensor *out, const ms_tensor *lse, double scale, int causal);
 int ms_cpu_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
                         uint64_t offset);
 int ms_cpu_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,

@@ -26,6 +26,8 @@ enum {
     MS_HALF_NLL = 1u << 5,
     MS_HALF_RANDOM = 1u << 6,      /* rand_uniform, rand_normal, dropout(_backward) */
     MS_HALF_OPTIM = 1u << 7,
+    MS_HALF_ATTENTION = 1u << 8,   /* attention, attention_backward */
+    MS_HALF_CROSS_ENTROPY = 1u << 9,
 };
 
 typedef struct ms_ops_backend {
@@ -87,6 +89,22 @@ typedef struct ms_ops_backend {
     int (*nll_loss_backward)(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                              int64_t ignore_index, int reduction);
 
+    /* logits [N, C], target [N], stats [N, 2] and out are checked as in ops.h. */
+    int (*cross_entropy)(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                         const ms_tensor *target, int64_t ignore_index, int reduction);
+    int (*cross_entropy_backward)(ms_tensor *dlogits, const ms_tensor *dout,
+                                  const ms_tensor *logits, const ms_tensor *stats,
+                                  const ms_tensor *target, int64_t ignore_index,
+                                  int reduction);
+
+    /* Shapes, dtypes and strides checked as in ops.h; mask may be NULL. */
+    int (*attention)(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+                     const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+    int (*attention_backward)(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv,
+                              const ms_tensor *dout, const ms_tensor *q, const ms_tensor *k,
+                              const ms_tensor *v, const ms_tensor *mask, const ms_tensor *out,
+                              const ms_tensor *lse, double scale, int causal);
+
     int (*rand_uniform)(ms_tensor *out, double low, double high, uint64_t seed,
                         uint64_t offset);
     int (*rand_normal)(ms_tensor *out, double mean, double std, uint64_t seed,
@@ -141,6 +159,9 @@ typedef struct ms_device_backend {
  * backend library. */
 extern const ms_ops_backend ms_cpu_ops;
 extern const ms_ops_backend ms_cuda_ops;
+/* The CPU table with its kernels timed (runtime/ops/profile.c, built at load), used while
+ * profiling. */
+extern ms_ops_backend ms_profiled_cpu_ops;
 
 /* The device ops table once runtime/device.c has loaded the device side, else NULL (no
  * tensor can live in a cuda:N pool before that). */

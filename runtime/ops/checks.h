@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "profile.h"
 
 #pragma GCC visibility push(hidden)
 
@@ -25,7 +26,10 @@ static inline ms_place ms_place_of(const ms_tensor *t)
         const ms_ops_backend *device = ms_device_ops();
         if (device)
             return (ms_place){device, 1, -1};
+        return (ms_place){&ms_cpu_ops, 0, -1};
     }
+    if (__builtin_expect(ms_profile_on, 0))
+        return (ms_place){&ms_profiled_cpu_ops, 0, -1};
     return (ms_place){&ms_cpu_ops, 0, -1};
 }
 
