@@ -3,14 +3,16 @@
 -- Usage (repository root): luajit bench/collectives.lua [--ranks 2,4] [--max-bytes 268435456]
 --   [--ops all_reduce,all_gather,reduce_scatter,broadcast] [--rounds 1] [--no-mpi]
 -- The summary lines give, over the rounds, the range of the local/mpi busbw ratio at 64 MiB
--- and of the 1 KiB latency.
+-- and of the 1 KiB latency. When the OpenMPI rows are left out, a {"mpi_rows":"missing"} line
+-- says why (--no-mpi, run under mpirun, no mpirun, a build without MPI, or mpirun failing).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
 local ms = require "moonshard"
 local dist = ms.dist
 local lib = require("moonshard.ffi").lib
 
-local now = require("bench.support").now
+local support = require "bench.support"
+local now = support.now
 
 local function parse_args(argv)
   local opts = {ranks = {2, 4}, max_bytes = 256 * 2 ^ 20, rounds = 1, mpi = true,
@@ -126,7 +128,7 @@ local function run_mpi(opts, size)
     "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n %d " ..
     "luajit bench/collectives.lua --worker %d --max-bytes %d --ops %s 2>&1", size, size,
     opts.max_bytes, table.concat(opts.ops, ","))
-  local records, pipe = {}, io.popen(command)
+  local records, last, pipe = {}, nil, io.popen(command)
   for line in pipe:lines() do
     local op, bytes, time_us = line:match('"op":"([%w_]+)","bytes":(%d+),"time_us":([%d.]+)')
     if op then
@@ -135,9 +137,15 @@ local function run_mpi(opts, size)
       print(json(r))
     else
       io.stderr:write("mpirun: ", line, "\n")
+      if line:match("%S") then last = line end
     end
   end
   pipe:close()
+  local expected = #opts.ops * #sizes(opts.max_bytes)
+  if #records < expected then
+    return records, string.format("mpirun gave %d of %d rows%s", #records, expected,
+                                  last and ("; its last line: " .. last) or "")
+  end
   return records
 end
 
@@ -216,13 +224,26 @@ if opts.worker then
 end
 memcpy_baseline(opts.max_bytes)
 local rounds = {}
-local with_mpi = opts.mpi and lib.ms_mpi_launched() == 0 and os.execute("command -v mpirun >/dev/null") == 0
+-- Why the OpenMPI rows are left out (nil: they run).
+local function mpi_missing()
+  if not opts.mpi then return "--no-mpi was given" end
+  if lib.ms_mpi_launched() ~= 0 then return "this process runs under mpirun (the comparison launches mpirun itself)" end
+  if os.execute("command -v mpirun >/dev/null 2>&1") ~= 0 then return "mpirun is not on PATH (install openmpi-bin)" end
+  if not ffi.string(lib.ms_build_config()):match("^[^;]*mpi") then
+    return "this library was built without MPI (configure with -DMS_WITH_MPI=ON)"
+  end
+end
+local missing = mpi_missing()
+local with_mpi = missing == nil
+if missing then support.emit({mpi_rows = "missing", why = missing}, {"mpi_rows", "why"}) end
 for round = 1, opts.rounds do
   local records = {}
   for _, size in ipairs(opts.ranks) do
     for _, r in ipairs(run_local(opts, size)) do records[#records + 1] = r end
     if with_mpi then
-      for _, r in ipairs(run_mpi(opts, size)) do records[#records + 1] = r end
+      local mpi_records, why = run_mpi(opts, size)
+      if why then support.emit({mpi_rows = "missing", ranks = size, why = why}, {"mpi_rows", "ranks", "why"}) end
+      for _, r in ipairs(mpi_records) do records[#records + 1] = r end
     end
   end
   rounds[round] = index_round(records)

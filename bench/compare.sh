@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# Runs bench/fsdp.lua and bench/torch_fsdp.py with the same models, batch, world sizes and
-# strategies, and prints one JSON line per configuration with both step times and the
-# ratio moonshard / PyTorch (targets: <= 0.75 on the transformer, <= 0.3 on the small MLP).
+# Runs bench/fsdp.lua and bench/torch_fsdp.py pair by pair (one of each per pair, the order
+# alternating, default 5 pairs) with the same models, batch, world sizes and strategies;
+# prints each pair's ratio moonshard / PyTorch as it comes, then per configuration the
+# medians and ranges of both step times and of the ratio (targets: <= 0.7 on the
+# transformer at world 1, <= 0.5 under FSDP, <= 0.2 on the small MLP).
 # PyTorch comes from PyPI into a virtualenv (default .bench-venv, or $TORCH_PYTHON).
-# Usage: bench/compare.sh [--model transformer|mlp|all] [--steps N] [--quick]
+# Usage: bench/compare.sh [--pairs N] [--model transformer|mlp|all] [--strategy S]
+#                         [--world-size N] [--steps N] [--quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+pairs=5
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pairs) pairs=$2; shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
 python=${TORCH_PYTHON:-}
 if [ -z "$python" ]; then
   venv=.bench-venv
@@ -15,31 +26,18 @@ if [ -z "$python" ]; then
   fi
   python=$venv/bin/python
 fi
-ours=$(mktemp)
-theirs=$(mktemp)
-trap 'rm -f "$ours" "$theirs"' EXIT
-luajit bench/fsdp.lua "$@" | tee "$ours"
-"$python" bench/torch_fsdp.py "$@" | tee "$theirs"
-luajit - "$ours" "$theirs" <<'LUA'
-local function read(path)
-  local rows = {}
-  for line in io.lines(path) do
-    local model = line:match('"model":%s*"([^"]+)"')
-    local strategy = line:match('"strategy":%s*"([^"]+)"')
-    local size = line:match('"world_size":%s*(%d+)')
-    local ms = tonumber(line:match('"step_ms":%s*([%d.e+-]+)'))
-    if model and ms then rows[model .. "/" .. strategy .. "/" .. size] = ms end
-  end
-  return rows
-end
-local ours, theirs = read(arg[1]), read(arg[2])
-local keys = {}
-for key in pairs(ours) do if theirs[key] then keys[#keys + 1] = key end end
-table.sort(keys)
-for _, key in ipairs(keys) do
-  local model, strategy, size = key:match("([^/]+)/([^/]+)/(%d+)")
-  print(string.format('{"bench":"compare","model":"%s","strategy":"%s","world_size":%s,"moonshard_ms":%.4g,' ..
-                      '"torch_ms":%.4g,"ratio":%.3f}', model, strategy, size, ours[key], theirs[key],
-                      ours[key] / theirs[key]))
-end
-LUA
+runs=$(mktemp -d)
+trap 'rm -rf "$runs"' EXIT
+for pair in $(seq 1 "$pairs"); do
+  # alternate which program goes first, so a drift in the machine's load hits both alike
+  if [ $((pair % 2)) -eq 1 ]; then order="ours theirs"; else order="theirs ours"; fi
+  for who in $order; do
+    if [ "$who" = ours ]; then
+      luajit bench/fsdp.lua "${args[@]}" > "$runs/ours.$pair"
+    else
+      "$python" bench/torch_fsdp.py "${args[@]}" > "$runs/theirs.$pair"
+    fi
+  done
+  luajit bench/compare_rows.lua pair "$runs" "$pair"
+done
+luajit bench/compare_rows.lua summary "$runs" "$pairs"

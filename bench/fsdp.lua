@@ -3,8 +3,14 @@
 -- unsharded single-process run and the sgemm rate measured in the same invocation.
 -- JSON lines. Usage (repository root, after a build):
 --   luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N]
---                         [--steps N] [--quick]
--- --strategy and --world-size keep only the matching sharded runs (for profiling).
+--                         [--steps N] [--threads N] [--quick] [--profile]
+-- --strategy and --world-size keep only the matching sharded runs ("unsharded" keeps only the
+-- world-1 run); --threads sets this process's thread count (ms.set_num_threads) before the
+-- world-1 run and the sgemm reference (spawned ranks share the cores as always).
+-- --profile prints, per timed step of each run (rank 0), the milliseconds of each category of
+-- ms.profiler (GEMM, attention, layer norm, element-wise, softmax/loss, optimizer, allocator,
+-- collectives, autograd, ...) and the FLOP rate against the rank's sgemm rate at its thread
+-- count, measured before and after its steps.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
@@ -14,16 +20,16 @@ local clock = support.now
 
 local options = {model = "all", steps = 4, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
-              "[--steps N] [--quick]\n"
+              "[--steps N] [--threads N] [--quick] [--profile]\n"
 do
   local i = 1
   while i <= #arg do
     local key = arg[i]:match("^%-%-(.+)$")
-    if key == "quick" then
-      options.quick, i = true, i + 1
+    if key == "quick" or key == "profile" then
+      options[key], i = true, i + 1
     elseif key == "model" or key == "strategy" then
       options[key], i = arg[i + 1], i + 2
-    elseif key == "steps" or key == "world-size" then
+    elseif key == "steps" or key == "world-size" or key == "threads" then
       options[key], i = tonumber(arg[i + 1]), i + 2
     else
       io.stderr:write(usage)
@@ -104,9 +110,13 @@ local MODELS = {
       return ms.randn(cfg.batch, cfg.dim), ms.randn(cfg.batch, cfg.dim)
     end,
     loss = function(_, model, x, y) return nn.F.mse_loss(model(x), y) end,
-    flops = function(cfg) return 6 * cfg.layers * cfg.dim * cfg.dim * cfg.batch end,
+    -- 2 per multiply-add: forward and the weight gradient in every layer, the input gradient
+    -- in all but the first (its input needs none, so backward skips that product)
+    flops = function(cfg) return 2 * (3 * cfg.layers - 1) * cfg.dim * cfg.dim * cfg.batch end,
   },
 }
+
+for name, spec in pairs(MODELS) do spec.name = name end
 
 local emit = support.emit
 
@@ -114,6 +124,46 @@ local function median(values)
   local sorted = {unpack(values)}
   table.sort(sorted)
   return sorted[math.floor((#sorted + 1) / 2)]
+end
+
+-- sgemm GFLOP/s through ms.matmul at a shape like the transformer's MLP matmul, at this
+-- process's thread count (all the cores: the reference for the ranks together).
+local function sgemm_rate(m, k, n)
+  local a, b = ms.randn(m, k), ms.randn(k, n)
+  ms.matmul(a, b):free()
+  local best = math.huge
+  for _ = 1, 5 do
+    local start = clock()
+    ms.matmul(a, b):free()
+    best = math.min(best, clock() - start)
+  end
+  return 2 * m * k * n / best / 1e9
+end
+
+-- The sgemm rate of the transformer's MLP shape at this process's thread count.
+local function gemm_rate()
+  local cfg_t = MODELS.transformer.cfg
+  return sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim)
+end
+
+local PROFILE_ORDER = {"bench", "model", "strategy", "world_size", "step", "step_ms"}
+for _, key in ipairs({"gemm", "attention", "layer_norm", "elementwise", "softmax_loss", "optimizer", "embedding",
+                      "reduce", "copy", "random", "allocator", "collectives", "autograd", "lua"}) do
+  PROFILE_ORDER[#PROFILE_ORDER + 1] = key .. "_ms"
+end
+for _, key in ipairs({"gflops", "sgemm_gflops", "flop_fraction", "threads"}) do
+  PROFILE_ORDER[#PROFILE_ORDER + 1] = key
+end
+
+-- One profiled step of rank 0: ms per category; the FLOP rate is the whole step's (all ranks'
+-- work over the step time) against size ranks at this rank's sgemm rate.
+local function report_profile(spec, strategy, size, step, profile, gemm)
+  local row = {bench = "profile", model = spec.name, strategy = strategy or "unsharded", world_size = size,
+               step = step, step_ms = profile.total_ms, sgemm_gflops = gemm, threads = ms.get_num_threads()}
+  for _, r in ipairs(profile.rows) do row[r.key .. "_ms"] = r.self_ms end
+  row.gflops = spec.flops(spec.cfg) / (profile.total_ms * 1e-3) / 1e9
+  row.flop_fraction = row.gflops / (size * gemm)
+  emit(row, PROFILE_ORDER)
 end
 
 -- One rank's timed steps; strategy nil trains the plain model. peak is the most this run
@@ -133,40 +183,48 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
   end
   local opt = optim.AdamW(model:parameters(), {lr = 1e-3})
   local per_rank = cfg.batch / size
-  local times, comm = {}, {}
+  local times, comm, profiles = {}, {}, {}
+  local function step_body(x, y)
+    opt:zero_grad()
+    spec.loss(cfg, model, x, y):backward()
+    opt:step()
+  end
+  local gemm = options.profile and rank == 0 and gemm_rate() or nil
   for step = 0, steps do
     local x, y = spec.batch(cfg, step)
     x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
     if step == 1 then ms.reset_peak_memory_stats("cpu") end
     fsdp.reset_stats()
     local start = clock()
-    opt:zero_grad()
-    spec.loss(cfg, model, x, y):backward()
-    opt:step()
+    if options.profile then
+      profiles[step] = ms.profiler.profile(step_body, x, y)
+    else
+      step_body(x, y)
+    end
     if step > 0 then -- step 0 warms the caches
       times[#times + 1] = clock() - start
       comm[#comm + 1] = fsdp.stats().comm_seconds
     end
   end
+  if gemm then
+    gemm = math.max(gemm, gemm_rate())
+    for step = 1, steps do report_profile(spec, strategy, size, step, profiles[step], gemm) end
+  end
   return {step = median(times), comm = median(comm), peak = ms.memory_stats("cpu").peak - base,
           threads = ms.get_num_threads()}
 end
 
--- sgemm GFLOP/s through ms.matmul at a shape like the transformer's MLP matmul.
-local function sgemm_rate(m, k, n)
-  local a, b = ms.randn(m, k), ms.randn(k, n)
-  ms.matmul(a, b):free()
-  local best = math.huge
-  for _ = 1, 5 do
-    local start = clock()
-    ms.matmul(a, b):free()
-    best = math.min(best, clock() - start)
-  end
-  return 2 * m * k * n / best / 1e9
-end
-
 local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "comm_ms", "compute_ms",
                "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
+
+-- The machine is shared: the reference is the best sgemm rate measured right before and right
+-- after the run (and at start), so a quiet moment during the run cannot make its FLOP rate
+-- look faster than the GEMM it is made of.
+local best_gemm = 0
+local function gemm_reference(cfg_t)
+  best_gemm = math.max(best_gemm, sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim))
+  return best_gemm
+end
 
 local function report(name, spec, strategy, size, result, params, gemm_gflops, mesh)
   local gflops = spec.flops(spec.cfg) / result.step / 1e9
@@ -183,10 +241,16 @@ local function count_params(spec)
   return n
 end
 
+if options.threads then ms.set_num_threads(options.threads) end
 local cfg_t = MODELS.transformer.cfg
-local gemm_gflops = sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim)
-emit({bench = "sgemm", m = cfg_t.batch * cfg_t.seq, k = cfg_t.dim, n = 4 * cfg_t.dim, gflops = gemm_gflops,
+emit({bench = "sgemm", m = cfg_t.batch * cfg_t.seq, k = cfg_t.dim, n = 4 * cfg_t.dim, gflops = gemm_reference(cfg_t),
       threads = ms.get_num_threads()}, {"bench", "m", "k", "n", "gflops", "threads"})
+-- fn's result reported against the sgemm reference measured around it.
+local function measured(name, spec, strategy, size, params, mesh, fn)
+  gemm_reference(cfg_t)
+  local result = fn()
+  report(name, spec, strategy, size, result, params, gemm_reference(cfg_t), mesh)
+end
 
 local names = options.model == "all" and {"transformer", "mlp"} or {options.model}
 local sizes = options["world-size"] and {options["world-size"]} or options.quick and {2} or {2, 4}
@@ -196,19 +260,23 @@ for _, name in ipairs(names) do
   if not spec then error("unknown model " .. name) end
   local params = count_params(spec)
   local steps = options.steps
-  if wanted("unsharded") then report(name, spec, nil, 1, train(spec, nil, 0, 1, steps), params, gemm_gflops) end
+  if wanted("unsharded") then
+    measured(name, spec, nil, 1, params, nil, function() return train(spec, nil, 0, 1, steps) end)
+  end
   for _, size in ipairs(sizes) do
     for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"}) do
       if wanted(strategy) then
-        local results = dist.spawn(size, function(rank, world) return train(spec, strategy, rank, world, steps) end)
-        report(name, spec, strategy, size, results[1], params, gemm_gflops)
+        measured(name, spec, strategy, size, params, nil, function()
+          return dist.spawn(size, function(rank, world) return train(spec, strategy, rank, world, steps) end)[1]
+        end)
       end
     end
     if size == 4 and wanted("HYBRID_SHARD") then
-      local results = dist.spawn(size, function(rank, world)
-        return train(spec, "HYBRID_SHARD", rank, world, steps, {2, 2})
+      measured(name, spec, "HYBRID_SHARD", size, params, "2x2", function()
+        return dist.spawn(size, function(rank, world)
+          return train(spec, "HYBRID_SHARD", rank, world, steps, {2, 2})
+        end)[1]
       end)
-      report(name, spec, "HYBRID_SHARD", size, results[1], params, gemm_gflops, "2x2")
     end
   end
 end

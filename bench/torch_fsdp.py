@@ -2,7 +2,10 @@
 bench/fsdp.lua, printing the same JSON lines, so bench/compare.sh can put the two side by
 side. Needs torch (from PyPI); moonshard itself never needs Python.
 
-Usage: python bench/torch_fsdp.py [--model transformer|mlp|all] [--steps N] [--quick]
+Usage: python bench/torch_fsdp.py [--model transformer|mlp|all] [--strategy S] [--world-size N]
+                                  [--steps N] [--quick]
+--strategy (unsharded, FULL_SHARD, ...) and --world-size keep only the matching runs, as in
+bench/fsdp.lua.
 """
 import argparse
 import json
@@ -176,20 +179,28 @@ def main():
     parser.add_argument("--model", default="all")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--strategy")
+    parser.add_argument("--world-size", type=int)
     args = parser.parse_args()
     names = ["transformer", "mlp"] if args.model == "all" else [args.model]
-    sizes = [2] if args.quick else [2, 4]
+    sizes = [args.world_size] if args.world_size else [2] if args.quick else [2, 4]
+
+    def wanted(strategy):
+        return args.strategy is None or args.strategy == strategy
     port = 29500 + os.getpid() % 1000
     for name in names:
         torch.set_num_threads(os.cpu_count() or 1)
-        seconds = train(name, None, 0, 1, args.steps)
-        emit(bench="torch_fsdp", model=name, strategy="unsharded", world_size=1, step_ms=seconds * 1e3)
+        if wanted("unsharded"):
+            seconds = train(name, None, 0, 1, args.steps)
+            emit(bench="torch_fsdp", model=name, strategy="unsharded", world_size=1, step_ms=seconds * 1e3)
         for size in sizes:
             for strategy in ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"]:
+                if not wanted(strategy):
+                    continue
                 port += 1
                 seconds = run_distributed(name, strategy, size, args.steps, None, port)
                 emit(bench="torch_fsdp", model=name, strategy=strategy, world_size=size, step_ms=seconds * 1e3)
-            if size == 4:
+            if size == 4 and wanted("HYBRID_SHARD"):
                 port += 1
                 seconds = run_distributed(name, "HYBRID_SHARD", size, args.steps, (2, 2), port)
                 emit(bench="torch_fsdp", model=name, strategy="HYBRID_SHARD", world_size=size, mesh="2x2",

@@ -40,12 +40,19 @@ if(MS_LUAROCKS_LUADIR)
   # a rock holds what Lua needs: the modules, the command and the library as one file
   install(DIRECTORY lua/moonshard DESTINATION ${MS_LUAROCKS_LUADIR})
   install(FILES $<TARGET_FILE:moonshard> DESTINATION ${MS_LUAROCKS_LIBDIR} RENAME libmoonshard.so)
+  if(MS_WITH_CUDA)
+    install(TARGETS moonshard_cuda LIBRARY DESTINATION ${MS_LUAROCKS_LIBDIR})
+  endif()
   return()
 endif()
 
 install(TARGETS moonshard EXPORT moonshardTargets
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# the device side, loaded from the library's own folder on first use of a device
+if(MS_WITH_CUDA)
+  install(TARGETS moonshard_cuda LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR})
+endif()
 foreach(header ${MS_PUBLIC_HEADERS})
   get_filename_component(subdir ${header} DIRECTORY)
   install(FILES runtime/${header} DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/moonshard/${subdir})

@@ -1,41 +1,41 @@
 /* moonshard kernels: layer norm on the device. One block per row for the statistics and dx;
- * one thread per column sums dweight and dbias over the rows in order (deterministic). */
+ * one thread per column sums dweight and dbias over the rows in order (deterministic). bf16
+ * and f16 are read and written as they are, computed in f32. */
 #include "layernorm.cuh"
 #include "block.cuh"
 #include "reduce.h"
+#include "value.cuh"
 
-enum { F32 = 0 };
-
+/* mean and rstd: the stats' own float dtype, stored through f32 unless f64. */
 __device__ __forceinline__ double load_stat(const void *stats, int dtype, int64_t i)
 {
-    return dtype == F32 ? (double)((const float *)stats)[i] : ((const double *)stats)[i];
+    return ms_cu_load(dtype, (const char *)stats + i * ms_cu_dtype_size(dtype)).f;
 }
 
 __device__ __forceinline__ void store_stat(void *stats, int dtype, int64_t i, double value)
 {
-    if (dtype == F32)
-        ((float *)stats)[i] = (float)value;
-    else
-        ((double *)stats)[i] = value;
+    ms_cu_value v = {0, dtype == MS_CU_F64 ? value : (double)(float)value, 0};
+    ms_cu_store(dtype, (char *)stats + i * ms_cu_dtype_size(dtype), v);
 }
 
 /* ---- kernels ---- */
 
-template <typename T>
+/* S: the stored element type; T: the type computed in. */
+template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void forward_kernel(ms_cu_layer_norm a)
 {
     __shared__ double scratch[MS_CU_THREADS];
-    const T *weight = (const T *)a.weight, *bias = (const T *)a.bias;
+    const S *weight = (const S *)a.weight, *bias = (const S *)a.bias;
     for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-        const T *x = (const T *)a.x + r * a.size;
-        T *out = (T *)a.out + r * a.size;
+        const S *x = (const S *)a.x + r * a.size;
+        S *out = (S *)a.out + r * a.size;
         double local = 0.0;
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x)
-            local += (double)x[j];
+            local += (double)ms_cu_widen(x[j]);
         double mean = ms_cu_block_sum(local, scratch) / (double)a.size;
         local = 0.0;
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x) {
-            double d = (double)x[j] - mean;
+            double d = (double)ms_cu_widen(x[j]) - mean;
             local += d * d;
         }
         double rstd = ms_k_rstd(ms_cu_block_sum(local, scratch) / (double)a.size, a.eps);
@@ -45,60 +45,60 @@ __global__ void forward_kernel(ms_cu_layer_norm a)
         }
         T m = (T)mean, s = (T)rstd;
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x) {
-            T y = (x[j] - m) * s;
+            T y = (ms_cu_widen(x[j]) - m) * s;
             if (weight)
-                y *= weight[j];
+                y *= ms_cu_widen(weight[j]);
             if (bias)
-                y += bias[j];
-            out[j] = y;
+                y += ms_cu_widen(bias[j]);
+            ms_cu_narrow(&out[j], y);
         }
     }
 }
 
-template <typename T>
+template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void backward_dx_kernel(ms_cu_layer_norm a)
 {
     __shared__ double scratch[MS_CU_THREADS];
-    const T *weight = (const T *)a.weight;
+    const S *weight = (const S *)a.weight;
     for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-        const T *x = (const T *)a.x + r * a.size, *dy = (const T *)a.dy + r * a.size;
-        T *dx = (T *)a.dx + r * a.size;
+        const S *x = (const S *)a.x + r * a.size, *dy = (const S *)a.dy + r * a.size;
+        S *dx = (S *)a.dx + r * a.size;
         T mean = (T)load_stat(a.mean, a.mean_dtype, r),
           rstd = (T)load_stat(a.rstd, a.rstd_dtype, r);
         double local_g = 0.0, local_g_xhat = 0.0;
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x) {
-            T xhat = (x[j] - mean) * rstd;
-            T g = weight ? dy[j] * weight[j] : dy[j];
+            T xhat = (ms_cu_widen(x[j]) - mean) * rstd;
+            T g = weight ? ms_cu_widen(dy[j]) * ms_cu_widen(weight[j]) : ms_cu_widen(dy[j]);
             local_g += (double)g;
             local_g_xhat += (double)g * (double)xhat;
         }
         T mean_g = (T)(ms_cu_block_sum(local_g, scratch) / (double)a.size);
         T mean_g_xhat = (T)(ms_cu_block_sum(local_g_xhat, scratch) / (double)a.size);
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x) {
-            T xhat = (x[j] - mean) * rstd;
-            T g = weight ? dy[j] * weight[j] : dy[j];
-            dx[j] = rstd * (g - mean_g - xhat * mean_g_xhat);
+            T xhat = (ms_cu_widen(x[j]) - mean) * rstd;
+            T g = weight ? ms_cu_widen(dy[j]) * ms_cu_widen(weight[j]) : ms_cu_widen(dy[j]);
+            ms_cu_narrow(&dx[j], rstd * (g - mean_g - xhat * mean_g_xhat));
         }
     }
 }
 
-template <typename T>
+template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void backward_params_kernel(ms_cu_layer_norm a)
 {
     MS_CU_FOR(j, a.size)
     {
         double dweight = 0.0, dbias = 0.0;
         for (int64_t r = 0; r < a.rows; r++) {
-            T x = ((const T *)a.x)[r * a.size + j], dy = ((const T *)a.dy)[r * a.size + j];
+            T x = ms_cu_get<S>(a.x, r * a.size + j), dy = ms_cu_get<S>(a.dy, r * a.size + j);
             T xhat = (x - (T)load_stat(a.mean, a.mean_dtype, r)) *
                      (T)load_stat(a.rstd, a.rstd_dtype, r);
             dweight += (double)dy * (double)xhat;
             dbias += (double)dy;
         }
         if (a.dweight)
-            ((T *)a.dweight)[j] = (T)((double)((T *)a.dweight)[j] + dweight);
+            ms_cu_set<S>(a.dweight, j, (T)((double)ms_cu_get<S>(a.dweight, j) + dweight));
         if (a.dbias)
-            ((T *)a.dbias)[j] = (T)((double)((T *)a.dbias)[j] + dbias);
+            ms_cu_set<S>(a.dbias, j, (T)((double)ms_cu_get<S>(a.dbias, j) + dbias));
     }
 }
 
@@ -108,25 +108,18 @@ static unsigned row_blocks(int64_t rows) { return (unsigned)(rows < 65535 ? rows
 
 int ms_cu_layer_norm_forward(cudaStream_t stream, const ms_cu_layer_norm *args)
 {
-    if (args->dtype == F32)
-        forward_kernel<float><<<row_blocks(args->rows), MS_CU_THREADS, 0, stream>>>(*args);
-    else
-        forward_kernel<double><<<row_blocks(args->rows), MS_CU_THREADS, 0, stream>>>(*args);
+    MS_CU_LAUNCH_FLOAT(args->dtype, forward_kernel, row_blocks(args->rows), MS_CU_THREADS, stream,
+                       *args)
     return ms_cu_last_error();
 }
 
 int ms_cu_layer_norm_backward(cudaStream_t stream, const ms_cu_layer_norm *args)
 {
-    if (args->dtype == F32)
-        backward_dx_kernel<float><<<row_blocks(args->rows), MS_CU_THREADS, 0, stream>>>(*args);
-    else
-        backward_dx_kernel<double><<<row_blocks(args->rows), MS_CU_THREADS, 0, stream>>>(*args);
+    MS_CU_LAUNCH_FLOAT(args->dtype, backward_dx_kernel, row_blocks(args->rows), MS_CU_THREADS,
+                       stream, *args)
     if (!args->dweight && !args->dbias)
         return ms_cu_last_error();
-    unsigned blocks = ms_cu_blocks(args->size);
-    if (args->dtype == F32)
-        backward_params_kernel<float><<<blocks, MS_CU_THREADS, 0, stream>>>(*args);
-    else
-        backward_params_kernel<double><<<blocks, MS_CU_THREADS, 0, stream>>>(*args);
+    MS_CU_LAUNCH_FLOAT(args->dtype, backward_params_kernel, ms_cu_blocks(args->size),
+                       MS_CU_THREADS, stream, *args)
     return ms_cu_last_error();
 }

@@ -5,8 +5,8 @@
 
 #include "launch.cuh"
 
-/* Dense row-major buffers of rows x size elements of dtype (f32 or f64); weight and bias
- * (size) may be NULL; mean and rstd (rows) have their own dtypes (f32 or f64). */
+/* Dense row-major buffers of rows x size elements of a float dtype; weight and bias
+ * (size) may be NULL; mean and rstd (rows) have their own float dtypes. */
 typedef struct ms_cu_layer_norm {
     int64_t rows, size;
     double eps;

@@ -1,6 +1,7 @@
 /* moonshard kernels: loading any dtype as double or int64 and storing back on the device,
  * with the CPU backend's conversion rules (runtime/cast.h): float to integer saturates
- * and sends NaN to 0, integer to narrower integer wraps. Device code only. */
+ * and sends NaN to 0, integer to narrower integer wraps; typed 16-bit access for templated
+ * kernels. Device code only. */
 #ifndef MS_KERNELS_VALUE_CUH
 #define MS_KERNELS_VALUE_CUH
 
@@ -72,6 +73,62 @@ __device__ __forceinline__ void ms_cu_store(int dtype, void *p, ms_cu_value v)
         break;
     }
 }
+
+/* ---- typed access for templated kernels: bf16 and f16 live as 16 bits in memory and as
+ * f32 in registers (one rounding, to nearest even, at the store) ---- */
+struct ms_cu_bf16 {
+    uint16_t bits;
+};
+struct ms_cu_f16 {
+    uint16_t bits;
+};
+
+/* The type a kernel computes in for elements stored as S. */
+template <typename S> struct ms_cu_math {
+    typedef S type;
+};
+template <> struct ms_cu_math<ms_cu_bf16> {
+    typedef float type;
+};
+template <> struct ms_cu_math<ms_cu_f16> {
+    typedef float type;
+};
+
+__device__ __forceinline__ float ms_cu_widen(ms_cu_bf16 v) { return ms_k_bf16_to_f32(v.bits); }
+__device__ __forceinline__ float ms_cu_widen(ms_cu_f16 v) { return ms_k_f16_to_f32(v.bits); }
+template <typename T> __device__ __forceinline__ T ms_cu_widen(T v) { return v; }
+
+__device__ __forceinline__ void ms_cu_narrow(ms_cu_bf16 *p, float v)
+{
+    p->bits = ms_k_f32_to_bf16(v);
+}
+__device__ __forceinline__ void ms_cu_narrow(ms_cu_f16 *p, float v)
+{
+    p->bits = ms_k_f32_to_f16(v);
+}
+template <typename T> __device__ __forceinline__ void ms_cu_narrow(T *p, T v) { *p = v; }
+
+/* Element index of data, stored as S, in S's compute type; and the store back. */
+template <typename S>
+__device__ __forceinline__ typename ms_cu_math<S>::type ms_cu_get(const void *data, int64_t index)
+{
+    return ms_cu_widen(((const S *)data)[index]);
+}
+template <typename S>
+__device__ __forceinline__ void ms_cu_set(void *data, int64_t index, typename ms_cu_math<S>::type v)
+{
+    ms_cu_narrow(&((S *)data)[index], v);
+}
+
+/* One launch of KERNEL<S> (<<<blocks, threads, 0, stream>>>) with S the storage type of the
+ * float dtype (f32, f64, bf16, f16). */
+#define MS_CU_LAUNCH_FLOAT(dtype, KERNEL, blocks, threads, stream, ...)                         \
+    switch (dtype) {                                                                        \
+    case MS_CU_F32: KERNEL<float><<<blocks, threads, 0, stream>>>(__VA_ARGS__); break;       \
+    case MS_CU_BF16: KERNEL<ms_cu_bf16><<<blocks, threads, 0, stream>>>(__VA_ARGS__); break; \
+    case MS_CU_F16: KERNEL<ms_cu_f16><<<blocks, threads, 0, stream>>>(__VA_ARGS__); break;   \
+    default: KERNEL<double><<<blocks, threads, 0, stream>>>(__VA_ARGS__); break;             \
+    }
 
 __device__ __forceinline__ int ms_cu_dtype_size(int dtype)
 {

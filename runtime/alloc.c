@@ -9,6 +9,7 @@
 
 #include "internal.h"
 #include "pool.h"
+#include "profile.h"
 
 enum { CLASS_COUNT = 4 * 64, MIN_BLOCK = 64 };
 
@@ -134,7 +135,32 @@ static void release_cached(int pool_id, pool *pl)
     pl->cached_bytes = 0;
 }
 
+static int pool_alloc(int pool_id, size_t nbytes, void **ptr);
+static int pool_free(int pool_id, void *ptr, size_t nbytes);
+
 int ms_pool_alloc(int pool_id, size_t nbytes, void **ptr)
+{
+    if (__builtin_expect(!ms_profile_on, 1))
+        return pool_alloc(pool_id, nbytes, ptr);
+    ms_profile_frame frame;
+    ms_profile_begin(&frame);
+    int status = pool_alloc(pool_id, nbytes, ptr);
+    ms_profile_end(&frame, MS_PROF_ALLOCATOR);
+    return status;
+}
+
+int ms_pool_free(int pool_id, void *ptr, size_t nbytes)
+{
+    if (__builtin_expect(!ms_profile_on, 1))
+        return pool_free(pool_id, ptr, nbytes);
+    ms_profile_frame frame;
+    ms_profile_begin(&frame);
+    int status = pool_free(pool_id, ptr, nbytes);
+    ms_profile_end(&frame, MS_PROF_ALLOCATOR);
+    return status;
+}
+
+static int pool_alloc(int pool_id, size_t nbytes, void **ptr)
 {
     MS_CHECK(check_pool("pool_alloc", pool_id));
     if (!ptr)
@@ -181,7 +207,7 @@ int ms_pool_alloc(int pool_id, size_t nbytes, void **ptr)
     return MS_OK;
 }
 
-int ms_pool_free(int pool_id, void *ptr, size_t nbytes)
+static int pool_free(int pool_id, void *ptr, size_t nbytes)
 {
     MS_CHECK(check_pool("pool_free", pool_id));
     pool *pl = &pools[pool_id];

@@ -45,4 +45,9 @@ struct sigaction;
 int ms_interrupt_push(struct sigaction *saved);
 void ms_interrupt_pop(const struct sigaction *saved);
 
+/* Set this process's thread count to its share of the usable cores when local_ranks
+ * processes share them (at least 1), or to MOONSHARD_NUM_THREADS when that is set
+ * (runtime/threads.c). Local ranks call it right after fork. */
+void ms_threads_share_cores(int local_ranks);
+
 #endif

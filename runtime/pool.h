@@ -1,5 +1,5 @@
 /* moonshard runtime: the raw allocation behind the cuda:N pools and the host pool.
- * runtime/cuda/ provides these with CUDA; device_none.c provides them without. */
+ * runtime/device.c provides them, through the device side once it is loaded. */
 #ifndef MS_POOL_H
 #define MS_POOL_H
 

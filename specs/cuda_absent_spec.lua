@@ -72,3 +72,30 @@ describe("cuda devices on a machine without a GPU", function()
     assert.are.same({4, 4}, x:to("cpu"):shape())
   end)
 end)
+
+describe("a CPU run", function()
+  it("loads no CUDA library until it asks for a device", function()
+    -- a fresh process (this one may have asked for a device already)
+    local script = [[
+      local ms = require "moonshard"
+      local y = (ms.ones(64, 64) + 1):sum()
+      local function mapped(name)
+        local f = assert(io.open("/proc/self/maps"))
+        local maps = f:read("*a")
+        f:close()
+        return maps:find(name, 1, true) ~= nil
+      end
+      local before = {mapped("libcudart"), mapped("libcublas"), mapped("libmoonshard_cuda")}
+      pcall(ms.zeros, 2, {device = "cuda:0"})
+      io.write(string.format("%g %s %s %s %s\n", y:item(), tostring(before[1]),
+                             tostring(before[2]), tostring(before[3]),
+                             tostring(mapped("libmoonshard_cuda"))))
+    ]]
+    local pipe = assert(io.popen("LUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit -e '" ..
+                                 script:gsub("'", "'\\''") .. "' 2>&1"))
+    local out = pipe:read("*a")
+    pipe:close()
+    local cuda_build = ffi.string(lib.ms_build_config()):find("cuda", 1, true) ~= nil
+    assert.are.equal(string.format("8192 false false false %s\n", tostring(cuda_build)), out)
+  end)
+end)

@@ -125,6 +125,61 @@ for _, dtype in ipairs({"bf16", "f16"}) do
       expect_close(dtype, ms.matmul(a, b), ref, k, mag, "matmul")
     end)
 
+    it("linear of a transposed view across GEMM tiles accumulates onto the bias once", function()
+      -- m and n cross the CPU GEMM's 256-wide tiles; x is a transposed view, the weight is
+      -- read transposed, and the bias is out's starting value (beta = 1).
+      local m, k, n = 260, 40, 270
+      local x = ms.randn(k, m, {dtype = dtype}):t()
+      local w, bias = ms.randn(n, k, {dtype = dtype}), ms.randn(n, {dtype = dtype})
+      local xv, wv, bv = flat(x), flat(w), flat(bias)
+      local ref, mag = {}, {}
+      for i = 1, m do
+        for j = 1, n do
+          local s, g = bv[j], math.abs(bv[j])
+          for p = 1, k do
+            local v = xv[(i - 1) * k + p] * wv[(j - 1) * k + p]
+            s, g = s + v, g + math.abs(v)
+          end
+          ref[#ref + 1], mag[#mag + 1] = s, g
+        end
+      end
+      expect_close(dtype, F.linear(x, w, bias), ref, k + 1, mag, "linear")
+    end)
+
+    it("matmul of large operands allocates only its output", function()
+      -- the f32 tiles live in a fixed per-thread scratch, not in the tensor pools
+      local a, b = ms.randn(512, 384, {dtype = dtype}), ms.randn(384, 640, {dtype = dtype})
+      collectgarbage()
+      collectgarbage()
+      local before = ms.memory_stats().allocated
+      ms.reset_peak_memory_stats()
+      local c = ms.matmul(a, b)
+      local stats = ms.memory_stats()
+      assert.are.equal(512 * 640 * 2, c:nbytes())
+      assert.are.equal(before + c:nbytes(), stats.allocated)
+      assert.are.equal(before + c:nbytes(), stats.peak)
+    end)
+
+    it("element-wise ops on large operands allocate only their outputs", function()
+      -- the CPU loops convert blocks of 256 elements on the stack, not whole operands
+      local a, b = ms.randn(256, 1024, {dtype = dtype}), ms.randn(1024, {dtype = dtype})
+      collectgarbage()
+      collectgarbage()
+      local before = ms.memory_stats().allocated
+      for _, op in ipairs({function() return a + b end, function() return a:exp() end,
+                           function() return a * 3 end, function() return F.gelu(a) end}) do
+        ms.reset_peak_memory_stats()
+        local c = op()
+        assert.are.equal(256 * 1024 * 2, c:nbytes())
+        assert.are.equal(before + c:nbytes(), ms.memory_stats().peak)
+        c:free()
+      end
+      local av, bv = flat(a), flat(b)
+      expect_close(dtype, a + b, map(av, function(v, i) return v + bv[(i - 1) % 1024 + 1] end),
+                   1, nil, "broadcast add")
+      expect_close(dtype, 3 - a, map(av, function(v) return 3 - v end), 1, nil, "reversed scalar")
+    end)
+
     it("softmax, log_softmax and layer_norm over rows", function()
       local rows, len = 4, 64
       local x = ms.randn(rows, len, {dtype = dtype}) * 2

@@ -252,6 +252,36 @@ int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
 int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                          int64_t ignore_index, int reduction);
 
+/* ---- cross-entropy fused with its log_softmax ----
+ * logits [N, C]; target and reduction as in ms_nll_loss (out [N] or 0-dim). stats [OUT]
+ * [N, 2] in logits' dtype: each row's maximum and log(sum(exp(x - max))), kept for the
+ * backward. No [N, C] log-probabilities are written; the numbers are those of ms_softmax
+ * (log) followed by ms_nll_loss on the CPU, bit for bit. */
+int ms_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                     const ms_tensor *target, int64_t ignore_index, int reduction);
+/* dlogits assigned: (softmax(logits) - onehot(target)) times dout's share of each row (0 for
+ * ignored rows), from the forward's stats. */
+int ms_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
+                              const ms_tensor *logits, const ms_tensor *stats,
+                              const ms_tensor *target, int64_t ignore_index, int reduction);
+
+/* ---- attention, flash-style ----
+ * out = softmax(scale * q k^T + mask) v, a query row at a time over tiles of keys with a
+ * running max and sum: the [L, S] scores are never held. q [..., L, D], k [..., S, D],
+ * v [..., S, Dv], out [..., L, Dv] with 0 to 2 equal leading dims, each with a unit stride in
+ * its last dim; mask NULL or [..., L, S] (any strides, 0 to broadcast) of q's dtype, added
+ * to the scores; causal != 0 leaves out keys j > i. lse [OUT] [..., L] (q's dtype, unit
+ * last stride): each row's log-sum-exp of the scores, for the backward. A row whose keys are
+ * all masked gives NaN, as softmax does. */
+int ms_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+                 const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+/* dq, dk, dv assigned (shapes of q, k, v; unit last strides) from dout and the forward's out
+ * and lse; the scores are recomputed tile by tile. The mask gets no gradient. */
+int ms_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+                          const ms_tensor *q, const ms_tensor *k, const ms_tensor *v,
+                          const ms_tensor *mask, const ms_tensor *out, const ms_tensor *lse,
+                          double scale, int causal);
+
 /* ---- counter-based random numbers ----
  * Element i (row-major) of out uses the counter (seed, offset + i): the same seed and
  * offset always give the same values, so a region can be replayed. */
@@ -276,6 +306,31 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
 int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize);
+/* ---- op profiler ----
+ * While enabled, every op of the CPU place and every allocation adds its self time (its time
+ * less that of the ops and allocations inside it) and one call to a category: by op kind, or
+ * to the scope a caller set. Off, an op pays one branch. Device ops are not timed. */
+typedef enum ms_profile_category {
+    MS_PROF_GEMM = 0,        /* matmul with a 2-D right operand (linear layers) */
+    MS_PROF_ATTENTION = 1,   /* batched matmul (both operands batched), softmax (not log) */
+    MS_PROF_LAYER_NORM = 2,
+    MS_PROF_ELEMENTWISE = 3, /* binary, unary (activations) and their backward */
+    MS_PROF_SOFTMAX_LOSS = 4, /* log_softmax, nll_loss, cross_entropy */
+    MS_PROF_OPTIMIZER = 5,
+    MS_PROF_EMBEDDING = 6,
+    MS_PROF_REDUCE = 7,
+    MS_PROF_COPY = 8,        /* copy, fill, arange, equal, allclose */
+    MS_PROF_RANDOM = 9,      /* rand_uniform, rand_normal, dropout */
+    MS_PROF_ALLOCATOR = 10,  /* ms_pool_alloc and ms_pool_free */
+    MS_PROF_CATEGORIES = 11
+} ms_profile_category;
+/* on != 0 zeroes the counters, clears the scope and starts charging; 0 stops. */
+int ms_profile_enable(int on);
+/* Charge ops (not allocations) to category from now on (-1: each to its kind); returns the
+ * previous scope. */
+int ms_profile_scope(int category);
+/* [OUT] ns[c], count[c] for the first n categories. */
+int ms_profile_read(uint64_t *ns, uint64_t *count, int n);
 
 /* runtime/comm/dist.h */
 /* ---- process groups and collectives ---- */

@@ -174,6 +174,10 @@ function ms.set_num_threads(n)
 end
 function ms.get_num_threads() return lib.ms_get_num_threads() end
 
+-- torch.backends.cuda's switch of the flash-style attention kernel, and its CPU opt-in.
+ms.backends = {enable_flash_sdp = nn_ops.enable_flash_sdp, flash_sdp_enabled = nn_ops.flash_sdp_enabled,
+               enable_cpu_flash_sdp = nn_ops.enable_cpu_flash_sdp, cpu_flash_sdp_enabled = nn_ops.cpu_flash_sdp_enabled}
+
 -- ---- distributed tensors ----
 
 local placement = require "moonshard.placement"
@@ -190,7 +194,7 @@ local submodules = {
   nn = "moonshard.nn", optim = "moonshard.optim", dist = "moonshard.dist",
   fsdp = "moonshard.fsdp", ac = "moonshard.ac", dcp = "moonshard.dcp",
   repl = "moonshard.repl", data = "moonshard.data",
-  amp = "moonshard.amp",
+  amp = "moonshard.amp", profiler = "moonshard.profiler",
 }
 setmetatable(ms, {__index = function(t, key)
   local path = submodules[key]

@@ -67,15 +67,6 @@ static int64_t monotonic_ms(void)
     return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
 }
 
-static int usable_cores(void)
-{
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0)
-        return CPU_COUNT(&set);
-    long online = sysconf(_SC_NPROCESSORS_ONLN);
-    return online > 0 ? (int)online : 1;
-}
-
 static void close_fd(int *fd)
 {
     if (*fd >= 0)
@@ -120,8 +111,7 @@ static void become_rank(ms_spawn *job, int r, const int *write_fds, pid_t parent
     ms_interrupt_take(); /* a signal the parent had pending is the parent's */
     world->rank = r;
     ms_dist_set_world(world);
-    int threads = usable_cores() / job->world_size;
-    ms_set_num_threads(threads > 0 ? threads : 1);
+    ms_threads_share_cores(job->world_size);
     free(job);
 }
 

@@ -21,7 +21,7 @@ typedef struct nccl_group {
 
 static struct {
     ms_group *world;
-    ms_group *bootstrap_world; /* the world this process had before ms_nccl_init */
+    ms_group *bootstrap_world; /* the world this process had before ms_nccl_open */
 } nccl;
 
 static const ms_comm_backend nccl_backend;
@@ -327,7 +327,7 @@ static int nccl_barrier(ms_group *g)
 {
     nccl_group *ng = g->impl;
     MS_CHECK(begin(g, "barrier", MS_CALL_BARRIER, 0, 0, 0, 0, NULL, NULL, 0, NULL));
-    return ms_cuda_synchronize(ng->device);
+    return ms_cuda_sync_streams(ng->device);
 }
 
 static int wrap(ms_group **out, ncclComm_t comm, int device, ms_group *bootstrap)
@@ -402,7 +402,7 @@ static int local_rank(const ms_group *world)
     return mpi_local ? atoi(mpi_local) : world->rank;
 }
 
-int ms_nccl_init(void)
+int ms_nccl_open(void)
 {
     ms_group *bootstrap = ms_dist_current_world();
     if (bootstrap && bootstrap->backend == &nccl_backend)
@@ -411,9 +411,9 @@ int ms_nccl_init(void)
         return MS_FAIL(MS_ERR_STATE, "nccl_init: no process group to bootstrap from: run "
                                      "inside dist.spawn or under mpirun");
     int devices = 0;
-    MS_CHECK(ms_cuda_device_count(&devices));
+    MS_CHECK(ms_cuda_count_devices(&devices));
     if (devices == 0)
-        return MS_FAIL(MS_ERR_DEVICE, "nccl_init: %s", ms_cuda_unavailable_reason());
+        return MS_FAIL(MS_ERR_DEVICE, "nccl_init: %s", ms_cuda_probe_reason());
     int device = local_rank(bootstrap) % devices;
     MS_CHECK(ms_cuda_use_device(device));
     ncclUniqueId id;
@@ -442,12 +442,12 @@ int ms_nccl_init(void)
     return MS_OK;
 }
 
-int ms_nccl_finalize(void)
+int ms_nccl_close(void)
 {
     if (!nccl.world)
         return MS_OK;
     nccl_group *ng = nccl.world->impl;
-    int status = ms_cuda_synchronize(ng->device);
+    int status = ms_cuda_sync_streams(ng->device);
     ms_dist_set_world(nccl.bootstrap_world);
     nccl_group_free(nccl.world);
     nccl.world = NULL;

@@ -90,6 +90,34 @@ static int copy_reshaped(ms_tensor *dst, const ms_tensor *src)
     return status;
 }
 
+/* A contiguous copy between blocks that overlap entirely or not at all, split across
+ * threads in 64 KiB pieces when it is large. */
+typedef struct bytes_job { char *dst; const char *src; size_t n; } bytes_job;
+enum { BYTES_PIECE = 64 * 1024 };
+
+static void copy_pieces(void *arg, int64_t begin, int64_t end)
+{
+    const bytes_job *job = arg;
+    size_t first = (size_t)begin * BYTES_PIECE, last = (size_t)end * BYTES_PIECE;
+    if (last > job->n)
+        last = job->n;
+    memcpy(job->dst + first, job->src + first, last - first);
+}
+
+static void copy_bytes(void *dst, const void *src, size_t n)
+{
+    const char *d = dst, *s = src;
+    int disjoint = d + n <= s || s + n <= d;
+    int64_t pieces = (int64_t)((n + BYTES_PIECE - 1) / BYTES_PIECE);
+    int ranges = disjoint ? ms_parallel_ranges(pieces, (double)n / 4) : 1;
+    if (ranges < 2) {
+        memmove(dst, src, n);
+        return;
+    }
+    bytes_job job = {dst, src, n};
+    ms_parallel_for(pieces, ranges, copy_pieces, &job);
+}
+
 int ms_cpu_copy(ms_tensor *dst, const ms_tensor *src)
 {
     if (!ms_broadcasts(src, dst) && src->numel == dst->numel)
@@ -106,7 +134,7 @@ int ms_cpu_copy(ms_tensor *dst, const ms_tensor *src)
         size_t elem_size = ms_dtype_size(dst->dtype);
         if (src->numel == dst->numel && ms_tensor_is_contiguous(dst) &&
             ms_tensor_is_contiguous(src)) {
-            memmove(ms_tensor_data(dst), ms_tensor_data(src), ms_tensor_nbytes(dst));
+            copy_bytes(ms_tensor_data(dst), ms_tensor_data(src), ms_tensor_nbytes(dst));
             return MS_OK;
         }
         it.any_order = 1;
@@ -127,6 +155,7 @@ int ms_cpu_fill(ms_tensor *t, double value)
     ms_iter_begin(&it, t->ndim, t->shape);
     MS_CHECK(ms_iter_tensor(&it, "fill", "t", t));
     ms_iter_raw(&it, &element, elem_size, NULL);
+    it.any_order = 1;
     ms_iter_run(&it, ms_cpu_copy_run, &elem_size);
     return MS_OK;
 }

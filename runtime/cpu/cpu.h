@@ -11,6 +11,20 @@
 /* Everything declared below is private to the library, not part of its ABI. */
 #pragma GCC visibility push(hidden)
 
+/* ---- the worker pool (parallel.c) ----
+ * ms_parallel_for runs fn over [0, n) split into `ranges` contiguous ranges
+ * [n * i / ranges, n * (i + 1) / ranges), one per thread, the caller taking the first, and
+ * returns when all are done; ranges < 2 (or a call from inside a job, or while another
+ * thread's job runs) calls fn(ctx, 0, n). fn must write disjoint outputs per range, so
+ * results never depend on the split. ms_parallel_ranges picks the count for n units of
+ * about `work` element operations in all (an add of one f32 element is 1): 1 below
+ * MS_PARALLEL_GRAIN per range. The grain is the measured break-even of a split: waking a
+ * worker costs some microseconds, and memory-bound loops gain little from a second thread. */
+enum { MS_PARALLEL_GRAIN = 524288 };
+typedef void (*ms_parallel_fn)(void *ctx, int64_t begin, int64_t end);
+int ms_parallel_ranges(int64_t n, double work);
+void ms_parallel_for(int64_t n, int ranges, ms_parallel_fn fn, void *ctx);
+
 /* ---- the strided N-d iterator ----
  * Visits the elements of a shape in row-major order. Every operand has its own data,
  * element size and element strides over that shape (0 where it is broadcast). Dims of size
@@ -27,6 +41,13 @@ typedef struct ms_iter {
      * iterator may then walk 2-D tiles when an input's unit stride is not in the last dim
      * (a transposed read), so both sides stay in cache. */
     int any_order;
+    /* Set by callers whose kernel writes each element of operand 0 from the elements that
+     * map to it alone (reductions into an accumulator, row kernels): the iterator may then
+     * split the work across threads along dims where operand 0 moves, which keeps every
+     * output's visiting order. any_order implies it. */
+    int split_outputs;
+    /* Element operations per visited element (a row kernel's row length); 1 when 0. */
+    int64_t cost;
     int64_t numel;
     int64_t shape[MS_MAX_DIMS];
     int64_t strides[MS_ITER_MAX_OPS][MS_MAX_DIMS];
@@ -44,6 +65,18 @@ int ms_iter_tensor(ms_iter *it, const char *op, const char *name, const ms_tenso
 /* Add a raw operand; strides (elements, one per iterator dim) NULL means a single value. */
 void ms_iter_raw(ms_iter *it, void *data, size_t elem_size, const int64_t *strides);
 void ms_iter_run(ms_iter *it, ms_iter_fn fn, void *ctx);
+
+/* An ms_iter_fn for runs of bf16 or f16 operands (half_run.c; ctx an ms_half_run): blocks of
+ * each input converted to f32 on the stack go through the f32 loop, and operand 0, the
+ * output, is rounded back once. Operands whose bit is in f32_operands are single f32 values
+ * (a scalar), passed as they are. */
+typedef struct ms_half_run {
+    ms_iter_fn f32;
+    void *ctx;
+    int dtype, count;
+    unsigned f32_operands;
+} ms_half_run;
+void ms_cpu_half_run(void *ctx, int64_t n, char *const *ptrs, const int64_t *strides);
 
 /* ---- dense staging for ops whose loops want row-major contiguous data ----
  * ms_cpu_dense points *data at t's own elements when t is contiguous; otherwise it
@@ -65,6 +98,11 @@ void ms_cpu_copy_layout(void *dst, const int64_t *dst_strides, const void *src,
 /* malloc that records MS_ERR_OOM for op on failure (size 0 gives a valid pointer). */
 int ms_cpu_alloc(const char *op, size_t nbytes, void **ptr);
 
+/* Every target of rows [N, C] (logp, logits) in [0, C) or ignore_index (MS_ERR_INDEX naming
+ * op otherwise); [OUT] the number that are not ignored (runtime/cpu/nll.c). */
+int ms_cpu_count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+                         int64_t ignore_index, int64_t *counted);
+
 /* ---- the kernels of runtime/cpu/backend.c's table (ms_cpu_ops; see ops/backend.h) ---- */
 int ms_cpu_copy(ms_tensor *dst, const ms_tensor *src);
 int ms_cpu_fill(ms_tensor *t, double value);
@@ -82,6 +120,9 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
                    const int64_t *kept_shape);
 int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+/* ms_cpu_matmul of bf16 and f16 tensors (matmul_half.c). */
+int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
+                       int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
 int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
 int ms_cpu_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
                             int log);
@@ -99,6 +140,16 @@ int ms_cpu_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *targ
                     int64_t ignore_index, int reduction);
 int ms_cpu_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                              int64_t ignore_index, int reduction);
+int ms_cpu_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                        const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cpu_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
+                                 const ms_tensor *logits, const ms_tensor *stats,
+                                 const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cpu_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+        const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+int ms_cpu_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+        const ms_tensor *q, const ms_tensor *k, const ms_tensor *v, const ms_tensor *mask,
+        const ms_tensor *out, const ms_tensor *lse, double scale, int causal);
 int ms_cpu_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
                         uint64_t offset);
 int ms_cpu_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,

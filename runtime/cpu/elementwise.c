@@ -95,34 +95,67 @@ static const ms_iter_fn binary_f64[BINARY_OPS] = FLOAT_BINARY_TABLE(f64);
 static const ms_iter_fn binary_i32[BINARY_OPS] = INT_BINARY_TABLE(i32);
 static const ms_iter_fn binary_i64[BINARY_OPS] = INT_BINARY_TABLE(i64);
 
-/* The loop for a (dtype, op) that ms_binary accepted. */
+static int is_half(int dtype) { return dtype == MS_BF16 || dtype == MS_F16; }
+
+/* The loop for a (dtype, op) that ms_binary accepted (bf16 and f16: the f32 loop, run
+ * through ms_cpu_half_run). */
 static ms_iter_fn binary_fn(int dtype, int op)
 {
     switch (dtype) {
-    case MS_F32: return binary_f32[op];
+    case MS_F32:
+    case MS_BF16:
+    case MS_F16: return binary_f32[op];
     case MS_F64: return binary_f64[op];
     case MS_I32: return binary_i32[op];
     default: return binary_i64[op];
     }
 }
 
+/* Element operations per element, as the worker pool weighs them: a transcendental
+ * function costs about as much as a handful of loads, stores and adds. */
+enum { CHEAP = 1, TRANSCENDENTAL = 8 };
+
+/* Run fn (the f32 loop for 16-bit operands) over the iterator's operands, in any order,
+ * each element weighing cost operations for the worker pool. */
+static void run_any_order(ms_iter *it, ms_iter_fn fn, int dtype, unsigned f32_operands, int cost)
+{
+    it->any_order = 1;
+    it->cost = cost;
+    ms_half_run half = {fn, NULL, dtype, it->nops, f32_operands};
+    if (is_half(dtype))
+        ms_iter_run(it, ms_cpu_half_run, &half);
+    else
+        ms_iter_run(it, fn, NULL);
+}
+
+static int unary_cost(int op)
+{
+    switch (op) {
+    case MS_EXP: case MS_LOG: case MS_TANH: case MS_SIGMOID: case MS_GELU: case MS_GELU_TANH:
+    case MS_SIN: case MS_COS:
+        return TRANSCENDENTAL;
+    default:
+        return CHEAP;
+    }
+}
+
 /* Run fn over out and its inputs (tensors[0] is out; all have its shape) in any order. */
-static int run_pointwise(const char *op, ms_iter_fn fn, int count, const char *const names[],
-                         const ms_tensor *const tensors[])
+static int run_pointwise(const char *op, ms_iter_fn fn, int cost, int count,
+                         const char *const names[], const ms_tensor *const tensors[])
 {
     ms_iter it;
     ms_iter_begin(&it, tensors[0]->ndim, tensors[0]->shape);
     for (int i = 0; i < count; i++)
         MS_CHECK(ms_iter_tensor(&it, op, names[i], tensors[i]));
-    it.any_order = 1;
-    ms_iter_run(&it, fn, NULL);
+    run_any_order(&it, fn, tensors[0]->dtype, 0, cost);
     return MS_OK;
 }
 
 int ms_cpu_binary(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int op)
 {
     static const char *const names[] = {"out", "a", "b"};
-    return run_pointwise("binary", binary_fn(out->dtype, op), 3, names,
+    return run_pointwise("binary", binary_fn(out->dtype, op),
+                         op == MS_POW ? TRANSCENDENTAL : CHEAP, 3, names,
                          (const ms_tensor *const[]){out, a, b});
 }
 
@@ -131,23 +164,26 @@ int ms_cpu_binary_scalar(ms_tensor *out, const ms_tensor *a, double s, int op, i
     ms_iter_fn fn = binary_fn(out->dtype, op);
     union { float f32; double f64; int32_t i32; int64_t i64; } scalar;
     switch (out->dtype) {
-    case MS_F32: scalar.f32 = (float)s; break;
+    case MS_F32:
+    case MS_BF16:
+    case MS_F16: scalar.f32 = (float)s; break;
     case MS_F64: scalar.f64 = s; break;
     case MS_I32: scalar.i32 = ms_sat_i32(s); break;
     default: scalar.i64 = ms_sat_i64(s); break;
     }
+    size_t scalar_size = is_half(out->dtype) ? sizeof(float) : ms_dtype_size(out->dtype);
     ms_iter it;
     ms_iter_begin(&it, out->ndim, out->shape);
     MS_CHECK(ms_iter_tensor(&it, "binary_scalar", "out", out));
     if (reverse) {
-        ms_iter_raw(&it, &scalar, ms_dtype_size(out->dtype), NULL);
+        ms_iter_raw(&it, &scalar, scalar_size, NULL);
         MS_CHECK(ms_iter_tensor(&it, "binary_scalar", "a", a));
     } else {
         MS_CHECK(ms_iter_tensor(&it, "binary_scalar", "a", a));
-        ms_iter_raw(&it, &scalar, ms_dtype_size(out->dtype), NULL);
+        ms_iter_raw(&it, &scalar, scalar_size, NULL);
     }
-    it.any_order = 1;
-    ms_iter_run(&it, fn, NULL);
+    run_any_order(&it, fn, out->dtype, reverse ? 1u << 1 : 1u << 2,
+                  op == MS_POW ? TRANSCENDENTAL : CHEAP);
     return MS_OK;
 }
 
@@ -206,7 +242,8 @@ static const ms_iter_fn unary_f64[UNARY_OPS] = UNARY_TABLE(f64);
 int ms_cpu_unary(ms_tensor *out, const ms_tensor *a, int op)
 {
     static const char *const names[] = {"out", "a"};
-    return run_pointwise("unary", out->dtype == MS_F32 ? unary_f32[op] : unary_f64[op], 2, names,
+    return run_pointwise("unary", out->dtype == MS_F64 ? unary_f64[op] : unary_f32[op],
+                         unary_cost(op), 2, names,
                          (const ms_tensor *const[]){out, a});
 }
 
@@ -241,7 +278,7 @@ FLOAT_BACKWARD(f64, double)
 /* The loop for an op that ms_unary_backward accepted. */
 static ms_iter_fn backward_fn(int dtype, int op)
 {
-    int f32 = dtype == MS_F32;
+    int f32 = dtype != MS_F64;
     switch (op) {
     case MS_RELU: return f32 ? relu_backward_f32 : relu_backward_f64;
     case MS_GELU: return f32 ? gelu_backward_f32 : gelu_backward_f64;
@@ -254,6 +291,7 @@ static ms_iter_fn backward_fn(int dtype, int op)
 int ms_cpu_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, int op)
 {
     static const char *const names[] = {"dx", "x", "dy"};
-    return run_pointwise("unary_backward", backward_fn(dx->dtype, op), 3, names,
+    return run_pointwise("unary_backward", backward_fn(dx->dtype, op),
+                         op == MS_RELU ? CHEAP : TRANSCENDENTAL, 3, names,
                          (const ms_tensor *const[]){dx, x, dy});
 }

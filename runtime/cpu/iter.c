@@ -66,6 +66,116 @@ static int pick_tile_dim(int nops, int ndim, const int64_t *shape,
     return -1;
 }
 
+/* The coalesced loop: dims, byte strides and base pointers after merging. */
+typedef struct geometry {
+    int nops, ndim, tile_dim;
+    int64_t shape[MS_MAX_DIMS];
+    int64_t byte_strides[MS_ITER_MAX_OPS][MS_MAX_DIMS];
+    int64_t inner_strides[MS_ITER_MAX_OPS];
+    char *data[MS_ITER_MAX_OPS];
+} geometry;
+
+static void run_geometry(const geometry *g, ms_iter_fn fn, void *ctx)
+{
+    int nops = g->nops, ndim = g->ndim, tile_dim = g->tile_dim;
+    const int64_t *shape = g->shape;
+    int64_t numel = 1;
+    for (int d = 0; d < ndim; d++)
+        numel *= shape[d];
+    if (numel == 0)
+        return;
+    /* Walk every dim except the inner one (and tile_dim when tiling) with an odometer. */
+    int outer_dims[MS_MAX_DIMS], nouter = 0;
+    for (int d = 0; d < ndim - 1; d++)
+        if (d != tile_dim)
+            outer_dims[nouter++] = d;
+    int64_t inner = shape[ndim - 1];
+    int64_t tiled = tile_dim >= 0 ? shape[tile_dim] : 1;
+    /* Byte offsets rather than pointers, so no pointer ever steps outside its block. */
+    int64_t offsets[MS_ITER_MAX_OPS] = {0};
+    int64_t index[MS_MAX_DIMS] = {0};
+    char *ptrs[MS_ITER_MAX_OPS];
+    int64_t outer_runs = numel / (inner * tiled);
+    for (int64_t run = 0; run < outer_runs; run++) {
+        if (tile_dim < 0) {
+            for (int k = 0; k < nops; k++)
+                ptrs[k] = g->data[k] + offsets[k];
+            fn(ctx, inner, ptrs, g->inner_strides);
+        } else {
+            for (int64_t t0 = 0; t0 < tiled; t0 += TILE)
+                for (int64_t i0 = 0; i0 < inner; i0 += TILE) {
+                    int64_t t_end = t0 + TILE < tiled ? t0 + TILE : tiled;
+                    int64_t count = inner - i0 < TILE ? inner - i0 : TILE;
+                    for (int64_t t = t0; t < t_end; t++) {
+                        for (int k = 0; k < nops; k++)
+                            ptrs[k] = g->data[k] + offsets[k] +
+                                      t * g->byte_strides[k][tile_dim] +
+                                      i0 * g->byte_strides[k][ndim - 1];
+                        fn(ctx, count, ptrs, g->inner_strides);
+                    }
+                }
+        }
+        for (int o = nouter - 1; o >= 0; o--) {
+            int d = outer_dims[o];
+            if (++index[d] < shape[d]) {
+                for (int k = 0; k < nops; k++)
+                    offsets[k] += g->byte_strides[k][d];
+                break;
+            }
+            index[d] = 0;
+            for (int k = 0; k < nops; k++)
+                offsets[k] -= g->byte_strides[k][d] * (shape[d] - 1);
+        }
+    }
+}
+
+/* A split of the geometry along one dim, in units of `unit` indices of that dim (the inner
+ * dim splits on whole cache lines of vectors). */
+typedef struct split_job {
+    const geometry *whole;
+    int dim;
+    int64_t unit;
+    ms_iter_fn fn;
+    void *ctx;
+} split_job;
+
+static void run_split(void *arg, int64_t begin, int64_t end)
+{
+    const split_job *job = arg;
+    geometry part = *job->whole;
+    int64_t first = begin * job->unit, last = end * job->unit;
+    if (last > part.shape[job->dim])
+        last = part.shape[job->dim];
+    part.shape[job->dim] = last - first;
+    for (int k = 0; k < part.nops; k++)
+        part.data[k] += first * part.byte_strides[k][job->dim];
+    run_geometry(&part, job->fn, job->ctx);
+}
+
+/* Splits the loop across threads along the outermost dim where operand 0 moves and that
+ * has room for every range; runs it inline when the work is too small to pay. */
+static void run_parallel(const geometry *g, int64_t numel, int64_t cost, ms_iter_fn fn,
+                         void *ctx)
+{
+    int ranges = ms_parallel_ranges(numel, (double)numel * (double)(cost > 0 ? cost : 1));
+    int dim = -1;
+    for (int d = 0; ranges > 1 && d < g->ndim; d++) {
+        if (g->byte_strides[0][d] == 0)
+            continue;
+        int64_t units = d == g->ndim - 1 ? (g->shape[d] + 63) / 64 : g->shape[d];
+        if (units >= ranges) {
+            dim = d;
+            break;
+        }
+    }
+    if (dim < 0) {
+        run_geometry(g, fn, ctx);
+        return;
+    }
+    split_job job = {g, dim, dim == g->ndim - 1 ? 64 : 1, fn, ctx};
+    ms_parallel_for((g->shape[dim] + job.unit - 1) / job.unit, ranges, run_split, &job);
+}
+
 void ms_iter_run(ms_iter *it, ms_iter_fn fn, void *ctx)
 {
     if (it->numel == 0)
@@ -100,57 +210,20 @@ void ms_iter_run(ms_iter *it, ms_iter_fn fn, void *ctx)
             strides[k][0] = 0;
     }
 
-    int64_t byte_strides[MS_ITER_MAX_OPS][MS_MAX_DIMS];
-    for (int k = 0; k < nops; k++)
+    geometry g = {.nops = nops, .ndim = ndim};
+    for (int d = 0; d < ndim; d++)
+        g.shape[d] = shape[d];
+    for (int k = 0; k < nops; k++) {
+        g.data[k] = it->data[k];
+        g.inner_strides[k] = strides[k][ndim - 1];
         for (int d = 0; d < ndim; d++)
-            byte_strides[k][d] = strides[k][d] * it->elem_size[k];
-    int tile_dim = it->any_order ? pick_tile_dim(nops, ndim, shape, strides) : -1;
-
-    /* Walk every dim except the inner one (and tile_dim when tiling) with an odometer. */
-    int outer_dims[MS_MAX_DIMS], nouter = 0;
-    for (int d = 0; d < ndim - 1; d++)
-        if (d != tile_dim)
-            outer_dims[nouter++] = d;
-    int64_t inner = shape[ndim - 1];
-    int64_t tiled = tile_dim >= 0 ? shape[tile_dim] : 1;
-    int64_t inner_strides[MS_ITER_MAX_OPS];
-    for (int k = 0; k < nops; k++)
-        inner_strides[k] = strides[k][ndim - 1];
-    /* Byte offsets rather than pointers, so no pointer ever steps outside its block. */
-    int64_t offsets[MS_ITER_MAX_OPS] = {0};
-    int64_t index[MS_MAX_DIMS] = {0};
-    char *ptrs[MS_ITER_MAX_OPS];
-    int64_t outer_runs = it->numel / (inner * tiled);
-    for (int64_t run = 0; run < outer_runs; run++) {
-        if (tile_dim < 0) {
-            for (int k = 0; k < nops; k++)
-                ptrs[k] = it->data[k] + offsets[k];
-            fn(ctx, inner, ptrs, inner_strides);
-        } else {
-            for (int64_t t0 = 0; t0 < tiled; t0 += TILE)
-                for (int64_t i0 = 0; i0 < inner; i0 += TILE) {
-                    int64_t t_end = t0 + TILE < tiled ? t0 + TILE : tiled;
-                    int64_t count = inner - i0 < TILE ? inner - i0 : TILE;
-                    for (int64_t t = t0; t < t_end; t++) {
-                        for (int k = 0; k < nops; k++)
-                            ptrs[k] = it->data[k] + offsets[k] + t * byte_strides[k][tile_dim] +
-                                      i0 * byte_strides[k][ndim - 1];
-                        fn(ctx, count, ptrs, inner_strides);
-                    }
-                }
-        }
-        for (int o = nouter - 1; o >= 0; o--) {
-            int d = outer_dims[o];
-            if (++index[d] < shape[d]) {
-                for (int k = 0; k < nops; k++)
-                    offsets[k] += byte_strides[k][d];
-                break;
-            }
-            index[d] = 0;
-            for (int k = 0; k < nops; k++)
-                offsets[k] -= byte_strides[k][d] * (shape[d] - 1);
-        }
+            g.byte_strides[k][d] = strides[k][d] * it->elem_size[k];
     }
+    g.tile_dim = it->any_order ? pick_tile_dim(nops, ndim, shape, strides) : -1;
+    if (it->any_order || it->split_outputs)
+        run_parallel(&g, it->numel, it->cost, fn, ctx);
+    else
+        run_geometry(&g, fn, ctx);
 }
 
 int ms_cpu_alloc(const char *op, size_t nbytes, void **ptr)

@@ -66,15 +66,15 @@ typedef struct ln_args {
     void *out, *dx;
     const void *x, *weight, *bias, *dy;
     void *mean, *rstd;
-    int mean_dtype, rstd_dtype;
+    int dtype, mean_dtype, rstd_dtype;
     double *dweight_acc, *dbias_acc;
 } ln_args;
 
 #define LN_FORWARD(SUF, T)                                                                \
-    static void ln_forward_##SUF(const ln_args *a)                                        \
+    static void ln_forward_##SUF(const ln_args *a, int64_t first, int64_t last)           \
     {                                                                                     \
         const T *weight = a->weight, *bias = a->bias;                                     \
-        for (int64_t r = 0; r < a->rows; r++) {                                           \
+        for (int64_t r = first; r < last; r++) {                                          \
             const T *x = (const T *)a->x + r * a->size;                                   \
             T *out = (T *)a->out + r * a->size;                                           \
             double mean = row_sum_##SUF(x, a->size) / (double)a->size;                    \
@@ -95,14 +95,13 @@ typedef struct ln_args {
     }
 
 /* With xhat = (x - mean) * rstd and g = dy * w:
- * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dweight += sum_rows dy * xhat;
- * dbias += sum_rows dy. */
+ * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), row by row over [first, last). */
 #define LN_BACKWARD(SUF, T)                                                               \
-    static void ln_backward_##SUF(const ln_args *a)                                       \
+    static void ln_backward_##SUF(const ln_args *a, int64_t first, int64_t last)          \
     {                                                                                     \
         const T *weight = a->weight;                                                      \
         int64_t size = a->size;                                                           \
-        for (int64_t r = 0; r < a->rows; r++) {                                           \
+        for (int64_t r = first; r < last; r++) {                                          \
             const T *x = (const T *)a->x + r * size;                                      \
             const T *dy = (const T *)a->dy + r * size;                                    \
             T *dx = (T *)a->dx + r * size;                                                \
@@ -114,10 +113,6 @@ typedef struct ln_args {
                 T g = weight ? dy[j] * weight[j] : dy[j];                                 \
                 sum_g += (double)g;                                                       \
                 sum_g_xhat += (double)g * (double)xhat;                                   \
-                if (a->dweight_acc)                                                       \
-                    a->dweight_acc[j] += (double)dy[j] * (double)xhat;                    \
-                if (a->dbias_acc)                                                         \
-                    a->dbias_acc[j] += (double)dy[j];                                     \
             }                                                                             \
             T mean_g = (T)(sum_g / (double)size);                                         \
             T mean_g_xhat = (T)(sum_g_xhat / (double)size);                               \
@@ -129,10 +124,62 @@ typedef struct ln_args {
         }                                                                                 \
     }
 
+/* dweight[j] += sum_rows dy * xhat and dbias[j] += sum_rows dy for the columns
+ * [first, last), rows in order, so each column sums the same way however columns split. */
+#define LN_PARAM_GRADS(SUF, T)                                                            \
+    static void ln_param_grads_##SUF(const ln_args *a, int64_t first, int64_t last)       \
+    {                                                                                     \
+        int64_t size = a->size;                                                           \
+        double *dweight = a->dweight_acc, *dbias = a->dbias_acc;                          \
+        for (int64_t r = 0; r < a->rows; r++) {                                           \
+            const T *x = (const T *)a->x + r * size;                                      \
+            const T *dy = (const T *)a->dy + r * size;                                    \
+            T mean = (T)load_stat(a->mean, a->mean_dtype, r);                             \
+            T rstd = (T)load_stat(a->rstd, a->rstd_dtype, r);                             \
+            for (int64_t j = first; j < last; j++) {                                      \
+                T xhat = (x[j] - mean) * rstd;                                            \
+                if (dweight)                                                              \
+                    dweight[j] += (double)dy[j] * (double)xhat;                           \
+                if (dbias)                                                                \
+                    dbias[j] += (double)dy[j];                                            \
+            }                                                                             \
+        }                                                                                 \
+    }
+
 LN_FORWARD(f32, float)
 LN_FORWARD(f64, double)
 LN_BACKWARD(f32, float)
 LN_BACKWARD(f64, double)
+LN_PARAM_GRADS(f32, float)
+LN_PARAM_GRADS(f64, double)
+
+/* Threads take whole rows (forward, dx) or whole columns (parameter gradients). */
+static void forward_rows(void *arg, int64_t first, int64_t last)
+{
+    const ln_args *a = arg;
+    if (a->dtype == MS_F32)
+        ln_forward_f32(a, first, last);
+    else
+        ln_forward_f64(a, first, last);
+}
+
+static void backward_rows(void *arg, int64_t first, int64_t last)
+{
+    const ln_args *a = arg;
+    if (a->dtype == MS_F32)
+        ln_backward_f32(a, first, last);
+    else
+        ln_backward_f64(a, first, last);
+}
+
+static void param_grad_columns(void *arg, int64_t first, int64_t last)
+{
+    const ln_args *a = arg;
+    if (a->dtype == MS_F32)
+        ln_param_grads_f32(a, first, last);
+    else
+        ln_param_grads_f64(a, first, last);
+}
 
 /* The dense staging of up to 8 tensors of one call, released together. */
 typedef struct staging {
@@ -175,7 +222,8 @@ int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms
         return ms_cpu_fill(rstd, NAN);
     }
 
-    ln_args a = {.rows = rows, .size = size, .eps = eps, .mean_dtype = mean->dtype,
+    ln_args a = {.rows = rows, .size = size, .eps = eps, .dtype = x->dtype,
+                 .mean_dtype = mean->dtype,
                  .rstd_dtype = rstd->dtype};
     staging st = {0};
     a.x = stage(&st, op, x, 0);
@@ -184,12 +232,9 @@ int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms
     a.out = stage(&st, op, out, 1);
     a.mean = stage(&st, op, mean, 1);
     a.rstd = stage(&st, op, rstd, 1);
-    if (st.status == MS_OK) {
-        if (x->dtype == MS_F32)
-            ln_forward_f32(&a);
-        else
-            ln_forward_f64(&a);
-    }
+    if (st.status == MS_OK)
+        ms_parallel_for(rows, ms_parallel_ranges(rows, 4.0 * (double)rows * (double)size),
+                        forward_rows, &a);
     return unstage_all(&st);
 }
 
@@ -217,7 +262,7 @@ int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
     if (rows == 0 || size == 0)
         return MS_OK;
 
-    ln_args a = {.rows = rows, .size = size, .mean_dtype = mean->dtype,
+    ln_args a = {.rows = rows, .size = size, .dtype = x->dtype, .mean_dtype = mean->dtype,
                  .rstd_dtype = rstd->dtype};
     int status = MS_OK;
     if (dweight)
@@ -237,12 +282,11 @@ int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
     a.mean = stage(&st, op, mean, 0);
     a.rstd = stage(&st, op, rstd, 0);
     a.dx = stage(&st, op, dx, 1);
-    if (st.status == MS_OK) {
-        if (x->dtype == MS_F32)
-            ln_backward_f32(&a);
-        else
-            ln_backward_f64(&a);
-    }
+    double work = 4.0 * (double)rows * (double)size;
+    if (st.status == MS_OK)
+        ms_parallel_for(rows, ms_parallel_ranges(rows, work), backward_rows, &a);
+    if (st.status == MS_OK && (a.dweight_acc || a.dbias_acc))
+        ms_parallel_for(size, ms_parallel_ranges(size, work / 2), param_grad_columns, &a);
     status = unstage_all(&st);
     if (status == MS_OK && dweight)
         status = accumulate_param_grad(op, dweight, a.dweight_acc);

@@ -126,6 +126,8 @@ int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int tr
 {
     if (out->numel == 0)
         return MS_OK;
+    if (out->dtype == MS_BF16 || out->dtype == MS_F16)
+        return ms_cpu_matmul_half(out, a, b, trans_a, trans_b, alpha, beta, m, n, k);
     if (k == 0) {
         scale_ctx c = {beta, out->dtype};
         ms_iter it;

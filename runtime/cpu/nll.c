@@ -27,8 +27,7 @@ static void store(const ms_tensor *t, char *base, int64_t offset, double value)
         ((double *)base)[offset] = value;
 }
 
-/* Every target in [0, classes) or ignore_index; [OUT] the number that are not ignored. */
-static int count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+int ms_cpu_count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
                          int64_t ignore_index, int64_t *counted)
 {
     int64_t rows = logp->shape[0], classes = logp->shape[1];
@@ -51,7 +50,7 @@ int ms_cpu_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *targ
                 int64_t ignore_index, int reduction)
 {
     int64_t counted;
-    MS_CHECK(count_targets("nll_loss", logp, target, ignore_index, &counted));
+    MS_CHECK(ms_cpu_count_targets("nll_loss", logp, target, ignore_index, &counted));
     int64_t rows = logp->shape[0];
     const char *logps = ms_tensor_data(logp), *targets = ms_tensor_data(target);
     char *outs = ms_tensor_data(out);
@@ -77,7 +76,7 @@ int ms_cpu_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_t
                          int64_t ignore_index, int reduction)
 {
     int64_t counted;
-    MS_CHECK(count_targets("nll_loss_backward", dlogp, target, ignore_index, &counted));
+    MS_CHECK(ms_cpu_count_targets("nll_loss_backward", dlogp, target, ignore_index, &counted));
     MS_CHECK(ms_cpu_fill(dlogp, 0.0));
     int64_t rows = dlogp->shape[0];
     const char *douts = ms_tensor_data(dout), *targets = ms_tensor_data(target);

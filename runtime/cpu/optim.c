@@ -61,6 +61,7 @@ int ms_cpu_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *
     ms_iter_fn fn = param->dtype == MS_F32 ? (with_buffer ? sgd_momentum_f32 : sgd_f32)
                                            : (with_buffer ? sgd_momentum_f64 : sgd_f64);
     it.any_order = 1;
+    it.cost = 2;
     ms_iter_run(&it, fn, &c);
     return MS_OK;
 }
@@ -79,6 +80,7 @@ int ms_cpu_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq
     MS_CHECK(ms_iter_tensor(&it, op, "exp_avg_sq", exp_avg_sq));
     MS_CHECK(ms_iter_tensor(&it, op, "grad", grad));
     it.any_order = 1;
+    it.cost = 8; /* four streams and a square root per element */
     ms_iter_run(&it, param->dtype == MS_F32 ? adam_f32 : adam_f64, &c);
     return MS_OK;
 }

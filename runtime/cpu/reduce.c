@@ -175,6 +175,7 @@ int ms_cpu_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask
     ms_iter_begin(&it, a->ndim, a->shape);
     ms_iter_raw(&it, acc, sizeof(double), acc_broadcast);
     MS_CHECK(ms_iter_tensor(&it, "reduce", "a", a));
+    it.split_outputs = 1; /* each accumulator sums its own inputs in the same order */
     ms_iter_run(&it, kernel, NULL);
 
     /* the mean of nothing is 0/0 = NaN, as in PyTorch */
@@ -234,6 +235,8 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
     for (int d = 0; d < a->ndim; d++)
         a_strides[d] = d == dim ? 0 : a->strides[d];
     ms_iter_raw(&it, ms_tensor_data(a), ms_dtype_size(a->dtype), a_strides);
+    it.split_outputs = 1;
+    it.cost = c.length;
     ms_iter_run(&it, a->dtype == MS_F32 ? argmax_f32 : argmax_f64, &c);
     return MS_OK;
 }

@@ -82,7 +82,7 @@ SOFTMAX_BACKWARD_KERNEL(softmax_backward_f64, double, exp)
 
 /* Iterate the row starts of `count` same-shaped tensors along dim. */
 static void run_rows(const ms_tensor *const *tensors, int count, int dim, int log,
-                     ms_iter_fn kernel)
+                     ms_iter_fn kernel, int cost)
 {
     const ms_tensor *first = tensors[0];
     row_ctx c = {first->ndim ? first->shape[dim] : 1, {0, 0, 0}, log};
@@ -99,6 +99,8 @@ static void run_rows(const ms_tensor *const *tensors, int count, int dim, int lo
         c.stride[i] = t->ndim ? t->strides[dim] : 0;
         ms_iter_raw(&it, ms_tensor_data(t), ms_dtype_size(t->dtype), strides);
     }
+    it.split_outputs = 1; /* rows are independent */
+    it.cost = cost * c.length;
     if (c.length > 0)
         ms_iter_run(&it, kernel, &c);
 }
@@ -107,7 +109,7 @@ int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 {
     const ms_tensor *tensors[2] = {out, x};
     run_rows(tensors, 2, dim, log != 0,
-             x->dtype == MS_F32 ? softmax_f32 : softmax_f64);
+             x->dtype == MS_F32 ? softmax_f32 : softmax_f64, 12);
     return MS_OK;
 }
 
@@ -116,6 +118,6 @@ int ms_cpu_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *
 {
     const ms_tensor *tensors[3] = {dx, y, dy};
     run_rows(tensors, 3, dim, log != 0,
-             y->dtype == MS_F32 ? softmax_backward_f32 : softmax_backward_f64);
+             y->dtype == MS_F32 ? softmax_backward_f32 : softmax_backward_f64, log ? 12 : 3);
     return MS_OK;
 }

@@ -5,6 +5,8 @@
 const ms_ops_backend ms_cuda_ops = {
     .name = "cuda",
     .device_tensors = 1,
+    .half_native = MS_HALF_ELEMENTWISE | MS_HALF_REDUCE | MS_HALF_SOFTMAX | MS_HALF_LAYER_NORM |
+                   MS_HALF_NLL | MS_HALF_RANDOM | MS_HALF_OPTIM,
     .use_device = ms_cuda_use_device,
     .await = ms_cuda_await,
     .copy = ms_cuda_copy_device,
@@ -27,6 +29,10 @@ const ms_ops_backend ms_cuda_ops = {
     .embedding_backward = ms_cuda_embedding_backward,
     .nll_loss = ms_cuda_nll_loss,
     .nll_loss_backward = ms_cuda_nll_loss_backward,
+    .cross_entropy = ms_cuda_cross_entropy,
+    .cross_entropy_backward = ms_cuda_cross_entropy_backward,
+    .attention = ms_cuda_attention,
+    .attention_backward = ms_cuda_attention_backward,
     .rand_uniform = ms_cuda_rand_uniform,
     .rand_normal = ms_cuda_rand_normal,
     .dropout = ms_cuda_dropout,

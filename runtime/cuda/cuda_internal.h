@@ -26,6 +26,21 @@ static inline int ms_cuda_device_of(const ms_tensor *t)
     return t->storage->pool - MS_POOL_CUDA0;
 }
 
+/* ---- the device side's part of the tables of ops/backend.h (backend.c: ms_cuda_backend) ----
+ * The functions of cuda/gpu.h and pool.h that runtime/device.c forwards here. */
+int ms_cuda_count_devices(int *count);
+const char *ms_cuda_probe_reason(void);
+int ms_cuda_pool_available(int device);
+const char *ms_cuda_pool_reason(void);
+int ms_cuda_sync_streams(int device);
+void *ms_cuda_raw_alloc(int device, size_t rounded);
+void ms_cuda_raw_free(int device, void *p);
+void *ms_cuda_host_alloc(size_t rounded);
+void ms_cuda_host_free(void *p);
+/* comm/nccl.c, in a build with NCCL: ms_nccl_init and ms_nccl_finalize of cuda/gpu.h. */
+int ms_nccl_open(void);
+int ms_nccl_close(void);
+
 /* 1 once this process has made a device current (CUDA has started here). */
 int ms_cuda_started(void);
 /* Make device current on this thread, creating its streams and cuBLAS handle on first use. */
@@ -75,6 +90,13 @@ int ms_cuda_copy_device(ms_tensor *dst, const ms_tensor *src);
 /* The status of the last launch on this thread, recorded for op. */
 int ms_cuda_launched(const char *op, int error);
 
+/* Every target of rows [N, C] in [0, C) or ignore_index (MS_ERR_INDEX naming op otherwise);
+ * fills args (kernels/nll.cuh) over logp, counting the targets not ignored (cuda/nll.c). */
+struct ms_cu_nll;
+int ms_cuda_check_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+                          int64_t ignore_index, int reduction, int device,
+                          struct ms_cu_nll *args);
+
 /* ---- the kernels of runtime/cuda/backend.c's table (ms_cuda_ops; see ops/backend.h) ---- */
 int ms_cuda_fill(ms_tensor *t, double value);
 int ms_cuda_arange(ms_tensor *t, double start, double step);
@@ -108,6 +130,16 @@ int ms_cuda_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *tar
                      int64_t ignore_index, int reduction);
 int ms_cuda_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                               int64_t ignore_index, int reduction);
+int ms_cuda_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                         const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cuda_cross_entropy_backward(ms_tensor *dlogits, const ms_tensor *dout,
+                                  const ms_tensor *logits, const ms_tensor *stats,
+                                  const ms_tensor *target, int64_t ignore_index, int reduction);
+int ms_cuda_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+        const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+int ms_cuda_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_tensor *dout,
+        const ms_tensor *q, const ms_tensor *k, const ms_tensor *v, const ms_tensor *mask,
+        const ms_tensor *out, const ms_tensor *lse, double scale, int causal);
 int ms_cuda_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed,
                          uint64_t offset);
 int ms_cuda_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed,

@@ -10,8 +10,6 @@
 #include <unistd.h>
 
 #include "cuda_internal.h"
-#include "gpu.h"
-#include "pool.h"
 
 enum { MAX_DEVICES = MS_MAX_POOLS - MS_POOL_CUDA0 };
 
@@ -101,7 +99,7 @@ int ms_cuda_started(void)
     return __atomic_load_n(&cuda.started, __ATOMIC_ACQUIRE);
 }
 
-int ms_cuda_device_count(int *count)
+int ms_cuda_count_devices(int *count)
 {
     if (!count)
         return MS_FAIL(MS_ERR_INVALID, "cuda_device_count: count must not be NULL");
@@ -109,18 +107,18 @@ int ms_cuda_device_count(int *count)
     return MS_OK;
 }
 
-const char *ms_cuda_unavailable_reason(void)
+const char *ms_cuda_probe_reason(void)
 {
     device_count();
     return cuda.reason;
 }
 
-int ms_device_pool_available(int device)
+int ms_cuda_pool_available(int device)
 {
     return device >= 0 && device < device_count();
 }
 
-const char *ms_device_unavailable_reason(void)
+const char *ms_cuda_pool_reason(void)
 {
     return cuda.reason[0] ? cuda.reason : "no such CUDA device on this machine";
 }
@@ -162,9 +160,9 @@ static int create_device_state(int device, device_state *state)
 
 int ms_cuda_use_device(int device)
 {
-    if (!ms_device_pool_available(device))
+    if (!ms_cuda_pool_available(device))
         return MS_FAIL(MS_ERR_DEVICE, "cuda: device %d is not available (%s)", device,
-                       ms_device_unavailable_reason());
+                       ms_cuda_pool_reason());
     MS_CUDA_CHECK(cudaSetDevice(device), "cuda: cudaSetDevice");
     __atomic_store_n(&cuda.started, 1, __ATOMIC_RELEASE);
     device_state *state = &cuda.devices[device];
@@ -182,7 +180,7 @@ cudaStream_t ms_cuda_comm_stream(int device) { return cuda.devices[device].comm;
 
 cublasHandle_t ms_cuda_blas(int device) { return cuda.devices[device].blas; }
 
-int ms_cuda_synchronize(int device)
+int ms_cuda_sync_streams(int device)
 {
     MS_CHECK(ms_cuda_use_device(device));
     MS_CUDA_CHECK(cudaStreamSynchronize(cuda.devices[device].comm),
@@ -194,7 +192,7 @@ int ms_cuda_synchronize(int device)
 
 /* alloc.c reuses freed blocks without telling us; work still queued on the compute stream
  * stays ordered before the block's next user, who runs on the same stream. */
-void *ms_device_raw_alloc(int device, size_t rounded)
+void *ms_cuda_raw_alloc(int device, size_t rounded)
 {
     if (ms_cuda_use_device(device) != MS_OK)
         return NULL;
@@ -206,7 +204,7 @@ void *ms_device_raw_alloc(int device, size_t rounded)
     return p;
 }
 
-void ms_device_raw_free(int device, void *p)
+void ms_cuda_raw_free(int device, void *p)
 {
     if (cudaSetDevice(device) == cudaSuccess)
         cudaFree(p);

@@ -3,9 +3,8 @@
 #include <stdlib.h>
 
 #include "cuda_internal.h"
-#include "pool.h"
 
-void *ms_host_raw_alloc(size_t rounded)
+void *ms_cuda_host_alloc(size_t rounded)
 {
     void *p = NULL;
     if (ms_cuda_started()) {
@@ -20,7 +19,7 @@ void *ms_host_raw_alloc(size_t rounded)
 }
 
 /* Blocks made before CUDA started are ordinary memory; CUDA tells the two kinds apart. */
-void ms_host_raw_free(void *p)
+void ms_cuda_host_free(void *p)
 {
     if (ms_cuda_started()) {
         struct cudaPointerAttributes attributes;

@@ -1,7 +1,7 @@
 /* moonshard CUDA backend: ms_matmul through cuBLAS (cublasGemmEx for one matrix,
- * cublasGemmStridedBatchedEx when the batches are evenly spaced). out = alpha op(a) op(b) +
- * beta out: assigned, or accumulated with beta = 1. Operands and shapes are checked by
- * runtime/ops/matmul.c. */
+ * cublasGemmStridedBatchedEx when the batches are evenly spaced; bf16 and f16 read and written
+ * as they are, computed in f32). out = alpha op(a) op(b) + beta out: assigned, or accumulated
+ * with beta = 1. Operands and shapes are checked by runtime/ops/matmul.c. */
 #include <limits.h>
 
 #include "cuda_internal.h"
@@ -135,9 +135,14 @@ int ms_cuda_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int t
     if (k == 0)
         return beta == 0.0 ? ms_cuda_fill(out, 0.0)
                            : ms_cuda_binary_scalar(out, out, beta, MS_MUL, 0);
+    /* 16-bit operands and out, f32 accumulation (tensor cores), one rounding at the store */
     float alpha32 = (float)alpha, beta32 = (float)beta;
     gemm_call c = {ms_cuda_blas(device), CUDA_R_32F, CUBLAS_COMPUTE_32F, &alpha32, &beta32};
-    if (a->dtype == MS_F64)
+    if (a->dtype == MS_BF16)
+        c.type = CUDA_R_16BF;
+    else if (a->dtype == MS_F16)
+        c.type = CUDA_R_16F;
+    else if (a->dtype == MS_F64)
         c = (gemm_call){ms_cuda_blas(device), CUDA_R_64F, CUBLAS_COMPUTE_64F, &alpha, &beta};
     ms_tensor *dense_a = (ms_tensor *)a, *dense_b = (ms_tensor *)b, *dense_out = out;
     int status = MS_OK;

@@ -6,9 +6,7 @@
 
 enum { REDUCE_NONE = 0 };
 
-/* Every target in [0, C) or ignore_index; fills args, including the count of targets that
- * are not ignored. */
-static int check_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
+int ms_cuda_check_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
                          int64_t ignore_index, int reduction, int device, ms_cu_nll *args)
 {
     int64_t rows = logp->shape[0];
@@ -48,7 +46,7 @@ int ms_cuda_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *tar
     const char *op = "nll_loss";
     int device = ms_cuda_device_of(out);
     ms_cu_nll args;
-    MS_CHECK(check_targets(op, logp, target, ignore_index, reduction, device, &args));
+    MS_CHECK(ms_cuda_check_targets(op, logp, target, ignore_index, reduction, device, &args));
     if (args.rows == 0 && reduction == REDUCE_NONE)
         return MS_OK;
     return ms_cuda_launched(op, ms_cu_nll_loss(ms_cuda_compute_stream(device), &args,
@@ -62,7 +60,7 @@ int ms_cuda_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_
     const char *op = "nll_loss_backward";
     int device = ms_cuda_device_of(dlogp);
     ms_cu_nll args;
-    MS_CHECK(check_targets(op, dlogp, target, ignore_index, reduction, device, &args));
+    MS_CHECK(ms_cuda_check_targets(op, dlogp, target, ignore_index, reduction, device, &args));
     MS_CHECK(ms_cuda_fill(dlogp, 0.0));
     if (args.rows == 0)
         return MS_OK;

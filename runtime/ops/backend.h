@@ -14,9 +14,26 @@
  * extra arguments. Only data-dependent checks (index and target values) remain to the
  * kernel. Each returns an int status recorded with MS_FAIL. Slots marked OPTIONAL may be
  * NULL. */
+/* Families of kernels that read and write bf16 and f16 themselves (computing in f32, one
+ * rounding at the store); for the others runtime/ops/widen.c passes f32 copies of 16-bit
+ * operands and rounds the outputs on the way back. matmul always takes 16-bit. */
+enum {
+    MS_HALF_ELEMENTWISE = 1u << 0, /* binary, binary_scalar, unary, unary_backward */
+    MS_HALF_REDUCE = 1u << 1,      /* reduce, max_dim */
+    MS_HALF_SOFTMAX = 1u << 2,     /* softmax, softmax_backward */
+    MS_HALF_LAYER_NORM = 1u << 3,
+    MS_HALF_EMBEDDING = 1u << 4,
+    MS_HALF_NLL = 1u << 5,
+    MS_HALF_RANDOM = 1u << 6,      /* rand_uniform, rand_normal, dropout(_backward) */
+    MS_HALF_OPTIM = 1u << 7,
+    MS_HALF_ATTENTION = 1u << 8,   /* attention, attention_backward */
+    MS_HALF_CROSS_ENTROPY = 1u << 9,
+};
+
 typedef struct ms_ops_backend {
     const char *name;   /* "cpu", "cuda" */
     int device_tensors; /* 1: tensors live in cuda:N pools; 0: in the cpu and host pools */
+    unsigned half_native; /* MS_HALF_* of the families that take 16-bit tensors */
 
     /* OPTIONAL: make device current on this thread (before an op's first operand). */
     int (*use_device)(int device);
@@ -47,7 +64,7 @@ typedef struct ms_ops_backend {
                    const int64_t *kept_shape);
 
     /* op(a) is [m, k], op(b) [k, n] (m, n, k fit an int); trans_* are 0 or 1; out shares
-     * no bytes with a or b. */
+     * no bytes with a or b; any float dtype, f32 accumulation for bf16 and f16. */
     int (*matmul)(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
 
@@ -71,6 +88,22 @@ typedef struct ms_ops_backend {
                     int64_t ignore_index, int reduction);
     int (*nll_loss_backward)(ms_tensor *dlogp, const ms_tensor *dout, const ms_tensor *target,
                              int64_t ignore_index, int reduction);
+
+    /* logits [N, C], target [N], stats [N, 2] and out are checked as in ops.h. */
+    int (*cross_entropy)(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
+                         const ms_tensor *target, int64_t ignore_index, int reduction);
+    int (*cross_entropy_backward)(ms_tensor *dlogits, const ms_tensor *dout,
+                                  const ms_tensor *logits, const ms_tensor *stats,
+                                  const ms_tensor *target, int64_t ignore_index,
+                                  int reduction);
+
+    /* Shapes, dtypes and strides checked as in ops.h; mask may be NULL. */
+    int (*attention)(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
+                     const ms_tensor *v, const ms_tensor *mask, double scale, int causal);
+    int (*attention_backward)(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv,
+                              const ms_tensor *dout, const ms_tensor *q, const ms_tensor *k,
+                              const ms_tensor *v, const ms_tensor *mask, const ms_tensor *out,
+                              const ms_tensor *lse, double scale, int causal);
 
     int (*rand_uniform)(ms_tensor *out, double low, double high, uint64_t seed,
                         uint64_t offset);
@@ -98,11 +131,41 @@ typedef struct ms_ops_backend {
                            size_t nbytes);
 } ms_ops_backend;
 
+/* The device side of a CUDA build: libmoonshard_cuda.so, loaded by runtime/device.c on the
+ * first use of a device, exports MS_DEVICE_BACKEND_SYMBOL, this table. Its functions carry
+ * out those of cuda/gpu.h and pool.h of the same meaning. */
+#define MS_DEVICE_BACKEND_SYMBOL "ms_cuda_backend"
+enum { MS_DEVICE_BACKEND_ABI = 1 };
+typedef struct ms_device_backend {
+    int abi;                   /* MS_DEVICE_BACKEND_ABI of the build that made it */
+    const char *version;       /* MS_VERSION of that build */
+    const ms_ops_backend *ops; /* the table of the cuda:N pools */
+    int (*device_count)(int *count);
+    const char *(*unavailable_reason)(void); /* probes the devices */
+    int (*pool_available)(int device);
+    const char *(*pool_unavailable_reason)(void);
+    int (*synchronize)(int device);
+    void *(*device_alloc)(int device, size_t rounded);
+    void (*device_free)(int device, void *p);
+    void *(*host_alloc)(size_t rounded);
+    void (*host_free)(void *p);
+    int (*nccl_init)(void); /* NULL without NCCL */
+    int (*nccl_finalize)(void);
+} ms_device_backend;
+
 #pragma GCC visibility push(hidden)
 
-/* The places' tables: runtime/cpu/backend.c, and runtime/cuda/backend.c in a CUDA build. */
+/* The CPU's table (runtime/cpu/backend.c), and the device's (runtime/cuda/backend.c), in the
+ * backend library. */
 extern const ms_ops_backend ms_cpu_ops;
 extern const ms_ops_backend ms_cuda_ops;
+/* The CPU table with its kernels timed (runtime/ops/profile.c, built at load), used while
+ * profiling. */
+extern ms_ops_backend ms_profiled_cpu_ops;
+
+/* The device ops table once runtime/device.c has loaded the device side, else NULL (no
+ * tensor can live in a cuda:N pool before that). */
+const ms_ops_backend *ms_device_ops(void);
 
 #pragma GCC visibility pop
 

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "backend.h"
+#include "profile.h"
 
 #pragma GCC visibility push(hidden)
 
@@ -17,16 +18,18 @@ typedef struct ms_place {
     int device;
 } ms_place;
 
-/* The place of a tensor: cuda in a cuda:N pool of a CUDA build, else the CPU (whose checks
- * then name a tensor on a device that this build cannot reach). */
+/* The place of a tensor: the device's in a cuda:N pool once the device side is loaded, else
+ * the CPU (whose checks then name a tensor on a device that this process cannot reach). */
 static inline ms_place ms_place_of(const ms_tensor *t)
 {
-#ifdef MS_WITH_CUDA
-    if (t && t->storage && t->storage->pool >= MS_POOL_CUDA0)
-        return (ms_place){&ms_cuda_ops, 1, -1};
-#else
-    (void)t;
-#endif
+    if (t && t->storage && t->storage->pool >= MS_POOL_CUDA0) {
+        const ms_ops_backend *device = ms_device_ops();
+        if (device)
+            return (ms_place){device, 1, -1};
+        return (ms_place){&ms_cpu_ops, 0, -1};
+    }
+    if (__builtin_expect(ms_profile_on, 0))
+        return (ms_place){&ms_profiled_cpu_ops, 0, -1};
     return (ms_place){&ms_cpu_ops, 0, -1};
 }
 

@@ -28,7 +28,8 @@ static __attribute__((noinline)) int binary_half(ms_place *place, ms_tensor *out
 {
     ms_widened w = {0};
     ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, place, 3, (const ms_tensor *[]){out, a, b}, "wrr", f));
+    MS_CHECK(ms_widen_each(&w, place, MS_HALF_ELEMENTWISE,
+                           3, (const ms_tensor *[]){out, a, b}, "wrr", f));
     return ms_widen_done(&w, place, place->backend->binary(f[0], f[1], f[2], op));
 }
 
@@ -38,7 +39,8 @@ static __attribute__((noinline)) int binary_scalar_half(ms_place *place, ms_tens
 {
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, place, MS_HALF_ELEMENTWISE,
+                           2, (const ms_tensor *[]){out, a}, "wr", f));
     return ms_widen_done(&w, place, place->backend->binary_scalar(f[0], f[1], s, op, reverse));
 }
 
@@ -47,7 +49,8 @@ static __attribute__((noinline)) int unary_half(ms_place *place, ms_tensor *out,
 {
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, place, MS_HALF_ELEMENTWISE,
+                           2, (const ms_tensor *[]){out, a}, "wr", f));
     return ms_widen_done(&w, place, place->backend->unary(f[0], f[1], op));
 }
 
@@ -114,6 +117,7 @@ int ms_unary_backward(ms_tensor *dx, const ms_tensor *x, const ms_tensor *dy, in
         return place.backend->unary_backward(dx, x, dy, op);
     ms_widened w = {0};
     ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){dx, x, dy}, "wrr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_ELEMENTWISE,
+                           3, (const ms_tensor *[]){dx, x, dy}, "wrr", f));
     return ms_widen_done(&w, &place, place.backend->unary_backward(f[0], f[1], f[2], op));
 }

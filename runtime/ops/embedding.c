@@ -46,7 +46,8 @@ int ms_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indic
         return place.backend->embedding(out, weight, indices);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, weight}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_EMBEDDING,
+                           2, (const ms_tensor *[]){out, weight}, "wr", f));
     return ms_widen_done(&w, &place, place.backend->embedding(f[0], f[1], indices));
 }
 
@@ -63,6 +64,7 @@ int ms_embedding_backward(ms_tensor *dweight, const ms_tensor *indices, const ms
         return place.backend->embedding_backward(dweight, indices, dout);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){dweight, dout}, "br", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_EMBEDDING,
+                           2, (const ms_tensor *[]){dweight, dout}, "br", f));
     return ms_widen_done(&w, &place, place.backend->embedding_backward(f[0], indices, f[1]));
 }

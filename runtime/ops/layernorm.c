@@ -64,7 +64,8 @@ int ms_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_ten
         return place.backend->layer_norm(out, mean, rstd, x, weight, bias, eps, rows, size);
     ms_widened w = {0};
     ms_tensor *f[6];
-    MS_CHECK(ms_widen_each(&w, &place, 6, (const ms_tensor *[]){out, mean, rstd, x, weight, bias},
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_LAYER_NORM,
+                           6, (const ms_tensor *[]){out, mean, rstd, x, weight, bias},
                            "wwwrrr", f));
     return ms_widen_done(&w, &place, place.backend->layer_norm(f[0], f[1], f[2], f[3], f[4], f[5],
                                                                eps, rows, size));
@@ -100,7 +101,7 @@ int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
                                                   rows, size);
     ms_widened w = {0};
     ms_tensor *f[8];
-    MS_CHECK(ms_widen_each(&w, &place, 8,
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_LAYER_NORM, 8,
                            (const ms_tensor *[]){dx, dweight, dbias, dy, x, mean, rstd, weight},
                            "wbbrrrrr", f));
     return ms_widen_done(&w, &place,

@@ -1,8 +1,8 @@
 /* moonshard runtime: ms_matmul's checks (operands, shapes within BLAS's 32-bit sizes, no
- * overlap of out with an input), then the GEMM of the first tensor's place. */
+ * overlap of out with an input), then the GEMM of the first tensor's place (any float dtype). */
 #include <limits.h>
 
-#include "widen.h"
+#include "checks.h"
 
 /* Extent [lowest, highest] of a view's elements in bytes from its storage's start. */
 static void byte_extent(const ms_tensor *t, int64_t *lowest, int64_t *highest)
@@ -114,13 +114,5 @@ int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_
     if (overlaps(out, a) || overlaps(out, b))
         return MS_FAIL(MS_ERR_INVALID, "matmul: out shares memory with %s; GEMM cannot write "
                        "its own input", overlaps(out, a) ? "a" : "b");
-    if (!ms_is_half(a->dtype))
-        return place.backend->matmul(out, a, b, trans_a, trans_b, alpha, beta, m, n, k);
-    ms_widened w = {0};
-    ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){out, a, b},
-                           beta != 0.0 ? "brr" : "wrr", f));
-    return ms_widen_done(&w, &place,
-                         place.backend->matmul(f[0], f[1], f[2], trans_a, trans_b, alpha, beta,
-                                               m, n, k));
+    return place.backend->matmul(out, a, b, trans_a, trans_b, alpha, beta, m, n, k);
 }

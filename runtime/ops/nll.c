@@ -42,7 +42,7 @@ int ms_nll_loss(ms_tensor *out, const ms_tensor *logp, const ms_tensor *target,
         return place.backend->nll_loss(out, logp, target, ignore_index, reduction);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, logp}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_NLL, 2, (const ms_tensor *[]){out, logp}, "wr", f));
     return ms_widen_done(&w, &place,
                          place.backend->nll_loss(f[0], f[1], target, ignore_index, reduction));
 }
@@ -59,7 +59,8 @@ int ms_nll_loss_backward(ms_tensor *dlogp, const ms_tensor *dout, const ms_tenso
         return place.backend->nll_loss_backward(dlogp, dout, target, ignore_index, reduction);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){dlogp, dout}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_NLL,
+                           2, (const ms_tensor *[]){dlogp, dout}, "wr", f));
     return ms_widen_done(&w, &place,
                          place.backend->nll_loss_backward(f[0], f[1], target, ignore_index,
                                                           reduction));

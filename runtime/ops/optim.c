@@ -39,7 +39,8 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
                                        nesterov, first_step, maximize);
     ms_widened w = {0};
     ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){param, buf, grad}, "bbr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_OPTIM,
+                           3, (const ms_tensor *[]){param, buf, grad}, "bbr", f));
     return ms_widen_done(&w, &place,
                          place.backend->sgd_step(f[0], f[1], f[2], lr, momentum, dampening,
                                                  weight_decay, nesterov, first_step, maximize));
@@ -70,7 +71,7 @@ int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                                         beta2, eps, weight_decay, decoupled, maximize);
     ms_widened w = {0};
     ms_tensor *f[4];
-    MS_CHECK(ms_widen_each(&w, &place, 4,
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_OPTIM, 4,
                            (const ms_tensor *[]){param, exp_avg, exp_avg_sq, grad}, "bbbr", f));
     return ms_widen_done(&w, &place,
                          place.backend->adam_step(f[0], f[1], f[2], f[3], step, lr, beta1, beta2,

@@ -22,7 +22,7 @@ int ms_rand_uniform(ms_tensor *out, double low, double high, uint64_t seed, uint
         return place.backend->rand_uniform(out, low, high, seed, offset);
     ms_widened w = {0};
     ms_tensor *f[1];
-    MS_CHECK(ms_widen_each(&w, &place, 1, (const ms_tensor *[]){out}, "w", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_RANDOM, 1, (const ms_tensor *[]){out}, "w", f));
     return ms_widen_done(&w, &place, place.backend->rand_uniform(f[0], low, high, seed, offset));
 }
 
@@ -37,7 +37,7 @@ int ms_rand_normal(ms_tensor *out, double mean, double std, uint64_t seed, uint6
         return place.backend->rand_normal(out, mean, std, seed, offset);
     ms_widened w = {0};
     ms_tensor *f[1];
-    MS_CHECK(ms_widen_each(&w, &place, 1, (const ms_tensor *[]){out}, "w", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_RANDOM, 1, (const ms_tensor *[]){out}, "w", f));
     return ms_widen_done(&w, &place, place.backend->rand_normal(f[0], mean, std, seed, offset));
 }
 
@@ -63,7 +63,7 @@ int ms_dropout(ms_tensor *out, const ms_tensor *x, double p, uint64_t seed, uint
         return place.backend->dropout(out, x, p, seed, offset);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, x}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_RANDOM, 2, (const ms_tensor *[]){out, x}, "wr", f));
     return ms_widen_done(&w, &place, place.backend->dropout(f[0], f[1], p, seed, offset));
 }
 
@@ -76,6 +76,6 @@ int ms_dropout_backward(ms_tensor *dx, const ms_tensor *dy, double p, uint64_t s
         return place.backend->dropout_backward(dx, dy, p, seed, offset);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){dx, dy}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_RANDOM, 2, (const ms_tensor *[]){dx, dy}, "wr", f));
     return ms_widen_done(&w, &place, place.backend->dropout_backward(f[0], f[1], p, seed, offset));
 }

@@ -33,7 +33,7 @@ int ms_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask)
         return place.backend->reduce(out, a, op, dims_mask, kept_shape, count);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, a}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_REDUCE, 2, (const ms_tensor *[]){out, a}, "wr", f));
     return ms_widen_done(&w, &place,
                          place.backend->reduce(f[0], f[1], op, dims_mask, kept_shape, count));
 }
@@ -61,6 +61,7 @@ int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int di
         return place.backend->max_dim(values, indices, a, dim, kept_shape);
     ms_widened w = {0};
     ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){values, indices, a}, "wwr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_REDUCE,
+                           3, (const ms_tensor *[]){values, indices, a}, "wwr", f));
     return ms_widen_done(&w, &place, place.backend->max_dim(f[0], f[1], f[2], dim, kept_shape));
 }

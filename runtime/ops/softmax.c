@@ -15,7 +15,7 @@ int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
         return place.backend->softmax(out, x, dim, log != 0);
     ms_widened w = {0};
     ms_tensor *f[2];
-    MS_CHECK(ms_widen_each(&w, &place, 2, (const ms_tensor *[]){out, x}, "wr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_SOFTMAX, 2, (const ms_tensor *[]){out, x}, "wr", f));
     return ms_widen_done(&w, &place, place.backend->softmax(f[0], f[1], dim, log != 0));
 }
 
@@ -37,7 +37,8 @@ int ms_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, 
         return place.backend->softmax_backward(dx, y, dy, dim, log != 0);
     ms_widened w = {0};
     ms_tensor *f[3];
-    MS_CHECK(ms_widen_each(&w, &place, 3, (const ms_tensor *[]){dx, y, dy}, "wrr", f));
+    MS_CHECK(ms_widen_each(&w, &place, MS_HALF_SOFTMAX,
+                           3, (const ms_tensor *[]){dx, y, dy}, "wrr", f));
     return ms_widen_done(&w, &place,
                          place.backend->softmax_backward(f[0], f[1], f[2], dim, log != 0));
 }

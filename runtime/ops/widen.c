@@ -1,6 +1,6 @@
-/* moonshard runtime: f32 copies of bf16 and f16 operands, so every compute op takes 16-bit
- * tensors: the math runs in f32 (sums in f64 where the kernel keeps them) and each output is
- * rounded once, when it is stored back. */
+/* moonshard runtime: f32 copies of bf16 and f16 operands for the kernels that take only f32:
+ * the math runs in f32 (sums in f64 where the kernel keeps them) and each output is rounded
+ * once, when it is stored back. */
 #include "widen.h"
 
 static int widen(ms_widened *w, const ms_place *place, const ms_tensor *t, int copy_in,
@@ -28,9 +28,14 @@ static int widen(ms_widened *w, const ms_place *place, const ms_tensor *t, int c
     return MS_OK;
 }
 
-int ms_widen_each(ms_widened *w, const ms_place *place, int count, const ms_tensor *const *in,
-                  const char *modes, ms_tensor **out)
+int ms_widen_each(ms_widened *w, const ms_place *place, unsigned family, int count,
+                  const ms_tensor *const *in, const char *modes, ms_tensor **out)
 {
+    if (place->backend->half_native & family) {
+        for (int i = 0; i < count; i++)
+            out[i] = (ms_tensor *)in[i];
+        return MS_OK;
+    }
     for (int i = 0; i < count; i++) {
         int status = widen(w, place, in[i], modes[i] != 'w', modes[i] != 'r', &out[i]);
         if (status != MS_OK)

@@ -22,11 +22,12 @@ typedef struct ms_widened {
 } ms_widened;
 
 /* For each of the count operands in[i] (NULL allowed), [OUT] out[i]: in[i] itself when it is
- * not 16-bit; else a contiguous f32 tensor of its shape in its pool. modes[i] says how the op
- * uses it: 'r' read (the copy holds its values), 'w' written (ms_widen_done copies the result
- * back, rounding to nearest even), 'b' both. */
-int ms_widen_each(ms_widened *w, const ms_place *place, int count, const ms_tensor *const *in,
-                  const char *modes, ms_tensor **out);
+ * not 16-bit or when place's backend takes 16-bit for the op's family (family, an MS_HALF_*
+ * bit of backend.h); else a contiguous f32 tensor of its shape in its pool. modes[i] says how
+ * the op uses it: 'r' read (the copy holds its values), 'w' written (ms_widen_done copies the
+ * result back, rounding to nearest even), 'b' both. */
+int ms_widen_each(ms_widened *w, const ms_place *place, unsigned family, int count,
+                  const ms_tensor *const *in, const char *modes, ms_tensor **out);
 /* When status is MS_OK, write each widened output back into its tensor; free every widened
  * tensor. Returns status, or the first failure of a write-back. */
 int ms_widen_done(ms_widened *w, const ms_place *place, int status);

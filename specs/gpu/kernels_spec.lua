@@ -44,6 +44,9 @@ describe("CUDA kernels against the CPU backend #gpu", function()
     return
   end
   before_each(function() ms.manual_seed(1234) end)
+  -- Tensors of a case are garbage once it ends: collect them, so later spec files that
+  -- measure a pool (specs/gpu/memory_spec.lua, inherited by forked ranks) start from zero.
+  after_each(function() collectgarbage(); collectgarbage() end)
 
   describe("copies", function()
     it("round-trips every dtype between cpu and cuda:0", function()
@@ -172,6 +175,31 @@ describe("CUDA kernels against the CPU backend #gpu", function()
              {ms.randn(12, 9), target}, {grad = true, rtol = 1e-4})
       parity("nll sum", function(x, t) return F.nll_loss(x:log_softmax(1), t, {reduction = "sum"}) end,
              {ms.randn(12, 9), target}, {grad = true, rtol = 1e-4})
+    end)
+    it("matches the fused cross entropy for every reduction, f32 and f64, [N, C, d]", function()
+      for _, dtype in ipairs({"f32", "f64"}) do
+        for _, reduction in ipairs({"none", "sum", "mean"}) do
+          local target = ms.randint(0, 7, {3, 4})
+          target:narrow(1, 1, 1):fill_(-100)
+          parity("cross_entropy " .. dtype .. " " .. reduction, function(x, t)
+            return F.cross_entropy(x, t, {reduction = reduction})
+          end, {ms.randn(3, 7, 4, {dtype = dtype}), target}, {grad = true, rtol = 1e-4})
+        end
+      end
+    end)
+    it("matches flash-style attention, causal and with a boolean mask", function()
+      for _, dtype in ipairs({"f32", "f64"}) do
+        parity("attention causal " .. dtype, function(q, k, v)
+          return F.scaled_dot_product_attention(q, k, v, {is_causal = true})
+        end, {ms.randn(2, 3, 40, 8, {dtype = dtype}), ms.randn(2, 3, 40, 8, {dtype = dtype}),
+              ms.randn(2, 3, 40, 6, {dtype = dtype})}, {grad = true, rtol = 1e-4, atol = 1e-5})
+        local keep = ms.randint(0, 2, {7, 9})
+        keep:narrow(1, 0, 1):fill_(1)
+        parity("attention mask " .. dtype, function(q, k, v, m)
+          return F.scaled_dot_product_attention(q, k, v, {attn_mask = m})
+        end, {ms.randn(3, 7, 4, {dtype = dtype}), ms.randn(3, 9, 4, {dtype = dtype}),
+              ms.randn(3, 9, 5, {dtype = dtype}), keep}, {grad = true, rtol = 1e-4, atol = 1e-5})
+      end
     end)
     it("reports a bad index or target on the device", function()
       local weight = ms.randn(4, 3, {device = gpu.device})

@@ -10,6 +10,7 @@ local pointwise = require "moonshard.ops.pointwise"
 local shape_ops = require "moonshard.ops.shape"
 local reduce = require "moonshard.ops.reduce"
 local linalg = require "moonshard.ops.linalg"
+local profiler = require "moonshard.profiler"
 
 local lib, check, fail = C.lib, C.check, C.fail
 local record = autograd.record
@@ -216,6 +217,31 @@ local function smoothed(log_probs, target, reduction, ignore_index, smoothing)
   return pointwise.div(total, kept)
 end
 
+-- log_softmax and nll in one op (ms_cross_entropy): no [M, C] log-probabilities are made; the
+-- backward recomputes them from the logits and each row's saved max and log-sum.
+local function cross_entropy_backward(node, g)
+  local logits = node:saved_tensor(node.logits)
+  local dlogits = empty(logits:shape(), logits._c.dtype, logits._c.storage.pool)
+  check(lib.ms_cross_entropy_backward(dlogits._c, raw.contiguous(g)._c, logits._c,
+                                      node:saved_tensor(node.stats)._c, node:saved_tensor(node.target)._c,
+                                      node.ignore_index, node.reduction), "cross_entropy")
+  return dlogits
+end
+
+local function cross_entropy_rows(logits, target, reduction, ignore_index)
+  local dtype, pool, rows = logits._c.dtype, logits._c.storage.pool, logits:size(0)
+  local out = empty(reduction == 0 and {rows} or {}, dtype, pool)
+  local stats = empty({rows, 2}, dtype, pool)
+  check(lib.ms_cross_entropy(out._c, stats._c, logits._c, target._c, ignore_index, reduction), "cross_entropy")
+  local node = record(out, "CrossEntropyLossBackward0", cross_entropy_backward, logits)
+  if node then
+    node.ignore_index, node.reduction = ignore_index, reduction
+    node.logits, node.stats, node.target = node:save(logits), node:save(stats), node:save(target)
+  end
+  stats:_release()
+  return out
+end
+
 local cross_entropy_options = {reduction = true, ignore_index = true, label_smoothing = true}
 
 -- cross_entropy(input, target, {reduction = "mean", ignore_index = -100, label_smoothing = 0})
@@ -231,13 +257,11 @@ function M.cross_entropy(logits, target, opts)
   end
   local ignore_index = opts.ignore_index or -100
   local rows, flat_target, shape = class_rows(logits, target, "cross_entropy")
-  local log_probs = M.log_softmax(rows, 1)
-  local loss
   if smoothing == 0 then
-    loss = nll_rows(log_probs, flat_target, reduction, ignore_index)
-  else
-    loss = smoothed(log_probs, flat_target, reduction, ignore_index, smoothing)
+    return unflatten_none(cross_entropy_rows(rows, flat_target, reduction, ignore_index), reduction, shape)
   end
+  local log_probs = M.log_softmax(rows, 1)
+  local loss = smoothed(log_probs, flat_target, reduction, ignore_index, smoothing)
   log_probs:_release() -- backward holds its own handle; this one would wait for the collector
   return unflatten_none(loss, reduction, shape)
 end
@@ -311,11 +335,87 @@ local function additive_mask(mask, dtype)
   return out
 end
 
+-- ---- flash-style attention (ms_attention): no [L, S] scores are made ----
+
+local function unit_last_stride(t)
+  local c = t._c
+  return c.ndim > 0 and (c.shape[c.ndim - 1] <= 1 or c.strides[c.ndim - 1] == 1) and t or raw.contiguous(t)
+end
+
+local function flash_backward(node, g)
+  local q, k, v = node:saved_tensor(node.q), node:saved_tensor(node.k), node:saved_tensor(node.v)
+  local mask = node.mask and node:saved_tensor(node.mask)
+  local dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
+  check(lib.ms_attention_backward(dq._c, dk._c, dv._c, raw.contiguous(g)._c, q._c, k._c, v._c, mask and mask._c,
+                                  node:saved_tensor(node.out)._c, node:saved_tensor(node.lse)._c, node.scale,
+                                  node.causal), "scaled_dot_product_attention")
+  return dq, dk, dv
+end
+
+-- mask: nil or an additive mask of q's dtype with the scores' shape (no gradient).
+local function flash_attention(q, k, v, mask, scale, causal)
+  q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+  local shape = q:shape()
+  local out_shape, lse_shape = {}, {}
+  for i = 1, #shape - 1 do out_shape[i], lse_shape[i] = shape[i], shape[i] end
+  out_shape[#shape] = v:size(-1)
+  local out = empty(out_shape, q._c.dtype, q._c.storage.pool)
+  local lse = empty(lse_shape, q._c.dtype, q._c.storage.pool)
+  check(lib.ms_attention(out._c, lse._c, q._c, k._c, v._c, mask and mask._c, scale, causal and 1 or 0),
+        "scaled_dot_product_attention")
+  local node = record(out, "ScaledDotProductFlashAttentionBackward0", flash_backward, q, k, v)
+  if node then
+    node.scale, node.causal = scale, causal and 1 or 0
+    node.q, node.k, node.v, node.out, node.lse = node:save(q), node:save(k), node:save(v), node:save(out), node:save(lse)
+    if mask then node.mask = node:save(mask) end
+  end
+  lse:_release()
+  return out
+end
+
+-- The mask as flash_attention takes it: additive, of q's dtype, expanded to the scores'
+-- [..., L, S]; nil when it cannot be (the composition then names the problem).
+local function flash_mask(q, k, mask)
+  if mask:dim() > q:dim() then return nil end
+  local additive = mask
+  if INTEGER[mask:dtype()] then
+    additive = additive_mask(mask, q._c.dtype)
+  elseif mask:dtype() ~= q:dtype() then
+    return nil
+  end
+  local shape = q:shape()
+  shape[#shape] = k:size(-2)
+  local ok, expanded = pcall(shape_ops.expand, additive, unpack(shape))
+  return ok and expanded or nil
+end
+
+-- torch.backends.cuda.enable_flash_sdp's switch (on by default) for device tensors; CPU
+-- tensors take the flash kernel only when enable_cpu_flash_sdp(true) is also given (off by
+-- default: its one thread per call is slower than the composition's BLAS at the sizes
+-- bench/fsdp.lua trains, though it holds no [L, S] scores).
+local flash_enabled, cpu_flash_enabled = true, false
+function M.enable_flash_sdp(enabled) flash_enabled = enabled and true or false end
+function M.flash_sdp_enabled() return flash_enabled end
+function M.enable_cpu_flash_sdp(enabled) cpu_flash_enabled = enabled and true or false end
+function M.cpu_flash_sdp_enabled() return cpu_flash_enabled end
+
+local function flash_allowed(q)
+  local storage = q._c.storage
+  return flash_enabled and storage ~= nil and (cpu_flash_enabled or storage.pool >= lib.MS_POOL_CUDA0)
+end
+
+local function same_leading_dims(q, t)
+  for i = 0, q:dim() - 3 do
+    if t:size(i) ~= q:size(i) then return false end
+  end
+  return true
+end
+
 -- softmax(q k^T * scale + mask) v over [..., L, d] queries and [..., S, d] keys and values.
 -- attn_mask broadcasts to [..., L, S]: an integer (boolean) mask keeps the positions where it
 -- is nonzero (True), a float mask is added to the scores (and gets a gradient); is_causal
 -- masks keys after each query. scale defaults to 1 / sqrt(d).
-function M.scaled_dot_product_attention(q, k, v, opts)
+local function attention(q, k, v, opts)
   local what = "scaled_dot_product_attention"
   opts = raw.options(what, opts, {is_causal = true, dropout_p = true, scale = true, attn_mask = true})
   need_tensor(q, what, "query")
@@ -327,6 +427,17 @@ function M.scaled_dot_product_attention(q, k, v, opts)
     if opts.is_causal then fail(what, "give attn_mask or is_causal, not both") end
   end
   local d = q:size(-1)
+  -- flash-style unless dropout is on, a float mask needs its gradient, or the operands'
+  -- leading dims broadcast
+  local flash = flash_allowed(q) and not (opts.dropout_p and opts.dropout_p > 0) and q:dim() >= 2 and q:dim() <= 4
+                and k:dim() == q:dim() and v:dim() == q:dim() and same_leading_dims(q, k)
+                and same_leading_dims(q, v) and not (mask ~= nil and mask.requires_grad)
+  if flash then
+    local additive = mask ~= nil and flash_mask(q, k, mask) or nil
+    if mask == nil or additive ~= nil then
+      return flash_attention(q, k, v, additive, opts.scale or 1 / math.sqrt(d), opts.is_causal)
+    end
+  end
   local scores = pointwise.mul(linalg.matmul(q, shape_ops.transpose(k, -2, -1)), opts.scale or 1 / math.sqrt(d))
   if mask ~= nil then
     local scores_shape = scores:shape()
@@ -352,6 +463,11 @@ function M.scaled_dot_product_attention(q, k, v, opts)
   local weights = M.softmax(scores, -1)
   if opts.dropout_p and opts.dropout_p > 0 then weights = M.dropout(weights, opts.dropout_p, true) end
   return linalg.matmul(weights, v)
+end
+
+function M.scaled_dot_product_attention(q, k, v, opts)
+  if profiler.active then return profiler.within("attention", attention, q, k, v, opts) end
+  return attention(q, k, v, opts)
 end
 
 return M

@@ -1,0 +1,151 @@
+/* moonshard CPU backend: the worker pool that splits a kernel's independent work across this
+ * process's threads (ms_get_num_threads), made in the process that uses it, after any fork. */
+#include <linux/futex.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "cpu.h"
+
+/* Workers sleep on a futex word of their own until the caller bumps it with a job; the
+ * caller runs the first range itself, then sleeps on `pending` until the last worker of the
+ * job wakes it. Nothing spins. One job at a time: a second thread asking while a job runs,
+ * or a kernel inside a job, runs inline. */
+enum { MAX_WORKERS = 63 };
+
+static struct {
+    pthread_mutex_t lock;
+    int workers; /* started worker threads (thread i + 1 runs range i + 1) */
+    pthread_t threads[MAX_WORKERS];
+    _Atomic uint32_t go[MAX_WORKERS];
+    _Atomic uint32_t pending;
+    ms_parallel_fn fn;
+    void *ctx;
+    int64_t n;
+    int ranges;
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static _Thread_local int in_job; /* a worker, or a caller while its job runs */
+static pthread_once_t fork_handlers = PTHREAD_ONCE_INIT;
+
+static void futex_wait(_Atomic uint32_t *word, uint32_t value)
+{
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+}
+
+static void futex_wake(_Atomic uint32_t *word, int count)
+{
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, count, NULL, NULL, 0);
+}
+
+static void run_range(int i)
+{
+    pool.fn(pool.ctx, pool.n * i / pool.ranges, pool.n * (i + 1) / pool.ranges);
+}
+
+static void *worker_main(void *arg)
+{
+    int index = (int)(intptr_t)arg;
+    in_job = 1;
+    uint32_t seen = 0;
+    for (;;) {
+        uint32_t now;
+        while ((now = atomic_load_explicit(&pool.go[index], memory_order_acquire)) == seen)
+            futex_wait(&pool.go[index], seen);
+        seen = now;
+        run_range(index + 1);
+        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1)
+            futex_wake(&pool.pending, 1);
+    }
+    return NULL;
+}
+
+/* Around fork: no job runs while the process is copied; the child has none of the
+ * parent's workers and makes its own on first use. */
+static void before_fork(void) { pthread_mutex_lock(&pool.lock); }
+static void after_fork_parent(void) { pthread_mutex_unlock(&pool.lock); }
+static void after_fork_child(void)
+{
+    pthread_mutex_init(&pool.lock, NULL);
+    pool.workers = 0;
+    atomic_store(&pool.pending, 0);
+    for (int i = 0; i < MAX_WORKERS; i++)
+        atomic_store(&pool.go[i], 0);
+}
+static void register_fork_handlers(void)
+{
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/* Start workers until there are `wanted` (under the lock); returns how many run. Workers
+ * take no asynchronous signals (they stay with the threads the program made) but keep the
+ * synchronous ones, which the copy-on-write snapshot handles in any thread. */
+static int grow(int wanted)
+{
+    if (wanted > MAX_WORKERS)
+        wanted = MAX_WORKERS;
+    if (pool.workers >= wanted)
+        return wanted;
+    pthread_once(&fork_handlers, register_fork_handlers);
+    sigset_t all, old;
+    sigfillset(&all);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    while (pool.workers < wanted) {
+        int i = pool.workers;
+        atomic_store(&pool.go[i], 0);
+        if (pthread_create(&pool.threads[i], NULL, worker_main, (void *)(intptr_t)i) != 0)
+            break;
+        pool.workers++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return pool.workers;
+}
+
+int ms_parallel_ranges(int64_t n, double work)
+{
+    if (n < 2 || work < MS_PARALLEL_GRAIN || in_job)
+        return 1;
+    int threads = ms_get_num_threads();
+    double by_work = work / MS_PARALLEL_GRAIN;
+    int ranges = threads;
+    if (by_work < ranges)
+        ranges = (int)by_work;
+    if (n < ranges)
+        ranges = (int)n;
+    return ranges < 1 ? 1 : ranges;
+}
+
+void ms_parallel_for(int64_t n, int ranges, ms_parallel_fn fn, void *ctx)
+{
+    if (ranges < 2 || n < 2 || in_job || pthread_mutex_trylock(&pool.lock) != 0) {
+        fn(ctx, 0, n);
+        return;
+    }
+    int workers = grow(ranges - 1);
+    if (ranges > workers + 1)
+        ranges = workers + 1;
+    if (n < ranges)
+        ranges = (int)n;
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n = n;
+    pool.ranges = ranges;
+    atomic_store_explicit(&pool.pending, (uint32_t)(ranges - 1), memory_order_relaxed);
+    for (int i = 0; i < ranges - 1; i++) {
+        atomic_fetch_add_explicit(&pool.go[i], 1, memory_order_release);
+        futex_wake(&pool.go[i], 1);
+    }
+    in_job = 1;
+    run_range(0);
+    in_job = 0;
+    uint32_t left;
+    while ((left = atomic_load_explicit(&pool.pending, memory_order_acquire)) != 0)
+        futex_wait(&pool.pending, left);
+    pthread_mutex_unlock(&pool.lock);
+}

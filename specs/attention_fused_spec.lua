@@ -1,0 +1,144 @@
+-- Flash-style attention (ms_attention): scaled_dot_product_attention a query row at a time
+-- over tiles of keys, against the composition matmul + mask + softmax + matmul (the path
+-- dropout takes) in f64 and f32, causal, with boolean and float masks, key counts across
+-- tile edges; finite differences in f64; no [L, S] tensor made; the C checks.
+local ffi = require "ffi"
+local ms = require "moonshard"
+local gradcheck = require "support.gradcheck"
+local F = ms.nn.F
+local lib = require("moonshard.ffi").lib
+
+-- The composition: the dropout path with a p that keeps everything (scale 1 / (1 - 1e-300) = 1).
+local function composed(q, k, v, opts)
+  opts = opts or {}
+  return F.scaled_dot_product_attention(q, k, v, {attn_mask = opts.attn_mask, is_causal = opts.is_causal,
+                                                  scale = opts.scale, dropout_p = 1e-300})
+end
+
+local function leaf(shape, dtype, seed)
+  local n = 1
+  for _, s in ipairs(shape) do n = n * s end
+  return ms.tensor(gradcheck.values(n, -2, 2, seed), {dtype = dtype}):view(shape):requires_grad_()
+end
+
+local function max_diff(a, b) return (a - b):abs():max():item() end
+
+-- Output and gradients (of sum(out * w)) of the fused and composed paths agree within tol.
+local function agrees(q, k, v, opts, tol)
+  local out = F.scaled_dot_product_attention(q, k, v, opts)
+  local ref = composed(q, k, v, opts)
+  assert.is_true(max_diff(out, ref) <= tol, "forward " .. max_diff(out, ref))
+  local w = leaf(out:shape(), out:dtype(), 99):detach()
+  local got = ms.autograd.grad({(out * w):sum()}, {q, k, v})
+  local want = ms.autograd.grad({(ref * w):sum()}, {q, k, v})
+  for i = 1, 3 do
+    assert.is_true(max_diff(got[i], want[i]) <= tol, "gradient " .. i .. ": " .. max_diff(got[i], want[i]))
+  end
+end
+
+local function tril(l, s)
+  local rows = {}
+  for i = 1, l do
+    rows[i] = {}
+    for j = 1, s do rows[i][j] = j <= i and 1 or 0 end
+  end
+  return ms.tensor(rows, {dtype = "i64"})
+end
+
+describe("flash-style scaled_dot_product_attention", function()
+  setup(function() ms.backends.enable_cpu_flash_sdp(true) end)
+  teardown(function() ms.backends.enable_cpu_flash_sdp(false) end)
+
+  for _, keys in ipairs({1, 31, 32, 33, 70}) do
+    it("equals the composition in f64 with " .. keys .. " keys, causal or not", function()
+      local q, k, v = leaf({2, 3, keys, 8}, "f64", 1), leaf({2, 3, keys, 8}, "f64", 2), leaf({2, 3, keys, 5}, "f64", 3)
+      agrees(q, k, v, {}, 1e-12)
+      agrees(q, k, v, {is_causal = true}, 1e-12)
+      -- is_causal keeps key j <= query i, as a lower-triangular boolean mask does
+      local out = F.scaled_dot_product_attention(q, k, v, {is_causal = true})
+      assert.is_true(max_diff(out, composed(q, k, v, {attn_mask = tril(keys, keys)})) <= 1e-12)
+    end)
+  end
+
+  it("equals the composition with boolean and float masks, more keys than queries, 3-D", function()
+    local q, k, v = leaf({4, 6, 8}, "f64", 4), leaf({4, 40, 8}, "f64", 5), leaf({4, 40, 3}, "f64", 6)
+    local keep = ms.randint(0, 2, {6, 40}, {dtype = "i64"})
+    keep:narrow(1, 0, 1):fill_(1) -- every query keeps a key
+    agrees(q, k, v, {attn_mask = keep}, 1e-12)
+    agrees(q, k, v, {attn_mask = leaf({1, 6, 40}, "f64", 7):detach(), scale = 0.3}, 1e-12)
+  end)
+
+  it("agrees with the composition in f32 within rounding", function()
+    local q, k, v = leaf({2, 4, 64, 16}, "f32", 8), leaf({2, 4, 64, 16}, "f32", 9), leaf({2, 4, 64, 16}, "f32", 10)
+    agrees(q, k, v, {is_causal = true}, 2e-5)
+  end)
+
+  it("matches finite differences in f64", function()
+    local mask = ms.tensor({{0, -1.5, 0.5}, {0.25, 0, -math.huge}}, {dtype = "f64"})
+    local ok, message = gradcheck.check(function(q, k, v)
+      return F.scaled_dot_product_attention(q, k, v, {attn_mask = mask})
+    end, {gradcheck.input({2, 2, 4}, {seed = 1}), gradcheck.input({2, 3, 4}, {seed = 2}),
+          gradcheck.input({2, 3, 2}, {seed = 3})})
+    assert.is_true(ok, message)
+    ok, message = gradcheck.check(function(q, k, v)
+      return F.scaled_dot_product_attention(q, k, v, {is_causal = true})
+    end, {gradcheck.input({1, 2, 35, 3}, {seed = 4}), gradcheck.input({1, 2, 35, 3}, {seed = 5}),
+          gradcheck.input({1, 2, 35, 2}, {seed = 6})})
+    assert.is_true(ok, message)
+  end)
+
+  it("keeps the composition for a float mask that needs its gradient", function()
+    local q = leaf({2, 5, 4}, "f64", 11)
+    local mask = leaf({5, 5}, "f64", 12)
+    local out = F.scaled_dot_product_attention(q, q, q, {attn_mask = mask})
+    out:sum():backward()
+    assert.is_not_nil(mask.grad)
+  end)
+
+  it("makes no [L, S] tensor", function()
+    local l = 256
+    local q = ms.randn(1, 1, l, 16)
+    collectgarbage()
+    local base = ms.memory_stats("cpu").allocated
+    ms.reset_peak_memory_stats("cpu")
+    ms.no_grad(function() F.scaled_dot_product_attention(q, q, q, {is_causal = true}):free() end)
+    local fused = ms.memory_stats("cpu").peak - base
+    ms.reset_peak_memory_stats("cpu")
+    ms.no_grad(function() composed(q, q, q, {is_causal = true}):free() end)
+    local whole = ms.memory_stats("cpu").peak - base
+    assert.is_true(fused < l * l * 4 / 4, "fused peak " .. fused)
+    assert.is_true(whole >= l * l * 4)
+  end)
+
+  it("is switched off by ms.backends.enable_flash_sdp(false), and on the CPU by default", function()
+    local q = ms.randn(1, 8, 4)
+    local function attention_ops()
+      local p = ms.profiler.profile(function()
+        ms.no_grad(function() F.scaled_dot_product_attention(q, q, q) end)
+      end)
+      return p.by_key.attention.count
+    end
+    assert.is_true(ms.backends.flash_sdp_enabled())
+    assert.equal(1, attention_ops())
+    ms.backends.enable_flash_sdp(false)
+    local off = attention_ops()
+    ms.backends.enable_flash_sdp(true)
+    assert.is_true(off >= 4)
+    ms.backends.enable_cpu_flash_sdp(false)
+    local cpu_default = attention_ops()
+    ms.backends.enable_cpu_flash_sdp(true)
+    assert.is_true(cpu_default >= 4)
+  end)
+
+  it("ms_attention names a k of the wrong shape and a strided last dim", function()
+    local q, k, v = ms.randn(2, 5, 4), ms.randn(2, 6, 3), ms.randn(2, 6, 4)
+    local out, lse = ms.empty(2, 5, 4), ms.empty(2, 5)
+    local status = lib.ms_attention(out._c, lse._c, q._c, k._c, v._c, nil, 0.5, 0)
+    assert.equal(lib.MS_ERR_SHAPE, status)
+    assert.matches("attention: k", ffi.string(lib.ms_last_error()))
+    local strided = ms.randn(2, 4, 5):transpose(1, 2)
+    status = lib.ms_attention(out._c, lse._c, strided._c, ms.randn(2, 6, 4)._c, v._c, nil, 0.5, 0)
+    assert.equal(lib.MS_ERR_INVALID, status)
+    assert.matches("attention: q needs a unit stride in its last dim", ffi.string(lib.ms_last_error()))
+  end)
+end)

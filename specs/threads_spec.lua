@@ -1,0 +1,194 @@
+-- Results do not depend on the thread count: each op family, at sizes large enough to split
+-- across the CPU worker pool (at least twice runtime/cpu's grain of element operations), gives bitwise the same values with 1 and 2 threads; a forked
+-- rank makes its own workers; split element-wise results match an independent computation.
+local ms = require "moonshard"
+local F, optim, dist = ms.nn.F, ms.optim, ms.dist
+
+-- fn() -> an array of `expected` tensors, run with 1 thread and with 2; every pair must be bitwise equal.
+local function same_with_threads(expected, fn)
+  local saved = ms.get_num_threads()
+  local results = {}
+  for i, threads in ipairs({1, 2}) do
+    ms.set_num_threads(threads)
+    ms.manual_seed(7)
+    results[i] = fn()
+  end
+  ms.set_num_threads(saved)
+  assert.are.equal(expected, #results[1])
+  assert.are.equal(expected, #results[2])
+  for k = 1, expected do
+    local a, b = results[1][k], results[2][k]
+    assert.are.same(a:shape(), b:shape())
+    assert.is_true(ms.equal(a, b), "result " .. k .. " differs between 1 and 2 threads")
+  end
+end
+
+-- A value with long, inexact float sums; a leaf that requires grad when the last argument
+-- is {requires_grad = true}.
+local function data(...)
+  local args = {...}
+  local grad = type(args[#args]) == "table" and table.remove(args).requires_grad
+  local t = ms.randn(unpack(args)) * 1.37 + 0.1
+  if grad then t:requires_grad_(true) end
+  return t
+end
+
+describe("threads", function()
+  after_each(function() collectgarbage() end)
+
+  it("can be set, read back and refused when below 1", function()
+    local saved = ms.get_num_threads()
+    assert.is_true(saved >= 1)
+    ms.set_num_threads(2)
+    assert.are.equal(2, ms.get_num_threads())
+    assert.has_error(function() ms.set_num_threads(0) end)
+    ms.set_num_threads(saved)
+  end)
+
+  -- A fresh process's thread count (and its ranks') under an environment.
+  local function count_in_fresh_process(env, code)
+    local lib = os.getenv("MOONSHARD_LIB")
+    local command = string.format("%s %sLUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit -e %q 2>&1",
+                                  env, lib and ("MOONSHARD_LIB=" .. lib .. " ") or "",
+                                  "local ms = require 'moonshard' " .. code)
+    local pipe = io.popen(command)
+    local text = pipe:read("*a")
+    pipe:close()
+    return text
+  end
+
+  local function cores()
+    local pipe = io.popen("nproc")
+    local n = tonumber(pipe:read("*l"))
+    pipe:close()
+    return n
+  end
+
+  it("defaults to the usable cores, shared by local ranks; MOONSHARD_NUM_THREADS overrides", function()
+    local n = cores()
+    assert.are.equal(tostring(n), count_in_fresh_process("env -u MOONSHARD_NUM_THREADS",
+                                                         "io.write(ms.get_num_threads())"))
+    assert.are.equal("3", count_in_fresh_process("MOONSHARD_NUM_THREADS=3", "io.write(ms.get_num_threads())"))
+    local per_rank = "local r = ms.dist.spawn(2, function() return ms.get_num_threads() end) " ..
+                     "io.write(r[1], ',', r[2])"
+    local share = math.max(1, math.floor(n / 2))
+    assert.are.equal(share .. "," .. share, count_in_fresh_process("env -u MOONSHARD_NUM_THREADS", per_rank))
+    assert.are.equal("5,5", count_in_fresh_process("MOONSHARD_NUM_THREADS=5", per_rank))
+    -- not a whole number >= 1: ignored
+    assert.are.equal(tostring(n), count_in_fresh_process("MOONSHARD_NUM_THREADS=zero",
+                                                         "io.write(ms.get_num_threads())"))
+  end)
+
+  it("split element-wise results match the element-by-element values", function()
+    ms.set_num_threads(2)
+    local a, b = ms.randn(1024, 1100), ms.randn(1100)
+    local out = (a + b):table()
+    local ta, tb = a:table(), b:table()
+    ms.set_num_threads(1)
+    for i = 1, 1024, 37 do
+      for j = 1, 1100, 13 do
+        -- f32 sum of two f32 values, rounded once: the same as rounding the double sum
+        local expect = ms.tensor({ta[i][j] + tb[j]}):item()
+        assert.are.equal(expect, out[i][j])
+      end
+    end
+  end)
+
+  it("element-wise ops, broadcasts and transposed reads", function()
+    same_with_threads(7, function()
+      local a, b, c = data(1024, 1024), data(1024), data(1024, 1024)
+      return {a + b, a * c:transpose(0, 1), F.gelu(a), a:exp(), (a - 2):relu(), a / 3,
+              c:transpose(0, 1):contiguous()}
+    end)
+  end)
+
+  it("activation backward", function()
+    same_with_threads(2, function()
+      local x = data(512, 512, {requires_grad = true})
+      F.gelu(x):sum():backward()
+      local y = data(512, 512, {requires_grad = true})
+      y:tanh():sum():backward()
+      return {x.grad, y.grad}
+    end)
+  end)
+
+  it("reductions over each dim, all dims, max along a dim", function()
+    same_with_threads(8, function()
+      local a = data(1024, 1024)
+      local values, indices = a:max(1)
+      return {a:sum(0), a:sum(1), a:mean(0), a:sum(), ms.tensor({a:sum():item()}), values, indices,
+              a:transpose(0, 1):sum(1)}
+    end)
+  end)
+
+  it("softmax and log_softmax, forward and backward", function()
+    same_with_threads(3, function()
+      local x = data(64, 16, 128, {requires_grad = true})
+      local w = data(64, 16, 128)
+      local y = F.softmax(x, -1)
+      local z = F.log_softmax(x, 1)
+      local loss = (y * w):sum() + (z * w):sum()
+      loss:backward()
+      return {y, z, x.grad}
+    end)
+  end)
+
+  it("layer norm with weight and bias gradients", function()
+    same_with_threads(4, function()
+      local x = data(2048, 512, {requires_grad = true})
+      local w = data(512, {requires_grad = true})
+      local b = data(512, {requires_grad = true})
+      local y = F.layer_norm(x, {512}, w, b)
+      local loss = (y * data(2048, 512)):sum()
+      loss:backward()
+      return {y, x.grad, w.grad, b.grad}
+    end)
+  end)
+
+  it("embedding with repeated indices, forward and backward", function()
+    same_with_threads(2, function()
+      local weight = data(50, 512, {requires_grad = true})
+      local indices = ms.randint(0, 50, {16, 128}, {dtype = "i64"})
+      local out = F.embedding(indices, weight)
+      local loss = (out * data(16, 128, 512)):sum()
+      loss:backward()
+      return {out, weight.grad}
+    end)
+  end)
+
+  it("optimizer steps", function()
+    same_with_threads(2, function()
+      local p1, p2 = data(400, 400, {requires_grad = true}), data(800, 800, {requires_grad = true})
+      local adam = optim.AdamW({p1}, {lr = 0.01, weight_decay = 0.1})
+      local sgd = optim.SGD({p2}, {lr = 0.01, momentum = 0.9})
+      for _ = 1, 2 do
+        adam:zero_grad(); sgd:zero_grad()
+        local loss = (p1 * p1):sum() + (p2 * p2 * p2):sum()
+        loss:backward()
+        adam:step(); sgd:step()
+      end
+      return {p1, p2}
+    end)
+  end)
+
+  it("copies, dtype conversions and fills", function()
+    same_with_threads(5, function()
+      local a = data(1024, 1024)
+      return {a:clone(), a:to("f64"), ms.full({1024, 1024}, 2.5),
+              a:to("bf16"), a:narrow(1, 3, 1000):contiguous()}
+    end)
+  end)
+
+  it("a forked rank makes its own workers after the parent used them", function()
+    ms.set_num_threads(2)
+    local a = data(1024, 1024)
+    local expect = (a:exp() + 1):sum(1) -- the parent's workers run this
+    local results = dist.spawn(1, function()
+      ms.set_num_threads(2)
+      local got = (a:exp() + 1):sum(1)
+      return {equal = ms.equal(got, expect), threads = ms.get_num_threads()}
+    end)
+    assert.is_true(results[1].equal)
+    assert.are.equal(2, results[1].threads)
+  end)
+end)
