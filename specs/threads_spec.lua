@@ -3,6 +3,7 @@
 -- rank makes its own workers; split element-wise results match an independent computation.
 local ms = require "moonshard"
 local F, optim, dist = ms.nn.F, ms.optim, ms.dist
+local global_state = require "support.global_state"
 
 -- fn() -> an array of `expected` tensors, run with 1 thread and with 2; every pair must be bitwise equal.
 local function same_with_threads(expected, fn)
@@ -32,6 +33,9 @@ local function data(...)
   if grad then t:requires_grad_(true) end
   return t
 end
+
+before_each(global_state.save)
+after_each(global_state.restore)
 
 describe("threads", function()
   after_each(function() collectgarbage() end)
