@@ -297,12 +297,10 @@ static void settle(ms_spawn *job, int r, int wait_status)
     }
 }
 
-/* Ranks still running a timeout after a peer failed are not waiting for anything that can
- * still come (their collectives would have failed): end them, so the parent can report. */
-static void stop_stragglers(ms_spawn *job)
+/* Parent: SIGKILL every rank still running, reap it, and say why it was stopped
+ * ("still running <why>"). */
+static void kill_running(ms_spawn *job, const char *why)
 {
-    if (job->first_failed < 0 || monotonic_ms() - job->failed_at_ms < job->timeout_ms)
-        return;
     for (int r = 0; r < job->world_size; r++) {
         spawned_rank *rank = &job->ranks[r];
         int wait_status;
@@ -314,10 +312,21 @@ static void stop_stragglers(ms_spawn *job)
         }
         settle(job, r, reaped > 0 ? wait_status : UNKNOWN_STATUS);
         if (rank->state == MS_RANK_KILLED)
-            snprintf(rank->reason, sizeof rank->reason, "was stopped (signal %d): still "
-                     "running %lld ms after rank %d failed", SIGKILL,
-                     (long long)job->timeout_ms, job->first_failed);
+            snprintf(rank->reason, sizeof rank->reason, "was stopped (signal %d): still running %s",
+                     SIGKILL, why);
     }
+}
+
+/* Ranks still running a timeout after a peer failed are not waiting for anything that can
+ * still come (their collectives would have failed): end them, so the parent can report. */
+static void stop_stragglers(ms_spawn *job)
+{
+    if (job->first_failed < 0 || monotonic_ms() - job->failed_at_ms < job->timeout_ms)
+        return;
+    char why[96];
+    snprintf(why, sizeof why, "%lld ms after rank %d failed", (long long)job->timeout_ms,
+             job->first_failed);
+    kill_running(job, why);
 }
 
 /* Parent: give SIGINT and SIGTERM back to what handled them before the spawn. */
@@ -352,21 +361,9 @@ static void stop_after_interrupt(ms_spawn *job)
 {
     if (!job->interrupted || monotonic_ms() - job->interrupted_at_ms < INTERRUPT_GRACE_MS)
         return;
-    for (int r = 0; r < job->world_size; r++) {
-        spawned_rank *rank = &job->ranks[r];
-        int wait_status;
-        if (rank->state != MS_RANK_RUNNING)
-            continue;
-        kill(rank->pid, SIGKILL);
-        pid_t reaped;
-        while ((reaped = waitpid(rank->pid, &wait_status, 0)) < 0 && errno == EINTR) {
-        }
-        settle(job, r, reaped > 0 ? wait_status : UNKNOWN_STATUS);
-        if (rank->state == MS_RANK_KILLED)
-            snprintf(rank->reason, sizeof rank->reason, "was stopped (signal %d): still "
-                     "running %d ms after %s", SIGKILL, INTERRUPT_GRACE_MS,
-                     signal_name(job->interrupted));
-    }
+    char why[64];
+    snprintf(why, sizeof why, "%d ms after %s", INTERRUPT_GRACE_MS, signal_name(job->interrupted));
+    kill_running(job, why);
 }
 
 int ms_local_hold_console(int held)

@@ -110,3 +110,28 @@ int ms_check_dim(const char *op, const ms_tensor *t, int dim)
                        dim, t->ndim > 0 ? t->ndim : 1, t->ndim);
     return MS_OK;
 }
+
+int ms_check_class_loss(ms_place *place, const char *op, const ms_tensor *scores,
+                        const char *scores_name, const ms_tensor *target,
+                        const ms_tensor *per_row, const char *per_row_name, int reduction)
+{
+    MS_CHECK(ms_check_input(place, op, "target", target));
+    MS_CHECK(ms_check_float(op, scores_name, scores));
+    MS_CHECK(ms_check_same_dtype(op, per_row_name, per_row, scores_name, scores));
+    if (reduction < 0 || reduction > 2)
+        return MS_FAIL(MS_ERR_INVALID, "%s: reduction %d is not 0 (none), 1 (mean) or 2 (sum)",
+                       op, reduction);
+    if (target->dtype != MS_I32 && target->dtype != MS_I64)
+        return MS_FAIL(MS_ERR_DTYPE, "%s: target has dtype %s; it must be i32 or i64", op,
+                       ms_dtype_name(target->dtype));
+    if (scores->ndim != 2 || target->ndim != 1 || target->shape[0] != scores->shape[0]) {
+        char a[160], b[160];
+        return MS_FAIL(MS_ERR_SHAPE, "%s: expected %s [N, C] and target [N], got %s and %s", op,
+                       scores_name, ms_shape_str(a, sizeof a, scores->ndim, scores->shape),
+                       ms_shape_str(b, sizeof b, target->ndim, target->shape));
+    }
+    int64_t rows = scores->shape[0];
+    if (reduction == 0)
+        return ms_check_shape_is(op, per_row_name, per_row, 1, &rows);
+    return ms_check_shape_is(op, per_row_name, per_row, 0, NULL);
+}

@@ -81,6 +81,12 @@ int ms_check_shape_is(const char *op, const char *name, const ms_tensor *t, int 
                       const int64_t *shape);
 /* dim in [0, t->ndim) (0 also accepted for a 0-dim tensor). */
 int ms_check_dim(const char *op, const ms_tensor *t, int dim);
+/* A class-index loss: scores [N, C] (float, scores_name), target [N] i32/i64 on place,
+ * per_row (out or dout) of the scores' dtype, [N] for reduction 0 (none) else a scalar
+ * (1 mean, 2 sum); scores and per_row already checked on place. */
+int ms_check_class_loss(ms_place *place, const char *op, const ms_tensor *scores,
+                        const char *scores_name, const ms_tensor *target,
+                        const ms_tensor *per_row, const char *per_row_name, int reduction);
 
 #pragma GCC visibility pop
 

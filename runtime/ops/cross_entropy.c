@@ -2,8 +2,6 @@
  * values are checked by the kernels before they write), then the first tensor's place. */
 #include "widen.h"
 
-enum { REDUCE_NONE = 0, REDUCE_SUM = 2 };
-
 /* logits [N, C], target [N] i32/i64, stats [N, 2] and per_row (out or dout) of the logits'
  * dtype and the reduction's shape; logits, stats and per_row already checked on place. */
 static int check_cross_entropy(ms_place *place, const char *op, const ms_tensor *logits,
@@ -11,27 +9,11 @@ static int check_cross_entropy(ms_place *place, const char *op, const ms_tensor 
                                const ms_tensor *per_row, const char *per_row_name,
                                int reduction)
 {
-    MS_CHECK(ms_check_input(place, op, "target", target));
-    MS_CHECK(ms_check_float(op, "logits", logits));
+    MS_CHECK(ms_check_class_loss(place, op, logits, "logits", target, per_row, per_row_name,
+                                 reduction));
     MS_CHECK(ms_check_same_dtype(op, "stats", stats, "logits", logits));
-    MS_CHECK(ms_check_same_dtype(op, per_row_name, per_row, "logits", logits));
-    if (reduction < REDUCE_NONE || reduction > REDUCE_SUM)
-        return MS_FAIL(MS_ERR_INVALID, "%s: reduction %d is not 0 (none), 1 (mean) or 2 (sum)",
-                       op, reduction);
-    if (target->dtype != MS_I32 && target->dtype != MS_I64)
-        return MS_FAIL(MS_ERR_DTYPE, "%s: target has dtype %s; it must be i32 or i64", op,
-                       ms_dtype_name(target->dtype));
-    if (logits->ndim != 2 || target->ndim != 1 || target->shape[0] != logits->shape[0]) {
-        char a[160], b[160];
-        return MS_FAIL(MS_ERR_SHAPE, "%s: expected logits [N, C] and target [N], got %s and %s",
-                       op, ms_shape_str(a, sizeof a, logits->ndim, logits->shape),
-                       ms_shape_str(b, sizeof b, target->ndim, target->shape));
-    }
     int64_t rows = logits->shape[0];
-    MS_CHECK(ms_check_shape_is(op, "stats", stats, 2, (const int64_t[]){rows, 2}));
-    if (reduction == REDUCE_NONE)
-        return ms_check_shape_is(op, per_row_name, per_row, 1, &rows);
-    return ms_check_shape_is(op, per_row_name, per_row, 0, NULL);
+    return ms_check_shape_is(op, "stats", stats, 2, (const int64_t[]){rows, 2});
 }
 
 int ms_cross_entropy(ms_tensor *out, ms_tensor *stats, const ms_tensor *logits,
