@@ -32,7 +32,8 @@ local function mount_tmpfs(mib)
 end
 
 local function unmount(path)
-  shell_ok("umount '" .. path .. "'")
+  -- lazily: a child process of a case may still hold a file of the store open
+  shell_ok("umount -l '" .. path .. "'")
   shell_ok("rmdir '" .. path .. "'")
 end
 
