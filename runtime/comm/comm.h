@@ -56,7 +56,7 @@ struct ms_comm_backend {
 int ms_group_alloc(ms_group **out, const ms_comm_backend *backend, int rank,
                    const int *world_ranks, int nranks, int64_t timeout_ms);
 /* Free what ms_group_alloc allocated (not impl). */
-void ms_group_release(ms_group *g);
+void ms_group_dealloc(ms_group *g);
 /* Mark g unusable after a failure that left members out of step; status is returned by
  * every later collective on g with the original message. Returns status. */
 int ms_group_break(ms_group *g, int status);

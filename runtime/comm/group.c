@@ -45,7 +45,7 @@ int ms_group_alloc(ms_group **out, const ms_comm_backend *backend, int rank,
     return MS_OK;
 }
 
-void ms_group_release(ms_group *g)
+void ms_group_dealloc(ms_group *g)
 {
     if (!g)
         return;

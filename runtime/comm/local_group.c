@@ -194,7 +194,7 @@ int local_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **o
 void local_group_free(ms_group *g)
 {
     free(g->impl);
-    ms_group_release(g);
+    ms_group_dealloc(g);
 }
 
 void local_mark_departed(local_segment *seg, int rank, const char *reason, int abort)

@@ -417,7 +417,7 @@ static void mpi_group_free(ms_group *g)
     if (mg->comm != MPI_COMM_NULL)
         MPI_Comm_free(&mg->comm);
     free(mg);
-    ms_group_release(g);
+    ms_group_dealloc(g);
 }
 
 static const ms_comm_backend mpi_backend = {

@@ -376,7 +376,7 @@ static void nccl_group_free(ms_group *g)
     if (g != nccl.world)
         ng->bootstrap->backend->group_free(ng->bootstrap);
     free(ng);
-    ms_group_release(g);
+    ms_group_dealloc(g);
 }
 
 static int nccl_device(const ms_group *g) { return ((const nccl_group *)g->impl)->device; }
