@@ -1,4 +1,6 @@
-/* moonshard kernels: layer norm on the device. One block per row for the statistics and dx;
+/* moonshard kernels: layer norm on the device, with an optional residual add fused in (the
+ * sum is stored, rounded to the stored type, and that rounded sum is normalised, as the
+ * separate add would give). One block per row for the statistics and dx;
  * one thread per column sums dweight and dbias over the rows in order (deterministic). bf16
  * and f16 are read and written as they are, computed in f32. */
 #include "layernorm.cuh"
@@ -18,6 +20,14 @@ __device__ __forceinline__ void store_stat(void *stats, int dtype, int64_t i, do
     ms_cu_store(dtype, (char *)stats + i * ms_cu_dtype_size(dtype), v);
 }
 
+/* v rounded to the stored type S, as a separate op's store and load would round it. */
+template <typename S, typename T> __device__ __forceinline__ T rounded(T v)
+{
+    S stored;
+    ms_cu_narrow(&stored, v);
+    return ms_cu_widen(stored);
+}
+
 /* ---- kernels ---- */
 
 /* S: the stored element type; T: the type computed in. */
@@ -29,6 +39,13 @@ __global__ void forward_kernel(ms_cu_layer_norm a)
     for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
         const S *x = (const S *)a.x + r * a.size;
         S *out = (S *)a.out + r * a.size;
+        if (a.residual) {
+            const S *residual = (const S *)a.residual + r * a.size;
+            S *sum = (S *)a.sum + r * a.size;
+            for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x)
+                ms_cu_narrow(&sum[j], (T)(ms_cu_widen(x[j]) + ms_cu_widen(residual[j])));
+            x = sum;
+        }
         double local = 0.0;
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x)
             local += (double)ms_cu_widen(x[j]);
@@ -77,7 +94,10 @@ __global__ void backward_dx_kernel(ms_cu_layer_norm a)
         for (int64_t j = threadIdx.x; j < a.size; j += blockDim.x) {
             T xhat = (ms_cu_widen(x[j]) - mean) * rstd;
             T g = weight ? ms_cu_widen(dy[j]) * ms_cu_widen(weight[j]) : ms_cu_widen(dy[j]);
-            ms_cu_narrow(&dx[j], rstd * (g - mean_g - xhat * mean_g_xhat));
+            T d = rstd * (g - mean_g - xhat * mean_g_xhat);
+            if (a.dsum)
+                d = rounded<S>(d) + ms_cu_widen(((const S *)a.dsum)[r * a.size + j]);
+            ms_cu_narrow(&dx[j], d);
         }
     }
 }

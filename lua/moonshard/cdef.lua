@@ -234,6 +234,29 @@ int ms_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
                            const ms_tensor *rstd, const ms_tensor *weight,
                            int normalized_ndim);
 
+/* ---- residual add fused with layer norm ----
+ * sum [OUT] = x + residual (all three of x's shape and dtype), then out, mean and rstd as
+ * ms_layer_norm of sum, in one pass over each row. */
+int ms_add_layer_norm(ms_tensor *sum, ms_tensor *out, ms_tensor *mean, ms_tensor *rstd,
+                      const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
+                      const ms_tensor *bias, int normalized_ndim, double eps);
+/* As ms_layer_norm_backward of sum (the forward's), with dsum (the gradient reaching sum
+ * directly, NULL for none) added to dx in the same pass: dx is the gradient of both x and
+ * residual. */
+int ms_add_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
+                               const ms_tensor *dy, const ms_tensor *dsum, const ms_tensor *sum,
+                               const ms_tensor *mean, const ms_tensor *rstd,
+                               const ms_tensor *weight, int normalized_ndim);
+
+/* ---- bias and GELU fused, after a bias-free GEMM ----
+ * acc [..., C] (x W^T without the bias), bias [C], y [OUT] of acc's shape; all one float
+ * dtype. y = gelu(acc + bias); tanh_approx 0 (exact, erf) or 1 (approximate='tanh'). */
+int ms_bias_gelu(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx);
+/* dacc (assigned, acc's shape) = dy * gelu'(acc + bias); dbias (assigned, [C]) = dacc summed
+ * over the rows, in the same pass. */
+int ms_bias_gelu_backward(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
+                          const ms_tensor *acc, const ms_tensor *bias, int tanh_approx);
+
 /* ---- embedding ----
  * out[..., :] = weight[indices[...], :]; indices i32 or i64; weight [num, dim];
  * out has indices' shape + [dim]. An index outside [0, num) gives MS_ERR_INDEX. */
@@ -314,7 +337,7 @@ typedef enum ms_profile_category {
     MS_PROF_GEMM = 0,        /* matmul with a 2-D right operand (linear layers) */
     MS_PROF_ATTENTION = 1,   /* batched matmul (both operands batched), softmax (not log) */
     MS_PROF_LAYER_NORM = 2,
-    MS_PROF_ELEMENTWISE = 3, /* binary, unary (activations) and their backward */
+    MS_PROF_ELEMENTWISE = 3, /* binary, unary (activations), bias_gelu and their backward */
     MS_PROF_SOFTMAX_LOSS = 4, /* log_softmax, nll_loss, cross_entropy */
     MS_PROF_OPTIMIZER = 5,
     MS_PROF_EMBEDDING = 6,

@@ -1,4 +1,6 @@
-/* moonshard CPU backend: layer norm over the last normalized_ndim dims, forward and backward.
+/* moonshard CPU backend: layer norm over the last normalized_ndim dims, forward and backward,
+ * optionally fused with a residual add (forward: sum = x + residual is written and normalised
+ * in the same pass over the row; backward: dsum, the sum's own gradient, is added to dx).
  * dx is assigned; dweight and dbias are parameter gradients and accumulate (+=). */
 #include <math.h>
 #include <stdlib.h>
@@ -63,8 +65,8 @@ static double load_stat(const void *stats, int dtype, int64_t i)
 typedef struct ln_args {
     int64_t rows, size;
     double eps;
-    void *out, *dx;
-    const void *x, *weight, *bias, *dy;
+    void *out, *dx, *sum;
+    const void *x, *weight, *bias, *dy, *residual, *dsum;
     void *mean, *rstd;
     int dtype, mean_dtype, rstd_dtype;
     double *dweight_acc, *dbias_acc;
@@ -77,6 +79,13 @@ typedef struct ln_args {
         for (int64_t r = first; r < last; r++) {                                          \
             const T *x = (const T *)a->x + r * a->size;                                   \
             T *out = (T *)a->out + r * a->size;                                           \
+            if (a->residual) {                                                            \
+                const T *residual = (const T *)a->residual + r * a->size;                 \
+                T *sum = (T *)a->sum + r * a->size;                                       \
+                for (int64_t j = 0; j < a->size; j++)                                     \
+                    sum[j] = x[j] + residual[j];                                          \
+                x = sum;                                                                  \
+            }                                                                             \
             double mean = row_sum_##SUF(x, a->size) / (double)a->size;                    \
             double var = row_squared_deviation_##SUF(x, a->size, mean) / (double)a->size; \
             double rstd = ms_k_rstd(var, a->eps);                                         \
@@ -95,7 +104,7 @@ typedef struct ln_args {
     }
 
 /* With xhat = (x - mean) * rstd and g = dy * w:
- * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), row by row over [first, last). */
+ * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsum), row by row over [first, last). */
 #define LN_BACKWARD(SUF, T)                                                               \
     static void ln_backward_##SUF(const ln_args *a, int64_t first, int64_t last)          \
     {                                                                                     \
@@ -120,6 +129,11 @@ typedef struct ln_args {
                 T xhat = (x[j] - mean) * rstd;                                            \
                 T g = weight ? dy[j] * weight[j] : dy[j];                                 \
                 dx[j] = rstd * (g - mean_g - xhat * mean_g_xhat);                         \
+            }                                                                             \
+            if (a->dsum) {                                                                \
+                const T *dsum = (const T *)a->dsum + r * size;                            \
+                for (int64_t j = 0; j < size; j++)                                        \
+                    dx[j] += dsum[j];                                                     \
             }                                                                             \
         }                                                                                 \
     }
@@ -181,12 +195,12 @@ static void param_grad_columns(void *arg, int64_t first, int64_t last)
         ln_param_grads_f64(a, first, last);
 }
 
-/* The dense staging of up to 8 tensors of one call, released together. */
+/* The dense staging of up to 10 tensors of one call, released together. */
 typedef struct staging {
     int count, status;
-    const ms_tensor *tensors[8];
-    void *owned[8];
-    int is_output[8];
+    const ms_tensor *tensors[10];
+    void *owned[10];
+    int is_output[10];
 } staging;
 
 /* Dense data of t (NULL for a NULL t or after an earlier failure); outputs are written back
@@ -210,11 +224,11 @@ static int unstage_all(staging *st)
     return st->status;
 }
 
-int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
-                      const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
-                      int64_t size)
+int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tensor *sum,
+                      const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
+                      const ms_tensor *bias, double eps, int64_t rows, int64_t size)
 {
-    const char *op = "layer_norm";
+    const char *op = residual ? "add_layer_norm" : "layer_norm";
     if (rows == 0)
         return MS_OK;
     if (size == 0) { /* statistics of empty rows are 0/0 */
@@ -227,9 +241,11 @@ int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms
                  .rstd_dtype = rstd->dtype};
     staging st = {0};
     a.x = stage(&st, op, x, 0);
+    a.residual = stage(&st, op, residual, 0);
     a.weight = stage(&st, op, weight, 0);
     a.bias = stage(&st, op, bias, 0);
     a.out = stage(&st, op, out, 1);
+    a.sum = stage(&st, op, residual ? sum : NULL, 1);
     a.mean = stage(&st, op, mean, 1);
     a.rstd = stage(&st, op, rstd, 1);
     if (st.status == MS_OK)
@@ -254,11 +270,11 @@ static int accumulate_param_grad(const char *op, ms_tensor *grad, const double *
 }
 
 int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
-                               const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
-                               const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
-                               int64_t size)
+                               const ms_tensor *dy, const ms_tensor *dsum, const ms_tensor *x,
+                               const ms_tensor *mean, const ms_tensor *rstd,
+                               const ms_tensor *weight, int64_t rows, int64_t size)
 {
-    const char *op = "layer_norm_backward";
+    const char *op = dsum ? "add_layer_norm_backward" : "layer_norm_backward";
     if (rows == 0 || size == 0)
         return MS_OK;
 
@@ -278,6 +294,7 @@ int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
     staging st = {.status = status};
     a.x = stage(&st, op, x, 0);
     a.dy = stage(&st, op, dy, 0);
+    a.dsum = stage(&st, op, dsum, 0);
     a.weight = stage(&st, op, weight, 0);
     a.mean = stage(&st, op, mean, 0);
     a.rstd = stage(&st, op, rstd, 0);

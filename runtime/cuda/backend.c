@@ -6,7 +6,7 @@ const ms_ops_backend ms_cuda_ops = {
     .name = "cuda",
     .device_tensors = 1,
     .half_native = MS_HALF_ELEMENTWISE | MS_HALF_REDUCE | MS_HALF_SOFTMAX | MS_HALF_LAYER_NORM |
-                   MS_HALF_NLL | MS_HALF_RANDOM | MS_HALF_OPTIM,
+                   MS_HALF_NLL | MS_HALF_RANDOM | MS_HALF_OPTIM | MS_HALF_BIAS_GELU,
     .use_device = ms_cuda_use_device,
     .await = ms_cuda_await,
     .copy = ms_cuda_copy_device,
@@ -25,6 +25,8 @@ const ms_ops_backend ms_cuda_ops = {
     .softmax_backward = ms_cuda_softmax_backward,
     .layer_norm = ms_cuda_layer_norm,
     .layer_norm_backward = ms_cuda_layer_norm_backward,
+    .bias_gelu = ms_cuda_bias_gelu,
+    .bias_gelu_backward = ms_cuda_bias_gelu_backward,
     .embedding = ms_cuda_embedding,
     .embedding_backward = ms_cuda_embedding_backward,
     .nll_loss = ms_cuda_nll_loss,

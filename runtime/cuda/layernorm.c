@@ -1,4 +1,5 @@
-/* moonshard CUDA backend: ms_layer_norm and ms_layer_norm_backward on a device, over dense
+/* moonshard CUDA backend: ms_layer_norm and ms_layer_norm_backward (and their fused residual
+ * add forms) on a device, over dense
  * copies of strided operands, after the checks of runtime/ops/; dx is assigned,
  * dweight and dbias accumulate. */
 #include <math.h>
@@ -6,12 +7,12 @@
 #include "cuda_internal.h"
 #include "layernorm.cuh"
 
-/* Dense copies of up to 8 operands of one call, released together. */
+/* Dense copies of up to 10 operands of one call, released together. */
 typedef struct staging {
     int count, status;
-    const ms_tensor *tensors[8];
-    ms_tensor *dense[8];
-    int is_output[8];
+    const ms_tensor *tensors[10];
+    ms_tensor *dense[10];
+    int is_output[10];
 } staging;
 
 static void *stage(staging *st, const ms_tensor *t, int copy_in, int is_output)
@@ -36,9 +37,9 @@ static int unstage_all(staging *st)
     return st->status;
 }
 
-int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
-                       const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
-                       int64_t size)
+int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tensor *sum,
+                       const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
+                       const ms_tensor *bias, double eps, int64_t rows, int64_t size)
 {
     const char *op = "layer_norm";
     int device = ms_cuda_device_of(out);
@@ -52,9 +53,11 @@ int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const m
                           .mean_dtype = mean->dtype, .rstd_dtype = rstd->dtype};
     staging st = {0};
     a.x = stage(&st, x, 1, 0);
+    a.residual = stage(&st, residual, 1, 0);
     a.weight = stage(&st, weight, 1, 0);
     a.bias = stage(&st, bias, 1, 0);
     a.out = stage(&st, out, 0, 1);
+    a.sum = stage(&st, residual ? sum : NULL, 0, 1);
     a.mean = stage(&st, mean, 0, 1);
     a.rstd = stage(&st, rstd, 0, 1);
     if (st.status == MS_OK)
@@ -64,9 +67,9 @@ int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const m
 }
 
 int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
-                                const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
-                                const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
-                                int64_t size)
+                                const ms_tensor *dy, const ms_tensor *dsum, const ms_tensor *x,
+                                const ms_tensor *mean, const ms_tensor *rstd,
+                                const ms_tensor *weight, int64_t rows, int64_t size)
 {
     const char *op = "layer_norm_backward";
     int device = ms_cuda_device_of(dx);
@@ -77,6 +80,7 @@ int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *db
     staging st = {0};
     a.x = stage(&st, x, 1, 0);
     a.dy = stage(&st, dy, 1, 0);
+    a.dsum = stage(&st, dsum, 1, 0);
     a.weight = stage(&st, weight, 1, 0);
     a.mean = stage(&st, mean, 1, 0);
     a.rstd = stage(&st, rstd, 1, 0);

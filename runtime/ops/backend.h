@@ -28,6 +28,7 @@ enum {
     MS_HALF_OPTIM = 1u << 7,
     MS_HALF_ATTENTION = 1u << 8,   /* attention, attention_backward */
     MS_HALF_CROSS_ENTROPY = 1u << 9,
+    MS_HALF_BIAS_GELU = 1u << 10,  /* bias_gelu, bias_gelu_backward */
 };
 
 typedef struct ms_ops_backend {
@@ -72,14 +73,24 @@ typedef struct ms_ops_backend {
     int (*softmax_backward)(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
                             int log);
 
-    /* rows and size of the normalised rows. */
-    int (*layer_norm)(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
-                      const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
-                      int64_t size);
+    /* rows and size of the normalised rows. residual and sum are NULL for ms_layer_norm;
+     * with them (ms_add_layer_norm) sum = x + residual is written and normalised. dsum is
+     * NULL for ms_layer_norm_backward; with it dx gets dsum added (x is then the sum). */
+    int (*layer_norm)(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tensor *sum,
+                      const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
+                      const ms_tensor *bias, double eps, int64_t rows, int64_t size);
     int (*layer_norm_backward)(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
-                               const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
-                               const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
-                               int64_t size);
+                               const ms_tensor *dy, const ms_tensor *dsum, const ms_tensor *x,
+                               const ms_tensor *mean, const ms_tensor *rstd,
+                               const ms_tensor *weight, int64_t rows, int64_t size);
+
+    /* acc, y, dacc and dy are [rows, cols] (any strides), bias and dbias [cols]; tanh_approx
+     * is 0 or 1. dbias is assigned. */
+    int (*bias_gelu)(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
+                     int64_t rows, int64_t cols);
+    int (*bias_gelu_backward)(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
+                              const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
+                              int64_t rows, int64_t cols);
 
     int (*embedding)(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices);
     int (*embedding_backward)(ms_tensor *dweight, const ms_tensor *indices,

@@ -93,20 +93,35 @@ static int softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *
           cpu->softmax_backward(dx, y, dy, dim, log));
 }
 
-static int layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, const ms_tensor *x,
-                      const ms_tensor *weight, const ms_tensor *bias, double eps, int64_t rows,
-                      int64_t size)
+static int layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tensor *sum,
+                      const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
+                      const ms_tensor *bias, double eps, int64_t rows, int64_t size)
 {
-    TIMED(MS_PROF_LAYER_NORM, cpu->layer_norm(out, mean, rstd, x, weight, bias, eps, rows, size));
+    TIMED(MS_PROF_LAYER_NORM, cpu->layer_norm(out, mean, rstd, sum, x, residual, weight, bias,
+                                              eps, rows, size));
 }
 
 static int layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
-                               const ms_tensor *dy, const ms_tensor *x, const ms_tensor *mean,
-                               const ms_tensor *rstd, const ms_tensor *weight, int64_t rows,
-                               int64_t size)
+                               const ms_tensor *dy, const ms_tensor *dsum, const ms_tensor *x,
+                               const ms_tensor *mean, const ms_tensor *rstd,
+                               const ms_tensor *weight, int64_t rows, int64_t size)
 {
-    TIMED(MS_PROF_LAYER_NORM, cpu->layer_norm_backward(dx, dweight, dbias, dy, x, mean, rstd,
-                                                       weight, rows, size));
+    TIMED(MS_PROF_LAYER_NORM, cpu->layer_norm_backward(dx, dweight, dbias, dy, dsum, x, mean,
+                                                       rstd, weight, rows, size));
+}
+
+static int bias_gelu(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
+                     int64_t rows, int64_t cols)
+{
+    TIMED(MS_PROF_ELEMENTWISE, cpu->bias_gelu(y, acc, bias, tanh_approx, rows, cols));
+}
+
+static int bias_gelu_backward(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
+                              const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
+                              int64_t rows, int64_t cols)
+{
+    TIMED(MS_PROF_ELEMENTWISE,
+          cpu->bias_gelu_backward(dacc, dbias, dy, acc, bias, tanh_approx, rows, cols));
 }
 
 static int embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)
@@ -223,6 +238,8 @@ __attribute__((constructor)) static void build_table(void)
     ms_profiled_cpu_ops.softmax_backward = softmax_backward;
     ms_profiled_cpu_ops.layer_norm = layer_norm;
     ms_profiled_cpu_ops.layer_norm_backward = layer_norm_backward;
+    ms_profiled_cpu_ops.bias_gelu = bias_gelu;
+    ms_profiled_cpu_ops.bias_gelu_backward = bias_gelu_backward;
     ms_profiled_cpu_ops.embedding = embedding;
     ms_profiled_cpu_ops.embedding_backward = embedding_backward;
     ms_profiled_cpu_ops.nll_loss = nll_loss;

@@ -7,7 +7,7 @@
 
 #pragma GCC visibility push(hidden)
 
-enum { MS_WIDEN_MAX = 8 };
+enum { MS_WIDEN_MAX = 10 };
 
 /* 1 for the 16-bit float dtypes (bf16, f16). */
 static inline int ms_is_half(int dtype) { return dtype == MS_BF16 || dtype == MS_F16; }
