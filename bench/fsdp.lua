@@ -47,9 +47,13 @@ function Block:__init(dim, heads)
   self.ln_2 = nn.LayerNorm(dim)
   self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 end
+-- x + attn(ln_1(x)) and ln_2 of it in one pass (add_layer_norm); the MLP's Linear -> GELU
+-- runs fused inside nn.Sequential.
 function Block:forward(x)
-  x = x + self.attn(self.ln_1(x))
-  return x + self.mlp(self.ln_2(x))
+  local ln_2 = self.ln_2
+  local s, h = nn.F.add_layer_norm(x, self.attn(self.ln_1(x)), ln_2.normalized_shape, ln_2.weight, ln_2.bias,
+                                   ln_2.eps)
+  return s + self.mlp(h)
 end
 
 local GPT = nn.Module:extend("GPT")

@@ -38,7 +38,11 @@ function MLP:__init(dim)
   self.gelu = nn.GELU()
   self.c_proj = nn.Linear(4 * dim, dim)
 end
-function MLP:forward(x) return self.c_proj(self.gelu(self.c_fc(x))) end
+-- c_fc's bias and the GELU run in one pass (nn.F.linear_gelu, the numbers of gelu(c_fc(x)) up
+-- to float rounding; c_fc's and gelu's own hooks are not run).
+function MLP:forward(x)
+  return self.c_proj(nn.F.linear_gelu(x, self.c_fc.weight, self.c_fc.bias, {approximate = self.gelu.approximate}))
+end
 
 -- LayerNorm -> CausalSelfAttention and LayerNorm -> MLP, each with a residual.
 local Block = nn.Module:extend("Block")
@@ -50,9 +54,12 @@ function Block:__init(dim, heads, layers)
   self.attn.c_proj.init_std = residual_std(layers or 1)
   self.mlp.c_proj.init_std = residual_std(layers or 1)
 end
+-- The second residual add and ln_2 run in one pass (nn.F.add_layer_norm).
 function Block:forward(x)
-  x = x + self.attn(self.ln_1(x))
-  return x + self.mlp(self.ln_2(x))
+  local ln_2 = self.ln_2
+  local s, h = nn.F.add_layer_norm(x, self.attn(self.ln_1(x)), ln_2.normalized_shape, ln_2.weight, ln_2.bias,
+                                   ln_2.eps)
+  return s + self.mlp(h)
 end
 M.Block = Block
 

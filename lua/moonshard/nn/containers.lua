@@ -2,6 +2,8 @@
 -- 1-based (seq[1] is child "0") and seq:len() gives the count.
 local C = require "moonshard.ffi"
 local Module = require "moonshard.nn.module"
+local layers = require "moonshard.nn.layers"
+local nn_ops = require "moonshard.ops.nn"
 
 local fail = C.fail
 
@@ -49,8 +51,33 @@ function M.Sequential:__init(...)
   local modules = (select("#", ...) == 1 and type(first) == "table" and not Module.is_module(first)) and first or {...}
   add_all(self, modules, "Sequential")
 end
+
+-- A module whose call is exactly its class's forward: no hooks, no call wrappers (activation
+-- checkpointing), no forward replaced on the instance.
+local function plain(m, class)
+  return rawget(m, "_class") == class and rawget(m, "forward") == nil and #m._forward_pre_hooks == 0
+         and #m._forward_hooks == 0 and #m._call_wrappers == 0
+end
+
+-- An adjacent Linear (with a bias) and GELU run as one nn.F.linear_gelu: the bias add and the
+-- GELU in one pass each way, the same numbers as the two calls up to float rounding.
+local function fuses(linear, gelu)
+  return gelu ~= nil and plain(linear, layers.Linear) and plain(gelu, layers.GELU) and linear.bias ~= nil
+end
+
 function M.Sequential:forward(x, ...)
-  for _, m in self:ipairs() do x = m(x, ...) end
+  local i, m = 1, self[1]
+  while m do
+    local next_m = self[i + 1]
+    if fuses(m, next_m) then
+      x = nn_ops.linear_gelu(x, m.weight, m.bias, {approximate = next_m.approximate})
+      i = i + 2
+    else
+      x = m(x, ...)
+      i = i + 1
+    end
+    m = self[i]
+  end
   return x
 end
 

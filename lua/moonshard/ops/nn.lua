@@ -64,25 +64,31 @@ local function layer_norm_backward(node, g)
   return dx, dweight, dbias
 end
 
-function M.layer_norm(x, normalized_shape, weight, bias, eps)
-  need_tensor(x, "layer_norm", "input")
+-- The number of normalised dims of x for normalized_shape (a number or a table), checked
+-- against x's trailing dims, and the count of rows.
+local function normalized_layout(x, normalized_shape, eps, what)
   if type(normalized_shape) == "number" then normalized_shape = {normalized_shape} end
-  if type(normalized_shape) ~= "table" then fail("layer_norm", "normalized_shape must be a number or a table") end
+  if type(normalized_shape) ~= "table" then fail(what, "normalized_shape must be a number or a table") end
   local n = #normalized_shape
   local shape = x:shape()
-  if n == 0 or n > #shape then fail("layer_norm", "normalized_shape has %d dims, input %d", n, #shape) end
+  if n == 0 or n > #shape then fail(what, "normalized_shape has %d dims, input %d", n, #shape) end
   local row = 1
   for i = 1, n do
     if shape[#shape - n + i] ~= normalized_shape[i] then
-      fail("layer_norm", "input shape %s does not end with normalized_shape [%s]", tostring(shape),
+      fail(what, "input shape %s does not end with normalized_shape [%s]", tostring(shape),
            table.concat(normalized_shape, ", "))
     end
     row = row * normalized_shape[i]
   end
   if eps ~= nil and (type(eps) ~= "number" or eps < 0) then
-    fail("layer_norm", "eps must be a non-negative number, got %s", tostring(eps))
+    fail(what, "eps must be a non-negative number, got %s", tostring(eps))
   end
-  local rows = row > 0 and x:numel() / row or 0
+  return n, row > 0 and x:numel() / row or 0
+end
+
+function M.layer_norm(x, normalized_shape, weight, bias, eps)
+  need_tensor(x, "layer_norm", "input")
+  local n, rows = normalized_layout(x, normalized_shape, eps, "layer_norm")
   local dense = raw.contiguous(x)
   local out = empty_like(dense)
   local mean = empty({rows}, x._c.dtype, x._c.storage.pool)
@@ -98,6 +104,183 @@ function M.layer_norm(x, normalized_shape, weight, bias, eps)
     node.bias_shape = bias and bias:shape()
   end
   return out
+end
+
+-- ---- residual add fused with layer norm ----
+-- s = x + residual and y = layer_norm(s) have one backward: dx = layer_norm_backward(dy) + ds,
+-- one pass (ms_add_layer_norm_backward). The engine's nodes have one output each, so s and y
+-- each get a node that only hands its incoming gradient to a shared record and passes a
+-- one-element token on to the fused node; the fused node runs after both (its sequence
+-- number is lower) and computes the gradients of x, residual, weight and bias from the
+-- gradients recorded (either may be missing: that output got none).
+
+local function hand_over(slot)
+  return function(node, g)
+    local shared = node.shared
+    if shared[slot] then shared[slot]:_release() end
+    shared[slot] = scope.keep(Tensor.alias_raw(g))
+    local token = empty({}, g._c.dtype, g._c.storage.pool)
+    check(lib.ms_fill(token._c, 0), "add_layer_norm")
+    return token
+  end
+end
+local sum_hand_over, out_hand_over = hand_over("dsum"), hand_over("dy")
+
+local function add_layer_norm_backward(node)
+  local shared = node.shared
+  local dy, dsum = shared.dy, shared.dsum
+  shared.dy, shared.dsum = nil, nil
+  if dy == nil then
+    local dx = Tensor.alias_raw(dsum)
+    dsum:_release()
+    return dx, dx
+  end
+  local sum = node:saved_tensor(node.sum)
+  local weight = node.weight and node:saved_tensor(node.weight)
+  local dx = empty_like(sum)
+  local dweight = node.edges[3] and raw.zeros_like(weight) or nil
+  local dbias = node.edges[4] and raw.zeros_like_shape(node.bias_shape, sum) or nil
+  check(lib.ms_add_layer_norm_backward(dx._c, dweight and dweight._c, dbias and dbias._c,
+                                       raw.contiguous(dy)._c, dsum and raw.contiguous(dsum)._c, sum._c,
+                                       node:saved_tensor(node.mean)._c, node:saved_tensor(node.rstd)._c,
+                                       weight and weight._c, node.normalized_ndim), "add_layer_norm")
+  dy:_release()
+  if dsum then dsum:_release() end
+  return dx, dx, dweight, dbias
+end
+
+local function same_as_input(t, x, name)
+  need_tensor(t, "add_layer_norm", name)
+  if t._c.dtype ~= x._c.dtype then
+    fail("add_layer_norm", "%s has dtype %s but input has %s", name, t:dtype(), x:dtype())
+  end
+  local a, b = t._c, x._c
+  local same = a.ndim == b.ndim
+  for d = 0, a.ndim - 1 do same = same and a.shape[d] == b.shape[d] end
+  if not same then
+    fail("add_layer_norm", "%s has shape %s but input has %s", name, tostring(t:shape()), tostring(x:shape()))
+  end
+end
+
+-- add_layer_norm(x, residual, normalized_shape, weight, bias, eps) -> s, y with s = x +
+-- residual and y = layer_norm(s, normalized_shape, weight, bias, eps), from one pass over
+-- the rows (a transformer block's "x = x + h; y = ln(x)").
+function M.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
+  need_tensor(x, "add_layer_norm", "input")
+  same_as_input(residual, x, "residual")
+  local n, rows = normalized_layout(x, normalized_shape, eps, "add_layer_norm")
+  local sum, out = empty(x:shape(), x._c.dtype, x._c.storage.pool), empty(x:shape(), x._c.dtype, x._c.storage.pool)
+  local mean = empty({rows}, x._c.dtype, x._c.storage.pool)
+  local rstd = empty({rows}, x._c.dtype, x._c.storage.pool)
+  check(lib.ms_add_layer_norm(sum._c, out._c, mean._c, rstd._c, x._c, residual._c, weight and weight._c,
+                              bias and bias._c, n, eps or 1e-5), "add_layer_norm")
+  local fused = record({}, "AddLayerNormBackward0", add_layer_norm_backward, x, residual, weight, bias)
+  if fused then
+    local shared = {}
+    fused.shared, fused.normalized_ndim = shared, n
+    fused.sum, fused.mean, fused.rstd = fused:save(sum), fused:save(mean), fused:save(rstd)
+    if weight then fused.weight = fused:save(weight) end
+    fused.bias_shape = bias and bias:shape()
+    local handle = {requires_grad = true, grad_fn = fused}
+    local y_node = record(out, "NativeLayerNormBackward0", out_hand_over, handle)
+    y_node.shared = shared
+    if (is_tensor(x) and x.requires_grad) or residual.requires_grad then
+      local s_node = record(sum, "AddBackward0", sum_hand_over, handle)
+      s_node.shared = shared
+    end
+  end
+  mean:_release()
+  rstd:_release()
+  return sum, out
+end
+
+-- ---- linear fused with GELU ----
+-- y = gelu(x W^T + b): the GEMM without its bias, then one pass adding the bias and applying
+-- GELU (ms_bias_gelu). The GEMM's output acc is saved; backward computes d(acc) and the bias
+-- gradient in one pass (ms_bias_gelu_backward), then the two GEMMs.
+
+local approximations = {none = 0, tanh = 1}
+
+local function gemm(a, b, trans_a, trans_b, out_shape)
+  local out = empty(out_shape, a._c.dtype, a._c.storage.pool)
+  check(lib.ms_matmul(out._c, a._c, b._c, trans_a, trans_b, 1, 0), "linear_gelu")
+  return out
+end
+
+local function linear_gelu_backward(node, g)
+  local rows, out_features, in_features = node.rows, node.out_features, node.in_features
+  local g2 = raw.contiguous(g)
+  g2 = Tensor.view_raw(g2, {rows, out_features}, nil, tonumber(g2._c.offset), "linear_gelu backward")
+  local acc = node:saved_tensor(node.acc)
+  local dacc = empty({rows, out_features}, acc._c.dtype, acc._c.storage.pool)
+  local dbias = empty({out_features}, acc._c.dtype, acc._c.storage.pool)
+  check(lib.ms_bias_gelu_backward(dacc._c, dbias._c, g2._c, acc._c, node:saved_tensor(node.bias)._c,
+                                  node.tanh_approx), "linear_gelu")
+  local gx, gw
+  if node.edges[1] then
+    gx = gemm(dacc, node:saved_tensor(node.weight), 0, 0, {rows, in_features})
+    gx = Tensor.view_raw(gx, node.x_shape, nil, 0, "linear_gelu backward")
+  end
+  if node.edges[2] then
+    local x = node:saved_tensor(node.x)
+    local x2 = Tensor.view_raw(x, {rows, in_features}, nil, tonumber(x._c.offset), "linear_gelu backward")
+    gw = gemm(dacc, x2, 1, 0, {out_features, in_features})
+  end
+  dacc:_release()
+  return gx, gw, node.edges[3] and dbias or nil
+end
+
+-- x2 [rows, in] times weight^T, without the bias.
+local function linear_product(x2, weight, rows, out_features)
+  return gemm(x2, weight, 0, 1, {rows, out_features})
+end
+
+-- linear_gelu(x, weight, bias, {approximate = "none" | "tanh"}): gelu(linear(x, weight, bias)).
+function M.linear_gelu(x, weight, bias, opts)
+  opts = raw.options("linear_gelu", opts, {approximate = true})
+  local approximate = opts.approximate or "none"
+  local tanh_approx = approximations[approximate]
+  if tanh_approx == nil then
+    fail("linear_gelu", "approximate must be 'none' or 'tanh', got '%s'", tostring(approximate))
+  end
+  if bias == nil then return pointwise.gelu(linalg.linear(x, weight), {approximate = approximate}) end
+  need_tensor(x, "linear_gelu", "input")
+  need_tensor(weight, "linear_gelu", "weight")
+  need_tensor(bias, "linear_gelu", "bias")
+  if weight:dim() ~= 2 then fail("linear_gelu", "weight must be 2-D, got shape %s", tostring(weight:shape())) end
+  local in_features, out_features = weight:size(1), weight:size(0)
+  if x:dim() == 0 or x:size(-1) ~= in_features then
+    fail("linear_gelu", "input of shape %s does not match weight of shape %s (expected last dim %d)",
+         tostring(x:shape()), tostring(weight:shape()), in_features)
+  end
+  if bias:dim() ~= 1 or bias:size(0) ~= out_features then
+    fail("linear_gelu", "bias must be a 1-D tensor of %d elements, got shape %s", out_features,
+         tostring(bias:shape()))
+  end
+  raw.check_dtypes(x, weight, "linear_gelu")
+  raw.check_dtypes(x, bias, "linear_gelu")
+  local dense = raw.contiguous(x)
+  local rows = dense:numel() / in_features
+  local x2 = Tensor.view_raw(dense, {rows, in_features}, nil, tonumber(dense._c.offset), "linear_gelu")
+  local acc = autograd.run_op("linear", linear_product, x2, weight, rows, out_features)
+  x2:_release()
+  local out_shape = x:shape()
+  out_shape[#out_shape] = out_features
+  local y = empty(out_shape, acc._c.dtype, acc._c.storage.pool)
+  local y2 = Tensor.view_raw(y, {rows, out_features}, nil, 0, "linear_gelu")
+  check(lib.ms_bias_gelu(y2._c, acc._c, bias._c, tanh_approx), "linear_gelu")
+  y2:_release()
+  local node = record(y, "LinearGeluBackward0", linear_gelu_backward, x, weight, bias)
+  if node then
+    node.rows, node.in_features, node.out_features = rows, in_features, out_features
+    node.x_shape, node.tanh_approx = x:shape(), tanh_approx
+    node.acc, node.bias = node:save(acc), node:save(bias)
+    if node.edges[2] then node.x = node:save(dense) end
+    if node.edges[1] then node.weight = node:save(weight) end
+  end
+  acc:_release()
+  if dense ~= x then dense:_release() end
+  return y
 end
 
 -- ---- embedding ----
