@@ -1,6 +1,7 @@
 -- Benchmarks the op layer: GEMM GFLOP/s through ms.matmul next to the same cblas_sgemm called
 -- directly (same OpenBLAS instance, same threads), bf16 and f16 GEMM against f32 GEMM of the
--- same shapes, and the dispatch cost of a small op with autograd on. Prints JSON lines.
+-- same shapes, the fused transformer hot paths (linear_gelu, add_layer_norm) against their
+-- unfused compositions, and the dispatch cost of a small op with autograd on. Prints JSON lines.
 -- Usage (repository root, after a build): luajit bench/ops.lua [--quick]
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
@@ -87,6 +88,81 @@ for _, s in ipairs(half_shapes) do
             "ratio"})
     end
   end
+end
+
+-- Fused against unfused, forward + backward: Linear -> GELU at bench/fsdp.lua's transformer
+-- MLP shape (512 rows, 512 -> 2048) and residual add + LayerNorm at its LN shape (512 rows of
+-- 512). The two run in alternating order pair after pair; medians and ranges of the pairs.
+local function median(samples)
+  local sorted = {}
+  for i, v in ipairs(samples) do sorted[i] = v end
+  table.sort(sorted)
+  local n = #sorted
+  return n % 2 == 1 and sorted[(n + 1) / 2] or (sorted[n / 2] + sorted[n / 2 + 1]) / 2
+end
+
+local function timed_pairs(pairs, fused, unfused)
+  fused(); unfused()
+  local t_fused, t_unfused, ratios = {}, {}, {}
+  for i = 1, pairs do
+    local first, second = fused, unfused
+    if i % 2 == 0 then first, second = unfused, fused end
+    local a = now(); first(); local b = now(); second(); local c = now()
+    if i % 2 == 0 then t_unfused[i], t_fused[i] = b - a, c - b else t_fused[i], t_unfused[i] = b - a, c - b end
+    ratios[i] = t_unfused[i] / t_fused[i]
+  end
+  return {fused_ms = median(t_fused) * 1e3, unfused_ms = median(t_unfused) * 1e3, speedup = median(ratios),
+          fused_min_ms = math.min(unpack(t_fused)) * 1e3, fused_max_ms = math.max(unpack(t_fused)) * 1e3,
+          unfused_min_ms = math.min(unpack(t_unfused)) * 1e3, unfused_max_ms = math.max(unpack(t_unfused)) * 1e3,
+          speedup_min = math.min(unpack(ratios)), speedup_max = math.max(unpack(ratios))}
+end
+
+local function release(list) for _, t in ipairs(list) do t:free() end end
+local fused_order = {"bench", "rows", "cols", "pairs", "threads", "fused_ms", "unfused_ms", "speedup", "speedup_min",
+                     "speedup_max", "fused_min_ms", "fused_max_ms", "unfused_min_ms", "unfused_max_ms"}
+local fused_pairs = quick and 5 or 15
+do
+  local rows, d_in, d_out = 512, 512, 2048
+  local x = ms.randn(rows, d_in, {requires_grad = true})
+  local w = (ms.randn(d_out, d_in) * 0.04):requires_grad_()
+  local b = (ms.randn(d_out) * 0.1):requires_grad_()
+  local gy = ms.randn(rows, d_out)
+  local F = ms.nn.F
+  local function run(forward)
+    local y = forward()
+    local grads = ms.autograd.grad({y}, {x, w, b}, {gy})
+    y:free()
+    release(grads)
+  end
+  local result = timed_pairs(fused_pairs, function() run(function() return F.linear_gelu(x, w, b) end) end,
+                             function() run(function() return F.gelu(F.linear(x, w, b)) end) end)
+  result.bench, result.rows, result.cols, result.pairs, result.threads = "linear_gelu_fwd_bwd", rows, d_out, fused_pairs,
+                                                                          threads
+  emit(result, fused_order)
+end
+do
+  local rows, dim = 512, 512
+  local x, r = ms.randn(rows, dim, {requires_grad = true}), ms.randn(rows, dim, {requires_grad = true})
+  local w, b = ms.ones(dim, {requires_grad = true}), ms.zeros(dim, {requires_grad = true})
+  local gs, gy = ms.randn(rows, dim), ms.randn(rows, dim)
+  local F = ms.nn.F
+  local function run(forward)
+    local s, y = forward()
+    local grads = ms.autograd.grad({s, y}, {x, r, w, b}, {gs, gy})
+    s:free(); y:free()
+    release(grads)
+  end
+  local result = timed_pairs(fused_pairs * 4, function()
+    run(function() return F.add_layer_norm(x, r, dim, w, b) end)
+  end, function()
+    run(function()
+      local s = x + r
+      return s, F.layer_norm(s, dim, w, b)
+    end)
+  end)
+  result.bench, result.rows, result.cols, result.pairs, result.threads = "add_layer_norm_fwd_bwd", rows, dim,
+                                                                          fused_pairs * 4, threads
+  emit(result, fused_order)
 end
 
 -- Dispatch: a 3x3 add with autograd on (both inputs require grad, so a node is recorded).
