@@ -49,6 +49,34 @@ enum { LANES = 8 };
 ROW_SUMS(f32, float)
 ROW_SUMS(f64, double)
 
+/* sum = x + residual over one row (the fused residual add; distinct buffers), returning
+ * row_sum of it: the same lanes in the same order, so the same mean as a separate pass. */
+#define ADD_ROW(SUF, T)                                                                   \
+    static double add_row_##SUF(T *restrict sum, const T *restrict x,                     \
+                                const T *restrict residual, int64_t n)                    \
+    {                                                                                     \
+        double lanes[LANES] = {0};                                                        \
+        int64_t j = 0;                                                                    \
+        for (; j + LANES <= n; j += LANES)                                                \
+            for (int l = 0; l < LANES; l++) {                                             \
+                T v = x[j + l] + residual[j + l];                                         \
+                sum[j + l] = v;                                                           \
+                lanes[l] += (double)v;                                                    \
+            }                                                                             \
+        for (; j < n; j++) {                                                              \
+            T v = x[j] + residual[j];                                                     \
+            sum[j] = v;                                                                   \
+            lanes[0] += (double)v;                                                        \
+        }                                                                                 \
+        for (int width = LANES / 2; width > 0; width /= 2)                                \
+            for (int l = 0; l < width; l++)                                               \
+                lanes[l] += lanes[l + width];                                             \
+        return lanes[0];                                                                  \
+    }
+
+ADD_ROW(f32, float)
+ADD_ROW(f64, double)
+
 static void store_stat(void *stats, int dtype, int64_t i, double value)
 {
     if (dtype == MS_F32)
@@ -79,14 +107,16 @@ typedef struct ln_args {
         for (int64_t r = first; r < last; r++) {                                          \
             const T *x = (const T *)a->x + r * a->size;                                   \
             T *out = (T *)a->out + r * a->size;                                           \
+            double total;                                                                 \
             if (a->residual) {                                                            \
-                const T *residual = (const T *)a->residual + r * a->size;                 \
                 T *sum = (T *)a->sum + r * a->size;                                       \
-                for (int64_t j = 0; j < a->size; j++)                                     \
-                    sum[j] = x[j] + residual[j];                                          \
+                total = add_row_##SUF(sum, x, (const T *)a->residual + r * a->size,       \
+                                      a->size);                                           \
                 x = sum;                                                                  \
+            } else {                                                                      \
+                total = row_sum_##SUF(x, a->size);                                        \
             }                                                                             \
-            double mean = row_sum_##SUF(x, a->size) / (double)a->size;                    \
+            double mean = total / (double)a->size;                                        \
             double var = row_squared_deviation_##SUF(x, a->size, mean) / (double)a->size; \
             double rstd = ms_k_rstd(var, a->eps);                                         \
             store_stat(a->mean, a->mean_dtype, r, mean);                                  \
