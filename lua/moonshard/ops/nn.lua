@@ -184,7 +184,7 @@ function M.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
     local handle = {requires_grad = true, grad_fn = fused}
     local y_node = record(out, "NativeLayerNormBackward0", out_hand_over, handle)
     y_node.shared = shared
-    if (is_tensor(x) and x.requires_grad) or residual.requires_grad then
+    if x.requires_grad or residual.requires_grad then
       local s_node = record(sum, "AddBackward0", sum_hand_over, handle)
       s_node.shared = shared
     end
