@@ -92,7 +92,9 @@ end
 
 -- Fused against unfused, forward + backward: Linear -> GELU at bench/fsdp.lua's transformer
 -- MLP shape (512 rows, 512 -> 2048) and residual add + LayerNorm at its LN shape (512 rows of
--- 512). The two run in alternating order pair after pair; medians and ranges of the pairs.
+-- 512). The two run in alternating order pair after pair, on one thread, timed in thread CPU
+-- time (which load from other processes does not inflate) and wall time; medians of the
+-- pairs, the speedup's range.
 local function median(samples)
   local sorted = {}
   for i, v in ipairs(samples) do sorted[i] = v end
@@ -103,24 +105,29 @@ end
 
 local function timed_pairs(pairs, fused, unfused)
   fused(); unfused()
-  local t_fused, t_unfused, ratios = {}, {}, {}
+  local cpu = {fused = {}, unfused = {}}
+  local wall = {fused = {}, unfused = {}}
+  local ratios = {}
   for i = 1, pairs do
-    local first, second = fused, unfused
-    if i % 2 == 0 then first, second = unfused, fused end
-    local a = now(); first(); local b = now(); second(); local c = now()
-    if i % 2 == 0 then t_unfused[i], t_fused[i] = b - a, c - b else t_fused[i], t_unfused[i] = b - a, c - b end
-    ratios[i] = t_unfused[i] / t_fused[i]
+    local order = i % 2 == 1 and {"fused", "unfused"} or {"unfused", "fused"}
+    for _, side in ipairs(order) do
+      local fn = side == "fused" and fused or unfused
+      local w, c = now(), cpu_now()
+      fn()
+      cpu[side][i], wall[side][i] = cpu_now() - c, now() - w
+    end
+    ratios[i] = cpu.unfused[i] / cpu.fused[i]
   end
-  return {fused_ms = median(t_fused) * 1e3, unfused_ms = median(t_unfused) * 1e3, speedup = median(ratios),
-          fused_min_ms = math.min(unpack(t_fused)) * 1e3, fused_max_ms = math.max(unpack(t_fused)) * 1e3,
-          unfused_min_ms = math.min(unpack(t_unfused)) * 1e3, unfused_max_ms = math.max(unpack(t_unfused)) * 1e3,
-          speedup_min = math.min(unpack(ratios)), speedup_max = math.max(unpack(ratios))}
+  return {fused_cpu_ms = median(cpu.fused) * 1e3, unfused_cpu_ms = median(cpu.unfused) * 1e3,
+          speedup = median(ratios), speedup_min = math.min(unpack(ratios)), speedup_max = math.max(unpack(ratios)),
+          fused_wall_ms = median(wall.fused) * 1e3, unfused_wall_ms = median(wall.unfused) * 1e3}
 end
 
 local function release(list) for _, t in ipairs(list) do t:free() end end
-local fused_order = {"bench", "rows", "cols", "pairs", "threads", "fused_ms", "unfused_ms", "speedup", "speedup_min",
-                     "speedup_max", "fused_min_ms", "fused_max_ms", "unfused_min_ms", "unfused_max_ms"}
+local fused_order = {"bench", "rows", "cols", "pairs", "threads", "fused_cpu_ms", "unfused_cpu_ms", "speedup",
+                     "speedup_min", "speedup_max", "fused_wall_ms", "unfused_wall_ms"}
 local fused_pairs = quick and 5 or 15
+ms.set_num_threads(1)
 do
   local rows, d_in, d_out = 512, 512, 2048
   local x = ms.randn(rows, d_in, {requires_grad = true})
@@ -136,8 +143,7 @@ do
   end
   local result = timed_pairs(fused_pairs, function() run(function() return F.linear_gelu(x, w, b) end) end,
                              function() run(function() return F.gelu(F.linear(x, w, b)) end) end)
-  result.bench, result.rows, result.cols, result.pairs, result.threads = "linear_gelu_fwd_bwd", rows, d_out, fused_pairs,
-                                                                          threads
+  result.bench, result.rows, result.cols, result.pairs, result.threads = "linear_gelu_fwd_bwd", rows, d_out, fused_pairs, 1
   emit(result, fused_order)
 end
 do
@@ -161,9 +167,10 @@ do
     end)
   end)
   result.bench, result.rows, result.cols, result.pairs, result.threads = "add_layer_norm_fwd_bwd", rows, dim,
-                                                                          fused_pairs * 4, threads
+                                                                          fused_pairs * 4, 1
   emit(result, fused_order)
 end
+ms.set_num_threads(threads)
 
 -- Dispatch: a 3x3 add with autograd on (both inputs require grad, so a node is recorded).
 -- Each round ends with a full collection, so finalizing the temporaries is part of the cost;
