@@ -33,6 +33,8 @@ function M.set_grad_enabled(mode) grad_enabled = mode and true or false end
 
 -- ---- nodes ----
 
+-- A node's edges (the nodes its inputs' gradients flow to, false for an input that needs
+-- none) are its array part: node[i] for input i. Keeping them in the node saves a table per op.
 local Node = {}
 Node.__index = Node
 M.Node = Node
@@ -42,7 +44,7 @@ M.Node = Node
 local function accumulator(t)
   local node = rawget(t, "_accumulator")
   if not node then
-    node = setmetatable({name = "AccumulateGrad", variable = t, edges = {}, seq = math.huge,
+    node = setmetatable({name = "AccumulateGrad", variable = t, seq = math.huge,
                          is_accumulator = true}, Node)
     t._accumulator = node
   end
@@ -64,8 +66,8 @@ function M.record(out, name, backward, a, b, c, d)
     return nil
   end
   sequence = sequence + 1
-  local node = setmetatable({name = name, backward = backward, seq = sequence,
-                             edges = {edge_of(a), edge_of(b), edge_of(c), edge_of(d)}}, Node)
+  local node = setmetatable({edge_of(a), edge_of(b), edge_of(c), edge_of(d),
+                             name = name, backward = backward, seq = sequence}, Node)
   out.grad_fn = node
   out.requires_grad = true
   return node
@@ -80,9 +82,8 @@ function M.record_list(out, name, backward, inputs)
   end
   if not any then return nil end
   sequence = sequence + 1
-  local edges = {}
-  for i = 1, #inputs do edges[i] = edge_of(inputs[i]) end
-  local node = setmetatable({name = name, backward = backward, seq = sequence, edges = edges}, Node)
+  local node = setmetatable({name = name, backward = backward, seq = sequence}, Node)
+  for i = 1, #inputs do node[i] = edge_of(inputs[i]) end
   out.grad_fn = node
   out.requires_grad = true
   return node
@@ -269,8 +270,8 @@ local function count_dependencies(roots)
   while #stack > 0 do
     local node = stack[#stack]
     stack[#stack] = nil
-    for i = 1, #node.edges do
-      local next_node = node.edges[i]
+    for i = 1, #node do
+      local next_node = node[i]
       if next_node then
         deps[next_node] = (deps[next_node] or 0) + 1
         if not seen[next_node] then
@@ -373,9 +374,8 @@ local function execute(task, root_nodes, root_grads)
     task.buffers[node] = nil
     if grad ~= nil then task.refs[grad] = task.refs[grad] - 1 end
     local grads = run_node(task, node, grad)
-    local edges = node.edges
-    for i = 1, #edges do
-      local next_node = edges[i]
+    for i = 1, #node do
+      local next_node = node[i]
       if next_node then
         local g = grads and grads[i]
         if g ~= nil then buffer_put(task, next_node, g) end
@@ -385,7 +385,7 @@ local function execute(task, root_nodes, root_grads)
       end
     end
     if grads then
-      for i = 1, #edges do if grads[i] ~= nil then task.consider(grads[i]) end end
+      for i = 1, #node do if grads[i] ~= nil then task.consider(grads[i]) end end
     end
     if grad ~= nil then task.consider(grad) end
   end

@@ -39,22 +39,22 @@ local function add_backward(node, g)
 end
 
 local function sub_backward(node, g)
-  local gb = node.edges[2] and raw.unary(sum_to(g, node.b_shape), raw.NEG, "sub")
+  local gb = node[2] and raw.unary(sum_to(g, node.b_shape), raw.NEG, "sub")
   return sum_to(g, node.a_shape), gb or nil
 end
 
 local function mul_backward(node, g)
   local ga, gb
-  if node.edges[1] then ga = sum_to(raw.binary(g, node:saved_tensor(node.b), raw.MUL, "mul"), node.a_shape) end
-  if node.edges[2] then gb = sum_to(raw.binary(g, node:saved_tensor(node.a), raw.MUL, "mul"), node.b_shape) end
+  if node[1] then ga = sum_to(raw.binary(g, node:saved_tensor(node.b), raw.MUL, "mul"), node.a_shape) end
+  if node[2] then gb = sum_to(raw.binary(g, node:saved_tensor(node.a), raw.MUL, "mul"), node.b_shape) end
   return ga, gb
 end
 
 local function div_backward(node, g)
   local b = node:saved_tensor(node.b)
   local ga, gb
-  if node.edges[1] then ga = sum_to(raw.binary(g, b, raw.DIV, "div"), node.a_shape) end
-  if node.edges[2] then
+  if node[1] then ga = sum_to(raw.binary(g, b, raw.DIV, "div"), node.a_shape) end
+  if node[2] then
     local a = node:saved_tensor(node.a)
     local q = raw.binary(raw.binary(g, a, raw.MUL, "div"), raw.binary(b, b, raw.MUL, "div"), raw.DIV, "div")
     gb = sum_to(raw.unary(q, raw.NEG, "div"), node.b_shape)
@@ -66,8 +66,8 @@ local function extremum_backward(node, g)
   local a, b = node:saved_tensor(node.a), node:saved_tensor(node.b)
   local a_wins = raw.binary(a, b, node.op == raw.MAXIMUM and raw.GE or raw.LE, node.name)
   local ga, gb
-  if node.edges[1] then ga = sum_to(raw.binary(g, a_wins, raw.MUL, node.name), node.a_shape) end
-  if node.edges[2] then
+  if node[1] then ga = sum_to(raw.binary(g, a_wins, raw.MUL, node.name), node.a_shape) end
+  if node[2] then
     local b_wins = raw.scalar(a_wins, 1, raw.SUB, true, node.name)
     gb = sum_to(raw.binary(g, b_wins, raw.MUL, node.name), node.b_shape)
   end
@@ -137,11 +137,11 @@ local function binary_op(a, b, op)
     node.op = op
     if not raw.same_shape(a._c, b._c) then node.a_shape, node.b_shape = a:shape(), b:shape() end
     if op == raw.MUL then
-      if node.edges[1] then node.b = node:save(b) end
-      if node.edges[2] then node.a = node:save(a) end
+      if node[1] then node.b = node:save(b) end
+      if node[2] then node.a = node:save(a) end
     elseif op == raw.DIV then
       node.b = node:save(b)
-      if node.edges[2] then node.a = node:save(a) end
+      if node[2] then node.a = node:save(a) end
     elseif op == raw.MAXIMUM or op == raw.MINIMUM then
       node.a, node.b = node:save(a), node:save(b)
     end
