@@ -56,20 +56,29 @@ local function edge_of(t)
   return t.grad_fn or accumulator(t)
 end
 
--- Record a node producing out from the given inputs when any of them requires grad.
--- backward(node, grad_out) returns one gradient per input (nil for none). Returns the node
--- (for saving tensors) or nil when no graph is recorded.
-function M.record(out, name, backward, a, b, c, d)
+-- A node for an output computed from the given inputs when any of them requires grad, else
+-- nil. backward(node, grad_out) returns one gradient per input (nil for none). The output
+-- made with it must get it as grad_fn (Tensor.wrap does when given it).
+local function new_node(name, backward, a, b, c, d)
   if not grad_enabled then return nil end
   if not ((type(a) == "table" and a.requires_grad) or (type(b) == "table" and b.requires_grad)
           or (type(c) == "table" and c.requires_grad) or (type(d) == "table" and d.requires_grad)) then
     return nil
   end
   sequence = sequence + 1
-  local node = setmetatable({edge_of(a), edge_of(b), edge_of(c), edge_of(d),
-                             name = name, backward = backward, seq = sequence}, Node)
-  out.grad_fn = node
-  out.requires_grad = true
+  return setmetatable({edge_of(a), edge_of(b), edge_of(c), edge_of(d),
+                       name = name, backward = backward, seq = sequence}, Node)
+end
+M.new_node = new_node
+
+-- Record a node producing out (already made) from the given inputs when any of them requires
+-- grad. Returns the node (for saving tensors) or nil when no graph is recorded.
+function M.record(out, name, backward, a, b, c, d)
+  local node = new_node(name, backward, a, b, c, d)
+  if node then
+    out.grad_fn = node
+    out.requires_grad = true
+  end
   return node
 end
 

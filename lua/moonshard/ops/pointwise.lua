@@ -6,7 +6,7 @@ local autograd = require "moonshard.autograd"
 local raw = require "moonshard.ops.raw"
 
 local fail = C.fail
-local record = autograd.record
+local new_node = autograd.new_node
 local is_tensor = Tensor.is_tensor
 
 -- An operand's gradient: the output gradient summed down to the operand's shape when the
@@ -110,8 +110,8 @@ local function scalar_backward(node, g)
 end
 
 local function scalar_op(a, s, op, reverse, what)
-  local out = raw.scalar(a, s, op, reverse, what)
-  local node = record(out, node_name(what), scalar_backward, a)
+  local node = new_node(node_name(what), scalar_backward, a)
+  local out = raw.scalar(a, s, op, reverse, what, node)
   if node then
     node.op, node.scalar, node.reverse = op, s, reverse
     if op == raw.POW or (op == raw.DIV and reverse) then node.a = node:save(a) end
@@ -131,8 +131,8 @@ local function binary_op(a, b, op)
   end
   as_tensor(a, what)
   as_tensor(b, what)
-  local out = raw.binary(a, b, op, what)
-  local node = record(out, node_name(what), binary_backward[op], a, b)
+  local node = new_node(node_name(what), binary_backward[op], a, b)
+  local out = raw.binary(a, b, op, what, node)
   if node then
     node.op = op
     if not raw.same_shape(a._c, b._c) then node.a_shape, node.b_shape = a:shape(), b:shape() end
@@ -202,12 +202,14 @@ local function unary_backward(node, g)
   fail(node.name, "no gradient formula")
 end
 
+-- Which unary ops are activations (a lookup, not a search: it runs per op).
+local is_activation = {}
+for _, op in pairs(activation_ops) do is_activation[op] = true end
+
 local function unary_op(a, op, name)
   if not is_tensor(a) then fail(name, "expected a tensor, got %s", type(a)) end
-  local out = raw.unary(a, op, name)
-  local backward = unary_backward
-  for _, act in pairs(activation_ops) do if act == op then backward = activation_backward end end
-  local node = record(out, node_name(name), backward, a)
+  local node = new_node(node_name(name), is_activation[op] and activation_backward or unary_backward, a)
+  local out = raw.unary(a, op, name, node)
   if node then
     node.op = op
     if op == raw.EXP or op == raw.SQRT then node.y = node:save(out)
