@@ -22,8 +22,8 @@ end
 -- Core product of [M, K] x [K, N] or [B, M, K] x [B, K, N].
 local function mm_backward(node, g)
   local ga, gb
-  if node.edges[1] then ga = gemm(g, node:saved_tensor(node.b), 0, 1, node.a_shape, "matmul backward") end
-  if node.edges[2] then gb = gemm(node:saved_tensor(node.a), g, 1, 0, node.b_shape, "matmul backward") end
+  if node[1] then ga = gemm(g, node:saved_tensor(node.b), 0, 1, node.a_shape, "matmul backward") end
+  if node[2] then gb = gemm(node:saved_tensor(node.a), g, 1, 0, node.b_shape, "matmul backward") end
   return ga, gb
 end
 
@@ -37,8 +37,8 @@ local function mm_core(a, b)
   local node = record(out, "MmBackward0", mm_backward, a, b)
   if node then
     node.a_shape, node.b_shape = a:shape(), b:shape()
-    if node.edges[2] then node.a = node:save(a) end
-    if node.edges[1] then node.b = node:save(b) end
+    if node[2] then node.a = node:save(a) end
+    if node[1] then node.b = node:save(b) end
   end
   return out
 end
@@ -141,16 +141,16 @@ local function linear_backward(node, g)
   local g2 = raw.contiguous(g)
   g2 = Tensor.view_raw(g2, {rows, out_features}, nil, tonumber(g2._c.offset), "linear backward")
   local gx, gw, gb
-  if node.edges[1] then
+  if node[1] then
     gx = gemm(g2, node:saved_tensor(node.weight), 0, 0, {rows, in_features}, "linear backward")
     gx = Tensor.view_raw(gx, node.x_shape, nil, 0, "linear backward")
   end
-  if node.edges[2] then
+  if node[2] then
     local x = node:saved_tensor(node.x)
     local x2 = Tensor.view_raw(x, {rows, in_features}, nil, tonumber(x._c.offset), "linear backward")
     gw = gemm(g2, x2, 1, 0, {out_features, in_features}, "linear backward")
   end
-  if node.edges[3] then
+  if node[3] then
     gb = raw.reduce_keepdim(g2, raw.SUM, {0}, "linear backward")
     gb = Tensor.view_raw(gb, {out_features}, nil, 0, "linear backward")
   end
@@ -199,8 +199,8 @@ function M.linear(x, weight, bias)
   if node then
     node.rows, node.in_features, node.out_features = rows, in_features, out_features
     node.x_shape = x:shape()
-    if node.edges[2] then node.x = node:save(dense) end
-    if node.edges[1] then node.weight = node:save(weight) end
+    if node[2] then node.x = node:save(dense) end
+    if node[1] then node.weight = node:save(weight) end
   end
   if dense ~= x then dense:_release() end
   return result
