@@ -3,7 +3,8 @@
 -- gradients (one collective each); the unit's other parameters share its flat buffer. The
 -- parity model with wide blocks (fc1.weight [11088, 6], fc2.weight [6, 11088]) mixes both:
 -- trained sharded, it must match the unsharded model, and each parameter that can go direct
--- must have its own reduce-scatter.
+-- must have its own reduce-scatter. Under NO_SHARD, gradients of 64Ki elements or more are
+-- all-reduced where backward left them, the others through one flat buffer per unit.
 local parity = require "support.parity"
 
 local STEPS = 3
@@ -27,12 +28,14 @@ describe("FSDP direct parameters", function()
     {strategy = "SHARD_GRAD_OP", world = 2}, {strategy = "SHARD_GRAD_OP", world = 4},
     {strategy = "FULL_SHARD", world = 2, offload = true}, {strategy = "FULL_SHARD", world = 4, forward_prefetch = true},
     {strategy = "HYBRID_SHARD", world = 4, mesh_shape = {2, 2}},
+    {strategy = "NO_SHARD", world = 2}, {strategy = "NO_SHARD", world = 3},
+    {strategy = "NO_SHARD", world = 2, offload = true},
   }
   for _, case in ipairs(cases) do
     local name = ("%s on %d ranks%s%s%s"):format(case.strategy, case.world, case.offload and ", offload" or "",
                                                case.forward_prefetch and ", forward_prefetch" or "",
                                                case.mesh_shape and ", 2x2 mesh" or "")
-    it(name .. " matches the unsharded model, one reduce-scatter per direct parameter", function()
+    it(name .. " matches the unsharded model, one collective per direct parameter", function()
       local runs = parity.sharded(STEPS, case.world, {strategy = case.strategy, wrap = "layer", hidden = HIDDEN,
                                                       offload = case.offload, mesh_shape = case.mesh_shape,
                                                       forward_prefetch = case.forward_prefetch})
@@ -40,7 +43,12 @@ describe("FSDP direct parameters", function()
       parity.expect_match(runs, reference, TOLERANCE)
       local shard_size = case.mesh_shape and case.mesh_shape[2] or case.world
       for rank, run in ipairs(runs) do
-        assert.equal(reduce_scatters(shard_size), run.stats.reduce_scatters, "rank " .. (rank - 1))
+        if case.strategy == "NO_SHARD" then
+          -- per block: the flat buffer, fc1.weight and fc2.weight; the root's flat buffer
+          assert.equal(7, run.stats.all_reduces, "rank " .. (rank - 1))
+        else
+          assert.equal(reduce_scatters(shard_size), run.stats.reduce_scatters, "rank " .. (rank - 1))
+        end
       end
     end)
   end

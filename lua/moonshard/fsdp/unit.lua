@@ -457,6 +457,43 @@ function Unit:reduce_flat(params, dtype)
   shard:_release()
 end
 
+-- NO_SHARD: a gradient of 64Ki elements or more all-reduced where backward left it (when it
+-- is dense and already in the reduce dtype), the others through one flat buffer and one
+-- all-reduce; then each is handed to its parameter.
+function Unit:all_reduce_grads(params)
+  local dtype = self:reduce_dtype(params[1].unsharded.grad)
+  local flat_params, total = {}, 0
+  for _, p in ipairs(params) do
+    local g = p.unsharded.grad
+    if g:numel() >= DIRECT_NUMEL and g._c.dtype == dtype and g:is_contiguous() then
+      stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(g._c)), dist().all_reduce, g, "avg",
+                  {group = self.replicate_group})
+      p.reduced_grad = g
+    else
+      flat_params[#flat_params + 1], total = p, total + g:numel()
+    end
+  end
+  if #flat_params > 0 then
+    local flat = empty({total}, dtype, flat_params[1].unsharded.grad._c.storage.pool)
+    local offset = 0
+    for _, p in ipairs(flat_params) do
+      local g = p.unsharded.grad
+      local slot = view_raw(flat, g:shape(), nil, offset, "fsdp")
+      check(lib.ms_copy(slot._c, g._c), "fsdp: reduce")
+      p.reduced_grad, offset = slot, offset + g:numel()
+    end
+    stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().all_reduce, flat, "avg",
+                {group = self.replicate_group})
+    flat:_release()
+  end
+  for _, p in ipairs(params) do
+    local g = p.reduced_grad
+    p.reduced_grad = nil
+    if g == p.unsharded.grad then g = Tensor.alias_raw(g) end -- the unit frees the gradient itself
+    accumulate_local_grad(p, g)
+  end
+end
+
 -- Reduce the unsharded gradients of this backward into the local shards' grads.
 function Unit:reduce_grads()
   if self.reduced then return end
@@ -467,25 +504,7 @@ function Unit:reduce_grads()
   end
   if #with_grad == 0 then return end
   if not self.strategy.shard then
-    -- one all-reduce through a flat buffer holding every gradient of the unit
-    local first = with_grad[1].unsharded.grad
-    local total = 0
-    for _, p in ipairs(with_grad) do total = total + p.unsharded.grad:numel() end
-    local flat = empty({total}, self:reduce_dtype(first), first._c.storage.pool)
-    local offset = 0
-    for _, p in ipairs(with_grad) do
-      local g = p.unsharded.grad
-      local slot = view_raw(flat, g:shape(), nil, offset, "fsdp")
-      check(lib.ms_copy(slot._c, g._c), "fsdp: reduce")
-      p.flat_slot, offset = slot, offset + g:numel()
-    end
-    stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().all_reduce, flat, "avg",
-                {group = self.replicate_group})
-    flat:_release()
-    for _, p in ipairs(with_grad) do
-      accumulate_local_grad(p, p.flat_slot)
-      p.flat_slot = nil
-    end
+    self:all_reduce_grads(with_grad)
   else
     local dtype = self:reduce_dtype(with_grad[1].unsharded.grad)
     local flat_grads = {}
