@@ -138,8 +138,8 @@ local function add_layer_norm_backward(node)
   local sum = node:saved_tensor(node.sum)
   local weight = node.weight and node:saved_tensor(node.weight)
   local dx = empty_like(sum)
-  local dweight = node.edges[3] and raw.zeros_like(weight) or nil
-  local dbias = node.edges[4] and raw.zeros_like_shape(node.bias_shape, sum) or nil
+  local dweight = node[3] and raw.zeros_like(weight) or nil
+  local dbias = node[4] and raw.zeros_like_shape(node.bias_shape, sum) or nil
   check(lib.ms_add_layer_norm_backward(dx._c, dweight and dweight._c, dbias and dbias._c,
                                        raw.contiguous(dy)._c, dsum and raw.contiguous(dsum)._c, sum._c,
                                        node:saved_tensor(node.mean)._c, node:saved_tensor(node.rstd)._c,
@@ -217,17 +217,17 @@ local function linear_gelu_backward(node, g)
   check(lib.ms_bias_gelu_backward(dacc._c, dbias._c, g2._c, acc._c, node:saved_tensor(node.bias)._c,
                                   node.tanh_approx), "linear_gelu")
   local gx, gw
-  if node.edges[1] then
+  if node[1] then
     gx = gemm(dacc, node:saved_tensor(node.weight), 0, 0, {rows, in_features})
     gx = Tensor.view_raw(gx, node.x_shape, nil, 0, "linear_gelu backward")
   end
-  if node.edges[2] then
+  if node[2] then
     local x = node:saved_tensor(node.x)
     local x2 = Tensor.view_raw(x, {rows, in_features}, nil, tonumber(x._c.offset), "linear_gelu backward")
     gw = gemm(dacc, x2, 1, 0, {out_features, in_features})
   end
   dacc:_release()
-  return gx, gw, node.edges[3] and dbias or nil
+  return gx, gw, node[3] and dbias or nil
 end
 
 -- x2 [rows, in] times weight^T, without the bias.
@@ -275,8 +275,8 @@ function M.linear_gelu(x, weight, bias, opts)
     node.rows, node.in_features, node.out_features = rows, in_features, out_features
     node.x_shape, node.tanh_approx = x:shape(), tanh_approx
     node.acc, node.bias = node:save(acc), node:save(bias)
-    if node.edges[2] then node.x = node:save(dense) end
-    if node.edges[1] then node.weight = node:save(weight) end
+    if node[2] then node.x = node:save(dense) end
+    if node[1] then node.weight = node:save(weight) end
   end
   acc:_release()
   if dense ~= x then dense:_release() end
