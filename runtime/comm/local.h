@@ -131,9 +131,26 @@ int local_wait_posted(ms_group *g, const local_call *call, uint32_t step);
 void local_consume(ms_group *g, uint32_t step);
 /* One step without data: every member has reached this point. */
 int local_barrier_step(ms_group *g, const local_call *call);
+
+/* A collective of nsteps steps in which a member fills its own buffer of each step and then
+ * reads the others'. ctx is the collective's; t counts from 0. */
+typedef struct local_steps {
+    int64_t nsteps;
+    void (*fill)(const ms_group *g, void *ctx, int64_t t, uint8_t *mine);
+    void (*read)(const ms_group *g, void *ctx, int64_t t, uint32_t step);
+    void *ctx;
+} local_steps;
+/* Run steps one ahead: a member fills and posts step t + 1 before it waits for the others'
+ * step t, so a member that is slightly behind rarely makes the others sleep. The first
+ * step runs alone, so members that called different collectives stop there before any
+ * later step is posted. */
+int local_run_steps(ms_group *g, const local_call *call, const local_steps *steps);
 /* Copy n bytes into a collective's destination of destination_bytes in all, bypassing the
  * cache when that is too large to stay there (local_copy.c). */
 void local_copy_out(void *dst, const void *src, size_t n, size_t destination_bytes);
+/* dst = the reduction of srcs (ms_comm_reduce), written as local_copy_out writes. */
+void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
+                      int op, size_t destination_bytes);
 /* Wake every process sleeping on counter. */
 void local_wake_all(local_counter *counter);
 

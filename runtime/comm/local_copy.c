@@ -65,3 +65,25 @@ void ms_local_stream_copy(void *dst, const void *src, size_t n)
     copy_lines(dst, src, n, 1);
     fence_streams();
 }
+
+void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
+                      int op, size_t destination_bytes)
+{
+    if (destination_bytes < STREAM_MIN) {
+        ms_comm_reduce(dst, srcs, nsrc, count, dtype, op);
+        return;
+    }
+    /* Reduce a block into scratch that stays in L1, then stream it out: the destination's
+     * lines are never read, and the arithmetic is ms_comm_reduce's, bit for bit. */
+    _Alignas(64) uint8_t scratch[16384];
+    size_t esize = ms_dtype_size(dtype), per_block = sizeof scratch / esize;
+    const void *parts[LOCAL_MAX_RANKS];
+    for (size_t base = 0; base < count; base += per_block) {
+        size_t len = count - base < per_block ? count - base : per_block;
+        for (int k = 0; k < nsrc; k++)
+            parts[k] = (const uint8_t *)srcs[k] + base * esize;
+        ms_comm_reduce(scratch, parts, nsrc, len, dtype, op);
+        copy_lines((uint8_t *)dst + base * esize, scratch, len * esize, 1);
+    }
+    fence_streams();
+}

@@ -198,3 +198,26 @@ int local_barrier_step(ms_group *g, const local_call *call)
     local_consume(g, step);
     return MS_OK;
 }
+
+int local_run_steps(ms_group *g, const local_call *call, const local_steps *steps)
+{
+    local_group *lg = g->impl;
+    uint32_t first = lg->next_step;
+    MS_CHECK(local_wait_free(g, call, first));
+    steps->fill(g, steps->ctx, 0, local_buffer(lg, g->rank, first));
+    local_post(g, call, first);
+    MS_CHECK(local_wait_posted(g, call, first));
+    for (int64_t t = 0; t < steps->nsteps; t++) {
+        uint32_t step = first + (uint32_t)t;
+        if (t + 1 < steps->nsteps) {
+            MS_CHECK(local_wait_free(g, call, step + 1));
+            steps->fill(g, steps->ctx, t + 1, local_buffer(lg, g->rank, step + 1));
+            local_post(g, call, step + 1);
+        }
+        if (t > 0)
+            MS_CHECK(local_wait_posted(g, call, step));
+        steps->read(g, steps->ctx, t, step);
+        local_consume(g, step);
+    }
+    return MS_OK;
+}
