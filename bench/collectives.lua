@@ -28,8 +28,9 @@
 -- bound_us is the time of that copy measured in the same run, in the same forked ranks, all
 -- copying at once between their own buffers from the tensor allocator (the ranks share the
 -- memory bus, so this is the rate n concurrent copies get), the slowest rank's, with the
--- faster of memcpy and a streaming-store copy; each (op, size) alternates the collective
--- and the copies REPEATS times and keeps the fastest of each. fraction_of_bound = bound_us /
+-- faster of memcpy and a streaming-store copy; each (op, size) alternates blocks of the
+-- collective and of the copies REPEATS times, every call started together on all ranks
+-- after a barrier, and keeps the fastest call of each (time_us too). fraction_of_bound = bound_us /
 -- time_us. A collective can exceed 1 where it reads peers' pieces from cache rather than
 -- from memory (the bound prices every byte at the rate of memory).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
@@ -94,7 +95,7 @@ local COPY_FORMULA = {
   all_reduce = "memcpy of (3n-1)/(2n)*B per rank, n ranks at once",
   broadcast = "memcpy of B per non-root rank, n-1 ranks at once",
 }
-local REPEATS = 3
+local REPEATS = 5
 
 -- Every byte of t written once, so no page is left unmapped (a read of the zero page would
 -- be free).
@@ -140,17 +141,27 @@ local function prepare_copies(op, bytes, size, rank)
           buffers = {src, dst}}
 end
 
--- Seconds per call, the slowest rank's.
+-- Seconds of the fastest of a block of calls, each call timed from the first rank's start
+-- to the last rank's end (the clock is the same in every process), every rank starting it
+-- after a barrier: a call whose ranks did not run at the same time does not look faster.
 local function measure(call, bytes)
-  local iterations = math.max(5, math.min(2000, math.floor(2 ^ 29 / bytes)))
+  local iterations = math.max(5, math.min(500, math.floor(2 ^ 27 / bytes)))
   call()
-  call()
-  dist.barrier()
-  local start = now()
-  for _ = 1, iterations do call() end
-  local elapsed = ms.tensor({(now() - start) / iterations}, {dtype = "f64"})
-  dist.all_reduce(elapsed, "max")
-  return elapsed:item()
+  local starts = ms.empty(iterations, {dtype = "f64"})
+  local ends = ms.empty(iterations, {dtype = "f64"})
+  local s = ffi.cast("double *", starts:data_ptr())
+  local e = ffi.cast("double *", ends:data_ptr())
+  for i = 0, iterations - 1 do
+    dist.barrier()
+    s[i] = now()
+    call()
+    e[i] = now()
+  end
+  dist.all_reduce(starts, "min")
+  dist.all_reduce(ends, "max")
+  local fastest = math.huge
+  for i = 0, iterations - 1 do fastest = math.min(fastest, e[i] - s[i]) end
+  return fastest
 end
 
 local function record(backend, size, op, bytes, seconds, bound_seconds)
@@ -168,8 +179,9 @@ local function json(r)
                        COPY_FORMULA[r.op])
 end
 
--- The collective and its bound's copies, alternating REPEATS times: the fastest of each;
--- the bound is the faster copy.
+-- The collective and its bound's copies, in blocks alternating REPEATS times: the fastest
+-- call of each (the machine is shared: the fastest call is the one least disturbed); the
+-- bound is the faster copy.
 local function measure_with_bound(op, bytes, size, rank)
   local call = prepare(op, bytes, size)
   local copies = prepare_copies(op, bytes, size, rank)

@@ -12,15 +12,18 @@ enum {
     LOCAL_MAX_RANKS = 64,
     LOCAL_MAX_GROUPS = 256,
     LOCAL_RING_DEPTH = 4,     /* buffers per member: steps in flight before reuse waits */
+    LOCAL_LOOKAHEAD = 2,      /* steps a member fills ahead of the one it reads */
     LOCAL_HEADER_BYTES = 64,  /* a step header, ahead of each buffer's data */
     LOCAL_WAIT_SLICE_MS = 50, /* longest futex sleep between abort and deadline checks */
 };
 
-/* A futex word and the number of processes sleeping on it, alone on a cache line. */
+/* A futex word, the number of processes sleeping on it and the least value one of them
+ * waits for (a publish below it wakes nobody), alone on a cache line. */
 typedef struct local_counter {
     _Atomic uint32_t value;
     _Atomic uint32_t sleepers;
-    char pad[56];
+    _Atomic uint32_t wake_at;
+    char pad[52];
 } local_counter;
 
 /* Progress of one member of a group, as step counts (wrapping, compared by difference). */
@@ -120,7 +123,9 @@ static inline uint8_t *local_buffer(const local_group *lg, int member, uint32_t 
                           lg->buffer_stride + LOCAL_HEADER_BYTES;
 }
 
-/* Wait until every member consumed the step that last used step's buffers. */
+/* Wait until every member consumed the step that last used step's buffers. A member that
+ * must sleep for that sleeps until the others consumed as much as it has, so a member
+ * running ahead sleeps once until the others catch up rather than once every step. */
 int local_wait_free(ms_group *g, const local_call *call, uint32_t step);
 /* Write this member's header for step and publish the post. */
 void local_post(ms_group *g, const local_call *call, uint32_t step);
@@ -140,8 +145,8 @@ typedef struct local_steps {
     void (*read)(const ms_group *g, void *ctx, int64_t t, uint32_t step);
     void *ctx;
 } local_steps;
-/* Run steps one ahead: a member fills and posts step t + 1 before it waits for the others'
- * step t, so a member that is slightly behind rarely makes the others sleep. The first
+/* Run steps ahead: a member fills and posts steps up to t + LOCAL_LOOKAHEAD before it waits
+ * for the others' step t, so a member somewhat behind rarely makes the others sleep. The first
  * step runs alone, so members that called different collectives stop there before any
  * later step is posted. */
 int local_run_steps(ms_group *g, const local_call *call, const local_steps *steps);
