@@ -246,14 +246,15 @@ static int all_reduce_pieces(ms_group *g, const local_call *call, void *data, in
     MS_CHECK(local_wait_free(g, call, first));
     post_scatter(g, &c, 0, local_buffer(lg, g->rank, first));
     local_post(g, call, first);
-    MS_CHECK(local_wait_posted(g, call, first));
+    MS_CHECK(local_wait_posted(g, call, first, first));
+    uint32_t last = first + (uint32_t)(2 * nchunks - 1);
     for (int64_t t = 0; t < nchunks; t++) {
         uint32_t scatter = first + (uint32_t)(2 * t), gather = scatter + 1;
         if (t > 0) {
-            MS_CHECK(local_wait_posted(g, call, scatter - 1));
+            MS_CHECK(local_wait_posted(g, call, scatter - 1, gather));
             copy_reduced(g, &c, t - 1, scatter - 1);
             local_consume(g, scatter - 1);
-            MS_CHECK(local_wait_posted(g, call, scatter));
+            MS_CHECK(local_wait_posted(g, call, scatter, scatter));
         }
         MS_CHECK(local_wait_free(g, call, gather));
         reduce_piece(g, &c, t, scatter, local_buffer(lg, g->rank, gather));
@@ -265,8 +266,7 @@ static int all_reduce_pieces(ms_group *g, const local_call *call, void *data, in
             local_post(g, call, gather + 1);
         }
     }
-    uint32_t last = first + (uint32_t)(2 * nchunks - 1);
-    MS_CHECK(local_wait_posted(g, call, last));
+    MS_CHECK(local_wait_posted(g, call, last, last));
     copy_reduced(g, &c, nchunks - 1, last);
     local_consume(g, last);
     return MS_OK;

@@ -11,7 +11,7 @@
 enum {
     LOCAL_MAX_RANKS = 64,
     LOCAL_MAX_GROUPS = 256,
-    LOCAL_RING_DEPTH = 4,     /* buffers per member: steps in flight before reuse waits */
+    LOCAL_RING_DEPTH = 8,     /* buffers per member: steps in flight before reuse waits */
     LOCAL_LOOKAHEAD = 2,      /* steps a member fills ahead of the one it reads */
     LOCAL_HEADER_BYTES = 64,  /* a step header, ahead of each buffer's data */
     LOCAL_WAIT_SLICE_MS = 50, /* longest futex sleep between abort and deadline checks */
@@ -130,8 +130,11 @@ int local_wait_free(ms_group *g, const local_call *call, uint32_t step);
 /* Write this member's header for step and publish the post. */
 void local_post(ms_group *g, const local_call *call, uint32_t step);
 /* Wait for every member's post of step and compare headers: MS_ERR_MISMATCH when they
- * differ (every member sees it at the same step, consumes it and the group stays usable). */
-int local_wait_posted(ms_group *g, const local_call *call, uint32_t step);
+ * differ (every member sees it at the same step, consumes it and the group stays usable).
+ * A member that must sleep for that sleeps until the others posted step until (at or after
+ * step, one they post without waiting for this member to do more), so it wakes once for
+ * several steps of a member that is behind. */
+int local_wait_posted(ms_group *g, const local_call *call, uint32_t step, uint32_t until);
 /* Publish that this member finished reading step; the group's next step follows it. */
 void local_consume(ms_group *g, uint32_t step);
 /* One step without data: every member has reached this point. */

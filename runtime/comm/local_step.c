@@ -35,6 +35,8 @@ static inline int reached(uint32_t value, uint32_t target)
     return (int32_t)(value - target) >= 0;
 }
 
+static uint32_t min_step(uint32_t a, uint32_t b) { return reached(a, b) ? b : a; }
+
 /* Far enough ahead that no publish reaches it before a sleeper announces its own value. */
 enum { WAKE_NONE = 1u << 30 };
 
@@ -173,11 +175,12 @@ static int same_call(const local_step_header *a, const local_step_header *b)
            a->count == b->count;
 }
 
-int local_wait_posted(ms_group *g, const local_call *call, uint32_t step)
+int local_wait_posted(ms_group *g, const local_call *call, uint32_t step, uint32_t until)
 {
     local_group *lg = g->impl;
     for (int m = 0; m < g->size; m++)
-        MS_CHECK(wait_counter(g, call->name, &lg->members[m].posted, step + 1, step + 1, m));
+        MS_CHECK(wait_counter(g, call->name, &lg->members[m].posted, step + 1,
+                              m == g->rank ? step + 1 : until + 1, m));
     const local_step_header *mine =
         (const local_step_header *)(local_buffer(lg, g->rank, step) - LOCAL_HEADER_BYTES);
     for (int m = 0; m < g->size; m++) {
@@ -214,7 +217,7 @@ int local_barrier_step(ms_group *g, const local_call *call)
     uint32_t step = lg->next_step;
     MS_CHECK(local_wait_free(g, call, step));
     local_post(g, call, step);
-    MS_CHECK(local_wait_posted(g, call, step));
+    MS_CHECK(local_wait_posted(g, call, step, step));
     local_consume(g, step);
     return MS_OK;
 }
@@ -226,7 +229,8 @@ int local_run_steps(ms_group *g, const local_call *call, const local_steps *step
     MS_CHECK(local_wait_free(g, call, first));
     steps->fill(g, steps->ctx, 0, local_buffer(lg, g->rank, first));
     local_post(g, call, first);
-    MS_CHECK(local_wait_posted(g, call, first));
+    MS_CHECK(local_wait_posted(g, call, first, first));
+    uint32_t last = first + (uint32_t)(steps->nsteps - 1);
     int64_t filled = 1;
     for (int64_t t = 0; t < steps->nsteps; t++) {
         uint32_t step = first + (uint32_t)t;
@@ -237,7 +241,7 @@ int local_run_steps(ms_group *g, const local_call *call, const local_steps *step
             local_post(g, call, ahead);
         }
         if (t > 0)
-            MS_CHECK(local_wait_posted(g, call, step));
+            MS_CHECK(local_wait_posted(g, call, step, min_step(step + LOCAL_LOOKAHEAD, last)));
         steps->read(g, steps->ctx, t, step);
         local_consume(g, step);
     }
