@@ -10,29 +10,30 @@
 --
 -- The copy bound. B is a row's bytes (the larger buffer: all_gather's output,
 -- reduce_scatter's input, all_reduce's and broadcast's tensor), n the ranks. Counted is the
--- least memory traffic of each rank even if it could read its peers' tensors directly (one
--- copy, no staging): R bytes read plus W bytes written, which a plain copy of
--- X = (R + W) / 2 bytes also moves (memcpy reads X and writes X).
+-- least each rank must read (R) and write (W) even if it could read its peers' tensors
+-- directly (one copy, no staging through the segment), priced as a plain copy of
+-- X = (R + W) / 2 bytes (a copy of X reads X and writes X):
 --   all_gather      each rank writes its whole output (W = B) and reads every block of it
---                   once, its own input and the n - 1 others' (R = B):  X = B.
+--                   once: its own input and the n - 1 others' (R = B).   X = B
 --   reduce_scatter  each rank writes its block (W = B/n) and reads that block of every
---                   rank's input, the n operands it adds (R = B):        X = (n+1)/(2n) * B.
---   all_reduce      each rank writes the whole result (W = B). Every element is the sum of n
---                   operands read at least once somewhere; with the work split evenly, each
---                   rank reads the n operands of its B/n (n * B/n) and copies the other
---                   (n-1)/n of the result from the ranks that summed it (R = (2n-1)/n * B,
---                   the least: a rank that sums a larger share reads n bytes for each byte
---                   instead of 1):                                       X = (3n-1)/(2n) * B.
---   broadcast       each of the n - 1 other ranks reads B and writes B; the root moves
---                   nothing:                                             X = B, n - 1 copying.
--- bound_us is the time of that copy measured in the same run, in the same forked ranks, all
+--                   rank's input, the n operands it adds (R = B).        X = (n+1)/(2n) * B
+--   all_reduce      each rank writes the whole result (W = B). Each of the B/n-byte pieces
+--                   of the result is summed once, from n operands (n * B/n read by the rank
+--                   that sums it), and copied by the other n - 1 ranks (B/n read by each).
+--                   Over all ranks that is n*B + (n-1)*B reads; summing a piece twice would
+--                   read n bytes where a copy reads 1. Split evenly, R = (2n-1)/n * B.
+--                                                                        X = (3n-1)/(2n) * B
+--   broadcast       each of the n - 1 other ranks reads B and writes B; the root need move
+--                   nothing, so only n - 1 ranks copy.                   X = B
+-- bound_us is the time of that copy measured in the same run by the same forked ranks, all
 -- copying at once between their own buffers from the tensor allocator (the ranks share the
--- memory bus, so this is the rate n concurrent copies get), the slowest rank's, with the
--- faster of memcpy and a streaming-store copy; each (op, size) alternates blocks of the
--- collective and of the copies REPEATS times, every call started together on all ranks
--- after a barrier, and keeps the fastest call of each (time_us too). fraction_of_bound = bound_us /
--- time_us. A collective can exceed 1 where it reads peers' pieces from cache rather than
--- from memory (the bound prices every byte at the rate of memory).
+-- memory bus), with the faster of memcpy and a streaming-store copy (ms_local_stream_copy).
+-- Each (op, size) alternates blocks of collective calls and of copies REPEATS times; every
+-- call starts on all ranks after a barrier and is timed from the first rank's start to the
+-- last rank's end; time_us and bound_us are the fastest call of each (the machine is
+-- shared: the fastest call is the least disturbed), median_us the collective's median.
+-- fraction_of_bound = bound_us / time_us. It can exceed 1 where a collective reads peers'
+-- pieces from cache rather than memory (the bound prices every byte at the memory's rate).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
 local ms = require "moonshard"
@@ -141,7 +142,7 @@ local function prepare_copies(op, bytes, size, rank)
           buffers = {src, dst}}
 end
 
--- Seconds of the fastest of a block of calls, each call timed from the first rank's start
+-- Seconds of the fastest and the median of a block of calls, each call timed from the first rank's start
 -- to the last rank's end (the clock is the same in every process), every rank starting it
 -- after a barrier: a call whose ranks did not run at the same time does not look faster.
 local function measure(call, bytes)
@@ -159,40 +160,43 @@ local function measure(call, bytes)
   end
   dist.all_reduce(starts, "min")
   dist.all_reduce(ends, "max")
-  local fastest = math.huge
-  for i = 0, iterations - 1 do fastest = math.min(fastest, e[i] - s[i]) end
-  return fastest
+  local spans = {}
+  for i = 0, iterations - 1 do spans[i + 1] = e[i] - s[i] end
+  table.sort(spans)
+  return spans[1], spans[math.floor((#spans + 1) / 2)]
 end
 
-local function record(backend, size, op, bytes, seconds, bound_seconds)
+local function record(backend, size, op, bytes, seconds, bound_seconds, median_seconds)
   local algbw = bytes / seconds / 1e9
   return {backend = backend, ranks = size, op = op, bytes = bytes, time_us = seconds * 1e6,
-          algbw = algbw, busbw = algbw * BUS_FACTOR[op](size), bound_us = bound_seconds * 1e6,
-          fraction = bound_seconds / seconds}
+          median_us = median_seconds * 1e6, algbw = algbw, busbw = algbw * BUS_FACTOR[op](size),
+          bound_us = bound_seconds * 1e6, fraction = bound_seconds / seconds}
 end
 
 local function json(r)
   return string.format('{"backend":"%s","ranks":%d,"op":"%s","bytes":%d,"time_us":%.2f,' ..
-                       '"algbw_gbps":%.3f,"busbw_gbps":%.3f,"bound_us":%.2f,' ..
+                       '"median_us":%.2f,"algbw_gbps":%.3f,"busbw_gbps":%.3f,"bound_us":%.2f,' ..
                        '"fraction_of_bound":%.3f,"bound":"%s"}', r.backend, r.ranks, r.op,
-                       r.bytes, r.time_us, r.algbw, r.busbw, r.bound_us, r.fraction,
-                       COPY_FORMULA[r.op])
+                       r.bytes, r.time_us, r.median_us, r.algbw, r.busbw, r.bound_us,
+                       r.fraction, COPY_FORMULA[r.op])
 end
 
 -- The collective and its bound's copies, in blocks alternating REPEATS times: the fastest
 -- call of each (the machine is shared: the fastest call is the one least disturbed); the
--- bound is the faster copy.
+-- bound is the faster copy; also the median of the blocks' median calls.
 local function measure_with_bound(op, bytes, size, rank)
   local call = prepare(op, bytes, size)
   local copies = prepare_copies(op, bytes, size, rank)
-  local best, best_copy = math.huge, {memcpy = math.huge, stream = math.huge}
+  local best, medians, best_copy = math.huge, {}, {memcpy = math.huge, stream = math.huge}
   for _ = 1, REPEATS do
-    best = math.min(best, measure(call, bytes))
+    local fastest, median = measure(call, bytes)
+    best, medians[#medians + 1] = math.min(best, fastest), median
     for _, kind in ipairs({"memcpy", "stream"}) do
-      best_copy[kind] = math.min(best_copy[kind], measure(copies[kind], bytes))
+      best_copy[kind] = math.min(best_copy[kind], (measure(copies[kind], bytes)))
     end
   end
-  return best, math.min(best_copy.memcpy, best_copy.stream)
+  table.sort(medians)
+  return best, math.min(best_copy.memcpy, best_copy.stream), medians[math.floor((#medians + 1) / 2)]
 end
 
 -- Every rank measures every op and size; rank 0 returns the records.
@@ -230,10 +234,10 @@ local function run_mpi(opts, size)
   local records, last, pipe = {}, nil, io.popen(command)
   for line in pipe:lines() do
     local op, bytes, time_us = line:match('"op":"([%w_]+)","bytes":(%d+),"time_us":([%d.]+)')
-    local bound_us = line:match('"bound_us":([%d.]+)')
-    if op and bound_us then
+    local median_us, bound_us = line:match('"median_us":([%d.]+)'), line:match('"bound_us":([%d.]+)')
+    if op and bound_us and median_us then
       local r = record("mpi", size, op, tonumber(bytes), tonumber(time_us) / 1e6,
-                       tonumber(bound_us) / 1e6)
+                       tonumber(bound_us) / 1e6, tonumber(median_us) / 1e6)
       records[#records + 1] = r
       print(json(r))
     else
