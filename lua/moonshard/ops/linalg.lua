@@ -90,7 +90,8 @@ function M.matmul(a, b)
     out_shape[na] = sb[2]
     return reshape_released(out, out_shape)
   end
-  -- batched: broadcast the batch dims, flatten them to one
+  -- batched: broadcast the batch dims; BLAS reads every matrix through its strides (a
+  -- transposed or sliced view included), so no operand is copied
   local batch_a, batch_b = {}, {}
   for d = 1, na - 2 do batch_a[d] = sa[d] end
   for d = 1, nb - 2 do batch_b[d] = sb[d] end
@@ -102,22 +103,22 @@ function M.matmul(a, b)
     if x ~= y and x ~= 1 and y ~= 1 then size_error(a, b) end
     batch[i] = math.max(x, y)
   end
-  local count = 1
-  for _, s in ipairs(batch) do count = count * s end
-  local function batched(t, rows, cols)
+  -- t with batch dims `batch`, and whether that made a new view
+  local function batched(t, own_batch, rows, cols)
+    local same = #own_batch == nbatch
+    for i = 1, #own_batch do same = same and own_batch[i] == batch[i] end
+    if same then return t, false end
     local full = {}
     for i, s in ipairs(batch) do full[i] = s end
     full[#full + 1], full[#full + 2] = rows, cols
-    return shape_ops.reshape(shape_ops.expand(t, full), count, rows, cols)
+    return shape_ops.expand(t, full), true
   end
-  local batch_a3, batch_b3 = batched(a, sa[na - 1], sa[na]), batched(b, sb[nb - 1], sb[nb])
-  local out = mm_core(batch_a3, batch_b3)
-  batch_a3:_release()
-  batch_b3:_release()
-  local out_shape = {}
-  for i, s in ipairs(batch) do out_shape[i] = s end
-  out_shape[#out_shape + 1], out_shape[#out_shape + 2] = sa[na - 1], sb[nb]
-  return reshape_released(out, out_shape)
+  local batch_a_full, new_a = batched(a, batch_a, sa[na - 1], sa[na])
+  local batch_b_full, new_b = batched(b, batch_b, sb[nb - 1], sb[nb])
+  local out = mm_core(batch_a_full, batch_b_full)
+  if new_a then batch_a_full:_release() end
+  if new_b then batch_b_full:_release() end
+  return out
 end
 
 function M.mm(a, b)
