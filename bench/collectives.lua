@@ -1,10 +1,39 @@
--- Collective bandwidth and latency, local backend against OpenMPI in the same run, with a
--- memcpy baseline. Prints JSON lines; algbw and busbw follow nccl-tests (doc/PERFORMANCE.md).
+-- Collective bandwidth and latency, local backend against OpenMPI in the same run, each row
+-- with its copy bound. Prints JSON lines; algbw and busbw follow nccl-tests
+-- (doc/PERFORMANCE.md).
 -- Usage (repository root): luajit bench/collectives.lua [--ranks 2,4] [--max-bytes 268435456]
 --   [--ops all_reduce,all_gather,reduce_scatter,broadcast] [--rounds 1] [--no-mpi]
--- The summary lines give, over the rounds, the range of the local/mpi busbw ratio at 64 MiB
--- and of the 1 KiB latency. When the OpenMPI rows are left out, a {"mpi_rows":"missing"} line
--- says why (--no-mpi, run under mpirun, no mpirun, a build without MPI, or mpirun failing).
+-- The summary lines give, over the rounds, the range of the local/mpi busbw ratio and of the
+-- fraction of the copy bound at 64 MiB, and of the 1 KiB latency. When the OpenMPI rows are
+-- left out, a {"mpi_rows":"missing"} line says why (--no-mpi, run under mpirun, no mpirun, a
+-- build without MPI, or mpirun failing).
+--
+-- The copy bound. B is a row's bytes (the larger buffer: all_gather's output,
+-- reduce_scatter's input, all_reduce's and broadcast's tensor), n the ranks. Counted is the
+-- least each rank must read (R) and write (W) even if it could read its peers' tensors
+-- directly (one copy, no staging through the segment), priced as a plain copy of
+-- X = (R + W) / 2 bytes (a copy of X reads X and writes X):
+--   all_gather      each rank writes its whole output (W = B) and reads every block of it
+--                   once: its own input and the n - 1 others' (R = B).   X = B
+--   reduce_scatter  each rank writes its block (W = B/n) and reads that block of every
+--                   rank's input, the n operands it adds (R = B).        X = (n+1)/(2n) * B
+--   all_reduce      each rank writes the whole result (W = B). Each of the B/n-byte pieces
+--                   of the result is summed once, from n operands (n * B/n read by the rank
+--                   that sums it), and copied by the other n - 1 ranks (B/n read by each).
+--                   Over all ranks that is n*B + (n-1)*B reads; summing a piece twice would
+--                   read n bytes where a copy reads 1. Split evenly, R = (2n-1)/n * B.
+--                                                                        X = (3n-1)/(2n) * B
+--   broadcast       each of the n - 1 other ranks reads B and writes B; the root need move
+--                   nothing, so only n - 1 ranks copy.                   X = B
+-- bound_us is the time of that copy measured in the same run by the same forked ranks, all
+-- copying at once between their own buffers from the tensor allocator (the ranks share the
+-- memory bus), with the faster of memcpy and a streaming-store copy (ms_local_stream_copy).
+-- Each (op, size) alternates blocks of collective calls and of copies REPEATS times; every
+-- call starts on all ranks after a barrier and is timed from the first rank's start to the
+-- last rank's end; time_us and bound_us are the fastest call of each (the machine is
+-- shared: the fastest call is the least disturbed), median_us the collective's median.
+-- fraction_of_bound = bound_us / time_us. It can exceed 1 where a collective reads peers'
+-- pieces from cache rather than memory (the bound prices every byte at the memory's rate).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ffi = require "ffi"
 local ms = require "moonshard"
@@ -54,46 +83,120 @@ local function sizes(max_bytes)
   return out
 end
 
+-- Per rank copy bytes of the bound (see the top), as a factor of B, and its formula.
+local COPY_FACTOR = {
+  all_gather = function() return 1 end,
+  reduce_scatter = function(n) return (n + 1) / (2 * n) end,
+  all_reduce = function(n) return (3 * n - 1) / (2 * n) end,
+  broadcast = function() return 1 end,
+}
+local COPY_FORMULA = {
+  all_gather = "memcpy of B per rank, n ranks at once",
+  reduce_scatter = "memcpy of (n+1)/(2n)*B per rank, n ranks at once",
+  all_reduce = "memcpy of (3n-1)/(2n)*B per rank, n ranks at once",
+  broadcast = "memcpy of B per non-root rank, n-1 ranks at once",
+}
+local REPEATS = 5
+
+-- Every byte of t written once, so no page is left unmapped (a read of the zero page would
+-- be free).
+local function touch(t)
+  ffi.fill(t:data_ptr(), t:nbytes(), 0)
+  return t
+end
+
+local function buffer(count, dtype)
+  return touch(ms.empty(count, {dtype = dtype or "f32"}))
+end
+
 -- The call for op on bytes (f32 sum), with its buffers.
 local function prepare(op, bytes, size)
   local count = math.floor(bytes / 4 / size) * size
   if op == "all_reduce" then
-    local t = ms.zeros(count)
+    local t = buffer(count)
     return function() dist.all_reduce(t, "sum") end
   elseif op == "broadcast" then
-    local t = ms.zeros(count)
+    local t = buffer(count)
     return function() dist.broadcast(t, 0) end
   elseif op == "all_gather" then
-    local out, input = ms.zeros(count), ms.zeros(count / size)
+    local out, input = buffer(count), buffer(count / size)
     return function() dist.all_gather_into_tensor(out, input) end
   end
-  local out, input = ms.zeros(count / size), ms.zeros(count)
+  local out, input = buffer(count / size), buffer(count)
   return function() dist.reduce_scatter_tensor(out, input, "sum") end
 end
 
--- Seconds per call, the slowest rank's.
-local function measure(call, bytes)
-  local iterations = math.max(5, math.min(2000, math.floor(2 ^ 29 / bytes)))
-  call()
-  call()
-  dist.barrier()
-  local start = now()
-  for _ = 1, iterations do call() end
-  local elapsed = ms.tensor({(now() - start) / iterations}, {dtype = "f64"})
-  dist.all_reduce(elapsed, "max")
-  return elapsed:item()
+-- The bound's copies for op on bytes: copy_bytes between two buffers of this rank, with
+-- memcpy and with streaming stores (ms_local_stream_copy), or nothing on a rank that need
+-- not copy (broadcast's root).
+local function prepare_copies(op, bytes, size, rank)
+  local copy_bytes = math.floor(bytes * COPY_FACTOR[op](size))
+  if op == "broadcast" and rank == 0 then
+    local idle = function() end
+    return {memcpy = idle, stream = idle}
+  end
+  local src, dst = buffer(copy_bytes, "u8"), buffer(copy_bytes, "u8")
+  local s, d = src:data_ptr(), dst:data_ptr()
+  return {memcpy = function() ffi.copy(d, s, copy_bytes) end,
+          stream = function() lib.ms_local_stream_copy(d, s, copy_bytes) end,
+          buffers = {src, dst}}
 end
 
-local function record(backend, size, op, bytes, seconds)
+-- Seconds of the fastest and the median of a block of calls, each call timed from the first rank's start
+-- to the last rank's end (the clock is the same in every process), every rank starting it
+-- after a barrier: a call whose ranks did not run at the same time does not look faster.
+local function measure(call, bytes)
+  local iterations = math.max(5, math.min(500, math.floor(2 ^ 27 / bytes)))
+  call()
+  local starts = ms.empty(iterations, {dtype = "f64"})
+  local ends = ms.empty(iterations, {dtype = "f64"})
+  local s = ffi.cast("double *", starts:data_ptr())
+  local e = ffi.cast("double *", ends:data_ptr())
+  for i = 0, iterations - 1 do
+    dist.barrier()
+    s[i] = now()
+    call()
+    e[i] = now()
+  end
+  dist.all_reduce(starts, "min")
+  dist.all_reduce(ends, "max")
+  local spans = {}
+  for i = 0, iterations - 1 do spans[i + 1] = e[i] - s[i] end
+  table.sort(spans)
+  return spans[1], spans[math.floor((#spans + 1) / 2)]
+end
+
+local function record(backend, size, op, bytes, seconds, bound_seconds, median_seconds)
   local algbw = bytes / seconds / 1e9
   return {backend = backend, ranks = size, op = op, bytes = bytes, time_us = seconds * 1e6,
-          algbw = algbw, busbw = algbw * BUS_FACTOR[op](size)}
+          median_us = median_seconds * 1e6, algbw = algbw, busbw = algbw * BUS_FACTOR[op](size),
+          bound_us = bound_seconds * 1e6, fraction = bound_seconds / seconds}
 end
 
 local function json(r)
   return string.format('{"backend":"%s","ranks":%d,"op":"%s","bytes":%d,"time_us":%.2f,' ..
-                       '"algbw_gbps":%.3f,"busbw_gbps":%.3f}', r.backend, r.ranks, r.op, r.bytes,
-                       r.time_us, r.algbw, r.busbw)
+                       '"median_us":%.2f,"algbw_gbps":%.3f,"busbw_gbps":%.3f,"bound_us":%.2f,' ..
+                       '"fraction_of_bound":%.3f,"bound":"%s"}', r.backend, r.ranks, r.op,
+                       r.bytes, r.time_us, r.median_us, r.algbw, r.busbw, r.bound_us,
+                       r.fraction, COPY_FORMULA[r.op])
+end
+
+-- The collective and its bound's copies, in blocks alternating REPEATS times: the fastest
+-- call of each (the machine is shared: the fastest call is the one least disturbed); the
+-- bound is the faster copy; also the median of the blocks' median calls.
+local function measure_with_bound(op, bytes, size, rank)
+  local call = prepare(op, bytes, size)
+  local copies = prepare_copies(op, bytes, size, rank)
+  local best, medians, best_copy = math.huge, {}, {memcpy = math.huge, stream = math.huge}
+  for _ = 1, REPEATS do
+    local fastest, median = measure(call, bytes)
+    best, medians[#medians + 1] = math.min(best, fastest), median
+    for _, kind in ipairs({"memcpy", "stream"}) do
+      best_copy[kind] = math.min(best_copy[kind], (measure(copies[kind], bytes)))
+    end
+  end
+  table.sort(medians)
+  return best, math.min(best_copy.memcpy, best_copy.stream), medians[math.floor((#medians + 1) / 2)]
 end
 
 -- Every rank measures every op and size; rank 0 returns the records.
@@ -102,7 +205,7 @@ local function worker(rank, size, opts, backend)
   for _, op in ipairs(opts.ops) do
     for _, bytes in ipairs(sizes(opts.max_bytes)) do
       local r = record(backend, size, op, bytes, ms.no_grad(function()
-        return measure(prepare(op, bytes, size), bytes)
+        return measure_with_bound(op, bytes, size, rank)
       end))
       if rank == 0 then
         records[#records + 1] = r
@@ -131,8 +234,10 @@ local function run_mpi(opts, size)
   local records, last, pipe = {}, nil, io.popen(command)
   for line in pipe:lines() do
     local op, bytes, time_us = line:match('"op":"([%w_]+)","bytes":(%d+),"time_us":([%d.]+)')
-    if op then
-      local r = record("mpi", size, op, tonumber(bytes), tonumber(time_us) / 1e6)
+    local median_us, bound_us = line:match('"median_us":([%d.]+)'), line:match('"bound_us":([%d.]+)')
+    if op and bound_us and median_us then
+      local r = record("mpi", size, op, tonumber(bytes), tonumber(time_us) / 1e6,
+                       tonumber(bound_us) / 1e6, tonumber(median_us) / 1e6)
       records[#records + 1] = r
       print(json(r))
     else
@@ -183,7 +288,8 @@ local function range(rounds, fn)
   return low, high
 end
 
--- Per op at 64 MiB: the local/mpi busbw ratio of each round; 1 KiB latencies. Ranges over
+-- Per op at 64 MiB: the local/mpi busbw ratio and the fraction of the copy bound of each
+-- round; 1 KiB latencies. Ranges over
 -- the rounds (the machine is shared, so single runs are noisy).
 local function summary(rounds, size)
   local target = 64 * 2 ^ 20
@@ -200,6 +306,17 @@ local function summary(rounds, size)
                           '"local_busbw_gbps":[%.3f,%.3f],"mpi_busbw_gbps":[%.3f,%.3f],' ..
                           '"ratio":[%.2f,%.2f],"rounds":%d}', size, op, target, l_low, l_high,
                           m_low, m_high, low, high, #rounds))
+    end
+  end
+  for _, op in ipairs({"all_reduce", "all_gather", "reduce_scatter", "broadcast"}) do
+    for _, backend in ipairs({"local", "mpi"}) do
+      local key = backend .. size .. op .. target
+      local low, high = range(rounds, function(round) return round[key] and round[key].fraction end)
+      if low then
+        print(string.format('{"summary":"fraction of the copy bound","backend":"%s","ranks":%d,' ..
+                            '"op":"%s","bytes":%d,"fraction":[%.2f,%.2f],"rounds":%d}', backend,
+                            size, op, target, low, high, #rounds))
+      end
     end
   end
   for _, op in ipairs({"all_reduce", "all_gather", "reduce_scatter", "broadcast"}) do

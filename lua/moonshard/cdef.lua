@@ -457,6 +457,11 @@ int ms_spawn_outcome(const ms_spawn *job, int rank, ms_rank_outcome *outcome);
 /* Parent: kill and reap ranks still running, unmap the segment, free the job. */
 void ms_spawn_free(ms_spawn *job);
 
+/* Copy n bytes with streaming stores (whole cache lines written around the cache, as the
+ * local backend copies large destinations); memcpy where the CPU has none. dst and src must
+ * not overlap. For copy bounds in benchmarks (bench/collectives.lua). */
+void ms_local_stream_copy(void *dst, const void *src, size_t n);
+
 /* ---- the mpi backend ---- */
 /* 1 when this process was started by mpirun (OpenMPI, PMIx or PMI variables), else 0. */
 int ms_mpi_launched(void);

@@ -11,16 +11,19 @@
 enum {
     LOCAL_MAX_RANKS = 64,
     LOCAL_MAX_GROUPS = 256,
-    LOCAL_RING_DEPTH = 4,     /* buffers per member: steps in flight before reuse waits */
+    LOCAL_RING_DEPTH = 8,     /* buffers per member: steps in flight before reuse waits */
+    LOCAL_LOOKAHEAD = 2,      /* steps a member fills ahead of the one it reads */
     LOCAL_HEADER_BYTES = 64,  /* a step header, ahead of each buffer's data */
     LOCAL_WAIT_SLICE_MS = 50, /* longest futex sleep between abort and deadline checks */
 };
 
-/* A futex word and the number of processes sleeping on it, alone on a cache line. */
+/* A futex word, the number of processes sleeping on it and the least value one of them
+ * waits for (a publish below it wakes nobody), alone on a cache line. */
 typedef struct local_counter {
     _Atomic uint32_t value;
     _Atomic uint32_t sleepers;
-    char pad[56];
+    _Atomic uint32_t wake_at;
+    char pad[52];
 } local_counter;
 
 /* Progress of one member of a group, as step counts (wrapping, compared by difference). */
@@ -120,20 +123,42 @@ static inline uint8_t *local_buffer(const local_group *lg, int member, uint32_t 
                           lg->buffer_stride + LOCAL_HEADER_BYTES;
 }
 
-/* Wait until every member consumed the step that last used step's buffers. */
+/* Wait until every member consumed the step that last used step's buffers. A member that
+ * must sleep for that sleeps until the others consumed as much as it has, so a member
+ * running ahead sleeps once until the others catch up rather than once every step. */
 int local_wait_free(ms_group *g, const local_call *call, uint32_t step);
 /* Write this member's header for step and publish the post. */
 void local_post(ms_group *g, const local_call *call, uint32_t step);
 /* Wait for every member's post of step and compare headers: MS_ERR_MISMATCH when they
- * differ (every member sees it at the same step, consumes it and the group stays usable). */
-int local_wait_posted(ms_group *g, const local_call *call, uint32_t step);
+ * differ (every member sees it at the same step, consumes it and the group stays usable).
+ * A member that must sleep for that sleeps until the others posted step until (at or after
+ * step, one they post without waiting for this member to do more), so it wakes once for
+ * several steps of a member that is behind. */
+int local_wait_posted(ms_group *g, const local_call *call, uint32_t step, uint32_t until);
 /* Publish that this member finished reading step; the group's next step follows it. */
 void local_consume(ms_group *g, uint32_t step);
 /* One step without data: every member has reached this point. */
 int local_barrier_step(ms_group *g, const local_call *call);
+
+/* A collective of nsteps steps in which a member fills its own buffer of each step and then
+ * reads the others'. ctx is the collective's; t counts from 0. */
+typedef struct local_steps {
+    int64_t nsteps;
+    void (*fill)(const ms_group *g, void *ctx, int64_t t, uint8_t *mine);
+    void (*read)(const ms_group *g, void *ctx, int64_t t, uint32_t step);
+    void *ctx;
+} local_steps;
+/* Run steps ahead: a member fills and posts steps up to t + LOCAL_LOOKAHEAD before it waits
+ * for the others' step t, so a member somewhat behind rarely makes the others sleep. The first
+ * step runs alone, so members that called different collectives stop there before any
+ * later step is posted. */
+int local_run_steps(ms_group *g, const local_call *call, const local_steps *steps);
 /* Copy n bytes into a collective's destination of destination_bytes in all, bypassing the
  * cache when that is too large to stay there (local_copy.c). */
 void local_copy_out(void *dst, const void *src, size_t n, size_t destination_bytes);
+/* dst = the reduction of srcs (ms_comm_reduce), written as local_copy_out writes. */
+void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
+                      int op, size_t destination_bytes);
 /* Wake every process sleeping on counter. */
 void local_wake_all(local_counter *counter);
 

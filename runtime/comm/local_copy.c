@@ -11,7 +11,8 @@
  * destination will not be in cache anyway. */
 enum { STREAM_MIN = 2 * 1024 * 1024 };
 
-/* Copy n bytes, with streaming stores when stream != 0 (no fence). */
+/* Copy n bytes, with streaming stores when stream != 0 (no fence). Four lines per
+ * iteration keep more loads in flight. */
 static void copy_lines(uint8_t *d, const uint8_t *s, size_t n, int stream)
 {
 #if defined(__AVX512F__) || defined(__SSE2__)
@@ -22,6 +23,16 @@ static void copy_lines(uint8_t *d, const uint8_t *s, size_t n, int stream)
     }
     memcpy(d, s, head);
     d += head, s += head, n -= head;
+#if defined(__AVX512F__)
+    for (; n >= 256; d += 256, s += 256, n -= 256) {
+        __m512i a = _mm512_loadu_si512(s), b = _mm512_loadu_si512(s + 64),
+                c = _mm512_loadu_si512(s + 128), e = _mm512_loadu_si512(s + 192);
+        _mm512_stream_si512((void *)d, a);
+        _mm512_stream_si512((void *)(d + 64), b);
+        _mm512_stream_si512((void *)(d + 128), c);
+        _mm512_stream_si512((void *)(d + 192), e);
+    }
+#endif
     for (; n >= 64; d += 64, s += 64, n -= 64) {
 #if defined(__AVX512F__)
         _mm512_stream_si512((void *)d, _mm512_loadu_si512(s));
@@ -46,5 +57,33 @@ static void fence_streams(void)
 void local_copy_out(void *dst, const void *src, size_t n, size_t destination_bytes)
 {
     copy_lines(dst, src, n, destination_bytes >= STREAM_MIN);
+    fence_streams();
+}
+
+void ms_local_stream_copy(void *dst, const void *src, size_t n)
+{
+    copy_lines(dst, src, n, 1);
+    fence_streams();
+}
+
+void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
+                      int op, size_t destination_bytes)
+{
+    if (destination_bytes < STREAM_MIN) {
+        ms_comm_reduce(dst, srcs, nsrc, count, dtype, op);
+        return;
+    }
+    /* Reduce a block into scratch that stays in L1, then stream it out: the destination's
+     * lines are never read, and the arithmetic is ms_comm_reduce's, bit for bit. */
+    _Alignas(64) uint8_t scratch[16384];
+    size_t esize = ms_dtype_size(dtype), per_block = sizeof scratch / esize;
+    const void *parts[LOCAL_MAX_RANKS];
+    for (size_t base = 0; base < count; base += per_block) {
+        size_t len = count - base < per_block ? count - base : per_block;
+        for (int k = 0; k < nsrc; k++)
+            parts[k] = (const uint8_t *)srcs[k] + base * esize;
+        ms_comm_reduce(scratch, parts, nsrc, len, dtype, op);
+        copy_lines((uint8_t *)dst + base * esize, scratch, len * esize, 1);
+    }
     fence_streams();
 }

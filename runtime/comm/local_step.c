@@ -30,16 +30,33 @@ void local_wake_all(local_counter *counter)
     syscall(SYS_futex, &counter->value, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-static void publish(local_counter *counter, uint32_t value)
-{
-    atomic_store(&counter->value, value);
-    if (atomic_load(&counter->sleepers))
-        local_wake_all(counter);
-}
-
 static inline int reached(uint32_t value, uint32_t target)
 {
     return (int32_t)(value - target) >= 0;
+}
+
+static uint32_t min_step(uint32_t a, uint32_t b) { return reached(a, b) ? b : a; }
+
+/* Far enough ahead that no publish reaches it before a sleeper announces its own value. */
+enum { WAKE_NONE = 1u << 30 };
+
+static void publish(local_counter *counter, uint32_t value)
+{
+    atomic_store(&counter->value, value);
+    if (atomic_load(&counter->sleepers) && reached(value, atomic_load(&counter->wake_at))) {
+        /* Woken sleepers that still wait announce their value again. */
+        atomic_store(&counter->wake_at, value + WAKE_NONE);
+        local_wake_all(counter);
+    }
+}
+
+/* Lower counter's wake_at to want unless a sleeper waits for less. */
+static void announce(local_counter *counter, uint32_t want)
+{
+    uint32_t current = atomic_load(&counter->wake_at);
+    while ((int32_t)(want - current) < 0)
+        if (atomic_compare_exchange_weak(&counter->wake_at, &current, want))
+            return;
 }
 
 /* Why the segment failed, or 0: a rank ended without returning. */
@@ -53,9 +70,10 @@ static int check_abort(const char *name, local_segment *seg)
 }
 
 /* Wait until counter (member's) reaches target, asleep on its futex: ranks may outnumber
- * the cores, and a spinning waiter would take the time its peers need to arrive. */
+ * the cores, and a spinning waiter would take the time its peers need to arrive. Once it
+ * must sleep, it sleeps until the counter reaches want (at or after target). */
 static int wait_counter(ms_group *g, const char *name, local_counter *counter,
-                        uint32_t target, int member)
+                        uint32_t target, uint32_t want, int member)
 {
     local_group *lg = g->impl;
     local_segment *seg = lg->seg;
@@ -81,12 +99,13 @@ static int wait_counter(ms_group *g, const char *name, local_counter *counter,
                                              "within %lld ms", name, peer,
                                              (long long)g->timeout_ms));
         atomic_fetch_add(&counter->sleepers, 1);
+        announce(counter, want);
         uint32_t seen = atomic_load(&counter->value);
-        if (!reached(seen, target))
+        if (!reached(seen, want))
             futex_sleep(&counter->value, seen, left < LOCAL_WAIT_SLICE_MS ? left
                                                                           : LOCAL_WAIT_SLICE_MS);
         atomic_fetch_sub(&counter->sleepers, 1);
-        if (reached(atomic_load(&counter->value), target))
+        if (reached(atomic_load(&counter->value), want))
             return MS_OK;
     }
 }
@@ -95,8 +114,11 @@ int local_wait_free(ms_group *g, const local_call *call, uint32_t step)
 {
     local_group *lg = g->impl;
     uint32_t target = step + 1 - LOCAL_RING_DEPTH;
+    uint32_t consumed = atomic_load(&lg->members[g->rank].consumed.value);
+    uint32_t want = reached(consumed, target) ? consumed : target;
     for (int m = 0; m < g->size; m++)
-        MS_CHECK(wait_counter(g, call->name, &lg->members[m].consumed, target, m));
+        MS_CHECK(wait_counter(g, call->name, &lg->members[m].consumed, target,
+                              m == g->rank ? target : want, m));
     return MS_OK;
 }
 
@@ -153,11 +175,12 @@ static int same_call(const local_step_header *a, const local_step_header *b)
            a->count == b->count;
 }
 
-int local_wait_posted(ms_group *g, const local_call *call, uint32_t step)
+int local_wait_posted(ms_group *g, const local_call *call, uint32_t step, uint32_t until)
 {
     local_group *lg = g->impl;
     for (int m = 0; m < g->size; m++)
-        MS_CHECK(wait_counter(g, call->name, &lg->members[m].posted, step + 1, m));
+        MS_CHECK(wait_counter(g, call->name, &lg->members[m].posted, step + 1,
+                              m == g->rank ? step + 1 : until + 1, m));
     const local_step_header *mine =
         (const local_step_header *)(local_buffer(lg, g->rank, step) - LOCAL_HEADER_BYTES);
     for (int m = 0; m < g->size; m++) {
@@ -194,7 +217,33 @@ int local_barrier_step(ms_group *g, const local_call *call)
     uint32_t step = lg->next_step;
     MS_CHECK(local_wait_free(g, call, step));
     local_post(g, call, step);
-    MS_CHECK(local_wait_posted(g, call, step));
+    MS_CHECK(local_wait_posted(g, call, step, step));
     local_consume(g, step);
+    return MS_OK;
+}
+
+int local_run_steps(ms_group *g, const local_call *call, const local_steps *steps)
+{
+    local_group *lg = g->impl;
+    uint32_t first = lg->next_step;
+    MS_CHECK(local_wait_free(g, call, first));
+    steps->fill(g, steps->ctx, 0, local_buffer(lg, g->rank, first));
+    local_post(g, call, first);
+    MS_CHECK(local_wait_posted(g, call, first, first));
+    uint32_t last = first + (uint32_t)(steps->nsteps - 1);
+    int64_t filled = 1;
+    for (int64_t t = 0; t < steps->nsteps; t++) {
+        uint32_t step = first + (uint32_t)t;
+        for (; filled < steps->nsteps && filled <= t + LOCAL_LOOKAHEAD; filled++) {
+            uint32_t ahead = first + (uint32_t)filled;
+            MS_CHECK(local_wait_free(g, call, ahead));
+            steps->fill(g, steps->ctx, filled, local_buffer(lg, g->rank, ahead));
+            local_post(g, call, ahead);
+        }
+        if (t > 0)
+            MS_CHECK(local_wait_posted(g, call, step, min_step(step + LOCAL_LOOKAHEAD, last)));
+        steps->read(g, steps->ctx, t, step);
+        local_consume(g, step);
+    }
     return MS_OK;
 }
