@@ -61,7 +61,7 @@ function Unit.new(module, owned, config)
   local self = setmetatable({
     module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
     offload = config.offload, mp = config.mp, params = {}, per_rank_numel = 0, unsharded = false,
-    received = 0, needs_grad = 0, reduced = false, hooks = {},
+    received = 0, needs_grad = 0, reduced = false, hooks = {}, padded = false,
   }, Unit)
   if strategy.shard then
     local shard_dim = mesh:ndim() - 1
@@ -138,6 +138,8 @@ function Unit:add_param(entry, shard_pool, compute_pool)
     local_start = start, local_rows = length, flat_offset = self.per_rank_numel, shape = shape,
   }
   self.per_rank_numel = self.per_rank_numel + chunk * row_numel
+  -- rows that do not split evenly leave padding slots in the flat buffers, zeroed before use
+  if rows ~= chunk * self.shard_size then self.padded = true end
   self.params[#self.params + 1] = param
   if full.requires_grad then
     self.needs_grad = self.needs_grad + 1
@@ -184,10 +186,10 @@ end
 local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
   if param.rows == 0 or param.row_numel == 0 then return end
   local whole_ranks = math.floor(param.rows / param.chunk)
-  local flat_full = view_raw(full, {param.rows, param.row_numel}, nil, tonumber(full._c.offset), "fsdp")
+  local full_offset = tonumber(full._c.offset)
   if whole_ranks > 0 then
     local slots = rank_slots(flat, param, whole_ranks, per_rank_numel)
-    local rows = view_raw(flat_full, {whole_ranks, param.chunk, param.row_numel}, nil, tonumber(flat_full._c.offset), "fsdp")
+    local rows = view_raw(full, {whole_ranks, param.chunk, param.row_numel}, nil, full_offset, "fsdp")
     if to_slots then check(lib.ms_copy(slots._c, rows._c), "fsdp") else check(lib.ms_copy(rows._c, slots._c), "fsdp") end
     slots:_release()
     rows:_release()
@@ -196,13 +198,12 @@ local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
   if remainder > 0 and whole_ranks < size then
     local slot = view_raw(flat, {remainder, param.row_numel}, nil,
                           whole_ranks * per_rank_numel + param.flat_offset, "fsdp")
-    local rows = view_raw(flat_full, {remainder, param.row_numel}, nil,
-                          tonumber(flat_full._c.offset) + whole_ranks * param.chunk * param.row_numel, "fsdp")
+    local rows = view_raw(full, {remainder, param.row_numel}, nil,
+                          full_offset + whole_ranks * param.chunk * param.row_numel, "fsdp")
     if to_slots then check(lib.ms_copy(slot._c, rows._c), "fsdp") else check(lib.ms_copy(rows._c, slot._c), "fsdp") end
     slot:_release()
     rows:_release()
   end
-  flat_full:_release()
 end
 
 -- Issue the unit's all-gather into a flat buffer (kept in self.gathering); the parameters
@@ -219,7 +220,7 @@ end
 function Unit:all_gather(dtype, pool)
   local size, per_rank = self.shard_size, self.per_rank_numel
   local send = empty({per_rank}, dtype, pool)
-  check(lib.ms_fill(send._c, 0), "fsdp: unshard")
+  if self.padded then check(lib.ms_fill(send._c, 0), "fsdp: unshard") end
   for _, p in ipairs(self.params) do
     if p.local_rows > 0 and p.row_numel > 0 then
       local slot = view_raw(send, {p.local_rows, p.row_numel}, nil, p.flat_offset, "fsdp")
@@ -392,7 +393,7 @@ function Unit:reduce_grads()
     local first = with_grad[1].unsharded.grad
     local dtype = self:reduce_dtype(first)
     local flat = empty({size * per_rank}, dtype, first._c.storage.pool)
-    check(lib.ms_fill(flat._c, 0), "fsdp: reduce")
+    if self.padded or #with_grad < #self.params then check(lib.ms_fill(flat._c, 0), "fsdp: reduce") end
     for _, p in ipairs(with_grad) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
     local shard = empty({per_rank}, dtype, first._c.storage.pool)
     stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().reduce_scatter_tensor,
