@@ -3,7 +3,8 @@
 # alternating, default 5 pairs) with the same models, batch, world sizes and strategies;
 # prints each pair's ratio moonshard / PyTorch as it comes, then per configuration the
 # medians and ranges of both step times and of the ratio (targets: <= 0.7 on the
-# transformer at world 1, <= 0.5 under FSDP, <= 0.2 on the small MLP).
+# transformer at world 1, <= 0.5 under FSDP, <= 0.2 on the small MLP), with bound_ratio: the
+# ratio that running every FLOP at the sgemm rate of the same run would give (compare_rows.lua).
 # PyTorch comes from PyPI into a virtualenv (default .bench-venv, or $TORCH_PYTHON).
 # Usage: bench/compare.sh [--pairs N] [--model transformer|mlp|all] [--strategy S]
 #                         [--world-size N] [--steps N] [--quick]
