@@ -213,12 +213,12 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     gemm = math.max(gemm, gemm_rate())
     for step = 1, steps do report_profile(spec, strategy, size, step, profiles[step], gemm) end
   end
-  return {step = median(times), cpu = median(cpu), comm = median(comm), peak = ms.memory_stats("cpu").peak - base,
-          threads = ms.get_num_threads()}
+  return {step = median(times), cpu = median(cpu), comm = median(comm),
+          peak = ms.memory_stats("cpu").peak - base, threads = ms.get_num_threads()}
 end
 
-local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "cpu_ms", "comm_ms", "compute_ms",
-               "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
+local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "cpu_ms", "comm_ms",
+               "compute_ms", "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
 
 -- The machine is shared: the reference is the best sgemm rate measured right before and right
 -- after the run (and at start), so a quiet moment during the run cannot make its FLOP rate
