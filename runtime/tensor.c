@@ -1,10 +1,24 @@
 /* moonshard runtime: dtypes, refcounted storage and tensor views.
  * A tensor handle owns one reference to its storage; the storage goes back to its pool
  * when the last view is freed. */
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
+
+/* A storage's header shares one allocation with the handle ms_tensor_new made it for (one
+ * malloc per new tensor instead of two). The block lives until the storage's last view is
+ * freed, even when that first handle was freed before. */
+typedef struct first_handle {
+    ms_tensor tensor;
+    ms_storage storage;
+} first_handle;
+
+static first_handle *block_of(ms_storage *storage)
+{
+    return (first_handle *)((char *)storage - offsetof(first_handle, storage));
+}
 
 static const size_t dtype_sizes[MS_DTYPE_COUNT] = {4, 8, 2, 2, 4, 8, 1};
 static const char *const dtype_names[MS_DTYPE_COUNT] = {"f32", "f64", "bf16", "f16",
@@ -94,20 +108,17 @@ int ms_tensor_new(ms_tensor **out, int dtype, int ndim, const int64_t *shape, in
     int64_t numel;
     MS_CHECK(check_geometry("tensor_new", ndim, shape, &numel));
     size_t nbytes = (size_t)numel * dtype_sizes[dtype];
-    ms_storage *storage = malloc(sizeof *storage);
-    ms_tensor *t = malloc(sizeof *t);
-    if (!storage || !t) {
-        free(storage);
-        free(t);
+    first_handle *block = malloc(sizeof *block);
+    if (!block)
         return MS_FAIL(MS_ERR_OOM, "tensor_new: out of host memory for the handle");
-    }
     void *data = NULL;
     int status = ms_pool_alloc(pool, nbytes, &data);
     if (status != MS_OK) {
-        free(storage);
-        free(t);
+        free(block);
         return status;
     }
+    ms_storage *storage = &block->storage;
+    ms_tensor *t = &block->tensor;
     *storage = (ms_storage){.data = data, .nbytes = nbytes, .pool = pool, .refcount = 1};
     memset(t, 0, sizeof *t);
     t->storage = storage;
@@ -181,11 +192,17 @@ void ms_tensor_free(ms_tensor *t)
     if (!t)
         return;
     ms_storage *storage = t->storage;
-    free(t);
-    if (storage && __atomic_sub_fetch(&storage->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
+    if (!storage) {
+        free(t);
+        return;
+    }
+    first_handle *block = block_of(storage);
+    if (t != &block->tensor)
+        free(t);
+    if (__atomic_sub_fetch(&storage->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
         if (!storage->released)
             ms_pool_free(storage->pool, storage->data, storage->nbytes);
-        free(storage);
+        free(block);
     }
 }
 

@@ -24,9 +24,9 @@ local function reference(config)
   local world, reduce, micro = config.world, config.reduce or "f64", config.micro or 1
   ms.set_default_dtype("f32")
   ms.manual_seed(0)
-  local master = parity.Model()
+  local master = parity.Model(config.hidden)
   ms.set_default_dtype("f64")
-  local compute = parity.Model()
+  local compute = parity.Model(config.hidden)
   ms.set_default_dtype("f32")
   local opt = optim.Adam(master:parameters(), {lr = 0.01})
   local masters, computes = {}, {}
@@ -78,7 +78,7 @@ end
 local function sharded(config, policy)
   return dist.spawn(config.world, function(rank, size)
     ms.manual_seed(0)
-    local model = parity.Model()
+    local model = parity.Model(config.hidden)
     local opts = {sharding_strategy = config.strategy, cpu_offload = {offload_params = config.offload or false},
                   mixed_precision = policy}
     if config.mesh_shape then
@@ -165,7 +165,8 @@ after_each(global_state.restore)
 describe("FSDP mixed precision (param_dtype f64 over f32 masters)", function()
   local refs = {}
   local function ref(config)
-    local key = ("%d/%s/%d/%s"):format(config.world, config.reduce or "f64", config.micro or 1, tostring(config.clip))
+    local key = ("%d/%s/%d/%s/%s"):format(config.world, config.reduce or "f64", config.micro or 1, tostring(config.clip),
+                                        tostring(config.hidden))
     refs[key] = refs[key] or reference(config)
     return refs[key]
   end
@@ -227,6 +228,14 @@ describe("FSDP mixed precision (param_dtype f64 over f32 masters)", function()
     end
     config = {world = 2, strategy = "NO_SHARD", wrap = "layer", reduce = "f32"}
     expect_same(sharded(config, {param_dtype = "f64", reduce_dtype = "f32"}), ref(config), 1e-13)
+  end)
+
+  it("direct parameters (wide blocks, see fsdp_direct_spec) gather in param_dtype and reduce in reduce_dtype",
+     function()
+    for _, strategy in ipairs({"FULL_SHARD", "NO_SHARD"}) do
+      local config = {world = 2, strategy = strategy, wrap = "layer", reduce = "f32", hidden = 11088}
+      expect_same(sharded(config, {param_dtype = "f64", reduce_dtype = "f32"}), ref(config), 1e-13)
+    end
   end)
 
   it("no_sync accumulates the unsharded gradients in param_dtype", function()

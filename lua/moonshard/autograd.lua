@@ -33,6 +33,8 @@ function M.set_grad_enabled(mode) grad_enabled = mode and true or false end
 
 -- ---- nodes ----
 
+-- A node's edges (the nodes its inputs' gradients flow to, false for an input that needs
+-- none) are its array part: node[i] for input i. Keeping them in the node saves a table per op.
 local Node = {}
 Node.__index = Node
 M.Node = Node
@@ -42,7 +44,7 @@ M.Node = Node
 local function accumulator(t)
   local node = rawget(t, "_accumulator")
   if not node then
-    node = setmetatable({name = "AccumulateGrad", variable = t, edges = {}, seq = math.huge,
+    node = setmetatable({name = "AccumulateGrad", variable = t, seq = math.huge,
                          is_accumulator = true}, Node)
     t._accumulator = node
   end
@@ -54,20 +56,29 @@ local function edge_of(t)
   return t.grad_fn or accumulator(t)
 end
 
--- Record a node producing out from the given inputs when any of them requires grad.
--- backward(node, grad_out) returns one gradient per input (nil for none). Returns the node
--- (for saving tensors) or nil when no graph is recorded.
-function M.record(out, name, backward, a, b, c, d)
+-- A node for an output computed from the given inputs when any of them requires grad, else
+-- nil. backward(node, grad_out) returns one gradient per input (nil for none). The output
+-- made with it must get it as grad_fn (Tensor.wrap does when given it).
+local function new_node(name, backward, a, b, c, d)
   if not grad_enabled then return nil end
   if not ((type(a) == "table" and a.requires_grad) or (type(b) == "table" and b.requires_grad)
           or (type(c) == "table" and c.requires_grad) or (type(d) == "table" and d.requires_grad)) then
     return nil
   end
   sequence = sequence + 1
-  local node = setmetatable({name = name, backward = backward, seq = sequence,
-                             edges = {edge_of(a), edge_of(b), edge_of(c), edge_of(d)}}, Node)
-  out.grad_fn = node
-  out.requires_grad = true
+  return setmetatable({edge_of(a), edge_of(b), edge_of(c), edge_of(d),
+                       name = name, backward = backward, seq = sequence}, Node)
+end
+M.new_node = new_node
+
+-- Record a node producing out (already made) from the given inputs when any of them requires
+-- grad. Returns the node (for saving tensors) or nil when no graph is recorded.
+function M.record(out, name, backward, a, b, c, d)
+  local node = new_node(name, backward, a, b, c, d)
+  if node then
+    out.grad_fn = node
+    out.requires_grad = true
+  end
   return node
 end
 
@@ -80,9 +91,8 @@ function M.record_list(out, name, backward, inputs)
   end
   if not any then return nil end
   sequence = sequence + 1
-  local edges = {}
-  for i = 1, #inputs do edges[i] = edge_of(inputs[i]) end
-  local node = setmetatable({name = name, backward = backward, seq = sequence, edges = edges}, Node)
+  local node = setmetatable({name = name, backward = backward, seq = sequence}, Node)
+  for i = 1, #inputs do node[i] = edge_of(inputs[i]) end
   out.grad_fn = node
   out.requires_grad = true
   return node
@@ -269,8 +279,8 @@ local function count_dependencies(roots)
   while #stack > 0 do
     local node = stack[#stack]
     stack[#stack] = nil
-    for i = 1, #node.edges do
-      local next_node = node.edges[i]
+    for i = 1, #node do
+      local next_node = node[i]
       if next_node then
         deps[next_node] = (deps[next_node] or 0) + 1
         if not seen[next_node] then
@@ -373,9 +383,8 @@ local function execute(task, root_nodes, root_grads)
     task.buffers[node] = nil
     if grad ~= nil then task.refs[grad] = task.refs[grad] - 1 end
     local grads = run_node(task, node, grad)
-    local edges = node.edges
-    for i = 1, #edges do
-      local next_node = edges[i]
+    for i = 1, #node do
+      local next_node = node[i]
       if next_node then
         local g = grads and grads[i]
         if g ~= nil then buffer_put(task, next_node, g) end
@@ -385,7 +394,7 @@ local function execute(task, root_nodes, root_grads)
       end
     end
     if grads then
-      for i = 1, #edges do if grads[i] ~= nil then task.consider(grads[i]) end end
+      for i = 1, #node do if grads[i] ~= nil then task.consider(grads[i]) end end
     end
     if grad ~= nil then task.consider(grad) end
   end

@@ -6,6 +6,7 @@ local Tensor = require "moonshard.tensor"
 local autograd = require "moonshard.autograd"
 local random = require "moonshard.random"
 local scope = require "moonshard.scope"
+local handles = require "moonshard.handles"
 local raw = require "moonshard.ops.raw"
 local pointwise = require "moonshard.ops.pointwise"
 local shape_ops = require "moonshard.ops.shape"
@@ -153,6 +154,7 @@ local stats = ffi.new("ms_memory_stats")
 
 function ms.memory_stats(device)
   local pool = Tensor.pool_id(device or "cpu", "memory_stats")
+  handles.flush_due()
   check(lib.ms_pool_stats(pool, stats), "memory_stats")
   return {allocated = tonumber(stats.allocated), peak = tonumber(stats.peak),
           reserved = tonumber(stats.reserved), allocs = tonumber(stats.allocs),
@@ -160,11 +162,13 @@ function ms.memory_stats(device)
 end
 
 function ms.reset_peak_memory_stats(device)
+  handles.flush_due()
   check(lib.ms_pool_reset_peak(Tensor.pool_id(device or "cpu", "reset_peak_memory_stats")),
         "reset_peak_memory_stats")
 end
 
 function ms.empty_cache(device)
+  handles.flush_due()
   check(lib.ms_pool_empty_cache(Tensor.pool_id(device or "cpu", "empty_cache")), "empty_cache")
 end
 

@@ -4,8 +4,10 @@ local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local scope = require "moonshard.scope"
 local finally = require "moonshard.finally"
+local handles = require "moonshard.handles"
 
 local lib, check, fail = C.lib, C.check, C.fail
+local own, flush_due = handles.own, handles.flush_due
 
 local Tensor = {}
 Tensor.__index = Tensor
@@ -76,9 +78,18 @@ Tensor.pool_id = pool_id
 local out_handle = ffi.new("ms_tensor*[1]")
 local shape_buf = ffi.new("int64_t[8]")
 
--- Own a fresh handle: released by its scope, explicitly, or by the collector.
-local function wrap(handle)
-  local t = setmetatable({_c = ffi.gc(handle, lib.ms_tensor_free)}, Tensor)
+-- Own a fresh handle: released by its scope, explicitly, or after the collector found its
+-- cdata dead (moonshard.handles; _slot is its slot there). grad_fn, when given, is the autograd
+-- node producing the tensor (set in the constructor: adding the fields afterwards would grow
+-- the table twice).
+local function wrap(handle, grad_fn)
+  local t
+  if grad_fn then
+    t = setmetatable({_c = handle, _slot = own(handle), grad_fn = grad_fn, requires_grad = true},
+                     Tensor)
+  else
+    t = setmetatable({_c = handle, _slot = own(handle)}, Tensor)
+  end
   scope.track(t)
   return t
 end
@@ -88,28 +99,32 @@ function Tensor:_release()
   local handle = rawget(self, "_c")
   if handle ~= nil then
     self._c = nil
-    lib.ms_tensor_free(ffi.gc(handle, nil))
+    handles.release(self._slot, handle)
   end
   setmetatable(self, Released)
 end
 
+-- Handles whose tensors were collected are freed before allocating, so their storage is reused.
 local function new_handle(dtype, shape, ndim, pool, what)
+  flush_due()
   check(lib.ms_tensor_new(out_handle, dtype, ndim, shape, pool), what)
   return out_handle[0]
 end
 
--- Empty tensor from a Lua shape array.
-local function empty(shape, dtype, pool)
+-- Empty tensor from a Lua shape array (grad_fn as for wrap).
+local function empty(shape, dtype, pool, grad_fn)
   local n = #shape
   for i = 1, n do shape_buf[i - 1] = shape[i] end
-  return wrap(new_handle(dtype or lib.MS_F32, shape_buf, n, pool or lib.MS_POOL_CPU, "empty"))
+  return wrap(new_handle(dtype or lib.MS_F32, shape_buf, n, pool or lib.MS_POOL_CPU, "empty"),
+              grad_fn)
 end
 Tensor.empty_raw = empty
 
--- Empty tensor with t's shape, dtype and pool (or the dtype given).
-local function empty_like(t, dtype)
+-- Empty tensor with t's shape, dtype and pool (or the dtype given; grad_fn as for wrap).
+local function empty_like(t, dtype, grad_fn)
   local c = t._c
-  return wrap(new_handle(dtype or c.dtype, c.shape, c.ndim, c.storage.pool, "empty_like"))
+  return wrap(new_handle(dtype or c.dtype, c.shape, c.ndim, c.storage.pool, "empty_like"),
+              grad_fn)
 end
 Tensor.empty_like_raw = empty_like
 

@@ -22,9 +22,10 @@ function Block:forward(x) return x + self.fc2(self.act(self.fc1(self.norm(x)))) 
 M.Block = Block
 
 local Model = nn.Module:extend("ParityModel")
-function Model:__init()
+function Model:__init(hidden)
+  hidden = hidden or M.HIDDEN
   self.embed = nn.Embedding(M.VOCAB, M.DIM)
-  self.blocks = nn.ModuleList({Block(M.DIM, M.HIDDEN), Block(M.DIM, M.HIDDEN)})
+  self.blocks = nn.ModuleList({Block(M.DIM, hidden), Block(M.DIM, hidden)})
   self.head = nn.Linear(M.DIM, M.VOCAB)
 end
 function Model:forward(tokens)
@@ -54,10 +55,10 @@ end
 
 local function flat(t) return t:reshape(-1):table() end
 
-local function reference(steps)
+local function reference(steps, hidden)
   ms.set_default_dtype("f64")
   ms.manual_seed(0)
-  local model = Model()
+  local model = Model(hidden)
   local opt = optim.Adam(model:parameters(), {lr = 0.01})
   local losses = {}
   for step = 1, steps do
@@ -76,16 +77,18 @@ local function reference(steps)
 end
 
 -- Unsharded run: {losses = {...}, params = {fqn = {...}}, grads = {fqn = {...}}}, in this
--- process; the default dtype and random state are as before afterwards.
-function M.reference(steps) return global_state.preserving(reference, steps) end
+-- process; the default dtype and random state are as before afterwards. hidden: the
+-- blocks' hidden width (default M.HIDDEN).
+function M.reference(steps, hidden) return global_state.preserving(reference, steps, hidden) end
 
 -- Sharded run on world_size ranks. config: {strategy, wrap = "root"|"layer"|"nested",
--- offload = bool, mesh_shape = {..}, forward_prefetch, backward_prefetch}.
+-- offload = bool, mesh_shape = {..}, forward_prefetch, backward_prefetch, hidden}. Each
+-- rank's result also holds its fsdp.stats() of the last step (stats).
 function M.sharded(steps, world_size, config)
   local results = dist.spawn(world_size, function(rank, size)
     ms.set_default_dtype("f64")
     ms.manual_seed(0)
-    local model = Model()
+    local model = Model(config.hidden)
     local opts = {sharding_strategy = config.strategy, cpu_offload = {offload_params = config.offload},
                   forward_prefetch = config.forward_prefetch, backward_prefetch = config.backward_prefetch}
     if config.mesh_shape then
@@ -104,14 +107,16 @@ function M.sharded(steps, world_size, config)
     model = fsdp.FSDP(model, opts)
     local opt = optim.Adam(model:parameters(), {lr = 0.01})
     local per_rank = M.GLOBAL_BATCH / size
-    local losses = {}
+    local losses, stats = {}, nil
     for step = 1, steps do
       local tokens, targets = M.batch(step)
       local mine = tokens:narrow(0, rank * per_rank, per_rank)
       local my_targets = targets:narrow(0, rank * per_rank, per_rank)
       opt:zero_grad()
+      fsdp.reset_stats()
       local loss = loss_of(model, mine, my_targets)
       loss:backward()
+      stats = fsdp.stats()
       local global = loss:detach():clone()
       dist.all_reduce(global, "avg")
       losses[step] = global:item()
@@ -122,7 +127,7 @@ function M.sharded(steps, world_size, config)
       params[name] = flat(p:full_tensor())
       grads[name] = flat(p.grad:full_tensor())
     end
-    return {losses = losses, params = params, grads = grads}
+    return {losses = losses, params = params, grads = grads, stats = stats}
   end)
   return results
 end

@@ -16,6 +16,7 @@ local is_tensor = Tensor.is_tensor
 local M = {}
 
 local recompute_depth = 0
+local recording_frame -- the non-reentrant region whose forward pass is running, if any
 
 local function pack_results(...) return {n = select("#", ...), ...} end
 
@@ -116,6 +117,56 @@ local stop_recomputation = setmetatable({}, {__tostring = function() return "che
 -- handed back by the policy's store, saves going through the given hooks (if any). Every
 -- tensor it makes is freed on return except what after_run(results) returns or keeps.
 -- Returns whether the region ran to its end (it may stop early) and after_run's result.
+-- ---- the region's last op ----
+-- Recomputation stops at the region's last save. When the saves from some op on all come
+-- from that op's own node and none of them is its output (a region ending in a linear layer
+-- saves the layer's input and weight), the op's result is never read: recomputation hands out
+-- an uninitialised tensor of its shape instead of computing it, as PyTorch's early stop ends
+-- before the last op's kernel. Only GEMMs are skipped, whose code reads nothing of the
+-- product, and only in regions without a policy or nested regions, whose op counts match
+-- between the forward pass and recomputation.
+local SKIPPABLE = {matmul = true, linear = true}
+
+-- Forward pass: note each op (its place, its node's sequence, its output) for the saves
+-- that follow it.
+local function noting_hook(frame)
+  local count = 0
+  return function(name, compute, ...)
+    count = count + 1
+    local op = {index = count, name = name, saves_before = frame.packed, node_seq = autograd.next_sequence()}
+    local out = compute(...)
+    if SKIPPABLE[name] and is_tensor(out) then
+      op.shape, op.dtype, op.pool, op.storage = out:shape(), out._c.dtype, out._c.storage.pool, out._c.storage
+    end
+    frame.current_op = op
+    return out
+  end
+end
+
+-- The op recomputation may skip, or nil.
+local function skippable_op(frame)
+  local op = frame.saving_op
+  if not op or not op.shape or frame.nested then return nil end
+  for j = op.saves_before + 1, frame.packed do
+    if frame.save_node_seqs[j] ~= op.node_seq or frame.save_storages[j] == op.storage then return nil end
+  end
+  op.storage = nil
+  return op
+end
+
+-- Recomputation: the skipped op gets an uninitialised output; captured() counts the saves.
+local function skipping_hook(op, captured)
+  local count = 0
+  return function(name, compute, ...)
+    count = count + 1
+    if count == op.index and name == op.name and captured() == op.saves_before then
+      stats.add_skipped_op()
+      return Tensor.empty_raw(op.shape, op.dtype, op.pool)
+    end
+    return compute(...)
+  end
+end
+
 local function rerun(frame, args, hooks, after_run)
   local function region()
     return scope.run(function()
@@ -131,6 +182,9 @@ local function rerun(frame, args, hooks, after_run)
     local hook, inner
     hook, finished = selective.replaying_hook(frame.store)
     inner = run
+    run = function() return autograd.with_op_hook(hook, inner) end
+  elseif frame.skip and hooks and hooks.captured then
+    local inner, hook = run, skipping_hook(frame.skip, hooks.captured)
     run = function() return autograd.with_op_hook(hook, inner) end
   end
   local ok, out = pcall(autograd.enable_grad, with_rng, frame.rng_state, run)
@@ -177,6 +231,7 @@ local function recompute(frame)
       return n
     end,
     unpack = function() fail("checkpoint", "a tensor saved by a recomputation was used directly") end,
+    captured = function() return #captured end,
   }
   recompute_depth = recompute_depth + 1
   local ok, err = pcall(rerun, frame, frame_args(frame, false), hooks, function() return nil end)
@@ -242,21 +297,29 @@ local function placeholder_pack(frame)
     local n = frame.packed + 1
     frame.packed = n
     frame.shapes[n], frame.save_node_seqs[n], frame.save_storages[n] = t:shape(), node.seq, t._c.storage
+    frame.saving_op = frame.current_op
     return {frame = frame, index = n, _release = release_placeholder}
   end
 end
 
 function M.checkpoint_non_reentrant(fn, args, opts)
+  if recording_frame then recording_frame.nested = true end
   if not autograd.is_grad_enabled() or recompute_depth > 0 then return run_plainly(fn, args, opts) end
   local frame = new_frame(fn, args, opts)
   local function region() return scope.run(fn, unpack(args, 1, args.n)) end
   local run = region
   if frame.store then
     run = function() return autograd.with_op_hook(selective.recording_hook(frame.store), region) end
+  else
+    run = function() return autograd.with_op_hook(noting_hook(frame), region) end
   end
+  local outer = recording_frame
+  recording_frame = frame
   local ok, results = pcall(function()
     return pack_results(autograd.saved_tensors_hooks(placeholder_pack(frame), unpack_placeholder, run))
   end)
+  recording_frame = outer
+  frame.current_op = nil
   if not ok then release_sources(frame); error(results, 0) end
   if not has_tensor(results) then
     release_sources(frame)
@@ -267,8 +330,10 @@ function M.checkpoint_non_reentrant(fn, args, opts)
     release_sources(frame)
   elseif frame.store then
     selective.drop_unneeded(frame.store, frame.save_node_seqs, frame.save_storages)
+  else
+    frame.skip = skippable_op(frame)
   end
-  frame.save_node_seqs, frame.save_storages = nil, nil
+  frame.save_node_seqs, frame.save_storages, frame.saving_op = nil, nil, nil
   return unpack(results, 1, results.n)
 end
 
@@ -314,6 +379,7 @@ local function reentrant_backward(node, grad)
 end
 
 function M.checkpoint_reentrant(fn, args, opts)
+  if recording_frame then recording_frame.nested = true end
   if not autograd.is_grad_enabled() or recompute_depth > 0 then
     local output = run_plainly(fn, args, opts)
     if not is_tensor(output) then

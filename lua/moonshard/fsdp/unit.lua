@@ -1,8 +1,11 @@
 -- One FSDP unit: the parameters a wrapped module owns, sharded on dim 0 over the shard
--- group. Unshard = copy local rows into a flat buffer and issue one all-gather
--- (start_unshard, which a prefetch may run early), then copy out; reduce = copy gradients
--- into a flat buffer, one reduce-scatter (plus an all-reduce across replicas for hybrid
--- strategies), copy out the local rows.
+-- group. Unshard = issue the all-gathers (start_unshard, which a prefetch may run early),
+-- then make the parameters whole; reduce = reduce-scatter the gradients (plus an all-reduce
+-- across replicas for hybrid strategies) into the local rows. A large parameter whose rows
+-- split evenly over the ranks is "direct": its shards gather straight into the unsharded
+-- tensor and its gradient reduce-scatters straight from where backward left it, since the
+-- ranks' rows in rank order are the whole parameter. The other parameters share one flat
+-- buffer per unit (one collective for all of them): copied in, gathered, copied out.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local DTensor = require "moonshard.dtensor"
@@ -14,6 +17,10 @@ local prefetch = require "moonshard.fsdp.prefetch"
 
 local lib, check, fail = C.lib, C.check, C.fail
 local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
+
+-- Elements from which a parameter goes direct: below it, a collective of its own costs more
+-- than copying it through the unit's flat buffer.
+local DIRECT_NUMEL = 65536
 
 local Unit = {}
 Unit.__index = Unit
@@ -61,7 +68,7 @@ function Unit.new(module, owned, config)
   local self = setmetatable({
     module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
     offload = config.offload, mp = config.mp, params = {}, per_rank_numel = 0, unsharded = false,
-    received = 0, needs_grad = 0, reduced = false, hooks = {}, padded = false,
+    received = 0, needs_grad = 0, reduced = false, hooks = {}, flat_params = 0, padded = false,
   }, Unit)
   if strategy.shard then
     local shard_dim = mesh:ndim() - 1
@@ -132,14 +139,19 @@ function Unit:add_param(entry, shard_pool, compute_pool)
   unsharded.requires_grad = full.requires_grad
   local slots = {{module = entry.module, name = entry.name, fqn = entry.fqn}}
   for _, alias in ipairs(entry.aliases or {}) do slots[#slots + 1] = alias end
+  local direct = self.strategy.shard and rows > 0 and rows == chunk * self.shard_size and full:numel() >= DIRECT_NUMEL
   local param = {
     module = entry.module, name = entry.name, fqn = entry.fqn, slots = slots, sharded = sharded,
     unsharded = unsharded, rows = rows, row_numel = row_numel, chunk = chunk, original = full, meta = meta,
-    local_start = start, local_rows = length, flat_offset = self.per_rank_numel, shape = shape,
+    local_start = start, local_rows = length, flat_offset = not direct and self.per_rank_numel or nil,
+    shape = shape, direct = direct,
   }
-  self.per_rank_numel = self.per_rank_numel + chunk * row_numel
-  -- rows that do not split evenly leave padding slots in the flat buffers, zeroed before use
-  if rows ~= chunk * self.shard_size then self.padded = true end
+  if not direct then
+    self.per_rank_numel = self.per_rank_numel + chunk * row_numel
+    self.flat_params = self.flat_params + 1
+    -- rows that do not split evenly leave padding slots in the flat buffers, zeroed before use
+    if rows ~= chunk * self.shard_size then self.padded = true end
+  end
   self.params[#self.params + 1] = param
   if full.requires_grad then
     self.needs_grad = self.needs_grad + 1
@@ -206,23 +218,56 @@ local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
   end
 end
 
--- Issue the unit's all-gather into a flat buffer (kept in self.gathering); the parameters
--- become whole in unshard. Strategies without one make the parameters whole right away.
+-- Issue the unit's all-gathers: direct parameters land in their unsharded tensors, the
+-- others in a flat buffer (self.gathering = {flat = buffer or nil}); the parameters become
+-- whole in unshard. Strategies without one make the parameters whole right away.
 function Unit:start_unshard()
   if self.unsharded or self.gathering then return end
   if not self.strategy.shard or #self.params == 0 then return self:unshard() end
   local first = self.params[1].unsharded
-  self.gathering = self:all_gather(first._c.dtype, first._c.storage.pool)
+  local outputs = {}
+  for i, p in ipairs(self.params) do
+    if p.direct then
+      if is_released(p.unsharded) then restore_storage(p.unsharded) end
+      outputs[i] = p.unsharded
+    end
+  end
+  self.gathering = {flat = self:all_gather(first._c.dtype, first._c.storage.pool, outputs)}
 end
 
--- Every rank's shards cast to dtype, gathered into one flat buffer in pool (counted in
--- fsdp.stats: the bytes of dtype).
-function Unit:all_gather(dtype, pool)
+-- This rank's rows of a direct parameter as its all-gather input: the shard itself, or a
+-- copy in dtype and pool (second result true: the caller frees it).
+local function gather_input(p, dtype, pool)
+  local rows = p.sharded._local
+  if rows._c.dtype == dtype and rows._c.storage.pool == pool then return rows, false end
+  local cast = empty(rows:shape(), dtype, pool)
+  check(lib.ms_copy(cast._c, rows._c), "fsdp: unshard")
+  return cast, true
+end
+
+-- Every rank's shards cast to dtype and gathered (counted in fsdp.stats: the bytes of
+-- dtype): direct parameter i into outputs[i] (its whole tensor, of dtype), the others into
+-- one flat buffer in pool, returned (nil when there are none).
+function Unit:all_gather(dtype, pool, outputs)
   local size, per_rank = self.shard_size, self.per_rank_numel
+  for i, p in ipairs(self.params) do
+    if p.direct then
+      local input, fresh = gather_input(p, dtype, pool)
+      -- the parameter gets back the values it had, which is no modification: its version
+      -- stays, so what autograd saved of it in forward is still valid in backward
+      local storage = outputs[i]._c.storage
+      local version = storage.version
+      stats.timed("all_gathers", tonumber(lib.ms_tensor_nbytes(outputs[i]._c)), dist().all_gather_into_tensor,
+                  outputs[i], input, {group = self.shard_group})
+      storage.version = version
+      if fresh then input:_release() end
+    end
+  end
+  if per_rank == 0 then return nil end
   local send = empty({per_rank}, dtype, pool)
   if self.padded then check(lib.ms_fill(send._c, 0), "fsdp: unshard") end
   for _, p in ipairs(self.params) do
-    if p.local_rows > 0 and p.row_numel > 0 then
+    if not p.direct and p.local_rows > 0 and p.row_numel > 0 then
       local slot = view_raw(send, {p.local_rows, p.row_numel}, nil, p.flat_offset, "fsdp")
       check(lib.ms_copy(slot._c, p.sharded._local._c), "fsdp: unshard")
       slot:_release()
@@ -235,24 +280,29 @@ function Unit:all_gather(dtype, pool)
   return gathered
 end
 
--- Make every parameter of the unit whole: copy out of the all-gather buffer (issuing the
--- all-gather first unless a prefetch did).
+-- Make every parameter of the unit whole: copy out of the flat all-gather buffer (issuing
+-- the all-gathers first unless a prefetch did).
 function Unit:unshard()
   if self.unsharded then return end
   if self.strategy.shard and #self.params > 0 and not self.gathering then self:start_unshard() end
   self.unsharded = true
   if #self.params == 0 or self.aliased then return end
-  for _, p in ipairs(self.params) do restore_storage(p.unsharded) end
+  for _, p in ipairs(self.params) do
+    if is_released(p.unsharded) then restore_storage(p.unsharded) end
+  end
   if not self.strategy.shard then
     for _, p in ipairs(self.params) do
       check(lib.ms_copy(p.unsharded._c, p.sharded._local._c), "fsdp: unshard")
     end
     return
   end
-  local gathered = self.gathering
+  local flat = self.gathering.flat
   self.gathering = nil
-  for _, p in ipairs(self.params) do move_rows(p.unsharded, gathered, p, self.shard_size, self.per_rank_numel, false) end
-  gathered:_release()
+  if not flat then return end
+  for _, p in ipairs(self.params) do
+    if not p.direct then move_rows(p.unsharded, flat, p, self.shard_size, self.per_rank_numel, false) end
+  end
+  flat:_release()
 end
 
 -- Point the module's parameter slots at the unsharded tensors (forward), at values[i] for
@@ -279,9 +329,13 @@ function Unit:full_params()
   local out = {}
   for i, p in ipairs(params) do out[i] = scope.keep(empty(p.shape, dtype, pool)) end
   if self.strategy.shard then
-    local gathered = self:all_gather(dtype, pool)
-    for i, p in ipairs(params) do move_rows(out[i], gathered, p, self.shard_size, self.per_rank_numel, false) end
-    gathered:_release()
+    local flat = self:all_gather(dtype, pool, out)
+    if flat then
+      for i, p in ipairs(params) do
+        if not p.direct then move_rows(out[i], flat, p, self.shard_size, self.per_rank_numel, false) end
+      end
+      flat:_release()
+    end
   else
     for i, p in ipairs(params) do check(lib.ms_copy(out[i]._c, p.sharded._local._c), "summon_full_params") end
   end
@@ -291,8 +345,11 @@ end
 -- Free the unsharded parameters (their autograd views stay valid handles).
 function Unit:reshard()
   if self.gathering then -- prefetched but not used
-    self.gathering:_release()
+    if self.gathering.flat then self.gathering.flat:_release() end
     self.gathering = nil
+    for _, p in ipairs(self.params) do
+      if p.direct and not is_released(p.unsharded) then release_storage(p.unsharded) end
+    end
   end
   if not self.unsharded then return end
   self.unsharded = false
@@ -359,6 +416,88 @@ function Unit:reduce_dtype(grad)
   return name and Tensor.dtype_id(name, "FSDP") or grad._c.dtype
 end
 
+-- Average the shard group's (and for hybrid strategies the replicas') copies of rows, in
+-- place.
+function Unit:average_replicas(rows)
+  if self.replicate_group then
+    stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(rows._c)), dist().all_reduce, rows, "avg",
+                {group = self.replicate_group})
+  end
+end
+
+-- One direct parameter's gradient reduce-scattered in dtype straight into new local rows.
+function Unit:reduce_direct(p, dtype)
+  local g = p.unsharded.grad
+  local input = g
+  if g._c.dtype ~= dtype or not g:is_contiguous() then
+    input = empty(g:shape(), dtype, g._c.storage.pool)
+    check(lib.ms_copy(input._c, g._c), "fsdp: reduce")
+  end
+  local rows = empty(p.sharded._local:shape(), dtype, g._c.storage.pool)
+  stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(input._c)), dist().reduce_scatter_tensor,
+              rows, input, "avg", {group = self.shard_group})
+  if input ~= g then input:_release() end
+  self:average_replicas(rows)
+  accumulate_local_grad(p, rows)
+end
+
+-- The gradients of params (none direct) through one flat buffer: copied in, one
+-- reduce-scatter in dtype, each local block handed to its parameter.
+function Unit:reduce_flat(params, dtype)
+  local size, per_rank = self.shard_size, self.per_rank_numel
+  local pool = params[1].unsharded.grad._c.storage.pool
+  local flat = empty({size * per_rank}, dtype, pool)
+  if self.padded or #params < self.flat_params then check(lib.ms_fill(flat._c, 0), "fsdp: reduce") end
+  for _, p in ipairs(params) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
+  local shard = empty({per_rank}, dtype, pool)
+  stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().reduce_scatter_tensor,
+              shard, flat, "avg", {group = self.shard_group})
+  flat:_release()
+  self:average_replicas(shard)
+  for _, p in ipairs(params) do
+    local rows = view_raw(shard, p.sharded._local:shape(), nil, p.flat_offset, "fsdp")
+    accumulate_local_grad(p, rows)
+  end
+  shard:_release()
+end
+
+-- NO_SHARD: a gradient of 64Ki elements or more all-reduced where backward left it (when it
+-- is dense and already in the reduce dtype), the others through one flat buffer and one
+-- all-reduce; then each is handed to its parameter.
+function Unit:all_reduce_grads(params)
+  local dtype = self:reduce_dtype(params[1].unsharded.grad)
+  local flat_params, total = {}, 0
+  for _, p in ipairs(params) do
+    local g = p.unsharded.grad
+    if g:numel() >= DIRECT_NUMEL and g._c.dtype == dtype and g:is_contiguous() then
+      stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(g._c)), dist().all_reduce, g, "avg",
+                  {group = self.replicate_group})
+      p.reduced_grad = g
+    else
+      flat_params[#flat_params + 1], total = p, total + g:numel()
+    end
+  end
+  if #flat_params > 0 then
+    local flat = empty({total}, dtype, flat_params[1].unsharded.grad._c.storage.pool)
+    local offset = 0
+    for _, p in ipairs(flat_params) do
+      local g = p.unsharded.grad
+      local slot = view_raw(flat, g:shape(), nil, offset, "fsdp")
+      check(lib.ms_copy(slot._c, g._c), "fsdp: reduce")
+      p.reduced_grad, offset = slot, offset + g:numel()
+    end
+    stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().all_reduce, flat, "avg",
+                {group = self.replicate_group})
+    flat:_release()
+  end
+  for _, p in ipairs(params) do
+    local g = p.reduced_grad
+    p.reduced_grad = nil
+    if g == p.unsharded.grad then g = Tensor.alias_raw(g) end -- the unit frees the gradient itself
+    accumulate_local_grad(p, g)
+  end
+end
+
 -- Reduce the unsharded gradients of this backward into the local shards' grads.
 function Unit:reduce_grads()
   if self.reduced then return end
@@ -369,45 +508,14 @@ function Unit:reduce_grads()
   end
   if #with_grad == 0 then return end
   if not self.strategy.shard then
-    -- one all-reduce through a flat buffer holding every gradient of the unit
-    local first = with_grad[1].unsharded.grad
-    local total = 0
-    for _, p in ipairs(with_grad) do total = total + p.unsharded.grad:numel() end
-    local flat = empty({total}, self:reduce_dtype(first), first._c.storage.pool)
-    local offset = 0
-    for _, p in ipairs(with_grad) do
-      local g = p.unsharded.grad
-      local slot = view_raw(flat, g:shape(), nil, offset, "fsdp")
-      check(lib.ms_copy(slot._c, g._c), "fsdp: reduce")
-      p.flat_slot, offset = slot, offset + g:numel()
-    end
-    stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().all_reduce, flat, "avg",
-                {group = self.replicate_group})
-    flat:_release()
-    for _, p in ipairs(with_grad) do
-      accumulate_local_grad(p, p.flat_slot)
-      p.flat_slot = nil
-    end
+    self:all_reduce_grads(with_grad)
   else
-    local size, per_rank = self.shard_size, self.per_rank_numel
-    local first = with_grad[1].unsharded.grad
-    local dtype = self:reduce_dtype(first)
-    local flat = empty({size * per_rank}, dtype, first._c.storage.pool)
-    if self.padded or #with_grad < #self.params then check(lib.ms_fill(flat._c, 0), "fsdp: reduce") end
-    for _, p in ipairs(with_grad) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
-    local shard = empty({per_rank}, dtype, first._c.storage.pool)
-    stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().reduce_scatter_tensor,
-                shard, flat, "avg", {group = self.shard_group})
-    flat:_release()
-    if self.replicate_group then
-      stats.timed("all_reduces", tonumber(lib.ms_tensor_nbytes(shard._c)), dist().all_reduce, shard, "avg",
-                  {group = self.replicate_group})
-    end
+    local dtype = self:reduce_dtype(with_grad[1].unsharded.grad)
+    local flat_grads = {}
     for _, p in ipairs(with_grad) do
-      local rows = view_raw(shard, p.sharded._local:shape(), nil, p.flat_offset, "fsdp")
-      accumulate_local_grad(p, rows)
+      if p.direct then self:reduce_direct(p, dtype) else flat_grads[#flat_grads + 1] = p end
     end
-    shard:_release()
+    if #flat_grads > 0 then self:reduce_flat(flat_grads, dtype) end
   end
   for _, p in ipairs(with_grad) do
     local g = p.unsharded.grad

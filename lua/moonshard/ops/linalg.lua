@@ -22,8 +22,8 @@ end
 -- Core product of [M, K] x [K, N] or [B, M, K] x [B, K, N].
 local function mm_backward(node, g)
   local ga, gb
-  if node.edges[1] then ga = gemm(g, node:saved_tensor(node.b), 0, 1, node.a_shape, "matmul backward") end
-  if node.edges[2] then gb = gemm(node:saved_tensor(node.a), g, 1, 0, node.b_shape, "matmul backward") end
+  if node[1] then ga = gemm(g, node:saved_tensor(node.b), 0, 1, node.a_shape, "matmul backward") end
+  if node[2] then gb = gemm(node:saved_tensor(node.a), g, 1, 0, node.b_shape, "matmul backward") end
   return ga, gb
 end
 
@@ -37,8 +37,8 @@ local function mm_core(a, b)
   local node = record(out, "MmBackward0", mm_backward, a, b)
   if node then
     node.a_shape, node.b_shape = a:shape(), b:shape()
-    if node.edges[2] then node.a = node:save(a) end
-    if node.edges[1] then node.b = node:save(b) end
+    if node[2] then node.a = node:save(a) end
+    if node[1] then node.b = node:save(b) end
   end
   return out
 end
@@ -90,7 +90,8 @@ function M.matmul(a, b)
     out_shape[na] = sb[2]
     return reshape_released(out, out_shape)
   end
-  -- batched: broadcast the batch dims, flatten them to one
+  -- batched: broadcast the batch dims; BLAS reads every matrix through its strides (a
+  -- transposed or sliced view included), so no operand is copied
   local batch_a, batch_b = {}, {}
   for d = 1, na - 2 do batch_a[d] = sa[d] end
   for d = 1, nb - 2 do batch_b[d] = sb[d] end
@@ -102,22 +103,22 @@ function M.matmul(a, b)
     if x ~= y and x ~= 1 and y ~= 1 then size_error(a, b) end
     batch[i] = math.max(x, y)
   end
-  local count = 1
-  for _, s in ipairs(batch) do count = count * s end
-  local function batched(t, rows, cols)
+  -- t with batch dims `batch`, and whether that made a new view
+  local function batched(t, own_batch, rows, cols)
+    local same = #own_batch == nbatch
+    for i = 1, #own_batch do same = same and own_batch[i] == batch[i] end
+    if same then return t, false end
     local full = {}
     for i, s in ipairs(batch) do full[i] = s end
     full[#full + 1], full[#full + 2] = rows, cols
-    return shape_ops.reshape(shape_ops.expand(t, full), count, rows, cols)
+    return shape_ops.expand(t, full), true
   end
-  local batch_a3, batch_b3 = batched(a, sa[na - 1], sa[na]), batched(b, sb[nb - 1], sb[nb])
-  local out = mm_core(batch_a3, batch_b3)
-  batch_a3:_release()
-  batch_b3:_release()
-  local out_shape = {}
-  for i, s in ipairs(batch) do out_shape[i] = s end
-  out_shape[#out_shape + 1], out_shape[#out_shape + 2] = sa[na - 1], sb[nb]
-  return reshape_released(out, out_shape)
+  local batch_a_full, new_a = batched(a, batch_a, sa[na - 1], sa[na])
+  local batch_b_full, new_b = batched(b, batch_b, sb[nb - 1], sb[nb])
+  local out = mm_core(batch_a_full, batch_b_full)
+  if new_a then batch_a_full:_release() end
+  if new_b then batch_b_full:_release() end
+  return out
 end
 
 function M.mm(a, b)
@@ -140,16 +141,16 @@ local function linear_backward(node, g)
   local g2 = raw.contiguous(g)
   g2 = Tensor.view_raw(g2, {rows, out_features}, nil, tonumber(g2._c.offset), "linear backward")
   local gx, gw, gb
-  if node.edges[1] then
+  if node[1] then
     gx = gemm(g2, node:saved_tensor(node.weight), 0, 0, {rows, in_features}, "linear backward")
     gx = Tensor.view_raw(gx, node.x_shape, nil, 0, "linear backward")
   end
-  if node.edges[2] then
+  if node[2] then
     local x = node:saved_tensor(node.x)
     local x2 = Tensor.view_raw(x, {rows, in_features}, nil, tonumber(x._c.offset), "linear backward")
     gw = gemm(g2, x2, 1, 0, {out_features, in_features}, "linear backward")
   end
-  if node.edges[3] then
+  if node[3] then
     gb = raw.reduce_keepdim(g2, raw.SUM, {0}, "linear backward")
     gb = Tensor.view_raw(gb, {out_features}, nil, 0, "linear backward")
   end
@@ -198,8 +199,8 @@ function M.linear(x, weight, bias)
   if node then
     node.rows, node.in_features, node.out_features = rows, in_features, out_features
     node.x_shape = x:shape()
-    if node.edges[2] then node.x = node:save(dense) end
-    if node.edges[1] then node.weight = node:save(weight) end
+    if node[2] then node.x = node:save(dense) end
+    if node[1] then node.weight = node:save(weight) end
   end
   if dense ~= x then dense:_release() end
   return result

@@ -6,7 +6,7 @@ local autograd = require "moonshard.autograd"
 local raw = require "moonshard.ops.raw"
 
 local fail = C.fail
-local record = autograd.record
+local new_node = autograd.new_node
 local is_tensor = Tensor.is_tensor
 
 -- An operand's gradient: the output gradient summed down to the operand's shape when the
@@ -39,22 +39,22 @@ local function add_backward(node, g)
 end
 
 local function sub_backward(node, g)
-  local gb = node.edges[2] and raw.unary(sum_to(g, node.b_shape), raw.NEG, "sub")
+  local gb = node[2] and raw.unary(sum_to(g, node.b_shape), raw.NEG, "sub")
   return sum_to(g, node.a_shape), gb or nil
 end
 
 local function mul_backward(node, g)
   local ga, gb
-  if node.edges[1] then ga = sum_to(raw.binary(g, node:saved_tensor(node.b), raw.MUL, "mul"), node.a_shape) end
-  if node.edges[2] then gb = sum_to(raw.binary(g, node:saved_tensor(node.a), raw.MUL, "mul"), node.b_shape) end
+  if node[1] then ga = sum_to(raw.binary(g, node:saved_tensor(node.b), raw.MUL, "mul"), node.a_shape) end
+  if node[2] then gb = sum_to(raw.binary(g, node:saved_tensor(node.a), raw.MUL, "mul"), node.b_shape) end
   return ga, gb
 end
 
 local function div_backward(node, g)
   local b = node:saved_tensor(node.b)
   local ga, gb
-  if node.edges[1] then ga = sum_to(raw.binary(g, b, raw.DIV, "div"), node.a_shape) end
-  if node.edges[2] then
+  if node[1] then ga = sum_to(raw.binary(g, b, raw.DIV, "div"), node.a_shape) end
+  if node[2] then
     local a = node:saved_tensor(node.a)
     local q = raw.binary(raw.binary(g, a, raw.MUL, "div"), raw.binary(b, b, raw.MUL, "div"), raw.DIV, "div")
     gb = sum_to(raw.unary(q, raw.NEG, "div"), node.b_shape)
@@ -66,8 +66,8 @@ local function extremum_backward(node, g)
   local a, b = node:saved_tensor(node.a), node:saved_tensor(node.b)
   local a_wins = raw.binary(a, b, node.op == raw.MAXIMUM and raw.GE or raw.LE, node.name)
   local ga, gb
-  if node.edges[1] then ga = sum_to(raw.binary(g, a_wins, raw.MUL, node.name), node.a_shape) end
-  if node.edges[2] then
+  if node[1] then ga = sum_to(raw.binary(g, a_wins, raw.MUL, node.name), node.a_shape) end
+  if node[2] then
     local b_wins = raw.scalar(a_wins, 1, raw.SUB, true, node.name)
     gb = sum_to(raw.binary(g, b_wins, raw.MUL, node.name), node.b_shape)
   end
@@ -110,8 +110,8 @@ local function scalar_backward(node, g)
 end
 
 local function scalar_op(a, s, op, reverse, what)
-  local out = raw.scalar(a, s, op, reverse, what)
-  local node = record(out, node_name(what), scalar_backward, a)
+  local node = new_node(node_name(what), scalar_backward, a)
+  local out = raw.scalar(a, s, op, reverse, what, node)
   if node then
     node.op, node.scalar, node.reverse = op, s, reverse
     if op == raw.POW or (op == raw.DIV and reverse) then node.a = node:save(a) end
@@ -131,17 +131,17 @@ local function binary_op(a, b, op)
   end
   as_tensor(a, what)
   as_tensor(b, what)
-  local out = raw.binary(a, b, op, what)
-  local node = record(out, node_name(what), binary_backward[op], a, b)
+  local node = new_node(node_name(what), binary_backward[op], a, b)
+  local out = raw.binary(a, b, op, what, node)
   if node then
     node.op = op
     if not raw.same_shape(a._c, b._c) then node.a_shape, node.b_shape = a:shape(), b:shape() end
     if op == raw.MUL then
-      if node.edges[1] then node.b = node:save(b) end
-      if node.edges[2] then node.a = node:save(a) end
+      if node[1] then node.b = node:save(b) end
+      if node[2] then node.a = node:save(a) end
     elseif op == raw.DIV then
       node.b = node:save(b)
-      if node.edges[2] then node.a = node:save(a) end
+      if node[2] then node.a = node:save(a) end
     elseif op == raw.MAXIMUM or op == raw.MINIMUM then
       node.a, node.b = node:save(a), node:save(b)
     end
@@ -202,12 +202,14 @@ local function unary_backward(node, g)
   fail(node.name, "no gradient formula")
 end
 
+-- Which unary ops are activations (a lookup, not a search: it runs per op).
+local is_activation = {}
+for _, op in pairs(activation_ops) do is_activation[op] = true end
+
 local function unary_op(a, op, name)
   if not is_tensor(a) then fail(name, "expected a tensor, got %s", type(a)) end
-  local out = raw.unary(a, op, name)
-  local backward = unary_backward
-  for _, act in pairs(activation_ops) do if act == op then backward = activation_backward end end
-  local node = record(out, node_name(name), backward, a)
+  local node = new_node(node_name(name), is_activation[op] and activation_backward or unary_backward, a)
+  local out = raw.unary(a, op, name, node)
   if node then
     node.op = op
     if op == raw.EXP or op == raw.SQRT then node.y = node:save(out)

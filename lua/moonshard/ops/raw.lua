@@ -55,26 +55,28 @@ local function check_dtypes(a, b, what)
 end
 M.check_dtypes = check_dtypes
 
-function M.binary(a, b, op, what)
+-- The element-wise ops below take an optional grad_fn: the autograd node of their result
+-- (see Tensor.wrap).
+function M.binary(a, b, op, what, grad_fn)
   check_dtypes(a, b, what)
   local out
   if same_shape(a._c, b._c) then
-    out = empty_like(a)
+    out = empty_like(a, nil, grad_fn)
   else
-    out = empty(M.broadcast_shape(a, b, what), a._c.dtype, a._c.storage.pool)
+    out = empty(M.broadcast_shape(a, b, what), a._c.dtype, a._c.storage.pool, grad_fn)
   end
   check(lib.ms_binary(out._c, a._c, b._c, op), what)
   return out
 end
 
-function M.scalar(a, s, op, reverse, what)
-  local out = empty_like(a)
+function M.scalar(a, s, op, reverse, what, grad_fn)
+  local out = empty_like(a, nil, grad_fn)
   check(lib.ms_binary_scalar(out._c, a._c, s, op, reverse and 1 or 0), what)
   return out
 end
 
-function M.unary(a, op, what)
-  local out = empty_like(a)
+function M.unary(a, op, what, grad_fn)
+  local out = empty_like(a, nil, grad_fn)
   check(lib.ms_unary(out._c, a._c, op), what)
   return out
 end
