@@ -7,6 +7,8 @@
 -- --strategy and --world-size keep only the matching sharded runs ("unsharded" keeps only the
 -- world-1 run); --threads sets this process's thread count (ms.set_num_threads) before the
 -- world-1 run and the sgemm reference (spawned ranks share the cores as always).
+-- cpu_ms is rank 0's process CPU time per step (median): unlike step_ms it barely moves when
+-- other processes take the cores, so before/after comparisons on a shared machine use it.
 -- --profile prints, per timed step of each run (rank 0), the milliseconds of each category of
 -- ms.profiler (GEMM, attention, layer norm, element-wise, softmax/loss, optimizer, allocator,
 -- collectives, autograd, ...) and the FLOP rate against the rank's sgemm rate at its thread
@@ -187,7 +189,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
   end
   local opt = optim.AdamW(model:parameters(), {lr = 1e-3})
   local per_rank = cfg.batch / size
-  local times, comm, profiles = {}, {}, {}
+  local times, cpu, comm, profiles = {}, {}, {}, {}
   local function step_body(x, y)
     opt:zero_grad()
     spec.loss(cfg, model, x, y):backward()
@@ -199,7 +201,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
     if step == 1 then ms.reset_peak_memory_stats("cpu") end
     fsdp.reset_stats()
-    local start = clock()
+    local start, cpu_start = clock(), os.clock()
     if options.profile then
       profiles[step] = ms.profiler.profile(step_body, x, y)
     else
@@ -207,6 +209,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     end
     if step > 0 then -- step 0 warms the caches
       times[#times + 1] = clock() - start
+      cpu[#cpu + 1] = os.clock() - cpu_start
       comm[#comm + 1] = fsdp.stats().comm_seconds
     end
   end
@@ -214,12 +217,12 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     gemm = math.max(gemm, gemm_rate())
     for step = 1, steps do report_profile(spec, strategy, size, step, profiles[step], gemm) end
   end
-  return {step = median(times), comm = median(comm), peak = ms.memory_stats("cpu").peak - base,
-          threads = ms.get_num_threads()}
+  return {step = median(times), cpu = median(cpu), comm = median(comm),
+          peak = ms.memory_stats("cpu").peak - base, threads = ms.get_num_threads()}
 end
 
-local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "comm_ms", "compute_ms",
-               "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
+local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "cpu_ms", "comm_ms",
+               "compute_ms", "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
 
 -- The machine is shared: the reference is the best sgemm rate measured right before and right
 -- after the run (and at start), so a quiet moment during the run cannot make its FLOP rate
@@ -233,7 +236,7 @@ end
 local function report(name, spec, strategy, size, result, params, gemm_gflops, mesh)
   local gflops = spec.flops(spec.cfg) / result.step / 1e9
   emit({bench = "fsdp", model = name, strategy = strategy or "unsharded", world_size = size, mesh = mesh,
-        params = params, step_ms = result.step * 1e3, comm_ms = result.comm * 1e3,
+        params = params, step_ms = result.step * 1e3, cpu_ms = result.cpu * 1e3, comm_ms = result.comm * 1e3,
         compute_ms = (result.step - result.comm) * 1e3, peak_mib = result.peak / 2 ^ 20, gflops = gflops,
         flop_fraction = gflops / gemm_gflops, threads_per_rank = result.threads}, ORDER)
 end

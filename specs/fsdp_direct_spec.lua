@@ -1,15 +1,15 @@
--- FSDP parameters of 64Ki elements or more whose rows split evenly over the shard group are
+-- FSDP parameters of 256Ki elements or more whose rows split evenly over the shard group are
 -- gathered straight into their unsharded tensors and reduce-scattered straight from their
 -- gradients (one collective each); the unit's other parameters share its flat buffer. The
--- parity model with wide blocks (fc1.weight [11088, 6], fc2.weight [6, 11088]) mixes both:
--- trained sharded, it must match the unsharded model, and each parameter that can go direct
--- must have its own reduce-scatter. Under NO_SHARD, gradients of 64Ki elements or more are
+-- parity model with wide blocks (fc1.weight [43692, 6] and fc2.weight [6, 43692], 262152
+-- elements each) mixes both: trained sharded, it must match the unsharded model, and each
+-- parameter that can go direct must have its own reduce-scatter. Under NO_SHARD, gradients of 256Ki elements or more are
 -- all-reduced where backward left them, the others through one flat buffer per unit.
 local parity = require "support.parity"
 
 local STEPS = 3
 local TOLERANCE = 1e-5
-local HIDDEN = 11088 -- divisible by 2, 3 and 4: fc1.weight's rows split evenly on each
+local HIDDEN = 43692 -- divisible by 2, 3 and 4: fc1.weight's rows split evenly on each
 
 -- Reduce-scatters of one backward with layer wrapping: per block one for its flat buffer
 -- plus one per direct parameter (fc1.weight always; fc2.weight's 6 rows split evenly on 2

@@ -233,7 +233,7 @@ describe("FSDP mixed precision (param_dtype f64 over f32 masters)", function()
   it("direct parameters (wide blocks, see fsdp_direct_spec) gather in param_dtype and reduce in reduce_dtype",
      function()
     for _, strategy in ipairs({"FULL_SHARD", "NO_SHARD"}) do
-      local config = {world = 2, strategy = strategy, wrap = "layer", reduce = "f32", hidden = 11088}
+      local config = {world = 2, strategy = strategy, wrap = "layer", reduce = "f32", hidden = 43692}
       expect_same(sharded(config, {param_dtype = "f64", reduce_dtype = "f32"}), ref(config), 1e-13)
     end
   end)

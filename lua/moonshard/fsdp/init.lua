@@ -93,12 +93,13 @@ end
 -- whole when backward will need them soon (root, SHARD_GRAD_OP, recomputation inside
 -- backward); otherwise they are freed now.
 local function post_forward(unit)
+  local gather_for_backward = pre_backward(unit)
   return function(_, _, output)
     local is_root = unit.tree:is_root(unit)
     local grad_on = autograd.is_grad_enabled()
     if grad_on then
       for _, t in ipairs(tensors_in(output, {})) do
-        if t.requires_grad then t:register_hook(pre_backward(unit)) end
+        if t.requires_grad then t:register_hook(gather_for_backward) end
       end
     end
     local keep = autograd.in_backward() or

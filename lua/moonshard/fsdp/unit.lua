@@ -18,9 +18,10 @@ local prefetch = require "moonshard.fsdp.prefetch"
 local lib, check, fail = C.lib, C.check, C.fail
 local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
 
--- Elements from which a parameter goes direct: below it, a collective of its own costs more
--- than copying it through the unit's flat buffer.
-local DIRECT_NUMEL = 65536
+-- Elements from which a parameter goes direct: below it, a collective of its own (mostly
+-- the wait for the slower rank, 100-200 us when ranks share cores) costs more than copying
+-- it in and out of the unit's flat buffer (bench/README.md).
+local DIRECT_NUMEL = 262144
 
 local Unit = {}
 Unit.__index = Unit
@@ -68,7 +69,7 @@ function Unit.new(module, owned, config)
   local self = setmetatable({
     module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
     offload = config.offload, mp = config.mp, params = {}, per_rank_numel = 0, unsharded = false,
-    received = 0, needs_grad = 0, reduced = false, hooks = {},
+    received = 0, needs_grad = 0, reduced = false, hooks = {}, flat_params = 0, padded = false,
   }, Unit)
   if strategy.shard then
     local shard_dim = mesh:ndim() - 1
@@ -146,7 +147,12 @@ function Unit:add_param(entry, shard_pool, compute_pool)
     local_start = start, local_rows = length, flat_offset = not direct and self.per_rank_numel or nil,
     shape = shape, direct = direct,
   }
-  if not direct then self.per_rank_numel = self.per_rank_numel + chunk * row_numel end
+  if not direct then
+    self.per_rank_numel = self.per_rank_numel + chunk * row_numel
+    self.flat_params = self.flat_params + 1
+    -- rows that do not split evenly leave padding slots in the flat buffers, zeroed before use
+    if rows ~= chunk * self.shard_size then self.padded = true end
+  end
   self.params[#self.params + 1] = param
   if full.requires_grad then
     self.needs_grad = self.needs_grad + 1
@@ -193,10 +199,10 @@ end
 local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
   if param.rows == 0 or param.row_numel == 0 then return end
   local whole_ranks = math.floor(param.rows / param.chunk)
-  local flat_full = view_raw(full, {param.rows, param.row_numel}, nil, tonumber(full._c.offset), "fsdp")
+  local full_offset = tonumber(full._c.offset)
   if whole_ranks > 0 then
     local slots = rank_slots(flat, param, whole_ranks, per_rank_numel)
-    local rows = view_raw(flat_full, {whole_ranks, param.chunk, param.row_numel}, nil, tonumber(flat_full._c.offset), "fsdp")
+    local rows = view_raw(full, {whole_ranks, param.chunk, param.row_numel}, nil, full_offset, "fsdp")
     if to_slots then check(lib.ms_copy(slots._c, rows._c), "fsdp") else check(lib.ms_copy(rows._c, slots._c), "fsdp") end
     slots:_release()
     rows:_release()
@@ -205,13 +211,12 @@ local function move_rows(full, flat, param, size, per_rank_numel, to_slots)
   if remainder > 0 and whole_ranks < size then
     local slot = view_raw(flat, {remainder, param.row_numel}, nil,
                           whole_ranks * per_rank_numel + param.flat_offset, "fsdp")
-    local rows = view_raw(flat_full, {remainder, param.row_numel}, nil,
-                          tonumber(flat_full._c.offset) + whole_ranks * param.chunk * param.row_numel, "fsdp")
+    local rows = view_raw(full, {remainder, param.row_numel}, nil,
+                          full_offset + whole_ranks * param.chunk * param.row_numel, "fsdp")
     if to_slots then check(lib.ms_copy(slot._c, rows._c), "fsdp") else check(lib.ms_copy(rows._c, slot._c), "fsdp") end
     slot:_release()
     rows:_release()
   end
-  flat_full:_release()
 end
 
 -- Issue the unit's all-gathers: direct parameters land in their unsharded tensors, the
@@ -261,7 +266,7 @@ function Unit:all_gather(dtype, pool, outputs)
   end
   if per_rank == 0 then return nil end
   local send = empty({per_rank}, dtype, pool)
-  check(lib.ms_fill(send._c, 0), "fsdp: unshard")
+  if self.padded then check(lib.ms_fill(send._c, 0), "fsdp: unshard") end
   for _, p in ipairs(self.params) do
     if not p.direct and p.local_rows > 0 and p.row_numel > 0 then
       local slot = view_raw(send, {p.local_rows, p.row_numel}, nil, p.flat_offset, "fsdp")
@@ -443,7 +448,7 @@ function Unit:reduce_flat(params, dtype)
   local size, per_rank = self.shard_size, self.per_rank_numel
   local pool = params[1].unsharded.grad._c.storage.pool
   local flat = empty({size * per_rank}, dtype, pool)
-  check(lib.ms_fill(flat._c, 0), "fsdp: reduce")
+  if self.padded or #params < self.flat_params then check(lib.ms_fill(flat._c, 0), "fsdp: reduce") end
   for _, p in ipairs(params) do move_rows(p.unsharded.grad, flat, p, size, per_rank, true) end
   local shard = empty({per_rank}, dtype, pool)
   stats.timed("reduce_scatters", tonumber(lib.ms_tensor_nbytes(flat._c)), dist().reduce_scatter_tensor,
@@ -457,7 +462,7 @@ function Unit:reduce_flat(params, dtype)
   shard:_release()
 end
 
--- NO_SHARD: a gradient of 64Ki elements or more all-reduced where backward left it (when it
+-- NO_SHARD: a gradient of 256Ki elements or more all-reduced where backward left it (when it
 -- is dense and already in the reduce dtype), the others through one flat buffer and one
 -- all-reduce; then each is handed to its parameter.
 function Unit:all_reduce_grads(params)
