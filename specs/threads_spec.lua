@@ -83,6 +83,13 @@ describe("threads", function()
                                                          "io.write(ms.get_num_threads())"))
   end)
 
+  it("BLAS's idle threads sleep at once (OPENBLAS_THREAD_TIMEOUT 4 when OpenBLAS loads) unless the user set it",
+     function()
+    local read = "io.write(os.getenv('OPENBLAS_THREAD_TIMEOUT'))"
+    assert.are.equal("4", count_in_fresh_process("env -u OPENBLAS_THREAD_TIMEOUT", read))
+    assert.are.equal("20", count_in_fresh_process("OPENBLAS_THREAD_TIMEOUT=20", read))
+  end)
+
   it("split element-wise results match the element-by-element values", function()
     ms.set_num_threads(2)
     local a, b = ms.randn(1024, 1100), ms.randn(1100)
