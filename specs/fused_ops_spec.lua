@@ -41,19 +41,7 @@ end
 
 -- ---- hand-written references, in Lua doubles ----
 
-local function erf(x)
-  local t = math.abs(x)
-  if t > 6 then return x > 0 and 1 or -1 end
-  local sum, term, k = t, t, 0
-  repeat
-    k = k + 1
-    term = term * -t * t / k
-    local add = term / (2 * k + 1)
-    sum = sum + add
-  until math.abs(add) < 1e-17 * math.abs(sum) or k > 200
-  local value = 2 / math.sqrt(math.pi) * sum
-  return x < 0 and -value or value
-end
+local erf = require("support.reference_math").erf
 
 local BETA, KAPPA = math.sqrt(2 / math.pi), 0.044715
 

@@ -467,15 +467,7 @@ describe("nn", function()
       local x = gradcheck.values(9, -3, 3, 11)
       local t = gradcheck.tensor({9}, x)
       local relu, gelu, gelu_tanh = flat(nn.ReLU()(t)), flat(nn.GELU()(t)), flat(nn.GELU({approximate = "tanh"})(t))
-      local function erf(v) -- the Maclaurin series, summed until its terms vanish
-        local sum, term, n = v, v, 0
-        repeat
-          n = n + 1
-          term = -term * v * v / n
-          sum = sum + term / (2 * n + 1)
-        until math.abs(term) < 1e-17 * math.abs(sum) and n > 5
-        return 2 / math.sqrt(math.pi) * sum
-      end
+      local erf = require("support.reference_math").erf
       for i, v in ipairs(x) do
         assert.are.equal(math.max(v, 0), relu[i])
         assert.is_true(math.abs(gelu[i] - 0.5 * v * (1 + erf(v / math.sqrt(2)))) < 1e-12, tostring(v))

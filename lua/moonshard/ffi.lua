@@ -40,13 +40,14 @@ end
 -- OPENBLAS_THREAD_TIMEOUT says otherwise; it is read when OpenBLAS loads, with this library.
 -- The spinning thread competes with the CPU worker pool and the other local ranks for the
 -- cores, so idle BLAS threads sleep at once unless the user chose a timeout (bench/README.md).
-if not pcall(function() return ffi.C.setenv end) then
-  ffi.cdef("int setenv(const char *name, const char *value, int overwrite);")
+-- (Declared under a name of its own, so a program's own declaration of setenv never clashes.)
+if not pcall(function() return ffi.C.moonshard_setenv end) then
+  ffi.cdef('int moonshard_setenv(const char *name, const char *value, int overwrite) __asm__("setenv");')
 end
 
 -- Load the library and check it is the version of these modules.
 local function load_library(path)
-  ffi.C.setenv("OPENBLAS_THREAD_TIMEOUT", "4", 0)
+  ffi.C.moonshard_setenv("OPENBLAS_THREAD_TIMEOUT", "4", 0)
   local ok, lib = pcall(ffi.load, path)
   if not ok then
     error(("moonshard: cannot load the library %s: %s (build it with bash tools/setup.sh, " ..

@@ -100,3 +100,31 @@ int ms_cuda_dense_done(const ms_tensor *t, ms_tensor *dense, int write_back)
     ms_tensor_free(dense);
     return status;
 }
+
+void *ms_cuda_stage(ms_cuda_staging *st, const char *op, const ms_tensor *t, int copy_in,
+                    int is_output)
+{
+    if (!t || st->status != MS_OK)
+        return NULL;
+    if (st->count == MS_CUDA_STAGED) {
+        st->status = MS_FAIL(MS_ERR_INVALID, "%s: more than %d operands to stage", op,
+                             MS_CUDA_STAGED);
+        return NULL;
+    }
+    int i = st->count++;
+    st->tensors[i] = t;
+    st->is_output[i] = is_output;
+    st->status = ms_cuda_dense(op, t, copy_in, &st->dense[i]);
+    return st->status == MS_OK ? ms_tensor_data(st->dense[i]) : NULL;
+}
+
+int ms_cuda_unstage_all(ms_cuda_staging *st)
+{
+    for (int i = 0; i < st->count; i++) {
+        int status = ms_cuda_dense_done(st->tensors[i], st->dense[i],
+                                        st->is_output[i] && st->status == MS_OK);
+        if (st->status == MS_OK)
+            st->status = status;
+    }
+    return st->status;
+}

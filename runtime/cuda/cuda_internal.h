@@ -78,6 +78,21 @@ void ms_cuda_coalesce(ms_cu_shape *shape, ms_cu_operand *const *operands, int co
 int ms_cuda_dense(const char *op, const ms_tensor *t, int copy_in, ms_tensor **dense);
 int ms_cuda_dense_done(const ms_tensor *t, ms_tensor *dense, int write_back);
 
+/* Dense copies of up to MS_CUDA_STAGED operands of one call, released together: stage
+ * returns the device data a kernel reads or writes (NULL for a NULL t, or once a copy
+ * failed); unstage_all writes outputs back (when every step succeeded), frees the copies and
+ * returns the first failure. Zero-initialise before the first stage. */
+enum { MS_CUDA_STAGED = 10 };
+typedef struct ms_cuda_staging {
+    int count, status;
+    const ms_tensor *tensors[MS_CUDA_STAGED];
+    ms_tensor *dense[MS_CUDA_STAGED];
+    int is_output[MS_CUDA_STAGED];
+} ms_cuda_staging;
+void *ms_cuda_stage(ms_cuda_staging *st, const char *op, const ms_tensor *t, int copy_in,
+                    int is_output);
+int ms_cuda_unstage_all(ms_cuda_staging *st);
+
 /* An i64 tensor of count elements in pool holding values (flags and counters of checks). */
 int ms_cuda_scratch(ms_tensor **out, int pool, const int64_t *values, int count);
 /* nbytes from device memory into host, after the compute stream's earlier work. */

@@ -1,41 +1,10 @@
 /* moonshard CUDA backend: ms_layer_norm and ms_layer_norm_backward (and their fused residual
- * add forms) on a device, over dense
- * copies of strided operands, after the checks of runtime/ops/; dx is assigned,
- * dweight and dbias accumulate. */
+ * add forms) on a device, over dense copies of strided operands, after the checks of
+ * runtime/ops/; dx is assigned, dweight and dbias accumulate. */
 #include <math.h>
 
 #include "cuda_internal.h"
 #include "layernorm.cuh"
-
-/* Dense copies of up to 10 operands of one call, released together. */
-typedef struct staging {
-    int count, status;
-    const ms_tensor *tensors[10];
-    ms_tensor *dense[10];
-    int is_output[10];
-} staging;
-
-static void *stage(staging *st, const ms_tensor *t, int copy_in, int is_output)
-{
-    if (!t || st->status != MS_OK)
-        return NULL;
-    int i = st->count++;
-    st->tensors[i] = t;
-    st->is_output[i] = is_output;
-    st->status = ms_cuda_dense("layer_norm", t, copy_in, &st->dense[i]);
-    return st->status == MS_OK ? ms_tensor_data(st->dense[i]) : NULL;
-}
-
-static int unstage_all(staging *st)
-{
-    for (int i = 0; i < st->count; i++) {
-        int status = ms_cuda_dense_done(st->tensors[i], st->dense[i],
-                                        st->is_output[i] && st->status == MS_OK);
-        if (st->status == MS_OK)
-            st->status = status;
-    }
-    return st->status;
-}
 
 int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tensor *sum,
                        const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
@@ -51,19 +20,19 @@ int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tens
     }
     ms_cu_layer_norm a = {.rows = rows, .size = size, .eps = eps, .dtype = x->dtype,
                           .mean_dtype = mean->dtype, .rstd_dtype = rstd->dtype};
-    staging st = {0};
-    a.x = stage(&st, x, 1, 0);
-    a.residual = stage(&st, residual, 1, 0);
-    a.weight = stage(&st, weight, 1, 0);
-    a.bias = stage(&st, bias, 1, 0);
-    a.out = stage(&st, out, 0, 1);
-    a.sum = stage(&st, residual ? sum : NULL, 0, 1);
-    a.mean = stage(&st, mean, 0, 1);
-    a.rstd = stage(&st, rstd, 0, 1);
+    ms_cuda_staging st = {0};
+    a.x = ms_cuda_stage(&st, op, x, 1, 0);
+    a.residual = ms_cuda_stage(&st, op, residual, 1, 0);
+    a.weight = ms_cuda_stage(&st, op, weight, 1, 0);
+    a.bias = ms_cuda_stage(&st, op, bias, 1, 0);
+    a.out = ms_cuda_stage(&st, op, out, 0, 1);
+    a.sum = ms_cuda_stage(&st, op, residual ? sum : NULL, 0, 1);
+    a.mean = ms_cuda_stage(&st, op, mean, 0, 1);
+    a.rstd = ms_cuda_stage(&st, op, rstd, 0, 1);
     if (st.status == MS_OK)
         st.status = ms_cuda_launched(op, ms_cu_layer_norm_forward(ms_cuda_compute_stream(device),
                                                                   &a));
-    return unstage_all(&st);
+    return ms_cuda_unstage_all(&st);
 }
 
 int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbias,
@@ -77,18 +46,18 @@ int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *db
         return MS_OK;
     ms_cu_layer_norm a = {.rows = rows, .size = size, .dtype = x->dtype,
                           .mean_dtype = mean->dtype, .rstd_dtype = rstd->dtype};
-    staging st = {0};
-    a.x = stage(&st, x, 1, 0);
-    a.dy = stage(&st, dy, 1, 0);
-    a.dsum = stage(&st, dsum, 1, 0);
-    a.weight = stage(&st, weight, 1, 0);
-    a.mean = stage(&st, mean, 1, 0);
-    a.rstd = stage(&st, rstd, 1, 0);
-    a.dx = stage(&st, dx, 0, 1);
-    a.dweight = stage(&st, dweight, 1, 1);
-    a.dbias = stage(&st, dbias, 1, 1);
+    ms_cuda_staging st = {0};
+    a.x = ms_cuda_stage(&st, op, x, 1, 0);
+    a.dy = ms_cuda_stage(&st, op, dy, 1, 0);
+    a.dsum = ms_cuda_stage(&st, op, dsum, 1, 0);
+    a.weight = ms_cuda_stage(&st, op, weight, 1, 0);
+    a.mean = ms_cuda_stage(&st, op, mean, 1, 0);
+    a.rstd = ms_cuda_stage(&st, op, rstd, 1, 0);
+    a.dx = ms_cuda_stage(&st, op, dx, 0, 1);
+    a.dweight = ms_cuda_stage(&st, op, dweight, 1, 1);
+    a.dbias = ms_cuda_stage(&st, op, dbias, 1, 1);
     if (st.status == MS_OK)
         st.status = ms_cuda_launched(op, ms_cu_layer_norm_backward(
                                              ms_cuda_compute_stream(device), &a));
-    return unstage_all(&st);
+    return ms_cuda_unstage_all(&st);
 }
