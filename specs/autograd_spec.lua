@@ -112,6 +112,35 @@ describe("autograd", function()
       assert.are.same({5, 7}, x.grad:table())
     end)
 
+    it("a leaf's first gradient is the one backward made when nothing else holds it (no copy)", function()
+      local x = ms.randn(64, 256)
+      local w = ms.randn(256, 256, {requires_grad = true})
+      local y = ms.matmul(x, w):sum()
+      collectgarbage("collect")
+      collectgarbage("stop")
+      local base = ms.memory_stats().allocated
+      ms.reset_peak_memory_stats()
+      y:backward()
+      local peak = ms.memory_stats().peak - base
+      collectgarbage("restart")
+      -- backward holds the output's gradient [64, 256] and makes w's [256, 256]; a copy of
+      -- the latter would add another w:nbytes() at the peak
+      assert.is_true(peak < 2 * w:nbytes(), ("peak %d bytes for a %d-byte gradient"):format(peak, w:nbytes()))
+      -- and it is w's own gradient, equal to x^T @ ones
+      local want = ms.matmul(x:t(), ms.ones(64, 256))
+      assert.is_true(ms.equal(w.grad, want))
+    end)
+
+    it("a gradient two inputs share is copied for the first and handed to the second", function()
+      local a = f64({1, 2}, true)
+      local b = f64({3, 4}, true)
+      ;(a + b):sum():backward()
+      assert.are.same({1, 1}, a.grad:table())
+      assert.are.same({1, 1}, b.grad:table())
+      a.grad:add_(1)
+      assert.are.same({1, 1}, b.grad:table())
+    end)
+
     it("starts again after .grad is cleared", function()
       local x = f64({1, 2}, true)
       ;(x * 3):sum():backward()

@@ -320,7 +320,7 @@ local function accumulate_grad(task, node, grad)
   local t = node.variable
   local existing = rawget(t, "grad")
   if existing == nil then
-    if task.refs[grad] == 1 and not task.foreign[grad] and grad._c.storage.refcount == 1 then
+    if task.refs[grad] == 0 and not task.foreign[grad] and grad._c.storage.refcount == 1 then
       task.foreign[grad] = true
       grad.requires_grad, grad.grad_fn = nil, nil
       t.grad = scope.keep(grad)
