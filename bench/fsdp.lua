@@ -3,7 +3,9 @@
 -- unsharded single-process run and the sgemm rate measured in the same invocation.
 -- JSON lines. Usage (repository root, after a build):
 --   luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N]
---                         [--steps N] [--threads N] [--quick] [--profile]
+--                         [--steps N] [--warmup N] [--threads N] [--quick] [--profile]
+-- Each run times --steps steps (median) after --warmup untimed ones (default 3, as
+-- bench/torch_fsdp.py): the first steps compile LuaJIT's traces and fill the caches.
 -- --strategy and --world-size keep only the matching sharded runs ("unsharded" keeps only the
 -- world-1 run); --threads sets this process's thread count (ms.set_num_threads) before the
 -- world-1 run and the sgemm reference (spawned ranks share the cores as always).
@@ -20,9 +22,9 @@ local support = require "bench.support"
 
 local clock = support.now
 
-local options = {model = "all", steps = 4, quick = false}
+local options = {model = "all", steps = 4, warmup = 3, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
-              "[--steps N] [--threads N] [--quick] [--profile]\n"
+              "[--steps N] [--warmup N] [--threads N] [--quick] [--profile]\n"
 do
   local i = 1
   while i <= #arg do
@@ -31,7 +33,7 @@ do
       options[key], i = true, i + 1
     elseif key == "model" or key == "strategy" then
       options[key], i = arg[i + 1], i + 2
-    elseif key == "steps" or key == "world-size" or key == "threads" then
+    elseif key == "steps" or key == "warmup" or key == "world-size" or key == "threads" then
       options[key], i = tonumber(arg[i + 1]), i + 2
     else
       io.stderr:write(usage)
@@ -196,7 +198,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     opt:step()
   end
   local gemm = options.profile and rank == 0 and gemm_rate() or nil
-  for step = 0, steps do
+  for step = 1 - options.warmup, steps do
     local x, y = spec.batch(cfg, step)
     x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
     if step == 1 then ms.reset_peak_memory_stats("cpu") end
@@ -207,7 +209,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     else
       step_body(x, y)
     end
-    if step > 0 then -- step 0 warms the caches
+    if step > 0 then
       times[#times + 1] = clock() - start
       cpu[#cpu + 1] = os.clock() - cpu_start
       comm[#comm + 1] = fsdp.stats().comm_seconds

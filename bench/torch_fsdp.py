@@ -3,9 +3,10 @@ bench/fsdp.lua, printing the same JSON lines, so bench/compare.sh can put the tw
 side. Needs torch (from PyPI); moonshard itself never needs Python.
 
 Usage: python bench/torch_fsdp.py [--model transformer|mlp|all] [--strategy S] [--world-size N]
-                                  [--steps N] [--quick]
+                                  [--steps N] [--warmup N] [--quick]
 --strategy (unsharded, FULL_SHARD, ...) and --world-size keep only the matching runs, as in
-bench/fsdp.lua.
+bench/fsdp.lua. Each run times --steps steps (median) after --warmup untimed ones (default 3,
+as bench/fsdp.lua).
 """
 import argparse
 import json
@@ -117,7 +118,7 @@ def loss_of(name, cfg, model, x, y):
     return F.mse_loss(model(x), y)
 
 
-def train(name, strategy, rank, size, steps, mesh_shape=None):
+def train(name, strategy, rank, size, steps, warmup, mesh_shape=None):
     spec = MODELS[name]
     cfg = spec["cfg"]
     torch.manual_seed(0)
@@ -132,7 +133,7 @@ def train(name, strategy, rank, size, steps, mesh_shape=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     per_rank = cfg["batch"] // size
     times = []
-    for step in range(steps + 1):
+    for step in range(1 - warmup, steps + 1):
         x, y = batch(name, cfg, step)
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
         start = time.perf_counter()
@@ -144,23 +145,23 @@ def train(name, strategy, rank, size, steps, mesh_shape=None):
     return statistics.median(times)
 
 
-def worker(rank, size, name, strategy, steps, mesh_shape, port, queue):
+def worker(rank, size, name, strategy, steps, warmup, mesh_shape, port, queue):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
-        seconds = train(name, strategy, rank, size, steps, mesh_shape)
+        seconds = train(name, strategy, rank, size, steps, warmup, mesh_shape)
         if rank == 0:
             queue.put(seconds)
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(name, strategy, size, steps, mesh_shape, port):
+def run_distributed(name, strategy, size, steps, warmup, mesh_shape, port):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, size, name, strategy, steps, mesh_shape, port, queue))
+    procs = [ctx.Process(target=worker, args=(r, size, name, strategy, steps, warmup, mesh_shape, port, queue))
              for r in range(size)]
     for p in procs:
         p.start()
@@ -178,6 +179,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="all")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--strategy")
     parser.add_argument("--world-size", type=int)
@@ -191,18 +193,18 @@ def main():
     for name in names:
         torch.set_num_threads(os.cpu_count() or 1)
         if wanted("unsharded"):
-            seconds = train(name, None, 0, 1, args.steps)
+            seconds = train(name, None, 0, 1, args.steps, args.warmup)
             emit(bench="torch_fsdp", model=name, strategy="unsharded", world_size=1, step_ms=seconds * 1e3)
         for size in sizes:
             for strategy in ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"]:
                 if not wanted(strategy):
                     continue
                 port += 1
-                seconds = run_distributed(name, strategy, size, args.steps, None, port)
+                seconds = run_distributed(name, strategy, size, args.steps, args.warmup, None, port)
                 emit(bench="torch_fsdp", model=name, strategy=strategy, world_size=size, step_ms=seconds * 1e3)
             if size == 4 and wanted("HYBRID_SHARD"):
                 port += 1
-                seconds = run_distributed(name, "HYBRID_SHARD", size, args.steps, (2, 2), port)
+                seconds = run_distributed(name, "HYBRID_SHARD", size, args.steps, args.warmup, (2, 2), port)
                 emit(bench="torch_fsdp", model=name, strategy="HYBRID_SHARD", world_size=size, mesh="2x2",
                      step_ms=seconds * 1e3)
 
