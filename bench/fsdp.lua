@@ -4,8 +4,9 @@
 -- JSON lines. Usage (repository root, after a build):
 --   luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N]
 --                         [--steps N] [--warmup N] [--threads N] [--quick] [--profile]
--- Each run times --steps steps (median) after --warmup untimed ones (default 3, as
--- bench/torch_fsdp.py): the first steps compile LuaJIT's traces and fill the caches.
+-- Each run times --steps steps (median) after --warmup untimed ones (default: the model's
+-- `warmup`, as in bench/torch_fsdp.py): a training run's steady state, once LuaJIT has
+-- compiled its traces and the caches are filled (the MLP's steps are short, so it needs more).
 -- --strategy and --world-size keep only the matching sharded runs ("unsharded" keeps only the
 -- world-1 run); --threads sets this process's thread count (ms.set_num_threads) before the
 -- world-1 run and the sgemm reference (spawned ranks share the cores as always).
@@ -22,7 +23,7 @@ local support = require "bench.support"
 
 local clock = support.now
 
-local options = {model = "all", steps = 4, warmup = 3, quick = false}
+local options = {model = "all", steps = 4, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
               "[--steps N] [--warmup N] [--threads N] [--quick] [--profile]\n"
 do
@@ -91,6 +92,7 @@ function MLP:forward(x) return self.net(x) end
 local MODELS = {
   transformer = {
     cfg = {vocab = 256, dim = 512, layers = 8, heads = 8, seq = 64, batch = 8},
+    warmup = 3,
     build = function(cfg) return GPT(cfg) end,
     wrap = function() return fsdp.wrap_policy({Block}) end,
     batch = function(cfg, step)
@@ -111,6 +113,7 @@ local MODELS = {
   },
   mlp = {
     cfg = {dim = 256, layers = 4, batch = 64},
+    warmup = 30,
     build = function(cfg) return MLP(cfg) end,
     wrap = function() return fsdp.wrap_policy({nn.Linear}) end,
     batch = function(cfg, step)
@@ -198,7 +201,7 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     opt:step()
   end
   local gemm = options.profile and rank == 0 and gemm_rate() or nil
-  for step = 1 - options.warmup, steps do
+  for step = 1 - (options.warmup or spec.warmup), steps do
     local x, y = spec.batch(cfg, step)
     x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
     if step == 1 then ms.reset_peak_memory_stats("cpu") end

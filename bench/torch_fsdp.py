@@ -5,8 +5,8 @@ side. Needs torch (from PyPI); moonshard itself never needs Python.
 Usage: python bench/torch_fsdp.py [--model transformer|mlp|all] [--strategy S] [--world-size N]
                                   [--steps N] [--warmup N] [--quick]
 --strategy (unsharded, FULL_SHARD, ...) and --world-size keep only the matching runs, as in
-bench/fsdp.lua. Each run times --steps steps (median) after --warmup untimed ones (default 3,
-as bench/fsdp.lua).
+bench/fsdp.lua. Each run times --steps steps (median) after --warmup untimed ones (default: the
+model's "warmup", as in bench/fsdp.lua).
 """
 import argparse
 import json
@@ -87,11 +87,13 @@ MODELS = {
         "cfg": {"vocab": 256, "dim": 512, "layers": 8, "heads": 8, "seq": 64, "batch": 8},
         "build": GPT,
         "wrap": {Block},
+        "warmup": 3,
     },
     "mlp": {
         "cfg": {"dim": 256, "layers": 4, "batch": 64},
         "build": MLP,
         "wrap": {nn.Linear},
+        "warmup": 30,
     },
 }
 
@@ -133,6 +135,8 @@ def train(name, strategy, rank, size, steps, warmup, mesh_shape=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     per_rank = cfg["batch"] // size
     times = []
+    if warmup is None:
+        warmup = spec["warmup"]
     for step in range(1 - warmup, steps + 1):
         x, y = batch(name, cfg, step)
         x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
@@ -179,7 +183,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="all")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--strategy")
     parser.add_argument("--world-size", type=int)
