@@ -8,6 +8,10 @@
  * of it (one synchronisation per step); above, members reduce one piece each and then
  * exchange the reduced pieces (half the copying and arithmetic per member). */
 enum { ALL_REDUCE_WHOLE_MAX = 64 * 1024 };
+/* From this many bytes an all_reduce reads the peers' tensors in place when the members may
+ * (local_direct.c). Below it, and for reduce_scatter at every size, staging through the
+ * segment measured faster (bench/README.md). */
+enum { ALL_REDUCE_DIRECT_MIN = 4 * 1024 * 1024 };
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -278,6 +282,11 @@ static int local_all_reduce(ms_group *g, void *data, int64_t count, int dtype, i
     size_t bytes = (size_t)count * ms_dtype_size(dtype);
     if (bytes <= ALL_REDUCE_WHOLE_MAX || g->size == 1)
         return all_reduce_whole(g, &call, data, count, dtype, op);
+    int direct = 0;
+    if (bytes >= ALL_REDUCE_DIRECT_MIN)
+        MS_CHECK(local_direct_ready(g, &call, &direct));
+    if (direct)
+        return local_all_reduce_direct(g, &call, data, count, dtype, op);
     return all_reduce_pieces(g, &call, data, count, dtype, op);
 }
 

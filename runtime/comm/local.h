@@ -87,6 +87,8 @@ typedef struct local_group {
     size_t buffer_stride;
     uint32_t next_step;
     uint32_t op_seq;
+    int direct;       /* members read each other's memory: 0 not probed yet, 1 yes, -1 no */
+    uint8_t *scratch; /* the direct all_reduce's (local_direct.c), once direct is 1 */
 } local_group;
 
 /* This process's world rank: -1 outside spawned ranks. */
@@ -159,6 +161,14 @@ void local_copy_out(void *dst, const void *src, size_t n, size_t destination_byt
 /* dst = the reduction of srcs (ms_comm_reduce), written as local_copy_out writes. */
 void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
                       int op, size_t destination_bytes);
+/* ---- all_reduce reading the peers' tensors in place (local_direct.c) ---- */
+/* *ready = 1 when every member may read the others' memory; the first call on a group
+ * probes it in two steps of call, which every member makes alike. */
+int local_direct_ready(ms_group *g, const local_call *call, int *ready);
+/* all_reduce reading the peers' pieces where they are; bitwise the staged all_reduce's
+ * result (each element reduced in member order). */
+int local_all_reduce_direct(ms_group *g, const local_call *call, void *data, int64_t count,
+                            int dtype, int op);
 /* Wake every process sleeping on counter. */
 void local_wake_all(local_counter *counter);
 

@@ -193,7 +193,10 @@ int local_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **o
 
 void local_group_free(ms_group *g)
 {
-    free(g->impl);
+    local_group *lg = g->impl;
+    if (lg)
+        free(lg->scratch);
+    free(lg);
     ms_group_dealloc(g);
 }
 

@@ -12,8 +12,8 @@ static inline void case_tensor_free(ms_tensor *t) { ms_tensor_free(t); }
 static const int dtypes[] = {MS_F32, MS_F64, MS_BF16, MS_F16, MS_I32, MS_I64, MS_U8};
 enum { NDTYPES = sizeof dtypes / sizeof *dtypes };
 /* 0, 1, odd, above 64 KiB (every dtype), and for f32 more 512 KiB chunks than the ring of
- * 4 holds. */
-static const int64_t sizes[] = {0, 1, 7, 1001, 70001, 700001};
+ * 4 holds and an all_reduce large enough to read the peers in place (4 MiB). */
+static const int64_t sizes[] = {0, 1, 7, 1001, 70001, 700001, 1100001};
 enum { NSIZES = sizeof sizes / sizeof *sizes };
 
 typedef struct reduction {
@@ -47,7 +47,7 @@ static inline void fill_pattern(ms_tensor *t, int rank, int64_t first)
 /* Largest size worth testing for dtype: big sizes only for f32 keep the test short. */
 static inline int64_t size_limit(int dtype)
 {
-    return dtype == MS_F32 ? sizes[NSIZES - 1] : sizes[NSIZES - 2];
+    return dtype == MS_F32 ? sizes[NSIZES - 1] : sizes[NSIZES - 3];
 }
 
 static inline void all_reduce_cases(ms_group *g, int rank, int n)

@@ -1,5 +1,11 @@
 /* C tests of the local backend's collectives: every op and dtype, odd and empty sizes,
- * sizes that span many segment chunks, world sizes 1 to 4, in-place use and sub-groups. */
+ * sizes that span many segment chunks, world sizes 1 to 4, in-place use and sub-groups,
+ * read in place from the peers or, when a member cannot be read, staged. */
+#include <linux/capability.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "test_comm_cases.h"
 
 static int every_collective(int rank, int n, void *context)
@@ -14,14 +20,46 @@ static int every_collective(int rank, int n, void *context)
     return 0;
 }
 
+/* Drop CAP_SYS_PTRACE, and make rank 1's memory unreadable to the others (not dumpable). */
+static void make_rank_1_unreadable(int rank)
+{
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct caps[2];
+    EXPECT(syscall(SYS_capget, &header, caps) == 0);
+    caps[CAP_SYS_PTRACE / 32].effective &= ~(1u << (CAP_SYS_PTRACE % 32));
+    caps[CAP_SYS_PTRACE / 32].permitted &= ~(1u << (CAP_SYS_PTRACE % 32));
+    EXPECT(syscall(SYS_capset, &header, caps) == 0);
+    if (rank == 1)
+        EXPECT(prctl(PR_SET_DUMPABLE, 0) == 0);
+}
+
+/* Every collective when one member's memory cannot be read by the others: the members agree
+ * to stage every collective through the segment. A member that read its peers in place while
+ * the others staged would fall out of step. */
+static int unreadable_member(int rank, int n, void *context)
+{
+    (void)n;
+    (void)context;
+    make_rank_1_unreadable(rank);
+    collective_cases(NULL);
+    return 0;
+}
+
+typedef struct hash_case {
+    int dtype;
+    int unreadable; /* rank 1 unreadable: the all_reduce is staged, else read in place */
+} hash_case;
+
 /* Inexact f32 and bf16 sums come out bitwise identical on every rank. */
 static int report_all_reduce_hash(int rank, int n, void *context)
 {
     (void)n;
-    int dtype = *(int *)context;
-    ms_tensor *t = new_tensor(dtype, 300001);
+    hash_case *c = context;
+    if (c->unreadable)
+        make_rank_1_unreadable(rank);
+    ms_tensor *t = new_tensor(c->dtype, 2500001); /* at least 4 MiB in every dtype */
     for (int64_t i = 0; i < t->numel; i++)
-        store_element(ms_tensor_data(t), dtype, i, sin((double)(i + 1) * (rank + 1.37)) * 1e3);
+        store_element(ms_tensor_data(t), c->dtype, i, sin((double)(i + 1) * (rank + 1.37)) * 1e3);
     EXPECT_STATUS(MS_OK, ms_dist_all_reduce(NULL, t, MS_DIST_SUM));
     uint64_t hash = fnv1a(ms_tensor_data(t), ms_tensor_nbytes(t));
     ms_tensor_free(t);
@@ -31,25 +69,32 @@ static int report_all_reduce_hash(int rank, int n, void *context)
     return 0;
 }
 
+/* ... on every rank, and alike whether read in place or staged. */
 static void test_identical_results(void)
 {
     int kinds[] = {MS_F32, MS_BF16, MS_F16};
     for (int k = 0; k < 3; k++) {
-        ms_spawn *job = NULL;
-        int rank = -1;
-        EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 3, 20000, &rank));
-        if (rank >= 0)
-            report_all_reduce_hash(rank, 3, &kinds[k]);
-        EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
-        ms_rank_outcome first, other;
-        ms_spawn_outcome(job, 0, &first);
-        EXPECT(first.state == MS_RANK_RETURNED);
-        for (int r = 1; r < 3; r++) {
-            ms_spawn_outcome(job, r, &other);
-            EXPECT(other.state == MS_RANK_RETURNED && other.nbytes == first.nbytes &&
-                   memcmp(other.bytes, first.bytes, first.nbytes) == 0);
+        char first_hash[2][64] = {{0}};
+        for (int unreadable = 0; unreadable < 2; unreadable++) {
+            hash_case c = {kinds[k], unreadable};
+            ms_spawn *job = NULL;
+            int rank = -1;
+            EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 3, 20000, &rank));
+            if (rank >= 0)
+                report_all_reduce_hash(rank, 3, &c);
+            EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+            ms_rank_outcome first, other;
+            ms_spawn_outcome(job, 0, &first);
+            EXPECT(first.state == MS_RANK_RETURNED && first.nbytes < sizeof first_hash[0]);
+            for (int r = 1; r < 3; r++) {
+                ms_spawn_outcome(job, r, &other);
+                EXPECT(other.state == MS_RANK_RETURNED && other.nbytes == first.nbytes &&
+                       memcmp(other.bytes, first.bytes, first.nbytes) == 0);
+            }
+            memcpy(first_hash[unreadable], first.bytes, first.nbytes < 63 ? first.nbytes : 63);
+            ms_spawn_free(job);
         }
-        ms_spawn_free(job);
+        EXPECT(strcmp(first_hash[0], first_hash[1]) == 0);
     }
 }
 
@@ -156,6 +201,7 @@ int main(void)
 {
     for (int n = 1; n <= 4; n++)
         expect_clean_run(n, every_collective, NULL, "every_collective");
+    expect_clean_run(3, unreadable_member, NULL, "unreadable_member");
     test_identical_results();
     expect_clean_run(4, sub_groups, NULL, "sub_groups");
     expect_clean_run(2, argument_checks, NULL, "argument_checks");
