@@ -20,6 +20,7 @@ dependencies = {
 }
 external_dependencies = {
   LMDB = {header = "lmdb.h"},
+  DNNL = {header = "oneapi/dnnl/dnnl.h"},
   OPENBLAS = {library = "openblas"},
   XXHASH = {header = "xxhash.h"},
 }

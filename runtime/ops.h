@@ -60,7 +60,7 @@ int ms_reduce(ms_tensor *out, const ms_tensor *a, int op, uint32_t dims_mask);
  * maximum wins on ties. */
 int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int dim);
 
-/* ---- matrix multiply (OpenBLAS) ----
+/* ---- matrix multiply (f32: oneDNN, f64: OpenBLAS) ----
  * out = alpha * op(a) @ op(b) + beta * out, op = transpose when trans_* != 0 (the last two
  * dims). 2-D, or batched: a, b and out with equal leading dims, or b 2-D and shared by every
  * batch of a. Any strides: a matrix with a unit stride in either of its last two dims goes

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config luajit libluajit-5.1-dev lua-busted lua-dkjson
-          lua-argparse luarocks liblmdb-dev lmdb-utils libopenblas-dev libopenmpi-dev openmpi-bin
+          lua-argparse luarocks liblmdb-dev lmdb-utils libopenblas-dev libdnnl-dev libopenmpi-dev openmpi-bin
           libxxhash-dev clang libclang-rt-14-dev libreadline8 gnuplot-nox iproute2)
 missing=()
 for p in "${packages[@]}"; do

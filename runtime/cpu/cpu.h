@@ -120,6 +120,12 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
                    const int64_t *kept_shape);
 int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+/* Row-major f32 C[m, n] = alpha * op(A) op(B) + beta * C through oneDNN, split across the
+ * worker pool by rows or columns of C; every element's sum runs in the same order whatever
+ * the split (sgemm.c). */
+int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
+                 int64_t ldc);
 /* ms_cpu_matmul of bf16 and f16 tensors (matmul_half.c). */
 int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                        int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);

@@ -1,4 +1,5 @@
-/* moonshard CPU backend: ms_matmul over OpenBLAS (2-D, batched, b shared by every batch).
+/* moonshard CPU backend: ms_matmul, f32 through ms_cpu_sgemm (oneDNN), f64 through OpenBLAS
+ * (2-D, batched, b shared by every batch).
  * out = alpha * op(a) @ op(b) + beta * out: out is assigned or, with beta = 1, accumulated. */
 #include <limits.h>
 #include <stdlib.h>
@@ -42,18 +43,17 @@ static matrix_layout layout_of_tensor(const ms_tensor *t)
 }
 
 /* Row-major C[m, n] = alpha * op(A) op(B) + beta * C. */
-static void gemm(int dtype, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
-                 double alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
-                 double beta, void *c, int64_t ldc)
+static int gemm(int dtype, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                double alpha, const void *a, int64_t lda, const void *b, int64_t ldb,
+                double beta, void *c, int64_t ldc)
 {
-    enum CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
-    enum CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
     if (dtype == MS_F32)
-        cblas_sgemm(CblasRowMajor, ta, tb, (int)m, (int)n, (int)k, (float)alpha, a, (int)lda,
-                    b, (int)ldb, (float)beta, c, (int)ldc);
-    else
-        cblas_dgemm(CblasRowMajor, ta, tb, (int)m, (int)n, (int)k, alpha, a, (int)lda, b,
-                    (int)ldb, beta, c, (int)ldc);
+        return ms_cpu_sgemm(trans_a, trans_b, m, n, k, (float)alpha, a, lda, b, ldb,
+                            (float)beta, c, ldc);
+    cblas_dgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, alpha, a, (int)lda,
+                b, (int)ldb, beta, c, (int)ldc);
+    return MS_OK;
 }
 
 /* Element offset of batch number `batch` (row-major over the leading dims). */
@@ -149,10 +149,9 @@ int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int tr
     if (shared_b && batches > 1 && !trans_a && la.in_place && !la.transposed && lb.in_place &&
         lo.in_place && !lo.transposed && batches_stack(a, la.ld) && batches_stack(out, lo.ld) &&
         batches * m <= INT_MAX) {
-        gemm(a->dtype, 0, trans_b ^ lb.transposed, batches * m, n, k, alpha,
-             ms_tensor_data(a), la.ld, ms_tensor_data(b), lb.ld, beta, ms_tensor_data(out),
-             lo.ld);
-        return MS_OK;
+        return gemm(a->dtype, 0, trans_b ^ lb.transposed, batches * m, n, k, alpha,
+                    ms_tensor_data(a), la.ld, ms_tensor_data(b), lb.ld, beta,
+                    ms_tensor_data(out), lo.ld);
     }
 
     /* Scratch for operands BLAS cannot read in place (one matrix each, reused). */
@@ -181,7 +180,7 @@ int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int tr
     }
 
     int ta = trans_a ^ la.transposed, tb = trans_b ^ lb.transposed;
-    for (int64_t batch = 0; batch < batches; batch++) {
+    for (int64_t batch = 0; batch < batches && status == MS_OK; batch++) {
         int64_t a_offset = batch_offset(a, nlead, batch);
         int64_t b_offset = shared_b ? 0 : batch_offset(b, nlead, batch);
         int64_t out_offset = batch_offset(out, nlead, batch);
@@ -203,16 +202,16 @@ int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int tr
             out_data = (char *)ms_tensor_data(out) + out_offset * (int64_t)size;
         }
         if (lo.transposed) /* C^T = op(B)^T op(A)^T into the row-major view of C^T */
-            gemm(a->dtype, !tb, !ta, n, m, k, alpha, b_data, lb.ld, a_data, la.ld, beta,
-                 out_data, lo.ld);
+            status = gemm(a->dtype, !tb, !ta, n, m, k, alpha, b_data, lb.ld, a_data, la.ld,
+                          beta, out_data, lo.ld);
         else
-            gemm(a->dtype, ta, tb, m, n, k, alpha, a_data, la.ld, b_data, lb.ld, beta,
-                 out_data, lo.ld);
-        if (out_dense)
+            status = gemm(a->dtype, ta, tb, m, n, k, alpha, a_data, la.ld, b_data, lb.ld, beta,
+                          out_data, lo.ld);
+        if (out_dense && status == MS_OK)
             unpack_matrix(out, out_offset, out_dense);
     }
     free(a_dense);
     free(b_dense);
     free(out_dense);
-    return MS_OK;
+    return status;
 }

@@ -1,9 +1,9 @@
 /* moonshard CPU backend: bf16 and f16 GEMM in tiles: blocks of op(a), op(b) and out are
- * converted to f32 in a per-thread scratch, multiplied by sgemm, out rounded once at the store. */
+ * converted to f32 in a per-thread scratch, multiplied by ms_cpu_sgemm, out rounded once at the
+ * store. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <cblas.h>
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -13,7 +13,7 @@
 
 /* Tile sizes: an out block of TILE_M x TILE_N accumulates in f32 over blocks of TILE_K of the
  * inner dim. The three f32 blocks (768 KiB) are each thread's scratch, kept for the thread's
- * life: OpenBLAS's own packing buffers, not tensor memory, so not in ms_memory_stats. */
+ * life: like oneDNN's own packing buffers, not tensor memory, so not in ms_memory_stats. */
 enum { TILE_M = 256, TILE_N = 256, TILE_K = 256 };
 
 typedef struct half_scratch {
@@ -118,7 +118,7 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* out (m x n, strides ors, ocs) = alpha * A @ B + beta * out, where A (m x k) and B (k x n)
  * are views of 16-bit elements; f32 accumulation over the whole of k, one rounding. */
-static void gemm_tiles(half_scratch *s, int dtype, half_matrix A, half_matrix B, uint16_t *out,
+static int gemm_tiles(half_scratch *s, int dtype, half_matrix A, half_matrix B, uint16_t *out,
                        int64_t ors, int64_t ocs, int64_t m, int64_t n, int64_t k, float alpha,
                        float beta)
 {
@@ -136,14 +136,13 @@ static void gemm_tiles(half_scratch *s, int dtype, half_matrix A, half_matrix B,
                 int64_t kc = min64(TILE_K, k - p0);
                 int ta = widen_block(s->a, A, i0, p0, mc, kc, dtype);
                 int tb = widen_block(s->b, B, p0, j0, kc, nc, dtype);
-                cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans,
-                            tb ? CblasTrans : CblasNoTrans, (int)mc, (int)nc, (int)kc, alpha,
-                            s->a, ta ? (int)mc : (int)kc, s->b, tb ? (int)kc : (int)nc,
-                            p0 == 0 ? beta : 1.0f, s->c, (int)nc);
+                MS_CHECK(ms_cpu_sgemm(ta, tb, mc, nc, kc, alpha, s->a, ta ? mc : kc, s->b,
+                                      tb ? kc : nc, p0 == 0 ? beta : 1.0f, s->c, nc));
             }
             store_block(out + i0 * ors + j0 * ocs, ors, ocs, s->c, nc, mc, nc, dtype);
         }
     }
+    return MS_OK;
 }
 
 /* Element offset of batch number `batch` (row-major over the leading dims). */
@@ -180,9 +179,9 @@ int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, i
         half_matrix A = matrix_at(a, batch_offset(a, nlead, batch));
         half_matrix B = matrix_at(b, b->ndim == 2 ? 0 : batch_offset(b, nlead, batch));
         uint16_t *o = (uint16_t *)ms_tensor_data(out) + batch_offset(out, nlead, batch);
-        gemm_tiles(s, a->dtype, trans_a ? transposed(A) : A, trans_b ? transposed(B) : B, o,
-                   out->strides[no - 2], out->strides[no - 1], m, n, k, (float)alpha,
-                   (float)beta);
+        MS_CHECK(gemm_tiles(s, a->dtype, trans_a ? transposed(A) : A,
+                            trans_b ? transposed(B) : B, o, out->strides[no - 2],
+                            out->strides[no - 1], m, n, k, (float)alpha, (float)beta));
     }
     return MS_OK;
 }

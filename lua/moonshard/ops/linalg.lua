@@ -1,4 +1,4 @@
--- Differentiable matrix products over OpenBLAS: matmul (1-D to N-D with batch
+-- Differentiable matrix products over BLAS (ms_matmul): matmul (1-D to N-D with batch
 -- broadcasting), bmm, and the fused linear layer y = x W^T + b.
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
