@@ -144,6 +144,22 @@ describe("threads", function()
     end)
   end)
 
+  it("f32 and bf16 matmul and linear, forward and backward (GEMMs cut into pieces)", function()
+    same_with_threads(9, function()
+      local x = data(300, 520, {requires_grad = true})
+      local w = data(700, 520, {requires_grad = true})
+      local bias = data(700, {requires_grad = true})
+      local q, k = data(4, 200, 96), data(4, 200, 96)
+      local y = F.linear(x, w, bias)
+      local scores = ms.matmul(q, k:transpose(1, 2))
+      local loss = (y * data(300, 700)):sum()
+      loss:backward()
+      local xh, wh = x:detach():to("bf16"), w:detach():to("bf16")
+      return {y, scores, x.grad, w.grad, bias.grad, F.linear(xh, wh), ms.matmul(wh, xh:t()),
+              ms.matmul(x:detach():t(), data(300, 900)), ms.matmul(data(1000, 64), data(64, 333))}
+    end)
+  end)
+
   it("layer norm with weight and bias gradients", function()
     same_with_threads(4, function()
       local x = data(2048, 512, {requires_grad = true})

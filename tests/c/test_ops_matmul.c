@@ -1,5 +1,7 @@
 /* C unit tests of ms_matmul against a naive triple loop: every transpose combination, dense,
- * transposed, padded-row and non-unit-stride operands, batches, shared b, alpha/beta. */
+ * transposed, padded-row and non-unit-stride operands, batches, shared b, alpha/beta, and
+ * f32 GEMMs large enough to split across two threads (by rows and by columns, with a
+ * partial last block), bitwise equal to the same GEMM on one thread. */
 #include "check.h"
 
 enum { LAYOUT_LD = LAYOUT_COUNT, MATMUL_LAYOUTS = LAYOUT_COUNT + 1 };
@@ -57,6 +59,9 @@ static void reference(ms_tensor *want, const ms_tensor *a, const ms_tensor *b, i
             }
 }
 
+/* Set by test_split: the out of the last run_case, kept for a bitwise comparison. */
+static ms_tensor **keep_out;
+
 static void run_case(int dtype, int ndim, const int64_t *batch_dims, int shared_b, int64_t m,
                      int64_t k, int64_t n, int ta, int tb, double alpha, double beta,
                      int layout_a, int layout_b, int layout_out)
@@ -90,6 +95,10 @@ static void run_case(int dtype, int ndim, const int64_t *batch_dims, int shared_
               "matmul %s ndim %d shared_b %d m %lld k %lld n %lld ta %d tb %d beta %g "
               "layouts %d %d %d", dtype_label(dtype), ndim, shared_b, (long long)m,
               (long long)k, (long long)n, ta, tb, beta, layout_a, layout_b, layout_out);
+    if (keep_out) {
+        *keep_out = out;
+        out = NULL;
+    }
     ms_tensor *list[] = {a0, b0, before, want, a, b, out};
     for (size_t i = 0; i < sizeof list / sizeof list[0]; i++)
         ms_tensor_free(list[i]);
@@ -148,6 +157,36 @@ static void test_batched(void)
     }
 }
 
+/* Sizes (m, k, n) that sgemm.c cuts into pieces: 2 of rows, 2 of columns, 4 of rows, the
+ * last piece a partial 16-row block each time. Each case runs with 2 threads and with 1 from
+ * the same random inputs. */
+static void test_split(void)
+{
+    const int64_t sizes[][3] = {{301, 100, 300}, {100, 170, 533}, {520, 120, 300}};
+    int saved = ms_get_num_threads();
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
+        for (int t = 0; t < 4; t++)
+            for (int with_beta = 0; with_beta < 2; with_beta++) {
+                ms_tensor *outs[2];
+                for (int threads = 2; threads >= 1; threads--) {
+                    CHECK_OK(ms_set_num_threads(threads));
+                    test_seed(40 + (uint64_t)s);
+                    keep_out = &outs[threads - 1];
+                    run_case(MS_F32, 2, NULL, 0, sizes[s][0], sizes[s][1], sizes[s][2], t & 1,
+                             t >> 1, with_beta ? 0.75 : 1.0, with_beta ? -0.5 : 0.0, 0, 0, 0);
+                    keep_out = NULL;
+                }
+                CHECK_MSG(memcmp(ms_tensor_data(outs[0]), ms_tensor_data(outs[1]),
+                                 (size_t)outs[0]->numel * sizeof(float)) == 0,
+                          "split matmul %lld x %lld x %lld ta %d tb %d beta %d differs between "
+                          "1 and 2 threads", (long long)sizes[s][0], (long long)sizes[s][1],
+                          (long long)sizes[s][2], t & 1, t >> 1, with_beta);
+                ms_tensor_free(outs[0]);
+                ms_tensor_free(outs[1]);
+            }
+    CHECK_OK(ms_set_num_threads(saved));
+}
+
 static void test_errors(void)
 {
     ms_tensor *a = make(MS_F32, 2, SHAPE(3, 4));
@@ -186,6 +225,7 @@ int main(void)
     test_2d();
     test_alpha_beta();
     test_batched();
+    test_split();
     test_errors();
     return check_summary("test_ops_matmul");
 }
