@@ -429,6 +429,39 @@ describe("tensor", function()
       assert.are.same({{0, 1, 2}, {3, 4, 5}}, base:table())
     end)
 
+    it("view of a non-contiguous tensor shares storage where its layout allows (PyTorch's rule)", function()
+      local base = ms.arange(24):view(2, 12)
+      local heads = base:narrow(1, 4, 8):view(2, 2, 4)
+      assert.are.same({12, 4, 1}, heads:stride())
+      local values = heads:table()
+      for i = 0, 1 do
+        for j = 0, 1 do
+          for k = 0, 3 do assert.are.equal(i * 12 + 4 + 4 * j + k, values[i + 1][j + 1][k + 1]) end
+        end
+      end
+      heads:fill_(-1)
+      assert.are.same({0, 1, 2, 3, -1, -1, -1, -1, -1, -1, -1, -1}, base:table()[1])
+      local columns = ms.arange(6):view(2, 3):t():view(3, 1, 2)
+      assert.are.same({{{0, 3}}, {{1, 4}}, {{2, 5}}}, columns:table())
+    end)
+
+    it("reshape of a viewable non-contiguous tensor shares storage; its gradient lands in place", function()
+      local x = ms.zeros(2, 12):requires_grad_(true)
+      local heads = x:narrow(1, 4, 8):reshape(2, 2, 4)
+      local w = ms.arange(16):view(2, 2, 4):to("f32")
+      local loss = (heads * w):sum()
+      loss:backward()
+      local grad = x.grad:table()
+      for i = 0, 1 do
+        for c = 0, 11 do
+          local expect = c >= 4 and i * 8 + (c - 4) or 0
+          assert.are.equal(expect, grad[i + 1][c + 1])
+        end
+      end
+      heads:detach():fill_(5)
+      assert.are.same({0, 0, 0, 0, 5, 5, 5, 5, 5, 5, 5, 5}, x:detach():table()[2])
+    end)
+
     it("flatten merges a range of dims", function()
       local t = ms.zeros(2, 3, 4)
       assert.are.same({24}, t:flatten():shape())

@@ -55,28 +55,73 @@ local function resolve_shape(what, numel, ...)
   return shape
 end
 
-local function reshape_backward(node, g)
-  local contiguous = raw.contiguous(g)
-  return view_raw(contiguous, node.input_shape, nil, tonumber(contiguous._c.offset), "view")
+-- The strides that show t's elements in row-major order as `shape`, or nil when no view
+-- can (PyTorch's rule): t's dims are taken in runs laid out contiguously one after another,
+-- and each run must split into whole dims of the new shape.
+local function view_strides(t, shape)
+  local c = t._c
+  local n = #shape
+  local strides = {}
+  if c.numel == 0 or c.ndim == 0 then
+    local stride = 1
+    for d = n, 1, -1 do strides[d] = stride; stride = stride * math.max(shape[d], 1) end
+    return strides
+  end
+  local view_d = n
+  local base = tonumber(c.strides[c.ndim - 1])
+  local run_numel, view_numel = 1, 1
+  for d = c.ndim - 1, 0, -1 do
+    run_numel = run_numel * tonumber(c.shape[d])
+    local run_ends = d == 0 or (c.shape[d - 1] ~= 1 and tonumber(c.strides[d - 1]) ~= run_numel * base)
+    if run_ends then
+      while view_d >= 1 and (view_numel < run_numel or shape[view_d] == 1) do
+        strides[view_d] = view_numel * base
+        view_numel = view_numel * shape[view_d]
+        view_d = view_d - 1
+      end
+      if view_numel ~= run_numel then return nil end
+      if d > 0 then
+        base = tonumber(c.strides[d - 1])
+        run_numel, view_numel = 1, 1
+      end
+    end
+  end
+  if view_d ~= 0 then return nil end
+  return strides
 end
 
+-- t as `shape` without autograd: a view where one exists, else a contiguous copy.
+local function reshape_raw(t, shape)
+  local strides = view_strides(t, shape)
+  if not strides then
+    t = raw.contiguous(t)
+    strides = view_strides(t, shape)
+  end
+  return view_raw(t, shape, strides, tonumber(t._c.offset), "view")
+end
+
+local function reshape_backward(node, g) return reshape_raw(g, node.input_shape) end
+
+-- torch's view: a tensor sharing t's storage, for any t whose layout allows it.
 function M.view(t, ...)
   need_tensor(t, "view")
   local shape = resolve_shape("view", t:numel(), ...)
-  if not t:is_contiguous() then
-    fail("view", "tensor of shape %s is not contiguous; use reshape (which copies) instead",
-         tostring(t:shape()))
+  local strides = view_strides(t, shape)
+  if not strides then
+    fail("view", "a tensor of shape %s and strides %s cannot be viewed as %s; use reshape (which copies) instead",
+         tostring(t:shape()), "[" .. table.concat(t:stride(), ", ") .. "]", "[" .. table.concat(shape, ", ") .. "]")
   end
-  local out = view_raw(t, shape, nil, tonumber(t._c.offset), "view")
+  local out = view_raw(t, shape, strides, tonumber(t._c.offset), "view")
   local node = record(out, "ViewBackward0", reshape_backward, t)
   if node then node.input_shape = t:shape() end
   return out
 end
 
+-- torch's reshape: a view when t's layout allows one, else a copy.
 function M.reshape(t, ...)
   need_tensor(t, "reshape")
   local shape = resolve_shape("reshape", t:numel(), ...)
-  if t:is_contiguous() then return M.view(t, shape) end
+  if view_strides(t, shape) then return M.view(t, shape) end
   return M.view(M.contiguous(t), shape)
 end
 
