@@ -1,6 +1,8 @@
 /* moonshard kernels: attention a query row (or a key row) at a time, shared by the CPU loops
  * and the CUDA threads: softmax(scale q k^T + mask) v with a running max and sum over tiles of
- * keys, never holding a row of scores longer than one tile, and its backward. */
+ * keys, never holding a row of scores longer than one tile, and its backward. The *_probs_row
+ * and *_dscores_row functions are the element math of attention in blocks of query rows,
+ * whose scores and products come from GEMMs. */
 #ifndef MS_KERNELS_ATTENTION_H
 #define MS_KERNELS_ATTENTION_H
 
@@ -125,6 +127,89 @@
             for (int64_t c = 0; c < d; c++)                                                 \
                 dk[c] += ds * qi[c];                                                        \
         }                                                                                   \
+    }                                                                                       \
+                                                                                            \
+    /* One query row of a block: s[0..n) holds scale q.k_j on entry; keys from visible on    \
+     * are masked (causal). On return s holds the probabilities softmax(s + mask) (0 past    \
+     * visible; NaN when every key is masked, as softmax's 0/0) and *lse their log-sum-exp   \
+     * (-inf when every key is masked). */                                                  \
+    MS_HD void ms_k_attn_probs_row_##SUFFIX(T *s, int64_t visible, int64_t n, const T *mask, \
+                                            int64_t mask_col, T *lse)                       \
+    {                                                                                       \
+        /* max and sum in MS_K_ATTN_LANES lanes (so the loops vectorise), combined at the    \
+         * end in a fixed order; a NaN score makes the max NaN */                          \
+        T lane_max[MS_K_ATTN_LANES], lane_sum[MS_K_ATTN_LANES];                             \
+        int lane_nan[MS_K_ATTN_LANES];                                                      \
+        for (int l = 0; l < MS_K_ATTN_LANES; l++) {                                         \
+            lane_max[l] = -INFINITY;                                                        \
+            lane_sum[l] = 0;                                                                \
+            lane_nan[l] = 0;                                                                \
+        }                                                                                   \
+        if (mask)                                                                           \
+            for (int64_t j = 0; j < visible; j++)                                           \
+                s[j] += mask[j * mask_col];                                                 \
+        int64_t whole = visible - visible % MS_K_ATTN_LANES;                                \
+        for (int64_t j = 0; j < whole; j += MS_K_ATTN_LANES)                                \
+            for (int l = 0; l < MS_K_ATTN_LANES; l++) {                                     \
+                T x = s[j + l];                                                             \
+                lane_max[l] = x > lane_max[l] ? x : lane_max[l];                            \
+                lane_nan[l] |= x != x;                                                      \
+            }                                                                               \
+        for (int64_t j = whole; j < visible; j++) {                                         \
+            T x = s[j];                                                                     \
+            int l = (int)(j - whole);                                                       \
+            lane_max[l] = x > lane_max[l] ? x : lane_max[l];                                \
+            lane_nan[l] |= x != x;                                                          \
+        }                                                                                   \
+        T max = lane_max[0];                                                                \
+        int nan = lane_nan[0];                                                              \
+        for (int l = 1; l < MS_K_ATTN_LANES; l++) {                                         \
+            max = lane_max[l] > max ? lane_max[l] : max;                                    \
+            nan |= lane_nan[l];                                                             \
+        }                                                                                   \
+        if (nan)                                                                            \
+            max = (T)NAN;                                                                   \
+        if (max == -INFINITY) {                                                             \
+            for (int64_t j = 0; j < n; j++)                                                 \
+                s[j] = j < visible ? (T)NAN : 0;                                            \
+            *lse = -INFINITY;                                                               \
+            return;                                                                         \
+        }                                                                                   \
+        for (int64_t j = 0; j < visible; j++)                                               \
+            s[j] = EXP(s[j] - max);                                                         \
+        for (int64_t j = 0; j < whole; j += MS_K_ATTN_LANES)                                \
+            for (int l = 0; l < MS_K_ATTN_LANES; l++)                                       \
+                lane_sum[l] += s[j + l];                                                    \
+        for (int64_t j = whole; j < visible; j++)                                           \
+            lane_sum[j - whole] += s[j];                                                    \
+        for (int width = MS_K_ATTN_LANES / 2; width > 0; width /= 2)                        \
+            for (int l = 0; l < width; l++)                                                 \
+                lane_sum[l] += lane_sum[l + width];                                         \
+        T inverse = (T)1 / lane_sum[0];                                                     \
+        for (int64_t j = 0; j < visible; j++)                                               \
+            s[j] *= inverse;                                                                \
+        for (int64_t j = visible; j < n; j++)                                               \
+            s[j] = 0;                                                                       \
+        *lse = max + LOG(lane_sum[0]);                                                      \
+    }                                                                                       \
+                                                                                            \
+    /* One query row of a block's backward: s[0..n) holds scale q.k_j and dp[0..n) dout.v_j \
+     * on entry. On return s holds the probabilities p_j = exp(s_j + mask_j - lse) (0 from  \
+     * visible on) and dp the scores' gradient scale p_j (dp_j - delta), delta = dout.out. */ \
+    MS_HD void ms_k_attn_dscores_row_##SUFFIX(T *s, T *dp, int64_t visible, int64_t n,      \
+                                              const T *mask, int64_t mask_col, T lse,       \
+                                              T delta, T scale)                             \
+    {                                                                                       \
+        if (mask)                                                                           \
+            for (int64_t j = 0; j < visible; j++)                                           \
+                s[j] += mask[j * mask_col];                                                 \
+        for (int64_t j = 0; j < visible; j++) {                                             \
+            T p = EXP(s[j] - lse);                                                          \
+            s[j] = p;                                                                       \
+            dp[j] = p * (dp[j] - delta) * scale;                                            \
+        }                                                                                   \
+        for (int64_t j = visible; j < n; j++)                                               \
+            s[j] = dp[j] = 0;                                                               \
     }
 
 MS_K_ATTENTION(f32, float, ms_k_expf, logf)

@@ -46,8 +46,6 @@ local function tril(l, s)
 end
 
 describe("flash-style scaled_dot_product_attention", function()
-  setup(function() ms.backends.enable_cpu_flash_sdp(true) end)
-  teardown(function() ms.backends.enable_cpu_flash_sdp(false) end)
 
   for _, keys in ipairs({1, 31, 32, 33, 70}) do
     it("equals the composition in f64 with " .. keys .. " keys, causal or not", function()
@@ -110,7 +108,7 @@ describe("flash-style scaled_dot_product_attention", function()
     assert.is_true(whole >= l * l * 4)
   end)
 
-  it("is switched off by ms.backends.enable_flash_sdp(false), and on the CPU by default", function()
+  it("is on by default, switched off by ms.backends.enable_flash_sdp(false) and on the CPU by enable_cpu_flash_sdp(false)", function()
     local q = ms.randn(1, 8, 4)
     local function attention_ops()
       local p = ms.profiler.profile(function()
@@ -119,15 +117,16 @@ describe("flash-style scaled_dot_product_attention", function()
       return p.by_key.attention.count
     end
     assert.is_true(ms.backends.flash_sdp_enabled())
+    assert.is_true(ms.backends.cpu_flash_sdp_enabled())
     assert.equal(1, attention_ops())
     ms.backends.enable_flash_sdp(false)
     local off = attention_ops()
     ms.backends.enable_flash_sdp(true)
     assert.is_true(off >= 4)
     ms.backends.enable_cpu_flash_sdp(false)
-    local cpu_default = attention_ops()
+    local cpu_off = attention_ops()
     ms.backends.enable_cpu_flash_sdp(true)
-    assert.is_true(cpu_default >= 4)
+    assert.is_true(cpu_off >= 4)
   end)
 
   it("ms_attention names a k of the wrong shape and a strided last dim", function()
@@ -140,5 +139,88 @@ describe("flash-style scaled_dot_product_attention", function()
     status = lib.ms_attention(out._c, lse._c, strided._c, ms.randn(2, 6, 4)._c, v._c, nil, 0.5, 0)
     assert.equal(lib.MS_ERR_INVALID, status)
     assert.matches("attention: q needs a unit stride in its last dim", ffi.string(lib.ms_last_error()))
+  end)
+end)
+
+-- Every value of a and b (any dims) within tol * (1 + |b|), NaN where the other is NaN.
+local function assert_close(a, b, tol, what)
+  local fa, fb = a:to("f64"):reshape(-1):table(), b:to("f64"):reshape(-1):table()
+  assert.are.equal(#fb, #fa)
+  for i = 1, #fa do
+    local x, y = fa[i], fb[i]
+    if y ~= y then
+      assert.is_true(x ~= x, what .. ": element " .. i .. " is " .. x .. ", expected NaN")
+    else
+      assert.is_true(math.abs(x - y) <= tol * (1 + math.abs(y)), what .. ": element " .. i .. " is " .. x .. ", expected " .. y)
+    end
+  end
+end
+
+-- f32 flash attention and its gradients (of sum(out * w)) against the f64 composition of
+-- the same values.
+local function agrees_with_f64(q, k, v, opts)
+  local out = F.scaled_dot_product_attention(q, k, v, opts)
+  local q64, k64, v64 = q:detach():to("f64"):requires_grad_(), k:detach():to("f64"):requires_grad_(),
+                        v:detach():to("f64"):requires_grad_()
+  local opts64 = {}
+  for key, value in pairs(opts) do opts64[key] = value end
+  if opts.attn_mask and opts.attn_mask:dtype() == "f32" then opts64.attn_mask = opts.attn_mask:to("f64") end
+  local ref = composed(q64, k64, v64, opts64)
+  assert_close(out, ref, 2e-5, "out")
+  local w = leaf(out:shape(), "f64", 98):detach()
+  local got = ms.autograd.grad({(out * w:to("f32")):sum()}, {q, k, v})
+  local want = ms.autograd.grad({(ref * w):sum()}, {q64, k64, v64})
+  for i, name in ipairs({"dq", "dk", "dv"}) do assert_close(got[i], want[i], 1e-4, name) end
+  return out, got
+end
+
+describe("f32 flash attention in blocks of query rows", function()
+
+  it("crosses row blocks (2000 keys: blocks of 32 rows), causal or not, more keys than queries", function()
+    local q, k, v = leaf({2, 3, 100, 16}, "f32", 21), leaf({2, 3, 2000, 16}, "f32", 22), leaf({2, 3, 2000, 8}, "f32", 23)
+    agrees_with_f64(q, k, v, {})
+    agrees_with_f64(q, k, v, {is_causal = true})
+  end)
+
+  it("causal over a partial last block, and with more queries than keys", function()
+    agrees_with_f64(leaf({1, 300, 8}, "f32", 24), leaf({1, 300, 8}, "f32", 25), leaf({1, 300, 8}, "f32", 26),
+                    {is_causal = true})
+    agrees_with_f64(leaf({50, 4}, "f32", 27), leaf({20, 4}, "f32", 28), leaf({20, 6}, "f32", 29), {is_causal = true})
+  end)
+
+  it("with broadcast boolean and float masks, a row whose keys are all masked giving NaN", function()
+    local q, k, v = leaf({2, 2, 40, 8}, "f32", 30), leaf({2, 2, 70, 8}, "f32", 31), leaf({2, 2, 70, 8}, "f32", 32)
+    local keep = ms.randint(0, 2, {40, 70}, {dtype = "i64"})
+    keep:narrow(1, 0, 1):fill_(1)
+    keep:narrow(0, 5, 1):fill_(0) -- query 5 sees no key
+    local out = agrees_with_f64(q, k, v, {attn_mask = keep})
+    for _, value in ipairs(out:narrow(2, 5, 1):reshape(-1):table()) do assert.is_true(value ~= value) end
+    agrees_with_f64(q, k, v, {attn_mask = leaf({2, 1, 40, 70}, "f32", 33):detach(), scale = 0.2})
+  end)
+
+  it("reads heads in place from a fused projection and an expanded key", function()
+    local batch, time, heads, dim = 2, 48, 4, 8
+    local qkv = leaf({batch, time, 3 * heads * dim}, "f32", 34)
+    local parts = qkv:split(heads * dim, 2)
+    local function split_heads(t) return t:view(batch, time, heads, dim):transpose(1, 2) end
+    local q, k, v = split_heads(parts[1]), split_heads(parts[2]), split_heads(parts[3])
+    assert.is_false(q:is_contiguous())
+    agrees_with_f64(q, k, v, {is_causal = true})
+    local one_key = leaf({batch, heads, 1, dim}, "f32", 35)
+    agrees_with_f64(q, one_key:expand(batch, heads, time, dim), v, {})
+  end)
+
+  it("gives bitwise the same values and gradients with 1 and 2 threads", function()
+    local saved = ms.get_num_threads()
+    local results = {}
+    for i, threads in ipairs({1, 2}) do
+      ms.set_num_threads(threads)
+      local q, k, v = leaf({4, 8, 64, 32}, "f32", 36), leaf({4, 8, 64, 32}, "f32", 37), leaf({4, 8, 64, 32}, "f32", 38)
+      local out = F.scaled_dot_product_attention(q, k, v, {is_causal = true})
+      local grads = ms.autograd.grad({(out * out):sum()}, {q, k, v})
+      results[i] = {out, grads[1], grads[2], grads[3]}
+    end
+    ms.set_num_threads(saved)
+    for i = 1, 4 do assert.is_true(ms.equal(results[1][i], results[2][i]), "result " .. i) end
   end)
 end)

@@ -1,5 +1,6 @@
-/* moonshard CPU backend: flash-style attention, forward and backward, one query row (or key
- * row) at a time through kernels/attention.h; no [L, S] scores are held. */
+/* moonshard CPU backend: flash-style attention, forward and backward. f32 runs in blocks of
+ * query rows (attention_blocks.c); f64 and operands whose rows overlap run here, one query row
+ * (or key row) at a time through kernels/attention.h; no [L, S] scores are held. */
 #include <stdlib.h>
 
 #include "attention.h"
@@ -64,9 +65,27 @@ static int64_t keys_of(const geometry *g, int causal, int64_t i)
 FORWARD(forward_f32, float, ms_k_attn_row_f32)
 FORWARD(forward_f64, double, ms_k_attn_row_f64)
 
+/* 1 when attention_blocks.c serves the call: f32, something to attend over, and every
+ * matrix's rows at least a row apart as GEMM reads them (a view with overlapping rows, such
+ * as an expanded key, takes the row kernels here). */
+static int blocks_serve(const ms_tensor *const *t, int n)
+{
+    const ms_tensor *q = t[0], *k = t[1], *v = t[2];
+    int nd = q->ndim;
+    if (q->dtype != MS_F32 || q->shape[nd - 2] == 0 || k->shape[nd - 2] == 0 ||
+        q->shape[nd - 1] == 0 || v->shape[nd - 1] == 0)
+        return 0;
+    for (int i = 0; i < n; i++)
+        if (t[i]->shape[nd - 2] > 1 && t[i]->strides[nd - 2] < t[i]->shape[nd - 1])
+            return 0;
+    return 1;
+}
+
 int ms_cpu_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_tensor *k,
                      const ms_tensor *v, const ms_tensor *mask, double scale, int causal)
 {
+    if (blocks_serve((const ms_tensor *[]){q, k, v, out}, 4))
+        return ms_cpu_attention_blocks(out, lse, q, k, v, mask, scale, causal);
     geometry g = geometry_of(q, v);
     view4 o = view_of(out, 4), l = view_of(lse, 3), qv = view_of(q, 4), kv = view_of(k, 4),
           vv = view_of(v, 4), mv = view_of(mask, 4);
@@ -120,6 +139,9 @@ int ms_cpu_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv,
                               const ms_tensor *v, const ms_tensor *mask, const ms_tensor *out,
                               const ms_tensor *lse, double scale, int causal)
 {
+    if (blocks_serve((const ms_tensor *[]){q, k, v, out, dout, dq, dk, dv}, 8))
+        return ms_cpu_attention_blocks_backward(dq, dk, dv, dout, q, k, v, mask, out, lse,
+                                                scale, causal);
     geometry g = geometry_of(q, v);
     size_t count = (size_t)(g.lead[0] * g.lead[1] * g.rows);
     void *delta = NULL;

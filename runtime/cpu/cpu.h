@@ -98,6 +98,12 @@ void ms_cpu_copy_layout(void *dst, const int64_t *dst_strides, const void *src,
 /* malloc that records MS_ERR_OOM for op on failure (size 0 gives a valid pointer). */
 int ms_cpu_alloc(const char *op, size_t nbytes, void **ptr);
 
+/* The calling thread's scratch of one use, at least nbytes, 64-byte aligned, kept (and
+ * reused by the next call of that use on this thread) until the thread ends; its contents
+ * do not survive another call with the same slot (scratch.c). Not in ms_memory_stats. */
+enum { MS_SCRATCH_HALF_GEMM, MS_SCRATCH_ATTENTION, MS_SCRATCH_SLOTS };
+int ms_cpu_scratch(const char *op, int slot, size_t nbytes, void **ptr);
+
 /* Every target of rows [N, C] (logp, logits) in [0, C) or ignore_index (MS_ERR_INDEX naming
  * op otherwise); [OUT] the number that are not ignored (runtime/cpu/nll.c). */
 int ms_cpu_count_targets(const char *op, const ms_tensor *logp, const ms_tensor *target,
@@ -120,6 +126,16 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
                    const int64_t *kept_shape);
 int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+/* f32 attention in blocks of query rows (attention_blocks.c), for ms_cpu_attention and its
+ * backward: every matrix's rows at least a row apart, rows, keys, d and dv nonzero. */
+int ms_cpu_attention_blocks(ms_tensor *out, ms_tensor *lse, const ms_tensor *q,
+                            const ms_tensor *k, const ms_tensor *v, const ms_tensor *mask,
+                            double scale, int causal);
+int ms_cpu_attention_blocks_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv,
+                                     const ms_tensor *dout, const ms_tensor *q,
+                                     const ms_tensor *k, const ms_tensor *v,
+                                     const ms_tensor *mask, const ms_tensor *out,
+                                     const ms_tensor *lse, double scale, int causal);
 /* Row-major f32 C[m, n] = alpha * op(A) op(B) + beta * C through oneDNN, split across the
  * worker pool by rows or columns of C; every element's sum runs in the same order whatever
  * the split (sgemm.c). */

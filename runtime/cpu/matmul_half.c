@@ -1,9 +1,6 @@
 /* moonshard CPU backend: bf16 and f16 GEMM in tiles: blocks of op(a), op(b) and out are
  * converted to f32 in a per-thread scratch, multiplied by ms_cpu_sgemm, out rounded once at the
  * store. */
-#include <pthread.h>
-#include <stdlib.h>
-#include <string.h>
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -19,23 +16,6 @@ enum { TILE_M = 256, TILE_N = 256, TILE_K = 256 };
 typedef struct half_scratch {
     float a[TILE_M * TILE_K], b[TILE_K * TILE_N], c[TILE_M * TILE_N];
 } half_scratch;
-
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-
-static void make_scratch_key(void) { pthread_key_create(&scratch_key, free); }
-
-static half_scratch *thread_scratch(void)
-{
-    pthread_once(&scratch_once, make_scratch_key);
-    half_scratch *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        if (posix_memalign((void **)&s, 64, sizeof *s) != 0)
-            return NULL;
-        pthread_setspecific(scratch_key, s);
-    }
-    return s;
-}
 
 /* One stored matrix of a view: element (i, j) at data + i * rs + j * cs (elements). */
 typedef struct half_matrix {
@@ -166,10 +146,8 @@ static half_matrix matrix_at(const ms_tensor *t, int64_t offset)
 int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                        int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k)
 {
-    half_scratch *s = thread_scratch();
-    if (!s)
-        return MS_FAIL(MS_ERR_OOM, "matmul: no memory for the %zu-byte f32 tile scratch",
-                       sizeof *s);
+    half_scratch *s;
+    MS_CHECK(ms_cpu_scratch("matmul", MS_SCRATCH_HALF_GEMM, sizeof *s, (void **)&s));
     int nlead = a->ndim - 2;
     int64_t batches = 1;
     for (int d = 0; d < nlead; d++)

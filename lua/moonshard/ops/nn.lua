@@ -490,15 +490,17 @@ end
 
 local causal_masks = setmetatable({}, {__mode = "v"})
 
-local function causal_mask(t, dtype, pool)
-  local key = t .. ":" .. dtype .. ":" .. pool
+-- The additive [l, s] mask of is_causal: query i sees keys 0..i (PyTorch's top-left
+-- aligned lower triangle, also when l ~= s).
+local function causal_mask(l, s, dtype, pool)
+  local key = l .. ":" .. s .. ":" .. dtype .. ":" .. pool
   local mask = causal_masks[key]
   if mask and rawget(mask, "_c") then return mask end
-  mask = scope.keep(empty({t, t}, dtype, pool))
-  local staging = empty({t, t}, lib.MS_F64, lib.MS_POOL_CPU)
+  mask = scope.keep(empty({l, s}, dtype, pool))
+  local staging = empty({l, s}, lib.MS_F64, lib.MS_POOL_CPU)
   local values = require("ffi").cast("double*", lib.ms_tensor_data(staging._c))
-  for i = 0, t - 1 do
-    for j = 0, t - 1 do values[i * t + j] = j > i and -math.huge or 0 end
+  for i = 0, l - 1 do
+    for j = 0, s - 1 do values[i * s + j] = j > i and -math.huge or 0 end
   end
   check(lib.ms_copy(mask._c, staging._c), "attention mask")
   staging:_release()
@@ -525,11 +527,38 @@ local function unit_last_stride(t)
   return c.ndim > 0 and (c.shape[c.ndim - 1] <= 1 or c.strides[c.ndim - 1] == 1) and t or raw.contiguous(t)
 end
 
+-- A new tensor of `shape` (t's dims, the last one's size may differ) whose dims lie in memory
+-- in the order of t's strides, largest first, the last dim last: heads read in place from a
+-- [B, T, H, D] projection give results laid out as [B, T, H, D] too, which then view back to
+-- [B, T, H * D] without a copy.
+local function empty_laid_out_like(t, shape)
+  local n = #shape
+  local strides, order = t:stride(), {}
+  for d = 1, n - 1 do order[d] = d end
+  table.sort(order, function(a, b)
+    if strides[a] ~= strides[b] then return strides[a] > strides[b] end
+    return a < b
+  end)
+  order[n] = n
+  local dense_shape = {}
+  for i = 1, n do dense_shape[i] = shape[order[i]] end
+  local dense = empty(dense_shape, t._c.dtype, t._c.storage.pool)
+  local view_strides, stride = {}, 1
+  for i = n, 1, -1 do
+    view_strides[order[i]] = stride
+    stride = stride * math.max(dense_shape[i], 1)
+  end
+  local out = Tensor.view_raw(dense, shape, view_strides, 0)
+  dense:_release()
+  return out
+end
+
 local function flash_backward(node, g)
   local q, k, v = node:saved_tensor(node.q), node:saved_tensor(node.k), node:saved_tensor(node.v)
   local mask = node.mask and node:saved_tensor(node.mask)
-  local dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
-  check(lib.ms_attention_backward(dq._c, dk._c, dv._c, raw.contiguous(g)._c, q._c, k._c, v._c, mask and mask._c,
+  local dq, dk, dv = empty_laid_out_like(q, q:shape()), empty_laid_out_like(k, k:shape()),
+                     empty_laid_out_like(v, v:shape())
+  check(lib.ms_attention_backward(dq._c, dk._c, dv._c, unit_last_stride(g)._c, q._c, k._c, v._c, mask and mask._c,
                                   node:saved_tensor(node.out)._c, node:saved_tensor(node.lse)._c, node.scale,
                                   node.causal), "scaled_dot_product_attention")
   return dq, dk, dv
@@ -542,7 +571,7 @@ local function flash_attention(q, k, v, mask, scale, causal)
   local out_shape, lse_shape = {}, {}
   for i = 1, #shape - 1 do out_shape[i], lse_shape[i] = shape[i], shape[i] end
   out_shape[#shape] = v:size(-1)
-  local out = empty(out_shape, q._c.dtype, q._c.storage.pool)
+  local out = empty_laid_out_like(q, out_shape)
   local lse = empty(lse_shape, q._c.dtype, q._c.storage.pool)
   check(lib.ms_attention(out._c, lse._c, q._c, k._c, v._c, mask and mask._c, scale, causal and 1 or 0),
         "scaled_dot_product_attention")
@@ -572,11 +601,11 @@ local function flash_mask(q, k, mask)
   return ok and expanded or nil
 end
 
--- torch.backends.cuda.enable_flash_sdp's switch (on by default) for device tensors; CPU
--- tensors take the flash kernel only when enable_cpu_flash_sdp(true) is also given (off by
--- default: its one thread per call is slower than the composition's BLAS at the sizes
--- bench/fsdp.lua trains, though it holds no [L, S] scores).
-local flash_enabled, cpu_flash_enabled = true, false
+-- torch.backends.cuda.enable_flash_sdp's switch (on by default) for every place, and one for
+-- CPU tensors alone (on by default too: on the CPU the kernel runs a head's query rows in
+-- blocks through GEMMs, one head per worker thread, faster than the composition at
+-- bench/fsdp.lua's sizes; off gives the composition, matmul + mask + softmax + matmul).
+local flash_enabled, cpu_flash_enabled = true, true
 function M.enable_flash_sdp(enabled) flash_enabled = enabled and true or false end
 function M.flash_sdp_enabled() return flash_enabled end
 function M.enable_cpu_flash_sdp(enabled) cpu_flash_enabled = enabled and true or false end
@@ -640,8 +669,7 @@ local function attention(q, k, v, opts)
       scores = pointwise.add(scores, mask)
     end
   elseif opts.is_causal then
-    local t = q:size(-2)
-    scores = pointwise.add(scores, causal_mask(t, scores._c.dtype, scores._c.storage.pool))
+    scores = pointwise.add(scores, causal_mask(q:size(-2), k:size(-2), scores._c.dtype, scores._c.storage.pool))
   end
   local weights = M.softmax(scores, -1)
   if opts.dropout_p and opts.dropout_p > 0 then weights = M.dropout(weights, opts.dropout_p, true) end
