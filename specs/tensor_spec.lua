@@ -633,6 +633,32 @@ describe("tensor", function()
       assert.are.same({0, 0, 1, 1}, base:table())
     end)
 
+    it("split's gradient places each piece's gradient, zeros for a piece that got none", function()
+      local x = ms.zeros(2, 7):requires_grad_(true)
+      local parts = x:split({2, 0, 3, 2}, 1)
+      local loss = (parts[1] * 2):sum() + (parts[3] * ms.tensor({{1, 2, 3}, {4, 5, 6}})):sum()
+      loss:backward()
+      assert.are.same({{2, 2, 1, 2, 3, 0, 0}, {2, 2, 4, 5, 6, 0, 0}}, x.grad:table())
+      -- a second backward through the same pieces adds the same again
+      local y = ms.ones(6):requires_grad_(true)
+      local a, b = unpack(y:split(3))
+      local total = (a * 3):sum() + (b * 5):sum()
+      total:backward({retain_graph = true})
+      total:backward()
+      assert.are.same({6, 6, 6, 10, 10, 10}, y.grad:table())
+    end)
+
+    it("a hook on one split piece sees that piece's gradient and can replace it", function()
+      local x = ms.zeros(4):requires_grad_(true)
+      local a, b = unpack(x:split(2))
+      local seen
+      a:register_hook(function(g) seen = g:table(); return g * 10 end)
+      local loss = (a * ms.tensor({1, 2})):sum() + (b * ms.tensor({3, 4})):sum()
+      loss:backward()
+      assert.are.same({1, 2}, seen)
+      assert.are.same({10, 20, 3, 4}, x.grad:table())
+    end)
+
     it("chunk splits into at most n pieces like torch.chunk", function()
       local sizes = function(parts)
         local out = {}

@@ -98,6 +98,49 @@ function M.record_list(out, name, backward, inputs)
   return node
 end
 
+-- ---- ops with several outputs ----
+-- The engine's nodes have one output each. An op with several outputs records one node for
+-- itself (edges to its inputs) and, per output, a relay node whose backward hands the
+-- incoming gradient to the op's node and passes a one-element token on to it. The op's node
+-- has the lower sequence number, so it runs after every relay that got a gradient; its
+-- backward(node, grads) sees grads[i] for output i (nil where none came), returns its
+-- inputs' gradients (never one of grads itself: an alias of it if need be), and the grads
+-- are released after it.
+
+local function relay_backward(node, g)
+  local grads, slot = node.op.output_grads, node.slot
+  if grads[slot] then grads[slot]:_release() end
+  grads[slot] = scope.keep(Tensor.alias_raw(g))
+  local token = Tensor.empty_raw({}, g._c.dtype, g._c.storage.pool)
+  check(lib.ms_fill(token._c, 0), node.name)
+  return token
+end
+
+local function outputs_backward(node)
+  local grads = node.output_grads
+  node.output_grads = {}
+  local results = {node.outputs_backward(node, grads)}
+  for _, g in pairs(grads) do g:_release() end
+  return unpack(results, 1, #node)
+end
+
+-- Records the op's node over inputs (an array) and a relay named relay_names[i] (default
+-- name) for each outputs[i] that is not false; returns the op's node, or nil when no input
+-- requires grad.
+function M.record_outputs(outputs, name, backward, inputs, relay_names)
+  local node = M.record_list({}, name, outputs_backward, inputs)
+  if not node then return nil end
+  node.outputs_backward, node.output_grads = backward, {}
+  local handle = {requires_grad = true, grad_fn = node}
+  for i = 1, #outputs do
+    if outputs[i] then
+      local relay = M.record(outputs[i], relay_names and relay_names[i] or name, relay_backward, handle)
+      relay.op, relay.slot = node, i
+    end
+  end
+  return node
+end
+
 -- The sequence number the next recorded node will get.
 function M.next_sequence() return sequence + 1 end
 

@@ -108,31 +108,13 @@ end
 
 -- ---- residual add fused with layer norm ----
 -- s = x + residual and y = layer_norm(s) have one backward: dx = layer_norm_backward(dy) + ds,
--- one pass (ms_add_layer_norm_backward). The engine's nodes have one output each, so s and y
--- each get a node that only hands its incoming gradient to a shared record and passes a
--- one-element token on to the fused node; the fused node runs after both (its sequence
--- number is lower) and computes the gradients of x, residual, weight and bias from the
--- gradients recorded (either may be missing: that output got none).
+-- one pass (ms_add_layer_norm_backward), recorded as one op with two outputs
+-- (autograd.record_outputs); either gradient may be missing (that output got none).
 
-local function hand_over(slot)
-  return function(node, g)
-    local shared = node.shared
-    if shared[slot] then shared[slot]:_release() end
-    shared[slot] = scope.keep(Tensor.alias_raw(g))
-    local token = empty({}, g._c.dtype, g._c.storage.pool)
-    check(lib.ms_fill(token._c, 0), "add_layer_norm")
-    return token
-  end
-end
-local sum_hand_over, out_hand_over = hand_over("dsum"), hand_over("dy")
-
-local function add_layer_norm_backward(node)
-  local shared = node.shared
-  local dy, dsum = shared.dy, shared.dsum
-  shared.dy, shared.dsum = nil, nil
+local function add_layer_norm_backward(node, grads)
+  local dsum, dy = grads[1], grads[2]
   if dy == nil then
     local dx = Tensor.alias_raw(dsum)
-    dsum:_release()
     return dx, dx
   end
   local sum = node:saved_tensor(node.sum)
@@ -144,8 +126,6 @@ local function add_layer_norm_backward(node)
                                        raw.contiguous(dy)._c, dsum and raw.contiguous(dsum)._c, sum._c,
                                        node:saved_tensor(node.mean)._c, node:saved_tensor(node.rstd)._c,
                                        weight and weight._c, node.normalized_ndim), "add_layer_norm")
-  dy:_release()
-  if dsum then dsum:_release() end
   return dx, dx, dweight, dbias
 end
 
@@ -174,20 +154,16 @@ function M.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
   local rstd = empty({rows}, x._c.dtype, x._c.storage.pool)
   check(lib.ms_add_layer_norm(sum._c, out._c, mean._c, rstd._c, x._c, residual._c, weight and weight._c,
                               bias and bias._c, n, eps or 1e-5), "add_layer_norm")
-  local fused = record({}, "AddLayerNormBackward0", add_layer_norm_backward, x, residual, weight, bias)
+  -- s carries a gradient only through x or residual
+  local outputs = {(x.requires_grad or residual.requires_grad) and sum, out}
+  local fused = autograd.record_outputs(outputs, "AddLayerNormBackward0", add_layer_norm_backward,
+                                        {x, residual, weight or false, bias or false},
+                                        {"AddBackward0", "NativeLayerNormBackward0"})
   if fused then
-    local shared = {}
-    fused.shared, fused.normalized_ndim = shared, n
+    fused.normalized_ndim = n
     fused.sum, fused.mean, fused.rstd = fused:save(sum), fused:save(mean), fused:save(rstd)
     if weight then fused.weight = fused:save(weight) end
     fused.bias_shape = bias and bias:shape()
-    local handle = {requires_grad = true, grad_fn = fused}
-    local y_node = record(out, "NativeLayerNormBackward0", out_hand_over, handle)
-    y_node.shared = shared
-    if x.requires_grad or residual.requires_grad then
-      local s_node = record(sum, "AddBackward0", sum_hand_over, handle)
-      s_node.shared = shared
-    end
   end
   mean:_release()
   rstd:_release()

@@ -156,6 +156,9 @@ function M.zeros_like(t)
   return out
 end
 
+-- A new uninitialised tensor of shape with like's dtype and place.
+function M.empty_shape(shape, like) return empty(shape, like._c.dtype, like._c.storage.pool) end
+
 -- Zero-filled tensor of shape (Lua array) with like's dtype and pool.
 function M.zeros_like_shape(shape, like)
   local out = empty(shape, like._c.dtype, like._c.storage.pool)

@@ -397,26 +397,66 @@ function M.stack(tensors, dim)
   return M.cat(expanded, dim)
 end
 
+-- split's backward: one gradient of t's shape, each piece's region written once (its
+-- gradient, or zeros where none came), as PyTorch's SplitBackward concatenates.
+local function split_backward(node, grads)
+  local like
+  for _, g in pairs(grads) do like = g break end
+  local grad = raw.empty_shape(node.input_shape, like)
+  local _, strides = geometry(grad)
+  local dim = node.dim
+  for i, length in ipairs(node.lengths) do
+    local shape = grad:shape()
+    shape[dim + 1] = length
+    local region = view_raw(grad, shape, strides, node.starts[i] * strides[dim + 1], "split")
+    if grads[i] then
+      check(lib.ms_copy(region._c, grads[i]._c), "split")
+    else
+      check(lib.ms_fill(region._c, 0), "split")
+    end
+    region:_release()
+  end
+  return grad
+end
+
+-- Pieces of `lengths` along dim, views of t with one backward node for all of them.
+local function split_lengths(t, dim, lengths)
+  local shape, strides, offset = geometry(t)
+  local parts, starts, start = {}, {}, 0
+  for i, length in ipairs(lengths) do
+    shape[dim + 1] = length
+    parts[i] = view_raw(t, shape, strides, offset + start * strides[dim + 1], "split")
+    starts[i] = start
+    start = start + length
+  end
+  local node = autograd.record_outputs(parts, "SplitBackward0", split_backward, {t})
+  if node then node.input_shape, node.dim, node.lengths, node.starts = t:shape(), dim, lengths, starts end
+  return parts
+end
+
 function M.split(t, split_size, dim)
   need_tensor(t, "split")
   dim = normalize_dim(t, dim or 0, "split")
   local size = t:size(dim)
-  local parts, start = {}, 0
+  local lengths = {}
   if type(split_size) == "table" then
-    for _, length in ipairs(split_size) do
-      parts[#parts + 1] = M.narrow(t, dim, start, length)
-      start = start + length
+    local total = 0
+    for i, length in ipairs(split_size) do
+      if type(length) ~= "number" or length < 0 or length % 1 ~= 0 then
+        fail("split", "split sizes must be whole numbers >= 0, got %s", tostring(length))
+      end
+      lengths[i], total = length, total + length
     end
-    if start ~= size then fail("split", "sizes add up to %d, dim %d has %d", start, dim, size) end
-    return parts
+    if total ~= size then fail("split", "sizes add up to %d, dim %d has %d", total, dim, size) end
+    return split_lengths(t, dim, lengths)
   end
   if type(split_size) ~= "number" or split_size <= 0 then fail("split", "split_size must be positive") end
+  local start = 0
   while start < size do
-    local length = math.min(split_size, size - start)
-    parts[#parts + 1] = M.narrow(t, dim, start, length)
-    start = start + length
+    lengths[#lengths + 1] = math.min(split_size, size - start)
+    start = start + lengths[#lengths]
   end
-  return parts
+  return split_lengths(t, dim, lengths)
 end
 
 function M.chunk(t, chunks, dim)
