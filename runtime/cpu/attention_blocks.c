@@ -6,6 +6,7 @@
  * work runs on one thread in a fixed order, so results do not depend on the thread count. */
 #include <math.h>
 #include <stdatomic.h>
+#include <stdio.h>
 
 #include "attention.h"
 #include "cpu.h"
@@ -26,7 +27,8 @@ typedef struct attention_job {
     int causal;
     operand q, k, v, out, lse, mask, dout, dq, dk, dv_, delta;
     int64_t mask_col;
-    _Atomic int status;
+    _Atomic int status;  /* the first failure, MS_OK if none */
+    char message[256];   /* its error message, from the thread that failed */
 } attention_job;
 
 static operand operand_of(const ms_tensor *t, int with_col)
@@ -64,10 +66,19 @@ static int64_t row_keys(const attention_job *j, int64_t i)
     return j->causal && i + 1 < j->keys ? i + 1 : j->keys;
 }
 
+/* Keeps the first failure; its message is in the failing (maybe worker) thread's error. */
 static void fail_job(attention_job *j, int status)
 {
     int none = MS_OK;
-    atomic_compare_exchange_strong(&j->status, &none, status);
+    if (atomic_compare_exchange_strong(&j->status, &none, status))
+        snprintf(j->message, sizeof j->message, "%s", ms_last_error());
+}
+
+/* The job's status, its failure recorded again in the calling thread. */
+static int job_status(attention_job *j)
+{
+    int status = atomic_load(&j->status);
+    return status == MS_OK ? MS_OK : MS_FAIL(status, "%s", j->message);
 }
 
 /* scores[count x n] = scale * Q[i0 .. i0 + count) K[0 .. n)^T */
@@ -202,7 +213,7 @@ int ms_cpu_attention_blocks(ms_tensor *out, ms_tensor *lse, const ms_tensor *q,
     int64_t heads = heads_of(q);
     double work = (double)heads * (double)j.rows * (double)j.keys * (double)(j.d + j.dv);
     ms_parallel_for(heads, ms_parallel_ranges(heads, work), forward_heads, &j);
-    return atomic_load(&j.status);
+    return job_status(&j);
 }
 
 int ms_cpu_attention_blocks_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv,
@@ -220,5 +231,5 @@ int ms_cpu_attention_blocks_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv
     int64_t heads = heads_of(q);
     double work = 3.0 * (double)heads * (double)j.rows * (double)j.keys * (double)(j.d + j.dv);
     ms_parallel_for(heads, ms_parallel_ranges(heads, work), backward_heads, &j);
-    return atomic_load(&j.status);
+    return job_status(&j);
 }
