@@ -39,9 +39,14 @@ function MLP:__init(dim)
   self.c_proj = nn.Linear(4 * dim, dim)
 end
 -- c_fc's bias and the GELU run in one pass (nn.F.linear_gelu, the numbers of gelu(c_fc(x)) up
--- to float rounding; c_fc's and gelu's own hooks are not run).
+-- to float rounding) while both calls are plain; with hooks or wrappers on either (an FSDP
+-- unit per Linear, say) they are called as modules.
 function MLP:forward(x)
-  return self.c_proj(nn.F.linear_gelu(x, self.c_fc.weight, self.c_fc.bias, {approximate = self.gelu.approximate}))
+  local c_fc, gelu = self.c_fc, self.gelu
+  if c_fc:_plain_call(nn.Linear) and gelu:_plain_call(nn.GELU) then
+    return self.c_proj(nn.F.linear_gelu(x, c_fc.weight, c_fc.bias, {approximate = gelu.approximate}))
+  end
+  return self.c_proj(gelu(c_fc(x)))
 end
 
 -- LayerNorm -> CausalSelfAttention and LayerNorm -> MLP, each with a residual.

@@ -63,6 +63,28 @@ describe("the gpt2 preset", function()
     end
   end)
 
+  it("calls the MLP's c_fc and gelu as modules once they carry hooks, and trains with an FSDP unit per Linear", function()
+    ms.manual_seed(3)
+    local config = {vocab = 16, seq = 8, layers = 2, dim = 32, heads = 4} -- untied: lm_head may be its own unit
+    local model = gpt.GPT(config)
+    local x = ms.randint(0, 16, {2, 8}, {dtype = "i64"})
+    local fused = ms.no_grad(function() return model(x) end)
+    local seen = 0
+    local handle = model.transformer.h[1].mlp.c_fc:register_forward_hook(function() seen = seen + 1 end)
+    local called = ms.no_grad(function() return model(x) end)
+    handle.remove()
+    assert.are.equal(1, seen)
+    assert.is_true((called - fused):abs():max():item() < 1e-5)
+    local results = dist.spawn(2, function()
+      ms.manual_seed(3)
+      local wrapped = fsdp.FSDP(gpt.GPT(config), {auto_wrap_policy = fsdp.wrap_policy({ms.nn.Linear})})
+      local out = wrapped(x)
+      out:sum():backward()
+      return {max_diff = (out:detach() - fused):abs():max():item()}
+    end)
+    for _, r in ipairs(results) do assert.is_true(r.max_diff < 1e-5, "rank output differs by " .. r.max_diff) end
+  end)
+
   it("names an unknown --model", function()
     local status, output = run("--model gpt5 --steps 1")
     assert.are.equal(1, status)

@@ -52,17 +52,11 @@ function M.Sequential:__init(...)
   add_all(self, modules, "Sequential")
 end
 
--- A module whose call is exactly its class's forward: no hooks, no call wrappers (activation
--- checkpointing), no forward replaced on the instance.
-local function plain(m, class)
-  return rawget(m, "_class") == class and rawget(m, "forward") == nil and #m._forward_pre_hooks == 0
-         and #m._forward_hooks == 0 and #m._call_wrappers == 0
-end
-
 -- An adjacent Linear (with a bias) and GELU run as one nn.F.linear_gelu: the bias add and the
 -- GELU in one pass each way, the same numbers as the two calls up to float rounding.
 local function fuses(linear, gelu)
-  return gelu ~= nil and plain(linear, layers.Linear) and plain(gelu, layers.GELU) and linear.bias ~= nil
+  return gelu ~= nil and Module.is_module(linear) and linear:_plain_call(layers.Linear)
+         and Module.is_module(gelu) and gelu:_plain_call(layers.GELU) and linear.bias ~= nil
 end
 
 function M.Sequential:forward(x, ...)

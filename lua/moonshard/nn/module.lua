@@ -179,6 +179,15 @@ function Module:_call(...)
   return call_through(self, #self._call_wrappers, ...)
 end
 
+-- True when calling the module runs exactly the forward of `class` (its own class): no
+-- hooks, no call wrappers (FSDP, activation checkpointing), no forward replaced on the
+-- instance. A caller may then fuse the call with its neighbour's (nn.Sequential's Linear ->
+-- GELU) without skipping anything the module's call would do.
+function Module:_plain_call(class)
+  return rawget(self, "_class") == class and rawget(self, "forward") == nil and #self._forward_pre_hooks == 0
+         and #self._forward_hooks == 0 and #self._call_wrappers == 0
+end
+
 -- Add hook to a hook list; returns a handle whose remove() takes it out again.
 local function add_hook(hooks, hook)
   hooks[#hooks + 1] = hook
