@@ -103,12 +103,24 @@ end
 -- itself (edges to its inputs) and, per output, a relay node whose backward hands the
 -- incoming gradient to the op's node and passes a one-element token on to it. The op's node
 -- has the lower sequence number, so it runs after every relay that got a gradient; its
--- backward(node, grads) sees grads[i] for output i (nil where none came), returns its
--- inputs' gradients (never one of grads itself: an alias of it if need be), and the grads
--- are released after it.
+-- backward(node, grads) sees grads[i] for output i (nil where none came in this backward:
+-- what relays handed over in an earlier one that failed before the op's node ran is
+-- dropped), returns its inputs' gradients (never one of grads itself: an alias of it if
+-- need be), and the grads are released after it.
+
+-- Gradients handed over in an earlier backward that failed before the op's node ran.
+local function drop_handed(op)
+  for _, g in pairs(op.output_grads) do g:_release() end
+  op.output_grads = {}
+end
 
 local function relay_backward(node, g)
-  local grads, slot = node.op.output_grads, node.slot
+  local op, task = node.op, tasks[#tasks]
+  if op.handed_in ~= task then
+    drop_handed(op)
+    op.handed_in = task
+  end
+  local grads, slot = op.output_grads, node.slot
   if grads[slot] then grads[slot]:_release() end
   grads[slot] = scope.keep(Tensor.alias_raw(g))
   local token = Tensor.empty_raw({}, g._c.dtype, g._c.storage.pool)
@@ -118,7 +130,7 @@ end
 
 local function outputs_backward(node)
   local grads = node.output_grads
-  node.output_grads = {}
+  node.output_grads, node.handed_in = {}, nil
   local results = {node.outputs_backward(node, grads)}
   for _, g in pairs(grads) do g:_release() end
   return unpack(results, 1, #node)
