@@ -13,9 +13,10 @@
  * any number of threads give the same bits. Pieces are whole blocks of PIECE_UNIT rows or
  * columns of out (the longer side), at least MIN_PIECE_UNITS of them and PIECE_WORK
  * multiply-adds each, up to MAX_PIECES: 1, 2, 4 or 8 of them, so 1, 2, 4 or 8 threads share
- * them evenly. Measured at 512 x 512 x 512 on one thread, 4 pieces run at 0.98 of the
- * uncut call's rate (the shared operand is packed once per piece). */
-enum { PIECE_UNIT = 16, MIN_PIECE_UNITS = 8, MAX_PIECES = 8 };
+ * them evenly. Each piece packs the shared operand again: pieces of at least 256 rows or
+ * columns made bench/fsdp.lua's transformer step 5% faster at 2 threads than pieces of 128
+ * (its 512-wide products in 2 pieces instead of 4). */
+enum { PIECE_UNIT = 16, MIN_PIECE_UNITS = 16, MAX_PIECES = 8 };
 #define PIECE_WORK 4194304.0
 
 typedef struct sgemm_call {

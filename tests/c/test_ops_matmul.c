@@ -158,11 +158,13 @@ static void test_batched(void)
 }
 
 /* Sizes (m, k, n) that sgemm.c cuts into pieces: 2 of rows, 2 of columns, 4 of rows, the
- * last piece a partial 16-row block each time. Each case runs with 2 threads and with 1 from
- * the same random inputs. */
+ * last piece a partial 16-element block each time; and one it keeps whole, whose rows cut
+ * in two (a cut by thread count) give other bits with alpha != 1. Each case runs with 2
+ * threads and with 1 from the same random inputs. */
 static void test_split(void)
 {
-    const int64_t sizes[][3] = {{301, 100, 300}, {100, 170, 533}, {520, 120, 300}};
+    const int64_t sizes[][3] = {
+        {530, 40, 400}, {100, 90, 1040}, {1030, 40, 420}, {301, 100, 300}};
     int saved = ms_get_num_threads();
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++)
         for (int t = 0; t < 4; t++)
