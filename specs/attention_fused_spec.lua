@@ -210,6 +210,17 @@ describe("f32 flash attention in blocks of query rows", function()
     agrees_with_f64(q, one_key:expand(batch, heads, time, dim), v, {})
   end)
 
+  it("with no keys gives zeros and zero gradients, as the composition does", function()
+    local q, k, v = leaf({2, 3, 4}, "f32", 39), leaf({2, 0, 4}, "f32", 40), leaf({2, 0, 5}, "f32", 41)
+    local out = F.scaled_dot_product_attention(q, k, v)
+    assert.are.same({2, 3, 5}, out:shape())
+    assert.is_true(ms.equal(out, composed(q, k, v)))
+    assert.are.equal(0, out:abs():sum():item())
+    local grads = ms.autograd.grad({out:sum()}, {q, k, v})
+    assert.are.equal(0, grads[1]:abs():sum():item())
+    assert.are.equal(0, grads[2]:numel())
+  end)
+
   it("gives bitwise the same values and gradients with 1 and 2 threads", function()
     local saved = ms.get_num_threads()
     local results = {}

@@ -65,15 +65,15 @@ static int64_t keys_of(const geometry *g, int causal, int64_t i)
 FORWARD(forward_f32, float, ms_k_attn_row_f32)
 FORWARD(forward_f64, double, ms_k_attn_row_f64)
 
-/* 1 when attention_blocks.c serves the call: f32, something to attend over, and every
- * matrix's rows at least a row apart as GEMM reads them (a view with overlapping rows, such
- * as an expanded key, takes the row kernels here). */
+/* 1 when attention_blocks.c serves the call: f32, no empty dim (keys were checked by the op
+ * layer), and every matrix's rows at least a row apart as GEMM reads them (a view with
+ * overlapping rows, such as an expanded key, takes the row kernels here). */
 static int blocks_serve(const ms_tensor *const *t, int n)
 {
-    const ms_tensor *q = t[0], *k = t[1], *v = t[2];
+    const ms_tensor *q = t[0], *v = t[2];
     int nd = q->ndim;
-    if (q->dtype != MS_F32 || q->shape[nd - 2] == 0 || k->shape[nd - 2] == 0 ||
-        q->shape[nd - 1] == 0 || v->shape[nd - 1] == 0)
+    if (q->dtype != MS_F32 || q->shape[nd - 2] == 0 || q->shape[nd - 1] == 0 ||
+        v->shape[nd - 1] == 0)
         return 0;
     for (int i = 0; i < n; i++)
         if (t[i]->shape[nd - 2] > 1 && t[i]->strides[nd - 2] < t[i]->shape[nd - 1])

@@ -1,5 +1,7 @@
 /* moonshard runtime: ms_attention and ms_attention_backward (flash-style attention): argument
  * checks, then the first tensor's place. */
+#include <math.h>
+
 #include "widen.h"
 
 /* t has ndim dims: lead (the leading dims of q), then rows and cols. */
@@ -67,6 +69,10 @@ int ms_attention(ms_tensor *out, ms_tensor *lse, const ms_tensor *q, const ms_te
     MS_CHECK(ms_check_input(&place, op, "v", v));
     MS_CHECK(ms_check_optional(&place, op, "mask", mask, 0));
     MS_CHECK(check_attention(op, q, k, v, mask, out, lse));
+    if (k->shape[k->ndim - 2] == 0) { /* no keys: an empty weighted sum, as the composition */
+        MS_CHECK(ms_fill(out, 0.0));
+        return ms_fill(lse, -INFINITY);
+    }
     if (!ms_is_half(q->dtype))
         return place.backend->attention(out, lse, q, k, v, mask, scale, causal != 0);
     ms_widened w = {0};
@@ -125,6 +131,8 @@ int ms_attention_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv, const ms_
         MS_CHECK(ms_check_same_shape(op, names[i], grads[i], like_names[i], like[i]));
         MS_CHECK(check_unit_stride(op, names[i], grads[i]));
     }
+    if (k->shape[k->ndim - 2] == 0) /* no keys: out did not depend on q; dk and dv are empty */
+        return ms_fill(dq, 0.0);
     if (ms_is_half(q->dtype))
         return backward_half(&place, dq, dk, dv, dout, q, k, v, mask, out, lse, scale,
                              causal != 0);
