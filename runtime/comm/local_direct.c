@@ -96,15 +96,21 @@ int local_direct_ready(ms_group *g, const local_call *call, int *ready)
 }
 
 /* A failed read of a peer's memory: the peer ended during the collective. The parent
- * records why when it reaps the peer; wait for that (asleep) to name it. */
+ * records why when it reaps the peer; wait for that (asleep), then name the first rank that
+ * failed, which is the cause when the peer only returned on seeing that failure. */
 static int read_failed(ms_group *g, const local_call *call, int member, int error)
 {
     local_group *lg = g->impl;
     int peer = g->world_ranks[member];
     for (int waited_ms = 0; waited_ms < READ_FAILED_WAIT_MS; waited_ms++) {
-        if (atomic_load(&lg->seg->departed[peer].gone))
+        if (atomic_load(&lg->seg->departed[peer].gone)) {
+            /* The first rank that failed, if one did: a peer that returned on seeing it
+             * left because of it. */
+            int failed = atomic_load(&lg->seg->abort_rank);
+            int named = failed >= 0 ? failed : peer;
             return ms_group_break(g, MS_FAIL(MS_ERR_PEER_DIED, "%s: rank %d %s", call->name,
-                                             peer, lg->seg->departed[peer].reason));
+                                             named, lg->seg->departed[named].reason));
+        }
         nanosleep(&(struct timespec){.tv_nsec = 1000000}, NULL);
     }
     return ms_group_break(g, MS_FAIL(MS_ERR_PEER_DIED, "%s: cannot read rank %d's tensor: %s",
