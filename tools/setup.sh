@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config luajit libluajit-5.1-dev lua-busted lua-dkjson
-          lua-argparse luarocks liblmdb-dev lmdb-utils libopenblas-dev libdnnl-dev libopenmpi-dev openmpi-bin
-          libxxhash-dev clang libclang-rt-14-dev libreadline8 gnuplot-nox iproute2)
+          lua-argparse luarocks liblmdb-dev lmdb-utils libopenblas-dev libdnnl-dev libopenmpi-dev
+          openmpi-bin libxxhash-dev clang libclang-rt-14-dev libreadline8 gnuplot-nox iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
