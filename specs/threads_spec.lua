@@ -144,20 +144,32 @@ describe("threads", function()
     end)
   end)
 
-  it("f32 and bf16 matmul and linear, forward and backward (GEMMs cut into pieces)", function()
-    same_with_threads(9, function()
-      local x = data(300, 520, {requires_grad = true})
-      local w = data(700, 520, {requires_grad = true})
-      local bias = data(700, {requires_grad = true})
-      local q, k = data(4, 200, 96), data(4, 200, 96)
-      local y = F.linear(x, w, bias)
-      local scores = ms.matmul(q, k:transpose(1, 2))
-      local loss = (y * data(300, 700)):sum()
-      loss:backward()
-      local xh, wh = x:detach():to("bf16"), w:detach():to("bf16")
-      return {y, scores, x.grad, w.grad, bias.grad, F.linear(xh, wh), ms.matmul(wh, xh:t()),
-              ms.matmul(x:detach():t(), data(300, 900)), ms.matmul(data(1000, 64), data(64, 333))}
-    end)
+  -- oneDNN's path (AVX-512 CPUs; MOONSHARD_SGEMM=onednn forces it on any CPU) cuts a GEMM by
+  -- its shape alone; OpenBLAS's (the other CPUs) splits by its thread count.
+  it("f32 and bf16 matmul and linear on oneDNN's path, forward and backward (GEMMs cut into pieces)", function()
+    local code = [[
+      local F = ms.nn.F
+      local function data(...) return ms.randn(...) * 1.37 + 0.1 end
+      local function run(threads)
+        ms.set_num_threads(threads)
+        ms.manual_seed(7)
+        local x, w, bias = data(300, 520):requires_grad_(true), data(700, 520):requires_grad_(true),
+                           data(700):requires_grad_(true)
+        local q, k = data(4, 200, 96), data(4, 200, 96)
+        local y = F.linear(x, w, bias)
+        local scores = ms.matmul(q, k:transpose(1, 2))
+        local loss = (y * data(300, 700)):sum()
+        loss:backward()
+        local xh, wh = x:detach():to("bf16"), w:detach():to("bf16")
+        return {y, scores, x.grad, w.grad, bias.grad, F.linear(xh, wh), ms.matmul(wh, xh:t()),
+                ms.matmul(x:detach():t(), data(300, 900)), ms.matmul(data(1000, 64), data(64, 333))}
+      end
+      local one, two = run(1), run(2)
+      local same = 0
+      for i = 1, #one do if ms.equal(one[i], two[i]) then same = same + 1 end end
+      io.write(same, " of ", #one, " alike")
+    ]]
+    assert.are.equal("9 of 9 alike", count_in_fresh_process("MOONSHARD_SGEMM=onednn", code))
   end)
 
   it("layer norm with weight and bias gradients", function()

@@ -85,8 +85,9 @@ static int job_status(attention_job *j)
 static int block_scores(const attention_job *j, int64_t head, int64_t i0, int64_t count,
                         int64_t n, float *scores)
 {
-    return ms_cpu_sgemm(0, 1, count, n, j->d, j->scale, at(&j->q, head, j->lead1, i0),
-                        j->q.s[2], at(&j->k, head, j->lead1, 0), j->k.s[2], 0.0f, scores, n);
+    return ms_cpu_sgemm_serial(0, 1, count, n, j->d, j->scale, at(&j->q, head, j->lead1, i0),
+                               j->q.s[2], at(&j->k, head, j->lead1, 0), j->k.s[2], 0.0f,
+                               scores, n);
 }
 
 static const float *mask_row(const attention_job *j, int64_t head, int64_t i)
@@ -111,9 +112,9 @@ static void forward_heads(void *ctx, int64_t begin, int64_t end)
                                         mask_row(j, head, i0 + r), j->mask_col,
                                         at(&j->lse, head, j->lead1, i0 + r));
             if (status == MS_OK)
-                status = ms_cpu_sgemm(0, 0, count, j->dv, n, 1.0f, scores, n,
-                                      at(&j->v, head, j->lead1, 0), j->v.s[2], 0.0f,
-                                      at(&j->out, head, j->lead1, i0), j->out.s[2]);
+                status = ms_cpu_sgemm_serial(0, 0, count, j->dv, n, 1.0f, scores, n,
+                                             at(&j->v, head, j->lead1, 0), j->v.s[2], 0.0f,
+                                             at(&j->out, head, j->lead1, i0), j->out.s[2]);
         }
     if (status != MS_OK)
         fail_job(j, status);
@@ -145,8 +146,9 @@ static void backward_heads(void *ctx, int64_t begin, int64_t end)
             const float *q = at(&j->q, head, j->lead1, i0);
             status = block_scores(j, head, i0, count, n, probs);
             if (status == MS_OK) /* dP = dOut V^T */
-                status = ms_cpu_sgemm(0, 1, count, n, j->dv, 1.0f, dout, j->dout.s[2],
-                                      at(&j->v, head, j->lead1, 0), j->v.s[2], 0.0f, dscores, n);
+                status = ms_cpu_sgemm_serial(0, 1, count, n, j->dv, 1.0f, dout,
+                                             j->dout.s[2], at(&j->v, head, j->lead1, 0),
+                                             j->v.s[2], 0.0f, dscores, n);
             for (int64_t r = 0; r < count && status == MS_OK; r++) {
                 int64_t i = i0 + r;
                 float delta = ms_k_attn_dot_f32(at(&j->dout, head, j->lead1, i),
@@ -156,15 +158,15 @@ static void backward_heads(void *ctx, int64_t begin, int64_t end)
                                           *at(&j->lse, head, j->lead1, i), delta, j->scale);
             }
             if (status == MS_OK) /* dQ = dS K */
-                status = ms_cpu_sgemm(0, 0, count, j->d, n, 1.0f, dscores, n,
-                                      at(&j->k, head, j->lead1, 0), j->k.s[2], 0.0f,
-                                      at(&j->dq, head, j->lead1, i0), j->dq.s[2]);
+                status = ms_cpu_sgemm_serial(0, 0, count, j->d, n, 1.0f, dscores, n,
+                                             at(&j->k, head, j->lead1, 0), j->k.s[2], 0.0f,
+                                             at(&j->dq, head, j->lead1, i0), j->dq.s[2]);
             if (status == MS_OK) /* dK += dS^T Q */
-                status = ms_cpu_sgemm(1, 0, n, j->d, count, 1.0f, dscores, n, q, j->q.s[2],
-                                      1.0f, dk, j->dk.s[2]);
+                status = ms_cpu_sgemm_serial(1, 0, n, j->d, count, 1.0f, dscores, n, q,
+                                             j->q.s[2], 1.0f, dk, j->dk.s[2]);
             if (status == MS_OK) /* dV += P^T dOut */
-                status = ms_cpu_sgemm(1, 0, n, j->dv, count, 1.0f, probs, n, dout,
-                                      j->dout.s[2], 1.0f, dv, j->dv_.s[2]);
+                status = ms_cpu_sgemm_serial(1, 0, n, j->dv, count, 1.0f, probs, n, dout,
+                                             j->dout.s[2], 1.0f, dv, j->dv_.s[2]);
         }
     }
     if (status != MS_OK)

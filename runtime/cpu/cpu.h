@@ -136,12 +136,17 @@ int ms_cpu_attention_blocks_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv
                                      const ms_tensor *k, const ms_tensor *v,
                                      const ms_tensor *mask, const ms_tensor *out,
                                      const ms_tensor *lse, double scale, int causal);
-/* Row-major f32 C[m, n] = alpha * op(A) op(B) + beta * C through oneDNN, split across the
- * worker pool by rows or columns of C; every element's sum runs in the same order whatever
- * the split (sgemm.c). */
+/* Row-major f32 C[m, n] = alpha * op(A) op(B) + beta * C on this process's threads: with
+ * AVX-512, oneDNN in pieces of C's rows or columns cut by the shape alone (so the result does
+ * not depend on the thread count), else OpenBLAS (sgemm.c). Not from inside a pool job. */
 int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
                  int64_t ldc);
+/* The same product on the calling thread alone (oneDNN, one call): for kernels whose pool
+ * jobs each run their own small GEMMs. */
+int ms_cpu_sgemm_serial(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
+                        float *c, int64_t ldc);
 /* ms_cpu_matmul of bf16 and f16 tensors (matmul_half.c). */
 int ms_cpu_matmul_half(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                        int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);

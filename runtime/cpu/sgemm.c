@@ -1,9 +1,15 @@
-/* moonshard CPU backend: f32 GEMM through oneDNN's sgemm, split across the worker pool.
- * oneDNN picks its kernel (AVX-512, AVX2, ...) from the CPU it runs on. Each thread calls it
- * with one OpenMP thread, so oneDNN never starts an OpenMP team (whose idle threads spin):
- * the pool's threads, which sleep, are the only ones. */
+/* moonshard CPU backend: f32 GEMM. On CPUs with AVX-512, oneDNN's sgemm, cut into pieces
+ * that the worker pool runs; elsewhere OpenBLAS's, on its own threads, since oneDNN's AVX2
+ * kernels lose up to 40% on the sub-matrices that pieces are (bench/README.md). oneDNN is
+ * always called with one OpenMP thread, so it never starts an OpenMP team (whose idle
+ * threads spin). MOONSHARD_SGEMM=onednn or openblas overrides the choice. */
+#include <limits.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cblas.h>
 #include <oneapi/dnnl/dnnl.h>
 
 #include "cpu.h"
@@ -59,20 +65,77 @@ static void sgemm_piece(sgemm_call *g, int64_t piece)
         atomic_compare_exchange_strong(&g->status, &none, (int)status);
 }
 
-static void sgemm_range(void *ctx, int64_t begin, int64_t end)
+static void one_openmp_thread_here(void)
 {
     if (!one_openmp_thread) {
         omp_set_num_threads(1);
         one_openmp_thread = 1;
     }
+}
+
+static void sgemm_range(void *ctx, int64_t begin, int64_t end)
+{
+    one_openmp_thread_here();
     for (int64_t piece = begin; piece < end; piece++)
         sgemm_piece(ctx, piece);
+}
+
+static int onednn_status(int status, int64_t m, int64_t n, int64_t k, int64_t lda,
+                         int64_t ldb, int64_t ldc)
+{
+    if (status == dnnl_out_of_memory)
+        return MS_FAIL(MS_ERR_OOM, "matmul: oneDNN sgemm found no memory for its packing "
+                       "buffers (%lld x %lld x %lld)", (long long)m, (long long)n, (long long)k);
+    if (status != dnnl_success)
+        return MS_FAIL(MS_ERR_INVALID, "matmul: oneDNN sgemm refused %lld x %lld x %lld "
+                       "(lda %lld, ldb %lld, ldc %lld; status %d)", (long long)m, (long long)n,
+                       (long long)k, (long long)lda, (long long)ldb, (long long)ldc, status);
+    return MS_OK;
+}
+
+/* 1: oneDNN in pieces on the pool; 0: OpenBLAS on its threads. Decided once. */
+static int use_pieces;
+static pthread_once_t use_pieces_once = PTHREAD_ONCE_INIT;
+
+static void decide_pieces(void)
+{
+    const char *choice = getenv("MOONSHARD_SGEMM");
+    if (choice && strcmp(choice, "onednn") == 0)
+        use_pieces = 1;
+    else if (choice && strcmp(choice, "openblas") == 0)
+        use_pieces = 0;
+    else
+        use_pieces = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+static int fits_int(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc)
+{
+    return m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX &&
+           ldc <= INT_MAX;
+}
+
+int ms_cpu_sgemm_serial(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                        const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
+                        float *c, int64_t ldc)
+{
+    one_openmp_thread_here();
+    return onednn_status(dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a,
+                                    lda, b, ldb, beta, c, ldc),
+                         m, n, k, lda, ldb, ldc);
 }
 
 int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
                  int64_t ldc)
 {
+    pthread_once(&use_pieces_once, decide_pieces);
+    if (!use_pieces && fits_int(m, n, k, lda, ldb, ldc)) {
+        cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                    trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, alpha, a,
+                    (int)lda, b, (int)ldb, beta, c, (int)ldc);
+        return MS_OK;
+    }
     sgemm_call g = {trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, beta, a, b, c,
                     lda, ldb, ldc, m > n, 0, 1, dnnl_success};
     g.units = ((g.by_rows ? m : n) + PIECE_UNIT - 1) / PIECE_UNIT;
@@ -81,12 +144,5 @@ int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
            work >= (double)(g.pieces * 2) * PIECE_WORK)
         g.pieces *= 2;
     ms_parallel_for(g.pieces, ms_parallel_ranges(g.pieces, work), sgemm_range, &g);
-    if (g.status == dnnl_out_of_memory)
-        return MS_FAIL(MS_ERR_OOM, "matmul: oneDNN sgemm found no memory for its packing "
-                       "buffers (%lld x %lld x %lld)", (long long)m, (long long)n, (long long)k);
-    if (g.status != dnnl_success)
-        return MS_FAIL(MS_ERR_INVALID, "matmul: oneDNN sgemm refused %lld x %lld x %lld "
-                       "(lda %lld, ldb %lld, ldc %lld; status %d)", (long long)m, (long long)n,
-                       (long long)k, (long long)lda, (long long)ldb, (long long)ldc, g.status);
-    return MS_OK;
+    return onednn_status(g.status, m, n, k, lda, ldb, ldc);
 }

@@ -2,6 +2,8 @@
  * transposed, padded-row and non-unit-stride operands, batches, shared b, alpha/beta, and
  * f32 GEMMs large enough to split across two threads (by rows and by columns, with a
  * partial last block), bitwise equal to the same GEMM on one thread. */
+#include <stdlib.h>
+
 #include "check.h"
 
 enum { LAYOUT_LD = LAYOUT_COUNT, MATMUL_LAYOUTS = LAYOUT_COUNT + 1 };
@@ -223,11 +225,18 @@ static void test_errors(void)
 
 int main(void)
 {
+    /* this binary's GEMMs take the oneDNN path on any CPU unless the environment says
+     * otherwise (ctest runs it once more with MOONSHARD_SGEMM=openblas) */
+    setenv("MOONSHARD_SGEMM", getenv("MOONSHARD_SGEMM") ? getenv("MOONSHARD_SGEMM") : "onednn", 1);
     test_seed(4);
     test_2d();
     test_alpha_beta();
     test_batched();
-    test_split();
+    /* a cut by shape alone is the oneDNN path's (AVX-512, or MOONSHARD_SGEMM=onednn);
+     * OpenBLAS splits by its thread count */
+    const char *path = getenv("MOONSHARD_SGEMM");
+    if (!path || strcmp(path, "openblas") != 0)
+        test_split();
     test_errors();
     return check_summary("test_ops_matmul");
 }
