@@ -12,11 +12,11 @@
 #pragma GCC visibility push(hidden)
 
 /* ---- the worker pool (parallel.c) ----
- * ms_parallel_for runs fn over [0, n) split into `ranges` contiguous ranges
- * [n * i / ranges, n * (i + 1) / ranges), one per thread, the caller taking the first, and
- * returns when all are done; ranges < 2 (or a call from inside a job, or while another
- * thread's job runs) calls fn(ctx, 0, n). fn must write disjoint outputs per range, so
- * results never depend on the split. ms_parallel_ranges picks the count for n units of
+ * ms_parallel_for runs fn over [0, n) on `ranges` threads (the caller one of them) and
+ * returns when all of it is done: [0, n) is cut into up to 4 contiguous chunks per thread,
+ * which the threads claim in turn, so a worker slow to wake takes fewer. ranges < 2 (or a
+ * call from inside a job, or while another thread's job runs) calls fn(ctx, 0, n). fn must
+ * write disjoint outputs per call, so results never depend on the split. ms_parallel_ranges picks the count for n units of
  * about `work` element operations in all (an add of one f32 element is 1): 1 below
  * MS_PARALLEL_GRAIN per range. The grain is the measured break-even of a split: waking a
  * worker costs some microseconds, and memory-bound loops gain little from a second thread. */

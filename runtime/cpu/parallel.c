@@ -9,22 +9,26 @@
 
 #include "cpu.h"
 
-/* Workers sleep on a futex word of their own until the caller bumps it with a job; the
- * caller runs the first range itself, then sleeps on `pending` until the last worker of the
- * job wakes it. Nothing spins. One job at a time: a second thread asking while a job runs,
- * or a kernel inside a job, runs inline. */
-enum { MAX_WORKERS = 63 };
+/* A job is cut into more chunks than threads, which the caller and the workers claim one
+ * at a time from a shared counter: the caller starts at once, and a worker joins when it
+ * wakes (waking a sleeping thread can take tens of microseconds), so a late worker takes
+ * fewer chunks instead of holding the caller up. Workers sleep on a futex word of their
+ * own until the caller bumps it; the caller, out of chunks, sleeps on `done` until the
+ * last chunk finishes. Nothing spins. One job at a time: a second thread asking while a
+ * job runs, or a kernel inside a job, runs inline. */
+enum { MAX_WORKERS = 63, CHUNKS_PER_RANGE = 4 };
 
 static struct {
     pthread_mutex_t lock;
-    int workers; /* started worker threads (thread i + 1 runs range i + 1) */
+    int workers; /* started worker threads */
     pthread_t threads[MAX_WORKERS];
     _Atomic uint32_t go[MAX_WORKERS];
-    _Atomic uint32_t pending;
+    /* The current job's chunks: the next to claim (high 32 bits) and the count (low). */
+    _Atomic uint64_t claim;
+    _Atomic uint32_t done; /* chunks of the current job finished */
     ms_parallel_fn fn;
     void *ctx;
     int64_t n;
-    int ranges;
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static _Thread_local int in_job; /* a worker, or a caller while its job runs */
@@ -40,9 +44,28 @@ static void futex_wake(_Atomic uint32_t *word, int count)
     syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, count, NULL, NULL, 0);
 }
 
-static void run_range(int i)
+/* Run chunks of the current job until none is left to claim. A chunk's claim makes the
+ * job's fields visible (the caller published them before the counter), and the job
+ * cannot end, nor its fields change, before the chunk is counted done. Returns whether
+ * this thread finished the job's last chunk. */
+static int run_chunks(void)
 {
-    pool.fn(pool.ctx, pool.n * i / pool.ranges, pool.n * (i + 1) / pool.ranges);
+    int finished_last = 0;
+    uint64_t word = atomic_load_explicit(&pool.claim, memory_order_acquire);
+    for (;;) {
+        uint32_t next = (uint32_t)(word >> 32), count = (uint32_t)word;
+        if (next >= count)
+            return finished_last;
+        if (!atomic_compare_exchange_weak_explicit(&pool.claim, &word,
+                                                   word + ((uint64_t)1 << 32),
+                                                   memory_order_acquire, memory_order_acquire))
+            continue;
+        int64_t n = pool.n;
+        pool.fn(pool.ctx, n * next / count, n * (next + 1) / count);
+        finished_last = atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel) + 1 ==
+                        count;
+        word = atomic_load_explicit(&pool.claim, memory_order_acquire);
+    }
 }
 
 static void *worker_main(void *arg)
@@ -55,9 +78,8 @@ static void *worker_main(void *arg)
         while ((now = atomic_load_explicit(&pool.go[index], memory_order_acquire)) == seen)
             futex_wait(&pool.go[index], seen);
         seen = now;
-        run_range(index + 1);
-        if (atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_acq_rel) == 1)
-            futex_wake(&pool.pending, 1);
+        if (run_chunks())
+            futex_wake(&pool.done, 1);
     }
     return NULL;
 }
@@ -70,7 +92,8 @@ static void after_fork_child(void)
 {
     pthread_mutex_init(&pool.lock, NULL);
     pool.workers = 0;
-    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.claim, 0);
+    atomic_store(&pool.done, 0);
     for (int i = 0; i < MAX_WORKERS; i++)
         atomic_store(&pool.go[i], 0);
 }
@@ -130,22 +153,23 @@ void ms_parallel_for(int64_t n, int ranges, ms_parallel_fn fn, void *ctx)
     int workers = grow(ranges - 1);
     if (ranges > workers + 1)
         ranges = workers + 1;
-    if (n < ranges)
-        ranges = (int)n;
+    int64_t chunks = (int64_t)ranges * CHUNKS_PER_RANGE;
+    if (chunks > n)
+        chunks = n;
     pool.fn = fn;
     pool.ctx = ctx;
     pool.n = n;
-    pool.ranges = ranges;
-    atomic_store_explicit(&pool.pending, (uint32_t)(ranges - 1), memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool.claim, (uint64_t)chunks, memory_order_release);
     for (int i = 0; i < ranges - 1; i++) {
         atomic_fetch_add_explicit(&pool.go[i], 1, memory_order_release);
         futex_wake(&pool.go[i], 1);
     }
     in_job = 1;
-    run_range(0);
+    run_chunks();
     in_job = 0;
-    uint32_t left;
-    while ((left = atomic_load_explicit(&pool.pending, memory_order_acquire)) != 0)
-        futex_wait(&pool.pending, left);
+    uint32_t finished;
+    while ((finished = atomic_load_explicit(&pool.done, memory_order_acquire)) != chunks)
+        futex_wait(&pool.done, finished);
     pthread_mutex_unlock(&pool.lock);
 }
