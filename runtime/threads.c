@@ -2,6 +2,7 @@
  * the CPU kernels' worker pool follow it; local ranks share the cores after fork. */
 #include <cblas.h>
 #include <sched.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -18,7 +19,8 @@ static int usable_cores(void)
     return online > 0 ? (int)online : 1;
 }
 
-/* A whole number >= 1 from the environment variable name, or 0. */
+/* A whole number >= 1 from the environment variable name, or 0 (unset, or not such a
+ * number: then said on stderr, as OpenMP does for OMP_NUM_THREADS). */
 static int env_count(const char *name)
 {
     const char *text = getenv(name);
@@ -26,7 +28,13 @@ static int env_count(const char *name)
         return 0;
     char *end;
     long n = strtol(text, &end, 10);
-    return *end == '\0' && n >= 1 && n <= 4096 ? (int)n : 0;
+    if (*end == '\0' && n >= 1 && n <= 4096)
+        return (int)n;
+    static int warned; /* once per program: forked ranks inherit it */
+    if (!warned++)
+        fprintf(stderr, "moonshard: ignoring %s=%s (not a whole number from 1 to 4096)\n",
+                name, text);
+    return 0;
 }
 
 static void apply(int n)

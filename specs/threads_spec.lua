@@ -78,9 +78,21 @@ describe("threads", function()
     local share = math.max(1, math.floor(n / 2))
     assert.are.equal(share .. "," .. share, count_in_fresh_process("env -u MOONSHARD_NUM_THREADS", per_rank))
     assert.are.equal("5,5", count_in_fresh_process("MOONSHARD_NUM_THREADS=5", per_rank))
-    -- not a whole number >= 1: ignored
-    assert.are.equal(tostring(n), count_in_fresh_process("MOONSHARD_NUM_THREADS=zero",
-                                                         "io.write(ms.get_num_threads())"))
+    -- not a whole number >= 1: ignored, and said once on stderr (also by ranks' parents only)
+    assert.are.equal("moonshard: ignoring MOONSHARD_NUM_THREADS=zero (not a whole number from 1 to 4096)\n" .. n,
+                     count_in_fresh_process("MOONSHARD_NUM_THREADS=zero", "io.write(ms.get_num_threads())"))
+    assert.are.equal("moonshard: ignoring MOONSHARD_NUM_THREADS=0 (not a whole number from 1 to 4096)\n" ..
+                     share .. "," .. share, count_in_fresh_process("MOONSHARD_NUM_THREADS=0", per_rank))
+  end)
+
+  it("refuses an f32 GEMM when MOONSHARD_SGEMM names no path, saying what it holds", function()
+    local code = "local ok, err = pcall(ms.matmul, ms.randn(300, 300), ms.randn(300, 300)) " ..
+                 "io.write(tostring(ok), ' ', tostring(err))"
+    assert.are.equal("false moonshard: matmul: MOONSHARD_SGEMM is 'blas'; expected onednn or openblas " ..
+                     "(or unset, to choose by the CPU)", count_in_fresh_process("MOONSHARD_SGEMM=blas", code))
+    assert.are.equal("true nil", count_in_fresh_process("MOONSHARD_SGEMM=openblas",
+                                                        "local ok = pcall(ms.matmul, ms.randn(300, 300), " ..
+                                                        "ms.randn(300, 300)) io.write(tostring(ok), ' nil')"))
   end)
 
   it("BLAS's idle threads sleep at once (OPENBLAS_THREAD_TIMEOUT 4 when OpenBLAS loads) unless the user set it",

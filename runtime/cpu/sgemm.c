@@ -93,7 +93,8 @@ static int onednn_status(int status, int64_t m, int64_t n, int64_t k, int64_t ld
     return MS_OK;
 }
 
-/* 1: oneDNN in pieces on the pool; 0: OpenBLAS on its threads. Decided once. */
+/* 1: oneDNN in pieces on the pool; 0: OpenBLAS on its threads; -1: MOONSHARD_SGEMM names
+ * neither, and every f32 GEMM fails saying so. Decided once. */
 static int use_pieces;
 static pthread_once_t use_pieces_once = PTHREAD_ONCE_INIT;
 
@@ -104,6 +105,8 @@ static void decide_pieces(void)
         use_pieces = 1;
     else if (choice && strcmp(choice, "openblas") == 0)
         use_pieces = 0;
+    else if (choice && *choice)
+        use_pieces = -1;
     else
         use_pieces = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -130,6 +133,9 @@ int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
                  int64_t ldc)
 {
     pthread_once(&use_pieces_once, decide_pieces);
+    if (use_pieces < 0)
+        return MS_FAIL(MS_ERR_INVALID, "matmul: MOONSHARD_SGEMM is '%s'; expected onednn or "
+                       "openblas (or unset, to choose by the CPU)", getenv("MOONSHARD_SGEMM"));
     if (!use_pieces && fits_int(m, n, k, lda, ldb, ldc)) {
         cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                     trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, alpha, a,

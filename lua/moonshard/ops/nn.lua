@@ -609,6 +609,11 @@ local function attention(q, k, v, opts)
   need_tensor(q, what, "query")
   need_tensor(k, what, "key")
   need_tensor(v, what, "value")
+  for _, operand in ipairs({{q, "query"}, {k, "key"}, {v, "value"}}) do
+    if operand[1]:dim() < 2 then
+      fail(what, "%s must have at least 2 dims (..., L, E), got shape %s", operand[2], tostring(operand[1]:shape()))
+    end
+  end
   local mask = opts.attn_mask
   if mask ~= nil then
     need_tensor(mask, what, "attn_mask")
