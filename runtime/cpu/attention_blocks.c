@@ -214,7 +214,7 @@ int ms_cpu_attention_blocks(ms_tensor *out, ms_tensor *lse, const ms_tensor *q,
     job_of(&j, q, k, v, mask, out, lse, scale, causal);
     int64_t heads = heads_of(q);
     double work = (double)heads * (double)j.rows * (double)j.keys * (double)(j.d + j.dv);
-    ms_parallel_for(heads, ms_parallel_ranges(heads, work), forward_heads, &j);
+    ms_parallel_for_signals_held(heads, ms_parallel_ranges(heads, work), forward_heads, &j);
     return job_status(&j);
 }
 
@@ -232,6 +232,6 @@ int ms_cpu_attention_blocks_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv
     j.dv_ = operand_of(dv, 1);
     int64_t heads = heads_of(q);
     double work = 3.0 * (double)heads * (double)j.rows * (double)j.keys * (double)(j.d + j.dv);
-    ms_parallel_for(heads, ms_parallel_ranges(heads, work), backward_heads, &j);
+    ms_parallel_for_signals_held(heads, ms_parallel_ranges(heads, work), backward_heads, &j);
     return job_status(&j);
 }

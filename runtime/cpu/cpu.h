@@ -24,6 +24,10 @@ enum { MS_PARALLEL_GRAIN = 524288 };
 typedef void (*ms_parallel_fn)(void *ctx, int64_t begin, int64_t end);
 int ms_parallel_ranges(int64_t n, double work);
 void ms_parallel_for(int64_t n, int ranges, ms_parallel_fn fn, void *ctx);
+/* ms_parallel_for with the caller's asynchronous signals held until the job is done (the
+ * workers hold them always): for kernels that must not have a signal handler run on their
+ * thread's stack, as oneDNN's AVX-512 sgemm (sgemm.c). A held signal is delivered after. */
+void ms_parallel_for_signals_held(int64_t n, int ranges, ms_parallel_fn fn, void *ctx);
 
 /* ---- the strided N-d iterator ----
  * Visits the elements of a shape in row-major order. Every operand has its own data,
@@ -143,7 +147,7 @@ int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
                  const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
                  int64_t ldc);
 /* The same product on the calling thread alone (oneDNN, one call): for kernels whose pool
- * jobs each run their own small GEMMs. */
+ * jobs each run their own small GEMMs, started by ms_parallel_for_signals_held. */
 int ms_cpu_sgemm_serial(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                         const float *a, int64_t lda, const float *b, int64_t ldb, float beta,
                         float *c, int64_t ldc);

@@ -102,6 +102,17 @@ static void register_fork_handlers(void)
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
+/* Every signal but the synchronous ones, which a fault raises in the faulting thread and
+ * which cannot wait (the copy-on-write snapshot handles SIGSEGV in any thread). */
+static void async_signals(sigset_t *set)
+{
+    sigfillset(set);
+    sigdelset(set, SIGSEGV);
+    sigdelset(set, SIGBUS);
+    sigdelset(set, SIGFPE);
+    sigdelset(set, SIGILL);
+}
+
 /* Start workers until there are `wanted` (under the lock); returns how many run. Workers
  * take no asynchronous signals (they stay with the threads the program made) but keep the
  * synchronous ones, which the copy-on-write snapshot handles in any thread. */
@@ -113,11 +124,7 @@ static int grow(int wanted)
         return wanted;
     pthread_once(&fork_handlers, register_fork_handlers);
     sigset_t all, old;
-    sigfillset(&all);
-    sigdelset(&all, SIGSEGV);
-    sigdelset(&all, SIGBUS);
-    sigdelset(&all, SIGFPE);
-    sigdelset(&all, SIGILL);
+    async_signals(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     while (pool.workers < wanted) {
         int i = pool.workers;
@@ -172,4 +179,13 @@ void ms_parallel_for(int64_t n, int ranges, ms_parallel_fn fn, void *ctx)
     while ((finished = atomic_load_explicit(&pool.done, memory_order_acquire)) != chunks)
         futex_wait(&pool.done, finished);
     pthread_mutex_unlock(&pool.lock);
+}
+
+void ms_parallel_for_signals_held(int64_t n, int ranges, ms_parallel_fn fn, void *ctx)
+{
+    sigset_t held, saved;
+    async_signals(&held);
+    pthread_sigmask(SIG_BLOCK, &held, &saved);
+    ms_parallel_for(n, ranges, fn, ctx);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
 }

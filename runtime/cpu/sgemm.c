@@ -2,7 +2,11 @@
  * that the worker pool runs; elsewhere OpenBLAS's, on its own threads, since oneDNN's AVX2
  * kernels lose up to 40% on the sub-matrices that pieces are (bench/README.md). oneDNN is
  * always called with one OpenMP thread, so it never starts an OpenMP team (whose idle
- * threads spin). MOONSHARD_SGEMM=onednn or openblas overrides the choice. */
+ * threads spin). MOONSHARD_SGEMM=onednn or openblas overrides the choice.
+ * oneDNN's AVX-512 sgemm keeps data below the stack pointer, past the 128 bytes a signal
+ * frame leaves alone: a handler run on the thread during a call corrupts it (a 1 ms SIGPROF
+ * timer, as LuaJIT's profiler sets, broke the heap within a few hundred calls; AVX2 kernels
+ * and OpenBLAS's did not). So every oneDNN call runs with asynchronous signals held. */
 #include <limits.h>
 #include <omp.h>
 #include <pthread.h>
@@ -149,6 +153,6 @@ int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
     while (g.pieces * 2 <= MAX_PIECES && g.units >= g.pieces * 2 * MIN_PIECE_UNITS &&
            work >= (double)(g.pieces * 2) * PIECE_WORK)
         g.pieces *= 2;
-    ms_parallel_for(g.pieces, ms_parallel_ranges(g.pieces, work), sgemm_range, &g);
+    ms_parallel_for_signals_held(g.pieces, ms_parallel_ranges(g.pieces, work), sgemm_range, &g);
     return onednn_status(g.status, m, n, k, lda, ldb, ldc);
 }
