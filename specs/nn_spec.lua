@@ -252,6 +252,26 @@ describe("nn", function()
       assert.is_false(b:is_instance_of(Derived))
       assert.is_false(nn.Linear(1, 1):is_instance_of(Base))
     end)
+
+    it("is untouched by instance fields named like the class-chain helpers", function()
+      local Classifier = nn.Module:extend("Classifier")
+      function Classifier:__init() self.classes, self.class_chain = 10, "mine" end
+      local c = Classifier()
+      assert.is_true(c:is_instance_of(Classifier))
+      assert.are.same({Classifier, nn.Module}, nn.Module.class_chain(c))
+    end)
+
+    it("gives the REPL's completion the methods of every class in the chain", function()
+      local complete = require "moonshard.repl.complete"
+      local Base = nn.Module:extend("Base")
+      function Base:base_only() end
+      local Derived = Base:extend("Derived")
+      function Derived:derived_only() end
+      local env = {m = Derived()}
+      assert.are.same({"m:base_only"}, complete.candidates(env, "m:base_"))
+      assert.are.same({"m:derived_only"}, complete.candidates(env, "m:derived_"))
+      assert.are.same({"m:is_instance_of"}, complete.candidates(env, "m:is_inst"))
+    end)
   end)
 
   describe("no_sync", function()

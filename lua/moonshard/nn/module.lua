@@ -115,12 +115,21 @@ function Module:new(...)
   return instance
 end
 
+-- A module instance's class, then each class it derives from, up to Module. Called as
+-- Module.class_chain(instance), so an instance field of that name changes nothing.
+function Module.class_chain(instance)
+  local classes, c = {}, rawget(instance, "_class")
+  while type(c) == "table" do
+    classes[#classes + 1] = c
+    c = rawget(c, "__parent")
+  end
+  return classes
+end
+
 -- True when the instance's class is class or derives from it (Python's isinstance).
 function Module:is_instance_of(class)
-  local c = rawget(self, "_class")
-  while c do
+  for _, c in ipairs(Module.class_chain(self)) do
     if c == class then return true end
-    c = rawget(c, "__parent")
   end
   return false
 end

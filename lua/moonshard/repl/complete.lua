@@ -31,11 +31,7 @@ local function members(value)
     for name in value:named_parameters({recurse = false}) do own[name] = true end
     for name in value:named_buffers({recurse = false}) do own[name] = true end
     add_keys(names, own, seen_tables)
-  end
-  local class = rawget(value, "_class")
-  while type(class) == "table" do
-    add_keys(names, class, seen_tables)
-    class = rawget(class, "__parent")
+    for _, class in ipairs(Module.class_chain(value)) do add_keys(names, class, seen_tables) end
   end
   local mt = getmetatable(value)
   local depth = 0
