@@ -11,6 +11,8 @@ typedef char *moonshard_rl_entry_fn(const char *text, int state);
 typedef char **moonshard_rl_attempt_fn(const char *text, int start, int end);
 typedef void moonshard_rl_line_fn(char *line);
 typedef int moonshard_rl_command_fn(int count, int key);
+typedef int moonshard_rl_getc_fn(void *stream);
+extern moonshard_rl_getc_fn *rl_getc_function;
 typedef struct { char type; moonshard_rl_command_fn *function; } moonshard_rl_keymap_entry;
 void rl_callback_handler_install(const char *prompt, moonshard_rl_line_fn *handler);
 void rl_callback_read_char(void);
@@ -46,19 +48,21 @@ declare("strdup", "char *strdup(const char *s);")
 declare("isatty", "int isatty(int fd);")
 declare("read", "long read(int fd, void *buf, unsigned long n);")
 declare("ioctl", "int ioctl(int fd, unsigned long request, ...);")
+declare("open", "int open(const char *path, int flags, ...);")
 pcall(ffi.cdef, "struct moonshard_repl_pollfd { int fd; short events, revents; };")
 
 local HISTORY_LINES = 1000
 local POLL_SLICE_MS = 100 -- a signal taken by another thread is noticed this late at most
 local STDIN, POLLIN, FIONREAD, EMACS_MODE = 0, 1, 0x541B, 1
+local O_NONBLOCK, O_CLOEXEC, EINTR, EAGAIN = 0x800, 0x80000, 4, 11
 local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
 
 local loaded, rl = pcall(ffi.load, "readline.so.8")
 if not loaded then loaded, rl = pcall(ffi.load, "readline") end
 
 -- Callbacks from readline into Lua live as long as the process (one of each).
-local state = {complete = nil, matches = {}, index = 0, line = nil, done = false}
-local entry_callback, attempt_callback, line_callback
+local state = {complete = nil, matches = {}, index = 0, line = nil, done = false, keys_fd = -1}
+local entry_callback, attempt_callback, line_callback, getc_callback
 
 -- Strings handed to readline's globals must stay referenced while it may read them.
 local READLINE_NAME = "moonshard"
@@ -91,6 +95,27 @@ local function install_callbacks()
     state.line = line ~= nil and ffi.string(line) or nil
     if line ~= nil then ffi.C.free(line) end
   end)
+  -- Readline's keys come from a second, non-blocking open of the terminal: when Ctrl-C
+  -- flushes the typed input between poll's "readable" and the read, a blocking read would
+  -- wait for the next key (readline retries it after the signal). Here the wait goes back
+  -- to poll, and a pending signal ends the key with EOF, which terminal_reader takes for it.
+  state.keys_fd = ffi.C.open("/proc/self/fd/0", O_NONBLOCK + O_CLOEXEC)
+  if state.keys_fd >= 0 then
+    local byte = ffi.new("unsigned char[1]")
+    getc_callback = ffi.cast("moonshard_rl_getc_fn *", function()
+      local fds = ffi.new("struct moonshard_repl_pollfd[1]")
+      while lib.ms_interrupt_pending() == 0 do
+        local n = ffi.C.read(state.keys_fd, byte, 1)
+        if n == 1 then return byte[0] end
+        local errno = n < 0 and ffi.errno() or 0
+        if errno ~= EAGAIN and errno ~= EINTR then return -1 end
+        fds[0].fd, fds[0].events, fds[0].revents = state.keys_fd, POLLIN, 0
+        ffi.C.poll(fds, 1, POLL_SLICE_MS)
+      end
+      return -1
+    end)
+    rl.rl_getc_function = getc_callback
+  end
   rl.rl_attempted_completion_function = attempt_callback
   rl.rl_readline_name = READLINE_NAME
   rl.rl_basic_word_break_characters = WORD_BREAKS
@@ -182,6 +207,12 @@ local function terminal_reader()
         return nil, sig
       end
       rl.rl_callback_read_char()
+    end
+    local sig = lib.ms_interrupt_pending()
+    if state.line == nil and sig ~= 0 then -- the EOF that a signal gave an empty line
+      lib.ms_interrupt_take()
+      io.stdout:write(sig == 2 and "^C\n" or "\n")
+      return nil, SIGNAL_NAMES[sig] or "a signal"
     end
     local text = state.line
     if text and text:match("%S") then rl.add_history(text) end
