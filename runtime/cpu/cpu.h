@@ -18,8 +18,9 @@
  * call from inside a job, or while another thread's job runs) calls fn(ctx, 0, n). fn must
  * write disjoint outputs per call, so results never depend on the split.
  * ms_parallel_ranges picks the thread count for n units of about `work` element operations
- * in all (an add of one f32 element is 1): 1 below MS_PARALLEL_GRAIN per range. The grain is the measured break-even of a split: waking a
- * worker costs some microseconds, and memory-bound loops gain little from a second thread. */
+ * in all (an add of one f32 element is 1): 1 below MS_PARALLEL_GRAIN per range. The grain
+ * is the measured break-even of a split: waking a worker costs some microseconds, and
+ * memory-bound loops gain little from a second thread. */
 enum { MS_PARALLEL_GRAIN = 524288 };
 typedef void (*ms_parallel_fn)(void *ctx, int64_t begin, int64_t end);
 int ms_parallel_ranges(int64_t n, double work);
