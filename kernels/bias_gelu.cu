@@ -1,10 +1,10 @@
 /* moonshard kernels: bias + GELU on the device (element math in bias_gelu.h). The forward is
- * a grid-stride loop over elements; the backward gives each thread a column, which it walks
- * down the rows in order, so the bias gradient is summed the same way every time (adjacent
- * threads read adjacent columns: coalesced). bf16 and f16 are read and written as they are,
- * computed in f32. */
+ * a grid-stride loop over elements; the backward visits the elements in column blocks
+ * (column_sums.cuh), so the bias gradient is summed in an order fixed by the shape. bf16 and
+ * f16 are read and written as they are, computed in f32. */
 #include "bias_gelu.cuh"
 #include "bias_gelu.h"
+#include "column_sums.cuh"
 #include "value.cuh"
 
 __device__ __forceinline__ float bias_gelu(float acc, float bias, int tanh_approx)
@@ -35,21 +35,37 @@ template <typename S> __global__ void forward_kernel(ms_cu_bias_gelu a)
     }
 }
 
+/* dacc, and each chunk's sum of dacc per column into partials[chunk][col]. */
 template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void backward_kernel(ms_cu_bias_gelu a)
 {
+    int64_t blocks = ms_cu_column_blocks(a.rows, a.cols);
+    for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+        ms_cu_column_block t = ms_cu_column_block_of(b, a.rows, a.cols);
+        double sum = 0.0;
+        if (t.col < a.cols) {
+            T bias = ms_cu_get<S>(a.bias, t.col);
+            for (int64_t r = t.first; r < t.last; r += MS_CU_ROW_LANES) {
+                int64_t i = r * a.cols + t.col;
+                T d = bias_gelu_backward(ms_cu_get<S>(a.acc, i), bias, ms_cu_get<S>(a.dy, i),
+                                         a.tanh_approx);
+                ms_cu_set<S>(a.dacc, i, d);
+                sum += (double)d;
+            }
+        }
+        double total = ms_cu_lanes_total(sum);
+        if (threadIdx.y == 0 && t.col < a.cols)
+            a.partials[t.chunk * a.cols + t.col] = total;
+    }
+}
+
+template <typename S, typename T = typename ms_cu_math<S>::type>
+__global__ void dbias_kernel(ms_cu_bias_gelu a)
+{
+    int64_t chunks = ms_cu_column_chunks(a.rows);
     MS_CU_FOR(j, a.cols)
     {
-        T bias = ms_cu_get<S>(a.bias, j);
-        double sum = 0.0;
-        for (int64_t r = 0; r < a.rows; r++) {
-            int64_t i = r * a.cols + j;
-            T d = bias_gelu_backward(ms_cu_get<S>(a.acc, i), bias, ms_cu_get<S>(a.dy, i),
-                                     a.tanh_approx);
-            ms_cu_set<S>(a.dacc, i, d);
-            sum += (double)d;
-        }
-        ms_cu_set<S>(a.dbias, j, (T)sum);
+        ms_cu_set<S>(a.dbias, j, (T)ms_cu_chunks_total(a.partials, chunks, a.cols, j));
     }
 }
 
@@ -62,7 +78,9 @@ int ms_cu_bias_gelu_forward(cudaStream_t stream, const ms_cu_bias_gelu *args)
 
 int ms_cu_bias_gelu_backward(cudaStream_t stream, const ms_cu_bias_gelu *args)
 {
-    MS_CU_LAUNCH_FLOAT(args->dtype, backward_kernel, ms_cu_blocks(args->cols), MS_CU_THREADS,
+    MS_CU_LAUNCH_FLOAT(args->dtype, backward_kernel, ms_cu_column_grid(args->rows, args->cols),
+                       ms_cu_column_threads(), stream, *args)
+    MS_CU_LAUNCH_FLOAT(args->dtype, dbias_kernel, ms_cu_blocks(args->cols), MS_CU_THREADS,
                        stream, *args)
     return ms_cu_last_error();
 }

@@ -1,10 +1,11 @@
 /* moonshard kernels: layer norm on the device, with an optional residual add fused in (the
  * sum is stored, rounded to the stored type, and that rounded sum is normalised, as the
- * separate add would give). One block per row for the statistics and dx;
- * one thread per column sums dweight and dbias over the rows in order (deterministic). bf16
- * and f16 are read and written as they are, computed in f32. */
+ * separate add would give). One block per row for the statistics and dx; dweight and dbias
+ * are summed over the rows in column blocks (column_sums.cuh), in an order fixed by the
+ * shape. bf16 and f16 are read and written as they are, computed in f32. */
 #include "layernorm.cuh"
 #include "block.cuh"
+#include "column_sums.cuh"
 #include "reduce.h"
 #include "value.cuh"
 
@@ -102,19 +103,41 @@ __global__ void backward_dx_kernel(ms_cu_layer_norm a)
     }
 }
 
+/* Each chunk's sums of dy xhat and dy per column, into partials[chunk][0 or 1][col]. */
 template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void backward_params_kernel(ms_cu_layer_norm a)
 {
+    int64_t blocks = ms_cu_column_blocks(a.rows, a.size);
+    for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+        ms_cu_column_block t = ms_cu_column_block_of(b, a.rows, a.size);
+        double dweight = 0.0, dbias = 0.0;
+        if (t.col < a.size)
+            for (int64_t r = t.first; r < t.last; r += MS_CU_ROW_LANES) {
+                T x = ms_cu_get<S>(a.x, r * a.size + t.col);
+                T dy = ms_cu_get<S>(a.dy, r * a.size + t.col);
+                T xhat = (x - (T)load_stat(a.mean, a.mean_dtype, r)) *
+                         (T)load_stat(a.rstd, a.rstd_dtype, r);
+                dweight += (double)dy * (double)xhat;
+                dbias += (double)dy;
+            }
+        dweight = ms_cu_lanes_total(dweight);
+        dbias = ms_cu_lanes_total(dbias);
+        if (threadIdx.y == 0 && t.col < a.size) {
+            a.partials[2 * t.chunk * a.size + t.col] = dweight;
+            a.partials[(2 * t.chunk + 1) * a.size + t.col] = dbias;
+        }
+    }
+}
+
+/* dweight and dbias += their chunks' partials, added in chunk order. */
+template <typename S, typename T = typename ms_cu_math<S>::type>
+__global__ void params_finish_kernel(ms_cu_layer_norm a)
+{
+    int64_t chunks = ms_cu_column_chunks(a.rows);
     MS_CU_FOR(j, a.size)
     {
-        double dweight = 0.0, dbias = 0.0;
-        for (int64_t r = 0; r < a.rows; r++) {
-            T x = ms_cu_get<S>(a.x, r * a.size + j), dy = ms_cu_get<S>(a.dy, r * a.size + j);
-            T xhat = (x - (T)load_stat(a.mean, a.mean_dtype, r)) *
-                     (T)load_stat(a.rstd, a.rstd_dtype, r);
-            dweight += (double)dy * (double)xhat;
-            dbias += (double)dy;
-        }
+        double dweight = ms_cu_chunks_total(a.partials, chunks, 2 * a.size, j);
+        double dbias = ms_cu_chunks_total(a.partials + a.size, chunks, 2 * a.size, j);
         if (a.dweight)
             ms_cu_set<S>(a.dweight, j, (T)((double)ms_cu_get<S>(a.dweight, j) + dweight));
         if (a.dbias)
@@ -139,7 +162,10 @@ int ms_cu_layer_norm_backward(cudaStream_t stream, const ms_cu_layer_norm *args)
                        stream, *args)
     if (!args->dweight && !args->dbias)
         return ms_cu_last_error();
-    MS_CU_LAUNCH_FLOAT(args->dtype, backward_params_kernel, ms_cu_blocks(args->size),
+    MS_CU_LAUNCH_FLOAT(args->dtype, backward_params_kernel,
+                       ms_cu_column_grid(args->rows, args->size), ms_cu_column_threads(), stream,
+                       *args)
+    MS_CU_LAUNCH_FLOAT(args->dtype, params_finish_kernel, ms_cu_blocks(args->size),
                        MS_CU_THREADS, stream, *args)
     return ms_cu_last_error();
 }

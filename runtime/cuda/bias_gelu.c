@@ -40,8 +40,16 @@ int ms_cuda_bias_gelu_backward(ms_tensor *dacc, ms_tensor *dbias, const ms_tenso
     a.dy = ms_cuda_stage(&st, op, dy, 1, 0);
     a.dacc = ms_cuda_stage(&st, op, dacc, 0, 1);
     a.dbias = ms_cuda_stage(&st, op, dbias, 0, 1);
+    ms_tensor *partials = NULL;
+    int64_t partials_shape[1] = {ms_cu_column_chunks(rows) * cols};
     if (st.status == MS_OK)
+        st.status = ms_cuda_tensor_new(&partials, MS_F64, 1, partials_shape,
+                                       acc->storage->pool);
+    if (st.status == MS_OK) {
+        a.partials = ms_tensor_data(partials);
         st.status = ms_cuda_launched(op, ms_cu_bias_gelu_backward(
                                              ms_cuda_compute_stream(device), &a));
+    }
+    ms_tensor_free(partials);
     return ms_cuda_unstage_all(&st);
 }

@@ -56,8 +56,15 @@ int ms_cuda_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *db
     a.dx = ms_cuda_stage(&st, op, dx, 0, 1);
     a.dweight = ms_cuda_stage(&st, op, dweight, 1, 1);
     a.dbias = ms_cuda_stage(&st, op, dbias, 1, 1);
-    if (st.status == MS_OK)
+    ms_tensor *partials = NULL;
+    int64_t partials_shape[1] = {2 * ms_cu_column_chunks(rows) * size};
+    if (st.status == MS_OK && (dweight || dbias))
+        st.status = ms_cuda_tensor_new(&partials, MS_F64, 1, partials_shape, x->storage->pool);
+    if (st.status == MS_OK) {
+        a.partials = partials ? ms_tensor_data(partials) : NULL;
         st.status = ms_cuda_launched(op, ms_cu_layer_norm_backward(
                                              ms_cuda_compute_stream(device), &a));
+    }
+    ms_tensor_free(partials);
     return ms_cuda_unstage_all(&st);
 }

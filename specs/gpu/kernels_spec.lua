@@ -163,6 +163,21 @@ describe("CUDA kernels against the CPU backend #gpu", function()
       parity("layer_norm", function(x, w, b) return F.layer_norm(x, {64}, w, b, 1e-5) end,
              {ms.randn(3, 5, 64), ms.randn(64), ms.randn(64)}, {grad = true, rtol = 1e-4, atol = 1e-5})
     end)
+    -- 700 rows span three of the kernels' 256-row chunks and 100 columns a ragged last tile
+    -- of 32 (kernels/column_sums.cuh), so the parameter gradients cross both.
+    it("matches layer norm's parameter gradients summed over many rows", function()
+      parity("layer_norm rows", function(x, w, b) return F.layer_norm(x, {100}, w, b, 1e-5) end,
+             {ms.randn(7, 100, 100), ms.randn(100), ms.randn(100)},
+             {grad = true, rtol = 1e-4, atol = 1e-4})
+    end)
+    it("matches linear + GELU fused, with its bias gradient over many rows", function()
+      for _, approximate in ipairs({"none", "tanh"}) do
+        parity("linear_gelu " .. approximate, function(x, w, b)
+          return F.linear_gelu(x, w, b, {approximate = approximate})
+        end, {ms.randn(700, 48), ms.randn(100, 48), ms.randn(100)},
+               {grad = true, rtol = 1e-4, atol = 1e-4})
+      end
+    end)
     it("matches the embedding lookup and its accumulated gradient", function()
       local indices = ms.randint(0, 10, {4, 6})
       parity("embedding", function(w, i) return F.embedding(i, w) end,
