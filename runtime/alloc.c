@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "arena.h"
 #include "internal.h"
 #include "pool.h"
 #include "profile.h"
@@ -24,6 +25,8 @@ typedef struct pool {
     ms_memory_stats stats;
     free_block *free_lists[CLASS_COUNT];
     int64_t cached_bytes;
+    ms_arena *arena;        /* cpu: where blocks of at least arena_min_block come from */
+    size_t arena_min_block;
 } pool;
 
 static pool pools[MS_MAX_POOLS] = {
@@ -98,7 +101,16 @@ static void *raw_alloc(int pool_id, size_t rounded)
         return ms_host_raw_alloc(rounded);
     /* Blocks of 2 MiB and more sit on huge pages where the kernel has them: an async save
      * write-protects its sources (runtime/store/snapshot.c), one page-table entry per page. */
-    enum { HUGE_PAGE_BYTES = 2 << 20 };
+    enum { HUGE_PAGE_BYTES = 2 << 20, PAGE_BYTES = 4096 };
+    pool *pl = &pools[pool_id];
+    if (pl->arena && rounded >= pl->arena_min_block) {
+        void *p = ms_arena_alloc(pl->arena, rounded,
+                                 rounded >= HUGE_PAGE_BYTES ? HUGE_PAGE_BYTES : PAGE_BYTES);
+        if (p && rounded >= HUGE_PAGE_BYTES) /* shared memory too, where the kernel allows */
+            madvise(p, rounded, MADV_HUGEPAGE);
+        if (p)
+            return p;
+    }
     void *p = NULL;
     if (posix_memalign(&p, rounded >= HUGE_PAGE_BYTES ? HUGE_PAGE_BYTES : 64, rounded) != 0)
         return NULL;
@@ -107,14 +119,26 @@ static void *raw_alloc(int pool_id, size_t rounded)
     return p;
 }
 
-static void raw_free(int pool_id, void *p)
+static void raw_free(int pool_id, void *p, size_t rounded)
 {
     if (pool_id >= MS_POOL_CUDA0)
         ms_device_raw_free(pool_id - MS_POOL_CUDA0, p);
     else if (pool_id == MS_POOL_HOST)
         ms_host_raw_free(p);
+    else if (ms_arena_owns(pools[pool_id].arena, p))
+        ms_arena_free(pools[pool_id].arena, p, rounded);
     else
         free(p);
+}
+
+/* The bytes of size class c (size_class's inverse). */
+static size_t class_bytes(int c)
+{
+    if (c == 0)
+        return MIN_BLOCK;
+    int msb = c / 4;
+    size_t step = (size_t)1 << (msb - 2 > 0 ? msb - 2 : 0);
+    return ((size_t)1 << msb) + (size_t)(c % 4) * step;
 }
 
 static void release_cached(int pool_id, pool *pl)
@@ -124,10 +148,10 @@ static void release_cached(int pool_id, pool *pl)
             free_block *b = pl->free_lists[c];
             pl->free_lists[c] = b->next;
             if (pool_id >= MS_POOL_CUDA0) {
-                raw_free(pool_id, b->device_block);
+                raw_free(pool_id, b->device_block, class_bytes(c));
                 free(b);
             } else {
-                raw_free(pool_id, b);
+                raw_free(pool_id, b, class_bytes(c));
             }
         }
     }
@@ -223,7 +247,7 @@ static int pool_free(int pool_id, void *ptr, size_t nbytes)
             pl->free_lists[cls] = b;
             pl->cached_bytes += (int64_t)rounded;
         } else { /* no host memory for the node: give the device block back instead */
-            raw_free(pool_id, ptr);
+            raw_free(pool_id, ptr, rounded);
             pl->stats.reserved -= (int64_t)rounded;
         }
     }
@@ -261,4 +285,42 @@ int ms_pool_empty_cache(int pool_id)
     release_cached(pool_id, &pools[pool_id]);
     pthread_mutex_unlock(&pools[pool_id].lock);
     return MS_OK;
+}
+
+int ms_pool_use_arena(void *base, size_t bytes, size_t min_block)
+{
+    ms_arena *arena = NULL;
+    if (base && !(arena = ms_arena_new(base, bytes)))
+        return MS_FAIL(MS_ERR_OOM, "pool: out of host memory for the cpu pool's arena");
+    pool *pl = &pools[MS_POOL_CPU];
+    pthread_mutex_lock(&pl->lock);
+    /* Cached blocks from an arena being replaced go back to it first. */
+    for (int c = 0; c < CLASS_COUNT; c++)
+        for (free_block **link = &pl->free_lists[c]; *link;) {
+            free_block *b = *link;
+            if (!ms_arena_owns(pl->arena, b)) {
+                link = &b->next;
+                continue;
+            }
+            *link = b->next;
+            ms_arena_free(pl->arena, b, class_bytes(c));
+            pl->cached_bytes -= (int64_t)class_bytes(c);
+            pl->stats.reserved -= (int64_t)class_bytes(c);
+        }
+    ms_arena *old = pl->arena;
+    pl->arena = arena;
+    pl->arena_min_block = min_block;
+    pthread_mutex_unlock(&pl->lock);
+    ms_arena_delete(old);
+    return MS_OK;
+}
+
+int ms_pool_in_arena(const void *p, size_t bytes)
+{
+    pool *pl = &pools[MS_POOL_CPU];
+    pthread_mutex_lock(&pl->lock);
+    int inside = ms_arena_owns(pl->arena, p) && (bytes == 0 || ms_arena_owns(pl->arena,
+                                                              (const uint8_t *)p + bytes - 1));
+    pthread_mutex_unlock(&pl->lock);
+    return inside;
 }

@@ -10,8 +10,13 @@
 enum { ALL_REDUCE_WHOLE_MAX = 64 * 1024 };
 /* From this many bytes an all_reduce reads the peers' tensors in place when the members may
  * (local_direct.c). Below it, and for reduce_scatter at every size, staging through the
- * segment measured faster (bench/README.md). */
+ * segment measured faster than the kernel's copies (bench/README.md). */
 enum { ALL_REDUCE_DIRECT_MIN = 4 * 1024 * 1024 };
+/* From this many bytes of a member's tensor, all_reduce and reduce_scatter ask whether every
+ * member's lies in the shared heap, and then read them there (local_shared.c). Below, staging
+ * measured as fast or faster: a small reduce_scatter's pieces pass through the ring in cache
+ * (bench/README.md). */
+enum { SHARED_ALL_REDUCE_MIN = 1024 * 1024, SHARED_REDUCE_SCATTER_MIN = 4 * 1024 * 1024 };
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -127,7 +132,15 @@ static int local_reduce_scatter(ms_group *g, void *out, const void *in, int64_t 
 {
     local_call call = begin_call(g, "reduce_scatter_tensor", LOCAL_REDUCE_SCATTER, dtype, op,
                                  0, count);
-    size_t esize = ms_dtype_size(dtype);
+    local_group *lg = g->impl;
+    size_t esize = ms_dtype_size(dtype), in_bytes = (size_t)(count * g->size) * esize;
+    if (lg->seg->heap_base && g->size > 1 && in_bytes >= SHARED_REDUCE_SCATTER_MIN) {
+        direct_post posts[LOCAL_MAX_RANKS];
+        int shared = 0;
+        MS_CHECK(local_shared_agree(g, &call, in, in_bytes, posts, &shared));
+        if (shared)
+            return local_reduce_scatter_shared(g, &call, posts, out, count, dtype, op);
+    }
     scatter_ctx c = {.out = out, .in = in, .count = count, .piece = piece_elements(g, esize),
                      .esize = esize, .dtype = dtype, .op = op};
     local_steps steps = {steps_for(count, c.piece), scatter_fill, scatter_read, &c};
@@ -282,6 +295,14 @@ static int local_all_reduce(ms_group *g, void *data, int64_t count, int dtype, i
     size_t bytes = (size_t)count * ms_dtype_size(dtype);
     if (bytes <= ALL_REDUCE_WHOLE_MAX || g->size == 1)
         return all_reduce_whole(g, &call, data, count, dtype, op);
+    local_group *lg = g->impl;
+    if (lg->seg->heap_base && bytes >= SHARED_ALL_REDUCE_MIN) {
+        direct_post posts[LOCAL_MAX_RANKS];
+        int shared = 0;
+        MS_CHECK(local_shared_agree(g, &call, data, bytes, posts, &shared));
+        if (shared)
+            return local_all_reduce_shared(g, &call, posts, data, count, dtype, op);
+    }
     int direct = 0;
     if (bytes >= ALL_REDUCE_DIRECT_MIN)
         MS_CHECK(local_direct_ready(g, &call, &direct));

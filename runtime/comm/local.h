@@ -74,6 +74,8 @@ typedef struct local_segment {
     _Atomic int32_t abort_rank; /* -1, or the first rank that ended without returning */
     _Atomic uint32_t group_count;
     _Atomic int32_t consoles; /* ranks whose REPL reads the terminal: SIGINT is theirs */
+    uint64_t heap_base;        /* the shared heap (local_heap.c), or 0 */
+    uint64_t heap_slice_bytes; /* rank r's slice starts at heap_base + r * heap_slice_bytes */
     pthread_mutex_t registry_lock; /* process-shared and robust */
     local_departure departed[LOCAL_MAX_RANKS];
     local_group_entry groups[LOCAL_MAX_GROUPS];
@@ -103,6 +105,16 @@ int local_world_group(ms_group **out, local_segment *seg, int64_t timeout_ms);
 /* Record that a rank ended (reason completes "rank N ..."), failing the segment when
  * abort != 0, and wake every sleeper so it notices. */
 void local_mark_departed(local_segment *seg, int rank, const char *reason, int abort);
+/* ---- the shared heap (local_heap.c) ---- */
+/* Map seg's shared heap for world_size ranks, unless it is switched off or refused (then the
+ * ranks stage every collective); fails only on a bad MOONSHARD_SHARED_HEAP. */
+int local_heap_create(local_segment *seg, int world_size);
+void local_heap_destroy(local_segment *seg);
+/* In a forked rank: its cpu pool's large blocks come from its slice from now on. */
+int local_heap_attach(const local_segment *seg, int rank);
+/* 1 when [addr, addr + bytes) lies in world rank world_rank's slice. */
+int local_heap_holds(const local_segment *seg, int world_rank, uint64_t addr, size_t bytes);
+
 /* The backend's new_group and group_free slots. */
 int local_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **out);
 void local_group_free(ms_group *g);
@@ -161,6 +173,29 @@ void local_copy_out(void *dst, const void *src, size_t n, size_t destination_byt
 /* dst = the reduction of srcs (ms_comm_reduce), written as local_copy_out writes. */
 void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
                       int op, size_t destination_bytes);
+/* What a member posts in a direct collective's first step. */
+typedef struct direct_post {
+    int32_t pid;
+    int32_t ok;    /* the probe passed, or the tensor is in the member's heap slice */
+    uint64_t addr; /* the collective's tensor, or the probe word */
+} direct_post;
+
+/* One step in which every member posts {pid, ok, addr}; peers' posts are copied to posts. */
+int local_exchange(ms_group *g, const local_call *call, int32_t ok, const void *addr,
+                   direct_post *posts);
+
+/* ---- collectives reading the peers' tensors in the shared heap (local_shared.c) ---- */
+/* Exchange every member's tensor (mine, bytes long) in one step; *shared = 1 when each lies
+ * in its member's heap slice (the same answer in every member). posts [OUT] */
+int local_shared_agree(ms_group *g, const local_call *call, const void *mine, size_t bytes,
+                       direct_post *posts, int *shared);
+/* After local_shared_agree said shared: out = the reduction of the members' blocks `rank`
+ * of count elements. */
+int local_reduce_scatter_shared(ms_group *g, const local_call *call, const direct_post *posts,
+                                void *out, int64_t count, int dtype, int op);
+int local_all_reduce_shared(ms_group *g, const local_call *call, const direct_post *posts,
+                            void *data, int64_t count, int dtype, int op);
+
 /* ---- all_reduce reading the peers' tensors in place (local_direct.c) ---- */
 /* *ready = 1 when every member may read the others' memory; the first call on a group
  * probes it in two steps of call, which every member makes alike. */

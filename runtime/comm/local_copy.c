@@ -66,6 +66,56 @@ void ms_local_stream_copy(void *dst, const void *src, size_t n)
     fence_streams();
 }
 
+#if defined(__AVX512F__)
+#define F32_LANES 16
+typedef __m512 f32_vector;
+#define F32_LOAD _mm512_loadu_ps
+#define F32_ADD _mm512_add_ps
+#define F32_DIV _mm512_div_ps
+#define F32_SET1 _mm512_set1_ps
+#define F32_STREAM _mm512_stream_ps
+#elif defined(__AVX__)
+#define F32_LANES 8
+typedef __m256 f32_vector;
+#define F32_LOAD _mm256_loadu_ps
+#define F32_ADD _mm256_add_ps
+#define F32_DIV _mm256_div_ps
+#define F32_SET1 _mm256_set1_ps
+#define F32_STREAM _mm256_stream_ps
+#endif
+
+#if defined(F32_LANES)
+static float sum_at(const float *const *src, int nsrc, size_t i, int op)
+{
+    float v = src[0][i];
+    for (int k = 1; k < nsrc; k++)
+        v += src[k][i];
+    return op == MS_DIST_AVG ? v / (float)nsrc : v;
+}
+
+/* An f32 sum or average from the sources straight into streamed lines of dst, in registers:
+ * ms_comm_reduce's additions in member order and its final division, so its bits, in one
+ * pass instead of a reduction into scratch and a copy out of it. */
+static void reduce_f32_streamed(float *dst, const void *const *srcs, int nsrc, size_t count,
+                                int op)
+{
+    const float *const *src = (const float *const *)srcs;
+    size_t i = 0, head = ((64 - ((uintptr_t)dst & 63)) & 63) / sizeof(float);
+    for (; i < head && i < count; i++)
+        dst[i] = sum_at(src, nsrc, i, op);
+    for (; i + F32_LANES <= count; i += F32_LANES) {
+        f32_vector v = F32_LOAD(src[0] + i);
+        for (int k = 1; k < nsrc; k++)
+            v = F32_ADD(v, F32_LOAD(src[k] + i));
+        if (op == MS_DIST_AVG)
+            v = F32_DIV(v, F32_SET1((float)nsrc));
+        F32_STREAM(dst + i, v);
+    }
+    for (; i < count; i++)
+        dst[i] = sum_at(src, nsrc, i, op);
+}
+#endif
+
 void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
                       int op, size_t destination_bytes)
 {
@@ -73,6 +123,13 @@ void local_reduce_out(void *dst, const void *const *srcs, int nsrc, size_t count
         ms_comm_reduce(dst, srcs, nsrc, count, dtype, op);
         return;
     }
+#if defined(F32_LANES)
+    if (dtype == MS_F32 && (op == MS_DIST_SUM || op == MS_DIST_AVG)) {
+        reduce_f32_streamed(dst, srcs, nsrc, count, op);
+        fence_streams();
+        return;
+    }
+#endif
     /* Reduce a block into scratch that stays in L1, then stream it out: the destination's
      * lines are never read, and the arithmetic is ms_comm_reduce's, bit for bit. */
     _Alignas(64) uint8_t scratch[16384];

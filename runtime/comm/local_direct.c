@@ -18,13 +18,6 @@ enum {
     READ_FAILED_WAIT_MS = 2000,         /* longest wait for a peer's departure to be recorded */
 };
 
-/* What a member posts in a direct collective's first step. */
-typedef struct direct_post {
-    int32_t pid;
-    int32_t ok;    /* the probe: this member could read every peer's probe word */
-    uint64_t addr; /* the collective's tensor, or the probe word */
-} direct_post;
-
 static const uint64_t PROBE_WORD = 0x6d6f6f6e73686172ull; /* "moonshar" */
 
 static direct_post *my_post(ms_group *g, uint32_t step)
@@ -52,9 +45,8 @@ static int read_peer(int32_t pid, void *local, uint64_t remote, size_t len)
     return 0;
 }
 
-/* One step in which every member posts {pid, ok, addr}; peers' posts are copied to posts. */
-static int exchange(ms_group *g, const local_call *call, int32_t ok, const void *addr,
-                    direct_post *posts)
+int local_exchange(ms_group *g, const local_call *call, int32_t ok, const void *addr,
+                   direct_post *posts)
 {
     local_group *lg = g->impl;
     uint32_t step = lg->next_step;
@@ -74,7 +66,7 @@ int local_direct_ready(ms_group *g, const local_call *call, int *ready)
     local_group *lg = g->impl;
     if (lg->direct == 0) {
         direct_post posts[LOCAL_MAX_RANKS];
-        MS_CHECK(exchange(g, call, 1, &PROBE_WORD, posts));
+        MS_CHECK(local_exchange(g, call, 1, &PROBE_WORD, posts));
         int32_t ok = 1;
         for (int m = 0; m < g->size; m++) {
             uint64_t word = 0;
@@ -82,7 +74,7 @@ int local_direct_ready(ms_group *g, const local_call *call, int *ready)
                                  word != PROBE_WORD))
                 ok = 0;
         }
-        MS_CHECK(exchange(g, call, ok, NULL, posts));
+        MS_CHECK(local_exchange(g, call, ok, NULL, posts));
         lg->direct = 1;
         for (int m = 0; m < g->size; m++)
             if (!posts[m].ok)
@@ -161,7 +153,7 @@ int local_all_reduce_direct(ms_group *g, const local_call *call, void *data, int
     int64_t line = 64 / (int64_t)esize;
     int64_t piece = ((count + g->size - 1) / g->size + line - 1) / line * line;
     uint8_t *bytes = data;
-    MS_CHECK(exchange(g, call, 1, data, posts));
+    MS_CHECK(local_exchange(g, call, 1, data, posts));
     /* Reduce this member's piece in place from the others' untouched copies of it... */
     int64_t start = (int64_t)g->rank * piece;
     int64_t len = count - start < piece ? count - start : piece;

@@ -107,6 +107,11 @@ int local_segment_create(local_segment **out, int world_size)
         munmap(seg, total);
         return MS_FAIL(status, "spawn: cannot make the registry lock: %s", strerror(status));
     }
+    status = local_heap_create(seg, world_size);
+    if (status != MS_OK) {
+        munmap(seg, total);
+        return status;
+    }
     int members[LOCAL_MAX_RANKS];
     for (int r = 0; r < world_size; r++)
         members[r] = r;
@@ -120,8 +125,10 @@ int local_segment_create(local_segment **out, int world_size)
 
 void local_segment_destroy(local_segment *seg)
 {
-    if (seg)
-        munmap(seg, seg->total_bytes);
+    if (!seg)
+        return;
+    local_heap_destroy(seg);
+    munmap(seg, seg->total_bytes);
 }
 
 static int attach(ms_group **out, local_segment *seg, const local_group_entry *entry,

@@ -112,6 +112,9 @@ static void become_rank(ms_spawn *job, int r, const int *write_fds, pid_t parent
     world->rank = r;
     ms_dist_set_world(world);
     ms_threads_share_cores(job->world_size);
+    /* Without memory for the arena's bookkeeping this rank's tensors stay private and its
+     * collectives stage (its posts say so). */
+    (void)local_heap_attach(job->seg, r);
     free(job);
 }
 

@@ -121,28 +121,32 @@ static void test_rank_fault(fault how, int state, int code, const char *reason)
     ms_spawn_free(job);
 }
 
-/* World of 3 running large all_reduce calls back to back (the ones that read the peers'
- * tensors in place): rank 1 is killed by a timer wherever it is, often while the others read
+/* World of 3 running large all_reduce or reduce_scatter calls back to back (the ones that
+ * read the peers' tensors where they are: in the shared heap, or through the kernel with the
+ * heap switched off): rank 1 is killed by a timer wherever it is, often while the others read
  * its memory. Ranks 0 and 2 report the death, naming rank 1 and its signal,
  * within 2 s of the failing call's start; no survivor crashes or hangs. */
-static void test_killed_in_large_collectives(void)
+static void test_killed_in_large_collectives(int scatter, const char *heap)
 {
+    setenv("MOONSHARD_SHARED_HEAP", heap, 1);
     ms_spawn *job = NULL;
     int rank = -1;
     EXPECT_STATUS(MS_OK, ms_spawn_new(&job, 3, 30000, &rank));
     if (rank >= 0) {
-        ms_tensor *t = new_tensor(MS_F32, 3 << 20);
+        ms_tensor *t = new_tensor(MS_F32, 3 << 20), *block = new_tensor(MS_F32, 1 << 20);
         if (rank == 1)
             setitimer(ITIMER_REAL, &(struct itimerval){.it_value = {0, 150000}}, NULL);
         int status = MS_OK;
         int64_t elapsed = 0;
         for (int call = 0; status == MS_OK && call < 100000; call++) {
             int64_t start = now_ms();
-            status = ms_dist_all_reduce(NULL, t, MS_DIST_SUM);
+            status = scatter ? ms_dist_reduce_scatter_tensor(NULL, block, t, MS_DIST_SUM)
+                             : ms_dist_all_reduce(NULL, t, MS_DIST_SUM);
             elapsed = now_ms() - start;
         }
         finish_with(status, elapsed);
     }
+    unsetenv("MOONSHARD_SHARED_HEAP");
     EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
     ms_rank_outcome outcome;
     ms_spawn_outcome(job, 1, &outcome);
@@ -154,7 +158,8 @@ static void test_killed_in_large_collectives(void)
         EXPECT(report.elapsed < 2000);
         EXPECT(strstr(report.message, "rank 1 died (signal 14)") != NULL);
         if (failures)
-            fprintf(stderr, "  rank %d reported: %d %lld %s\n", r, report.status,
+            fprintf(stderr, "  %s, heap %s: rank %d reported: %d %lld %s\n",
+                    scatter ? "reduce_scatter" : "all_reduce", heap, r, report.status,
                     report.elapsed, report.message);
     }
     ms_spawn_free(job);
@@ -370,7 +375,10 @@ int main(void)
     test_rank_fault(FAULT_EXIT, MS_RANK_EXITED, 3, "exited with status 3");
     test_rank_fault(FAULT_ERROR, MS_RANK_FAILED, 0, "raised an error");
     test_rank_fault(FAULT_RETURN, MS_RANK_RETURNED, 0, "returned without joining");
-    test_killed_in_large_collectives();
+    for (int scatter = 0; scatter < 2; scatter++) {
+        test_killed_in_large_collectives(scatter, "1");
+        test_killed_in_large_collectives(scatter, "0");
+    }
     test_unrelated_crash();
     test_missing_rank();
     expect_clean_run(3, mismatched_calls, NULL, "mismatched_calls");
