@@ -2,22 +2,10 @@
  * alignment, a full arena saying so, freed extents merging back into one, and a random run
  * checked against a map of which pages are taken. */
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 
 #include "arena.h"
-
-static int failures;
-
-#define EXPECT(cond)                                                             \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
-            fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond);  \
-            failures++;                                                          \
-        }                                                                        \
-    } while (0)
+#include "check.h"
 
 enum { PAGE = 4096, PAGES = 1024 };
 
@@ -36,23 +24,23 @@ static void test_placement_and_merging(void)
 {
     uint8_t *base = map_range();
     ms_arena *a = ms_arena_new(base, (size_t)PAGES * PAGE);
-    EXPECT(a != NULL);
+    CHECK(a != NULL);
     uint8_t *x = ms_arena_alloc(a, 3 * PAGE, PAGE), *y = ms_arena_alloc(a, PAGE, PAGE);
     uint8_t *z = ms_arena_alloc(a, 5 * PAGE, 16 * PAGE);
-    EXPECT(x == base && y == base + 3 * PAGE); /* first fit, in address order */
-    EXPECT(z && ((uintptr_t)z % (16 * PAGE)) == 0 && z >= y + PAGE);
-    EXPECT(ms_arena_owns(a, x) && ms_arena_owns(a, base + (size_t)PAGES * PAGE - 1));
-    EXPECT(!ms_arena_owns(a, base + (size_t)PAGES * PAGE) && !ms_arena_owns(a, base - 1));
-    EXPECT(ms_arena_alloc(a, (size_t)PAGES * PAGE, PAGE) == NULL); /* no room: NULL */
+    CHECK(x == base && y == base + 3 * PAGE); /* first fit, in address order */
+    CHECK(z && ((uintptr_t)z % (16 * PAGE)) == 0 && z >= y + PAGE);
+    CHECK(ms_arena_owns(a, x) && ms_arena_owns(a, base + (size_t)PAGES * PAGE - 1));
+    CHECK(!ms_arena_owns(a, base + (size_t)PAGES * PAGE) && !ms_arena_owns(a, base - 1));
+    CHECK(ms_arena_alloc(a, (size_t)PAGES * PAGE, PAGE) == NULL); /* no room: NULL */
     memset(x, 7, 3 * PAGE);
     ms_arena_free(a, x, 3 * PAGE);
-    EXPECT(x[0] == 0 && x[3 * PAGE - 1] == 0); /* the freed pages went back: zero again */
-    EXPECT(ms_arena_alloc(a, 2 * PAGE, PAGE) == x); /* the hole is reused */
+    CHECK(x[0] == 0 && x[3 * PAGE - 1] == 0); /* the freed pages went back: zero again */
+    CHECK(ms_arena_alloc(a, 2 * PAGE, PAGE) == x); /* the hole is reused */
     ms_arena_free(a, x, 2 * PAGE);
     ms_arena_free(a, z, 5 * PAGE);
     ms_arena_free(a, y, PAGE);
     /* everything merged back: the whole range fits again */
-    EXPECT(ms_arena_alloc(a, (size_t)PAGES * PAGE, PAGE) == base);
+    CHECK(ms_arena_alloc(a, (size_t)PAGES * PAGE, PAGE) == base);
     ms_arena_delete(a);
     munmap(base, (size_t)PAGES * PAGE);
 }
@@ -75,11 +63,11 @@ static void test_random_run(void)
                 refused++;
                 continue;
             }
-            EXPECT((uintptr_t)p % align == 0 && p >= base &&
+            CHECK((uintptr_t)p % align == 0 && p >= base &&
                    p + pages * PAGE <= base + (size_t)PAGES * PAGE);
             for (size_t i = 0; i < pages; i++) {
                 size_t page = (size_t)(p - base) / PAGE + i;
-                EXPECT(!taken[page]);
+                CHECK(!taken[page]);
                 taken[page] = 1;
             }
             live[nlive].p = p, live[nlive].pages = pages, nlive++;
@@ -91,12 +79,12 @@ static void test_random_run(void)
             live[k] = live[--nlive];
         }
     }
-    EXPECT(refused > 0); /* the run filled the arena at times */
+    CHECK(refused > 0); /* the run filled the arena at times */
     while (nlive > 0) {
         nlive--;
         ms_arena_free(a, live[nlive].p, live[nlive].pages * PAGE);
     }
-    EXPECT(ms_arena_alloc(a, (size_t)PAGES * PAGE, PAGE) == base);
+    CHECK(ms_arena_alloc(a, (size_t)PAGES * PAGE, PAGE) == base);
     ms_arena_delete(a);
     munmap(base, (size_t)PAGES * PAGE);
 }
@@ -105,7 +93,5 @@ int main(void)
 {
     test_placement_and_merging();
     test_random_run();
-    if (failures)
-        fprintf(stderr, "test_arena: %d failures\n", failures);
-    return failures != 0;
+    return check_summary("test_arena");
 }
