@@ -289,29 +289,21 @@ int ms_pool_empty_cache(int pool_id)
 
 int ms_pool_use_arena(void *base, size_t bytes, size_t min_block)
 {
-    ms_arena *arena = NULL;
-    if (base && !(arena = ms_arena_new(base, bytes)))
-        return MS_FAIL(MS_ERR_OOM, "pool: out of host memory for the cpu pool's arena");
     pool *pl = &pools[MS_POOL_CPU];
+    ms_arena *arena = ms_arena_new(base, bytes);
+    if (!arena)
+        return MS_FAIL(MS_ERR_OOM, "pool: out of host memory for the cpu pool's arena");
     pthread_mutex_lock(&pl->lock);
-    /* Cached blocks from an arena being replaced go back to it first. */
-    for (int c = 0; c < CLASS_COUNT; c++)
-        for (free_block **link = &pl->free_lists[c]; *link;) {
-            free_block *b = *link;
-            if (!ms_arena_owns(pl->arena, b)) {
-                link = &b->next;
-                continue;
-            }
-            *link = b->next;
-            ms_arena_free(pl->arena, b, class_bytes(c));
-            pl->cached_bytes -= (int64_t)class_bytes(c);
-            pl->stats.reserved -= (int64_t)class_bytes(c);
-        }
-    ms_arena *old = pl->arena;
-    pl->arena = arena;
-    pl->arena_min_block = min_block;
+    int had_one = pl->arena != NULL;
+    if (!had_one) {
+        pl->arena = arena;
+        pl->arena_min_block = min_block;
+    }
     pthread_mutex_unlock(&pl->lock);
-    ms_arena_delete(old);
+    if (had_one) { /* its blocks may still be live: it stays */
+        ms_arena_delete(arena);
+        return MS_FAIL(MS_ERR_STATE, "pool: the cpu pool already carves from an arena");
+    }
     return MS_OK;
 }
 

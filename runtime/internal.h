@@ -52,8 +52,8 @@ void ms_threads_share_cores(int local_ranks);
 
 /* From now on the cpu pool carves its blocks of at least min_block bytes from [base, base +
  * bytes) (runtime/arena.c), falling back to private memory when the range is full; blocks
- * already cached stay where they are. base == NULL stops it. The local backend gives each
- * forked rank its slice of a heap shared by the job's ranks. */
+ * already cached stay where they are. Once per process: the local backend gives each forked
+ * rank its slice of a heap shared by the job's ranks. */
 int ms_pool_use_arena(void *base, size_t bytes, size_t min_block);
 /* 1 when [p, p + bytes) lies in the cpu pool's arena. */
 int ms_pool_in_arena(const void *p, size_t bytes);
