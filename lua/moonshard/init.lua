@@ -1,5 +1,13 @@
 -- moonshard: fully sharded training on a C runtime. `local ms = require "moonshard"`.
 -- This module assembles the namespace: tensors and their methods, autograd, memory.
+
+-- LuaJIT keeps compiled traces in at most maxmcode KiB of machine code (512 by default) and
+-- maxtrace traces (1000). A model's forward, backward and optimizer step through moonshard's
+-- op path need more: once the area is full LuaJIT flushes every trace and compiles them
+-- again, over and over (a small transformer's training loop flushed every 6 steps). Raised
+-- before anything is compiled; a program that wants other limits sets them after this.
+require("jit").opt.start("maxmcode=8192", "maxtrace=8000")
+
 local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"

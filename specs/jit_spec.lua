@@ -1,0 +1,66 @@
+-- LuaJIT's trace limits: moonshard raises them (lua/moonshard/init.lua), since with LuaJIT's
+-- defaults a training loop through the op path filled the machine-code area every few steps,
+-- and each time LuaJIT flushed every trace and compiled them all again.
+
+-- A small GPT trained for 60 steps in a fresh process (the suite's own traces must not
+-- count); what it prints: the number of trace flushes LuaJIT reported.
+local SCRIPT = [[
+local ms = require "moonshard"
+local nn, F = ms.nn, ms.nn.F
+local flushes = 0
+require("jit").attach(function(what) if what == "flush" then flushes = flushes + 1 end end, "trace")
+local Block = nn.Module:extend("Block")
+function Block:__init(dim, heads)
+  self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+  self.attn = nn.CausalSelfAttention(dim, heads)
+  self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+end
+function Block:forward(x)
+  x = x + self.attn(self.ln_1(x))
+  return x + self.mlp(self.ln_2(x))
+end
+local GPT = nn.Module:extend("GPT")
+function GPT:__init()
+  self.wte, self.wpe = nn.Embedding(16, 16), nn.Embedding(4, 16)
+  local blocks = {}
+  for i = 1, 8 do blocks[i] = Block(16, 2) end
+  self.h = nn.ModuleList(blocks)
+  self.head = nn.Linear(16, 16, {bias = false})
+  self.positions = ms.arange(4, {dtype = "i64"})
+end
+function GPT:forward(tokens)
+  local x = self.wte(tokens) + self.wpe(self.positions)
+  for _, block in self.h:ipairs() do x = block(x) end
+  return self.head(x)
+end
+ms.manual_seed(0)
+local model = GPT()
+local opt = ms.optim.AdamW(model:parameters(), {lr = 1e-3})
+for step = 1, 60 do
+  local tokens = ms.randint(0, 16, {1, 4}, {dtype = "i64"})
+  opt:zero_grad()
+  F.cross_entropy(model(tokens):view(-1, 16), tokens:reshape(-1)):backward()
+  opt:step()
+end
+io.write(flushes)
+]]
+
+local function flushes_in_fresh_process()
+  local lib = os.getenv("MOONSHARD_LIB")
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(SCRIPT)
+  f:close()
+  local pipe = io.popen(string.format("%sLUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit %s 2>&1",
+                                      lib and ("MOONSHARD_LIB=" .. lib .. " ") or "", path))
+  local text = pipe:read("*a")
+  pipe:close()
+  os.remove(path)
+  return text
+end
+
+describe("LuaJIT's trace limits", function()
+  it("hold a model's whole training loop: no trace is flushed", function()
+    assert.are.equal("0", flushes_in_fresh_process())
+  end)
+end)
