@@ -61,12 +61,28 @@ function M.exit(mark, results, nresults)
   for i = 1, nresults do mark_escaping(results[i], nil, 0) end
 end
 
-local function finish(mark, ok, ...)
+local NONE, one = {}, {}
+
+-- Close the scope opened at mark with what pcall (or xpcall) of its body returned: the error
+-- again, or the body's results, which escape it. No result or a single one (the usual
+-- cases) needs no table of results, which LuaJIT cannot compile ({...}).
+function M.close(mark, ok, ...)
   if not ok then
-    M.exit(mark, {}, 0)
+    M.exit(mark, NONE, 0)
     error((...), 0)
   end
   local n = select("#", ...)
+  if n == 0 then
+    M.exit(mark, NONE, 0)
+    return
+  end
+  if n == 1 then
+    local result = ...
+    one[1] = result
+    M.exit(mark, one, 1)
+    one[1] = nil
+    return result
+  end
   M.exit(mark, {...}, n)
   return ...
 end
@@ -74,7 +90,7 @@ end
 -- Run fn(...) in a scope; its return values escape, its other temporaries are released.
 function M.run(fn, ...)
   local mark = M.enter()
-  return finish(mark, pcall(fn, ...))
+  return M.close(mark, pcall(fn, ...))
 end
 
 -- Stop tracking t: it lives until released explicitly or collected.

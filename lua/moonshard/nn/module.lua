@@ -153,18 +153,9 @@ local function run_call(self, ...)
   return output
 end
 
-local function close_scope(mark, ok, ...)
-  if not ok then
-    scope.exit(mark, {}, 0)
-    error((...), 0)
-  end
-  scope.exit(mark, {...}, select("#", ...))
-  return ...
-end
-
 -- The call in its scope; an error leaves its traceback with moonshard.traceback.
 local function scoped_call(self, ...)
-  return close_scope(scope.enter(), xpcall(run_call, traceback.remember, self, ...))
+  return scope.close(scope.enter(), xpcall(run_call, traceback.remember, self, ...))
 end
 
 -- The call through wrappers i, i - 1, ..., 1 (the last registered outermost).
