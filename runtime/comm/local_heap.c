@@ -6,7 +6,6 @@
  * staging them through the segment. Without the heap (MOONSHARD_SHARED_HEAP=0, the mapping
  * refused, an address-sanitizer build, whose checks need the allocator's own memory) every
  * collective stages as before. */
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
