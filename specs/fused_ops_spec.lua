@@ -328,6 +328,25 @@ describe("nn.F.add_layer_norm", function()
       expect_close(flat(w.grad), ref_gw, rtol, atol, "weight.grad")
       expect_close(flat(b.grad), ref_gb, rtol, atol, "bias.grad")
     end)
+
+    -- rows of 8 lanes and a tail of 3, and a row count that leaves a short group of rows
+    it(dtype .. ": 13 rows of 19 equal the hand-written reference", function()
+      local rows, n, eps = 13, 19, 1e-5
+      local x, r = leaf(values({rows, n}, 1, -2, 2, dtype)), leaf(values({rows, n}, 2, -2, 2, dtype))
+      local w, b = leaf(values({n}, 3, 0.5, 1.5, dtype)), leaf(values({n}, 4, -1, 1, dtype))
+      local gy, gs = values({rows, n}, 5, -1, 1, dtype), values({rows, n}, 6, -1, 1, dtype)
+      local s, y = F.add_layer_norm(x, r, n, w, b, eps)
+      ms.autograd.backward({s, y}, {gs, gy})
+      local ref_s, ref_y, ref_gx, ref_gw, ref_gb = add_layer_norm_reference(flat(x), flat(r), flat(w), flat(b),
+                                                                           flat(gy), flat(gs), rows, n, eps)
+      local rtol, atol = 1e-12, 1e-12
+      if dtype == "f32" then rtol, atol = 4e-6, 4e-6 end -- float rounding over rows of 19 and sums of 13 rows
+      expect_close(flat(s), ref_s, rtol, atol, "s")
+      expect_close(flat(y), ref_y, rtol, atol, "y")
+      expect_close(flat(x.grad), ref_gx, rtol, atol, "x.grad")
+      expect_close(flat(w.grad), ref_gw, rtol, atol, "weight.grad")
+      expect_close(flat(b.grad), ref_gb, rtol, atol, "bias.grad")
+    end)
   end
 
   -- f32 on the CPU: the same additions and the same layer norm in the same order as x + r

@@ -4,151 +4,202 @@
  * dx is assigned; dweight and dbias are parameter gradients and accumulate (+=). */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu.h"
 #include "reduce.h"
 
 /* Row statistics in double over 8 interleaved lanes combined pairwise: a fixed order for a
- * given row size, without serialising on one add. */
-enum { LANES = 8 };
+ * given row size, without serialising on one add. Element j goes to lane j % LANES in row
+ * order; the elements past the last whole LANES go to lane 0. The statistics of GROUP rows are
+ * made in one pass, so the adds of different rows overlap (each row's order is unchanged); a
+ * short group repeats its last row. */
+enum { LANES = 8, GROUP = 4 };
 
-#define ROW_SUMS(SUF, T)                                                                  \
-    static double row_sum_##SUF(const T *x, int64_t n)                                    \
+/* LANES elements as one value (GCC/Clang vector extensions: the target's widest registers,
+ * or scalar code where it has none). */
+typedef float lanes_f32 __attribute__((vector_size(LANES * sizeof(float))));
+typedef double lanes_f64 __attribute__((vector_size(LANES * sizeof(double))));
+
+/* The pairwise total of the lanes: (0+4 + 2+6) + (1+5 + 3+7). */
+static double lanes_total(double lanes[LANES])
+{
+    for (int width = LANES / 2; width > 0; width /= 2)
+        for (int l = 0; l < width; l++)
+            lanes[l] += lanes[l + width];
+    return lanes[0];
+}
+
+/* LANES elements from p, as they are and widened to double; store puts them back. */
+#define LANE_LOADS(SUF, T, VT)                                                            \
+    static VT load_##SUF(const T *p)                                                      \
     {                                                                                     \
-        double lanes[LANES] = {0};                                                        \
-        int64_t j = 0;                                                                    \
-        for (; j + LANES <= n; j += LANES)                                                \
-            for (int l = 0; l < LANES; l++)                                               \
-                lanes[l] += (double)x[j + l];                                             \
-        for (; j < n; j++)                                                                \
-            lanes[0] += (double)x[j];                                                     \
-        for (int width = LANES / 2; width > 0; width /= 2)                                \
-            for (int l = 0; l < width; l++)                                               \
-                lanes[l] += lanes[l + width];                                             \
-        return lanes[0];                                                                  \
+        VT v;                                                                             \
+        memcpy(&v, p, sizeof v);                                                          \
+        return v;                                                                         \
     }                                                                                     \
-    static double row_squared_deviation_##SUF(const T *x, int64_t n, double mean)         \
+    static void store_##SUF(T *p, VT v) { memcpy(p, &v, sizeof v); }                      \
+    static lanes_f64 wide_##SUF(VT v) { return __builtin_convertvector(v, lanes_f64); }
+
+LANE_LOADS(f32, float, lanes_f32)
+LANE_LOADS(f64, double, lanes_f64)
+
+/* The rows of one group: GROUP pointers, the last repeated in a short group. */
+#define GROUP_ROWS(SUF, T)                                                                \
+    static void group_rows_##SUF(const T *rows[GROUP], const T *base, int64_t r,          \
+                                 int64_t count, int64_t size)                             \
     {                                                                                     \
-        double lanes[LANES] = {0};                                                        \
-        int64_t j = 0;                                                                    \
-        for (; j + LANES <= n; j += LANES)                                                \
-            for (int l = 0; l < LANES; l++) {                                             \
-                double d = (double)x[j + l] - mean;                                       \
-                lanes[l] += d * d;                                                        \
-            }                                                                             \
-        for (; j < n; j++) {                                                              \
-            double d = (double)x[j] - mean;                                               \
-            lanes[0] += d * d;                                                            \
-        }                                                                                 \
-        for (int width = LANES / 2; width > 0; width /= 2)                                \
-            for (int l = 0; l < width; l++)                                               \
-                lanes[l] += lanes[l + width];                                             \
-        return lanes[0];                                                                  \
+        for (int g = 0; g < GROUP; g++)                                                   \
+            rows[g] = base + (r + (g < count ? g : count - 1)) * size;                    \
     }
 
-ROW_SUMS(f32, float)
-ROW_SUMS(f64, double)
+GROUP_ROWS(f32, float)
+GROUP_ROWS(f64, double)
 
-/* sum = x + residual over one row (the fused residual add; distinct buffers), returning
- * row_sum of it: the same lanes in the same order, so the same mean as a separate pass. */
-#define ADD_ROW(SUF, T)                                                                   \
-    static double add_row_##SUF(T *restrict sum, const T *restrict x,                     \
-                                const T *restrict residual, int64_t n)                    \
+#define GROUP_STATS(SUF, T)                                                               \
+    /* total[g] = the sum of row g; with residual, row g is x + residual, written to sum */ \
+    static void group_sums_##SUF(double total[GROUP], T *const sum[GROUP],                \
+                                 const T *const x[GROUP], const T *const residual[GROUP], \
+                                 int64_t n)                                               \
     {                                                                                     \
-        double lanes[LANES] = {0};                                                        \
+        lanes_f64 acc[GROUP] = {{0}};                                                     \
         int64_t j = 0;                                                                    \
         for (; j + LANES <= n; j += LANES)                                                \
-            for (int l = 0; l < LANES; l++) {                                             \
-                T v = x[j + l] + residual[j + l];                                         \
-                sum[j + l] = v;                                                           \
-                lanes[l] += (double)v;                                                    \
+            for (int g = 0; g < GROUP; g++) {                                             \
+                if (residual) {                                                           \
+                    __typeof__(load_##SUF(x[g])) v =                                      \
+                        load_##SUF(x[g] + j) + load_##SUF(residual[g] + j);               \
+                    store_##SUF(sum[g] + j, v);                                           \
+                    acc[g] += wide_##SUF(v);                                              \
+                } else {                                                                  \
+                    acc[g] += wide_##SUF(load_##SUF(x[g] + j));                           \
+                }                                                                         \
             }                                                                             \
-        for (; j < n; j++) {                                                              \
-            T v = x[j] + residual[j];                                                     \
-            sum[j] = v;                                                                   \
-            lanes[0] += (double)v;                                                        \
+        for (int g = 0; g < GROUP; g++) {                                                 \
+            double lanes[LANES];                                                          \
+            memcpy(lanes, &acc[g], sizeof lanes);                                         \
+            for (int64_t k = j; k < n; k++) {                                             \
+                T v = residual ? x[g][k] + residual[g][k] : x[g][k];                      \
+                if (residual)                                                             \
+                    sum[g][k] = v;                                                        \
+                lanes[0] += (double)v;                                                    \
+            }                                                                             \
+            total[g] = lanes_total(lanes);                                                \
         }                                                                                 \
-        for (int width = LANES / 2; width > 0; width /= 2)                                \
-            for (int l = 0; l < width; l++)                                               \
-                lanes[l] += lanes[l + width];                                             \
-        return lanes[0];                                                                  \
+    }                                                                                     \
+    /* total[g] = sum over row g of (x - mean[g])^2 */                                    \
+    static void group_squared_deviations_##SUF(double total[GROUP],                       \
+                                               const T *const x[GROUP],                   \
+                                               const double mean[GROUP], int64_t n)       \
+    {                                                                                     \
+        lanes_f64 acc[GROUP] = {{0}};                                                     \
+        int64_t j = 0;                                                                    \
+        for (; j + LANES <= n; j += LANES)                                                \
+            for (int g = 0; g < GROUP; g++) {                                             \
+                lanes_f64 d = wide_##SUF(load_##SUF(x[g] + j)) - mean[g];                 \
+                acc[g] += d * d;                                                          \
+            }                                                                             \
+        for (int g = 0; g < GROUP; g++) {                                                 \
+            double lanes[LANES];                                                          \
+            memcpy(lanes, &acc[g], sizeof lanes);                                         \
+            for (int64_t k = j; k < n; k++) {                                             \
+                double d = (double)x[g][k] - mean[g];                                     \
+                lanes[0] += d * d;                                                        \
+            }                                                                             \
+            total[g] = lanes_total(lanes);                                                \
+        }                                                                                 \
+    }                                                                                     \
+    /* sum_g[g], sum_gx[g] = the sums of g = dy * weight and g * xhat over row g */        \
+    static void group_backward_sums_##SUF(double sum_g[GROUP], double sum_gx[GROUP],      \
+                                          const T *const x[GROUP], const T *const dy[GROUP], \
+                                          const T *weight, const T mean[GROUP],           \
+                                          const T rstd[GROUP], int64_t n)                 \
+    {                                                                                     \
+        lanes_f64 acc_g[GROUP] = {{0}}, acc_gx[GROUP] = {{0}};                            \
+        int64_t j = 0;                                                                    \
+        for (; j + LANES <= n; j += LANES) {                                              \
+            __typeof__(load_##SUF(weight)) w = load_##SUF(weight + j);                    \
+            for (int g = 0; g < GROUP; g++) {                                             \
+                lanes_f64 xhat = wide_##SUF((load_##SUF(x[g] + j) - mean[g]) * rstd[g]);  \
+                lanes_f64 grad = wide_##SUF(load_##SUF(dy[g] + j) * w);                   \
+                acc_g[g] += grad;                                                         \
+                acc_gx[g] += grad * xhat;                                                 \
+            }                                                                             \
+        }                                                                                 \
+        for (int g = 0; g < GROUP; g++) {                                                 \
+            double lanes_g[LANES], lanes_gx[LANES];                                       \
+            memcpy(lanes_g, &acc_g[g], sizeof lanes_g);                                   \
+            memcpy(lanes_gx, &acc_gx[g], sizeof lanes_gx);                                \
+            for (int64_t k = j; k < n; k++) {                                             \
+                T xhat = (x[g][k] - mean[g]) * rstd[g];                                   \
+                T grad = dy[g][k] * weight[k];                                            \
+                lanes_g[0] += (double)grad;                                               \
+                lanes_gx[0] += (double)grad * (double)xhat;                               \
+            }                                                                             \
+            sum_g[g] = lanes_total(lanes_g);                                              \
+            sum_gx[g] = lanes_total(lanes_gx);                                            \
+        }                                                                                 \
     }
 
-ADD_ROW(f32, float)
-ADD_ROW(f64, double)
+GROUP_STATS(f32, float)
+GROUP_STATS(f64, double)
 
 /* The loops over one row, apart so that restrict lets them vectorise (the build has
  * -fno-strict-aliasing, so without it every store could alias every load). */
 #define ROW_LOOPS(SUF, T)                                                                 \
-    /* out = (x - m) * s, times weight and plus bias where given */                       \
+    /* out = (x - m) * s * weight + bias, or (x - m) * s + bias without a weight */        \
     static void normalize_row_##SUF(T *restrict out, const T *restrict x,                 \
                                     const T *restrict weight, const T *restrict bias,     \
                                     T m, T s, int64_t n)                                  \
     {                                                                                     \
-        for (int64_t j = 0; j < n; j++) {                                                 \
-            T y = (x[j] - m) * s;                                                         \
-            if (weight)                                                                   \
-                y *= weight[j];                                                           \
-            if (bias)                                                                     \
-                y += bias[j];                                                             \
-            out[j] = y;                                                                   \
-        }                                                                                 \
+        if (weight)                                                                       \
+            for (int64_t j = 0; j < n; j++)                                               \
+                out[j] = (x[j] - m) * s * weight[j] + bias[j];                            \
+        else                                                                              \
+            for (int64_t j = 0; j < n; j++)                                               \
+                out[j] = (x[j] - m) * s + bias[j];                                        \
     }                                                                                     \
-    /* sums = {sum g, sum g * xhat} with g = dy * weight, in LANES interleaved lanes */   \
-    static void backward_sums_##SUF(double sums[2], const T *restrict x,                  \
-                                    const T *restrict dy, const T *restrict weight,       \
-                                    T mean, T rstd, int64_t n)                            \
-    {                                                                                     \
-        double lanes_g[LANES] = {0}, lanes_gx[LANES] = {0};                               \
-        int64_t j = 0;                                                                    \
-        for (; j + LANES <= n; j += LANES)                                                \
-            for (int l = 0; l < LANES; l++) {                                             \
-                T xhat = (x[j + l] - mean) * rstd;                                        \
-                T g = weight ? dy[j + l] * weight[j + l] : dy[j + l];                     \
-                lanes_g[l] += (double)g;                                                  \
-                lanes_gx[l] += (double)g * (double)xhat;                                  \
-            }                                                                             \
-        for (; j < n; j++) {                                                              \
-            T xhat = (x[j] - mean) * rstd;                                                \
-            T g = weight ? dy[j] * weight[j] : dy[j];                                     \
-            lanes_g[0] += (double)g;                                                      \
-            lanes_gx[0] += (double)g * (double)xhat;                                      \
-        }                                                                                 \
-        for (int width = LANES / 2; width > 0; width /= 2)                                \
-            for (int l = 0; l < width; l++) {                                             \
-                lanes_g[l] += lanes_g[l + width];                                         \
-                lanes_gx[l] += lanes_gx[l + width];                                       \
-            }                                                                             \
-        sums[0] = lanes_g[0];                                                             \
-        sums[1] = lanes_gx[0];                                                            \
-    }                                                                                     \
+    /* dx = rstd * (g - mean_g - xhat * mean_g_xhat), plus dsum where given */             \
     static void backward_row_##SUF(T *restrict dx, const T *restrict x,                   \
                                    const T *restrict dy, const T *restrict weight,        \
-                                   T mean, T rstd, T mean_g, T mean_g_xhat, int64_t n)    \
+                                   const T *restrict dsum, T mean, T rstd, T mean_g,      \
+                                   T mean_g_xhat, int64_t n)                              \
     {                                                                                     \
         for (int64_t j = 0; j < n; j++) {                                                 \
             T xhat = (x[j] - mean) * rstd;                                                \
-            T g = weight ? dy[j] * weight[j] : dy[j];                                     \
+            T g = dy[j] * weight[j];                                                      \
             dx[j] = rstd * (g - mean_g - xhat * mean_g_xhat);                             \
         }                                                                                 \
+        if (dsum)                                                                         \
+            for (int64_t j = 0; j < n; j++)                                               \
+                dx[j] += dsum[j];                                                         \
     }                                                                                     \
-    static void add_into_##SUF(T *restrict dx, const T *restrict dsum, int64_t n)         \
+    /* dweight += dy * xhat and dbias += dy over columns [0, n) of count rows, row by     \
+     * row: each accumulator stays in a register across the rows */                        \
+    static void param_grad_rows_##SUF(double *restrict dweight, double *restrict dbias,   \
+                                      const T *const x[GROUP], const T *const dy[GROUP],  \
+                                      const T mean[GROUP], const T rstd[GROUP],           \
+                                      int count, int64_t n)                               \
     {                                                                                     \
-        for (int64_t j = 0; j < n; j++)                                                   \
-            dx[j] += dsum[j];                                                             \
-    }                                                                                     \
-    /* dweight += dy * xhat, dbias += dy (either may be NULL) over one row's columns */    \
-    static void param_grad_row_##SUF(double *restrict dweight, double *restrict dbias,    \
-                                     const T *restrict x, const T *restrict dy, T mean,   \
-                                     T rstd, int64_t n)                                   \
-    {                                                                                     \
-        for (int64_t j = 0; j < n; j++) {                                                 \
-            T xhat = (x[j] - mean) * rstd;                                                \
-            if (dweight)                                                                  \
-                dweight[j] += (double)dy[j] * (double)xhat;                               \
-            if (dbias)                                                                    \
-                dbias[j] += (double)dy[j];                                                \
+        int64_t j = 0;                                                                    \
+        for (; j + LANES <= n; j += LANES) {                                              \
+            lanes_f64 acc_w, acc_b;                                                       \
+            memcpy(&acc_w, dweight + j, sizeof acc_w);                                    \
+            memcpy(&acc_b, dbias + j, sizeof acc_b);                                      \
+            for (int g = 0; g < count; g++) {                                             \
+                lanes_f64 d = wide_##SUF(load_##SUF(dy[g] + j));                          \
+                acc_w += d * wide_##SUF((load_##SUF(x[g] + j) - mean[g]) * rstd[g]);      \
+                acc_b += d;                                                               \
+            }                                                                             \
+            memcpy(dweight + j, &acc_w, sizeof acc_w);                                    \
+            memcpy(dbias + j, &acc_b, sizeof acc_b);                                      \
         }                                                                                 \
+        for (int g = 0; g < count; g++) /* row by row, as above */                        \
+            for (int64_t k = j; k < n; k++) {                                             \
+                T xhat = (x[g][k] - mean[g]) * rstd[g];                                   \
+                dweight[k] += (double)dy[g][k] * (double)xhat;                            \
+                dbias[k] += (double)dy[g][k];                                             \
+            }                                                                             \
     }
 
 ROW_LOOPS(f32, float)
@@ -177,30 +228,48 @@ typedef struct ln_args {
     double *dweight_acc, *dbias_acc;
 } ln_args;
 
+/* The statistics of rows [first, last) in groups, then each row normalised. */
 #define LN_FORWARD(SUF, T)                                                                \
     static void ln_forward_##SUF(const ln_args *a, int64_t first, int64_t last)           \
     {                                                                                     \
         const T *weight = a->weight, *bias = a->bias;                                     \
-        for (int64_t r = first; r < last; r++) {                                          \
-            const T *x = (const T *)a->x + r * a->size;                                   \
-            T *out = (T *)a->out + r * a->size;                                           \
-            double total;                                                                 \
-            if (a->residual) {                                                            \
-                T *sum = (T *)a->sum + r * a->size;                                       \
-                total = add_row_##SUF(sum, x, (const T *)a->residual + r * a->size,       \
-                                      a->size);                                           \
-                x = sum;                                                                  \
-            } else {                                                                      \
-                total = row_sum_##SUF(x, a->size);                                        \
+        int64_t size = a->size;                                                           \
+        for (int64_t r = first; r < last; r += GROUP) {                                   \
+            int64_t count = last - r < GROUP ? last - r : GROUP;                          \
+            const T *x[GROUP], *residual[GROUP], *src[GROUP];                             \
+            group_rows_##SUF(x, a->x, r, count, size);                                    \
+            group_rows_##SUF(residual, a->residual, r, count, size);                      \
+            group_rows_##SUF(src, a->residual ? a->sum : a->x, r, count, size);           \
+            double total[GROUP], mean[GROUP], deviation[GROUP];                           \
+            group_sums_##SUF(total, (T *const *)src, x, a->residual ? residual : NULL,    \
+                             size);                                                       \
+            for (int g = 0; g < GROUP; g++)                                               \
+                mean[g] = total[g] / (double)size;                                        \
+            group_squared_deviations_##SUF(deviation, src, mean, size);                   \
+            for (int g = 0; g < count; g++) {                                             \
+                double rstd = ms_k_rstd(deviation[g] / (double)size, a->eps);             \
+                store_stat(a->mean, a->mean_dtype, r + g, mean[g]);                       \
+                store_stat(a->rstd, a->rstd_dtype, r + g, rstd);                          \
+                normalize_row_##SUF((T *)a->out + (r + g) * size, src[g], weight, bias,   \
+                                    (T)mean[g], (T)rstd, size);                           \
             }                                                                             \
-            double mean = total / (double)a->size;                                        \
-            double var = row_squared_deviation_##SUF(x, a->size, mean) / (double)a->size; \
-            double rstd = ms_k_rstd(var, a->eps);                                         \
-            store_stat(a->mean, a->mean_dtype, r, mean);                                  \
-            store_stat(a->rstd, a->rstd_dtype, r, rstd);                                  \
-            normalize_row_##SUF(out, x, weight, bias, (T)mean, (T)rstd, a->size);         \
         }                                                                                 \
     }
+
+/* The statistics of rows [first, last) (loaded as T) for the group at r. */
+#define GROUP_LOADED_STATS(SUF, T)                                                        \
+    static void group_stats_##SUF(T mean[GROUP], T rstd[GROUP], const ln_args *a,         \
+                                  int64_t r, int64_t count)                               \
+    {                                                                                     \
+        for (int g = 0; g < GROUP; g++) {                                                 \
+            int64_t row = r + (g < count ? g : count - 1);                                \
+            mean[g] = (T)load_stat(a->mean, a->mean_dtype, row);                          \
+            rstd[g] = (T)load_stat(a->rstd, a->rstd_dtype, row);                          \
+        }                                                                                 \
+    }
+
+GROUP_LOADED_STATS(f32, float)
+GROUP_LOADED_STATS(f64, double)
 
 /* With xhat = (x - mean) * rstd and g = dy * w:
  * dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dsum), row by row over [first, last). */
@@ -209,19 +278,20 @@ typedef struct ln_args {
     {                                                                                     \
         const T *weight = a->weight;                                                      \
         int64_t size = a->size;                                                           \
-        for (int64_t r = first; r < last; r++) {                                          \
-            const T *x = (const T *)a->x + r * size;                                      \
-            const T *dy = (const T *)a->dy + r * size;                                    \
-            T *dx = (T *)a->dx + r * size;                                                \
-            T mean = (T)load_stat(a->mean, a->mean_dtype, r);                             \
-            T rstd = (T)load_stat(a->rstd, a->rstd_dtype, r);                             \
-            double sums[2];                                                               \
-            backward_sums_##SUF(sums, x, dy, weight, mean, rstd, size);                   \
-            T mean_g = (T)(sums[0] / (double)size);                                       \
-            T mean_g_xhat = (T)(sums[1] / (double)size);                                  \
-            backward_row_##SUF(dx, x, dy, weight, mean, rstd, mean_g, mean_g_xhat, size); \
-            if (a->dsum)                                                                  \
-                add_into_##SUF(dx, (const T *)a->dsum + r * size, size);                  \
+        for (int64_t r = first; r < last; r += GROUP) {                                   \
+            int64_t count = last - r < GROUP ? last - r : GROUP;                          \
+            const T *x[GROUP], *dy[GROUP];                                                \
+            T mean[GROUP], rstd[GROUP];                                                   \
+            group_rows_##SUF(x, a->x, r, count, size);                                    \
+            group_rows_##SUF(dy, a->dy, r, count, size);                                  \
+            group_stats_##SUF(mean, rstd, a, r, count);                                   \
+            double sum_g[GROUP], sum_gx[GROUP];                                           \
+            group_backward_sums_##SUF(sum_g, sum_gx, x, dy, weight, mean, rstd, size);    \
+            for (int g = 0; g < count; g++)                                               \
+                backward_row_##SUF((T *)a->dx + (r + g) * size, x[g], dy[g], weight,      \
+                                   a->dsum ? (const T *)a->dsum + (r + g) * size : NULL,  \
+                                   mean[g], rstd[g], (T)(sum_g[g] / (double)size),        \
+                                   (T)(sum_gx[g] / (double)size), size);                  \
         }                                                                                 \
     }
 
@@ -231,15 +301,15 @@ typedef struct ln_args {
     static void ln_param_grads_##SUF(const ln_args *a, int64_t first, int64_t last)       \
     {                                                                                     \
         int64_t size = a->size;                                                           \
-        double *dweight = a->dweight_acc, *dbias = a->dbias_acc;                          \
-        for (int64_t r = 0; r < a->rows; r++) {                                           \
-            const T *x = (const T *)a->x + r * size;                                      \
-            const T *dy = (const T *)a->dy + r * size;                                    \
-            T mean = (T)load_stat(a->mean, a->mean_dtype, r);                             \
-            T rstd = (T)load_stat(a->rstd, a->rstd_dtype, r);                             \
-            param_grad_row_##SUF(dweight ? dweight + first : NULL,                        \
-                                 dbias ? dbias + first : NULL, x + first, dy + first,     \
-                                 mean, rstd, last - first);                               \
+        for (int64_t r = 0; r < a->rows; r += GROUP) {                                    \
+            int64_t count = a->rows - r < GROUP ? a->rows - r : GROUP;                    \
+            const T *x[GROUP], *dy[GROUP];                                                \
+            T mean[GROUP], rstd[GROUP];                                                   \
+            group_rows_##SUF(x, (const T *)a->x + first, r, count, size);                 \
+            group_rows_##SUF(dy, (const T *)a->dy + first, r, count, size);               \
+            group_stats_##SUF(mean, rstd, a, r, count);                                   \
+            param_grad_rows_##SUF(a->dweight_acc + first, a->dbias_acc + first, x, dy,    \
+                                  mean, rstd, (int)count, last - first);                  \
         }                                                                                 \
     }
 
@@ -300,6 +370,23 @@ static void *stage(staging *st, const char *op, const ms_tensor *t, int is_outpu
     return data;
 }
 
+/* A row of size copies of value: a missing weight (1: dy * 1 == dy) or bias (-0.0: y + -0.0 == y
+ * for every y, -0.0 included), so the row loops run without branches and give the same bits. */
+static const void *identity_row(staging *st, const char *op, int dtype, int64_t size,
+                                double value, void **owned)
+{
+    if (st->status != MS_OK)
+        return NULL;
+    st->status = ms_cpu_alloc(op, (size_t)size * ms_dtype_size(dtype), owned);
+    for (int64_t j = 0; st->status == MS_OK && j < size; j++) {
+        if (dtype == MS_F32)
+            ((float *)*owned)[j] = (float)value;
+        else
+            ((double *)*owned)[j] = value;
+    }
+    return *owned;
+}
+
 static int unstage_all(staging *st)
 {
     for (int i = 0; i < st->count; i++)
@@ -325,8 +412,10 @@ int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tenso
     staging st = {0};
     a.x = stage(&st, op, x, 0);
     a.residual = stage(&st, op, residual, 0);
+    void *zero_bias = NULL;
     a.weight = stage(&st, op, weight, 0);
-    a.bias = stage(&st, op, bias, 0);
+    a.bias = bias ? stage(&st, op, bias, 0)
+                  : identity_row(&st, op, x->dtype, size, -0.0, &zero_bias);
     a.out = stage(&st, op, out, 1);
     a.sum = stage(&st, op, residual ? sum : NULL, 1);
     a.mean = stage(&st, op, mean, 1);
@@ -334,6 +423,7 @@ int ms_cpu_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tenso
     if (st.status == MS_OK)
         ms_parallel_for(rows, ms_parallel_ranges(rows, 4.0 * (double)rows * (double)size),
                         forward_rows, &a);
+    free(zero_bias);
     return unstage_all(&st);
 }
 
@@ -363,29 +453,28 @@ int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
 
     ln_args a = {.rows = rows, .size = size, .dtype = x->dtype, .mean_dtype = mean->dtype,
                  .rstd_dtype = rstd->dtype};
-    int status = MS_OK;
-    if (dweight)
-        status = ms_cpu_alloc(op, (size_t)size * sizeof(double), (void **)&a.dweight_acc);
-    if (status == MS_OK && dbias)
-        status = ms_cpu_alloc(op, (size_t)size * sizeof(double), (void **)&a.dbias_acc);
-    for (int64_t j = 0; status == MS_OK && j < size; j++) {
-        if (a.dweight_acc)
+    int status = MS_OK, param_grads = dweight || dbias;
+    if (param_grads) /* both sums, whichever is asked for */
+        status = ms_cpu_alloc(op, 2 * (size_t)size * sizeof(double), (void **)&a.dweight_acc);
+    if (status == MS_OK && param_grads) {
+        a.dbias_acc = a.dweight_acc + size;
+        for (int64_t j = 0; j < 2 * size; j++)
             a.dweight_acc[j] = 0.0;
-        if (a.dbias_acc)
-            a.dbias_acc[j] = 0.0;
     }
     staging st = {.status = status};
+    void *unit_weight = NULL;
     a.x = stage(&st, op, x, 0);
     a.dy = stage(&st, op, dy, 0);
     a.dsum = stage(&st, op, dsum, 0);
-    a.weight = stage(&st, op, weight, 0);
+    a.weight = weight ? stage(&st, op, weight, 0)
+                      : identity_row(&st, op, x->dtype, size, 1.0, &unit_weight);
     a.mean = stage(&st, op, mean, 0);
     a.rstd = stage(&st, op, rstd, 0);
     a.dx = stage(&st, op, dx, 1);
     double work = 4.0 * (double)rows * (double)size;
     if (st.status == MS_OK)
         ms_parallel_for(rows, ms_parallel_ranges(rows, work), backward_rows, &a);
-    if (st.status == MS_OK && (a.dweight_acc || a.dbias_acc))
+    if (st.status == MS_OK && param_grads)
         ms_parallel_for(size, ms_parallel_ranges(size, work / 2), param_grad_columns, &a);
     status = unstage_all(&st);
     if (status == MS_OK && dweight)
@@ -393,6 +482,6 @@ int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
     if (status == MS_OK && dbias)
         status = accumulate_param_grad(op, dbias, a.dbias_acc);
     free(a.dweight_acc);
-    free(a.dbias_acc);
+    free(unit_weight);
     return status;
 }
