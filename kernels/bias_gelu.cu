@@ -1,7 +1,8 @@
 /* moonshard kernels: bias + GELU on the device (element math in bias_gelu.h). The forward is
- * a grid-stride loop over elements; the backward visits the elements in column blocks
- * (column_sums.cuh), so the bias gradient is summed in an order fixed by the shape. bf16 and
- * f16 are read and written as they are, computed in f32. */
+ * a grid-stride loop over elements writing y and, when asked, gelu'; the backward multiplies
+ * dy by that derivative, visiting the elements in column blocks (column_sums.cuh), so the bias
+ * gradient is summed in an order fixed by the shape. bf16 and f16 are read and written as
+ * they are, computed in f32; the derivative is kept in the compute type. */
 #include "bias_gelu.cuh"
 #include "bias_gelu.h"
 #include "column_sums.cuh"
@@ -15,23 +16,28 @@ __device__ __forceinline__ double bias_gelu(double acc, double bias, int tanh_ap
 {
     return ms_k_bias_gelu_f64(acc, bias, tanh_approx);
 }
-__device__ __forceinline__ float bias_gelu_backward(float acc, float bias, float dy,
-                                                    int tanh_approx)
+__device__ __forceinline__ float bias_gelu(float acc, float bias, int tanh_approx,
+                                          float *derivative)
 {
-    return ms_k_bias_gelu_backward_f32(acc, bias, dy, tanh_approx);
+    return ms_k_bias_gelu_and_derivative_f32(acc, bias, tanh_approx, derivative);
 }
-__device__ __forceinline__ double bias_gelu_backward(double acc, double bias, double dy,
-                                                     int tanh_approx)
+__device__ __forceinline__ double bias_gelu(double acc, double bias, int tanh_approx,
+                                           double *derivative)
 {
-    return ms_k_bias_gelu_backward_f64(acc, bias, dy, tanh_approx);
+    return ms_k_bias_gelu_and_derivative_f64(acc, bias, tanh_approx, derivative);
 }
 
-template <typename S> __global__ void forward_kernel(ms_cu_bias_gelu a)
+template <typename S, typename T = typename ms_cu_math<S>::type>
+__global__ void forward_kernel(ms_cu_bias_gelu a)
 {
     MS_CU_FOR(i, a.rows * a.cols)
     {
-        ms_cu_set<S>(a.y, i, bias_gelu(ms_cu_get<S>(a.acc, i), ms_cu_get<S>(a.bias, i % a.cols),
-                                       a.tanh_approx));
+        T acc = ms_cu_get<S>(a.acc, i), bias = ms_cu_get<S>(a.bias, i % a.cols);
+        if (a.derivative_out)
+            ms_cu_set<S>(a.y, i, bias_gelu(acc, bias, a.tanh_approx,
+                                           (T *)a.derivative_out + i));
+        else
+            ms_cu_set<S>(a.y, i, bias_gelu(acc, bias, a.tanh_approx));
     }
 }
 
@@ -40,15 +46,14 @@ template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void backward_kernel(ms_cu_bias_gelu a)
 {
     int64_t blocks = ms_cu_column_blocks(a.rows, a.cols);
+    const T *derivative = (const T *)a.derivative;
     for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
         ms_cu_column_block t = ms_cu_column_block_of(b, a.rows, a.cols);
         double sum = 0.0;
         if (t.col < a.cols) {
-            T bias = ms_cu_get<S>(a.bias, t.col);
             for (int64_t r = t.first; r < t.last; r += MS_CU_ROW_LANES) {
                 int64_t i = r * a.cols + t.col;
-                T d = bias_gelu_backward(ms_cu_get<S>(a.acc, i), bias, ms_cu_get<S>(a.dy, i),
-                                         a.tanh_approx);
+                T d = (T)ms_cu_get<S>(a.dy, i) * derivative[i];
                 ms_cu_set<S>(a.dacc, i, d);
                 sum += (double)d;
             }

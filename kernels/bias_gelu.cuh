@@ -9,14 +9,16 @@ typedef struct ms_cu_bias_gelu {
     int64_t rows, cols;
     int dtype, tanh_approx;
     const void *acc, *bias, *dy;
+    const void *derivative; /* backward: gelu' in the compute type (f64 for f64, else f32) */
     void *y, *dacc, *dbias;
-    double *partials; /* backward: ms_cu_column_chunks(rows) x cols of device scratch */
+    void *derivative_out;   /* forward: NULL, or where gelu' goes, in the compute type */
+    double *partials;       /* backward: ms_cu_column_chunks(rows) x cols of device scratch */
 } ms_cu_bias_gelu;
 
-/* y = gelu(acc + bias). */
+/* y = gelu(acc + bias), and derivative_out = gelu'(acc + bias) when given. */
 MS_CU_API int ms_cu_bias_gelu_forward(cudaStream_t stream, const ms_cu_bias_gelu *args);
-/* dacc = dy gelu'(acc + bias) and dbias (assigned) = dacc summed over the rows, in row
- * chunks whose sums add in chunk order (column_sums.cuh). */
+/* dacc = dy derivative and dbias (assigned) = dacc summed over the rows, in row chunks
+ * whose sums add in chunk order (column_sums.cuh). */
 MS_CU_API int ms_cu_bias_gelu_backward(cudaStream_t stream, const ms_cu_bias_gelu *args);
 
 #endif

@@ -104,12 +104,15 @@ int ms_add_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
 
 /* ---- bias and GELU fused, after a bias-free GEMM ----
  * acc [..., C] (x W^T without the bias), bias [C], y [OUT] of acc's shape; all one float
- * dtype. y = gelu(acc + bias); tanh_approx 0 (exact, erf) or 1 (approximate='tanh'). */
-int ms_bias_gelu(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx);
-/* dacc (assigned, acc's shape) = dy * gelu'(acc + bias); dbias (assigned, [C]) = dacc summed
- * over the rows, in the same pass. */
+ * dtype. y = gelu(acc + bias); tanh_approx 0 (exact, erf) or 1 (approximate='tanh').
+ * derivative [OUT] (NULL: not made) = gelu'(acc + bias), of acc's shape in the dtype the
+ * math runs in (f64 for f64, else f32): what the backward needs, made in the same pass. */
+int ms_bias_gelu(ms_tensor *y, ms_tensor *derivative, const ms_tensor *acc,
+                 const ms_tensor *bias, int tanh_approx);
+/* dacc (assigned, dy's shape and dtype) = dy * derivative (ms_bias_gelu's); dbias (assigned,
+ * [C], dy's dtype) = dacc summed over the rows, in the same pass. */
 int ms_bias_gelu_backward(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
-                          const ms_tensor *acc, const ms_tensor *bias, int tanh_approx);
+                          const ms_tensor *derivative);
 
 /* ---- embedding ----
  * out[..., :] = weight[indices[...], :]; indices i32 or i64; weight [num, dim];

@@ -231,16 +231,29 @@ describe("nn.F.linear_gelu", function()
       local message = ffi.string(lib.ms_last_error())
       for pattern in patterns:gmatch("[^;]+") do assert.is_truthy(message:find(pattern, 1, true), message) end
     end
-    fails("bias_gelu:;bias", lib.ms_bias_gelu(y._c, acc._c, ms.zeros(5)._c, 0))
-    fails("bias_gelu:;bias;f64", lib.ms_bias_gelu(y._c, acc._c, ms.zeros(4, {dtype = "f64"})._c, 0))
-    fails("bias_gelu:;(y)", lib.ms_bias_gelu(ms.zeros(4, 3)._c, acc._c, bias._c, 0))
-    fails("tanh_approx must be 0 or 1, got 2", lib.ms_bias_gelu(y._c, acc._c, bias._c, 2))
-    fails("bias_gelu:;acc;i32", lib.ms_bias_gelu(ms.zeros(3, 4, {dtype = "i32"})._c, ms.zeros(3, 4, {dtype = "i32"})._c,
-                                             ms.zeros(4, {dtype = "i32"})._c, 0))
-    fails("bias_gelu_backward:;dbias", lib.ms_bias_gelu_backward(ms.zeros(3, 4)._c, ms.zeros(3)._c, y._c, acc._c,
-                                                                 bias._c, 0))
-    fails("bias_gelu_backward:;(dy)", lib.ms_bias_gelu_backward(ms.zeros(3, 4)._c, ms.zeros(4)._c, ms.zeros(3, 5)._c,
-                                                              acc._c, bias._c, 0))
+    fails("bias_gelu:;bias", lib.ms_bias_gelu(y._c, nil, acc._c, ms.zeros(5)._c, 0))
+    fails("bias_gelu:;bias;f64", lib.ms_bias_gelu(y._c, nil, acc._c, ms.zeros(4, {dtype = "f64"})._c, 0))
+    fails("bias_gelu:;(y)", lib.ms_bias_gelu(ms.zeros(4, 3)._c, nil, acc._c, bias._c, 0))
+    fails("tanh_approx must be 0 or 1, got 2", lib.ms_bias_gelu(y._c, nil, acc._c, bias._c, 2))
+    fails("bias_gelu:;acc;i32", lib.ms_bias_gelu(ms.zeros(3, 4, {dtype = "i32"})._c, nil,
+                                                 ms.zeros(3, 4, {dtype = "i32"})._c, ms.zeros(4, {dtype = "i32"})._c, 0))
+    fails("bias_gelu:;derivative;(acc)", lib.ms_bias_gelu(y._c, ms.zeros(4, 3)._c, acc._c, bias._c, 0))
+    -- the derivative is kept in the dtype the math runs in: f32 for a bf16 op, f64 for f64
+    fails("bias_gelu:;derivative must be f32;bf16;got bf16",
+          lib.ms_bias_gelu(ms.zeros(3, 4, {dtype = "bf16"})._c, ms.zeros(3, 4, {dtype = "bf16"})._c,
+                           ms.zeros(3, 4, {dtype = "bf16"})._c, ms.zeros(4, {dtype = "bf16"})._c, 0))
+    fails("bias_gelu:;derivative must be f64;got f32",
+          lib.ms_bias_gelu(ms.zeros(3, 4, {dtype = "f64"})._c, ms.zeros(3, 4)._c, ms.zeros(3, 4, {dtype = "f64"})._c,
+                           ms.zeros(4, {dtype = "f64"})._c, 0))
+    local derivative = ms.zeros(3, 4)
+    fails("bias_gelu_backward:;dbias", lib.ms_bias_gelu_backward(ms.zeros(3, 4)._c, ms.zeros(3)._c, y._c,
+                                                                 derivative._c))
+    fails("bias_gelu_backward:;derivative;(dy)", lib.ms_bias_gelu_backward(ms.zeros(3, 5)._c, ms.zeros(5)._c,
+                                                                          ms.zeros(3, 5)._c, derivative._c))
+    fails("bias_gelu_backward:;dy;i32", lib.ms_bias_gelu_backward(ms.zeros(3, 4)._c, ms.zeros(4)._c,
+                                                                 ms.zeros(3, 4, {dtype = "i32"})._c, derivative._c))
+    fails("bias_gelu_backward:;dy must have at least 1 dim", lib.ms_bias_gelu_backward(ms.zeros(3, 4)._c,
+                                                              ms.zeros(4)._c, ms.zeros({})._c, derivative._c))
   end)
 end)
 

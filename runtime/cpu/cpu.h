@@ -165,11 +165,10 @@ int ms_cpu_layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
                                const ms_tensor *dy, const ms_tensor *dsum, const ms_tensor *x,
                                const ms_tensor *mean, const ms_tensor *rstd,
                                const ms_tensor *weight, int64_t rows, int64_t size);
-int ms_cpu_bias_gelu(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
-                     int64_t rows, int64_t cols);
+int ms_cpu_bias_gelu(ms_tensor *y, ms_tensor *derivative, const ms_tensor *acc,
+                     const ms_tensor *bias, int tanh_approx, int64_t rows, int64_t cols);
 int ms_cpu_bias_gelu_backward(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
-                              const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
-                              int64_t rows, int64_t cols);
+                              const ms_tensor *derivative, int64_t rows, int64_t cols);
 int ms_cpu_embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices);
 int ms_cpu_embedding_backward(ms_tensor *dweight, const ms_tensor *indices,
                               const ms_tensor *dout);

@@ -7,42 +7,14 @@
 #include <string.h>
 
 #include "cpu.h"
+#include "lanes.h"
 #include "reduce.h"
 
-/* Row statistics in double over 8 interleaved lanes combined pairwise: a fixed order for a
- * given row size, without serialising on one add. Element j goes to lane j % LANES in row
- * order; the elements past the last whole LANES go to lane 0. The statistics of GROUP rows are
- * made in one pass, so the adds of different rows overlap (each row's order is unchanged); a
- * short group repeats its last row. */
-enum { LANES = 8, GROUP = 4 };
-
-/* LANES elements as one value (GCC/Clang vector extensions: the target's widest registers,
- * or scalar code where it has none). */
-typedef float lanes_f32 __attribute__((vector_size(LANES * sizeof(float))));
-typedef double lanes_f64 __attribute__((vector_size(LANES * sizeof(double))));
-
-/* The pairwise total of the lanes: (0+4 + 2+6) + (1+5 + 3+7). */
-static double lanes_total(double lanes[LANES])
-{
-    for (int width = LANES / 2; width > 0; width /= 2)
-        for (int l = 0; l < width; l++)
-            lanes[l] += lanes[l + width];
-    return lanes[0];
-}
-
-/* LANES elements from p, as they are and widened to double; store puts them back. */
-#define LANE_LOADS(SUF, T, VT)                                                            \
-    static VT load_##SUF(const T *p)                                                      \
-    {                                                                                     \
-        VT v;                                                                             \
-        memcpy(&v, p, sizeof v);                                                          \
-        return v;                                                                         \
-    }                                                                                     \
-    static void store_##SUF(T *p, VT v) { memcpy(p, &v, sizeof v); }                      \
-    static lanes_f64 wide_##SUF(VT v) { return __builtin_convertvector(v, lanes_f64); }
-
-LANE_LOADS(f32, float, lanes_f32)
-LANE_LOADS(f64, double, lanes_f64)
+/* Row statistics in double over MS_LANES interleaved lanes (lanes.h): a fixed order for a
+ * given row size, without serialising on one add. The elements past the last whole MS_LANES
+ * go to lane 0. The statistics of GROUP rows are made in one pass, so the adds of different
+ * rows overlap (each row's order is unchanged); a short group repeats its last row. */
+enum { LANES = MS_LANES, GROUP = 4 };
 
 /* The rows of one group: GROUP pointers, the last repeated in a short group. */
 #define GROUP_ROWS(SUF, T)                                                                \
@@ -62,17 +34,17 @@ GROUP_ROWS(f64, double)
                                  const T *const x[GROUP], const T *const residual[GROUP], \
                                  int64_t n)                                               \
     {                                                                                     \
-        lanes_f64 acc[GROUP] = {{0}};                                                     \
+        ms_lanes_f64 acc[GROUP] = {{0}};                                                     \
         int64_t j = 0;                                                                    \
         for (; j + LANES <= n; j += LANES)                                                \
             for (int g = 0; g < GROUP; g++) {                                             \
                 if (residual) {                                                           \
-                    __typeof__(load_##SUF(x[g])) v =                                      \
-                        load_##SUF(x[g] + j) + load_##SUF(residual[g] + j);               \
-                    store_##SUF(sum[g] + j, v);                                           \
-                    acc[g] += wide_##SUF(v);                                              \
+                    __typeof__(ms_lanes_load_##SUF(x[g])) v =                                      \
+                        ms_lanes_load_##SUF(x[g] + j) + ms_lanes_load_##SUF(residual[g] + j);               \
+                    ms_lanes_store_##SUF(sum[g] + j, v);                                           \
+                    acc[g] += ms_lanes_wide_##SUF(v);                                              \
                 } else {                                                                  \
-                    acc[g] += wide_##SUF(load_##SUF(x[g] + j));                           \
+                    acc[g] += ms_lanes_wide_##SUF(ms_lanes_load_##SUF(x[g] + j));                           \
                 }                                                                         \
             }                                                                             \
         for (int g = 0; g < GROUP; g++) {                                                 \
@@ -84,7 +56,7 @@ GROUP_ROWS(f64, double)
                     sum[g][k] = v;                                                        \
                 lanes[0] += (double)v;                                                    \
             }                                                                             \
-            total[g] = lanes_total(lanes);                                                \
+            total[g] = ms_lanes_total(lanes);                                                \
         }                                                                                 \
     }                                                                                     \
     /* total[g] = sum over row g of (x - mean[g])^2 */                                    \
@@ -92,11 +64,11 @@ GROUP_ROWS(f64, double)
                                                const T *const x[GROUP],                   \
                                                const double mean[GROUP], int64_t n)       \
     {                                                                                     \
-        lanes_f64 acc[GROUP] = {{0}};                                                     \
+        ms_lanes_f64 acc[GROUP] = {{0}};                                                     \
         int64_t j = 0;                                                                    \
         for (; j + LANES <= n; j += LANES)                                                \
             for (int g = 0; g < GROUP; g++) {                                             \
-                lanes_f64 d = wide_##SUF(load_##SUF(x[g] + j)) - mean[g];                 \
+                ms_lanes_f64 d = ms_lanes_wide_##SUF(ms_lanes_load_##SUF(x[g] + j)) - mean[g];                 \
                 acc[g] += d * d;                                                          \
             }                                                                             \
         for (int g = 0; g < GROUP; g++) {                                                 \
@@ -106,7 +78,7 @@ GROUP_ROWS(f64, double)
                 double d = (double)x[g][k] - mean[g];                                     \
                 lanes[0] += d * d;                                                        \
             }                                                                             \
-            total[g] = lanes_total(lanes);                                                \
+            total[g] = ms_lanes_total(lanes);                                                \
         }                                                                                 \
     }                                                                                     \
     /* sum_g[g], sum_gx[g] = the sums of g = dy * weight and g * xhat over row g */        \
@@ -115,13 +87,13 @@ GROUP_ROWS(f64, double)
                                           const T *weight, const T mean[GROUP],           \
                                           const T rstd[GROUP], int64_t n)                 \
     {                                                                                     \
-        lanes_f64 acc_g[GROUP] = {{0}}, acc_gx[GROUP] = {{0}};                            \
+        ms_lanes_f64 acc_g[GROUP] = {{0}}, acc_gx[GROUP] = {{0}};                            \
         int64_t j = 0;                                                                    \
         for (; j + LANES <= n; j += LANES) {                                              \
-            __typeof__(load_##SUF(weight)) w = load_##SUF(weight + j);                    \
+            __typeof__(ms_lanes_load_##SUF(weight)) w = ms_lanes_load_##SUF(weight + j);                    \
             for (int g = 0; g < GROUP; g++) {                                             \
-                lanes_f64 xhat = wide_##SUF((load_##SUF(x[g] + j) - mean[g]) * rstd[g]);  \
-                lanes_f64 grad = wide_##SUF(load_##SUF(dy[g] + j) * w);                   \
+                ms_lanes_f64 xhat = ms_lanes_wide_##SUF((ms_lanes_load_##SUF(x[g] + j) - mean[g]) * rstd[g]);  \
+                ms_lanes_f64 grad = ms_lanes_wide_##SUF(ms_lanes_load_##SUF(dy[g] + j) * w);                   \
                 acc_g[g] += grad;                                                         \
                 acc_gx[g] += grad * xhat;                                                 \
             }                                                                             \
@@ -136,8 +108,8 @@ GROUP_ROWS(f64, double)
                 lanes_g[0] += (double)grad;                                               \
                 lanes_gx[0] += (double)grad * (double)xhat;                               \
             }                                                                             \
-            sum_g[g] = lanes_total(lanes_g);                                              \
-            sum_gx[g] = lanes_total(lanes_gx);                                            \
+            sum_g[g] = ms_lanes_total(lanes_g);                                              \
+            sum_gx[g] = ms_lanes_total(lanes_gx);                                            \
         }                                                                                 \
     }
 
@@ -183,12 +155,12 @@ GROUP_STATS(f64, double)
     {                                                                                     \
         int64_t j = 0;                                                                    \
         for (; j + LANES <= n; j += LANES) {                                              \
-            lanes_f64 acc_w, acc_b;                                                       \
+            ms_lanes_f64 acc_w, acc_b;                                                       \
             memcpy(&acc_w, dweight + j, sizeof acc_w);                                    \
             memcpy(&acc_b, dbias + j, sizeof acc_b);                                      \
             for (int g = 0; g < count; g++) {                                             \
-                lanes_f64 d = wide_##SUF(load_##SUF(dy[g] + j));                          \
-                acc_w += d * wide_##SUF((load_##SUF(x[g] + j) - mean[g]) * rstd[g]);      \
+                ms_lanes_f64 d = ms_lanes_wide_##SUF(ms_lanes_load_##SUF(dy[g] + j));                          \
+                acc_w += d * ms_lanes_wide_##SUF((ms_lanes_load_##SUF(x[g] + j) - mean[g]) * rstd[g]);      \
                 acc_b += d;                                                               \
             }                                                                             \
             memcpy(dweight + j, &acc_w, sizeof acc_w);                                    \

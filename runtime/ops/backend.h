@@ -84,13 +84,13 @@ typedef struct ms_ops_backend {
                                const ms_tensor *mean, const ms_tensor *rstd,
                                const ms_tensor *weight, int64_t rows, int64_t size);
 
-    /* acc, y, dacc and dy are [rows, cols] (any strides), bias and dbias [cols]; tanh_approx
-     * is 0 or 1. dbias is assigned. */
-    int (*bias_gelu)(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
-                     int64_t rows, int64_t cols);
+    /* acc, y, derivative, dacc and dy are [rows, cols] (any strides), bias and dbias [cols];
+     * derivative may be NULL in the forward and has acc's dtype (the f32 one of a 16-bit op);
+     * tanh_approx is 0 or 1. dbias is assigned. */
+    int (*bias_gelu)(ms_tensor *y, ms_tensor *derivative, const ms_tensor *acc,
+                     const ms_tensor *bias, int tanh_approx, int64_t rows, int64_t cols);
     int (*bias_gelu_backward)(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
-                              const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
-                              int64_t rows, int64_t cols);
+                              const ms_tensor *derivative, int64_t rows, int64_t cols);
 
     int (*embedding)(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices);
     int (*embedding_backward)(ms_tensor *dweight, const ms_tensor *indices,

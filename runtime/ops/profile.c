@@ -110,18 +110,17 @@ static int layer_norm_backward(ms_tensor *dx, ms_tensor *dweight, ms_tensor *dbi
                                                        rstd, weight, rows, size));
 }
 
-static int bias_gelu(ms_tensor *y, const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
-                     int64_t rows, int64_t cols)
+static int bias_gelu(ms_tensor *y, ms_tensor *derivative, const ms_tensor *acc,
+                     const ms_tensor *bias, int tanh_approx, int64_t rows, int64_t cols)
 {
-    TIMED(MS_PROF_ELEMENTWISE, cpu->bias_gelu(y, acc, bias, tanh_approx, rows, cols));
+    TIMED(MS_PROF_ELEMENTWISE,
+          cpu->bias_gelu(y, derivative, acc, bias, tanh_approx, rows, cols));
 }
 
 static int bias_gelu_backward(ms_tensor *dacc, ms_tensor *dbias, const ms_tensor *dy,
-                              const ms_tensor *acc, const ms_tensor *bias, int tanh_approx,
-                              int64_t rows, int64_t cols)
+                              const ms_tensor *derivative, int64_t rows, int64_t cols)
 {
-    TIMED(MS_PROF_ELEMENTWISE,
-          cpu->bias_gelu_backward(dacc, dbias, dy, acc, bias, tanh_approx, rows, cols));
+    TIMED(MS_PROF_ELEMENTWISE, cpu->bias_gelu_backward(dacc, dbias, dy, derivative, rows, cols));
 }
 
 static int embedding(ms_tensor *out, const ms_tensor *weight, const ms_tensor *indices)

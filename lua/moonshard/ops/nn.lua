@@ -172,8 +172,10 @@ end
 
 -- ---- linear fused with GELU ----
 -- y = gelu(x W^T + b): the GEMM without its bias, then one pass adding the bias and applying
--- GELU (ms_bias_gelu). The GEMM's output acc is saved; backward computes d(acc) and the bias
--- gradient in one pass (ms_bias_gelu_backward), then the two GEMMs.
+-- GELU (ms_bias_gelu), which also writes gelu' when a graph is recorded. That derivative is
+-- saved (in the dtype the math runs in: f32 for 16-bit ops); backward multiplies the incoming
+-- gradient by it and sums the bias gradient in one pass (ms_bias_gelu_backward), then the two
+-- GEMMs.
 
 local approximations = {none = 0, tanh = 1}
 
@@ -187,11 +189,10 @@ local function linear_gelu_backward(node, g)
   local rows, out_features, in_features = node.rows, node.out_features, node.in_features
   local g2 = raw.contiguous(g)
   g2 = Tensor.view_raw(g2, {rows, out_features}, nil, tonumber(g2._c.offset), "linear_gelu backward")
-  local acc = node:saved_tensor(node.acc)
-  local dacc = empty({rows, out_features}, acc._c.dtype, acc._c.storage.pool)
-  local dbias = empty({out_features}, acc._c.dtype, acc._c.storage.pool)
-  check(lib.ms_bias_gelu_backward(dacc._c, dbias._c, g2._c, acc._c, node:saved_tensor(node.bias)._c,
-                                  node.tanh_approx), "linear_gelu")
+  local dacc = empty({rows, out_features}, g2._c.dtype, g2._c.storage.pool)
+  local dbias = empty({out_features}, g2._c.dtype, g2._c.storage.pool)
+  check(lib.ms_bias_gelu_backward(dacc._c, dbias._c, g2._c, node:saved_tensor(node.derivative)._c),
+        "linear_gelu")
   local gx, gw
   if node[1] then
     gx = gemm(dacc, node:saved_tensor(node.weight), 0, 0, {rows, in_features})
@@ -244,13 +245,17 @@ function M.linear_gelu(x, weight, bias, opts)
   out_shape[#out_shape] = out_features
   local y = empty(out_shape, acc._c.dtype, acc._c.storage.pool)
   local y2 = Tensor.view_raw(y, {rows, out_features}, nil, 0, "linear_gelu")
-  check(lib.ms_bias_gelu(y2._c, acc._c, bias._c, tanh_approx), "linear_gelu")
+  local node = autograd.new_node("LinearGeluBackward0", linear_gelu_backward, x, weight, bias)
+  local derivative = node and empty({rows, out_features}, acc._c.dtype == lib.MS_F64 and lib.MS_F64 or lib.MS_F32,
+                                    acc._c.storage.pool)
+  check(lib.ms_bias_gelu(y2._c, derivative and derivative._c, acc._c, bias._c, tanh_approx), "linear_gelu")
   y2:_release()
-  local node = record(y, "LinearGeluBackward0", linear_gelu_backward, x, weight, bias)
   if node then
+    y.grad_fn, y.requires_grad = node, true
     node.rows, node.in_features, node.out_features = rows, in_features, out_features
-    node.x_shape, node.tanh_approx = x:shape(), tanh_approx
-    node.acc, node.bias = node:save(acc), node:save(bias)
+    node.x_shape = x:shape()
+    node.derivative = node:save(derivative)
+    derivative:_release()
     if node[2] then node.x = node:save(dense) end
     if node[1] then node.weight = node:save(weight) end
   end
