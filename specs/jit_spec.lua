@@ -7,8 +7,19 @@
 local SCRIPT = [[
 local ms = require "moonshard"
 local nn, F = ms.nn, ms.nn.F
-local flushes = 0
-require("jit").attach(function(what) if what == "flush" then flushes = flushes + 1 end end, "trace")
+local vmdef, util = require "jit.vmdef", require "jit.util"
+local flushes, aborts = 0, {}
+require("jit").attach(function(what, _, func, pc, code, info)
+  if what == "flush" then flushes = flushes + 1 end
+  if what == "abort" then
+    local message = vmdef.traceerr[code]
+    if type(info) == "number" and message:find("bytecode") then
+      message = message:gsub("%%d", vmdef.bcnames:sub(info * 6 + 1, info * 6 + 6):gsub(" +$", ""))
+    end
+    local loc = util.funcinfo(func, pc).loc or "?"
+    aborts[#aborts + 1] = message .. " at " .. loc
+  end
+end, "trace")
 local Block = nn.Module:extend("Block")
 function Block:__init(dim, heads)
   self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -42,17 +53,30 @@ for step = 1, 60 do
   F.cross_entropy(model(tokens):view(-1, 16), tokens:reshape(-1)):backward()
   opt:step()
 end
-io.write(flushes)
+local REPORT = os.getenv("JIT_SPEC_REPORT")
+if REPORT == "aborts" then
+  -- NYI aborts in the module-call path (module.lua, containers.lua, scope.lua)
+  local seen = {}
+  for _, a in ipairs(aborts) do
+    if a:find("NYI") and (a:find("module.lua:", 1, true) or a:find("containers.lua:", 1, true)
+                          or a:find("scope.lua:", 1, true)) and not seen[a] then
+      seen[a] = true
+      io.write(a, "\n")
+    end
+  end
+else
+  io.write(flushes)
+end
 ]]
 
-local function flushes_in_fresh_process()
+local function run_in_fresh_process(report)
   local lib = os.getenv("MOONSHARD_LIB")
   local path = os.tmpname()
   local f = assert(io.open(path, "w"))
   f:write(SCRIPT)
   f:close()
-  local pipe = io.popen(string.format("%sLUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit %s 2>&1",
-                                      lib and ("MOONSHARD_LIB=" .. lib .. " ") or "", path))
+  local pipe = io.popen(string.format("%sJIT_SPEC_REPORT=%s LUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit %s 2>&1",
+                                      lib and ("MOONSHARD_LIB=" .. lib .. " ") or "", report, path))
   local text = pipe:read("*a")
   pipe:close()
   os.remove(path)
@@ -61,6 +85,13 @@ end
 
 describe("LuaJIT's trace limits", function()
   it("hold a model's whole training loop: no trace is flushed", function()
-    assert.are.equal("0", flushes_in_fresh_process())
+    assert.are.equal("0", run_in_fresh_process("flushes"))
+  end)
+
+  -- A module call without hooks or wrappers, nn.Sequential's loop, ModuleList:ipairs and
+  -- closing a call's scope (up to 4 results) use nothing LuaJIT cannot compile: no closure
+  -- made or upvalue closed per call, no {...}.
+  it("compile the module-call path: no trace aborts there for bytecode LuaJIT cannot record", function()
+    assert.are.equal("", run_in_fresh_process("aborts"))
   end)
 end)

@@ -416,7 +416,13 @@ local function run_node(task, node, grad)
     fail("backward", "trying to backward through the graph a second time (or to use saved " ..
          "tensors after they were freed); pass {retain_graph = true} to the first backward")
   end
-  local grads = {scope.run(node.backward, node, grad)}
+  local grads
+  if #node <= 4 then -- fixed results: LuaJIT compiles no {...} of a call's results
+    local a, b, c, d = scope.run(node.backward, node, grad)
+    grads = {a, b, c, d}
+  else
+    grads = {scope.run(node.backward, node, grad)}
+  end
   if not task.retain_graph then node:release_saved() end
   return grads
 end

@@ -61,30 +61,30 @@ function M.exit(mark, results, nresults)
   for i = 1, nresults do mark_escaping(results[i], nil, 0) end
 end
 
-local NONE, one = {}, {}
+local NONE, few = {}, {}
 
 -- Close the scope opened at mark with what pcall (or xpcall) of its body returned: the error
--- again, or the body's results, which escape it. No result or a single one (the usual
--- cases) needs no table of results, which LuaJIT cannot compile ({...}).
+-- again, or the body's results, which escape it. Up to 4 results (a module's output, a
+-- backward's gradients) need no new table of results, which LuaJIT cannot compile ({...}).
 function M.close(mark, ok, ...)
   if not ok then
     M.exit(mark, NONE, 0)
     error((...), 0)
   end
   local n = select("#", ...)
-  if n == 0 then
-    M.exit(mark, NONE, 0)
-    return
+  if n > 4 then
+    M.exit(mark, {...}, n)
+    return ...
   end
-  if n == 1 then
-    local result = ...
-    one[1] = result
-    M.exit(mark, one, 1)
-    one[1] = nil
-    return result
-  end
-  M.exit(mark, {...}, n)
-  return ...
+  local a, b, c, d = ...
+  few[1], few[2], few[3], few[4] = a, b, c, d
+  M.exit(mark, few, n)
+  few[1], few[2], few[3], few[4] = nil, nil, nil, nil
+  if n == 0 then return end
+  if n == 1 then return a end
+  if n == 2 then return a, b end
+  if n == 3 then return a, b, c end
+  return a, b, c, d
 end
 
 -- Run fn(...) in a scope; its return values escape, its other temporaries are released.

@@ -16,13 +16,15 @@ local function add_all(container, modules, what)
   end
 end
 
+-- The iterator of class:ipairs: child i + 1 after child i.
+local function next_module(container, i)
+  local m = container[i + 1]
+  if m then return i + 1, m end
+end
+
 local function list_methods(class)
   class.__numbered_children = true
-  function class:len()
-    local n = 0
-    for _ in self:named_children() do n = n + 1 end
-    return n
-  end
+  function class:len() return #self._module_order end
   function class:get(i)
     local m = type(i) == "number" and self[i] or nil
     if not m then fail(class.__name, "index %s out of range (1..%d)", tostring(i), self:len()) end
@@ -32,15 +34,8 @@ local function list_methods(class)
     add_all(self, {m}, class.__name)
     return self
   end
-  -- for i, m in seq:ipairs() do ... end
-  function class:ipairs()
-    local i = 0
-    return function()
-      i = i + 1
-      local m = self[i]
-      if m then return i, m end
-    end
-  end
+  -- for i, m in seq:ipairs() do ... end (a stateless iterator: no closure per loop)
+  function class:ipairs() return next_module, self, 0 end
 end
 
 M.Sequential = Module:extend("Sequential")
@@ -67,7 +62,7 @@ function M.Sequential:forward(x, ...)
       x = nn_ops.linear_gelu(x, m.weight, m.bias, {approximate = next_m.approximate})
       i = i + 2
     else
-      x = m(x, ...)
+      if select("#", ...) == 0 then x = m(x) else x = m(x, ...) end
       i = i + 1
     end
     m = self[i]

@@ -139,6 +139,10 @@ function Module:forward()
 end
 
 local function run_call(self, ...)
+  if #self._forward_pre_hooks == 0 and #self._forward_hooks == 0 then
+    local output = self:forward(...) -- not a tail call: tracebacks name the forward
+    return output
+  end
   local args = {...}
   local nargs = select("#", ...)
   for _, hook in ipairs(self._forward_pre_hooks) do
@@ -158,10 +162,16 @@ local function scoped_call(self, ...)
   return scope.close(scope.enter(), xpcall(run_call, traceback.remember, self, ...))
 end
 
--- The call through wrappers i, i - 1, ..., 1 (the last registered outermost).
-local function call_through(self, i, ...)
-  if i == 0 then return scoped_call(self, ...) end
+-- The call through wrappers i, i - 1, ..., 1 (the last registered outermost). The closure a
+-- wrapper gets is made apart, so a call without wrappers closes no upvalues (which LuaJIT
+-- cannot compile).
+local call_through
+local function wrapped_call(self, i, ...)
   return self._call_wrappers[i](function(...) return call_through(self, i - 1, ...) end, ...)
+end
+call_through = function(self, i, ...)
+  if i == 0 then return scoped_call(self, ...) end
+  return wrapped_call(self, i, ...)
 end
 
 local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}

@@ -515,11 +515,15 @@ end
 local function empty_laid_out_like(t, shape)
   local n = #shape
   local strides, order = t:stride(), {}
-  for d = 1, n - 1 do order[d] = d end
-  table.sort(order, function(a, b)
-    if strides[a] ~= strides[b] then return strides[a] > strides[b] end
-    return a < b
-  end)
+  -- dims 1 .. n - 1 by stride, largest first, ties in dim order (an insertion sort: a few dims)
+  for d = 1, n - 1 do
+    local at = d
+    while at > 1 and strides[order[at - 1]] < strides[d] do
+      order[at] = order[at - 1]
+      at = at - 1
+    end
+    order[at] = d
+  end
   order[n] = n
   local dense_shape = {}
   for i = 1, n do dense_shape[i] = shape[order[i]] end
