@@ -1,6 +1,7 @@
 -- LuaJIT's trace limits: moonshard raises them (lua/moonshard/init.lua), since with LuaJIT's
 -- defaults a training loop through the op path filled the machine-code area every few steps,
--- and each time LuaJIT flushed every trace and compiled them all again.
+-- and each time LuaJIT flushed every trace and compiled them all again. And the module-call
+-- path stays compilable: no bytecode there that LuaJIT cannot record.
 
 -- A small GPT trained for 60 steps in a fresh process (the suite's own traces must not
 -- count); what it prints: the number of trace flushes LuaJIT reported.
