@@ -4,7 +4,8 @@
 -- path stays compilable: no bytecode there that LuaJIT cannot record.
 
 -- A small GPT trained for 60 steps in a fresh process (the suite's own traces must not
--- count); what it prints: the number of trace flushes LuaJIT reported.
+-- count); what it prints (JIT_SPEC_REPORT): the number of trace flushes LuaJIT reported, or
+-- each distinct trace abort for bytecode LuaJIT cannot record in the module-call path.
 local SCRIPT = [[
 local ms = require "moonshard"
 local nn, F = ms.nn, ms.nn.F
