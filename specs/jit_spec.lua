@@ -5,7 +5,7 @@
 
 -- A small GPT trained for 60 steps in a fresh process (the suite's own traces must not
 -- count); what it prints (JIT_SPEC_REPORT): the number of trace flushes LuaJIT reported, or
--- each distinct trace abort for bytecode LuaJIT cannot record in the module-call path.
+-- each distinct trace abort in the module-call path for a closure made or an upvalue closed.
 local SCRIPT = [[
 local ms = require "moonshard"
 local nn, F = ms.nn, ms.nn.F
@@ -57,11 +57,14 @@ for step = 1, 60 do
 end
 local REPORT = os.getenv("JIT_SPEC_REPORT")
 if REPORT == "aborts" then
-  -- NYI aborts in the module-call path (module.lua, containers.lua, scope.lua)
+  -- closures made (FNEW) or upvalues closed (UCLO) in the module-call path (module.lua,
+  -- containers.lua, scope.lua): NYI wherever a trace starts. (Varargs are NYI only in traces
+  -- that start below them, which depends on where LuaJIT's hot counters fire.)
   local seen = {}
   for _, a in ipairs(aborts) do
-    if a:find("NYI") and (a:find("module.lua:", 1, true) or a:find("containers.lua:", 1, true)
-                          or a:find("scope.lua:", 1, true)) and not seen[a] then
+    if (a:find("bytecode FNEW", 1, true) or a:find("bytecode UCLO", 1, true))
+       and (a:find("module.lua:", 1, true) or a:find("containers.lua:", 1, true) or a:find("scope.lua:", 1, true))
+       and not seen[a] then
       seen[a] = true
       io.write(a, "\n")
     end
@@ -90,10 +93,9 @@ describe("LuaJIT's trace limits", function()
     assert.are.equal("0", run_in_fresh_process("flushes"))
   end)
 
-  -- A module call without hooks or wrappers, nn.Sequential's loop, ModuleList:ipairs and
-  -- closing a call's scope (up to 4 results) use nothing LuaJIT cannot compile: no closure
-  -- made or upvalue closed per call, no {...}.
-  it("compile the module-call path: no trace aborts there for bytecode LuaJIT cannot record", function()
+  -- A module call without hooks or wrappers, nn.Sequential's loop and ModuleList:ipairs make
+  -- no closure and close no upvalue per call, which LuaJIT cannot compile.
+  it("compile the module-call path: no trace aborts there for a closure or an upvalue", function()
     assert.are.equal("", run_in_fresh_process("aborts"))
   end)
 end)
