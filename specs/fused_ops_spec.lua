@@ -245,6 +245,10 @@ describe("nn.F.linear_gelu", function()
     fails("bias_gelu:;derivative must be f64;got f32",
           lib.ms_bias_gelu(ms.zeros(3, 4, {dtype = "f64"})._c, ms.zeros(3, 4)._c, ms.zeros(3, 4, {dtype = "f64"})._c,
                            ms.zeros(4, {dtype = "f64"})._c, 0))
+    fails("bias_gelu:;derivative shares memory with y", lib.ms_bias_gelu(y._c, y._c, acc._c, bias._c, 0))
+    local rows = ms.zeros(4, 4) -- acc is rows 0-2, derivative rows 1-3
+    fails("bias_gelu:;derivative shares memory with acc",
+          lib.ms_bias_gelu(y._c, rows:narrow(0, 1, 3)._c, rows:narrow(0, 0, 3)._c, bias._c, 0))
     local derivative = ms.zeros(3, 4)
     fails("bias_gelu_backward:;dbias", lib.ms_bias_gelu_backward(ms.zeros(3, 4)._c, ms.zeros(3)._c, y._c,
                                                                  derivative._c))

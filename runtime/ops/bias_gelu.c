@@ -50,8 +50,15 @@ int ms_bias_gelu(ms_tensor *y, ms_tensor *derivative, const ms_tensor *acc,
     MS_CHECK(check_layout(op, acc, bias, tanh_approx, &rows, &cols));
     MS_CHECK(ms_check_same_dtype(op, "y", y, "acc", acc));
     MS_CHECK(ms_check_same_shape(op, "y", y, "acc", acc));
-    if (derivative)
+    if (derivative) {
         MS_CHECK(check_derivative(op, derivative, acc, "acc"));
+        const ms_tensor *others[] = {y, acc, bias};
+        const char *names[] = {"y", "acc", "bias"};
+        for (int i = 0; i < 3; i++)
+            if (ms_tensors_overlap(derivative, others[i]))
+                return MS_FAIL(MS_ERR_INVALID, "%s: derivative shares memory with %s", op,
+                               names[i]);
+    }
     if (!ms_is_half(acc->dtype))
         return place.backend->bias_gelu(y, derivative, acc, bias, tanh_approx, rows, cols);
     ms_widened w = {0};

@@ -135,3 +135,29 @@ int ms_check_class_loss(ms_place *place, const char *op, const ms_tensor *scores
         return ms_check_shape_is(op, per_row_name, per_row, 1, &rows);
     return ms_check_shape_is(op, per_row_name, per_row, 0, NULL);
 }
+
+/* Extent [lowest, highest] of a view's elements in bytes from its storage's start. */
+static void byte_extent(const ms_tensor *t, int64_t *lowest, int64_t *highest)
+{
+    int64_t size = (int64_t)ms_dtype_size(t->dtype);
+    int64_t low = t->offset, high = t->offset;
+    for (int d = 0; d < t->ndim; d++) {
+        int64_t reach = (t->shape[d] - 1) * t->strides[d];
+        if (reach < 0)
+            low += reach;
+        else
+            high += reach;
+    }
+    *lowest = low * size;
+    *highest = high * size + size - 1;
+}
+
+int ms_tensors_overlap(const ms_tensor *a, const ms_tensor *b)
+{
+    if (a->storage != b->storage || a->numel == 0 || b->numel == 0)
+        return 0;
+    int64_t a_low, a_high, b_low, b_high;
+    byte_extent(a, &a_low, &a_high);
+    byte_extent(b, &b_low, &b_high);
+    return a_low <= b_high && b_low <= a_high;
+}

@@ -79,6 +79,9 @@ int ms_check_same_shape(const char *op, const char *name_a, const ms_tensor *a,
 /* t has exactly the shape (ndim, shape). */
 int ms_check_shape_is(const char *op, const char *name, const ms_tensor *t, int ndim,
                       const int64_t *shape);
+/* 1 when the byte ranges of a's and b's elements in one storage meet (an output that
+ * shares memory with another operand). */
+int ms_tensors_overlap(const ms_tensor *a, const ms_tensor *b);
 /* dim in [0, t->ndim) (0 also accepted for a 0-dim tensor). */
 int ms_check_dim(const char *op, const ms_tensor *t, int dim);
 /* A class-index loss: scores [N, C] (float, scores_name), target [N] i32/i64 on place,

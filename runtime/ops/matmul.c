@@ -4,32 +4,6 @@
 
 #include "checks.h"
 
-/* Extent [lowest, highest] of a view's elements in bytes from its storage's start. */
-static void byte_extent(const ms_tensor *t, int64_t *lowest, int64_t *highest)
-{
-    int64_t size = (int64_t)ms_dtype_size(t->dtype);
-    int64_t low = t->offset, high = t->offset;
-    for (int d = 0; d < t->ndim; d++) {
-        int64_t reach = (t->shape[d] - 1) * t->strides[d];
-        if (reach < 0)
-            low += reach;
-        else
-            high += reach;
-    }
-    *lowest = low * size;
-    *highest = high * size + size - 1;
-}
-
-static int overlaps(const ms_tensor *a, const ms_tensor *b)
-{
-    if (a->storage != b->storage || a->numel == 0 || b->numel == 0)
-        return 0;
-    int64_t a_low, a_high, b_low, b_high;
-    byte_extent(a, &a_low, &a_high);
-    byte_extent(b, &b_low, &b_high);
-    return a_low <= b_high && b_low <= a_high;
-}
-
 /* The shapes of a failing matmul as text; made only for an error, since formatting them
  * costs more than a small GEMM. */
 typedef struct matmul_shapes { char a[160], b[160], out[160]; } matmul_shapes;
@@ -111,8 +85,8 @@ int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_
     trans_b = trans_b != 0;
     int64_t m = 0, n = 0, k = 0;
     MS_CHECK(check_matmul_shapes(out, a, b, trans_a, trans_b, &m, &n, &k));
-    if (overlaps(out, a) || overlaps(out, b))
+    if (ms_tensors_overlap(out, a) || ms_tensors_overlap(out, b))
         return MS_FAIL(MS_ERR_INVALID, "matmul: out shares memory with %s; GEMM cannot write "
-                       "its own input", overlaps(out, a) ? "a" : "b");
+                       "its own input", ms_tensors_overlap(out, a) ? "a" : "b");
     return place.backend->matmul(out, a, b, trans_a, trans_b, alpha, beta, m, n, k);
 }
