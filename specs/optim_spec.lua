@@ -215,6 +215,72 @@ describe("optim", function()
     end
   end)
 
+  describe("several parameters in one step", function()
+    local ffi = require "ffi"
+    local lib = require("moonshard.ffi").lib
+    local function tensor_array(ctype, list)
+      local a = ffi.new(ctype .. "[?]", #list)
+      for i, t in ipairs(list) do a[i - 1] = t._c end
+      return a
+    end
+
+    -- a group of dense parameters of several sizes (the elements split between threads
+    -- across parameters), one without a gradient at step 2 (so it falls a step behind), and a
+    -- second group with a transposed view (stepped one parameter at a time)
+    it("AdamW steps them like one ms_adam_step each, bit for bit", function()
+      ms.manual_seed(5)
+      local shapes = {{300, 400}, {7}, {1}, {513, 129}, {64}}
+      local params, copies, moments = {}, {}, {}
+      for i, shape in ipairs(shapes) do
+        params[i] = ms.randn(unpack(shape)):requires_grad_()
+        copies[i] = params[i]:detach():clone()
+        moments[i] = {ms.zeros(unpack(shape)), ms.zeros(unpack(shape)), 0}
+      end
+      local dense = {unpack(params)}
+      local stored = ms.randn(5, 3)
+      params[#params + 1] = stored:t():detach():requires_grad_()
+      copies[#copies + 1] = params[#params]:detach():clone()
+      moments[#moments + 1] = {ms.zeros(3, 5), ms.zeros(3, 5), 0}
+      params[#params + 1] = ms.randn(9):requires_grad_()
+      copies[#copies + 1] = params[#params]:detach():clone()
+      moments[#moments + 1] = {ms.zeros(9), ms.zeros(9), 0}
+      local opt = optim.AdamW({{params = dense}, {params = {params[#params - 1], params[#params]}}},
+                              {lr = 0.01, weight_decay = 0.1})
+      for step = 1, 3 do
+        opt:zero_grad()
+        for i, p in ipairs(params) do
+          if not (step == 2 and i == 2) then
+            local g = ms.randn(unpack(p:shape()))
+            p.grad = g
+            local m = moments[i]
+            m[3] = m[3] + 1
+            assert.are.equal(0, lib.ms_adam_step(copies[i]._c, m[1]._c, m[2]._c, g._c, m[3], 0.01, 0.9, 0.999,
+                                                 1e-8, 0.1, 1, 0))
+          end
+        end
+        opt:step()
+      end
+      for i, p in ipairs(params) do assert.is_true(ms.equal(p, copies[i]), "parameter " .. i) end
+    end)
+
+    it("refuses a negative count, a missing operand and a mismatched state, naming the parameter", function()
+      local a, b = ms.zeros(4), ms.zeros(3)
+      local function fails(pattern, status)
+        assert.are_not.equal(0, status)
+        local message = ffi.string(lib.ms_last_error())
+        assert.is_truthy(message:find(pattern, 1, true), message)
+      end
+      local ps, gs = tensor_array("ms_tensor *", {a, b}), tensor_array("const ms_tensor *", {a, b})
+      fails("count -1", lib.ms_adam_step_many(-1, ps, ps, ps, gs, 1, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0))
+      local holes = ffi.new("ms_tensor *[2]") -- zero-filled: entry 1 stays NULL
+      holes[0] = a._c
+      fails("parameter 1 has a NULL operand", lib.ms_adam_step_many(2, ps, holes, ps, gs, 1, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0))
+      local states = tensor_array("ms_tensor *", {ms.zeros(4), ms.zeros(5)})
+      fails("(parameter 1)", lib.ms_adam_step_many(2, ps, states, states, gs, 1, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0))
+      fails("step 0 must be >= 1", lib.ms_adam_step_many(2, ps, ps, ps, gs, 0, 0.1, 0.9, 0.999, 1e-8, 0, 1, 0))
+    end)
+  end)
+
   describe("param groups", function()
     it("step each group with its own lr and momentum", function()
       local a, b = param({1.0, -2.0, 0.5}), param({0.3, 0.7})

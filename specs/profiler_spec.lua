@@ -62,7 +62,7 @@ describe("ms.profiler", function()
       opt:step()
     end)
     local c = counts(p)
-    assert.equal(2, c.optimizer) -- weight and bias
+    assert.equal(1, c.optimizer) -- weight and bias, stepped together (ms_adam_step_many)
     assert.is_true(c.softmax_loss >= 2) -- log_softmax and nll forward, and their backward
     assert.is_true(c.gemm >= 2) -- forward and the weight gradient
     assert.is_true(c.allocator > 0)

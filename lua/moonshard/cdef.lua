@@ -332,6 +332,14 @@ int ms_sgd_step(ms_tensor *param, ms_tensor *momentum_buf, const ms_tensor *grad
 int ms_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq,
                  const ms_tensor *grad, int64_t step, double lr, double beta1, double beta2,
                  double eps, double weight_decay, int decoupled, int maximize);
+/* ms_adam_step on count parameters at once (params[i] with exp_avgs[i], exp_avg_sqs[i] and
+ * grads[i]), all at the same step and hyperparameters on one place: the same numbers as count
+ * calls, with dense f32 or f64 parameters of one dtype stepped in one pass split across
+ * threads (one wake of the CPU workers instead of one per parameter). */
+int ms_adam_step_many(int count, ms_tensor *const *params, ms_tensor *const *exp_avgs,
+                      ms_tensor *const *exp_avg_sqs, const ms_tensor *const *grads, int64_t step,
+                      double lr, double beta1, double beta2, double eps, double weight_decay,
+                      int decoupled, int maximize);
 /* ---- op profiler ----
  * While enabled, every op of the CPU place and every allocation adds its self time (its time
  * less that of the ops and allocations inside it) and one call to a category: by op kind, or

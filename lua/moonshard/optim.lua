@@ -1,5 +1,7 @@
 -- Optimizers with PyTorch's update formulas (SGD with momentum/nesterov, Adam, AdamW),
--- param groups and state dicts; each step is one fused C loop per parameter.
+-- param groups and state dicts; each step is one fused C loop per parameter (Adam's
+-- parameters at one step count share one).
+local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local scope = require "moonshard.scope"
@@ -98,6 +100,8 @@ function Optimizer:step(closure)
   end
   if closure then loss = closure() end
   for _, group in ipairs(self.param_groups) do
+    -- the group's parameters with a gradient, their gradients and states, stepped together
+    local params, grads, states = {}, {}, {}
     for _, p in ipairs(group.params) do
       if rawget(p, "_released_param") then
         fail(self.name, "a parameter was released (its module was wrapped after this optimizer " ..
@@ -115,12 +119,20 @@ function Optimizer:step(closure)
           state = {step = 0}
           self.state[p] = state
         end
-        self:update(group, param_local, local_of(grad), state)
-        param_local:_bump_version()
+        local n = #params + 1
+        params[n], grads[n], states[n] = param_local, local_of(grad), state
       end
     end
+    self:update_all(group, params, grads, states)
+    for _, p in ipairs(params) do p:_bump_version() end
   end
   return loss
+end
+
+-- Step a group's parameters (with their gradients and states) one at a time; an optimizer
+-- that can step several at once replaces this.
+function Optimizer:update_all(group, params, grads, states)
+  for i = 1, #params do self:update(group, params[i], grads[i], states[i]) end
 end
 
 -- Give every parameter without state the state a first step would make (zeros, step 0),
@@ -301,6 +313,36 @@ function Adam:update(group, p, grad, state)
   check(lib.ms_adam_step(p._c, state.exp_avg._c, state.exp_avg_sq._c, grad._c, state.step,
                          group.lr, group.betas[1], group.betas[2], group.eps, group.weight_decay,
                          self.decoupled and 1 or 0, group.maximize and 1 or 0), self.name .. ".step")
+end
+
+-- Without amsgrad, the parameters at one step count go through one ms_adam_step_many (the
+-- same numbers as one call each; on the CPU one pass split across threads).
+function Adam:update_all(group, params, grads, states)
+  if group.amsgrad or #params < 2 then return Optimizer.update_all(self, group, params, grads, states) end
+  local by_step = {}
+  for i = 1, #params do
+    local state = states[i]
+    if not state.exp_avg then self:init_group_state(group, params[i], state) end
+    state.step = state.step + 1
+    local same = by_step[state.step]
+    if not same then
+      same = {}
+      by_step[state.step] = same
+    end
+    same[#same + 1] = i
+  end
+  for step, indices in pairs(by_step) do
+    local n = #indices
+    local ps, ms_, vs, gs = ffi.new("ms_tensor *[?]", n), ffi.new("ms_tensor *[?]", n),
+                            ffi.new("ms_tensor *[?]", n), ffi.new("const ms_tensor *[?]", n)
+    for k, i in ipairs(indices) do
+      ps[k - 1], ms_[k - 1], vs[k - 1], gs[k - 1] = params[i]._c, states[i].exp_avg._c,
+                                                    states[i].exp_avg_sq._c, grads[i]._c
+    end
+    check(lib.ms_adam_step_many(n, ps, ms_, vs, gs, step, group.lr, group.betas[1], group.betas[2], group.eps,
+                                group.weight_decay, self.decoupled and 1 or 0, group.maximize and 1 or 0),
+          self.name .. ".step")
+  end
 end
 
 M.lr_scheduler = require "moonshard.lr_scheduler"

@@ -38,4 +38,5 @@ const ms_ops_backend ms_cpu_ops = {
     .dropout_backward = ms_cpu_dropout_backward,
     .sgd_step = ms_cpu_sgd_step,
     .adam_step = ms_cpu_adam_step,
+    .adam_step_many = ms_cpu_adam_step_many,
 };

@@ -201,6 +201,10 @@ int ms_cpu_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq
                      const ms_tensor *grad, int64_t step, double lr, double beta1,
                      double beta2, double eps, double weight_decay, int decoupled,
                      int maximize);
+int ms_cpu_adam_step_many(int count, ms_tensor *const *params, ms_tensor *const *exp_avgs,
+                          ms_tensor *const *exp_avg_sqs, const ms_tensor *const *grads,
+                          int64_t step, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int decoupled, int maximize);
 
 #pragma GCC visibility pop
 

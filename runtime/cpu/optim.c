@@ -1,6 +1,7 @@
 /* moonshard CPU backend: fused SGD and Adam/AdamW steps, in place on the parameter.
  * grad is read, never written; param and the optimizer state are updated element-wise. */
 #include <math.h>
+#include <stdlib.h>
 
 #include "cpu.h"
 #include "optim.h"
@@ -82,5 +83,65 @@ int ms_cpu_adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq
     it.any_order = 1;
     it.cost = 8; /* four streams and a square root per element */
     ms_iter_run(&it, param->dtype == MS_F32 ? adam_f32 : adam_f64, &c);
+    return MS_OK;
+}
+
+/* Several parameters as one run of elements: parameter i holds elements [starts[i],
+ * starts[i + 1]); a thread's range may span parameters. */
+typedef struct adam_many_job {
+    int count;
+    ms_tensor *const *params, *const *exp_avgs, *const *exp_avg_sqs;
+    const ms_tensor *const *grads;
+    const int64_t *starts;
+    ms_iter_fn kernel;
+    ms_k_adam_coeffs coeffs;
+} adam_many_job;
+
+static void adam_many_range(void *ctx, int64_t begin, int64_t end)
+{
+    const adam_many_job *j = ctx;
+    int lo = 0, hi = j->count - 1; /* the parameter holding element begin */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (j->starts[mid] <= begin)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    static const int64_t dense[4] = {1, 1, 1, 1};
+    for (int i = lo; i < j->count && j->starts[i] < end; i++) {
+        int64_t first = begin > j->starts[i] ? begin - j->starts[i] : 0;
+        int64_t last = (end < j->starts[i + 1] ? end : j->starts[i + 1]) - j->starts[i];
+        if (last <= first)
+            continue;
+        size_t size = ms_dtype_size(j->params[i]->dtype);
+        char *p[4] = {(char *)ms_tensor_data(j->params[i]) + first * (int64_t)size,
+                      (char *)ms_tensor_data(j->exp_avgs[i]) + first * (int64_t)size,
+                      (char *)ms_tensor_data(j->exp_avg_sqs[i]) + first * (int64_t)size,
+                      (char *)ms_tensor_data(j->grads[i]) + first * (int64_t)size};
+        j->kernel((void *)&j->coeffs, last - first, p, dense);
+    }
+}
+
+int ms_cpu_adam_step_many(int count, ms_tensor *const *params, ms_tensor *const *exp_avgs,
+                          ms_tensor *const *exp_avg_sqs, const ms_tensor *const *grads,
+                          int64_t step, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int decoupled, int maximize)
+{
+    const char *op = decoupled ? "adamw_step_many" : "adam_step_many";
+    int64_t *starts = NULL;
+    MS_CHECK(ms_cpu_alloc(op, (size_t)(count + 1) * sizeof(int64_t), (void **)&starts));
+    starts[0] = 0;
+    for (int i = 0; i < count; i++)
+        starts[i + 1] = starts[i] + params[i]->numel;
+    adam_many_job job = {count, params, exp_avgs, exp_avg_sqs, grads, starts,
+                         params[0]->dtype == MS_F32 ? adam_f32 : adam_f64,
+                         ms_k_adam_coeffs_make(step, lr, beta1, beta2, eps, weight_decay,
+                                               decoupled != 0, maximize != 0)};
+    int64_t total = starts[count];
+    if (total > 0)
+        ms_parallel_for(total, ms_parallel_ranges(total, 8.0 * (double)total), adam_many_range,
+                        &job);
+    free(starts);
     return MS_OK;
 }

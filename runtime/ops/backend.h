@@ -133,6 +133,12 @@ typedef struct ms_ops_backend {
                      const ms_tensor *grad, int64_t step, double lr, double beta1,
                      double beta2, double eps, double weight_decay, int decoupled,
                      int maximize);
+    /* OPTIONAL (NULL: the op layer steps each parameter through adam_step): count checked
+     * parameters, all dense, of one dtype (f32 or f64), with dense state of theirs. */
+    int (*adam_step_many)(int count, ms_tensor *const *params, ms_tensor *const *exp_avgs,
+                          ms_tensor *const *exp_avg_sqs, const ms_tensor *const *grads,
+                          int64_t step, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int decoupled, int maximize);
 
     /* OPTIONAL (NULL on the CPU): nbytes between host memory and device memory, and between
      * two devices, finished before returning. */

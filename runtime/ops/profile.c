@@ -214,6 +214,16 @@ static int adam_step(ms_tensor *param, ms_tensor *exp_avg, ms_tensor *exp_avg_sq
                                             beta2, eps, weight_decay, decoupled, maximize));
 }
 
+static int adam_step_many(int count, ms_tensor *const *params, ms_tensor *const *exp_avgs,
+                          ms_tensor *const *exp_avg_sqs, const ms_tensor *const *grads,
+                          int64_t step, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, int decoupled, int maximize)
+{
+    TIMED(MS_PROF_OPTIMIZER,
+          cpu->adam_step_many(count, params, exp_avgs, exp_avg_sqs, grads, step, lr, beta1,
+                              beta2, eps, weight_decay, decoupled, maximize));
+}
+
 ms_ops_backend ms_profiled_cpu_ops;
 
 /* The CPU table with each kernel above in place of the CPU's own; a slot without a timed
@@ -253,4 +263,5 @@ __attribute__((constructor)) static void build_table(void)
     ms_profiled_cpu_ops.dropout_backward = dropout_backward;
     ms_profiled_cpu_ops.sgd_step = sgd_step;
     ms_profiled_cpu_ops.adam_step = adam_step;
+    ms_profiled_cpu_ops.adam_step_many = adam_step_many;
 }
