@@ -12,10 +12,16 @@
 -- world-1 run and the sgemm reference (spawned ranks share the cores as always).
 -- cpu_ms is rank 0's process CPU time per step (median): unlike step_ms it barely moves when
 -- other processes take the cores, so before/after comparisons on a shared machine use it.
+-- flop_fraction is the FLOP rate of the steps against the sgemm rate of the same cores. At
+-- world 1 the two are measured in interleaved pairs: the sgemm rate before the first timed
+-- step and after each one, each step against the better of the rates on either side of it;
+-- the row gives the median of the pairs' fractions and their range (flop_fraction_min/max).
+-- Sharded runs take the best sgemm rate measured right before and right after the run.
 -- --profile prints, per timed step of each run (rank 0), the milliseconds of each category of
 -- ms.profiler (GEMM, attention, layer norm, element-wise, softmax/loss, optimizer, allocator,
 -- collectives, autograd, ...) and the FLOP rate against the rank's sgemm rate at its thread
--- count, measured before and after its steps.
+-- count: at world 1 the step's pair reference, in sharded runs the better of the rates
+-- measured before and after its steps.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
@@ -23,7 +29,7 @@ local support = require "bench.support"
 
 local clock = support.now
 
-local options = {model = "all", steps = 4, quick = false}
+local options = {model = "all", steps = 5, quick = false}
 local usage = "usage: luajit bench/fsdp.lua [--model transformer|mlp|all] [--strategy S] [--world-size N] " ..
               "[--steps N] [--warmup N] [--threads N] [--quick] [--profile]\n"
 do
@@ -148,6 +154,8 @@ local function sgemm_rate(m, k, n)
     ms.matmul(a, b):free()
     best = math.min(best, clock() - start)
   end
+  a:free()
+  b:free()
   return 2 * m * k * n / best / 1e9
 end
 
@@ -200,8 +208,11 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     spec.loss(cfg, model, x, y):backward()
     opt:step()
   end
-  local gemm = options.profile and rank == 0 and gemm_rate() or nil
+  -- world 1: rates[i] is the sgemm rate right after timed step i (rates[0] before the first)
+  local rates = size == 1 and {} or nil
+  local gemm = not rates and options.profile and rank == 0 and gemm_rate() or nil
   for step = 1 - (options.warmup or spec.warmup), steps do
+    if rates and step == 1 then rates[0] = gemm_rate() end
     local x, y = spec.batch(cfg, step)
     x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
     if step == 1 then ms.reset_peak_memory_stats("cpu") end
@@ -216,22 +227,35 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
       times[#times + 1] = clock() - start
       cpu[#cpu + 1] = os.clock() - cpu_start
       comm[#comm + 1] = fsdp.stats().comm_seconds
+      if rates then rates[step] = gemm_rate() end
     end
   end
-  if gemm then
-    gemm = math.max(gemm, gemm_rate())
-    for step = 1, steps do report_profile(spec, strategy, size, step, profiles[step], gemm) end
+  local references, fractions
+  if rates then
+    references, fractions = {}, {}
+    for step = 1, steps do
+      references[step] = math.max(rates[step - 1], rates[step])
+      fractions[step] = spec.flops(cfg) / times[step] / 1e9 / references[step]
+    end
   end
-  return {step = median(times), cpu = median(cpu), comm = median(comm),
+  if options.profile and rank == 0 then
+    if gemm then gemm = math.max(gemm, gemm_rate()) end
+    for step = 1, steps do
+      report_profile(spec, strategy, size, step, profiles[step], references and references[step] or gemm)
+    end
+  end
+  return {step = median(times), cpu = median(cpu), comm = median(comm), fractions = fractions,
+          reference = references and median(references),
           peak = ms.memory_stats("cpu").peak - base, threads = ms.get_num_threads()}
 end
 
 local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "step_ms", "cpu_ms", "comm_ms",
-               "compute_ms", "peak_mib", "gflops", "flop_fraction", "threads_per_rank"}
+               "compute_ms", "peak_mib", "gflops", "sgemm_gflops", "flop_fraction", "flop_fraction_min",
+               "flop_fraction_max", "threads_per_rank"}
 
--- The machine is shared: the reference is the best sgemm rate measured right before and right
--- after the run (and at start), so a quiet moment during the run cannot make its FLOP rate
--- look faster than the GEMM it is made of.
+-- The machine is shared: a sharded run's reference is the best sgemm rate measured right
+-- before and right after it (and at start), so a quiet moment during the run cannot make its
+-- FLOP rate look faster than the GEMM it is made of. World 1 has its own pairs (train).
 local best_gemm = 0
 local function gemm_reference(cfg_t)
   best_gemm = math.max(best_gemm, sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim))
@@ -240,10 +264,17 @@ end
 
 local function report(name, spec, strategy, size, result, params, gemm_gflops, mesh)
   local gflops = spec.flops(spec.cfg) / result.step / 1e9
-  emit({bench = "fsdp", model = name, strategy = strategy or "unsharded", world_size = size, mesh = mesh,
-        params = params, step_ms = result.step * 1e3, cpu_ms = result.cpu * 1e3, comm_ms = result.comm * 1e3,
-        compute_ms = (result.step - result.comm) * 1e3, peak_mib = result.peak / 2 ^ 20, gflops = gflops,
-        flop_fraction = gflops / gemm_gflops, threads_per_rank = result.threads}, ORDER)
+  local row = {bench = "fsdp", model = name, strategy = strategy or "unsharded", world_size = size, mesh = mesh,
+               params = params, step_ms = result.step * 1e3, cpu_ms = result.cpu * 1e3, comm_ms = result.comm * 1e3,
+               compute_ms = (result.step - result.comm) * 1e3, peak_mib = result.peak / 2 ^ 20, gflops = gflops,
+               sgemm_gflops = gemm_gflops, flop_fraction = gflops / gemm_gflops, threads_per_rank = result.threads}
+  if result.fractions then
+    local sorted = {unpack(result.fractions)}
+    table.sort(sorted)
+    row.sgemm_gflops = result.reference
+    row.flop_fraction, row.flop_fraction_min, row.flop_fraction_max = median(sorted), sorted[1], sorted[#sorted]
+  end
+  emit(row, ORDER)
 end
 
 local function count_params(spec)

@@ -235,3 +235,117 @@ describe("f32 flash attention in blocks of query rows", function()
     for i = 1, 4 do assert.is_true(ms.equal(results[1][i], results[2][i]), "result " .. i) end
   end)
 end)
+
+describe("causal_self_attention over a packed [B, T, 3C] projection", function()
+
+  -- q, k and v as CausalSelfAttention used to make them: split qkv, view the heads.
+  local function split_heads(qkv, heads, opts)
+    local batch, time = qkv:size(0), qkv:size(1)
+    local dim = qkv:size(2) / (3 * heads)
+    local parts = qkv:split(heads * dim, 2)
+    local function view(t) return t:reshape(batch, time, heads, dim):transpose(1, 2) end
+    local out = F.scaled_dot_product_attention(view(parts[1]), view(parts[2]), view(parts[3]), opts)
+    return out:transpose(1, 2):reshape(batch, time, heads * dim)
+  end
+
+  local function output_and_gradient(fn, qkv, w)
+    local x = qkv:detach():requires_grad_()
+    local out = fn(x)
+    return out, ms.autograd.grad({(out * w):sum()}, {x})[1]
+  end
+
+  for _, case in ipairs({{2, 5, 4, 3, "f64"}, {3, 70, 2, 8, "f64"}, {2, 48, 4, 8, "f32"}, {1, 1, 1, 1, "f32"}}) do
+    local batch, time, heads, dim, dtype = unpack(case)
+    it(("gives the heads' attention side by side, and its gradient, for [%d, %d, 3 x %d x %d] %s"):format(
+         batch, time, heads, dim, dtype), function()
+      local qkv = leaf({batch, time, 3 * heads * dim}, dtype, 51)
+      local w = leaf({batch, time, heads * dim}, dtype, 52):detach()
+      local out, grad = output_and_gradient(function(x) return F.causal_self_attention(x, heads) end, qkv, w)
+      assert.are.same({batch, time, heads * dim}, out:shape())
+      assert.are.same({batch, time, 3 * heads * dim}, grad:shape())
+      -- the composition (matmul + causal mask + softmax + matmul) per head
+      local ref, ref_grad = output_and_gradient(function(x)
+        return split_heads(x, heads, {is_causal = true, dropout_p = 1e-300})
+      end, qkv, w)
+      local tol = dtype == "f64" and 1e-12 or 2e-5
+      assert.is_true(max_diff(out, ref) <= tol, "forward " .. max_diff(out, ref))
+      assert.is_true(max_diff(grad, ref_grad) <= 2 * tol, "gradient " .. max_diff(grad, ref_grad))
+      -- the same kernel reached through split heads: the same bits
+      local split, split_grad = output_and_gradient(function(x) return split_heads(x, heads, {is_causal = true}) end,
+                                                    qkv, w)
+      assert.is_true(ms.equal(out, split))
+      assert.is_true(ms.equal(grad, split_grad))
+    end)
+  end
+
+  it("writes dq, dk and dv into one [B, T, 3C] gradient, with no other tensor made", function()
+    local batch, time, heads, dim = 2, 32, 4, 16
+    local qkv = leaf({batch, time, 3 * heads * dim}, "f32", 53)
+    local out = F.causal_self_attention(qkv, heads)
+    local g = ms.randn(batch, time, heads * dim)
+    collectgarbage()
+    local base = ms.memory_stats("cpu").allocated
+    ms.reset_peak_memory_stats("cpu")
+    out:backward(g) -- (autograd.grad would add its own copy of the gradient)
+    local gradient_bytes = batch * time * 3 * heads * dim * 4
+    assert.are.equal(gradient_bytes, ms.memory_stats("cpu").peak - base)
+    assert.are.same({batch, time, 3 * heads * dim}, qkv.grad:shape())
+  end)
+
+  it("reads a qkv that is not contiguous, and gives its gradient in qkv's shape", function()
+    local base = leaf({40, 2, 3 * 2 * 4}, "f64", 54)
+    local qkv = base:transpose(0, 1)
+    assert.is_false(qkv:is_contiguous())
+    local w = leaf({2, 40, 8}, "f64", 55):detach()
+    local out = F.causal_self_attention(qkv, 2)
+    local ref = split_heads(qkv, 2, {is_causal = true, dropout_p = 1e-300})
+    assert.is_true(max_diff(out, ref) <= 1e-12)
+    local got = ms.autograd.grad({(out * w):sum()}, {base})[1]
+    local want = ms.autograd.grad({(ref * w):sum()}, {base})[1]
+    assert.is_true(max_diff(got, want) <= 1e-12)
+  end)
+
+  it("with dropout composes the ops, as scaled_dot_product_attention does", function()
+    local qkv = leaf({2, 6, 3 * 2 * 4}, "f64", 56)
+    local function attention_ops(opts)
+      return ms.profiler.profile(function() F.causal_self_attention(qkv, 2, opts) end).by_key.attention.count
+    end
+    assert.are.equal(1, attention_ops())
+    assert.is_true(attention_ops({dropout_p = 1e-300}) >= 4)
+    local kept = F.causal_self_attention(qkv, 2, {dropout_p = 1e-300})
+    assert.is_true(max_diff(kept, F.causal_self_attention(qkv, 2)) <= 1e-12)
+    ms.manual_seed(3)
+    local dropped = F.causal_self_attention(qkv, 2, {dropout_p = 0.5})
+    assert.is_true(max_diff(dropped, kept) > 1e-3)
+  end)
+
+  it("gives bitwise the same values and gradients with 1 and 2 threads", function()
+    local saved = ms.get_num_threads()
+    local results = {}
+    for i, threads in ipairs({1, 2}) do
+      ms.set_num_threads(threads)
+      local qkv = leaf({4, 64, 3 * 8 * 32}, "f32", 57)
+      local out = F.causal_self_attention(qkv, 8)
+      results[i] = {out, ms.autograd.grad({(out * out):sum()}, {qkv})[1]}
+    end
+    ms.set_num_threads(saved)
+    assert.is_true(ms.equal(results[1][1], results[2][1]))
+    assert.is_true(ms.equal(results[1][2], results[2][2]))
+  end)
+
+  it("names a qkv whose width is not 3 x heads x head_dim, a qkv not 3-D and bad heads", function()
+    local function raises(pattern, fn)
+      local ok, err = pcall(fn)
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find(pattern, 1, true), tostring(err))
+    end
+    raises("qkv must be [B, T, 3 * heads * head_dim] with 2 heads, got shape [1, 3, 10]",
+           function() F.causal_self_attention(ms.zeros(1, 3, 10), 2) end)
+    raises("qkv must be [B, T, 3 * heads * head_dim] with 1 heads, got shape [3, 6]",
+           function() F.causal_self_attention(ms.zeros(3, 6), 1) end)
+    raises("heads must be a positive whole number, got 0", function() F.causal_self_attention(ms.zeros(1, 3, 6), 0) end)
+    raises("heads must be a positive whole number, got 1.5",
+           function() F.causal_self_attention(ms.zeros(1, 3, 6), 1.5) end)
+    raises("qkv must be a tensor", function() F.causal_self_attention(nil, 1) end)
+  end)
+end)

@@ -4,7 +4,6 @@ local C = require "moonshard.ffi"
 local Module = require "moonshard.nn.module"
 local layers = require "moonshard.nn.layers"
 local nn_ops = require "moonshard.ops.nn"
-local shape_ops = require "moonshard.ops.shape"
 local raw = require "moonshard.ops.raw"
 
 local fail = C.fail
@@ -28,16 +27,8 @@ function CausalSelfAttention:forward(x)
   if x:dim() ~= 3 or x:size(2) ~= self.n_embd then
     fail("CausalSelfAttention", "expected input [B, T, %d], got %s", self.n_embd, tostring(x:shape()))
   end
-  local batch, time = x:size(0), x:size(1)
-  local head_dim = self.n_embd / self.n_head
-  local qkv = shape_ops.split(self.c_attn(x), self.n_embd, 2)
-  local function heads(t)
-    return shape_ops.transpose(shape_ops.reshape(t, batch, time, self.n_head, head_dim), 1, 2)
-  end
-  local y = nn_ops.scaled_dot_product_attention(heads(qkv[1]), heads(qkv[2]), heads(qkv[3]), {
-    is_causal = true, dropout_p = self.training and self.dropout or 0,
-  })
-  y = shape_ops.reshape(shape_ops.transpose(y, 1, 2), batch, time, self.n_embd)
+  local y = nn_ops.causal_self_attention(self.c_attn(x), self.n_head,
+                                         {dropout_p = self.training and self.dropout or 0})
   return self.resid_dropout(self.c_proj(y))
 end
 

@@ -671,4 +671,90 @@ function M.scaled_dot_product_attention(q, k, v, opts)
   return attention(q, k, v, opts)
 end
 
+-- ---- causal self-attention over a packed projection ----
+
+-- Head `which` (0 q, 1 k, 2 v) of a contiguous [B, T, 3 * H * D] projection, or (three = 1)
+-- of a contiguous [B, T, H * D] tensor, as a [B, H, T, D] view (no autograd).
+local function head_view(t, which, three, batch, time, heads, head_dim)
+  local width = three * heads * head_dim
+  return Tensor.view_raw(t, {batch, heads, time, head_dim}, {time * width, head_dim, width, 1},
+                         tonumber(t._c.offset) + which * heads * head_dim, "causal_self_attention")
+end
+
+local function release_all(a, b, c, d, e, f, g)
+  for _, t in ipairs({a, b, c, d, e, f, g}) do t:_release() end
+end
+
+local function packed_attention_backward(node, g)
+  local qkv, out = node:saved_tensor(node.qkv), node:saved_tensor(node.out)
+  local b, t, h, d = node.batch, node.time, node.heads, node.head_dim
+  local dqkv = empty({b, t, 3 * h * d}, qkv._c.dtype, qkv._c.storage.pool)
+  local q, k, v = head_view(qkv, 0, 3, b, t, h, d), head_view(qkv, 1, 3, b, t, h, d), head_view(qkv, 2, 3, b, t, h, d)
+  local dq, dk, dv = head_view(dqkv, 0, 3, b, t, h, d), head_view(dqkv, 1, 3, b, t, h, d),
+                     head_view(dqkv, 2, 3, b, t, h, d)
+  local dense = raw.contiguous(g)
+  local g4, out4 = head_view(dense, 0, 1, b, t, h, d), head_view(out, 0, 1, b, t, h, d)
+  check(lib.ms_attention_backward(dq._c, dk._c, dv._c, g4._c, q._c, k._c, v._c, nil, out4._c,
+                                  node:saved_tensor(node.lse)._c, node.scale, 1), "causal_self_attention")
+  release_all(q, k, v, dq, dk, dv, g4)
+  out4:_release()
+  if dense ~= g then dense:_release() end
+  return dqkv
+end
+
+local function packed_attention(qkv, heads, scale)
+  local what = "causal_self_attention"
+  local batch, time, width = qkv:size(0), qkv:size(1), qkv:size(2)
+  local head_dim = width / (3 * heads)
+  local dense = raw.contiguous(qkv)
+  local out = empty({batch, time, heads * head_dim}, dense._c.dtype, dense._c.storage.pool)
+  local lse = empty({batch, heads, time}, dense._c.dtype, dense._c.storage.pool)
+  local q, k, v = head_view(dense, 0, 3, batch, time, heads, head_dim), head_view(dense, 1, 3, batch, time, heads, head_dim),
+                  head_view(dense, 2, 3, batch, time, heads, head_dim)
+  local out4 = head_view(out, 0, 1, batch, time, heads, head_dim)
+  check(lib.ms_attention(out4._c, lse._c, q._c, k._c, v._c, nil, scale, 1), what)
+  release_all(q, k, v, out4)
+  local node = record(out, "CausalSelfAttentionBackward0", packed_attention_backward, qkv)
+  if node then
+    node.batch, node.time, node.heads, node.head_dim, node.scale = batch, time, heads, head_dim, scale
+    node.qkv, node.out, node.lse = node:save(dense), node:save(out), node:save(lse)
+  end
+  if dense ~= qkv then dense:_release() end
+  lse:_release()
+  return out
+end
+
+-- Causal self-attention of a [B, T, 3C] projection holding q, k and v side by side (C = heads
+-- x head_dim, as CausalSelfAttention's c_attn makes it): [B, T, C], the heads' outputs side by
+-- side. The same numbers as splitting qkv into heads for scaled_dot_product_attention with
+-- is_causal, without its views and copies: the kernel reads the heads in place, writes the
+-- output in [B, T, C] order, and the backward writes dq, dk and dv into one [B, T, 3C] gradient.
+-- Dropout composes the ops as scaled_dot_product_attention does.
+function M.causal_self_attention(qkv, heads, opts)
+  local what = "causal_self_attention"
+  need_tensor(qkv, what, "qkv")
+  opts = raw.options(what, opts, {dropout_p = true, scale = true})
+  if type(heads) ~= "number" or heads < 1 or heads % 1 ~= 0 then
+    fail(what, "heads must be a positive whole number, got %s", tostring(heads))
+  end
+  if qkv:dim() ~= 3 or qkv:size(2) % (3 * heads) ~= 0 then
+    fail(what, "qkv must be [B, T, 3 * heads * head_dim] with %d heads, got shape %s", heads, tostring(qkv:shape()))
+  end
+  local batch, time = qkv:size(0), qkv:size(1)
+  local head_dim = qkv:size(2) / (3 * heads)
+  local scale = opts.scale or 1 / math.sqrt(head_dim)
+  local dropout = opts.dropout_p and opts.dropout_p > 0
+  if not dropout and flash_allowed(qkv) and batch * time > 0 then
+    if profiler.active then return profiler.within("attention", packed_attention, qkv, heads, scale) end
+    return packed_attention(qkv, heads, scale)
+  end
+  local function split_heads(t)
+    return shape_ops.transpose(shape_ops.reshape(t, batch, time, heads, head_dim), 1, 2)
+  end
+  local parts = shape_ops.split(qkv, heads * head_dim, 2)
+  local y = M.scaled_dot_product_attention(split_heads(parts[1]), split_heads(parts[2]), split_heads(parts[3]),
+                                           {is_causal = true, dropout_p = opts.dropout_p, scale = opts.scale})
+  return shape_ops.reshape(shape_ops.transpose(y, 1, 2), batch, time, heads * head_dim)
+end
+
 return M
