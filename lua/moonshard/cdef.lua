@@ -213,6 +213,13 @@ int ms_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, int di
  * to BLAS directly, any other is copied first. */
 int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
               int trans_b, double alpha, double beta);
+/* A linear layer's product: out[m, n] = x[m, k] @ weight[n, k]^T + bias[n] (bias NULL: none),
+ * 2-D operands of one float dtype, bias 1-D. The bias is written into out and the GEMM
+ * accumulates onto it; on the CPU each GEMM piece writes its own block of the bias just before
+ * its GEMM, so the block is still in cache (the same bits as ms_copy of the broadcast bias,
+ * then ms_matmul with beta = 1). */
+int ms_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
+              const ms_tensor *bias);
 
 /* ---- softmax family ---- */
 /* out = softmax(x) along dim (log_softmax when log != 0). */

@@ -18,6 +18,7 @@ const ms_ops_backend ms_cpu_ops = {
     .reduce = ms_cpu_reduce,
     .max_dim = ms_cpu_max_dim,
     .matmul = ms_cpu_matmul,
+    .linear = ms_cpu_linear,
     .softmax = ms_cpu_softmax,
     .softmax_backward = ms_cpu_softmax_backward,
     .layer_norm = ms_cpu_layer_norm,

@@ -131,6 +131,8 @@ int ms_cpu_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, in
                    const int64_t *kept_shape);
 int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
+int ms_cpu_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
+                  const ms_tensor *bias, int64_t m, int64_t n, int64_t k);
 /* f32 attention in blocks of query rows (attention_blocks.c), for ms_cpu_attention and its
  * backward: every matrix's rows at least a row apart, rows, keys, d and dv nonzero. */
 int ms_cpu_attention_blocks(ms_tensor *out, ms_tensor *lse, const ms_tensor *q,
@@ -147,6 +149,12 @@ int ms_cpu_attention_blocks_backward(ms_tensor *dq, ms_tensor *dk, ms_tensor *dv
 int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                  const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
                  int64_t ldc);
+/* C = op(A) op(B) + bias[n] added to every row (beta = 1 onto the bias): each GEMM piece
+ * writes the bias into its own block of C just before its GEMM (with OpenBLAS, all of C
+ * first). */
+int ms_cpu_sgemm_bias(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                      const float *a, int64_t lda, const float *b, int64_t ldb,
+                      const float *bias, float *c, int64_t ldc);
 /* The same product on the calling thread alone (oneDNN, one call): for kernels whose pool
  * jobs each run their own small GEMMs, started by ms_parallel_for_signals_held. */
 int ms_cpu_sgemm_serial(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,

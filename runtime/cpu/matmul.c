@@ -1,5 +1,5 @@
 /* moonshard CPU backend: ms_matmul, f32 through ms_cpu_sgemm (oneDNN), f64 through OpenBLAS
- * (2-D, batched, b shared by every batch).
+ * (2-D, batched, b shared by every batch), and ms_linear.
  * out = alpha * op(a) @ op(b) + beta * out: out is assigned or, with beta = 1, accumulated. */
 #include <limits.h>
 #include <stdlib.h>
@@ -214,4 +214,20 @@ int ms_cpu_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int tr
     free(b_dense);
     free(out_dense);
     return status;
+}
+
+/* f32 operands BLAS reads in place, x and out row-major and a dense bias: the bias goes into
+ * each GEMM piece (ms_cpu_sgemm_bias); anything else is copied in first. */
+int ms_cpu_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
+                  const ms_tensor *bias, int64_t m, int64_t n, int64_t k)
+{
+    matrix_layout lx = layout_of_tensor(x), lw = layout_of_tensor(weight),
+                  lo = layout_of_tensor(out);
+    int dense_bias = bias && (n == 1 || bias->strides[0] == 1);
+    if (out->dtype != MS_F32 || !dense_bias || out->numel == 0 || k == 0 || !lx.in_place ||
+        lx.transposed || !lw.in_place || !lo.in_place || lo.transposed)
+        return ms_linear_by_copy(&ms_cpu_ops, out, x, weight, bias, m, n, k);
+    return ms_cpu_sgemm_bias(0, !lw.transposed, m, n, k, ms_tensor_data(x), lx.ld,
+                             ms_tensor_data(weight), lw.ld, ms_tensor_data(bias),
+                             ms_tensor_data(out), lo.ld);
 }

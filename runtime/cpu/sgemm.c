@@ -34,6 +34,7 @@ typedef struct sgemm_call {
     int64_t m, n, k;
     float alpha, beta;
     const float *a, *b;
+    const float *bias; /* NULL, or n values each piece writes into its rows of c first */
     float *c;
     int64_t lda, ldb, ldc;
     int by_rows;        /* pieces are rows of out (else columns) */
@@ -43,6 +44,21 @@ typedef struct sgemm_call {
 } sgemm_call;
 
 static _Thread_local int one_openmp_thread;
+
+/* Each of c's rows [0, rows) (ldc apart) gets the n values of bias. */
+static void fill_rows(float *c, int64_t ldc, int64_t rows, int64_t n, const float *bias)
+{
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(c + r * ldc, bias, (size_t)n * sizeof *bias);
+}
+
+typedef struct fill_call { float *c; int64_t ldc, n; const float *bias; } fill_call;
+
+static void fill_range(void *ctx, int64_t begin, int64_t end)
+{
+    fill_call *f = ctx;
+    fill_rows(f->c + begin * f->ldc, f->ldc, end - begin, f->n, f->bias);
+}
 
 static void sgemm_piece(sgemm_call *g, int64_t piece)
 {
@@ -62,6 +78,8 @@ static void sgemm_piece(sgemm_call *g, int64_t piece)
         c += first;
         n = count;
     }
+    if (g->bias)
+        fill_rows(c, g->ldc, m, n, g->bias + (g->by_rows ? 0 : first));
     dnnl_status_t status = dnnl_sgemm(g->ta, g->tb, m, n, g->k, g->alpha, a, g->lda, b, g->ldb,
                                       g->beta, c, g->ldc);
     int none = dnnl_success;
@@ -132,22 +150,27 @@ int ms_cpu_sgemm_serial(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
                          m, n, k, lda, ldb, ldc);
 }
 
-int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                 const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
-                 int64_t ldc)
+/* ms_cpu_sgemm, and with bias (beta then 1) ms_cpu_sgemm_bias. */
+static int sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float *a, int64_t lda, const float *b, int64_t ldb, const float *bias,
+                 float beta, float *c, int64_t ldc)
 {
     pthread_once(&use_pieces_once, decide_pieces);
     if (use_pieces < 0)
         return MS_FAIL(MS_ERR_INVALID, "matmul: MOONSHARD_SGEMM is '%s'; expected onednn or "
                        "openblas (or unset, to choose by the CPU)", getenv("MOONSHARD_SGEMM"));
     if (!use_pieces && fits_int(m, n, k, lda, ldb, ldc)) {
+        if (bias) {
+            fill_call f = {c, ldc, n, bias};
+            ms_parallel_for(m, ms_parallel_ranges(m, (double)(m * n)), fill_range, &f);
+        }
         cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                     trans_b ? CblasTrans : CblasNoTrans, (int)m, (int)n, (int)k, alpha, a,
                     (int)lda, b, (int)ldb, beta, c, (int)ldc);
         return MS_OK;
     }
-    sgemm_call g = {trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, beta, a, b, c,
-                    lda, ldb, ldc, m > n, 0, 1, dnnl_success};
+    sgemm_call g = {trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, beta, a, b, bias,
+                    c, lda, ldb, ldc, m > n, 0, 1, dnnl_success};
     g.units = ((g.by_rows ? m : n) + PIECE_UNIT - 1) / PIECE_UNIT;
     double work = (double)m * (double)n * (double)k;
     while (g.pieces * 2 <= MAX_PIECES && g.units >= g.pieces * 2 * MIN_PIECE_UNITS &&
@@ -155,4 +178,18 @@ int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, floa
         g.pieces *= 2;
     ms_parallel_for_signals_held(g.pieces, ms_parallel_ranges(g.pieces, work), sgemm_range, &g);
     return onednn_status(g.status, m, n, k, lda, ldb, ldc);
+}
+
+int ms_cpu_sgemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                 const float *a, int64_t lda, const float *b, int64_t ldb, float beta, float *c,
+                 int64_t ldc)
+{
+    return sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, NULL, beta, c, ldc);
+}
+
+int ms_cpu_sgemm_bias(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                      const float *a, int64_t lda, const float *b, int64_t ldb,
+                      const float *bias, float *c, int64_t ldc)
+{
+    return sgemm(trans_a, trans_b, m, n, k, 1.0f, a, lda, b, ldb, bias, 1.0f, c, ldc);
 }

@@ -80,6 +80,12 @@ static int matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int tr
           cpu->matmul(out, a, b, trans_a, trans_b, alpha, beta, m, n, k));
 }
 
+static int linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
+                  const ms_tensor *bias, int64_t m, int64_t n, int64_t k)
+{
+    TIMED(MS_PROF_GEMM, cpu->linear(out, x, weight, bias, m, n, k));
+}
+
 /* log_softmax belongs to the loss, softmax to attention. */
 static int softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
 {
@@ -243,6 +249,7 @@ __attribute__((constructor)) static void build_table(void)
     ms_profiled_cpu_ops.reduce = reduce;
     ms_profiled_cpu_ops.max_dim = max_dim;
     ms_profiled_cpu_ops.matmul = matmul;
+    ms_profiled_cpu_ops.linear = linear;
     ms_profiled_cpu_ops.softmax = softmax;
     ms_profiled_cpu_ops.softmax_backward = softmax_backward;
     ms_profiled_cpu_ops.layer_norm = layer_norm;

@@ -160,12 +160,7 @@ end
 -- x2 [rows, in] times weight^T, plus bias: a new [rows, out_features] tensor.
 local function linear_product(x2, weight, bias, rows, out_features)
   local out = empty({rows, out_features}, x2._c.dtype, x2._c.storage.pool)
-  local beta = 0
-  if bias ~= nil then
-    check(lib.ms_copy(out._c, bias._c), "linear")
-    beta = 1
-  end
-  check(lib.ms_matmul(out._c, x2._c, weight._c, 0, 1, 1, beta), "linear")
+  check(lib.ms_linear(out._c, x2._c, weight._c, bias ~= nil and bias._c or nil), "linear")
   return out
 end
 
