@@ -45,8 +45,9 @@ MS_HD double ms_k_gelu_f64(double x) { return 0.5 * x * (1.0 + erf(x * MS_K_SQRT
 /* gelu(x), and *derivative = gelu'(x) = Phi(x) + x phi(x), sharing Phi(x). */
 MS_HD float ms_k_gelu_and_derivative_f32(float x, float *derivative)
 {
-    float cdf = ms_k_normal_cdf_f32(x);
-    float pdf = ms_k_expf(-0.5f * x * x) * (float)MS_K_INV_SQRT_2PI;
+    float e = ms_k_expf(-0.5f * x * x);
+    float cdf = ms_k_normal_cdf_given_f32(x, e);
+    float pdf = e * (float)MS_K_INV_SQRT_2PI;
     *derivative = cdf + x * pdf;
     return x * cdf;
 }
