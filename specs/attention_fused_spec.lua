@@ -23,6 +23,18 @@ end
 
 local function max_diff(a, b) return (a - b):abs():max():item() end
 
+-- fn's tensors (a list) made at 1 thread and at 2 are bitwise the same.
+local function same_at_1_and_2_threads(fn)
+  local saved = ms.get_num_threads()
+  local results = {}
+  for i, threads in ipairs({1, 2}) do
+    ms.set_num_threads(threads)
+    results[i] = fn()
+  end
+  ms.set_num_threads(saved)
+  for i = 1, #results[1] do assert.is_true(ms.equal(results[1][i], results[2][i]), "result " .. i) end
+end
+
 -- Output and gradients (of sum(out * w)) of the fused and composed paths agree within tol.
 local function agrees(q, k, v, opts, tol)
   local out = F.scaled_dot_product_attention(q, k, v, opts)
@@ -222,17 +234,12 @@ describe("f32 flash attention in blocks of query rows", function()
   end)
 
   it("gives bitwise the same values and gradients with 1 and 2 threads", function()
-    local saved = ms.get_num_threads()
-    local results = {}
-    for i, threads in ipairs({1, 2}) do
-      ms.set_num_threads(threads)
+    same_at_1_and_2_threads(function()
       local q, k, v = leaf({4, 8, 64, 32}, "f32", 36), leaf({4, 8, 64, 32}, "f32", 37), leaf({4, 8, 64, 32}, "f32", 38)
       local out = F.scaled_dot_product_attention(q, k, v, {is_causal = true})
       local grads = ms.autograd.grad({(out * out):sum()}, {q, k, v})
-      results[i] = {out, grads[1], grads[2], grads[3]}
-    end
-    ms.set_num_threads(saved)
-    for i = 1, 4 do assert.is_true(ms.equal(results[1][i], results[2][i]), "result " .. i) end
+      return {out, grads[1], grads[2], grads[3]}
+    end)
   end)
 end)
 
@@ -320,17 +327,11 @@ describe("causal_self_attention over a packed [B, T, 3C] projection", function()
   end)
 
   it("gives bitwise the same values and gradients with 1 and 2 threads", function()
-    local saved = ms.get_num_threads()
-    local results = {}
-    for i, threads in ipairs({1, 2}) do
-      ms.set_num_threads(threads)
+    same_at_1_and_2_threads(function()
       local qkv = leaf({4, 64, 3 * 8 * 32}, "f32", 57)
       local out = F.causal_self_attention(qkv, 8)
-      results[i] = {out, ms.autograd.grad({(out * out):sum()}, {qkv})[1]}
-    end
-    ms.set_num_threads(saved)
-    assert.is_true(ms.equal(results[1][1], results[2][1]))
-    assert.is_true(ms.equal(results[1][2], results[2][2]))
+      return {out, ms.autograd.grad({(out * out):sum()}, {qkv})[1]}
+    end)
   end)
 
   it("names a qkv whose width is not 3 x heads x head_dim, a qkv not 3-D and bad heads", function()

@@ -73,16 +73,24 @@ static int check_matmul_shapes(const char *op, const ms_tensor *out, const ms_te
     return MS_OK;
 }
 
+/* out, a and b on one place, of one float dtype (a and b named a_name and b_name). */
+static int check_operands(ms_place *place, const char *op, const ms_tensor *out,
+                          const char *a_name, const ms_tensor *a, const char *b_name,
+                          const ms_tensor *b)
+{
+    MS_CHECK(ms_check_output(place, op, "out", out));
+    MS_CHECK(ms_check_input(place, op, a_name, a));
+    MS_CHECK(ms_check_input(place, op, b_name, b));
+    MS_CHECK(ms_check_float(op, a_name, a));
+    MS_CHECK(ms_check_same_dtype(op, a_name, a, b_name, b));
+    return ms_check_same_dtype(op, "out", out, a_name, a);
+}
+
 int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
               int trans_b, double alpha, double beta)
 {
     ms_place place = ms_place_of(out);
-    MS_CHECK(ms_check_output(&place, "matmul", "out", out));
-    MS_CHECK(ms_check_input(&place, "matmul", "a", a));
-    MS_CHECK(ms_check_input(&place, "matmul", "b", b));
-    MS_CHECK(ms_check_float("matmul", "a", a));
-    MS_CHECK(ms_check_same_dtype("matmul", "a", a, "b", b));
-    MS_CHECK(ms_check_same_dtype("matmul", "out", out, "a", a));
+    MS_CHECK(check_operands(&place, "matmul", out, "a", a, "b", b));
     trans_a = trans_a != 0;
     trans_b = trans_b != 0;
     int64_t m = 0, n = 0, k = 0;
@@ -96,12 +104,7 @@ int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_
 int ms_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight, const ms_tensor *bias)
 {
     ms_place place = ms_place_of(out);
-    MS_CHECK(ms_check_output(&place, "linear", "out", out));
-    MS_CHECK(ms_check_input(&place, "linear", "x", x));
-    MS_CHECK(ms_check_input(&place, "linear", "weight", weight));
-    MS_CHECK(ms_check_float("linear", "x", x));
-    MS_CHECK(ms_check_same_dtype("linear", "x", x, "weight", weight));
-    MS_CHECK(ms_check_same_dtype("linear", "out", out, "x", x));
+    MS_CHECK(check_operands(&place, "linear", out, "x", x, "weight", weight));
     if (out->ndim != 2 || x->ndim != 2 || weight->ndim != 2) {
         matmul_shapes s = describe_shapes(out, x, weight);
         return MS_FAIL(MS_ERR_SHAPE, "linear: out %s, x %s and weight %s must be 2-D", s.out,
