@@ -225,8 +225,13 @@ int ms_cpu_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
                   lo = layout_of_tensor(out);
     int dense_bias = bias && (n == 1 || bias->strides[0] == 1);
     if (out->dtype != MS_F32 || !dense_bias || out->numel == 0 || k == 0 || !lx.in_place ||
-        lx.transposed || !lw.in_place || !lo.in_place || lo.transposed)
-        return ms_linear_by_copy(&ms_cpu_ops, out, x, weight, bias, m, n, k);
+        lx.transposed || !lw.in_place || !lo.in_place || lo.transposed) {
+        if (bias) {
+            ms_tensor rows = ms_bias_rows(bias, m, n);
+            MS_CHECK(ms_cpu_copy(out, &rows));
+        }
+        return ms_cpu_matmul(out, x, weight, 0, 1, 1.0, bias ? 1.0 : 0.0, m, n, k);
+    }
     return ms_cpu_sgemm_bias(0, !lw.transposed, m, n, k, ms_tensor_data(x), lx.ld,
                              ms_tensor_data(weight), lw.ld, ms_tensor_data(bias),
                              ms_tensor_data(out), lo.ld);

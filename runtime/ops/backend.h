@@ -153,20 +153,27 @@ typedef struct ms_ops_backend {
                            size_t nbytes);
 } ms_ops_backend;
 
-/* ms_linear through a backend's copy and matmul: the bias, broadcast over out's rows (a
- * stride-0 view), copied into out, then the GEMM with beta = 1 (beta = 0 without a bias). */
+/* The [n] bias broadcast over m rows: a stride-0 view of it. */
+static inline ms_tensor ms_bias_rows(const ms_tensor *bias, int64_t m, int64_t n)
+{
+    ms_tensor rows = *bias;
+    rows.ndim = 2;
+    rows.shape[0] = m;
+    rows.shape[1] = n;
+    rows.strides[0] = 0;
+    rows.strides[1] = bias->strides[0];
+    rows.numel = m * n;
+    return rows;
+}
+
+/* ms_linear through a backend's copy and matmul: the broadcast bias copied into out, then
+ * the GEMM with beta = 1 (beta = 0 without a bias). */
 static inline int ms_linear_by_copy(const ms_ops_backend *backend, ms_tensor *out,
                                     const ms_tensor *x, const ms_tensor *weight,
                                     const ms_tensor *bias, int64_t m, int64_t n, int64_t k)
 {
     if (bias) {
-        ms_tensor rows = *bias;
-        rows.ndim = 2;
-        rows.shape[0] = m;
-        rows.shape[1] = n;
-        rows.strides[0] = 0;
-        rows.strides[1] = bias->strides[0];
-        rows.numel = m * n;
+        ms_tensor rows = ms_bias_rows(bias, m, n);
         int status = backend->copy(out, &rows);
         if (status != MS_OK)
             return status;

@@ -136,6 +136,14 @@ end
 
 -- ---- linear: y = x W^T + b over the flattened leading dims of x ----
 
+-- x's rows as a linear layer sees them: the product of its leading dims (numel / in_features
+-- would be 0 / 0 for in_features 0).
+function M.leading_rows(x)
+  local rows = 1
+  for d = 0, x:dim() - 2 do rows = rows * x:size(d) end
+  return rows
+end
+
 local function linear_backward(node, g)
   local rows, out_features, in_features = node.rows, node.out_features, node.in_features
   local g2 = raw.contiguous(g)
@@ -182,7 +190,7 @@ function M.linear(x, weight, bias)
     raw.check_dtypes(x, bias, "linear")
   end
   local dense = raw.contiguous(x)
-  local rows = dense:numel() / in_features
+  local rows = M.leading_rows(dense)
   local x2 = Tensor.view_raw(dense, {rows, in_features}, nil, tonumber(dense._c.offset), "linear")
   local out_shape = x:shape()
   out_shape[#out_shape] = out_features

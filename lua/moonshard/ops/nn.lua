@@ -237,7 +237,7 @@ function M.linear_gelu(x, weight, bias, opts)
   raw.check_dtypes(x, weight, "linear_gelu")
   raw.check_dtypes(x, bias, "linear_gelu")
   local dense = raw.contiguous(x)
-  local rows = dense:numel() / in_features
+  local rows = linalg.leading_rows(dense)
   local x2 = Tensor.view_raw(dense, {rows, in_features}, nil, tonumber(dense._c.offset), "linear_gelu")
   local acc = autograd.run_op("linear", linear_product, x2, weight, rows, out_features)
   x2:_release()
