@@ -226,10 +226,8 @@ int ms_cpu_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
     int dense_bias = bias && (n == 1 || bias->strides[0] == 1);
     if (out->dtype != MS_F32 || !dense_bias || out->numel == 0 || k == 0 || !lx.in_place ||
         lx.transposed || !lw.in_place || !lo.in_place || lo.transposed) {
-        if (bias) {
-            ms_tensor rows = ms_bias_rows(bias, m, n);
-            MS_CHECK(ms_cpu_copy(out, &rows));
-        }
+        if (bias)
+            MS_CHECK(ms_cpu_copy(out, bias));
         return ms_cpu_matmul(out, x, weight, 0, 1, 1.0, bias ? 1.0 : 0.0, m, n, k);
     }
     return ms_cpu_sgemm_bias(0, !lw.transposed, m, n, k, ms_tensor_data(x), lx.ld,

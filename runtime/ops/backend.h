@@ -69,7 +69,7 @@ typedef struct ms_ops_backend {
     int (*matmul)(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                   int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
     /* OPTIONAL (NULL: the op layer copies the broadcast bias into out, then matmul with
-     * beta = 1; ms_linear_by_copy): out[m, n] = x @ weight^T + bias, checked 2-D operands,
+     * beta = 1): out[m, n] = x @ weight^T + bias, checked 2-D operands,
      * bias NULL or [n]. */
     int (*linear)(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
                   const ms_tensor *bias, int64_t m, int64_t n, int64_t k);
@@ -152,34 +152,6 @@ typedef struct ms_ops_backend {
     int (*between_devices)(void *dst, int dst_device, const void *src, int src_device,
                            size_t nbytes);
 } ms_ops_backend;
-
-/* The [n] bias broadcast over m rows: a stride-0 view of it. */
-static inline ms_tensor ms_bias_rows(const ms_tensor *bias, int64_t m, int64_t n)
-{
-    ms_tensor rows = *bias;
-    rows.ndim = 2;
-    rows.shape[0] = m;
-    rows.shape[1] = n;
-    rows.strides[0] = 0;
-    rows.strides[1] = bias->strides[0];
-    rows.numel = m * n;
-    return rows;
-}
-
-/* ms_linear through a backend's copy and matmul: the broadcast bias copied into out, then
- * the GEMM with beta = 1 (beta = 0 without a bias). */
-static inline int ms_linear_by_copy(const ms_ops_backend *backend, ms_tensor *out,
-                                    const ms_tensor *x, const ms_tensor *weight,
-                                    const ms_tensor *bias, int64_t m, int64_t n, int64_t k)
-{
-    if (bias) {
-        ms_tensor rows = ms_bias_rows(bias, m, n);
-        int status = backend->copy(out, &rows);
-        if (status != MS_OK)
-            return status;
-    }
-    return backend->matmul(out, x, weight, 0, 1, 1.0, bias ? 1.0 : 0.0, m, n, k);
-}
 
 /* The device side of a CUDA build: libmoonshard_cuda.so, loaded by runtime/device.c on the
  * first use of a device, exports MS_DEVICE_BACKEND_SYMBOL, this table. Its functions carry

@@ -101,6 +101,20 @@ int ms_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_
     return place.backend->matmul(out, a, b, trans_a, trans_b, alpha, beta, m, n, k);
 }
 
+/* ms_linear on a backend without its own: the bias copied into every row of out (copy
+ * broadcasts), then the GEMM with beta = 1 (beta = 0 without a bias). */
+static int linear_by_copy(const ms_ops_backend *backend, ms_tensor *out,
+                          const ms_tensor *x, const ms_tensor *weight,
+                          const ms_tensor *bias, int64_t m, int64_t n, int64_t k)
+{
+    if (bias) {
+        int status = backend->copy(out, bias);
+        if (status != MS_OK)
+            return status;
+    }
+    return backend->matmul(out, x, weight, 0, 1, 1.0, bias ? 1.0 : 0.0, m, n, k);
+}
+
 int ms_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight, const ms_tensor *bias)
 {
     ms_place place = ms_place_of(out);
@@ -130,5 +144,5 @@ int ms_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight, const
                            "write its own input", names[i]);
     if (place.backend->linear)
         return place.backend->linear(out, x, weight, bias, m, n, k);
-    return ms_linear_by_copy(place.backend, out, x, weight, bias, m, n, k);
+    return linear_by_copy(place.backend, out, x, weight, bias, m, n, k);
 }
