@@ -141,6 +141,31 @@ describe("the REPL under interrupts and bad input", function()
     term = nil
   end)
 
+  it("never lets a signal that arrives as a line returns escape the line's protection", function()
+    -- Lines of a few hundred loop steps that end by raising SIGINT on themselves: the hook,
+    -- every 1000 instructions, sometimes fires in the code around the line as it returns,
+    -- where an error would end the session. Each call must return; the signal stays pending.
+    local code = [[
+      local ffi = require "ffi"
+      ffi.cdef "int raise(int sig);"
+      local lib = require("moonshard.ffi").lib
+      local run = require "moonshard.repl.run"
+      assert(lib.ms_interrupt_install() == 0)
+      local escaped, left_pending = 0, 0
+      for i = 1, 3000 do
+        local fn = assert(run.compile("local s = 0 for j = 1, " .. (200 + i % 400) .. " do s = s + j end raise(2)"))
+        local ok = pcall(run.call, fn, setmetatable({raise = ffi.C.raise}, {__index = _G}))
+        if not ok then escaped = escaped + 1 end
+        if lib.ms_interrupt_take() ~= 0 then left_pending = left_pending + 1 end
+      end
+      io.write(escaped, " ", left_pending > 0 and "some left pending" or "none left pending")
+    ]]
+    local pipe = io.popen(string.format("LUA_PATH='lua/?.lua;lua/?/init.lua;;' luajit -e %q 2>&1", code))
+    local text = pipe:read("*a")
+    pipe:close()
+    assert.are.equal("0 some left pending", text)
+  end)
+
   -- Type line; returns the position after the screen's echo of it.
   local function type_line(line)
     local at = #term.text + 1

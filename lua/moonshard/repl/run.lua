@@ -8,7 +8,13 @@ local M = {}
 local HOOK_INSTRUCTIONS = 1000
 local SIGNAL_NAMES = {[2] = "SIGINT", [15] = "SIGTERM"}
 
+-- This file's chunk name: the hook stops the line's code (and what it calls), never the lines
+-- of M.call around it, where an error would escape the pcall and end the session (a signal
+-- arriving as the line returns is then left pending, and the prompt takes it).
+local HERE = debug.getinfo(1, "S").source
+
 local function poll_interrupt()
+  if debug.getinfo(2, "S").source == HERE then return end
   local sig = lib.ms_interrupt_pending()
   if sig ~= 0 then
     lib.ms_interrupt_take()
