@@ -182,7 +182,7 @@ def emit(**fields):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="all")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--strategy")
