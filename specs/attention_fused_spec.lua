@@ -326,6 +326,16 @@ describe("causal_self_attention over a packed [B, T, 3C] projection", function()
     assert.is_true(max_diff(dropped, kept) > 1e-3)
   end)
 
+  it("gives an empty [B, T, C] and a zero gradient for no batch or no time steps", function()
+    for _, shape in ipairs({{0, 3, 12}, {2, 0, 12}}) do
+      local qkv = ms.zeros(shape[1], shape[2], shape[3]):requires_grad_()
+      local out = F.causal_self_attention(qkv, 2)
+      assert.are.same({shape[1], shape[2], 4}, out:shape())
+      out:sum():backward()
+      assert.are.same(shape, qkv.grad:shape())
+    end
+  end)
+
   it("gives bitwise the same values and gradients with 1 and 2 threads", function()
     same_at_1_and_2_threads(function()
       local qkv = leaf({4, 64, 3 * 8 * 32}, "f32", 57)
@@ -344,9 +354,11 @@ describe("causal_self_attention over a packed [B, T, 3C] projection", function()
            function() F.causal_self_attention(ms.zeros(1, 3, 10), 2) end)
     raises("qkv must be [B, T, 3 * heads * head_dim] with 1 heads, got shape [3, 6]",
            function() F.causal_self_attention(ms.zeros(3, 6), 1) end)
-    raises("heads must be a positive whole number, got 0", function() F.causal_self_attention(ms.zeros(1, 3, 6), 0) end)
-    raises("heads must be a positive whole number, got 1.5",
+    raises("heads must be a positive whole number, got number 0", function() F.causal_self_attention(ms.zeros(1, 3, 6), 0) end)
+    raises("heads must be a positive whole number, got number 1.5",
            function() F.causal_self_attention(ms.zeros(1, 3, 6), 1.5) end)
+    raises("heads must be a positive whole number, got string 2",
+           function() F.causal_self_attention(ms.zeros(1, 3, 6), "2") end)
     raises("qkv must be a tensor", function() F.causal_self_attention(nil, 1) end)
   end)
 end)

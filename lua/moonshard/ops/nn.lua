@@ -681,8 +681,8 @@ local function head_view(t, which, three, batch, time, heads, head_dim)
                          tonumber(t._c.offset) + which * heads * head_dim, "causal_self_attention")
 end
 
-local function release_all(a, b, c, d, e, f, g)
-  for _, t in ipairs({a, b, c, d, e, f, g}) do t:_release() end
+local function release_all(...)
+  for i = 1, select("#", ...) do (select(i, ...)):_release() end
 end
 
 local function packed_attention_backward(node, g)
@@ -696,8 +696,7 @@ local function packed_attention_backward(node, g)
   local g4, out4 = head_view(dense, 0, 1, b, t, h, d), head_view(out, 0, 1, b, t, h, d)
   check(lib.ms_attention_backward(dq._c, dk._c, dv._c, g4._c, q._c, k._c, v._c, nil, out4._c,
                                   node:saved_tensor(node.lse)._c, node.scale, 1), "causal_self_attention")
-  release_all(q, k, v, dq, dk, dv, g4)
-  out4:_release()
+  release_all(q, k, v, dq, dk, dv, g4, out4)
   if dense ~= g then dense:_release() end
   return dqkv
 end
@@ -735,7 +734,7 @@ function M.causal_self_attention(qkv, heads, opts)
   need_tensor(qkv, what, "qkv")
   opts = raw.options(what, opts, {dropout_p = true, scale = true})
   if type(heads) ~= "number" or heads < 1 or heads % 1 ~= 0 then
-    fail(what, "heads must be a positive whole number, got %s", tostring(heads))
+    fail(what, "heads must be a positive whole number, got %s %s", type(heads), tostring(heads))
   end
   if qkv:dim() ~= 3 or qkv:size(2) % (3 * heads) ~= 0 then
     fail(what, "qkv must be [B, T, 3 * heads * head_dim] with %d heads, got shape %s", heads, tostring(qkv:shape()))
@@ -743,8 +742,10 @@ function M.causal_self_attention(qkv, heads, opts)
   local batch, time = qkv:size(0), qkv:size(1)
   local head_dim = qkv:size(2) / (3 * heads)
   local scale = opts.scale or 1 / math.sqrt(head_dim)
+  -- no rows: nothing to attend over; an empty [B, T, C] that still takes part in autograd
+  if batch * time == 0 then return shape_ops.narrow(qkv, 2, 0, heads * head_dim) end
   local dropout = opts.dropout_p and opts.dropout_p > 0
-  if not dropout and flash_allowed(qkv) and batch * time > 0 then
+  if not dropout and flash_allowed(qkv) then
     if profiler.active then return profiler.within("attention", packed_attention, qkv, heads, scale) end
     return packed_attention(qkv, heads, scale)
   end
