@@ -618,6 +618,35 @@ describe("autograd", function()
       local grads = ms.autograd.grad(x * 2, {x}, {f64({1, -1})})
       assert.are.same({2, -2}, grads[1]:table())
     end)
+
+    it("hands back the gradient the backward made, not a copy of it", function()
+      local x = ms.randn(4096):requires_grad_(true)
+      local w, g = ms.randn(4096), ms.randn(4096)
+      local y = x * w
+      local base = ms.memory_stats("cpu").allocated
+      ms.reset_peak_memory_stats("cpu")
+      local grads = ms.autograd.grad(y, {x}, {g})
+      -- mul's backward makes g * w and nothing else: one gradient's bytes at the peak
+      assert.are.equal(4096 * 4, ms.memory_stats("cpu").peak - base)
+      assert.is_true(ms.equal(grads[1], g * w))
+    end)
+
+    it("returns an output's own gradient, as PyTorch does (the same storage)", function()
+      local x = f64({1, 2, 3}, true)
+      local z, go = x * 1, f64({1, -1, 2})
+      local grads = ms.autograd.grad(z, {z, x}, {go})
+      assert.are.equal(go:data_ptr(), grads[1]:data_ptr())
+      assert.are.same({1, -1, 2}, grads[2]:table())
+    end)
+
+    it("keeps the implicit gradient of a scalar output when it is asked for", function()
+      local x = f64({1, 2}, true)
+      local y = (x * 2):sum()
+      local grads = ms.autograd.grad(y, {y, x})
+      collectgarbage()
+      assert.are.same(1, grads[1]:item())
+      assert.are.same({2, 2}, grads[2]:table())
+    end)
   end)
 
   describe("in-place changes to saved tensors", function()

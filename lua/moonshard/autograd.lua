@@ -525,9 +525,9 @@ local function run_backward(tensors, grads, opts, accumulate)
   tasks[#tasks] = nil
   scope.exit(mark, {}, 0)
   -- root gradients are never adopted as .grad (they are foreign to the task), so the ones
-  -- made here end with the pass
+  -- made here end with the pass, unless autograd.grad returns one
   for _, g in ipairs(implicit_grads) do
-    if rawget(g, "_c") ~= nil then g:_release() end
+    if rawget(g, "_c") ~= nil and not rawget(g, "_keep") then g:_release() end
   end
   if not ok then error(err, 0) end
 end
@@ -543,14 +543,8 @@ function M.grad(outputs, inputs, grad_outputs, opts)
   for i, t in ipairs(inputs) do
     if not t.requires_grad then fail("grad", "input %d does not require grad", i) end
     handles[i] = M.register_hook(t, function(g)
-      if captured[i] then
-        captured[i] = add_grads(captured[i], g)
-      else
-        local copy = Tensor.empty_like_raw(g)
-        check(lib.ms_copy(copy._c, g._c), "grad")
-        captured[i] = copy
-      end
-      scope.keep(captured[i])
+      -- g is foreign to the task once a hook saw it, so the engine never releases it
+      captured[i] = scope.keep(captured[i] and add_grads(captured[i], g) or g)
     end)
   end
   local ok, err = pcall(run_backward, outputs, grad_outputs, opts, false)
