@@ -12,16 +12,19 @@
 -- world-1 run and the sgemm reference (spawned ranks share the cores as always).
 -- cpu_ms is rank 0's process CPU time per step (median): unlike step_ms it barely moves when
 -- other processes take the cores, so before/after comparisons on a shared machine use it.
--- flop_fraction is the FLOP rate of the steps against the sgemm rate of the same cores. At
--- world 1 the two are measured in interleaved pairs: the sgemm rate before the first timed
--- step and after each one, each step against the better of the rates on either side of it;
--- the row gives the median of the pairs' fractions and their range (flop_fraction_min/max).
--- Sharded runs take the best sgemm rate measured right before and right after the run.
+-- flop_fraction is the FLOP rate of the steps against the sgemm rate of the same cores. For
+-- the world-1 transformer the two are measured in interleaved pairs: the sgemm rate before
+-- the first timed step and after each one, each step against the better of the rates on
+-- either side of it; the row gives the median of the pairs' fractions and their range
+-- (flop_fraction_min/max). Other runs take the best sgemm rate measured right before and
+-- right after the run: between the MLP's 1 ms steps the sgemm's 9 MB of operands would
+-- evict the model's 4 MB of state and slow its steps by a third, which bench/torch_fsdp.py's
+-- loop does not pay.
 -- --profile prints, per timed step of each run (rank 0), the milliseconds of each category of
 -- ms.profiler (GEMM, attention, layer norm, element-wise, softmax/loss, optimizer, allocator,
 -- collectives, autograd, ...) and the FLOP rate against the rank's sgemm rate at its thread
--- count: at world 1 the step's pair reference, in sharded runs the better of the rates
--- measured before and after its steps.
+-- count: the step's pair reference where rates are interleaved, elsewhere the better of the
+-- rates measured before and after its steps.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local ms = require "moonshard"
 local nn, optim, dist, fsdp = ms.nn, ms.optim, ms.dist, ms.fsdp
@@ -99,6 +102,7 @@ local MODELS = {
   transformer = {
     cfg = {vocab = 256, dim = 512, layers = 8, heads = 8, seq = 64, batch = 8},
     warmup = 3,
+    interleaved_rates = true, -- its state (400 MB) leaves no cache for the sgemm to evict
     build = function(cfg) return GPT(cfg) end,
     wrap = function() return fsdp.wrap_policy({Block}) end,
     batch = function(cfg, step)
@@ -208,8 +212,8 @@ local function train(spec, strategy, rank, size, steps, mesh_shape)
     spec.loss(cfg, model, x, y):backward()
     opt:step()
   end
-  -- world 1: rates[i] is the sgemm rate right after timed step i (rates[0] before the first)
-  local rates = size == 1 and {} or nil
+  -- interleaved: rates[i] is the sgemm rate right after timed step i (rates[0] before the first)
+  local rates = size == 1 and spec.interleaved_rates and {} or nil
   local gemm = not rates and options.profile and rank == 0 and gemm_rate() or nil
   for step = 1 - (options.warmup or spec.warmup), steps do
     if rates and step == 1 then rates[0] = gemm_rate() end
@@ -253,9 +257,9 @@ local ORDER = {"bench", "model", "strategy", "world_size", "mesh", "params", "st
                "compute_ms", "peak_mib", "gflops", "sgemm_gflops", "flop_fraction", "flop_fraction_min",
                "flop_fraction_max", "threads_per_rank"}
 
--- The machine is shared: a sharded run's reference is the best sgemm rate measured right
--- before and right after it (and at start), so a quiet moment during the run cannot make its
--- FLOP rate look faster than the GEMM it is made of. World 1 has its own pairs (train).
+-- The machine is shared: a run's reference is the best sgemm rate measured right before and
+-- right after it (and at start), so a quiet moment during the run cannot make its FLOP rate
+-- look faster than the GEMM it is made of. The world-1 transformer has its own pairs (train).
 local best_gemm = 0
 local function gemm_reference(cfg_t)
   best_gemm = math.max(best_gemm, sgemm_rate(cfg_t.batch * cfg_t.seq, cfg_t.dim, 4 * cfg_t.dim))
