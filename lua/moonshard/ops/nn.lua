@@ -723,6 +723,20 @@ local function packed_attention(qkv, heads, scale)
   return out
 end
 
+-- causal_self_attention as split + scaled_dot_product_attention (dropout, or flash off). A
+-- function of its own: the closure here would keep the hot path above from compiling.
+local function composed_attention(qkv, heads, opts)
+  local batch, time = qkv:size(0), qkv:size(1)
+  local head_dim = qkv:size(2) / (3 * heads)
+  local function split_heads(t)
+    return shape_ops.transpose(shape_ops.reshape(t, batch, time, heads, head_dim), 1, 2)
+  end
+  local parts = shape_ops.split(qkv, heads * head_dim, 2)
+  local y = M.scaled_dot_product_attention(split_heads(parts[1]), split_heads(parts[2]), split_heads(parts[3]),
+                                           {is_causal = true, dropout_p = opts.dropout_p, scale = opts.scale})
+  return shape_ops.reshape(shape_ops.transpose(y, 1, 2), batch, time, heads * head_dim)
+end
+
 -- Causal self-attention of a [B, T, 3C] projection holding q, k and v side by side (C = heads
 -- x head_dim, as CausalSelfAttention's c_attn makes it): [B, T, C], the heads' outputs side by
 -- side. The same numbers as splitting qkv into heads for scaled_dot_product_attention with
@@ -749,13 +763,7 @@ function M.causal_self_attention(qkv, heads, opts)
     if profiler.active then return profiler.within("attention", packed_attention, qkv, heads, scale) end
     return packed_attention(qkv, heads, scale)
   end
-  local function split_heads(t)
-    return shape_ops.transpose(shape_ops.reshape(t, batch, time, heads, head_dim), 1, 2)
-  end
-  local parts = shape_ops.split(qkv, heads * head_dim, 2)
-  local y = M.scaled_dot_product_attention(split_heads(parts[1]), split_heads(parts[2]), split_heads(parts[3]),
-                                           {is_causal = true, dropout_p = opts.dropout_p, scale = opts.scale})
-  return shape_ops.reshape(shape_ops.transpose(y, 1, 2), batch, time, heads * head_dim)
+  return composed_attention(qkv, heads, opts)
 end
 
 return M
