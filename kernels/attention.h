@@ -71,16 +71,21 @@
             }                                                                               \
             max = new_max;                                                                  \
         }                                                                                   \
-        T inverse = (T)1 / sum; /* a row with every key masked: 1/0, NaN as softmax's */   \
+        /* a row with every key masked gives 0 (sum is 0 and out untouched), as PyTorch's   \
+         * attention; its lse is -inf */                                                    \
+        T inverse = max == -INFINITY ? (T)0 : (T)1 / sum;                                   \
         for (int64_t c = 0; c < dv; c++)                                                    \
             out[c] *= inverse;                                                              \
         *lse = max + LOG(sum);                                                              \
     }                                                                                       \
                                                                                             \
-    /* The probability of key kj for a query row q with log-sum-exp lse. */                \
+    /* The probability of key kj for a query row q with log-sum-exp lse (0 in a row whose  \
+     * keys are all masked: lse -inf). */                                                  \
     MS_HD T ms_k_attn_p_##SUFFIX(const T *q, const T *kj, T mask, int64_t d, T scale,       \
                                  T lse)                                                     \
     {                                                                                       \
+        if (lse == -INFINITY)                                                               \
+            return 0;                                                                       \
         return EXP(ms_k_attn_dot_##SUFFIX(q, kj, d) * scale + mask - lse);                  \
     }                                                                                       \
                                                                                             \
@@ -131,8 +136,8 @@
                                                                                             \
     /* One query row of a block: s[0..n) holds scale q.k_j on entry; keys from visible on    \
      * are masked (causal). On return s holds the probabilities softmax(s + mask) (0 past    \
-     * visible; NaN when every key is masked, as softmax's 0/0) and *lse their log-sum-exp   \
-     * (-inf when every key is masked). */                                                  \
+     * visible, and everywhere when every key is masked, as PyTorch's attention) and *lse    \
+     * their log-sum-exp (-inf when every key is masked). */                               \
     MS_HD void ms_k_attn_probs_row_##SUFFIX(T *s, int64_t visible, int64_t n, const T *mask, \
                                             int64_t mask_col, T *lse)                       \
     {                                                                                       \
@@ -171,7 +176,7 @@
             max = (T)NAN;                                                                   \
         if (max == -INFINITY) {                                                             \
             for (int64_t j = 0; j < n; j++)                                                 \
-                s[j] = j < visible ? (T)NAN : 0;                                            \
+                s[j] = 0;                                                                   \
             *lse = -INFINITY;                                                               \
             return;                                                                         \
         }                                                                                   \
@@ -195,11 +200,14 @@
                                                                                             \
     /* One query row of a block's backward: s[0..n) holds scale q.k_j and dp[0..n) dout.v_j \
      * on entry. On return s holds the probabilities p_j = exp(s_j + mask_j - lse) (0 from  \
-     * visible on) and dp the scores' gradient scale p_j (dp_j - delta), delta = dout.out. */ \
+     * visible on) and dp the scores' gradient scale p_j (dp_j - delta), delta = dout.out; \
+     * both 0 in a row whose keys are all masked (lse -inf). */                            \
     MS_HD void ms_k_attn_dscores_row_##SUFFIX(T *s, T *dp, int64_t visible, int64_t n,      \
                                               const T *mask, int64_t mask_col, T lse,       \
                                               T delta, T scale)                             \
     {                                                                                       \
+        if (lse == -INFINITY)                                                               \
+            visible = 0;                                                                    \
         if (mask)                                                                           \
             for (int64_t j = 0; j < visible; j++)                                           \
                 s[j] += mask[j * mask_col];                                                 \

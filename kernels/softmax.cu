@@ -7,10 +7,12 @@
 
 /* ---- kernels ---- */
 
+enum { LOG_SOFTMAX = 1, SAFE_SOFTMAX = 2 }; /* ops.h's MS_LOG_SOFTMAX, MS_SAFE_SOFTMAX */
+
 /* S: the stored element type; T: the type computed in. */
 template <typename S, typename T = typename ms_cu_math<S>::type>
 __global__ void softmax_kernel(ms_cu_shape rows, ms_cu_operand out, ms_cu_operand x,
-                               int64_t length, int64_t out_step, int64_t x_step, int log)
+                               int64_t length, int64_t out_step, int64_t x_step, int kind)
 {
     __shared__ double scratch[MS_CU_THREADS];
     for (int64_t r = blockIdx.x; r < rows.numel; r += gridDim.x) {
@@ -23,11 +25,16 @@ __global__ void softmax_kernel(ms_cu_shape rows, ms_cu_operand out, ms_cu_operan
                 local_max = v;
         }
         T max = (T)ms_cu_block_max(local_max, scratch);
+        if (kind == SAFE_SOFTMAX && max == (T)-INFINITY) {
+            for (int64_t k = threadIdx.x; k < length; k += blockDim.x)
+                ms_cu_narrow(&result[k * out_step], (T)0);
+            continue;
+        }
         double local_sum = 0.0;
         for (int64_t k = threadIdx.x; k < length; k += blockDim.x)
             local_sum += (double)exp(ms_cu_widen(in[k * x_step]) - max);
         double sum = ms_cu_block_sum(local_sum, scratch);
-        if (log) {
+        if (kind == LOG_SOFTMAX) {
             T log_sum = (T)::log(sum);
             for (int64_t k = threadIdx.x; k < length; k += blockDim.x)
                 ms_cu_narrow(&result[k * out_step], (ms_cu_widen(in[k * x_step]) - max) - log_sum);
@@ -69,10 +76,10 @@ static unsigned row_blocks(int64_t rows) { return (unsigned)(rows < 65535 ? rows
 
 int ms_cu_softmax(cudaStream_t stream, const ms_cu_shape *rows, ms_cu_operand out,
                   ms_cu_operand x, int64_t length, const int64_t *dim_strides, int dtype,
-                  int log)
+                  int kind)
 {
     MS_CU_LAUNCH_FLOAT(dtype, softmax_kernel, row_blocks(rows->numel), MS_CU_THREADS, stream,
-                       *rows, out, x, length, dim_strides[0], dim_strides[1], log)
+                       *rows, out, x, length, dim_strides[0], dim_strides[1], kind)
     return ms_cu_last_error();
 }
 

@@ -76,12 +76,16 @@ int ms_linear(ms_tensor *out, const ms_tensor *x, const ms_tensor *weight,
               const ms_tensor *bias);
 
 /* ---- softmax family ---- */
-/* out = softmax(x) along dim (log_softmax when log != 0). */
-int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
-/* dx from the forward output y and dy: softmax dx = y*(dy - sum(dy*y));
+/* What ms_softmax computes along dim: softmax, log_softmax, or softmax whose rows of -inf
+ * only give 0 instead of softmax's 0/0 = NaN (attention over a fully masked query row, as
+ * PyTorch's scaled_dot_product_attention; the backward is softmax's, 0 on such rows). */
+enum { MS_SOFTMAX = 0, MS_LOG_SOFTMAX = 1, MS_SAFE_SOFTMAX = 2 };
+/* out = softmax(x) along dim, by kind (an MS_*SOFTMAX). */
+int ms_softmax(ms_tensor *out, const ms_tensor *x, int dim, int kind);
+/* dx from the forward output y and dy: softmax (and safe) dx = y*(dy - sum(dy*y));
  * log_softmax dx = dy - exp(y)*sum(dy). */
 int ms_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
-                        int log);
+                        int kind);
 
 /* ---- layer norm over the last normalized_ndim dims ----
  * mean and rstd are [OUT] f32/f64 tensors with numel = rows (x.numel / row size).

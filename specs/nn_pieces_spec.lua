@@ -196,6 +196,43 @@ describe("scaled_dot_product_attention attn_mask", function()
                                F.scaled_dot_product_attention(q, q, q, {is_causal = true}), {rtol = 1e-15, atol = 0}))
   end)
 
+  -- PyTorch 2.15: q = ones [1, 2, 4], k = ones [1, 3, 4], v = arange(12) [1, 3, 4], a bool mask
+  -- {{1, 1, 0}, {0, 0, 0}}, backward of o.sum(): the second query row sees no key, its output is
+  -- 0 and it adds nothing to any gradient (a float mask of -inf gives the same)
+  it("gives 0 for a query row whose keys are all masked, and no NaN in any gradient", function()
+    for _, flash in ipairs({true, false}) do
+      F.enable_cpu_flash_sdp(flash)
+      for _, dtype in ipairs({"f64", "f32"}) do
+        local q = ms.ones(1, 2, 4, {dtype = dtype, requires_grad = true})
+        local k = ms.ones(1, 3, 4, {dtype = dtype, requires_grad = true})
+        local v = ms.arange(12, {dtype = dtype}):view(1, 3, 4):requires_grad_(true)
+        local o = F.scaled_dot_product_attention(q, k, v, {attn_mask = ms.tensor({{1, 1, 0}, {0, 0, 0}}, {dtype = "u8"})})
+        o:sum():backward()
+        local where = (flash and "flash " or "composed ") .. dtype
+        local tolerance = dtype == "f64" and 1e-12 or 1e-5
+        assert_close({2, 3, 4, 5, 0, 0, 0, 0}, gradcheck.flat(o), tolerance, where .. " output")
+        assert_close({0, 0, 0, 0, 0, 0, 0, 0}, gradcheck.flat(q.grad), tolerance, where .. " q")
+        assert_close({-2, -2, -2, -2, 2, 2, 2, 2, 0, 0, 0, 0}, gradcheck.flat(k.grad), tolerance, where .. " k")
+        assert_close({0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 0}, gradcheck.flat(v.grad), tolerance, where .. " v")
+      end
+    end
+    F.enable_cpu_flash_sdp(true)
+  end)
+
+  it("gives the gradient of an input whose last dim is strided (keys stored [B, E, S])", function()
+    local q = f64({2, 3, 4}, values(24, 0.53, 0.2), true)
+    local k_stored = f64({2, 4, 5}, values(40, 0.29, 0.7), true)
+    local v = f64({2, 5, 4}, values(40, 0.71, 0.4), true)
+    F.scaled_dot_product_attention(q, k_stored:transpose(1, 2), v):sum():backward()
+    -- the same keys as a dense leaf of their own
+    local k = f64({2, 5, 4}, gradcheck.flat(k_stored:transpose(1, 2):contiguous()), true)
+    local q2 = f64({2, 3, 4}, values(24, 0.53, 0.2), true)
+    F.scaled_dot_product_attention(q2, k, v):sum():backward()
+    assert.is_not_nil(k_stored.grad)
+    assert.is_true(ms.allclose(k_stored.grad, k.grad:transpose(1, 2), {rtol = 0, atol = 1e-14}))
+    assert.is_true(ms.allclose(q.grad, q2.grad, {rtol = 0, atol = 1e-14}))
+  end)
+
   it("names a mask that does not fit", function()
     local q, k, v = qkv()
     local ok, err = pcall(F.scaled_dot_product_attention, q, k, v, {attn_mask = ms.zeros(3, 4, {dtype = "f64"})})

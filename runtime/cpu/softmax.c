@@ -1,4 +1,5 @@
-/* moonshard CPU backend: softmax and log_softmax along one dim, forward and backward.
+/* moonshard CPU backend: softmax, log_softmax and safe softmax (ops.h) along one dim, forward
+ * and backward.
  * dx is an activation gradient and is assigned. Row sums accumulate in double. */
 #include <math.h>
 
@@ -10,7 +11,7 @@
 typedef struct row_ctx {
     int64_t length;
     int64_t stride[3]; /* stride along dim of each operand */
-    int log;
+    int kind;          /* an MS_*SOFTMAX */
 } row_ctx;
 
 #define SOFTMAX_KERNEL(NAME, T, EXP)                                                      \
@@ -28,7 +29,10 @@ typedef struct row_ctx {
                     max = v;                                                              \
             }                                                                             \
             double sum = 0.0;                                                             \
-            if (c->log) {                                                                 \
+            if (max == -INFINITY && c->kind == MS_SAFE_SOFTMAX) {                         \
+                for (int64_t k = 0; k < len; k++)                                         \
+                    out[k * so] = 0;                                                      \
+            } else if (c->kind == MS_LOG_SOFTMAX) {                                       \
                 for (int64_t k = 0; k < len; k++)                                         \
                     sum += (double)EXP(x[k * sx] - max);                                  \
                 T log_sum = (T)log(sum);                                                  \
@@ -61,7 +65,7 @@ SOFTMAX_KERNEL(softmax_f64, double, exp)
             const T *y = (const T *)p[1] + r * s[1];                                      \
             const T *dy = (const T *)p[2] + r * s[2];                                     \
             double sum = 0.0;                                                             \
-            if (c->log) {                                                                 \
+            if (c->kind == MS_LOG_SOFTMAX) {                                              \
                 for (int64_t k = 0; k < len; k++)                                         \
                     sum += (double)dy[k * sdy];                                           \
                 T total = (T)sum;                                                         \
@@ -81,11 +85,11 @@ SOFTMAX_BACKWARD_KERNEL(softmax_backward_f32, float, ms_k_expf)
 SOFTMAX_BACKWARD_KERNEL(softmax_backward_f64, double, exp)
 
 /* Iterate the row starts of `count` same-shaped tensors along dim. */
-static void run_rows(const ms_tensor *const *tensors, int count, int dim, int log,
+static void run_rows(const ms_tensor *const *tensors, int count, int dim, int kind,
                      ms_iter_fn kernel, int cost)
 {
     const ms_tensor *first = tensors[0];
-    row_ctx c = {first->ndim ? first->shape[dim] : 1, {0, 0, 0}, log};
+    row_ctx c = {first->ndim ? first->shape[dim] : 1, {0, 0, 0}, kind};
     int64_t starts[MS_MAX_DIMS] = {0};
     for (int d = 0; d < first->ndim; d++)
         starts[d] = d == dim ? 1 : first->shape[d];
@@ -105,19 +109,19 @@ static void run_rows(const ms_tensor *const *tensors, int count, int dim, int lo
         ms_iter_run(&it, kernel, &c);
 }
 
-int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
+int ms_cpu_softmax(ms_tensor *out, const ms_tensor *x, int dim, int kind)
 {
     const ms_tensor *tensors[2] = {out, x};
-    run_rows(tensors, 2, dim, log != 0,
-             x->dtype == MS_F32 ? softmax_f32 : softmax_f64, 12);
+    run_rows(tensors, 2, dim, kind, x->dtype == MS_F32 ? softmax_f32 : softmax_f64, 12);
     return MS_OK;
 }
 
 int ms_cpu_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
-                            int log)
+                            int kind)
 {
     const ms_tensor *tensors[3] = {dx, y, dy};
-    run_rows(tensors, 3, dim, log != 0,
+    int log = kind == MS_LOG_SOFTMAX;
+    run_rows(tensors, 3, dim, kind,
              y->dtype == MS_F32 ? softmax_backward_f32 : softmax_backward_f64, log ? 12 : 3);
     return MS_OK;
 }

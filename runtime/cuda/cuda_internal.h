@@ -128,9 +128,9 @@ int ms_cuda_max_dim(ms_tensor *values, ms_tensor *indices, const ms_tensor *a, i
                     const int64_t *kept_shape);
 int ms_cuda_matmul(ms_tensor *out, const ms_tensor *a, const ms_tensor *b, int trans_a,
                    int trans_b, double alpha, double beta, int64_t m, int64_t n, int64_t k);
-int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log);
+int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int kind);
 int ms_cuda_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
-                             int log);
+                             int kind);
 int ms_cuda_layer_norm(ms_tensor *out, ms_tensor *mean, ms_tensor *rstd, ms_tensor *sum,
                        const ms_tensor *x, const ms_tensor *residual, const ms_tensor *weight,
                        const ms_tensor *bias, double eps, int64_t rows, int64_t size);

@@ -21,7 +21,7 @@ static void row_geometry(ms_tensor *const *tensors, int count, int dim, ms_cu_sh
     }
 }
 
-int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
+int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int kind)
 {
     int device = ms_cuda_device_of(out);
     ms_tensor *tensors[2] = {out, (ms_tensor *)x};
@@ -33,11 +33,11 @@ int ms_cuda_softmax(ms_tensor *out, const ms_tensor *x, int dim, int log)
         return MS_OK;
     return ms_cuda_launched("softmax", ms_cu_softmax(ms_cuda_compute_stream(device), &rows,
                                                      operands[0], operands[1], length,
-                                                     dim_strides, x->dtype, log != 0));
+                                                     dim_strides, x->dtype, kind));
 }
 
 int ms_cuda_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor *dy, int dim,
-                             int log)
+                             int kind)
 {
     const char *op = "softmax_backward";
     int device = ms_cuda_device_of(dx);
@@ -51,5 +51,5 @@ int ms_cuda_softmax_backward(ms_tensor *dx, const ms_tensor *y, const ms_tensor 
     return ms_cuda_launched(op, ms_cu_softmax_backward(ms_cuda_compute_stream(device), &rows,
                                                        operands[0], operands[1], operands[2],
                                                        length, dim_strides, y->dtype,
-                                                       log != 0));
+                                                       kind == MS_LOG_SOFTMAX));
 }

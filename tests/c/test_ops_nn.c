@@ -120,7 +120,25 @@ static void test_softmax_gradcheck(void)
     ms_tensor *i32 = make(MS_I32, 1, SHAPE(3));
     CHECK_ERR(ms_softmax(i32, i32, 0, 0), MS_ERR_DTYPE);
     CHECK_ERR(ms_softmax_backward(out, row, other, 0, 0), MS_ERR_SHAPE);
-    FREE_ALL(x, dy, y, dx, row, out, scalar, scalar_out, i32, other);
+    /* a row of -inf: NaN from softmax (0/0, as PyTorch's softmax), 0 from the safe kind, whose
+     * backward is then 0 too; a row with one finite value is the same in both */
+    for (int i = 0; i < 3; i++)
+        set(row, i, -INFINITY);
+    CHECK_OK(ms_softmax(out, row, 0, MS_SOFTMAX));
+    CHECK(isnan(get(out, 0)));
+    CHECK_OK(ms_softmax(out, row, 0, MS_SAFE_SOFTMAX));
+    CHECK(get(out, 0) == 0 && get(out, 1) == 0 && get(out, 2) == 0 && !signbit(get(out, 0)));
+    ms_tensor *g = make(MS_F32, 1, SHAPE(3)), *dg = make(MS_F32, 1, SHAPE(3));
+    for (int i = 0; i < 3; i++)
+        set(g, i, 1.5 * (i + 1));
+    CHECK_OK(ms_softmax_backward(dg, out, g, 0, MS_SAFE_SOFTMAX));
+    CHECK(get(dg, 0) == 0 && get(dg, 1) == 0 && get(dg, 2) == 0);
+    set(row, 1, 2);
+    CHECK_OK(ms_softmax(out, row, 0, MS_SAFE_SOFTMAX));
+    CHECK(get(out, 0) == 0 && get(out, 1) == 1 && get(out, 2) == 0);
+    CHECK_ERR(ms_softmax(out, row, 0, 3), MS_ERR_INVALID);
+    CHECK_ERR(ms_softmax_backward(dg, out, g, 0, -1), MS_ERR_INVALID);
+    FREE_ALL(x, dy, y, dx, row, out, scalar, scalar_out, i32, other, g, dg);
 }
 
 /* ---- layer norm ---- */

@@ -28,26 +28,27 @@ end
 local function softmax_backward(node, g)
   local dx = empty_like(g)
   check(lib.ms_softmax_backward(dx._c, node:saved_tensor(node.y)._c, raw.contiguous(g)._c, node.dim,
-                                node.log), node.name)
+                                node.kind), node.name)
   return dx
 end
 
-local function softmax_op(x, dim, log, what)
+-- kind: lib.MS_SOFTMAX, MS_LOG_SOFTMAX or MS_SAFE_SOFTMAX (ops.h)
+local function softmax_op(x, dim, kind, what)
   need_tensor(x, what, "input")
   if dim == nil then fail(what, "dim is required") end
   dim = Tensor.normalize_dim(x, dim, what)
   local out = empty_like(x)
-  check(lib.ms_softmax(out._c, x._c, dim, log), what)
+  check(lib.ms_softmax(out._c, x._c, dim, kind), what)
   local node = record(out, what == "softmax" and "SoftmaxBackward0" or "LogSoftmaxBackward0", softmax_backward, x)
   if node then
-    node.dim, node.log = dim, log
+    node.dim, node.kind = dim, kind
     node.y = node:save(out)
   end
   return out
 end
 
-function M.softmax(x, dim) return softmax_op(x, dim, 0, "softmax") end
-function M.log_softmax(x, dim) return softmax_op(x, dim, 1, "log_softmax") end
+function M.softmax(x, dim) return softmax_op(x, dim, lib.MS_SOFTMAX, "softmax") end
+function M.log_softmax(x, dim) return softmax_op(x, dim, lib.MS_LOG_SOFTMAX, "log_softmax") end
 
 -- ---- layer norm ----
 
@@ -549,9 +550,11 @@ local function flash_backward(node, g)
   return dq, dk, dv
 end
 
--- mask: nil or an additive mask of q's dtype with the scores' shape (no gradient).
-local function flash_attention(q, k, v, mask, scale, causal)
-  q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+-- mask: nil or an additive mask of q's dtype with the scores' shape (no gradient). The
+-- kernel reads inputs whose last dim is strided from dense copies; the node's edges are the
+-- inputs themselves, so their gradients reach them.
+local function flash_attention(q_in, k_in, v_in, mask, scale, causal)
+  local q, k, v = unit_last_stride(q_in), unit_last_stride(k_in), unit_last_stride(v_in)
   local shape = q:shape()
   local out_shape, lse_shape = {}, {}
   for i = 1, #shape - 1 do out_shape[i], lse_shape[i] = shape[i], shape[i] end
@@ -560,12 +563,15 @@ local function flash_attention(q, k, v, mask, scale, causal)
   local lse = empty(lse_shape, q._c.dtype, q._c.storage.pool)
   check(lib.ms_attention(out._c, lse._c, q._c, k._c, v._c, mask and mask._c, scale, causal and 1 or 0),
         "scaled_dot_product_attention")
-  local node = record(out, "ScaledDotProductFlashAttentionBackward0", flash_backward, q, k, v)
+  local node = record(out, "ScaledDotProductFlashAttentionBackward0", flash_backward, q_in, k_in, v_in)
   if node then
     node.scale, node.causal = scale, causal and 1 or 0
     node.q, node.k, node.v, node.out, node.lse = node:save(q), node:save(k), node:save(v), node:save(out), node:save(lse)
     if mask then node.mask = node:save(mask) end
   end
+  if q ~= q_in then q:_release() end
+  if k ~= k_in then k:_release() end
+  if v ~= v_in then v:_release() end
   lse:_release()
   return out
 end
@@ -661,7 +667,8 @@ local function attention(q, k, v, opts)
   elseif opts.is_causal then
     scores = pointwise.add(scores, causal_mask(q:size(-2), k:size(-2), scores._c.dtype, scores._c.storage.pool))
   end
-  local weights = M.softmax(scores, -1)
+  -- a query row whose keys are all masked attends to nothing: 0, as PyTorch's attention
+  local weights = softmax_op(scores, -1, mask ~= nil and lib.MS_SAFE_SOFTMAX or lib.MS_SOFTMAX, "softmax")
   if opts.dropout_p and opts.dropout_p > 0 then weights = M.dropout(weights, opts.dropout_p, true) end
   return linalg.matmul(weights, v)
 end
