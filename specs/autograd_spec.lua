@@ -639,6 +639,23 @@ describe("autograd", function()
       assert.are.same({1, -1, 2}, grads[2]:table())
     end)
 
+    it("runs only the part of the graph between the outputs and the inputs", function()
+      local x, w = f64({1, 2, 3}, true), f64({2, 2, 2}, true)
+      local h = x * w
+      local grads = ms.autograd.grad((h * h):sum(), {h})
+      assert.are.same({4, 8, 12}, grads[1]:table())
+      -- x * w's node did not run: its saved tensors serve a later backward
+      ;(h * 3):sum():backward()
+      assert.are.same({6, 6, 6}, x.grad:table())
+      assert.are.same({3, 6, 9}, w.grad:table())
+    end)
+
+    it("names outputs or inputs that are not tensors", function()
+      local x = f64({1}, true)
+      errors_with(function() ms.autograd.grad("a", {x}) end, "grad: outputs must be a tensor or an array of tensors, got string")
+      errors_with(function() ms.autograd.grad((x * 2):sum(), {x, 3}) end, "grad: inputs%[2%] is not a tensor %(number%)")
+    end)
+
     it("keeps the implicit gradient of a scalar output when it is asked for", function()
       local x = f64({1, 2}, true)
       local y = (x * 2):sum()

@@ -411,7 +411,7 @@ local function run_node(task, node, grad)
     if grad ~= nil and task.accumulate then accumulate_grad(task, node, grad) end
     return nil
   end
-  if grad == nil then return nil end
+  if grad == nil or (task.needed and not task.needed[node]) then return nil end
   if node.freed then
     fail("backward", "trying to backward through the graph a second time (or to use saved " ..
          "tensors after they were freed); pass {retain_graph = true} to the first backward")
@@ -485,9 +485,44 @@ local function run_callbacks(task)
   end
 end
 
+-- The nodes reachable from roots whose backward leads to a node of targets (a set): the
+-- others need not run. A node's inputs' nodes were made before it (lower seq), so one pass
+-- in seq order sees a node's edges first; accumulators (seq math.huge) have no edges, so
+-- they lead to themselves alone.
+local function nodes_leading_to(roots, targets)
+  local all, seen = {}, {}
+  for _, node in ipairs(roots) do
+    if not seen[node] then seen[node] = true; all[#all + 1] = node end
+  end
+  local i = 1
+  while i <= #all do
+    local node = all[i]
+    for e = 1, #node do
+      local next_node = node[e]
+      if next_node and not seen[next_node] then seen[next_node] = true; all[#all + 1] = next_node end
+    end
+    i = i + 1
+  end
+  table.sort(all, function(a, b) return a.seq < b.seq end)
+  local reaches, needed = {}, {}
+  for node in pairs(targets) do reaches[node] = true end
+  for _, node in ipairs(all) do
+    local leads = false
+    for e = 1, #node do
+      local next_node = node[e]
+      if next_node and reaches[next_node] then leads = true; break end
+    end
+    needed[node] = leads
+    reaches[node] = leads or targets[node] == true
+  end
+  return needed
+end
+
 -- Backpropagate from tensors (array) with gradients (array; nil entries mean ones for a
 -- one-element tensor). Gradients accumulate into the .grad of leaves when accumulate.
-local function run_backward(tensors, grads, opts, accumulate)
+-- targets (a set of nodes, autograd.grad's inputs): only the nodes leading to them run, so
+-- the rest of the graph keeps its saved tensors for a later backward, as PyTorch's.
+local function run_backward(tensors, grads, opts, accumulate, targets)
   opts = opts or {}
   grads = grads or {}
   local root_nodes, root_grads, implicit_grads = {}, {}, {}
@@ -515,6 +550,7 @@ local function run_backward(tensors, grads, opts, accumulate)
     root_grads[#root_grads + 1] = g
   end
   local task = new_task(opts.retain_graph, accumulate)
+  if targets then task.needed = nodes_leading_to(root_nodes, targets) end
   tasks[#tasks + 1] = task
   local mark = scope.enter()
   local previous_mode = grad_enabled
@@ -535,19 +571,31 @@ end
 function M.backward(tensors, grads, opts) return run_backward(tensors, grads, opts, true) end
 
 -- Gradients of outputs with respect to inputs, returned instead of accumulated.
+-- value as an array of tensors: a tensor, or an array of them (else an error naming what).
+local function tensor_list(value, what)
+  if Tensor.is_tensor(value) then return {value} end
+  if type(value) ~= "table" or getmetatable(value) ~= nil then
+    fail("grad", "%s must be a tensor or an array of tensors, got %s", what, type(value))
+  end
+  for i, t in ipairs(value) do
+    if not Tensor.is_tensor(t) then fail("grad", "%s[%d] is not a tensor (%s)", what, i, type(t)) end
+  end
+  return value
+end
+
 function M.grad(outputs, inputs, grad_outputs, opts)
-  if Tensor.is_tensor(outputs) then outputs = {outputs} end
-  if Tensor.is_tensor(inputs) then inputs = {inputs} end
-  if Tensor.is_tensor(grad_outputs) then grad_outputs = {grad_outputs} end
-  local captured, handles = {}, {}
+  outputs, inputs = tensor_list(outputs, "outputs"), tensor_list(inputs, "inputs")
+  if grad_outputs ~= nil then grad_outputs = tensor_list(grad_outputs, "grad_outputs") end
+  local captured, handles, targets = {}, {}, {}
   for i, t in ipairs(inputs) do
     if not t.requires_grad then fail("grad", "input %d does not require grad", i) end
+    targets[t.grad_fn or accumulator(t)] = true
     handles[i] = M.register_hook(t, function(g)
       -- g is foreign to the task once a hook saw it, so the engine never releases it
       captured[i] = scope.keep(captured[i] and add_grads(captured[i], g) or g)
     end)
   end
-  local ok, err = pcall(run_backward, outputs, grad_outputs, opts, false)
+  local ok, err = pcall(run_backward, outputs, grad_outputs, opts, false, targets)
   for i = 1, #inputs do handles[i].remove() end
   if not ok then error(err, 0) end
   return captured
