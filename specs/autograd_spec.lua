@@ -102,6 +102,25 @@ describe("autograd", function()
       assert.are.same({6, 12}, h.grad:table())
       assert.are.same({18, 36}, x.grad:table())
     end)
+
+    it("retain_grad accumulates over backward passes, as a leaf's grad does, and once per call", function()
+      local x = f64({1, 2, 3}, true)
+      local h = x + 1
+      h:retain_grad()
+      h:retain_grad()
+      assert.is_true(h.retains_grad)
+      local y = (h + h):sum()
+      y:backward(nil, {retain_graph = true})
+      y:backward()
+      assert.are.same({4, 4, 4}, h.grad:table()) -- PyTorch 2.15 gives [4, 4, 4]
+    end)
+
+    it("casts a root gradient of another dtype to the tensor's, as PyTorch does", function()
+      local z = ms.tensor({1, 2}, {requires_grad = true})
+      ;(z * 2):backward(ms.ones(2, {dtype = "f64"}))
+      assert.are.equal("f32", z.grad:dtype())
+      assert.are.same({2, 2}, z.grad:table())
+    end)
   end)
 
   describe("gradient accumulation", function()
@@ -250,6 +269,16 @@ describe("autograd", function()
       h:register_hook(function(g) return g * 10 end)
       h:sum():backward()
       assert.are.same({30, 30}, x.grad:table())
+    end)
+
+    it("may not change the gradient's shape or dtype, or return what is not a tensor", function()
+      local x = f64({1, 2}, true)
+      x:register_hook(function() return ms.ones(5, {dtype = "f64"}) end)
+      errors_with(function() (x * 2):sum():backward() end,
+                  "backward: a tensor hook replaced a gradient of shape %[2%] and dtype f64 with one of shape %[5%]")
+      local h = f64({1, 2}, true) * 2
+      h:register_hook(function() return 3 end)
+      errors_with(function() h:sum():backward() end, "backward: a tensor hook returned number")
     end)
 
     it("on a leaf run before the gradient is accumulated and can replace it", function()

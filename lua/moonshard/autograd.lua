@@ -402,6 +402,13 @@ local function run_node(task, node, grad)
     for i = 1, #hooks do
       local replaced = hooks[i](grad)
       if replaced ~= nil then
+        if not Tensor.is_tensor(replaced) then
+          fail("backward", "a tensor hook returned %s; it may return a gradient (a tensor) or nothing", type(replaced))
+        end
+        if not (replaced:shape() == grad:shape()) or replaced._c.dtype ~= grad._c.dtype then
+          fail("backward", "a tensor hook replaced a gradient of shape %s and dtype %s with one of shape %s and dtype %s",
+               tostring(grad:shape()), grad:dtype(), tostring(replaced:shape()), replaced:dtype())
+        end
         grad = replaced
         task.foreign[grad] = true
       end
@@ -545,6 +552,13 @@ local function run_backward(tensors, grads, opts, accumulate, targets)
     elseif not (g:shape() == t:shape()) then
       fail("backward", "gradient of shape %s for a tensor of shape %s", tostring(g:shape()),
            tostring(t:shape()))
+    elseif g._c.storage.pool ~= t._c.storage.pool then
+      fail("backward", "gradient %d is on %s but its tensor is on %s", i, g:device(), t:device())
+    elseif g._c.dtype ~= t._c.dtype then -- cast to the tensor's dtype, as PyTorch does
+      local cast = Tensor.empty_like_raw(t)
+      check(lib.ms_copy(cast._c, g._c), "backward")
+      g = cast
+      implicit_grads[#implicit_grads + 1] = g
     end
     root_nodes[#root_nodes + 1] = t.grad_fn or accumulator(t)
     root_grads[#root_grads + 1] = g

@@ -71,11 +71,19 @@ function Tensor:register_post_accumulate_grad_hook(fn)
   return autograd.register_post_accumulate_grad_hook(self, fn)
 end
 
+-- A non-leaf keeps its gradient in .grad from now on, accumulating over backward passes as a
+-- leaf's does (retains_grad is then true); a leaf always does. Calling it again changes nothing.
 function Tensor:retain_grad()
-  if self.grad_fn == nil then return self end
+  if self.grad_fn == nil or rawget(self, "retains_grad") then return self end
+  self.retains_grad = true
   autograd.register_hook(self, function(g)
-    local copy = raw.copy(g)
-    self.grad = scope.keep(copy)
+    local existing = rawget(self, "grad")
+    if existing ~= nil then
+      check(lib.ms_binary(existing._c, existing._c, g._c, lib.MS_ADD), "retain_grad")
+      existing:_bump_version()
+    else
+      self.grad = scope.keep(raw.copy(g))
+    end
   end)
   return self
 end
