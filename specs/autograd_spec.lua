@@ -598,6 +598,29 @@ describe("autograd", function()
     end)
   end)
 
+  describe("gradients at the points PyTorch defines", function()
+    -- PyTorch 2.15: (x ** 0).sum() at [0, 1, 2] gives 0s; maximum / minimum of [1, 2, 3] and
+    -- [1, 3, 2] split a tie in halves; maximum(x, tensor(1.)) at [0, 1, 2] gives [0, 0.5, 1]
+    it("x ^ 0 has gradient 0, 0 included", function()
+      local x = f64({0, 1, 2}, true)
+      ;(x ^ 0):sum():backward()
+      assert.are.same({0, 0, 0}, x.grad:table())
+    end)
+
+    it("maximum and minimum split a tie in halves, with a tensor or a number", function()
+      local a, b = f64({1, 2, 3}, true), f64({1, 3, 2}, true)
+      ms.maximum(a, b):sum():backward()
+      assert.are.same({0.5, 0, 1}, a.grad:table())
+      assert.are.same({0.5, 1, 0}, b.grad:table())
+      local x = f64({0, 1, 2}, true)
+      ms.maximum(x, 1):sum():backward()
+      assert.are.same({0, 0.5, 1}, x.grad:table())
+      x.grad = nil
+      ms.minimum(x, 1):sum():backward()
+      assert.are.same({1, 0.5, 0}, x.grad:table())
+    end)
+  end)
+
   describe("autograd.grad", function()
     it("returns the gradients without touching .grad", function()
       local x = f64({1, 2}, true)

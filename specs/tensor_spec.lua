@@ -262,6 +262,29 @@ describe("tensor", function()
     end)
   end)
 
+  describe("integer tensors and numbers, promoted as PyTorch promotes", function()
+    -- PyTorch 2.15: torch.tensor([1, 2, 3]) * 2.5 -> [2.5, 5., 7.5] (float), + 0.5 -> [1.5, 2.5,
+    -- 3.5], .eq(2.5) -> all False, maximum with 1.5 -> [1.5, 2., 3.], / 2 -> [0.5, 1., 1.5]
+    it("computes in the default float dtype with a number that is not whole, or in a division", function()
+      local a = ms.tensor({1, 2, 3}, {dtype = "i64"})
+      local product = a * 2.5
+      assert.are.equal("f32", product:dtype())
+      assert.are.same({2.5, 5, 7.5}, product:table())
+      assert.are.same({1.5, 2.5, 3.5}, (a + 0.5):table())
+      assert.are.same({0, 0, 0}, a:eq(2.5):table())
+      assert.are.same({1.5, 2, 3}, ms.maximum(a, 1.5):table())
+      assert.are.same({0.5, 1, 1.5}, (a / 2):table())
+      assert.are.same({0.5, 1, 1.5}, (ms.tensor({1, 2, 3}, {dtype = "i32"}) / ms.tensor({2, 2, 2}, {dtype = "i32"})):table())
+    end)
+
+    it("stays integer with a whole number", function()
+      local a = ms.tensor({1, 2, 3}, {dtype = "i64"})
+      assert.are.equal("i64", (a * 2):dtype())
+      assert.are.same({2, 4, 6}, (a * 2):table())
+      assert.are.same({0, 1, 0}, a:eq(2):table())
+    end)
+  end)
+
   describe("dtypes", function()
     for _, dtype in ipairs(dtypes) do
       it("makes " .. dtype .. " tensors of " .. element_size[dtype] .. " bytes per element", function()

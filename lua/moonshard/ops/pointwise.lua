@@ -62,14 +62,17 @@ local function div_backward(node, g)
   return ga, gb
 end
 
+-- The winner takes the gradient; a tie splits it in halves, as PyTorch's maximum / minimum.
 local function extremum_backward(node, g)
   local a, b = node:saved_tensor(node.a), node:saved_tensor(node.b)
-  local a_wins = raw.binary(a, b, node.op == raw.MAXIMUM and raw.GE or raw.LE, node.name)
+  local a_wins = raw.binary(a, b, node.op == raw.MAXIMUM and raw.GT or raw.LT, node.name)
+  local tie = raw.scalar(raw.binary(a, b, raw.EQ, node.name), 0.5, raw.MUL, false, node.name)
+  local a_share = raw.binary(a_wins, tie, raw.ADD, node.name)
   local ga, gb
-  if node[1] then ga = sum_to(raw.binary(g, a_wins, raw.MUL, node.name), node.a_shape) end
+  if node[1] then ga = sum_to(raw.binary(g, a_share, raw.MUL, node.name), node.a_shape) end
   if node[2] then
-    local b_wins = raw.scalar(a_wins, 1, raw.SUB, true, node.name)
-    gb = sum_to(raw.binary(g, b_wins, raw.MUL, node.name), node.b_shape)
+    local b_share = raw.scalar(a_share, 1, raw.SUB, true, node.name)
+    gb = sum_to(raw.binary(g, b_share, raw.MUL, node.name), node.b_shape)
   end
   return ga, gb
 end
@@ -103,18 +106,41 @@ local function scalar_backward(node, g)
       local y = raw.scalar(x, s, raw.POW, true, "pow")
       return raw.binary(g, raw.scalar(y, math.log(s), raw.MUL, false, "pow"), raw.MUL, "pow")
     end
+    if s == 0 then return raw.zeros_like(g) end -- x^0 is 1 everywhere, 0 included
     local d = raw.scalar(raw.scalar(x, s - 1, raw.POW, false, "pow"), s, raw.MUL, false, "pow")
     return raw.binary(g, d, raw.MUL, "pow")
+  end
+  if op == raw.MAXIMUM or op == raw.MINIMUM then -- as maximum with s as a tensor: a tie halves
+    local x = node:saved_tensor(node.a)
+    local wins = raw.scalar(x, s, op == raw.MAXIMUM and raw.GT or raw.LT, false, node.name)
+    local tie = raw.scalar(raw.scalar(x, s, raw.EQ, false, node.name), 0.5, raw.MUL, false, node.name)
+    return raw.binary(g, raw.binary(wins, tie, raw.ADD, node.name), raw.MUL, node.name)
   end
   fail(node.name, "no gradient for this scalar operation")
 end
 
+local INTEGER = {i32 = true, i64 = true, u8 = true}
+
+-- An integer tensor in a division, or meeting a number s that is not a whole one, computes in
+-- the default float dtype, as PyTorch promotes it (Lua numbers carry no int/float type, so
+-- the value decides: i64 * 2 stays i64, i64 * 2.5 is f32). s is nil for a tensor operand.
+local function promoted(a, s, op, what)
+  local needs_float = op == raw.DIV or (s ~= nil and s % 1 ~= 0)
+  if not needs_float or not INTEGER[a:dtype()] then return a end
+  local out = Tensor.empty_like_raw(a, Tensor.dtype_id(Tensor.get_default_dtype(), what))
+  C.check(C.lib.ms_copy(out._c, a._c), what)
+  return out
+end
+
 local function scalar_op(a, s, op, reverse, what)
+  a = promoted(a, s, op, what)
   local node = new_node(node_name(what), scalar_backward, a)
   local out = raw.scalar(a, s, op, reverse, what, node)
   if node then
     node.op, node.scalar, node.reverse = op, s, reverse
-    if op == raw.POW or (op == raw.DIV and reverse) then node.a = node:save(a) end
+    if op == raw.POW or op == raw.MAXIMUM or op == raw.MINIMUM or (op == raw.DIV and reverse) then
+      node.a = node:save(a)
+    end
   end
   return out
 end
@@ -131,6 +157,7 @@ local function binary_op(a, b, op)
   end
   as_tensor(a, what)
   as_tensor(b, what)
+  if op == raw.DIV then a, b = promoted(a, nil, op, what), promoted(b, nil, op, what) end
   local node = new_node(node_name(what), binary_backward[op], a, b)
   local out = raw.binary(a, b, op, what, node)
   if node then
@@ -245,7 +272,7 @@ local comparisons = {eq = raw.EQ, ne = raw.NE, lt = raw.LT, le = raw.LE, gt = ra
 for name, op in pairs(comparisons) do
   M[name] = function(a, b)
     as_tensor(a, name)
-    if type(b) == "number" then return raw.scalar(a, b, op, false, name) end
+    if type(b) == "number" then return raw.scalar(promoted(a, b, op, name), b, op, false, name) end
     return raw.binary(a, b, op, name)
   end
 end
