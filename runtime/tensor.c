@@ -107,6 +107,9 @@ int ms_tensor_new(ms_tensor **out, int dtype, int ndim, const int64_t *shape, in
         return MS_FAIL(MS_ERR_INVALID, "tensor_new: pool id %d out of range", pool);
     int64_t numel;
     MS_CHECK(check_geometry("tensor_new", ndim, shape, &numel));
+    if ((uint64_t)numel > (uint64_t)INT64_MAX / dtype_sizes[dtype])
+        return MS_FAIL(MS_ERR_OOM, "tensor_new: %lld elements of %zu bytes are more bytes than "
+                       "memory can address", (long long)numel, dtype_sizes[dtype]);
     size_t nbytes = (size_t)numel * dtype_sizes[dtype];
     first_handle *block = malloc(sizeof *block);
     if (!block)

@@ -22,6 +22,7 @@ local tasks = {}          -- stack of running backward tasks
 function M.is_grad_enabled() return grad_enabled end
 
 local function with_grad_mode(mode, fn, ...)
+  if not C.is_callable(fn) then fail(mode and "enable_grad" or "no_grad", "expected a function, got %s", type(fn)) end
   local previous = grad_enabled
   grad_enabled = mode
   return finally(function() grad_enabled = previous end, fn, ...)

@@ -467,7 +467,11 @@ end
 
 function Tensor.set_default_dtype(name)
   dtype_id(name, "set_default_dtype")
-  default_dtype = dtype_aliases[name] or name
+  local canonical = dtype_aliases[name] or name
+  if not (canonical == "f32" or canonical == "f64" or canonical == "bf16" or canonical == "f16") then
+    fail("set_default_dtype", "the default dtype must be a floating dtype (f32, f64, bf16 or f16), got %s", name)
+  end
+  default_dtype = canonical
 end
 function Tensor.get_default_dtype() return default_dtype end
 

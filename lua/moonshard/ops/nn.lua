@@ -66,8 +66,10 @@ local function layer_norm_backward(node, g)
 end
 
 -- The number of normalised dims of x for normalized_shape (a number or a table), checked
--- against x's trailing dims, and the count of rows.
-local function normalized_layout(x, normalized_shape, eps, what)
+-- against x's trailing dims, and the count of rows; weight and bias are tensors or nil.
+local function normalized_layout(x, normalized_shape, eps, what, weight, bias)
+  if weight ~= nil and not Tensor.is_tensor(weight) then fail(what, "weight must be a tensor or nil, got %s", type(weight)) end
+  if bias ~= nil and not Tensor.is_tensor(bias) then fail(what, "bias must be a tensor or nil, got %s", type(bias)) end
   if type(normalized_shape) == "number" then normalized_shape = {normalized_shape} end
   if type(normalized_shape) ~= "table" then fail(what, "normalized_shape must be a number or a table") end
   local n = #normalized_shape
@@ -89,7 +91,7 @@ end
 
 function M.layer_norm(x, normalized_shape, weight, bias, eps)
   need_tensor(x, "layer_norm", "input")
-  local n, rows = normalized_layout(x, normalized_shape, eps, "layer_norm")
+  local n, rows = normalized_layout(x, normalized_shape, eps, "layer_norm", weight, bias)
   local dense = raw.contiguous(x)
   local out = empty_like(dense)
   local mean = empty({rows}, x._c.dtype, x._c.storage.pool)
@@ -149,7 +151,7 @@ end
 function M.add_layer_norm(x, residual, normalized_shape, weight, bias, eps)
   need_tensor(x, "add_layer_norm", "input")
   same_as_input(residual, x, "residual")
-  local n, rows = normalized_layout(x, normalized_shape, eps, "add_layer_norm")
+  local n, rows = normalized_layout(x, normalized_shape, eps, "add_layer_norm", weight, bias)
   local sum, out = empty(x:shape(), x._c.dtype, x._c.storage.pool), empty(x:shape(), x._c.dtype, x._c.storage.pool)
   local mean = empty({rows}, x._c.dtype, x._c.storage.pool)
   local rstd = empty({rows}, x._c.dtype, x._c.storage.pool)
@@ -628,6 +630,11 @@ local function attention(q, k, v, opts)
     if operand[1]:dim() < 2 then
       fail(what, "%s must have at least 2 dims (..., L, E), got shape %s", operand[2], tostring(operand[1]:shape()))
     end
+  end
+  if opts.scale ~= nil and type(opts.scale) ~= "number" then fail(what, "scale must be a number, got %s", type(opts.scale)) end
+  local p = opts.dropout_p
+  if p ~= nil and (type(p) ~= "number" or p < 0 or p > 1) then
+    fail(what, "dropout_p must be a number in [0, 1], got %s", tostring(p))
   end
   local mask = opts.attn_mask
   if mask ~= nil then

@@ -196,8 +196,8 @@ function M.narrow(t, dim, start, length)
   need_tensor(t, "narrow")
   dim = normalize_dim(t, dim, "narrow")
   local size = t:size(dim)
-  if type(start) ~= "number" or type(length) ~= "number" then
-    fail("narrow", "start and length must be numbers")
+  if type(start) ~= "number" or type(length) ~= "number" or start % 1 ~= 0 or length % 1 ~= 0 then
+    fail("narrow", "start and length must be whole numbers, got %s and %s", tostring(start), tostring(length))
   end
   if start < 0 then start = start + size end
   if start < 0 or length < 0 or start + length > size then
@@ -263,6 +263,9 @@ function M.expand(t, ...)
   local new_shape, new_strides = {}, {}
   for i = 1, n do
     local want = target[i]
+    if type(want) ~= "number" or want % 1 ~= 0 or want < -1 then
+      fail("expand", "sizes must be whole numbers >= 0 (or -1 to keep a dim), got %s", tostring(want))
+    end
     if i <= lead then
       if want == -1 then fail("expand", "-1 not allowed for new leading dims") end
       new_shape[i], new_strides[i] = want, 0
@@ -324,7 +327,7 @@ function M.to(t, target, opts)
   if target ~= nil and type(target) ~= "string" and type(target) ~= "table" then
     fail("to", "expected a dtype or device name or an options table, got %s", type(target))
   end
-  local spec = type(target) == "table" and target or opts or {}
+  local spec = raw.options("to", type(target) == "table" and target or opts, {dtype = true, device = true, copy = true})
   if type(target) == "string" then
     local ok_dtype, id = pcall(Tensor.dtype_id, target, "to")
     if ok_dtype then dtype = id else device = Tensor.pool_id(target, "to") end
@@ -354,6 +357,12 @@ function M.cat(tensors, dim)
   dim = dim or 0
   if type(tensors) ~= "table" or #tensors == 0 then fail("cat", "expected a non-empty array of tensors") end
   local first = tensors[1]
+  if not Tensor.is_tensor(first) then fail("cat", "element 1 is not a tensor") end
+  for i, t in ipairs(tensors) do
+    if Tensor.is_tensor(t) and t:dim() == 0 then
+      fail("cat", "element %d is a zero-dimensional tensor, which cannot be concatenated (stack them)", i)
+    end
+  end
   local d = normalize_dim(first, dim, "cat")
   local shape = first:shape()
   local total, sizes = 0, {}
@@ -450,7 +459,10 @@ function M.split(t, split_size, dim)
     if total ~= size then fail("split", "sizes add up to %d, dim %d has %d", total, dim, size) end
     return split_lengths(t, dim, lengths)
   end
-  if type(split_size) ~= "number" or split_size <= 0 then fail("split", "split_size must be positive") end
+  if type(split_size) ~= "number" or split_size <= 0 or split_size % 1 ~= 0 then
+    fail("split", "split_size must be a positive whole number, got %s", tostring(split_size))
+  end
+  if size == 0 then return split_lengths(t, dim, {0}) end -- one empty piece, as PyTorch
   local start = 0
   while start < size do
     lengths[#lengths + 1] = math.min(split_size, size - start)
@@ -465,7 +477,7 @@ function M.chunk(t, chunks, dim)
     fail("chunk", "chunks must be a positive integer, got %s", tostring(chunks))
   end
   dim = normalize_dim(t, dim or 0, "chunk")
-  return M.split(t, math.ceil(t:size(dim) / chunks), dim)
+  return M.split(t, math.max(1, math.ceil(t:size(dim) / chunks)), dim)
 end
 
 return M
