@@ -120,6 +120,16 @@ describe("cross_entropy", function()
     assert_close(pytorch.ce_2d.grads[1], gradcheck.flat(x.grad), 1e-12, "input gradient")
   end)
 
+  -- PyTorch 2.15: every target ignore_index, label_smoothing 0.1, mean: the loss is NaN and the
+  -- gradient 0 everywhere
+  it("with label_smoothing and every target ignored gives a NaN loss and zero gradients, as PyTorch", function()
+    local x = f64({3, 4}, values(12, 0.37, 0.1), true)
+    local loss = F.cross_entropy(x, ms.tensor({-100, -100, -100}, {dtype = "i64"}), {label_smoothing = 0.1})
+    loss:backward()
+    assert.is_true(loss:item() ~= loss:item())
+    assert.are.same({0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, gradcheck.flat(x.grad))
+  end)
+
   it("reads [N, C, d1, d2] as classes on dim 1, the same as flattening by hand", function()
     local x = f64({2, 3, 2, 2}, values(24, 0.77, 0.5))
     local t = ms.tensor({{{0, 2}, {1, 1}}, {{2, 0}, {0, 1}}}, {dtype = "i64"})

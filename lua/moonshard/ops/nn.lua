@@ -381,6 +381,9 @@ local function smoothed(log_probs, target, reduction, ignore_index, smoothing)
   local total = reduce.sum(per_row)
   if reduction == 2 then return total end
   local kept = reduce.sum_of_squares(mask) -- the mask holds 0 and 1: the number of rows kept
+  -- no row kept: the loss is 0/0 = NaN and every gradient 0, as PyTorch's (dividing by 0
+  -- would send 1/0 back into the masked rows: inf * 0 = NaN)
+  if kept == 0 then return pointwise.add(pointwise.mul(total, 0), 0 / 0) end
   return pointwise.div(total, kept)
 end
 
