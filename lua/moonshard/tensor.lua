@@ -20,8 +20,9 @@ Tensor.Meta = Meta
 -- A released tensor raises on any use instead of touching freed memory.
 local Released = {__released = true}
 local function used_after_release()
-  error("moonshard: tensor: used after it was released (it was a temporary of a module call " ..
-        "or freed explicitly; return it from forward or call ms.keep(t) to keep it)", 0)
+  error("moonshard: tensor: used after it was released (it was a temporary of a module call, " ..
+        "a gradient a tensor hook received, which lives until backward returns, or freed " ..
+        "explicitly; return it from forward or call ms.keep(t) to keep it)", 0)
 end
 Released.__index = function(_, key)
   if key == "_c" or key == "requires_grad" or key == "grad_fn" or key == "_keep" then
