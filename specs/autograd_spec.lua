@@ -601,6 +601,19 @@ describe("autograd", function()
   describe("gradients at the points PyTorch defines", function()
     -- PyTorch 2.15: (x ** 0).sum() at [0, 1, 2] gives 0s; maximum / minimum of [1, 2, 3] and
     -- [1, 3, 2] split a tie in halves; maximum(x, tensor(1.)) at [0, 1, 2] gives [0, 0.5, 1]
+    -- PyTorch 2.15: [1, 3, 3, 2].max() gives [0, 0.5, 0.5, 0]; [1, nan, 2].max() gives [0, 1, 0]
+    it("max() and min() of a whole tensor spread the gradient over the ties, as PyTorch", function()
+      local x = f64({1, 3, 3, 2}, true)
+      x:max():backward()
+      assert.are.same({0, 0.5, 0.5, 0}, x.grad:table())
+      x.grad = nil
+      ;(x:min() * 3):backward()
+      assert.are.same({3, 0, 0, 0}, x.grad:table())
+      local n = f64({1, 0 / 0, 2}, true)
+      n:max():backward()
+      assert.are.same({0, 1, 0}, n.grad:table())
+    end)
+
     it("x ^ 0 has gradient 0, 0 included", function()
       local x = f64({0, 1, 2}, true)
       ;(x ^ 0):sum():backward()

@@ -103,6 +103,20 @@ local function extremum_dim_backward(node, g)
   return raw.binary(mask, g_keep, raw.MUL, node.name)
 end
 
+-- max(t) / min(t) without a dim: the gradient spread evenly over every element equal to the
+-- result (NaN counting as equal to a NaN result), as PyTorch's.
+local function extremum_all_backward(node, g)
+  local source, value = node:saved_tensor(node.source), node:saved_tensor(node.value)
+  local ties = raw.binary(source, value, raw.EQ, node.name)
+  local nan_source = raw.binary(source, source, raw.NE, node.name)
+  local nan_value = raw.binary(value, value, raw.NE, node.name)
+  ties = raw.binary(ties, raw.binary(nan_source, nan_value, raw.MUL, node.name), raw.ADD, node.name)
+  local count = raw.reduce_keepdim(ties, raw.SUM, {0}, node.name)
+  local dense = raw.contiguous(g)
+  local share = raw.binary(dense, count, raw.DIV, node.name)
+  return raw.binary(ties, share, raw.MUL, node.name)
+end
+
 local function extremum(t, dim, keepdim, op, what)
   if not Tensor.is_tensor(t) then fail(what, "expected a tensor, got %s", type(t)) end
   if t:numel() == 0 then fail(what, "%s of an empty tensor", what) end
@@ -129,8 +143,11 @@ local function extremum(t, dim, keepdim, op, what)
   else
     out_values, out_indices = finish(values, {d}, keepdim), finish(indices, {d}, keepdim)
   end
-  local node = record(out_values, what:gsub("^%l", string.upper) .. "Backward0", extremum_dim_backward, source)
-  if node then
+  local node = record(out_values, what:gsub("^%l", string.upper) .. "Backward0",
+                     dim == nil and extremum_all_backward or extremum_dim_backward, source)
+  if node and dim == nil then
+    node.source, node.value = node:save(source), node:save(out_values)
+  elseif node then
     node.input_shape, node.keep_shape, node.dim, node.dtype = source:shape(), keep_shape, d, sc.dtype
     node.indices = saved_indices
   end
