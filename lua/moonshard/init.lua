@@ -160,6 +160,10 @@ function ms.allclose(a, b, opts)
   if type(rtol) ~= "number" or type(atol) ~= "number" or rtol < 0 or atol < 0 then
     fail("allclose", "rtol and atol must be non-negative numbers, got %s and %s", tostring(rtol), tostring(atol))
   end
+  if not raw.same_shape(a._c, b._c) then -- broadcast, as PyTorch's allclose
+    local shape = raw.broadcast_shape(a, b, "allclose")
+    a, b = shape_ops.expand(a, shape), shape_ops.expand(b, shape)
+  end
   check(lib.ms_allclose(flag, a._c, b._c, rtol, atol), "allclose")
   return flag[0] == 1
 end

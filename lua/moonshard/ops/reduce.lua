@@ -77,8 +77,7 @@ end
 function M.sum(t, dim, keepdim) return reduce_op(t, dim, keepdim, raw.SUM, "sum", sum_backward) end
 function M.mean(t, dim, keepdim)
   if not Tensor.is_tensor(t) then fail("mean", "expected a tensor, got %s", type(t)) end
-  if t:numel() == 0 then fail("mean", "mean of an empty tensor") end
-  return reduce_op(t, dim, keepdim, raw.MEAN, "mean", mean_backward)
+  return reduce_op(t, dim, keepdim, raw.MEAN, "mean", mean_backward) -- of nothing: NaN, as PyTorch
 end
 
 -- One-hot mask (input dtype) of the positions named by indices along dim.
