@@ -252,26 +252,31 @@ describe("FSDP optimizer state dicts", function()
     end
   end)
 
-  it("resumes from optim_state_dict_to_load exactly like the uninterrupted optimizer", function()
-    local results = dist.spawn(3, function(rank, size)
-      local model = wrapped_model()
-      local opt = optim.Adam(model:parameters(), {lr = 0.01})
-      train(model, opt, rank, size, 1, 2)
-      local model_sd = deep_clone(model:state_dict())
-      local optim_sd = deep_clone(fsdp.optim_state_dict(model, opt))
-      train(model, opt, rank, size, 3, 4)
-      local uninterrupted = full_values(model)
+  for _, kind in ipairs({"SHARDED_STATE_DICT", "FULL_STATE_DICT", "LOCAL_STATE_DICT"}) do
+    it(("resumes from optim_state_dict_to_load of a %s exactly like the uninterrupted optimizer"):format(kind),
+       function()
+      local results = dist.spawn(3, function(rank, size)
+        local model = wrapped_model()
+        local opt = optim.Adam(model:parameters(), {lr = 0.01})
+        train(model, opt, rank, size, 1, 2)
+        fsdp.set_state_dict_type(model, kind)
+        local model_sd = deep_clone(model:state_dict())
+        local optim_sd = deep_clone(fsdp.optim_state_dict(model, opt))
+        train(model, opt, rank, size, 3, 4)
+        local uninterrupted = full_values(model)
 
-      ms.manual_seed(3)
-      local resumed = fsdp.FSDP(parity.Model(), {auto_wrap_policy = fsdp.wrap_policy({parity.Block})})
-      local resumed_opt = optim.Adam(resumed:parameters(), {lr = 0.5})
-      resumed:load_state_dict(model_sd)
-      resumed_opt:load_state_dict(fsdp.optim_state_dict_to_load(resumed, resumed_opt, optim_sd))
-      train(resumed, resumed_opt, rank, size, 3, 4)
-      return {uninterrupted = uninterrupted, resumed = full_values(resumed)}
+        ms.manual_seed(3)
+        local resumed = fsdp.FSDP(parity.Model(), {auto_wrap_policy = fsdp.wrap_policy({parity.Block})})
+        fsdp.set_state_dict_type(resumed, kind)
+        local resumed_opt = optim.Adam(resumed:parameters(), {lr = 0.5})
+        resumed:load_state_dict(model_sd)
+        resumed_opt:load_state_dict(fsdp.optim_state_dict_to_load(resumed, resumed_opt, optim_sd))
+        train(resumed, resumed_opt, rank, size, 3, 4)
+        return {uninterrupted = uninterrupted, resumed = full_values(resumed)}
+      end)
+      for _, res in ipairs(results) do
+        for name, values in pairs(res.uninterrupted) do assert.same(values, res.resumed[name], name) end
+      end
     end)
-    for _, res in ipairs(results) do
-      for name, values in pairs(res.uninterrupted) do assert.same(values, res.resumed[name], name) end
-    end
-  end)
+  end
 end)

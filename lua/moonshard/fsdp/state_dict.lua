@@ -1,6 +1,7 @@
 -- FSDP state dicts: SHARDED_STATE_DICT (DTensors sharing the shards' storage),
 -- FULL_STATE_DICT (gathered tensors; rank0_only optional) and LOCAL_STATE_DICT (local
 -- shards), for the model and for the optimizer, with the unwrapped model's keys.
+local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local DTensor = require "moonshard.dtensor"
@@ -8,6 +9,7 @@ local autograd = require "moonshard.autograd"
 local placement = require "moonshard.placement"
 local Tree = require "moonshard.fsdp.tree"
 local Unit = require "moonshard.fsdp.unit"
+local pack = require "moonshard.pack"
 local state_keys = require "moonshard.state_keys"
 
 local lib, check, fail = C.lib, C.check, C.fail
@@ -79,12 +81,16 @@ local function entries(model)
   return out
 end
 
--- Rank 0 of the value's mesh (every coordinate 0); plain values count as held by all.
-local function is_rank0(value)
-  local mesh = value.device_mesh
-  if mesh == nil then return true end
+-- True on the rank at the mesh's coordinate (0, ...), "rank 0" of rank0_only.
+local function at_origin(mesh)
   for _, c in ipairs(mesh:get_coordinate()) do if c ~= 0 then return false end end
   return true
+end
+
+-- Rank 0 of the value's mesh; plain values count as held by all.
+local function is_rank0(value)
+  local mesh = value.device_mesh
+  return mesh == nil or at_origin(mesh)
 end
 
 local function host_copy(t)
@@ -248,35 +254,158 @@ local function import(fqn, target, source, settings)
   dst:_bump_version()
 end
 
+-- ---- rank0_only loading: the mesh's rank 0 holds the values, every rank receives them ----
+
+-- The mesh of the FSDP tree rooted at model: its coordinate (0, ...) is rank 0 for
+-- rank0_only, and its groups carry the broadcasts (a model on a process group stays in it).
+local function tree_mesh(model)
+  return Unit.of(model).mesh
+end
+
+-- t on every rank of mesh = t at the mesh's coordinate (0, ...): one broadcast along each
+-- mesh dim from that dim's first rank, dim 0 first (after dim d every rank whose later
+-- coordinates are 0 holds the value, so the last dim reaches every rank).
+local function broadcast_from_origin(t, mesh)
+  if t:numel() == 0 then return end
+  for d = 0, mesh:ndim() - 1 do
+    local group = mesh:get_group(d)
+    if group:size() > 1 then dist().broadcast(t, group:ranks()[1], {group = group}) end
+  end
+end
+
+-- make() run on rank 0 of mesh, its result (nil, numbers, strings, booleans and tables)
+-- sent to every rank of mesh. An error raised by make (rank 0's state dict is wrong) is
+-- raised on every rank, so no rank is left waiting in a later collective.
+local function plan_from_origin(mesh, make)
+  local holder = at_origin(mesh)
+  local plan, bytes
+  if holder then
+    local ok, result = pcall(make)
+    if ok then
+      plan = result
+      ok, bytes = pcall(pack.encode, plan, "the state dict plan")
+      if not ok then result = bytes end
+    end
+    if not ok then
+      plan = {error = tostring(result)}
+      bytes = pack.encode(plan)
+    end
+  end
+  local length = Tensor.empty_raw({1}, lib.MS_F64, lib.MS_POOL_CPU)
+  local n_ptr = ffi.cast("double*", length:data_ptr())
+  n_ptr[0] = holder and #bytes or 0
+  broadcast_from_origin(length, mesh)
+  local n = n_ptr[0]
+  length:_release()
+  local message = Tensor.empty_raw({n}, lib.MS_U8, lib.MS_POOL_CPU)
+  if holder then ffi.copy(message:data_ptr(), bytes, n) end
+  broadcast_from_origin(message, mesh)
+  if not holder then plan = pack.decode(ffi.cast("const char*", message:data_ptr()), n) end
+  message:_release()
+  if plan.error then error(plan.error, 0) end
+  return plan
+end
+
+-- Raises unless rank 0's source can be broadcast as the full value of target (a DTensor
+-- or a plain tensor; shapes as in the model, a sharded target's dtype).
+local function check_rank0_source(fqn, target, source)
+  if DTensor.is_dtensor(source) then
+    fail("load_state_dict", "value for '%s' is a DTensor; with rank0_only rank 0 loads full tensors", fqn)
+  end
+  if not Tensor.is_tensor(source) then
+    fail("load_state_dict", "value for '%s' is a %s, not a tensor", fqn, type(source))
+  end
+  if Tensor.is_meta(source) then
+    fail("load_state_dict", "'%s' is a meta tensor (%s %s, no data)", fqn, tostring(source:shape()), source:dtype())
+  end
+  if not (source:shape() == target:shape()) then shape_mismatch(fqn, source:shape(), target:shape()) end
+  if DTensor.is_dtensor(target) and source:dtype() ~= target:dtype() then
+    fail("load_state_dict", "dtype mismatch for '%s': checkpoint has %s, model has %s", fqn, source:dtype(),
+         target:dtype())
+  end
+end
+
+-- What target (a DTensor or a plain tensor) takes from rank 0's source (nil on the other
+-- ranks): the full value in target's dtype, broadcast over mesh, then for a sharded target
+-- a copy of this rank's rows (the full tensor is freed: one parameter at full size at a time).
+local function receive_from_origin(target, source, mesh)
+  local like = DTensor.is_dtensor(target) and target:to_local() or target
+  local shape = target:shape()
+  local full = Tensor.empty_raw(shape, like._c.dtype, like._c.storage.pool)
+  if source ~= nil and full:numel() > 0 then check(lib.ms_copy(full._c, source._c), "load_state_dict") end
+  broadcast_from_origin(full, mesh)
+  local mesh_dim = DTensor.is_dtensor(target) and target._shard_dim
+  if not mesh_dim then return full end
+  local local_shape = like:shape()
+  local rows = Tensor.empty_raw(local_shape, like._c.dtype, like._c.storage.pool)
+  if rows:numel() > 0 then
+    local offset = 0 -- a 0-d parameter is one row
+    if #shape > 0 then
+      local start = placement.shard_range(shape[1], target.device_mesh:size(mesh_dim),
+                                          target.device_mesh:get_local_rank(mesh_dim))
+      offset = start * (full:numel() / shape[1])
+    end
+    local view = Tensor.view_raw(full, local_shape, nil, offset, "load_state_dict")
+    check(lib.ms_copy(rows._c, view._c), "load_state_dict")
+    view:_release()
+  end
+  full:_release()
+  return rows
+end
+
+-- A FULL_STATE_DICT load with rank0_only: rank 0 of the tree's mesh checks its state dict
+-- and tells every rank which entries it holds and which keys the model lacks; under strict
+-- a missing or unexpected key raises on every rank before any value moves; then each held
+-- value is broadcast in registration order. The other ranks' state dicts are not read.
+local function load_from_rank0(model, sd, strict)
+  local mesh, list = tree_mesh(model), entries(model)
+  local holder = at_origin(mesh)
+  local plan = plan_from_origin(mesh, function()
+    local known, present, unexpected = {}, {}, {}
+    for _, entry in ipairs(model:state_dict_entries()) do known[entry[1]] = true end
+    for i, entry in ipairs(list) do
+      local fqn, target = entry[1], entry[2]
+      present[i] = sd[fqn] ~= nil
+      if present[i] then check_rank0_source(fqn, target, sd[fqn]) end
+    end
+    for key in pairs(sd) do if not known[key] then unexpected[#unexpected + 1] = tostring(key) end end
+    table.sort(unexpected)
+    return {present = present, unexpected = unexpected}
+  end)
+  local missing = {}
+  for i, entry in ipairs(list) do if not plan.present[i] then missing[#missing + 1] = entry[1] end end
+  if strict and (#missing > 0 or #plan.unexpected > 0) then
+    fail("load_state_dict", "%s", state_keys.describe(missing, plan.unexpected))
+  end
+  local prepared = {}
+  autograd.no_grad(function()
+    for i, entry in ipairs(list) do
+      local fqn, target = entry[1], entry[2]
+      if plan.present[i] then prepared[fqn] = receive_from_origin(target, holder and sd[fqn] or nil, mesh) end
+    end
+  end)
+  -- reported as unexpected on every rank; only their names are read
+  for _, key in ipairs(plan.unexpected) do prepared[key] = holder and sd[key] or false end
+  return prepared
+end
+
 -- The root's load pre hook: a state dict nn.Module's loading copies from, each sharded
--- parameter's value turned into this rank's rows (rank0_only: broadcast from rank 0 first),
--- in registration order (loading may gather: every rank the same order).
-local function prepare_load(model, sd)
+-- parameter's value turned into this rank's rows, in registration order (loading may
+-- gather: every rank the same order); rank0_only loads from rank 0's state dict.
+local function prepare_load(model, sd, strict)
   local settings = settings_of(model)
-  local rank0_only_receiver = settings.type == "FULL_STATE_DICT" and settings.rank0_only
+  if settings.type == "FULL_STATE_DICT" and settings.rank0_only then return load_from_rank0(model, sd, strict) end
   local prepared = {}
   autograd.no_grad(function()
     for _, entry in ipairs(entries(model)) do
       local fqn, target = entry[1], entry[2]
       local source = sd[fqn]
-      if rank0_only_receiver and DTensor.is_dtensor(target) then
-        -- rank 0 holds the full value; everyone else receives it by broadcast
-        local full = source or Tensor.empty_raw(target:shape(), target:to_local()._c.dtype, lib.MS_POOL_CPU)
-        dist().broadcast(full, 0)
-        source = full
-      end
-      if source ~= nil then
-        prepared[fqn] = local_value(fqn, target, source, settings)
-      elseif rank0_only_receiver then
-        prepared[fqn] = DTensor.is_dtensor(target) and target:to_local() or target -- left as it is
-      end
+      if source ~= nil then prepared[fqn] = local_value(fqn, target, source, settings) end
     end
   end)
-  if not rank0_only_receiver then
-    local known = {}
-    for _, entry in ipairs(model:state_dict_entries()) do known[entry[1]] = true end
-    for key, value in pairs(sd) do if not known[key] then prepared[key] = value end end
-  end
+  local known = {}
+  for _, entry in ipairs(model:state_dict_entries()) do known[entry[1]] = true end
+  for key, value in pairs(sd) do if not known[key] then prepared[key] = value end end
   return prepared
 end
 
@@ -288,6 +417,12 @@ function M.install(module)
 end
 
 -- ---- optimizer state ----
+
+-- The optimizer state-dict settings (optim_state_dict_config) of the tree rooted at model.
+local function optim_settings(model)
+  local settings = settings_of(model)
+  return settings.optim or {type = settings.type}
+end
 
 local function param_names(model)
   local names = {}
@@ -309,7 +444,7 @@ end
 -- The optimizer's state keyed by parameter names, tensors laid out like the parameters
 -- (DTensors for a sharded state dict, full tensors for a full one).
 function M.optim_state_dict(model, opt)
-  local settings = settings_of(model).optim or {type = settings_of(model).type}
+  local settings = optim_settings(model)
   local names = param_names(model)
   local out = {state = {}, param_groups = {}}
   for _, group in ipairs(opt.param_groups) do
@@ -343,13 +478,94 @@ function M.optim_state_dict(model, opt)
   return out
 end
 
--- Turn a state dict from optim_state_dict (possibly loaded from a checkpoint) into one
--- opt:load_state_dict accepts.
-function M.optim_state_dict_to_load(model, opt, osd)
+-- rank 0's optimizer state dict as a rank0_only load needs it on every rank: per param group
+-- its saved hyper-parameters, per parameter name (of the optimizer's parameters) the
+-- state's other values and the sorted keys of its tensors (each checked against the
+-- parameter's shape and dtype; broadcast afterwards, one at a time).
+local function optim_plan(opt, names, osd)
   if type(osd) ~= "table" or type(osd.state) ~= "table" then
     fail("optim_state_dict_to_load", "expected a table with state and param_groups")
   end
+  local plan = {param_groups = {}, state = {}}
+  for g, group in ipairs(opt.param_groups) do
+    local saved, hyper = osd.param_groups and osd.param_groups[g] or {}, {}
+    for key, value in pairs(saved) do if key ~= "params" then hyper[key] = value end end
+    plan.param_groups[g] = hyper
+    for _, p in ipairs(group.params) do
+      local fqn = names[p]
+      local state = fqn and osd.state[fqn]
+      if state then
+        local values, tensors = {}, {}
+        for key, value in pairs(state) do
+          if DTensor.is_dtensor(value) or Tensor.is_tensor(value) then
+            check_rank0_source(fqn .. "." .. key, p, value)
+            tensors[#tensors + 1] = key
+          else
+            values[key] = value
+          end
+        end
+        table.sort(tensors)
+        plan.state[fqn] = {values = values, tensors = tensors}
+      end
+    end
+  end
+  return plan
+end
+
+-- One parameter's state from osd's: tensors imported as this rank's value (plain tensors
+-- as full ones, or under LOCAL_STATE_DICT as local shards), other values as they are.
+local function state_to_load(fqn, p, state, plain_kind)
+  local copy, keys = {}, {}
+  for key in pairs(state) do keys[#keys + 1] = key end
+  table.sort(keys) -- import may gather (a collective): the same order on every rank
+  for _, key in ipairs(keys) do
+    local value = state[key]
+    if DTensor.is_dtensor(value) or Tensor.is_tensor(value) then
+      local like = DTensor.is_dtensor(p) and p:to_local() or p
+      local buffer = Tensor.empty_raw(like:shape(), like._c.dtype, like._c.storage.pool)
+      local target = DTensor.is_dtensor(p) and DTensor.new(buffer, p.device_mesh, p.placements, p:shape()) or buffer
+      import(fqn .. "." .. key, target, value, {type = DTensor.is_dtensor(value) and "SHARDED_STATE_DICT" or plain_kind})
+      copy[key] = buffer
+    else
+      copy[key] = value
+    end
+  end
+  return copy
+end
+
+-- One parameter's state as rank 0's plan describes it, its tensors broadcast from rank 0
+-- (source: rank 0's state, nil elsewhere).
+local function state_from_rank0(p, planned, source, mesh)
+  local copy = {}
+  for key, value in pairs(planned.values) do copy[key] = value end
+  autograd.no_grad(function()
+    for _, key in ipairs(planned.tensors) do -- the same order on every rank
+      copy[key] = receive_from_origin(p, source and source[key], mesh)
+    end
+  end)
+  return copy
+end
+
+-- Turn a state dict from optim_state_dict (possibly loaded from a checkpoint) into one
+-- opt:load_state_dict accepts, read as the model's optimizer state-dict type says: DTensors
+-- as sharded values, plain tensors as full ones (local shards under LOCAL_STATE_DICT).
+-- With FULL_STATE_DICT and rank0_only only rank 0 of the model's mesh reads osd: it sends
+-- the structure and broadcasts each tensor within the mesh, so every rank gets rank 0's state.
+function M.optim_state_dict_to_load(model, opt, osd)
+  local settings = optim_settings(model)
   local names = param_names(model)
+  local from_rank0 = settings.type == "FULL_STATE_DICT" and settings.rank0_only
+  local mesh = from_rank0 and tree_mesh(model)
+  local holder = from_rank0 and at_origin(mesh)
+  local rank0_osd = holder and osd
+  if from_rank0 then
+    -- every rank continues from rank 0's plan: its hyper-parameters and its state
+    local plan = plan_from_origin(mesh, function() return optim_plan(opt, names, osd) end)
+    osd = {param_groups = plan.param_groups, state = plan.state}
+  elseif type(osd) ~= "table" or type(osd.state) ~= "table" then
+    fail("optim_state_dict_to_load", "expected a table with state and param_groups")
+  end
+  local plain_kind = settings.type == "LOCAL_STATE_DICT" and "LOCAL_STATE_DICT" or "FULL_STATE_DICT"
   local out = {state = {}, param_groups = {}}
   local index = 0
   for g, group in ipairs(opt.param_groups) do
@@ -361,24 +577,10 @@ function M.optim_state_dict_to_load(model, opt, osd)
       local fqn = names[p]
       entry.params[#entry.params + 1] = index
       local state = fqn and osd.state[fqn]
-      if state then
-        local copy = {}
-        local keys = {}
-        for key in pairs(state) do keys[#keys + 1] = key end
-        table.sort(keys) -- import may gather (a collective): the same order on every rank
-        for _, key in ipairs(keys) do
-          local value = state[key]
-          if DTensor.is_dtensor(value) or Tensor.is_tensor(value) then
-            local target = DTensor.is_dtensor(p) and DTensor.new(Tensor.empty_raw(p:to_local():shape(),
-              p:to_local()._c.dtype, p:to_local()._c.storage.pool), p.device_mesh, p.placements, p:shape()) or
-              Tensor.empty_raw(p:shape(), p._c.dtype, p._c.storage.pool)
-            import(fqn .. "." .. key, target, value, {type = DTensor.is_dtensor(value) and "SHARDED_STATE_DICT" or "FULL_STATE_DICT"})
-            copy[key] = DTensor.is_dtensor(target) and target:to_local() or target
-          else
-            copy[key] = value
-          end
-        end
-        out.state[index] = copy
+      if state and from_rank0 then
+        out.state[index] = state_from_rank0(p, state, holder and rank0_osd.state[fqn] or nil, mesh)
+      elseif state then
+        out.state[index] = state_to_load(fqn, p, state, plain_kind)
       end
       index = index + 1
     end
