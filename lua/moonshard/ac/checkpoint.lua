@@ -18,6 +18,69 @@ local M = {}
 local recompute_depth = 0
 local recording_frame -- the non-reentrant region whose forward pass is running, if any
 
+-- ---- graph contexts: which backward pass will carry the gradients of what runs now ----
+-- A reentrant region's forward pass (without grad) and its recomputation (inside backward)
+-- build what the region's own nested backward runs: the region's frame is the context. A
+-- non-reentrant recomputation only makes tensors to hand to saves (false: no context).
+-- Elsewhere the context is the enclosing one. Observers (FSDP) learn when a reentrant
+-- region starts running (enter), which leaves the graph its recomputation built reaches
+-- (reached, with a function computing them as a set) and when its nested backward is
+-- over (done).
+local contexts = {}
+local observers = {}
+
+-- The innermost context: a reentrant frame, false inside a non-reentrant recomputation,
+-- nil outside both.
+function M.graph_context() return contexts[#contexts] end
+
+-- observer: {enter = fn(frame), reached = fn(frame, leaves_fn), done = fn(frame)}, any of
+-- them optional.
+function M.observe(observer)
+  observers[#observers + 1] = observer
+  return {remove = function()
+    for i, o in ipairs(observers) do if o == observer then table.remove(observers, i) break end end
+  end}
+end
+
+local function notify(event, frame, arg)
+  for i = 1, #observers do
+    local fn = observers[i][event]
+    if fn then fn(frame, arg) end
+  end
+end
+
+-- fn(...) with context pushed (observers told when it is a frame being entered).
+local function in_context(context, fn, ...)
+  contexts[#contexts + 1] = context
+  local depth = #contexts
+  if context then notify("enter", context) end
+  return finally(function() for i = #contexts, depth, -1 do contexts[i] = nil end end, fn, ...)
+end
+
+-- The leaves (a set of tensors) whose gradients backward from output accumulates.
+local function leaves_reached(output)
+  local leaves = {}
+  local root = output.grad_fn or rawget(output, "_accumulator")
+  if not root then
+    if output.requires_grad then leaves[output] = true end
+    return leaves
+  end
+  local seen, stack = {[root] = true}, {root}
+  while #stack > 0 do
+    local node = stack[#stack]
+    stack[#stack] = nil
+    if node.is_accumulator then leaves[node.variable] = true end
+    for i = 1, #node do
+      local next_node = node[i]
+      if next_node and not seen[next_node] then
+        seen[next_node] = true
+        stack[#stack + 1] = next_node
+      end
+    end
+  end
+  return leaves
+end
+
 local function pack_results(...) return {n = select("#", ...), ...} end
 
 local function has_tensor(results)
@@ -234,7 +297,7 @@ local function recompute(frame)
     captured = function() return #captured end,
   }
   recompute_depth = recompute_depth + 1
-  local ok, err = pcall(rerun, frame, frame_args(frame, false), hooks, function() return nil end)
+  local ok, err = pcall(in_context, false, rerun, frame, frame_args(frame, false), hooks, function() return nil end)
   recompute_depth = recompute_depth - 1
   if not ok then
     for _, t in ipairs(captured) do t:_release() end
@@ -362,8 +425,10 @@ local function reentrant_backward(node, grad)
   local frame = node.frame
   check_inputs(frame)
   local leaves = frame_args(frame, true, node)
-  local _, output = rerun(frame, leaves, nil, function(results) return results[1] end)
+  local _, output = in_context(frame, rerun, frame, leaves, nil, function(results) return results[1] end)
+  notify("reached", frame, function() return leaves_reached(output) end)
   if output.requires_grad then autograd.backward({output}, {grad}) end
+  notify("done", frame)
   local grads = {}
   for i = 1, frame.inputs.n do
     local leaf = leaves[i]
@@ -393,7 +458,7 @@ function M.checkpoint_reentrant(fn, args, opts)
   if frame.store then
     run = function() return autograd.with_op_hook(selective.recording_hook(frame.store), region) end
   end
-  local ok, output = pcall(autograd.no_grad, run)
+  local ok, output = pcall(in_context, frame, autograd.no_grad, run)
   if not ok then release_sources(frame); error(output, 0) end
   if not is_tensor(output) then
     release_sources(frame)

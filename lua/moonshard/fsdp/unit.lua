@@ -14,6 +14,8 @@ local scope = require "moonshard.scope"
 local raw = require "moonshard.ops.raw"
 local stats = require "moonshard.fsdp.stats"
 local prefetch = require "moonshard.fsdp.prefetch"
+local autograd = require "moonshard.autograd"
+local checkpointing = require "moonshard.ac.checkpoint"
 
 local lib, check, fail = C.lib, C.check, C.fail
 local empty, view_raw = Tensor.empty_raw, Tensor.view_raw
@@ -69,7 +71,8 @@ function Unit.new(module, owned, config)
   local self = setmetatable({
     module = module, strategy_name = config.strategy, strategy = strategy, mesh = mesh,
     offload = config.offload, mp = config.mp, params = {}, per_rank_numel = 0, unsharded = false,
-    received = 0, needs_grad = 0, reduced = false, hooks = {}, flat_params = 0, padded = false,
+    reduced = false, hooks = {}, flat_params = 0, padded = false,
+    exposed = false, contexts = {}, context_count = 0,
   }, Unit)
   if strategy.shard then
     local shard_dim = mesh:ndim() - 1
@@ -145,7 +148,7 @@ function Unit:add_param(entry, shard_pool, compute_pool)
     module = entry.module, name = entry.name, fqn = entry.fqn, slots = slots, sharded = sharded,
     unsharded = unsharded, rows = rows, row_numel = row_numel, chunk = chunk, original = full, meta = meta,
     local_start = start, local_rows = length, flat_offset = not direct and self.per_rank_numel or nil,
-    shape = shape, direct = direct,
+    shape = shape, direct = direct, needs_grad = full.requires_grad and true or false, fired = 0, excluded = 0,
   }
   if not direct then
     self.per_rank_numel = self.per_rank_numel + chunk * row_numel
@@ -155,8 +158,7 @@ function Unit:add_param(entry, shard_pool, compute_pool)
   end
   self.params[#self.params + 1] = param
   if full.requires_grad then
-    self.needs_grad = self.needs_grad + 1
-    unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready() end)
+    unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready(param) end)
   end
   for _, slot in ipairs(slots) do slot.module:set_parameter(slot.name, sharded) end
 end
@@ -306,6 +308,101 @@ function Unit:unshard()
   flat:_release()
 end
 
+-- ---- when a unit's gradients are all in ----
+-- Each backward pass (engine run) reaching a parameter accumulates into its gradient once
+-- and fires its post-accumulate hook. A plain backward is one pass; a reentrant
+-- checkpointed region adds a nested pass of its own, run when backward reaches the region.
+-- So a unit notes the contexts its parameters were exposed in (the graph outside reentrant
+-- regions, BASE, and each reentrant region: ac.checkpoint's graph contexts) and is complete
+-- once each parameter has fired once per context, less the regions whose recomputed graph
+-- does not reach it. A unit never seen in a context (a backward through a graph made some
+-- other way) expects one pass.
+local BASE = setmetatable({}, {__tostring = function() return "fsdp: the graph outside reentrant regions" end})
+
+-- Units whose parameter slots hold their unsharded parameters, each with the count at
+-- which it was exposed (weak: a unit dropped while exposed goes).
+local exposed_units = setmetatable({}, {__mode = "k"})
+local exposures = 0
+-- The units that noted each reentrant region (weak: the entry goes with the region).
+local units_of_context = setmetatable({}, {__mode = "k"})
+
+local function current_context()
+  local context = checkpointing.graph_context()
+  if context ~= nil then return context or nil end
+  if autograd.is_grad_enabled() and not autograd.in_backward() then return BASE end
+  return nil
+end
+
+function Unit:note_context(context)
+  if not context or self.contexts[context] then return end
+  self.contexts[context] = true
+  self.context_count = self.context_count + 1
+  if context ~= BASE then
+    local units = units_of_context[context]
+    if not units then
+      units = {}
+      units_of_context[context] = units
+    end
+    units[#units + 1] = self
+  end
+end
+
+-- Every parameter that takes a gradient fired as often as the contexts it was used in.
+function Unit:grads_complete()
+  local count = self.context_count
+  for _, p in ipairs(self.params) do
+    if p.needs_grad and p.fired < (count == 0 and 1 or count - p.excluded) then return false end
+  end
+  return true
+end
+
+local function set_exposed(unit, exposed)
+  if unit.exposed == exposed then return end
+  unit.exposed = exposed
+  if exposed then
+    exposures = exposures + 1
+    exposed_units[unit] = exposures
+  else
+    exposed_units[unit] = nil
+  end
+end
+
+local function by_exposure(a, b) return exposed_units[a] < exposed_units[b] end
+
+checkpointing.observe({
+  -- a reentrant region starts its forward pass or its recomputation: the units exposed
+  -- now (those around it) may be read by it
+  enter = function(frame)
+    local units = {}
+    for unit in pairs(exposed_units) do units[#units + 1] = unit end
+    table.sort(units, by_exposure)
+    for _, unit in ipairs(units) do unit:note_context(frame) end
+  end,
+  -- the region's recomputed graph reaches only these leaves: its nested backward fires no
+  -- other parameter
+  reached = function(frame, leaves_fn)
+    local units = units_of_context[frame]
+    if not units then return end
+    local leaves = leaves_fn()
+    for _, unit in ipairs(units) do
+      if unit.contexts[frame] and unit.contexts[frame] ~= "reached" then
+        unit.contexts[frame] = "reached"
+        for _, p in ipairs(unit.params) do
+          if p.needs_grad and not leaves[p.unsharded] then p.excluded = p.excluded + 1 end
+        end
+      end
+    end
+  end,
+  -- the region's nested backward is over: units it did not reach may be complete now
+  done = function(frame)
+    local units = units_of_context[frame]
+    if not units then return end
+    for _, unit in ipairs(units) do
+      if unit.contexts[frame] and not unit.reduced and unit:grads_complete() then unit:grads_done() end
+    end
+  end,
+})
+
 -- Point the module's parameter slots at the unsharded tensors (forward), at values[i] for
 -- param i (summon_full_params) or back at the sharded DTensors (between iterations).
 function Unit:expose(unsharded, values)
@@ -313,6 +410,9 @@ function Unit:expose(unsharded, values)
     local value = values and values[i] or unsharded and p.unsharded or p.sharded
     for _, slot in ipairs(p.slots) do slot.module:set_parameter(slot.name, value) end
   end
+  local exposed = unsharded and not values and true or false
+  set_exposed(self, exposed)
+  if exposed then self:note_context(current_context()) end
 end
 
 -- The parameters whole in their own dtype, one tensor per param: the unsharded ones, or
@@ -361,11 +461,16 @@ function Unit:reshard()
   end
 end
 
+-- A parameter's gradient was accumulated: once the unit is complete, reduce and free it.
+-- A gradient arriving after that (a pass no context foresaw) is reduced on its own.
+function Unit:on_grad_ready(p)
+  p.fired = p.fired + 1
+  if self:grads_complete() then self:grads_done() end
+end
+
 -- Every gradient of the unit is in: reduce them and free the parameters. BACKWARD_POST
 -- frees first and gathers the next unit, whose all-gather then runs beside the reduction.
-function Unit:on_grad_ready()
-  self.received = self.received + 1
-  if self.received < self.needs_grad then return end
+function Unit:grads_done()
   local post = self.tree.backward_prefetch == "BACKWARD_POST"
   if self.no_sync then
     if post then prefetch.on_backward(self, "BACKWARD_POST") end
@@ -501,7 +606,6 @@ end
 
 -- Reduce the unsharded gradients of this backward into the local shards' grads.
 function Unit:reduce_grads()
-  if self.reduced then return end
   self.reduced = true
   local with_grad = {}
   for _, p in ipairs(self.params) do
@@ -527,7 +631,9 @@ end
 
 -- Start of an iteration's forward (outside backward).
 function Unit:reset_iteration()
-  self.received, self.reduced = 0, false
+  self.reduced = false
+  self.contexts, self.context_count = {}, 0
+  for _, p in ipairs(self.params) do p.fired, p.excluded = 0, 0 end
 end
 
 return Unit

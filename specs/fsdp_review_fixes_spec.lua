@@ -1,0 +1,213 @@
+-- FSDP training cases a review found wrong, each against an independent computation (the
+-- unwrapped model without checkpointing) and, where the contract says so, bitwise against
+-- the same FSDP model without checkpointing.
+local ms = require "moonshard"
+local global_state = require "support.global_state"
+local nn, ac, dist, fsdp, optim = ms.nn, ms.ac, ms.dist, ms.fsdp, ms.optim
+
+local DIM, HIDDEN, BATCH, STEPS = 4, 6, 6, 2
+
+before_each(global_state.save)
+after_each(global_state.restore)
+
+local function flat(t) return (ms.is_dtensor(t) and t:full_tensor() or t):reshape(-1):table() end
+
+local function max_diff(a, b)
+  assert.equal(#a, #b)
+  local worst = 0
+  for i = 1, #a do
+    local d = math.abs(a[i] - b[i])
+    if d ~= d then return math.huge end
+    if d > worst then worst = d end
+  end
+  return worst
+end
+
+local function same_bits(a, b)
+  if #a ~= #b then return false end
+  for i = 1, #a do
+    if a[i] ~= b[i] then return false end
+  end
+  return true
+end
+
+-- ---- reentrant checkpointing with a parameter used more than once ----
+
+local Block = nn.Module:extend("ReviewBlock")
+function Block:__init()
+  self.fc1 = nn.Linear(DIM, HIDDEN)
+  self.fc2 = nn.Linear(HIDDEN, DIM)
+end
+function Block:forward(x) return x + self.fc2(nn.F.gelu(self.fc1(x))) end
+
+-- Block a runs twice: a(b(a(x))).
+local Twice = nn.Module:extend("ReviewTwice")
+function Twice:__init()
+  self.a = Block()
+  self.b = Block()
+  self.head = nn.Linear(DIM, 1)
+end
+function Twice:forward(x) return self.head(self.a(self.b(self.a(x)))) end
+
+-- GPT-style tie: the head's weight is the embedding's.
+local VOCAB = 10
+local Tied = nn.Module:extend("ReviewTied")
+function Tied:__init()
+  self.embed = nn.Embedding(VOCAB, DIM)
+  self.mix = nn.Linear(DIM, DIM)
+  self.head = nn.Linear(DIM, VOCAB, {bias = false})
+  self.head.weight = self.embed.weight
+end
+function Tied:forward(t) return self.head(nn.F.gelu(self.mix(self.embed(t)))) end
+
+-- The inputs require grad: a reentrant region whose inputs do not gives its parameters no
+-- gradient (as PyTorch's).
+local function twice_batch(step)
+  ms.manual_seed(100 + step)
+  return ms.randn(BATCH, DIM)
+end
+
+local function rows(x, rank, size)
+  local per = BATCH / size
+  local mine = x:narrow(0, rank * per, per):clone()
+  mine.requires_grad = true
+  return mine
+end
+
+local function tied_batch(step)
+  local tokens, targets = {}, {}
+  for i = 1, BATCH do
+    tokens[i] = {(i * 3 + step) % VOCAB, (i * 7 + 2 * step) % VOCAB}
+    targets[i] = {(i * 5 + step) % VOCAB, (i + 3 * step) % VOCAB}
+  end
+  return ms.tensor(tokens, {dtype = "i64"}), ms.tensor(targets, {dtype = "i64"})
+end
+
+local cases = {
+  twice = {
+    build = Twice,
+    wrap_regions = function(m, impl)
+      ac.checkpoint_wrapper(m.a, {checkpoint_impl = impl})
+      ac.checkpoint_wrapper(m.b, {checkpoint_impl = impl})
+    end,
+    policy = function() return fsdp.wrap_policy({Block}) end,
+    loss = function(m, step, rank, size)
+      local out = m(rows(twice_batch(step), rank, size))
+      return (out * out):mean()
+    end,
+  },
+  tied = {
+    build = Tied,
+    wrap_regions = function(m, impl) ac.checkpoint_wrapper(m.head, {checkpoint_impl = impl}) end,
+    policy = function() return nil end,
+    loss = function(m, step, rank, size)
+      local per = BATCH / size
+      local tokens, targets = tied_batch(step)
+      local logits = m(tokens:narrow(0, rank * per, per))
+      return nn.F.cross_entropy(logits:view(-1, VOCAB), targets:narrow(0, rank * per, per):reshape(-1))
+    end,
+  },
+}
+
+-- Train STEPS SGD steps on this rank's rows; config: {case, impl (nil: no checkpointing),
+-- strategy (nil: no FSDP), unit_per_block}. Returns each step's gradients and the final
+-- parameters, whole, by name.
+local function train(rank, size, config)
+  ms.set_default_dtype("f64")
+  ms.manual_seed(0)
+  local case = cases[config.case]
+  local model = case.build()
+  if config.impl then case.wrap_regions(model, config.impl) end
+  if config.strategy then
+    fsdp.FSDP(model, {sharding_strategy = config.strategy,
+                      auto_wrap_policy = config.unit_per_block and case.policy() or nil})
+  end
+  local opt = optim.SGD(model:parameters(), {lr = 0.1})
+  local grads = {}
+  for step = 1, STEPS do
+    opt:zero_grad()
+    case.loss(model, step, rank, size):backward()
+    for name, p in model:named_parameters() do grads[step .. ":" .. name] = flat(p.grad) end
+    opt:step()
+  end
+  local params = {}
+  for name, p in model:named_parameters() do params[name] = flat(p) end
+  return {grads = grads, params = params}
+end
+
+local function compare(expected, got, label, check)
+  for _, key in ipairs({"grads", "params"}) do
+    local count = 0
+    for name, values in pairs(expected[key]) do
+      count = count + 1
+      assert.is_not_nil(got[key][name], label .. ": missing " .. name)
+      check(values, got[key][name], ("%s: %s %s"):format(label, key, name))
+    end
+    for name in pairs(got[key]) do assert.is_not_nil(expected[key][name], label .. ": extra " .. name) end
+    assert.is_true(count > 0)
+  end
+end
+
+describe("reentrant checkpointing with FSDP when a parameter is used more than once", function()
+  local reference = {}
+  setup(function()
+    for name in pairs(cases) do reference[name] = train(0, 1, {case = name}) end
+    global_state.restore()
+  end)
+
+  local configs = {}
+  for _, strategy in ipairs({"FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"}) do
+    configs[#configs + 1] = {case = "twice", strategy = strategy, unit_per_block = true}
+    configs[#configs + 1] = {case = "twice", strategy = strategy, unit_per_block = false}
+  end
+  configs[#configs + 1] = {case = "tied", strategy = "FULL_SHARD"}
+  configs[#configs + 1] = {case = "tied", strategy = "NO_SHARD"}
+
+  for _, config in ipairs(configs) do
+    local label = ("%s, %s, %s"):format(config.case, config.strategy,
+                                        config.unit_per_block and "a unit per block" or "one root unit")
+    it(label .. ": trains as the unwrapped model and bitwise as FSDP without checkpointing", function()
+      local results = dist.spawn(2, function(rank, size)
+        local plain = train(rank, size, {case = config.case, strategy = config.strategy,
+                                         unit_per_block = config.unit_per_block})
+        local checkpointed = train(rank, size, {case = config.case, strategy = config.strategy,
+                                                unit_per_block = config.unit_per_block, impl = "reentrant"})
+        return {plain = plain, checkpointed = checkpointed}
+      end)
+      for rank, r in ipairs(results) do
+        local tag = ("rank %d"):format(rank - 1)
+        compare(reference[config.case], r.checkpointed, tag .. " vs unwrapped", function(want, got, what)
+          assert.is_true(max_diff(want, got) < 1e-12, what .. (" differs by %g"):format(max_diff(want, got)))
+        end)
+        compare(r.plain, r.checkpointed, tag .. " vs FSDP without checkpointing", function(want, got, what)
+          assert.is_true(same_bits(want, got), what .. " is not bitwise equal")
+        end)
+      end
+    end)
+  end
+
+  it("nested: a reentrant checkpoint around the FSDP model whose reentrant blocks run twice", function()
+    local results = dist.spawn(2, function(rank, size)
+      ms.set_default_dtype("f64")
+      local function run(impl)
+        ms.manual_seed(0)
+        local model = Twice()
+        if impl then cases.twice.wrap_regions(model, impl) end
+        fsdp.FSDP(model, {sharding_strategy = "FULL_SHARD", auto_wrap_policy = fsdp.wrap_policy({Block})})
+        local x = rows(twice_batch(1), rank, size)
+        local out = impl and ac.checkpoint(model, x, {use_reentrant = true}) or model(x)
+        ;(out * out):mean():backward()
+        local grads = {}
+        for name, p in model:named_parameters() do grads[name] = flat(p.grad) end
+        grads.x = flat(x.grad)
+        return grads
+      end
+      return {plain = run(nil), checkpointed = run("reentrant")}
+    end)
+    for _, r in ipairs(results) do
+      for name, values in pairs(r.plain) do
+        assert.is_true(same_bits(values, r.checkpointed[name]), name .. " is not bitwise equal")
+      end
+    end
+  end)
+end)
