@@ -211,3 +211,84 @@ describe("reentrant checkpointing with FSDP when a parameter is used more than o
     end
   end)
 end)
+
+-- ---- clip_grad_norm_ over units with different shard groups ----
+
+local Clip = nn.Module:extend("ReviewClip")
+function Clip:__init()
+  self.a = nn.Linear(DIM, HIDDEN)
+  self.b = nn.Linear(HIDDEN, 3)
+  self.c = nn.Linear(3, 2)
+end
+function Clip:forward(x) return self.c(nn.F.gelu(self.b(nn.F.gelu(self.a(x))))) end
+
+local CLIP_ROWS = 8
+
+local function clip_batch()
+  ms.manual_seed(7)
+  return ms.randn(CLIP_ROWS, DIM)
+end
+
+-- The unwrapped model's gradients over the whole batch and its norm before clipping.
+local function clip_reference(max_norm, norm_type)
+  ms.set_default_dtype("f64")
+  ms.manual_seed(0)
+  local model = Clip()
+  local out = model(clip_batch())
+  ;(out * out):mean():backward()
+  local norm = nn.utils.clip_grad_norm_(model:parameters(), max_norm, norm_type)
+  local grads = {}
+  for name, p in model:named_parameters() do grads[name] = flat(p.grad) end
+  return norm, grads
+end
+
+-- FSDP units: a and b with child options, the root (holding c) with root options; the
+-- options may name a mesh shape for the hybrid strategies.
+local function options(spec)
+  local opts = {sharding_strategy = spec.strategy}
+  if spec.mesh then opts.device_mesh = dist.init_device_mesh(spec.mesh, {mesh_dim_names = {"replicate", "shard"}}) end
+  return opts
+end
+
+local clip_configs = {
+  {world = 2, root = {strategy = "NO_SHARD"}, child = {strategy = "FULL_SHARD"}},
+  {world = 4, root = {strategy = "HYBRID_SHARD", mesh = {2, 2}}, child = {strategy = "FULL_SHARD"}},
+  {world = 4, root = {strategy = "FULL_SHARD"}, child = {strategy = "HYBRID_SHARD", mesh = {2, 2}}},
+}
+
+describe("fsdp.clip_grad_norm_ when units shard over different groups", function()
+  for _, config in ipairs(clip_configs) do
+    local label = ("root %s, children %s, %d ranks"):format(config.root.strategy, config.child.strategy, config.world)
+    it(label .. ": every rank gets the global norm and clips by it (norm_type 2 and inf)", function()
+      local max_norm = 0.05
+      for _, norm_type in ipairs({2, math.huge}) do
+        local expected_norm, expected_grads = clip_reference(max_norm, norm_type)
+        global_state.restore()
+        assert.is_true(expected_norm > max_norm) -- so clipping scales
+        local results = dist.spawn(config.world, function(rank, size)
+          ms.set_default_dtype("f64")
+          ms.manual_seed(0)
+          local model = Clip()
+          fsdp.FSDP(model.a, options(config.child))
+          fsdp.FSDP(model.b, options(config.child))
+          fsdp.FSDP(model, options(config.root))
+          local per = CLIP_ROWS / size
+          local out = model(clip_batch():narrow(0, rank * per, per))
+          ;(out * out):mean():backward()
+          local norm = fsdp.clip_grad_norm_(model, max_norm, norm_type)
+          local grads = {}
+          for name, p in model:named_parameters() do grads[name] = flat(p.grad) end
+          return {norm = norm, grads = grads}
+        end)
+        for rank, r in ipairs(results) do
+          local tag = ("rank %d, norm_type %s"):format(rank - 1, tostring(norm_type))
+          assert.is_true(math.abs(r.norm - expected_norm) <= 1e-12 * expected_norm,
+                         ("%s: norm %.17g, expected %.17g"):format(tag, r.norm, expected_norm))
+          for name, values in pairs(expected_grads) do
+            assert.is_true(max_diff(values, r.grads[name]) < 1e-12, ("%s: clipped %s"):format(tag, name))
+          end
+        end
+      end
+    end)
+  end
+end)

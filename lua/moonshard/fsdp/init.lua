@@ -431,18 +431,28 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
   local p = grad_norm.norm_type(norm_type, "clip_grad_norm_")
   local tree = Tree.rooted_at(unit_of(model))
   if not tree then fail("clip_grad_norm_", "expects the root FSDP module") end
-  local root = tree.root
-  local sharded, replicated = 0, 0
+  -- a sharded unit's terms are summed over its own shard group (units sharing one group
+  -- share one all-reduce); replicated gradients count once
+  local replicated = 0
+  local groups, group_terms = {}, {}
   local grads = {}
   for _, unit in ipairs(tree.units) do
+    local key
+    if unit.strategy.shard then
+      key = table.concat(unit.shard_group:ranks(), ",")
+      if group_terms[key] == nil then
+        groups[#groups + 1] = {key = key, group = unit.shard_group}
+        group_terms[key] = 0
+      end
+    end
     for _, param in ipairs(unit.params) do
       local grad = rawget(param.sharded, "grad")
       if grad then
         local g = grad._local
         grads[#grads + 1] = g
         local term = grad_norm.norm_term(g, p)
-        if unit.strategy.shard then
-          sharded = grad_norm.combine(sharded, term, p)
+        if key then
+          group_terms[key] = grad_norm.combine(group_terms[key], term, p)
         else
           replicated = grad_norm.combine(replicated, term, p)
         end
@@ -458,14 +468,15 @@ function fsdp.clip_grad_norm_(model, max_norm, norm_type)
       end
     end
   end
-  if root.strategy.shard then
-    local total = Tensor.empty_raw({1}, lib.MS_F64, lib.MS_POOL_CPU)
-    check(lib.ms_fill(total._c, sharded), "clip_grad_norm_")
-    dist().all_reduce(total, p == math.huge and "max" or "sum", {group = root.shard_group})
-    sharded = total:item()
-    total:_release()
+  local total = replicated
+  for _, entry in ipairs(groups) do
+    local t = Tensor.empty_raw({1}, lib.MS_F64, lib.MS_POOL_CPU)
+    check(lib.ms_fill(t._c, group_terms[entry.key]), "clip_grad_norm_")
+    dist().all_reduce(t, p == math.huge and "max" or "sum", {group = entry.group})
+    total = grad_norm.combine(total, t:item(), p)
+    t:_release()
   end
-  local norm = grad_norm.finish(grad_norm.combine(sharded, replicated, p), p)
+  local norm = grad_norm.finish(total, p)
   grad_norm.scale(grads, norm, max_norm)
   return norm
 end
