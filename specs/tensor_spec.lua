@@ -644,6 +644,13 @@ describe("tensor", function()
       assert.are.same({4}, parts[3]:table())
     end)
 
+    it("split and chunk of an empty dim give one empty piece, as PyTorch", function()
+      local pieces = ms.ones(0):chunk(2)
+      assert.are.equal(1, #pieces)
+      assert.are.same({0}, pieces[1]:shape())
+      assert.are.equal(1, #ms.ones(0, 3):split(2))
+    end)
+
     it("split by a table of sizes", function()
       local parts = ms.arange(6):view(2, 3):split({1, 2}, 1)
       assert.are.same({{0}, {3}}, parts[1]:table())
