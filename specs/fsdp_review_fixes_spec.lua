@@ -292,3 +292,78 @@ describe("fsdp.clip_grad_norm_ when units shard over different groups", function
     end)
   end
 end)
+
+-- ---- zero_grad after no_sync ----
+
+-- Gradients of nn.Linear(DIM, 3) under FSDP on 2 ranks after no_sync(backward of batch A),
+-- then clear(model, opt), then a synchronised backward of batch B.
+local function after_no_sync_and_clear(strategy, clear)
+  local results = dist.spawn(2, function(rank, size)
+    ms.set_default_dtype("f64")
+    ms.manual_seed(0)
+    local model = fsdp.FSDP(nn.Linear(DIM, 3), {sharding_strategy = strategy})
+    local opt = optim.SGD(model:parameters(), {lr = 0.1})
+    ms.manual_seed(20 + rank)
+    local a, b = ms.randn(2, DIM), ms.randn(2, DIM)
+    model:no_sync(function() model(a):sum():backward() end)
+    clear(model, opt)
+    local out = model(b)
+    ;(out * out):sum():backward()
+    local grads = {}
+    for name, p in model:named_parameters() do grads[name] = flat(p.grad) end
+    return {grads = grads, b = flat(b)}
+  end)
+  return results
+end
+
+-- The unwrapped model's gradients of the ranks' B batches (FSDP averages the ranks').
+local function batch_b_reference(results)
+  ms.set_default_dtype("f64")
+  ms.manual_seed(0)
+  local model = nn.Linear(DIM, 3)
+  for _, r in ipairs(results) do
+    local b = ms.tensor(r.b):view(2, DIM)
+    local out = model(b)
+    ;((out * out):sum() * (1 / #results)):backward()
+  end
+  local grads = {}
+  for name, p in model:named_parameters() do grads[name] = flat(p.grad) end
+  return grads
+end
+
+-- zero_grad (an optimizer's or a module's) is to call each parameter's _on_zero_grad(p,
+-- set_to_none) when it has one; FSDP's sharded parameters have one that drops what no_sync
+-- accumulated. Here the hook is called after the zero_grad, as those functions would.
+local function zero_grad_with_hooks(target, set_to_none)
+  target:zero_grad(set_to_none)
+  local params = target.param_groups and target.param_groups[1].params or target:parameters()
+  for _, p in ipairs(params) do
+    local hook = rawget(p, "_on_zero_grad")
+    assert.is_function(hook)
+    hook(p, set_to_none)
+  end
+end
+
+describe("zero_grad after no_sync", function()
+  local clears = {
+    {"the optimizer's zero_grad()", function(_, opt) zero_grad_with_hooks(opt) end},
+    {"the optimizer's zero_grad(false)", function(_, opt) zero_grad_with_hooks(opt, false) end},
+    {"the module's zero_grad()", function(model) zero_grad_with_hooks(model) end},
+    {"the module's zero_grad(false)", function(model) zero_grad_with_hooks(model, false) end},
+  }
+  for _, strategy in ipairs({"FULL_SHARD", "NO_SHARD"}) do
+    for _, clear in ipairs(clears) do
+      it(strategy .. ": " .. clear[1] .. " with the parameters' zero-grad hooks discards what no_sync accumulated", function()
+        local results = after_no_sync_and_clear(strategy, clear[2])
+        local expected = batch_b_reference(results)
+        global_state.restore()
+        for rank, r in ipairs(results) do
+          for name, values in pairs(expected) do
+            assert.is_true(max_diff(values, r.grads[name]) < 1e-12,
+                           ("rank %d: %s differs by %g"):format(rank - 1, name, max_diff(values, r.grads[name])))
+          end
+        end
+      end)
+    end
+  end
+end)

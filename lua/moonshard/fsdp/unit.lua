@@ -157,6 +157,9 @@ function Unit:add_param(entry, shard_pool, compute_pool)
     if rows ~= chunk * self.shard_size then self.padded = true end
   end
   self.params[#self.params + 1] = param
+  -- zero_grad (an optimizer's or a module's) calls this for the parameter: gradients
+  -- accumulated under no_sync and not reduced yet go with the reduced ones
+  rawset(sharded, "_on_zero_grad", function() self:drop_unreduced_grad(param) end)
   if full.requires_grad then
     unsharded:register_post_accumulate_grad_hook(function() self:on_grad_ready(param) end)
   end
@@ -624,6 +627,15 @@ function Unit:reduce_grads()
   end
   for _, p in ipairs(with_grad) do
     local g = p.unsharded.grad
+    p.unsharded.grad = nil
+    g:_release()
+  end
+end
+
+-- Free the parameter's unsharded gradient (what no_sync accumulated) without reducing it.
+function Unit:drop_unreduced_grad(p)
+  local g = rawget(p.unsharded, "grad")
+  if g then
     p.unsharded.grad = nil
     g:_release()
   end
