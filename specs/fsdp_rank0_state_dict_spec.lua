@@ -1,7 +1,8 @@
 -- FULL_STATE_DICT with rank0_only, loading: rank 0 of the model's mesh (the first rank of
 -- its process group) holds the state dict and every rank of that mesh loads its values,
 -- parameters and buffers; rank 0 decides which keys are present and every rank raises the
--- same error for a missing, unexpected or malformed key. The optimizer's state loads the
+-- same error for a missing, unexpected or malformed key; a buffer shared by two modules loads
+-- under both names (its last name wins a conflict, as PyTorch). The optimizer's state loads the
 -- same way through optim_state_dict_to_load. Values are checked against an unwrapped model
 -- built from the same seed, and resumed training against uninterrupted training.
 local ms = require "moonshard"
@@ -16,6 +17,17 @@ function Net:__init()
   self:register_buffer("scale", ms.ones(3))
 end
 function Net:forward(x) return self.out(nn.F.relu(self.fc(x))) * self.scale end
+
+-- Two Linears a and b (registered in the order given) holding one persistent buffer under
+-- two names (the same tensor registered in both).
+local Shared = nn.Module:extend("Rank0SharedBufferNet")
+function Shared:__init(order)
+  self[order[1]] = nn.Linear(4, 3)
+  self[order[2]] = nn.Linear(3, 2)
+  local shared = ms.zeros(2)
+  self.a:register_buffer("s", shared)
+  self.b:register_buffer("s", shared)
+end
 
 local function flat(t) return t:reshape(-1):table() end
 
@@ -141,6 +153,48 @@ describe("FULL_STATE_DICT with rank0_only: loading", function()
                    res.dtype.err, label)
       assert.is_true(res.good.ok, label .. ": " .. tostring(res.good.err))
       assert.same(expected, res.values, label)
+    end
+  end)
+
+  it("loads a buffer shared by two modules under both names, the last registered name winning a conflict",
+     function()
+    local results = dist.spawn(2, function(rank)
+      local out = {}
+      for _, order in ipairs({{"a", "b"}, {"b", "a"}}) do
+        local first, last = order[1] .. ".s", order[2] .. ".s"
+        ms.set_default_dtype("f64")
+        local function state_dict(values)
+          if rank ~= 0 then return {} end
+          local sd = Shared(order):state_dict()
+          sd[first], sd[last] = ms.tensor(values[1], {dtype = "f64"}), ms.tensor(values[2], {dtype = "f64"})
+          return sd
+        end
+        local model = fsdp.FSDP(Shared(order), {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+        fsdp.set_state_dict_type(model, "FULL_STATE_DICT", {rank0_only = true})
+        local function buffer() return {shared = rawequal(model.a.s, model.b.s), a = flat(model.a.s), b = flat(model.b.s)} end
+        local report = model:load_state_dict(state_dict({{5, 6}, {7, 8}}))
+        local run = {last = last, conflict = buffer(), conflict_missing = report.missing_keys}
+        local sd = state_dict({{1, 2}, {3, 4}})
+        sd[last] = nil
+        local ok, err = pcall(model.load_state_dict, model, sd)
+        run.ok, run.err, run.after_failure = ok, first_line(err), buffer()
+        run.missing = model:load_state_dict(sd, {strict = false}).missing_keys
+        run.non_strict = buffer()
+        out[#out + 1] = run
+      end
+      return out
+    end)
+    for rank, runs in ipairs(results) do
+      for _, res in ipairs(runs) do
+        local label = ("rank %d, %s registered last"):format(rank - 1, res.last)
+        assert.same({shared = true, a = {7, 8}, b = {7, 8}}, res.conflict, label)
+        assert.same({}, res.conflict_missing, label)
+        assert.is_false(res.ok, label)
+        assert.equal("moonshard: load_state_dict: missing keys: " .. res.last, res.err, label)
+        assert.same({shared = true, a = {7, 8}, b = {7, 8}}, res.after_failure, label)
+        assert.same({res.last}, res.missing, label)
+        assert.same({shared = true, a = {1, 2}, b = {1, 2}}, res.non_strict, label)
+      end
     end
   end)
 

@@ -1,6 +1,7 @@
 -- FSDP state dicts: SHARDED_STATE_DICT (DTensors), FULL_STATE_DICT (all ranks or rank 0
 -- only) and LOCAL_STATE_DICT, their loading, and the optimizer's sharded state; keys and
--- values checked against the unwrapped model built from the same seed.
+-- values checked against the unwrapped model built from the same seed. A buffer shared by two
+-- modules is in every type under both names, and loads once (its last name wins, as PyTorch).
 local ms = require "moonshard"
 local parity = require "support.parity"
 local global_state = require "support.global_state"
@@ -186,6 +187,183 @@ describe("FSDP state dicts", function()
     assert.matches("%[3, 6%]", results[1].err)
     assert.matches("%[11, 6%]", results[1].err)
   end)
+end)
+
+-- Two Linears a and b (3 and 2 rows: uneven shards on 2 ranks; registered in the order
+-- given, a then b by default) holding one persistent buffer under two names (the same tensor
+-- registered in both), each Linear its own unit.
+local SharedBuffer = nn.Module:extend("SharedBufferNet")
+function SharedBuffer:__init(order)
+  order = order or {"a", "b"}
+  self[order[1]] = nn.Linear(2, 3)
+  self[order[2]] = nn.Linear(3, 2)
+  local shared = ms.arange(2, {dtype = "f64"}) + 1
+  self.a:register_buffer("s", shared)
+  self.b:register_buffer("s", shared)
+  self.order = order
+end
+function SharedBuffer:forward(x) return self[self.order[2]](self[self.order[1]](x)) * self.a.s end
+
+-- A SharedBuffer from seed, its shared buffer holding values.
+local function shared_buffer_net(seed, values, order)
+  ms.set_default_dtype("f64")
+  ms.manual_seed(seed)
+  local net = SharedBuffer(order)
+  net.a.s:copy_(ms.tensor(values, {dtype = "f64"}))
+  return net
+end
+
+local function shared_buffer_model(seed, values, order)
+  return fsdp.FSDP(shared_buffer_net(seed, values, order), {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+end
+
+-- What a test reads back from a SharedBuffer model: its parameters (gathered), the buffer under
+-- both names, and whether both modules still hold one tensor.
+local function shared_buffer_state(model)
+  local out = {shared = rawequal(model.a.s, model.b.s), ["a.s"] = flat(model.a.s), ["b.s"] = flat(model.b.s)}
+  for _, name in ipairs({"a.weight", "a.bias", "b.weight", "b.bias"}) do
+    local module, param = name:match("(%a)%.(%a+)")
+    local p = model[module][param]
+    out[name] = flat(ms.is_dtensor(p) and p:full_tensor() or p)
+  end
+  return out
+end
+
+local SHARED_BUFFER_KINDS = {
+  {"SHARDED_STATE_DICT"}, {"FULL_STATE_DICT"}, {"FULL_STATE_DICT", {rank0_only = true}}, {"LOCAL_STATE_DICT"},
+}
+
+local function kind_label(kind) return kind[1] .. (kind[2] and " rank0_only" or "") end
+
+describe("FSDP state dicts of a buffer shared by two modules", function()
+  local unwrapped_keys
+
+  setup(function()
+    unwrapped_keys = sorted_keys(shared_buffer_net(0, {1, 2}):state_dict())
+    global_state.restore()
+  end)
+
+  it("list it under both names in every state dict type, with the one shared value", function()
+    local results = dist.spawn(2, function(rank)
+      local model = shared_buffer_model(0, {3, 4})
+      local out = {}
+      for _, kind in ipairs(SHARED_BUFFER_KINDS) do
+        fsdp.set_state_dict_type(model, kind[1], kind[2])
+        local sd = model:state_dict()
+        local a, b = sd["a.s"], sd["b.s"]
+        out[kind_label(kind)] = {
+          keys = sorted_keys(sd), a = a and flat(a), b = b and flat(b),
+          plain = not (ms.is_dtensor(a) or ms.is_dtensor(b)),
+          -- SHARDED and LOCAL give the buffer itself
+          storage = a and b and a:data_ptr() == model.a.s:data_ptr() and b:data_ptr() == model.a.s:data_ptr(),
+        }
+      end
+      out.rank = rank
+      return out
+    end)
+    for _, res in ipairs(results) do
+      for _, kind in ipairs(SHARED_BUFFER_KINDS) do
+        local label = ("rank %d %s"):format(res.rank, kind_label(kind))
+        local got = res[kind_label(kind)]
+        if kind[2] and res.rank > 0 then
+          assert.equal(got.a == nil, got.b == nil, label)
+        else
+          assert.same(unwrapped_keys, got.keys, label)
+        end
+        if got.a then
+          assert.same({3, 4}, got.a, label)
+          assert.same({3, 4}, got.b, label)
+          assert.is_true(got.plain, label)
+        end
+        if kind[1] ~= "FULL_STATE_DICT" then assert.is_true(got.storage, label) end
+      end
+    end
+  end)
+
+  for _, kind in ipairs(SHARED_BUFFER_KINDS) do
+    it(("loads its own %s strictly, setting the shared buffer once"):format(kind_label(kind)), function()
+      local results = dist.spawn(2, function()
+        local source = shared_buffer_model(7, {5, 6})
+        fsdp.set_state_dict_type(source, kind[1], kind[2])
+        local sd = deep_clone(source:state_dict())
+        local target = shared_buffer_model(0, {1, 2})
+        fsdp.set_state_dict_type(target, kind[1], kind[2])
+        local report = target:load_state_dict(sd)
+        return {expected = shared_buffer_state(source), got = shared_buffer_state(target),
+                missing = report.missing_keys, unexpected = report.unexpected_keys}
+      end)
+      for rank, res in ipairs(results) do
+        local label = "rank " .. (rank - 1)
+        assert.same({}, res.missing, label)
+        assert.same({}, res.unexpected, label)
+        assert.is_true(res.got.shared, label)
+        assert.same({5, 6}, res.got["b.s"], label)
+        assert.same(res.expected, res.got, label)
+      end
+    end)
+  end
+
+  it("moves between the wrapped and the unwrapped model with FULL_STATE_DICT, strictly", function()
+    local results = dist.spawn(2, function()
+      local model = shared_buffer_model(0, {1, 2})
+      fsdp.set_state_dict_type(model, "FULL_STATE_DICT")
+      local unwrapped = shared_buffer_net(7, {5, 6})
+      model:load_state_dict(unwrapped:state_dict())
+      local into_wrapped = shared_buffer_state(model)
+      local fresh = shared_buffer_net(0, {1, 2})
+      fresh:load_state_dict(model:state_dict())
+      return {expected = shared_buffer_state(unwrapped), into_wrapped = into_wrapped,
+              into_unwrapped = shared_buffer_state(fresh)}
+    end)
+    for rank, res in ipairs(results) do
+      local label = "rank " .. (rank - 1)
+      assert.is_true(res.into_wrapped.shared, label)
+      assert.same(res.expected, res.into_wrapped, label)
+      assert.same(res.expected, res.into_unwrapped, label)
+    end
+  end)
+
+  for _, kind in ipairs({"FULL_STATE_DICT", "SHARDED_STATE_DICT"}) do
+    it(("takes the value of its last registered name on a conflict, as PyTorch, and names a missing " ..
+        "name (%s)"):format(kind), function()
+      local results = dist.spawn(2, function()
+        local out = {}
+        for _, order in ipairs({{"a", "b"}, {"b", "a"}}) do
+          local first, last = order[1] .. ".s", order[2] .. ".s"
+          local model = shared_buffer_model(0, {1, 2}, order)
+          fsdp.set_state_dict_type(model, kind)
+          local sd = deep_clone(model:state_dict())
+          sd[first] = ms.tensor({5, 6}, {dtype = "f64"})
+          sd[last] = ms.tensor({7, 8}, {dtype = "f64"})
+          model:load_state_dict(sd)
+          local conflict = shared_buffer_state(model)
+          sd[last] = nil
+          local ok, err = pcall(model.load_state_dict, model, sd)
+          local after_failure = shared_buffer_state(model)
+          local report = model:load_state_dict(sd, {strict = false})
+          out[#out + 1] = {last = last, conflict = conflict, ok = ok, err = tostring(err),
+                           after_failure = after_failure, non_strict = shared_buffer_state(model),
+                           missing = report.missing_keys}
+        end
+        return out
+      end)
+      for rank, runs in ipairs(results) do
+        for _, res in ipairs(runs) do
+          local label = ("rank %d, %s registered last"):format(rank - 1, res.last)
+          assert.is_true(res.conflict.shared, label)
+          assert.same({7, 8}, res.conflict["a.s"], label)
+          assert.same({7, 8}, res.conflict["b.s"], label)
+          assert.is_false(res.ok, label)
+          assert.matches("missing keys: " .. res.last, res.err, 1, true)
+          assert.same({7, 8}, res.after_failure["a.s"], label)
+          assert.same({res.last}, res.missing, label)
+          assert.is_true(res.non_strict.shared, label)
+          assert.same({5, 6}, res.non_strict["a.s"], label)
+          assert.same({5, 6}, res.non_strict["b.s"], label)
+        end
+      end
+    end)
+  end
 end)
 
 describe("FSDP optimizer state dicts", function()

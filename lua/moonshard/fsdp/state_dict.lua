@@ -68,15 +68,24 @@ function M.set_state_dict_type(model, kind, config, optim_config)
 end
 
 -- Every parameter and persistent buffer in registration order: {fqn, value, is_buffer}; a
--- tied parameter appears under each of its names (the same value), a shared buffer once.
+-- tied parameter and a buffer shared by several modules appear under each of their names
+-- (the same value), as in the unwrapped model's state dict.
 local function entries(model)
-  local out, seen = {}, {}
-  for _, entry in ipairs(model:state_dict_entries()) do
-    local value = entry[2]
-    if not entry[3] or not seen[value] then
-      seen[value] = true
-      out[#out + 1] = entry
+  return model:state_dict_entries()
+end
+
+-- The tensors of entries in the order of their first names: {value = t, names = {fqn, ...}}
+-- (a tied parameter or a shared buffer is one tensor with several names).
+local function tensors_of(list)
+  local out, by_value = {}, {}
+  for _, entry in ipairs(list) do
+    local group = by_value[entry[2]]
+    if not group then
+      group = {value = entry[2], names = {}}
+      by_value[entry[2]] = group
+      out[#out + 1] = group
     end
+    group.names[#group.names + 1] = entry[1]
   end
   return out
 end
@@ -355,16 +364,17 @@ end
 
 -- A FULL_STATE_DICT load with rank0_only: rank 0 of the tree's mesh checks its state dict
 -- and tells every rank which entries it holds and which keys the model lacks; under strict
--- a missing or unexpected key raises on every rank before any value moves; then each held
--- value is broadcast in registration order. The other ranks' state dicts are not read.
+-- a missing or unexpected key raises on every rank before any value moves; then each tensor
+-- rank 0 holds a value for is broadcast once, in registration order. The other ranks' state
+-- dicts are not read.
 local function load_from_rank0(model, sd, strict)
   local mesh, list = tree_mesh(model), entries(model)
   local holder = at_origin(mesh)
   local plan = plan_from_origin(mesh, function()
     local known, present, unexpected = {}, {}, {}
-    for _, entry in ipairs(model:state_dict_entries()) do known[entry[1]] = true end
     for i, entry in ipairs(list) do
       local fqn, target = entry[1], entry[2]
+      known[fqn] = true
       present[i] = sd[fqn] ~= nil
       if present[i] then check_rank0_source(fqn, target, sd[fqn]) end
     end
@@ -372,16 +382,24 @@ local function load_from_rank0(model, sd, strict)
     table.sort(unexpected)
     return {present = present, unexpected = unexpected}
   end)
-  local missing = {}
-  for i, entry in ipairs(list) do if not plan.present[i] then missing[#missing + 1] = entry[1] end end
+  local missing, held = {}, {}
+  for i, entry in ipairs(list) do
+    if plan.present[i] then held[entry[1]] = true else missing[#missing + 1] = entry[1] end
+  end
   if strict and (#missing > 0 or #plan.unexpected > 0) then
     fail("load_state_dict", "%s", state_keys.describe(missing, plan.unexpected))
   end
   local prepared = {}
   autograd.no_grad(function()
-    for i, entry in ipairs(list) do
-      local fqn, target = entry[1], entry[2]
-      if plan.present[i] then prepared[fqn] = receive_from_origin(target, holder and sd[fqn] or nil, mesh) end
+    -- one broadcast per tensor, of the value under its last name rank 0 holds (as PyTorch
+    -- loads a tensor with several names: each name in turn, the last one wins)
+    for _, group in ipairs(tensors_of(list)) do
+      local source
+      for _, fqn in ipairs(group.names) do if held[fqn] then source = fqn end end
+      if source then
+        local value = receive_from_origin(group.value, holder and sd[source] or nil, mesh)
+        for _, fqn in ipairs(group.names) do if held[fqn] then prepared[fqn] = value end end
+      end
     end
   end)
   -- reported as unexpected on every rank; only their names are read
@@ -395,16 +413,21 @@ end
 local function prepare_load(model, sd, strict)
   local settings = settings_of(model)
   if settings.type == "FULL_STATE_DICT" and settings.rank0_only then return load_from_rank0(model, sd, strict) end
-  local prepared = {}
+  local list, prepared = entries(model), {}
   autograd.no_grad(function()
-    for _, entry in ipairs(entries(model)) do
-      local fqn, target = entry[1], entry[2]
-      local source = sd[fqn]
-      if source ~= nil then prepared[fqn] = local_value(fqn, target, source, settings) end
+    -- every name's value is checked; a tensor with several names takes the value under its
+    -- last name present (as PyTorch loads them: each name in turn), so all its names agree
+    for _, group in ipairs(tensors_of(list)) do
+      local value
+      for _, fqn in ipairs(group.names) do
+        local source = sd[fqn]
+        if source ~= nil then value = local_value(fqn, group.value, source, settings) end
+      end
+      for _, fqn in ipairs(group.names) do if sd[fqn] ~= nil then prepared[fqn] = value end end
     end
   end)
   local known = {}
-  for _, entry in ipairs(model:state_dict_entries()) do known[entry[1]] = true end
+  for _, entry in ipairs(list) do known[entry[1]] = true end
   for key, value in pairs(sd) do if not known[key] then prepared[key] = value end end
   return prepared
 end
