@@ -164,6 +164,36 @@ describe("nn", function()
       end)
     end)
 
+    it("load_state_dict copies nothing when one value is wrong", function()
+      local source, target = Block(), Block()
+      local sd = source:state_dict()
+      sd["norm.bias"] = ms.zeros(7)
+      local before = target:state_dict()
+      raises("load_state_dict", {"size mismatch for 'norm.bias'"}, function() target:load_state_dict(sd) end)
+      for name, value in pairs(target:state_dict()) do assert.is_true(ms.equal(before[name], value), name) end
+    end)
+
+    -- PyTorch 2.15: a buffer registered in two modules, loaded with a different value under each
+    -- name, ends with the later-registered name's value (under both names)
+    it("a tensor with two names takes the value under its last registered name", function()
+      local Shared = nn.Module:extend("Shared")
+      function Shared:__init()
+        self.a = nn.Linear(2, 2)
+        self.b = nn.Linear(2, 2)
+        local s = ms.zeros(2)
+        self.a:register_buffer("s", s)
+        self.b:register_buffer("s", s)
+      end
+      for _ = 1, 4 do
+        local m = Shared()
+        local sd = m:state_dict()
+        sd["a.s"], sd["b.s"] = ms.full({2}, 1), ms.full({2}, 2)
+        m:load_state_dict(sd)
+        assert.are.same({2, 2}, m.a.s:table())
+        assert.are.same({2, 2}, m.b.s:table())
+      end
+    end)
+
     it("runs state-dict hooks around state_dict and load_state_dict, as PyTorch's", function()
       local m = nn.Linear(2, 2)
       local calls = {}

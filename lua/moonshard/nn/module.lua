@@ -437,34 +437,38 @@ function Module:load_state_dict(sd, opts)
   if type(sd) ~= "table" then fail("load_state_dict", "expected a table, got %s", type(sd)) end
   local strict = not (opts and opts.strict == false)
   for _, hook in ipairs(self._load_state_dict_pre_hooks) do sd = hook(self, sd, strict) or sd end
-  local targets, names = {}, {}
-  for _, entry in ipairs(self:state_dict_entries()) do
-    if targets[entry[1]] == nil then names[#names + 1] = entry[1] end
-    targets[entry[1]] = entry[2]
+  local entries, seen, names = self:state_dict_entries(), {}, {}
+  for _, entry in ipairs(entries) do
+    if not seen[entry[1]] then seen[entry[1]] = true; names[#names + 1] = entry[1] end
   end
   table.sort(names)
   local missing, unexpected = state_keys.compare(names, sd)
   if strict and (#missing > 0 or #unexpected > 0) then
     fail("load_state_dict", "%s", state_keys.describe(missing, unexpected))
   end
-  autograd.no_grad(function()
-    for name, target in pairs(targets) do
-      local value = sd[name]
-      if value ~= nil then
-        if type(value) == "table" and value.full_tensor and not Tensor.is_tensor(value) then
-          value = value:full_tensor()
-        end
-        if not Tensor.is_tensor(value) then
-          fail("load_state_dict", "value for '%s' is %s, not a tensor", name, type(value))
-        end
-        local target_tensor = Tensor.is_tensor(target) and target or target:to_local()
-        if not (value:shape() == target_tensor:shape()) then
-          fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s",
-               name, tostring(value:shape()), tostring(target_tensor:shape()))
-        end
-        target_tensor:copy_(value)
+  -- every value checked before any is copied; then copied in registration order, so a tensor
+  -- with several names (tied, shared) ends with its last name's value, as PyTorch's
+  local copies = {}
+  for _, entry in ipairs(entries) do
+    local name, target = entry[1], entry[2]
+    local value = sd[name]
+    if value ~= nil then
+      if type(value) == "table" and value.full_tensor and not Tensor.is_tensor(value) then
+        value = value:full_tensor()
       end
+      if not Tensor.is_tensor(value) then
+        fail("load_state_dict", "value for '%s' is %s, not a tensor", name, type(value))
+      end
+      local target_tensor = Tensor.is_tensor(target) and target or target:to_local()
+      if not (value:shape() == target_tensor:shape()) then
+        fail("load_state_dict", "size mismatch for '%s': checkpoint has shape %s, model has %s",
+             name, tostring(value:shape()), tostring(target_tensor:shape()))
+      end
+      copies[#copies + 1] = {target_tensor, value}
     end
+  end
+  autograd.no_grad(function()
+    for _, copy in ipairs(copies) do copy[1]:copy_(copy[2]) end
   end)
   local result = {missing_keys = missing, unexpected_keys = unexpected}
   for _, hook in ipairs(self._load_state_dict_post_hooks) do hook(self, result) end
