@@ -367,3 +367,88 @@ describe("zero_grad after no_sync", function()
     end
   end
 end)
+
+-- ---- sync_module_states with models built on the meta device ----
+
+local Shifted = nn.Module:extend("ReviewShifted")
+function Shifted:__init()
+  self.fc = nn.Linear(DIM, HIDDEN)
+  self:register_buffer("shift", ms.randn(HIDDEN))
+end
+function Shifted:reset_parameters() nn.init.normal_(self.shift) end
+function Shifted:forward(x) return self.fc(x) + self.shift end
+
+local Synced = nn.Module:extend("ReviewSynced")
+function Synced:__init()
+  self.a = Shifted()
+  self.b = Shifted()
+  self.head = nn.Linear(HIDDEN, 3)
+end
+function Synced:forward(x) return self.head(self.b.fc.weight:sum() * self.a(x)) end
+
+-- Every parameter (whole) and buffer of model by name.
+local function states(model)
+  local out = {}
+  for name, p in model:named_parameters() do out[name] = flat(p) end
+  for name, b in model:named_buffers() do out["buffer:" .. name] = flat(b) end
+  return out
+end
+
+describe("sync_module_states with models built on the meta device", function()
+  local expected
+  setup(function()
+    ms.set_default_dtype("f64")
+    ms.manual_seed(100)
+    expected = states(Synced())
+    global_state.restore()
+  end)
+
+  local builds = {
+    {"every rank on the meta device", function() return true end},
+    {"rank 0 real, the others on the meta device", function(rank) return rank ~= 0 end},
+  }
+  local layouts = {
+    {strategy = "FULL_SHARD", world = 2},
+    {strategy = "NO_SHARD", world = 2},
+    {strategy = "HYBRID_SHARD", world = 4, mesh = {2, 2}},
+  }
+  for _, build in ipairs(builds) do
+    for _, layout in ipairs(layouts) do
+      it(("%s, %s on %d ranks: every rank ends with rank 0's values"):format(build[1], layout.strategy, layout.world), function()
+        local results = dist.spawn(layout.world, function(rank)
+          ms.set_default_dtype("f64")
+          ms.manual_seed(100 + rank)
+          local model = build[2](rank) and ms.device("meta", function() return Synced() end) or Synced()
+          local opts = {sharding_strategy = layout.strategy, sync_module_states = true,
+                        auto_wrap_policy = fsdp.wrap_policy({Shifted})}
+          if layout.mesh then
+            opts.device_mesh = dist.init_device_mesh(layout.mesh, {mesh_dim_names = {"replicate", "shard"}})
+          end
+          local before = ms.get_rng_state()
+          fsdp.FSDP(model, opts)
+          local after = ms.get_rng_state()
+          return {states = states(model), rng_kept = before.seed == after.seed and before.offset == after.offset}
+        end)
+        for rank, r in ipairs(results) do
+          assert.are.same(expected, r.states, "rank " .. (rank - 1))
+          assert.is_true(r.rng_kept, "rank " .. (rank - 1) .. "'s random state changed")
+        end
+      end)
+    end
+  end
+
+  it("refuses a model on the meta device on rank 0 and real on another rank, on every rank", function()
+    local results = dist.spawn(2, function(rank)
+      ms.set_default_dtype("f64")
+      ms.manual_seed(100)
+      local model = rank == 0 and ms.device("meta", function() return Synced() end) or Synced()
+      local ok, err = pcall(fsdp.FSDP, model, {sync_module_states = true})
+      return {ok = ok, err = tostring(err)}
+    end)
+    assert.is_false(results[1].ok)
+    assert.is_false(results[2].ok)
+    assert.matches("FSDP: sync_module_states: the ranks' models differ", results[1].err, 1, true)
+    assert.matches("FSDP: sync_module_states: 'a.fc.weight' is on the meta device on the first rank and real here",
+                   results[2].err, 1, true)
+  end)
+end)

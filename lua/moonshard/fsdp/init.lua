@@ -284,27 +284,12 @@ local function assign(module, to_wrap, ignored)
   return owned, modules
 end
 
-local function sync_states(module, mesh)
-  local d = dist()
-  autograd.no_grad(function()
-    for g = 1, mesh:ndim() do
-      local group = mesh:get_group(g - 1)
-      local src = group:ranks()[1]
-      for _, p in module:named_parameters() do
-        if Tensor.is_tensor(p) and not Tensor.is_meta(p) then d.broadcast(p, src, {group = group}) end
-      end
-      for _, b in module:named_buffers() do
-        if not Tensor.is_meta(b) then d.broadcast(b, src, {group = group}) end
-      end
-    end
-  end)
-end
-
 local function wrap_one(module, owned, modules, config)
   local unit = Unit.new(module, owned, config)
   Unit.attach(module, unit)
   unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
+  if config.sync then materialize.sync_params(unit, config.sync) end
   materialize.run(unit, modules, config.param_init_fn, config.pool or lib.MS_POOL_CPU)
   if config.mp and config.mp.buffer_dtype then
     unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
@@ -338,13 +323,20 @@ function fsdp.FSDP(module, opts)
                   offload = opts.cpu_offload and opts.cpu_offload.offload_params or false,
                   param_init_fn = opts.param_init_fn or materialize.default_init,
                   mp = mixed_precision.resolve(opts.mixed_precision)}
-  if opts.sync_module_states then sync_states(module, mesh) end
+  if opts.sync_module_states then
+    config.sync = autograd.no_grad(materialize.prepare_sync, to_wrap, owned, modules, mesh,
+                                   config.pool or lib.MS_POOL_CPU)
+  end
   local built = {}
-  local ok, err = pcall(autograd.no_grad, function()
+  local function wrap_all()
     for _, m in ipairs(to_wrap) do
       built[#built + 1] = {m, false}
       built[#built][2] = wrap_one(m, owned[m], modules[m], config)
     end
+  end
+  local ok, err = pcall(autograd.no_grad, function()
+    if config.sync then return materialize.with_rng(config.sync.rng, wrap_all) end
+    return wrap_all()
   end)
   if not ok then
     for i = #built, 1, -1 do

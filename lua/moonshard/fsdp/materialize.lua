@@ -1,10 +1,16 @@
 -- Deferred initialisation inside FSDP: a unit whose parameters were built on the meta
--- device gets only its local shards, which param_init_fn (default: reset_parameters) fills.
+-- device gets only its local shards, which param_init_fn (default: reset_parameters) fills;
+-- and sync_module_states, which gives every rank the first rank's values after that.
+local ffi = require "ffi"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local init_fns = require "moonshard.nn.init_fns"
+local random = require "moonshard.random"
+local finally = require "moonshard.finally"
 
-local fail = C.fail
+local lib, check, fail = C.lib, C.check, C.fail
+
+local function dist() return require "moonshard.dist" end
 
 local M = {}
 
@@ -46,7 +52,7 @@ function M.run(unit, modules, init_fn, pool)
   end
   local versions = {}
   for _, p in ipairs(unit.params) do
-    if p.meta then
+    if p.meta and not p.synced then
       versions[p] = p.sharded._local:_version()
       for _, slot in ipairs(p.slots) do add(slot.module) end
     end
@@ -59,7 +65,7 @@ function M.run(unit, modules, init_fn, pool)
   end
   for _, m in ipairs(targets) do init_fns.run_init(m, init_fn) end
   for _, p in ipairs(unit.params) do
-    if p.meta then
+    if p.meta and not p.synced then
       rawset(p.sharded, "_init_draws", nil)
       rawset(p.sharded, "_init_next", nil)
       if p.sharded._local:_version() == versions[p] then
@@ -77,6 +83,182 @@ function M.run(unit, modules, init_fn, pool)
            "param_init_fn ran on its module", b.name, b.module.__name or "?")
     end
   end
+end
+
+-- ---- sync_module_states ----
+-- Every rank ends with the values the mesh's first rank has after materialisation, as
+-- PyTorch's broadcast after param_init_fn: each step below runs within each mesh dim from
+-- its first rank, dim by dim. What is on the meta device on the first rank is materialised
+-- on every rank as it is there: its initialisation counters (each meta tensor's recorded
+-- draws) and its random state are broadcast first, so param_init_fn draws the first rank's
+-- values for every row. What is real there is broadcast: buffers before wrapping (a rank
+-- holding a meta buffer gets storage for it first), each parameter while its unit is built
+-- (a rank holding it on the meta device receives it whole into a temporary and keeps its
+-- rows), so no rank holds more than one parameter at full size beyond its shards.
+
+-- The tensors this FSDP call manages, in an order every rank shares: each unit's owned
+-- parameters, then the buffers of its modules (one entry per tensor, with every slot).
+local function managed_states(to_wrap, owned, modules)
+  local entries, seen = {}, {}
+  for _, m in ipairs(to_wrap) do
+    for _, use in ipairs(owned[m]) do
+      entries[#entries + 1] = {tensor = use.tensor, fqn = use.fqn, param = true}
+    end
+  end
+  for _, m in ipairs(to_wrap) do
+    for _, mod in ipairs(modules[m]) do
+      for name, b in mod:named_buffers({recurse = false, remove_duplicate = false}) do
+        local entry = seen[b]
+        if not entry then
+          entry = {tensor = b, fqn = name, slots = {}}
+          seen[b] = entry
+          entries[#entries + 1] = entry
+        end
+        entry.slots[#entry.slots + 1] = {module = mod, name = name}
+      end
+    end
+  end
+  return entries
+end
+
+-- Broadcast values (a Lua array of numbers) within each dim of mesh from its first rank;
+-- returns what the mesh's first rank sent.
+local function broadcast_numbers(values, mesh)
+  local d = dist()
+  for g = 1, mesh:ndim() do
+    local group = mesh:get_group(g - 1)
+    local src = group:ranks()[1]
+    local count = Tensor.empty_raw({1}, lib.MS_F64, lib.MS_POOL_CPU)
+    check(lib.ms_fill(count._c, #values), "FSDP: sync_module_states")
+    d.broadcast(count, src, {group = group})
+    local n = count:item()
+    count:_release()
+    local payload = Tensor.empty_raw({math.max(n, 1)}, lib.MS_F64, lib.MS_POOL_CPU)
+    local data = ffi.cast("double *", lib.ms_tensor_data(payload._c))
+    for i = 1, math.min(#values, n) do data[i - 1] = values[i] end -- the source's fill all n
+    d.broadcast(payload, src, {group = group})
+    values = {}
+    for i = 1, n do values[i] = data[i - 1] end
+    payload:_release()
+  end
+  return values
+end
+
+-- Whether any rank of mesh has flag set (all-reduced max within each dim, dim by dim).
+local function any_rank(flag, mesh)
+  local d = dist()
+  local t = Tensor.empty_raw({1}, lib.MS_F64, lib.MS_POOL_CPU)
+  check(lib.ms_fill(t._c, flag and 1 or 0), "FSDP: sync_module_states")
+  for g = 1, mesh:ndim() do d.all_reduce(t, "max", {group = mesh:get_group(g - 1)}) end
+  local value = t:item()
+  t:_release()
+  return value > 0
+end
+
+-- Exchange what the first rank has (random state, which states are meta and their
+-- draws), give this rank's meta tensors the first rank's draws and broadcast the buffers
+-- real there. Returns the plan wrapping follows: {rng = the first rank's random state,
+-- real = set of parameters real on the first rank}. Buffers given storage here go to pool.
+function M.prepare_sync(to_wrap, owned, modules, mesh, pool)
+  local entries = managed_states(to_wrap, owned, modules)
+  local rng = random.get_rng_state()
+  local mine = {rng.seed, rng.offset, #entries}
+  for _, e in ipairs(entries) do
+    local draws = Tensor.is_meta(e.tensor) and rawget(e.tensor, "_init_draws") or {}
+    mine[#mine + 1] = Tensor.is_meta(e.tensor) and 1 or 0
+    mine[#mine + 1] = #draws
+    for _, draw in ipairs(draws) do
+      mine[#mine + 1] = draw[1]
+      mine[#mine + 1] = draw[2]
+    end
+  end
+  local first = broadcast_numbers(mine, mesh)
+  local mismatch
+  if first[3] ~= #entries then
+    mismatch = ("the first rank manages %d parameters and buffers, this rank %d"):format(first[3], #entries)
+  end
+  local plan = {rng = {seed = first[1], offset = first[2]}, real = {}}
+  local at = 4
+  for _, e in ipairs(mismatch and {} or entries) do
+    local meta_there, count = first[at] == 1, first[at + 1]
+    local draws = {}
+    for i = 1, count do draws[i] = {first[at + 2 * i], first[at + 2 * i + 1]} end
+    at = at + 2 + 2 * count
+    e.meta_there = meta_there
+    if meta_there then
+      if not Tensor.is_meta(e.tensor) then
+        mismatch = mismatch or ("'%s' is on the meta device on the first rank and real here"):format(e.fqn)
+      else
+        rawset(e.tensor, "_init_draws", count > 0 and draws or nil)
+      end
+    end
+  end
+  if any_rank(mismatch ~= nil, mesh) then
+    fail("FSDP", "sync_module_states: %s; build the model on the meta device on every rank, or real on " ..
+         "the first rank (the others may use meta)", mismatch or "the ranks' models differ (see the other ranks' errors)")
+  end
+  for _, e in ipairs(entries) do
+    if not e.meta_there then
+      if e.param then
+        plan.real[e.tensor] = true
+      else
+        local b = e.tensor
+        if Tensor.is_meta(b) then
+          b = Tensor.empty_raw(b:shape(), Tensor.dtype_id(b:dtype(), "FSDP"), pool)
+          for _, slot in ipairs(e.slots) do slot.module:set_buffer(slot.name, b) end
+        end
+        for g = 1, mesh:ndim() do
+          local group = mesh:get_group(g - 1)
+          dist().broadcast(b, group:ranks()[1], {group = group})
+        end
+      end
+    end
+  end
+  return plan
+end
+
+-- The unit's parameters real on the first rank get its values: the first rank's whole
+-- tensor broadcast (into a temporary where this rank's is meta), this rank's rows kept.
+function M.sync_params(unit, plan)
+  local mesh = unit.mesh
+  for _, p in ipairs(unit.params) do
+    if plan.real[p.original] then
+      local full = p.original
+      local local_rows = p.sharded._local
+      local whole = full
+      if p.meta then
+        whole = Tensor.empty_raw(p.shape, local_rows._c.dtype, local_rows._c.storage.pool)
+      end
+      for g = 1, mesh:ndim() do
+        local group = mesh:get_group(g - 1)
+        dist().broadcast(whole, group:ranks()[1], {group = group})
+      end
+      if p.local_rows > 0 then
+        local rows = #p.shape > 0 and whole:narrow(0, p.local_start, p.local_rows) or whole
+        check(lib.ms_copy(local_rows._c, rows._c), "FSDP: sync_module_states")
+        local_rows:_bump_version()
+      end
+      if p.meta then
+        whole:_release()
+        p.synced = true -- param_init_fn leaves it alone
+        rawset(p.sharded, "_init_draws", nil)
+      end
+    end
+  end
+end
+
+-- Run fn(...) with the first rank's random state; afterwards this rank's own state
+-- advanced by what fn drew (or the state fn set, when it seeded).
+function M.with_rng(state, fn, ...)
+  local own = random.get_rng_state()
+  random.set_rng_state(state)
+  local function restore()
+    local after = random.get_rng_state()
+    if after.seed == state.seed and after.offset >= state.offset then
+      random.set_rng_state({seed = own.seed, offset = own.offset + (after.offset - state.offset)})
+    end
+  end
+  return finally(restore, fn, ...)
 end
 
 return M
