@@ -452,3 +452,143 @@ describe("sync_module_states with models built on the meta device", function()
                    results[2].err, 1, true)
   end)
 end)
+
+-- ---- options and arguments ----
+
+-- The message of the error fn raises, or nil.
+local function error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then return nil end
+  return tostring(err)
+end
+
+local function expect_error(expected, fn, ...)
+  local err = error_of(fn, ...)
+  assert.is_not_nil(err, "no error; expected " .. expected)
+  assert.is_truthy(err:find(expected, 1, true), ("expected %q in %q"):format(expected, err))
+end
+
+local Pair = nn.Module:extend("ReviewPair")
+function Pair:__init()
+  self.fc1 = nn.Linear(DIM, HIDDEN)
+  self.fc2 = nn.Linear(HIDDEN, 3)
+end
+function Pair:forward(x) return self.fc2(nn.F.relu(self.fc1(x))) end
+
+describe("activation checkpointing options", function()
+  it("checkpoint_wrapper names an unknown or misspelt option, a non-boolean flag and options that are not a table", function()
+    expect_error("checkpoint_wrapper: unknown option 'use_reentrant' (expected checkpoint_impl, preserve_rng_state, " ..
+                 "policy); checkpoint_impl = 'reentrant' or 'no_reentrant' chooses the implementation",
+                 ac.checkpoint_wrapper, Pair(), {use_reentrant = true})
+    expect_error("checkpoint_wrapper: unknown option 'polcy'", ac.checkpoint_wrapper, Pair(),
+                 {polcy = function() return "save" end})
+    expect_error("checkpoint_wrapper: preserve_rng_state must be true or false, got 'no'", ac.checkpoint_wrapper,
+                 Pair(), {preserve_rng_state = "no"})
+    expect_error("checkpoint_wrapper: options must be a table, got number", ac.checkpoint_wrapper, Pair(), 5)
+  end)
+
+  it("apply_activation_checkpointing names an unknown option and takes auto_wrap_policy before check_fn", function()
+    expect_error("apply_activation_checkpointing: unknown option 'checkfn' (expected check_fn, " ..
+                 "checkpoint_wrapper_fn, auto_wrap_policy)", ac.apply_activation_checkpointing, Pair(),
+                 {checkfn = function() return false end})
+    expect_error("apply_activation_checkpointing: auto_wrap_policy must be a function, got table",
+                 ac.apply_activation_checkpointing, Pair(), {auto_wrap_policy = {nn.Linear}})
+    local model = Pair()
+    ac.apply_activation_checkpointing(model, {auto_wrap_policy = function(m) return m == model.fc2 end,
+                                              check_fn = function() return true end})
+    assert.is_nil(ac.wrapper_of(model.fc1))
+    assert.are.equal("checkpoint_wrapper", ac.wrapper_of(model.fc2))
+  end)
+
+  it("ac.checkpoint refuses a last table whose only key is a misspelt option, and non-boolean flags", function()
+    local x = ms.ones(2, {requires_grad = true})
+    local seen
+    expect_error("checkpoint: unknown option 'use_reentrnt' (did you mean use_reentrant?",
+                 ac.checkpoint, function(a, b) seen = b; return a * 2 end, x, {use_reentrnt = true})
+    assert.is_nil(seen)
+    expect_error("checkpoint: use_reentrant must be true or false, got 'yes'",
+                 ac.checkpoint, function(a) return a * 2 end, x, {use_reentrant = "yes"})
+    -- a table of tensors is still an argument
+    local out = ac.checkpoint(function(t) return t.x * 2 end, {x = x})
+    assert.are.same({2, 2}, out:table())
+  end)
+
+  it("a reentrant region returning two tensors is refused instead of losing the second", function()
+    local x = ms.randn(3, DIM, {requires_grad = true})
+    local lin = nn.Linear(DIM, DIM)
+    for _, grad_on in ipairs({true, false}) do
+      expect_error("checkpoint: with use_reentrant the function must return one tensor, got 2 results", function()
+        ms.set_grad_enabled(grad_on)
+        return ac.checkpoint(function(z) return lin(z), z * 2 end, x, {use_reentrant = true})
+      end)
+    end
+  end)
+end)
+
+describe("FSDP options and arguments", function()
+  it("refuse bad values with errors naming the option or argument", function()
+    local results = dist.spawn(2, function()
+      local errors = {}
+      local function note(fn, ...) errors[#errors + 1] = error_of(fn, ...) or "no error" end
+      note(fsdp.FSDP, Pair(), {cpu_offload = {offload_params = "yes"}})
+      note(fsdp.FSDP, Pair(), {device_mesh = "x"})
+      note(fsdp.FSDP, Pair(), {device_mesh = {2}})
+      note(fsdp.wrap_policy, nn.Linear)
+      note(fsdp.wrap_policy, {"Linear"})
+      local model = fsdp.FSDP(Pair(), {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+      note(fsdp.summon_full_params, model)
+      note(fsdp.summon_full_params, model, function() end, {with_grads = true})
+      note(fsdp.summon_full_params, model, function() end, {rank0_ony = true})
+      note(fsdp.summon_full_params, model, function() end, {writeback = "no"})
+      note(fsdp.summon_full_params, model, function() end, {rank0_only = true})
+      note(fsdp.summon_full_params, model, function() end, {offload_to_cpu = true})
+      note(fsdp.optim_state_dict, model, nil)
+      note(fsdp.optim_state_dict_to_load, model, nil, {})
+      return errors
+    end)
+    local expected = {
+      "FSDP: cpu_offload.offload_params must be true or false, got yes",
+      "FSDP: device_mesh must be a DeviceMesh from dist.init_device_mesh, got 'x'",
+      "FSDP: device_mesh must be a DeviceMesh from dist.init_device_mesh, got table",
+      "wrap_policy: expected an array of module classes, got the class Linear (pass an array: {Linear})",
+      "wrap_policy: element 1 is not a module class (nn.Linear, a class from nn.Module:extend), got 'Linear'",
+      "summon_full_params: expected a function to run, got nil",
+      "summon_full_params: with_grads = true is not supported",
+      "summon_full_params: unknown option 'rank0_ony' (expected writeback, rank0_only, recurse, offload_to_cpu, with_grads)",
+      "summon_full_params: writeback must be true or false, got no",
+      "summon_full_params: rank0_only = true needs writeback = false",
+      "summon_full_params: offload_to_cpu = true is not supported",
+      "optim_state_dict: expected an optimizer (from ms.optim) as the second argument, got nil",
+      "optim_state_dict_to_load: expected an optimizer (from ms.optim) as the second argument, got nil",
+    }
+    for _, errors in ipairs(results) do
+      assert.are.equal(#expected, #errors)
+      for i, want in ipairs(expected) do
+        assert.is_truthy(errors[i]:find(want, 1, true), ("expected %q in %q"):format(want, errors[i]))
+      end
+    end
+  end)
+
+  it("summon_full_params with rank0_only shows the full parameters on the first rank only; recurse = false the root's only", function()
+    local results = dist.spawn(2, function()
+      ms.set_default_dtype("f64")
+      ms.manual_seed(0)
+      local model = fsdp.FSDP(Pair(), {auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+      local seen = {}
+      fsdp.summon_full_params(model, function()
+        seen.rank0_only = {ms.is_tensor(model.fc1.weight), model.fc1.weight:shape()[1]}
+      end, {rank0_only = true, writeback = false})
+      fsdp.summon_full_params(model, function()
+        seen.recurse = ms.is_dtensor(model.fc1.weight)
+      end, {recurse = false})
+      seen.after = ms.is_dtensor(model.fc1.weight)
+      return seen
+    end)
+    assert.are.same({true, HIDDEN}, results[1].rank0_only)
+    assert.is_false(results[2].rank0_only[1])
+    for _, r in ipairs(results) do
+      assert.is_true(r.recurse)
+      assert.is_true(r.after)
+    end
+  end)
+end)

@@ -443,14 +443,23 @@ local function reentrant_backward(node, grad)
   return unpack(grads, 1, frame.inputs.n)
 end
 
+-- A reentrant region's results: exactly one tensor.
+local function one_tensor(results)
+  if results.n > 1 then
+    fail("checkpoint", "with use_reentrant the function must return one tensor, got %d results " ..
+         "(non-reentrant checkpointing takes any results)", results.n)
+  end
+  local output = results[1]
+  if not is_tensor(output) then
+    fail("checkpoint", "with use_reentrant the function must return one tensor, got %s", type(output))
+  end
+  return output
+end
+
 function M.checkpoint_reentrant(fn, args, opts)
   if recording_frame then recording_frame.nested = true end
   if not autograd.is_grad_enabled() or recompute_depth > 0 then
-    local output = run_plainly(fn, args, opts)
-    if not is_tensor(output) then
-      fail("checkpoint", "with use_reentrant the function must return one tensor, got %s", type(output))
-    end
-    return output
+    return one_tensor(pack_results(run_plainly(fn, args, opts)))
   end
   local frame = new_frame(fn, args, opts)
   local function region() return scope.run(fn, unpack(args, 1, args.n)) end
@@ -458,12 +467,8 @@ function M.checkpoint_reentrant(fn, args, opts)
   if frame.store then
     run = function() return autograd.with_op_hook(selective.recording_hook(frame.store), region) end
   end
-  local ok, output = pcall(in_context, frame, autograd.no_grad, run)
+  local ok, output = pcall(function() return one_tensor(pack_results(in_context(frame, autograd.no_grad, run))) end)
   if not ok then release_sources(frame); error(output, 0) end
-  if not is_tensor(output) then
-    release_sources(frame)
-    fail("checkpoint", "with use_reentrant the function must return one tensor, got %s", type(output))
-  end
   local inputs = {}
   for i = 1, args.n do inputs[i] = is_tensor(args[i]) and args[i] or false end
   local node = autograd.record_list(output, "CheckpointFunctionBackward", reentrant_backward, inputs)

@@ -2,6 +2,7 @@
 -- policies, apply_activation_checkpointing) and activation offload (offload_wrapper,
 -- save_on_cpu). Wrappers work in place: parameter and state-dict names do not change.
 local C = require "moonshard.ffi"
+local Tensor = require "moonshard.tensor"
 local Module = require "moonshard.nn.module"
 local checkpointing = require "moonshard.ac.checkpoint"
 local selective = require "moonshard.ac.selective"
@@ -16,9 +17,36 @@ ac.default_policy = selective.default_policy
 ac.policy_ops = selective.OPS
 
 local option_keys = {use_reentrant = true, preserve_rng_state = true, policy = true}
+local option_list = "use_reentrant, preserve_rng_state, policy"
+
+-- Edit distance between two short strings (for misspelt option names).
+local function distance(a, b)
+  local previous = {}
+  for j = 0, #b do previous[j] = j end
+  for i = 1, #a do
+    local current = {[0] = i}
+    for j = 1, #b do
+      local cost = a:sub(i, i) == b:sub(j, j) and 0 or 1
+      current[j] = math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
+    end
+    previous = current
+  end
+  return previous[#b]
+end
+
+-- The option name key looks like a misspelling of, or nil.
+local function misspelt(key)
+  if type(key) ~= "string" then return nil end
+  local lower = key:lower()
+  for name in pairs(option_keys) do
+    if lower == name or distance(lower, name) <= 2 then return name end
+  end
+  return nil
+end
 
 -- The options table is the last argument when it is a plain table holding option keys;
--- a table mixing option keys with other keys is refused rather than passed on.
+-- a table mixing option keys with other keys is refused rather than passed on, and so is
+-- a last table of non-tensor values whose key is a misspelt option name.
 local function split_options(...)
   local n = select("#", ...)
   local last = select(n, ...)
@@ -27,20 +55,55 @@ local function split_options(...)
   for key in pairs(last) do
     if option_keys[key] then known = known + 1 else unknown = unknown or key end
   end
-  if next(last) ~= nil and known == 0 then return {n = n, ...}, {} end
+  if next(last) ~= nil and known == 0 then
+    for key, value in pairs(last) do
+      local meant = misspelt(key)
+      if meant and not Tensor.is_tensor(value) then
+        fail("checkpoint", "unknown option '%s' (did you mean %s? expected %s)", key, meant, option_list)
+      end
+    end
+    return {n = n, ...}, {}
+  end
   if unknown ~= nil then
-    fail("checkpoint", "unknown option '%s' (expected use_reentrant, preserve_rng_state, policy)", tostring(unknown))
+    fail("checkpoint", "unknown option '%s' (expected %s)", tostring(unknown), option_list)
   end
   return {n = n - 1, ...}, last
 end
 
 local is_callable = C.is_callable
 
+local function check_boolean(what, opts, key)
+  local value = opts[key]
+  if value ~= nil and type(value) ~= "boolean" then
+    fail(what, "%s must be true or false, got %s", key, type(value) == "string" and "'" .. value .. "'" or tostring(value))
+  end
+end
+
 local function region_options(what, opts)
   if opts.policy ~= nil and not is_callable(opts.policy) then
     fail(what, "policy must be callable as policy(op_name) -> 'save' | 'recompute', got %s", type(opts.policy))
   end
+  check_boolean(what, opts, "preserve_rng_state")
+  check_boolean(what, opts, "use_reentrant")
   return {preserve_rng_state = opts.preserve_rng_state ~= false, policy = opts.policy}
+end
+
+-- opts: nil or a table holding only keys of allowed (an array); returns a table.
+local function checked_options(what, opts, allowed, hints)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" or getmetatable(opts) ~= nil then
+    fail(what, "options must be a table, got %s", type(opts))
+  end
+  local set = {}
+  for _, key in ipairs(allowed) do set[key] = true end
+  for key in pairs(opts) do
+    if not set[key] then
+      local hint = hints and hints[key]
+      fail(what, "unknown option '%s' (expected %s)%s", tostring(key), table.concat(allowed, ", "),
+           hint and "; " .. hint or "")
+    end
+  end
+  return opts
 end
 
 local function run_region(fn, args, reentrant, opts)
@@ -77,7 +140,8 @@ end
 -- checkpoint_wrapper(module, {checkpoint_impl = "no_reentrant" | "reentrant",
 --                             preserve_rng_state = true, policy = fn})
 function ac.checkpoint_wrapper(module, opts)
-  opts = opts or {}
+  opts = checked_options("checkpoint_wrapper", opts, {"checkpoint_impl", "preserve_rng_state", "policy"},
+                         {use_reentrant = "checkpoint_impl = 'reentrant' or 'no_reentrant' chooses the implementation"})
   local impl = opts.checkpoint_impl or "no_reentrant"
   if impl ~= "no_reentrant" and impl ~= "reentrant" then
     fail("checkpoint_wrapper", "checkpoint_impl must be 'reentrant' or 'no_reentrant', got '%s'", tostring(impl))
@@ -106,17 +170,19 @@ function ac.offload_wrapper(module)
 end
 
 -- Wrap every submodule (not the root) for which check_fn(module) is true with
--- checkpoint_wrapper_fn (default: checkpoint_wrapper, non-reentrant).
+-- checkpoint_wrapper_fn (default: checkpoint_wrapper, non-reentrant). auto_wrap_policy
+-- (function(module) -> bool, as fsdp.wrap_policy makes) takes precedence over check_fn.
 function ac.apply_activation_checkpointing(model, opts)
-  opts = opts or {}
-  if not Module.is_module(model) then
-    fail("apply_activation_checkpointing", "expected an nn.Module, got %s", type(model))
+  local what = "apply_activation_checkpointing"
+  opts = checked_options(what, opts, {"check_fn", "checkpoint_wrapper_fn", "auto_wrap_policy"})
+  if not Module.is_module(model) then fail(what, "expected an nn.Module, got %s", type(model)) end
+  for _, key in ipairs({"check_fn", "checkpoint_wrapper_fn", "auto_wrap_policy"}) do
+    if opts[key] ~= nil and not is_callable(opts[key]) then
+      fail(what, "%s must be a function, got %s", key, type(opts[key]))
+    end
   end
-  local check_fn = opts.check_fn or function() return true end
+  local check_fn = opts.auto_wrap_policy or opts.check_fn or function() return true end
   local wrapper = opts.checkpoint_wrapper_fn or ac.checkpoint_wrapper
-  if not is_callable(check_fn) or not is_callable(wrapper) then
-    fail("apply_activation_checkpointing", "check_fn and checkpoint_wrapper_fn must be functions")
-  end
   local targets = {}
   for name, m in model:named_modules() do
     if name ~= "" and not wrapped[m] and check_fn(m) then targets[#targets + 1] = m end

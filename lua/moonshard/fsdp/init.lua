@@ -184,6 +184,14 @@ local function check_options(opts)
     for key in pairs(opts.cpu_offload) do
       if key ~= "offload_params" then fail("FSDP", "unknown cpu_offload option '%s' (expected offload_params)", tostring(key)) end
     end
+    local offload = opts.cpu_offload.offload_params
+    if offload ~= nil and type(offload) ~= "boolean" then
+      fail("FSDP", "cpu_offload.offload_params must be true or false, got %s", tostring(offload))
+    end
+  end
+  if opts.device_mesh ~= nil and getmetatable(opts.device_mesh) ~= require("moonshard.mesh").DeviceMesh then
+    fail("FSDP", "device_mesh must be a DeviceMesh from dist.init_device_mesh, got %s",
+         type(opts.device_mesh) == "string" and "'" .. opts.device_mesh .. "'" or type(opts.device_mesh))
   end
   for _, key in ipairs({"forward_prefetch", "limit_all_gathers", "sync_module_states", "use_orig_params"}) do
     if opts[key] ~= nil and type(opts[key]) ~= "boolean" then
@@ -356,11 +364,39 @@ function fsdp.FSDP(module, opts)
   return module
 end
 
+-- Whether v is nn.Module or a class made from it with extend (not an instance).
+local function is_module_class(v)
+  if type(v) ~= "table" or rawget(v, "_class") ~= nil then return false end
+  local c = v
+  while c ~= nil do
+    if c == Module then return true end
+    c = rawget(c, "__parent")
+  end
+  return false
+end
+
 -- A policy wrapping every module that is an instance of one of the given classes.
 function fsdp.wrap_policy(classes)
-  if type(classes) ~= "table" then fail("wrap_policy", "expected an array of module classes") end
+  if is_module_class(classes) then
+    fail("wrap_policy", "expected an array of module classes, got the class %s (pass an array: {%s})",
+         tostring(rawget(classes, "__name")), tostring(rawget(classes, "__name")))
+  end
+  if type(classes) ~= "table" or getmetatable(classes) ~= nil then
+    fail("wrap_policy", "expected an array of module classes, got %s", type(classes))
+  end
   local list = {}
-  for i, class in ipairs(classes) do list[i] = class end
+  for i, class in ipairs(classes) do
+    if not is_module_class(class) then
+      fail("wrap_policy", "element %d is not a module class (nn.Linear, a class from nn.Module:extend), got %s",
+           i, type(class) == "string" and "'" .. class .. "'" or type(class))
+    end
+    list[i] = class
+  end
+  for key in pairs(classes) do
+    if type(key) ~= "number" or key < 1 or key > #list or key % 1 ~= 0 then
+      fail("wrap_policy", "expected an array of module classes, got a table with key '%s'", tostring(key))
+    end
+  end
   return function(module)
     for _, class in ipairs(list) do
       if module:is_instance_of(class) then return true end
@@ -378,21 +414,48 @@ function fsdp.no_sync(model, fn, ...)
   return finally(function() for _, unit in ipairs(tree.units) do unit.no_sync = false end end, fn, ...)
 end
 
+local SUMMON_OPTIONS = {writeback = true, rank0_only = true, recurse = true, offload_to_cpu = true, with_grads = true}
+
 -- Run fn with every unit's full parameters exposed (in full precision under mixed
 -- precision); with writeback (default) changes made to them are copied back into the shards.
+-- opts as PyTorch's: writeback, rank0_only (only the mesh's first rank sees the full
+-- parameters, the others their shards; needs writeback = false), recurse (false: the root
+-- unit's parameters only); offload_to_cpu and with_grads = true are refused.
 function fsdp.summon_full_params(model, fn, opts)
+  local what = "summon_full_params"
   local tree = Tree.rooted_at(unit_of(model))
-  if not tree then fail("summon_full_params", "expects the root FSDP module") end
-  local writeback = not (opts and opts.writeback == false)
+  if not tree then fail(what, "expects the root FSDP module") end
+  if not C.is_callable(fn) then fail(what, "expected a function to run, got %s", type(fn)) end
+  if opts ~= nil and (type(opts) ~= "table" or getmetatable(opts) ~= nil) then
+    fail(what, "options must be a table, got %s", type(opts))
+  end
+  opts = opts or {}
+  for key, value in pairs(opts) do
+    if not SUMMON_OPTIONS[key] then
+      fail(what, "unknown option '%s' (expected writeback, rank0_only, recurse, offload_to_cpu, with_grads)", tostring(key))
+    end
+    if type(value) ~= "boolean" then fail(what, "%s must be true or false, got %s", tostring(key), tostring(value)) end
+  end
+  if opts.with_grads then fail(what, "with_grads = true is not supported (the full gradients are not gathered)") end
+  if opts.offload_to_cpu then fail(what, "offload_to_cpu = true is not supported") end
+  local writeback = opts.writeback ~= false
+  if opts.rank0_only and writeback then
+    fail(what, "rank0_only = true needs writeback = false (as PyTorch's)")
+  end
+  local units = opts.recurse == false and {tree.root} or tree.units
+  local first = true
+  if opts.rank0_only then
+    for _, r in ipairs(tree.root.mesh:get_coordinate() or {}) do if r ~= 0 then first = false end end
+  end
   local full, fresh = {}, {}
-  for i, unit in ipairs(tree.units) do
+  for i, unit in ipairs(units) do
     full[i], fresh[i] = unit:full_params()
-    unit:expose(true, full[i])
+    if first then unit:expose(true, full[i]) end
   end
   local results = {pcall(fn)}
   if results[1] and writeback then
     autograd.no_grad(function()
-      for i, unit in ipairs(tree.units) do
+      for i, unit in ipairs(units) do
         for j, p in ipairs(unit.params) do
           local whole = full[i][j]
           if p.local_rows > 0 then
@@ -404,7 +467,7 @@ function fsdp.summon_full_params(model, fn, opts)
       end
     end)
   end
-  for i, unit in ipairs(tree.units) do
+  for i, unit in ipairs(units) do
     unit:expose(false)
     unit:reshard()
     if fresh[i] then for _, t in ipairs(full[i]) do t:_release() end end
@@ -477,8 +540,23 @@ fsdp.MixedPrecision = function(policy) return mixed_precision.validate(policy) e
 fsdp.BackwardPrefetch = {BACKWARD_PRE = "BACKWARD_PRE", BACKWARD_POST = "BACKWARD_POST"}
 fsdp.stats, fsdp.reset_stats = stats.snapshot, stats.reset
 fsdp.set_state_dict_type = state_dict.set_state_dict_type
-fsdp.optim_state_dict = state_dict.optim_state_dict
-fsdp.optim_state_dict_to_load = state_dict.optim_state_dict_to_load
+-- The optimizer argument of the optimizer state-dict functions: an optimizer over the model's
+-- parameters (it has param_groups).
+local function check_optimizer(what, opt)
+  if type(opt) ~= "table" or type(rawget(opt, "param_groups") or opt.param_groups) ~= "table" then
+    fail(what, "expected an optimizer (from ms.optim) as the second argument, got %s", type(opt))
+  end
+end
+
+function fsdp.optim_state_dict(model, opt, ...)
+  check_optimizer("optim_state_dict", opt)
+  return state_dict.optim_state_dict(model, opt, ...)
+end
+
+function fsdp.optim_state_dict_to_load(model, opt, ...)
+  check_optimizer("optim_state_dict_to_load", opt)
+  return state_dict.optim_state_dict_to_load(model, opt, ...)
+end
 fsdp.ShardedGradScaler = require("moonshard.amp").GradScaler
 
 return fsdp
