@@ -157,3 +157,68 @@ describe("dcp on a full disk", function()
     assert_first_intact(dir)
   end)
 end)
+
+-- Deleting steps is how a user recovers from a full disk: it needs no new file space, and a
+-- later save reuses the pages it freed.
+describe("deleting steps on a full disk", function()
+  local mount, reason = nil, nil
+  local dir
+
+  local function one_mib(v) return {w = ms.full({256, 1024}, v)} end
+
+  local function steps_of()
+    local store = dcp.open(dir)
+    local steps = store:steps()
+    store:close()
+    return steps
+  end
+
+  before_each(function()
+    mount, reason = mount_tmpfs(4)
+    if not mount then
+      print("dcp_full_disk_spec: skipped: " .. reason)
+      return
+    end
+    dir = mount .. "/ckpt"
+    dcp.save(one_mib(0), dir, {step = 0})
+    dcp.save(one_mib(1), dir, {step = 1})
+  end)
+
+  after_each(function()
+    if mount then unmount(mount) end
+    collectgarbage()
+  end)
+
+  local function assert_saves_into_freed_pages()
+    assert.equal(2, dcp.save(one_mib(2), dir, {step = 2}))
+    local store = dcp.open(dir)
+    assert.same({1, 2}, store:steps())
+    assert.same({}, (store:verify()))
+    assert.is_true(ms.equal(ms.full({256, 1024}, 1), store:read("w", 1)))
+    assert.is_true(ms.equal(ms.full({256, 1024}, 2), store:read("w", 2)))
+    store:close()
+  end
+
+  it("ckpt rm with 200 KiB left deletes the step and the next save reuses its pages", function()
+    if not mount then return end
+    local filler = dir .. "/../filler"
+    shell_ok(("dd if=/dev/zero of='%s' bs=1024 count=%d"):format(filler, math.max(0, avail_kib(mount) - 200)))
+    assert_no_space(pcall(dcp.save, one_mib(2), dir, {step = 2}))
+    local pipe = io.popen("bin/moonshard ckpt rm " .. dir .. " 0 2>&1; echo \"exit=$?\"")
+    local output = pipe:read("*a")
+    pipe:close()
+    assert.truthy(output:find("deleted step 0", 1, true), output)
+    assert.truthy(output:find("exit=0", 1, true), output)
+    assert.same({1}, steps_of())
+    assert_saves_into_freed_pages()
+  end)
+
+  it("dcp.delete on a disk with no byte left deletes the step and the next save reuses its pages", function()
+    if not mount then return end
+    fill(mount, 0)
+    assert_no_space(pcall(dcp.save, one_mib(2), dir, {step = 2}))
+    dcp.delete(dir, 0)
+    assert.same({1}, steps_of())
+    assert_saves_into_freed_pages()
+  end)
+end)

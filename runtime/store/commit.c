@@ -132,8 +132,10 @@ static int put_manifest(ms_store *s, const byte_buffer *manifest)
             rc = mdb_txn_commit(txn);
         else
             mdb_txn_abort(txn);
-        if (!rc)
+        if (!rc) {
+            space_keep_spare(s->index);
             return MS_OK;
+        }
         if (rc == MDB_KEYEXIST)
             return MS_FAIL(MS_ERR_STATE, "%s: step %lld was committed by another save meanwhile",
                            s->path, (long long)s->save_step);

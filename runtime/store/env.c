@@ -114,6 +114,11 @@ int env_fail(const store_env *e, int rc, const char *doing)
         status = MS_ERR_VERSION;
         break;
     case MDB_MAP_FULL:
+        if (e->disk_full)
+            return MS_FAIL(ENOSPC, "%s: %s: no free page is left in the file and it cannot grow: %s",
+                           e->path, doing, strerror(ENOSPC));
+        status = ENOSPC;
+        break;
     case MDB_TXN_FULL:
         status = ENOSPC;
         break;
@@ -265,13 +270,14 @@ static int open_env(store_env *e, bool writable)
         return status;
     }
     if (writable && e->kind == FILE_SHARD) {
-        /* A writable map sets the file's size; keeping it keeps the room earlier saves
-         * grew, which the meta page only records at the next commit. The map starts small
-         * and grows with the data (env_grow), each time over reserved file space. */
+        /* A writable map sets the file's size; an existing file's map is the file (the
+         * room earlier saves grew, which the meta page only records at the next commit), so
+         * opening it asks the disk for nothing. A new file's map starts small. Maps grow with
+         * the data (env_grow), each time over reserved file space. */
         struct stat st;
         flags |= MDB_WRITEMAP;
         map_bytes = INITIAL_SHARD_MAP_BYTES;
-        if (stat(e->path, &st) == 0 && (size_t)st.st_size > map_bytes)
+        if (stat(e->path, &st) == 0 && st.st_size > 0)
             map_bytes = (size_t)st.st_size;
     } else if (writable) {
         map_bytes = INDEX_MAP_BYTES;
@@ -484,8 +490,10 @@ const store_env *env_mapping(const void *address)
 /* Before a write transaction on a shard: a map with room for the pages a transaction copies
  * or adds besides its values (the tree, the free list), which callers do not count, all of
  * it over allocated file space (the file may have been trimmed below the map). On a disk
- * without room for the whole map, the map shrinks to the used pages and a little more.
- * [OUT] *reserved: the map size now backed. */
+ * without room for the whole map, the map shrinks to the used pages and a little more; on a
+ * disk without even that, to the space the file has (its free pages, the spare past its used
+ * pages): a transaction that only deletes fits there, and one that needs more fails with
+ * ENOSPC (MDB_MAP_FULL). [OUT] *reserved: the map size now backed. */
 static int prepare_shard_map(store_env *e, uint64_t *reserved)
 {
     MDB_envinfo info;
@@ -500,9 +508,16 @@ static int prepare_shard_map(store_env *e, uint64_t *reserved)
         target = least;
         status = space_reserve(e, target);
     }
+    bool full = status == ENOSPC;
+    if (full)
+        status = space_in_file(e, &target);
     MS_CHECK(status);
     *reserved = target;
-    return target == info.me_mapsize ? MS_OK : env_grow(e, target, target);
+    if (target != info.me_mapsize)
+        MS_CHECK(env_grow(e, target, target));
+    if (full)
+        e->disk_full = true;
+    return MS_OK;
 }
 
 int env_write_begin(store_env *e, MDB_txn **txn)

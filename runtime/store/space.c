@@ -2,6 +2,7 @@
  * pages before it is mapped, and writable maps and lock files are backed by allocated space. */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -144,11 +145,38 @@ int space_trim(const store_env *e)
     if (mdb_env_get_fd(e->env, &fd) || fstat(fd, &st))
         return MS_OK;
     mdb_env_info(e->env, &info);
-    off_t used = (off_t)(((uint64_t)info.me_last_pgno + 1) * e->page_bytes);
-    if (st.st_size > used && ftruncate(fd, used) != 0)
-        return MS_FAIL(errno, "%s: cannot trim the file to its %lld used bytes: %s", e->path,
-                       (long long)used, strerror(errno));
+    off_t keep = (off_t)(((uint64_t)info.me_last_pgno + 1) * e->page_bytes + STORE_SPARE_BYTES);
+    if (st.st_size > keep && ftruncate(fd, keep) != 0)
+        return MS_FAIL(errno, "%s: cannot trim the file to its %lld used and spare bytes: %s",
+                       e->path, (long long)keep, strerror(errno));
     return MS_OK;
+}
+
+int space_in_file(const store_env *e, uint64_t *bytes)
+{
+    mdb_filehandle_t fd;
+    MDB_envinfo info;
+    struct stat st;
+    if (mdb_env_get_fd(e->env, &fd) || fstat(fd, &st))
+        return MS_FAIL(MS_ERR_STATE, "%s is not open", e->path);
+    mdb_env_info(e->env, &info);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
+    uint64_t size = (uint64_t)st.st_size / e->page_bytes * e->page_bytes;
+    *bytes = size > used ? size : used;
+    return space_reserve(e, *bytes);
+}
+
+void space_keep_spare(const store_env *e)
+{
+    mdb_filehandle_t fd;
+    MDB_envinfo info;
+    if (mdb_env_get_fd(e->env, &fd))
+        return;
+    mdb_env_info(e->env, &info);
+    uint64_t used = ((uint64_t)info.me_last_pgno + 1) * e->page_bytes;
+    if (fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)used, (off_t)STORE_SPARE_BYTES) != 0) {
+        /* no room, or a file system without it: the next commit asks the disk as before */
+    }
 }
 
 int space_reserve_lock_file(const store_env *e)

@@ -48,10 +48,12 @@
  *
  * Files. Shard files are written through LMDB's writable map (large chunks with pwrite at
  * their place in the file) over file space allocated before the map grows, so a full disk
- * is ENOSPC, never SIGBUS; after each data commit a file is cut back to its used pages. Space
- * of deleted and abandoned steps is reused by later saves. Files are checked against their
- * meta pages before they are mapped, and reads of a damaged file (truncated, overwritten)
- * fail with MS_ERR_CORRUPT naming it.
+ * is ENOSPC, never SIGBUS; after each data commit a file is cut back to its used pages and
+ * 256 KiB of spare space, which (with the index's own spare) lets deletions work on a full
+ * disk without asking it for more. Space of deleted and abandoned steps is reused by later
+ * saves; on a full disk a save writes its chunks in small pieces into those free pages.
+ * Files are checked against their meta pages before they are mapped, and reads of a damaged
+ * file (truncated, overwritten) fail with MS_ERR_CORRUPT naming it.
  *
  * One writer at a time: ms_store_lock (or the begin of rank 0) takes writer.lock in the
  * directory, each rank's begin its shard's lock; EBUSY names the process holding it.

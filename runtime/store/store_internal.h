@@ -156,6 +156,8 @@ typedef struct store_env {
     uint64_t page_bytes;
     int read_fd;      /* the data file opened again for sequential preads, or -1 */
     const uint8_t *map_begin, *map_end; /* LMDB's map of the file in this process */
+    bool disk_full;   /* shards: the disk refused the file room to grow, so the map stays
+                         within the file's allocated space (MDB_MAP_FULL then means ENOSPC) */
     MDB_dbi meta_dbi; /* "meta": the format record, notes */
     MDB_dbi data_dbi; /* "manifests" or "chunks" */
     pthread_rwlock_t map_lock;
@@ -189,6 +191,10 @@ int env_read_fd(store_env *e, int *fd);
 int env_fail(const store_env *e, int rc, const char *doing);
 
 /* ---- file space (space.c) ---- */
+/* File space every store file keeps allocated past its used pages: the pages a transaction
+ * that only deletes copies (tree pages, the free list), so deleting steps works on a full
+ * disk. */
+#define STORE_SPARE_BYTES ((uint64_t)256 << 10)
 /* Before LMDB maps an existing file: its size and meta pages agree with the pages LMDB will
  * touch (MS_ERR_CORRUPT naming the file: empty, truncated, bad meta page). */
 int space_check_file(const store_env *e);
@@ -200,9 +206,17 @@ int space_short_file(const store_env *e);
 bool space_value_in_file(const store_env *e, const MDB_val *value);
 /* Allocate the file's space up to bytes (a writable map's size): ENOSPC as a status. */
 int space_reserve(const store_env *e, uint64_t bytes);
-/* Cut a shard file (opened for writing, no write transaction open) back to its used pages,
- * below the map: the next write transaction reserves the space again (env_write_begin). */
+/* Cut a shard file (opened for writing, no write transaction open) back to its used pages
+ * and STORE_SPARE_BYTES, below the map: the next write transaction reserves the space again
+ * (env_write_begin). */
 int space_trim(const store_env *e);
+/* The size of a shard file's allocated space that a map may cover without asking the disk
+ * for more: its size in whole pages, at least its used pages (allocated, or ENOSPC). */
+int space_in_file(const store_env *e, uint64_t *bytes);
+/* After a commit of the index (written with pwrite): keep STORE_SPARE_BYTES allocated past
+ * its used pages (beyond its end), so the next commit that deletes finds room on a full
+ * disk. Best effort. */
+void space_keep_spare(const store_env *e);
 /* Create e's lock file with its space allocated (LMDB writes it through a map). */
 int space_reserve_lock_file(const store_env *e);
 

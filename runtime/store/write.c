@@ -19,6 +19,7 @@ enum {
     COMMIT_SLACK_PAGES = 64,      /* pages a commit may add (free list, meta), plus 1/256 of
                                      the file's pages (the free list of a large file) */
     MAP_STEP_BYTES = 1 << 20,     /* maps (and so shard files) grow in whole MiB */
+    FULL_DISK_PIECE_PAGES = 32,   /* pieces of chunks written on a full disk (write_chunk) */
 };
 
 /* The map size to grow to when need bytes do not fit: a quarter more (at least 1 MiB), so
@@ -77,12 +78,14 @@ int write_finish(ms_store *s)
 
 /* Make room for one more value of value_bytes: commit and grow the map when the pages the
  * transaction may take past the file's end would not fit, commit when it nears LMDB's
- * dirty-page limit, then count the value's pages and the tree pages its insertion may copy
- * or split.
- * Intermediate commits are harmless: chunks count only once a manifest names them. */
+ * dirty-page limit. When the disk has no room for the map to grow (disk_full), the value
+ * goes where LMDB finds free pages (those of deleted steps) or its put fails with ENOSPC
+ * (MDB_MAP_FULL). Intermediate commits are harmless: chunks count only once a manifest
+ * names them. */
 static int make_room(ms_store *s, uint64_t value_bytes)
 {
-    uint64_t page_bytes = s->shards[s->save_rank]->page_bytes;
+    store_env *e = s->shards[s->save_rank];
+    uint64_t page_bytes = e->page_bytes;
     uint64_t value_pages = (value_bytes + LMDB_PAGE_HEADER_BYTES + page_bytes - 1) / page_bytes;
     uint64_t tree_pages = 2 * ((uint64_t)s->tree_depth + 2);
     if (s->txn_dirty + 1 + tree_pages > DIRTY_PAGE_LIMIT) {
@@ -93,14 +96,27 @@ static int make_room(ms_store *s, uint64_t value_bytes)
     uint64_t used =
         s->txn_pages_exact ? txn_next_page(s->txn) + s->txn_slack : s->txn_pages;
     uint64_t need = (used + value_pages + tree_pages) * page_bytes;
-    if (need > s->map_bytes) {
+    if (need > s->map_bytes && !e->disk_full) {
         MS_CHECK(write_commit(s));
-        MS_CHECK(env_grow(s->shards[s->save_rank], grown_map_bytes(need), need));
+        int status = env_grow(e, grown_map_bytes(need), need);
+        if (status == ENOSPC)
+            e->disk_full = true;
+        else
+            MS_CHECK(status);
         MS_CHECK(open_write_txn(s));
     }
+    return MS_OK;
+}
+
+/* Count the pages of a value make_room made room for, and the tree pages its insertion may
+ * copy or split. */
+static void count_value(ms_store *s, uint64_t value_bytes)
+{
+    uint64_t page_bytes = s->shards[s->save_rank]->page_bytes;
+    uint64_t value_pages = (value_bytes + LMDB_PAGE_HEADER_BYTES + page_bytes - 1) / page_bytes;
+    uint64_t tree_pages = 2 * ((uint64_t)s->tree_depth + 2);
     s->txn_pages += value_pages + tree_pages;
     s->txn_dirty += 1 + tree_pages;
-    return MS_OK;
 }
 
 /* Reserve a value for size bytes of chunk data under key and zero the CHUNK_DATA_OFFSET
@@ -111,7 +127,7 @@ static int reserve_value(ms_store *s, const uint8_t *key_bytes, uint64_t size, u
 {
     store_env *e = s->shards[s->save_rank];
     uint64_t value_bytes = CHUNK_DATA_OFFSET + size;
-    MS_CHECK(make_room(s, value_bytes));
+    count_value(s, value_bytes);
     MDB_val key = {CHUNK_KEY_BYTES, (void *)key_bytes}, value = {value_bytes, NULL};
     int rc = mdb_put(s->txn, e->data_dbi, &key, &value, MDB_RESERVE);
     if (rc)
@@ -186,17 +202,30 @@ static int copy_into_value(ms_store *s, uint8_t *value, off_t file_offset, const
     return MS_OK;
 }
 
-/* Store one piece (at most max_chunk_bytes) as one value and record it in own_table. */
+static int write_split(ms_store *s, store_entry *entry, const ms_tensor *t,
+                       const int64_t *global_offsets, int64_t limit);
+
+/* Store one piece (at most max_chunk_bytes) as one value and record it in own_table. On a
+ * full disk a piece is split again into pieces of at most FULL_DISK_PIECE_PAGES pages: they go
+ * into the free pages of deleted steps, whose runs the tree pages a transaction copies first
+ * (LMDB takes the lowest free pages) cut a little short of a chunk of the same size, so such
+ * a run holds all but less than one small piece. */
 static int write_piece(ms_store *s, store_entry *entry, const ms_tensor *t,
                        const int64_t *global_offsets)
 {
+    store_env *e = s->shards[s->save_rank];
+    uint64_t nbytes = ms_tensor_nbytes(t);
+    MS_CHECK(make_room(s, CHUNK_DATA_OFFSET + nbytes));
+    int64_t small = FULL_DISK_PIECE_PAGES * (int64_t)e->page_bytes - CHUNK_DATA_OFFSET -
+                    LMDB_PAGE_HEADER_BYTES;
+    if (e->disk_full && (int64_t)nbytes > small)
+        return write_split(s, entry, t, global_offsets, small);
     store_chunk chunk = {
         .rank = (uint32_t)s->save_rank, .seq = s->next_seq++, .data_offset = CHUNK_DATA_OFFSET};
     for (int d = 0; d < t->ndim; d++) {
         chunk.offsets[d] = global_offsets[d];
         chunk.sizes[d] = t->shape[d];
     }
-    uint64_t nbytes = ms_tensor_nbytes(t);
     uint8_t key[CHUNK_KEY_BYTES], *value = NULL;
     off_t file_offset = -1;
     chunk_key(key, s->save_step, chunk.seq);
@@ -207,14 +236,12 @@ static int write_piece(ms_store *s, store_entry *entry, const ms_tensor *t,
     return entry_add_chunk(entry, &chunk);
 }
 
-/* Split t into pieces of at most max_chunk_bytes: blocks of whole slices along the outermost
- * dim whose slices fit, one piece per index of the dims outside it. A read then verifies
- * only the pieces it touches, and every piece fits one LMDB value. */
-int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t,
-                const int64_t *global_offsets)
+/* Split t into pieces of at most limit bytes: blocks of whole slices along the outermost
+ * dim whose slices fit, one piece per index of the dims outside it. */
+static int write_split(ms_store *s, store_entry *entry, const ms_tensor *t,
+                       const int64_t *global_offsets, int64_t limit)
 {
-    store_entry *entry = &s->own_table.entries[table_find(&s->own_table, fqn, fqn_len)];
-    int64_t esize = (int64_t)ms_dtype_size(t->dtype), limit = s->max_chunk_bytes;
+    int64_t esize = (int64_t)ms_dtype_size(t->dtype);
     if ((int64_t)ms_tensor_nbytes(t) <= limit)
         return write_piece(s, entry, t, global_offsets);
     int split = t->ndim - 1;
@@ -248,6 +275,15 @@ int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t
     }
 }
 
+/* Split t into pieces of at most max_chunk_bytes (write_split): a read then verifies only
+ * the pieces it touches, and every piece fits one LMDB value. */
+int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t,
+                const int64_t *global_offsets)
+{
+    store_entry *entry = &s->own_table.entries[table_find(&s->own_table, fqn, fqn_len)];
+    return write_split(s, entry, t, global_offsets, s->max_chunk_bytes);
+}
+
 /* Reclaim, then open the write transaction with a map that holds expected_bytes more (the
  * chunks of the save when they are known), as if none of them reused free pages: growing
  * inside the transaction needs a commit, and small chunks committed apart from large ones
@@ -257,6 +293,7 @@ int write_chunk(ms_store *s, const char *fqn, size_t fqn_len, const ms_tensor *t
 int write_start(ms_store *s, uint64_t expected_bytes)
 {
     store_env *e = s->shards[s->save_rank];
+    e->disk_full = false; /* ask the disk again */
     MS_CHECK(reclaim_uncommitted(e, s->committed, s->committed_count));
     MS_CHECK(write_expect(s, expected_bytes));
     return open_write_txn(s);

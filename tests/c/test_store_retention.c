@@ -67,6 +67,27 @@ static void test_keep_last_and_delete(void)
         CHECK(foreign_chunk_keys(dir, rank, -1) == 0);
 }
 
+/* A deletion that cannot reach every shard file fails before it removes anything: with
+ * rank 1's file damaged, deleting a step leaves every step there. */
+static void test_delete_fails_whole(void)
+{
+    char dir[512], path[600];
+    temp_store(dir, sizeof dir, "delete-whole");
+    for (uint64_t step = 1; step <= 2; step++)
+        CHECK_OK(save_ranks(dir, (int64_t)step, WORLD, put_rows, &step));
+    snprintf(path, sizeof path, "%s/shard-1.mdb", dir);
+    int fd = open(path, O_WRONLY);
+    char zeros[4096] = {0};
+    CHECK(fd >= 0 && pwrite(fd, zeros, sizeof zeros, 0) == (ssize_t)sizeof zeros);
+    close(fd);
+    ms_store *s;
+    CHECK_OK(ms_store_open(&s, dir, MS_STORE_READ_WRITE));
+    CHECK_FAILS(ms_store_delete(s, 1), MS_ERR_CORRUPT, "shard-1.mdb");
+    CHECK_FAILS(ms_store_keep_last(s, 1), MS_ERR_CORRUPT, "shard-1.mdb");
+    check_steps(s, (int64_t[]){1, 2}, 2);
+    ms_store_close(s);
+}
+
 /* Saving and keeping the last two, many times, reaches a steady file size. */
 static void test_space_steady(void)
 {
@@ -224,6 +245,7 @@ static void test_read_during_background_save(void)
 int main(void)
 {
     test_keep_last_and_delete();
+    test_delete_fails_whole();
     test_space_steady();
     test_dead_reader();
     test_reader_follows_growth();
