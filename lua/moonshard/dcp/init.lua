@@ -11,7 +11,9 @@ local dcp = {}
 -- dict nests tables of tensors, DTensors, numbers, strings and booleans; keys flatten to
 -- "model.net1.weight". Each rank writes its own DTensor shards (replicas once); plain tensors
 -- and values count as replicated and rank 0's are written. step defaults to the latest + 1;
--- keep_last = n then keeps the newest n steps. The step exists once save returns. Returns it.
+-- keep_last = n then keeps the newest n steps (by number), which always include the one
+-- written: a step with n newer ones committed is refused before anything is written. The
+-- step exists once save returns. Returns it.
 function dcp.save(state_dict, dir, opts) return save.save(state_dict, dir, opts, "dcp.save") end
 
 -- Like save, but returns after copying this rank's shards to staging buffers (kept for the

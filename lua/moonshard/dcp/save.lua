@@ -86,9 +86,25 @@ local function write_local(s, leaves, step, rank, background, staging, what)
   check(lib.ms_store_commit_data(s), what)
 end
 
+-- keep_last = k keeps the k newest steps (by number) once the step is committed; a step
+-- older than k committed ones would be deleted by its own save, so the save is refused
+-- before anything is written.
+local function check_retention(s, dir, step, keep_last, what)
+  if not keep_last then return end
+  local newer = {}
+  for _, other in ipairs(handle.steps(s, what)) do
+    if other > step then newer[#newer + 1] = string.format("%d", other) end
+  end
+  if #newer >= keep_last then
+    fail(what, "%s: step %d with keep_last = %d would be deleted by its own save: the store holds %d newer " ..
+         "step%s (%s); delete %s first (dcp.delete or moonshard ckpt rm), or save a later step", dir, step,
+         keep_last, #newer, #newer == 1 and "" or "s", table.concat(newer, ", "), #newer == 1 and "it" or "them")
+  end
+end
+
 -- Rank 0 takes the store's writer lock (one writing job at a time) and chooses the step:
 -- opts.step, or the latest + 1 under the lock. Every rank learns it, or every rank raises.
-local function lock_and_agree(s, open_error, opts, what)
+local function lock_and_agree(s, open_error, dir, opts, what)
   local rank = exchange.world()
   local ok, text = s ~= nil, open_error
   if ok and rank == 0 then
@@ -99,6 +115,7 @@ local function lock_and_agree(s, open_error, opts, what)
         local latest = handle.latest(s, what)
         step = latest and latest + 1 or 0
       end
+      check_retention(s, dir, step, opts.keep_last, what)
       return string.format("%d", step)
     end)
   end
@@ -155,7 +172,7 @@ end
 local function start(leaves, dir, opts, background, staging, what)
   local rank = exchange.world()
   local opened, s = pcall(handle.open, dir, handle.READ_WRITE, what)
-  local step = lock_and_agree(opened and s or nil, not opened and s or nil, opts, what)
+  local step = lock_and_agree(opened and s or nil, not opened and s or nil, dir, opts, what)
   local ok, err = pcall(write_local, s, leaves, step, rank, background, staging, what)
   return ok, s, ok and step or err
 end

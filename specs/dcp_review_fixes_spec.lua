@@ -1,0 +1,53 @@
+-- dcp and ckpt behaviours a review found wrong: retention never deletes the step a save
+-- just wrote, error paths of a save release the writer lock, safetensors files with empty
+-- tensors import, load checks the kinds of non-tensor values, delete does not create a
+-- store, damaged manifests are reported per step, and messages say what is expected.
+local ms = require "moonshard"
+local dcp = ms.dcp
+local store_dirs = require "support.store_dirs"
+
+local function error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert.is_false(ok, "expected an error")
+  return tostring(err)
+end
+
+local function steps_of(dir)
+  local store = dcp.open(dir)
+  local steps = store:steps()
+  store:close()
+  return steps
+end
+
+describe("dcp.save with keep_last", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  it("refuses a step its own retention would delete, before writing anything", function()
+    dcp.save({a = 10}, dir, {step = 10})
+    dcp.save({a = 11}, dir, {step = 11})
+    local err = error_of(dcp.save, {a = 5}, dir, {step = 5, keep_last = 2})
+    assert.truthy(err:find("step 5 with keep_last = 2 would be deleted by its own save: the store holds 2 " ..
+                           "newer steps (10, 11)", 1, true), err)
+    assert.same({10, 11}, steps_of(dir))
+    local h
+    err = error_of(function() h = dcp.async_save({a = 5}, dir, {step = 5, keep_last = 1}) end)
+    assert.truthy(err:find("step 5 with keep_last = 1 would be deleted by its own save: the store holds 2 " ..
+                           "newer steps (10, 11)", 1, true), err)
+    assert.is_nil(h)
+    assert.same({10, 11}, steps_of(dir))
+  end)
+
+  it("keeps the step it saved with the newest others, and the store stays writable", function()
+    dcp.save({a = 10}, dir, {step = 10})
+    dcp.save({a = 11}, dir, {step = 11})
+    assert.equal(5, dcp.save({a = 5}, dir, {step = 5, keep_last = 3}))
+    assert.same({5, 10, 11}, steps_of(dir))
+    assert.equal(12, dcp.save({a = 12}, dir, {keep_last = 2}))
+    assert.same({11, 12}, steps_of(dir))
+    local h = dcp.async_save({a = 13}, dir, {keep_last = 1})
+    assert.equal(13, h:wait())
+    assert.same({13}, steps_of(dir))
+  end)
+end)
