@@ -84,6 +84,9 @@ function Optimizer:zero_grad(set_to_none)
           if Tensor.is_tensor(grad) then grad:_release() elseif grad.release then grad:release() end
         end
       end
+      -- FSDP drops what no_sync accumulated outside p.grad
+      local on_zero = rawget(p, "_on_zero_grad")
+      if on_zero then on_zero(p, set_to_none) end
     end
   end
 end
