@@ -3,6 +3,7 @@
 local ffi = require "ffi"
 local Tensor = require "moonshard.tensor"
 local lib = require("moonshard.ffi").lib
+local finally = require "moonshard.finally"
 
 local M = {}
 
@@ -21,25 +22,34 @@ function M.all_gather(ok, bytes)
   local _, world_size = M.world()
   if world_size == 1 then return {{ok = ok, bytes = bytes}} end
   local d = dist()
-  local header = Tensor.empty_raw({2}, Tensor.dtype_ids.i64, lib.MS_POOL_CPU)
-  local fields = ffi.cast("int64_t *", header:data_ptr())
-  fields[0], fields[1] = ok and 1 or 0, #bytes
-  local headers = Tensor.empty_raw({2 * world_size}, Tensor.dtype_ids.i64, lib.MS_POOL_CPU)
-  d.all_gather_into_tensor(headers, header)
-  local all = ffi.cast("int64_t *", headers:data_ptr())
-  local longest = 1
-  for r = 0, world_size - 1 do longest = math.max(longest, tonumber(all[2 * r + 1])) end
-  local send = Tensor.empty_raw({longest}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
-  ffi.copy(send:data_ptr(), bytes, #bytes)
-  local received = Tensor.empty_raw({longest * world_size}, Tensor.dtype_ids.u8, lib.MS_POOL_CPU)
-  d.all_gather_into_tensor(received, send)
-  local data = ffi.cast("const char *", received:data_ptr())
-  local out = {}
-  for r = 0, world_size - 1 do
-    out[r + 1] = {ok = all[2 * r] == 1, bytes = ffi.string(data + r * longest, all[2 * r + 1])}
+  local buffers = {}
+  local function buffer(n, dtype)
+    buffers[#buffers + 1] = Tensor.empty_raw({n}, Tensor.dtype_ids[dtype], lib.MS_POOL_CPU)
+    return buffers[#buffers]
   end
-  for _, t in ipairs({header, headers, send, received}) do t:_release() end
-  return out
+  -- the buffers go back to the pool also when a collective raises
+  return finally(function()
+    for _, t in ipairs(buffers) do t:_release() end
+  end, function()
+    local header = buffer(2, "i64")
+    local fields = ffi.cast("int64_t *", header:data_ptr())
+    fields[0], fields[1] = ok and 1 or 0, #bytes
+    local headers = buffer(2 * world_size, "i64")
+    d.all_gather_into_tensor(headers, header)
+    local all = ffi.cast("int64_t *", headers:data_ptr())
+    local longest = 1
+    for r = 0, world_size - 1 do longest = math.max(longest, tonumber(all[2 * r + 1])) end
+    local send = buffer(longest, "u8")
+    ffi.copy(send:data_ptr(), bytes, #bytes)
+    local received = buffer(longest * world_size, "u8")
+    d.all_gather_into_tensor(received, send)
+    local data = ffi.cast("const char *", received:data_ptr())
+    local out = {}
+    for r = 0, world_size - 1 do
+      out[r + 1] = {ok = all[2 * r] == 1, bytes = ffi.string(data + r * longest, all[2 * r + 1])}
+    end
+    return out
+  end)
 end
 
 -- A raised message without its "moonshard: <function>: " prefix.

@@ -86,6 +86,21 @@ local function write_local(s, leaves, step, rank, background, staging, what)
   check(lib.ms_store_commit_data(s), what)
 end
 
+-- exchange.all_gather for a save holding handle s: when the collective itself raises (a peer
+-- is gone, or in the REPL sits at the prompt), the save is abandoned and s closed at once, so
+-- its writer lock goes with the error instead of with the garbage collector.
+local function gather(s, ok, bytes)
+  local done, outcomes = pcall(exchange.all_gather, ok, bytes)
+  if not done then
+    if s then
+      lib.ms_store_abort(s)
+      handle.close(s)
+    end
+    error(outcomes, 0)
+  end
+  return outcomes
+end
+
 -- keep_last = k keeps the k newest steps (by number) once the step is committed; a step
 -- older than k committed ones would be deleted by its own save, so the save is refused
 -- before anything is written.
@@ -119,7 +134,7 @@ local function lock_and_agree(s, open_error, dir, opts, what)
       return string.format("%d", step)
     end)
   end
-  local outcomes = exchange.all_gather(ok, ok and (text or "") or tostring(text))
+  local outcomes = gather(s, ok, ok and (text or "") or tostring(text))
   local failure = exchange.failure(outcomes)
   if failure then
     if s then handle.close(s) end
@@ -150,7 +165,7 @@ local function finish(s, local_ok, local_error, opts, what)
   local rank, world_size = exchange.world()
   local ok, bytes = local_ok, local_error
   if ok then ok, bytes = pcall(own_chunk_table, s, what) end
-  local outcomes = exchange.all_gather(ok, bytes or "")
+  local outcomes = gather(s, ok, bytes or "")
   local failure = exchange.failure(outcomes)
   if failure then
     if s then
@@ -161,7 +176,7 @@ local function finish(s, local_ok, local_error, opts, what)
   end
   local committed, commit_error = true, ""
   if rank == 0 then committed, commit_error = pcall(commit_manifest, s, outcomes, world_size, opts, what) end
-  failure = exchange.failure(exchange.all_gather(committed, commit_error or ""))
+  failure = exchange.failure(gather(s, committed, commit_error or ""))
   handle.close(s)
   if failure then fail(what, "%s", failure) end
 end
