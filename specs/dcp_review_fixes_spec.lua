@@ -88,3 +88,54 @@ end)
     assert.same({1, 2}, steps_of(dir))
   end)
 end)
+
+describe("safetensors files with empty tensors", function()
+  local safetensors = require "moonshard.cli.safetensors"
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  local function moonshard(args)
+    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
+    local output = pipe:read("*a")
+    pipe:close()
+    return tonumber(output:match("exit=(%d+)%s*$")), output
+  end
+
+  it("read whatever order the header's table gives, empty tensors between full ones", function()
+    local path = dir .. ".safetensors"
+    local tensors = {{name = "a", tensor = ms.tensor({1, 2})}}
+    for i = 1, 40 do tensors[#tensors + 1] = {name = ("empty%02d"):format(i), tensor = ms.zeros(0, 3)} end
+    tensors[#tensors + 1] = {name = "b", tensor = ms.tensor({3, 4, 5})}
+    tensors[#tensors + 1] = {name = "z", tensor = ms.zeros(0)}
+    safetensors.write(path, tensors)
+    local read = safetensors.read(path)
+    os.remove(path)
+    assert.equal(43, #read)
+    local by_name = {}
+    for _, entry in ipairs(read) do by_name[entry.name] = entry.tensor end
+    assert.is_true(ms.equal(ms.tensor({1, 2}), by_name.a))
+    assert.is_true(ms.equal(ms.tensor({3, 4, 5}), by_name.b))
+    assert.same({0, 3}, {unpack(by_name.empty17:shape())})
+    assert.same({0}, {unpack(by_name.z:shape())})
+  end)
+
+  it("ckpt export then import round-trips a step with empty tensors", function()
+    local sd = {model = {w = ms.arange(6):view(2, 3), empty = ms.zeros(0), bias = ms.zeros(0, 4), v = ms.ones(2)}}
+    dcp.save(sd, dir, {step = 1})
+    local path = dir .. ".safetensors"
+    local status, output = moonshard(("ckpt export %s %s"):format(dir, path))
+    assert.equal(0, status, output)
+    for round = 1, 5 do
+      local other = ("%s.import%d"):format(dir, round)
+      status, output = moonshard(("ckpt import %s %s"):format(path, other))
+      assert.equal(0, status, output)
+      local store = dcp.open(other)
+      assert.is_true(ms.equal(sd.model.w, store:read("model.w", 0)))
+      assert.same({0, 4}, {unpack(store:read("model.bias", 0):shape())})
+      store:close()
+      os.execute("rm -rf '" .. other .. "'")
+    end
+    os.remove(path)
+  end)
+end)

@@ -113,7 +113,14 @@ function M.read(path)
     local dtype = check_entry(path, name, info, data_size)
     spans[#spans + 1] = {name = name, dtype = dtype, info = info}
   end
-  table.sort(spans, function(a, b) return a.info.data_offsets[1] < b.info.data_offsets[1] end)
+  -- By start, then end (an empty tensor sits where the next one starts), then name: one
+  -- order whatever order the header's table iterates in (table.sort is not stable).
+  table.sort(spans, function(a, b)
+    local sa, sb = a.info.data_offsets, b.info.data_offsets
+    if sa[1] ~= sb[1] then return sa[1] < sb[1] end
+    if sa[2] ~= sb[2] then return sa[2] < sb[2] end
+    return a.name < b.name
+  end)
   local covered = 0
   for _, span in ipairs(spans) do
     if span.info.data_offsets[1] ~= covered then
