@@ -139,3 +139,29 @@ describe("safetensors files with empty tensors", function()
     os.remove(path)
   end)
 end)
+
+describe("dcp.load of non-tensor values", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  it("checks each value's kind before copying anything", function()
+    dcp.save({lr = "0.1", flag = 1, epoch = true, w = ms.ones(3)}, dir, {step = 1})
+    local sd = {lr = 0.5, flag = false, epoch = 0, w = ms.zeros(3)}
+    local err = error_of(dcp.load, sd, dir)
+    assert.truthy(err:find("'epoch' is a boolean in the checkpoint but a number in the state dict", 1, true), err)
+    assert.is_true(ms.equal(ms.zeros(3), sd.w))
+    assert.same({0.5, false, 0}, {sd.lr, sd.flag, sd.epoch})
+    sd.epoch = false
+    err = error_of(dcp.load, sd, dir)
+    assert.truthy(err:find("'flag' is a number in the checkpoint but a boolean in the state dict", 1, true), err)
+    sd.flag = 7
+    err = error_of(dcp.load, sd, dir)
+    assert.truthy(err:find("'lr' is a string in the checkpoint but a number in the state dict", 1, true), err)
+    assert.is_true(ms.equal(ms.zeros(3), sd.w))
+    sd.lr = "x"
+    dcp.load(sd, dir)
+    assert.same({"0.1", 1, true}, {sd.lr, sd.flag, sd.epoch})
+    assert.is_true(ms.equal(ms.ones(3), sd.w))
+  end)
+end)

@@ -26,14 +26,17 @@ end
 
 local FLOATING = {f32 = true, f64 = true, bf16 = true, f16 = true}
 
--- Raise for the first leaf the stored entry cannot fill.
+-- Raise for the first leaf the stored entry cannot fill. A non-tensor value is decoded here
+-- (returned), so that a value that cannot be read stops the load before anything is copied;
+-- it fills a value of its own kind (number, string or boolean) only.
 local function check_leaf(leaf, entry, where, what)
-  if (entry.kind == "tensor") ~= (leaf.kind ~= "value") then
-    local stored = entry.kind == "tensor" and "a tensor" or "a " .. values.kind(entry.bytes, entry.nbytes)
-    fail(what, "%s: '%s' is %s in the checkpoint but a %s in the state dict", where, leaf.fqn, stored,
+  local stored = entry.kind == "tensor" and "tensor" or values.kind(entry.bytes, entry.nbytes)
+  if (entry.kind == "tensor") ~= (leaf.kind ~= "value") or
+     (leaf.kind == "value" and stored ~= "unknown" and stored ~= type(leaf.value)) then
+    fail(what, "%s: '%s' is a %s in the checkpoint but a %s in the state dict", where, leaf.fqn, stored,
          value_kind(leaf))
   end
-  if entry.kind ~= "tensor" then return end
+  if entry.kind ~= "tensor" then return values.decode(entry.bytes, entry.nbytes, leaf.fqn, what) end
   local shape = leaf.value:shape()
   if not (shape == entry.shape) then
     fail(what, "%s: shape mismatch for '%s': the checkpoint has %s, the state dict has %s", where,
@@ -77,13 +80,14 @@ local function load_from(s, leaves, dir, step, opts, what)
     fail(what, "%s: %s", where, state_keys.describe(nil, unexpected, {
       unexpected = "(in the checkpoint, not in the state dict; pass strict = false to ignore them)"}))
   end
-  for _, leaf in ipairs(leaves) do check_leaf(leaf, stored[leaf.fqn], where, what) end
+  local decoded = {}
+  for i, leaf in ipairs(leaves) do decoded[i] = check_leaf(leaf, stored[leaf.fqn], where, what) end
   local rank = exchange.world()
   autograd.no_grad(function()
-    for _, leaf in ipairs(leaves) do
+    for i, leaf in ipairs(leaves) do
       local entry = stored[leaf.fqn]
       if leaf.kind == "value" then
-        leaf.parent[leaf.key] = values.decode(entry.bytes, entry.nbytes, leaf.fqn, what)
+        leaf.parent[leaf.key] = decoded[i]
       else
         local place = layout.of(leaf, rank, what)
         host.read_into(place.tensor, function(target)
