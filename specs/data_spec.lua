@@ -116,6 +116,59 @@ describe("DataLoader", function()
     assert.are.same({2, 1}, sizes)
   end)
 
+  local function epoch_of(loader)
+    local order = {}
+    for b in loader:iter() do for _, v in ipairs(b:table()) do order[#order + 1] = v end end
+    return table.concat(order, ",")
+  end
+
+  it("saved during the last, short batch, resumes at the end of the epoch; after the loop, at the next", function()
+    local ds = {}
+    for i = 1, 10 do ds[i] = i - 1 end
+    local loader, during = data.DataLoader(ds, {batch_size = 4}), nil
+    for _ in loader:iter() do during = loader:state_dict() end
+    local resumed = data.DataLoader(ds, {batch_size = 4})
+    resumed:load_state_dict(during)
+    assert.are.equal("", epoch_of(resumed)) -- the epoch's batches were all taken
+    assert.are.equal("0,1,2,3,4,5,6,7,8,9", epoch_of(resumed)) -- then the next epoch
+    local after = data.DataLoader(ds, {batch_size = 4})
+    after:load_state_dict(loader:state_dict())
+    assert.are.equal("0,1,2,3,4,5,6,7,8,9", epoch_of(after))
+  end)
+
+  -- PyTorch's shuffling DataLoader draws a new order every epoch from the global generator
+  it("with shuffle draws a new order each epoch, decided by ms.manual_seed", function()
+    local ds = {}
+    for i = 1, 10 do ds[i] = i - 1 end
+    ms.manual_seed(123)
+    local a = data.DataLoader(ds, {batch_size = 4, shuffle = true})
+    local first, second = epoch_of(a), epoch_of(a)
+    assert.are_not.equal(first, second)
+    ms.manual_seed(123)
+    local again = data.DataLoader(ds, {batch_size = 4, shuffle = true})
+    assert.are.equal(first, epoch_of(again))
+    assert.are.equal(second, epoch_of(again))
+    ms.manual_seed(7)
+    assert.are_not.equal(first, epoch_of(data.DataLoader(ds, {batch_size = 4, shuffle = true})))
+    -- resumed between the epochs, the next epoch's order
+    local resumed = data.DataLoader(ds, {batch_size = 4, shuffle = true, seed = 5})
+    local reference = data.DataLoader(ds, {batch_size = 4, shuffle = true, seed = 5})
+    epoch_of(reference)
+    resumed:load_state_dict(reference:state_dict())
+    assert.are.equal(epoch_of(reference), epoch_of(resumed))
+  end)
+
+  it("names a nil item and a sampler index outside the dataset, as PyTorch raises", function()
+    local holes = {len = function() return 5 end, get = function(_, i) if i ~= 2 then return i end end}
+    local ok, err = pcall(function() for _ in data.DataLoader(holes, {batch_size = 2}):iter() do end end)
+    assert.is_false(ok)
+    assert.matches("DataLoader: dataset item 2 is nil", err)
+    local long = data.DistributedSampler(20, {num_replicas = 1, rank = 0, shuffle = false})
+    ok, err = pcall(function() for _ in data.DataLoader({1, 2, 3}, {batch_size = 2, sampler = long}):iter() do end end)
+    assert.is_false(ok)
+    assert.matches("DataLoader: the sampler gave index 3, outside the dataset of 3 items", err)
+  end)
+
   it("names bad options", function()
     local function err(...) return select(2, pcall(data.DataLoader, ...)) end
     assert.matches("DataLoader: batch_size must be an integer >= 1, got 0", err({1, 2}, {batch_size = 0}))

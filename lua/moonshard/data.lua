@@ -5,6 +5,7 @@ local bit = require "bit"
 local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local shape_ops = require "moonshard.ops.shape"
+local random = require "moonshard.random"
 
 local fail = C.fail
 
@@ -142,15 +143,27 @@ function DistributedSampler:indices()
   return mine
 end
 
+-- The epoch is over: the next iteration starts an epoch from its beginning (the next epoch
+-- when the sampler is a shuffling DataLoader's own, which moves on by itself as PyTorch's
+-- RandomSampler draws a new order each time).
+function DistributedSampler:finish_epoch()
+  self.consumed = 0
+  if self.advance_epoch then self.epoch = self.epoch + 1 end
+end
+
 -- An iterator over this rank's indices for the rest of the epoch; each index handed out
--- counts num_replicas positions consumed. When it is exhausted the epoch is over (consumed 0).
-function DistributedSampler:iter()
+-- counts num_replicas positions consumed. When it is exhausted the epoch is over
+-- (finish_epoch), unless the caller ends it itself (keep_position: a DataLoader ends it when
+-- its last batch has been taken, not when it reads past the end to fill that batch).
+function DistributedSampler:iter(keep_position)
   local mine = self:indices()
-  local start, i = self.consumed, 0
+  local start, i, ended = self.consumed, 0, false
   return function()
+    if ended then return nil end
     i = i + 1
     if i > #mine then
-      self.consumed = 0
+      ended = true
+      if not keep_position then self:finish_epoch() end
       return nil
     end
     self.consumed = start + i * self.num_replicas
@@ -233,7 +246,13 @@ function M.DataLoader(dataset, opts)
   check_count(what, "batch_size", batch_size, 1)
   local sampler = opts.sampler
   if sampler == nil then
-    sampler = M.DistributedSampler(n, {num_replicas = 1, rank = 0, shuffle = opts.shuffle == true, seed = opts.seed})
+    local seed = opts.seed
+    if seed == nil and opts.shuffle then -- from the process's generator, so ms.manual_seed decides it
+      local stream, offset = random.take(4)
+      seed = (stream * 1000003 + offset) % 2147483647
+    end
+    sampler = M.DistributedSampler(n, {num_replicas = 1, rank = 0, shuffle = opts.shuffle == true, seed = seed})
+    sampler.advance_epoch = opts.shuffle == true
   elseif type(sampler) ~= "table" or type(sampler.iter) ~= "function" then
     fail(what, "sampler must be an object with iter() (such as a DistributedSampler), got %s", type(sampler))
   elseif opts.shuffle then
@@ -252,12 +271,21 @@ function DataLoader:len()
   return math.ceil(samples / self.batch_size)
 end
 
--- for batch in loader:iter() do ... end: the batches of the rest of the epoch.
+-- for batch in loader:iter() do ... end: the batches of the rest of the epoch. The epoch
+-- ends (state_dict then points at the next one) when the loop has taken the last batch.
 function DataLoader:iter()
-  local next_index = self.sampler:iter()
-  local done = false
+  local sampler, n = self.sampler, dataset_length(self.dataset, "DataLoader")
+  local next_index = sampler:iter(true)
+  local done, ended = false, false
+  local function finish()
+    if not ended then
+      ended = true
+      if type(sampler.finish_epoch) == "function" then sampler:finish_epoch() end
+    end
+    return nil
+  end
   return function()
-    if done then return nil end
+    if done then return finish() end
     local items = {}
     while #items < self.batch_size do
       local i = next_index()
@@ -265,9 +293,14 @@ function DataLoader:iter()
         done = true
         break
       end
-      items[#items + 1] = dataset_item(self.dataset, i)
+      if type(i) ~= "number" or i % 1 ~= 0 or i < 0 or i >= n then
+        fail("DataLoader", "the sampler gave index %s, outside the dataset of %d items", tostring(i), n)
+      end
+      local item = dataset_item(self.dataset, i)
+      if item == nil then fail("DataLoader", "dataset item %d is nil", i) end
+      items[#items + 1] = item
     end
-    if #items == 0 or (done and self.drop_last and #items < self.batch_size) then return nil end
+    if #items == 0 or (done and self.drop_last and #items < self.batch_size) then return finish() end
     return self.collate_fn(items)
   end
 end
