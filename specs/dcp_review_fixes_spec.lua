@@ -165,3 +165,27 @@ describe("dcp.load of non-tensor values", function()
     assert.is_true(ms.equal(ms.ones(3), sd.w))
   end)
 end)
+
+describe("dcp.delete of a directory that holds no store", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  local function listing(path)
+    local pipe = io.popen("find '" .. path .. "' 2>/dev/null | sort")
+    local text = pipe:read("*a")
+    pipe:close()
+    return text
+  end
+
+  it("says so and creates nothing", function()
+    local missing = dir .. "/no/such/store"
+    local err = error_of(dcp.delete, missing, 0)
+    assert.truthy(err:find("dcp.delete: " .. missing .. ": no such checkpoint directory", 1, true), err)
+    assert.equal("", listing(dir))
+    os.execute("mkdir -p '" .. dir .. "'")
+    err = error_of(dcp.delete, dir, 0)
+    assert.truthy(err:find(dir .. " is not a moonshard store (it has no index.mdb)", 1, true), err)
+    assert.equal(dir .. "\n", listing(dir))
+  end)
+end)

@@ -29,7 +29,8 @@ function dcp.async_save(state_dict, dir, opts) return save.async_save(state_dict
 function dcp.load(state_dict, dir, opts) return load.load(state_dict, dir, opts, "dcp.load") end
 
 -- dcp.delete(dir, step): remove a committed step and reclaim its space, from one process;
--- it takes the store's writer lock, so it fails while another job writes the store.
+-- it takes the store's writer lock, so it fails while another job writes the store. dir
+-- must hold a store ("no such checkpoint directory" otherwise; nothing is created).
 function dcp.delete(dir, step) return save.delete(dir, step, "dcp.delete") end
 
 -- State dicts of a model and its optimizers (torch.distributed.checkpoint.state_dict):

@@ -209,6 +209,8 @@ function M.delete(dir, step, what)
     fail(what, "step must be a non-negative integer, got %s", tostring(step))
   end
   M.wait_pending()
+  -- a store must be there: opening for writing would make one
+  handle.close(handle.open(dir, handle.READ_ONLY, what))
   local s = handle.open(dir, handle.READ_WRITE, what)
   local status = lib.ms_store_delete(s, step)
   local ok, err = pcall(check, status, what)
