@@ -189,3 +189,60 @@ describe("dcp.delete of a directory that holds no store", function()
     assert.equal(dir .. "\n", listing(dir))
   end)
 end)
+
+describe("a store with one damaged manifest", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  local function moonshard(args)
+    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
+    local output = pipe:read("*a")
+    pipe:close()
+    return tonumber(output:match("exit=(%d+)%s*$")), output
+  end
+
+  -- Steps 1 to 3; the manifest of step 2 (every copy index.mdb holds) has one bit flipped.
+  local function damaged_store()
+    for step = 1, 3 do
+      local sd = {model = {w = ms.full({3}, step)}}
+      if step == 2 then sd.marker_of_step_two = ms.ones(2) end
+      dcp.save(sd, dir, {step = step})
+    end
+    local path = dir .. "/index.mdb"
+    local file = assert(io.open(path, "rb"))
+    local bytes = file:read("*a")
+    file:close()
+    local flipped = bytes:gsub("marker_of_step_two", "iarker_of_step_two")
+    assert.are_not.equal(bytes, flipped)
+    file = assert(io.open(path, "wb"))
+    file:write(flipped)
+    file:close()
+  end
+
+  it("ls lists the other steps and the damaged one as damaged, and exits 1", function()
+    damaged_store()
+    local status, output = moonshard("ckpt ls " .. dir)
+    assert.equal(1, status, output)
+    assert.truthy(output:find("\n         1        1        1         12 B      1\n", 1, true), output)
+    assert.truthy(output:find("\n         2  DAMAGED: " .. dir .. ": step 2: manifest failed its checksum\n", 1, true), output)
+    assert.truthy(output:find("\n         3        1        1         12 B      1\n", 1, true), output)
+    assert.truthy(output:find("moonshard ckpt ls: 1 damaged step", 1, true), output)
+  end)
+
+  it("verify checks every other step and reports the damaged one, and exits 1", function()
+    damaged_store()
+    local status, output = moonshard("ckpt verify " .. dir)
+    assert.equal(1, status, output)
+    assert.truthy(output:find("step 1: ok (1 chunks)\nstep 2: DAMAGED: " .. dir ..
+                              ": step 2: manifest failed its checksum\nstep 3: ok (1 chunks)\n", 1, true), output)
+    assert.truthy(output:find("moonshard ckpt verify: 1 step whose manifest cannot be read", 1, true), output)
+    local store = dcp.open(dir)
+    local problems, deleted = store:verify()
+    assert.same({}, deleted)
+    assert.same({{step = 2, message = dir .. ": step 2: manifest failed its checksum"}}, problems)
+    assert.same({{step = 2, message = dir .. ": step 2: manifest failed its checksum"}}, (store:verify(2)))
+    assert.matches("step 7 is not committed", error_of(store.verify, store, 7))
+    store:close()
+  end)
+end)

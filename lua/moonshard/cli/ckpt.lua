@@ -9,10 +9,12 @@ M.usage = [[
 usage: moonshard ckpt <subcommand> ...
 
   ls DIR                         committed steps with their entries, bytes and ranks
+                                 (a step that cannot be read is listed as DAMAGED; exit 1)
   show DIR [FQN|PREFIX] [--step S]
                                  entries of a step (the latest by default); one entry in
                                  detail: rank layout, min/max/mean/norm, checksum state
-  verify DIR [--step S]          check every chunk against its checksum (exit 1 on damage)
+  verify DIR [--step S]          check every chunk against its checksum, every step's
+                                 manifest included (exit 1 on damage)
   diff DIR STEP_A STEP_B [--other DIR_B]
                                  what changed between two steps (STEP_B of DIR_B with --other)
   rm DIR STEP                    delete a step and reclaim its space (fails while a job
@@ -45,26 +47,52 @@ end
 
 local commands = {}
 
+-- A raised message without its "moonshard: <function>: " prefix.
+local function detail(message)
+  return (tostring(message):gsub("^moonshard: [^ ]+: ", ""))
+end
+
+-- Whether a step listed a moment ago was deleted since (retention by a running job).
+local function gone_meanwhile(message)
+  message = tostring(message)
+  return not message:find("is damaged", 1, true) and
+         (message:find("was deleted while reading", 1, true) or message:find("is not committed", 1, true)) ~= nil
+end
+
 function commands.ls(argv)
   local _, positional = args.parse(argv, {})
   local store = open(positional[1])
   local steps = store:steps()
   out("%s: %d committed step%s", store.dir, #steps, #steps == 1 and "" or "s")
   if #steps > 0 then out("  %8s %8s %8s %12s %6s", "step", "entries", "tensors", "tensor bytes", "ranks") end
+  local damaged = 0
   for _, step in ipairs(steps) do
-    local entries = store:entries(step)
-    local tensors, bytes, ranks, rank_count = 0, 0, {}, 0
-    for _, e in ipairs(entries) do
-      if e.kind == "tensor" then
-        tensors, bytes = tensors + 1, bytes + e.nbytes
-        for _, c in ipairs(store:chunks(e.fqn, step)) do
-          if not ranks[c.rank] then ranks[c.rank], rank_count = true, rank_count + 1 end
+    local entries, tensors, bytes, ranks, rank_count = nil, 0, 0, {}, 0
+    local listed, err = pcall(function()
+      entries = store:entries(step)
+      for _, e in ipairs(entries) do
+        if e.kind == "tensor" then
+          tensors, bytes = tensors + 1, bytes + e.nbytes
+          for _, c in ipairs(store:chunks(e.fqn, step)) do
+            if not ranks[c.rank] then ranks[c.rank], rank_count = true, rank_count + 1 end
+          end
         end
       end
+    end)
+    if listed then
+      out("  %8d %8d %8d %12s %6d", step, #entries, tensors, inspect.bytes(bytes), rank_count)
+    elseif gone_meanwhile(err) then
+      out("  %8d  deleted while listing (retention by a running job)", step)
+    else
+      damaged = damaged + 1
+      out("  %8d  DAMAGED: %s", step, detail(err))
     end
-    out("  %8d %8d %8d %12s %6d", step, #entries, tensors, inspect.bytes(bytes), rank_count)
   end
   store:close()
+  if damaged > 0 then
+    io.stderr:write(("moonshard ckpt ls: %d damaged step%s\n"):format(damaged, damaged == 1 and "" or "s"))
+    return 1
+  end
 end
 
 function commands.show(argv)
@@ -93,28 +121,44 @@ function commands.verify(argv)
   local opts, positional = args.parse(argv, {["--step"] = "int"})
   local store = open(positional[1])
   local steps = opts.step and {step_of(store, opts.step)} or store:steps()
-  local damaged = 0
+  local damaged, damaged_steps = 0, 0
   for _, step in ipairs(steps) do
     local chunks, problems, deleted = 0, {}, {}
     local listed, err = pcall(function()
-      for _, e in ipairs(store:entries(step)) do chunks = chunks + (e.chunks or 0) end
       problems, deleted = store:verify(step)
+      if #problems == 0 and #deleted == 0 then
+        for _, e in ipairs(store:entries(step)) do chunks = chunks + (e.chunks or 0) end
+      end
     end)
-    local gone = not listed and not opts.step and not tostring(err):find("is damaged", 1, true) and
-                 (tostring(err):find("was deleted while reading", 1, true) or tostring(err):find("is not committed", 1, true))
-    if not listed and not gone then error(err, 0) end
+    local gone = not listed and not opts.step and gone_meanwhile(err)
+    if not listed and not gone then
+      if opts.step then error(err, 0) end
+      problems = {{step = step, message = detail(err)}}
+    end
     if gone or #deleted > 0 then
       out("step %d: deleted while reading (retention by a running job)", step)
     elseif #problems == 0 then
       out("step %d: ok (%d chunks)", step, chunks)
     else
-      damaged = damaged + #problems
-      for _, p in ipairs(problems) do out("step %d: %s: %s", step, p.fqn, p.message) end
+      for _, p in ipairs(problems) do
+        if p.fqn then
+          damaged = damaged + 1
+          out("step %d: %s: %s", step, p.fqn, p.message)
+        else
+          damaged_steps = damaged_steps + 1
+          out("step %d: DAMAGED: %s", step, p.message)
+        end
+      end
     end
   end
   store:close()
-  if damaged > 0 then
-    io.stderr:write(("moonshard ckpt verify: %d damaged entr%s\n"):format(damaged, damaged == 1 and "y" or "ies"))
+  if damaged + damaged_steps > 0 then
+    local parts = {}
+    if damaged_steps > 0 then
+      parts[#parts + 1] = ("%d step%s whose manifest cannot be read"):format(damaged_steps, damaged_steps == 1 and "" or "s")
+    end
+    if damaged > 0 then parts[#parts + 1] = ("%d damaged entr%s"):format(damaged, damaged == 1 and "y" or "ies") end
+    io.stderr:write(("moonshard ckpt verify: %s\n"):format(table.concat(parts, ", ")))
     return 1
   end
 end

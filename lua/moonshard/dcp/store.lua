@@ -92,28 +92,38 @@ local function deleted_meanwhile(message)
   return tostring(message):find("was deleted while reading", 1, true) ~= nil
 end
 
+-- A raised message without its "moonshard: <function>: " prefix.
+local function detail(message)
+  return (tostring(message):gsub("^moonshard: [^ ]+: ", ""))
+end
+
 -- Check every chunk of step (every committed step by default) against its checksum, or
 -- only those of entry fqn. Returns the problems found, {step =, fqn =, message =} each
--- (empty when all is well), and the steps deleted while they were checked (another process
--- ran retention meanwhile: not damage).
+-- (empty when all is well; a step whose manifest cannot be read is one problem without an
+-- fqn), and the steps deleted while they were checked (another process ran retention
+-- meanwhile: not damage). A step that is not committed raises.
 function Store:verify(step, fqn)
   local what = "store:verify"
   local s = live(self, what)
   if fqn ~= nil and type(fqn) ~= "string" then fail(what, "fqn must be a string, got %s", type(fqn)) end
-  local steps = (step ~= nil or fqn ~= nil) and {step_or_latest(self, step, what)} or handle.steps(s, what)
+  local every = step == nil and fqn == nil
+  local steps = every and handle.steps(s, what) or {step_or_latest(self, step, what)}
   local problems, deleted = {}, {}
   for _, st in ipairs(steps) do
     local listed, entries = pcall(handle.entries, s, st, what)
     if not listed then
-      if step == nil and fqn == nil and not deleted_meanwhile(entries) then
-        local now = handle.steps(s, what)
-        local still = false
-        for _, other in ipairs(now) do still = still or other == st end
-        if still then error(entries, 0) end
-      elseif not deleted_meanwhile(entries) then
-        error(entries, 0)
+      local gone = deleted_meanwhile(entries)
+      if not gone and every then
+        gone = true
+        for _, other in ipairs(handle.steps(s, what)) do gone = gone and other ~= st end
       end
-      deleted[#deleted + 1] = st
+      if gone then
+        deleted[#deleted + 1] = st
+      elseif not every and tostring(entries):find(("step %d is not committed"):format(st), 1, true) then
+        error(entries, 0)
+      else
+        problems[#problems + 1] = {step = st, message = detail(entries)}
+      end
       entries = {}
     end
     if fqn ~= nil and listed then
