@@ -214,12 +214,13 @@ static int remove_manifests(ms_store *s, const int64_t *steps, size_t count)
     return MS_OK;
 }
 
-/* Run a maintenance step under writer.lock (held already, or taken for this call). */
-static int locked(ms_store *s, int (*op)(ms_store *, int64_t), int64_t arg)
+/* Run a maintenance step under writer.lock (held already, or taken for this call, the
+ * holder line saying what it does). */
+static int locked(ms_store *s, int (*op)(ms_store *, int64_t), int64_t arg, const char *doing)
 {
     bool held = s->writer_lock_fd >= 0;
     if (!held)
-        MS_CHECK(store_lock_writer(s, "retention", -1));
+        MS_CHECK(store_lock_writer(s, "retention", doing));
     int status = op(s, arg);
     if (!held)
         store_unlock_writer(s);
@@ -264,7 +265,9 @@ static int delete_step(ms_store *s, int64_t step)
 int ms_store_delete(ms_store *s, int64_t step)
 {
     MS_CHECK(check_maintenance(s, "store_delete"));
-    return locked(s, delete_step, step);
+    char doing[48];
+    snprintf(doing, sizeof doing, "deleting step %lld", (long long)step);
+    return locked(s, delete_step, step, doing);
 }
 
 static int keep_last(ms_store *s, int64_t count)
@@ -283,5 +286,7 @@ int ms_store_keep_last(ms_store *s, int64_t count)
     MS_CHECK(check_maintenance(s, "store_keep_last"));
     if (count < 0)
         return MS_FAIL(MS_ERR_INVALID, "store_keep_last: count %lld is negative", (long long)count);
-    return locked(s, keep_last, count);
+    char doing[64];
+    snprintf(doing, sizeof doing, "keeping the last %lld steps", (long long)count);
+    return locked(s, keep_last, count, doing);
 }

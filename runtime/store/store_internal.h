@@ -362,7 +362,8 @@ void save_reset(ms_store *s);
  * again, for a save that is abandoned). */
 int snapshot_finish(ms_store *s, bool copy);
 /* lock.c: one writer at a time (EBUSY naming the other writer) */
-int store_lock_writer(ms_store *s, const char *what, int64_t step);
+/* doing: what the holder line says it holds the lock for ("step 5"), or NULL. */
+int store_lock_writer(ms_store *s, const char *what, const char *doing);
 void store_unlock_writer(ms_store *s);
 /* Rank 0 takes writer.lock (held already, or taken for this save); other ranks check that
  * one is held. Then this rank's shard lock. */

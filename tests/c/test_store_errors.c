@@ -373,6 +373,35 @@ static void test_bad_calls(void)
     ms_store_close(NULL);
 }
 
+/* Another writer is told who holds writer.lock and, once chosen, for which step, in the
+ * words of DESIGN 7: "DIR is being written by another job (pid P on host H, step S holds
+ * writer.lock)". */
+static void test_busy_names_the_holder(void)
+{
+    char dir[512], host[128] = "?", want[1024];
+    temp_store(dir, sizeof dir, "busy");
+    save_two_entries(dir);
+    gethostname(host, sizeof host - 1);
+    ms_store *writer, *other;
+    CHECK_OK(ms_store_open(&writer, dir, MS_STORE_READ_WRITE));
+    CHECK_OK(ms_store_open(&other, dir, MS_STORE_READ_WRITE));
+    CHECK_OK(ms_store_lock(writer));
+    snprintf(want, sizeof want, "%s is being written by another job (pid %d on host %s holds writer.lock)",
+             dir, (int)getpid(), host);
+    CHECK_FAILS(ms_store_delete(other, 1), EBUSY, want);
+    CHECK(strcmp(ms_last_error(), want) == 0);
+    CHECK_OK(ms_store_begin(writer, 7, 0, MS_STORE_FOREGROUND));
+    snprintf(want, sizeof want,
+             "%s is being written by another job (pid %d on host %s, step 7 holds writer.lock)", dir,
+             (int)getpid(), host);
+    CHECK_FAILS(ms_store_keep_last(other, 1), EBUSY, want);
+    CHECK(strcmp(ms_last_error(), want) == 0);
+    CHECK_FAILS(ms_store_lock(other), EBUSY, want);
+    ms_store_close(writer);
+    CHECK_OK(ms_store_delete(other, 1));
+    ms_store_close(other);
+}
+
 int main(void)
 {
     test_corruption();
@@ -381,6 +410,7 @@ int main(void)
     test_not_a_store();
     test_newer_version();
     test_bad_calls();
+    test_busy_names_the_holder();
     remove_temp_root();
     return test_report("test_store_errors");
 }
