@@ -246,3 +246,57 @@ describe("a store with one damaged manifest", function()
     store:close()
   end)
 end)
+
+describe("state dicts that are Stateful objects", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  it("save and load a model or a scheduler passed as the state dict itself", function()
+    ms.manual_seed(3)
+    local model = ms.nn.Linear(2, 3)
+    assert.equal(0, dcp.save(model, dir))
+    local store = dcp.open(dir)
+    local names = {}
+    for i, e in ipairs(store:entries()) do names[i] = e.fqn end
+    store:close()
+    assert.same({"bias", "weight"}, names)
+    local other = ms.nn.Linear(2, 3)
+    assert.equal(0, dcp.load(other, dir).step)
+    assert.is_true(ms.equal(model.weight, other.weight))
+    assert.is_true(ms.equal(model.bias, other.bias))
+
+    local opt = ms.optim.SGD(model:parameters(), {lr = 1})
+    local scheduler = ms.optim.lr_scheduler.StepLR(opt, {step_size = 1, gamma = 0.5})
+    opt:step()
+    scheduler:step()
+    assert.equal(1, dcp.save(scheduler, dir))
+    local fresh = ms.optim.lr_scheduler.StepLR(ms.optim.SGD(other:parameters(), {lr = 1}), {step_size = 1, gamma = 0.5})
+    dcp.load(fresh, dir)
+    assert.same(scheduler:state_dict(), fresh:state_dict())
+  end)
+
+  it("say what a state dict must be", function()
+    local err = error_of(dcp.save, ms.ones(2), dir)
+    assert.truthy(err:find("the state dict must be a table of tensors, values and tables (for a model: " ..
+                           "{model = model} or model:state_dict()) or a Stateful (state_dict and " ..
+                           "load_state_dict), got a tensor", 1, true), err)
+    err = error_of(dcp.save, setmetatable({}, {}), dir)
+    assert.truthy(err:find("got an object without state_dict and load_state_dict methods", 1, true), err)
+  end)
+
+  it("name a Stateful whose state dict holds itself", function()
+    local loop = {load_state_dict = function() end}
+    function loop:state_dict() return {n = 1, me = self} end
+    local err = error_of(dcp.save, {x = loop}, dir)
+    assert.truthy(err:find("a cycle of Stateful objects: 'x.me' is 'x' again (a state_dict() holds the " ..
+                           "object it came from)", 1, true), err)
+    err = error_of(dcp.save, loop, dir)
+    assert.truthy(err:find("a cycle of Stateful objects: 'me' is the state dict itself again", 1, true), err)
+    local a, b = {load_state_dict = function() end}, {load_state_dict = function() end}
+    function a.state_dict() return {peer = b} end
+    function b.state_dict() return {peer = a} end
+    err = error_of(dcp.load, {a = a}, dir)
+    assert.truthy(err:find("a cycle of Stateful objects: 'a.peer.peer' is 'a' again", 1, true), err)
+  end)
+end)

@@ -38,7 +38,11 @@ end
 -- Leaves of state_dict sorted by fqn: {fqn =, value =, kind =, parent =, key =}.
 function M.flatten(state_dict, what)
   if type(state_dict) ~= "table" or not is_container(state_dict) then
-    fail(what, "the state dict must be a table, got %s", type(state_dict))
+    local got = Tensor.is_tensor(state_dict) and "a tensor" or DTensor.is_dtensor(state_dict) and "a DTensor" or
+                type(state_dict) == "table" and "an object without state_dict and load_state_dict methods" or
+                "a " .. type(state_dict)
+    fail(what, "the state dict must be a table of tensors, values and tables (for a model: {model = " ..
+         "model} or model:state_dict()) or a Stateful (state_dict and load_state_dict), got %s", got)
   end
   local leaves, by_fqn, visiting = {}, {}, {}
   local function walk(node, prefix)

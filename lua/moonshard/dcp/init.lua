@@ -8,8 +8,9 @@ local state_dict = require "moonshard.dcp.state_dict"
 local dcp = {}
 
 -- dcp.save(state_dict, dir, {step =, keep_last =}) on every rank (a collective). The state
--- dict nests tables of tensors, DTensors, numbers, strings and booleans; keys flatten to
--- "model.net1.weight". Each rank writes its own DTensor shards (replicas once); plain tensors
+-- dict nests tables of tensors, DTensors, numbers, strings, booleans and Stateful objects
+-- (state_dict() / load_state_dict(), also as the state dict itself: dcp.save(model, dir));
+-- keys flatten to "model.net1.weight". Each rank writes its own DTensor shards (replicas once); plain tensors
 -- and values count as replicated and rank 0's are written. step defaults to the latest + 1;
 -- keep_last = n then keeps the newest n steps (by number), which always include the one
 -- written: a step with n newer ones committed is refused before anything is written. The
