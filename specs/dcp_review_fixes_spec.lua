@@ -300,3 +300,36 @@ describe("state dicts that are Stateful objects", function()
     assert.truthy(err:find("a cycle of Stateful objects: 'a.peer.peer' is 'a' again", 1, true), err)
   end)
 end)
+
+describe("ckpt output of keys and values with control bytes", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  local function moonshard(args)
+    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
+    local output = pipe:read("*a")
+    pipe:close()
+    return tonumber(output:match("exit=(%d+)%s*$")), output
+  end
+
+  it("escapes them as string values are, so the terminal shows them and obeys none", function()
+    local key = "evil\27[31mred"
+    dcp.save({[key] = ms.ones(1), note = "a\27[2Jb\nc", plain = ms.ones(1)}, dir, {step = 1})
+    dcp.save({[key] = ms.full({1}, 2), note = "x", plain = ms.ones(1)}, dir, {step = 2})
+    local outputs = {}
+    for _, args in ipairs({"show " .. dir .. " --step 1", "show " .. dir .. " evil", "show " .. dir .. " 'evil\27[31mred'",
+                           "show " .. dir .. " 'zz\27[1m'", "diff " .. dir .. " 1 2", "ls " .. dir, "verify " .. dir}) do
+      local _, output = moonshard("ckpt " .. args)
+      assert.is_nil(output:find("\27", 1, true), args .. ": " .. output)
+      outputs[#outputs + 1] = output
+    end
+    assert.truthy(outputs[1]:find('^"evil\\27%[31mred"%s+f32  %[1%]'), outputs[1])
+    assert.truthy(outputs[1]:find('\nnote%s+string  "a\\27%[2Jb\\nc"\nplain%s+f32'), outputs[1])
+    assert.truthy(outputs[2]:find('^"evil\\27%[31mred"%s+f32'), outputs[2])
+    assert.truthy(outputs[3]:find('^"evil\\27%[31mred"  %(step 2%)\n'), outputs[3])
+    assert.truthy(outputs[4]:find('step 2 has no entry named or starting with "zz\\27[1m"', 1, true), outputs[4])
+    assert.truthy(outputs[5]:find('values   "evil\\27%[31mred"%s+max |b%-a| 1'), outputs[5])
+    assert.truthy(outputs[5]:find('values   note%s+"a\\27%[2Jb\\nc" %-> "x"'), outputs[5])
+  end)
+end)

@@ -85,7 +85,7 @@ function commands.ls(argv)
       out("  %8d  deleted while listing (retention by a running job)", step)
     else
       damaged = damaged + 1
-      out("  %8d  DAMAGED: %s", step, detail(err))
+      out("  %8d  DAMAGED: %s", step, inspect.name(detail(err)))
     end
   end
   store:close()
@@ -109,12 +109,14 @@ function commands.show(argv)
   local shown = 0
   for _, e in ipairs(store:entries(step)) do
     if not pattern or e.fqn:sub(1, #pattern) == pattern then
-      out("%-52s %s", e.fqn, inspect.entry_summary(store, step, e))
+      out("%-52s %s", inspect.name(e.fqn), inspect.entry_summary(store, step, e))
       shown = shown + 1
     end
   end
   store:close()
-  if pattern and shown == 0 then error(("step %d has no entry named or starting with '%s'"):format(step, pattern), 0) end
+  if pattern and shown == 0 then
+    error(("step %d has no entry named or starting with %s"):format(step, inspect.named(pattern)), 0)
+  end
 end
 
 function commands.verify(argv)
@@ -143,10 +145,10 @@ function commands.verify(argv)
       for _, p in ipairs(problems) do
         if p.fqn then
           damaged = damaged + 1
-          out("step %d: %s: %s", step, p.fqn, p.message)
+          out("step %d: %s: %s", step, inspect.name(p.fqn), inspect.name(p.message))
         else
           damaged_steps = damaged_steps + 1
-          out("step %d: DAMAGED: %s", step, p.message)
+          out("step %d: DAMAGED: %s", step, inspect.name(p.message))
         end
       end
     end
@@ -184,7 +186,11 @@ function commands.diff(argv)
   local rows = inspect.diff(store_a, step_of(store_a, a), store_b, step_of(store_b, b))
   local same = 0
   for _, row in ipairs(rows) do
-    if row.change == "same" then same = same + 1 else out("%-8s %-52s %s", row.change, row.fqn, row.detail or "") end
+    if row.change == "same" then
+      same = same + 1
+    else
+      out("%-8s %-52s %s", row.change, inspect.name(row.fqn), row.detail or "")
+    end
   end
   out("%d entries, %d unchanged, %d changed", #rows, same, #rows - same)
   store_a:close()

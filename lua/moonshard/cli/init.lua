@@ -45,7 +45,9 @@ function M.run_command(name, module_name, argv)
     io.stderr:write(("moonshard %s: %s\n\n%s"):format(name, status.message, command.usage))
     return 2
   end
-  io.stderr:write(("moonshard %s: %s\n"):format(name, message_of(status)))
+  -- control bytes other than newlines and tabs (a key's terminal escapes) are shown escaped
+  local message = message_of(status):gsub("[%z\1-\8\11-\31\127]", function(c) return ("\\%d"):format(c:byte()) end)
+  io.stderr:write(("moonshard %s: %s\n"):format(name, message))
   return 1
 end
 

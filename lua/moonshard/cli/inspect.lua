@@ -14,6 +14,26 @@ end
 
 function M.shape(shape) return "[" .. table.concat(shape, ", ") .. "]" end
 
+-- A string as a quoted Lua literal with every control byte escaped ("a\27[2J" for an ESC),
+-- so a stored value cannot drive the terminal.
+function M.quote(text)
+  return (("%q"):format(text):gsub("\\\n", "\\n"))
+end
+
+-- A key name as it is when it is plain text, quoted like a string value (M.quote) when it
+-- holds control bytes such as terminal escapes.
+function M.name(fqn)
+  fqn = tostring(fqn)
+  if fqn:find("[%z\1-\31\127]") then return M.quote(fqn) end
+  return fqn
+end
+
+-- A key name inside a sentence: 'model.w', or quoted like a string value (M.quote).
+function M.named(fqn)
+  local name = M.name(fqn)
+  return name == tostring(fqn) and "'" .. name .. "'" or name
+end
+
 -- {min, max, mean, norm} of a plain tensor, computed in f64; nil when it is empty.
 function M.stats(t)
   if t:numel() == 0 then return nil end
@@ -116,7 +136,7 @@ function M.entry_summary(store, step, e)
                                                  e.chunks == 1 and "" or "s")
   end
   local value = store:read(e.fqn, step)
-  return ("%-7s %s"):format(e.kind, type(value) == "string" and ("%q"):format(value) or tostring(value))
+  return ("%-7s %s"):format(e.kind, type(value) == "string" and M.quote(value) or tostring(value))
 end
 
 -- Checksum state of fqn at step: "ok (4 chunks)" or the problem.
@@ -128,8 +148,8 @@ end
 -- Lines showing a stored entry: its summary, rank layout, statistics and checksum state.
 function M.show_stored(store, step, fqn)
   local e = M.entry_map(store, step)[fqn]
-  if not e then error(("step %d has no entry '%s'"):format(step, fqn), 0) end
-  local lines = {("%s  (step %d)"):format(fqn, step), "  " .. M.entry_summary(store, step, e)}
+  if not e then error(("step %d has no entry %s"):format(step, M.named(fqn)), 0) end
+  local lines = {("%s  (step %d)"):format(M.name(fqn), step), "  " .. M.entry_summary(store, step, e)}
   if e.kind ~= "tensor" then return lines end
   local n = #e.shape > 0 and e.shape[1] or 1
   for _, line in ipairs(M.draw_layout(M.layout_of_chunks(store:chunks(fqn, step), e.shape), n)) do
@@ -163,7 +183,8 @@ function M.diff(store_a, step_a, store_b, step_b)
       row.detail = M.entry_summary(store_a, step_a, ea) .. " -> " .. M.entry_summary(store_b, step_b, eb)
     elseif ea.kind ~= "tensor" then
       local va, vb = store_a:read(fqn, step_a), store_b:read(fqn, step_b)
-      if va == vb then row.change = "same" else row.change, row.detail = "values", tostring(va) .. " -> " .. tostring(vb) end
+      local function shown(v) return type(v) == "string" and M.quote(v) or tostring(v) end
+      if va == vb then row.change = "same" else row.change, row.detail = "values", shown(va) .. " -> " .. shown(vb) end
     else
       local ta, tb = store_a:read(fqn, step_a), store_b:read(fqn, step_b)
       if ms.equal(ta, tb) then
