@@ -333,3 +333,57 @@ describe("ckpt output of keys and values with control bytes", function()
     assert.truthy(outputs[5]:find('values   note%s+"a\\27%[2Jb\\nc" %-> "x"'), outputs[5])
   end)
 end)
+
+describe("steps a Lua number cannot hold exactly", function()
+  local dir
+  before_each(store_dirs.before(function(path) dir = path end))
+  after_each(store_dirs.after)
+
+  local function moonshard(args)
+    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
+    local output = pipe:read("*a")
+    pipe:close()
+    return tonumber(output:match("exit=(%d+)%s*$")), output
+  end
+
+  it("are refused wherever a step is given, and never chosen as the next one", function()
+    local last = 2 ^ 53 - 1
+    local err = error_of(dcp.save, {a = 1}, dir, {step = 2 ^ 53})
+    assert.truthy(err:find("dcp.save: step must be an integer in [0, 2^53), got 9007199254740992", 1, true), err)
+    assert.equal(last, dcp.save({a = 1}, dir, {step = last}))
+    err = error_of(dcp.save, {a = 2}, dir)
+    assert.truthy(err:find("the step after 9007199254740991 would be 2^53, past the steps a Lua number " ..
+                           "holds exactly; pass a smaller step", 1, true), err)
+    assert.truthy(error_of(dcp.delete, dir, 2 ^ 53):find("step must be an integer in [0, 2^53)", 1, true))
+    assert.truthy(error_of(dcp.delete, dir, 1e300):find("step must be an integer in [0, 2^53), got 1e+300", 1, true))
+    assert.truthy(error_of(dcp.load, {a = 0}, dir, {step = 2 ^ 53 + 2}):find("step must be an integer", 1, true))
+    local store = dcp.open(dir)
+    assert.truthy(error_of(store.read, store, "a", 2 ^ 53):find("step must be an integer in [0, 2^53)", 1, true))
+    assert.same({last}, store:steps())
+    store:close()
+    for _, args in ipairs({"rm " .. dir .. " 9007199254740993", "rm " .. dir .. " 9007199254740992",
+                           "show " .. dir .. " --step 9007199254740993", "diff " .. dir .. " 9007199254740991 9e15000"}) do
+      local status, output = moonshard("ckpt " .. args)
+      assert.equal(2, status, args .. ": " .. output)
+      assert.truthy(output:find("2^53", 1, true), output)
+    end
+    assert.same({last}, steps_of(dir))
+  end)
+
+  it("in a store written through the C API are named, not rounded", function()
+    local ffi = require "ffi"
+    local lib = require("moonshard.ffi").lib
+    local out = ffi.new("ms_store*[1]")
+    assert.equal(0, lib.ms_store_open(out, dir, lib.MS_STORE_READ_WRITE))
+    local s = out[0]
+    assert.equal(0, lib.ms_store_begin(s, 9007199254740993LL, 0, lib.MS_STORE_FOREGROUND))
+    assert.equal(0, lib.ms_store_put_bytes(s, "a", "b1", 2))
+    assert.equal(0, lib.ms_store_commit_data(s))
+    assert.equal(0, lib.ms_store_commit_manifest(s, 1))
+    lib.ms_store_close(s)
+    local store = dcp.open(dir)
+    local err = error_of(store.steps, store)
+    assert.truthy(err:find("the store holds step 9007199254740993, past 2^53 - 1", 1, true), err)
+    store:close()
+  end)
+end)

@@ -15,13 +15,24 @@ end
 
 function M.is_usage_error(e) return getmetatable(e) == UsageError end
 
--- Converters with the messages the commands have always given.
+-- Converters with the messages the commands have always given. An integer must be one a Lua
+-- number holds exactly (below 2^53 in magnitude): "9007199254740993" would become ...992.
 local function converter(name, kind)
   return function(text)
     local n = tonumber(text)
-    if n and (kind == "number" or n % 1 == 0) then return n end
+    if n and (kind == "number" or (n % 1 == 0 and math.abs(n) < 2 ^ 53)) then return n end
+    if n and n == n and n % 1 == 0 then
+      return nil, ("%s needs an integer below 2^53, got '%s'"):format(name, text)
+    end
     return nil, ("%s needs %s, got '%s'"):format(name, kind == "int" and "an integer" or "a number", text)
   end
+end
+
+-- A step number given as a positional argument: an integer in [0, 2^53), or nil.
+function M.step(text)
+  local n = tonumber(text)
+  if n and n >= 0 and n % 1 == 0 and n < 2 ^ 53 then return n end
+  return nil
 end
 
 local function key_of(name) return (name:gsub("^%-+", ""):gsub("-", "_")) end

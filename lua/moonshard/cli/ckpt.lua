@@ -167,9 +167,9 @@ end
 
 function commands.rm(argv)
   local _, positional = args.parse(argv, {})
-  local dir, step = positional[1], tonumber(positional[2])
+  local dir, step = positional[1], args.step(positional[2])
   if not dir then args.usage_error("no store directory given") end
-  if not step or step < 0 or step % 1 ~= 0 then args.usage_error("rm needs a step number") end
+  if not step then args.usage_error("rm needs a step number (an integer in [0, 2^53))") end
   local store = open(dir)
   step_of(store, step)
   store:close()
@@ -180,8 +180,8 @@ end
 function commands.diff(argv)
   local opts, positional = args.parse(argv, {["--other"] = "string"})
   local store_a = open(positional[1])
-  local a, b = tonumber(positional[2]), tonumber(positional[3])
-  if not a or not b then args.usage_error("diff needs two step numbers") end
+  local a, b = args.step(positional[2]), args.step(positional[3])
+  if not a or not b then args.usage_error("diff needs two step numbers (integers in [0, 2^53))") end
   local store_b = opts.other and dcp().open(opts.other) or store_a
   local rows = inspect.diff(store_a, step_of(store_a, a), store_b, step_of(store_b, b))
   local same = 0

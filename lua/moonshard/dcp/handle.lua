@@ -34,7 +34,13 @@ function M.steps(s, what)
   if n == 0 then return out end
   local buffer = ffi.new("int64_t[?]", n)
   check(lib.ms_store_steps(s, buffer, n, count_out), what)
-  for i = 0, math.min(n, tonumber(count_out[0])) - 1 do out[#out + 1] = tonumber(buffer[i]) end
+  for i = 0, math.min(n, tonumber(count_out[0])) - 1 do
+    if buffer[i] >= 2 ^ 53 then
+      C.fail(what, "the store holds step %s, past 2^53 - 1, the largest step a Lua number holds exactly",
+             (tostring(buffer[i]):gsub("LL$", "")))
+    end
+    out[#out + 1] = tonumber(buffer[i])
+  end
   return out
 end
 

@@ -129,6 +129,10 @@ local function lock_and_agree(s, open_error, dir, opts, what)
       if step == nil then
         local latest = handle.latest(s, what)
         step = latest and latest + 1 or 0
+        if not options.is_step(step) then
+          fail(what, "%s: the step after %d would be 2^53, past the steps a Lua number holds exactly; " ..
+               "pass a smaller step", dir, latest)
+        end
       end
       check_retention(s, dir, step, opts.keep_last, what)
       return string.format("%d", step)
@@ -205,9 +209,7 @@ end
 -- dcp.delete(dir, step): remove a committed step and reclaim its space (one process, while
 -- no save of the store is in flight).
 function M.delete(dir, step, what)
-  if type(step) ~= "number" or step < 0 or step % 1 ~= 0 then
-    fail(what, "step must be a non-negative integer, got %s", tostring(step))
-  end
+  options.check_step(step, what)
   M.wait_pending()
   -- a store must be there: opening for writing would make one
   handle.close(handle.open(dir, handle.READ_ONLY, what))

@@ -4,6 +4,7 @@ local C = require "moonshard.ffi"
 local Tensor = require "moonshard.tensor"
 local values = require "moonshard.dcp.values"
 local handle = require "moonshard.dcp.handle"
+local options = require "moonshard.dcp.options"
 
 local ffi = require "ffi"
 local lib, check, fail = C.lib, C.check, C.fail
@@ -24,12 +25,7 @@ local function live(self, what)
 end
 
 local function step_or_latest(self, step, what)
-  if step ~= nil then
-    if type(step) ~= "number" or step < 0 or step % 1 ~= 0 then
-      fail(what, "step must be a non-negative integer, got %s", tostring(step))
-    end
-    return step
-  end
+  if step ~= nil then return options.check_step(step, what) end
   local latest = handle.latest(live(self, what), what)
   if latest == nil then fail(what, "%s has no committed step", self.dir) end
   return latest
