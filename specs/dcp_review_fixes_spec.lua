@@ -387,3 +387,25 @@ describe("steps a Lua number cannot hold exactly", function()
     store:close()
   end)
 end)
+
+describe("a safetensors header nested deeper than any real one", function()
+  it("is refused with a message, not a stack overflow", function()
+    local safetensors = require "moonshard.cli.safetensors"
+    local path = os.tmpname()
+    for _, header in ipairs({string.rep("[", 100000) .. string.rep("]", 100000),
+                             '{"a":' .. string.rep('{"b":', 70) .. "1" .. string.rep("}", 71),
+                             '{"x": {"dtype": "F32", "shape": [], "data_offsets": [0, 4], "note": "' ..
+                             string.rep("[", 100) .. '\\""}, "y": ' .. string.rep("[", 80) .. string.rep("]", 80) .. "}"}) do
+      header = header .. string.rep(" ", (8 - #header % 8) % 8)
+      local n, length = #header, {}
+      for i = 1, 8 do length[i], n = string.char(n % 256), math.floor(n / 256) end
+      local file = assert(io.open(path, "wb"))
+      file:write(table.concat(length), header, "\0\0\0\0")
+      file:close()
+      local err = error_of(safetensors.read, path)
+      assert.truthy(err:find("safetensors: " .. path .. ": the header nests objects and arrays more than 64 " ..
+                             "deep; a safetensors header has 3 levels", 1, true), err)
+    end
+    os.remove(path)
+  end)
+end)

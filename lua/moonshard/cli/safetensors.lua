@@ -21,6 +21,35 @@ local function u64_le(n)
   return table.concat(bytes)
 end
 
+-- The header's deepest nesting of objects and arrays, up to limit + 1 (strings skipped), so
+-- that one nested past any safetensors header is refused before the JSON decoder recurses
+-- into it.
+local MAX_HEADER_DEPTH = 64
+
+local function nesting_depth(text, limit)
+  local depth, deepest, at = 0, 0, 1
+  while true do
+    local i, _, c = text:find('([%[%]{}"])', at)
+    if not i then return deepest end
+    if c == '"' then
+      local close = i
+      repeat
+        close = text:find('["\\]', close + 1)
+        if close and text:sub(close, close) == "\\" then close = close + 1 else break end
+      until false
+      if not close then return deepest end
+      at = close + 1
+    else
+      depth = depth + ((c == "[" or c == "{") and 1 or -1)
+      if depth > deepest then
+        deepest = depth
+        if deepest > limit then return deepest end
+      end
+      at = i + 1
+    end
+  end
+end
+
 local function read_u64_le(s)
   local n = 0
   for i = 8, 1, -1 do n = n * 256 + s:byte(i) end
@@ -97,6 +126,11 @@ function M.read(path)
     fail("%s: header length %d does not fit the file (%d bytes)", path, header_size, size)
   end
   local text = file:read(header_size)
+  if nesting_depth(text, MAX_HEADER_DEPTH) > MAX_HEADER_DEPTH then
+    file:close()
+    fail("%s: the header nests objects and arrays more than %d deep; a safetensors header has 3 levels",
+         path, MAX_HEADER_DEPTH)
+  end
   local header, stop, problem = json.decode(text)
   if problem == nil and text:find("[^ \t\r\n]", stop) then
     problem = ("trailing characters at byte %d"):format(text:find("[^ \t\r\n]", stop))
