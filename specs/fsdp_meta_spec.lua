@@ -41,6 +41,7 @@ local function expected_rows(world, rank)
   return rows, ms.get_rng_state().offset
 end
 
+local function flat_of(t) return t:reshape(-1):table() end
 
 -- Under mpirun the ranks are this process: collect what the tests left, so later spec
 -- files measure memory from a clean pool.
@@ -321,5 +322,132 @@ describe("FSDP deferred initialisation errors", function()
     assert.are.equal("meta", r.weight)
     assert.is_true(r.scale_after)
     assert.are.equal("moonshard: FSDP: param_init_fn must be a function(module), got string", r.bad_fn)
+  end)
+end)
+
+describe("FSDP deferred initialisation of a buffer shared by two modules", function()
+  -- A Linear scaled by a buffer it is given (modules may share one), which reset_parameters
+  -- draws as its construction did (ms.randn); counts adds 1 to it in each forward.
+  local Scaled = nn.Module:extend("MetaScaled")
+  function Scaled:__init(s, counts)
+    self.fc = nn.Linear(3, 3)
+    self:register_buffer("s", s)
+    self.counts = counts
+  end
+  function Scaled:reset_parameters() nn.init.normal_(self.s) end
+  function Scaled:forward(x)
+    if self.counts then ms.no_grad(function() self.s:add_(1) end) end
+    return self.fc(x) * self.s
+  end
+
+  -- A module with its own weight and a given buffer: with meta parameters of its own, its
+  -- init runs before that of a buffer-only module registered earlier.
+  local Direct = nn.Module:extend("MetaDirect")
+  function Direct:__init(s)
+    self.weight = nn.Parameter(ms.randn(3, 3))
+    self:register_buffer("s", s)
+  end
+  function Direct:reset_parameters()
+    nn.init.normal_(self.weight)
+    nn.init.normal_(self.s)
+  end
+  function Direct:forward(x) return nn.F.linear(x, self.weight) * self.s end
+
+  -- a and b share one buffer (a counts, b reads); direct makes b a Direct.
+  local SharedNet = nn.Module:extend("MetaSharedNet")
+  function SharedNet:__init(direct)
+    local s = ms.randn(3)
+    self.a = Scaled(s, true)
+    self.b = direct and Direct(s) or Scaled(s, false)
+    self.head = nn.Linear(3, 2)
+  end
+  function SharedNet:forward(x) return self.head(self.b(self.a(x))) end
+
+  local layouts = {
+    {strategy = "FULL_SHARD", world = 2}, {strategy = "SHARD_GRAD_OP", world = 2}, {strategy = "NO_SHARD", world = 2},
+    {strategy = "HYBRID_SHARD", world = 4, mesh = {2, 2}},
+  }
+  for _, layout in ipairs(layouts) do
+    it(("%s on %d ranks: stays one tensor holding the full construction's values (one unit, a unit per module)")
+       :format(layout.strategy, layout.world), function()
+      local results = dist.spawn(layout.world, function()
+        ms.set_default_dtype("f64")
+        local out, want = {}, {}
+        for _, case in ipairs({{"root"}, {"module"}, {"root", true}, {"module", true}}) do
+          local wrap, direct = case[1], case[2]
+          local label = wrap .. (direct and ", b direct" or "")
+          ms.manual_seed(5)
+          local full = SharedNet(direct)
+          local offset = ms.get_rng_state().offset
+          want[label] = flat_of(full.a.s)
+          ms.manual_seed(5)
+          local model = ms.device("meta", function() return SharedNet(direct) end)
+          local opts = {sharding_strategy = layout.strategy}
+          if wrap == "module" then opts.auto_wrap_policy = fsdp.wrap_policy({Scaled, Direct}) end
+          if layout.mesh then
+            opts.device_mesh = dist.init_device_mesh(layout.mesh, {mesh_dim_names = {"replicate", "shard"}})
+          end
+          fsdp.FSDP(model, opts)
+          local r = {same = rawequal(model.a.s, model.b.s), storage = model.a.s:data_ptr() == model.b.s:data_ptr(),
+                     values = flat_of(model.b.s), same_rng = offset == ms.get_rng_state().offset}
+          ms.no_grad(function() model.b.s:fill_(4) end)
+          r.after = flat_of(model.a.s)
+          out[label] = r
+        end
+        return {want = want, runs = out}
+      end)
+      for rank, res in ipairs(results) do
+        for wrap, r in pairs(res.runs) do
+          local label = ("rank %d, %s"):format(rank - 1, wrap)
+          assert.is_true(r.same, label)
+          assert.is_true(r.storage, label)
+          assert.same(res.want[wrap], r.values, label)
+          assert.is_true(r.same_rng, label)
+          assert.same({4, 4, 4}, r.after, label)
+        end
+      end
+    end)
+  end
+
+  it("trains as the full construction: the count made through a's name scales through b's", function()
+    local results = dist.spawn(2, function(rank, size)
+      ms.set_default_dtype("f64")
+      local function train(wrap)
+        ms.manual_seed(5)
+        local model = wrap and ms.device("meta", function() return SharedNet() end) or SharedNet()
+        ms.manual_seed(6)
+        local x, y = ms.randn(4, 3), ms.randn(4, 2)
+        if wrap then
+          fsdp.FSDP(model, {auto_wrap_policy = wrap == "module" and fsdp.wrap_policy({Scaled}) or nil})
+          local per_rank = 4 / size
+          x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
+        end
+        local opt = ms.optim.SGD(model:parameters(), {lr = 0.1})
+        local losses = {}
+        for step = 1, 3 do
+          opt:zero_grad()
+          local loss = nn.F.mse_loss(model(x), y)
+          loss:backward()
+          opt:step()
+          local global = loss:detach():clone()
+          if wrap then dist.all_reduce(global, "avg") end
+          losses[step] = global:item()
+        end
+        return {losses = losses, a = flat_of(model.a.s), b = flat_of(model.b.s)}
+      end
+      return {plain = train(nil), root = train("root"), module = train("module")}
+    end)
+    for rank, r in ipairs(results) do
+      for _, wrap in ipairs({"root", "module"}) do
+        local label = ("rank %d, %s"):format(rank - 1, wrap)
+        local run = r[wrap]
+        assert.same(r.plain.a, run.a, label)
+        assert.same(r.plain.b, run.b, label)
+        for step, loss in ipairs(r.plain.losses) do
+          assert.is_true(math.abs(run.losses[step] - loss) <= 1e-12 * math.abs(loss),
+                         ("%s step %d: loss %.17g vs %.17g"):format(label, step, run.losses[step], loss))
+        end
+      end
+    end
   end)
 end)

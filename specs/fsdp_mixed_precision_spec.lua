@@ -433,6 +433,165 @@ describe("FSDP mixed precision: buffers and state dicts", function()
 
 end)
 
+-- Two Linears a and b (3 and 2 rows: uneven shards) holding one buffer under two names (the
+-- same tensor registered in both); the forward counts its calls in it through a's name and
+-- scales the output by it through b's (in the input's dtype). mixed gives the root two
+-- parameters of different dtypes, so wrapping the root fails after a and b were wrapped.
+local SharedBuffer = nn.Module:extend("MixedSharedBuffer")
+function SharedBuffer:__init(mixed)
+  self.a = nn.Linear(4, 3)
+  self.b = nn.Linear(3, 2)
+  local s = ms.zeros(2)
+  self.a:register_buffer("s", s)
+  self.b:register_buffer("s", s)
+  if mixed then
+    self.wide = nn.Parameter(ms.zeros(2, {dtype = "f64"}))
+    self.narrow = nn.Parameter(ms.zeros(2, {dtype = "f32"}))
+  end
+end
+function SharedBuffer:forward(x)
+  ms.no_grad(function() self.a.s:add_(1) end)
+  return self.b(self.a(x)) * self.b.s:to(x:dtype())
+end
+
+-- A meta build's param_init_fn: the layers' own initialisation and the buffer set to 1.
+local function init_shared(m)
+  if m.reset_parameters then m:reset_parameters() end
+  if m.s then nn.init.ones_(m.s) end
+end
+
+local SHARED_LAYOUTS = {
+  {strategy = "FULL_SHARD", world = 2}, {strategy = "SHARD_GRAD_OP", world = 2}, {strategy = "NO_SHARD", world = 2},
+  {strategy = "HYBRID_SHARD", world = 4, mesh = {2, 2}},
+}
+
+describe("FSDP mixed precision: a buffer shared by two modules", function()
+  for _, layout in ipairs(SHARED_LAYOUTS) do
+    it(("%s on %d ranks: buffer_dtype keeps it one tensor (real and meta builds, one unit and a unit per Linear)")
+       :format(layout.strategy, layout.world), function()
+      local results = dist.spawn(layout.world, function()
+        ms.set_default_dtype("f64")
+        local out = {}
+        for _, build in ipairs({"real", "meta"}) do
+          for _, wrap in ipairs({"root", "layer"}) do
+            ms.manual_seed(0)
+            local model = build == "meta" and ms.device("meta", function() return SharedBuffer() end) or SharedBuffer()
+            if build == "real" then ms.no_grad(function() model.a.s:copy_(ms.tensor({1, 1})) end) end
+            local opts = {sharding_strategy = layout.strategy, mixed_precision = fsdp.MixedPrecision{buffer_dtype = "bf16"},
+                          param_init_fn = init_shared}
+            if wrap == "layer" then opts.auto_wrap_policy = fsdp.wrap_policy({nn.Linear}) end
+            if layout.mesh then
+              opts.device_mesh = dist.init_device_mesh(layout.mesh, {mesh_dim_names = {"replicate", "shard"}})
+            end
+            fsdp.FSDP(model, opts)
+            local r = {same = rawequal(model.a.s, model.b.s), dtype = model.b.s:dtype(),
+                       storage = model.a.s:data_ptr() == model.b.s:data_ptr(), before = flat(model.b.s)}
+            ms.no_grad(function() model.a.s:add_(2) end)
+            r.after = flat(model.b.s)
+            fsdp.set_state_dict_type(model, "FULL_STATE_DICT")
+            local sd = model:state_dict()
+            r.full = {a = flat(sd["a.s"]), b = flat(sd["b.s"]), dtypes = sd["a.s"]:dtype() .. "/" .. sd["b.s"]:dtype()}
+            out[build .. " " .. wrap] = r
+          end
+        end
+        return out
+      end)
+      for rank, res in ipairs(results) do
+        for label, r in pairs(res) do
+          label = ("rank %d, %s"):format(rank - 1, label)
+          assert.is_true(r.same, label)
+          assert.is_true(r.storage, label)
+          assert.equal("bf16", r.dtype, label)
+          assert.same({1, 1}, r.before, label)
+          assert.same({3, 3}, r.after, label)
+          assert.same({a = {3, 3}, b = {3, 3}, dtypes = "f64/f64"}, r.full, label)
+        end
+      end
+    end)
+  end
+
+  it("trains as the unwrapped model with buffer_dtype: the count made through one name scales through the other", function()
+    local results = dist.spawn(2, function(rank, size)
+      ms.set_default_dtype("f64")
+      local function train(wrap)
+        ms.manual_seed(3)
+        local model = SharedBuffer()
+        local x, y = ms.randn(4, 4), ms.randn(4, 2)
+        if wrap then
+          local opts = {mixed_precision = {buffer_dtype = "f32"}}
+          if wrap == "layer" then opts.auto_wrap_policy = fsdp.wrap_policy({nn.Linear}) end
+          fsdp.FSDP(model, opts)
+          local per_rank = 4 / size
+          x, y = x:narrow(0, rank * per_rank, per_rank), y:narrow(0, rank * per_rank, per_rank)
+        end
+        local opt = optim.SGD(model:parameters(), {lr = 0.1})
+        local losses = {}
+        for step = 1, STEPS do
+          opt:zero_grad()
+          local loss = nn.F.mse_loss(model(x), y)
+          loss:backward()
+          opt:step()
+          local global = loss:detach():clone()
+          if wrap then dist.all_reduce(global, "avg") end
+          losses[step] = global:item()
+        end
+        return {losses = losses, a = flat(model.a.s:to("f64")), b = flat(model.b.s:to("f64")), dtype = model.b.s:dtype()}
+      end
+      return {plain = train(nil), root = train("root"), layer = train("layer")}
+    end)
+    for rank, r in ipairs(results) do
+      assert.same({STEPS, STEPS}, r.plain.b)
+      for _, wrap in ipairs({"root", "layer"}) do
+        local label = ("rank %d, %s"):format(rank - 1, wrap)
+        local run = r[wrap]
+        assert.equal("f32", run.dtype, label)
+        assert.same(r.plain.a, run.a, label)
+        assert.same(r.plain.b, run.b, label)
+        for step, loss in ipairs(r.plain.losses) do
+          assert.is_true(math.abs(run.losses[step] - loss) <= 1e-12 * math.abs(loss),
+                         ("%s step %d: loss %.17g vs %.17g"):format(label, step, run.losses[step], loss))
+        end
+      end
+    end
+  end)
+
+  it("a failed wrap puts the original tensor back under both names and frees each cast once", function()
+    local results = dist.spawn(2, function()
+      ms.set_default_dtype("f64")
+      local out = {}
+      for _, build in ipairs({"real", "meta"}) do
+        ms.manual_seed(0)
+        local model = build == "meta" and ms.device("meta", function() return SharedBuffer(true) end) or SharedBuffer(true)
+        local original = model.a.s
+        collectgarbage(); collectgarbage()
+        local before = ms.memory_stats("cpu").allocated
+        local ok, err = pcall(fsdp.FSDP, model, {mixed_precision = {buffer_dtype = "bf16"}, param_init_fn = init_shared,
+                                                 auto_wrap_policy = fsdp.wrap_policy({nn.Linear})})
+        collectgarbage(); collectgarbage()
+        out[build] = {ok = ok, err = tostring(err), leaked = ms.memory_stats("cpu").allocated - before,
+                      a = rawequal(model.a.s, original), b = rawequal(model.b.s, original),
+                      device = model.a.s:device(), dtype = model.a.s:dtype(), sharded = ms.is_dtensor(model.a.weight),
+                      units = fsdp.unit_of(model.a) ~= nil or fsdp.unit_of(model.b) ~= nil}
+      end
+      return out
+    end)
+    for rank, res in ipairs(results) do
+      for build, r in pairs(res) do
+        local label = ("rank %d, %s build"):format(rank - 1, build)
+        assert.is_false(r.ok, label)
+        assert.matches("FSDP: parameters of one unit must share a dtype", r.err, 1, true)
+        assert.equal(0, r.leaked, label)
+        assert.is_true(r.a, label)
+        assert.is_true(r.b, label)
+        assert.equal(build == "meta" and "meta" or "cpu", r.device, label)
+        assert.equal("f64", r.dtype, label)
+        assert.is_false(r.sharded, label)
+        assert.is_false(r.units, label)
+      end
+    end
+  end)
+end)
+
 describe("FSDP mixed precision: bad input", function()
   it("rejects param_dtype that is not a float dtype and unknown keys, naming them", function()
     local cases = {

@@ -440,6 +440,125 @@ describe("sync_module_states with models built on the meta device", function()
   end)
 end)
 
+-- ---- sync_module_states with a buffer shared by two modules ----
+
+-- A Linear shifted by a buffer it is given (modules may share one), drawn by reset_parameters
+-- as its construction drew it (ms.randn).
+local ShiftedBy = nn.Module:extend("ReviewShiftedBy")
+function ShiftedBy:__init(shift, dim)
+  self.fc = nn.Linear(dim, HIDDEN)
+  self:register_buffer("shift", shift)
+end
+function ShiftedBy:reset_parameters() nn.init.normal_(self.shift) end
+function ShiftedBy:forward(x) return self.fc(x) + self.shift end
+
+-- a and b hold one buffer under two names; mixed gives the root two parameters of different
+-- dtypes, so wrapping the root fails after a and b were wrapped.
+local SharedShift = nn.Module:extend("ReviewSharedShift")
+function SharedShift:__init(mixed)
+  local shift = ms.randn(HIDDEN)
+  self.a = ShiftedBy(shift, DIM)
+  self.b = ShiftedBy(shift, HIDDEN)
+  if mixed then
+    self.wide = nn.Parameter(ms.zeros(2, {dtype = "f64"}))
+    self.narrow = nn.Parameter(ms.zeros(2, {dtype = "f32"}))
+  end
+end
+function SharedShift:forward(x) return self.b(self.a(x)) end
+
+describe("sync_module_states with a buffer shared by two modules", function()
+  local expected
+  setup(function()
+    ms.set_default_dtype("f64")
+    ms.manual_seed(100)
+    local model = SharedShift()
+    expected = {f64 = flat(model.a.shift), bf16 = flat(model.a.shift:to("bf16"):to("f64"))}
+    global_state.restore()
+  end)
+
+  local builds = {
+    {"every rank on the meta device", function() return true end},
+    {"rank 0 real, the others on the meta device", function(rank) return rank ~= 0 end},
+  }
+  local layouts = {{strategy = "FULL_SHARD", world = 2}, {strategy = "HYBRID_SHARD", world = 4, mesh = {2, 2}}}
+  for _, build in ipairs(builds) do
+    for _, layout in ipairs(layouts) do
+      it(("%s, %s on %d ranks: one tensor with rank 0's values, with and without buffer_dtype")
+         :format(build[1], layout.strategy, layout.world), function()
+        local results = dist.spawn(layout.world, function(rank)
+          ms.set_default_dtype("f64")
+          local out = {}
+          for _, buffer_dtype in ipairs({"none", "bf16"}) do
+            for _, wrap in ipairs({"root", "module"}) do
+              ms.manual_seed(100 + rank)
+              local model = build[2](rank) and ms.device("meta", function() return SharedShift() end) or SharedShift()
+              local opts = {sharding_strategy = layout.strategy, sync_module_states = true}
+              if wrap == "module" then opts.auto_wrap_policy = fsdp.wrap_policy({ShiftedBy}) end
+              if buffer_dtype ~= "none" then opts.mixed_precision = {buffer_dtype = buffer_dtype} end
+              if layout.mesh then
+                opts.device_mesh = dist.init_device_mesh(layout.mesh, {mesh_dim_names = {"replicate", "shard"}})
+              end
+              fsdp.FSDP(model, opts)
+              local r = {same = rawequal(model.a.shift, model.b.shift), dtype = model.b.shift:dtype(),
+                         storage = model.a.shift:data_ptr() == model.b.shift:data_ptr(),
+                         values = flat(model.b.shift:to("f64"))}
+              ms.no_grad(function() model.a.shift:fill_(2) end)
+              r.after = flat(model.b.shift:to("f64"))
+              out[buffer_dtype .. " " .. wrap] = r
+            end
+          end
+          return out
+        end)
+        for rank, res in ipairs(results) do
+          for label, r in pairs(res) do
+            local buffer_dtype = label:match("^%S+")
+            label = ("rank %d, buffer_dtype %s"):format(rank - 1, label)
+            assert.is_true(r.same, label)
+            assert.is_true(r.storage, label)
+            assert.equal(buffer_dtype == "none" and "f64" or buffer_dtype, r.dtype, label)
+            assert.same(expected[buffer_dtype == "none" and "f64" or buffer_dtype], r.values, label)
+            assert.same({2, 2, 2, 2, 2, 2}, r.after, label)
+          end
+        end
+      end)
+    end
+  end
+
+  it("a failed wrap puts the meta tensor back under both names on the ranks that gave it storage", function()
+    local results = dist.spawn(2, function(rank)
+      ms.set_default_dtype("f64")
+      ms.manual_seed(100)
+      local out = {}
+      for _, buffer_dtype in ipairs({"none", "bf16"}) do
+        local model = rank == 0 and SharedShift(true) or ms.device("meta", function() return SharedShift(true) end)
+        local original = model.a.shift
+        collectgarbage(); collectgarbage()
+        local before = ms.memory_stats("cpu").allocated
+        local opts = {sync_module_states = true, auto_wrap_policy = fsdp.wrap_policy({ShiftedBy})}
+        if buffer_dtype ~= "none" then opts.mixed_precision = {buffer_dtype = buffer_dtype} end
+        local ok, err = pcall(fsdp.FSDP, model, opts)
+        collectgarbage(); collectgarbage()
+        out[buffer_dtype] = {ok = ok, err = tostring(err), leaked = ms.memory_stats("cpu").allocated - before,
+                             a = rawequal(model.a.shift, original), b = rawequal(model.b.shift, original),
+                             device = model.b.shift:device(), sharded = ms.is_dtensor(model.b.fc.weight)}
+      end
+      return out
+    end)
+    for rank, res in ipairs(results) do
+      for buffer_dtype, r in pairs(res) do
+        local label = ("rank %d, buffer_dtype %s"):format(rank - 1, buffer_dtype)
+        assert.is_false(r.ok, label)
+        assert.matches("FSDP: parameters of one unit must share a dtype", r.err, 1, true)
+        assert.equal(0, r.leaked, label)
+        assert.is_true(r.a, label)
+        assert.is_true(r.b, label)
+        assert.equal(rank == 1 and "cpu" or "meta", r.device, label)
+        assert.is_false(r.sharded, label)
+      end
+    end
+  end)
+end)
+
 -- ---- options and arguments ----
 
 -- The message of the error fn raises, or nil.

@@ -298,16 +298,16 @@ local function wrap_one(module, owned, modules, config)
   unit.hooks[#unit.hooks + 1] = module:register_forward_pre_hook(pre_forward(unit))
   unit.hooks[#unit.hooks + 1] = module:register_forward_hook(post_forward(unit))
   if config.sync then materialize.sync_params(unit, config.sync) end
-  materialize.run(unit, modules, config.param_init_fn, config.pool or lib.MS_POOL_CPU)
+  materialize.run(unit, modules, config.param_init_fn, config.pool or lib.MS_POOL_CPU, config.materialised)
   if config.mp and config.mp.buffer_dtype then
-    unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype)
+    unit.cast_buffers = mixed_precision.cast_buffers(modules, config.mp.buffer_dtype, config.buffer_casts)
   end
   return unit
 end
 
 local function unwrap(module, unit)
-  unit:undo()
   if unit.cast_buffers then mixed_precision.restore_buffers(unit.cast_buffers) end
+  unit:undo()
   Unit.detach(module)
 end
 
@@ -330,7 +330,10 @@ function fsdp.FSDP(module, opts)
   local config = {strategy = strategy, mesh = mesh, pool = resolve_device(opts.device_id),
                   offload = opts.cpu_offload and opts.cpu_offload.offload_params or false,
                   param_init_fn = opts.param_init_fn or materialize.default_init,
-                  mp = mixed_precision.resolve(opts.mixed_precision)}
+                  mp = mixed_precision.resolve(opts.mixed_precision),
+                  -- shared by the units, so a buffer under several names stays one tensor:
+                  -- meta buffer -> its materialised tensor, buffer -> its buffer_dtype cast
+                  materialised = {}, buffer_casts = {}}
   if opts.sync_module_states then
     config.sync = autograd.no_grad(materialize.prepare_sync, to_wrap, owned, modules, mesh,
                                    config.pool or lib.MS_POOL_CPU)
@@ -352,9 +355,15 @@ function fsdp.FSDP(module, opts)
       local unit = built[i][2] or unit_of(m)
       if unit then unwrap(m, unit) end
     end
+    if config.sync then materialize.undo_sync(config.sync) end
     error(err, 0)
   end
-  for _, entry in ipairs(built) do entry[2]:commit() end
+  for _, entry in ipairs(built) do
+    local unit = entry[2]
+    unit:commit()
+    materialize.commit(unit)
+    mixed_precision.commit(unit.cast_buffers)
+  end
   local tree = Tree.new(units_under(module), {
     forward_prefetch = opts.forward_prefetch or false, limit_all_gathers = opts.limit_all_gathers ~= false,
     backward_prefetch = prefetch.resolve_backward(opts.backward_prefetch, mesh:get_group(mesh:ndim() - 1).backend),

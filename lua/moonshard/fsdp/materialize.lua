@@ -19,15 +19,23 @@ function M.default_init(module)
   if module.reset_parameters then module:reset_parameters() end
 end
 
--- Give the meta buffers of module uninitialised storage in pool (kept for undo).
-local function materialise_buffers(unit, module, pool)
+-- Give the meta buffers of module uninitialised storage in pool. fresh_of maps a meta tensor
+-- to the tensor replacing it and is shared by every unit of one FSDP call, so a buffer shared
+-- by several modules (one tensor under several names) stays one tensor. Each name gets a
+-- record for undo; made marks the one that created the tensor (it checks and frees it).
+local function materialise_buffers(unit, module, pool, fresh_of)
   for name, b in module:named_buffers({recurse = false, remove_duplicate = false}) do
     if Tensor.is_meta(b) then
-      local fresh = Tensor.empty_raw(b:shape(), Tensor.dtype_id(b:dtype(), "FSDP"), pool)
-      rawset(fresh, "_init_draws", rawget(b, "_init_draws"))
+      local fresh, made = fresh_of[b], false
+      if fresh == nil then
+        fresh = Tensor.empty_raw(b:shape(), Tensor.dtype_id(b:dtype(), "FSDP"), pool)
+        rawset(fresh, "_init_draws", rawget(b, "_init_draws"))
+        fresh_of[b], made = fresh, true
+      end
       module:set_buffer(name, fresh)
       unit.materialised_buffers[#unit.materialised_buffers + 1] =
-        {module = module, name = name, original = b, fresh = fresh, version = fresh:_version()}
+        {module = module, name = name, original = b, fresh = fresh, made = made,
+         version = made and fresh:_version() or nil}
     end
   end
 end
@@ -40,8 +48,12 @@ local function has_meta_buffer(module)
 end
 
 -- Run init_fn on every module of the unit that holds meta parameters or buffers (in
--- registration order), then check that each of them was written.
-function M.run(unit, modules, init_fn, pool)
+-- registration order), then check that each of them was written. fresh_of: see
+-- materialise_buffers (a new table when nil). Each module's init replays the recorded draws
+-- of its materialised buffers from the start, also on a buffer shared with a module whose
+-- init ran before (in this unit or an earlier one), as it would on a tensor of its own.
+function M.run(unit, modules, init_fn, pool, fresh_of)
+  fresh_of = fresh_of or {}
   unit.materialised_buffers = {}
   local targets, seen = {}, {}
   local function add(m)
@@ -60,10 +72,22 @@ function M.run(unit, modules, init_fn, pool)
   for _, m in ipairs(modules) do
     if has_meta_buffer(m) then
       add(m)
-      materialise_buffers(unit, m, pool)
+      materialise_buffers(unit, m, pool, fresh_of)
     end
   end
-  for _, m in ipairs(targets) do init_fns.run_init(m, init_fn) end
+  local held = {}
+  for _, b in ipairs(unit.materialised_buffers) do
+    local list = held[b.module] or {}
+    list[#list + 1] = b
+    held[b.module] = list
+  end
+  for _, m in ipairs(targets) do
+    for _, b in ipairs(held[m] or {}) do
+      rawset(b.fresh, "_init_draws", rawget(b.original, "_init_draws"))
+      rawset(b.fresh, "_init_next", nil)
+    end
+    init_fns.run_init(m, init_fn)
+  end
   for _, p in ipairs(unit.params) do
     if p.meta and not p.synced then
       rawset(p.sharded, "_init_draws", nil)
@@ -78,11 +102,16 @@ function M.run(unit, modules, init_fn, pool)
   for _, b in ipairs(unit.materialised_buffers) do
     rawset(b.fresh, "_init_draws", nil)
     rawset(b.fresh, "_init_next", nil)
-    if b.fresh:_version() == b.version then
+    if b.made and b.fresh:_version() == b.version then
       fail("FSDP", "buffer '%s' of %s was built on the meta device and is still uninitialised after " ..
            "param_init_fn ran on its module", b.name, b.module.__name or "?")
     end
   end
+end
+
+-- Wrapping succeeded: drop the unit's undo records of materialised buffers.
+function M.commit(unit)
+  unit.materialised_buffers = nil
 end
 
 -- ---- sync_module_states ----
@@ -158,7 +187,8 @@ end
 -- Exchange what the first rank has (random state, which states are meta and their
 -- draws), give this rank's meta tensors the first rank's draws and broadcast the buffers
 -- real there. Returns the plan wrapping follows: {rng = the first rank's random state,
--- real = set of parameters real on the first rank}. Buffers given storage here go to pool.
+-- real = set of parameters real on the first rank, buffers = the meta buffers given storage
+-- here (in pool), one entry per tensor with every slot, for undo_sync}.
 function M.prepare_sync(to_wrap, owned, modules, mesh, pool)
   local entries = managed_states(to_wrap, owned, modules)
   local rng = random.get_rng_state()
@@ -177,7 +207,7 @@ function M.prepare_sync(to_wrap, owned, modules, mesh, pool)
   if first[3] ~= #entries then
     mismatch = ("the first rank manages %d parameters and buffers, this rank %d"):format(first[3], #entries)
   end
-  local plan = {rng = {seed = first[1], offset = first[2]}, real = {}}
+  local plan = {rng = {seed = first[1], offset = first[2]}, real = {}, buffers = {}}
   local at = 4
   for _, e in ipairs(mismatch and {} or entries) do
     local meta_there, count = first[at] == 1, first[at + 1]
@@ -206,6 +236,7 @@ function M.prepare_sync(to_wrap, owned, modules, mesh, pool)
         if Tensor.is_meta(b) then
           b = Tensor.empty_raw(b:shape(), Tensor.dtype_id(b:dtype(), "FSDP"), pool)
           for _, slot in ipairs(e.slots) do slot.module:set_buffer(slot.name, b) end
+          plan.buffers[#plan.buffers + 1] = {slots = e.slots, original = e.tensor, fresh = b}
         end
         for g = 1, mesh:ndim() do
           local group = mesh:get_group(g - 1)
@@ -215,6 +246,15 @@ function M.prepare_sync(to_wrap, owned, modules, mesh, pool)
     end
   end
   return plan
+end
+
+-- A failed wrap: the buffers prepare_sync gave storage go back to the meta device.
+function M.undo_sync(plan)
+  for _, b in ipairs(plan.buffers) do
+    for _, slot in ipairs(b.slots) do slot.module:set_buffer(slot.name, b.original) end
+    b.fresh:_release()
+  end
+  plan.buffers = {}
 end
 
 -- The unit's parameters real on the first rank get its values: the first rank's whole

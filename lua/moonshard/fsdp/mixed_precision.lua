@@ -78,32 +78,42 @@ function M.cast_inputs(args, dtype)
   return changed and out or nil
 end
 
--- Cast the floating buffers of modules to dtype in place of the originals; returns the
--- records {module, name, dtype = original dtype} the state dict and undo use.
-function M.cast_buffers(modules, dtype)
+-- Cast the floating buffers of modules to dtype in place of the originals. casts maps an
+-- original to its cast and is shared by every unit of one FSDP call, so a buffer shared by
+-- several modules (one tensor under several names) stays one tensor. Returns the records
+-- {module, name, dtype = original dtype, original, cast, made = whether this record made the
+-- cast} the state dict and undo use.
+function M.cast_buffers(modules, dtype, casts)
+  casts = casts or {}
   local records = {}
   for _, m in ipairs(modules) do
     for name, b in m:named_buffers({recurse = false, remove_duplicate = false}) do
-      if Tensor.is_tensor(b) and not Tensor.is_meta(b) and FLOAT[b:dtype()] and b:dtype() ~= dtype then
-        local cast = Tensor.empty_raw(b:shape(), Tensor.dtype_id(dtype, "FSDP"), b._c.storage.pool)
+      local cast, made = casts[b], false
+      if cast == nil and Tensor.is_tensor(b) and not Tensor.is_meta(b) and FLOAT[b:dtype()] and b:dtype() ~= dtype then
+        cast = Tensor.empty_raw(b:shape(), Tensor.dtype_id(dtype, "FSDP"), b._c.storage.pool)
         C.check(C.lib.ms_copy(cast._c, b._c), "FSDP: buffer_dtype")
+        casts[b], made = cast, true
+      end
+      if cast ~= nil then
         m:set_buffer(name, cast)
-        records[#records + 1] = {module = m, name = name, dtype = b:dtype()}
+        records[#records + 1] = {module = m, name = name, dtype = b:dtype(), original = b, cast = cast, made = made}
       end
     end
   end
   return records
 end
 
--- Put the buffers cast by cast_buffers back in their original dtypes.
+-- Put back the buffers cast_buffers replaced and free each cast it made once.
 function M.restore_buffers(records)
+  for _, r in ipairs(records) do r.module:set_buffer(r.name, r.original) end
   for _, r in ipairs(records) do
-    local b = r.module[r.name]
-    local back = Tensor.empty_raw(b:shape(), Tensor.dtype_id(r.dtype, "FSDP"), b._c.storage.pool)
-    C.check(C.lib.ms_copy(back._c, b._c), "FSDP: buffer_dtype")
-    r.module:set_buffer(r.name, back)
-    b:_release()
+    if r.made then r.cast:_release() end
   end
+end
+
+-- Wrapping succeeded: the records keep only what the state dict reads (module, name, dtype).
+function M.commit(records)
+  for _, r in ipairs(records or {}) do r.original, r.cast = nil, nil end
 end
 
 return M

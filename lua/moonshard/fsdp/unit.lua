@@ -185,10 +185,10 @@ function Unit:undo()
     p.sharded:release()
     if rawget(p.unsharded, "_c") then p.unsharded:_release() end
   end
+  -- a buffer shared by several names is one tensor, freed by the record that made it
+  for _, b in ipairs(self.materialised_buffers or {}) do b.module:set_buffer(b.name, b.original) end
   for _, b in ipairs(self.materialised_buffers or {}) do
-    local current = b.module[b.name]
-    b.module:set_buffer(b.name, b.original)
-    if Tensor.is_tensor(current) and rawget(current, "_c") then current:_release() end
+    if b.made then b.fresh:_release() end
   end
   for _, handle in ipairs(self.hooks) do handle.remove() end
   self.params = {}
