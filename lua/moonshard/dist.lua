@@ -283,8 +283,12 @@ function M.broadcast(t, src, opts)
   tensor_arg(t, what, "tensor")
   local data = on_device(g, t, true)
   check(lib.ms_dist_broadcast(g._c, data._c, root), what)
-  back_to_host(t, data)
-  t:_bump_version()
+  if g:rank() == root then -- the source is only read
+    release_staged(t, data)
+  else
+    back_to_host(t, data)
+    t:_bump_version()
+  end
 end
 
 function M.barrier(opts)

@@ -52,20 +52,63 @@ function DTensor.from_local(local_tensor, mesh, placements, global_shape)
   return DTensor.new(local_tensor, mesh, placements, global_shape)
 end
 
--- Shard or replicate a full tensor held by every rank.
-function DTensor.distribute(full, mesh, placements)
+-- PyTorch's src_data_rank: the mesh coordinate (along every mesh dim) whose data every rank
+-- ends with, or false (PyTorch's None) for each rank's own tensor without communication.
+local function source_coordinate(opts, mesh, what)
+  opts = raw.options(what, opts, {src_data_rank = true})
+  local src = opts.src_data_rank
+  if src == nil then return 0 end
+  if src == false then return false end
+  if type(src) ~= "number" or src % 1 ~= 0 or src < 0 then
+    fail(what, "src_data_rank must be a mesh coordinate (a non-negative integer) or false, got %s", tostring(src))
+  end
+  for d = 0, mesh:ndim() - 1 do
+    if src >= mesh:size(d) then
+      fail(what, "src_data_rank %d is outside mesh dim %d of size %d", src, d, mesh:size(d))
+    end
+  end
+  return src
+end
+
+-- The data of the rank at coordinate src along every mesh dim: broadcast within each mesh
+-- dim's group from its member at src, as PyTorch's mesh broadcasts and scatters. Returns full
+-- itself on the ranks whose data it is, else a new tensor.
+local function from_source(full, mesh, src)
+  local data = raw.contiguous(full)
+  for d = 0, mesh:ndim() - 1 do
+    if mesh:size(d) > 1 then
+      local group = mesh:get_group(d)
+      if mesh:get_local_rank(d) ~= src and data == full then data = raw.empty_shape(full:shape(), full) end
+      dist().broadcast(data, group:ranks()[src + 1], {group = group})
+    end
+  end
+  return data
+end
+
+-- ms.distribute_tensor(full, mesh, placements[, {src_data_rank = 0}]): shard or replicate
+-- full as PyTorch does. By default every rank ends with the data of the mesh's first rank
+-- (coordinate 0 on every mesh dim), whatever the others passed; a collective over the mesh.
+function DTensor.distribute(full, mesh, placements, opts)
+  local what = "distribute_tensor"
+  if #placements ~= mesh:ndim() then fail("DTensor", "%d placements for a %d-D mesh", #placements, mesh:ndim()) end
   local mesh_dim = shard_mesh_dim(placements)
+  local src = source_coordinate(opts, mesh, what)
+  local data = full
+  if src and not Tensor.is_meta(full) then data = from_source(full, mesh, src) end
   local local_tensor
   if mesh_dim then
-    local n = full:size(0)
+    local n = data:size(0)
     local start, length = placement.shard_range(n, mesh:size(mesh_dim), mesh:get_local_rank(mesh_dim))
-    local shape = full:shape()
+    local shape = data:shape()
     shape[1] = length
-    local_tensor = Tensor.empty_raw(shape, full._c.dtype, full._c.storage.pool)
+    local_tensor = Tensor.empty_raw(shape, data._c.dtype, data._c.storage.pool)
     if length > 0 then
-      local rows = full:narrow(0, start, length)
-      check(lib.ms_copy(local_tensor._c, rows._c), "distribute_tensor")
+      local rows = data:narrow(0, start, length)
+      check(lib.ms_copy(local_tensor._c, rows._c), what)
     end
+    if data ~= full then data:_release() end
+  elseif data ~= full then
+    local_tensor = data
   else
     local_tensor = raw.copy(full)
   end
@@ -149,7 +192,8 @@ function DTensor:redistribute(mesh, placements)
     return DTensor.new(raw.copy(self._local), mesh, placements, self:shape())
   end
   local full = self:full_tensor()
-  local out = DTensor.distribute(full, mesh, placements)
+  -- every rank holds the same full tensor, so each takes its part of its own
+  local out = DTensor.distribute(full, mesh, placements, {src_data_rank = false})
   if rawget(full, "_c") then full:_release() end
   return out
 end

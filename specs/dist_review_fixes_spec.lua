@@ -1,0 +1,62 @@
+-- Fixes from a review of the distributed layer: distribute_tensor takes the mesh's first
+-- rank's data.
+local ms = require "moonshard"
+local dist = ms.dist
+
+-- The error message of pcall(fn, ...), or "no error".
+local function error_of(fn, ...)
+  local ok, err = pcall(fn, ...)
+  return ok and "no error" or tostring(err)
+end
+
+local function flat(t) return t:contiguous():view(t:numel()):table() end
+
+describe("distribute_tensor", function()
+  it("gives every rank the first rank's data, as PyTorch's src_data_rank = 0", function()
+    local results = dist.spawn(2, function(rank)
+      local mesh = dist.init_device_mesh({2})
+      local full = ms.full({4, 2}, rank)
+      local replicated = ms.distribute_tensor(full, mesh, {ms.Replicate()})
+      local sharded = ms.distribute_tensor(full, mesh, {ms.Shard(0)})
+      return {replicated = flat(replicated:to_local()), rows = flat(sharded:to_local()),
+              full = flat(sharded:full_tensor()), untouched = flat(full)}
+    end)
+    for r = 0, 1 do
+      local res = results[r + 1]
+      assert.same({0, 0, 0, 0, 0, 0, 0, 0}, res.replicated, "rank " .. r)
+      assert.same({0, 0, 0, 0}, res.rows, "rank " .. r)
+      assert.same({0, 0, 0, 0, 0, 0, 0, 0}, res.full, "rank " .. r)
+      assert.same({r, r, r, r, r, r, r, r}, res.untouched, "rank " .. r)
+    end
+  end)
+
+  it("takes the data of mesh coordinate (0, 0) along both dims of a 2-D mesh", function()
+    local results = dist.spawn(4, function(rank)
+      local mesh = dist.init_device_mesh({2, 2}, {mesh_dim_names = {"replicate", "shard"}})
+      local full = ms.arange(10):view(5, 2):float() + 100 * rank
+      local want = ms.arange(10):view(5, 2):float()
+      local same = {}
+      for i, placements in ipairs({{ms.Replicate(), ms.Shard(0)}, {ms.Shard(0), ms.Replicate()},
+                                   {ms.Replicate(), ms.Replicate()}}) do
+        local d = ms.distribute_tensor(full, mesh, placements)
+        same[i] = ms.equal(d:full_tensor(), want)
+      end
+      return same
+    end)
+    for r = 1, 4 do assert.same({true, true, true}, results[r], "rank " .. (r - 1)) end
+  end)
+
+  it("keeps each rank's own data with src_data_rank = false, and takes another coordinate's", function()
+    local results = dist.spawn(2, function(rank)
+      local mesh = dist.init_device_mesh({2})
+      local full = ms.full({2, 3}, rank + 1)
+      local own = ms.distribute_tensor(full, mesh, {ms.Replicate()}, {src_data_rank = false})
+      local second = ms.distribute_tensor(full, mesh, {ms.Replicate()}, {src_data_rank = 1})
+      return {own = flat(own:to_local())[1], second = flat(second:to_local())[1],
+              outside = error_of(ms.distribute_tensor, full, mesh, {ms.Replicate()}, {src_data_rank = 2})}
+    end)
+    assert.same({1, 2}, {results[1].own, results[2].own})
+    assert.same({2, 2}, {results[1].second, results[2].second})
+    assert.matches("src_data_rank 2 is outside mesh dim 0 of size 2", results[1].outside)
+  end)
+end)
