@@ -1,5 +1,5 @@
 -- Fixes from a review of the distributed layer: distribute_tensor takes the mesh's first
--- rank's data.
+-- rank's data and DTensor.from_local checks local shapes against the declared global shape.
 local ms = require "moonshard"
 local dist = ms.dist
 
@@ -58,5 +58,35 @@ describe("distribute_tensor", function()
     assert.same({1, 2}, {results[1].own, results[2].own})
     assert.same({2, 2}, {results[1].second, results[2].second})
     assert.matches("src_data_rank 2 is outside mesh dim 0 of size 2", results[1].outside)
+  end)
+end)
+
+describe("DTensor.from_local", function()
+  it("refuses local shapes that do not fit the declared global shape, naming both", function()
+    local results = dist.spawn(2, function(rank)
+      local mesh = dist.init_device_mesh({2})
+      local uneven = ms.full({rank == 0 and 2 or 3, 1}, rank + 1)
+      local narrow = ms.full({2, 2}, rank + 1)
+      return {
+        uneven = error_of(ms.DTensor.from_local, uneven, mesh, {ms.Shard(0)}, {5, 1}),
+        columns = error_of(ms.DTensor.from_local, narrow, mesh, {ms.Shard(0)}, {4, 3}),
+        dims = error_of(ms.DTensor.from_local, narrow, mesh, {ms.Shard(0)}, {4}),
+        replicated = error_of(ms.DTensor.from_local, narrow, mesh, {ms.Replicate()}, {4, 2}),
+        fits = flat(ms.DTensor.from_local(ms.full({3 - rank, 2}, rank + 1), mesh, {ms.Shard(0)}, {5, 2}):full_tensor()),
+      }
+    end)
+    assert.matches("DTensor.from_local: the local tensor %[2, 1%] has 2 rows but Shard%(0%) of the declared " ..
+                   "shape %[5, 1%] over the 2 ranks of mesh dim 0 gives this rank %(coordinate 0%) 3 rows",
+                   results[1].uneven)
+    assert.matches("the local tensor %[3, 1%] has 3 rows .* gives this rank %(coordinate 1%) 2 rows %(3..4%)",
+                   results[2].uneven)
+    for r = 1, 2 do
+      assert.matches("dim 1 of the local tensor %[2, 2%] is 2 but the declared shape %[4, 3%] has 3",
+                     results[r].columns)
+      assert.matches("the local tensor %[2, 2%] has 2 dims but the declared shape %[4%] has 1", results[r].dims)
+      assert.matches("dim 0 of the local tensor %[2, 2%] is 2 but the declared shape %[4, 2%] has 4 %(no " ..
+                     "placement shards it%)", results[r].replicated)
+      assert.same({1, 1, 1, 1, 1, 1, 2, 2, 2, 2}, results[r].fits)
+    end
   end)
 end)

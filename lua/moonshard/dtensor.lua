@@ -28,6 +28,8 @@ local function shard_mesh_dim(placements)
   return found
 end
 
+local function shape_text(shape) return "[" .. table.concat(shape, ", ") .. "]" end
+
 -- Wrap local_tensor (this rank's rows) as a DTensor of global_shape.
 function DTensor.new(local_tensor, mesh, placements, global_shape)
   if not Tensor.is_tensor(local_tensor) then fail("DTensor", "local tensor must be a tensor") end
@@ -41,15 +43,55 @@ function DTensor.new(local_tensor, mesh, placements, global_shape)
   return self
 end
 
--- DTensor.from_local(t, mesh, placements[, global_shape]) like PyTorch's; without a
--- global shape every rank is assumed to hold the same number of rows.
+-- DTensor.from_local(t, mesh, placements[, global_shape]) like PyTorch's. Without a global
+-- shape every rank is assumed to hold the same number of rows. The local shape is checked
+-- against the global one: dims other than 0 (and dim 0 when nothing shards it) must equal
+-- it, and a sharded dim 0 must hold the rows Shard(0) gives this rank of the declared size.
 function DTensor.from_local(local_tensor, mesh, placements, global_shape)
-  if not global_shape then
-    global_shape = local_tensor:shape()
-    local mesh_dim = shard_mesh_dim(placements)
-    if mesh_dim then global_shape[1] = global_shape[1] * mesh:size(mesh_dim) end
+  local what = "DTensor.from_local"
+  if not Tensor.is_tensor(local_tensor) then fail(what, "the local tensor must be a tensor") end
+  local mesh_dim = shard_mesh_dim(placements)
+  local local_shape = local_tensor:shape()
+  if mesh_dim and #local_shape == 0 then
+    fail(what, "Shard(0) needs a tensor with at least one dim, got a 0-d local tensor")
   end
-  return DTensor.new(local_tensor, mesh, placements, global_shape)
+  if global_shape == nil then
+    global_shape = local_tensor:shape()
+    if mesh_dim then global_shape[1] = global_shape[1] * mesh:size(mesh_dim) end
+    return DTensor.new(local_tensor, mesh, placements, global_shape)
+  end
+  if type(global_shape) ~= "table" then
+    fail(what, "shape must be an array of sizes, got %s", type(global_shape))
+  end
+  local declared = {}
+  for i = 1, #global_shape do
+    local n = global_shape[i]
+    if type(n) ~= "number" or n < 0 or n % 1 ~= 0 then
+      fail(what, "shape: size %d is %s (sizes must be non-negative integers)", i, tostring(n))
+    end
+    declared[i] = n
+  end
+  if #declared ~= #local_shape then
+    fail(what, "the local tensor %s has %d dims but the declared shape %s has %d", shape_text(local_shape),
+         #local_shape, shape_text(declared), #declared)
+  end
+  for d = 1, #declared do
+    if d == 1 and mesh_dim then
+      local coordinate, ranks = mesh:get_local_rank(mesh_dim), mesh:size(mesh_dim)
+      local start, length = placement.shard_range(declared[1], ranks, coordinate)
+      if local_shape[1] ~= length then
+        fail(what, "the local tensor %s has %d rows but Shard(0) of the declared shape %s over the %d ranks " ..
+             "of mesh dim %d gives this rank (coordinate %d) %d rows (%d..%d)", shape_text(local_shape),
+             local_shape[1], shape_text(declared), ranks, mesh_dim, coordinate, length, start,
+             start + length - 1)
+      end
+    elseif local_shape[d] ~= declared[d] then
+      fail(what, "dim %d of the local tensor %s is %d but the declared shape %s has %d (%s)", d - 1,
+           shape_text(local_shape), local_shape[d], shape_text(declared), declared[d],
+           d == 1 and "no placement shards it" or "only dim 0 can be sharded")
+    end
+  end
+  return DTensor.new(local_tensor, mesh, placements, declared)
 end
 
 -- PyTorch's src_data_rank: the mesh coordinate (along every mesh dim) whose data every rank
