@@ -1,5 +1,6 @@
 -- Fixes from a review of the distributed layer: distribute_tensor takes the mesh's first
--- rank's data and DTensor.from_local checks local shapes against the declared global shape.
+-- rank's data, DTensor.from_local checks local shapes against the declared global shape, and
+-- misuse of the DTensor API raises errors naming what was wrong.
 local ms = require "moonshard"
 local dist = ms.dist
 
@@ -88,5 +89,54 @@ describe("DTensor.from_local", function()
                      "placement shards it%)", results[r].replicated)
       assert.same({1, 1, 1, 1, 1, 1, 2, 2, 2, 2}, results[r].fits)
     end
+  end)
+end)
+
+describe("the DTensor API", function()
+  it("defaults placements to Replicate() on every mesh dim, as PyTorch", function()
+    local results = dist.spawn(4, function()
+      local mesh = dist.init_device_mesh({2, 2})
+      local d = ms.distribute_tensor(ms.arange(6):view(3, 2):float(), mesh)
+      local l = ms.DTensor.from_local(ms.ones(2), mesh)
+      return {tostring(d.placements[1]), tostring(d.placements[2]), ms.equal(d:to_local(), ms.arange(6):view(3, 2):float()),
+              tostring(l.placements[1]) .. tostring(l.placements[2]) .. tostring(l:shape())}
+    end)
+    for r = 1, 4 do assert.same({"Replicate()", "Replicate()", true, "Replicate()Replicate()[2]"}, results[r]) end
+  end)
+
+  it("raises clear errors for wrong placements, a 0-d tensor to shard and tensor operations", function()
+    local results = dist.spawn(2, function()
+      local mesh = dist.init_device_mesh({2})
+      local d = ms.distribute_tensor(ms.ones(4, 2), mesh, {ms.Shard(0)})
+      return {
+        string = error_of(ms.distribute_tensor, ms.ones(4, 2), mesh, {"Shard(0)"}),
+        from_local_string = error_of(ms.DTensor.from_local, ms.ones(2, 2), mesh, {"Replicate()"}),
+        count = error_of(ms.distribute_tensor, ms.ones(4, 2), mesh, {ms.Shard(0), ms.Replicate()}),
+        scalar = error_of(ms.distribute_tensor, ms.tensor(3), mesh, {ms.Shard(0)}),
+        not_mesh = error_of(ms.distribute_tensor, ms.ones(2), {2}, {ms.Shard(0)}),
+        add = error_of(function() return d + 1 end),
+        radd = error_of(function() return 1 - d end),
+        neg = error_of(function() return -d end),
+        sum = error_of(function() return d:sum() end),
+        view = error_of(function() return d:view(8) end),
+        grad = tostring(d.grad), local_rows = d:to_local():size(0),
+      }
+    end)
+    local res = results[1]
+    assert.matches("distribute_tensor: placement 1 must be ms.Shard%(d%) or ms.Replicate%(%), got the string " ..
+                   "'Shard%(0%)'", res.string)
+    assert.matches("DTensor.from_local: placement 1 must be ms.Shard%(d%) or ms.Replicate%(%), got the string " ..
+                   "'Replicate%(%)'", res.from_local_string)
+    assert.matches("2 placements for a 1%-D mesh", res.count)
+    assert.matches("distribute_tensor: Shard%(0%) needs a tensor with at least one dim, got a 0%-d tensor", res.scalar)
+    assert.matches("distribute_tensor: device_mesh must be a DeviceMesh", res.not_mesh)
+    for _, key in ipairs({"add", "radd", "neg"}) do
+      assert.matches("DTensor: the operator .- is not supported on a DTensor .*compute on d:to_local%(%)", res[key])
+    end
+    assert.matches("DTensor: sum%(%) is not supported on a DTensor %(a DTensor supports to_local%(%), full_tensor%(%)",
+                   res.sum)
+    assert.matches("DTensor: view%(%) is not supported on a DTensor", res.view)
+    assert.equal("nil", res.grad)
+    assert.equal(2, res.local_rows)
   end)
 end)

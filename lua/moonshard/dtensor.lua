@@ -9,16 +9,49 @@ local scope = require "moonshard.scope"
 local lib, check, fail = C.lib, C.check, C.fail
 
 local DTensor = {__name = "DTensor", __dtensor = true}
-DTensor.__index = DTensor
 
 local function dist() return require "moonshard.dist" end
 
 function DTensor.is_dtensor(v) return type(v) == "table" and getmetatable(v) == DTensor end
 
+-- What a DTensor offers; anything else a tensor has (arithmetic, reductions, views) raises.
+local SUPPORTED = "to_local(), full_tensor(), redistribute(), shape(), size(), dim(), numel(), " ..
+                  "dtype(), device(), clone() and detach()"
+local function unsupported(what)
+  fail("DTensor", "%s is not supported on a DTensor (a DTensor supports %s); compute on d:to_local() " ..
+       "(this rank's shard) or d:full_tensor() (the whole tensor)", what, SUPPORTED)
+end
+
+local OPERATORS = {__add = "+", __sub = "-", __mul = "*", __div = "/", __mod = "%", __pow = "^",
+                   __unm = "unary -", __concat = ".."}
+for event, symbol in pairs(OPERATORS) do
+  DTensor[event] = function() unsupported("the operator " .. symbol) end
+end
+
+-- d:sum(), d:view(...) and the other tensor methods raise naming the method.
+local refusals = {}
+DTensor.__index = function(_, key)
+  local method = DTensor[key]
+  if method ~= nil then return method end
+  if type(key) == "string" and key:sub(1, 1) ~= "_" and type(Tensor[key]) == "function" then
+    local refuse = refusals[key]
+    if not refuse then
+      refuse = function() unsupported(key .. "()") end
+      refusals[key] = refuse
+    end
+    return refuse
+  end
+  return nil
+end
+
 -- The mesh dim that shards dim 0 (nil when every placement replicates).
 local function shard_mesh_dim(placements)
   local found
   for i, p in ipairs(placements) do
+    if not placement.is_placement(p) then
+      fail("DTensor", "placement %d must be ms.Shard(d) or ms.Replicate(), got %s", i,
+           type(p) == "string" and ("the string '" .. p .. "'") or type(p))
+    end
     if p:is_shard() then
       if p.dim ~= 0 then fail("DTensor", "only Shard(0) is supported, got %s", tostring(p)) end
       if found then fail("DTensor", "a tensor can be sharded on one mesh dim only") end
@@ -26,6 +59,29 @@ local function shard_mesh_dim(placements)
     end
   end
   return found
+end
+
+local function check_mesh(mesh, what)
+  if getmetatable(mesh) ~= require("moonshard.mesh").DeviceMesh then
+    fail(what, "device_mesh must be a DeviceMesh (dist.init_device_mesh), got %s",
+         DTensor.is_dtensor(mesh) and "a DTensor" or type(mesh))
+  end
+end
+
+-- Placements as given, or Replicate() on every mesh dim when nil (PyTorch's default); checked.
+local function placements_for(placements, mesh, what)
+  if placements == nil then
+    placements = {}
+    for d = 1, mesh:ndim() do placements[d] = placement.Replicate() end
+  end
+  placement.check(placements, mesh:ndim(), what)
+  local mesh_dim = shard_mesh_dim(placements)
+  return placements, mesh_dim
+end
+
+local function check_plain_tensor(t, what, name)
+  if DTensor.is_dtensor(t) then fail(what, "%s must be a plain tensor, got a DTensor", name) end
+  if not Tensor.is_tensor(t) then fail(what, "%s must be a tensor, got %s", name, type(t)) end
 end
 
 local function shape_text(shape) return "[" .. table.concat(shape, ", ") .. "]" end
@@ -43,14 +99,17 @@ function DTensor.new(local_tensor, mesh, placements, global_shape)
   return self
 end
 
--- DTensor.from_local(t, mesh, placements[, global_shape]) like PyTorch's. Without a global
--- shape every rank is assumed to hold the same number of rows. The local shape is checked
--- against the global one: dims other than 0 (and dim 0 when nothing shards it) must equal
--- it, and a sharded dim 0 must hold the rows Shard(0) gives this rank of the declared size.
+-- DTensor.from_local(t, mesh[, placements][, global_shape]) like PyTorch's (placements default
+-- to Replicate() on every mesh dim). Without a global shape every rank is assumed to hold the
+-- same number of rows. The local shape is checked against the global one: dims other than 0
+-- (and dim 0 when nothing shards it) must equal it, and a sharded dim 0 must hold the rows
+-- Shard(0) gives this rank of the declared size.
 function DTensor.from_local(local_tensor, mesh, placements, global_shape)
   local what = "DTensor.from_local"
-  if not Tensor.is_tensor(local_tensor) then fail(what, "the local tensor must be a tensor") end
-  local mesh_dim = shard_mesh_dim(placements)
+  check_plain_tensor(local_tensor, what, "the local tensor")
+  check_mesh(mesh, what)
+  local mesh_dim
+  placements, mesh_dim = placements_for(placements, mesh, what)
   local local_shape = local_tensor:shape()
   if mesh_dim and #local_shape == 0 then
     fail(what, "Shard(0) needs a tensor with at least one dim, got a 0-d local tensor")
@@ -127,13 +186,18 @@ local function from_source(full, mesh, src)
   return data
 end
 
--- ms.distribute_tensor(full, mesh, placements[, {src_data_rank = 0}]): shard or replicate
+-- ms.distribute_tensor(full, mesh[, placements][, {src_data_rank = 0}]): shard or replicate
 -- full as PyTorch does. By default every rank ends with the data of the mesh's first rank
 -- (coordinate 0 on every mesh dim), whatever the others passed; a collective over the mesh.
 function DTensor.distribute(full, mesh, placements, opts)
   local what = "distribute_tensor"
-  if #placements ~= mesh:ndim() then fail("DTensor", "%d placements for a %d-D mesh", #placements, mesh:ndim()) end
-  local mesh_dim = shard_mesh_dim(placements)
+  check_plain_tensor(full, what, "the tensor")
+  check_mesh(mesh, what)
+  local mesh_dim
+  placements, mesh_dim = placements_for(placements, mesh, what)
+  if mesh_dim and full:dim() == 0 then
+    fail(what, "Shard(0) needs a tensor with at least one dim, got a 0-d tensor")
+  end
   local src = source_coordinate(opts, mesh, what)
   local data = full
   if src and not Tensor.is_meta(full) then data = from_source(full, mesh, src) end
@@ -228,7 +292,7 @@ function DTensor:redistribute(mesh, placements)
   if not (mesh == self.device_mesh) then
     fail("redistribute", "moving between different meshes is not supported")
   end
-  if #placements ~= mesh:ndim() then fail("redistribute", "%d placements for a %d-D mesh", #placements, mesh:ndim()) end
+  placement.check(placements, mesh:ndim(), "redistribute")
   local target_dim = shard_mesh_dim(placements)
   if target_dim == self._shard_dim then
     return DTensor.new(raw.copy(self._local), mesh, placements, self:shape())

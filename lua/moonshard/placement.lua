@@ -30,6 +30,27 @@ end
 local replicate = setmetatable({}, Replicate)
 function M.Replicate() return replicate end
 
+function M.is_placement(p)
+  local mt = getmetatable(p)
+  return type(p) == "table" and (mt == Shard or mt == Replicate)
+end
+
+-- Check that placements is an array of ndim placements (ms.Shard(d) or ms.Replicate()).
+function M.check(placements, ndim, what)
+  if type(placements) ~= "table" or M.is_placement(placements) then
+    fail(what, "placements must be an array with one ms.Shard(d) or ms.Replicate() per mesh dim, got %s",
+         M.is_placement(placements) and tostring(placements) or type(placements))
+  end
+  for i = 1, #placements do
+    local p = placements[i]
+    if not M.is_placement(p) then
+      fail(what, "placement %d must be ms.Shard(d) or ms.Replicate(), got %s%s", i,
+           type(p) == "string" and "the string " or "", type(p) == "string" and ("'" .. p .. "'") or type(p))
+    end
+  end
+  if #placements ~= ndim then fail(what, "%d placements for a %d-D mesh", #placements, ndim) end
+end
+
 -- Rows [start, start + length) of n held by rank of size ranks: chunks of ceil(n / size);
 -- later ranks may hold fewer rows or none.
 function M.shard_range(n, size, rank)
