@@ -330,7 +330,7 @@ describe("ckpt output of keys and values with control bytes", function()
     assert.truthy(outputs[3]:find('^"evil\\27%[31mred"  %(step 2%)\n'), outputs[3])
     assert.truthy(outputs[4]:find('step 2 has no entry named or starting with "zz\\27[1m"', 1, true), outputs[4])
     assert.truthy(outputs[5]:find('values   "evil\\27%[31mred"%s+max |b%-a| 1'), outputs[5])
-    assert.truthy(outputs[5]:find('values   note%s+"a\\27%[2Jb\\nc" %-> "x"'), outputs[5])
+    assert.truthy(outputs[5]:find('values   note%s+"a\\27%[2Jb\\nc" %-> x\n'), outputs[5])
   end)
 end)
 

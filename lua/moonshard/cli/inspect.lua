@@ -183,7 +183,7 @@ function M.diff(store_a, step_a, store_b, step_b)
       row.detail = M.entry_summary(store_a, step_a, ea) .. " -> " .. M.entry_summary(store_b, step_b, eb)
     elseif ea.kind ~= "tensor" then
       local va, vb = store_a:read(fqn, step_a), store_b:read(fqn, step_b)
-      local function shown(v) return type(v) == "string" and M.quote(v) or tostring(v) end
+      local function shown(v) return type(v) == "string" and M.name(v) or tostring(v) end
       if va == vb then row.change = "same" else row.change, row.detail = "values", shown(va) .. " -> " .. shown(vb) end
     else
       local ta, tb = store_a:read(fqn, step_a), store_b:read(fqn, step_b)
