@@ -140,3 +140,41 @@ describe("the DTensor API", function()
     assert.equal(2, res.local_rows)
   end)
 end)
+
+-- Run a Lua script in a fresh luajit (stdin from input, or empty); returns its output.
+local function run_script(source, input)
+  local script, stdin = os.tmpname(), os.tmpname()
+  local file = assert(io.open(script, "w"))
+  file:write(source)
+  file:close()
+  file = assert(io.open(stdin, "w"))
+  file:write(input or "")
+  file:close()
+  local pipe = io.popen(("LUA_PATH='lua/?.lua;lua/?/init.lua;;' timeout -s KILL 60 luajit %s < %s 2>&1")
+                        :format(script, stdin))
+  local output = pipe:read("*a")
+  pipe:close()
+  os.remove(script)
+  os.remove(stdin)
+  return output
+end
+
+describe("the REPL over a live model", function()
+  it("gives the world back the timeout it had before the session", function()
+    local output = run_script([[
+local ms = require "moonshard"
+local ok, err = pcall(ms.dist.spawn, 2, function(rank)
+  ms.dist.set_timeout(1)
+  local model = ms.nn.Linear(2, 4)
+  ms.fsdp.FSDP(model)
+  ms.repl{model = model, history = false}
+  if rank == 1 then os.execute("sleep 2") end
+  local t = ms.ones(1)
+  ms.dist.all_reduce(t)
+  return "returned"
+end)
+print(ok and "no error" or err)
+]])
+    assert.matches("%[rank 0%] moonshard: dist.all_reduce: rank 1 did not arrive within 1000 ms", output)
+  end)
+end)

@@ -167,6 +167,11 @@ function M.set_timeout(seconds, opts)
   check(lib.ms_group_set_timeout(group_of(opts, what)._c, math.ceil(seconds * 1000)), what)
 end
 
+-- The timeout collectives on the group (the world by default) wait, in seconds.
+function M.get_timeout(opts)
+  return tonumber(lib.ms_group_timeout(group_of(opts, "dist.get_timeout")._c)) / 1000
+end
+
 -- A group of the listed global ranks (all of them when nil). Every rank of the world
 -- calls it with the same list in the same order; ranks not listed get a group whose
 -- rank() is -1.

@@ -46,6 +46,8 @@ int ms_group_device(const ms_group *g);
  * MPI_Finalize at exit waits for the other processes before the process exits with
  * status 1. */
 int ms_group_set_timeout(ms_group *g, int64_t timeout_ms);
+/* g's timeout in ms (the world's for NULL); 0 when g is NULL and there is no world. */
+int64_t ms_group_timeout(const ms_group *g);
 
 /* A group of parent's members listed in ranks (indices in parent, any order, no repeats).
  * Every member of parent calls it with the same list, in the same order (like PyTorch's

@@ -92,6 +92,13 @@ int ms_group_set_timeout(ms_group *g, int64_t timeout_ms)
     return MS_OK;
 }
 
+int64_t ms_group_timeout(const ms_group *g)
+{
+    if (!g)
+        g = world_group;
+    return g ? g->timeout_ms : 0;
+}
+
 static int compare_ints(const void *a, const void *b)
 {
     int x = *(const int *)a, y = *(const int *)b;

@@ -12,8 +12,8 @@ local M = {}
 
 local STOP, GATHER, RUN = 0, 1, 2
 -- Ranks wait for rank 0's next request while a person types; collectives use this
--- timeout during the session and the default 60 s again afterwards.
-local SESSION_TIMEOUT, DEFAULT_TIMEOUT = 7 * 24 * 3600, 60
+-- timeout during the session and the world's own timeout again afterwards.
+local SESSION_TIMEOUT = 7 * 24 * 3600
 M.ALONE = "the other ranks are waiting at the REPL prompt; run the line on every rank " ..
           "with %all <line>"
 
@@ -142,14 +142,17 @@ function Live:serve(run)
 end
 
 function Live:begin_session()
-  if self.distributed then ms.dist.set_timeout(SESSION_TIMEOUT) end
+  if self.distributed then
+    self.timeout = ms.dist.get_timeout()
+    ms.dist.set_timeout(SESSION_TIMEOUT)
+  end
 end
 
 -- Rank 0: tell the serving ranks the session is over.
 function Live:end_session()
   if self.distributed then
     if ms.dist.get_rank() == 0 then with_peers(request, STOP, 0) end
-    ms.dist.set_timeout(DEFAULT_TIMEOUT)
+    ms.dist.set_timeout(self.timeout)
   end
 end
 
