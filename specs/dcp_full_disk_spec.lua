@@ -1,7 +1,8 @@
 -- A full disk during a save, on a small tmpfs this spec mounts (root only; skipped with a
 -- printed reason otherwise): many small tensors, one large one, an async save and two ranks
 -- all fail with a clear error instead of a signal; the step is not committed, the earlier
--- step stays bit-identical, and once space is freed the next save works.
+-- step stays bit-identical, and once space is freed the next save works. Deleting a step on
+-- a full disk (ckpt rm, dcp.delete) works and the next save reuses the pages it freed.
 local ffi = require "ffi"
 local ms = require "moonshard"
 local dist, dcp = ms.dist, ms.dcp

@@ -1,7 +1,9 @@
 -- dcp and ckpt behaviours a review found wrong: retention never deletes the step a save
 -- just wrote, error paths of a save release the writer lock, safetensors files with empty
 -- tensors import, load checks the kinds of non-tensor values, delete does not create a
--- store, damaged manifests are reported per step, and messages say what is expected.
+-- store, damaged manifests are reported per step, a Stateful can be the state dict, cycles
+-- and bad state dicts are named, ckpt escapes control bytes, steps stay below 2^53, and a
+-- safetensors header nested too deep is refused.
 local ms = require "moonshard"
 local dcp = ms.dcp
 local store_dirs = require "support.store_dirs"
