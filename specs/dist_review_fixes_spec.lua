@@ -178,3 +178,35 @@ print(ok and "no error" or err)
     assert.matches("%[rank 0%] moonshard: dist.all_reduce: rank 1 did not arrive within 1000 ms", output)
   end)
 end)
+
+describe("integer averages", function()
+  it("are refused as torch.distributed refuses them, leaving the tensor and the group as they were", function()
+    local results = dist.spawn(2, function(rank)
+      local out = {}
+      for _, dtype in ipairs({"u8", "i32", "i64"}) do
+        local t = ms.tensor({200, 100, 255}, {dtype = dtype})
+        out[dtype] = error_of(dist.all_reduce, t, "avg")
+        out[dtype .. " kept"] = t:table()
+        local scattered = ms.zeros(1, {dtype = dtype})
+        out[dtype .. " scatter"] = error_of(dist.reduce_scatter_tensor, scattered, ms.ones(2, {dtype = dtype}), "avg")
+      end
+      local sum = ms.tensor({200, 100}, {dtype = "u8"})
+      dist.all_reduce(sum, "sum")
+      local avg = ms.tensor({2000000000, 7}, {dtype = "f64"})
+      dist.all_reduce(avg, "avg")
+      out.sum, out.float_avg = sum:table(), avg:table()
+      return out
+    end)
+    for r = 1, 2 do
+      local res = results[r]
+      for _, dtype in ipairs({"u8", "i32", "i64"}) do
+        assert.matches("dist.all_reduce: avg needs a floating dtype %(f32, f64, bf16 or f16%), got " .. dtype,
+                       res[dtype])
+        assert.matches("dist.reduce_scatter_tensor: avg needs a floating dtype", res[dtype .. " scatter"])
+        assert.same({200, 100, 255}, res[dtype .. " kept"])
+      end
+      assert.same({144, 200}, res.sum)
+      assert.same({2000000000, 7}, res.float_avg)
+    end
+  end)
+end)

@@ -73,8 +73,9 @@ enum { MS_DIST_DEFAULT_TIMEOUT_MS = 60000 };
 
 /* dst[i] = srcs[0][i] op srcs[1][i] op ... op srcs[nsrc-1][i], combined in source order so
  * every caller with the same sources gets the same bits. f16 and bf16 accumulate in float
- * and round once; integers wrap. MS_DIST_AVG divides the sum by nsrc (integers truncate);
- * max and min propagate NaN. dst may be one of srcs. */
+ * and round once; integers wrap. MS_DIST_AVG divides the sum by nsrc (integers truncate; the
+ * collectives refuse integer averages before they get here); max and min propagate NaN. dst
+ * may be one of srcs. */
 void ms_comm_reduce(void *dst, const void *const *srcs, int nsrc, size_t count, int dtype,
                     int op);
 /* data[i] /= divisor (the second half of an average computed elsewhere). */

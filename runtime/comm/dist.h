@@ -4,9 +4,11 @@
  *
  * Collectives take contiguous tensors (MS_ERR_INVALID names the tensor otherwise) of one
  * dtype, every dtype of ms.h: CPU tensors on local and mpi, tensors on the group's device
- * (ms_group_device) on nccl. Max and min propagate NaN on every backend. Every member of
- * the group must call the same collective with the same dtype, element count, op and root,
- * in the same order; when they do not, every member gets MS_ERR_MISMATCH (never a
+ * (ms_group_device) on nccl. Max and min propagate NaN on every backend; avg takes floating
+ * dtypes only (an integer tensor gives MS_ERR_DTYPE, as torch.distributed refuses it).
+ * Every member of the group must call the same collective with the same dtype, element
+ * count, op and root, in the same order; when they do not, every member gets
+ * MS_ERR_MISMATCH (never a
  * corrupted buffer) and the group stays usable. A member that dies or exits makes the
  * others fail with MS_ERR_PEER_DIED naming it; one that does not arrive within the group's
  * timeout gives MS_ERR_TIMEOUT. After either the group is unusable: later collectives on

@@ -175,11 +175,17 @@ static int check_buffer(const char *op, const char *name, const ms_group *g,
     return MS_OK;
 }
 
-static int check_op(const char *name, int op)
+/* The average of integers is not an integer: like torch.distributed, refuse it rather than
+ * truncate (or wrap, as a sum in the tensor's dtype would). */
+static int check_op(const char *name, int op, int dtype)
 {
     if (op < MS_DIST_SUM || op > MS_DIST_MIN)
         return MS_FAIL(MS_ERR_INVALID, "%s: unknown reduce op %d (sum, avg, max or min)",
                        name, op);
+    if (op == MS_DIST_AVG && (dtype == MS_I32 || dtype == MS_I64 || dtype == MS_U8))
+        return MS_FAIL(MS_ERR_DTYPE, "%s: avg needs a floating dtype (f32, f64, bf16 or f16), got "
+                                     "%s (torch.distributed refuses it too): use sum and divide, "
+                                     "or a float tensor", name, ms_dtype_name(dtype));
     return MS_OK;
 }
 
@@ -210,7 +216,7 @@ int ms_dist_all_reduce(ms_group *g, ms_tensor *t, int op)
     const char *name = "all_reduce";
     MS_CHECK(resolve_group(name, &g));
     MS_CHECK(check_buffer(name, "tensor", g, t));
-    MS_CHECK(check_op(name, op));
+    MS_CHECK(check_op(name, op, t->dtype));
     ms_fence_before_foreign_write(ms_tensor_data(t), ms_tensor_nbytes(t));
     return g->backend->all_reduce(g, ms_tensor_data(t), t->numel, t->dtype, op);
 }
@@ -238,7 +244,7 @@ int ms_dist_reduce_scatter_tensor(ms_group *g, ms_tensor *out, const ms_tensor *
     MS_CHECK(check_buffer(name, "output", g, out));
     MS_CHECK(check_buffer(name, "input", g, in));
     MS_CHECK(check_same_dtype(name, out, in));
-    MS_CHECK(check_op(name, op));
+    MS_CHECK(check_op(name, op, out->dtype));
     if (in->numel != out->numel * g->size)
         return MS_FAIL(MS_ERR_SHAPE, "%s: input has %lld elements, expected %d ranks * %lld",
                        name, (long long)in->numel, g->size, (long long)out->numel);
