@@ -4,8 +4,8 @@
 local ffi = require "ffi"
 local ms = require "moonshard"
 
-local function moonshard(args)
-  local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
+local function moonshard(args, env)
+  local pipe = io.popen((env and env .. " " or "") .. "bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
   local output = pipe:read("*a")
   pipe:close()
   return tonumber(output:match("exit=(%d+)%s*$")), output
@@ -54,7 +54,7 @@ print(("rank %d of %d sum %d args %s"):format(ms.dist.get_rank(), ms.dist.get_wo
 if arg[1] == "fail" and ms.dist.get_rank() == 1 then error("rank one gives up") end
 if arg[1] == "exit" then os.exit(tonumber(arg[2])) end
 ]])
-  local status, output = moonshard(args:gsub("SCRIPT", script))
+  local status, output = moonshard((args:gsub("SCRIPT", script)))
   os.remove(script)
   return status, output
 end
@@ -66,6 +66,16 @@ describe("moonshard", function()
       assert.equal(0, status, args)
       assert.truthy(output:find("usage: moonshard", 1, true), args)
     end
+  end)
+
+  it("ckpt without a loadable library: help still prints, a command says why in one line", function()
+    local status, output = moonshard("ckpt --help", "MOONSHARD_LIB=/nonexistent/libmoonshard.so")
+    assert.are.equal(0, status)
+    assert.matches("usage: moonshard ckpt", output)
+    status, output = moonshard("ckpt ls /tmp", "MOONSHARD_LIB=/nonexistent/libmoonshard.so")
+    assert.are.equal(1, status)
+    assert.matches("^moonshard ckpt: cannot load the library /nonexistent/libmoonshard.so", output)
+    assert.is_nil(output:find("traceback", 1, true))
   end)
 
   it("names an unknown command or subcommand and exits with status 2", function()

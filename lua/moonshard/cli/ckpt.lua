@@ -1,7 +1,8 @@
 -- moonshard ckpt ls|show|verify|diff|rm|export|import: inspect checkpoint stores written by
 -- ms.dcp, check their checksums, compare steps, delete steps, convert to and from safetensors.
 local args = require "moonshard.cli.args"
-local inspect = require "moonshard.cli.inspect"
+-- loads moonshard (and so the library) only when a command runs, inside its error handling
+local function inspect() return require "moonshard.cli.inspect" end
 
 local M = {}
 
@@ -80,12 +81,12 @@ function commands.ls(argv)
       end
     end)
     if listed then
-      out("  %8d %8d %8d %12s %6d", step, #entries, tensors, inspect.bytes(bytes), rank_count)
+      out("  %8d %8d %8d %12s %6d", step, #entries, tensors, inspect().bytes(bytes), rank_count)
     elseif gone_meanwhile(err) then
       out("  %8d  deleted while listing (retention by a running job)", step)
     else
       damaged = damaged + 1
-      out("  %8d  DAMAGED: %s", step, inspect.name(detail(err)))
+      out("  %8d  DAMAGED: %s", step, inspect().name(detail(err)))
     end
   end
   store:close()
@@ -100,22 +101,22 @@ function commands.show(argv)
   local store = open(positional[1])
   local step = step_of(store, opts.step)
   local pattern = positional[2]
-  local entries = inspect.entry_map(store, step)
+  local entries = inspect().entry_map(store, step)
   if pattern and entries[pattern] then
-    for _, line in ipairs(inspect.show_stored(store, step, pattern)) do out("%s", line) end
+    for _, line in ipairs(inspect().show_stored(store, step, pattern)) do out("%s", line) end
     store:close()
     return
   end
   local shown = 0
   for _, e in ipairs(store:entries(step)) do
     if not pattern or e.fqn:sub(1, #pattern) == pattern then
-      out("%-52s %s", inspect.name(e.fqn), inspect.entry_summary(store, step, e))
+      out("%-52s %s", inspect().name(e.fqn), inspect().entry_summary(store, step, e))
       shown = shown + 1
     end
   end
   store:close()
   if pattern and shown == 0 then
-    error(("step %d has no entry named or starting with %s"):format(step, inspect.named(pattern)), 0)
+    error(("step %d has no entry named or starting with %s"):format(step, inspect().named(pattern)), 0)
   end
 end
 
@@ -145,10 +146,10 @@ function commands.verify(argv)
       for _, p in ipairs(problems) do
         if p.fqn then
           damaged = damaged + 1
-          out("step %d: %s: %s", step, inspect.name(p.fqn), inspect.name(p.message))
+          out("step %d: %s: %s", step, inspect().name(p.fqn), inspect().name(p.message))
         else
           damaged_steps = damaged_steps + 1
-          out("step %d: DAMAGED: %s", step, inspect.name(p.message))
+          out("step %d: DAMAGED: %s", step, inspect().name(p.message))
         end
       end
     end
@@ -183,13 +184,13 @@ function commands.diff(argv)
   local a, b = args.step(positional[2]), args.step(positional[3])
   if not a or not b then args.usage_error("diff needs two step numbers (integers in [0, 2^53))") end
   local store_b = opts.other and dcp().open(opts.other) or store_a
-  local rows = inspect.diff(store_a, step_of(store_a, a), store_b, step_of(store_b, b))
+  local rows = inspect().diff(store_a, step_of(store_a, a), store_b, step_of(store_b, b))
   local same = 0
   for _, row in ipairs(rows) do
     if row.change == "same" then
       same = same + 1
     else
-      out("%-8s %-52s %s", row.change, inspect.name(row.fqn), row.detail or "")
+      out("%-8s %-52s %s", row.change, inspect().name(row.fqn), row.detail or "")
     end
   end
   out("%d entries, %d unchanged, %d changed", #rows, same, #rows - same)
