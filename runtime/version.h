@@ -14,6 +14,9 @@
 const char *ms_version(void);
 /* The collective backends and devices compiled in, e.g. "local mpi nccl; cpu cuda". */
 const char *ms_build_config(void);
+/* A hash of the FFI declarations the library was built from (runtime/abi.h, made by
+ * tools/gen_cdef.lua with lua/moonshard/cdef.lua): the Lua modules refuse another. */
+const char *ms_abi(void);
 /* ffi-end */
 
 #endif

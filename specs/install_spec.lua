@@ -169,6 +169,19 @@ print(("rank %d sum %d"):format(ms.dist.get_rank(), t:item()))
     assert.truthy(output:find("is version " .. ms.__version__ .. " but the Lua modules in " .. copy ..
                               "/share/lua/5.1/moonshard are version 0.0.9", 1, true), output)
   end)
+
+  it("names both ABIs when the library was built from other declarations of the same version", function()
+    local copy = base .. "/rebuilt"
+    local cdef = copy .. "/share/lua/5.1/moonshard/cdef.lua"
+    -- the modules of a tree whose headers changed since the library was built
+    local status, output = sh("cp -a " .. q(prefix) .. " " .. q(copy) .. " && sed -i 's/abi = \"fnv1a64:[0-9a-f]*\"/abi = \"fnv1a64:0123456789abcdef\"/' " .. q(cdef))
+    assert.equal(0, status, output)
+    status, output = sh("cd / && env -u MOONSHARD_LIB -u LUA_PATH " .. q(copy .. "/bin/moonshard") .. " --version")
+    assert.equal(1, status, output)
+    assert.truthy(output:find("was built from other declarations (ABI " .. require("moonshard.cdef").abi ..
+                              ") than the Lua modules in " .. copy .. "/share/lua/5.1/moonshard (ABI fnv1a64:0123456789abcdef)",
+                              1, true), output)
+  end)
 end)
 
 describe("the rockspec #noasan", function()

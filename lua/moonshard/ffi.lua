@@ -5,7 +5,7 @@ local ffi = require "ffi"
 local M = {}
 
 if not pcall(ffi.typeof, "struct ms_tensor") then
-  ffi.cdef(require "moonshard.cdef")
+  ffi.cdef(require("moonshard.cdef").declarations)
 end
 
 local function this_dir()
@@ -59,6 +59,16 @@ local function load_library(path)
     error(("moonshard: the library %s is version %s but the Lua modules in %s are version %s; " ..
            "install both from one build, or point MOONSHARD_LIB at the matching library")
           :format(path, version, this_dir(), VERSION), 0)
+  end
+  -- the same version can still be another build of the declarations (a tree pulled but not
+  -- rebuilt): calling it through these would pass arguments it reads otherwise
+  local abi = require("moonshard.cdef").abi
+  local has_abi, built = pcall(function() return ffi.string(lib.ms_abi()) end)
+  built = has_abi and built or "none (no ms_abi)"
+  if built ~= abi then
+    error(("moonshard: the library %s was built from other declarations (ABI %s) than the Lua " ..
+           "modules in %s (ABI %s); rebuild it (bash tools/setup.sh), install both from one build, " ..
+           "or point MOONSHARD_LIB at the matching library"):format(path, built, this_dir(), abi), 0)
   end
   return lib
 end
