@@ -210,3 +210,43 @@ describe("integer averages", function()
     end
   end)
 end)
+
+describe("process groups", function()
+  it("are reclaimed once every member destroyed them, so new_group can be called without end", function()
+    local results = dist.spawn(2, function(rank)
+      local t = ms.ones(2)
+      for _ = 1, 400 do
+        local g = dist.new_group({0, 1})
+        t:fill_(rank + 1)
+        dist.all_reduce(t, {group = g})
+        dist.destroy_process_group(g)
+      end
+      local g = dist.new_group({0, 1})
+      dist.destroy_process_group(g)
+      return {sum = t:table()[1], destroyed = tostring(g), use = error_of(dist.all_reduce, t, {group = g}),
+              again = error_of(dist.destroy_process_group, g)}
+    end)
+    for r = 1, 2 do
+      assert.equal(3, results[r].sum)
+      assert.equal("ProcessGroup(local, ranks {0, 1}, destroyed)", results[r].destroyed)
+      assert.matches("dist.all_reduce: ProcessGroup%(local, ranks {0, 1}, destroyed%) was destroyed by " ..
+                     "dist.destroy_process_group", results[r].use)
+      assert.matches("was destroyed", results[r].again)
+    end
+  end)
+
+  it("are reclaimed when collected, so meshes can be made again and again", function()
+    local results = dist.spawn(4, function()
+      for _ = 1, 150 do
+        local mesh = dist.init_device_mesh({2, 2})
+        local t = ms.ones(1)
+        dist.all_reduce(t, {group = mesh:get_group(1)})
+        mesh = nil
+        collectgarbage()
+        dist.barrier()
+      end
+      return "made 150 meshes"
+    end)
+    assert.same({"made 150 meshes", "made 150 meshes", "made 150 meshes", "made 150 meshes"}, results)
+  end)
+end)

@@ -31,7 +31,7 @@ local function wrap_group(handle, owned, what)
     index[ranks_out[i]] = i
   end
   return setmetatable({
-    _c = owned and ffi.gc(handle, lib.ms_group_free) or handle,
+    _c = owned and ffi.gc(handle, lib.ms_group_free) or handle, _owned = owned,
     _rank = lib.ms_group_rank(handle), _size = size, _ranks = ranks, _index = index,
     backend = ffi.string(lib.ms_group_backend(handle)),
   }, Group)
@@ -50,8 +50,8 @@ end
 -- The group index of a global rank, or nil when it is not a member.
 function Group:group_rank(global_rank) return self._index[global_rank] end
 function Group:__tostring()
-  return string.format("ProcessGroup(%s, ranks {%s})", self.backend,
-                       table.concat(self._ranks, ", "))
+  return string.format("ProcessGroup(%s, ranks {%s}%s)", self.backend,
+                       table.concat(self._ranks, ", "), self._c == nil and ", destroyed" or "")
 end
 
 -- ---- the world ----
@@ -98,6 +98,7 @@ local function group_of(opts, what)
   if getmetatable(g) ~= Group then
     fail(what, "group must come from dist.new_group or a device mesh, got %s", tostring(g))
   end
+  if g._c == nil then fail(what, "%s was destroyed by dist.destroy_process_group", tostring(g)) end
   return g
 end
 
@@ -150,9 +151,21 @@ function M.init_process_group(backend)
   check(lib.ms_nccl_init(), what)
 end
 
--- Undo init_process_group("nccl"): the world goes back to the group it was made from.
-function M.destroy_process_group()
-  check(lib.ms_nccl_finalize(), "dist.destroy_process_group")
+-- destroy_process_group(group): release this rank's handle on a group from new_group (or a
+-- mesh's) now; collectives on it raise from then on. The local backend reuses the group's
+-- place in the shared segment once every member destroyed it (or collected it: the collector
+-- releases dropped groups too). Without a group, or with the world: undo
+-- init_process_group("nccl"), the world going back to the group it was made from.
+function M.destroy_process_group(group)
+  local what = "dist.destroy_process_group"
+  if group == nil or (getmetatable(group) == Group and not group._owned) then
+    check(lib.ms_nccl_finalize(), what)
+    return
+  end
+  local g = group_of({group = group}, what)
+  local handle = g._c
+  g._c = nil
+  lib.ms_group_free(ffi.gc(handle, nil))
 end
 
 function M.get_process_group_ranks(group)

@@ -44,7 +44,8 @@ struct ms_comm_backend {
      * distinct). Called by every member of parent, in the same order. A caller that is not
      * listed gets a handle with rank -1. [OUT] *out, released with group_free. */
     int (*new_group)(ms_group *parent, const int *ranks, int nranks, ms_group **out);
-    /* Release a handle made by new_group (or the world handle at shutdown). */
+    /* Release a handle made by new_group (or the world handle at shutdown). The local
+     * backend reuses a group's place in its segment once every member released it. */
     void (*group_free)(ms_group *g);
     /* OPTIONAL (NULL for backends on CPU buffers): the CUDA device index g's collectives
      * run on. */

@@ -51,12 +51,17 @@ typedef struct local_step_header {
 } local_step_header;
 _Static_assert(sizeof(local_step_header) == LOCAL_HEADER_BYTES, "one header per cache line");
 
-/* A group's area in the segment: members, then each member's ring of buffers. */
+/* A group's area in the segment: members, then each member's ring of buffers. A slot whose
+ * members have all released their handles (attached 0) is free: a later group takes the
+ * slot and its area when the area holds that many members. Changed under the registry lock;
+ * the parent reads capacity (acquire) then area_offset without it, to wake sleepers. */
 typedef struct local_group_entry {
     int32_t nmembers;
     int32_t occurrence; /* how many groups with these members the ranks made before; -1: world */
     int32_t members[LOCAL_MAX_RANKS];
     uint64_t area_offset;
+    _Atomic int32_t capacity; /* members the area is laid out for (it holds any group up to that) */
+    int32_t attached;         /* members holding a handle on the group (the world: always 1) */
 } local_group_entry;
 
 /* Written by the parent when it reaps a rank. */
@@ -84,6 +89,7 @@ typedef struct local_segment {
 /* This process's view of a group (ms_group.impl). */
 typedef struct local_group {
     local_segment *seg;
+    int entry;             /* its slot in seg->groups, released with the handle; -1: the world */
     local_member *members;
     uint8_t *ring;         /* member m's buffer b at ring + (m * depth + b) * buffer_stride */
     size_t buffer_stride;

@@ -23,10 +23,15 @@ static size_t buffer_stride(const local_segment *seg)
     return LOCAL_HEADER_BYTES + seg->chunk_bytes;
 }
 
+/* The members' progress words at the start of a group's area. */
+static size_t members_bytes(int nmembers)
+{
+    return round_up(sizeof(local_member) * (size_t)nmembers, PAGE);
+}
+
 static size_t area_bytes(const local_segment *seg, int nmembers)
 {
-    return round_up(sizeof(local_member) * (size_t)nmembers, PAGE) +
-           (size_t)nmembers * LOCAL_RING_DEPTH * buffer_stride(seg);
+    return members_bytes(nmembers) + (size_t)nmembers * LOCAL_RING_DEPTH * buffer_stride(seg);
 }
 
 static int init_registry_lock(pthread_mutex_t *lock)
@@ -50,31 +55,55 @@ static void lock_registry(local_segment *seg)
         pthread_mutex_consistent(&seg->registry_lock);
 }
 
-/* Register a group area under the registry lock. [OUT] *entry. */
+/* Register a group under the registry lock: the live entry of these members and occurrence
+ * (one more member attached to it), else a free slot whose area holds them, else a new slot;
+ * a new group starts with its members' progress at zero. [OUT] *index. */
 static int register_group(local_segment *seg, const int *members, int nmembers,
-                          int occurrence, const local_group_entry **entry)
+                          int occurrence, int *index)
 {
     uint32_t count = atomic_load(&seg->group_count);
+    int reusable = -1, free_slot = -1;
     for (uint32_t i = 0; i < count; i++) {
-        const local_group_entry *e = &seg->groups[i];
+        local_group_entry *e = &seg->groups[i];
+        if (e->attached == 0) {
+            if (reusable < 0 && atomic_load(&e->capacity) >= nmembers)
+                reusable = (int)i;
+            if (free_slot < 0)
+                free_slot = (int)i;
+            continue;
+        }
         if (e->nmembers == nmembers && e->occurrence == occurrence &&
             !memcmp(e->members, members, sizeof *members * (size_t)nmembers)) {
-            *entry = e;
+            e->attached++;
+            *index = (int)i;
             return MS_OK;
         }
     }
-    size_t bytes = area_bytes(seg, nmembers);
-    if (count == LOCAL_MAX_GROUPS || seg->arena_used + bytes > seg->total_bytes - seg->arena_offset)
-        return MS_FAIL(MS_ERR_OOM, "new_group: the local segment has no room for another group "
-                                   "(%u groups made)", count);
-    local_group_entry *e = &seg->groups[count];
+    int slot = reusable;
+    if (slot < 0) {
+        /* a new area: in a new slot, or in a free one whose area is too small (left unused) */
+        size_t bytes = area_bytes(seg, nmembers);
+        slot = count < LOCAL_MAX_GROUPS ? (int)count : free_slot;
+        if (slot < 0 || seg->arena_used + bytes > seg->total_bytes - seg->arena_offset)
+            return MS_FAIL(MS_ERR_OOM, "new_group: the local segment has no room for another "
+                                       "group (%u groups in use; a group's slot is freed when "
+                                       "every member destroyed it: dist.destroy_process_group"
+                                       "(group), or the collector)", count);
+        local_group_entry *e = &seg->groups[slot];
+        atomic_store(&e->capacity, 0); /* the parent stops reading the old area first */
+        e->area_offset = seg->arena_offset + seg->arena_used;
+        seg->arena_used += bytes;
+        atomic_store(&e->capacity, nmembers);
+        if (slot == (int)count)
+            atomic_store(&seg->group_count, count + 1);
+    }
+    local_group_entry *e = &seg->groups[slot];
     e->nmembers = nmembers;
     e->occurrence = occurrence;
     memcpy(e->members, members, sizeof *members * (size_t)nmembers);
-    e->area_offset = seg->arena_offset + seg->arena_used;
-    seg->arena_used += bytes;
-    atomic_store(&seg->group_count, count + 1);
-    *entry = e;
+    memset((uint8_t *)seg + e->area_offset, 0, members_bytes(nmembers));
+    e->attached = 1;
+    *index = slot;
     return MS_OK;
 }
 
@@ -115,10 +144,10 @@ int local_segment_create(local_segment **out, int world_size)
     int members[LOCAL_MAX_RANKS];
     for (int r = 0; r < world_size; r++)
         members[r] = r;
-    const local_group_entry *world;
+    int world;
     register_group(seg, members, world_size, -1, &world);
     /* Fault the world's pages in once here rather than in every rank's first collective. */
-    memset((char *)seg + world->area_offset, 0, world_area);
+    memset((char *)seg + seg->groups[world].area_offset, 0, world_area);
     *out = seg;
     return MS_OK;
 }
@@ -131,9 +160,9 @@ void local_segment_destroy(local_segment *seg)
     munmap(seg, seg->total_bytes);
 }
 
-static int attach(ms_group **out, local_segment *seg, const local_group_entry *entry,
-                  int rank, int64_t timeout_ms)
+static int attach(ms_group **out, local_segment *seg, int index, int rank, int64_t timeout_ms)
 {
+    const local_group_entry *entry = &seg->groups[index];
     local_group *lg = calloc(1, sizeof *lg);
     if (!lg)
         return MS_FAIL(MS_ERR_OOM, "new_group: out of host memory for the handle");
@@ -145,8 +174,9 @@ static int attach(ms_group **out, local_segment *seg, const local_group_entry *e
     }
     uint8_t *area = (uint8_t *)seg + entry->area_offset;
     lg->seg = seg;
+    lg->entry = index;
     lg->members = (local_member *)area;
-    lg->ring = area + round_up(sizeof(local_member) * (size_t)entry->nmembers, PAGE);
+    lg->ring = area + members_bytes(entry->nmembers);
     lg->buffer_stride = buffer_stride(seg);
     (*out)->impl = lg;
     return MS_OK;
@@ -154,27 +184,37 @@ static int attach(ms_group **out, local_segment *seg, const local_group_entry *e
 
 int local_world_group(ms_group **out, local_segment *seg, int64_t timeout_ms)
 {
-    return attach(out, seg, &seg->groups[0], -1, timeout_ms);
+    MS_CHECK(attach(out, seg, 0, -1, timeout_ms));
+    ((local_group *)(*out)->impl)->entry = -1; /* the world's slot is never released */
+    return MS_OK;
 }
 
 /* How many groups with exactly these members this process made before (same on every
- * rank that makes the same calls). */
+ * rank that makes the same calls); -1 when out of memory. */
 static int next_occurrence(const int *members, int nmembers)
 {
     typedef struct member_list_count {
         uint64_t key;
         int count;
     } member_list_count;
-    static member_list_count made[LOCAL_MAX_GROUPS];
-    static int lists;
-    uint64_t key = 1469598103934665603ull; /* FNV-1a over the member list */
+    static member_list_count *made;
+    static int lists, capacity;
+    uint64_t key = 1469598103934665603ull; /* FNV-1a over the member count and list */
+    key = (key ^ (uint64_t)nmembers) * 1099511628211ull;
     for (int i = 0; i < nmembers; i++)
         key = (key ^ (uint64_t)members[i]) * 1099511628211ull;
     for (int i = 0; i < lists; i++)
         if (made[i].key == key)
             return made[i].count++;
-    if (lists < LOCAL_MAX_GROUPS)
-        made[lists++] = (member_list_count){.key = key, .count = 1};
+    if (lists == capacity) {
+        int grown = capacity ? capacity * 2 : LOCAL_MAX_GROUPS;
+        member_list_count *more = realloc(made, sizeof *more * (size_t)grown);
+        if (!more)
+            return -1;
+        made = more;
+        capacity = grown;
+    }
+    made[lists++] = (member_list_count){.key = key, .count = 1};
     return 0;
 }
 
@@ -188,19 +228,34 @@ int local_new_group(ms_group *parent, const int *ranks, int nranks, ms_group **o
             me = i;
     }
     int occurrence = next_occurrence(members, nranks);
+    if (occurrence < 0)
+        return MS_FAIL(MS_ERR_OOM, "new_group: out of host memory");
     if (me < 0)
         return ms_group_alloc(out, &ms_local_backend, -1, members, nranks, parent->timeout_ms);
-    const local_group_entry *entry;
+    int index;
     lock_registry(plg->seg);
-    int status = register_group(plg->seg, members, nranks, occurrence, &entry);
+    int status = register_group(plg->seg, members, nranks, occurrence, &index);
     pthread_mutex_unlock(&plg->seg->registry_lock);
     MS_CHECK(status);
-    return attach(out, plg->seg, entry, me, parent->timeout_ms);
+    status = attach(out, plg->seg, index, me, parent->timeout_ms);
+    if (status != MS_OK) {
+        lock_registry(plg->seg);
+        plg->seg->groups[index].attached--;
+        pthread_mutex_unlock(&plg->seg->registry_lock);
+    }
+    return status;
 }
 
 void local_group_free(ms_group *g)
 {
     local_group *lg = g->impl;
+    if (lg && lg->entry >= 0) {
+        lock_registry(lg->seg);
+        local_group_entry *e = &lg->seg->groups[lg->entry];
+        if (e->attached > 0)
+            e->attached--;
+        pthread_mutex_unlock(&lg->seg->registry_lock);
+    }
     if (lg)
         free(lg->scratch);
     free(lg);
@@ -216,10 +271,11 @@ void local_mark_departed(local_segment *seg, int rank, const char *reason, int a
     if (abort)
         atomic_compare_exchange_strong(&seg->abort_rank, &none, rank);
     uint32_t count = atomic_load(&seg->group_count);
-    for (uint32_t i = 0; i < count; i++) {
-        const local_group_entry *e = &seg->groups[i];
+    for (uint32_t i = 0; i < count; i++) { /* free slots too: waking nobody is harmless */
+        local_group_entry *e = &seg->groups[i];
+        int capacity = atomic_load(&e->capacity);
         local_member *members = (local_member *)((uint8_t *)seg + e->area_offset);
-        for (int m = 0; m < e->nmembers; m++) {
+        for (int m = 0; m < capacity; m++) {
             local_wake_all(&members[m].posted);
             local_wake_all(&members[m].consumed);
         }

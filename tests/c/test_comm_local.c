@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "comm/local.h"
 #include "test_comm_cases.h"
 
 static int every_collective(int rank, int n, void *context)
@@ -147,6 +148,54 @@ static int sub_groups(int rank, int n, void *context)
     return 0;
 }
 
+/* Which slot of the segment's group registry g occupies. */
+static int slot_of(const ms_group *g) { return ((const local_group *)g->impl)->entry; }
+
+static uint32_t slots_used(void)
+{
+    ms_group *world = NULL;
+    EXPECT_STATUS(MS_OK, ms_dist_world(&world));
+    return atomic_load(&((local_group *)world->impl)->seg->group_count);
+}
+
+/* A group's slot (and its area of the segment) is reused once every member freed its handle,
+ * never while one still holds it: groups made and freed without end fit in the segment. */
+static int group_slots(int rank, int n, void *context)
+{
+    (void)n;
+    (void)context;
+    ms_tensor *t = new_tensor(MS_F32, 3);
+    for (int i = 0; i < 1000 && !failures; i++) {
+        ms_group *g = NULL;
+        EXPECT_STATUS(MS_OK, ms_group_new(&g, NULL, (int[]){0, 1}, 2));
+        if (!g)
+            break;
+        fill_pattern(t, rank, 0);
+        EXPECT_STATUS(MS_OK, ms_dist_all_reduce(g, t, MS_DIST_SUM));
+        EXPECT(((float *)ms_tensor_data(t))[1] == (float)(pattern(0, 1) + pattern(1, 1)));
+        ms_group_free(g);
+    }
+    EXPECT(slots_used() < 8);
+    ms_group *held = NULL, *other = NULL;
+    EXPECT_STATUS(MS_OK, ms_group_new(&held, NULL, (int[]){0, 1}, 2));
+    int held_slot = slot_of(held);
+    EXPECT_STATUS(MS_OK, ms_dist_all_reduce(held, t, MS_DIST_SUM));
+    if (rank == 1)
+        ms_group_free(held);
+    EXPECT_STATUS(MS_OK, ms_dist_barrier(NULL));
+    /* rank 0 still holds it: a new group of the same members gets another slot */
+    EXPECT_STATUS(MS_OK, ms_group_new(&other, NULL, (int[]){0, 1}, 2));
+    EXPECT(slot_of(other) != held_slot);
+    fill_pattern(t, rank, 0);
+    EXPECT_STATUS(MS_OK, ms_dist_all_reduce(other, t, MS_DIST_MAX));
+    EXPECT(((float *)ms_tensor_data(t))[2] == (float)pattern(1, 2));
+    if (rank == 0)
+        ms_group_free(held);
+    ms_group_free(other);
+    ms_tensor_free(t);
+    return 0;
+}
+
 static int argument_checks(int rank, int n, void *context)
 {
     (void)context;
@@ -204,6 +253,7 @@ int main(void)
     expect_clean_run(3, unreadable_member, NULL, "unreadable_member");
     test_identical_results();
     expect_clean_run(4, sub_groups, NULL, "sub_groups");
+    expect_clean_run(2, group_slots, NULL, "group_slots");
     expect_clean_run(2, argument_checks, NULL, "argument_checks");
     ms_group *world = NULL;
     EXPECT_STATUS(MS_ERR_STATE, ms_dist_world(&world));
