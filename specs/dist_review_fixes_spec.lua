@@ -250,3 +250,20 @@ describe("process groups", function()
     assert.same({"made 150 meshes", "made 150 meshes", "made 150 meshes", "made 150 meshes"}, results)
   end)
 end)
+
+describe("a collective a rank gave up on", function()
+  it("fails on the late rank too, leaving its tensor as it was", function()
+    local ok, err = pcall(dist.spawn, 2, function(rank)
+      dist.set_timeout(1)
+      if rank == 1 then os.execute("sleep 2") end
+      local t = ms.full({2}, rank + 1)
+      local done, message = pcall(dist.all_reduce, t)
+      if not done then error(message .. " [tensor " .. table.concat(t:table(), ",") .. "]", 0) end
+      return t:table()
+    end)
+    assert.is_false(ok)
+    assert.matches("%[rank 0%] moonshard: dist.all_reduce: rank 1 did not arrive within 1000 ms %[tensor 1,1%]", err)
+    assert.matches("%[rank 1%] moonshard: dist.all_reduce: rank 0 gave up on this collective, so it fails on " ..
+                   "every member %(all_reduce: rank 1 did not arrive within 1000 ms%) %[tensor 2,2%]", err)
+  end)
+end)

@@ -11,7 +11,9 @@
  * MS_ERR_MISMATCH (never a
  * corrupted buffer) and the group stays usable. A member that dies or exits makes the
  * others fail with MS_ERR_PEER_DIED naming it; one that does not arrive within the group's
- * timeout gives MS_ERR_TIMEOUT. After either the group is unusable: later collectives on
+ * timeout gives MS_ERR_TIMEOUT, and on the local backend that member's collective then fails
+ * too when it arrives, naming the member that gave up (it never completes with data the
+ * others stopped waiting for). After either the group is unusable: later collectives on
  * it return the same status and message. Reductions combine members in rank order, so
  * every member gets bitwise identical results. g == NULL means the world group of this
  * process. */

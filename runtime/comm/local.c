@@ -262,7 +262,7 @@ static int all_reduce_pieces(ms_group *g, const local_call *call, void *data, in
      * consumes them in that order; the first runs alone (see local_run_steps). */
     MS_CHECK(local_wait_free(g, call, first));
     post_scatter(g, &c, 0, local_buffer(lg, g->rank, first));
-    local_post(g, call, first);
+    MS_CHECK(local_post(g, call, first));
     MS_CHECK(local_wait_posted(g, call, first, first));
     uint32_t last = first + (uint32_t)(2 * nchunks - 1);
     for (int64_t t = 0; t < nchunks; t++) {
@@ -275,12 +275,12 @@ static int all_reduce_pieces(ms_group *g, const local_call *call, void *data, in
         }
         MS_CHECK(local_wait_free(g, call, gather));
         reduce_piece(g, &c, t, scatter, local_buffer(lg, g->rank, gather));
-        local_post(g, call, gather);
+        MS_CHECK(local_post(g, call, gather));
         local_consume(g, scatter);
         if (t + 1 < nchunks) {
             MS_CHECK(local_wait_free(g, call, gather + 1));
             post_scatter(g, &c, t + 1, local_buffer(lg, g->rank, gather + 1));
-            local_post(g, call, gather + 1);
+            MS_CHECK(local_post(g, call, gather + 1));
         }
     }
     MS_CHECK(local_wait_posted(g, call, last, last));

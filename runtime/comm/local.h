@@ -32,6 +32,17 @@ typedef struct local_member {
     local_counter consumed; /* steps whose peers' buffers this member has finished reading */
 } local_member;
 
+/* Why a member gave up waiting for a peer's post (a timeout or an interrupt), written by the
+ * first member that did, after it made that peer's post counter refuse further posts: the
+ * late peer's post fails, and so does every member waiting for it, instead of the late peer
+ * completing the collective with data the others stopped waiting for. */
+typedef struct local_failure {
+    _Atomic int32_t by;    /* world rank + 1 of the first member that gave up; 0: none */
+    _Atomic int32_t ready; /* status and message are written */
+    int32_t status;
+    char message[244];
+} local_failure;
+
 typedef enum local_kind {
     LOCAL_ALL_GATHER = 1, LOCAL_REDUCE_SCATTER, LOCAL_ALL_REDUCE, LOCAL_BROADCAST,
     LOCAL_BARRIER
@@ -91,6 +102,7 @@ typedef struct local_group {
     local_segment *seg;
     int entry;             /* its slot in seg->groups, released with the handle; -1: the world */
     local_member *members;
+    local_failure *failure; /* after the members' progress words */
     uint8_t *ring;         /* member m's buffer b at ring + (m * depth + b) * buffer_stride */
     size_t buffer_stride;
     uint32_t next_step;
@@ -147,8 +159,9 @@ static inline uint8_t *local_buffer(const local_group *lg, int member, uint32_t 
  * must sleep for that sleeps until the others consumed as much as it has, so a member
  * running ahead sleeps once until the others catch up rather than once every step. */
 int local_wait_free(ms_group *g, const local_call *call, uint32_t step);
-/* Write this member's header for step and publish the post. */
-void local_post(ms_group *g, const local_call *call, uint32_t step);
+/* Write this member's header for step and publish the post; fails (breaking the group) when
+ * a member gave up waiting for it. */
+int local_post(ms_group *g, const local_call *call, uint32_t step);
 /* Wait for every member's post of step and compare headers: MS_ERR_MISMATCH when they
  * differ (every member sees it at the same step, consumes it and the group stays usable).
  * A member that must sleep for that sleeps until the others posted step until (at or after

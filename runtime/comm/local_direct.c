@@ -53,7 +53,7 @@ int local_exchange(ms_group *g, const local_call *call, int32_t ok, const void *
     MS_CHECK(local_wait_free(g, call, step));
     *my_post(g, step) = (direct_post){.pid = (int32_t)getpid(), .ok = ok,
                                       .addr = (uint64_t)(uintptr_t)addr};
-    local_post(g, call, step);
+    MS_CHECK(local_post(g, call, step));
     MS_CHECK(local_wait_posted(g, call, step, step));
     for (int m = 0; m < g->size; m++)
         posts[m] = *their_post(g, m, step);

@@ -23,10 +23,10 @@ static size_t buffer_stride(const local_segment *seg)
     return LOCAL_HEADER_BYTES + seg->chunk_bytes;
 }
 
-/* The members' progress words at the start of a group's area. */
+/* The members' progress words and the failure record at the start of a group's area. */
 static size_t members_bytes(int nmembers)
 {
-    return round_up(sizeof(local_member) * (size_t)nmembers, PAGE);
+    return round_up(sizeof(local_member) * (size_t)nmembers + sizeof(local_failure), PAGE);
 }
 
 static size_t area_bytes(const local_segment *seg, int nmembers)
@@ -57,7 +57,7 @@ static void lock_registry(local_segment *seg)
 
 /* Register a group under the registry lock: the live entry of these members and occurrence
  * (one more member attached to it), else a free slot whose area holds them, else a new slot;
- * a new group starts with its members' progress at zero. [OUT] *index. */
+ * a new group starts with its members' progress and failure record at zero. [OUT] *index. */
 static int register_group(local_segment *seg, const int *members, int nmembers,
                           int occurrence, int *index)
 {
@@ -176,6 +176,7 @@ static int attach(ms_group **out, local_segment *seg, int index, int rank, int64
     lg->seg = seg;
     lg->entry = index;
     lg->members = (local_member *)area;
+    lg->failure = (local_failure *)(area + sizeof(local_member) * (size_t)entry->nmembers);
     lg->ring = area + members_bytes(entry->nmembers);
     lg->buffer_stride = buffer_stride(seg);
     (*out)->impl = lg;

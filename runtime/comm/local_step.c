@@ -1,6 +1,7 @@
 /* moonshard runtime: the local backend's step protocol: futex waits with deadlines.
  * A waiter sleeps in slices, checking the parent's abort flag, the peer's departure and
- * interrupts (ms_interrupt_*, ms.h). */
+ * interrupts (ms_interrupt_*, ms.h). One that gives up waiting for a peer's post refuses it,
+ * so the late peer's collective fails as well instead of completing. */
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
@@ -40,14 +41,42 @@ static uint32_t min_step(uint32_t a, uint32_t b) { return reached(a, b) ? b : a;
 /* Far enough ahead that no publish reaches it before a sleeper announces its own value. */
 enum { WAKE_NONE = 1u << 30 };
 
-static void publish(local_counter *counter, uint32_t value)
+/* A post counter whose member a peer gave up waiting for is moved this far back: no step
+ * reaches it, and the member's next post (a compare-and-swap from the value it left) fails. */
+enum { REFUSED = 1u << 30 };
+
+/* 1 when value is further from target than members' progress can ever be apart: refused. */
+static inline int refused(uint32_t value, uint32_t target)
 {
-    atomic_store(&counter->value, value);
+    int32_t apart = (int32_t)(value - target);
+    return apart < -(int32_t)(REFUSED / 2) || apart > (int32_t)(REFUSED / 2);
+}
+
+static void wake_sleepers(local_counter *counter, uint32_t value)
+{
     if (atomic_load(&counter->sleepers) && reached(value, atomic_load(&counter->wake_at))) {
         /* Woken sleepers that still wait announce their value again. */
         atomic_store(&counter->wake_at, value + WAKE_NONE);
         local_wake_all(counter);
     }
+}
+
+static void publish(local_counter *counter, uint32_t value)
+{
+    atomic_store(&counter->value, value);
+    wake_sleepers(counter, value);
+}
+
+/* publish for a member's own post counter: 0 (nothing published) once a peer refused it. */
+static int publish_post(local_counter *counter, uint32_t value)
+{
+    uint32_t current = atomic_load(&counter->value);
+    do {
+        if (refused(current, value))
+            return 0;
+    } while (!atomic_compare_exchange_weak(&counter->value, &current, value));
+    wake_sleepers(counter, value);
+    return 1;
 }
 
 /* Lower counter's wake_at to want unless a sleeper waits for less. */
@@ -69,11 +98,62 @@ static int check_abort(const char *name, local_segment *seg)
                    seg->departed[failed].reason);
 }
 
+static void sleep_ms(int64_t ms)
+{
+    struct timespec span = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000};
+    while (nanosleep(&span, &span) != 0 && errno == EINTR) {
+    }
+}
+
+/* The error of a member whose post a peer refused, or that waits for such a post: the peer
+ * gave up on the collective, so it fails on every member. */
+static int refused_error(ms_group *g, const char *name)
+{
+    local_failure *failure = ((local_group *)g->impl)->failure;
+    /* the one that refused writes why right after */
+    for (int i = 0; i < 100 && !atomic_load(&failure->ready); i++)
+        sleep_ms(1);
+    if (!atomic_load(&failure->ready))
+        return MS_FAIL(MS_ERR_TIMEOUT, "%s: a member gave up on this collective, so it fails "
+                                       "on every member", name);
+    return MS_FAIL(failure->status, "%s: rank %d gave up on this collective, so it fails on "
+                                    "every member (%s)", name, atomic_load(&failure->by) - 1,
+                   failure->message);
+}
+
+/* This member stops waiting for counter, a peer's post counter, to reach target (status and
+ * the last error say why): unless the post arrived meanwhile, the counter is moved back so
+ * that the peer's post fails and so does every member's wait for it, and the first member to
+ * give up records why. Returns MS_OK when a timeout finds the post arrived after all (an
+ * interrupt was taken, so it fails either way); otherwise status, with the group broken. */
+static int give_up(ms_group *g, local_counter *counter, uint32_t target, int status)
+{
+    local_failure *failure = ((local_group *)g->impl)->failure;
+    uint32_t seen = atomic_load(&counter->value);
+    while (!reached(seen, target) && !refused(seen, target)) {
+        if (atomic_compare_exchange_weak(&counter->value, &seen, seen - REFUSED)) {
+            int32_t none = 0;
+            if (atomic_compare_exchange_strong(&failure->by, &none,
+                                               g->world_ranks[g->rank] + 1)) {
+                failure->status = status;
+                snprintf(failure->message, sizeof failure->message, "%s", ms_last_error());
+                atomic_store(&failure->ready, 1);
+            }
+            local_wake_all(counter);
+            return ms_group_break(g, status);
+        }
+    }
+    if (reached(seen, target) && status == MS_ERR_TIMEOUT)
+        return MS_OK;
+    return ms_group_break(g, status);
+}
+
 /* Wait until counter (member's) reaches target, asleep on its futex: ranks may outnumber
  * the cores, and a spinning waiter would take the time its peers need to arrive. Once it
- * must sleep, it sleeps until the counter reaches want (at or after target). */
+ * must sleep, it sleeps until the counter reaches want (at or after target). A wait for a
+ * peer's post (refuse_late) that times out or is interrupted refuses the late post. */
 static int wait_counter(ms_group *g, const char *name, local_counter *counter,
-                        uint32_t target, uint32_t want, int member)
+                        uint32_t target, uint32_t want, int member, int refuse_late)
 {
     local_group *lg = g->impl;
     local_segment *seg = lg->seg;
@@ -82,11 +162,14 @@ static int wait_counter(ms_group *g, const char *name, local_counter *counter,
     int peer = g->world_ranks[member];
     int64_t deadline = monotonic_ms() + g->timeout_ms;
     for (;;) {
+        if (refused(atomic_load(&counter->value), target))
+            return ms_group_break(g, refused_error(g, name));
         int status = check_abort(name, seg);
-        if (!status)
-            status = ms_interrupt_check(name, 1);
         if (status)
             return ms_group_break(g, status);
+        status = ms_interrupt_check(name, 1);
+        if (status)
+            return refuse_late ? give_up(g, counter, target, status) : ms_group_break(g, status);
         if (atomic_load(&seg->departed[peer].gone)) {
             if (reached(atomic_load(&counter->value), target))
                 return MS_OK;
@@ -94,10 +177,11 @@ static int wait_counter(ms_group *g, const char *name, local_counter *counter,
                                              seg->departed[peer].reason));
         }
         int64_t left = deadline - monotonic_ms();
-        if (left <= 0)
-            return ms_group_break(g, MS_FAIL(MS_ERR_TIMEOUT, "%s: rank %d did not arrive "
-                                             "within %lld ms", name, peer,
-                                             (long long)g->timeout_ms));
+        if (left <= 0) {
+            status = MS_FAIL(MS_ERR_TIMEOUT, "%s: rank %d did not arrive within %lld ms", name,
+                             peer, (long long)g->timeout_ms);
+            return refuse_late ? give_up(g, counter, target, status) : ms_group_break(g, status);
+        }
         atomic_fetch_add(&counter->sleepers, 1);
         announce(counter, want);
         uint32_t seen = atomic_load(&counter->value);
@@ -118,18 +202,20 @@ int local_wait_free(ms_group *g, const local_call *call, uint32_t step)
     uint32_t want = reached(consumed, target) ? consumed : target;
     for (int m = 0; m < g->size; m++)
         MS_CHECK(wait_counter(g, call->name, &lg->members[m].consumed, target,
-                              m == g->rank ? target : want, m));
+                              m == g->rank ? target : want, m, 0));
     return MS_OK;
 }
 
-void local_post(ms_group *g, const local_call *call, uint32_t step)
+int local_post(ms_group *g, const local_call *call, uint32_t step)
 {
     local_group *lg = g->impl;
     local_step_header *header = (local_step_header *)(local_buffer(lg, g->rank, step) -
                                                       LOCAL_HEADER_BYTES);
     *header = call->header;
     header->step = step;
-    publish(&lg->members[g->rank].posted, step + 1);
+    if (!publish_post(&lg->members[g->rank].posted, step + 1))
+        return ms_group_break(g, refused_error(g, call->name));
+    return MS_OK;
 }
 
 static const char *kind_name(int kind)
@@ -180,7 +266,7 @@ int local_wait_posted(ms_group *g, const local_call *call, uint32_t step, uint32
     local_group *lg = g->impl;
     for (int m = 0; m < g->size; m++)
         MS_CHECK(wait_counter(g, call->name, &lg->members[m].posted, step + 1,
-                              m == g->rank ? step + 1 : until + 1, m));
+                              m == g->rank ? step + 1 : until + 1, m, m != g->rank));
     const local_step_header *mine =
         (const local_step_header *)(local_buffer(lg, g->rank, step) - LOCAL_HEADER_BYTES);
     for (int m = 0; m < g->size; m++) {
@@ -216,7 +302,7 @@ int local_barrier_step(ms_group *g, const local_call *call)
     local_group *lg = g->impl;
     uint32_t step = lg->next_step;
     MS_CHECK(local_wait_free(g, call, step));
-    local_post(g, call, step);
+    MS_CHECK(local_post(g, call, step));
     MS_CHECK(local_wait_posted(g, call, step, step));
     local_consume(g, step);
     return MS_OK;
@@ -228,7 +314,7 @@ int local_run_steps(ms_group *g, const local_call *call, const local_steps *step
     uint32_t first = lg->next_step;
     MS_CHECK(local_wait_free(g, call, first));
     steps->fill(g, steps->ctx, 0, local_buffer(lg, g->rank, first));
-    local_post(g, call, first);
+    MS_CHECK(local_post(g, call, first));
     MS_CHECK(local_wait_posted(g, call, first, first));
     uint32_t last = first + (uint32_t)(steps->nsteps - 1);
     int64_t filled = 1;
@@ -238,7 +324,7 @@ int local_run_steps(ms_group *g, const local_call *call, const local_steps *step
             uint32_t ahead = first + (uint32_t)filled;
             MS_CHECK(local_wait_free(g, call, ahead));
             steps->fill(g, steps->ctx, filled, local_buffer(lg, g->rank, ahead));
-            local_post(g, call, ahead);
+            MS_CHECK(local_post(g, call, ahead));
         }
         if (t > 0)
             MS_CHECK(local_wait_posted(g, call, step, min_step(step + LOCAL_LOOKAHEAD, last)));

@@ -1,5 +1,6 @@
-/* C tests of the local backend's failure handling: crashed, exiting, failing and missing
- * ranks, a rank killed while the others read its tensors, mismatched collectives, and that no process or /dev/shm entry is left behind. */
+/* C tests of the local backend's failure handling: crashed, exiting, failing, missing and
+ * late ranks, a rank killed while the others read its tensors, mismatched collectives, and
+ * that no process or /dev/shm entry is left behind. */
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
@@ -219,6 +220,58 @@ static void test_missing_rank(void)
     ms_spawn_free(job);
 }
 
+typedef enum late_kind { LATE_SMALL_ALL_REDUCE, LATE_LARGE_ALL_REDUCE, LATE_LARGE_ALL_GATHER } late_kind;
+
+/* The last rank calls the collective after the others gave up on it (timeout 300 ms): its
+ * collective fails too, naming the rank that gave up and why, rather than completing with
+ * the data the others posted; every rank's tensor is left as it was, and the group stays
+ * failed. Small and large (shared heap) all_reduce, and a multi-step all_gather. */
+static void test_late_rank_refused(int world, late_kind kind)
+{
+    ms_spawn *job = NULL;
+    int rank = -1;
+    EXPECT_STATUS(MS_OK, ms_spawn_new(&job, world, 300, &rank));
+    if (rank >= 0) {
+        int64_t count = kind == LATE_SMALL_ALL_REDUCE ? 1000 : 1 << 20; /* 4 MiB of f32 */
+        ms_tensor *t = new_tensor(MS_F32, count), *out = new_tensor(MS_F32, count * world);
+        fill_pattern(t, rank, 0);
+        if (rank == world - 1)
+            sleep_ms(800);
+        int64_t start = now_ms();
+        int status = kind == LATE_LARGE_ALL_GATHER ? ms_dist_all_gather_into_tensor(NULL, out, t)
+                                                   : ms_dist_all_reduce(NULL, t, MS_DIST_SUM);
+        int64_t elapsed = now_ms() - start;
+        char message[400];
+        snprintf(message, sizeof message, "%s", ms_last_error());
+        int kept = count_wrong(ms_tensor_data(t), MS_F32, count, 0, root_pattern, &rank) == 0;
+        ms_tensor *u = new_tensor(MS_F32, 4);
+        int again = ms_dist_all_reduce(NULL, u, MS_DIST_SUM) == status;
+        char text[512];
+        int n = snprintf(text, sizeof text, "%d %lld %s%s%s", status, (long long)elapsed,
+                         kept ? "" : "[changed] ", again ? "" : "[usable] ", message);
+        ms_local_finish(0, text, (size_t)n);
+    }
+    EXPECT_STATUS(MS_OK, ms_spawn_wait(job));
+    for (int r = 0; r < world; r++) {
+        reported report;
+        EXPECT(read_report(job, r, &report));
+        EXPECT(report.status == MS_ERR_TIMEOUT);
+        EXPECT(!strstr(report.message, "[changed]") && !strstr(report.message, "[usable]"));
+        if (r == world - 1)
+            EXPECT(strstr(report.message, "gave up on this collective, so it fails on every "
+                                          "member") &&
+                   strstr(report.message, "did not arrive within 300 ms") &&
+                   report.elapsed < 500);
+        else
+            EXPECT(strstr(report.message, "did not arrive within 300 ms") ||
+                   strstr(report.message, "gave up on this collective"));
+        if (failures)
+            fprintf(stderr, "  late rank, world %d, kind %d: rank %d reported: %d %lld %s\n",
+                    world, (int)kind, r, report.status, report.elapsed, report.message);
+    }
+    ms_spawn_free(job);
+}
+
 static int mismatched_calls(int rank, int n, void *context)
 {
     (void)rank;
@@ -381,6 +434,9 @@ int main(void)
     }
     test_unrelated_crash();
     test_missing_rank();
+    test_late_rank_refused(2, LATE_SMALL_ALL_REDUCE);
+    test_late_rank_refused(2, LATE_LARGE_ALL_REDUCE);
+    test_late_rank_refused(3, LATE_LARGE_ALL_GATHER);
     expect_clean_run(3, mismatched_calls, NULL, "mismatched_calls");
     test_free_running();
     test_straggler_stopped();
