@@ -92,7 +92,12 @@ function M.check(o)
     if o[key] < 1 then return bad("--%s must be at least 1, got %s", key, tostring(o[key])) end
   end
   if o.stop_after and o.stop_after < 1 then return bad("--stop-after must be at least 1") end
-  if o.lr <= 0 then return bad("--lr must be positive, got %s", tostring(o.lr)) end
+  if not (o.lr > 0 and o.lr < math.huge) then
+    return bad("--lr must be a positive finite number, got %s", tostring(o.lr))
+  end
+  if o.seed < 0 then return bad("--seed must be a non-negative integer, got %s", tostring(o.seed)) end
+  if o.log_every < 1 then return bad("--log-every must be at least 1, got %s", tostring(o.log_every)) end
+  if o.sample < 0 then return bad("--sample must be >= 0 (0: no sample), got %s", tostring(o.sample)) end
   if o.save_every < 0 then return bad("--save-every must be >= 0") end
   if not STRATEGIES[o.strategy] then return bad("unknown --strategy '%s'", o.strategy) end
   if not DTYPES[o.dtype] then return bad("unknown --dtype '%s' (expected f32, bf16 or f16)", o.dtype) end

@@ -12,6 +12,13 @@ local checkpointing = require "checkpointing"
 local ffi = require "ffi"
 
 pcall(ffi.cdef, "int mkdir(const char *path, unsigned int mode);")
+pcall(ffi.cdef, "int getpid(void);")
+
+local function is_directory(path)
+  local f = io.open(path .. "/.", "r")
+  if f then f:close() end
+  return f ~= nil
+end
 
 -- mkdir -p without a shell: every prefix of path, any characters in it.
 local function make_directories(path)
@@ -19,9 +26,27 @@ local function make_directories(path)
     local c = path:sub(i, i)
     if c == "/" or c == "" then ffi.C.mkdir(path:sub(1, i - 1), tonumber("755", 8)) end
   end
-  local f = io.open(path .. "/.", "r")
-  if not f then error(("train: cannot create the directory %s"):format(path), 0) end
+  if not is_directory(path) then error(("train: cannot create the directory %s"):format(path), 0) end
+end
+
+-- What makes --ckpt unusable, or nil: it is checked (and made) before training, so a bad
+-- path fails at once rather than at the first save.
+local function checkpoint_dir_problem(path, resume)
+  if not is_directory(path) then
+    local f = io.open(path, "r")
+    if f then
+      f:close()
+      return ("--ckpt %s is a file, not a directory"):format(path)
+    end
+    if resume then return nil end -- resuming reports a missing store itself
+    if not pcall(make_directories, path) then return ("--ckpt %s: cannot create the directory"):format(path) end
+  end
+  local probe = ("%s/.train-write-test-%d"):format(path, ffi.C.getpid())
+  local f = io.open(probe, "w")
+  if not f then return ("--ckpt %s: cannot write into the directory"):format(path) end
   f:close()
+  os.remove(probe)
+  return nil
 end
 
 local optim, dist, fsdp, ac = ms.optim, ms.dist, ms.fsdp, ms.ac
@@ -30,7 +55,11 @@ local opts, problem = options.parse(arg)
 if opts == "help" then
   io.stdout:write(options.usage())
   os.exit(0)
-elseif not opts then
+elseif opts then
+  problem = opts.ckpt and checkpoint_dir_problem(opts.ckpt, opts.resume)
+  if problem then opts = nil end
+end
+if not opts then
   io.stderr:write("train: ", problem, "\n\n", options.usage())
   os.exit(2)
 end

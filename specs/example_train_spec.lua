@@ -57,6 +57,29 @@ describe("examples/train.lua", function()
     end
   end)
 
+  it("rejects an unusable --ckpt and out-of-range values before training, naming the option", function()
+    local file = os.tmpname()
+    local base = "--nproc 2 --batch 8 --seq 16 --layers 1 --dim 16 --heads 2 --steps 1 --out " .. temp_dir()
+    local cases = {
+      {"--ckpt /proc/nope --save-every 0", "--ckpt /proc/nope: cannot create the directory"},
+      {"--ckpt " .. file, "--ckpt " .. file .. " is a file, not a directory"},
+      {"--ckpt /proc", "--ckpt /proc: cannot write into the directory"},
+      {"--lr nan", "--lr must be a positive finite number, got nan"},
+      {"--lr inf", "--lr must be a positive finite number, got inf"},
+      {"--seed -1", "--seed must be a non-negative integer, got -1"},
+      {"--log-every 0", "--log-every must be at least 1, got 0"},
+      {"--log-every -2", "--log-every must be at least 1, got -2"},
+      {"--sample -1", "--sample must be >= 0 (0: no sample), got -1"},
+    }
+    for _, case in ipairs(cases) do
+      local status, output = run(base .. " " .. case[1])
+      assert.equal(2, status, case[1] .. "\n" .. output)
+      assert.truthy(output:find("train: " .. case[2], 1, true), output)
+      assert.falsy(output:find("traceback", 1, true), output)
+    end
+    os.remove(file)
+  end)
+
   it("prints its options with --help", function()
     local status, output = run("--help")
     assert.equal(0, status)
