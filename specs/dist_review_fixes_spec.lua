@@ -177,6 +177,26 @@ print(ok and "no error" or err)
 ]])
     assert.matches("%[rank 0%] moonshard: dist.all_reduce: rank 1 did not arrive within 1000 ms", output)
   end)
+
+  it("runs the helpers and quit() under %all on every rank", function()
+    local output = run_script([[
+local ms = require "moonshard"
+ms.dist.spawn(2, function(rank)
+  local model = ms.nn.Linear(2, 4)
+  ms.fsdp.FSDP(model)
+  ms.repl{model = model, history = false}
+  print("rank " .. rank .. " left the session")
+end)
+]], '%all ls("weight")\n%all =type(show) .. " " .. type(load) .. " " .. type(help)\n%all quit()\n=1 + 1\n')
+    assert.falsy(output:find("attempt to call", 1, true), output)
+    local _, listed = output:gsub("weight%s+f32%s+%[4, 2%]", "")
+    assert.equal(2, listed, output)
+    assert.truthy(output:find('[rank 0] "function function function"\n[rank 1] "function function function"', 1,
+                              true), output)
+    assert.falsy(output:find("moonshard> =1 + 1", 1, true), output)
+    assert.truthy(output:find("rank 0 left the session", 1, true), output)
+    assert.truthy(output:find("rank 1 left the session", 1, true), output)
+  end)
 end)
 
 describe("integer averages", function()

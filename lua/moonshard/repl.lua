@@ -127,9 +127,22 @@ local function session(opts, live)
   if not ok then error(err, 0) end
 end
 
--- The environment lines run in on the serving ranks.
-local function serving_env(opts)
-  return setmetatable({ms = ms, model = opts.model}, {__index = _G})
+-- The environment lines run in on the serving ranks (%all): the helpers too, over the live
+-- model and the store (opened here as well when it can be); quit() and exit() do nothing
+-- there, since the session ends when rank 0 ends it. Returns the environment and the store.
+local function serving_env(opts, live)
+  local store
+  if opts.store then
+    local opened, s = pcall(ms.dcp.open, opts.store)
+    store = opened and s or nil
+  end
+  local env = setmetatable({ms = ms, model = opts.model, store = store}, {__index = _G})
+  for name, fn in pairs(helpers.build({store = store, live = live})) do
+    if name:sub(1, 1) ~= "_" then env[name] = fn end
+  end
+  env.quit = function() end
+  env.exit = env.quit
+  return env, store
 end
 
 -- ms.repl{model = model, store = dir, history = path | false}
@@ -141,8 +154,9 @@ function M.open(opts)
   if live then live:begin_session() end
   local ok, err
   if live and live.distributed and ms.dist.get_rank() ~= 0 then
-    local env = serving_env(opts)
+    local env, store = serving_env(opts, live)
     ok, err = pcall(live.serve, live, function(source) return run.run_source(source, env) end)
+    if store then store:close() end
   else
     local console = live and live.distributed and lib.ms_local_hold_console(1) == 0
     ok, err = pcall(session, opts, live)
