@@ -1,6 +1,8 @@
 -- Fixes from a review of the distributed layer: distribute_tensor takes the mesh's first
--- rank's data, DTensor.from_local checks local shapes against the declared global shape, and
--- misuse of the DTensor API raises errors naming what was wrong.
+-- rank's data, DTensor.from_local checks local shapes against the declared global shape,
+-- misuse of the DTensor API raises errors naming what was wrong, the REPL gives the world its
+-- timeout back and serves %all helpers on every rank, integer averages are refused, process
+-- groups are reclaimed, and a collective a rank gave up on fails on the late rank too.
 local ms = require "moonshard"
 local dist = ms.dist
 
