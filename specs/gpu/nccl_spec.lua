@@ -24,8 +24,7 @@ local function reduced(op, size, i, dtype)
   if op == "sum" then return dtype == "u8" and sum % 256 or sum end
   if op == "max" then return value(size - 1, i) end
   if op == "min" then return value(0, i) end
-  local avg = sum / size
-  return FLOATING[dtype] and avg or math.floor(avg)
+  return sum / size -- avg: float dtypes only (an integer avg raises, as torch.distributed)
 end
 
 local function on_device(list, dtype, rank)
@@ -88,11 +87,11 @@ describe("the nccl backend #gpu", function()
     for r = 1, size do assert.are.equal(gpu.backend, names[r]) end
   end)
 
-  it("all-reduces every dtype with every op", function()
+  it("all-reduces every dtype with every op (avg: the float dtypes)", function()
     local failures = run(function(rank)
       local wrong = {}
       for _, dtype in ipairs(DTYPES) do
-        for _, op in ipairs({"sum", "avg", "max", "min"}) do
+        for _, op in ipairs(FLOATING[dtype] and {"sum", "avg", "max", "min"} or {"sum", "max", "min"}) do
           local t = on_device(values(rank, 1001), dtype, rank)
           dist.all_reduce(t, op)
           local got = host_list(t)
