@@ -4,6 +4,9 @@ local argparse = require "argparse"
 
 local M = {}
 
+-- The bundled text, next to this file wherever the example is run from.
+local DATA = (debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or ".") .. "/data/shakespeare.txt"
+
 -- name, kind ("int" | "number" | "string" | "flag"), default, help
 local SPEC = {
   {"nproc", "int", 4, "local ranks to fork (ignored under mpirun or moonshard run)"},
@@ -23,7 +26,7 @@ local SPEC = {
   {"ckpt", "string", nil, "checkpoint store directory (dcp); nothing is saved without it"},
   {"save-every", "int", 0, "save every N steps into --ckpt (0: only after the last step)"},
   {"resume", "flag", false, "continue from the latest step in --ckpt"},
-  {"data", "string", "examples/data/shakespeare.txt", "training text"},
+  {"data", "string", DATA, "training text"},
   {"out", "string", "build/run", "directory for metrics.jsonl and sample.txt"},
   {"sample", "int", 300, "characters to generate after training (0: none)"},
   {"log-every", "int", 10, "keep a progress line every N steps"},

@@ -1,7 +1,10 @@
 -- Trains a GPT-style character model on the bundled Shakespeare text with FSDP and
 -- per-block activation checkpointing, on local ranks (forked) or under mpirun / moonshard run.
--- Usage (repository root): luajit examples/train.lua [--nproc 4] [--steps 300] ... (--help)
-package.path = "lua/?.lua;lua/?/init.lua;examples/?.lua;" .. package.path
+-- Usage: luajit examples/train.lua [--nproc 4] [--steps 300] ... (--help), from any directory:
+-- the example's modules and the repository's lua/ are found next to this file (an installed
+-- moonshard on LUA_PATH serves as well).
+local here = (arg and arg[0] or ""):match("^(.*)/[^/]*$") or "."
+package.path = here .. "/../lua/?.lua;" .. here .. "/../lua/?/init.lua;" .. here .. "/?.lua;" .. package.path
 local ms = require "moonshard"
 local options = require "options"
 local chars = require "chars"

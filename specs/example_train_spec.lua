@@ -5,6 +5,8 @@ local ms = require "moonshard"
 
 local TINY = "--nproc 2 --batch 8 --seq 16 --layers 1 --dim 16 --heads 2 --lr 0.01 --log-every 100"
 
+local ROOT = io.popen("pwd"):read("*l")
+
 local function run(args)
   local pipe = io.popen("luajit examples/train.lua " .. args .. " 2>&1; echo \"exit=$?\"")
   local output = pipe:read("*a")
@@ -87,6 +89,18 @@ describe("examples/train.lua", function()
                              "--lr", "--ckpt", "--save-every", "--resume", "--seed"}) do
       assert.truthy(output:find(option, 1, true), option)
     end
+  end)
+
+  it("runs from another directory, with its data found next to it", function()
+    local out = temp_dir()
+    local pipe = io.popen("cd / && env -u LUA_PATH luajit " .. ROOT .. "/examples/train.lua --nproc 1 --steps 2 " ..
+                          "--batch 2 --seq 16 --layers 1 --dim 16 --heads 2 --ac none --sample 0 --out " .. out ..
+                          " 2>&1; echo \"exit=$?\"")
+    local output = pipe:read("*a")
+    pipe:close()
+    assert.are.equal("0", output:match("exit=(%d+)%s*$"), output)
+    assert.are.equal(2, #metrics(out .. "/metrics.jsonl"))
+    os.execute("rm -rf " .. out)
   end)
 
   it("fails clearly when the global batch does not split over the ranks", function()
