@@ -6,6 +6,11 @@
 local ms = require "moonshard"
 local dist = ms.dist
 
+-- The REPL runs child processes, and the group reclaiming and refused posts are the local
+-- backend's: under mpirun (tools/test_mpi.sh) those parts are pending.
+local under_mpi = require("moonshard.ffi").lib.ms_mpi_launched() == 1
+local describe_local = under_mpi and pending or describe
+
 -- The error message of pcall(fn, ...), or "no error".
 local function error_of(fn, ...)
   local ok, err = pcall(fn, ...)
@@ -161,7 +166,7 @@ local function run_script(source, input)
   return output
 end
 
-describe("the REPL over a live model", function()
+describe_local("the REPL over a live model", function()
   it("gives the world back the timeout it had before the session", function()
     local output = run_script([[
 local ms = require "moonshard"
@@ -233,7 +238,7 @@ describe("integer averages", function()
   end)
 end)
 
-describe("process groups", function()
+describe_local("process groups", function()
   it("are reclaimed once every member destroyed them, so new_group can be called without end", function()
     local results = dist.spawn(2, function(rank)
       local t = ms.ones(2)
@@ -273,7 +278,7 @@ describe("process groups", function()
   end)
 end)
 
-describe("a collective a rank gave up on", function()
+describe_local("a collective a rank gave up on", function()
   it("fails on the late rank too, leaving its tensor as it was", function()
     local ok, err = pcall(dist.spawn, 2, function(rank)
       dist.set_timeout(1)
