@@ -34,7 +34,9 @@ end
 
 -- What makes --ckpt unusable, or nil: it is checked (and made) before training, so a bad
 -- path fails at once rather than at the first save.
+-- Every rank checks: another may make the directory at the same moment.
 local function checkpoint_dir_problem(path, resume)
+  if not is_directory(path) and not resume then pcall(make_directories, path) end
   if not is_directory(path) then
     local f = io.open(path, "r")
     if f then
@@ -42,7 +44,7 @@ local function checkpoint_dir_problem(path, resume)
       return ("--ckpt %s is a file, not a directory"):format(path)
     end
     if resume then return nil end -- resuming reports a missing store itself
-    if not pcall(make_directories, path) then return ("--ckpt %s: cannot create the directory"):format(path) end
+    return ("--ckpt %s: cannot create the directory"):format(path)
   end
   local probe = ("%s/.train-write-test-%d"):format(path, ffi.C.getpid())
   local f = io.open(probe, "w")
