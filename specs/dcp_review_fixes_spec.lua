@@ -8,6 +8,14 @@ local ms = require "moonshard"
 local dcp = ms.dcp
 local store_dirs = require "support.store_dirs"
 
+-- bin/moonshard with args: its exit status and everything it printed.
+local function moonshard(args)
+  local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
+  local output = pipe:read("*a")
+  pipe:close()
+  return tonumber(output:match("exit=(%d+)%s*$")), output
+end
+
 local function error_of(fn, ...)
   local ok, err = pcall(fn, ...)
   assert.is_false(ok, "expected an error")
@@ -96,13 +104,6 @@ describe("safetensors files with empty tensors", function()
   local dir
   before_each(store_dirs.before(function(path) dir = path end))
   after_each(store_dirs.after)
-
-  local function moonshard(args)
-    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
-    local output = pipe:read("*a")
-    pipe:close()
-    return tonumber(output:match("exit=(%d+)%s*$")), output
-  end
 
   it("read whatever order the header's table gives, empty tensors between full ones", function()
     local path = dir .. ".safetensors"
@@ -196,13 +197,6 @@ describe("a store with one damaged manifest", function()
   local dir
   before_each(store_dirs.before(function(path) dir = path end))
   after_each(store_dirs.after)
-
-  local function moonshard(args)
-    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
-    local output = pipe:read("*a")
-    pipe:close()
-    return tonumber(output:match("exit=(%d+)%s*$")), output
-  end
 
   -- Steps 1 to 3; the manifest of step 2 (every copy index.mdb holds) has one bit flipped.
   local function damaged_store()
@@ -308,13 +302,6 @@ describe("ckpt output of keys and values with control bytes", function()
   before_each(store_dirs.before(function(path) dir = path end))
   after_each(store_dirs.after)
 
-  local function moonshard(args)
-    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
-    local output = pipe:read("*a")
-    pipe:close()
-    return tonumber(output:match("exit=(%d+)%s*$")), output
-  end
-
   it("escapes them as string values are, so the terminal shows them and obeys none", function()
     local key = "evil\27[31mred"
     dcp.save({[key] = ms.ones(1), note = "a\27[2Jb\nc", plain = ms.ones(1)}, dir, {step = 1})
@@ -340,13 +327,6 @@ describe("steps a Lua number cannot hold exactly", function()
   local dir
   before_each(store_dirs.before(function(path) dir = path end))
   after_each(store_dirs.after)
-
-  local function moonshard(args)
-    local pipe = io.popen("bin/moonshard " .. args .. " 2>&1; echo \"exit=$?\"")
-    local output = pipe:read("*a")
-    pipe:close()
-    return tonumber(output:match("exit=(%d+)%s*$")), output
-  end
 
   it("are refused wherever a step is given, and never chosen as the next one", function()
     local last = 2 ^ 53 - 1
